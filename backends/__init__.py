@@ -1,0 +1,96 @@
+"""Backends: one registry of code generators, each compiling an IR into ``attn(q, k, v)``.
+
+Each backend class declares what it supports as class attributes and explains refusals with
+:meth:`Backend.not_supported_reasons`; :func:`select` walks a priority list and, when nothing
+fits, raises one error listing every backend and its reasons. Backend modules import torch or
+numba lazily, inside the backend, so ``import patterngen`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from patterngen.errors import BackendUnavailable, PatternError
+
+__all__ = ["Backend", "register_backend", "get_backend", "available", "select", "PRIORITY"]
+
+_REGISTRY: dict[str, type] = {}
+#: module that defines each built-in backend (imported on first use)
+_BUILTIN = {"numba": "numba_cpu", "sdpa": "sdpa", "flex": "flex"}
+#: the order :func:`select` tries, per device type
+PRIORITY = {"cpu": ("numba", "sdpa", "flex"), "cuda": ("flex", "sdpa")}
+
+
+class Backend:
+    """Base of compiled backends.
+
+    Subclasses set the class attributes and implement ``__init__(ir, **options)`` and
+    ``__call__(q, k, v)``. ``ir`` is an :class:`patterngen.ir.IR` or ``HeadsIR``.
+    """
+
+    name = "?"
+    SUPPORTED_DEVICES: tuple = ("cpu",)
+    SUPPORTED_DTYPES: tuple = ("float32", "float64")
+    SUPPORTS_BACKWARD = True
+
+    @classmethod
+    def not_supported_reasons(cls, ir, device: str = "cpu", dtype: str = "float32") -> list[str]:
+        """Why this backend cannot run ``ir`` on ``device`` with ``dtype`` (empty: it can)."""
+        reasons = []
+        device = str(device).split(":")[0]
+        dtype = str(dtype).rsplit(".", 1)[-1]
+        if device not in cls.SUPPORTED_DEVICES:
+            reasons.append(f"device={device!r} not in {cls.SUPPORTED_DEVICES}")
+        if dtype not in cls.SUPPORTED_DTYPES:
+            reasons.append(f"dtype={dtype!r} not in {cls.SUPPORTED_DTYPES}")
+        return reasons
+
+
+def register_backend(name: str, cls: type) -> None:
+    """Register ``cls`` under ``name``; a name can be registered once."""
+    if name in _REGISTRY:
+        raise PatternError(f"A backend named {name!r} is already registered.")
+    _REGISTRY[name] = cls
+
+
+def available() -> list[str]:
+    """Names of every known backend (built-in and registered)."""
+    return sorted(set(_REGISTRY) | set(_BUILTIN))
+
+
+def get_backend(name: str) -> type:
+    """The backend class called ``name``.
+
+    Raises:
+        KeyError: naming the valid backends.
+    """
+    if name not in _REGISTRY and name in _BUILTIN:
+        importlib.import_module(f"{__name__}.{_BUILTIN[name]}")
+    if name not in _REGISTRY:
+        raise KeyError(f"Backend {name!r} not found; valid backends are {available()}.")
+    return _REGISTRY[name]
+
+
+def select(ir, device: str = "cpu", dtype: str = "float32", priority=None) -> type:
+    """The first backend in ``priority`` that supports the inputs.
+
+    Raises:
+        BackendUnavailable: listing every backend tried and its reasons.
+    """
+    device_type = str(device).split(":")[0]
+    names = priority or PRIORITY.get(device_type, available())
+    refusals = []
+    for name in names:
+        try:
+            cls = get_backend(name)
+        except ImportError as e:  # the backend's own dependency is missing
+            refusals.append(f"  {name}: cannot import ({e})")
+            continue
+        reasons = cls.not_supported_reasons(ir, device, dtype)
+        if not reasons:
+            return cls
+        refusals.append(f"  {name}: " + "; ".join(reasons))
+    raise BackendUnavailable(
+        f"No backend can run {getattr(ir, 'label', ir)} on device={device!r} with "
+        f"dtype={dtype!r}:\n" + "\n".join(refusals)
+    )

@@ -1,0 +1,46 @@
+"""Input checks shared by every backend: shapes, dtypes and devices, with clear errors."""
+
+from __future__ import annotations
+
+import math
+
+from patterngen.errors import PatternError
+
+
+def flatten_qkv(q, k, v, shape: tuple, backend: str):
+    """Check ``q, k, v`` against a compiled grid and flatten them to ``(batch, heads, N, dim)``.
+
+    Accepts ``(batch, heads, *grid, dim)`` or ``(batch, heads, tokens, dim)``.
+
+    Returns:
+        ``(q, k, v, restore)``: flattened views and a function that reshapes an output like
+        the flattened ``q`` back to the caller's layout.
+
+    Raises:
+        PatternError: naming the tensor, what was expected and what was received.
+    """
+    import torch
+
+    tokens = math.prod(shape)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise PatternError(f"{backend}: {name} must be a torch.Tensor, got {type(t).__name__}.")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise PatternError(f"{backend}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device):
+        raise PatternError(f"{backend}: q, k, v devices differ: {q.device}, {k.device}, {v.device}.")
+    if not (q.shape == k.shape == v.shape):
+        raise PatternError(
+            f"{backend}: q, k, v shapes differ: q={tuple(q.shape)}, k={tuple(k.shape)}, "
+            f"v={tuple(v.shape)}; expected one (batch, heads, *grid, head_dim) shape.")
+    gridded = (q.dim() == len(shape) + 3 and tuple(q.shape[2:-1]) == tuple(shape))
+    flat = q.dim() == 4 and q.shape[2] == tokens
+    if not (gridded or flat):
+        raise PatternError(
+            f"{backend}: q has shape {tuple(q.shape)}; the pattern was compiled for grid "
+            f"{'x'.join(map(str, shape))}, so expected (batch, heads, {', '.join(map(str, shape))}"
+            f", head_dim) or (batch, heads, {tokens}, head_dim).")
+    out_shape = q.shape
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    q, k, v = (t.reshape(b, h, tokens, d) for t in (q, k, v))
+    return q, k, v, (lambda out: out.reshape(out_shape))

@@ -1,0 +1,24 @@
+"""patterngen: declare local attention patterns, get their exact cost and generated kernels.
+
+Example:
+    >>> import patterngen as pg
+    >>> pg.cost(pg.window(7), grid=("H", "W")).pairs
+    49*H*W
+"""
+
+from .compile import compile
+from .cost import CostReport, cost
+from .errors import BackendUnavailable, PatternError
+from .grid import Grid, as_grid, symbol
+from .ir import IR, HeadsIR
+from .reference import dense_attention, materialize, show
+from .spec import (Pattern, area, axis, block, causal, criss_cross, full, global_tokens, heads,
+                   lower, stripe, window)
+
+__all__ = [
+    "Pattern", "window", "block", "area", "axis", "stripe", "criss_cross", "global_tokens",
+    "causal", "full", "heads", "lower", "compile", "materialize", "show", "dense_attention", "cost",
+    "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
+    "BackendUnavailable",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,440 @@
+"""Exact symbolic cost of a pattern: attended pairs, keys per query, FLOPs, bytes.
+
+A separable term's pairs factor over axes, ``|term| = prod_a sum_i |R_a(i)|``, and a union
+counts by inclusion-exclusion over term intersections (:func:`ir.inclusion_exclusion`). So the
+whole cost rests on one closed form per 1-D relation, ``sum_i |R(i)|`` over an axis of ``n``,
+registered below with the assumptions under which it holds. A relation without a registered
+formula is never guessed: it becomes an integer sympy function that evaluates exactly (by
+enumeration) as soon as its sizes are numbers, and the report says so in :attr:`notes`.
+
+Conventions (stated, and tested against published formulas):
+
+- ``flops = 4 * head_dim * pairs * heads * batch``: ``Q K^T`` and ``P V`` each cost one
+  multiply-add (2 FLOPs) per pair and channel; ``macs`` is half of it. Softmax is not in
+  ``flops``; ``softmax_ops`` counts 5 per pair (max, subtract, exp, sum, divide).
+- ``bytes`` is the minimum traffic: Q, K, V read once and O written once.
+
+Example:
+    >>> import patterngen as pg
+    >>> rep = pg.cost(pg.window(7), grid=("H", "W"), head_dim="d", heads="h")
+    >>> rep.pairs
+    49*H*W
+    >>> rep.subs(H=14, W=14, d=32, h=4).flops
+    1229312
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field, replace
+
+import sympy
+
+from . import ir
+from .errors import PatternError
+from .grid import Grid, as_size, is_number, symbol
+from .reference import as_ir
+
+__all__ = ["cost", "CostReport", "register_formula", "axis_formula", "DTYPE_BYTES"]
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+SOFTMAX_OPS_PER_PAIR = 5
+
+
+@dataclass(frozen=True)
+class AxisFormula:
+    """Closed forms for one 1-D relation on an axis of length ``n``.
+
+    Attributes:
+        pairs: ``sum_i |R(i)|`` over the axis.
+        kmin: fewest keys of any query (``None``: no closed form).
+        kmax: most keys of any query (``None``: no closed form).
+        assumptions: sympy relations under which the forms hold.
+    """
+
+    pairs: sympy.Expr
+    kmin: sympy.Expr | None = None
+    kmax: sympy.Expr | None = None
+    assumptions: tuple = ()
+
+
+_FORMULAS: dict = {}
+
+
+def register_formula(key):
+    """Register ``fn(rel_atoms, n) -> AxisFormula`` for an atom type or a tuple of them.
+
+    A tuple key matches a relation whose atoms have exactly those types (sorted by name).
+    Registering a key twice is an error.
+    """
+    key = tuple(sorted(key, key=lambda c: c.__name__)) if isinstance(key, tuple) else (key,)
+
+    def deco(fn):
+        if key in _FORMULAS:
+            raise PatternError(f"A cost formula for {key} is already registered.")
+        _FORMULAS[key] = fn
+        return fn
+
+    return deco
+
+
+@register_formula(ir.Eq)
+def _eq(atoms, n):
+    return AxisFormula(n, 1, 1)
+
+
+@register_formula(ir.Lt)
+def _lt(atoms, n):
+    return AxisFormula(n * (n - 1) / 2, 0, n - 1)
+
+
+@register_formula(ir.Le)
+def _le(atoms, n):
+    return AxisFormula(n * (n + 1) / 2, 1, n)
+
+
+@register_formula(ir.Window)
+def _window(atoms, n):
+    (w,) = atoms
+    k, d = w.size, w.dilation
+    # NB: every dilation group has m >= k tokens when n >= k*d, so no query is cut on both sides.
+    need = (sympy.Ge(n, k * d),)
+    left = k // 2
+    right = k - 1 - left
+    if w.mode == "clamp":
+        return AxisFormula(n * k, k, k, need)
+    if w.mode == "pad":
+        lost = d * (left * (left + 1) + right * (right + 1)) / 2
+        return AxisFormula(n * k - lost, right + 1, k, need)
+    return AxisFormula(n * k - d * k * (k - 1) / 2, 1, k, need)
+
+
+@register_formula(ir.Block)
+def _block(atoms, n):
+    (b,) = atoms
+    m, s = b.size, b.offset
+    # NB: tiles [0, s), then whole tiles of m, then the remainder; min tile size has no
+    # closed form worth stating, so kmin is counted exactly.
+    pairs = s ** 2 + sympy.floor((n - s) / m) * m ** 2 + sympy.Mod(n - s, m) ** 2
+    return AxisFormula(pairs, None, sympy.Min(m, n), (sympy.Ge(n, s), sympy.Lt(s, m)))
+
+
+@register_formula(ir.KeyIn)
+def _key_in(atoms, n):
+    (a,) = atoms
+    width = a.stop - a.start
+    return AxisFormula(n * width, width, width, (sympy.Le(a.stop, n),))
+
+
+@register_formula(ir.QueryIn)
+def _query_in(atoms, n):
+    (a,) = atoms
+    # NB: kmin assumes some query lies outside the range.
+    return AxisFormula((a.stop - a.start) * n, 0, n, (sympy.Le(a.stop, n), sympy.Lt(a.stop - a.start, n)))
+
+
+@register_formula((ir.Eq, ir.KeyIn))
+def _eq_key_in(atoms, n):
+    a = next(x for x in atoms if isinstance(x, ir.KeyIn))
+    return AxisFormula(a.stop - a.start, 0, 1, (sympy.Le(a.stop, n), sympy.Lt(a.stop - a.start, n)))
+
+
+@register_formula((ir.Eq, ir.QueryIn))
+def _eq_query_in(atoms, n):
+    a = next(x for x in atoms if isinstance(x, ir.QueryIn))
+    return AxisFormula(a.stop - a.start, 0, 1, (sympy.Le(a.stop, n), sympy.Lt(a.stop - a.start, n)))
+
+
+@register_formula((ir.KeyIn, ir.QueryIn))
+def _key_query_in(atoms, n):
+    key = next(x for x in atoms if isinstance(x, ir.KeyIn))
+    query = next(x for x in atoms if isinstance(x, ir.QueryIn))
+    width = key.stop - key.start
+    return AxisFormula((query.stop - query.start) * width, 0, width,
+                       (sympy.Le(key.stop, n), sympy.Lt(query.stop - query.start, n)))
+
+
+def _free(obj) -> list:
+    syms = set()
+    for atom in obj:
+        for v in atom.params() if isinstance(atom, ir.Atom) else (atom,):
+            if isinstance(v, sympy.Basic):
+                syms |= v.free_symbols
+    return sorted(syms, key=str)
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_axis_function(rel: ir.Rel, quantity: str):
+    """An integer sympy function of (n, free symbols) counting ``rel`` exactly on numbers."""
+    free = _free(rel.atoms)
+    reduce = {"pairs": lambda c: c.sum(), "kmin": lambda c: c.min(), "kmax": lambda c: c.max()}
+
+    def _eval(cls, n, *values):
+        if n.is_Integer and all(v.is_Integer for v in values):
+            numeric = rel.subs(dict(zip(free, values)))
+            return sympy.Integer(int(reduce[quantity](numeric.counts(int(n)))))
+        return None
+
+    fn = type(f"{quantity}[{rel!r}]", (sympy.Function,),
+              {"eval": classmethod(_eval), "is_integer": True, "is_nonnegative": True})
+    return lambda n: fn(n, *free)
+
+
+def axis_formula(rel: ir.Rel, n) -> tuple[AxisFormula, bool]:
+    """The formula for ``rel`` on an axis of ``n``; the flag is ``False`` for exact fallbacks."""
+    if not rel.atoms:
+        return AxisFormula(n ** 2, n, n), True
+    key = tuple(sorted((type(a) for a in rel.atoms), key=lambda c: c.__name__))
+    fn = _FORMULAS.get(key)
+    if fn is not None:
+        f = fn(rel.atoms, n)
+        exact = functools.partial(_exact_axis_function, rel)
+        return replace(f, kmin=f.kmin if f.kmin is not None else exact("kmin")(n),
+                       kmax=f.kmax if f.kmax is not None else exact("kmax")(n)), True
+    # the exact count still needs the atoms' own validity conditions (e.g. n >= size*dilation)
+    assumptions = tuple(a for atom in rel.atoms if (type(atom),) in _FORMULAS
+                        for a in _FORMULAS[(type(atom),)]((atom,), n).assumptions)
+    return AxisFormula(*(_exact_axis_function(rel, q)(n) for q in ("pairs", "kmin", "kmax")),
+                       assumptions), False
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_union_function(head: ir.IR, quantity: str):
+    """Exact min/max keys per query of a union, evaluated once every size is a number."""
+    free = sorted(set(_free(head.grid.shape))
+                  | {s for t in head.terms for r in t.rels for s in _free(r.atoms)}, key=str)
+
+    def _eval(cls, *values):
+        if all(v.is_Integer for v in values):
+            counts = head.subs(dict(zip(free, values))).key_counts()
+            return sympy.Integer(int(counts.min() if quantity == "kmin" else counts.max()))
+        return None
+
+    fn = type(f"{quantity}[{head.label}]", (sympy.Function,),
+              {"eval": classmethod(_eval), "is_integer": True, "is_nonnegative": True})
+    return fn(*free) if free else fn(sympy.Integer(0))
+
+
+@dataclass(frozen=True)
+class _HeadCost:
+    pairs: sympy.Expr
+    kmin: sympy.Expr
+    kmax: sympy.Expr
+    assumptions: tuple
+    notes: tuple
+
+
+def _head_cost(head: ir.IR) -> _HeadCost:
+    shape = head.grid.shape
+    assumptions, notes = [], []
+    pairs = sympy.Integer(0)
+    per_term = {}
+    for sign, term in head.pieces():
+        prod = sympy.Integer(1)
+        formulas = []
+        for a, (rel, n) in enumerate(zip(term.rels, shape)):
+            f, closed = axis_formula(rel, n)
+            if not closed:
+                notes.append(f"no closed form for {rel!r} on axis {a}: counted exactly once "
+                             f"sizes are numbers")
+            assumptions.extend(f.assumptions)
+            prod *= f.pairs
+            formulas.append(f)
+        per_term[term] = formulas
+        pairs += sign * prod
+    if len(head.terms) == 1:
+        formulas = per_term[head.terms[0]]
+        kmin = sympy.Mul(*(f.kmin for f in formulas))
+        kmax = sympy.Mul(*(f.kmax for f in formulas))
+    elif not head.terms:
+        kmin = kmax = sympy.Integer(0)
+    else:
+        kmin = _exact_union_function(head, "kmin")
+        kmax = _exact_union_function(head, "kmax")
+    assumptions = tuple(dict.fromkeys(
+        a for a in assumptions if a is not sympy.true and a != sympy.true))
+    for a in assumptions:
+        if a is sympy.false or a == sympy.false:
+            raise PatternError(f"A cost formula's assumption fails on this grid ({a}).")
+    return _HeadCost(sympy.expand(pairs), kmin, kmax, assumptions, tuple(dict.fromkeys(notes)))
+
+
+def _dtype_bytes(dtype) -> int:
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name not in DTYPE_BYTES:
+        raise PatternError(f"Unknown dtype={dtype!r}; expected one of {sorted(DTYPE_BYTES)}.")
+    return DTYPE_BYTES[name]
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """The cost of a pattern on a grid; symbolic where sizes are symbols.
+
+    Attributes:
+        label: the pattern's expression.
+        grid: the grid.
+        pairs: attended (query, key) pairs for one head (the mean over heads for ``heads()``).
+        pairs_per_head: pairs of each pattern of a ``heads()`` spec (one entry otherwise).
+        keys_min, keys_mean, keys_max: keys per query.
+        flops: ``4 * head_dim * heads * batch * pairs`` (``Q K^T`` and ``P V``).
+        macs: ``flops / 2``.
+        softmax_ops: ``5 * heads * batch * pairs``, not included in ``flops``.
+        bytes: Q, K, V read and O written once.
+        dense_pairs, dense_flops: full attention on the same grid.
+        density: ``pairs / dense_pairs``; speedup: ``dense_flops / flops``.
+        assumptions: relations the closed forms need.
+        notes: what was not in closed form and is counted exactly at substitution.
+        symbols: the symbols used, by name.
+    """
+
+    label: str
+    grid: Grid
+    head_dim: object
+    heads: object
+    batch: object
+    dtype_bytes: int
+    pairs: sympy.Expr
+    pairs_per_head: tuple
+    keys_min: sympy.Expr
+    keys_max: sympy.Expr
+    assumptions: tuple
+    notes: tuple
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def tokens(self):
+        return sympy.sympify(self.grid.tokens)
+
+    @property
+    def keys_mean(self):
+        return sympy.simplify(self.pairs / self.tokens)
+
+    @property
+    def flops(self):
+        return sympy.expand(4 * self.head_dim * self.heads * self.batch * self.pairs)
+
+    @property
+    def macs(self):
+        return sympy.expand(2 * self.head_dim * self.heads * self.batch * self.pairs)
+
+    @property
+    def softmax_ops(self):
+        return sympy.expand(SOFTMAX_OPS_PER_PAIR * self.heads * self.batch * self.pairs)
+
+    @property
+    def bytes(self):
+        return sympy.expand(4 * self.batch * self.heads * self.tokens * self.head_dim
+                            * self.dtype_bytes)
+
+    @property
+    def dense_pairs(self):
+        return sympy.expand(self.tokens ** 2)
+
+    @property
+    def dense_flops(self):
+        return sympy.expand(4 * self.head_dim * self.heads * self.batch * self.tokens ** 2)
+
+    @property
+    def density(self):
+        return sympy.simplify(self.pairs / self.dense_pairs)
+
+    @property
+    def speedup(self):
+        return sympy.simplify(self.dense_pairs / self.pairs) if self.pairs != 0 else sympy.oo
+
+    @property
+    def symbols(self) -> dict:
+        exprs = [self.pairs, self.flops, self.bytes, *self.grid.shape]
+        syms = set()
+        for e in exprs:
+            if isinstance(e, sympy.Basic):
+                syms |= e.free_symbols
+        return {str(s): s for s in sorted(syms, key=str)}
+
+    @property
+    def closed_form(self) -> bool:
+        return not self.notes
+
+    def subs(self, values=None, **sizes) -> "CostReport":
+        """Substitute sizes (by symbol name or symbol); returns a report with numbers."""
+        mapping = {}
+        for k, v in {**(values or {}), **sizes}.items():
+            mapping[symbol(k) if isinstance(k, str) else k] = sympy.Integer(as_size(v, str(k)))
+
+        def s(x):
+            x = sympy.sympify(x).subs(mapping)
+            return int(x) if x.is_Integer else x
+
+        assumptions = tuple(a for a in (sympy.sympify(a).subs(mapping) for a in self.assumptions)
+                            if a is not sympy.true)
+        for a in assumptions:
+            if a is sympy.false:
+                raise PatternError(
+                    f"The sizes {sizes} break an assumption of the closed forms; check the "
+                    f"report's assumptions {self.assumptions}.")
+        return replace(self, grid=self.grid.subs(mapping), head_dim=s(self.head_dim),
+                       heads=s(self.heads), batch=s(self.batch), pairs=s(self.pairs),
+                       pairs_per_head=tuple(s(p) for p in self.pairs_per_head),
+                       keys_min=s(self.keys_min), keys_max=s(self.keys_max),
+                       assumptions=assumptions)
+
+    def rows(self) -> list[tuple[str, object]]:
+        return [
+            ("tokens", self.tokens),
+            ("attended pairs (per head)", self.pairs),
+            ("keys per query min/mean/max", f"{self.keys_min} / {self.keys_mean} / {self.keys_max}"),
+            ("FLOPs (QK^T + PV, 4*d per pair)", self.flops),
+            ("softmax ops (5 per pair, not in FLOPs)", self.softmax_ops),
+            (f"bytes (Q,K,V,O once, {self.dtype_bytes} B/elem)", self.bytes),
+            ("dense pairs", self.dense_pairs),
+            ("density (pairs / dense)", self.density),
+            ("speedup vs dense (FLOPs)", self.speedup),
+            *self.extra.items(),
+        ]
+
+    def __repr__(self) -> str:
+        lines = [f"Cost of {self.label} on grid {self.grid} (head_dim={self.head_dim}, "
+                 f"heads={self.heads}, batch={self.batch})"]
+        rows = self.rows()
+        width = max(len(name) for name, _ in rows)
+        lines += [f"  {name:<{width}}  {value}" for name, value in rows]
+        if self.assumptions:
+            lines.append("  assuming " + ", ".join(map(str, self.assumptions)))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32") -> CostReport:
+    """The exact cost of ``pattern`` on ``grid``; sizes may be ints, symbols or names.
+
+    Args:
+        pattern: a spec (or an IR from :func:`patterngen.lower`).
+        grid: axis sizes, e.g. ``(64, 64)`` or ``("H", "W")``.
+        head_dim, heads, batch: ints or symbols.
+        dtype: element type for :attr:`CostReport.bytes`.
+
+    Example:
+        >>> import patterngen as pg
+        >>> pg.cost(pg.criss_cross(), grid=("H", "W")).pairs
+        H**2*W + H*W**2 - H*W
+    """
+    lowered = as_ir(pattern, grid)
+    head_dim, heads, batch = (as_size(v, name) for v, name in
+                              ((head_dim, "head_dim"), (heads, "heads"), (batch, "batch")))
+    per_head = [_head_cost(h) for h in lowered.per_head]
+    if len(per_head) == 1:
+        (c,) = per_head
+        pairs, kmin, kmax = c.pairs, c.kmin, c.kmax
+    else:
+        m = len(per_head)
+        # head h uses pattern h % m: pattern j serves floor((heads - 1 - j) / m) + 1 heads
+        uses = [sympy.floor(sympy.sympify(heads - 1 - j) / m) + 1 for j in range(m)]
+        pairs = sympy.simplify(sum(u * c.pairs for u, c in zip(uses, per_head)) / heads)
+        kmin = sympy.Min(*(c.kmin for c in per_head[: min(m, heads) if is_number(heads) else m]))
+        kmax = sympy.Max(*(c.kmax for c in per_head[: min(m, heads) if is_number(heads) else m]))
+    assumptions = tuple(dict.fromkeys(a for c in per_head for a in c.assumptions))
+    notes = tuple(dict.fromkeys(n for c in per_head for n in c.notes))
+    return CostReport(lowered.label, lowered.grid, head_dim, heads, batch, _dtype_bytes(dtype),
+                      pairs, tuple(c.pairs for c in per_head), kmin, kmax, assumptions, notes)

@@ -1,0 +1,605 @@
+"""The normal form of a pattern: a union of separable terms of 1-D relations.
+
+A *term* is one 1-D relation per grid axis: query ``q`` sees key ``p`` iff ``(q[a], p[a])`` is in
+relation ``a`` for every axis ``a``. A pattern is a union of terms (:class:`IR`), or one such
+union per head (:class:`HeadsIR`). Each relation is the intersection (:class:`Rel`) of a few
+*atoms*, and for a fixed query coordinate ``i`` every atom's keys form an arithmetic progression
+``start, start + step, ... < stop``. The intersection of progressions is again one, so a whole
+relation has a single progression too.
+
+Every atom states its progression once, in :meth:`Atom.bounds`, written against a small ``ops``
+namespace (``min``, ``max``, ``where``, ``full``). The same formula evaluates on numpy arrays
+(layout, counts, the dense oracle), on torch tensors (FlexAttention's ``mask_mod``), on sympy
+symbols, and on :class:`Src` names to emit kernel source with constants folded. One formula,
+four consumers: they cannot drift apart.
+
+Example:
+    >>> import numpy as np
+    >>> Window(3).bounds(np.arange(5), 5, NUMPY_OPS)
+    (array([0, 0, 1, 2, 2]), array([3, 3, 4, 5, 5]))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+
+import numpy as np
+import sympy
+
+from .errors import PatternError
+from .grid import Grid, is_number
+
+__all__ = [
+    "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn",
+    "Rel", "Term", "IR", "HeadsIR", "Src", "NUMPY_OPS", "SYMPY_OPS", "SOURCE_OPS", "torch_ops",
+    "inclusion_exclusion", "verify", "WINDOW_MODES",
+]
+
+WINDOW_MODES = ("clamp", "pad", "causal")
+MAX_UNION_PIECES = 4096
+
+
+# --------------------------------------------------------------------------------------------
+# ops namespaces: what `bounds` may call besides + - * // % and comparisons
+
+
+def _np_full(i, value):
+    return np.full(np.shape(i), value, dtype=np.int64)
+
+
+NUMPY_OPS = SimpleNamespace(min=np.minimum, max=np.maximum, where=np.where, full=_np_full)
+SYMPY_OPS = SimpleNamespace(
+    min=sympy.Min, max=sympy.Max, full=lambda i, v: sympy.sympify(v),
+    where=lambda c, a, b: sympy.Piecewise((a, c), (b, True)),
+)
+
+
+def torch_ops():
+    """ops for torch tensors (imported lazily: the IR does not need torch)."""
+    import torch
+
+    def as_tensor_like(x, ref):
+        return x if isinstance(x, torch.Tensor) else torch.full_like(ref, x)
+
+    def tmin(a, b):
+        ref = a if isinstance(a, torch.Tensor) else b
+        return torch.minimum(as_tensor_like(a, ref), as_tensor_like(b, ref))
+
+    def tmax(a, b):
+        ref = a if isinstance(a, torch.Tensor) else b
+        return torch.maximum(as_tensor_like(a, ref), as_tensor_like(b, ref))
+
+    def twhere(c, a, b):
+        return torch.where(c, a, b)
+
+    return SimpleNamespace(min=tmin, max=tmax, where=twhere,
+                           full=lambda i, v: torch.full_like(i, v))
+
+
+class Src:
+    """An integer expression in generated source; arithmetic on it builds source text.
+
+    Constants fold as they are written, so ``Window(7).bounds(Src('i'), 64, SOURCE_OPS)`` gives
+    ``min(max(i - 3, 0), 57)``: the kernel never recomputes what the compiler already knows.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self):
+        return self.text
+
+    __str__ = __repr__
+
+    @staticmethod
+    def _bin(a, op, b):
+        if op == "+" and b == 0 or op == "-" and b == 0 or op in ("*", "//") and b == 1:
+            return a if isinstance(a, Src) else Src(str(a))
+        if op == "+" and a == 0 or op == "*" and a == 1:
+            return b if isinstance(b, Src) else Src(str(b))
+        return Src(f"({a} {op} {b})")
+
+    def __add__(self, o): return Src._bin(self, "+", o)
+    def __radd__(self, o): return Src._bin(o, "+", self)
+    def __sub__(self, o): return Src._bin(self, "-", o)
+    def __rsub__(self, o): return Src._bin(o, "-", self)
+    def __mul__(self, o): return Src._bin(self, "*", o)
+    def __rmul__(self, o): return Src._bin(o, "*", self)
+    def __floordiv__(self, o): return Src._bin(self, "//", o)
+    def __rfloordiv__(self, o): return Src._bin(o, "//", self)
+    def __mod__(self, o): return Src._bin(self, "%", o)
+    def __rmod__(self, o): return Src._bin(o, "%", self)
+    def __lt__(self, o): return Src(f"({self} < {o})")
+    def __le__(self, o): return Src(f"({self} <= {o})")
+    def __gt__(self, o): return Src(f"({self} > {o})")
+    def __ge__(self, o): return Src(f"({self} >= {o})")
+    def __and__(self, o): return Src(f"({self} and {o})")
+
+    def __eq__(self, o):  # only ever compared with constants by the folding rules above
+        return False
+
+    __hash__ = object.__hash__
+
+
+SOURCE_OPS = SimpleNamespace(
+    min=lambda a, b: Src(f"min({a}, {b})"),
+    max=lambda a, b: Src(f"max({a}, {b})"),
+    where=lambda c, a, b: Src(f"({a} if {c} else {b})"),
+    full=lambda i, v: Src(str(v)) if not isinstance(v, Src) else v,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# atoms
+
+
+class Atom:
+    """A 1-D relation whose keys, for one query coordinate, are one arithmetic progression."""
+
+    #: ``True`` when every query sees itself (so ``Eq & atom == Eq``).
+    reflexive = True
+
+    @property
+    def step(self):
+        return 1
+
+    def bounds(self, i, n, ops):
+        """``(start, stop)`` of query ``i``'s keys on an axis of ``n``; empty when stop <= start.
+
+        ``stop`` is tight (last key + 1), so block layouts can use it directly.
+        """
+        raise NotImplementedError
+
+    def params(self) -> tuple:
+        return ()
+
+    def __repr__(self):
+        return type(self).__name__ + "(" + ", ".join(map(str, self.params())) + ")"
+
+    def subs(self, mapping) -> "Atom":
+        values = {f: _subs(getattr(self, f), mapping) for f in self.__dataclass_fields__}
+        return replace(self, **values)
+
+
+def _subs(value, mapping):
+    if isinstance(value, sympy.Basic):
+        value = value.subs(mapping)
+        return int(value) if value.is_Integer else value
+    return value
+
+
+@dataclass(frozen=True, repr=False)
+class All(Atom):
+    """Every key on the axis."""
+
+    def bounds(self, i, n, ops):
+        return ops.full(i, 0), ops.full(i, n)
+
+
+@dataclass(frozen=True, repr=False)
+class Eq(Atom):
+    """Only the key at the query's own coordinate."""
+
+    def bounds(self, i, n, ops):
+        return i, i + 1
+
+
+@dataclass(frozen=True, repr=False)
+class Lt(Atom):
+    """Keys strictly before the query."""
+
+    reflexive = False
+
+    def bounds(self, i, n, ops):
+        return ops.full(i, 0), i
+
+
+@dataclass(frozen=True, repr=False)
+class Le(Atom):
+    """Keys at or before the query."""
+
+    def bounds(self, i, n, ops):
+        return ops.full(i, 0), i + 1
+
+
+@dataclass(frozen=True, repr=False)
+class Window(Atom):
+    """NATTEN-style neighbourhood of ``size`` keys, with ``dilation`` and a border ``mode``.
+
+    Dilation ``d`` splits the axis into ``d`` interleaved groups (coordinates equal mod ``d``);
+    each group is a sub-axis of ``m = ceil((n - g) / d)`` tokens and the query at group index
+    ``j = i // d`` gets a window on it. The window spans ``size // 2`` group positions left and
+    ``size - 1 - size // 2`` right (even sizes reach one further left, as in NATTEN). Modes:
+
+    - ``clamp``: shifted inward at the borders, always ``size`` keys (needs ``m >= size``);
+    - ``pad``: truncated at the borders (a zero-padded sliding window);
+    - ``causal``: the query and the ``size - 1`` group positions before it, truncated at 0.
+
+    Attributes:
+        size: keys per query (in the interior), ``>= 1``.
+        dilation: distance between neighbouring keys, ``>= 1``.
+        mode: one of ``clamp``, ``pad``, ``causal``.
+    """
+
+    size: object
+    dilation: object = 1
+    mode: str = "clamp"
+
+    @property
+    def step(self):
+        return self.dilation
+
+    def params(self):
+        return (self.size, self.dilation)
+
+    def __repr__(self):
+        dil = f", dilation={self.dilation}" if self.dilation != 1 else ""
+        return f"Window({self.size}{dil}, {self.mode})"
+
+    def bounds(self, i, n, ops):
+        k, d = self.size, self.dilation
+        if d == 1:
+            g, j, m = 0, i, n
+        else:
+            g, j, m = i % d, i // d, (n - i % d + d - 1) // d
+        left = k // 2
+        if self.mode == "clamp":
+            s = ops.min(ops.max(j - left, 0), m - k)
+            e = s + k
+        elif self.mode == "pad":
+            s = ops.max(j - left, 0)
+            e = ops.min(j + (k - left), m)
+        else:
+            s = ops.max(j - (k - 1), 0)
+            e = j + 1
+        if d == 1:
+            return s, e
+        return g + d * s, g + d * (e - 1) + 1
+
+
+@dataclass(frozen=True, repr=False)
+class Block(Atom):
+    """Non-overlapping tiles of ``size`` with boundaries at ``offset + t * size`` (Swin).
+
+    Tiles are cut at the axis ends, not wrapped: with ``offset > 0`` the first tile is
+    ``[0, offset)`` and the last one is short, exactly Swin's cyclic shift plus region mask.
+
+    Attributes:
+        size: tile length, ``>= 1``.
+        offset: position of the first interior boundary, ``0 <= offset < size``.
+    """
+
+    size: object
+    offset: object = 0
+
+    def params(self):
+        return (self.size, self.offset)
+
+    def bounds(self, i, n, ops):
+        m, s = self.size, self.offset
+        if s == 0:
+            t0 = (i // m) * m
+            return t0, ops.min(t0 + m, n)
+        t0 = ((i - s) // m) * m + s
+        return ops.max(t0, 0), ops.min(t0 + m, n)
+
+
+@dataclass(frozen=True, repr=False)
+class KeyIn(Atom):
+    """Keys in ``[start, stop)`` for every query (global key tokens)."""
+
+    start: object
+    stop: object
+    reflexive = False
+
+    def params(self):
+        return (self.start, self.stop)
+
+    def bounds(self, i, n, ops):
+        return ops.full(i, self.start), ops.full(i, self.stop)
+
+
+@dataclass(frozen=True, repr=False)
+class QueryIn(Atom):
+    """Every key, for queries in ``[start, stop)``; nothing for other queries (global queries)."""
+
+    start: object
+    stop: object
+    reflexive = False
+
+    def params(self):
+        return (self.start, self.stop)
+
+    def bounds(self, i, n, ops):
+        return ops.full(i, 0), ops.where((i >= self.start) & (i < self.stop), n, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# relations: intersections of atoms on one axis
+
+
+def _meet_progressions(a, b, ops):
+    """Intersect progressions ``a = (start, stop, step)`` and ``b`` (numeric steps)."""
+    (s1, e1, p1), (s2, e2, p2) = a, b
+    lo, hi = ops.max(s1, s2), ops.min(e1, e2)
+    if p2 == 1:
+        return (lo + (s1 - lo) % p1 if p1 != 1 else lo), hi, p1
+    if p1 == 1:
+        return lo + (s2 - lo) % p2, hi, p2
+    g = math.gcd(p1, p2)
+    lcm = p1 * p2 // g
+    inv = pow(p1 // g, -1, p2 // g) if p2 // g > 1 else 0
+    x0 = s1 + p1 * ((((s2 - s1) // g) * inv) % (p2 // g))
+    x = lo + (x0 - lo) % lcm
+    if g == 1:
+        return x, hi, lcm
+    return x, ops.where((s2 - s1) % g == 0, hi, x), lcm
+
+
+@dataclass(frozen=True)
+class Rel:
+    """The intersection of ``atoms`` on one axis (no atoms: every key).
+
+    Build with :meth:`of`, which normalises: drops ``All``, collapses ``Eq`` with reflexive
+    atoms, ``Lt`` with ``Le``, removes duplicates and sorts, so equal relations compare equal.
+
+    Attributes:
+        atoms: the intersected atoms, canonical order.
+    """
+
+    atoms: tuple = ()
+
+    @staticmethod
+    def of(*atoms) -> "Rel":
+        kept = set()
+        for a in atoms:
+            kept |= set(a.atoms) if isinstance(a, Rel) else {a}
+        kept.discard(All())
+        if Eq() in kept:
+            kept = {a for a in kept if not a.reflexive} | {Eq()}
+        if Lt() in kept:
+            kept.discard(Le())
+        return Rel(tuple(sorted(kept, key=repr)))
+
+    @property
+    def is_empty(self) -> bool:
+        """Structurally empty for every axis length (e.g. ``Eq & Lt``)."""
+        kinds = set(self.atoms)
+        if Eq() in kinds and Lt() in kinds:
+            return True
+        for cls in (KeyIn, QueryIn):
+            ranges = [(a.start, a.stop) for a in self.atoms if isinstance(a, cls)]
+            if len(ranges) > 1 and all(is_number(v) for r in ranges for v in r):
+                if max(r[0] for r in ranges) >= min(r[1] for r in ranges):
+                    return True
+        return False
+
+    @property
+    def step(self):
+        steps = [a.step for a in self.atoms if a.step != 1]
+        if not steps:
+            return 1
+        if len(steps) == 1:
+            return steps[0]
+        return math.lcm(*(int(s) for s in steps))
+
+    def bounds(self, i, n, ops):
+        """``(start, stop)`` of the keys of query ``i``; their step is :attr:`step`."""
+        if not self.atoms:
+            return All().bounds(i, n, ops)
+        start, stop = self.atoms[0].bounds(i, n, ops)
+        prog = (start, stop, self.atoms[0].step)
+        for atom in self.atoms[1:]:
+            prog = _meet_progressions(prog, (*atom.bounds(i, n, ops), atom.step), ops)
+        return prog[0], prog[1]
+
+    def counts(self, n: int) -> np.ndarray:
+        """Keys per query for every coordinate ``0..n-1`` of a numeric axis."""
+        start, stop = self.bounds(np.arange(n, dtype=np.int64), n, NUMPY_OPS)
+        step = int(self.step)
+        return np.maximum(stop - start + step - 1, 0) // step
+
+    def contains(self, i, p, n, ops):
+        """Whether key coordinate ``p`` is in query ``i``'s keys (vectorised, broadcasting)."""
+        start, stop = self.bounds(i, n, ops)
+        inside = (p >= start) & (p < stop)
+        step = self.step
+        return inside if step == 1 else inside & ((p - start) % step == 0)
+
+    def subs(self, mapping) -> "Rel":
+        return Rel.of(*(a.subs(mapping) for a in self.atoms))
+
+    def __and__(self, other: "Rel") -> "Rel":
+        return Rel.of(self, other)
+
+    def __repr__(self):
+        return " & ".join(map(repr, self.atoms)) if self.atoms else "All()"
+
+
+@dataclass(frozen=True)
+class Term:
+    """A separable term: one :class:`Rel` per grid axis.
+
+    Attributes:
+        rels: the per-axis relations, axis 0 first.
+    """
+
+    rels: tuple
+
+    @property
+    def is_empty(self) -> bool:
+        return any(r.is_empty for r in self.rels)
+
+    def __and__(self, other: "Term") -> "Term":
+        return Term(tuple(a & b for a, b in zip(self.rels, other.rels)))
+
+    def contains(self, q, p, shape, ops):
+        """Membership of key coordinates ``p[a]`` for query coordinates ``q[a]`` (per axis)."""
+        out = None
+        for a, rel in enumerate(self.rels):
+            part = rel.contains(q[a], p[a], shape[a], ops)
+            out = part if out is None else out & part
+        return out
+
+    def counts(self, shape) -> list[np.ndarray]:
+        """Per-axis keys-per-query vectors (their outer product is the term's per-query count)."""
+        return [rel.counts(int(n)) for rel, n in zip(self.rels, shape)]
+
+    def subs(self, mapping) -> "Term":
+        return Term(tuple(r.subs(mapping) for r in self.rels))
+
+    def __repr__(self):
+        return "(" + ", ".join(map(repr, self.rels)) + ")"
+
+
+def inclusion_exclusion(terms, nonempty=None) -> list[tuple[int, Term]]:
+    """``[(sign, term)]`` with ``|union| = sum(sign * |term|)`` over non-empty intersections.
+
+    An empty intersection prunes all its supersets, so disjoint unions (lexicographic causal)
+    and mostly-disjoint ones stay linear in size.
+
+    Raises:
+        PatternError: when the expansion has more than ``MAX_UNION_PIECES`` pieces.
+    """
+    nonempty = nonempty or (lambda t: not t.is_empty)
+    out: list[tuple[int, Term]] = []
+
+    def expand(first, current, sign):
+        for idx in range(first, len(terms)):
+            t = terms[idx] if current is None else current & terms[idx]
+            if not nonempty(t):
+                continue
+            out.append((sign, t))
+            if len(out) > MAX_UNION_PIECES:
+                raise PatternError(
+                    f"Union of {len(terms)} terms expands to more than {MAX_UNION_PIECES} "
+                    f"inclusion-exclusion pieces; simplify the pattern (merge global tokens "
+                    f"into ranges)."
+                )
+            expand(idx + 1, t, -sign)
+
+    expand(0, None, 1)
+    return out
+
+
+@dataclass(frozen=True)
+class IR:
+    """A pattern on a grid: the union of :attr:`terms`.
+
+    Attributes:
+        grid: the grid the pattern was lowered for.
+        terms: separable terms, none structurally empty, no duplicates.
+        label: the spec's expression, for headers and reports.
+    """
+
+    grid: Grid
+    terms: tuple
+    label: str = field(default="", compare=False)
+
+    @property
+    def per_head(self) -> tuple["IR", ...]:
+        return (self,)
+
+    @property
+    def ndim(self) -> int:
+        return self.grid.ndim
+
+    def subs(self, mapping) -> "IR":
+        return make_ir(self.grid.subs(mapping), [t.subs(mapping) for t in self.terms], self.label)
+
+    def pieces(self) -> list[tuple[int, Term]]:
+        """Inclusion-exclusion expansion; numeric grids also prune numerically empty pieces."""
+        if self.grid.numeric:
+            shape = self.grid.shape
+            return inclusion_exclusion(
+                self.terms, lambda t: not t.is_empty and all(c.any() for c in t.counts(shape)))
+        return inclusion_exclusion(self.terms)
+
+    def key_counts(self) -> np.ndarray:
+        """Exact keys per query, row-major, without any tokens x tokens array."""
+        shape = self.grid.require_numeric("key_counts")
+        total = np.zeros(shape, dtype=np.int64)
+        for sign, t in self.pieces():
+            c = t.counts(shape)
+            total += sign * _outer(c)
+        return total.reshape(-1)
+
+    def pairs(self) -> int:
+        """Exact number of attended (query, key) pairs on a numeric grid."""
+        shape = self.grid.require_numeric("pairs")
+        return int(sum(sign * math.prod(int(c.sum()) for c in t.counts(shape))
+                       for sign, t in self.pieces()))
+
+    def __repr__(self):
+        return f"IR({self.label or '?'} on {self.grid}: " + " | ".join(map(repr, self.terms)) + ")"
+
+
+@dataclass(frozen=True)
+class HeadsIR:
+    """A different pattern per head: head ``h`` uses ``heads[h % len(heads)]``.
+
+    Attributes:
+        grid: the grid.
+        heads: one :class:`IR` per listed pattern.
+        label: the spec's expression.
+    """
+
+    grid: Grid
+    heads: tuple
+    label: str = field(default="", compare=False)
+
+    @property
+    def per_head(self) -> tuple[IR, ...]:
+        return self.heads
+
+    @property
+    def ndim(self) -> int:
+        return self.grid.ndim
+
+    def subs(self, mapping) -> "HeadsIR":
+        return HeadsIR(self.grid.subs(mapping), tuple(h.subs(mapping) for h in self.heads),
+                       self.label)
+
+
+def _outer(vectors):
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = np.multiply.outer(out, v)
+    return out
+
+
+def make_ir(grid: Grid, terms, label: str = "") -> IR:
+    """Build an :class:`IR`, dropping structurally empty and duplicate terms (order kept)."""
+    kept = []
+    for t in terms:
+        if not t.is_empty and t not in kept:
+            kept.append(t)
+    return IR(grid, tuple(kept), label)
+
+
+def verify(ir) -> None:
+    """Check an IR's invariants; raise :class:`PatternError` naming the first broken one.
+
+    Every term has one relation per axis; atoms are known and their sizes are integers >= 1
+    (or symbols); a relation that meets several dilated atoms has numeric steps.
+    """
+    for head in ir.per_head:
+        for t in head.terms:
+            if not isinstance(t, Term) or len(t.rels) != head.grid.ndim:
+                raise PatternError(f"IR term {t!r} does not have {head.grid.ndim} relations.")
+            for rel in t.rels:
+                for atom in rel.atoms:
+                    if not isinstance(atom, (All, Eq, Lt, Le, Window, Block, KeyIn, QueryIn)):
+                        raise PatternError(f"Unrecognized IR atom: {atom!r}")
+                    if isinstance(atom, Window) and atom.mode not in WINDOW_MODES:
+                        raise PatternError(f"Window mode={atom.mode!r} not in {WINDOW_MODES}.")
+                    for v in atom.params():
+                        if is_number(v) and int(v) < 0:
+                            raise PatternError(f"Negative parameter {v} in atom {atom!r}.")
+                steps = [a.step for a in rel.atoms if a.step != 1]
+                if len(steps) > 1 and not all(is_number(s) for s in steps):
+                    raise PatternError(f"Relation {rel!r} meets symbolic dilations {steps}.")

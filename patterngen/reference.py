@@ -1,0 +1,152 @@
+"""The dense oracle: materialised masks, text pictures, and masked softmax attention.
+
+Everything here is O(tokens^2) and meant for tests and debugging; every backend is checked
+against :func:`materialize` + :func:`dense_attention`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ir
+from .errors import PatternError
+from .grid import as_grid
+from .spec import Pattern, lower
+
+__all__ = ["materialize", "show", "dense_attention", "as_ir"]
+
+MAX_DENSE_TOKENS = 32768
+
+
+def as_ir(pattern, grid=None):
+    """Accept a spec (lowered on ``grid``) or an already lowered IR."""
+    if isinstance(pattern, (ir.IR, ir.HeadsIR)):
+        if grid is not None and as_grid(grid) != pattern.grid:
+            raise PatternError(f"IR lowered for grid {pattern.grid} used with grid={grid}.")
+        return pattern
+    if grid is None:
+        raise PatternError(f"{pattern!r} needs a grid, e.g. grid=(64, 64).")
+    return lower(pattern, grid)
+
+
+def _kron_bool(mats):
+    out = mats[0]
+    for m in mats[1:]:
+        out = (out[:, None, :, None] & m[None, :, None, :]).reshape(
+            out.shape[0] * m.shape[0], out.shape[1] * m.shape[1])
+    return out
+
+
+def _materialize_one(head: ir.IR) -> np.ndarray:
+    shape = head.grid.require_numeric("materialize")
+    tokens = int(np.prod(shape))
+    if tokens > MAX_DENSE_TOKENS:
+        raise PatternError(
+            f"materialize builds a tokens x tokens array: tokens={tokens} exceeds "
+            f"{MAX_DENSE_TOKENS}; use layout() or key_counts() for large grids."
+        )
+    mask = np.zeros((tokens, tokens), dtype=bool)
+    for term in head.terms:
+        per_axis = []
+        for rel, n in zip(term.rels, shape):
+            i = np.arange(n, dtype=np.int64)
+            per_axis.append(np.asarray(rel.contains(i[:, None], i[None, :], n, ir.NUMPY_OPS)))
+        mask |= _kron_bool(per_axis)
+    return mask
+
+
+def materialize(pattern, grid=None) -> np.ndarray:
+    """Dense boolean mask ``[query, key]`` in row-major token order (for tests and debugging).
+
+    Returns ``(tokens, tokens)``, or ``(len(patterns), tokens, tokens)`` for :func:`heads`.
+
+    Example:
+        >>> import patterngen as pg
+        >>> pg.materialize(pg.window(3), grid=5).astype(int)
+        array([[1, 1, 1, 0, 0],
+               [1, 1, 1, 0, 0],
+               [0, 1, 1, 1, 0],
+               [0, 0, 1, 1, 1],
+               [0, 0, 1, 1, 1]])
+    """
+    lowered = as_ir(pattern, grid)
+    if isinstance(lowered, ir.HeadsIR):
+        return np.stack([_materialize_one(h) for h in lowered.heads])
+    return _materialize_one(lowered)
+
+
+def show(pattern, grid=None, query=None, head: int = 0) -> str:
+    """A text picture of the keys one query sees (``Q`` query, ``#`` key, ``.`` not seen).
+
+    Args:
+        pattern: a spec or IR.
+        grid: numeric grid.
+        query: coordinates of the query (default: the grid's centre).
+        head: for :func:`heads` patterns, which head to draw.
+
+    Example:
+        >>> import patterngen as pg
+        >>> print(pg.show(pg.window(3), grid=(4, 5), query=(0, 0)))  # doctest: +NORMALIZE_WHITESPACE
+        window(3) on grid 4x5, query (0, 0): 9 keys; pattern density 45.0%
+        Q # # . .
+        # # # . .
+        # # # . .
+        . . . . .
+    """
+    lowered = as_ir(pattern, grid)
+    one = lowered.per_head[head % len(lowered.per_head)]
+    shape = one.grid.require_numeric("show")
+    if query is None:
+        query = tuple(n // 2 for n in shape)
+    query = tuple(query) if isinstance(query, (tuple, list)) else (query,)
+    if len(query) != len(shape) or not all(0 <= q < n for q, n in zip(query, shape)):
+        raise PatternError(f"Invalid query={query} for grid {one.grid}; expected coordinates "
+                           f"0 <= q < n on each of the {len(shape)} axes.")
+    keys = np.zeros(shape, dtype=bool)
+    for term in one.terms:
+        per_axis = []
+        for rel, n, q in zip(term.rels, shape, query):
+            p = np.arange(n, dtype=np.int64)
+            per_axis.append(np.asarray(rel.contains(np.int64(q), p, n, ir.NUMPY_OPS)))
+        keys |= _outer_bool(per_axis)
+    chars = np.where(keys, "#", ".").astype(object)
+    chars[query] = "Q"
+    tokens = int(np.prod(shape))
+    density = one.pairs() / tokens ** 2
+    lines = [f"{lowered.label} on grid {one.grid}, query {query}: {int(keys.sum())} keys; "
+             f"pattern density {100 * density:.1f}%"]
+    if len(shape) == 1:
+        lines.append(" ".join(chars))
+    elif len(shape) == 2:
+        lines += [" ".join(row) for row in chars]
+    else:
+        for t in range(shape[0]):
+            lines.append(f"[{t}]")
+            lines += [" ".join(row) for row in chars[t]]
+    return "\n".join(lines)
+
+
+def _outer_bool(vectors):
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = np.logical_and.outer(out, v)
+    return out
+
+
+def dense_attention(q, k, v, mask, scale=None):
+    """Masked softmax attention on ``(batch, heads, tokens, dim)`` torch tensors.
+
+    ``mask`` is ``(tokens, tokens)`` or ``(patterns, tokens, tokens)`` (head ``h`` uses
+    ``mask[h % patterns]``). Queries with no key get zeros, the convention of every backend.
+    """
+    import torch
+
+    mask = torch.as_tensor(mask, device=q.device)
+    if mask.dim() == 3:
+        idx = torch.arange(q.shape[1], device=q.device) % mask.shape[0]
+        mask = mask[idx]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs @ v

@@ -1,0 +1,544 @@
+"""The pattern vocabulary: small immutable specs, composed with ``&`` and ``|``, lowered to IR.
+
+A spec says *which keys each query may see* without naming a grid; :func:`lower` binds it to a
+grid and returns the exact :mod:`patterngen.ir` form. Per-axis arguments take a scalar (the same
+on every axis) or one value per axis.
+
+Example:
+    >>> import patterngen as pg
+    >>> pg.window(7) | pg.global_tokens([0])
+    (window(7) | global_tokens([0]))
+    >>> len(pg.lower(pg.criss_cross(), (9, 9)).terms)
+    2
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import sympy
+
+from . import ir
+from .errors import PatternError
+from .grid import Grid, as_grid, as_size, is_number
+
+__all__ = [
+    "Pattern", "Window", "Block", "Area", "Stripe", "CrissCross", "GlobalTokens", "Causal",
+    "Full", "Union", "Intersection", "Heads", "window", "block", "area", "axis", "stripe",
+    "criss_cross", "global_tokens", "causal", "full", "heads", "lower", "BORDERS",
+]
+
+BORDERS = ("clamp", "pad")
+
+
+def _fmt(value) -> str:
+    return str(value) if not isinstance(value, bool) else repr(value)
+
+
+def _arg(value) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(map(_fmt, value)) + ")"
+    return _fmt(value)
+
+
+def _sizes(value, name: str, minimum: int = 1):
+    """Validate a scalar-or-tuple size argument now (the grid's rank is checked at lowering)."""
+    if isinstance(value, (tuple, list)):
+        if not value:
+            raise PatternError(f"Invalid {name}=(); expected a size or one size per axis.")
+        return tuple(as_size(v, f"{name}[{a}]", minimum) for a, v in enumerate(value))
+    return as_size(value, name, minimum)
+
+
+def per_axis(value, grid: Grid, name: str) -> tuple:
+    """Broadcast a scalar to every axis, or check that a tuple has one entry per axis.
+
+    Raises:
+        PatternError: when a tuple's length differs from the grid's rank.
+    """
+    if not isinstance(value, tuple):
+        return (value,) * grid.ndim
+    if len(value) != grid.ndim:
+        raise PatternError(
+            f"Invalid {name}={_arg(value)}: {len(value)} entries for a grid of rank "
+            f"{grid.ndim} (grid={grid}); expected a scalar or {grid.ndim} entries."
+        )
+    return value
+
+
+def _axis_index(axis, grid: Grid, name: str = "axis") -> int:
+    if not -grid.ndim <= axis < grid.ndim:
+        raise PatternError(
+            f"Invalid {name}={axis} for a grid of rank {grid.ndim} (grid={grid}); expected "
+            f"{-grid.ndim} <= {name} < {grid.ndim}."
+        )
+    return axis % grid.ndim
+
+
+class Pattern:
+    """Base of every spec: immutable, hashable, composable with ``&`` and ``|``."""
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return Intersection(tuple(_flatten(Intersection, (self, _check(other, "&")))))
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return Union(tuple(_flatten(Union, (self, _check(other, "|")))))
+
+    def __bool__(self):
+        raise PatternError(
+            "Conversion of a pattern to bool is unsupported; this is usually `and`/`or` "
+            "used where the bitwise `&`/`|` combine patterns."
+        )
+
+    def terms(self, grid: Grid) -> list:
+        """The separable terms of this spec on ``grid`` (used by :func:`lower`)."""
+        raise NotImplementedError
+
+
+def _check(other, op):
+    if not isinstance(other, Pattern):
+        raise PatternError(
+            f"Cannot combine a pattern with {other!r} of type {type(other).__name__} using "
+            f"{op!r}; both sides must be patterns."
+        )
+    if isinstance(other, Heads):
+        raise PatternError("heads(...) must be the outermost pattern; combine inside it.")
+    return other
+
+
+def _flatten(cls, parts):
+    for p in parts:
+        if isinstance(p, Heads):
+            raise PatternError("heads(...) must be the outermost pattern; combine inside it.")
+        if isinstance(p, cls):
+            yield from p.parts
+        else:
+            yield p
+
+
+def _whole_axis():
+    return ir.Rel.of()
+
+
+@dataclass(frozen=True, repr=False)
+class Window(Pattern):
+    """A neighbourhood of ``size`` keys per axis (NATTEN semantics; see :class:`ir.Window`)."""
+
+    size: object
+    dilation: object = 1
+    border: object = "clamp"
+    causal: object = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", _sizes(self.size, "size"))
+        object.__setattr__(self, "dilation", _sizes(self.dilation, "dilation"))
+        for b in self.border if isinstance(self.border, tuple) else (self.border,):
+            if b not in BORDERS:
+                raise PatternError(f"Unknown border={b!r}; expected one of {BORDERS}.")
+        for c in self.causal if isinstance(self.causal, tuple) else (self.causal,):
+            if not isinstance(c, bool):
+                raise PatternError(f"Invalid causal={c!r}; expected True or False per axis.")
+
+    def terms(self, grid):
+        rels = []
+        for a, (n, k, d, b, c) in enumerate(zip(
+                grid.shape, per_axis(self.size, grid, "size"),
+                per_axis(self.dilation, grid, "dilation"), per_axis(self.border, grid, "border"),
+                per_axis(self.causal, grid, "causal"))):
+            if all(is_number(v) for v in (n, k, d)) and k * d > n:
+                raise PatternError(
+                    f"The product of size and dilation cannot exceed the axis length: "
+                    f"size={k}, dilation={d}, grid[{a}]={n} (size*dilation={k * d} > {n})."
+                )
+            if k == 1:
+                rels.append(ir.Rel.of(ir.Eq()))
+            else:
+                rels.append(ir.Rel.of(ir.Window(k, d, "causal" if c else b)))
+        return [ir.Term(tuple(rels))]
+
+    def __repr__(self):
+        args = [_arg(self.size)]
+        if self.dilation != 1:
+            args.append(f"dilation={_arg(self.dilation)}")
+        if self.border != "clamp":
+            args.append(f"border={self.border!r}")
+        if self.causal is not False:
+            args.append(f"causal={_arg(self.causal)}")
+        return f"window({', '.join(args)})"
+
+
+@dataclass(frozen=True, repr=False)
+class Block(Pattern):
+    """Non-overlapping ``size`` tiles, boundaries at ``offset + t*size`` (Swin W-/SW-MSA)."""
+
+    size: object
+    offset: object = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", _sizes(self.size, "size"))
+        object.__setattr__(self, "offset", _sizes(self.offset, "offset", minimum=0))
+
+    def terms(self, grid):
+        rels = []
+        for m, s in zip(per_axis(self.size, grid, "size"), per_axis(self.offset, grid, "offset")):
+            if is_number(m) and is_number(s):
+                s = s % m
+            rels.append(ir.Rel.of(ir.Eq() if m == 1 else ir.Block(m, s)))
+        return [ir.Term(tuple(rels))]
+
+    def __repr__(self):
+        off = f", offset={_arg(self.offset)}" if self.offset != 0 else ""
+        return f"block({_arg(self.size)}{off})"
+
+
+@dataclass(frozen=True, repr=False)
+class Area(Pattern):
+    """YOLOv12 area attention: ``areas`` equal contiguous chunks along ``axis``."""
+
+    areas: object
+    axis: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "areas", as_size(self.areas, "areas"))
+
+    def terms(self, grid):
+        a = _axis_index(self.axis, grid)
+        n, areas = grid.shape[a], self.areas
+        if is_number(n) and is_number(areas):
+            if n % areas:
+                raise PatternError(
+                    f"area(areas={areas}) needs grid[{a}]={n} divisible by {areas}: the token "
+                    f"list is cut into {areas} equal chunks of whole lines along axis {a}."
+                )
+            size = n // areas
+        else:
+            size = sympy.sympify(n) / areas
+        rels = [_whole_axis()] * grid.ndim
+        rels[a] = ir.Rel.of(ir.Eq() if size == 1 else ir.Block(size, 0))
+        return [ir.Term(tuple(rels))]
+
+    def __repr__(self):
+        return f"area({self.areas}" + (f", axis={self.axis})" if self.axis else ")")
+
+
+@dataclass(frozen=True, repr=False)
+class Stripe(Pattern):
+    """Stripes ``width`` lines wide running along ``axis`` (CSWin); ``width=1`` is axial."""
+
+    axis: int = 0
+    width: object = 1
+
+    def __post_init__(self):
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            raise PatternError(f"Invalid axis={self.axis!r}; expected an integer axis index.")
+        object.__setattr__(self, "width", _sizes(self.width, "width"))
+
+    def terms(self, grid):
+        a = _axis_index(self.axis, grid)
+        rels = []
+        for b, w in enumerate(per_axis(self.width, grid, "width")):
+            if b == a:
+                rels.append(_whole_axis())
+            else:
+                rels.append(ir.Rel.of(ir.Eq() if w == 1 else ir.Block(w, 0)))
+        return [ir.Term(tuple(rels))]
+
+    def __repr__(self):
+        if self.width == 1:
+            return f"axis({self.axis})"
+        return f"stripe({self.axis}, width={_arg(self.width)})"
+
+
+@dataclass(frozen=True, repr=False)
+class CrissCross(Pattern):
+    """CCNet: the query's full line along every axis (row and column in 2-D)."""
+
+    def terms(self, grid):
+        return [t for a in range(grid.ndim) for t in Stripe(a).terms(grid)]
+
+    def __repr__(self):
+        return "criss_cross()"
+
+
+@dataclass(frozen=True, repr=False)
+class GlobalTokens(Pattern):
+    """Global tokens: each sees every key and every query sees it (Longformer/BigBird).
+
+    Tokens are flat row-major indices or coordinate tuples.
+    """
+
+    tokens: tuple
+
+    def __post_init__(self):
+        tokens = tuple(tuple(t) if isinstance(t, (tuple, list)) else t for t in self.tokens)
+        if not tokens:
+            raise PatternError("global_tokens() needs at least one token index.")
+        for t in tokens:
+            for v in t if isinstance(t, tuple) else (t,):
+                as_size(v, "token index", minimum=0)
+        object.__setattr__(self, "tokens", tokens)
+
+    def coords(self, grid: Grid) -> list[tuple]:
+        out = []
+        for t in self.tokens:
+            if isinstance(t, tuple):
+                if len(t) != grid.ndim:
+                    raise PatternError(
+                        f"Global token {t} has {len(t)} coordinates for a grid of rank "
+                        f"{grid.ndim} (grid={grid})."
+                    )
+                c = t
+            elif grid.ndim == 1 or t == 0:
+                c = (t,) + (0,) * (grid.ndim - 1)
+            else:
+                shape = grid.require_numeric(f"global token index {t} in a {grid.ndim}-D grid")
+                c = tuple(int(v) for v in _unravel(t, shape))
+            for a, (v, n) in enumerate(zip(c, grid.shape)):
+                if is_number(n) and not 0 <= v < n:
+                    raise PatternError(
+                        f"Global token {t} is outside the grid: coordinate {v} on axis {a} "
+                        f"with grid[{a}]={n}; expected 0 <= index < {n}."
+                    )
+            out.append(c)
+        return out
+
+    def terms(self, grid):
+        coords = sorted(set(self.coords(grid)))
+        if grid.ndim == 1:
+            runs = _runs([c[0] for c in coords])
+            ranges = [((lo,), (hi,)) for lo, hi in runs]
+        else:
+            ranges = [(c, tuple(v + 1 for v in c)) for c in coords]
+        keys = [ir.Term(tuple(ir.Rel.of(ir.KeyIn(lo, hi)) for lo, hi in zip(*r)))
+                for r in ranges]
+        queries = [ir.Term(tuple(ir.Rel.of(ir.QueryIn(lo, hi)) for lo, hi in zip(*r)))
+                   for r in ranges]
+        return keys + queries
+
+    def __repr__(self):
+        return f"global_tokens({list(self.tokens)})"
+
+
+def _unravel(index, shape):
+    out = []
+    for n in reversed(shape):
+        out.append(index % n)
+        index //= n
+    if index:
+        raise PatternError(f"Global token index out of range for grid {shape}.")
+    return tuple(reversed(out))
+
+
+def _runs(values):
+    runs = []
+    for v in values:
+        if runs and runs[-1][1] == v:
+            runs[-1][1] = v + 1
+        else:
+            runs.append([v, v + 1])
+    return [tuple(r) for r in runs]
+
+
+@dataclass(frozen=True, repr=False)
+class Causal(Pattern):
+    """Keys at or before the query in row-major flattened order (lexicographic)."""
+
+    def terms(self, grid):
+        k = grid.ndim
+        out = []
+        for a in range(k):
+            last = ir.Le() if a == k - 1 else ir.Lt()
+            rels = [ir.Rel.of(ir.Eq())] * a + [ir.Rel.of(last)] + [_whole_axis()] * (k - a - 1)
+            out.append(ir.Term(tuple(rels)))
+        return out
+
+    def __repr__(self):
+        return "causal()"
+
+
+@dataclass(frozen=True, repr=False)
+class Full(Pattern):
+    """Every query sees every key (dense attention)."""
+
+    def terms(self, grid):
+        return [ir.Term((_whole_axis(),) * grid.ndim)]
+
+    def __repr__(self):
+        return "full()"
+
+
+@dataclass(frozen=True, repr=False)
+class Union(Pattern):
+    """Keys seen by any part."""
+
+    parts: tuple
+
+    def terms(self, grid):
+        return [t for p in self.parts for t in p.terms(grid)]
+
+    def __repr__(self):
+        return "(" + " | ".join(map(repr, self.parts)) + ")"
+
+
+@dataclass(frozen=True, repr=False)
+class Intersection(Pattern):
+    """Keys seen by every part; distributes over the parts' unions."""
+
+    parts: tuple
+
+    def terms(self, grid):
+        out = self.parts[0].terms(grid)
+        for p in self.parts[1:]:
+            out = [t & u for t in out for u in p.terms(grid)]
+            out = [t for t in out if not t.is_empty]
+        return out
+
+    def __repr__(self):
+        return "(" + " & ".join(map(repr, self.parts)) + ")"
+
+
+@dataclass(frozen=True, repr=False)
+class Heads(Pattern):
+    """A different pattern per head: head ``h`` uses ``patterns[h % len(patterns)]``."""
+
+    patterns: tuple
+
+    def __post_init__(self):
+        if not self.patterns:
+            raise PatternError("heads() needs at least one pattern.")
+        for p in self.patterns:
+            _check(p, "heads")
+
+    def __and__(self, other):
+        raise PatternError("heads(...) must be the outermost pattern; combine inside it.")
+
+    __or__ = __and__
+
+    def __repr__(self):
+        return "heads(" + ", ".join(map(repr, self.patterns)) + ")"
+
+
+# --------------------------------------------------------------------------------------------
+# public constructors
+
+
+def window(size, dilation=1, border="clamp", causal=False) -> Window:
+    """Neighbourhood attention: ``size`` keys per axis around each query.
+
+    Args:
+        size: keys per axis (scalar or one per axis); even sizes reach one further left.
+        dilation: gap between keys; splits each axis into ``dilation`` interleaved groups.
+        border: ``"clamp"`` shifts the window inward at the edges (always ``size`` keys, as in
+            NATTEN); ``"pad"`` truncates it (a zero-padded sliding window).
+        causal: per axis, keep only the query and the ``size - 1`` keys before it.
+
+    Example:
+        >>> window((7, 5), dilation=(2, 1))
+        window((7, 5), dilation=(2, 1))
+    """
+    return Window(size, dilation, border, causal)
+
+
+def block(size, offset=0) -> Block:
+    """Non-overlapping windows (Swin W-MSA); ``offset`` shifts the tile boundaries (SW-MSA).
+
+    ``block(M, offset=s)`` puts boundaries at ``s + t*M`` and cuts tiles at the grid edge: the
+    same pairs as Swin's roll by ``-s``, ``M x M`` partition and region mask.
+
+    Example:
+        >>> block(7, offset=3)
+        block(7, offset=3)
+    """
+    return Block(size, offset)
+
+
+def area(areas, axis=0) -> Area:
+    """YOLOv12 area attention: ``areas`` equal chunks of whole lines along ``axis``.
+
+    Example:
+        >>> area(4)
+        area(4)
+    """
+    return Area(areas, axis)
+
+
+def stripe(axis_index, width=1) -> Stripe:
+    """Stripes ``width`` lines wide running along ``axis_index`` (CSWin).
+
+    Example:
+        >>> stripe(0, width=2)
+        stripe(0, width=2)
+    """
+    return Stripe(axis_index, width)
+
+
+def axis(axis_index) -> Stripe:
+    """Axial attention: the query's whole line along ``axis_index`` (``stripe(a, width=1)``).
+
+    Example:
+        >>> axis(0)
+        axis(0)
+    """
+    return Stripe(axis_index, 1)
+
+
+def criss_cross() -> CrissCross:
+    """CCNet criss-cross attention: the query's row and column (every axis line in 3-D)."""
+    return CrissCross()
+
+
+def global_tokens(tokens) -> GlobalTokens:
+    """Tokens that see every key and are seen by every query (flat indices or coordinates).
+
+    Example:
+        >>> window(512) | global_tokens([0])
+        (window(512) | global_tokens([0]))
+    """
+    if isinstance(tokens, int):
+        tokens = [tokens]
+    return GlobalTokens(tuple(tokens))
+
+
+def causal() -> Causal:
+    """Keys at or before the query in row-major order; ``window(7) & causal()`` intersects."""
+    return Causal()
+
+
+def full() -> Full:
+    """Dense attention, for comparisons."""
+    return Full()
+
+
+def heads(*patterns) -> Heads:
+    """One pattern per head, cycling: head ``h`` uses ``patterns[h % len(patterns)]``.
+
+    Example:
+        >>> heads(axis(0), axis(1))
+        heads(axis(0), axis(1))
+    """
+    return Heads(tuple(patterns))
+
+
+@functools.lru_cache(maxsize=512)
+def _lower(spec: Pattern, grid: Grid):
+    if isinstance(spec, Heads):
+        return ir.HeadsIR(grid, tuple(_lower(p, grid) for p in spec.patterns), repr(spec))
+    result = ir.make_ir(grid, spec.terms(grid), repr(spec))
+    ir.verify(result)
+    return result
+
+
+def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
+    """Lower a spec on a grid to its exact IR (cached on the hashable spec and grid).
+
+    Raises:
+        PatternError: with the spec and grid added to the message.
+    """
+    if not isinstance(spec, Pattern):
+        raise PatternError(f"Expected a pattern such as pg.window(7), got {spec!r}.")
+    grid = as_grid(grid)
+    try:
+        return _lower(spec, grid)
+    except PatternError as e:
+        raise PatternError(f"{e} [pattern {spec!r} on grid {grid}]") from None
