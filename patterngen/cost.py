@@ -113,10 +113,11 @@ def _window(atoms, n):
 def _block(atoms, n):
     (b,) = atoms
     m, s = b.size, b.offset
-    # NB: tiles [0, s), then whole tiles of m, then the remainder; min tile size has no
-    # closed form worth stating, so kmin is counted exactly.
-    pairs = s ** 2 + sympy.floor((n - s) / m) * m ** 2 + sympy.Mod(n - s, m) ** 2
-    return AxisFormula(pairs, None, sympy.Min(m, n), (sympy.Ge(n, s), sympy.Lt(s, m)))
+    # NB: tiles [0, s), then whole tiles of m, then the remainder; which of them is the
+    # smallest or largest depends on n, s and m, so kmin and kmax are counted exactly.
+    rest = sympy.Max(n - s, 0)
+    pairs = sympy.Min(s, n) ** 2 + sympy.floor(rest / m) * m ** 2 + sympy.Mod(rest, m) ** 2
+    return AxisFormula(pairs, None, None, (sympy.Lt(s, m),))
 
 
 @register_formula(ir.KeyIn)
@@ -129,20 +130,20 @@ def _key_in(atoms, n):
 @register_formula(ir.QueryIn)
 def _query_in(atoms, n):
     (a,) = atoms
-    # NB: kmin assumes some query lies outside the range.
-    return AxisFormula((a.stop - a.start) * n, 0, n, (sympy.Le(a.stop, n), sympy.Lt(a.stop - a.start, n)))
+    # NB: kmin is 0 unless the range covers the whole axis; counted exactly.
+    return AxisFormula((a.stop - a.start) * n, None, n, (sympy.Le(a.stop, n),))
 
 
 @register_formula((ir.Eq, ir.KeyIn))
 def _eq_key_in(atoms, n):
     a = next(x for x in atoms if isinstance(x, ir.KeyIn))
-    return AxisFormula(a.stop - a.start, 0, 1, (sympy.Le(a.stop, n), sympy.Lt(a.stop - a.start, n)))
+    return AxisFormula(a.stop - a.start, None, 1, (sympy.Le(a.stop, n),))
 
 
 @register_formula((ir.Eq, ir.QueryIn))
 def _eq_query_in(atoms, n):
     a = next(x for x in atoms if isinstance(x, ir.QueryIn))
-    return AxisFormula(a.stop - a.start, 0, 1, (sympy.Le(a.stop, n), sympy.Lt(a.stop - a.start, n)))
+    return AxisFormula(a.stop - a.start, None, 1, (sympy.Le(a.stop, n),))
 
 
 @register_formula((ir.KeyIn, ir.QueryIn))
@@ -150,8 +151,8 @@ def _key_query_in(atoms, n):
     key = next(x for x in atoms if isinstance(x, ir.KeyIn))
     query = next(x for x in atoms if isinstance(x, ir.QueryIn))
     width = key.stop - key.start
-    return AxisFormula((query.stop - query.start) * width, 0, width,
-                       (sympy.Le(key.stop, n), sympy.Lt(query.stop - query.start, n)))
+    return AxisFormula((query.stop - query.start) * width, None, width,
+                       (sympy.Le(key.stop, n), sympy.Le(query.stop, n)))
 
 
 def _free(obj) -> list:
@@ -180,20 +181,27 @@ def _exact_axis_function(rel: ir.Rel, quantity: str):
     return lambda n: fn(n, *free)
 
 
+def _sympified(atom: ir.Atom) -> ir.Atom:
+    """The atom with sympy integers for its sizes, so that ``/`` stays exact in formulas."""
+    return replace(atom, **{f: sympy.sympify(getattr(atom, f)) for f in atom.__dataclass_fields__
+                            if not isinstance(getattr(atom, f), str)})
+
+
 def axis_formula(rel: ir.Rel, n) -> tuple[AxisFormula, bool]:
     """The formula for ``rel`` on an axis of ``n``; the flag is ``False`` for exact fallbacks."""
     if not rel.atoms:
         return AxisFormula(n ** 2, n, n), True
     key = tuple(sorted((type(a) for a in rel.atoms), key=lambda c: c.__name__))
     fn = _FORMULAS.get(key)
+    n = sympy.sympify(n)
     if fn is not None:
-        f = fn(rel.atoms, n)
+        f = fn(tuple(_sympified(a) for a in rel.atoms), n)
         exact = functools.partial(_exact_axis_function, rel)
         return replace(f, kmin=f.kmin if f.kmin is not None else exact("kmin")(n),
                        kmax=f.kmax if f.kmax is not None else exact("kmax")(n)), True
     # the exact count still needs the atoms' own validity conditions (e.g. n >= size*dilation)
     assumptions = tuple(a for atom in rel.atoms if (type(atom),) in _FORMULAS
-                        for a in _FORMULAS[(type(atom),)]((atom,), n).assumptions)
+                        for a in _FORMULAS[(type(atom),)]((_sympified(atom),), n).assumptions)
     return AxisFormula(*(_exact_axis_function(rel, q)(n) for q in ("pairs", "kmin", "kmax")),
                        assumptions), False
 
@@ -228,7 +236,7 @@ def _head_cost(head: ir.IR) -> _HeadCost:
     shape = head.grid.shape
     assumptions, notes = [], []
     pairs = sympy.Integer(0)
-    per_term = {}
+    constant = sympy.Integer(0)  # keys per query, while every piece gives each query the same
     for sign, term in head.pieces():
         prod = sympy.Integer(1)
         formulas = []
@@ -240,15 +248,19 @@ def _head_cost(head: ir.IR) -> _HeadCost:
             assumptions.extend(f.assumptions)
             prod *= f.pairs
             formulas.append(f)
-        per_term[term] = formulas
         pairs += sign * prod
-    if len(head.terms) == 1:
-        formulas = per_term[head.terms[0]]
-        kmin = sympy.Mul(*(f.kmin for f in formulas))
-        kmax = sympy.Mul(*(f.kmax for f in formulas))
-    elif not head.terms:
+        if constant is not None and all(f.kmin == f.kmax for f in formulas):
+            constant += sign * sympy.Mul(*(f.kmin for f in formulas))
+        else:
+            constant = None
+        if len(head.terms) == 1:
+            kmin = sympy.Mul(*(f.kmin for f in formulas))
+            kmax = sympy.Mul(*(f.kmax for f in formulas))
+    if not head.terms:
         kmin = kmax = sympy.Integer(0)
-    else:
+    elif constant is not None:
+        kmin = kmax = sympy.expand(constant)
+    elif len(head.terms) > 1:
         kmin = _exact_union_function(head, "kmin")
         kmax = _exact_union_function(head, "kmax")
     assumptions = tuple(dict.fromkeys(
@@ -359,14 +371,14 @@ class CostReport:
         """Substitute sizes (by symbol name or symbol); returns a report with numbers."""
         mapping = {}
         for k, v in {**(values or {}), **sizes}.items():
-            mapping[symbol(k) if isinstance(k, str) else k] = sympy.Integer(as_size(v, str(k)))
+            mapping[symbol(k) if isinstance(k, str) else k] = sympy.Integer(as_size(v, str(k), 0))
 
         def s(x):
-            x = sympy.sympify(x).subs(mapping)
+            x = sympy.sympify(x).subs(mapping, simultaneous=True)
             return int(x) if x.is_Integer else x
 
-        assumptions = tuple(a for a in (sympy.sympify(a).subs(mapping) for a in self.assumptions)
-                            if a is not sympy.true)
+        assumptions = tuple(a for a in (sympy.sympify(a).subs(mapping, simultaneous=True)
+                                        for a in self.assumptions) if a is not sympy.true)
         for a in assumptions:
             if a is sympy.false:
                 raise PatternError(

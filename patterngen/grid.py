@@ -106,7 +106,7 @@ class Grid:
         return np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), axis=1)
 
     def subs(self, mapping) -> "Grid":
-        return Grid(tuple(sympy.sympify(n).subs(mapping) if not is_number(n) else n
+        return Grid(tuple(sympy.sympify(n).subs(mapping, simultaneous=True) if not is_number(n) else n
                           for n in self.shape)).normalised()
 
     def normalised(self) -> "Grid":

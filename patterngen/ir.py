@@ -167,7 +167,7 @@ class Atom:
 
 def _subs(value, mapping):
     if isinstance(value, sympy.Basic):
-        value = value.subs(mapping)
+        value = value.subs(mapping, simultaneous=True)
         return int(value) if value.is_Integer else value
     return value
 
@@ -413,6 +413,13 @@ class Rel:
     def subs(self, mapping) -> "Rel":
         return Rel.of(*(a.subs(mapping) for a in self.atoms))
 
+    def within(self, other: "Rel") -> bool:
+        """Structurally a subset of ``other`` for every axis length (sound, not complete)."""
+        mine = set(self.atoms)
+        if set(other.atoms) <= mine:
+            return True
+        return Eq() in mine and all(a in mine or a.reflexive for a in other.atoms)
+
     def __and__(self, other: "Rel") -> "Rel":
         return Rel.of(self, other)
 
@@ -451,6 +458,10 @@ class Term:
 
     def subs(self, mapping) -> "Term":
         return Term(tuple(r.subs(mapping) for r in self.rels))
+
+    def within(self, other: "Term") -> bool:
+        """Structurally a subset of ``other`` (see :meth:`Rel.within`)."""
+        return all(r.within(u) for r, u in zip(self.rels, other.rels))
 
     def __repr__(self):
         return "(" + ", ".join(map(repr, self.rels)) + ")"
@@ -572,13 +583,41 @@ def _outer(vectors):
     return out
 
 
+def _contained(t: Term, u: Term, shape) -> bool:
+    """Whether term ``t`` is a subset of ``u`` on a numeric grid, exactly, in O(sum of axes).
+
+    Per axis, ``R <= U`` iff ``|R & U|(i) == |R|(i)`` for every query coordinate ``i``.
+    """
+    return all(np.array_equal((r & v).counts(n), r.counts(n))
+               for r, v, n in zip(t.rels, u.rels, shape))
+
+
 def make_ir(grid: Grid, terms, label: str = "") -> IR:
-    """Build an :class:`IR`, dropping structurally empty and duplicate terms (order kept)."""
+    """Build an :class:`IR`, dropping empty, duplicate and (numeric grids) subsumed terms.
+
+    Dropping a term contained in another keeps the union and keeps inclusion-exclusion small
+    for unions of intersections, which distribute into many overlapping terms. Order is kept.
+    """
     kept = []
     for t in terms:
         if not t.is_empty and t not in kept:
             kept.append(t)
-    return IR(grid, tuple(kept), label)
+    within = Term.within
+    if grid.numeric:
+        shape = [int(n) for n in grid.shape]
+        kept = [t for t in kept if all(c.any() for c in t.counts(shape))]
+
+        def within(t, u):
+            return t.within(u) or _contained(t, u, shape)
+
+    pruned = []
+    for idx, t in enumerate(kept):
+        # drop t if another term contains it; of two equal sets keep the first
+        if any(within(t, u) and (j < idx or not within(u, t))
+               for j, u in enumerate(kept) if j != idx):
+            continue
+        pruned.append(t)
+    return IR(grid, tuple(pruned), label)
 
 
 def verify(ir) -> None:

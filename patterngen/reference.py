@@ -16,6 +16,8 @@ from .spec import Pattern, lower
 __all__ = ["materialize", "show", "dense_attention", "as_ir"]
 
 MAX_DENSE_TOKENS = 32768
+MAX_LINE_TOKENS = 96
+BAR_CELLS = 64
 
 
 def as_ir(pattern, grid=None):
@@ -115,7 +117,9 @@ def show(pattern, grid=None, query=None, head: int = 0) -> str:
     density = one.pairs() / tokens ** 2
     lines = [f"{lowered.label} on grid {one.grid}, query {query}: {int(keys.sum())} keys; "
              f"pattern density {100 * density:.1f}%"]
-    if len(shape) == 1:
+    if len(shape) == 1 and shape[0] > MAX_LINE_TOKENS:
+        lines += _long_line(keys, query[0])
+    elif len(shape) == 1:
         lines.append(" ".join(chars))
     elif len(shape) == 2:
         lines += [" ".join(row) for row in chars]
@@ -124,6 +128,16 @@ def show(pattern, grid=None, query=None, head: int = 0) -> str:
             lines.append(f"[{t}]")
             lines += [" ".join(row) for row in chars[t]]
     return "\n".join(lines)
+
+
+def _long_line(keys: np.ndarray, query: int) -> list[str]:
+    """A long 1-D axis as key ranges plus a 64-cell bar (cell shade = share of keys seen)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], keys.astype(np.int8), [0]])))
+    ranges = ", ".join(f"[{a}, {b})" for a, b in zip(edges[::2], edges[1::2]))
+    cells = np.array_split(keys, BAR_CELLS)
+    shades = " .:#"
+    bar = "".join(shades[int(np.ceil(c.mean() * (len(shades) - 1)))] for c in cells)
+    return [f"keys {ranges}; query at {query}", f"|{bar}|"]
 
 
 def _outer_bool(vectors):

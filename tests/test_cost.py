@@ -1,0 +1,168 @@
+"""Symbolic cost against brute-force enumeration, and the published formulas.
+
+Every count is lowered on a *symbolic* grid, then substituted, and compared exactly with
+``materialize(...).sum()`` on the numeric grid (the xformers flop-formula test, made exact).
+"""
+
+import numpy as np
+import pytest
+import sympy
+from hypothesis import given
+from hypothesis import strategies as st
+
+import patterngen as pg
+from strategies import cases
+
+AXES = ("a0", "a1", "a2")
+
+
+def check_against_enumeration(pattern, grid, head_dim=3, heads=2, batch=2):
+    names = AXES[: len(grid)]
+    symbolic = pg.cost(pattern, grid=names, head_dim="d", heads="h", batch="b")
+    rep = symbolic.subs(dict(zip(names, grid)), d=head_dim, h=heads, b=batch)
+    mask = pg.materialize(pattern, grid)
+    per_query = mask.sum(-1)
+    assert rep.pairs == mask.sum()
+    assert rep.keys_min == per_query.min()
+    assert rep.keys_max == per_query.max()
+    assert rep.keys_mean == sympy.Rational(int(mask.sum()), mask.shape[-1])
+    assert rep.flops == 4 * head_dim * heads * batch * mask.sum()
+    assert rep.bytes == 4 * batch * heads * mask.shape[-1] * head_dim * 4
+    assert rep.dense_pairs == mask.shape[-1] ** 2
+    # the numeric grid gives the same numbers directly
+    direct = pg.cost(pattern, grid=grid, head_dim=head_dim, heads=heads, batch=batch)
+    assert (direct.pairs, direct.keys_min, direct.keys_max) == (rep.pairs, rep.keys_min,
+                                                                rep.keys_max)
+    return symbolic
+
+
+@given(cases(max_tokens=300))
+def test_symbolic_pairs_equal_enumeration(case):
+    pattern, grid = case
+    check_against_enumeration(pattern, grid)
+
+
+@given(st.integers(1, 40), st.integers(1, 9), st.integers(1, 4),
+       st.sampled_from(["clamp", "pad"]), st.booleans())
+def test_window_formulas_with_symbolic_parameters(n, k, d, border, causal):
+    d = min(d, n)
+    k = min(k, n // d)
+    rep = pg.cost(pg.window("k", dilation="d", border=border, causal=causal), grid=("n",))
+    assert rep.closed_form
+    got = rep.subs(n=n, k=k, d=d)
+    mask = pg.materialize(pg.window(k, dilation=d, border=border, causal=causal), n)
+    assert got.pairs == mask.sum()
+    assert (got.keys_min, got.keys_max) == (mask.sum(1).min(), mask.sum(1).max())
+
+
+@given(st.integers(1, 14), st.integers(1, 14), st.integers(1, 8), st.integers(0, 7))
+def test_block_formula_with_symbolic_size_and_offset(h, w, m, s):
+    s = s % m
+    rep = pg.cost(pg.block("M", offset="s"), grid=("H", "W"))
+    if s > min(h, w):
+        return  # outside the stated assumption H >= s, W >= s
+    got = rep.subs(H=h, W=w, M=m, s=s)
+    mask = pg.materialize(pg.block(m, offset=s), (h, w))
+    assert got.pairs == mask.sum()
+    assert (got.keys_min, got.keys_max) == (mask.sum(1).min(), mask.sum(1).max())
+
+
+def test_window_pairs_closed_form_and_assumptions():
+    rep = pg.cost(pg.window(7), grid=("H", "W"), head_dim="d", heads="h")
+    H, W, d, h = (pg.symbol(s) for s in "HWdh")
+    assert rep.pairs == 49 * H * W
+    assert rep.flops == 4 * d * h * 49 * H * W
+    assert set(rep.assumptions) == {sympy.Ge(H, 7), sympy.Ge(W, 7)}
+    assert rep.subs(H=14, W=14, d=32, h=4).flops == 4 * 32 * 4 * 49 * 196
+    # the odd padded window of DESIGN.md: n*k - (k**2 - 1)/4 per axis
+    n, k = pg.symbol("n"), pg.symbol("k")
+    pad = pg.cost(pg.window(7, border="pad"), grid=("n",)).pairs
+    assert sympy.simplify(pad - (n * k - (k ** 2 - 1) / 4).subs(k, 7)) == 0
+
+
+def test_broken_assumption_is_an_error_not_a_number():
+    rep = pg.cost(pg.window(7), grid=("H", "W"))
+    with pytest.raises(pg.PatternError, match="break an assumption"):
+        rep.subs(H=5, W=14)
+
+
+def test_fallback_is_exact_and_says_so():
+    rep = pg.cost(pg.window(5) & pg.causal(), grid=("H", "W"))
+    assert not rep.closed_form
+    assert any("no closed form" in n for n in rep.notes)
+    for h, w in [(5, 5), (9, 6), (12, 17)]:
+        mask = pg.materialize(pg.window(5) & pg.causal(), (h, w))
+        got = rep.subs(H=h, W=w)
+        assert got.pairs == mask.sum() and got.keys_max == mask.sum(1).max()
+
+
+def test_heads_cost_is_the_mean_over_heads():
+    pattern = pg.heads(pg.axis(0), pg.window(3), pg.criss_cross())
+    masks = pg.materialize(pattern, (6, 7))
+    for heads in (1, 2, 3, 5, 7):
+        rep = pg.cost(pattern, grid=(6, 7), heads=heads, head_dim=4)
+        total = sum(int(masks[h % 3].sum()) for h in range(heads))
+        assert rep.pairs * heads == total
+        assert rep.flops == 4 * 4 * total
+    symbolic = pg.cost(pattern, grid=(6, 7), heads="h").subs(h=5)
+    assert symbolic.pairs * 5 == sum(int(masks[h % 3].sum()) for h in range(5))
+
+
+# --- published formulas, from the same functions --------------------------------------------
+
+
+def test_swin_window_attention_term():
+    """Swin: Omega(W-MSA) = 4hwC^2 + 2 M^2 hwC; the second term is QK^T + PV in MACs, C the
+    channels of all heads (here head_dim=C, heads=1)."""
+    rep = pg.cost(pg.block("M"), grid=("H", "W"), head_dim="C")
+    for h, w, m, c in [(56, 56, 7, 96), (28, 14, 7, 192), (12, 8, 4, 32)]:
+        assert rep.subs(H=h, W=w, M=m, C=c).macs == 2 * m ** 2 * h * w * c
+
+
+def test_area_attention_costs_a_quarter():
+    """YOLOv12: area attention with l=4 costs n^2 h d / 2 (MACs) against 2 n^2 h d."""
+    rep = pg.cost(pg.area(4), grid=("H", "W"), head_dim="d", heads="h")
+    n = pg.symbol("H") * pg.symbol("W")
+    d, h = pg.symbol("d"), pg.symbol("h")
+    assert sympy.simplify(rep.macs - n ** 2 * h * d / 2) == 0
+    assert sympy.simplify(rep.macs.subs({}) * 4 - 2 * n ** 2 * h * d) == 0
+
+
+def test_criss_cross_pairs():
+    """CCNet: each position attends H + W - 1 positions."""
+    rep = pg.cost(pg.criss_cross(), grid=("H", "W"))
+    H, W = pg.symbol("H"), pg.symbol("W")
+    assert sympy.expand(rep.pairs - (H + W - 1) * H * W) == 0
+    assert rep.keys_min == rep.keys_max == H + W - 1
+
+
+def test_nat_neighbourhood_macs():
+    """NAT: neighbourhood attention costs 2 H W C k^2 MACs (QK^T and AV) for a k x k window."""
+    rep = pg.cost(pg.window("k"), grid=("H", "W"), head_dim="C")
+    H, W, C, k = (pg.symbol(s) for s in ("H", "W", "C", "k"))
+    assert sympy.expand(rep.macs - 2 * H * W * C * k ** 2) == 0
+
+
+def test_report_prints_a_table():
+    text = repr(pg.cost(pg.block("M"), grid=("H", "W"), head_dim="C"))
+    assert text.splitlines()[0] == "Cost of block(M) on grid HxW (head_dim=C, heads=1, batch=1)"
+    for row in ("attended pairs", "FLOPs (QK^T + PV", "bytes (Q,K,V,O once", "density",
+                "speedup vs dense"):
+        assert row in text
+    assert "assuming H >= 7, W >= 7" in repr(pg.cost(pg.window(7), grid=("H", "W")))
+
+
+def test_dtype_bytes():
+    assert pg.cost(pg.window(3), grid=(8,), dtype="bfloat16").bytes == 4 * 8 * 2
+    with pytest.raises(pg.PatternError, match=r"Unknown dtype='int8'"):
+        pg.cost(pg.window(3), grid=(8,), dtype="int8")
+
+
+def test_large_grid_counts_without_dense_mask():
+    lowered = pg.lower(pg.window(4096, causal=True) | pg.global_tokens([0, 1, 2]), 1 << 20)
+    n, k = 1 << 20, 4096
+    expected_window = n * k - k * (k - 1) // 2
+    # global keys 0..2 add the pairs the window misses; global queries see everything
+    assert lowered.pairs() == pg.cost(lowered).pairs
+    assert lowered.pairs() > expected_window
+    assert np.all(lowered.key_counts()[:3] == n)
