@@ -20,7 +20,7 @@ Example:
     >>> rep.pairs
     49*H*W
     >>> rep.subs(H=14, W=14, d=32, h=4).flops
-    1229312
+    4917248
 """
 
 from __future__ import annotations
@@ -115,9 +115,12 @@ def _block(atoms, n):
     m, s = b.size, b.offset
     # NB: tiles [0, s), then whole tiles of m, then the remainder; which of them is the
     # smallest or largest depends on n, s and m, so kmin and kmax are counted exactly.
-    rest = sympy.Max(n - s, 0)
-    pairs = sympy.Min(s, n) ** 2 + sympy.floor(rest / m) * m ** 2 + sympy.Mod(rest, m) ** 2
-    return AxisFormula(pairs, None, None, (sympy.Lt(s, m),))
+    if n.is_Integer:  # exact for every length, also an axis shorter than the offset
+        first, rest, need = sympy.Min(s, n), sympy.Max(n - s, 0), ()
+    else:  # readable on symbolic axes, under a stated assumption
+        first, rest, need = s, n - s, (sympy.Ge(n, s),)
+    pairs = first ** 2 + sympy.floor(rest / m) * m ** 2 + sympy.Mod(rest, m) ** 2
+    return AxisFormula(pairs, None, None, (sympy.Lt(s, m), *need))
 
 
 @register_formula(ir.KeyIn)
@@ -268,7 +271,9 @@ def _head_cost(head: ir.IR) -> _HeadCost:
     for a in assumptions:
         if a is sympy.false or a == sympy.false:
             raise PatternError(f"A cost formula's assumption fails on this grid ({a}).")
-    return _HeadCost(sympy.expand(pairs), kmin, kmax, assumptions, tuple(dict.fromkeys(notes)))
+    # a single term stays a product of per-axis counts, which reads better than its expansion
+    pairs = pairs if len(head.terms) == 1 else sympy.expand(pairs)
+    return _HeadCost(pairs, kmin, kmax, assumptions, tuple(dict.fromkeys(notes)))
 
 
 def _dtype_bytes(dtype) -> int:
