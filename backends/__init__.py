@@ -31,7 +31,8 @@ class Backend:
     name = "?"
     SUPPORTED_DEVICES: tuple = ("cpu",)
     SUPPORTED_DTYPES: tuple = ("float32", "float64")
-    SUPPORTS_BACKWARD = True
+    #: devices on which gradients flow through the compiled attention
+    BACKWARD_DEVICES: tuple = ("cpu", "cuda")
 
     @classmethod
     def not_supported_reasons(cls, ir, device: str = "cpu", dtype: str = "float32") -> list[str]:

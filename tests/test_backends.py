@@ -1,0 +1,81 @@
+"""Every registered backend against the dense oracle, on the same cases (a new backend is tested
+automatically), plus the registry's own rules."""
+
+import pytest
+import torch
+
+import patterngen as pg
+from patterngen import backends
+
+CASES = [
+    (pg.window(3, causal=True) | pg.global_tokens([0]), (13,)),
+    (pg.window((3, 5), dilation=(2, 1)), (7, 9)),
+    (pg.window(3) | pg.axis(0), (6, 5)),
+    (pg.block(3, offset=1) & pg.causal(), (5, 7)),
+    (pg.heads(pg.criss_cross(), pg.window(3, border="pad")), (5, 6)),
+    (pg.window((1, 3, 3)) | pg.area(2, axis=0), (2, 4, 5)),
+]
+# torch.compile of FlexAttention on CPU costs tens of seconds per shape; tests/test_flex.py covers
+# it in depth, so here it runs the first cases only
+FEW_CASES = {"flex": 2}
+
+
+def _backend(name):
+    try:
+        return backends.get_backend(name)
+    except ImportError as e:
+        pytest.skip(f"{name} cannot be imported here: {e}")
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("name", backends.available())
+def test_backend_matches_dense_oracle(name, case):
+    if case >= FEW_CASES.get(name, len(CASES)):
+        pytest.skip(f"{name}: covered by its own test file")
+    pattern, grid = CASES[case]
+    cls = _backend(name)
+    dtype = "float64" if "float64" in cls.SUPPORTED_DTYPES else "float32"
+    reasons = cls.not_supported_reasons(pg.lower(pattern, grid), "cpu", dtype)
+    if reasons:
+        pytest.skip(f"{name}: " + "; ".join(reasons))
+    torch.manual_seed(case)
+    tdtype = getattr(torch, dtype)
+    backward = "cpu" in cls.BACKWARD_DEVICES
+    q, k, v = (torch.randn(2, 3, *grid, 8, dtype=tdtype, requires_grad=backward)
+               for _ in range(3))
+    attn = pg.compile(pattern, grid, backend=name, dtype=dtype)
+    out = attn(q, k, v)
+    flat = [t.detach().reshape(2, 3, -1, 8).double().requires_grad_() for t in (q, k, v)]
+    ref = pg.dense_attention(*flat, pg.materialize(pattern, grid))
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == "float64" else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out.reshape(ref.shape).double(), ref.detach(), **tol)
+    if not backward:
+        return
+    grad = torch.randn_like(ref)
+    out.reshape(ref.shape).backward(grad.to(out.dtype))
+    ref.backward(grad)
+    for mine, theirs in zip((q, k, v), flat):
+        torch.testing.assert_close(mine.grad.reshape(theirs.shape).double(), theirs.grad, **tol)
+
+
+def test_registry_rejects_duplicates_and_lists_names():
+    with pytest.raises(pg.PatternError, match="A backend named 'numba' is already registered"):
+        backends.get_backend("numba")
+        backends.register_backend("numba", object)
+    with pytest.raises(KeyError, match=r"Backend 'nope' not found; valid backends are \["):
+        backends.get_backend("nope")
+
+
+def test_selection_lists_every_refusal():
+    lowered = pg.lower(pg.window(3), (8, 8))
+    with pytest.raises(pg.BackendUnavailable) as info:
+        backends.select(lowered, device="cpu", dtype="int8")
+    message = str(info.value)
+    assert message.startswith("No backend can run window(3) on device='cpu' with dtype='int8':")
+    for name in backends.PRIORITY["cpu"]:
+        assert f"  {name}: " in message
+
+
+def test_compile_refuses_an_unsupported_dtype_up_front():
+    with pytest.raises(pg.BackendUnavailable, match=r"Backend 'numba' cannot run window\(3\)"):
+        pg.compile(pg.window(3), (8, 8), backend="numba", dtype="int8")
