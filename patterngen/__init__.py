@@ -6,10 +6,13 @@ Example:
     49*H*W
 """
 
+from .analysis import layers_to_global, receptive_field
 from .compile import compile
 from .cost import CostReport, cost
 from .errors import BackendUnavailable, PatternError
 from .grid import Grid, as_grid, symbol
+from .parse import parse
+from .profile import profile
 from .ir import IR, HeadsIR
 from .reference import dense_attention, materialize, show
 from .spec import (Pattern, area, axis, block, causal, criss_cross, full, global_tokens, heads,
@@ -19,6 +22,15 @@ __all__ = [
     "Pattern", "window", "block", "area", "axis", "stripe", "criss_cross", "global_tokens",
     "causal", "full", "heads", "lower", "compile", "materialize", "show", "dense_attention", "cost",
     "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
-    "BackendUnavailable",
+    "BackendUnavailable", "receptive_field", "layers_to_global", "profile", "parse", "nn",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # pg.nn subclasses torch.nn.Module; importing it lazily keeps `import patterngen` free of torch
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'patterngen' has no attribute {name!r}")

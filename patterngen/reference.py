@@ -13,7 +13,7 @@ from .errors import PatternError
 from .grid import as_grid
 from .spec import Pattern, lower
 
-__all__ = ["materialize", "show", "dense_attention", "as_ir"]
+__all__ = ["materialize", "show", "draw", "dense_attention", "as_ir"]
 
 MAX_DENSE_TOKENS = 32768
 MAX_LINE_TOKENS = 96
@@ -111,23 +111,29 @@ def show(pattern, grid=None, query=None, head: int = 0) -> str:
             p = np.arange(n, dtype=np.int64)
             per_axis.append(np.asarray(rel.contains(np.int64(q), p, n, ir.NUMPY_OPS)))
         keys |= _outer_bool(per_axis)
-    chars = np.where(keys, "#", ".").astype(object)
-    chars[query] = "Q"
     tokens = int(np.prod(shape))
     density = one.pairs() / tokens ** 2
     lines = [f"{lowered.label} on grid {one.grid}, query {query}: {int(keys.sum())} keys; "
              f"pattern density {100 * density:.1f}%"]
-    if len(shape) == 1 and shape[0] > MAX_LINE_TOKENS:
-        lines += _long_line(keys, query[0])
-    elif len(shape) == 1:
-        lines.append(" ".join(chars))
-    elif len(shape) == 2:
-        lines += [" ".join(row) for row in chars]
-    else:
-        for t in range(shape[0]):
-            lines.append(f"[{t}]")
-            lines += [" ".join(row) for row in chars[t]]
+    lines += draw(keys, query)
     return "\n".join(lines)
+
+
+def draw(keys: np.ndarray, query: tuple) -> list[str]:
+    """Text lines of a boolean grid: ``Q`` the query, ``#`` set, ``.`` unset (3-D: per frame).
+
+    A 1-D axis longer than ``MAX_LINE_TOKENS`` becomes key ranges and a 64-cell bar.
+    """
+    if keys.ndim == 1 and keys.size > MAX_LINE_TOKENS:
+        return _long_line(keys, query[0])
+    chars = np.where(keys, "#", ".").astype(object)
+    chars[tuple(query)] = "Q"
+    if keys.ndim == 1:
+        return [" ".join(chars)]
+    if keys.ndim == 2:
+        return [" ".join(row) for row in chars]
+    return [line for t in range(keys.shape[0])
+            for line in (f"[{t}]", *(" ".join(row) for row in chars[t]))]
 
 
 def _long_line(keys: np.ndarray, query: int) -> list[str]:

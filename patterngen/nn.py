@@ -1,0 +1,127 @@
+"""Torch layers built on compiled patterns.
+
+Example:
+    >>> import torch, patterngen as pg
+    >>> layer = LocalSelfAttention(dim=32, heads=2, pattern=pg.window(3))
+    >>> layer.extra_repr()
+    "dim=32, heads=2, pattern=window(3), grid=None, backend='auto'"
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .compile import compile as compile_pattern
+from .errors import PatternError
+from .grid import as_grid
+from .spec import Pattern
+
+__all__ = ["LocalSelfAttention"]
+
+
+class LocalSelfAttention(nn.Module):
+    """Multi-head self-attention restricted to a pattern, with fused qkv and output projections.
+
+    The attention is compiled at the first forward for the input's grid, device and dtype, and
+    cached per ``(grid, device, dtype)``. With ``backend="auto"`` the backend is chosen by device
+    (``numba`` then ``sdpa`` on CPU, ``flex`` then ``sdpa`` on CUDA); when none fits the error
+    lists every backend's reasons.
+
+    Args:
+        dim: channels of the input and output; a multiple of ``heads``.
+        heads: attention heads; ``pg.heads(...)`` patterns cycle over them.
+        pattern: a spec such as ``pg.window(7)``, or its expression text.
+        grid: the token grid; needed for flat ``(batch, tokens, dim)`` inputs of 2-D/3-D grids,
+            otherwise read from the input's shape.
+        backend: a registered backend name or ``"auto"``.
+        qkv_bias: bias in the qkv projection.
+        rel_pos_bias: a learned relative position bias; only for backends that declare
+            ``SUPPORTS_REL_POS_BIAS`` (none of the built-in ones yet).
+
+    Shapes:
+        ``x`` is ``(batch, *grid, dim)`` or ``(batch, tokens, dim)``; the output has its shape.
+
+    Example:
+        >>> import patterngen as pg
+        >>> layer = LocalSelfAttention(96, 4, pg.window(7), backend="numba")  # doctest: +SKIP
+        >>> layer(torch.randn(2, 14, 14, 96)).shape  # doctest: +SKIP
+        torch.Size([2, 14, 14, 96])
+    """
+
+    def __init__(self, dim: int, heads: int, pattern, grid=None, backend: str = "auto",
+                 qkv_bias: bool = True, rel_pos_bias: bool = False):
+        super().__init__()
+        if isinstance(pattern, str):
+            from .parse import parse
+
+            pattern = parse(pattern)
+        if not isinstance(pattern, Pattern):
+            raise PatternError(f"Expected a pattern such as pg.window(7), got {pattern!r}.")
+        for name, value in (("dim", dim), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PatternError(f"Invalid {name}={value!r}; expected an integer >= 1.")
+        if dim % heads:
+            raise PatternError(f"dim must be a multiple of heads: {dim=}, {heads=}.")
+        self.dim, self.heads, self.pattern, self.backend = dim, heads, pattern, backend
+        self.grid = None if grid is None else as_grid(grid).require_numeric("LocalSelfAttention")
+        self.rel_pos_bias = rel_pos_bias
+        if rel_pos_bias and backend != "auto":
+            from . import backends
+
+            self._check_bias_support(backends.get_backend(backend))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self._compiled: dict = {}
+
+    def _check_bias_support(self, cls) -> None:
+        if self.rel_pos_bias and not getattr(cls, "SUPPORTS_REL_POS_BIAS", False):
+            raise PatternError(
+                f"rel_pos_bias=True needs a backend that adds a relative position bias; backend "
+                f"{cls.name!r} does not (SUPPORTS_REL_POS_BIAS is not set). Use "
+                f"rel_pos_bias=False.")
+
+    def _grid_of(self, x: torch.Tensor) -> tuple:
+        inner = tuple(x.shape[1:-1])
+        if x.dim() < 3 or x.shape[-1] != self.dim:
+            raise PatternError(f"LocalSelfAttention(dim={self.dim}) expects (batch, *grid, "
+                               f"{self.dim}) or (batch, tokens, {self.dim}); got "
+                               f"x.shape={tuple(x.shape)}.")
+        if self.grid is None:
+            if len(inner) > 3:
+                raise PatternError(f"x.shape={tuple(x.shape)} has {len(inner)} grid axes; "
+                                   f"patterngen grids have 1 to 3.")
+            return inner
+        if inner == self.grid or inner == (math.prod(self.grid),):
+            return self.grid
+        raise PatternError(
+            f"x.shape={tuple(x.shape)} does not match grid={self.grid}: expected (batch, "
+            f"{', '.join(map(str, self.grid))}, {self.dim}) or (batch, {math.prod(self.grid)}, "
+            f"{self.dim}).")
+
+    def attention(self, grid: tuple, device: torch.device, dtype: torch.dtype):
+        """The compiled attention for ``grid`` on ``device`` with ``dtype`` (cached)."""
+        key = (grid, str(device), dtype)
+        if key not in self._compiled:
+            attn = compile_pattern(self.pattern, grid, backend=self.backend,
+                                   device=device.type, dtype=str(dtype).removeprefix("torch."))
+            self._check_bias_support(type(attn))
+            self._compiled[key] = attn
+        return self._compiled[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = self._grid_of(x)
+        batch, tokens, head_dim = x.shape[0], math.prod(grid), self.dim // self.heads
+        qkv = self.qkv(x.reshape(batch, tokens, self.dim))
+        q, k, v = qkv.reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        attn = self.attention(grid, x.device, x.dtype)
+        out = attn(q.contiguous(), k.contiguous(), v.contiguous())  # (batch, heads, tokens, hd)
+        out = out.transpose(1, 2).reshape(batch, tokens, self.dim)
+        return self.proj(out).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        bias = ", rel_pos_bias=True" if self.rel_pos_bias else ""
+        return (f"dim={self.dim}, heads={self.heads}, pattern={self.pattern!r}, "
+                f"grid={self.grid}, backend={self.backend!r}{bias}")

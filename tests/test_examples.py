@@ -1,0 +1,57 @@
+"""Every example runs on CPU, checks itself against the dense oracle, and says ok."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from patterngen import backends
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+
+
+def quick_backend() -> list[str]:
+    """sdpa needs no JIT compilation, so every example can run in seconds; else the default."""
+    try:
+        backends.get_backend("sdpa")
+    except ImportError:
+        return []
+    return ["--backend", "sdpa"]
+
+
+def run(script, *options):
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *options],
+                          capture_output=True, text=True, timeout=300, cwd=EXAMPLES.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.rstrip().endswith("ok")
+    assert "MISMATCH" not in done.stderr
+    return done.stdout
+
+
+def test_the_documented_examples_exist():
+    assert {"swin_block.py", "ccnet.py", "axial.py", "yolov12_area.py", "natten_dilated.py",
+            "lm_window.py", "video_3d.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_runs_and_checks_itself(script):
+    out = run(script, *quick_backend())
+    assert "matches the dense oracle" in out or "no backend is installed yet" in out
+
+
+def test_an_example_with_the_default_backend():
+    run("ccnet.py")
+
+
+def test_a_failed_check_exits_nonzero(capsys):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    with pytest.raises(SystemExit) as e:
+        _common.expect(False, "outputs differ")
+    assert e.value.code == 1
+    assert capsys.readouterr().err == "MISMATCH: outputs differ\n"

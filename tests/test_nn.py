@@ -1,0 +1,112 @@
+"""LocalSelfAttention against a plain torch layer with the same weights (forward and backward)."""
+
+import pytest
+import torch
+
+import patterngen as pg
+from patterngen import backends, nn
+from patterngen.errors import BackendUnavailable, PatternError
+from fakes import register_fake_backend
+
+
+def plain_attention(layer, x, pattern, grid):
+    """The same layer written with the dense mask: qkv, masked softmax, projection."""
+    b, tokens, dim = x.shape[0], int(torch.tensor(grid).prod()), layer.dim
+    heads, hd = layer.heads, dim // layer.heads
+    qkv = torch.nn.functional.linear(x.reshape(b, tokens, dim), layer.qkv.weight, layer.qkv.bias)
+    q, k, v = qkv.reshape(b, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    out = pg.dense_attention(q, k, v, torch.as_tensor(pg.materialize(pattern, grid)))
+    out = out.transpose(1, 2).reshape(b, tokens, dim)
+    return torch.nn.functional.linear(out, layer.proj.weight, layer.proj.bias).reshape(x.shape)
+
+
+def check_against_plain(backend, pattern, grid, x_shape, dtype=torch.float64, tol=1e-9,
+                        backward=True):
+    torch.manual_seed(0)
+    layer = nn.LocalSelfAttention(dim=x_shape[-1], heads=2, pattern=pattern,
+                                  grid=grid if len(x_shape) == 3 else None,
+                                  backend=backend).to(dtype)
+    x = torch.randn(*x_shape, dtype=dtype, requires_grad=backward)
+    x_ref = x.detach().clone().requires_grad_(backward)
+    with torch.set_grad_enabled(backward):
+        y = layer(x)
+        y_ref = plain_attention(layer, x_ref, pattern, grid)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    if not backward:
+        return layer
+    grad = torch.randn_like(y)
+    params = list(layer.parameters())
+    got = torch.autograd.grad(y, [x, *params], grad)
+    want = torch.autograd.grad(y_ref, [x_ref, *params], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+    return layer
+
+
+@pytest.mark.parametrize("pattern, grid, x_shape", [
+    (pg.window(3), (5, 6), (2, 5, 6, 8)),
+    (pg.window(3), (5, 6), (2, 30, 8)),
+    (pg.block(2, offset=1) | pg.axis(0), (4, 5), (1, 4, 5, 8)),
+    (pg.heads(pg.axis(0), pg.axis(1)), (3, 4), (2, 3, 4, 8)),
+    (pg.window(3, causal=True), (9,), (2, 9, 8)),
+    (pg.window((1, 3, 3)), (2, 3, 4), (1, 2, 3, 4, 8)),
+])
+def test_matches_plain_torch_with_a_registered_backend(pattern, grid, x_shape):
+    check_against_plain(register_fake_backend(), pattern, grid, x_shape)
+
+
+@pytest.mark.parametrize("name", [n for n in backends.available() if not n.startswith("test_")])
+def test_matches_plain_torch_with_each_real_backend(name):
+    try:
+        cls = backends.get_backend(name)
+    except ImportError as e:
+        pytest.skip(f"{name}: {e}")
+    # FlexAttention has no CPU backward: such backends are checked forward only
+    backward = "cpu" in cls.BACKWARD_DEVICES
+    try:
+        check_against_plain(name, pg.window(3) | pg.axis(0), (5, 6), (2, 5, 6, 8),
+                            dtype=torch.float32, tol=2e-4, backward=backward)
+    except BackendUnavailable as e:
+        pytest.skip(f"{name}: {e}")
+
+
+def test_auto_chooses_by_device_and_caches():
+    layer = nn.LocalSelfAttention(dim=8, heads=2, pattern=pg.window(3))
+    x = torch.randn(1, 5, 5, 8)
+    try:
+        layer(x)
+    except BackendUnavailable as e:  # no CPU backend installed yet: the reasons are listed
+        assert "numba" in str(e) and "sdpa" in str(e)
+        return
+    assert list(layer._compiled) == [((5, 5), "cpu", torch.float32)]
+    first = layer.attention((5, 5), x.device, x.dtype)
+    layer(x)
+    assert layer.attention((5, 5), x.device, x.dtype) is first
+    assert type(first).name in backends.PRIORITY["cpu"]
+
+
+def test_pattern_text_is_parsed():
+    layer = nn.LocalSelfAttention(dim=8, heads=2, pattern="window(3) | axis(0)")
+    assert layer.pattern == pg.window(3) | pg.axis(0)
+
+
+def test_rel_pos_bias_is_refused_naming_the_backend():
+    with pytest.raises(PatternError, match=rf"backend '{register_fake_backend()}' does not"):
+        nn.LocalSelfAttention(8, 2, pg.window(3), backend=register_fake_backend(),
+                              rel_pos_bias=True)
+    layer = nn.LocalSelfAttention(8, 2, pg.window(3), rel_pos_bias=True)
+    with pytest.raises(PatternError, match=r"rel_pos_bias=True needs a backend"):
+        layer(torch.randn(1, 5, 5, 8))
+
+
+def test_bad_shapes_and_arguments():
+    with pytest.raises(PatternError, match=r"dim must be a multiple of heads: dim=10, heads=4"):
+        nn.LocalSelfAttention(10, 4, pg.window(3))
+    with pytest.raises(PatternError, match=r"Invalid heads=0"):
+        nn.LocalSelfAttention(8, 0, pg.window(3))
+    layer = nn.LocalSelfAttention(8, 2, pg.window(3), grid=(4, 4), backend=register_fake_backend())
+    with pytest.raises(PatternError, match=r"x.shape=\(1, 15, 8\) does not match grid=\(4, 4\)"):
+        layer(torch.randn(1, 15, 8))
+    with pytest.raises(PatternError, match=r"expects \(batch, \*grid, 8\)"):
+        layer(torch.randn(1, 16, 9))
