@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import BackendUnavailable, PatternError
@@ -290,6 +291,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # `patterngen ... | head` closed stdout: not an error. Point stdout at devnull so the
+        # interpreter's final flush does not raise again (the recipe in Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except BackendUnavailable as e:
         print(f"patterngen: {e}", file=sys.stderr)
         return 1
