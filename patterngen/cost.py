@@ -302,6 +302,10 @@ class CostReport:
         assumptions: relations the closed forms need.
         notes: what was not in closed form and is counted exactly at substitution.
         symbols: the symbols used, by name.
+        block, order: the block size and token order of the layout, when ``block`` was given.
+        executed_pairs: pairs a block-sparse kernel computes per head (non-empty blocks times
+            their area), for ``block``, in the cheapest order; waste: ``executed_pairs / pairs``.
+        executed_by_order: executed pairs per head of each order considered.
     """
 
     label: str
@@ -316,7 +320,10 @@ class CostReport:
     keys_max: sympy.Expr
     assumptions: tuple
     notes: tuple
-    extra: dict = field(default_factory=dict, compare=False)
+    block: tuple | None = None
+    order: str | None = None
+    executed_pairs: int | None = None
+    executed_by_order: dict = field(default_factory=dict, compare=False)
 
     @property
     def tokens(self):
@@ -358,6 +365,12 @@ class CostReport:
     @property
     def speedup(self):
         return sympy.simplify(self.dense_pairs / self.pairs) if self.pairs != 0 else sympy.oo
+
+    @property
+    def waste(self):
+        if self.executed_pairs is None:
+            return None
+        return sympy.nsimplify(self.executed_pairs) / self.pairs if self.pairs else sympy.nan
 
     @property
     def symbols(self) -> dict:
@@ -406,7 +419,10 @@ class CostReport:
             ("dense pairs", self.dense_pairs),
             ("density (pairs / dense)", self.density),
             ("speedup vs dense (FLOPs)", self.speedup),
-            *self.extra.items(),
+            *((f"executed pairs ({name}, blocks {self.block[0]}x{self.block[1]})", pairs)
+              for name, pairs in self.executed_by_order.items()),
+            *([] if self.block is None else [
+                (f"waste (executed / attended, {self.order})", f"{float(self.waste):.3f}")]),
         ]
 
     def __repr__(self) -> str:
@@ -423,7 +439,8 @@ class CostReport:
     __str__ = __repr__
 
 
-def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32") -> CostReport:
+def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", block=None,
+         order="auto", tile=None) -> CostReport:
     """The exact cost of ``pattern`` on ``grid``; sizes may be ints, symbols or names.
 
     Args:
@@ -431,6 +448,10 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32") -> C
         grid: axis sizes, e.g. ``(64, 64)`` or ``("H", "W")``.
         head_dim, heads, batch: ints or symbols.
         dtype: element type for :attr:`CostReport.bytes`.
+        block: ``(Bq, Bk)`` to add the executed pairs and waste of a block-sparse layout
+            (numeric grids only; see :func:`patterngen.layout.layout`).
+        order, tile: the layout's token order (``"auto"`` keeps the cheaper of row-major and
+            tiled) and tile shape.
 
     Example:
         >>> import patterngen as pg
@@ -441,17 +462,44 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32") -> C
     head_dim, heads, batch = (as_size(v, name) for v, name in
                               ((head_dim, "head_dim"), (heads, "heads"), (batch, "batch")))
     per_head = [_head_cost(h) for h in lowered.per_head]
+    pairs = _mean_over_heads([c.pairs for c in per_head], heads)
     if len(per_head) == 1:
-        (c,) = per_head
-        pairs, kmin, kmax = c.pairs, c.kmin, c.kmax
+        kmin, kmax = per_head[0].kmin, per_head[0].kmax
     else:
-        m = len(per_head)
-        # head h uses pattern h % m: pattern j serves floor((heads - 1 - j) / m) + 1 heads
-        uses = [sympy.floor(sympy.sympify(heads - 1 - j) / m) + 1 for j in range(m)]
-        pairs = sympy.simplify(sum(u * c.pairs for u, c in zip(uses, per_head)) / heads)
-        kmin = sympy.Min(*(c.kmin for c in per_head[: min(m, heads) if is_number(heads) else m]))
-        kmax = sympy.Max(*(c.kmax for c in per_head[: min(m, heads) if is_number(heads) else m]))
+        used = per_head[: min(len(per_head), heads) if is_number(heads) else len(per_head)]
+        kmin = sympy.Min(*(c.kmin for c in used))
+        kmax = sympy.Max(*(c.kmax for c in used))
+    executed, by_order = None, {}
+    if block is not None:
+        from .layout import layout
+
+        for name in (("row-major", "tiled") if order == "auto" else (order,)):
+            try:
+                lay = layout(lowered, block=block, order=name, tile=tile)
+            except PatternError:
+                if order == "auto" and name == "tiled" and by_order:
+                    continue  # no tile divides this grid: row-major only
+                raise
+            per_layout = getattr(lay, "heads", (lay,))
+            by_order[lay.order] = _mean_over_heads([h.executed_pairs for h in per_layout], heads)
+            block = per_layout[0].block
+        order = min(by_order, key=by_order.get)
+        executed = by_order[order]
     assumptions = tuple(dict.fromkeys(a for c in per_head for a in c.assumptions))
     notes = tuple(dict.fromkeys(n for c in per_head for n in c.notes))
     return CostReport(lowered.label, lowered.grid, head_dim, heads, batch, _dtype_bytes(dtype),
-                      pairs, tuple(c.pairs for c in per_head), kmin, kmax, assumptions, notes)
+                      pairs, tuple(c.pairs for c in per_head), kmin, kmax, assumptions, notes,
+                      block if executed is not None else None, order if executed is not None
+                      else None, executed, by_order)
+
+
+def _mean_over_heads(values, heads):
+    """Mean per head when head ``h`` uses pattern ``h % len(values)``.
+
+    Pattern ``j`` serves ``floor((heads - 1 - j) / m) + 1`` of the ``heads`` heads.
+    """
+    if len(values) == 1:
+        return values[0]
+    m = len(values)
+    uses = [sympy.floor(sympy.sympify(heads - 1 - j) / m) + 1 for j in range(m)]
+    return sympy.simplify(sum(u * v for u, v in zip(uses, values)) / heads)

@@ -174,3 +174,35 @@ def test_large_grid_counts_without_dense_mask():
     assert lowered.pairs() == pg.cost(lowered).pairs
     assert lowered.pairs() > expected_window
     assert np.all(lowered.key_counts()[:3] == n)
+
+
+def test_block_layout_adds_executed_pairs_for_each_order():
+    from patterngen.layout import layout
+
+    rep = pg.cost(pg.window(7), grid=(64, 64), head_dim=32, block=(128, 128))
+    row_major = layout(pg.window(7), (64, 64), block=(128, 128), order="row-major")
+    tiled = layout(pg.window(7), (64, 64), block=(128, 128), order="tiled")
+    assert rep.executed_by_order == {"row-major": row_major.executed_pairs,
+                                     "tiled": tiled.executed_pairs}
+    assert rep.executed_pairs == min(row_major.executed_pairs, tiled.executed_pairs)
+    assert rep.waste == sympy.Rational(rep.executed_pairs, rep.pairs)
+    assert "executed pairs (row-major, blocks 128x128)" in repr(rep)
+    # Swin windows laid out tile by tile run without waste
+    assert pg.cost(pg.block(7), grid=(56, 56), block=(49, 49)).waste == 1
+    # a fixed order reports that order only
+    fixed = pg.cost(pg.window(7), grid=(64, 64), block=64, order="row-major")
+    assert list(fixed.executed_by_order) == ["row-major"] and fixed.order == "row-major"
+
+
+def test_block_layout_of_heads_is_a_mean_like_pairs():
+    pattern = pg.heads(pg.axis(0), pg.block(7))
+    rep = pg.cost(pattern, grid=(28, 28), heads=3, block=64, order="row-major")
+    from patterngen.layout import layout
+
+    per = [layout(p, (28, 28), block=64).executed_pairs for p in (pg.axis(0), pg.block(7))]
+    assert rep.executed_pairs * 3 == 2 * per[0] + per[1]
+
+
+def test_block_layout_needs_numbers():
+    with pytest.raises(pg.PatternError, match="layout needs a numeric grid"):
+        pg.cost(pg.window(7), grid=("H", "W"), block=64)
