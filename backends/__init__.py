@@ -25,7 +25,10 @@ class Backend:
     """Base of compiled backends.
 
     Subclasses set the class attributes and implement ``__init__(ir, **options)`` and
-    ``__call__(q, k, v)``. ``ir`` is an :class:`patterngen.ir.IR` or ``HeadsIR``.
+    ``__call__(q, k, v, scale=None)``. ``ir`` is an :class:`patterngen.ir.IR` or ``HeadsIR``.
+    A compiled backend may expose what it generated (``source``, ``layout``, ``block_mask``)
+    and ``executed_pairs``: a tuple with the (query, key) pairs it computes for each listed
+    pattern, which :func:`patterngen.profile` sets beside the attended pairs.
     """
 
     name = "?"

@@ -35,7 +35,8 @@ from .errors import PatternError
 from .grid import Grid, as_size, is_number, symbol
 from .reference import as_ir
 
-__all__ = ["cost", "CostReport", "register_formula", "axis_formula", "DTYPE_BYTES"]
+__all__ = ["cost", "CostReport", "register_formula", "axis_formula", "mean_over_heads",
+           "DTYPE_BYTES"]
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 SOFTMAX_OPS_PER_PAIR = 5
@@ -462,7 +463,7 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
     head_dim, heads, batch = (as_size(v, name) for v, name in
                               ((head_dim, "head_dim"), (heads, "heads"), (batch, "batch")))
     per_head = [_head_cost(h) for h in lowered.per_head]
-    pairs = _mean_over_heads([c.pairs for c in per_head], heads)
+    pairs = mean_over_heads([c.pairs for c in per_head], heads)
     if len(per_head) == 1:
         kmin, kmax = per_head[0].kmin, per_head[0].kmax
     else:
@@ -481,7 +482,7 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
                     continue  # no tile divides this grid: row-major only
                 raise
             per_layout = getattr(lay, "heads", (lay,))
-            by_order[lay.order] = _mean_over_heads([h.executed_pairs for h in per_layout], heads)
+            by_order[lay.order] = mean_over_heads([h.executed_pairs for h in per_layout], heads)
             block = per_layout[0].block
         order = min(by_order, key=by_order.get)
         executed = by_order[order]
@@ -493,7 +494,7 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
                       else None, executed, by_order)
 
 
-def _mean_over_heads(values, heads):
+def mean_over_heads(values, heads):
     """Mean per head when head ``h`` uses pattern ``h % len(values)``.
 
     Pattern ``j`` serves ``floor((heads - 1 - j) / m) + 1`` of the ``heads`` heads.

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 from . import ir
 from .compile import compile as compile_pattern
-from .cost import CostReport, cost
+from .cost import CostReport, cost, mean_over_heads
 from .errors import PatternError
 from .grid import as_grid
 from .reference import as_ir
@@ -165,14 +165,15 @@ class Profile:
 
 
 def _mean_over_heads(per_pattern: list[int], heads: int) -> int:
-    """Per-head figure averaged the way ``heads()`` assigns patterns (head h: h % m)."""
-    uses = [per_pattern[h % len(per_pattern)] for h in range(heads)]
-    return round(sum(uses) / heads)
+    return round(mean_over_heads(per_pattern, heads))
 
 
 def _executed_pairs(attn, lowered, heads: int) -> tuple[int | None, str]:
-    """Executed pairs (per head) and where they come from: the backend's layout, else
-    :func:`patterngen.layout.layout` with its default blocks, else nowhere."""
+    """Executed pairs (per head) and where they come from: the backend's own count, its
+    layout, else :func:`patterngen.layout.layout` with its default blocks, else nowhere."""
+    counted = getattr(attn, "executed_pairs", None)
+    if counted is not None:
+        return _mean_over_heads(list(counted), heads), "the backend's own count"
     own = getattr(attn, "layout", None)
     if own is not None and hasattr(own, "executed_pairs"):
         per_pattern = [int(h.executed_pairs) for h in getattr(own, "heads", (own,))]
