@@ -110,6 +110,35 @@ def _window(atoms, n):
     return AxisFormula(n * k - d * k * (k - 1) / 2, 1, k, need)
 
 
+def _window_le(w: ir.Window, n):
+    """``sum_i |Window(i) & [0, i]|``: per dilation group of ``m`` positions, linear in ``m``."""
+    k, d = w.size, w.dilation
+    left = k // 2
+    if w.mode == "causal":  # the window already lies at or before the query
+        per_group, const = k, -k * (k - 1) / 2
+    elif w.mode == "pad":  # min(j, left) + 1 keys at group index j
+        per_group, const = left + 1, -left * (left + 1) / 2
+    else:  # clamp: j + 1 keys at the left edge, left + 1 inside, up to k at the right edge
+        per_group = left + 1
+        const = (left * (left + 1) / 2 + (1 - k) * (left + 1)
+                 + (k * (k + 1) - (left + 1) * (left + 2)) / 2)
+    return n * per_group + d * const
+
+
+@register_formula((ir.Le, ir.Window))
+def _window_le_formula(atoms, n):
+    w = next(x for x in atoms if isinstance(x, ir.Window))
+    lo = 1 if w.mode == "causal" else None
+    return AxisFormula(_window_le(w, n), lo, None, (sympy.Ge(n, w.size * w.dilation),))
+
+
+@register_formula((ir.Lt, ir.Window))
+def _window_lt_formula(atoms, n):
+    # NB: every window contains its query, so dropping the query removes exactly n pairs
+    w = next(x for x in atoms if isinstance(x, ir.Window))
+    return AxisFormula(_window_le(w, n) - n, 0, None, (sympy.Ge(n, w.size * w.dilation),))
+
+
 @register_formula(ir.Block)
 def _block(atoms, n):
     (b,) = atoms

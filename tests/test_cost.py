@@ -95,13 +95,21 @@ def test_broken_assumption_is_an_error_not_a_number():
 
 
 def test_fallback_is_exact_and_says_so():
-    rep = pg.cost(pg.window(5) & pg.causal(), grid=("H", "W"))
+    pattern = pg.window(5) | pg.global_tokens([0])  # KeyIn & Window has no registered form
+    rep = pg.cost(pattern, grid=("n",))
     assert not rep.closed_form
-    assert any("no closed form" in n for n in rep.notes)
-    for h, w in [(5, 5), (9, 6), (12, 17)]:
-        mask = pg.materialize(pg.window(5) & pg.causal(), (h, w))
-        got = rep.subs(H=h, W=w)
+    assert any("no closed form for KeyIn(0, 1) & Window(5, clamp)" in n for n in rep.notes)
+    for n in (5, 9, 17):
+        mask = pg.materialize(pattern, n)
+        got = rep.subs(n=n)
         assert got.pairs == mask.sum() and got.keys_max == mask.sum(1).max()
+
+
+def test_window_and_causal_has_a_closed_form():
+    rep = pg.cost(pg.window(7) & pg.causal(), grid=("H", "W"))
+    assert rep.closed_form and rep.pairs == 25 * pg.symbol("H") * pg.symbol("W")
+    assert rep.subs(H=9, W=11).pairs == int(pg.materialize(pg.window(7) & pg.causal(),
+                                                           (9, 11)).sum())
 
 
 def test_heads_cost_is_the_mean_over_heads():
