@@ -47,7 +47,30 @@ class Backend:
             reasons.append(f"device={device!r} not in {cls.SUPPORTED_DEVICES}")
         if dtype not in cls.SUPPORTED_DTYPES:
             reasons.append(f"dtype={dtype!r} not in {cls.SUPPORTED_DTYPES}")
+        if not ir.grid.numeric:
+            reasons.append(f"grid={ir.grid} is symbolic; substitute its sizes first")
         return reasons
+
+    def flatten_inputs(self, q, k, v):
+        """Check ``q, k, v`` against the compiled grid (``self.shape``) and this backend's
+        devices and dtypes, and flatten them (see :func:`_inputs.flatten_qkv`).
+
+        Raises:
+            PatternError: naming the device or dtype received and what this backend runs on.
+        """
+        from ._inputs import flatten_qkv
+
+        qf, kf, vf, restore = flatten_qkv(q, k, v, self.shape, self.name)
+        if qf.device.type not in self.SUPPORTED_DEVICES:
+            raise PatternError(
+                f"{self.name}: q is on device={str(qf.device)!r}; the {self.name} backend runs on "
+                f"{self.SUPPORTED_DEVICES}, so expected a tensor there (move it with .to()).")
+        dtype = str(qf.dtype).rsplit(".", 1)[-1]
+        if dtype not in self.SUPPORTED_DTYPES:
+            raise PatternError(
+                f"{self.name}: q has dtype={dtype}; expected one of {self.SUPPORTED_DTYPES} "
+                f"(convert with .to(dtype)).")
+        return qf, kf, vf, restore
 
 
 def register_backend(name: str, cls: type) -> None:

@@ -14,6 +14,7 @@ from .grid import Grid, as_grid, symbol
 from .parse import parse
 from .profile import profile
 from .ir import IR, HeadsIR
+from .layout import Layout, layout
 from .reference import dense_attention, materialize, show
 from .spec import (Pattern, area, axis, block, causal, criss_cross, full, global_tokens, heads,
                    lower, stripe, window)
@@ -23,6 +24,7 @@ __all__ = [
     "causal", "full", "heads", "lower", "compile", "materialize", "show", "dense_attention", "cost",
     "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
     "BackendUnavailable", "receptive_field", "layers_to_global", "profile", "parse", "nn",
+    "layout", "Layout",
 ]
 __version__ = "0.1.0"
 

@@ -1,0 +1,266 @@
+"""FlexAttention backend: a ``mask_mod`` generated from the IR and a ``BlockMask`` from the layout.
+
+The ``BlockMask`` is built with ``BlockMask.from_kv_blocks`` straight from
+:func:`patterngen.layout.layout` (full and partial tiles kept apart, so FlexAttention skips the
+``mask_mod`` on full tiles): no ``create_block_mask`` sweep over every (query, key) pair. The
+``mask_mod`` evaluates the IR's own per-axis progressions on torch index tensors
+(:func:`patterngen.ir.torch_ops`), so the block mask and the element mask cannot disagree. With
+a tiled order the tokens are permuted in and out around ``flex_attention`` and the ``mask_mod``
+reads layout positions through the permutation.
+
+FlexAttention has no backward pass on CPU (torch raises); this backend says so before running.
+
+Example:
+    >>> import patterngen as pg
+    >>> attn = pg.compile(pg.window(3), grid=(16, 16), backend="flex")
+    >>> attn.block_mask.shape
+    (1, 1, 256, 256)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from patterngen import ir as _ir
+from patterngen.backends import Backend, register_backend
+from patterngen.errors import BackendUnavailable, PatternError
+from patterngen.layout import HeadsLayout, layout
+
+__all__ = ["FlexBackend", "make_mask_mod", "flex_available"]
+
+#: FlexAttention's default sparse block size
+DEFAULT_BLOCK = 128
+
+
+def flex_available() -> str | None:
+    """``None`` when FlexAttention can be imported, else the reason it cannot."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError as e:  # torch < 2.5, or a build without it
+        return f"torch.nn.attention.flex_attention is not available ({e})"
+    return None
+
+
+@functools.cache
+def _compiled_flex():
+    """One ``torch.compile(flex_attention)`` shared by every compiled pattern."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def make_mask_mod(ir_, permutation=None, device="cpu", padded=True):
+    """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of an IR, over layout positions.
+
+    Args:
+        ir_: an :class:`~patterngen.ir.IR` or ``HeadsIR`` on a numeric grid (head ``h`` uses
+            pattern ``h % patterns``).
+        permutation: row-major token at each position (``None``: row-major positions).
+        device: where the permutation tensor the ``mask_mod`` reads lives.
+        padded: guard positions at or beyond the token count (FlexAttention's padding of a
+            ragged last block): they are masked out. ``False`` drops the guard, for block sizes
+            that divide the token count.
+
+    Example:
+        >>> import torch, patterngen as pg
+        >>> mod = make_mask_mod(pg.lower(pg.window(3), 8))
+        >>> i = torch.arange(8)
+        >>> mod(0, 0, i[:, None], i[None, :]).sum().item()
+        24
+    """
+    import torch
+
+    shape = ir_.grid.require_numeric("mask_mod")
+    tokens = int(np.prod(shape))
+    strides = [int(np.prod(shape[a + 1:])) for a in range(len(shape))]
+    perm = (None if permutation is None
+            else torch.as_tensor(np.asarray(permutation), device=device))
+    heads = ir_.per_head
+    ops = _ir.torch_ops()
+
+    def coords(idx):
+        if padded:
+            idx = torch.clamp(idx, 0, tokens - 1)
+        if perm is not None:
+            idx = perm[idx]
+        out = []
+        for a, (s, n) in enumerate(zip(strides, shape)):
+            # constants folded: no division by a stride of 1, no modulo on the outermost axis
+            x = idx if s == 1 else idx // s
+            out.append(x if a == 0 else x % n)
+        return out
+
+    def one(head, qc, kc):
+        out = None
+        for term in head.terms:
+            m = term.contains(qc, kc, shape, ops)
+            out = m if out is None else out | m
+        return out if out is not None else qc[0] < 0
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qc, kc = coords(q_idx), coords(kv_idx)
+        out = one(heads[-1], qc, kc)
+        for p in range(len(heads) - 2, -1, -1):
+            out = torch.where(h % len(heads) == p, one(heads[p], qc, kc), out)
+        return out & (q_idx < tokens) & (kv_idx < tokens) if padded else out
+
+    mask_mod.__name__ = f"patterngen_{ir_.label or 'pattern'}"
+    return mask_mod
+
+
+def _kv_blocks(lay, torch, device):
+    """``(num, indices, full_num, full_indices)`` of one layout in ``BlockMask`` form.
+
+    Ragged edge tiles count as partial, as ``create_block_mask`` pads them with ``False``.
+    """
+    rows, cols, is_full = lay.tiles(pad_ragged=True)
+    out = []
+    for sel in (~is_full, is_full):
+        r, c = rows[sel], cols[sel]
+        num = np.bincount(r, minlength=lay.q_blocks)
+        rank = np.arange(len(r)) - np.concatenate([[0], np.cumsum(num)])[r]
+        idx = np.zeros((lay.q_blocks, lay.kv_blocks), dtype=np.int32)
+        idx[r, rank] = c
+        out += [torch.as_tensor(num.astype(np.int32), device=device),
+                torch.as_tensor(idx, device=device)]
+    return out
+
+
+class FlexBackend(Backend):
+    """FlexAttention with a ``BlockMask`` built from patterngen's layout.
+
+    Call with ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens, head_dim)``
+    tensors. CUDA: forward and backward. CPU: forward only (FlexAttention has no CPU backward).
+
+    Args:
+        ir: the lowered pattern (numeric grid).
+        block: FlexAttention's sparse block size, one integer or ``(Bq, Bk)`` (default 128).
+        order: ``"row-major"``, ``"tiled"`` or ``"auto"`` token order (see
+            :func:`patterngen.layout`); tokens are permuted in and out.
+        tile: tile shape for the tiled order.
+        scale: default score scale; ``None`` means ``head_dim ** -0.5``.
+        compile: run ``torch.compile(flex_attention)`` (default); ``False`` runs eager
+            FlexAttention, which materialises scores (debugging only).
+
+    Attributes:
+        layout: the :class:`~patterngen.layout.Layout` the block mask comes from.
+        block_mask: the ``BlockMask`` for one head per listed pattern, on CPU.
+
+    Raises:
+        BackendUnavailable: when the installed torch has no FlexAttention.
+    """
+
+    name = "flex"
+    SUPPORTED_DEVICES = ("cpu", "cuda")
+    SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+    BACKWARD_DEVICES = ("cuda",)  # FlexAttention has no CPU backward; CPU refuses clearly
+
+    @classmethod
+    def not_supported_reasons(cls, ir_, device="cpu", dtype="float32") -> list[str]:
+        reasons = super().not_supported_reasons(ir_, device, dtype)
+        missing = flex_available()
+        if missing:
+            reasons.append(missing)
+        return reasons
+
+    def __init__(self, ir_, block=DEFAULT_BLOCK, order="row-major", tile=None, scale=None,
+                 compile=True):
+        missing = flex_available()
+        if missing:
+            raise BackendUnavailable(f"flex: {missing}; upgrade torch to >= 2.5 or use "
+                                     f"backend='sdpa'.")
+        self.ir = ir_
+        self.shape = ir_.grid.require_numeric("the flex backend")
+        self.scale = scale
+        self.compile = compile
+        self.layout = layout(ir_, block=block, order=order, tile=tile)
+        self._heads = (self.layout.heads if isinstance(self.layout, HeadsLayout)
+                       else (self.layout,))
+        perm = self.layout.permutation
+        self._identity = bool((perm == np.arange(len(perm))).all())
+        self._perm = perm
+        self._cache = {}  # block masks and permutation tensors, by heads and device
+        self._mask_mods = {}
+
+    @property
+    def mask_mod(self):
+        """The generated ``mask_mod`` over layout positions (CPU)."""
+        return self._mask_mod("cpu")
+
+    def _mask_mod(self, device: str):
+        if device not in self._mask_mods:
+            bq, bk = self.layout.block
+            self._mask_mods[device] = make_mask_mod(
+                self.ir, None if self._identity else self._perm, device,
+                padded=bool(self.layout.tokens % bq or self.layout.tokens % bk))
+        return self._mask_mods[device]
+
+    def __repr__(self):
+        return f"FlexBackend({self.ir.label or self.ir!r} on grid {self.ir.grid})"
+
+    @property
+    def block_mask(self):
+        """The ``BlockMask`` (CPU) with one head per listed pattern."""
+        return self.block_mask_for(len(self._heads), "cpu")
+
+    def block_mask_for(self, heads: int, device):
+        """The ``BlockMask`` for ``heads`` heads on ``device`` (cached)."""
+        key = (heads, str(device))
+        if key not in self._cache:
+            import torch
+            from torch.nn.attention.flex_attention import BlockMask
+
+            parts = [_kv_blocks(lay, torch, device) for lay in self._heads]
+            pick = [h % len(parts) for h in range(heads)]
+            stacked = [torch.stack([parts[p][i] for p in pick])[None] for i in range(4)]
+            tokens = self.layout.tokens
+            self._cache[key] = BlockMask.from_kv_blocks(
+                *stacked, BLOCK_SIZE=tuple(self.layout.block),
+                mask_mod=self._mask_mod(str(device)),
+                seq_lengths=(tokens, tokens))
+        return self._cache[key]
+
+    def __call__(self, q, k, v, scale=None):
+        """Attention of ``q`` over ``k, v`` under the compiled pattern.
+
+        Raises:
+            PatternError: for wrong shapes, dtypes or devices, and for gradients on CPU.
+        """
+        import torch
+
+        qf, kf, vf, restore = self.flatten_inputs(q, k, v)
+        device = qf.device
+        if device.type == "cpu" and torch.is_grad_enabled() and any(
+                t.requires_grad for t in (qf, kf, vf)):
+            raise PatternError(
+                "flex: gradients were requested on CPU, but FlexAttention has no CPU backward; "
+                "run under torch.no_grad() / torch.inference_mode(), or use backend='sdpa' or "
+                "'numba' for training on CPU.")
+        scale = scale if scale is not None else self.scale
+        block_mask = self.block_mask_for(qf.shape[1], device)
+        if not self._identity:
+            perm, inverse = self._permutation(device)
+            qf, kf, vf = (t[:, :, perm] for t in (qf, kf, vf))
+        if self.compile:
+            fn = _compiled_flex()
+        else:
+            from torch.nn.attention.flex_attention import flex_attention as fn
+        out = fn(qf, kf, vf, block_mask=block_mask, scale=scale)
+        if not self._identity:
+            out = out[:, :, inverse]
+        return restore(out)
+
+    def _permutation(self, device):
+        key = ("perm", str(device))
+        if key not in self._cache:
+            import torch
+
+            self._cache[key] = (torch.as_tensor(self._perm, device=device),
+                                torch.as_tensor(np.argsort(self._perm), device=device))
+        return self._cache[key]
+
+
+register_backend("flex", FlexBackend)

@@ -1,0 +1,367 @@
+"""Block-sparse attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+The compiled pattern's :func:`~patterngen.layout.layout` lists, per query block, the key blocks
+it touches. Query blocks with the same number of key blocks form a *group*; each group is one
+batched SDPA call on 4-D ``(batch * heads, blocks, Bq, dim)`` queries against the concatenation
+of their key blocks, ``(batch * heads, blocks, nk * Bk, dim)`` (4-D inputs reach the fused CPU
+and GPU kernels). A group whose tiles are all full (and not ragged) runs without a mask, so the
+flash kernel can run; the others get one compact mask ``(1, blocks, Bq, nk * Bk)``, stored once
+when every block's mask is the same (translation-invariant windows) and made additive once per
+dtype. Gathers are views where the blocks are consecutive (a band of key blocks is an
+``unfold`` view), and the token order (row-major or tiled) is applied once on the way in and
+out, as a gather whose backward is the inverse gather.
+
+Autograd, devices (CPU, CUDA) and dtypes come from torch; queries without keys output zeros.
+
+Example:
+    >>> import torch, patterngen as pg
+    >>> attn = pg.compile(pg.window(3), grid=(8, 8), backend="sdpa")
+    >>> q = k = v = torch.randn(1, 2, 8, 8, 16)
+    >>> attn(q, k, v).shape
+    torch.Size([1, 2, 8, 8, 16])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from patterngen.backends import Backend, register_backend
+from patterngen.layout import HeadsLayout, aligned_tiles, layout
+from patterngen.reference import materialize
+
+__all__ = ["SdpaBackend", "Group"]
+
+#: block sizes tried when ``block`` is not given (besides the pattern's own partition)
+BLOCK_CHOICES = (64, 128)
+
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    """One batched SDPA call: query blocks with the same number of key blocks.
+
+    Attributes:
+        q_blocks: ``(G,)`` query block indices (layout positions ``q * Bq ..``).
+        kv_blocks: ``(G, nk)`` key block indices of each query block.
+        mask: ``None`` (every tile full) or boolean ``(G or 1, Bq, nk * Bk)``; 1 when shared.
+        empty_rows: ``None`` or boolean ``(G, Bq)``: query rows with no key (output zero).
+    """
+
+    q_blocks: np.ndarray
+    kv_blocks: np.ndarray
+    mask: np.ndarray | None
+    empty_rows: np.ndarray | None
+
+
+def _plan(lay) -> list[Group]:
+    """Groups of one pattern's layout, each sorted by query block."""
+    bq, bk = lay.block
+    rows, cols, _ = lay.tiles()
+    strict = lay.tiles(pad_ragged=True)[2]  # ragged tiles need a mask even when full
+    counts = np.bincount(rows, minlength=lay.q_blocks)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    needs_mask = np.zeros(lay.q_blocks, dtype=bool)
+    np.logical_or.at(needs_mask, rows, ~strict)
+    groups = []
+    keys = sorted({(int(c), bool(m)) for c, m in zip(counts, needs_mask) if c})
+    for nk, masked in keys:
+        qbs = np.nonzero((counts == nk) & (needs_mask == masked))[0]
+        sel = starts[qbs][:, None] + np.arange(nk)
+        kvs = cols[sel]
+        mask = empty = None
+        if masked:
+            mask = np.ones((len(qbs), bq, nk, bk), dtype=bool)
+            tile_mask = ~strict[sel]
+            g, j = np.nonzero(tile_mask)
+            if len(g):
+                mask[g, :, j] = lay.masks(qbs[g], kvs[g, j])
+            mask = mask.reshape(len(qbs), bq, nk * bk)
+            empty = ~mask.any(-1)
+            # a row without keys attends to one dummy key (no NaN), then is zeroed
+            mask[..., 0] |= empty
+            empty = empty if empty.any() else None
+            if (mask == mask[:1]).all():
+                mask = mask[:1]
+        groups.append(Group(qbs, kvs, mask, empty))
+    return groups
+
+
+def _is_run(x: np.ndarray) -> bool:
+    return len(x) > 0 and bool((np.diff(x) == 1).all())
+
+
+class _DevicePlan:
+    """Index tensors and masks of one pattern on one device."""
+
+    def __init__(self, lay, groups, device, torch):
+        self.bq, self.bk = lay.block
+        self.tokens = lay.tokens
+        self.calls = []
+        rows_before = 0
+        row_of_pos = np.full(lay.q_blocks * self.bq, -1, dtype=np.int64)
+        for grp in groups:
+            g, nk = grp.kv_blocks.shape
+            last_q, last_k = grp.q_blocks[-1], grp.kv_blocks.max()
+            q_view = _is_run(grp.q_blocks) and (last_q + 1) * self.bq <= self.tokens
+            # a band: key blocks q + offset .. q + offset + nk - 1 of consecutive query blocks
+            offset = int(grp.kv_blocks[0, 0] - grp.q_blocks[0])
+            band = (_is_run(grp.q_blocks)
+                    and (grp.kv_blocks == grp.q_blocks[:, None] + offset + np.arange(nk)).all()
+                    and (last_k + 1) * self.bk <= self.tokens)
+            pos_q = grp.q_blocks[:, None] * self.bq + np.arange(self.bq)
+            pos_k = (grp.kv_blocks[:, :, None] * self.bk + np.arange(self.bk)).reshape(g, -1)
+            row_of_pos[pos_q.ravel()] = rows_before + np.arange(g * self.bq)
+            rows_before += g * self.bq
+            self.calls.append(dict(
+                g=g, nk=nk,
+                q_slice=(int(grp.q_blocks[0]) * self.bq, g) if q_view else None,
+                k_band=int(grp.q_blocks[0]) + offset if band else None,
+                q_index=None if q_view else _tensor(np.minimum(pos_q, self.tokens - 1), device,
+                                                    torch),
+                k_index=None if band else _tensor(np.minimum(pos_k, self.tokens - 1), device,
+                                                    torch),
+                # 4-D (1, blocks or 1, Bq, nk * Bk): what the fused CPU kernel accepts
+                mask=None if grp.mask is None else torch.as_tensor(grp.mask[None], device=device),
+                empty=None if grp.empty_rows is None else torch.as_tensor(
+                    grp.empty_rows[..., None], device=device)))
+        row_of_pos = row_of_pos[:self.tokens]
+        covered = row_of_pos >= 0
+        self.zero_row = rows_before if not covered.all() else None
+        self.row_of_pos = np.where(covered, row_of_pos, rows_before)
+        self.rows = rows_before
+
+
+def _tensor(x, device, torch):
+    return torch.as_tensor(np.ascontiguousarray(x).reshape(-1), device=device)
+
+
+class SdpaBackend(Backend):
+    """Block-sparse attention as batched ``scaled_dot_product_attention`` calls.
+
+    Call with ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens, head_dim)``
+    tensors on CPU or CUDA, float32/float64/float16/bfloat16; gradients come from torch.
+
+    Args:
+        ir: the lowered pattern (numeric grid).
+        block: ``(Bq, Bk)`` or one integer; ``None`` picks the layout executing the fewest
+            pairs among the pattern's own aligned partition (Swin windows, areas: every tile
+            full, no mask) and blocks of :data:`BLOCK_CHOICES` in the best order.
+        order: ``"row-major"``, ``"tiled"`` or ``"auto"`` (see :func:`patterngen.layout`).
+        tile: tile shape for the tiled order.
+        scale: default score scale; ``None`` means ``head_dim ** -0.5``.
+
+    Attributes:
+        layout: the :class:`~patterngen.layout.Layout` (or ``HeadsLayout``) executed.
+        groups: per listed pattern, the list of :class:`Group` SDPA calls.
+    """
+
+    name = "sdpa"
+    SUPPORTED_DEVICES = ("cpu", "cuda")
+    SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+    def __init__(self, ir_, block=None, order="auto", tile=None, scale=None):
+        self.ir = ir_
+        self.shape = ir_.grid.require_numeric("the sdpa backend")
+        self.scale = scale
+        self.layout = _choose_layout(ir_, self.shape, block, order, tile)
+        heads = self.layout.heads if isinstance(self.layout, HeadsLayout) else (self.layout,)
+        self.groups = [_plan(h) for h in heads]
+        self._perm = self.layout.permutation
+        self._identity = bool((self._perm == np.arange(len(self._perm))).all())
+        self._devices = {}
+
+    def __repr__(self):
+        return f"SdpaBackend({self.ir.label or self.ir!r} on grid {self.ir.grid})"
+
+    def attn_mask(self):
+        """Dense boolean ``(tokens, tokens)`` mask (``(patterns, ..)`` for heads), row-major.
+
+        Raises:
+            PatternError: when the grid has more tokens than a dense mask may hold.
+        """
+        import torch
+
+        return torch.as_tensor(materialize(self.ir))
+
+    def block_sparse(self) -> list[dict]:
+        """The block-sparse form executed, per listed pattern: layout, permutation, groups.
+
+        Each group gives ``q_blocks``, ``kv_blocks`` and ``mask`` (``None`` when all full).
+        """
+        heads = self.layout.heads if isinstance(self.layout, HeadsLayout) else (self.layout,)
+        return [dict(layout=lay, permutation=self._perm, groups=groups)
+                for lay, groups in zip(heads, self.groups)]
+
+    def _device(self, device):
+        key = str(device)
+        if key not in self._devices:
+            import torch
+
+            heads = (self.layout.heads if isinstance(self.layout, HeadsLayout)
+                     else (self.layout,))
+            plans = [_DevicePlan(lay, grp, device, torch) for lay, grp in zip(heads, self.groups)]
+            perm = None if self._identity else _Permutation(self._perm, device, torch)
+            inverse = np.argsort(self._perm)
+            outs = []
+            for plan in plans:
+                rows = plan.row_of_pos[inverse]  # token -> output row
+                if plan.rows == len(rows) and (rows == np.arange(len(rows))).all():
+                    outs.append(None)
+                elif plan.rows == len(rows):  # a bijection: its gradient is a gather too
+                    outs.append(_Permutation(rows, device, torch))
+                else:
+                    outs.append(torch.as_tensor(rows, device=device))
+            self._devices[key] = (perm, plans, outs)
+        return self._devices[key]
+
+    def __call__(self, q, k, v, scale=None):
+        """Attention of ``q`` over ``k, v`` under the compiled pattern.
+
+        Args:
+            q, k, v: ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens,
+                head_dim)`` tensors of one dtype on one CPU or CUDA device.
+            scale: score scale; default the constructor's, else ``head_dim ** -0.5``.
+
+        Raises:
+            PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        qf, kf, vf, restore = self.flatten_inputs(q, k, v)
+        scale = scale if scale is not None else self.scale
+        scale = scale if scale is not None else qf.shape[-1] ** -0.5
+        perm, plans, outs = self._device(qf.device)
+        if perm is not None:
+            qf, kf, vf = (perm(t) for t in (qf, kf, vf))
+        npat = len(plans)
+        results = []
+        for p, (plan, out_index) in enumerate(zip(plans, outs)):
+            qp, kp, vp = ((qf, kf, vf) if npat == 1
+                          else tuple(t[:, p::npat] for t in (qf, kf, vf)))
+            results.append(_run_plan(plan, out_index, qp, kp, vp, scale, torch, F))
+        if npat == 1:
+            out = results[0]
+        else:
+            heads = qf.shape[1]
+            order = np.concatenate([np.arange(p, heads, npat) for p in range(npat)])
+            out = torch.cat(results, dim=1)[:, torch.as_tensor(np.argsort(order))]
+        return restore(out)
+
+
+def _run_plan(plan, out_index, q, k, v, scale, torch, F):
+    b, h, _, d = q.shape
+    if not plan.calls:  # no pair at all: zeros that still take part in autograd
+        return q * 0.0
+    single = len(plan.calls) == 1 and plan.zero_row is None
+    if not single:
+        # each group's output is copied once, straight into its rows (no reshape + cat)
+        out = q.new_empty(b, h, plan.rows + (plan.zero_row is not None), d)
+        out[:, :, plan.rows:].zero_()
+    row = 0
+    for call in plan.calls:
+        g, nk = call["g"], call["nk"]
+        # (batch * heads, blocks, rows, dim): 4-D inputs reach the fused CPU/GPU kernels
+        if call["q_slice"] is not None:
+            start, count = call["q_slice"]
+            qg = q[:, :, start:start + count * plan.bq].reshape(b * h, g, plan.bq, d)
+        else:
+            qg = _gather(q, call["q_index"]).view(b * h, g, plan.bq, d)
+        if call["k_band"] is not None:
+            # overlapping windows of consecutive key blocks: a strided view, no copy
+            first, span = call["k_band"], nk * plan.bk
+            kg, vg = (t.unfold(2, span, plan.bk)[:, :, first:first + g].transpose(-1, -2)
+                      .reshape(b * h, g, span, d) for t in (k, v))
+        else:
+            kg = _gather(k, call["k_index"]).view(b * h, g, nk * plan.bk, d)
+            vg = _gather(v, call["k_index"]).view(b * h, g, nk * plan.bk, d)
+        mask = _additive_mask(call, q.dtype, torch)
+        res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+        if call["empty"] is not None:
+            res = res.masked_fill(call["empty"], 0.0)
+        if single:
+            out = res.reshape(b, h, g * plan.bq, d)
+        else:
+            out[:, :, row:row + g * plan.bq].view(b * h, g, plan.bq, d).copy_(res)
+        row += g * plan.bq
+    if out_index is None:
+        return out
+    return out_index(out) if isinstance(out_index, _Permutation) else _gather(out, out_index)
+
+
+class _Permutation:
+    """``x[:, :, index]`` for a permutation ``index``; backward gathers with the inverse.
+
+    Autograd's own backward of a gather is a scatter-add (``index_add``); a permutation needs
+    none, and the gather is the fast kernel both ways.
+    """
+
+    def __init__(self, index, device, torch):
+        self.index = torch.as_tensor(np.asarray(index), device=device)
+        self.inverse = torch.as_tensor(np.argsort(index), device=device)
+        self.fn = _permute_function(torch)
+
+    def __call__(self, x):
+        if x.requires_grad and self.fn.is_grad_enabled():
+            return self.fn.apply(x, self.index, self.inverse)
+        return _gather(x, self.index)  # inference: skip the autograd.Function overhead
+
+
+_PERMUTE = []
+
+
+def _permute_function(torch):
+    if not _PERMUTE:
+        class Permute(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, index, inverse):
+                ctx.inverse = inverse
+                return _gather(x, index)
+
+            @staticmethod
+            def backward(ctx, grad):
+                return _gather(grad, ctx.inverse), None, None
+
+        Permute.is_grad_enabled = staticmethod(torch.is_grad_enabled)
+        _PERMUTE.append(Permute)
+    return _PERMUTE[0]
+
+
+def _gather(x, index):
+    """``x[:, :, index]`` for ``(batch, heads, tokens, dim)``.
+
+    ``index_select`` on dim 1 of a 3-D view is much faster on CPU than indexing dim 2 of the
+    4-D tensor (measured 0.07 ms against 11 ms for 4 x 3136 x 32 floats).
+    """
+    b, h, n, d = x.shape
+    return x.reshape(b * h, n, d).index_select(1, index).view(b, h, len(index), d)
+
+
+def _additive_mask(call, dtype, torch):
+    """The group's mask as 0 / -inf in the inputs' dtype (cached; SDPA converts bools anyway)."""
+    if call["mask"] is None:
+        return None
+    key = ("mask", dtype)
+    if key not in call:
+        bool_mask = call["mask"]
+        call[key] = torch.zeros(bool_mask.shape, dtype=dtype, device=bool_mask.device
+                                ).masked_fill(~bool_mask, float("-inf"))
+    return call[key]
+
+
+def _choose_layout(ir_, shape, block, order, tile):
+    if block is not None:
+        return layout(ir_, block=block, order=order, tile=tile)
+    options = []
+    for t in aligned_tiles(ir_.per_head, shape):
+        vol = math.prod(t)
+        options.append(layout(ir_, block=(vol, vol), order="tiled", tile=t))
+    for b in BLOCK_CHOICES:
+        options.append(layout(ir_, block=(b, b), order=order, tile=tile))
+    # fewest executed pairs; on a tie the larger block (fewer, bigger SDPA calls)
+    return min(options, key=lambda lay: (lay.executed_pairs, -lay.block[0]))
+
+
+register_backend("sdpa", SdpaBackend)

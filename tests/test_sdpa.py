@@ -1,0 +1,206 @@
+"""The ``sdpa`` backend against the dense oracle: forward, gradients, dtypes, paths, errors."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patterngen as pg
+from patterngen.backends.sdpa import SdpaBackend
+from strategies import cases
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def qkv(pattern_grid, batch=2, heads=3, dim=8, dtype=torch.float64, device="cpu", seed=0):
+    n = int(np.prod(pattern_grid))
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, n, dim, generator=g, dtype=torch.float64)
+            .to(dtype=dtype, device=device).requires_grad_() for _ in range(3)]
+
+
+def check(pattern, grid, dtype=torch.float64, atol=1e-10, heads=3, **options):
+    attn = pg.compile(pattern, grid, backend="sdpa", **options)
+    q, k, v = qkv(grid, heads=heads, dtype=dtype)
+    out = attn(q, k, v)
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid))
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    return attn
+
+
+@settings(max_examples=30)
+@given(case=cases(max_tokens=200), block=st.sampled_from([None, 7, (16, 8), 32]),
+       tiled=st.booleans())
+def test_random_patterns_forward_and_gradients(case, block, tiled):
+    pattern, grid = case
+    options = dict(block=block, order="auto" if tiled else "row-major")
+    check(pattern, grid, **options)
+
+
+@pytest.mark.parametrize("pattern, grid, options", [
+    (pg.window(5), 97, dict(block=(16, 8))),
+    (pg.window(7), (15, 23), {}),
+    (pg.window((7, 5), dilation=(2, 3), border="pad"), (15, 23), dict(block=32)),
+    (pg.window(16, causal=True), 300, dict(block=64)),
+    (pg.causal(), (5, 7, 9), dict(block=(13, 11))),
+    (pg.block(3, offset=1), (9, 9), dict(block=9, order="tiled", tile=(3, 3))),
+    (pg.criss_cross() | pg.global_tokens([0, (3, 4)]), (9, 11), dict(block=10)),
+    (pg.window((3, 3, 3), dilation=(1, 2, 1)), (5, 6, 7), {}),
+    (pg.heads(pg.window(3), pg.axis(1)), (7, 9), dict(block=8)),
+    (pg.heads(pg.window(3), pg.causal()), (6, 6), dict(block=8, order="tiled", tile=(2, 3))),
+], ids=lambda v: repr(v) if isinstance(v, pg.Pattern) else None)
+def test_named_cases_forward_and_gradients(pattern, grid, options):
+    check(pattern, grid, **options)
+
+
+def swin_attention(q, k, v, grid, window):
+    """Swin's window partition + SDPA + reverse, the implementation the backend must equal."""
+    b, h, _, d = q.shape
+    (hh, ww), m = grid, window
+
+    def part(x):
+        x = x.view(b, h, hh // m, m, ww // m, m, d).permute(0, 2, 4, 1, 3, 5, 6)
+        return x.reshape(b * (hh // m) * (ww // m), h, m * m, d)
+
+    out = torch.nn.functional.scaled_dot_product_attention(part(q), part(k), part(v))
+    out = out.view(b, hh // m, ww // m, h, m, m, d).permute(0, 3, 1, 4, 2, 5, 6)
+    return out.reshape(b, h, hh * ww, d)
+
+
+def test_swin_windows_take_the_mask_free_path_and_equal_swin():
+    attn = check(pg.block(7), (56, 56), heads=1)
+    assert attn.layout.order == "tiled" and attn.layout.tile == (7, 7)
+    assert all(g.mask is None for g in attn.groups[0])
+    q, k, v = qkv((56, 56), heads=2, dtype=torch.float32)
+    torch.testing.assert_close(attn(q, k, v), swin_attention(q, k, v, (56, 56), 7))
+
+
+def test_area_attention_takes_the_mask_free_path():
+    attn = check(pg.area(4), (16, 8))
+    assert all(g.mask is None for g in attn.groups[0])
+
+
+def test_translation_invariant_masks_are_stored_once():
+    attn = check(pg.window(32, causal=True), 512, block=64)
+    shared = [g for g in attn.groups[0] if g.mask is not None and len(g.q_blocks) > 1]
+    assert shared and all(g.mask.shape[0] == 1 for g in shared)
+
+
+def test_queries_without_keys_output_zeros_with_finite_gradients():
+    pattern, grid = pg.global_tokens([3]) & pg.window(3), 20
+    attn = check(pattern, grid, block=(8, 8))
+    q, k, v = qkv(grid)
+    out = attn(q, k, v)
+    empty = pg.materialize(pattern, grid).sum(1) == 0
+    assert empty.any() and (out[:, :, torch.as_tensor(empty)] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_a_pattern_without_pairs_outputs_zeros_with_gradients():
+    from patterngen.ir import make_ir
+
+    attn = pg.compile(make_ir(pg.as_grid((4, 5)), [], "nothing"), backend="sdpa")
+    q, k, v = qkv((4, 5))
+    out = attn(q, k, v)
+    assert (out == 0).all()
+    out.sum().backward()
+    assert (q.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 2e-6), (torch.bfloat16, 3e-2),
+                                         (torch.float16, 4e-3)])
+def test_low_precision_dtypes_match_the_float32_oracle(dtype, atol):
+    pattern, grid = pg.window(5) | pg.global_tokens([0]), (12, 10)
+    attn = pg.compile(pattern, grid, backend="sdpa", block=16, dtype=str(dtype)[6:])
+    q, k, v = qkv(grid, dtype=dtype)
+    out = attn(q, k, v)
+    ref = pg.dense_attention(*(t.float() for t in (q, k, v)), pg.materialize(pattern, grid))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
+    out.float().sum().backward()
+    assert q.grad.dtype == dtype and torch.isfinite(q.grad.float()).all()
+
+
+def test_gradcheck_float64():
+    attn = pg.compile(pg.window(3) | pg.causal(), (3, 4), backend="sdpa", block=5)
+    q, k, v = qkv((3, 4), batch=1, heads=2, dim=3)
+    assert torch.autograd.gradcheck(lambda a, b, c: attn(a, b, c), (q, k, v))
+
+
+def test_gridded_inputs_and_scale():
+    attn = pg.compile(pg.window(3), (6, 7), backend="sdpa", scale=0.3)
+    q, k, v = (t.detach().view(2, 3, 6, 7, 8) for t in qkv((6, 7)))
+    out = attn(q, k, v)
+    ref = pg.dense_attention(*(t.reshape(2, 3, 42, 8) for t in (q, k, v)),
+                             pg.materialize(pg.window(3), (6, 7)), scale=0.3)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out.reshape(2, 3, 42, 8), ref)
+
+
+def test_masks_handed_out():
+    attn = pg.compile(pg.window(5), (12, 12), backend="sdpa", block=32)
+    assert torch.equal(attn.attn_mask(), torch.as_tensor(pg.materialize(pg.window(5), (12, 12))))
+    (form,) = attn.block_sparse()
+    assert form["layout"] is attn.layout and len(form["permutation"]) == 144
+    assert sum(len(g.q_blocks) for g in form["groups"]) == attn.layout.q_blocks
+    big = pg.compile(pg.window(5), (256, 256), backend="sdpa", block=128, order="row-major")
+    with pytest.raises(pg.PatternError, match=r"tokens=65536 exceeds 32768"):
+        big.attn_mask()
+
+
+def test_bad_inputs_are_refused_with_the_value_and_rule():
+    attn = pg.compile(pg.window(3), (4, 4), backend="sdpa")
+    q = torch.randn(1, 1, 16, 4, device="meta")
+    with pytest.raises(pg.PatternError, match=r"sdpa: q is on device='meta'; the sdpa backend "
+                                              r"runs on \('cpu', 'cuda'\)"):
+        attn(q, q, q)
+    q = torch.zeros(1, 1, 16, 4, dtype=torch.int32)
+    with pytest.raises(pg.PatternError, match=r"sdpa: q has dtype=int32; expected one of"):
+        attn(q, q, q)
+    q = torch.zeros(1, 1, 15, 4)
+    with pytest.raises(pg.PatternError, match=r"expected \(batch, heads, 4, 4, head_dim\)"):
+        attn(q, q, q)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(block=0), r"Invalid block=0; block sizes must be positive integers"),
+    (dict(order="spiral"), r"Unknown order='spiral'"),
+    (dict(order="tiled", tile=(3, 4)), r"tile\[0\]=3 does not divide grid\[0\]=8"),
+])
+def test_bad_options_are_refused(options, match):
+    with pytest.raises(pg.PatternError, match=match):
+        pg.compile(pg.window(3), (8, 8), backend="sdpa", **options)
+
+
+def test_registered_and_capabilities():
+    assert SdpaBackend.not_supported_reasons(pg.lower(pg.window(3), 8), "cuda", "bfloat16") == []
+    reasons = SdpaBackend.not_supported_reasons(pg.lower(pg.window(3), "n"), "xpu", "int8")
+    assert len(reasons) == 3
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward_and_backward(dtype):
+    pattern, grid = pg.window(7) | pg.global_tokens([0]), (24, 24)
+    attn = pg.compile(pattern, grid, backend="sdpa", device="cuda", dtype=str(dtype)[6:])
+    q, k, v = qkv(grid, dtype=dtype, device="cuda")
+    out = attn(q, k, v)
+    ref = pg.dense_attention(*(t.float() for t in (q, k, v)), pg.materialize(pattern, grid))
+    torch.testing.assert_close(out.float(), ref, atol=3e-2 if dtype != torch.float32 else 1e-4,
+                               rtol=0)
+    out.float().sum().backward()
+    assert torch.isfinite(q.grad.float()).all()
+
+
+@CUDA
+def test_cuda_swin_mask_free():
+    attn = pg.compile(pg.block(7), (56, 56), backend="sdpa", device="cuda", dtype="bfloat16")
+    q, k, v = qkv((56, 56), heads=2, dtype=torch.bfloat16, device="cuda")
+    torch.testing.assert_close(attn(q, k, v), swin_attention(q, k, v, (56, 56), 7))
