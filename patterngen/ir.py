@@ -337,7 +337,8 @@ def _meet_progressions(a, b, ops):
     x = lo + (x0 - lo) % lcm
     if g == 1:
         return x, hi, lcm
-    return x, ops.where((s2 - s1) % g == 0, hi, x), lcm
+    # `% g < 1` rather than `== 0`: the same test, but one that Src can trace into source
+    return x, ops.where((s2 - s1) % g < 1, hi, x), lcm
 
 
 @dataclass(frozen=True)
@@ -408,7 +409,7 @@ class Rel:
         start, stop = self.bounds(i, n, ops)
         inside = (p >= start) & (p < stop)
         step = self.step
-        return inside if step == 1 else inside & ((p - start) % step == 0)
+        return inside if step == 1 else inside & ((p - start) % step < 1)
 
     def subs(self, mapping) -> "Rel":
         return Rel.of(*(a.subs(mapping) for a in self.atoms))

@@ -1,0 +1,296 @@
+"""The numba backend against the dense oracle: forward, gradients, inputs, caching, golden source.
+
+Numba compiles each generated module once per dtype (seconds each), so the cases share a few
+pattern structures and vary grids, shapes and scales, which are runtime arguments. Set
+``PATTERNGEN_LONG=1`` for the long random sweep, ``PATTERNGEN_UPDATE_GOLDEN=1`` to rewrite the
+golden sources after an intended change to the generator.
+"""
+
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import patterngen as pg
+from patterngen.backends import numba_cpu
+from patterngen.errors import PatternError
+
+GOLDEN = Path(__file__).parent / "golden"
+
+#: name -> (spec, grid ranks it is drawn on); every spec is one compiled structure
+STRUCTURES = {
+    "window_causal_dilated_1d": pg.window(4, dilation=2, causal=True),
+    "window_or_global": pg.window(3) | pg.global_tokens([0, 7]),
+    "criss_cross": pg.criss_cross(),
+    "window_and_causal": pg.window(3) & pg.causal(),
+    "global_and_causal": pg.global_tokens([(0, 5)]) & pg.causal(),
+    "window_3d_pad_dilated": pg.window((1, 3, 3), dilation=(1, 2, 1), border="pad"),
+    "heads": pg.heads(pg.block(3, offset=1), pg.axis(1), pg.block(3, offset=1)),
+}
+
+
+def _grid_for(name, rng):
+    """A random valid grid for ``STRUCTURES[name]``: odd and even sizes, borders included."""
+    if name.endswith("_1d"):
+        return (rng.randint(8, 17),)
+    if name.endswith("_3d_pad_dilated"):
+        return (rng.randint(1, 3), rng.randint(6, 9), rng.randint(3, 6))
+    return (rng.randint(3, 7), rng.randint(8, 10))
+
+
+def _inputs(grid, batch, heads, dim, dtype, seed, gridded=True):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, *grid, dim) if gridded else (batch, heads, math.prod(grid), dim)
+    return [torch.randn(shape, generator=gen, dtype=dtype, requires_grad=True)
+            for _ in range(3)]
+
+
+def _check_against_oracle(spec, grid, q, k, v, scale=None, atol=1e-10):
+    """Forward and the three gradients of the numba backend equal the dense float64 oracle."""
+    attn = pg.compile(spec, grid, backend="numba")
+    out = attn(q, k, v, scale=scale)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    flat = [t.detach().double().reshape(b, h, -1, d).requires_grad_() for t in (q, k, v)]
+    ref = pg.dense_attention(*flat, pg.materialize(spec, grid), scale=scale)
+    want = torch.autograd.grad(ref, flat, grad_out.double().reshape(ref.shape))
+
+    torch.testing.assert_close(out.double().reshape(ref.shape), ref, atol=atol, rtol=atol)
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == q.shape, name
+        torch.testing.assert_close(g.double().reshape(w.shape), w, atol=atol, rtol=atol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("name", STRUCTURES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_dense_oracle(name, seed):
+    rng = random.Random(f"{name}-{seed}")
+    grid = _grid_for(name, rng)
+    batch, heads, dim = rng.randint(1, 2), rng.randint(1, 4), rng.choice([1, 3, 8, 16])
+    q, k, v = _inputs(grid, batch, heads, dim, torch.float64, seed, gridded=bool(seed))
+    _check_against_oracle(STRUCTURES[name], grid, q, k, v)
+
+
+def test_float32_matches_float64_oracle():
+    q, k, v = _inputs((5, 9), 2, 3, 24, torch.float32, seed=3)
+    _check_against_oracle(STRUCTURES["window_or_global"], (5, 9), q, k, v, atol=2e-5)
+
+
+def test_scale_option():
+    q, k, v = _inputs((4, 9), 1, 2, 8, torch.float64, seed=4)
+    _check_against_oracle(STRUCTURES["window_or_global"], (4, 9), q, k, v, scale=0.7)
+    attn = pg.compile(STRUCTURES["window_or_global"], (4, 9), backend="numba", scale=0.7)
+    torch.testing.assert_close(attn(q, k, v), attn(q, k, v, scale=0.7), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["criss_cross", "heads"])
+def test_gradcheck(name):
+    grid = (3, 4)
+    q, k, v = _inputs(grid, 1, 3, 3, torch.float64, seed=5)
+    attn = pg.compile(STRUCTURES[name], grid, backend="numba")
+    assert torch.autograd.gradcheck(attn, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_queries_without_keys_output_zeros():
+    spec, grid = STRUCTURES["global_and_causal"], (3, 8)
+    mask = pg.materialize(spec, grid)
+    empty = ~mask.any(axis=1)
+    assert empty.sum() == 5  # queries (0, 0..4) come before their only key (0, 5)
+    q, k, v = _inputs(grid, 1, 2, 4, torch.float64, seed=6, gridded=False)
+    attn = pg.compile(spec, grid, backend="numba")
+    out = attn(q, k, v)
+    out.sum().backward()
+    assert torch.all(out[:, :, torch.from_numpy(empty)] == 0)
+    assert torch.all(q.grad[:, :, torch.from_numpy(empty)] == 0)
+    q.grad = k.grad = v.grad = None
+    _check_against_oracle(spec, grid, q, k, v)
+
+
+def test_non_contiguous_inputs_are_copied():
+    q, k, v = _inputs((5, 9), 1, 2, 8, torch.float64, seed=7)
+    attn = pg.compile(STRUCTURES["window_or_global"], (5, 9), backend="numba")
+    qt = q.detach().transpose(2, 3).contiguous().transpose(2, 3)
+    assert not qt.is_contiguous()
+    torch.testing.assert_close(attn(qt, k, v), attn(q, k, v), atol=0, rtol=0)
+
+
+def test_one_head_splits_the_backward():
+    # one (batch, head) pair: backward splits the queries, each split owning a dk/dv copy
+    q, k, v = _inputs((6, 9), 1, 1, 5, torch.float64, seed=8)
+    _check_against_oracle(STRUCTURES["criss_cross"], (6, 9), q, k, v)
+
+
+def test_new_grid_reuses_the_compiled_kernels():
+    spec = STRUCTURES["window_or_global"]
+    first = pg.compile(spec, (5, 8), backend="numba")
+    second = pg.compile(spec, (7, 11), backend="numba")
+    assert first.source == second.source
+    for attn, grid in ((first, (5, 8)), (second, (7, 11))):
+        attn(*_inputs(grid, 1, 1, 4, torch.float64, seed=9))
+    module = numba_cpu.load(first.source_for("float64"))
+    assert len(module.forward_0.signatures) == 1
+
+
+def test_executed_pairs_are_the_attended_pairs():
+    spec = pg.heads(pg.criss_cross(), pg.window(3))
+    attn = pg.compile(spec, (6, 7), backend="numba")
+    assert attn.executed_pairs == tuple(int(m.sum()) for m in pg.materialize(spec, (6, 7)))
+
+
+def test_source_is_readable_and_names_the_spec():
+    attn = pg.compile(pg.window(7) | pg.axis(0), (64, 64), backend="numba")
+    src = attn.source
+    assert src.startswith('"""patterngen numba kernels for (window(7) | axis(0)) (float32).')
+    assert "term 1: (All(), Eq())" in src
+    assert "min(max((i0 - 3), 0), (n0 - 7))" in src  # the window's constants are folded
+    assert "(64 - 7)" not in src  # ... and the grid's extents are not
+    assert "ACC = np.float64" in attn.source_for("float64")
+    assert repr(attn) == "NumbaBackend((window(7) | axis(0)) on grid 64x64)"
+
+
+GOLDEN_CASES = {
+    "window_2d": (pg.window(7), (64, 64)),
+    "window_or_axis": (pg.window(7) | pg.axis(0), (64, 64)),
+    "criss_cross": (pg.criss_cross(), (64, 64)),
+    "causal_window_1d": (pg.window(256, causal=True), (8192,)),
+    "heads_3d": (pg.heads(pg.window((3, 7, 7)), pg.block((1, 7, 7), offset=3)), (8, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", GOLDEN_CASES)
+def test_golden_source(name):
+    spec, grid = GOLDEN_CASES[name]
+    src = numba_cpu.generate(pg.lower(spec, grid))
+    path = GOLDEN / f"numba_{name}.py"
+    if os.environ.get("PATTERNGEN_UPDATE_GOLDEN") == "1":
+        path.write_text(src)
+    assert src == path.read_text(), f"generated source differs from {path}"
+    compile(src, str(path), "exec")
+
+
+def test_generate_rejects_unknown_nodes_and_dtypes():
+    with pytest.raises(PatternError, match=r"Unrecognized node 'x' of type str"):
+        numba_cpu.generate("x")
+    with pytest.raises(PatternError, match=r"Unsupported dtype='float16'.*\('float32', "
+                                           r"'float64'\)"):
+        numba_cpu.generate(pg.lower(pg.window(3), (8,)), "float16")
+
+
+def test_failures_carry_the_generated_source():
+    broken = "import numba\n\n\ndef kernel(:\n    pass\n"
+    with pytest.raises(SyntaxError) as info:
+        numba_cpu.load(broken)
+    assert any("def kernel(:" in note for note in info.value.__notes__)
+
+    untyped = ("import numba\n\n\n@numba.njit(nogil=True)\ndef kernel(x, start, stop):\n"
+               "    return x + undefined_name\n")
+    module = numba_cpu.load(untyped)
+    numba = pytest.importorskip("numba")
+    with pytest.raises(numba.core.errors.TypingError, match="undefined_name") as info:
+        numba_cpu._run(module.kernel, untyped, 1, 1.0)
+    assert any("generated source:" in note for note in info.value.__notes__)
+
+
+@pytest.fixture(scope="module")
+def attn():
+    return pg.compile(STRUCTURES["window_or_global"], (4, 6), backend="numba")
+
+
+def test_bad_rank(attn):
+    q = torch.randn(2, 24, 8)
+    with pytest.raises(PatternError, match=r"q has shape \(2, 24, 8\); the pattern was "
+                                           r"compiled for grid 4x6, so expected"):
+        attn(q, q, q)
+
+
+def test_qkv_shape_mismatch(attn):
+    q, k = torch.randn(1, 2, 24, 8), torch.randn(1, 2, 24, 4)
+    with pytest.raises(PatternError, match=r"q, k, v shapes differ: q=\(1, 2, 24, 8\), "
+                                           r"k=\(1, 2, 24, 4\)"):
+        attn(q, k, k)
+
+
+def test_grid_mismatch(attn):
+    q = torch.randn(1, 2, 6, 4, 8)
+    with pytest.raises(PatternError, match=r"compiled for grid 4x6, so expected \(batch, "
+                                           r"heads, 4, 6, head_dim\) or \(batch, heads, 24, "):
+        attn(q, q, q)
+
+
+def test_unsupported_dtype(attn):
+    q = torch.randn(1, 2, 24, 8, dtype=torch.float16)
+    with pytest.raises(PatternError, match=r"numba: q has dtype=float16; expected one of "
+                                           r"\('float32', 'float64'\)"):
+        attn(q, q, q)
+
+
+def test_non_cpu_device(attn):
+    # meta tensors take the same path as CUDA ones: anything but the CPU is refused
+    q = torch.empty(1, 2, 24, 8, device="meta")
+    with pytest.raises(PatternError, match=r"numba: q is on device='meta'; the numba backend "
+                                           r"runs on \('cpu',\), so expected a tensor there"):
+        attn(q, q, q)
+
+
+def test_not_a_tensor(attn):
+    with pytest.raises(PatternError, match=r"q must be a torch.Tensor, got ndarray"):
+        attn(np.zeros((1, 1, 24, 8)), None, None)
+
+
+def test_backend_refuses_cuda_and_half_at_compile_time():
+    with pytest.raises(pg.BackendUnavailable, match=r"device='cuda' not in \('cpu',\)"):
+        pg.compile(pg.window(3), (8,), backend="numba", device="cuda")
+    with pytest.raises(pg.BackendUnavailable, match=r"dtype='float16' not in"):
+        pg.compile(pg.window(3), (8,), backend="numba", dtype="float16")
+
+
+def test_dilations_with_a_common_factor_meet_exactly():
+    # steps 2 and 4 share a factor: the generated bounds go through a traced `where`
+    spec = pg.window(3, dilation=2) & pg.window(5, dilation=4) | pg.window(2, dilation=3)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8, dtype=torch.float64) for _ in range(3))
+    out = pg.compile(spec, (40,), backend="numba")(q, k, v)
+    torch.testing.assert_close(out, pg.dense_attention(q, k, v, pg.materialize(spec, 40)))
+
+
+def _random_spec(rng, ndim):
+    """A random spec valid on every grid drawn by :func:`_random_grid` (sizes >= 7)."""
+    def leaf():
+        kind = rng.choice(["window", "block", "axis", "global", "causal_window"])
+        if kind == "window":
+            return pg.window(rng.randint(1, 3), dilation=rng.randint(1, 2),
+                             border=rng.choice(["clamp", "pad"]))
+        if kind == "block":
+            size = rng.randint(2, 4)
+            return pg.block(size, offset=rng.randint(0, size - 1))
+        if kind == "axis":
+            return pg.axis(rng.randrange(ndim))
+        if kind == "global":
+            return pg.global_tokens([rng.randint(0, 6)])
+        return pg.window(rng.randint(2, 3), causal=True)
+
+    spec = leaf()
+    for _ in range(rng.randint(0, 2)):
+        other = rng.choice([leaf(), pg.causal()])
+        spec = spec | other if rng.random() < 0.6 else spec & other
+    return spec
+
+
+@pytest.mark.skipif(os.environ.get("PATTERNGEN_LONG") != "1",
+                    reason="long random sweep: set PATTERNGEN_LONG=1")
+@pytest.mark.parametrize("seed", range(40))
+def test_random_sweep(seed):
+    rng = random.Random(seed)
+    ndim = rng.randint(1, 3)
+    grid = tuple(rng.randint(7, 9 if ndim > 1 else 20) for _ in range(ndim))
+    spec = _random_spec(rng, ndim)
+    q, k, v = _inputs(grid, rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 9),
+                      torch.float64, seed)
+    _check_against_oracle(spec, grid, q, k, v)
