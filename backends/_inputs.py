@@ -24,11 +24,13 @@ def flatten_qkv(q, k, v, shape: tuple, backend: str):
     tokens = math.prod(shape)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise PatternError(f"{backend}: {name} must be a torch.Tensor, got {type(t).__name__}.")
+            raise PatternError(
+                f"{backend}: {name} must be a torch.Tensor, got {type(t).__name__}.")
     if not (q.dtype == k.dtype == v.dtype):
         raise PatternError(f"{backend}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}.")
     if not (q.device == k.device == v.device):
-        raise PatternError(f"{backend}: q, k, v devices differ: {q.device}, {k.device}, {v.device}.")
+        raise PatternError(
+            f"{backend}: q, k, v devices differ: {q.device}, {k.device}, {v.device}.")
     if not (q.shape == k.shape == v.shape):
         raise PatternError(
             f"{backend}: q, k, v shapes differ: q={tuple(q.shape)}, k={tuple(k.shape)}, "

@@ -21,7 +21,8 @@ from .spec import (Pattern, area, axis, block, causal, criss_cross, full, global
 
 __all__ = [
     "Pattern", "window", "block", "area", "axis", "stripe", "criss_cross", "global_tokens",
-    "causal", "full", "heads", "lower", "compile", "materialize", "show", "dense_attention", "cost",
+    "causal", "full", "heads", "lower", "compile", "materialize", "show", "dense_attention",
+    "cost",
     "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
     "BackendUnavailable", "receptive_field", "layers_to_global", "profile", "parse", "nn",
     "layout", "Layout",

@@ -442,7 +442,8 @@ class CostReport:
         return [
             ("tokens", self.tokens),
             ("attended pairs (per head)", self.pairs),
-            ("keys per query min/mean/max", f"{self.keys_min} / {self.keys_mean} / {self.keys_max}"),
+            ("keys per query min/mean/max",
+             f"{self.keys_min} / {self.keys_mean} / {self.keys_max}"),
             ("FLOPs (QK^T + PV, 4*d per pair)", self.flops),
             ("softmax ops (5 per pair, not in FLOPs)", self.softmax_ops),
             (f"bytes (Q,K,V,O once, {self.dtype_bytes} B/elem)", self.bytes),

@@ -6,4 +6,4 @@ class PatternError(ValueError):
 
 
 class BackendUnavailable(PatternError):
-    """No backend can run this pattern on these inputs; the message lists each backend's reasons."""
+    """No backend can run this pattern on these inputs; the message gives each one's reasons."""

@@ -100,13 +100,8 @@ class Grid:
             )
         return tuple(int(n) for n in self.shape)
 
-    def coords(self) -> np.ndarray:
-        """(tokens, ndim) int64 coordinates of every token in row-major order."""
-        shape = self.require_numeric("coords")
-        return np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), axis=1)
-
     def subs(self, mapping) -> "Grid":
-        return Grid(tuple(sympy.sympify(n).subs(mapping, simultaneous=True) if not is_number(n) else n
+        return Grid(tuple(n if is_number(n) else sympy.sympify(n).subs(mapping, simultaneous=True)
                           for n in self.shape)).normalised()
 
     def normalised(self) -> "Grid":

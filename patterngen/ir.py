@@ -9,9 +9,9 @@ relation has a single progression too.
 
 Every atom states its progression once, in :meth:`Atom.bounds`, written against a small ``ops``
 namespace (``min``, ``max``, ``where``, ``full``). The same formula evaluates on numpy arrays
-(layout, counts, the dense oracle), on torch tensors (FlexAttention's ``mask_mod``), on sympy
-symbols, and on :class:`Src` names to emit kernel source with constants folded. One formula,
-four consumers: they cannot drift apart.
+(layout, counts, the dense oracle), on torch tensors (FlexAttention's ``mask_mod``), and on
+:class:`Src` names to emit kernel source with constants folded. One formula, three consumers:
+they cannot drift apart.
 
 Example:
     >>> import numpy as np
@@ -33,7 +33,7 @@ from .grid import Grid, is_number
 
 __all__ = [
     "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn",
-    "Rel", "Term", "IR", "HeadsIR", "Src", "NUMPY_OPS", "SYMPY_OPS", "SOURCE_OPS", "torch_ops",
+    "Rel", "Term", "IR", "HeadsIR", "Src", "NUMPY_OPS", "SOURCE_OPS", "torch_ops",
     "inclusion_exclusion", "verify", "WINDOW_MODES",
 ]
 
@@ -50,10 +50,6 @@ def _np_full(i, value):
 
 
 NUMPY_OPS = SimpleNamespace(min=np.minimum, max=np.maximum, where=np.where, full=_np_full)
-SYMPY_OPS = SimpleNamespace(
-    min=sympy.Min, max=sympy.Max, full=lambda i, v: sympy.sympify(v),
-    where=lambda c, a, b: sympy.Piecewise((a, c), (b, True)),
-)
 
 
 def torch_ops():

@@ -88,7 +88,7 @@ def show(pattern, grid=None, query=None, head: int = 0) -> str:
 
     Example:
         >>> import patterngen as pg
-        >>> print(pg.show(pg.window(3), grid=(4, 5), query=(0, 0)))  # doctest: +NORMALIZE_WHITESPACE
+        >>> print(pg.show(pg.window(3), grid=(4, 5), query=(0, 0)))
         window(3) on grid 4x5, query (0, 0): 9 keys; pattern density 45.0%
         Q # # . .
         # # # . .
