@@ -115,11 +115,6 @@ class Src:
     def __ge__(self, o): return Src(f"({self} >= {o})")
     def __and__(self, o): return Src(f"({self} and {o})")
 
-    def __eq__(self, o):  # only ever compared with constants by the folding rules above
-        return False
-
-    __hash__ = object.__hash__
-
 
 SOURCE_OPS = SimpleNamespace(
     min=lambda a, b: Src(f"min({a}, {b})"),
