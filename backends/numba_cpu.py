@@ -110,12 +110,14 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
     match node:
         case ir.HeadsIR() | ir.IR():
             ctx["ndim"] = node.grid.ndim
+            forward, backward = ((_emit_lane_forward, _emit_lane_backward) if ctx["lanes"]
+                                 else (_emit_forward, _emit_backward))
             for index, head in enumerate(_distinct_heads(node)):
                 ctx["kernel"] = index
-                _emit_forward(head, em, ctx)
+                forward(head, em, ctx)
                 em()
                 em()
-                _emit_backward(head, em, ctx)
+                backward(head, em, ctx)
                 em()
                 em()
         case ir.Term():
@@ -123,8 +125,9 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
         case ir.Rel():
             a, t = ctx["axis"], ctx["term"]
             start, stop = node.bounds(ir.Src(f"i{a}"), ir.Src(f"n{a}"), ir.SOURCE_OPS)
-            em(f"lo{t}_{a} = {start}")
-            em(f"hi{t}_{a} = {stop}")
+            lane = _lane(ctx, a)
+            em(f"lo{t}_{a}{lane} = {start}")
+            em(f"hi{t}_{a}{lane} = {stop}")
         case _:
             raise PatternError(f"Unrecognized node {node!r} of type {type(node).__name__}; "
                                f"the numba generator handles IR, HeadsIR, Term and Rel.")
@@ -146,10 +149,16 @@ def _emit_bounds(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             _visit(rel, em, ctx)
 
 
-def _member(t: int, a: int, rel: ir.Rel) -> str:
-    test = f"lo{t}_{a} <= p{a} < hi{t}_{a}"
+def _lane(ctx: dict, a: int) -> str:
+    """``[u]`` where axis ``a``'s bounds are held per query lane (the last axis of a tile)."""
+    return "[u]" if ctx.get("lanes") and a == ctx["ndim"] - 1 else ""
+
+
+def _member(t: int, a: int, rel: ir.Rel, lane: str = "") -> str:
+    lo, hi = f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}"
+    test = f"{lo} <= p{a} < {hi}"
     step = rel.step
-    return test if step == 1 else f"{test} and (p{a} - lo{t}_{a}) % {step} == 0"
+    return test if step == 1 else f"{test} and (p{a} - {lo}) % {step} == 0"
 
 
 def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
@@ -159,21 +168,39 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
     known once ``p0..pa`` are, so it is computed at that loop depth and tested at the last.
     """
     t, earlier, last = ctx["term"], ctx["terms"][:ctx["term"]], len(term.rels) - 1
+    lanes = ctx.get("lanes")
     with contextlib.ExitStack() as scopes:
         for a, rel in enumerate(term.rels):
-            step = f", {rel.step}" if rel.step != 1 else ""
-            scopes.enter_context(em.block(f"for p{a} in range(lo{t}_{a}, hi{t}_{a}{step}):"))
+            if lanes and a == last:  # every key of the tile's union; a mask per query lane
+                header = f"for p{a} in range(ulo{t}, uhi{t}):"
+            else:
+                step = f", {rel.step}" if rel.step != 1 else ""
+                header = f"for p{a} in range(lo{t}_{a}, hi{t}_{a}{step}):"
+            scopes.enter_context(em.block(header))
             em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * n{a} + p{a}")
             tests = []
+            lane = "[u]" if lanes and a == last else ""
             for u, other in enumerate(earlier):
                 prev = f"c{u}_{a - 1} and " if a else ""
-                tests.append(f"{prev}{_member(u, a, other.rels[a])}")
+                tests.append(f"{prev}{_member(u, a, other.rels[a], lane)}")
                 if a < last:
                     em(f"c{u}_{a} = {tests[-1]}")
-            if a == last and tests:
+            if a == last and lanes:
+                em(f"keys[cnt] = k{last}")
+                with em.block("for u in range(LANES):"):
+                    held = _member(t, a, rel, "[u]")
+                    if tests:
+                        held = f"({held}) and not (" + " or ".join(f"({x})" for x in tests) + ")"
+                    em(f"mask[u, cnt] = 0.0 if {held} else -np.inf")
+                em("cnt += 1")
+                with em.block("if cnt == KEY_CHUNK:"):
+                    em(ctx["flush"])
+                    em("cnt = 0")
+            elif a == last and tests:
                 with em.block("if " + " or ".join(f"({x})" for x in tests) + ":"):
                     em("continue")
-        ctx["body"](em, f"k{last}")
+        if not lanes:
+            ctx["body"](em, f"k{last}")
 
 
 def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict, body) -> None:
@@ -182,6 +209,19 @@ def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict, body) -> None:
         ctx["term"] = t
         em(f"# term {t}: {term!r}" + (" (keys of earlier terms skipped)" if t else ""))
         _visit(term, em, ctx)
+
+
+def _emit_collect(em: _Emitter, key: str, flush: str) -> None:
+    """The innermost statement of every term: buffer the key; a full buffer is processed.
+
+    Scores are computed in the chunk helpers, four keys at a time, not here: one key per
+    pass over ``q`` is a horizontal reduction per pair and was the slowest loop.
+    """
+    em(f"keys[cnt] = {key}")
+    em("cnt += 1")
+    with em.block("if cnt == KEY_CHUNK:"):
+        em(flush)
+        em("cnt = 0")
 
 
 def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
@@ -219,35 +259,35 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                 em("l = ACC(0.0)")
                 em("cnt = 0")
 
-                def body(em, key):
-                    em("s = ACC(0.0)")
-                    with em.block("for d in range(dim):"):
-                        em(f"s += qs[d] * kb[{key}, d]")
-                    em("scores[cnt] = s")
-                    em(f"keys[cnt] = {key}")
-                    em("cnt += 1")
-                    with em.block("if cnt == KEY_CHUNK:"):
-                        em("m, l = _softmax_chunk(scores, keys, bits, cnt, m, l, acc, vb)")
-                        em("cnt = 0")
-
-                _emit_keys(head, em, ctx, body)
+                flush = "m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)"
+                _emit_keys(head, em, ctx, functools.partial(_emit_collect, flush=flush))
                 with em.block("if cnt > 0:"):
-                    em("m, l = _softmax_chunk(scores, keys, bits, cnt, m, l, acc, vb)")
+                    em(flush)
                 em("_finish_row(ob, lse, b, h, iq, acc, m, l)")
 
 
-def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+@contextlib.contextmanager
+def _backward_header(em: _Emitter, ctx: dict, unit: str, notes: list[str]):
+    """The ``backward_<kernel>`` signature and docstring; the body is emitted inside."""
     ndim, idx = ctx["ndim"], ctx["kernel"]
-    tokens = " * ".join(f"n{a}" for a in range(ndim))
     em("@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)")
     with em.block(f"def backward_{idx}(q, k, v, out, dout, lse, scale, {_prologue(ndim)}, heads, "
                   f"dq, dk, dv, start, stop):"):
         em(f'"""Pattern {idx}: dq, and dk, dv per split ``dk[s]`` (zero on entry), of items '
            f'``start..stop``.')
         em()
-        em("Item ``w`` is split ``w % splits`` of the queries of batch ``w // (nh * splits)`` and")
+        em(f"Item ``w`` is split ``w % splits`` of the {unit} of batch ``w // (nh * splits)`` and")
         em("head ``heads[w // splits % nh]``: it alone writes its dk and dv copy.")
+        for line in notes:
+            em(line)
         em('"""')
+        yield
+
+
+def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    ndim, idx = ctx["ndim"], ctx["kernel"]
+    tokens = " * ".join(f"n{a}" for a in range(ndim))
+    with _backward_header(em, ctx, "queries", []):
         em("dim, splits = q.shape[3], dk.shape[0]")
         em(f"tokens = {tokens}")
         em("nh = heads.shape[0]")
@@ -279,77 +319,180 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                 _unflatten(em, ndim)
                 _emit_bounds(head, em, ctx)
                 em("cnt = 0")
-                flush = ("_backward_chunk(scores, dps, keys, bits, cnt, delta, qs, dos, kb, dqa, "
-                         "dkb, dvb)")
-
-                def body(em, key):
-                    em("s = ACC(0.0)")
-                    em("dp = ACC(0.0)")
-                    with em.block("for d in range(dim):"):
-                        em(f"s += qs[d] * kb[{key}, d]")
-                        em(f"dp += dos[d] * vb[{key}, d]")
-                    em("scores[cnt] = s - lse_q")
-                    em("dps[cnt] = dp")
-                    em(f"keys[cnt] = {key}")
-                    em("cnt += 1")
-                    with em.block("if cnt == KEY_CHUNK:"):
-                        em(flush)
-                        em("cnt = 0")
-
-                _emit_keys(head, em, ctx, body)
+                flush = ("_backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, "
+                         "delta, dqa, dkb, dvb)")
+                _emit_keys(head, em, ctx, functools.partial(_emit_collect, flush=flush))
                 em(flush)
                 with em.block("for d in range(dim):"):
                     em("dqb[iq, d] = dqa[d] * scale")
 
 
+def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: dict, per_lane) -> None:
+    """A tile's lanes: query coordinates, every term's bounds (the last axis per lane), and
+    each term's union ``ulo, uhi`` on the last axis; ``per_lane(em)`` loads lane ``u``.
+
+    Lanes past the row's end repeat its last query with empty bounds: they attend nothing.
+    """
+    ndim, last = ctx["ndim"], ctx["ndim"] - 1
+    with em.block("for u in range(LANES):"):
+        em(f"iq = row * n{last} + min(first + u, n{last} - 1)")
+        _unflatten(em, ndim)
+        _emit_bounds(head, em, ctx)
+        with em.block(f"if first + u >= n{last}:"):
+            for t in range(len(head.terms)):
+                em(f"lo{t}_{last}[u] = hi{t}_{last}[u] = 0")
+        per_lane(em)
+    for t in range(len(head.terms)):
+        em(f"ulo{t}, uhi{t} = _union(lo{t}_{last}, hi{t}_{last}, n{last})")
+
+
+def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scalars) -> None:
+    """Per-thread scratch: a head_dim row, a key chunk or a value per lane, and the lanes'
+    last-axis bounds of every term."""
+    for names, shape in ((rows, "(LANES, dim)"), (chunks, "(LANES, KEY_CHUNK)"),
+                         (scalars, "LANES")):
+        for name in names:
+            em(f"{name} = np.empty({shape}, ACC)")
+    em("keys = np.empty(KEY_CHUNK, np.int64)")
+    em("bits = np.empty(KEY_CHUNK, BITS)")
+    last = ctx["ndim"] - 1
+    for t in range(len(head.terms)):
+        em(f"lo{t}_{last} = np.empty(LANES, np.int64)")
+        em(f"hi{t}_{last} = np.empty(LANES, np.int64)")
+
+
+def _emit_tile_header(em: _Emitter, ctx: dict) -> None:
+    """``row`` (flat index of the outer coordinates) and ``first`` (last-axis start)."""
+    ndim = ctx["ndim"]
+    rows = " * ".join(f"n{a}" for a in range(ndim - 1)) or "1"
+    em(f"rows = {rows}")
+    em(f"per_row = (n{ndim - 1} + LANES - 1) // LANES")
+    em("tiles = rows * per_row")
+
+
+def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    ndim, idx, last = ctx["ndim"], ctx["kernel"], ctx["ndim"] - 1
+    em("@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)")
+    with em.block(f"def forward_{idx}(q, k, v, scale, {_prologue(ndim)}, heads, out, lse, "
+                  f"start, stop):"):
+        em(f'"""Pattern {idx}: out and log-sum-exp of work items ``start..stop``.')
+        em()
+        em("Item ``w`` is a tile of LANES consecutive queries along the last axis (one")
+        em("``row`` of the others) of batch ``w // (nh * tiles)`` and head")
+        em("``heads[w // tiles % nh]``. The lanes share each key of their union, masked per lane.")
+        em('"""')
+        em("dim = q.shape[3]")
+        _emit_tile_header(em, ctx)
+        em("nh = heads.shape[0]")
+        _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"))
+        with em.block("for w in range(start, stop):"):
+            em("b = w // (nh * tiles)")
+            em("h = heads[(w // tiles) % nh]")
+            em("row = (w % tiles) // per_row")
+            em("first = (w % tiles) % per_row * LANES")
+            em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
+
+            def per_lane(em):
+                with em.block("for d in range(dim):"):
+                    em("qt[u, d] = qb[iq, d] * scale")
+                    em("acc[u, d] = 0.0")
+                em("m[u] = -np.inf")
+                em("l[u] = 0.0")
+
+            _emit_tile_setup(head, em, ctx, per_lane)
+            em("cnt = 0")
+            ctx["flush"] = "_tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc)"
+            _emit_keys(head, em, ctx, None)
+            with em.block("if cnt > 0:"):
+                em(ctx["flush"])
+            with em.block(f"for u in range(min(LANES, n{last} - first)):"):
+                em(f"_finish_row(ob, lse, b, h, row * n{last} + first + u, acc[u], m[u], l[u])")
+
+
+def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    ndim, idx, last = ctx["ndim"], ctx["kernel"], ctx["ndim"] - 1
+    with _backward_header(em, ctx, "tiles", ["A key's dk and dv rows are updated once per chunk "
+                                             "for all the lanes that hold it."]):
+        em("dim, splits = q.shape[3], dk.shape[0]")
+        _emit_tile_header(em, ctx)
+        em("nh = heads.shape[0]")
+        _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"), ("scores", "dps", "mask"),
+                           ("lse_t", "delta"))
+        with em.block("for w in range(start, stop):"):
+            em("b = w // (nh * splits)")
+            em("h = heads[(w // splits) % nh]")
+            em("split = w % splits")
+            em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
+            em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
+            with em.block("for tile in range(split * tiles // splits, "
+                          "(split + 1) * tiles // splits):"):
+                em("row = tile // per_row")
+                em("first = tile % per_row * LANES")
+
+                def per_lane(em):
+                    em("lse_t[u] = lse[b, h, iq]")
+                    em("total = ACC(0.0)")
+                    with em.block("for d in range(dim):"):
+                        em("total += dob[iq, d] * ob[iq, d]")
+                        em("qt[u, d] = qb[iq, d] * scale")
+                        em("dot[u, d] = dob[iq, d]")
+                        em("dqa[u, d] = 0.0")
+                    em("delta[u] = total")
+
+                _emit_tile_setup(head, em, ctx, per_lane)
+                em("cnt = 0")
+                ctx["flush"] = ("_tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, "
+                                "bits, cnt, lse_t, delta, dqa, dkb, dvb)")
+                _emit_keys(head, em, ctx, None)
+                em(ctx["flush"])
+                with em.block(f"for u in range(min(LANES, n{last} - first)):"):
+                    with em.block("for d in range(dim):"):
+                        em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
+
+
+# helpers of every generated module, as text: the module stays self-contained
 _HELPERS = '''\
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _softmax_chunk(scores, keys, bits, cnt, m, l, acc, vb):
-    \"\"\"Fold ``cnt`` scores into the running max ``m``, sum ``l`` and output ``acc``.\"\"\"
-    top = m
-    for c in range(cnt):
-        top = max(top, scores[c])
-    alpha = math.exp(m - top)
-    l *= alpha
-    dim = acc.shape[0]
-    for d in range(dim):
-        acc[d] *= alpha
-    _exp_shifted(scores, bits, cnt, top)
-    for c in range(cnt):
-        l += scores[c]
+def _dots(x, rows, keys, cnt, out):
+    \"\"\"``out[c] = x . rows[keys[c]]``, four keys per pass: one load of ``x`` serves four.\"\"\"
+    dim = x.shape[0]
     c = 0
-    # four keys per pass over acc: a quarter of the loads and stores of acc
     while c + 4 <= cnt:
-        p0, p1, p2, p3 = scores[c], scores[c + 1], scores[c + 2], scores[c + 3]
         k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
+        s0 = s1 = s2 = s3 = ACC(0.0)
         for d in range(dim):
-            acc[d] += p0 * vb[k0, d] + p1 * vb[k1, d] + p2 * vb[k2, d] + p3 * vb[k3, d]
+            xd = x[d]
+            s0 += xd * rows[k0, d]
+            s1 += xd * rows[k1, d]
+            s2 += xd * rows[k2, d]
+            s3 += xd * rows[k3, d]
+        out[c], out[c + 1], out[c + 2], out[c + 3] = s0, s1, s2, s3
         c += 4
     while c < cnt:
-        p0, k0 = scores[c], keys[c]
+        k0 = keys[c]
+        s0 = ACC(0.0)
         for d in range(dim):
-            acc[d] += p0 * vb[k0, d]
+            s0 += x[d] * rows[k0, d]
+        out[c] = s0
         c += 1
-    return top, l
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _backward_chunk(scores, dps, keys, bits, cnt, delta, qs, dos, kb, dqa, dkb, dvb):
-    \"\"\"Gradients of ``cnt`` keys of one query: ``P = exp(S - lse)``, ``dS = P (dP - D)``.
-
-    ``qs`` is the query already scaled, so ``dk += dS q scale``; the caller scales ``dqa``.
-    \"\"\"
-    _exp_shifted(scores, bits, cnt, ACC(0.0))
-    dim = dqa.shape[0]
-    for c in range(cnt):
-        p, key = scores[c], keys[c]
-        ds = p * (dps[c] - delta)
+def _pv(p, rows, keys, cnt, acc):
+    \"\"\"``acc += sum_c p[c] rows[keys[c]]``, four keys per pass: a quarter of acc's traffic.\"\"\"
+    dim = acc.shape[0]
+    c = 0
+    while c + 4 <= cnt:
+        p0, p1, p2, p3 = p[c], p[c + 1], p[c + 2], p[c + 3]
+        k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
         for d in range(dim):
-            dqa[d] += ds * kb[key, d]
+            acc[d] += p0 * rows[k0, d] + p1 * rows[k1, d] + p2 * rows[k2, d] + p3 * rows[k3, d]
+        c += 4
+    while c < cnt:
+        p0, k0 = p[c], keys[c]
         for d in range(dim):
-            dkb[key, d] += ds * qs[d]
-        for d in range(dim):
-            dvb[key, d] += p * dos[d]
+            acc[d] += p0 * rows[k0, d]
+        c += 1
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -365,16 +508,199 @@ def _finish_row(ob, lse, b, h, iq, acc, m, l):
         lse[b, h, iq] = np.inf
 '''
 
+# one query at a time
+_QUERY_HELPERS = '''\
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc):
+    \"\"\"Fold ``cnt`` keys into the running max ``m``, sum ``l`` and output ``acc``.\"\"\"
+    _dots(qs, kb, keys, cnt, scores)
+    top = m
+    for c in range(cnt):
+        top = max(top, scores[c])
+    alpha = math.exp(m - top)
+    l *= alpha
+    dim = acc.shape[0]
+    for d in range(dim):
+        acc[d] *= alpha
+    _exp_shifted(scores, bits, cnt, top)
+    for c in range(cnt):
+        l += scores[c]
+    _pv(scores, vb, keys, cnt, acc)
+    return top, l
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb):
+    \"\"\"Gradients of ``cnt`` keys of one query: ``P = exp(S - lse)``, ``dS = P (dP - D)``.
+
+    ``qs`` is the query already scaled, so ``dk += dS q scale``; the caller scales ``dqa``.
+    \"\"\"
+    _dots(qs, kb, keys, cnt, scores)
+    _dots(dos, vb, keys, cnt, dps)
+    _exp_shifted(scores, bits, cnt, lse_q)
+    dim = dqa.shape[0]
+    for c in range(cnt):
+        p, key = scores[c], keys[c]
+        ds = p * (dps[c] - delta)
+        for d in range(dim):
+            dqa[d] += ds * kb[key, d]
+        for d in range(dim):
+            dkb[key, d] += ds * qs[d]
+        for d in range(dim):
+            dvb[key, d] += p * dos[d]
+'''
+
+# tiles of LANES queries that share keys
+_LANE_HELPERS = '''\
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _union(lo, hi, n):
+    \"\"\"The smallest range holding every lane's non-empty ``[lo, hi)``; ``(0, 0)`` if none.\"\"\"
+    start, stop = n, 0
+    for u in range(lo.shape[0]):
+        if lo[u] < hi[u]:
+            start = min(start, lo[u])
+            stop = max(stop, hi[u])
+    return min(start, stop), stop
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _tile_dots(x, rows, keys, cnt, out):
+    \"\"\"``out[u, c] = x[u] . rows[keys[c]]`` in blocks of 2 lanes x 4 keys held in registers.\"\"\"
+    lanes, dim = x.shape
+    u = 0
+    while u + 2 <= lanes:
+        c = 0
+        while c + 4 <= cnt:
+            k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = ACC(0.0)
+            for d in range(dim):
+                x0, x1 = x[u, d], x[u + 1, d]
+                r0, r1, r2, r3 = rows[k0, d], rows[k1, d], rows[k2, d], rows[k3, d]
+                a0 += x0 * r0
+                a1 += x0 * r1
+                a2 += x0 * r2
+                a3 += x0 * r3
+                b0 += x1 * r0
+                b1 += x1 * r1
+                b2 += x1 * r2
+                b3 += x1 * r3
+            out[u, c], out[u, c + 1], out[u, c + 2], out[u, c + 3] = a0, a1, a2, a3
+            out[u + 1, c], out[u + 1, c + 1], out[u + 1, c + 2], out[u + 1, c + 3] = b0, b1, b2, b3
+            c += 4
+        while c < cnt:
+            k0 = keys[c]
+            a0 = b0 = ACC(0.0)
+            for d in range(dim):
+                a0 += x[u, d] * rows[k0, d]
+                b0 += x[u + 1, d] * rows[k0, d]
+            out[u, c], out[u + 1, c] = a0, b0
+            c += 1
+        u += 2
+    if u < lanes:
+        _dots(x[u], rows, keys, cnt, out[u])
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _tile_pv(p, rows, keys, cnt, acc):
+    \"\"\"``acc[u] += sum_c p[u, c] rows[keys[c]]``, 2 lanes x 4 keys per pass.\"\"\"
+    lanes, dim = acc.shape
+    u = 0
+    while u + 2 <= lanes:
+        c = 0
+        while c + 4 <= cnt:
+            k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
+            p0, p1, p2, p3 = p[u, c], p[u, c + 1], p[u, c + 2], p[u, c + 3]
+            s0, s1, s2, s3 = p[u + 1, c], p[u + 1, c + 1], p[u + 1, c + 2], p[u + 1, c + 3]
+            for d in range(dim):
+                r0, r1, r2, r3 = rows[k0, d], rows[k1, d], rows[k2, d], rows[k3, d]
+                acc[u, d] += p0 * r0 + p1 * r1 + p2 * r2 + p3 * r3
+                acc[u + 1, d] += s0 * r0 + s1 * r1 + s2 * r2 + s3 * r3
+            c += 4
+        while c < cnt:
+            k0, p0, s0 = keys[c], p[u, c], p[u + 1, c]
+            for d in range(dim):
+                acc[u, d] += p0 * rows[k0, d]
+                acc[u + 1, d] += s0 * rows[k0, d]
+            c += 1
+        u += 2
+    if u < lanes:
+        _pv(p[u], rows, keys, cnt, acc[u])
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _tile_scatter(p, x, keys, cnt, dst):
+    \"\"\"``dst[keys[c]] += sum_u p[u, c] x[u]``: each key's row is updated once for all lanes.\"\"\"
+    lanes, dim = x.shape
+    for c in range(cnt):
+        key = keys[c]
+        u = 0
+        while u + 4 <= lanes:
+            p0, p1, p2, p3 = p[u, c], p[u + 1, c], p[u + 2, c], p[u + 3, c]
+            for d in range(dim):
+                dst[key, d] += p0 * x[u, d] + p1 * x[u + 1, d] + p2 * x[u + 2, d] + p3 * x[u + 3, d]
+            u += 4
+        while u < lanes:
+            p0 = p[u, c]
+            for d in range(dim):
+                dst[key, d] += p0 * x[u, d]
+            u += 1
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc):
+    \"\"\"Fold ``cnt`` keys into every lane's running max, sum and output; ``mask`` is 0 where
+    the lane holds the key, ``-inf`` where not (its probability is then exactly 0).\"\"\"
+    _tile_dots(qt, kb, keys, cnt, scores)
+    lanes, dim = acc.shape
+    for u in range(lanes):
+        top = m[u]
+        for c in range(cnt):
+            scores[u, c] += mask[u, c]
+        for c in range(cnt):
+            top = max(top, scores[u, c])
+        shift = top if top > -np.inf else ACC(0.0)
+        alpha = math.exp(m[u] - shift)
+        m[u] = top
+        _exp_shifted(scores[u], bits, cnt, shift)
+        total = l[u] * alpha
+        for c in range(cnt):
+            total += scores[u, c]
+        l[u] = total
+        for d in range(dim):
+            acc[u, d] *= alpha
+    _tile_pv(scores, vb, keys, cnt, acc)
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, bits, cnt, lse_t, delta, dqa,
+                         dkb, dvb):
+    \"\"\"Gradients of ``cnt`` keys for every lane: ``P = exp(S - lse)``, ``dS = P (dP - D)``.\"\"\"
+    _tile_dots(qt, kb, keys, cnt, scores)
+    _tile_dots(dot, vb, keys, cnt, dps)
+    for u in range(qt.shape[0]):
+        for c in range(cnt):
+            scores[u, c] += mask[u, c]
+        _exp_shifted(scores[u], bits, cnt, lse_t[u])
+        for c in range(cnt):
+            dps[u, c] = scores[u, c] * (dps[u, c] - delta[u])
+    _tile_pv(dps, kb, keys, cnt, dqa)
+    _tile_scatter(dps, qt, keys, cnt, dkb)
+    _tile_scatter(scores, dot, keys, cnt, dvb)
+'''
+
 # exp(x - top) in place over a chunk, by dtype: float32 takes a polynomial that vectorises
 # (numba has no vector exp without SVML); float64 keeps math.exp for full precision
 _EXP = {
     "float32": '''\
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _exp_shifted(x, bits, cnt, top):
-    \"\"\"``x[c] = exp(x[c] - top)``: 2**n from exponent bits, 2**f by Taylor on |f| <= 1/2.\"\"\"
+    \"\"\"``x[c] = exp(x[c] - top)``: 2**n from exponent bits, 2**f by Taylor on |f| <= 1/2.
+
+    Below 2**-127 the exponent bits are 0, so ``-inf`` (a masked key) gives exactly 0.
+    \"\"\"
     scale = bits.view(np.float32)
     for c in range(cnt):
-        t = max((x[c] - top) * np.float32(1.4426950408889634), np.float32(-126.0))
+        t = max((x[c] - top) * np.float32(1.4426950408889634), np.float32(-127.0))
         n = np.floor(t + np.float32(0.5))
         f = (t - n) * np.float32(0.6931471805599453)
         x[c] = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (
@@ -417,15 +743,18 @@ def _head_map(node) -> list[int]:
     return [distinct.index(h.terms) for h in node.per_head]
 
 
-def generate(node, dtype: str = "float32") -> str:
+def generate(node, dtype: str = "float32", lanes: int = 0) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
-    Pure and deterministic: the text depends on the IR's terms and ``dtype`` only, never on
-    the grid's extents, which the kernels take as arguments ``n0, n1, ...``.
+    Pure and deterministic: the text depends on the IR's terms, ``dtype`` and ``lanes`` only,
+    never on the grid's extents, which the kernels take as arguments ``n0, n1, ...``.
 
     Args:
         node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
         dtype: ``"float32"`` or ``"float64"``; scores, softmax and accumulators use it.
+        lanes: 0 for one query at a time; ``L >= 2`` for tiles of ``L`` consecutive queries
+            along the last axis that share every key of their union, masked per query
+            (:func:`choose_lanes` picks it from the pattern's waste).
 
     Raises:
         PatternError: for an unsupported dtype or an unrecognised IR node.
@@ -439,6 +768,9 @@ def generate(node, dtype: str = "float32") -> str:
     if dtype not in DTYPES:
         raise PatternError(f"Unsupported dtype={dtype!r} for the numba backend; supported "
                            f"dtypes are {tuple(DTYPES)}.")
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 0 or lanes == 1:
+        raise PatternError(f"numba: lanes={lanes!r}; expected 0 (one query at a time) or an "
+                           f"int >= 2 (queries per tile).")
     em = _Emitter()
     em("import math")
     em()
@@ -446,19 +778,69 @@ def generate(node, dtype: str = "float32") -> str:
     em("import numpy as np")
     em()
     em(f"ACC = {DTYPES[dtype]}")
-    em(f"QUERY_TILE = {QUERY_TILE}")
+    em(f"QUERY_TILE = {QUERY_TILE}" if not lanes else f"LANES = {lanes}")
     em(f"BITS = {_BITS[dtype]}")
     em(f"KEY_CHUNK = {KEY_CHUNK}")
     em("FASTMATH = {" + ", ".join(repr(f) for f in sorted(FASTMATH)) + "}")
     em()
     em()
-    em.lines.append(_HELPERS)
+    em.lines.append(_HELPERS + "\n\n" + (_LANE_HELPERS if lanes else _QUERY_HELPERS))
     em()
     em()
     em.lines.append(_EXP[dtype])
     em()
-    _visit(node, em, {})
+    _visit(node, em, {"lanes": lanes})
     return _header(node, dtype) + "\n" + em.text().rstrip() + "\n"
+
+
+#: tile widths tried by :func:`choose_lanes`, beside the last axis's block sizes up to 16
+LANE_CHOICES = (8, 4)
+#: the fewest attended pairs per computed pair for which a tile pays (measured: a computed
+#: pair costs about 0.65 of a per-query pair, so 0.8 leaves a margin for the masks)
+LANE_MIN_EFFICIENCY = 0.8
+
+
+def lane_pairs(head: ir.IR, shape, lanes: int) -> int:
+    """Pairs that tiles of ``lanes`` queries compute for one head pattern on ``shape``.
+
+    Separable, never tokens x tokens: a tile shares its other coordinates, so for each of
+    its lanes it computes every key of the lanes' union on the last axis.
+    """
+    import numpy as np
+
+    n = int(shape[-1])
+    coords = np.arange(-(-n // lanes) * lanes, dtype=np.int64)
+    computed = 0
+    for term in head.terms:
+        outer = math.prod(int(rel.counts(int(m)).sum())
+                          for rel, m in zip(term.rels[:-1], shape[:-1]))
+        lo, hi = term.rels[-1].bounds(np.minimum(coords, n - 1), n, ir.NUMPY_OPS)
+        lo, hi = np.broadcast_to(lo, coords.shape), np.broadcast_to(hi, coords.shape)
+        held = (lo < hi) & (coords < n)
+        lo = np.where(held, lo, n).reshape(-1, lanes).min(axis=1)
+        hi = np.where(held, hi, 0).reshape(-1, lanes).max(axis=1)
+        computed += outer * lanes * int(np.maximum(hi - lo, 0).sum())
+    return computed
+
+
+def lane_efficiency(node, shape, lanes: int) -> float:
+    """Attended pairs over the pairs that tiles of ``lanes`` queries compute on ``shape``."""
+    computed = sum(lane_pairs(head, shape, lanes) for head in node.per_head)
+    return sum(head.pairs() for head in node.per_head) / computed if computed else 0.0
+
+
+def choose_lanes(node, shape) -> int:
+    """The widest tile whose :func:`lane_efficiency` is at least ``LANE_MIN_EFFICIENCY``, or
+    0 (one query at a time): tiles pay for windows much wider than the tile, aligned blocks,
+    axes and global tokens, not for a 7-wide neighbourhood (half of a tile's keys wasted).
+    Wider tiles share each loaded key among more queries (measured on W1: 8 lanes beat 4)."""
+    blocks = {int(a.size) for head in node.per_head for term in head.terms
+              for a in term.rels[-1].atoms
+              if isinstance(a, ir.Block) and is_number(a.size) and 2 <= a.size <= 16}
+    for lanes in sorted(set(LANE_CHOICES) | blocks, reverse=True):
+        if lane_efficiency(node, shape, lanes) >= LANE_MIN_EFFICIENCY:
+            return lanes
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,6 +975,8 @@ class NumbaBackend(Backend):
     Args:
         ir: the lowered pattern (numeric grid).
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
+        lanes: queries per tile along the last axis (0: one query at a time); ``None`` lets
+            :func:`choose_lanes` pick from the pattern's waste on this grid.
 
     Attributes:
         source: the generated float32 module (``source_for("float64")`` for the other dtype).
@@ -603,11 +987,13 @@ class NumbaBackend(Backend):
     SUPPORTED_DTYPES = tuple(DTYPES)
     BACKWARD_DEVICES = ("cpu",)
 
-    def __init__(self, ir_, scale=None):
+    def __init__(self, ir_, scale=None, lanes=None):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the numba backend")
         self.scale = scale
+        self.lanes = choose_lanes(ir_, self.shape) if lanes is None else lanes
         self._head_map = _head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
+        self.source_for("float32")  # a bad ``lanes`` is refused here, not at the first call
 
     @property
     def source(self) -> str:
@@ -615,15 +1001,18 @@ class NumbaBackend(Backend):
 
     @property
     def executed_pairs(self) -> tuple[int, ...]:
-        """Pairs computed per listed pattern: exactly the attended ones (unions deduplicated)."""
+        """Pairs computed per listed pattern: exactly the attended ones (unions deduplicated)
+        one query at a time; with lanes, each tile's union (:func:`lane_pairs`)."""
+        if self.lanes:
+            return tuple(lane_pairs(head, self.shape, self.lanes) for head in self.ir.per_head)
         return tuple(head.pairs() for head in self.ir.per_head)
 
     def source_for(self, dtype: str) -> str:
         """The generated module text for ``dtype`` (``"float32"`` or ``"float64"``)."""
-        return _generate_cached(self.ir, dtype)
+        return _generate_cached(self.ir, dtype, self.lanes)
 
     def __repr__(self):
-        return f"NumbaBackend({self.ir.label} on grid {self.ir.grid})"
+        return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
 
     def __call__(self, q, k, v, scale=None):
         """Attention of ``q`` over ``k, v`` under the compiled pattern.
@@ -667,7 +1056,10 @@ class NumbaBackend(Backend):
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype=q.dtype)
         typed_scale = q.dtype.type(scale)
-        tiles = -(-q.shape[2] // QUERY_TILE)
+        if self.lanes:
+            tiles = math.prod(shape[:-1]) * -(-shape[-1] // self.lanes)
+        else:
+            tiles = -(-q.shape[2] // QUERY_TILE)
         for i, group in self._head_groups(q.shape[1]):
             _run(kernels[i][0], source, q.shape[0] * len(group) * tiles,
                  q, k, v, typed_scale, *shape, group, out, lse)
@@ -683,7 +1075,8 @@ class NumbaBackend(Backend):
         # dk/dv are scattered from every query: each split owns a copy, so that (batch, head)
         # pairs fewer than the threads still keep every thread busy without atomics
         splits = max(1, -(-2 * numba.get_num_threads() // (batch * heads)))
-        splits = min(splits, q.shape[2])
+        tiles = math.prod(shape[:-1]) * -(-shape[-1] // self.lanes) if self.lanes else q.shape[2]
+        splits = min(splits, tiles)
         dq = np.empty_like(q)
         dk = np.zeros((splits, *q.shape), dtype=q.dtype)
         dv = np.zeros((splits, *q.shape), dtype=q.dtype)
@@ -697,8 +1090,8 @@ class NumbaBackend(Backend):
 
 
 @functools.lru_cache(maxsize=256)
-def _generate_cached(node, dtype: str) -> str:
-    return generate(node, dtype)
+def _generate_cached(node, dtype: str, lanes: int) -> str:
+    return generate(node, dtype, lanes)
 
 
 register_backend("numba", NumbaBackend)

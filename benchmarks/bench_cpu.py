@@ -174,6 +174,8 @@ def run_workload(w: Workload, args) -> list[dict]:
     rows = []
     for label, fn in methods.items():
         rows.append(_measure(label, fn, q, k, v, ref, flops, repeats, args.backward))
+        if getattr(fn, "lanes", None) and "note" not in rows[-1]:
+            rows[-1]["note"] = f"{fn.lanes} lanes"
     rows.append(_measure_flex(w, lowered, q, k, v, ref, flops, repeats, args))
     for r in rows:
         r["workload"], r["flops"] = w.name, flops

@@ -49,9 +49,9 @@ def _inputs(grid, batch, heads, dim, dtype, seed, gridded=True):
             for _ in range(3)]
 
 
-def _check_against_oracle(spec, grid, q, k, v, scale=None, atol=1e-10):
+def _check_against_oracle(spec, grid, q, k, v, scale=None, atol=1e-10, **options):
     """Forward and the three gradients of the numba backend equal the dense float64 oracle."""
-    attn = pg.compile(spec, grid, backend="numba")
+    attn = pg.compile(spec, grid, backend="numba", **options)
     out = attn(q, k, v, scale=scale)
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -76,6 +76,64 @@ def test_matches_dense_oracle(name, seed):
     batch, heads, dim = rng.randint(1, 2), rng.randint(1, 4), rng.choice([1, 3, 8, 16])
     q, k, v = _inputs(grid, batch, heads, dim, torch.float64, seed, gridded=bool(seed))
     _check_against_oracle(STRUCTURES[name], grid, q, k, v)
+
+
+# tiles of queries: unions with skipped keys, empty queries, 3-D dilated, per-head kernels;
+# odd widths leave a single-lane tail and rows that end inside a tile
+@pytest.mark.parametrize("name, lanes", [("window_or_global", 3), ("global_and_causal", 2),
+                                         ("window_3d_pad_dilated", 3), ("heads", 2)])
+def test_lanes_match_dense_oracle(name, lanes):
+    rng = random.Random(f"lanes-{name}")
+    grid = _grid_for(name, rng)
+    q, k, v = _inputs(grid, 2, 3, rng.choice([1, 5, 8]), torch.float64, seed=11)
+    _check_against_oracle(STRUCTURES[name], grid, q, k, v, lanes=lanes)
+
+
+def test_lanes_float32_chosen_automatically():
+    spec, grid = pg.window(16, causal=True), (100,)
+    attn = pg.compile(spec, grid, backend="numba")
+    assert attn.lanes == 4  # 16 of 19 union keys per lane; 8 lanes would hold 16 of 23
+    q, k, v = _inputs(grid, 1, 2, 32, torch.float32, seed=12)
+    _check_against_oracle(spec, grid, q, k, v, atol=2e-5)
+
+
+@pytest.mark.parametrize("spec, grid, lanes", [
+    (pg.window(256, causal=True), (8192,), 8),  # W1: 256 of 263 keys per lane
+    (pg.block(7), (56, 56), 7),                 # Swin windows: tiles are the blocks' rows
+    (pg.axis(1), (8, 40), 8),
+    (pg.window(7), (64, 64), 0),                # half of an 8-query tile's keys are wasted
+    (pg.criss_cross(), (64, 64), 0),            # the column term: one key per lane
+])
+def test_choose_lanes(spec, grid, lanes):
+    assert numba_cpu.choose_lanes(pg.lower(spec, grid), grid) == lanes
+
+
+@pytest.mark.parametrize("spec, grid", [(pg.window(5, dilation=2), (11, 13)), (pg.block(3), (9,)),
+                                        (pg.window(4, causal=True), (5, 10)),
+                                        (pg.block(3, offset=1), (4, 7))])
+@pytest.mark.parametrize("lanes", [2, 3, 4])
+def test_lane_efficiency_counts_what_tiles_compute(spec, grid, lanes):
+    """Against enumeration: a tile computes, for each lane, every key whose outer coordinates
+    some lane attends and whose last coordinate lies in the lanes' union (one-term patterns)."""
+    lowered = pg.lower(spec, grid)
+    assert len(lowered.terms) == 1
+    mask = pg.materialize(spec, grid).reshape(*grid, *grid)
+    n, computed = grid[-1], 0
+    for outer in np.ndindex(*grid[:-1]):
+        for first in range(0, n, lanes):
+            held = mask[outer][first:first + lanes].reshape(-1, *grid)  # lanes x key grid
+            keys = np.argwhere(held.any(axis=0))
+            if len(keys):
+                rows = {tuple(key[:-1]) for key in keys}
+                computed += lanes * len(rows) * (keys[:, -1].max() - keys[:, -1].min() + 1)
+    assert numba_cpu.lane_pairs(lowered, grid, lanes) == computed
+    assert numba_cpu.lane_efficiency(lowered, grid, lanes) == pytest.approx(mask.sum() / computed)
+
+
+def test_bad_lanes_are_refused():
+    for lanes in (1, -2, 2.0, True):
+        with pytest.raises(PatternError, match=r"numba: lanes=.*expected 0 .* or an int >= 2"):
+            pg.compile(pg.window(3), (8,), backend="numba", lanes=lanes)
 
 
 def test_float32_matches_float64_oracle():
@@ -138,10 +196,13 @@ def test_new_grid_reuses_the_compiled_kernels():
     assert len(module.forward_0.signatures) == 1
 
 
-def test_executed_pairs_are_the_attended_pairs():
+def test_executed_pairs_are_the_attended_pairs_or_the_tiles_unions():
     spec = pg.heads(pg.criss_cross(), pg.window(3))
-    attn = pg.compile(spec, (6, 7), backend="numba")
+    attn = pg.compile(spec, (6, 7), backend="numba", lanes=0)
     assert attn.executed_pairs == tuple(int(m.sum()) for m in pg.materialize(spec, (6, 7)))
+    tiled = pg.compile(spec, (6, 7), backend="numba", lanes=3)
+    assert tiled.executed_pairs == tuple(numba_cpu.lane_pairs(h, (6, 7), 3)
+                                         for h in tiled.ir.per_head)
 
 
 def test_source_is_readable_and_names_the_spec():
@@ -152,7 +213,7 @@ def test_source_is_readable_and_names_the_spec():
     assert "min(max((i0 - 3), 0), (n0 - 7))" in src  # the window's constants are folded
     assert "(64 - 7)" not in src  # ... and the grid's extents are not
     assert "ACC = np.float64" in attn.source_for("float64")
-    assert repr(attn) == "NumbaBackend((window(7) | axis(0)) on grid 64x64)"
+    assert repr(attn) == "NumbaBackend((window(7) | axis(0)) on grid 64x64, lanes=0)"
 
 
 GOLDEN_CASES = {
@@ -161,13 +222,14 @@ GOLDEN_CASES = {
     "criss_cross": (pg.criss_cross(), (64, 64)),
     "causal_window_1d": (pg.window(256, causal=True), (8192,)),
     "heads_3d": (pg.heads(pg.window((3, 7, 7)), pg.block((1, 7, 7), offset=3)), (8, 32, 32)),
+    "lanes_window_or_global": (pg.window(3) | pg.global_tokens([0]), (4, 16)),
 }
 
 
 @pytest.mark.parametrize("name", GOLDEN_CASES)
 def test_golden_source(name):
     spec, grid = GOLDEN_CASES[name]
-    src = numba_cpu.generate(pg.lower(spec, grid))
+    src = numba_cpu.generate(pg.lower(spec, grid), lanes=4 if name.startswith("lanes") else 0)
     path = GOLDEN / f"numba_{name}.py"
     if os.environ.get("PATTERNGEN_UPDATE_GOLDEN") == "1":
         path.write_text(src)
@@ -293,4 +355,5 @@ def test_random_sweep(seed):
     spec = _random_spec(rng, ndim)
     q, k, v = _inputs(grid, rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 9),
                       torch.float64, seed)
-    _check_against_oracle(spec, grid, q, k, v)
+    # half the cases one query at a time, half in tiles (the choice would rarely tile them)
+    _check_against_oracle(spec, grid, q, k, v, lanes=rng.choice([0, 2, 3, 5]) if seed % 2 else 0)

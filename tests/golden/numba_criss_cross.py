@@ -21,52 +21,46 @@ FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _softmax_chunk(scores, keys, bits, cnt, m, l, acc, vb):
-    """Fold ``cnt`` scores into the running max ``m``, sum ``l`` and output ``acc``."""
-    top = m
-    for c in range(cnt):
-        top = max(top, scores[c])
-    alpha = math.exp(m - top)
-    l *= alpha
-    dim = acc.shape[0]
-    for d in range(dim):
-        acc[d] *= alpha
-    _exp_shifted(scores, bits, cnt, top)
-    for c in range(cnt):
-        l += scores[c]
+def _dots(x, rows, keys, cnt, out):
+    """``out[c] = x . rows[keys[c]]``, four keys per pass: one load of ``x`` serves four."""
+    dim = x.shape[0]
     c = 0
-    # four keys per pass over acc: a quarter of the loads and stores of acc
     while c + 4 <= cnt:
-        p0, p1, p2, p3 = scores[c], scores[c + 1], scores[c + 2], scores[c + 3]
         k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
+        s0 = s1 = s2 = s3 = ACC(0.0)
         for d in range(dim):
-            acc[d] += p0 * vb[k0, d] + p1 * vb[k1, d] + p2 * vb[k2, d] + p3 * vb[k3, d]
+            xd = x[d]
+            s0 += xd * rows[k0, d]
+            s1 += xd * rows[k1, d]
+            s2 += xd * rows[k2, d]
+            s3 += xd * rows[k3, d]
+        out[c], out[c + 1], out[c + 2], out[c + 3] = s0, s1, s2, s3
         c += 4
     while c < cnt:
-        p0, k0 = scores[c], keys[c]
+        k0 = keys[c]
+        s0 = ACC(0.0)
         for d in range(dim):
-            acc[d] += p0 * vb[k0, d]
+            s0 += x[d] * rows[k0, d]
+        out[c] = s0
         c += 1
-    return top, l
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _backward_chunk(scores, dps, keys, bits, cnt, delta, qs, dos, kb, dqa, dkb, dvb):
-    """Gradients of ``cnt`` keys of one query: ``P = exp(S - lse)``, ``dS = P (dP - D)``.
-
-    ``qs`` is the query already scaled, so ``dk += dS q scale``; the caller scales ``dqa``.
-    """
-    _exp_shifted(scores, bits, cnt, ACC(0.0))
-    dim = dqa.shape[0]
-    for c in range(cnt):
-        p, key = scores[c], keys[c]
-        ds = p * (dps[c] - delta)
+def _pv(p, rows, keys, cnt, acc):
+    """``acc += sum_c p[c] rows[keys[c]]``, four keys per pass: a quarter of acc's traffic."""
+    dim = acc.shape[0]
+    c = 0
+    while c + 4 <= cnt:
+        p0, p1, p2, p3 = p[c], p[c + 1], p[c + 2], p[c + 3]
+        k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
         for d in range(dim):
-            dqa[d] += ds * kb[key, d]
+            acc[d] += p0 * rows[k0, d] + p1 * rows[k1, d] + p2 * rows[k2, d] + p3 * rows[k3, d]
+        c += 4
+    while c < cnt:
+        p0, k0 = p[c], keys[c]
         for d in range(dim):
-            dkb[key, d] += ds * qs[d]
-        for d in range(dim):
-            dvb[key, d] += p * dos[d]
+            acc[d] += p0 * rows[k0, d]
+        c += 1
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -82,13 +76,56 @@ def _finish_row(ob, lse, b, h, iq, acc, m, l):
         lse[b, h, iq] = np.inf
 
 
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc):
+    """Fold ``cnt`` keys into the running max ``m``, sum ``l`` and output ``acc``."""
+    _dots(qs, kb, keys, cnt, scores)
+    top = m
+    for c in range(cnt):
+        top = max(top, scores[c])
+    alpha = math.exp(m - top)
+    l *= alpha
+    dim = acc.shape[0]
+    for d in range(dim):
+        acc[d] *= alpha
+    _exp_shifted(scores, bits, cnt, top)
+    for c in range(cnt):
+        l += scores[c]
+    _pv(scores, vb, keys, cnt, acc)
+    return top, l
+
+
+@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb):
+    """Gradients of ``cnt`` keys of one query: ``P = exp(S - lse)``, ``dS = P (dP - D)``.
+
+    ``qs`` is the query already scaled, so ``dk += dS q scale``; the caller scales ``dqa``.
+    """
+    _dots(qs, kb, keys, cnt, scores)
+    _dots(dos, vb, keys, cnt, dps)
+    _exp_shifted(scores, bits, cnt, lse_q)
+    dim = dqa.shape[0]
+    for c in range(cnt):
+        p, key = scores[c], keys[c]
+        ds = p * (dps[c] - delta)
+        for d in range(dim):
+            dqa[d] += ds * kb[key, d]
+        for d in range(dim):
+            dkb[key, d] += ds * qs[d]
+        for d in range(dim):
+            dvb[key, d] += p * dos[d]
+
+
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _exp_shifted(x, bits, cnt, top):
-    """``x[c] = exp(x[c] - top)``: 2**n from exponent bits, 2**f by Taylor on |f| <= 1/2."""
+    """``x[c] = exp(x[c] - top)``: 2**n from exponent bits, 2**f by Taylor on |f| <= 1/2.
+
+    Below 2**-127 the exponent bits are 0, so ``-inf`` (a masked key) gives exactly 0.
+    """
     scale = bits.view(np.float32)
     for c in range(cnt):
-        t = max((x[c] - top) * np.float32(1.4426950408889634), np.float32(-126.0))
+        t = max((x[c] - top) * np.float32(1.4426950408889634), np.float32(-127.0))
         n = np.floor(t + np.float32(0.5))
         f = (t - n) * np.float32(0.6931471805599453)
         x[c] = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (
@@ -142,14 +179,10 @@ def forward_0(q, k, v, scale, n0, n1, heads, out, lse, start, stop):
                 k0 = p0
                 for p1 in range(lo0_1, hi0_1):
                     k1 = k0 * n1 + p1
-                    s = ACC(0.0)
-                    for d in range(dim):
-                        s += qs[d] * kb[k1, d]
-                    scores[cnt] = s
                     keys[cnt] = k1
                     cnt += 1
                     if cnt == KEY_CHUNK:
-                        m, l = _softmax_chunk(scores, keys, bits, cnt, m, l, acc, vb)
+                        m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
                         cnt = 0
             # term 1: (Eq(), All()) (keys of earlier terms skipped)
             for p0 in range(lo1_0, hi1_0):
@@ -159,17 +192,13 @@ def forward_0(q, k, v, scale, n0, n1, heads, out, lse, start, stop):
                     k1 = k0 * n1 + p1
                     if (c0_0 and lo0_1 <= p1 < hi0_1):
                         continue
-                    s = ACC(0.0)
-                    for d in range(dim):
-                        s += qs[d] * kb[k1, d]
-                    scores[cnt] = s
                     keys[cnt] = k1
                     cnt += 1
                     if cnt == KEY_CHUNK:
-                        m, l = _softmax_chunk(scores, keys, bits, cnt, m, l, acc, vb)
+                        m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
                         cnt = 0
             if cnt > 0:
-                m, l = _softmax_chunk(scores, keys, bits, cnt, m, l, acc, vb)
+                m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
             _finish_row(ob, lse, b, h, iq, acc, m, l)
 
 
@@ -223,17 +252,10 @@ def backward_0(q, k, v, out, dout, lse, scale, n0, n1, heads, dq, dk, dv, start,
                 k0 = p0
                 for p1 in range(lo0_1, hi0_1):
                     k1 = k0 * n1 + p1
-                    s = ACC(0.0)
-                    dp = ACC(0.0)
-                    for d in range(dim):
-                        s += qs[d] * kb[k1, d]
-                        dp += dos[d] * vb[k1, d]
-                    scores[cnt] = s - lse_q
-                    dps[cnt] = dp
                     keys[cnt] = k1
                     cnt += 1
                     if cnt == KEY_CHUNK:
-                        _backward_chunk(scores, dps, keys, bits, cnt, delta, qs, dos, kb, dqa, dkb, dvb)
+                        _backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb)
                         cnt = 0
             # term 1: (Eq(), All()) (keys of earlier terms skipped)
             for p0 in range(lo1_0, hi1_0):
@@ -243,18 +265,11 @@ def backward_0(q, k, v, out, dout, lse, scale, n0, n1, heads, dq, dk, dv, start,
                     k1 = k0 * n1 + p1
                     if (c0_0 and lo0_1 <= p1 < hi0_1):
                         continue
-                    s = ACC(0.0)
-                    dp = ACC(0.0)
-                    for d in range(dim):
-                        s += qs[d] * kb[k1, d]
-                        dp += dos[d] * vb[k1, d]
-                    scores[cnt] = s - lse_q
-                    dps[cnt] = dp
                     keys[cnt] = k1
                     cnt += 1
                     if cnt == KEY_CHUNK:
-                        _backward_chunk(scores, dps, keys, bits, cnt, delta, qs, dos, kb, dqa, dkb, dvb)
+                        _backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb)
                         cnt = 0
-            _backward_chunk(scores, dps, keys, bits, cnt, delta, qs, dos, kb, dqa, dkb, dvb)
+            _backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb)
             for d in range(dim):
                 dqb[iq, d] = dqa[d] * scale
