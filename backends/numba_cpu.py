@@ -114,6 +114,7 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
                                  else (_emit_forward, _emit_backward))
             for index, head in enumerate(_distinct_heads(node)):
                 ctx["kernel"] = index
+                ctx["shares"] = ctx["shared"][index] if ctx["lanes"] else ()
                 forward(head, em, ctx)
                 em()
                 em()
@@ -169,23 +170,28 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
     """
     t, earlier, last = ctx["term"], ctx["terms"][:ctx["term"]], len(term.rels) - 1
     lanes = ctx.get("lanes")
+    shared = lanes and ctx["shares"][t]
     with contextlib.ExitStack() as scopes:
+        if lanes and not shared:  # lane by lane, each on its own keys, flushed on its own
+            scopes.enter_context(em.block("for u in range(LANES):"))
+            em("cnt1 = 0")
+            scopes.callback(_emit_lane_flush, em, ctx)
         for a, rel in enumerate(term.rels):
-            if lanes and a == last:  # every key of the tile's union; a mask per query lane
+            lane = "[u]" if lanes and a == last else ""
+            if shared and a == last:  # every key of the tile's union; a mask per query lane
                 header = f"for p{a} in range(ulo{t}, uhi{t}):"
             else:
                 step = f", {rel.step}" if rel.step != 1 else ""
-                header = f"for p{a} in range(lo{t}_{a}, hi{t}_{a}{step}):"
+                header = f"for p{a} in range(lo{t}_{a}{lane}, hi{t}_{a}{lane}{step}):"
             scopes.enter_context(em.block(header))
             em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * n{a} + p{a}")
             tests = []
-            lane = "[u]" if lanes and a == last else ""
             for u, other in enumerate(earlier):
                 prev = f"c{u}_{a - 1} and " if a else ""
                 tests.append(f"{prev}{_member(u, a, other.rels[a], lane)}")
                 if a < last:
                     em(f"c{u}_{a} = {tests[-1]}")
-            if a == last and lanes:
+            if a == last and shared:
                 em(f"keys[cnt] = k{last}")
                 with em.block("for u in range(LANES):"):
                     held = _member(t, a, rel, "[u]")
@@ -201,6 +207,14 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
                     em("continue")
         if not lanes:
             ctx["body"](em, f"k{last}")
+        elif not shared:
+            _emit_collect(em, f"k{last}", ctx["lane_flush"], keys="lkeys", cnt="cnt1")
+
+
+def _emit_lane_flush(em: _Emitter, ctx: dict) -> None:
+    """After a lane-by-lane term's loops, still inside the loop over lanes."""
+    with em.block("if cnt1 > 0:"):
+        em(ctx["lane_flush"])
 
 
 def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict, body) -> None:
@@ -211,17 +225,17 @@ def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict, body) -> None:
         _visit(term, em, ctx)
 
 
-def _emit_collect(em: _Emitter, key: str, flush: str) -> None:
+def _emit_collect(em: _Emitter, key: str, flush: str, keys="keys", cnt="cnt") -> None:
     """The innermost statement of every term: buffer the key; a full buffer is processed.
 
     Scores are computed in the chunk helpers, four keys at a time, not here: one key per
     pass over ``q`` is a horizontal reduction per pair and was the slowest loop.
     """
-    em(f"keys[cnt] = {key}")
-    em("cnt += 1")
-    with em.block("if cnt == KEY_CHUNK:"):
+    em(f"{keys}[{cnt}] = {key}")
+    em(f"{cnt} += 1")
+    with em.block(f"if {cnt} == KEY_CHUNK:"):
         em(flush)
-        em("cnt = 0")
+        em(f"{cnt} = 0")
 
 
 def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
@@ -346,14 +360,18 @@ def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: dict, per_lane) -> None:
         em(f"ulo{t}, uhi{t} = _union(lo{t}_{last}, hi{t}_{last}, n{last})")
 
 
-def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scalars) -> None:
-    """Per-thread scratch: a head_dim row, a key chunk or a value per lane, and the lanes'
-    last-axis bounds of every term."""
+def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scalars,
+                       alone) -> None:
+    """Per-thread scratch: a head_dim row, a key chunk or a value per lane, one chunk for a
+    lane-by-lane term (``alone``, when there is one), and the lanes' last-axis bounds."""
+    alone = alone if not all(ctx["shares"]) else ()
     for names, shape in ((rows, "(LANES, dim)"), (chunks, "(LANES, KEY_CHUNK)"),
-                         (scalars, "LANES")):
+                         (scalars, "LANES"), (alone, "KEY_CHUNK")):
         for name in names:
             em(f"{name} = np.empty({shape}, ACC)")
     em("keys = np.empty(KEY_CHUNK, np.int64)")
+    if alone:
+        em("lkeys = np.empty(KEY_CHUNK, np.int64)")
     em("bits = np.empty(KEY_CHUNK, BITS)")
     last = ctx["ndim"] - 1
     for t in range(len(head.terms)):
@@ -384,7 +402,8 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em("dim = q.shape[3]")
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
-        _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"))
+        _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
+                           ("lscores",))
         with em.block("for w in range(start, stop):"):
             em("b = w // (nh * tiles)")
             em("h = heads[(w // tiles) % nh]")
@@ -402,6 +421,8 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             _emit_tile_setup(head, em, ctx, per_lane)
             em("cnt = 0")
             ctx["flush"] = "_tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc)"
+            ctx["lane_flush"] = ("m[u], l[u] = _softmax_chunk(qt[u], kb, vb, lkeys, lscores, bits, "
+                                 "cnt1, m[u], l[u], acc[u])")
             _emit_keys(head, em, ctx, None)
             with em.block("if cnt > 0:"):
                 em(ctx["flush"])
@@ -417,7 +438,7 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
         _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"), ("scores", "dps", "mask"),
-                           ("lse_t", "delta"))
+                           ("lse_t", "delta"), ("lscores", "ldps"))
         with em.block("for w in range(start, stop):"):
             em("b = w // (nh * splits)")
             em("h = heads[(w // splits) % nh]")
@@ -443,6 +464,8 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                 em("cnt = 0")
                 ctx["flush"] = ("_tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, "
                                 "bits, cnt, lse_t, delta, dqa, dkb, dvb)")
+                ctx["lane_flush"] = ("_backward_chunk(qt[u], dot[u], kb, vb, lkeys, lscores, ldps, "
+                                     "bits, cnt1, lse_t[u], delta[u], dqa[u], dkb, dvb)")
                 _emit_keys(head, em, ctx, None)
                 em(ctx["flush"])
                 with em.block(f"for u in range(min(LANES, n{last} - first)):"):
@@ -743,7 +766,15 @@ def _head_map(node) -> list[int]:
     return [distinct.index(h.terms) for h in node.per_head]
 
 
-def generate(node, dtype: str = "float32", lanes: int = 0) -> str:
+def _check_lanes(lanes, allow_none: bool = False) -> None:
+    if lanes is None and allow_none:
+        return
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 0 or lanes == 1:
+        raise PatternError(f"numba: lanes={lanes!r}; expected 0 (one query at a time) or an "
+                           f"int >= 2 (queries per tile).")
+
+
+def generate(node, dtype: str = "float32", lanes: int = 0, shared=None) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
     Pure and deterministic: the text depends on the IR's terms, ``dtype`` and ``lanes`` only,
@@ -753,8 +784,10 @@ def generate(node, dtype: str = "float32", lanes: int = 0) -> str:
         node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
         dtype: ``"float32"`` or ``"float64"``; scores, softmax and accumulators use it.
         lanes: 0 for one query at a time; ``L >= 2`` for tiles of ``L`` consecutive queries
-            along the last axis that share every key of their union, masked per query
-            (:func:`choose_lanes` picks it from the pattern's waste).
+            along the last axis (:func:`plan_lanes` picks it from the pattern's waste).
+        shared: with lanes, per distinct head pattern a bool per term: the lanes share its
+            keys (every key of their union, masked per lane) or run it lane by lane on their
+            own keys. ``None``: every term shared.
 
     Raises:
         PatternError: for an unsupported dtype or an unrecognised IR node.
@@ -768,9 +801,14 @@ def generate(node, dtype: str = "float32", lanes: int = 0) -> str:
     if dtype not in DTYPES:
         raise PatternError(f"Unsupported dtype={dtype!r} for the numba backend; supported "
                            f"dtypes are {tuple(DTYPES)}.")
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 0 or lanes == 1:
-        raise PatternError(f"numba: lanes={lanes!r}; expected 0 (one query at a time) or an "
-                           f"int >= 2 (queries per tile).")
+    _check_lanes(lanes)
+    heads = _distinct_heads(node) if lanes else []
+    if shared is None:
+        shared = tuple((True,) * len(h.terms) for h in heads)
+    if lanes and [len(f) for f in shared] != [len(h.terms) for h in heads]:
+        raise PatternError(f"numba: shared={shared!r}; expected a tuple of bools per term for "
+                           f"each of the {len(heads)} distinct head patterns, with "
+                           f"{[len(h.terms) for h in heads]} terms.")
     em = _Emitter()
     em("import math")
     em()
@@ -784,24 +822,28 @@ def generate(node, dtype: str = "float32", lanes: int = 0) -> str:
     em("FASTMATH = {" + ", ".join(repr(f) for f in sorted(FASTMATH)) + "}")
     em()
     em()
-    em.lines.append(_HELPERS + "\n\n" + (_LANE_HELPERS if lanes else _QUERY_HELPERS))
+    alone = not lanes or not all(map(all, shared))
+    em.lines.append("\n\n".join([_HELPERS] + [_QUERY_HELPERS] * alone + [_LANE_HELPERS] * bool(lanes)))
     em()
     em()
     em.lines.append(_EXP[dtype])
     em()
-    _visit(node, em, {"lanes": lanes})
+    _visit(node, em, {"lanes": lanes, "shared": shared})
     return _header(node, dtype) + "\n" + em.text().rstrip() + "\n"
 
 
-#: tile widths tried by :func:`choose_lanes`, beside the last axis's block sizes up to 16
+#: tile widths tried by :func:`plan_lanes`, beside the last axis's block sizes up to 16
 LANE_CHOICES = (8, 4)
-#: the fewest attended pairs per computed pair for which a tile pays (measured: a computed
-#: pair costs about 0.65 of a per-query pair, so 0.8 leaves a margin for the masks)
+#: a term is shared by a tile's lanes when at least this share of the pairs it computes is
+#: attended; else each lane runs it on its own keys
 LANE_MIN_EFFICIENCY = 0.8
+#: cost of a pair computed for a tile, relative to a pair of the one-query kernel (measured,
+#: forward: W1 at 8 lanes 0.82, W3 at 7 lanes 0.83, W2 forced to 8 lanes 0.64)
+LANE_PAIR_COST = 0.8
 
 
-def lane_pairs(head: ir.IR, shape, lanes: int) -> int:
-    """Pairs that tiles of ``lanes`` queries compute for one head pattern on ``shape``.
+def _shared_pairs(term: ir.Term, shape, lanes: int) -> int:
+    """Pairs that tiles of ``lanes`` queries compute for ``term`` when the lanes share it.
 
     Separable, never tokens x tokens: a tile shares its other coordinates, so for each of
     its lanes it computes every key of the lanes' union on the last axis.
@@ -810,37 +852,67 @@ def lane_pairs(head: ir.IR, shape, lanes: int) -> int:
 
     n = int(shape[-1])
     coords = np.arange(-(-n // lanes) * lanes, dtype=np.int64)
-    computed = 0
-    for term in head.terms:
-        outer = math.prod(int(rel.counts(int(m)).sum())
-                          for rel, m in zip(term.rels[:-1], shape[:-1]))
-        lo, hi = term.rels[-1].bounds(np.minimum(coords, n - 1), n, ir.NUMPY_OPS)
-        lo, hi = np.broadcast_to(lo, coords.shape), np.broadcast_to(hi, coords.shape)
-        held = (lo < hi) & (coords < n)
-        lo = np.where(held, lo, n).reshape(-1, lanes).min(axis=1)
-        hi = np.where(held, hi, 0).reshape(-1, lanes).max(axis=1)
-        computed += outer * lanes * int(np.maximum(hi - lo, 0).sum())
-    return computed
+    outer = math.prod(int(rel.counts(int(m)).sum()) for rel, m in zip(term.rels[:-1], shape[:-1]))
+    lo, hi = term.rels[-1].bounds(np.minimum(coords, n - 1), n, ir.NUMPY_OPS)
+    lo, hi = np.broadcast_to(lo, coords.shape), np.broadcast_to(hi, coords.shape)
+    held = (lo < hi) & (coords < n)
+    lo = np.where(held, lo, n).reshape(-1, lanes).min(axis=1)
+    hi = np.where(held, hi, 0).reshape(-1, lanes).max(axis=1)
+    return outer * lanes * int(np.maximum(hi - lo, 0).sum())
 
 
-def lane_efficiency(node, shape, lanes: int) -> float:
-    """Attended pairs over the pairs that tiles of ``lanes`` queries compute on ``shape``."""
-    computed = sum(lane_pairs(head, shape, lanes) for head in node.per_head)
-    return sum(head.pairs() for head in node.per_head) / computed if computed else 0.0
+def _term_pairs(term: ir.Term, shape) -> int:
+    return math.prod(int(c.sum()) for c in term.counts(shape))
 
 
-def choose_lanes(node, shape) -> int:
-    """The widest tile whose :func:`lane_efficiency` is at least ``LANE_MIN_EFFICIENCY``, or
-    0 (one query at a time): tiles pay for windows much wider than the tile, aligned blocks,
-    axes and global tokens, not for a 7-wide neighbourhood (half of a tile's keys wasted).
-    Wider tiles share each loaded key among more queries (measured on W1: 8 lanes beat 4)."""
-    blocks = {int(a.size) for head in node.per_head for term in head.terms
-              for a in term.rels[-1].atoms
+def _new_pairs(head: ir.IR, t: int) -> int:
+    """Pairs of term ``t`` that no earlier term holds (what the kernels visit for it)."""
+    def union(terms):
+        return ir.IR(head.grid, tuple(terms)).pairs() if terms else 0
+    return union(head.terms[:t + 1]) - union(head.terms[:t])
+
+
+def _shares(head: ir.IR, shape, lanes: int) -> tuple[bool, ...]:
+    return tuple(_term_pairs(term, shape) >= LANE_MIN_EFFICIENCY * _shared_pairs(term, shape, lanes)
+                 for term in head.terms)
+
+
+def lane_pairs(head: ir.IR, shape, lanes: int, shared=None) -> int:
+    """Pairs a kernel with ``lanes`` computes for one head pattern on ``shape``: a shared
+    term's tile unions (:func:`_shared_pairs`), a lane-by-lane term's own new pairs."""
+    shared = _shares(head, shape, lanes) if shared is None else shared
+    return sum(_shared_pairs(term, shape, lanes) if share else _new_pairs(head, t)
+               for t, (term, share) in enumerate(zip(head.terms, shared)))
+
+
+def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
+    """``(lanes, shared)``: queries per tile, and per distinct head pattern which terms the
+    lanes share (the others run lane by lane on their own keys); ``(0, None)`` for one query
+    at a time.
+
+    A term is shared when at least ``LANE_MIN_EFFICIENCY`` of the pairs the tile computes for
+    it are attended: windows much wider than the tile, aligned blocks, axes and global tokens,
+    not a 7-wide neighbourhood (half of an 8-lane tile's keys wasted) nor criss-cross's column
+    (one key per lane). Without ``lanes``, the widest width whose estimated cost
+    (``LANE_PAIR_COST`` per shared pair, 1 per lane-by-lane pair) is at most 0.85 of the
+    one-query kernel's is chosen; wider tiles share each loaded key among more queries
+    (measured on W1: 8 lanes beat 4).
+    """
+    heads = _distinct_heads(node)
+    if lanes is not None:
+        return (lanes, tuple(_shares(h, shape, lanes) for h in heads)) if lanes else (0, None)
+    blocks = {int(a.size) for head in heads for term in head.terms for a in term.rels[-1].atoms
               if isinstance(a, ir.Block) and is_number(a.size) and 2 <= a.size <= 16}
-    for lanes in sorted(set(LANE_CHOICES) | blocks, reverse=True):
-        if lane_efficiency(node, shape, lanes) >= LANE_MIN_EFFICIENCY:
-            return lanes
-    return 0
+    alone = sum(head.pairs() for head in node.per_head)
+    for width in sorted(set(LANE_CHOICES) | blocks, reverse=True):
+        shared = {h.terms: _shares(h, shape, width) for h in heads}
+        cost = sum(LANE_PAIR_COST * _shared_pairs(term, shape, width) if share
+                   else _new_pairs(head, t)
+                   for head in node.per_head
+                   for t, (term, share) in enumerate(zip(head.terms, shared[head.terms])))
+        if any(map(any, shared.values())) and cost <= 0.85 * alone:
+            return width, tuple(shared[h.terms] for h in heads)
+    return 0, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -976,7 +1048,7 @@ class NumbaBackend(Backend):
         ir: the lowered pattern (numeric grid).
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
         lanes: queries per tile along the last axis (0: one query at a time); ``None`` lets
-            :func:`choose_lanes` pick from the pattern's waste on this grid.
+            :func:`plan_lanes` pick from the pattern's waste on this grid.
 
     Attributes:
         source: the generated float32 module (``source_for("float64")`` for the other dtype).
@@ -991,7 +1063,8 @@ class NumbaBackend(Backend):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the numba backend")
         self.scale = scale
-        self.lanes = choose_lanes(ir_, self.shape) if lanes is None else lanes
+        _check_lanes(lanes, allow_none=True)
+        self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
         self._head_map = _head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
         self.source_for("float32")  # a bad ``lanes`` is refused here, not at the first call
 
@@ -1004,12 +1077,14 @@ class NumbaBackend(Backend):
         """Pairs computed per listed pattern: exactly the attended ones (unions deduplicated)
         one query at a time; with lanes, each tile's union (:func:`lane_pairs`)."""
         if self.lanes:
-            return tuple(lane_pairs(head, self.shape, self.lanes) for head in self.ir.per_head)
+            shared = dict(zip((h.terms for h in _distinct_heads(self.ir)), self.shared))
+            return tuple(lane_pairs(head, self.shape, self.lanes, shared[head.terms])
+                         for head in self.ir.per_head)
         return tuple(head.pairs() for head in self.ir.per_head)
 
     def source_for(self, dtype: str) -> str:
         """The generated module text for ``dtype`` (``"float32"`` or ``"float64"``)."""
-        return _generate_cached(self.ir, dtype, self.lanes)
+        return _generate_cached(self.ir, dtype, self.lanes, self.shared)
 
     def __repr__(self):
         return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
@@ -1090,8 +1165,8 @@ class NumbaBackend(Backend):
 
 
 @functools.lru_cache(maxsize=256)
-def _generate_cached(node, dtype: str, lanes: int) -> str:
-    return generate(node, dtype, lanes)
+def _generate_cached(node, dtype: str, lanes: int, shared) -> str:
+    return generate(node, dtype, lanes, shared)
 
 
 register_backend("numba", NumbaBackend)

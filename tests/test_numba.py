@@ -78,10 +78,12 @@ def test_matches_dense_oracle(name, seed):
     _check_against_oracle(STRUCTURES[name], grid, q, k, v)
 
 
-# tiles of queries: unions with skipped keys, empty queries, 3-D dilated, per-head kernels;
-# odd widths leave a single-lane tail and rows that end inside a tile
+# tiles of queries: terms run lane by lane (a narrow window, criss-cross's column, global
+# rows), unions with skipped keys, empty queries, 3-D dilated, per-head kernels; odd widths
+# leave a single-lane tail and rows that end inside a tile
 @pytest.mark.parametrize("name, lanes", [("window_or_global", 3), ("global_and_causal", 2),
-                                         ("window_3d_pad_dilated", 3), ("heads", 2)])
+                                         ("window_3d_pad_dilated", 3), ("heads", 2),
+                                         ("criss_cross", 4)])
 def test_lanes_match_dense_oracle(name, lanes):
     rng = random.Random(f"lanes-{name}")
     grid = _grid_for(name, rng)
@@ -89,30 +91,41 @@ def test_lanes_match_dense_oracle(name, lanes):
     _check_against_oracle(STRUCTURES[name], grid, q, k, v, lanes=lanes)
 
 
+def test_lanes_share_overlapping_terms():
+    """Two shared terms: the block's keys inside the window are masked for the second."""
+    spec, grid = pg.window(6) | pg.block(8, offset=2), (21,)
+    attn = pg.compile(spec, grid, backend="numba", lanes=2)
+    assert attn.shared == ((True, True),)
+    q, k, v = _inputs(grid, 1, 2, 6, torch.float64, seed=13)
+    _check_against_oracle(spec, grid, q, k, v, lanes=2)
+
+
 def test_lanes_float32_chosen_automatically():
-    spec, grid = pg.window(16, causal=True), (100,)
+    spec, grid = pg.window(64, causal=True), (200,)
     attn = pg.compile(spec, grid, backend="numba")
-    assert attn.lanes == 4  # 16 of 19 union keys per lane; 8 lanes would hold 16 of 23
+    assert attn.lanes == 4  # 64 of 67 union keys per lane; 8 lanes would hold 64 of 71
     q, k, v = _inputs(grid, 1, 2, 32, torch.float32, seed=12)
     _check_against_oracle(spec, grid, q, k, v, atol=2e-5)
 
 
-@pytest.mark.parametrize("spec, grid, lanes", [
-    (pg.window(256, causal=True), (8192,), 8),  # W1: 256 of 263 keys per lane
-    (pg.block(7), (56, 56), 7),                 # Swin windows: tiles are the blocks' rows
-    (pg.axis(1), (8, 40), 8),
-    (pg.window(7), (64, 64), 0),                # half of an 8-query tile's keys are wasted
-    (pg.criss_cross(), (64, 64), 0),            # the column term: one key per lane
+@pytest.mark.parametrize("spec, grid, plan", [
+    (pg.window(256, causal=True), (8192,), (8, ((True,),))),  # W1: 256 of 263 keys per lane
+    (pg.block(7), (56, 56), (7, ((True,),))),                 # Swin: tiles are blocks' rows
+    (pg.axis(1), (8, 40), (8, ((True,),))),
+    # global query rows see every key: lane by lane; the window and the global keys shared
+    (pg.window(256, causal=True) | pg.global_tokens([0]), (8192,), (8, ((True, True, False),))),
+    (pg.window(7), (64, 64), (0, None)),        # half of an 8-query tile's keys are wasted
+    (pg.criss_cross(), (64, 64), (0, None)),    # its row alone would share: not enough
 ])
-def test_choose_lanes(spec, grid, lanes):
-    assert numba_cpu.choose_lanes(pg.lower(spec, grid), grid) == lanes
+def test_plan_lanes(spec, grid, plan):
+    assert numba_cpu.plan_lanes(pg.lower(spec, grid), grid) == plan
 
 
 @pytest.mark.parametrize("spec, grid", [(pg.window(5, dilation=2), (11, 13)), (pg.block(3), (9,)),
                                         (pg.window(4, causal=True), (5, 10)),
                                         (pg.block(3, offset=1), (4, 7))])
 @pytest.mark.parametrize("lanes", [2, 3, 4])
-def test_lane_efficiency_counts_what_tiles_compute(spec, grid, lanes):
+def test_lane_pairs_count_what_tiles_compute(spec, grid, lanes):
     """Against enumeration: a tile computes, for each lane, every key whose outer coordinates
     some lane attends and whose last coordinate lies in the lanes' union (one-term patterns)."""
     lowered = pg.lower(spec, grid)
@@ -126,8 +139,8 @@ def test_lane_efficiency_counts_what_tiles_compute(spec, grid, lanes):
             if len(keys):
                 rows = {tuple(key[:-1]) for key in keys}
                 computed += lanes * len(rows) * (keys[:, -1].max() - keys[:, -1].min() + 1)
-    assert numba_cpu.lane_pairs(lowered, grid, lanes) == computed
-    assert numba_cpu.lane_efficiency(lowered, grid, lanes) == pytest.approx(mask.sum() / computed)
+    assert numba_cpu.lane_pairs(lowered, grid, lanes, shared=(True,)) == computed
+    assert numba_cpu.lane_pairs(lowered, grid, lanes, shared=(False,)) == mask.sum()
 
 
 def test_bad_lanes_are_refused():
@@ -201,8 +214,8 @@ def test_executed_pairs_are_the_attended_pairs_or_the_tiles_unions():
     attn = pg.compile(spec, (6, 7), backend="numba", lanes=0)
     assert attn.executed_pairs == tuple(int(m.sum()) for m in pg.materialize(spec, (6, 7)))
     tiled = pg.compile(spec, (6, 7), backend="numba", lanes=3)
-    assert tiled.executed_pairs == tuple(numba_cpu.lane_pairs(h, (6, 7), 3)
-                                         for h in tiled.ir.per_head)
+    assert tiled.executed_pairs == tuple(numba_cpu.lane_pairs(h, (6, 7), 3, shared)
+                                         for h, shared in zip(tiled.ir.per_head, tiled.shared))
 
 
 def test_source_is_readable_and_names_the_spec():
