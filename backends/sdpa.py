@@ -5,7 +5,8 @@ it touches. Query blocks with the same number of key blocks form a *group*; each
 batched SDPA call on 4-D ``(batch * heads, blocks, Bq, dim)`` queries against the concatenation
 of their key blocks, ``(batch * heads, blocks, nk * Bk, dim)`` (4-D inputs reach the fused CPU
 and GPU kernels). A group whose tiles are all full (and not ragged) runs without a mask, so the
-flash kernel can run; the others get one compact mask ``(1, blocks, Bq, nk * Bk)``, stored once
+flash kernel can run (on CPU without autograd, small ones run as matmul-softmax-matmul,
+faster there); the others get one compact mask ``(1, blocks, Bq, nk * Bk)``, stored once
 when every block's mask is the same (translation-invariant windows) and made additive once per
 dtype. Gathers are views where the blocks are consecutive (a band of key blocks is an
 ``unfold`` view), and the token order (row-major or tiled) is applied once on the way in and
@@ -36,6 +37,9 @@ __all__ = ["SdpaBackend", "Group"]
 
 #: block sizes tried when ``block`` is not given (besides the pattern's own partition)
 BLOCK_CHOICES = (64, 128)
+#: most keys per query for which a mask-free group runs as matmul-softmax-matmul on CPU
+#: without autograd (see :func:`_matmul_attention`)
+MATMUL_KEYS = 128
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,6 +120,8 @@ class _DevicePlan:
             rows_before += g * self.bq
             self.calls.append(dict(
                 g=g, nk=nk,
+                matmul=(torch.device(device).type == "cpu" and grp.mask is None
+                        and nk * self.bk <= MATMUL_KEYS),
                 q_slice=(int(grp.q_blocks[0]) * self.bq, g) if q_view else None,
                 k_band=int(grp.q_blocks[0]) + offset if band else None,
                 q_index=None if q_view else _tensor(np.minimum(pos_q, self.tokens - 1), device,
@@ -265,6 +271,10 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F):
     if not plan.calls:  # no pair at all: zeros that still take part in autograd
         return q * 0.0
     single = len(plan.calls) == 1 and plan.zero_row is None
+    # half-precision scores would be rounded before the softmax, which the fused kernel avoids
+    matmul_ok = (q.dtype in (torch.float32, torch.float64)
+                 and not (torch.is_grad_enabled()
+                          and (q.requires_grad or k.requires_grad or v.requires_grad)))
     if not single:
         # each group's output is copied once, straight into its rows (no reshape + cat)
         out = q.new_empty(b, h, plan.rows + (plan.zero_row is not None), d)
@@ -278,7 +288,11 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F):
             qg = q[:, :, start:start + count * plan.bq].reshape(b * h, g, plan.bq, d)
         else:
             qg = _gather(q, call["q_index"]).view(b * h, g, plan.bq, d)
-        if call["k_band"] is not None:
+        if call["k_band"] is not None and nk == 1:  # one key block each: a plain slice
+            first = call["k_band"] * plan.bk
+            kg, vg = (t[:, :, first:first + g * plan.bk].reshape(b * h, g, plan.bk, d)
+                      for t in (k, v))
+        elif call["k_band"] is not None:
             # overlapping windows of consecutive key blocks: a strided view, no copy
             first, span = call["k_band"], nk * plan.bk
             kg, vg = (t.unfold(2, span, plan.bk)[:, :, first:first + g].transpose(-1, -2)
@@ -286,8 +300,11 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F):
         else:
             kg = _gather(k, call["k_index"]).view(b * h, g, nk * plan.bk, d)
             vg = _gather(v, call["k_index"]).view(b * h, g, nk * plan.bk, d)
-        mask = _additive_mask(call, q.dtype, torch)
-        res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+        if call["matmul"] and matmul_ok:
+            res = _matmul_attention(qg, kg, vg, scale, torch)
+        else:
+            mask = _additive_mask(call, q.dtype, torch)
+            res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
         if call["empty"] is not None:
             res = res.masked_fill(call["empty"], 0.0)
         if single:
@@ -300,6 +317,27 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F):
     return out_index(out) if callable(out_index) else _gather(out, out_index)
 
 
+def _matmul_attention(q, k, v, scale, torch):
+    """Mask-free attention of ``(batch * heads, blocks, rows, dim)`` blocks as baddbmm, softmax
+    and bmm.
+
+    For small blocks on CPU this beats the fused kernel, which works through each block in
+    chunks of 32 queries with two small GEMM calls each: 0.45-0.8x its time up to 128 keys
+    (Swin's 49-token windows: 0.55-0.6x), about even at 256, slower beyond (float32, head_dim
+    32 and 64, 2 threads). Its backward is not: autograd through these ops took 1.5x the fused
+    kernel's forward+backward on Swin windows, so it only runs without autograd. The scale is
+    the GEMM's ``alpha`` rather than one more op: each op is a parallel region, and on shared
+    cores every region can wait out another process's time slice. ``baddbmm_`` fills the
+    scores in place; ``baddbmm`` would allocate a second scores buffer, and the extra 2.4 MB
+    per Swin call showed up as page faults and a slow tail.
+    """
+    shape = q.shape
+    q, k, v = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
+    scores = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
+    scores.baddbmm_(q, k.transpose(1, 2), beta=0, alpha=scale)
+    return torch.bmm(scores.softmax(-1), v).view(shape)
+
+
 class _TileOrder:
     """Row-major to tiled token order (or back) as view, permute and reshape.
 
@@ -308,21 +346,18 @@ class _TileOrder:
     """
 
     def __init__(self, shape, tile, inverse=False):
-        self.split = tuple(v for n, t in zip(shape, tile) for v in (n // t, t))
+        split = [v for n, t in zip(shape, tile) for v in (n // t, t)]
         k = len(shape)
-        self.order = [2 * a for a in range(k)] + [2 * a + 1 for a in range(k)]
-        self.inverse = inverse
+        order = [2 * a for a in range(k)] + [2 * a + 1 for a in range(k)]
+        if inverse:  # x is tiled: undo the transposition, then flatten row-major
+            split, order = [split[a] for a in order], [int(a) for a in np.argsort(order)]
+        # fixed here rather than per call: every call runs four of these
+        self.split = tuple(split)
+        self.axes = (0, 1, *(2 + a for a in order), 2 + 2 * k)
 
     def __call__(self, x):
         b, h, n, d = x.shape
-        last = 2 + len(self.order)
-        if self.inverse:  # x is tiled: undo the transposition, then flatten row-major
-            dims = [self.split[a] for a in self.order]
-            axes = np.argsort(self.order)
-        else:
-            dims, axes = self.split, self.order
-        y = x.reshape(b, h, *dims, d).permute(0, 1, *(2 + int(a) for a in axes), last)
-        return y.reshape(b, h, n, d)
+        return x.reshape(b, h, *self.split, d).permute(self.axes).reshape(b, h, n, d)
 
 
 class _Permutation:

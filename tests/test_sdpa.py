@@ -86,6 +86,69 @@ def test_area_attention_takes_the_mask_free_path():
     assert all(g.mask is None for g in attn.groups[0])
 
 
+def count_sdpa_calls(monkeypatch):
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("attn_mask") is None)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    return calls
+
+
+@settings(max_examples=30)
+@given(case=cases(max_tokens=200), block=st.sampled_from([1, 1, None, 7, (16, 8)]),
+       tiled=st.booleans())
+def test_random_patterns_forward_without_autograd(case, block, tiled):
+    # without autograd, small mask-free groups (every group at block 1) skip the fused kernel
+    pattern, grid = case
+    attn = pg.compile(pattern, grid, backend="sdpa", block=block,
+                      order="auto" if tiled else "row-major")
+    q, k, v = (t.detach() for t in qkv(grid))
+    with torch.no_grad():
+        out = attn(q, k, v)
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("pattern, grid, options", [
+    (pg.block(7), (56, 56), {}),  # Swin: one key block per query block, a slice
+    (pg.window(3, border="pad"), 32, dict(block=1)),  # two groups, one an unfold band
+    (pg.block(4), (8, 8), dict(block=(16, 8), order="tiled", tile=(4, 4))),  # gathered
+    (pg.full(), 64, dict(block=16)),  # gathered, 64 keys per query
+], ids=["swin", "band", "tiled-gather", "gather"])
+def test_small_mask_free_blocks_skip_the_fused_kernel_only_without_autograd(
+        pattern, grid, options, monkeypatch):
+    attn = pg.compile(pattern, grid, backend="sdpa", **options)
+    calls = count_sdpa_calls(monkeypatch)
+    q, k, v = qkv(grid, heads=2)
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q, k, v), ref, atol=1e-10, rtol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(attn(q, k, v), ref, atol=1e-10, rtol=0)
+    assert calls == []
+    check(pattern, grid, heads=2, **options)  # with autograd: the fused kernel, and gradients
+    assert calls and all(calls)
+
+
+def test_large_or_masked_or_half_precision_groups_keep_the_fused_kernel(monkeypatch):
+    calls = count_sdpa_calls(monkeypatch)
+    with torch.no_grad():
+        attn = pg.compile(pg.full(), 256, backend="sdpa", block=64)  # 256 keys per query
+        attn(*qkv(256, dtype=torch.float32))
+        assert calls == [True]
+        attn = pg.compile(pg.window(3), (8, 8), backend="sdpa", block=16)
+        attn(*qkv((8, 8), dtype=torch.float32))
+        assert not all(calls)
+        calls.clear()
+        attn = pg.compile(pg.block(7), (14, 14), backend="sdpa")
+        attn(*qkv((14, 14), dtype=torch.bfloat16))
+        assert calls == [True]
+
+
 def test_translation_invariant_masks_are_stored_once():
     attn = check(pg.window(32, causal=True), 512, block=64)
     shared = [g for g in attn.groups[0] if g.mask is not None and len(g.q_blocks) > 1]
