@@ -12,6 +12,7 @@ float32 matmul rate measured here.
 
 Usage:
     python benchmarks/bench_cpu.py [--quick] [--workloads W1,W2] [--backward] [--json out.json]
+                                   [--omp-passive]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -297,7 +299,14 @@ def main(argv=None) -> int:
                         help="comma-separated names, e.g. W1,W2")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--json", help="write the rows and machine figures to this file")
+    parser.add_argument("--omp-passive", action="store_true",
+                        help="rerun with OMP_WAIT_POLICY=PASSIVE: torch's idle OpenMP threads "
+                             "then sleep instead of spinning beside the numba threads")
     args = parser.parse_args(argv)
+    if args.omp_passive and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        # read once, when torch loads its OpenMP runtime: only a new process can change it
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
 
     torch.set_num_threads(THREADS)
     import numba
@@ -313,7 +322,8 @@ def main(argv=None) -> int:
     for w in WORKLOADS:
         if w.name in wanted:
             rows += run_workload(w, args)
-    print(f"torch {torch.__version__}, numba {numba.__version__}, {THREADS} threads; "
+    print(f"torch {torch.__version__}, numba {numba.__version__}, {THREADS} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"float32 matmul (2048^3): {peak:.1f} GFLOP/s\n")
     print(table(rows, peak, args.backward))
     if args.json:
