@@ -221,7 +221,8 @@ def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict, body) -> None:
     ctx["terms"], ctx["body"] = head.terms, body
     for t, term in enumerate(head.terms):
         ctx["term"] = t
-        em(f"# term {t}: {term!r}" + (" (keys of earlier terms skipped)" if t else ""))
+        alone = " lane by lane," if ctx.get("lanes") and not ctx["shares"][t] else ""
+        em(f"# term {t}:{alone} {term!r}" + (" (keys of earlier terms skipped)" if t else ""))
         _visit(term, em, ctx)
 
 
@@ -397,7 +398,8 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em()
         em("Item ``w`` is a tile of LANES consecutive queries along the last axis (one")
         em("``row`` of the others) of batch ``w // (nh * tiles)`` and head")
-        em("``heads[w // tiles % nh]``. The lanes share each key of their union, masked per lane.")
+        em("``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per")
+        em("lane, except in terms run lane by lane on each lane's own keys.")
         em('"""')
         em("dim = q.shape[3]")
         _emit_tile_header(em, ctx)

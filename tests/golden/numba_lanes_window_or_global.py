@@ -239,7 +239,8 @@ def forward_0(q, k, v, scale, n0, n1, heads, out, lse, start, stop):
 
     Item ``w`` is a tile of LANES consecutive queries along the last axis (one
     ``row`` of the others) of batch ``w // (nh * tiles)`` and head
-    ``heads[w // tiles % nh]``. The lanes share each key of their union, masked per lane.
+    ``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per
+    lane, except in terms run lane by lane on each lane's own keys.
     """
     dim = q.shape[3]
     rows = n0
