@@ -177,7 +177,7 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
             em("cnt1 = 0")
             scopes.callback(_emit_lane_flush, em, ctx)
         for a, rel in enumerate(term.rels):
-            lane = "[u]" if lanes and a == last else ""
+            lane = _lane(ctx, a)
             if shared and a == last:  # every key of the tile's union; a mask per query lane
                 header = f"for p{a} in range(ulo{t}, uhi{t}):"
             else:
@@ -240,16 +240,11 @@ def _emit_collect(em: _Emitter, key: str, flush: str, keys="keys", cnt="cnt") ->
 
 
 def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    ndim, idx = ctx["ndim"], ctx["kernel"]
+    ndim = ctx["ndim"]
     tokens = " * ".join(f"n{a}" for a in range(ndim))
-    em("@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)")
-    with em.block(f"def forward_{idx}(q, k, v, scale, {_prologue(ndim)}, heads, out, lse, "
-                  f"start, stop):"):
-        em(f'"""Pattern {idx}: out and log-sum-exp of work items ``start..stop``.')
-        em()
-        em("Item ``w`` is a tile of QUERY_TILE queries of batch ``w // (nh * tiles)`` and head")
-        em("``heads[w // tiles % nh]``; the caller runs disjoint ranges on several threads.")
-        em('"""')
+    with _kernel_header(em, ctx, False, [
+            "Item ``w`` is a tile of QUERY_TILE queries of batch ``w // (nh * tiles)`` and head",
+            "``heads[w // tiles % nh]``; the caller runs disjoint ranges on several threads."]):
         em("dim = q.shape[3]")
         em(f"tokens = {tokens}")
         em("tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE")
@@ -282,27 +277,36 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
 
 
 @contextlib.contextmanager
-def _backward_header(em: _Emitter, ctx: dict, unit: str, notes: list[str]):
-    """The ``backward_<kernel>`` signature and docstring; the body is emitted inside."""
+def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
+    """A kernel's signature and docstring (its summary, then ``doc``); the body goes inside."""
     ndim, idx = ctx["ndim"], ctx["kernel"]
+    if backward:
+        name, args = "backward", "q, k, v, out, dout, lse, scale"
+        results = "dq, dk, dv"
+        summary = ("dq, and dk, dv per split ``dk[s]`` (zero on entry), of items "
+                   "``start..stop``.")
+    else:
+        name, args, results = "forward", "q, k, v, scale", "out, lse"
+        summary = "out and log-sum-exp of work items ``start..stop``."
     em("@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)")
-    with em.block(f"def backward_{idx}(q, k, v, out, dout, lse, scale, {_prologue(ndim)}, heads, "
-                  f"dq, dk, dv, start, stop):"):
-        em(f'"""Pattern {idx}: dq, and dk, dv per split ``dk[s]`` (zero on entry), of items '
-           f'``start..stop``.')
+    with em.block(f"def {name}_{idx}({args}, {_prologue(ndim)}, heads, {results}, start, stop):"):
+        em(f'"""Pattern {idx}: {summary}')
         em()
-        em(f"Item ``w`` is split ``w % splits`` of the {unit} of batch ``w // (nh * splits)`` and")
-        em("head ``heads[w // splits % nh]``: it alone writes its dk and dv copy.")
-        for line in notes:
+        for line in doc:
             em(line)
         em('"""')
         yield
 
 
+def _backward_doc(unit: str) -> list[str]:
+    return [f"Item ``w`` is split ``w % splits`` of the {unit} of batch ``w // (nh * splits)`` and",
+            "head ``heads[w // splits % nh]``: it alone writes its dk and dv copy."]
+
+
 def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    ndim, idx = ctx["ndim"], ctx["kernel"]
+    ndim = ctx["ndim"]
     tokens = " * ".join(f"n{a}" for a in range(ndim))
-    with _backward_header(em, ctx, "queries", []):
+    with _kernel_header(em, ctx, True, _backward_doc("queries")):
         em("dim, splits = q.shape[3], dk.shape[0]")
         em(f"tokens = {tokens}")
         em("nh = heads.shape[0]")
@@ -390,17 +394,12 @@ def _emit_tile_header(em: _Emitter, ctx: dict) -> None:
 
 
 def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    ndim, idx, last = ctx["ndim"], ctx["kernel"], ctx["ndim"] - 1
-    em("@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)")
-    with em.block(f"def forward_{idx}(q, k, v, scale, {_prologue(ndim)}, heads, out, lse, "
-                  f"start, stop):"):
-        em(f'"""Pattern {idx}: out and log-sum-exp of work items ``start..stop``.')
-        em()
-        em("Item ``w`` is a tile of LANES consecutive queries along the last axis (one")
-        em("``row`` of the others) of batch ``w // (nh * tiles)`` and head")
-        em("``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per")
-        em("lane, except in terms run lane by lane on each lane's own keys.")
-        em('"""')
+    last = ctx["ndim"] - 1
+    with _kernel_header(em, ctx, False, [
+            "Item ``w`` is a tile of LANES consecutive queries along the last axis (one",
+            "``row`` of the others) of batch ``w // (nh * tiles)`` and head",
+            "``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per",
+            "lane, except in terms run lane by lane on each lane's own keys."]):
         em("dim = q.shape[3]")
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
@@ -433,9 +432,9 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
 
 
 def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    ndim, idx, last = ctx["ndim"], ctx["kernel"], ctx["ndim"] - 1
-    with _backward_header(em, ctx, "tiles", ["A key's dk and dv rows are updated once per chunk "
-                                             "for all the lanes that hold it."]):
+    last = ctx["ndim"] - 1
+    with _kernel_header(em, ctx, True, _backward_doc("tiles") + [
+            "A key's dk and dv rows are updated once per chunk for all the lanes that hold it."]):
         em("dim, splits = q.shape[3], dk.shape[0]")
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
@@ -779,8 +778,8 @@ def _check_lanes(lanes, allow_none: bool = False) -> None:
 def generate(node, dtype: str = "float32", lanes: int = 0, shared=None) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
-    Pure and deterministic: the text depends on the IR's terms, ``dtype`` and ``lanes`` only,
-    never on the grid's extents, which the kernels take as arguments ``n0, n1, ...``.
+    Pure and deterministic: the text depends on the IR's terms, ``dtype``, ``lanes`` and
+    ``shared`` only, never on the grid's extents, which the kernels take as arguments ``n0, n1, ...``.
 
     Args:
         node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
@@ -874,17 +873,26 @@ def _new_pairs(head: ir.IR, t: int) -> int:
     return union(head.terms[:t + 1]) - union(head.terms[:t])
 
 
-def _shares(head: ir.IR, shape, lanes: int) -> tuple[bool, ...]:
-    return tuple(_term_pairs(term, shape) >= LANE_MIN_EFFICIENCY * _shared_pairs(term, shape, lanes)
-                 for term in head.terms)
+def _lane_terms(head: ir.IR, shape, lanes: int, shared=None) -> list[tuple[bool, int]]:
+    """Per term of a kernel with ``lanes``: whether the lanes share it, and the pairs computed
+    for it (the tile unions of :func:`_shared_pairs`, or its own new pairs lane by lane).
+
+    Without ``shared``, a term is shared when at least ``LANE_MIN_EFFICIENCY`` of the pairs
+    the tile would compute for it are attended.
+    """
+    out = []
+    for t, term in enumerate(head.terms):
+        tile = _shared_pairs(term, shape, lanes)
+        share = (_term_pairs(term, shape) >= LANE_MIN_EFFICIENCY * tile if shared is None
+                 else shared[t])
+        out.append((share, tile if share else _new_pairs(head, t)))
+    return out
 
 
 def lane_pairs(head: ir.IR, shape, lanes: int, shared=None) -> int:
     """Pairs a kernel with ``lanes`` computes for one head pattern on ``shape``: a shared
     term's tile unions (:func:`_shared_pairs`), a lane-by-lane term's own new pairs."""
-    shared = _shares(head, shape, lanes) if shared is None else shared
-    return sum(_shared_pairs(term, shape, lanes) if share else _new_pairs(head, t)
-               for t, (term, share) in enumerate(zip(head.terms, shared)))
+    return sum(pairs for _, pairs in _lane_terms(head, shape, lanes, shared))
 
 
 def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
@@ -901,19 +909,19 @@ def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
     (measured on W1: 8 lanes beat 4).
     """
     heads = _distinct_heads(node)
-    if lanes is not None:
-        return (lanes, tuple(_shares(h, shape, lanes) for h in heads)) if lanes else (0, None)
-    blocks = {int(a.size) for head in heads for term in head.terms for a in term.rels[-1].atoms
-              if isinstance(a, ir.Block) and is_number(a.size) and 2 <= a.size <= 16}
+    if lanes == 0:
+        return 0, None
+    widths = [lanes] if lanes is not None else sorted(set(LANE_CHOICES) | {
+        int(a.size) for head in heads for term in head.terms for a in term.rels[-1].atoms
+        if isinstance(a, ir.Block) and is_number(a.size) and 2 <= a.size <= 16}, reverse=True)
     alone = sum(head.pairs() for head in node.per_head)
-    for width in sorted(set(LANE_CHOICES) | blocks, reverse=True):
-        shared = {h.terms: _shares(h, shape, width) for h in heads}
-        cost = sum(LANE_PAIR_COST * _shared_pairs(term, shape, width) if share
-                   else _new_pairs(head, t)
-                   for head in node.per_head
-                   for t, (term, share) in enumerate(zip(head.terms, shared[head.terms])))
-        if any(map(any, shared.values())) and cost <= 0.85 * alone:
-            return width, tuple(shared[h.terms] for h in heads)
+    for width in widths:
+        terms = {h.terms: _lane_terms(h, shape, width) for h in heads}
+        shared = tuple(tuple(share for share, _ in terms[h.terms]) for h in heads)
+        cost = sum(LANE_PAIR_COST * pairs if share else pairs
+                   for head in node.per_head for share, pairs in terms[head.terms])
+        if lanes is not None or (any(map(any, shared)) and cost <= 0.85 * alone):
+            return width, shared
     return 0, None
 
 
@@ -1068,7 +1076,6 @@ class NumbaBackend(Backend):
         _check_lanes(lanes, allow_none=True)
         self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
         self._head_map = _head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
-        self.source_for("float32")  # a bad ``lanes`` is refused here, not at the first call
 
     @property
     def source(self) -> str:
@@ -1133,10 +1140,7 @@ class NumbaBackend(Backend):
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype=q.dtype)
         typed_scale = q.dtype.type(scale)
-        if self.lanes:
-            tiles = math.prod(shape[:-1]) * -(-shape[-1] // self.lanes)
-        else:
-            tiles = -(-q.shape[2] // QUERY_TILE)
+        tiles = _lane_tiles(shape, self.lanes) if self.lanes else -(-q.shape[2] // QUERY_TILE)
         for i, group in self._head_groups(q.shape[1]):
             _run(kernels[i][0], source, q.shape[0] * len(group) * tiles,
                  q, k, v, typed_scale, *shape, group, out, lse)
@@ -1152,8 +1156,7 @@ class NumbaBackend(Backend):
         # dk/dv are scattered from every query: each split owns a copy, so that (batch, head)
         # pairs fewer than the threads still keep every thread busy without atomics
         splits = max(1, -(-2 * numba.get_num_threads() // (batch * heads)))
-        tiles = math.prod(shape[:-1]) * -(-shape[-1] // self.lanes) if self.lanes else q.shape[2]
-        splits = min(splits, tiles)
+        splits = min(splits, _lane_tiles(shape, self.lanes) if self.lanes else q.shape[2])
         dq = np.empty_like(q)
         dk = np.zeros((splits, *q.shape), dtype=q.dtype)
         dv = np.zeros((splits, *q.shape), dtype=q.dtype)
@@ -1164,6 +1167,11 @@ class NumbaBackend(Backend):
         if splits == 1:
             return dq, dk[0], dv[0]
         return dq, dk.sum(axis=0), dv.sum(axis=0)
+
+
+def _lane_tiles(shape, lanes: int) -> int:
+    """Work tiles of a kernel with ``lanes``: every row of the outer axes, cut into ``lanes``."""
+    return math.prod(shape[:-1]) * -(-shape[-1] // lanes)
 
 
 @functools.lru_cache(maxsize=256)

@@ -151,7 +151,6 @@ def build(impl: str, wl: dict, device, dtype, compile_flex: bool):
                 "full attention: every pair, a different output")
     if impl == "natten":
         try:
-            import natten  # noqa: F401
             from natten import functional as nf
         except ImportError as e:
             return None, 0.0, f"not importable ({e.__class__.__name__})"
