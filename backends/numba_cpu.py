@@ -57,6 +57,10 @@ KEY_CHUNK = 128
 #: without ``nnan``/``ninf``: the kernels rely on ``-inf`` for "no key yet"
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 DTYPES = {"float32": "np.float32", "float64": "np.float64"}
+#: head_dims from this one up get kernels compiled for their head_dim, loops of constant length
+#: (W2 forward/backward: 0.87/0.81 of the time at 64, 0.85/0.90 at 96, 0.90/1.0 at 48; at 32
+#: LLVM's choices made the backward twice as slow, so smaller head_dims share generic kernels)
+SPECIALISED_HEAD_DIM = 48
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +249,7 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
     with _kernel_header(em, ctx, False, [
             "Item ``w`` is a tile of QUERY_TILE queries of batch ``w // (nh * tiles)`` and head",
             "``heads[w // tiles % nh]``; the caller runs disjoint ranges on several threads."]):
-        em("dim = q.shape[3]")
+        em("dim = HEAD_DIM or q.shape[3]")
         em(f"tokens = {tokens}")
         em("tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE")
         em("nh = heads.shape[0]")
@@ -307,7 +311,7 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
     ndim = ctx["ndim"]
     tokens = " * ".join(f"n{a}" for a in range(ndim))
     with _kernel_header(em, ctx, True, _backward_doc("queries")):
-        em("dim, splits = q.shape[3], dk.shape[0]")
+        em("dim, splits = HEAD_DIM or q.shape[3], dk.shape[0]")
         em(f"tokens = {tokens}")
         em("nh = heads.shape[0]")
         with em.block("for w in range(start, stop):"):
@@ -400,7 +404,7 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             "``row`` of the others) of batch ``w // (nh * tiles)`` and head",
             "``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per",
             "lane, except in terms run lane by lane on each lane's own keys."]):
-        em("dim = q.shape[3]")
+        em("dim = HEAD_DIM or q.shape[3]")
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
         _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
@@ -435,7 +439,7 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
     last = ctx["ndim"] - 1
     with _kernel_header(em, ctx, True, _backward_doc("tiles") + [
             "A key's dk and dv rows are updated once per chunk for all the lanes that hold it."]):
-        em("dim, splits = q.shape[3], dk.shape[0]")
+        em("dim, splits = HEAD_DIM or q.shape[3], dk.shape[0]")
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
         _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"), ("scores", "dps", "mask"),
@@ -479,7 +483,7 @@ _HELPERS = '''\
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _dots(x, rows, keys, cnt, out):
     \"\"\"``out[c] = x . rows[keys[c]]``, four keys per pass: one load of ``x`` serves four.\"\"\"
-    dim = x.shape[0]
+    dim = HEAD_DIM or x.shape[0]
     c = 0
     while c + 4 <= cnt:
         k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
@@ -504,7 +508,7 @@ def _dots(x, rows, keys, cnt, out):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _pv(p, rows, keys, cnt, acc):
     \"\"\"``acc += sum_c p[c] rows[keys[c]]``, four keys per pass: a quarter of acc's traffic.\"\"\"
-    dim = acc.shape[0]
+    dim = HEAD_DIM or acc.shape[0]
     c = 0
     while c + 4 <= cnt:
         p0, p1, p2, p3 = p[c], p[c + 1], p[c + 2], p[c + 3]
@@ -524,7 +528,7 @@ def _finish_row(ob, lse, b, h, iq, acc, m, l):
     \"\"\"Normalise one output row; a query without keys gets zeros and ``lse = +inf``.\"\"\"
     if l > 0.0:
         inv = ACC(1.0) / l
-        for d in range(acc.shape[0]):
+        for d in range(HEAD_DIM or acc.shape[0]):
             ob[iq, d] = acc[d] * inv
         lse[b, h, iq] = m + math.log(l)
     else:
@@ -543,7 +547,7 @@ def _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc):
         top = max(top, scores[c])
     alpha = math.exp(m - top)
     l *= alpha
-    dim = acc.shape[0]
+    dim = HEAD_DIM or acc.shape[0]
     for d in range(dim):
         acc[d] *= alpha
     _exp_shifted(scores, bits, cnt, top)
@@ -562,7 +566,7 @@ def _backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta,
     _dots(qs, kb, keys, cnt, scores)
     _dots(dos, vb, keys, cnt, dps)
     _exp_shifted(scores, bits, cnt, lse_q)
-    dim = dqa.shape[0]
+    dim = HEAD_DIM or dqa.shape[0]
     for c in range(cnt):
         p, key = scores[c], keys[c]
         ds = p * (dps[c] - delta)
@@ -590,7 +594,7 @@ def _union(lo, hi, n):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_dots(x, rows, keys, cnt, out):
     \"\"\"``out[u, c] = x[u] . rows[keys[c]]`` in blocks of 2 lanes x 4 keys held in registers.\"\"\"
-    lanes, dim = x.shape
+    lanes, dim = x.shape[0], HEAD_DIM or x.shape[1]
     u = 0
     while u + 2 <= lanes:
         c = 0
@@ -627,7 +631,7 @@ def _tile_dots(x, rows, keys, cnt, out):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_pv(p, rows, keys, cnt, acc):
     \"\"\"``acc[u] += sum_c p[u, c] rows[keys[c]]``, 2 lanes x 4 keys per pass.\"\"\"
-    lanes, dim = acc.shape
+    lanes, dim = acc.shape[0], HEAD_DIM or acc.shape[1]
     u = 0
     while u + 2 <= lanes:
         c = 0
@@ -654,7 +658,7 @@ def _tile_pv(p, rows, keys, cnt, acc):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_scatter(p, x, keys, cnt, dst):
     \"\"\"``dst[keys[c]] += sum_u p[u, c] x[u]``: each key's row is updated once for all lanes.\"\"\"
-    lanes, dim = x.shape
+    lanes, dim = x.shape[0], HEAD_DIM or x.shape[1]
     for c in range(cnt):
         key = keys[c]
         u = 0
@@ -675,7 +679,7 @@ def _tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc):
     \"\"\"Fold ``cnt`` keys into every lane's running max, sum and output; ``mask`` is 0 where
     the lane holds the key, ``-inf`` where not (its probability is then exactly 0).\"\"\"
     _tile_dots(qt, kb, keys, cnt, scores)
-    lanes, dim = acc.shape
+    lanes, dim = acc.shape[0], HEAD_DIM or acc.shape[1]
     for u in range(lanes):
         top = m[u]
         for c in range(cnt):
@@ -775,11 +779,12 @@ def _check_lanes(lanes, allow_none: bool = False) -> None:
                            f"int >= 2 (queries per tile).")
 
 
-def generate(node, dtype: str = "float32", lanes: int = 0, shared=None) -> str:
+def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim: int = 0) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
-    Pure and deterministic: the text depends on the IR's terms, ``dtype``, ``lanes`` and
-    ``shared`` only, never on the grid's extents, which the kernels take as arguments ``n0, n1, ...``.
+    Pure and deterministic: the text depends on the IR's terms, ``dtype``, ``lanes``,
+    ``shared`` and ``head_dim`` only, never on the grid's extents, which the kernels take as
+    arguments ``n0, n1, ...``.
 
     Args:
         node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
@@ -789,6 +794,8 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None) -> str:
         shared: with lanes, per distinct head pattern a bool per term: the lanes share its
             keys (every key of their union, masked per lane) or run it lane by lane on their
             own keys. ``None``: every term shared.
+        head_dim: 0 for kernels that take any head_dim; else the only head_dim the kernels
+            accept, a constant in their loops (the caller must pass arrays of that head_dim).
 
     Raises:
         PatternError: for an unsupported dtype or an unrecognised IR node.
@@ -803,6 +810,9 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None) -> str:
         raise PatternError(f"Unsupported dtype={dtype!r} for the numba backend; supported "
                            f"dtypes are {tuple(DTYPES)}.")
     _check_lanes(lanes)
+    if not isinstance(head_dim, int) or head_dim < 0:
+        raise PatternError(f"numba: head_dim={head_dim!r}; expected 0 (any head_dim) or a "
+                           f"positive int.")
     heads = _distinct_heads(node) if lanes else []
     if shared is None:
         shared = tuple((True,) * len(h.terms) for h in heads)
@@ -819,6 +829,7 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None) -> str:
     em(f"ACC = {DTYPES[dtype]}")
     em(f"QUERY_TILE = {QUERY_TILE}" if not lanes else f"LANES = {lanes}")
     em(f"BITS = {_BITS[dtype]}")
+    em(f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays")
     em(f"KEY_CHUNK = {KEY_CHUNK}")
     em("FASTMATH = {" + ", ".join(repr(f) for f in sorted(FASTMATH)) + "}")
     em()
@@ -1061,7 +1072,8 @@ class NumbaBackend(Backend):
             :func:`plan_lanes` pick from the pattern's waste on this grid.
 
     Attributes:
-        source: the generated float32 module (``source_for("float64")`` for the other dtype).
+        source: the generated float32 module for any head_dim (``source_for(dtype, head_dim)``
+            for the others: head_dims from ``SPECIALISED_HEAD_DIM`` up get their own kernels).
     """
 
     name = "numba"
@@ -1091,9 +1103,12 @@ class NumbaBackend(Backend):
                          for head in self.ir.per_head)
         return tuple(head.pairs() for head in self.ir.per_head)
 
-    def source_for(self, dtype: str) -> str:
-        """The generated module text for ``dtype`` (``"float32"`` or ``"float64"``)."""
-        return _generate_cached(self.ir, dtype, self.lanes, self.shared)
+    def source_for(self, dtype: str, head_dim: int = 0) -> str:
+        """The module text that runs ``dtype`` (``"float32"`` or ``"float64"``) inputs of
+        ``head_dim``: compiled for that head_dim from ``SPECIALISED_HEAD_DIM`` up, else for any
+        (``head_dim=0``)."""
+        head_dim = head_dim if head_dim >= SPECIALISED_HEAD_DIM else 0
+        return _generate_cached(self.ir, dtype, self.lanes, self.shared, head_dim)
 
     def __repr__(self):
         return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
@@ -1118,8 +1133,8 @@ class NumbaBackend(Backend):
         qf, kf, vf = (t.contiguous() for t in (qf, kf, vf))
         return restore(_function().apply(qf, kf, vf, self, self.shape, scale))
 
-    def _kernels(self, dtype):
-        source = self.source_for(dtype)
+    def _kernels(self, dtype, head_dim):
+        source = self.source_for(dtype, head_dim)
         module = load(source)
         return source, [(getattr(module, f"forward_{i}"), getattr(module, f"backward_{i}"))
                         for i in range(max(self._head_map) + 1)]
@@ -1136,7 +1151,7 @@ class NumbaBackend(Backend):
         """``(out, lse)`` for contiguous ``(batch, heads, tokens, dim)`` numpy arrays."""
         import numpy as np
 
-        source, kernels = self._kernels(q.dtype.name)
+        source, kernels = self._kernels(q.dtype.name, q.shape[3])
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype=q.dtype)
         typed_scale = q.dtype.type(scale)
@@ -1151,7 +1166,7 @@ class NumbaBackend(Backend):
         import numba
         import numpy as np
 
-        source, kernels = self._kernels(q.dtype.name)
+        source, kernels = self._kernels(q.dtype.name, q.shape[3])
         batch, heads = q.shape[:2]
         # dk/dv are scattered from every query: each split owns a copy, so that (batch, head)
         # pairs fewer than the threads still keep every thread busy without atomics
@@ -1175,8 +1190,8 @@ def _lane_tiles(shape, lanes: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _generate_cached(node, dtype: str, lanes: int, shared) -> str:
-    return generate(node, dtype, lanes, shared)
+def _generate_cached(node, dtype: str, lanes: int, shared, head_dim: int) -> str:
+    return generate(node, dtype, lanes, shared, head_dim)
 
 
 register_backend("numba", NumbaBackend)

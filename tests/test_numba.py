@@ -229,6 +229,30 @@ def test_source_is_readable_and_names_the_spec():
     assert repr(attn) == "NumbaBackend((window(7) | axis(0)) on grid 64x64, lanes=0)"
 
 
+@pytest.mark.parametrize("spec, grid, lanes, head_dim", [
+    (STRUCTURES["window_or_global"], (4, 9), 0, 48),
+    (STRUCTURES["criss_cross"], (5, 8), 3, 64),
+])
+def test_kernels_for_one_head_dim_match_the_oracle(spec, grid, lanes, head_dim):
+    # from SPECIALISED_HEAD_DIM up the kernels are compiled with head_dim a loop constant
+    assert head_dim >= numba_cpu.SPECIALISED_HEAD_DIM
+    q, k, v = _inputs(grid, 1, 2, head_dim, torch.float64, seed=head_dim)
+    _check_against_oracle(spec, grid, q, k, v, lanes=lanes)
+    attn = pg.compile(spec, grid, backend="numba", lanes=lanes)
+    assert f"HEAD_DIM = {head_dim}  #" in attn.source_for("float64", head_dim)
+
+
+def test_small_head_dims_share_the_kernels_for_any_head_dim():
+    attn = pg.compile(pg.window(3), (8,), backend="numba")
+    generic = attn.source_for("float32")
+    assert "HEAD_DIM = 0  #" in generic
+    assert attn.source_for("float32", numba_cpu.SPECIALISED_HEAD_DIM - 1) == generic
+    assert attn.source_for("float32", numba_cpu.SPECIALISED_HEAD_DIM) != generic
+    with pytest.raises(PatternError, match=r"head_dim=-1; expected 0 \(any head_dim\) or a "
+                                           r"positive int"):
+        numba_cpu.generate(pg.lower(pg.window(3), (8,)), head_dim=-1)
+
+
 GOLDEN_CASES = {
     "window_2d": (pg.window(7), (64, 64)),
     "window_or_axis": (pg.window(7) | pg.axis(0), (64, 64)),

@@ -20,6 +20,7 @@ import numpy as np
 ACC = np.float32
 QUERY_TILE = 32
 BITS = np.int32
+HEAD_DIM = 0  # 0: any head_dim, read from the arrays
 KEY_CHUNK = 128
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
@@ -27,7 +28,7 @@ FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _dots(x, rows, keys, cnt, out):
     """``out[c] = x . rows[keys[c]]``, four keys per pass: one load of ``x`` serves four."""
-    dim = x.shape[0]
+    dim = HEAD_DIM or x.shape[0]
     c = 0
     while c + 4 <= cnt:
         k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
@@ -52,7 +53,7 @@ def _dots(x, rows, keys, cnt, out):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _pv(p, rows, keys, cnt, acc):
     """``acc += sum_c p[c] rows[keys[c]]``, four keys per pass: a quarter of acc's traffic."""
-    dim = acc.shape[0]
+    dim = HEAD_DIM or acc.shape[0]
     c = 0
     while c + 4 <= cnt:
         p0, p1, p2, p3 = p[c], p[c + 1], p[c + 2], p[c + 3]
@@ -72,7 +73,7 @@ def _finish_row(ob, lse, b, h, iq, acc, m, l):
     """Normalise one output row; a query without keys gets zeros and ``lse = +inf``."""
     if l > 0.0:
         inv = ACC(1.0) / l
-        for d in range(acc.shape[0]):
+        for d in range(HEAD_DIM or acc.shape[0]):
             ob[iq, d] = acc[d] * inv
         lse[b, h, iq] = m + math.log(l)
     else:
@@ -89,7 +90,7 @@ def _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc):
         top = max(top, scores[c])
     alpha = math.exp(m - top)
     l *= alpha
-    dim = acc.shape[0]
+    dim = HEAD_DIM or acc.shape[0]
     for d in range(dim):
         acc[d] *= alpha
     _exp_shifted(scores, bits, cnt, top)
@@ -108,7 +109,7 @@ def _backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta,
     _dots(qs, kb, keys, cnt, scores)
     _dots(dos, vb, keys, cnt, dps)
     _exp_shifted(scores, bits, cnt, lse_q)
-    dim = dqa.shape[0]
+    dim = HEAD_DIM or dqa.shape[0]
     for c in range(cnt):
         p, key = scores[c], keys[c]
         ds = p * (dps[c] - delta)
@@ -147,7 +148,7 @@ def forward_0(q, k, v, scale, n0, n1, n2, heads, out, lse, start, stop):
     Item ``w`` is a tile of QUERY_TILE queries of batch ``w // (nh * tiles)`` and head
     ``heads[w // tiles % nh]``; the caller runs disjoint ranges on several threads.
     """
-    dim = q.shape[3]
+    dim = HEAD_DIM or q.shape[3]
     tokens = n0 * n1 * n2
     tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE
     nh = heads.shape[0]
@@ -202,7 +203,7 @@ def backward_0(q, k, v, out, dout, lse, scale, n0, n1, n2, heads, dq, dk, dv, st
     Item ``w`` is split ``w % splits`` of the queries of batch ``w // (nh * splits)`` and
     head ``heads[w // splits % nh]``: it alone writes its dk and dv copy.
     """
-    dim, splits = q.shape[3], dk.shape[0]
+    dim, splits = HEAD_DIM or q.shape[3], dk.shape[0]
     tokens = n0 * n1 * n2
     nh = heads.shape[0]
     for w in range(start, stop):
@@ -264,7 +265,7 @@ def forward_1(q, k, v, scale, n0, n1, n2, heads, out, lse, start, stop):
     Item ``w`` is a tile of QUERY_TILE queries of batch ``w // (nh * tiles)`` and head
     ``heads[w // tiles % nh]``; the caller runs disjoint ranges on several threads.
     """
-    dim = q.shape[3]
+    dim = HEAD_DIM or q.shape[3]
     tokens = n0 * n1 * n2
     tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE
     nh = heads.shape[0]
@@ -319,7 +320,7 @@ def backward_1(q, k, v, out, dout, lse, scale, n0, n1, n2, heads, dq, dk, dv, st
     Item ``w`` is split ``w % splits`` of the queries of batch ``w // (nh * splits)`` and
     head ``heads[w // splits % nh]``: it alone writes its dk and dv copy.
     """
-    dim, splits = q.shape[3], dk.shape[0]
+    dim, splits = HEAD_DIM or q.shape[3], dk.shape[0]
     tokens = n0 * n1 * n2
     nh = heads.shape[0]
     for w in range(start, stop):

@@ -17,6 +17,7 @@ import numpy as np
 ACC = np.float32
 LANES = 4
 BITS = np.int32
+HEAD_DIM = 0  # 0: any head_dim, read from the arrays
 KEY_CHUNK = 128
 FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 
@@ -24,7 +25,7 @@ FASTMATH = {'afn', 'arcp', 'contract', 'nsz', 'reassoc'}
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _dots(x, rows, keys, cnt, out):
     """``out[c] = x . rows[keys[c]]``, four keys per pass: one load of ``x`` serves four."""
-    dim = x.shape[0]
+    dim = HEAD_DIM or x.shape[0]
     c = 0
     while c + 4 <= cnt:
         k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
@@ -49,7 +50,7 @@ def _dots(x, rows, keys, cnt, out):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _pv(p, rows, keys, cnt, acc):
     """``acc += sum_c p[c] rows[keys[c]]``, four keys per pass: a quarter of acc's traffic."""
-    dim = acc.shape[0]
+    dim = HEAD_DIM or acc.shape[0]
     c = 0
     while c + 4 <= cnt:
         p0, p1, p2, p3 = p[c], p[c + 1], p[c + 2], p[c + 3]
@@ -69,7 +70,7 @@ def _finish_row(ob, lse, b, h, iq, acc, m, l):
     """Normalise one output row; a query without keys gets zeros and ``lse = +inf``."""
     if l > 0.0:
         inv = ACC(1.0) / l
-        for d in range(acc.shape[0]):
+        for d in range(HEAD_DIM or acc.shape[0]):
             ob[iq, d] = acc[d] * inv
         lse[b, h, iq] = m + math.log(l)
     else:
@@ -91,7 +92,7 @@ def _union(lo, hi, n):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_dots(x, rows, keys, cnt, out):
     """``out[u, c] = x[u] . rows[keys[c]]`` in blocks of 2 lanes x 4 keys held in registers."""
-    lanes, dim = x.shape
+    lanes, dim = x.shape[0], HEAD_DIM or x.shape[1]
     u = 0
     while u + 2 <= lanes:
         c = 0
@@ -128,7 +129,7 @@ def _tile_dots(x, rows, keys, cnt, out):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_pv(p, rows, keys, cnt, acc):
     """``acc[u] += sum_c p[u, c] rows[keys[c]]``, 2 lanes x 4 keys per pass."""
-    lanes, dim = acc.shape
+    lanes, dim = acc.shape[0], HEAD_DIM or acc.shape[1]
     u = 0
     while u + 2 <= lanes:
         c = 0
@@ -155,7 +156,7 @@ def _tile_pv(p, rows, keys, cnt, acc):
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
 def _tile_scatter(p, x, keys, cnt, dst):
     """``dst[keys[c]] += sum_u p[u, c] x[u]``: each key's row is updated once for all lanes."""
-    lanes, dim = x.shape
+    lanes, dim = x.shape[0], HEAD_DIM or x.shape[1]
     for c in range(cnt):
         key = keys[c]
         u = 0
@@ -176,7 +177,7 @@ def _tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc):
     """Fold ``cnt`` keys into every lane's running max, sum and output; ``mask`` is 0 where
     the lane holds the key, ``-inf`` where not (its probability is then exactly 0)."""
     _tile_dots(qt, kb, keys, cnt, scores)
-    lanes, dim = acc.shape
+    lanes, dim = acc.shape[0], HEAD_DIM or acc.shape[1]
     for u in range(lanes):
         top = m[u]
         for c in range(cnt):
@@ -242,7 +243,7 @@ def forward_0(q, k, v, scale, n0, n1, heads, out, lse, start, stop):
     ``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per
     lane, except in terms run lane by lane on each lane's own keys.
     """
-    dim = q.shape[3]
+    dim = HEAD_DIM or q.shape[3]
     rows = n0
     per_row = (n1 + LANES - 1) // LANES
     tiles = rows * per_row
@@ -349,7 +350,7 @@ def backward_0(q, k, v, out, dout, lse, scale, n0, n1, heads, dq, dk, dv, start,
     head ``heads[w // splits % nh]``: it alone writes its dk and dv copy.
     A key's dk and dv rows are updated once per chunk for all the lanes that hold it.
     """
-    dim, splits = q.shape[3], dk.shape[0]
+    dim, splits = HEAD_DIM or q.shape[3], dk.shape[0]
     rows = n0
     per_row = (n1 + LANES - 1) // LANES
     tiles = rows * per_row
