@@ -122,9 +122,11 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
             for index, head in enumerate(_distinct_heads(node)):
                 ctx["kernel"] = index
                 ctx["shares"] = ctx["shared"][index] if ctx["lanes"] else ()
+                ctx["runs"] = True  # see _emit_run
                 forward(head, em, ctx)
                 em()
                 em()
+                ctx["runs"] = False
                 backward(head, em, ctx)
                 em()
                 em()
@@ -170,7 +172,7 @@ def _member(t: int, a: int, rel: ir.Rel, lane: str = "") -> str:
 
 
 def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
-    """One loop per axis over term ``ctx['term']``'s keys; ``ctx['body']`` emits one key.
+    """One loop per axis over term ``ctx['term']``'s keys, each key buffered.
 
     Keys held by an earlier term are skipped: the earlier term's membership on axis ``a`` is
     known once ``p0..pa`` are, so it is computed at that loop depth and tested at the last.
@@ -178,6 +180,8 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
     t, earlier, last = ctx["term"], ctx["terms"][:ctx["term"]], len(term.rels) - 1
     lanes = ctx.get("lanes")
     shared = lanes and ctx["shares"][t]
+    keys, cnt, flush = ("lkeys", "cnt1", ctx["lane_flush"]) if lanes else ("keys", "cnt",
+                                                                           ctx["flush"])
     with contextlib.ExitStack() as scopes:
         if lanes and not shared:  # lane by lane, each on its own keys, flushed on its own
             scopes.enter_context(em.block("for u in range(LANES):"))
@@ -190,6 +194,9 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
             else:
                 step = f", {rel.step}" if rel.step != 1 else ""
                 header = f"for p{a} in range(lo{t}_{a}{lane}, hi{t}_{a}{lane}{step}):"
+            if a == last and ctx["runs"] and not shared and not earlier and rel.step == 1:
+                _emit_run(em, a, f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}", keys, cnt)
+                scopes.enter_context(em.block("else:"))
             scopes.enter_context(em.block(header))
             em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * n{a} + p{a}")
             tests = []
@@ -212,10 +219,21 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
             elif a == last and tests:
                 with em.block("if " + " or ".join(f"({x})" for x in tests) + ":"):
                     em("continue")
-        if not lanes:
-            ctx["body"](em, f"k{last}")
-        elif not shared:
-            _emit_collect(em, f"k{last}", ctx["lane_flush"], keys="lkeys", cnt="cnt1")
+        if not shared:
+            _emit_collect(em, f"k{last}", flush, keys, cnt)
+
+
+def _emit_run(em: _Emitter, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
+    """A run of consecutive keys on the last axis, buffered in one loop that LLVM vectorises
+    when the buffer has room for all of it; else key by key. Forward only: interleaved, medians
+    of 12, forward W2 0.96x, W4 0.88x, W5 0.96x the time, backward W2 1.05x."""
+    em(f"run = {hi} - {lo}")
+    with em.block(f"if run > 0 and {cnt} + run <= KEY_CHUNK:"):
+        start = f"k{a - 1} * n{a} + {lo}" if a else lo
+        em(f"first_key = {start} - {cnt}")
+        with em.block(f"for p{a} in range({cnt}, {cnt} + run):"):
+            em(f"{keys}[p{a}] = first_key + p{a}")
+        em(f"{cnt} += run")
 
 
 def _emit_lane_flush(em: _Emitter, ctx: dict) -> None:
@@ -224,8 +242,8 @@ def _emit_lane_flush(em: _Emitter, ctx: dict) -> None:
         em(ctx["lane_flush"])
 
 
-def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict, body) -> None:
-    ctx["terms"], ctx["body"] = head.terms, body
+def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    ctx["terms"] = head.terms
     for t, term in enumerate(head.terms):
         ctx["term"] = t
         alone = " lane by lane," if ctx.get("lanes") and not ctx["shares"][t] else ""
@@ -277,7 +295,8 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                 em("cnt = 0")
 
                 flush = "m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)"
-                _emit_keys(head, em, ctx, functools.partial(_emit_collect, flush=flush))
+                ctx["flush"] = flush
+                _emit_keys(head, em, ctx)
                 with em.block("if cnt > 0:"):
                     em(flush)
                 em("_finish_row(ob, lse, b, h, iq, acc, m, l)")
@@ -347,7 +366,8 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                 em("cnt = 0")
                 flush = ("_backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, "
                          "delta, dqa, dkb, dvb)")
-                _emit_keys(head, em, ctx, functools.partial(_emit_collect, flush=flush))
+                ctx["flush"] = flush
+                _emit_keys(head, em, ctx)
                 em(flush)
                 with em.block("for d in range(dim):"):
                     em("dqb[iq, d] = dqa[d] * scale")
@@ -431,7 +451,7 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             ctx["flush"] = "_tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc)"
             ctx["lane_flush"] = ("m[u], l[u] = _softmax_chunk(qt[u], kb, vb, lkeys, lscores, bits, "
                                  "cnt1, m[u], l[u], acc[u])")
-            _emit_keys(head, em, ctx, None)
+            _emit_keys(head, em, ctx)
             with em.block("if cnt > 0:"):
                 em(ctx["flush"])
             with em.block(f"for u in range(min(LANES, n{last} - first)):"):
@@ -474,7 +494,7 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                                 "bits, cnt, lse_t, delta, dqa, dkb, dvb)")
                 ctx["lane_flush"] = ("_backward_chunk(qt[u], dot[u], kb, vb, lkeys, lscores, ldps, "
                                      "bits, cnt1, lse_t[u], delta[u], dqa[u], dkb, dvb)")
-                _emit_keys(head, em, ctx, None)
+                _emit_keys(head, em, ctx)
                 em(ctx["flush"])
                 with em.block(f"for u in range(min(LANES, n{last} - first)):"):
                     with em.block("for d in range(dim):"):

@@ -168,13 +168,20 @@ def forward_0(q, k, v, scale, n0, heads, out, lse, start, stop):
             l = ACC(0.0)
             cnt = 0
             # term 0: (Window(256, causal))
-            for p0 in range(lo0_0, hi0_0):
-                k0 = p0
-                keys[cnt] = k0
-                cnt += 1
-                if cnt == KEY_CHUNK:
-                    m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
-                    cnt = 0
+            run = hi0_0 - lo0_0
+            if run > 0 and cnt + run <= KEY_CHUNK:
+                first_key = lo0_0 - cnt
+                for p0 in range(cnt, cnt + run):
+                    keys[p0] = first_key + p0
+                cnt += run
+            else:
+                for p0 in range(lo0_0, hi0_0):
+                    k0 = p0
+                    keys[cnt] = k0
+                    cnt += 1
+                    if cnt == KEY_CHUNK:
+                        m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
+                        cnt = 0
             if cnt > 0:
                 m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
             _finish_row(ob, lse, b, h, iq, acc, m, l)

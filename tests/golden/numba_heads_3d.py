@@ -184,13 +184,20 @@ def forward_0(q, k, v, scale, n0, n1, n2, heads, out, lse, start, stop):
                 k0 = p0
                 for p1 in range(lo0_1, hi0_1):
                     k1 = k0 * n1 + p1
-                    for p2 in range(lo0_2, hi0_2):
-                        k2 = k1 * n2 + p2
-                        keys[cnt] = k2
-                        cnt += 1
-                        if cnt == KEY_CHUNK:
-                            m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
-                            cnt = 0
+                    run = hi0_2 - lo0_2
+                    if run > 0 and cnt + run <= KEY_CHUNK:
+                        first_key = k1 * n2 + lo0_2 - cnt
+                        for p2 in range(cnt, cnt + run):
+                            keys[p2] = first_key + p2
+                        cnt += run
+                    else:
+                        for p2 in range(lo0_2, hi0_2):
+                            k2 = k1 * n2 + p2
+                            keys[cnt] = k2
+                            cnt += 1
+                            if cnt == KEY_CHUNK:
+                                m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
+                                cnt = 0
             if cnt > 0:
                 m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
             _finish_row(ob, lse, b, h, iq, acc, m, l)
@@ -301,13 +308,20 @@ def forward_1(q, k, v, scale, n0, n1, n2, heads, out, lse, start, stop):
                 k0 = p0
                 for p1 in range(lo0_1, hi0_1):
                     k1 = k0 * n1 + p1
-                    for p2 in range(lo0_2, hi0_2):
-                        k2 = k1 * n2 + p2
-                        keys[cnt] = k2
-                        cnt += 1
-                        if cnt == KEY_CHUNK:
-                            m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
-                            cnt = 0
+                    run = hi0_2 - lo0_2
+                    if run > 0 and cnt + run <= KEY_CHUNK:
+                        first_key = k1 * n2 + lo0_2 - cnt
+                        for p2 in range(cnt, cnt + run):
+                            keys[p2] = first_key + p2
+                        cnt += run
+                    else:
+                        for p2 in range(lo0_2, hi0_2):
+                            k2 = k1 * n2 + p2
+                            keys[cnt] = k2
+                            cnt += 1
+                            if cnt == KEY_CHUNK:
+                                m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
+                                cnt = 0
             if cnt > 0:
                 m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
             _finish_row(ob, lse, b, h, iq, acc, m, l)

@@ -173,13 +173,20 @@ def forward_0(q, k, v, scale, n0, n1, heads, out, lse, start, stop):
             # term 0: (Window(7, clamp), Window(7, clamp))
             for p0 in range(lo0_0, hi0_0):
                 k0 = p0
-                for p1 in range(lo0_1, hi0_1):
-                    k1 = k0 * n1 + p1
-                    keys[cnt] = k1
-                    cnt += 1
-                    if cnt == KEY_CHUNK:
-                        m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
-                        cnt = 0
+                run = hi0_1 - lo0_1
+                if run > 0 and cnt + run <= KEY_CHUNK:
+                    first_key = k0 * n1 + lo0_1 - cnt
+                    for p1 in range(cnt, cnt + run):
+                        keys[p1] = first_key + p1
+                    cnt += run
+                else:
+                    for p1 in range(lo0_1, hi0_1):
+                        k1 = k0 * n1 + p1
+                        keys[cnt] = k1
+                        cnt += 1
+                        if cnt == KEY_CHUNK:
+                            m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
+                            cnt = 0
             if cnt > 0:
                 m, l = _softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc)
             _finish_row(ob, lse, b, h, iq, acc, m, l)
