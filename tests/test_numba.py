@@ -218,6 +218,15 @@ def test_executed_pairs_are_the_attended_pairs_or_the_tiles_unions():
                                          for h, shared in zip(tiled.ir.per_head, tiled.shared))
 
 
+def test_terms_with_one_key_on_the_last_axis_run_last():
+    # the forward buffers the first term's last-axis run in one loop: the row before the column
+    lowered = pg.lower(pg.criss_cross(), (5, 8))
+    attn = pg.compile(pg.criss_cross(), (5, 8), backend="numba")
+    assert [repr(t) for t in lowered.terms] == ["(All(), Eq())", "(Eq(), All())"]
+    assert [repr(t) for t in attn.ir.terms] == ["(Eq(), All())", "(All(), Eq())"]
+    assert "term 1: (All(), Eq()) (keys of earlier terms skipped)" in attn.source
+
+
 def test_source_is_readable_and_names_the_spec():
     attn = pg.compile(pg.window(7) | pg.axis(0), (64, 64), backend="numba")
     src = attn.source
