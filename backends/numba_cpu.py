@@ -131,6 +131,11 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
                 backward(head, em, ctx)
                 em()
                 em()
+                for direction in ("forward", "backward"):
+                    em.lines.append(_openmp_source(f"{direction}_{index}",
+                                                   _kernel_args(node.grid.ndim, direction == "backward")))
+                    em()
+                    em()
         case ir.Term():
             _emit_term_loops(node, em, ctx)
         case ir.Rel():
@@ -303,20 +308,64 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                 em("_finish_row(ob, lse, b, h, iq, acc, m, l)")
 
 
+def _kernel_args(ndim: int, backward: bool) -> list[tuple[str, object]]:
+    """A kernel's arguments before ``start, stop``: ``(name, rank)`` for an array, ``(name,
+    "int")`` or ``(name, "real")`` for a scalar (the trampolines of ``_openmp`` unpack them)."""
+    inputs = ["q", "k", "v", "out", "dout"] if backward else ["q", "k", "v"]
+    return ([(x, 4) for x in inputs] + [("lse", 3)] * backward + [("scale", "real")]
+            + [(f"n{a}", "int") for a in range(ndim)] + [("heads", 1)]
+            + ([("dq", 4), ("dk", 5), ("dv", 5)] if backward else [("out", 4), ("lse", 3)]))
+
+
+def _openmp_source(name: str, args: list[tuple[str, object]]) -> str:
+    """Source of ``{name}_team(a)``: unpack the arguments ``_openmp.launch`` packed for kernel
+    ``name`` and run its work ranges until the shared counter passes the last one.
+
+    ``args`` is the kernel's argument list without ``start, stop``: ``(name, rank)`` for a
+    C-contiguous array (``heads`` is int64, the others of type ``ACC``), ``(name, "int")`` or
+    ``(name, "real")`` for a scalar, in the kernel's order.
+    """
+    body, slot, pointer, real = [], 3, 2, 0
+    for arg, kind in args:
+        if kind == "int":
+            body.append(f"    {arg} = ints[{slot}]")
+            slot += 1
+        elif kind == "real":
+            body.append(f"    {arg} = reals[{real}]")
+            real += 1
+        else:
+            shape = ", ".join(f"ints[{slot + i}]" for i in range(kind))
+            dtype = "np.int64" if arg == "heads" else "ACC"
+            body.append(f"    {arg} = numba.carray(a[{pointer}], ({shape},), {dtype})")
+            slot, pointer = slot + kind, pointer + 1
+    names = ", ".join(arg for arg, _ in args)
+    return "\n".join([
+        f"def {name}_team(a):",
+        f'    """Work ranges of {name} on every thread of an OpenMP team (a ``cfunc``)."""',
+        f"    ints = numba.carray(a[0], {slot}, np.int64)",
+        f"    reals = numba.carray(a[1], {max(real, 1)}, ACC)",
+        *body,
+        "    parts, items = ints[1], ints[2]",
+        "    j = fetch_add(a[0], 1)",
+        "    while j < parts:",
+        f"        {name}({names}, items * j // parts, items * (j + 1) // parts)",
+        "        j = fetch_add(a[0], 1)"])
+
+
 @contextlib.contextmanager
 def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
     """A kernel's signature and docstring (its summary, then ``doc``); the body goes inside."""
     ndim, idx = ctx["ndim"], ctx["kernel"]
     if backward:
-        name, args = "backward", "q, k, v, out, dout, lse, scale"
-        results = "dq, dk, dv"
+        name = "backward"
         summary = ("dq, and dk, dv per split ``dk[s]`` (zero on entry), of items "
                    "``start..stop``.")
     else:
-        name, args, results = "forward", "q, k, v, scale", "out, lse"
+        name = "forward"
         summary = "out and log-sum-exp of work items ``start..stop``."
+    args = ", ".join(arg for arg, _ in _kernel_args(ndim, backward))
     em("@numba.njit(fastmath=FASTMATH, cache=True, nogil=True)")
-    with em.block(f"def {name}_{idx}({args}, {_prologue(ndim)}, heads, {results}, start, stop):"):
+    with em.block(f"def {name}_{idx}({args}, start, stop):"):
         em(f'"""Pattern {idx}: {summary}')
         em()
         for line in doc:
@@ -850,6 +899,8 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
     em("import numba")
     em("import numpy as np")
     em()
+    em("from patterngen.backends._openmp import fetch_add")
+    em()
     em(f"ACC = {DTYPES[dtype]}")
     em(f"QUERY_TILE = {QUERY_TILE}" if not lanes else f"LANES = {lanes}")
     em(f"BITS = {_BITS[dtype]}")
@@ -1025,24 +1076,28 @@ def _pool(workers: int):
 
 
 def _run(kernel, source: str, items: int, *args) -> None:
-    """Run work items ``0..items`` of ``kernel`` on numba's thread count, in ranges.
+    """Run work items ``0..items`` of ``kernel``, in ranges, on several threads.
 
-    The kernels are ``nogil``, so plain threads run them in parallel; ``parallel=True`` would
-    double their compile time. The calling thread works too, beside ``threads - 1`` pool
-    threads, and each takes the next range until none is left: waking a pool thread costs
-    tens of microseconds, so the caller does not wait for one per range. A kernel not yet
-    compiled runs an empty range first, so that one thread compiles it (a numba compile
-    failure carries the generated source).
+    When torch runs its ops on a GNU OpenMP team (:func:`_openmp.team`), the kernel's
+    generated ``*_team`` trampoline runs the ranges on that team's threads, which would
+    otherwise spin beside the kernel for milliseconds after each torch op. Otherwise the
+    calling thread and ``threads - 1`` pool threads take ranges until none is left (the
+    kernels are ``nogil``; ``parallel=True`` would double their compile time). The first call
+    compiles the kernel; a numba compile failure carries the generated source.
     """
     import numba
 
+    from patterngen.backends import _openmp
+
+    trampoline = _trampoline(kernel, source) if _openmp.team() is not None else None
+    if trampoline is not None and items > 0:
+        threads = _torch_threads()
+        if _openmp.launch(_openmp.team(), trampoline, threads,
+                          min(items, RANGES_PER_THREAD * threads), items, args):
+            return
     if not kernel.signatures:
-        try:
+        with _compile_errors(kernel, source):
             kernel(*args, 0, 0)
-        except numba.core.errors.NumbaError as e:
-            log.error("numba failed to compile generated kernel %s", kernel.__name__)
-            _attach_source(e, f"generated source:\n{source}")
-            raise
     threads = numba.get_num_threads()
     parts = min(items, RANGES_PER_THREAD * threads)
     if parts <= 1 or threads == 1:
@@ -1060,6 +1115,36 @@ def _run(kernel, source: str, items: int, *args) -> None:
     for helper in helpers:
         if not helper.cancel():  # a helper that never started has nothing left to do
             helper.result()
+
+
+def _torch_threads() -> int:
+    return sys.modules["torch"].get_num_threads()
+
+
+@contextlib.contextmanager
+def _compile_errors(kernel, source: str):
+    import numba
+
+    try:
+        yield
+    except numba.core.errors.NumbaError as e:
+        log.error("numba failed to compile generated kernel %s", kernel.__name__)
+        _attach_source(e, f"generated source:\n{source}")
+        raise
+
+
+@functools.cache
+def _trampoline(kernel, source: str):
+    """The compiled ``cfunc`` of ``kernel``'s ``*_team`` trampoline; ``None`` without one."""
+    import numba
+
+    from patterngen.backends import _openmp
+
+    py_func = getattr(sys.modules[kernel.py_func.__module__], f"{kernel.__name__}_team", None)
+    if py_func is None:
+        return None
+    with _compile_errors(kernel, source):
+        return numba.cfunc(_openmp.SIGNATURE, nopython=True, cache=True)(py_func)
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,6 +192,34 @@ def test_non_contiguous_inputs_are_copied():
     torch.testing.assert_close(attn(qt, k, v), attn(q, k, v), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name, lanes", [("heads", 0), ("window_3d_pad_dilated", 0),
+                                         ("window_or_global", 3)])
+def test_openmp_team_and_thread_pool_agree(name, lanes, monkeypatch):
+    # where torch runs on GNU OpenMP the kernels run on its team; else on a Python thread pool
+    from patterngen.backends import _openmp
+
+    launches = []
+    real_launch = _openmp.launch
+    monkeypatch.setattr(_openmp, "launch", lambda *a: launches.append(a) or real_launch(*a))
+    spec, grid = STRUCTURES[name], _grid_for(name, random.Random(name))
+    q, k, v = _inputs(grid, 2, 3, 5, torch.float64, seed=11)
+    _check_against_oracle(spec, grid, q, k, v, lanes=lanes)
+    assert bool(launches) == (_openmp.team() is not None)
+    team_out = pg.compile(spec, grid, backend="numba", lanes=lanes)(q, k, v)
+    monkeypatch.setattr(_openmp, "team", lambda: None)
+    launches.clear()
+    pool_out = pg.compile(spec, grid, backend="numba", lanes=lanes)(q, k, v)
+    assert not launches
+    torch.testing.assert_close(team_out, pool_out, atol=1e-12, rtol=1e-12)
+
+
+def test_openmp_launch_refuses_non_contiguous_arrays():
+    from patterngen.backends import _openmp
+
+    strided = np.zeros((4, 6))[:, ::2]
+    assert not _openmp.launch(None, None, 2, 2, 2, (strided, 1, np.float64(0.5)))
+
+
 def test_one_head_splits_the_backward():
     # one (batch, head) pair: backward splits the queries, each split owning a dk/dv copy
     q, k, v = _inputs((6, 9), 1, 1, 5, torch.float64, seed=8)

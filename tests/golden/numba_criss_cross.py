@@ -13,6 +13,8 @@ import math
 import numba
 import numpy as np
 
+from patterngen.backends._openmp import fetch_add
+
 ACC = np.float32
 QUERY_TILE = 32
 BITS = np.int32
@@ -281,3 +283,47 @@ def backward_0(q, k, v, out, dout, lse, scale, n0, n1, heads, dq, dk, dv, start,
             _backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb)
             for d in range(dim):
                 dqb[iq, d] = dqa[d] * scale
+
+
+def forward_0_team(a):
+    """Work ranges of forward_0 on every thread of an OpenMP team (a ``cfunc``)."""
+    ints = numba.carray(a[0], 25, np.int64)
+    reals = numba.carray(a[1], 1, ACC)
+    q = numba.carray(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
+    k = numba.carray(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
+    v = numba.carray(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
+    scale = reals[0]
+    n0 = ints[15]
+    n1 = ints[16]
+    heads = numba.carray(a[5], (ints[17],), np.int64)
+    out = numba.carray(a[6], (ints[18], ints[19], ints[20], ints[21],), ACC)
+    lse = numba.carray(a[7], (ints[22], ints[23], ints[24],), ACC)
+    parts, items = ints[1], ints[2]
+    j = fetch_add(a[0], 1)
+    while j < parts:
+        forward_0(q, k, v, scale, n0, n1, heads, out, lse, items * j // parts, items * (j + 1) // parts)
+        j = fetch_add(a[0], 1)
+
+
+def backward_0_team(a):
+    """Work ranges of backward_0 on every thread of an OpenMP team (a ``cfunc``)."""
+    ints = numba.carray(a[0], 43, np.int64)
+    reals = numba.carray(a[1], 1, ACC)
+    q = numba.carray(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
+    k = numba.carray(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
+    v = numba.carray(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
+    out = numba.carray(a[5], (ints[15], ints[16], ints[17], ints[18],), ACC)
+    dout = numba.carray(a[6], (ints[19], ints[20], ints[21], ints[22],), ACC)
+    lse = numba.carray(a[7], (ints[23], ints[24], ints[25],), ACC)
+    scale = reals[0]
+    n0 = ints[26]
+    n1 = ints[27]
+    heads = numba.carray(a[8], (ints[28],), np.int64)
+    dq = numba.carray(a[9], (ints[29], ints[30], ints[31], ints[32],), ACC)
+    dk = numba.carray(a[10], (ints[33], ints[34], ints[35], ints[36], ints[37],), ACC)
+    dv = numba.carray(a[11], (ints[38], ints[39], ints[40], ints[41], ints[42],), ACC)
+    parts, items = ints[1], ints[2]
+    j = fetch_add(a[0], 1)
+    while j < parts:
+        backward_0(q, k, v, out, dout, lse, scale, n0, n1, heads, dq, dk, dv, items * j // parts, items * (j + 1) // parts)
+        j = fetch_add(a[0], 1)
