@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 
-import numba
 import numpy as np
 from llvmlite import ir as llvm_ir
 from numba import types
@@ -55,15 +54,16 @@ def team():
     torch = sys.modules.get("torch")
     if torch is None or "OpenMP" not in torch.__config__.parallel_info():
         return None
-    home = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    package = os.path.dirname(os.path.abspath(torch.__file__))
+    # the wheels keep their libgomp in torch/lib or, repaired by auditwheel, in torch.libs
+    homes = (package + os.sep, os.path.join(os.path.dirname(package), "torch.libs") + os.sep)
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps
-                            if "libgomp" in line and line.split()[-1].startswith(home)})
+            paths = sorted({line.split()[-1] for line in maps if "libgomp" in line})
     except OSError:
         return None
     for path in paths:
-        if os.path.basename(os.path.dirname(path)) not in ("lib", "torch.libs"):
+        if not path.startswith(homes):
             continue
         try:
             parallel = ctypes.CDLL(path).GOMP_parallel
@@ -79,9 +79,10 @@ def team():
 def launch(parallel, trampoline, threads: int, parts: int, items: int, args) -> bool:
     """Run ``parts`` ranges of ``items`` work items on ``threads`` threads of torch's team.
 
-    ``args`` are the kernel's arguments without ``start, stop``, packed in the order
-    the generated trampolines unpack them (``numba_cpu._openmp_source``): a block of int64 (the counter, ``parts``,
-    ``items``, each array's shape and each int), one of reals, then the arrays' data pointers.
+    ``args`` are the kernel's arguments without ``start, stop``, packed in the order the
+    generated trampolines unpack them (``numba_cpu._openmp_source``): a block of int64 (the
+    counter, ``parts``, ``items``, each array's shape and each int), one of reals, then the
+    arrays' data pointers.
     Returns ``False``, running nothing, when an array is not C-contiguous.
     """
     ints, reals, pointers = [0, parts, items], [], []

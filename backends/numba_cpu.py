@@ -132,8 +132,8 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
                 em()
                 em()
                 for direction in ("forward", "backward"):
-                    em.lines.append(_openmp_source(f"{direction}_{index}",
-                                                   _kernel_args(node.grid.ndim, direction == "backward")))
+                    args = _kernel_args(node.grid.ndim, direction == "backward")
+                    em.lines.append(_openmp_source(f"{direction}_{index}", args))
                     em()
                     em()
         case ir.Term():
