@@ -62,8 +62,8 @@ RANGES_PER_THREAD = 4
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
 DTYPES = {"float32": "np.float32", "float64": "np.float64"}
 #: head_dims from this one up get kernels compiled for their head_dim, loops of constant length
-#: (W2 forward/backward: 0.87/0.81 of the time at 64, 0.85/0.90 at 96, 0.90/1.0 at 48; at 32
-#: LLVM's choices made the backward twice as slow, so smaller head_dims share generic kernels)
+#: (W2 forward/backward, one thread: 0.87/0.92 of the time at 64, 0.94/0.97 at 48; at 32 a
+#: prototype made the backward twice as slow, so smaller head_dims share generic kernels)
 SPECIALISED_HEAD_DIM = 48
 
 
@@ -92,10 +92,6 @@ class _Emitter:
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
-
-
-def _prologue(ndim: int) -> str:
-    return ", ".join(f"n{a}" for a in range(ndim))
 
 
 def _unflatten(em: _Emitter, ndim: int) -> None:
@@ -1089,11 +1085,12 @@ def _run(kernel, source: str, items: int, *args) -> None:
 
     from patterngen.backends import _openmp
 
-    trampoline = _trampoline(kernel, source) if _openmp.team() is not None else None
+    team = _openmp.team()
+    trampoline = _trampoline(kernel, source) if team is not None else None
     if trampoline is not None and items > 0:
         threads = _torch_threads()
-        if _openmp.launch(_openmp.team(), trampoline, threads,
-                          min(items, RANGES_PER_THREAD * threads), items, args):
+        if _openmp.launch(team, trampoline, threads, min(items, RANGES_PER_THREAD * threads),
+                          items, args):
             return
     if not kernel.signatures:
         with _compile_errors(kernel, source):
@@ -1311,10 +1308,9 @@ def _runs_first(node):
     there: an axis, criss-cross's column) after the others. The forward buffers the first
     term's last-axis run in one loop and tests later terms' keys one by one against it, so a
     long run pays most first (criss-cross as row | column: forward 0.92x the time)."""
-    def order(head):
-        point = [any(isinstance(a, ir.Eq) for a in term.rels[-1].atoms) for term in head.terms]
-        return dataclasses.replace(head, terms=tuple(
-            term for _, term in sorted(zip(point, head.terms), key=lambda x: x[0])))
+    def order(head):  # sorted() is stable: the other terms keep their order
+        return dataclasses.replace(head, terms=tuple(sorted(
+            head.terms, key=lambda term: any(isinstance(a, ir.Eq) for a in term.rels[-1].atoms))))
 
     if isinstance(node, ir.HeadsIR):
         return dataclasses.replace(node, heads=tuple(order(h) for h in node.heads))
