@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from patterngen.errors import BackendUnavailable, PatternError
+from patterngen.errors import BackendUnavailable, PatternError, UnknownBackend
 
 __all__ = ["Backend", "register_backend", "get_backend", "available", "select", "PRIORITY"]
 
@@ -89,12 +89,13 @@ def get_backend(name: str) -> type:
     """The backend class called ``name``.
 
     Raises:
-        KeyError: naming the valid backends.
+        UnknownBackend: naming the valid backends.
     """
     if name not in _REGISTRY and name in _BUILTIN:
         importlib.import_module(f"{__name__}.{_BUILTIN[name]}")
     if name not in _REGISTRY:
-        raise KeyError(f"Backend {name!r} not found; valid backends are {available()}.")
+        raise UnknownBackend(f"Unknown backend {name!r}; valid backends are {available()} "
+                             f"(or 'auto').")
     return _REGISTRY[name]
 
 

@@ -104,7 +104,7 @@ def make_mask_mod(ir_, permutation=None, device="cpu", padded=True):
         qc, kc = coords(q_idx), coords(kv_idx)
         out = one(heads[-1], qc, kc)
         for p in range(len(heads) - 2, -1, -1):
-            out = torch.where(h % len(heads) == p, one(heads[p], qc, kc), out)
+            out = torch.where(_ir.pattern_of_head(h, len(heads)) == p, one(heads[p], qc, kc), out)
         return out & (q_idx < tokens) & (kv_idx < tokens) if padded else out
 
     mask_mod.__name__ = f"patterngen_{ir_.label or 'pattern'}"
@@ -214,7 +214,7 @@ class FlexBackend(Backend):
             from torch.nn.attention.flex_attention import BlockMask
 
             parts = [_kv_blocks(lay, torch, device) for lay in self._heads]
-            pick = [h % len(parts) for h in range(heads)]
+            pick = [_ir.pattern_of_head(h, len(parts)) for h in range(heads)]
             stacked = [torch.stack([parts[p][i] for p in pick])[None] for i in range(4)]
             tokens = self.layout.tokens
             self._cache[key] = BlockMask.from_kv_blocks(

@@ -1262,7 +1262,7 @@ class NumbaBackend(Backend):
         """``(kernel index, int64 array of heads)`` for every kernel some head uses."""
         import numpy as np
 
-        owner = [self._head_map[h % len(self._head_map)] for h in range(heads)]
+        owner = [self._head_map[ir.pattern_of_head(h, len(self._head_map))] for h in range(heads)]
         return [(i, np.array([h for h in range(heads) if owner[h] == i], dtype=np.int64))
                 for i in sorted(set(owner))]
 

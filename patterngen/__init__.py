@@ -9,7 +9,7 @@ Example:
 from .analysis import layers_to_global, receptive_field
 from .compile import compile
 from .cost import CostReport, cost
-from .errors import BackendUnavailable, PatternError
+from .errors import BackendUnavailable, PatternError, UnknownBackend
 from .grid import Grid, as_grid, symbol
 from .parse import parse
 from .profile import profile
@@ -24,7 +24,7 @@ __all__ = [
     "causal", "full", "heads", "lower", "compile", "materialize", "show", "dense_attention",
     "cost",
     "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
-    "BackendUnavailable", "receptive_field", "layers_to_global", "profile", "parse", "nn",
+    "BackendUnavailable", "UnknownBackend", "receptive_field", "layers_to_global", "profile", "parse", "nn",
     "layout", "Layout",
 ]
 __version__ = "0.1.0"

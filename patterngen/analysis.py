@@ -39,7 +39,8 @@ import numpy as np
 
 from . import ir
 from .errors import PatternError
-from .reference import as_ir, draw
+from .reference import draw
+from .spec import as_ir
 from .spec import Pattern
 
 __all__ = ["ReceptiveField", "receptive_field", "layers_to_global", "MAX_BITSET_TOKENS"]

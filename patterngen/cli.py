@@ -302,8 +302,8 @@ def main(argv=None) -> int:
     except ImportError as e:  # e.g. a built-in backend whose module or dependency is missing
         print(f"patterngen: unavailable: {e}", file=sys.stderr)
         return 1
-    except (PatternError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    except PatternError as e:
+        message = str(e)
         print(f"patterngen: error: {message}", file=sys.stderr)
         return 2
     return 0

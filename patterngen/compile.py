@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import BackendUnavailable
-from .reference import as_ir
+from .spec import as_ir
 
 __all__ = ["compile"]
 

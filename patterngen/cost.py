@@ -33,7 +33,7 @@ import sympy
 from . import ir
 from .errors import PatternError
 from .grid import Grid, as_size, is_number, symbol
-from .reference import as_ir
+from .spec import as_ir
 
 __all__ = ["cost", "CostReport", "register_formula", "axis_formula", "mean_over_heads",
            "DTYPE_BYTES"]

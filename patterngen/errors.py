@@ -7,3 +7,7 @@ class PatternError(ValueError):
 
 class BackendUnavailable(PatternError):
     """No backend can run this pattern on these inputs; the message gives each one's reasons."""
+
+
+class UnknownBackend(PatternError):
+    """A backend name that no registry entry has; the message lists the valid names."""

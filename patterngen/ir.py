@@ -34,7 +34,7 @@ from .grid import Grid, is_number
 __all__ = [
     "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn",
     "Rel", "Term", "IR", "HeadsIR", "Src", "NUMPY_OPS", "SOURCE_OPS", "torch_ops",
-    "inclusion_exclusion", "verify", "WINDOW_MODES",
+    "inclusion_exclusion", "verify", "WINDOW_MODES", "pattern_of_head",
 ]
 
 WINDOW_MODES = ("clamp", "pad", "causal")
@@ -541,9 +541,17 @@ class IR:
         return f"IR({self.label or '?'} on {self.grid}: " + " | ".join(map(repr, self.terms)) + ")"
 
 
+def pattern_of_head(head, patterns: int):
+    """Index of the listed pattern that head ``head`` uses: heads cycle through the list.
+
+    The one place the rule is written; ``head`` may be an int or an integer array/tensor.
+    """
+    return head % patterns
+
+
 @dataclass(frozen=True)
 class HeadsIR:
-    """A different pattern per head: head ``h`` uses ``heads[h % len(heads)]``.
+    """A different pattern per head: head ``h`` uses ``heads[pattern_of_head(h, len(heads))]``.
 
     Attributes:
         grid: the grid.

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import ir as _ir
 from .errors import PatternError
-from .reference import as_ir
+from .spec import as_ir
 
 __all__ = ["layout", "Layout", "HeadsLayout", "aligned_tiles", "ORDERS", "TABLE_MAX_AXIS"]
 

@@ -10,25 +10,13 @@ import numpy as np
 
 from . import ir
 from .errors import PatternError
-from .grid import as_grid
-from .spec import Pattern, lower
+from .spec import as_ir
 
-__all__ = ["materialize", "show", "draw", "dense_attention", "as_ir"]
+__all__ = ["materialize", "show", "draw", "dense_attention"]
 
 MAX_DENSE_TOKENS = 32768
 MAX_LINE_TOKENS = 96
 BAR_CELLS = 64
-
-
-def as_ir(pattern, grid=None):
-    """Accept a spec (lowered on ``grid``) or an already lowered IR."""
-    if isinstance(pattern, (ir.IR, ir.HeadsIR)):
-        if grid is not None and as_grid(grid) != pattern.grid:
-            raise PatternError(f"IR lowered for grid {pattern.grid} used with grid={grid}.")
-        return pattern
-    if grid is None:
-        raise PatternError(f"{pattern!r} needs a grid, e.g. grid=(64, 64).")
-    return lower(pattern, grid)
 
 
 def _kron_bool(mats):
@@ -96,7 +84,7 @@ def show(pattern, grid=None, query=None, head: int = 0) -> str:
         . . . . .
     """
     lowered = as_ir(pattern, grid)
-    one = lowered.per_head[head % len(lowered.per_head)]
+    one = lowered.per_head[ir.pattern_of_head(head, len(lowered.per_head))]
     shape = one.grid.require_numeric("show")
     if query is None:
         query = tuple(n // 2 for n in shape)
@@ -163,7 +151,7 @@ def dense_attention(q, k, v, mask, scale=None):
 
     mask = torch.as_tensor(mask, device=q.device)
     if mask.dim() == 3:
-        idx = torch.arange(q.shape[1], device=q.device) % mask.shape[0]
+        idx = ir.pattern_of_head(torch.arange(q.shape[1], device=q.device), mask.shape[0])
         mask = mask[idx]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale

@@ -26,7 +26,7 @@ from .grid import Grid, as_grid, as_size, is_number
 __all__ = [
     "Pattern", "Window", "Block", "Area", "Stripe", "CrissCross", "GlobalTokens", "Causal",
     "Full", "Union", "Intersection", "Heads", "window", "block", "area", "axis", "stripe",
-    "criss_cross", "global_tokens", "causal", "full", "heads", "lower", "BORDERS",
+    "criss_cross", "global_tokens", "causal", "full", "heads", "lower", "as_ir", "BORDERS",
 ]
 
 BORDERS = ("clamp", "pad")
@@ -542,3 +542,14 @@ def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
         return _lower(spec, grid)
     except PatternError as e:
         raise PatternError(f"{e} [pattern {spec!r} on grid {grid}]") from None
+
+
+def as_ir(pattern, grid=None):
+    """Accept a spec (lowered on ``grid``) or an already lowered IR."""
+    if isinstance(pattern, (ir.IR, ir.HeadsIR)):
+        if grid is not None and as_grid(grid) != pattern.grid:
+            raise PatternError(f"IR lowered for grid {pattern.grid} used with grid={grid}.")
+        return pattern
+    if grid is None:
+        raise PatternError(f"{pattern!r} needs a grid, e.g. grid=(64, 64).")
+    return lower(pattern, grid)

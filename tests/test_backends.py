@@ -63,8 +63,10 @@ def test_registry_rejects_duplicates_and_lists_names():
     name = register_fake_backend()
     with pytest.raises(pg.PatternError, match=f"A backend named '{name}' is already registered"):
         backends.register_backend(name, object)
-    with pytest.raises(KeyError, match=r"Backend 'nope' not found; valid backends are \["):
+    with pytest.raises(pg.UnknownBackend, match=r"Unknown backend 'nope'; valid backends are \["):
         backends.get_backend("nope")
+    with pytest.raises(pg.PatternError, match=r"Unknown backend 'nope'"):
+        pg.compile(pg.window(3), (8, 8), backend="nope")
 
 
 def test_selection_lists_every_refusal():

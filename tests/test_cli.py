@@ -97,7 +97,7 @@ def test_reach(capsys):
     (["show", "window(7)", "--grid", "4x4"], "patterngen: error: The product of size and"),
     (["show", "window(3)", "--grid", "H,W"], "patterngen: error: show needs a numeric grid"),
     (["codegen", "window(3)", "--grid", "8x8", "--backend", "nope"],
-     "patterngen: error: Backend 'nope' not found"),
+     "patterngen: error: Unknown backend 'nope'"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, argv, message):
     code, out, err = run(capsys, *argv)
