@@ -8,8 +8,10 @@ numba lazily, inside the backend, so ``import patterngen`` stays light.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
+from patterngen import bias
 from patterngen.errors import BackendUnavailable, PatternError, UnknownBackend
 
 __all__ = ["Backend", "register_backend", "get_backend", "available", "select", "PRIORITY"]
@@ -36,6 +38,59 @@ class Backend:
     SUPPORTED_DTYPES: tuple = ("float32", "float64")
     #: devices on which gradients flow through the compiled attention
     BACKWARD_DEVICES: tuple = ("cpu", "cuda")
+    #: ``__call__`` takes ``rel_bias``, a table indexed by key minus query (patterngen.bias)
+    SUPPORTS_REL_POS_BIAS: bool = False
+    #: the constructor takes ``softcap`` (scores become ``c * tanh(s / c)``)
+    SUPPORTS_SOFTCAP: bool = False
+    #: the compiled softcap; ``None``: off
+    softcap = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a backend without bias or softcap refuses them by name: a TypeError about an
+        # unexpected keyword says nothing useful, and dropping them would be a silent wrong result
+        if not cls.SUPPORTS_SOFTCAP and "__init__" in cls.__dict__:
+            cls.__init__ = _refusing(cls.__init__, cls, "softcap", "SUPPORTS_SOFTCAP")
+        if not cls.SUPPORTS_REL_POS_BIAS and "__call__" in cls.__dict__:
+            cls.__call__ = _refusing(cls.__call__, cls, "rel_bias", "SUPPORTS_REL_POS_BIAS")
+
+    @functools.cached_property
+    def reach(self) -> tuple[int, ...]:
+        """Per axis, the largest ``|key - query|`` over the attended pairs
+        (:func:`patterngen.bias.reach`); a ``rel_bias`` table has ``2 * reach + 1`` entries on
+        each axis."""
+        return bias.reach(self.ir)
+
+    def check_rel_bias(self, rel_bias, q):
+        """Check a ``rel_bias`` table against the reach, the heads, device and dtype of the
+        flattened ``q`` ``(batch, heads, tokens, dim)``; ``None`` passes.
+
+        Raises:
+            PatternError: naming ``rel_bias``, what it is and the expected shape from ``reach``.
+        """
+        if rel_bias is None:
+            return None
+        import torch
+
+        heads = q.shape[1]
+        want = bias.table_shape(self.reach, f"{heads} or 1")
+        want = "(" + ", ".join(map(str, want)) + ")"
+        if not isinstance(rel_bias, torch.Tensor):
+            raise PatternError(f"{self.name}: rel_bias must be a torch.Tensor of shape {want}, "
+                               f"got {type(rel_bias).__name__}.")
+        if (tuple(rel_bias.shape[1:]) != bias.table_shape(self.reach)[1:]
+                or rel_bias.dim() != 1 + len(self.reach) or rel_bias.shape[0] not in (1, heads)):
+            raise PatternError(
+                f"{self.name}: rel_bias has shape {tuple(rel_bias.shape)}; the pattern's reach "
+                f"is {self.reach} and q has {heads} heads, so expected rel_bias of shape {want} "
+                f"(heads or 1 shared, then 2 * reach + 1 offsets per axis, key minus query).")
+        if rel_bias.device != q.device:
+            raise PatternError(f"{self.name}: rel_bias is on device={str(rel_bias.device)!r} "
+                               f"and q on {str(q.device)!r}; expected one device.")
+        if rel_bias.dtype != q.dtype:
+            raise PatternError(f"{self.name}: rel_bias has dtype={rel_bias.dtype} and q "
+                               f"{q.dtype}; expected one dtype (convert with .to(q.dtype)).")
+        return rel_bias
 
     @classmethod
     def not_supported_reasons(cls, ir, device: str = "cpu", dtype: str = "float32") -> list[str]:
@@ -71,6 +126,20 @@ class Backend:
                 f"{self.name}: q has dtype={dtype}; expected one of {self.SUPPORTED_DTYPES} "
                 f"(convert with .to(dtype)).")
         return qf, kf, vf, restore
+
+
+def _refusing(method, cls, option: str, flag: str):
+    """``method`` that raises when given ``option`` other than ``None``, and drops it."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if kwargs.pop(option, None) is not None:
+            raise PatternError(
+                f"{cls.name}: {option}= is not supported by the {cls.name} backend ({flag} is "
+                f"not set); use a backend that sets it (sdpa, flex) or leave {option}=None.")
+        return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def register_backend(name: str, cls: type) -> None:

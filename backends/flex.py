@@ -8,6 +8,11 @@ The ``BlockMask`` is built with ``BlockMask.from_kv_blocks`` straight from
 a tiled order the tokens are permuted in and out around ``flex_attention`` and the ``mask_mod``
 reads layout positions through the permutation.
 
+A relative position bias table and a softcap become a ``score_mod`` generated beside the
+``mask_mod`` (:func:`make_score_mod`): the pair's key-minus-query offset is computed from the
+same coordinates and gathers one table entry; FlexAttention differentiates through the captured
+table on CUDA.
+
 FlexAttention has no backward pass on CPU (torch raises); this backend says so before running.
 
 Example:
@@ -23,12 +28,13 @@ import functools
 
 import numpy as np
 
+from patterngen import bias
 from patterngen import ir as _ir
 from patterngen.backends import Backend, register_backend
 from patterngen.errors import BackendUnavailable, PatternError
 from patterngen.layout import HeadsLayout, layout
 
-__all__ = ["FlexBackend", "make_mask_mod", "flex_available"]
+__all__ = ["FlexBackend", "make_mask_mod", "make_score_mod", "flex_available"]
 
 #: FlexAttention's default sparse block size
 DEFAULT_BLOCK = 128
@@ -75,23 +81,9 @@ def make_mask_mod(ir_, permutation=None, device="cpu", padded=True):
 
     shape = ir_.grid.require_numeric("mask_mod")
     tokens = int(np.prod(shape))
-    strides = [int(np.prod(shape[a + 1:])) for a in range(len(shape))]
-    perm = (None if permutation is None
-            else torch.as_tensor(np.asarray(permutation), device=device))
     heads = ir_.per_head
     ops = _ir.torch_ops()
-
-    def coords(idx):
-        if padded:
-            idx = torch.clamp(idx, 0, tokens - 1)
-        if perm is not None:
-            idx = perm[idx]
-        out = []
-        for a, (s, n) in enumerate(zip(strides, shape)):
-            # constants folded: no division by a stride of 1, no modulo on the outermost axis
-            x = idx if s == 1 else idx // s
-            out.append(x if a == 0 else x % n)
-        return out
+    coords = _coordinates(shape, permutation, device, padded)
 
     def one(head, qc, kc):
         out = None
@@ -109,6 +101,74 @@ def make_mask_mod(ir_, permutation=None, device="cpu", padded=True):
 
     mask_mod.__name__ = f"patterngen_{ir_.label or 'pattern'}"
     return mask_mod
+
+
+def _coordinates(shape, permutation, device, padded):
+    """``coords(idx)``: per-axis grid coordinates of layout positions ``idx`` (torch)."""
+    import torch
+
+    tokens = int(np.prod(shape))
+    perm = (None if permutation is None
+            else torch.as_tensor(np.asarray(permutation), device=device))
+
+    def coords(idx):
+        if padded:
+            idx = torch.clamp(idx, 0, tokens - 1)
+        if perm is not None:
+            idx = perm[idx]
+        # constants folded: no division by a stride of 1, no modulo on the outermost axis
+        return bias.coordinates(idx, shape)
+
+    return coords
+
+
+def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, device="cpu",
+                   padded=True):
+    """FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)``: softcap, then the bias table.
+
+    ``score`` arrives scaled; with ``softcap=c`` it becomes ``c * tanh(score / c)``, then the
+    table entry of the pair's key-minus-query offset is added: ``table[h]`` per head, row 0
+    when the table's first dimension is 1 (:mod:`patterngen.bias`). Offsets of pairs outside
+    the pattern are clipped into the table (the ``mask_mod`` removes those pairs), so every
+    gather stays in bounds, as Triton kernels need. The table is captured, so FlexAttention's
+    backward on CUDA returns its gradient.
+
+    Args:
+        shape: the numeric grid.
+        reach: the pattern's reach (the table has ``2 * reach + 1`` entries per axis).
+        table: ``None`` or ``(heads or 1, 2 * reach[0] + 1, ...)`` torch tensor.
+        softcap: ``None`` or a float ``> 0``.
+        permutation, device, padded: as for :func:`make_mask_mod`.
+
+    Example:
+        >>> import torch
+        >>> mod = make_score_mod((5,), (1,), torch.tensor([[-1.0, 0.0, 2.0]]))
+        >>> i = torch.arange(5)
+        >>> mod(torch.zeros(5, 5), 0, 0, i[:, None], i[None, :])[1, :3]
+        tensor([-1.,  0.,  2.])
+    """
+    import torch
+
+    coords = _coordinates(tuple(int(n) for n in shape), permutation, device, padded)
+    ops = _ir.torch_ops()
+    shared = table is not None and table.shape[0] == 1
+    flat = None if table is None else table.reshape(table.shape[0], -1)
+    row = flat[0] if shared else None
+
+    def offsets(q_idx, kv_idx):
+        return bias.offset_index(coords(q_idx), coords(kv_idx), reach, ops)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if flat is None:
+            return score
+        if shared:
+            return score + row[offsets(q_idx, kv_idx)]
+        return score + flat[h, offsets(q_idx, kv_idx)]
+
+    score_mod.__name__ = "patterngen_score_mod"
+    return score_mod
 
 
 def _kv_blocks(lay, torch, device):
@@ -142,6 +202,7 @@ class FlexBackend(Backend):
             :func:`patterngen.layout`); tokens are permuted in and out.
         tile: tile shape for the tiled order.
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
+        softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
         compile: run ``torch.compile(flex_attention)`` (default); ``False`` runs eager
             FlexAttention, which materialises scores (debugging only).
 
@@ -157,6 +218,8 @@ class FlexBackend(Backend):
     SUPPORTED_DEVICES = ("cpu", "cuda")
     SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
     BACKWARD_DEVICES = ("cuda",)  # FlexAttention has no CPU backward; CPU refuses clearly
+    SUPPORTS_REL_POS_BIAS = True
+    SUPPORTS_SOFTCAP = True
 
     @classmethod
     def not_supported_reasons(cls, ir_, device="cpu", dtype="float32") -> list[str]:
@@ -167,7 +230,7 @@ class FlexBackend(Backend):
         return reasons
 
     def __init__(self, ir_, block=DEFAULT_BLOCK, order="row-major", tile=None, scale=None,
-                 compile=True):
+                 softcap=None, compile=True):
         missing = flex_available()
         if missing:
             raise BackendUnavailable(f"flex: {missing}; upgrade torch to >= 2.5 or use "
@@ -175,6 +238,7 @@ class FlexBackend(Backend):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the flex backend")
         self.scale = scale
+        self.softcap = bias.check_softcap(softcap)
         self.compile = compile
         self.layout = layout(ir_, block=block, order=order, tile=tile)
         self._heads = (self.layout.heads if isinstance(self.layout, HeadsLayout)
@@ -184,6 +248,12 @@ class FlexBackend(Backend):
         self._perm = perm
         self._cache = {}  # block masks and permutation tensors, by heads and device
         self._mask_mods = {}
+        self._score_mod = None  # (table, device, score_mod) of the last call
+
+    @property
+    def _padded(self) -> bool:
+        bq, bk = self.layout.block
+        return bool(self.layout.tokens % bq or self.layout.tokens % bk)
 
     @property
     def mask_mod(self):
@@ -192,10 +262,8 @@ class FlexBackend(Backend):
 
     def _mask_mod(self, device: str):
         if device not in self._mask_mods:
-            bq, bk = self.layout.block
             self._mask_mods[device] = make_mask_mod(
-                self.ir, None if self._identity else self._perm, device,
-                padded=bool(self.layout.tokens % bq or self.layout.tokens % bk))
+                self.ir, None if self._identity else self._perm, device, padded=self._padded)
         return self._mask_mods[device]
 
     def __repr__(self):
@@ -223,8 +291,25 @@ class FlexBackend(Backend):
                 seq_lengths=(tokens, tokens))
         return self._cache[key]
 
-    def __call__(self, q, k, v, scale=None):
+    def score_mod(self, table, device):
+        """The ``score_mod`` for ``table`` (or ``None``) and the softcap; ``None`` when there is
+        nothing to add. The last one is kept, so a training loop passing the same table
+        (a parameter updated in place) reuses one function and one compiled kernel."""
+        if table is None and self.softcap is None:
+            return None
+        last = self._score_mod
+        if last is None or last[0] is not table or last[1] != str(device):
+            fn = make_score_mod(self.shape, self.reach, table, self.softcap,
+                                None if self._identity else self._perm, str(device),
+                                padded=self._padded)
+            self._score_mod = last = (table, str(device), fn)
+        return last[2]
+
+    def __call__(self, q, k, v, scale=None, rel_bias=None):
         """Attention of ``q`` over ``k, v`` under the compiled pattern.
+
+        ``rel_bias``: ``None`` or a table ``(heads or 1, 2 * reach[0] + 1, ...)`` added by
+        key-minus-query offset (:mod:`patterngen.bias`).
 
         Raises:
             PatternError: for wrong shapes, dtypes or devices, and for gradients on CPU.
@@ -232,9 +317,10 @@ class FlexBackend(Backend):
         import torch
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
+        table = self.check_rel_bias(rel_bias, qf)
         device = qf.device
         if device.type == "cpu" and torch.is_grad_enabled() and any(
-                t.requires_grad for t in (qf, kf, vf)):
+                t is not None and t.requires_grad for t in (qf, kf, vf, table)):
             raise PatternError(
                 "flex: gradients were requested on CPU, but FlexAttention has no CPU backward; "
                 "run under torch.no_grad() / torch.inference_mode(), or use backend='sdpa' or "
@@ -248,7 +334,8 @@ class FlexBackend(Backend):
             fn = _compiled_flex()
         else:
             from torch.nn.attention.flex_attention import flex_attention as fn
-        out = fn(qf, kf, vf, block_mask=block_mask, scale=scale)
+        out = fn(qf, kf, vf, score_mod=self.score_mod(table, device), block_mask=block_mask,
+                 scale=scale)
         if not self._identity:
             out = out[:, :, inverse]
         return restore(out)

@@ -8,9 +8,12 @@ and GPU kernels). A group whose tiles are all full (and not ragged) runs without
 flash kernel can run (on CPU without autograd, small ones run as matmul-softmax-matmul,
 faster there); the others get one compact mask ``(1, blocks, Bq, nk * Bk)``, stored once
 when every block's mask is the same (translation-invariant windows) and made additive once per
-dtype. Gathers are views where the blocks are consecutive (a band of key blocks is an
-``unfold`` view), and the token order (row-major or tiled) is applied once on the way in and
-out, as a gather whose backward is the inverse gather.
+dtype. A relative position bias table (``rel_bias``) is gathered by key-minus-query offset into
+each group's ``(Bq, nk * Bk)`` tiles and added to that mask, so the bias never needs a
+tokens x tokens array and its gradient flows back through the gather; a softcap runs the group
+as matmul, ``tanh``, softmax, matmul. Gathers are views where the blocks are consecutive (a
+band of key blocks is an ``unfold`` view), and the token order (row-major or tiled) is applied
+once on the way in and out, as a gather whose backward is the inverse gather.
 
 Autograd, devices (CPU, CUDA) and dtypes come from torch; queries without keys output zeros.
 
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from patterngen import bias
 from patterngen.backends import Backend, register_backend
 from patterngen.layout import HeadsLayout, aligned_tiles, layout
 from patterngen.reference import materialize
@@ -119,7 +123,7 @@ class _DevicePlan:
             row_of_pos[pos_q.ravel()] = rows_before + np.arange(g * self.bq)
             rows_before += g * self.bq
             self.calls.append(dict(
-                g=g, nk=nk,
+                g=g, nk=nk, blocks=(grp.q_blocks, grp.kv_blocks),
                 matmul=(torch.device(device).type == "cpu" and grp.mask is None
                         and nk * self.bk <= MATMUL_KEYS),
                 q_slice=(int(grp.q_blocks[0]) * self.bq, g) if q_view else None,
@@ -137,6 +141,26 @@ class _DevicePlan:
         self.zero_row = rows_before if not covered.all() else None
         self.row_of_pos = np.where(covered, row_of_pos, rows_before)
         self.rows = rows_before
+        self.device = device
+
+    def bias_index(self, call, permutation, shape, reach):
+        """Flat table offsets ``(G, Bq, nk * Bk)`` of a call's tiles (cached on the call).
+
+        Padding positions and pairs outside the pattern get clipped offsets; the mask drops them.
+        """
+        if "bias_index" not in call:
+            import torch
+
+            q_blocks, kv_blocks = call["blocks"]
+            g, bq = len(q_blocks), self.bq
+            pos_q = q_blocks[:, None] * bq + np.arange(bq)
+            pos_k = (kv_blocks[:, :, None] * self.bk + np.arange(self.bk)).reshape(g, -1)
+            tokens = permutation[np.minimum(np.concatenate([pos_q, pos_k], 1), self.tokens - 1)]
+            coords = bias.coordinates(tokens, shape)
+            index = bias.offset_index([c[:, :bq, None] for c in coords],
+                                      [c[:, None, bq:] for c in coords], reach)
+            call["bias_index"] = torch.as_tensor(index.reshape(-1), device=self.device)
+        return call["bias_index"]
 
 
 def _tensor(x, device, torch):
@@ -157,6 +181,7 @@ class SdpaBackend(Backend):
         order: ``"row-major"``, ``"tiled"`` or ``"auto"`` (see :func:`patterngen.layout`).
         tile: tile shape for the tiled order.
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
+        softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
 
     Attributes:
         layout: the :class:`~patterngen.layout.Layout` (or ``HeadsLayout``) executed.
@@ -166,11 +191,14 @@ class SdpaBackend(Backend):
     name = "sdpa"
     SUPPORTED_DEVICES = ("cpu", "cuda")
     SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
+    SUPPORTS_REL_POS_BIAS = True
+    SUPPORTS_SOFTCAP = True
 
-    def __init__(self, ir_, block=None, order="auto", tile=None, scale=None):
+    def __init__(self, ir_, block=None, order="auto", tile=None, scale=None, softcap=None):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the sdpa backend")
         self.scale = scale
+        self.softcap = bias.check_softcap(softcap)
         self.layout = _choose_layout(ir_, self.shape, block, order, tile)
         heads = self.layout.heads if isinstance(self.layout, HeadsLayout) else (self.layout,)
         self.groups = [_plan(h) for h in heads]
@@ -231,13 +259,15 @@ class SdpaBackend(Backend):
             self._devices[key] = (perm, plans, outs)
         return self._devices[key]
 
-    def __call__(self, q, k, v, scale=None):
+    def __call__(self, q, k, v, scale=None, rel_bias=None):
         """Attention of ``q`` over ``k, v`` under the compiled pattern.
 
         Args:
             q, k, v: ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens,
                 head_dim)`` tensors of one dtype on one CPU or CUDA device.
             scale: score scale; default the constructor's, else ``head_dim ** -0.5``.
+            rel_bias: ``None`` or a table ``(heads or 1, 2 * reach[0] + 1, ...)`` added to
+                the score of each pair by its key-minus-query offset (:mod:`patterngen.bias`).
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
@@ -246,6 +276,7 @@ class SdpaBackend(Backend):
         import torch.nn.functional as F
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
+        table = self.check_rel_bias(rel_bias, qf)
         scale = scale if scale is not None else self.scale
         scale = scale if scale is not None else qf.shape[-1] ** -0.5
         perm, plans, outs = self._device(qf.device)
@@ -256,7 +287,11 @@ class SdpaBackend(Backend):
         for p, (plan, out_index) in enumerate(zip(plans, outs)):
             qp, kp, vp = ((qf, kf, vf) if npat == 1
                           else tuple(t[:, p::npat] for t in (qf, kf, vf)))
-            results.append(_run_plan(plan, out_index, qp, kp, vp, scale, torch, F))
+            scores = None
+            if table is not None or self.softcap is not None:
+                tp = table if table is None or table.shape[0] == 1 else table[p::npat]
+                scores = _Scores(self.softcap, tp, plan, self._perm, self.shape, self.reach)
+            results.append(_run_plan(plan, out_index, qp, kp, vp, scale, torch, F, scores))
         if npat == 1:
             out = results[0]
         else:
@@ -266,15 +301,39 @@ class SdpaBackend(Backend):
         return restore(out)
 
 
-def _run_plan(plan, out_index, q, k, v, scale, torch, F):
+class _Scores:
+    """What a call adds to the plain scores: a softcap and a bias table's tiles."""
+
+    def __init__(self, softcap, table, plan, permutation, shape, reach):
+        self.softcap, self.table = softcap, table
+        self.plan, self.permutation, self.shape, self.reach = plan, permutation, shape, reach
+
+    def additive(self, call, batch, heads, dtype, torch):
+        """The call's bias tiles plus its mask, ``(batch * heads or 1, G or 1, Bq, L)``."""
+        mask = _additive_mask(call, dtype, torch)
+        if self.table is None:
+            return mask
+        g, length = call["g"], call["nk"] * self.plan.bk
+        index = self.plan.bias_index(call, self.permutation, self.shape, self.reach)
+        rows = self.table.shape[0]
+        tiles = self.table.reshape(rows, -1).index_select(1, index).view(
+            rows, g, self.plan.bq, length)
+        if rows > 1:  # per head: the (batch * heads) leading dimension needs every batch
+            tiles = tiles.expand(batch, rows, g, self.plan.bq, length).reshape(
+                batch * rows, g, self.plan.bq, length)
+        return tiles if mask is None else tiles + mask
+
+
+def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None):
     b, h, _, d = q.shape
     if not plan.calls:  # no pair at all: zeros that still take part in autograd
         return q * 0.0
     single = len(plan.calls) == 1 and plan.zero_row is None
     # half-precision scores would be rounded before the softmax, which the fused kernel avoids
+    table = None if scores is None else scores.table
     matmul_ok = (q.dtype in (torch.float32, torch.float64)
                  and not (torch.is_grad_enabled()
-                          and (q.requires_grad or k.requires_grad or v.requires_grad)))
+                          and any(t is not None and t.requires_grad for t in (q, k, v, table))))
     if not single:
         # each group's output is copied once, straight into its rows (no reshape + cat)
         out = q.new_empty(b, h, plan.rows + (plan.zero_row is not None), d)
@@ -300,11 +359,14 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F):
         else:
             kg = _gather(k, call["k_index"]).view(b * h, g, nk * plan.bk, d)
             vg = _gather(v, call["k_index"]).view(b * h, g, nk * plan.bk, d)
-        if call["matmul"] and matmul_ok:
-            res = _matmul_attention(qg, kg, vg, scale, torch)
+        add = (_additive_mask(call, q.dtype, torch) if scores is None
+               else scores.additive(call, b, h, q.dtype, torch))
+        if scores is not None and scores.softcap is not None:
+            res = _softcapped_attention(qg, kg, vg, scale, scores.softcap, add, torch)
+        elif call["matmul"] and matmul_ok:
+            res = _matmul_attention(qg, kg, vg, scale, torch, add)
         else:
-            mask = _additive_mask(call, q.dtype, torch)
-            res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+            res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=add, scale=scale)
         if call["empty"] is not None:
             res = res.masked_fill(call["empty"], 0.0)
         if single:
@@ -317,7 +379,7 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F):
     return out_index(out) if callable(out_index) else _gather(out, out_index)
 
 
-def _matmul_attention(q, k, v, scale, torch):
+def _matmul_attention(q, k, v, scale, torch, add=None):
     """Mask-free attention of ``(batch * heads, blocks, rows, dim)`` blocks as baddbmm, softmax
     and bmm.
 
@@ -329,13 +391,28 @@ def _matmul_attention(q, k, v, scale, torch):
     the GEMM's ``alpha`` rather than one more op: each op is a parallel region, and on shared
     cores every region can wait out another process's time slice. ``baddbmm_`` fills the
     scores in place; ``baddbmm`` would allocate a second scores buffer, and the extra 2.4 MB
-    per Swin call showed up as page faults and a slow tail.
+    per Swin call showed up as page faults and a slow tail. A bias ``add`` (broadcasting to
+    the scores) is copied into the buffer first and accumulated onto (``beta=1``).
     """
     shape = q.shape
+    scores = q.new_empty(*shape[:-1], k.shape[-2])
+    if add is not None:
+        scores.copy_(add)
     q, k, v = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
-    scores = q.new_empty(q.shape[0], q.shape[1], k.shape[1])
-    scores.baddbmm_(q, k.transpose(1, 2), beta=0, alpha=scale)
+    scores = scores.view(q.shape[0], q.shape[1], k.shape[1])
+    scores.baddbmm_(q, k.transpose(1, 2), beta=0 if add is None else 1, alpha=scale)
     return torch.bmm(scores.softmax(-1), v).view(shape)
+
+
+def _softcapped_attention(q, k, v, scale, softcap, add, torch):
+    """``softmax(c * tanh(scale * q.k / c) + add) @ v`` with autograd; half precision computes
+    the scores in float32 (the fused kernels' accuracy)."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    if add is not None:
+        scores = scores + add
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 class _TileOrder:

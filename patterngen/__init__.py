@@ -6,6 +6,7 @@ Example:
     49*H*W
 """
 
+from . import bias
 from .analysis import layers_to_global, receptive_field
 from .compile import compile
 from .cost import CostReport, cost
@@ -25,7 +26,7 @@ __all__ = [
     "cost",
     "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
     "BackendUnavailable", "UnknownBackend", "receptive_field", "layers_to_global", "profile", "parse", "nn",
-    "layout", "Layout",
+    "layout", "Layout", "bias",
 ]
 __version__ = "0.1.0"
 

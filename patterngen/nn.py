@@ -14,10 +14,11 @@ import math
 import torch
 from torch import nn
 
+from . import bias
 from .compile import compile as compile_pattern
 from .errors import PatternError
 from .grid import as_grid
-from .spec import Pattern
+from .spec import Pattern, as_ir
 
 __all__ = ["LocalSelfAttention"]
 
@@ -38,8 +39,15 @@ class LocalSelfAttention(nn.Module):
             otherwise read from the input's shape.
         backend: a registered backend name or ``"auto"``.
         qkv_bias: bias in the qkv projection.
-        rel_pos_bias: a learned relative position bias; only for backends that declare
-            ``SUPPORTS_REL_POS_BIAS`` (none of the built-in ones yet).
+        rel_pos_bias: a learned relative position bias, ``rel_pos_bias_table`` of shape
+            ``(heads, 2 * reach[0] + 1, ...)`` indexed by key minus query
+            (:mod:`patterngen.bias`), initialised as Swin does (truncated normal, std 0.02).
+            Its shape follows the pattern's reach on ``grid``, so ``grid`` is required, and the
+            backend must declare ``SUPPORTS_REL_POS_BIAS`` (``"auto"`` picks one that does).
+
+    Attributes:
+        reach: per axis, the pattern's largest ``|key - query|`` on ``grid`` (with
+            ``rel_pos_bias``).
 
     Shapes:
         ``x`` is ``(batch, *grid, dim)`` or ``(batch, tokens, dim)``; the output has its shape.
@@ -68,13 +76,23 @@ class LocalSelfAttention(nn.Module):
         self.dim, self.heads, self.pattern, self.backend = dim, heads, pattern, backend
         self.grid = None if grid is None else as_grid(grid).require_numeric("LocalSelfAttention")
         self.rel_pos_bias = rel_pos_bias
-        if rel_pos_bias and backend != "auto":
-            from . import backends
-
-            self._check_bias_support(backends.get_backend(backend))
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self._compiled: dict = {}
+        self.register_parameter("rel_pos_bias_table", None)
+        if not rel_pos_bias:
+            return
+        if backend != "auto":
+            from . import backends
+
+            self._check_bias_support(backends.get_backend(backend))
+        if self.grid is None:
+            raise PatternError(
+                f"rel_pos_bias=True needs grid=: the table's shape follows the reach of "
+                f"{pattern!r} on the grid it is built for (e.g. grid=(56, 56)).")
+        self.reach = bias.reach(as_ir(pattern, self.grid))
+        self.rel_pos_bias_table = nn.Parameter(torch.zeros(bias.table_shape(self.reach, heads)))
+        nn.init.trunc_normal_(self.rel_pos_bias_table, std=0.02)
 
     def _check_bias_support(self, cls) -> None:
         if self.rel_pos_bias and not getattr(cls, "SUPPORTS_REL_POS_BIAS", False):
@@ -96,8 +114,10 @@ class LocalSelfAttention(nn.Module):
             return inner
         if inner == self.grid or inner == (math.prod(self.grid),):
             return self.grid
+        table = (f" (the relative position table, {tuple(self.rel_pos_bias_table.shape)}, was "
+                 f"built for that grid)" if self.rel_pos_bias else "")
         raise PatternError(
-            f"x.shape={tuple(x.shape)} does not match grid={self.grid}: expected (batch, "
+            f"x.shape={tuple(x.shape)} does not match grid={self.grid}{table}: expected (batch, "
             f"{', '.join(map(str, self.grid))}, {self.dim}) or (batch, {math.prod(self.grid)}, "
             f"{self.dim}).")
 
@@ -105,11 +125,45 @@ class LocalSelfAttention(nn.Module):
         """The compiled attention for ``grid`` on ``device`` with ``dtype`` (cached)."""
         key = (grid, str(device), dtype)
         if key not in self._compiled:
-            attn = compile_pattern(self.pattern, grid, backend=self.backend,
-                                   device=device.type, dtype=str(dtype).removeprefix("torch."))
+            dtype_name = str(dtype).removeprefix("torch.")
+            backend = self.backend
+            if backend == "auto" and self.rel_pos_bias:
+                backend = self._bias_backend(grid, device.type, dtype_name)
+            attn = compile_pattern(self.pattern, grid, backend=backend, device=device.type,
+                                   dtype=dtype_name)
             self._check_bias_support(type(attn))
             self._compiled[key] = attn
         return self._compiled[key]
+
+    def _bias_backend(self, grid, device: str, dtype: str) -> str:
+        """The first backend of the device's priority list that adds a bias and fits."""
+        from . import backends
+
+        names = []
+        for name in backends.PRIORITY.get(device, backends.available()):
+            try:
+                if getattr(backends.get_backend(name), "SUPPORTS_REL_POS_BIAS", False):
+                    names.append(name)
+            except ImportError:  # that backend's own dependency is missing
+                continue
+        if not names:
+            raise PatternError(f"rel_pos_bias=True: no backend for device={device!r} adds a "
+                               f"relative position bias (none sets SUPPORTS_REL_POS_BIAS).")
+        return backends.select(as_ir(self.pattern, grid), device, dtype, priority=names).name
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a table saved for another grid or pattern has another shape: say which, rather than
+        # torch's bare size mismatch, and never reshape it silently
+        key = prefix + "rel_pos_bias_table"
+        if self.rel_pos_bias and key in state_dict:
+            got, want = tuple(state_dict[key].shape), tuple(self.rel_pos_bias_table.shape)
+            if got != want:
+                raise PatternError(
+                    f"state_dict[{key!r}] has shape {got}, but this layer's table is {want}: "
+                    f"{self.pattern!r} on grid={self.grid} reaches {self.reach}. A table "
+                    f"trained for another grid or pattern is not reshaped; build the layer for "
+                    f"the grid it was trained on, or convert the table explicitly.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self._grid_of(x)
@@ -117,7 +171,9 @@ class LocalSelfAttention(nn.Module):
         qkv = self.qkv(x.reshape(batch, tokens, self.dim))
         q, k, v = qkv.reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
         attn = self.attention(grid, x.device, x.dtype)
-        out = attn(q.contiguous(), k.contiguous(), v.contiguous())  # (batch, heads, tokens, hd)
+        extra = {"rel_bias": self.rel_pos_bias_table} if self.rel_pos_bias else {}
+        # (batch, heads, tokens, head_dim)
+        out = attn(q.contiguous(), k.contiguous(), v.contiguous(), **extra)
         out = out.transpose(1, 2).reshape(batch, tokens, self.dim)
         return self.proj(out).reshape(x.shape)
 

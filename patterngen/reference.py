@@ -141,11 +141,18 @@ def _outer_bool(vectors):
     return out
 
 
-def dense_attention(q, k, v, mask, scale=None):
+def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid=None):
     """Masked softmax attention on ``(batch, heads, tokens, dim)`` torch tensors.
 
     ``mask`` is ``(tokens, tokens)`` or ``(patterns, tokens, tokens)`` (head ``h`` uses
     ``mask[h % patterns]``). Queries with no key get zeros, the convention of every backend.
+    The score of a pair is ``scale * q.k``, passed through ``softcap * tanh(s / softcap)`` when
+    ``softcap`` is given, plus ``rel_bias[h, key - query + reach]`` (see
+    :mod:`patterngen.bias`; the reach is read from the table's shape, ``grid`` gives the
+    coordinates).
+
+    Raises:
+        PatternError: when an attended pair's offset lies outside the table.
     """
     import torch
 
@@ -155,6 +162,35 @@ def dense_attention(q, k, v, mask, scale=None):
         mask = mask[idx]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if rel_bias is not None:
+        scores = scores + _dense_bias(rel_bias, grid, mask)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return probs @ v
+
+
+def _dense_bias(table, grid, mask):
+    """``(heads or 1, tokens, tokens)``: ``table`` gathered by key-minus-query offset."""
+    import torch
+
+    from . import bias
+    from .grid import as_grid
+
+    shape = [int(n) for n in as_grid(grid).require_numeric("dense_attention")]
+    reach = tuple((s - 1) // 2 for s in table.shape[1:])
+    if table.dim() != 1 + len(shape) or any(s % 2 == 0 for s in table.shape[1:]):
+        raise PatternError(f"rel_bias has shape {tuple(table.shape)}; expected (heads, "
+                           f"2 * reach + 1 per axis) for the {len(shape)} axes of grid={grid}.")
+    tokens = np.arange(int(np.prod(shape)), dtype=np.int64)
+    qc = [c[:, None] for c in bias.coordinates(tokens, shape)]
+    kc = [c[None, :] for c in bias.coordinates(tokens, shape)]
+    attended = mask.reshape(-1, *mask.shape[-2:]).any(0).cpu().numpy()
+    for a, (qa, ka, r) in enumerate(zip(qc, kc, reach)):
+        far = (np.abs(ka - qa) > r) & attended
+        if far.any():
+            raise PatternError(f"rel_bias covers offsets up to {r} on axis {a}, but an "
+                               f"attended pair is {int(np.abs(ka - qa)[far].max())} apart.")
+    index = torch.as_tensor(bias.offset_index(qc, kc, reach), device=table.device)
+    return table.reshape(table.shape[0], -1)[:, index]

@@ -15,17 +15,18 @@ def plain_attention(layer, x, pattern, grid):
     heads, hd = layer.heads, dim // layer.heads
     qkv = torch.nn.functional.linear(x.reshape(b, tokens, dim), layer.qkv.weight, layer.qkv.bias)
     q, k, v = qkv.reshape(b, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4)
-    out = pg.dense_attention(q, k, v, torch.as_tensor(pg.materialize(pattern, grid)))
+    out = pg.dense_attention(q, k, v, torch.as_tensor(pg.materialize(pattern, grid)),
+                             rel_bias=layer.rel_pos_bias_table, grid=grid)
     out = out.transpose(1, 2).reshape(b, tokens, dim)
     return torch.nn.functional.linear(out, layer.proj.weight, layer.proj.bias).reshape(x.shape)
 
 
 def check_against_plain(backend, pattern, grid, x_shape, dtype=torch.float64, tol=1e-9,
-                        backward=True):
+                        backward=True, rel_pos_bias=False):
     torch.manual_seed(0)
     layer = nn.LocalSelfAttention(dim=x_shape[-1], heads=2, pattern=pattern,
-                                  grid=grid if len(x_shape) == 3 else None,
-                                  backend=backend).to(dtype)
+                                  grid=grid if len(x_shape) == 3 or rel_pos_bias else None,
+                                  backend=backend, rel_pos_bias=rel_pos_bias).to(dtype)
     x = torch.randn(*x_shape, dtype=dtype, requires_grad=backward)
     x_ref = x.detach().clone().requires_grad_(backward)
     with torch.set_grad_enabled(backward):
@@ -95,9 +96,56 @@ def test_rel_pos_bias_is_refused_naming_the_backend():
     with pytest.raises(PatternError, match=rf"backend '{register_fake_backend()}' does not"):
         nn.LocalSelfAttention(8, 2, pg.window(3), backend=register_fake_backend(),
                               rel_pos_bias=True)
-    layer = nn.LocalSelfAttention(8, 2, pg.window(3), rel_pos_bias=True)
-    with pytest.raises(PatternError, match=r"rel_pos_bias=True needs a backend"):
-        layer(torch.randn(1, 5, 5, 8))
+    with pytest.raises(PatternError, match=r"rel_pos_bias=True needs grid="):
+        nn.LocalSelfAttention(8, 2, pg.window(3), rel_pos_bias=True)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+@pytest.mark.parametrize("pattern, grid, x_shape", [
+    (pg.window(3), (5, 6), (2, 5, 6, 8)),
+    (pg.block(3, offset=1), (6, 6), (1, 36, 8)),
+    (pg.heads(pg.window(3), pg.axis(0)), (4, 5), (2, 4, 5, 8)),
+])
+def test_rel_pos_bias_matches_plain_torch(pattern, grid, x_shape, backend):
+    layer = check_against_plain(backend, pattern, grid, x_shape, rel_pos_bias=True)
+    reach = pg.bias.reach(pg.lower(pattern, grid))
+    assert layer.rel_pos_bias_table.shape == (2, *(2 * r + 1 for r in reach))
+    assert "rel_pos_bias_table" in dict(layer.named_parameters())
+
+
+def test_rel_pos_bias_is_initialised_as_swin_trains_and_round_trips():
+    torch.manual_seed(0)
+    layer = nn.LocalSelfAttention(16, 4, pg.block(7, offset=3), grid=(56, 56),
+                                  rel_pos_bias=True)
+    table = layer.rel_pos_bias_table
+    assert table.shape == (4, 13, 13) and layer.reach == (6, 6)
+    assert 0.015 < table.std().item() < 0.025 and table.abs().max().item() <= 2.0
+
+    pattern = pg.window(3) | pg.axis(0)  # its reach grows with the grid
+    small = nn.LocalSelfAttention(8, 2, pattern, grid=(6, 6), rel_pos_bias=True)
+    start = small.rel_pos_bias_table.detach().clone()
+    x, target = torch.randn(4, 6, 6, 8), torch.randn(4, 6, 6, 8)
+    opt = torch.optim.SGD(small.parameters(), lr=0.5)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (small(x) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert not torch.equal(small.rel_pos_bias_table.detach(), start)
+
+    copy = nn.LocalSelfAttention(8, 2, pattern, grid=(6, 6), rel_pos_bias=True)
+    copy.load_state_dict(small.state_dict())
+    torch.testing.assert_close(copy(x), small(x), atol=0, rtol=0)
+
+    other = nn.LocalSelfAttention(8, 2, pattern, grid=(8, 6), rel_pos_bias=True)
+    with pytest.raises(PatternError,
+                       match=r"has shape \(2, 11, 5\).*\(2, 15, 5\).*grid=\(8, 6\)"):
+        other.load_state_dict(small.state_dict())
+    with pytest.raises(PatternError, match=r"relative position table.*built for that grid"):
+        small(torch.randn(1, 7, 7, 8))
 
 
 def test_bad_shapes_and_arguments():
