@@ -47,13 +47,14 @@ class AxisFormula:
     """Closed forms for one 1-D relation on an axis of length ``n``.
 
     Attributes:
-        pairs: ``sum_i |R(i)|`` over the axis.
+        pairs: ``sum_i |R(i)|`` over the axis; ``None`` when there is no closed form (the
+            exact count is used, under the same assumptions).
         kmin: fewest keys of any query (``None``: no closed form).
         kmax: most keys of any query (``None``: no closed form).
         assumptions: sympy relations under which the forms hold.
     """
 
-    pairs: sympy.Expr
+    pairs: sympy.Expr | None
     kmin: sympy.Expr | None = None
     kmax: sympy.Expr | None = None
     assumptions: tuple = ()
@@ -99,11 +100,15 @@ def _window(atoms, n):
     (w,) = atoms
     k, d = w.size, w.dilation
     # NB: every dilation group has m >= k tokens when n >= k*d, so no query is cut on both sides.
-    need = (sympy.Ge(n, k * d),)
+    need = (sympy.Ge(n, k * d),) + ((sympy.Le(w.stride, k),) if w.stride != 1 else ())
     left = k // 2
     right = k - 1 - left
-    if w.mode == "clamp":
+    if w.mode == "clamp":  # the leader's clamped window: k keys for every query, any stride
         return AxisFormula(n * k, k, k, need)
+    if w.stride != 1:
+        # NB: a truncated or causal strided window's count depends on where the stride groups
+        # and the partial last group meet the borders: counted exactly, not in closed form
+        return AxisFormula(None, assumptions=need)
     if w.mode == "pad":
         lost = d * (left * (left + 1) + right * (right + 1)) / 2
         return AxisFormula(n * k - lost, right + 1, k, need)
@@ -111,7 +116,12 @@ def _window(atoms, n):
 
 
 def _window_le(w: ir.Window, n):
-    """``sum_i |Window(i) & [0, i]|``: per dilation group of ``m`` positions, linear in ``m``."""
+    """``sum_i |Window(i) & [0, i]|``: per dilation group of ``m`` positions, linear in ``m``.
+
+    ``None`` for a strided window (no closed form: counted exactly).
+    """
+    if w.stride != 1:
+        return None
     k, d = w.size, w.dilation
     left = k // 2
     if w.mode == "causal":  # the window already lies at or before the query
@@ -136,7 +146,9 @@ def _window_le_formula(atoms, n):
 def _window_lt_formula(atoms, n):
     # NB: every window contains its query, so dropping the query removes exactly n pairs
     w = next(x for x in atoms if isinstance(x, ir.Window))
-    return AxisFormula(_window_le(w, n) - n, 0, None, (sympy.Ge(n, w.size * w.dilation),))
+    pairs = _window_le(w, n)
+    return AxisFormula(None if pairs is None else pairs - n, 0, None,
+                       (sympy.Ge(n, w.size * w.dilation),))
 
 
 @register_formula(ir.Block)
@@ -227,8 +239,8 @@ def axis_formula(rel: ir.Rel, n) -> tuple[AxisFormula, bool]:
     key = tuple(sorted((type(a) for a in rel.atoms), key=lambda c: c.__name__))
     fn = _FORMULAS.get(key)
     n = sympy.sympify(n)
-    if fn is not None:
-        f = fn(tuple(_sympified(a) for a in rel.atoms), n)
+    f = fn(tuple(_sympified(a) for a in rel.atoms), n) if fn is not None else None
+    if f is not None and f.pairs is not None:
         exact = functools.partial(_exact_axis_function, rel)
         return replace(f, kmin=f.kmin if f.kmin is not None else exact("kmin")(n),
                        kmax=f.kmax if f.kmax is not None else exact("kmax")(n)), True

@@ -34,7 +34,7 @@ from .grid import Grid, is_number
 __all__ = [
     "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn",
     "Rel", "Term", "IR", "HeadsIR", "Src", "NUMPY_OPS", "SOURCE_OPS", "torch_ops",
-    "inclusion_exclusion", "verify", "WINDOW_MODES", "pattern_of_head",
+    "inclusion_exclusion", "verify", "check_stride", "WINDOW_MODES", "pattern_of_head",
 ]
 
 WINDOW_MODES = ("clamp", "pad", "causal")
@@ -199,7 +199,7 @@ class Le(Atom):
 
 @dataclass(frozen=True, repr=False)
 class Window(Atom):
-    """NATTEN-style neighbourhood of ``size`` keys, with ``dilation`` and a border ``mode``.
+    """NATTEN-style neighbourhood of ``size`` keys, with ``dilation``, ``stride`` and a ``mode``.
 
     Dilation ``d`` splits the axis into ``d`` interleaved groups (coordinates equal mod ``d``);
     each group is a sub-axis of ``m = ceil((n - g) / d)`` tokens and the query at group index
@@ -211,25 +211,44 @@ class Window(Atom):
     - ``causal``: the query and the ``size - 1`` group positions before it, truncated at 0.
 
     Attributes:
+    Stride ``s`` (NATTEN 0.20's generalised neighbourhoods) cuts each dilation group into runs
+    of ``s`` consecutive group positions, ``[t*s, t*s + s)``, whose queries share the window of
+    one *leader*: the run's centre ``t*s + s // 2`` (the right one of two for even ``s``), or,
+    causal, its last position ``t*s + s - 1``; a leader past the group's end is its last
+    position ``m - 1``. A causal query keeps its own end: keys from the leader's first to
+    itself. ``pad`` truncates the leader's window (patterngen's extension; NATTEN has no pad).
+    Every query stays inside its own keys for ``1 <= s <= size``.
+
         size: keys per query (in the interior), ``>= 1``.
         dilation: distance between neighbouring keys, ``>= 1``.
         mode: one of ``clamp``, ``pad``, ``causal``.
     """
+        stride: queries per group sharing one window, ``1 <= stride <= size``.
 
     size: object
     dilation: object = 1
     mode: str = "clamp"
 
+    stride: object = 1
     @property
     def step(self):
         return self.dilation
 
     def params(self):
-        return (self.size, self.dilation)
+        return (self.size, self.dilation, self.stride)
 
     def __repr__(self):
         dil = f", dilation={self.dilation}" if self.dilation != 1 else ""
-        return f"Window({self.size}{dil}, {self.mode})"
+        stride = f", stride={self.stride}" if self.stride != 1 else ""
+        return f"Window({self.size}{dil}{stride}, {self.mode})"
+
+    def leader(self, j, m, ops):
+        """Group position whose window group position ``j`` uses (``j`` itself for stride 1)."""
+        s = self.stride
+        if s == 1:
+            return j
+        last = s - 1 if self.mode == "causal" else s // 2
+        return ops.min((j // s) * s + last, m - 1)
 
     def bounds(self, i, n, ops):
         k, d = self.size, self.dilation
@@ -238,14 +257,15 @@ class Window(Atom):
         else:
             g, j, m = i % d, i // d, (n - i % d + d - 1) // d
         left = k // 2
+        c = self.leader(j, m, ops)
         if self.mode == "clamp":
-            s = ops.min(ops.max(j - left, 0), m - k)
+            s = ops.min(ops.max(c - left, 0), m - k)
             e = s + k
         elif self.mode == "pad":
-            s = ops.max(j - left, 0)
-            e = ops.min(j + (k - left), m)
+            s = ops.max(c - left, 0)
+            e = ops.min(c + (k - left), m)
         else:
-            s = ops.max(j - (k - 1), 0)
+            s = ops.max(c - (k - 1), 0)
             e = j + 1
         if d == 1:
             return s, e
@@ -621,6 +641,18 @@ def make_ir(grid: Grid, terms, label: str = "") -> IR:
 
 
 def verify(ir) -> None:
+def check_stride(size, stride, where: str = "") -> None:
+    """NATTEN's rule ``stride <= size`` (``utils/checks.py``), checked where both are numbers.
+
+    Raises:
+        PatternError: naming the values, the axis (``where``) and the rule.
+    """
+    if is_number(size) and is_number(stride) and int(stride) > int(size):
+        raise PatternError(
+            f"Invalid stride={stride}{where}: stride cannot be larger than the window size "
+            f"(size={size}); expected 1 <= stride <= size, as in NATTEN.")
+
+
     """Check an IR's invariants; raise :class:`PatternError` naming the first broken one.
 
     Every term has one relation per axis; atoms are known and their sizes are integers >= 1
@@ -638,6 +670,8 @@ def verify(ir) -> None:
                         raise PatternError(f"Window mode={atom.mode!r} not in {WINDOW_MODES}.")
                     for v in atom.params():
                         if is_number(v) and int(v) < 0:
+                    if isinstance(atom, Window):
+                        check_stride(atom.size, atom.stride)
                             raise PatternError(f"Negative parameter {v} in atom {atom!r}.")
                 steps = [a.step for a in rel.atoms if a.step != 1]
                 if len(steps) > 1 and not all(is_number(s) for s in steps):

@@ -129,10 +129,26 @@ class Window(Pattern):
     dilation: object = 1
     border: object = "clamp"
     causal: object = False
+    stride: object = 1
 
     def __post_init__(self):
         object.__setattr__(self, "size", _sizes(self.size, "size"))
         object.__setattr__(self, "dilation", _sizes(self.dilation, "dilation"))
+        object.__setattr__(self, "stride", _sizes(self.stride, "stride"))
+        sizes, strides = self.size, self.stride
+        if isinstance(sizes, tuple) or isinstance(strides, tuple):
+            rank = len(sizes) if isinstance(sizes, tuple) else len(strides)
+            # checked now when the ranks are known; per_axis checks each against the grid
+            if isinstance(sizes, tuple) and isinstance(strides, tuple) and len(strides) != rank:
+                raise PatternError(
+                    f"Invalid stride={_arg(strides)}: {len(strides)} entries for "
+                    f"size={_arg(sizes)} with {rank}; expected a scalar or {rank} entries.")
+            sizes = sizes if isinstance(sizes, tuple) else (sizes,) * rank
+            strides = strides if isinstance(strides, tuple) else (strides,) * rank
+            for a, (k, st) in enumerate(zip(sizes, strides)):
+                ir.check_stride(k, st, f" on axis {a}")
+        else:
+            ir.check_stride(sizes, strides)
         for b in self.border if isinstance(self.border, tuple) else (self.border,):
             if b not in BORDERS:
                 raise PatternError(f"Unknown border={b!r}; expected one of {BORDERS}.")
@@ -142,19 +158,24 @@ class Window(Pattern):
 
     def terms(self, grid):
         rels = []
-        for a, (n, k, d, b, c) in enumerate(zip(
+        for a, (n, k, d, b, c, s) in enumerate(zip(
                 grid.shape, per_axis(self.size, grid, "size"),
                 per_axis(self.dilation, grid, "dilation"), per_axis(self.border, grid, "border"),
-                per_axis(self.causal, grid, "causal"))):
+                per_axis(self.causal, grid, "causal"), per_axis(self.stride, grid, "stride"))):
             if all(is_number(v) for v in (n, k, d)) and k * d > n:
                 raise PatternError(
                     f"The product of size and dilation cannot exceed the axis length: "
                     f"size={k}, dilation={d}, grid[{a}]={n} (size*dilation={k * d} > {n})."
                 )
+            ir.check_stride(k, s, f" on axis {a}")
             if k == 1:
                 rels.append(ir.Rel.of(ir.Eq()))
+            elif s == k and d == 1 and is_number(n) and is_number(k) and n % k == 0:
+                # stride = size on a divisible axis: every run of k queries shares the keys of
+                # its own run, exactly the aligned tile Block(k) (and its causal prefix)
+                rels.append(ir.Rel.of(ir.Block(k), *([ir.Le()] if c else [])))
             else:
-                rels.append(ir.Rel.of(ir.Window(k, d, "causal" if c else b)))
+                rels.append(ir.Rel.of(ir.Window(k, d, "causal" if c else b, s)))
         return [ir.Term(tuple(rels))]
 
     def __repr__(self):
@@ -165,6 +186,8 @@ class Window(Pattern):
             args.append(f"border={self.border!r}")
         if self.causal is not False:
             args.append(f"causal={_arg(self.causal)}")
+        if self.stride != 1:
+            args.append(f"stride={_arg(self.stride)}")
         return f"window({', '.join(args)})"
 
 
@@ -423,7 +446,7 @@ class Heads(Pattern):
 # public constructors
 
 
-def window(size, dilation=1, border="clamp", causal=False) -> Window:
+def window(size, dilation=1, border="clamp", causal=False, stride=1) -> Window:
     """Neighbourhood attention: ``size`` keys per axis around each query.
 
     Args:
@@ -432,12 +455,17 @@ def window(size, dilation=1, border="clamp", causal=False) -> Window:
         border: ``"clamp"`` shifts the window inward at the edges (always ``size`` keys, as in
             NATTEN); ``"pad"`` truncates it (a zero-padded sliding window).
         causal: per axis, keep only the query and the ``size - 1`` keys before it.
+        stride: per axis, runs of ``stride`` queries (within a dilation group) share the window
+            of one leader query, as in NATTEN's generalised neighbourhoods: sliding-tile
+            attention, and blocked attention at ``stride == size``; ``1 <= stride <= size``.
 
     Example:
         >>> window((7, 5), dilation=(2, 1))
         window((7, 5), dilation=(2, 1))
+        >>> window((3, 8, 8), stride=(1, 8, 8))
+        window((3, 8, 8), stride=(1, 8, 8))
     """
-    return Window(size, dilation, border, causal)
+    return Window(size, dilation, border, causal, stride)
 
 
 def block(size, offset=0) -> Block:
