@@ -210,7 +210,6 @@ class Window(Atom):
     - ``pad``: truncated at the borders (a zero-padded sliding window);
     - ``causal``: the query and the ``size - 1`` group positions before it, truncated at 0.
 
-    Attributes:
     Stride ``s`` (NATTEN 0.20's generalised neighbourhoods) cuts each dilation group into runs
     of ``s`` consecutive group positions, ``[t*s, t*s + s)``, whose queries share the window of
     one *leader*: the run's centre ``t*s + s // 2`` (the right one of two for even ``s``), or,
@@ -219,17 +218,18 @@ class Window(Atom):
     itself. ``pad`` truncates the leader's window (patterngen's extension; NATTEN has no pad).
     Every query stays inside its own keys for ``1 <= s <= size``.
 
+    Attributes:
         size: keys per query (in the interior), ``>= 1``.
         dilation: distance between neighbouring keys, ``>= 1``.
         mode: one of ``clamp``, ``pad``, ``causal``.
-    """
         stride: queries per group sharing one window, ``1 <= stride <= size``.
+    """
 
     size: object
     dilation: object = 1
     mode: str = "clamp"
-
     stride: object = 1
+
     @property
     def step(self):
         return self.dilation
@@ -256,8 +256,8 @@ class Window(Atom):
             g, j, m = 0, i, n
         else:
             g, j, m = i % d, i // d, (n - i % d + d - 1) // d
-        left = k // 2
         c = self.leader(j, m, ops)
+        left = k // 2
         if self.mode == "clamp":
             s = ops.min(ops.max(c - left, 0), m - k)
             e = s + k
@@ -640,7 +640,6 @@ def make_ir(grid: Grid, terms, label: str = "") -> IR:
     return IR(grid, tuple(pruned), label)
 
 
-def verify(ir) -> None:
 def check_stride(size, stride, where: str = "") -> None:
     """NATTEN's rule ``stride <= size`` (``utils/checks.py``), checked where both are numbers.
 
@@ -653,6 +652,7 @@ def check_stride(size, stride, where: str = "") -> None:
             f"(size={size}); expected 1 <= stride <= size, as in NATTEN.")
 
 
+def verify(ir) -> None:
     """Check an IR's invariants; raise :class:`PatternError` naming the first broken one.
 
     Every term has one relation per axis; atoms are known and their sizes are integers >= 1
@@ -668,11 +668,12 @@ def check_stride(size, stride, where: str = "") -> None:
                         raise PatternError(f"Unrecognized IR atom: {atom!r}")
                     if isinstance(atom, Window) and atom.mode not in WINDOW_MODES:
                         raise PatternError(f"Window mode={atom.mode!r} not in {WINDOW_MODES}.")
-                    for v in atom.params():
-                        if is_number(v) and int(v) < 0:
                     if isinstance(atom, Window):
                         check_stride(atom.size, atom.stride)
+                    for v in atom.params():
+                        if is_number(v) and int(v) < 0:
                             raise PatternError(f"Negative parameter {v} in atom {atom!r}.")
                 steps = [a.step for a in rel.atoms if a.step != 1]
                 if len(steps) > 1 and not all(is_number(s) for s in steps):
                     raise PatternError(f"Relation {rel!r} meets symbolic dilations {steps}.")
+
