@@ -55,3 +55,14 @@ def test_a_failed_check_exits_nonzero(capsys):
         _common.expect(False, "outputs differ")
     assert e.value.code == 1
     assert capsys.readouterr().err == "MISMATCH: outputs differ\n"
+
+
+def test_swin_blocks_with_relative_position_bias_match_swin_s_own_formulation():
+    """W-MSA and SW-MSA blocks, timm-layout bias tables, against roll + partition + mask."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import swin_block
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    out_error, grad_error = swin_block.check_swin_blocks("sdpa")
+    assert out_error < 1e-9 and grad_error < 1e-9
