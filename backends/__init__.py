@@ -18,7 +18,7 @@ __all__ = ["Backend", "register_backend", "get_backend", "available", "select", 
 
 _REGISTRY: dict[str, type] = {}
 #: module that defines each built-in backend (imported on first use)
-_BUILTIN = {"numba": "numba_cpu", "sdpa": "sdpa", "flex": "flex"}
+_BUILTIN = {"numba": "numba_cpu", "sdpa": "sdpa", "flex": "flex", "auto": "planned"}
 #: the order :func:`select` tries, per device type
 PRIORITY = {"cpu": ("numba", "sdpa", "flex"), "cuda": ("flex", "sdpa")}
 
@@ -163,13 +163,16 @@ def get_backend(name: str) -> type:
     if name not in _REGISTRY and name in _BUILTIN:
         importlib.import_module(f"{__name__}.{_BUILTIN[name]}")
     if name not in _REGISTRY:
-        raise UnknownBackend(f"Unknown backend {name!r}; valid backends are {available()} "
-                             f"(or 'auto').")
+        raise UnknownBackend(f"Unknown backend {name!r}; valid backends are {available()}.")
     return _REGISTRY[name]
 
 
-def select(ir, device: str = "cpu", dtype: str = "float32", priority=None) -> type:
-    """The first backend in ``priority`` that supports the inputs.
+def select(ir, device: str = "cpu", dtype: str = "float32", priority=None,
+           backward: bool = False) -> type:
+    """The first backend in ``priority`` that supports the inputs (and, with ``backward``,
+    computes gradients on ``device``: see ``BACKWARD_DEVICES``). ``backend="auto"`` plans by
+    cost instead (:func:`patterngen.plan.plan`); this fixed order is for callers that want
+    one whole-pattern backend.
 
     Raises:
         BackendUnavailable: listing every backend tried and its reasons.
@@ -184,6 +187,9 @@ def select(ir, device: str = "cpu", dtype: str = "float32", priority=None) -> ty
             refusals.append(f"  {name}: cannot import ({e})")
             continue
         reasons = cls.not_supported_reasons(ir, device, dtype)
+        if backward and device_type not in cls.BACKWARD_DEVICES:
+            reasons.append(f"no backward on {device_type} (BACKWARD_DEVICES="
+                           f"{cls.BACKWARD_DEVICES})")
         if not reasons:
             return cls
         refusals.append(f"  {name}: " + "; ".join(reasons))

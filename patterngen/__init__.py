@@ -13,6 +13,7 @@ from .cost import CostReport, cost
 from .errors import BackendUnavailable, PatternError, UnknownBackend
 from .grid import Grid, as_grid, symbol
 from .parse import parse
+from .plan import Plan, plan
 from .profile import profile
 from .ir import IR, HeadsIR
 from .layout import Layout, layout
@@ -26,7 +27,7 @@ __all__ = [
     "cost",
     "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
     "BackendUnavailable", "UnknownBackend", "receptive_field", "layers_to_global", "profile", "parse", "nn",
-    "layout", "Layout", "bias",
+    "layout", "Layout", "plan", "Plan", "bias",
 ]
 __version__ = "0.1.0"
 

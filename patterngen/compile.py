@@ -15,22 +15,26 @@ def compile(pattern, grid=None, backend="auto", device="cpu", dtype="float32", *
         pattern: a spec or a lowered IR.
         grid: the token grid, e.g. ``(64, 64)``.
         backend: a registered name (``"numba"``, ``"sdpa"``, ``"flex"``) or ``"auto"``, which
-            picks the first backend that supports ``device`` and ``dtype``.
+            follows :func:`patterngen.plan.plan`: each term of the union on its cheapest
+            executor, or the whole pattern on one backend, by predicted time (``attn.plan``).
         device, dtype: what the inputs will be (used by ``"auto"`` and capability checks).
-        **options: backend options (documented on each backend class).
+        **options: backend options (documented on each backend class; for ``"auto"``:
+            ``head_dim``, ``heads``, ``batch``, ``backward`` to plan for, ``strategy``,
+            ``rates``, ``scale``).
 
     Raises:
-        BackendUnavailable: with every backend's reasons when none fits.
+        BackendUnavailable: when the named backend cannot run the pattern on ``device`` with
+            ``dtype``, with its reasons.
+        UnknownBackend: for a name no backend has.
     """
     from patterngen import backends
 
     lowered = as_ir(pattern, grid)
+    cls = backends.get_backend(backend)
     if backend == "auto":
-        cls = backends.select(lowered, device, dtype)
-    else:
-        cls = backends.get_backend(backend)
-        reasons = cls.not_supported_reasons(lowered, device, dtype)
-        if reasons:
-            raise BackendUnavailable(f"Backend {backend!r} cannot run {lowered.label} on "
-                                     f"device={device!r}, dtype={dtype!r}: " + "; ".join(reasons))
+        return cls(lowered, device=device, dtype=dtype, **options)
+    reasons = cls.not_supported_reasons(lowered, device, dtype)
+    if reasons:
+        raise BackendUnavailable(f"Backend {backend!r} cannot run {lowered.label} on "
+                                 f"device={device!r}, dtype={dtype!r}: " + "; ".join(reasons))
     return cls(lowered, **options)

@@ -1,0 +1,511 @@
+"""Execution of a :class:`patterngen.plan.Plan`: dense terms, a gather group, an exact merge.
+
+Each part of a term-wise plan returns ``(out_t, lse_t)`` over the whole grid (``lse_t = -inf``
+where the part gives a query no key, decided from the IR's exact counts, never from a kernel's
+value for a fully masked row). :class:`PlannedAttention` merges them in float32 (float64 for
+float64 inputs) as ``lse = logsumexp_t lse_t``, ``out = sum_t exp(lse_t - lse) out_t``, and
+its backward hands every part the *merged* ``out`` and ``lse`` (FlashAttention-2:
+``D = rowsum(dO * out)``, ``P = exp(S - lse)``), so each part's gradient is exactly its share
+and no part keeps probabilities.
+
+- :class:`DenseTerm` runs a term as ``(batch * heads, problems, rows, head_dim)`` fused
+  attention after views and one permute (the axes of :class:`patterngen.plan.DenseShape`), with
+  a mask only where the term has padding, causal pairs or pairs of earlier terms. On CPU the
+  fused kernel is ``aten._scaled_dot_product_flash_attention_for_cpu`` (returns the
+  log-sum-exp; its backward op takes the merged out and lse); small float32/float64 problems
+  run as matmul, exp, matmul instead (faster below ``MATMUL_KEYS`` keys, measured); on CUDA
+  ``aten._scaled_dot_product_efficient_attention`` with ``compute_log_sumexp``.
+- :class:`GatherGroup` runs a pattern's gather terms (windows) by the numba kernels, which
+  already return the log-sum-exp and take it back in their backward.
+
+Example:
+    >>> import torch, patterngen as pg
+    >>> attn = pg.compile(pg.criss_cross(), grid=(8, 8), backend="auto")
+    >>> attn.plan.strategy
+    'terms'
+    >>> q = k = v = torch.randn(1, 2, 8, 8, 16)
+    >>> attn(q, k, v).shape
+    torch.Size([1, 2, 8, 8, 16])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from patterngen import ir
+from patterngen.backends import Backend, get_backend, register_backend
+from patterngen.errors import PatternError
+from patterngen.plan import dense_mask, gather_first, plan as make_plan
+
+__all__ = ["PlannedBackend", "DenseTerm", "GatherGroup"]
+
+#: most keys per problem for which float32/float64 dense terms run as matmul-exp-matmul on
+#: CPU rather than the fused kernel (the sdpa backend measured 0.45-0.8x the fused kernel's
+#: forward time up to 128 keys, even at 256)
+MATMUL_KEYS = 128
+
+
+def _acc_dtype(torch, dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class DenseTerm:
+    """One term as a batch of dense problems (see :class:`patterngen.plan.DenseShape`).
+
+    Args:
+        term: the IR term.
+        shape: its :class:`~patterngen.plan.DenseShape`.
+        earlier: the terms executed before it (their pairs are masked out here).
+        grid: the numeric grid.
+        rows: booleans over the grid's tokens (row-major): queries this term adds keys to.
+    """
+
+    def __init__(self, term, shape, earlier, grid, rows):
+        self.term, self.shape, self.grid = term, shape, tuple(int(n) for n in grid)
+        self.mask = dense_mask(shape, term, earlier)
+        self.rows = rows
+        self._cache = {}
+
+    def _view(self, x, side: str):
+        """``(B, H, N, d)`` -> ``(B * H, problems, rows, d)`` in the problems' order."""
+        import torch.nn.functional as F
+
+        b, h, _, d = x.shape
+        t = x.reshape(b, h, *self.grid, d)
+        split, batch_dims, prob_dims = [], [], []
+        for a, ax in enumerate(self.shape.axes):
+            dim = 2 + a
+            if ax.kind == ("queries" if side == "q" else "keys"):
+                t = t.narrow(dim, ax.lo, ax.hi - ax.lo)
+            if ax.kind == "tiles" and (ax.pad_left or ax.pad_right):
+                pad = [0, 0] * (t.dim() - 1 - dim) + [ax.pad_left, ax.pad_right]
+                t = F.pad(t, pad)
+            here = len(split) + 2
+            if ax.kind == "tiles":
+                split += [ax.batch, ax.size]
+                batch_dims.append(here)
+                prob_dims.append(here + 1)
+            else:
+                split.append(t.shape[dim])
+                (batch_dims if ax.kind == "batch" else prob_dims).append(here)
+        t = t.reshape(b, h, *split, d)
+        t = t.permute(0, 1, *batch_dims, *prob_dims, t.dim() - 1)
+        rows = self.shape.queries if side == "q" else self.shape.keys
+        return t.reshape(b * h, self.shape.batch, rows, d)
+
+    def _unview(self, y, b: int, h: int, fill: float):
+        """Inverse of the query view: ``(B * H, problems, rows, e)`` -> ``(B, H, N, e)``; rows
+        of queries outside the term's query range get ``fill``."""
+        import torch.nn.functional as F
+
+        e = y.shape[-1]
+        split, batch_dims, prob_dims = [], [], []
+        for ax in self.shape.axes:
+            here = len(split) + 2
+            if ax.kind == "tiles":
+                split += [ax.batch, ax.size]
+                batch_dims.append(here)
+                prob_dims.append(here + 1)
+            else:
+                size = ax.queries if ax.kind != "batch" else ax.n
+                split.append(size)
+                (batch_dims if ax.kind == "batch" else prob_dims).append(here)
+        order = [0, 1, *batch_dims, *prob_dims, len(split) + 2]
+        t = y.reshape(b, h, *[split[i - 2] for i in order[2:-1]], e)
+        t = t.permute(*np.argsort(order).tolist())
+        t = t.reshape(b, h, *[self._unsplit(ax) for ax in self.shape.axes], e)
+        for a, ax in enumerate(self.shape.axes):
+            dim = 2 + a
+            if ax.kind == "tiles" and (ax.pad_left or ax.pad_right):
+                t = t.narrow(dim, ax.pad_left, ax.n)
+            if ax.kind == "queries" and (ax.lo > 0 or ax.hi < ax.n):
+                pad = [0, 0] * (t.dim() - 1 - dim) + [ax.lo, ax.n - ax.hi]
+                t = F.pad(t, pad, value=fill)
+        return t.reshape(b, h, math.prod(self.grid), e)
+
+    @staticmethod
+    def _unsplit(ax) -> int:
+        if ax.kind == "tiles":
+            return ax.batch * ax.size
+        return ax.queries if ax.kind != "batch" else ax.n
+
+    def _additive_mask(self, dtype, device):
+        if self.mask is None:
+            return None
+        key = (dtype, str(device))
+        if key not in self._cache:
+            import torch
+
+            m = torch.as_tensor(self.mask, device=device)
+            self._cache[key] = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(
+                ~m, float("-inf"))[None]
+        return self._cache[key]
+
+    def _rows(self, device):
+        key = ("rows", str(device))
+        if key not in self._cache:
+            import torch
+
+            self._cache[key] = torch.as_tensor(self.rows, device=device)
+        return self._cache[key]
+
+    def _matmul(self, q) -> bool:
+        import torch
+
+        return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+                and self.shape.keys <= MATMUL_KEYS)
+
+    def forward(self, q, k, v, scale, need_lse: bool = True):
+        """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
+        for float64), ``lse_t = -inf`` for queries this term adds no key to; ``lse_t`` is
+        ``None`` when not ``need_lse`` (a lone part without gradients)."""
+        import torch
+
+        b, h = q.shape[:2]
+        qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
+        mask = self._additive_mask(q.dtype, q.device)
+        if self._matmul(q):
+            scores = _scores(qp, kp, mask, scale)
+            if not need_lse:
+                # a row without keys (all -inf) gives NaN here; the caller zeroes those rows
+                return self._unview(scores.softmax(-1) @ vp, b, h, 0.0), None
+            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            scores.sub_(torch.where(torch.isinf(lse), 0.0, lse)).exp_()
+            out = scores @ vp
+        else:
+            out, lse = _fused_forward(qp, kp, vp, mask, scale)
+            lse = lse.unsqueeze(-1)
+        out = self._unview(out, b, h, 0.0)
+        if not need_lse:
+            return out, None
+        lse = self._unview(lse.to(_acc_dtype(torch, q.dtype)), b, h, float("-inf")).squeeze(-1)
+        if self.rows.all():
+            return out, lse
+        return out, lse.masked_fill(~self._rows(q.device), float("-inf"))
+
+    def backward(self, q, k, v, out, lse, dout, scale):
+        """``(dq, dk, dv)`` of this term's share, from the merged ``out`` and ``lse``."""
+        import torch
+
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            qp, kp, vp = self._view(leaves[0], "q"), self._view(leaves[1], "k"), \
+                self._view(leaves[2], "k")
+        op, lp, dp = (self._view(t, "q").detach() for t in (out, lse.unsqueeze(-1), dout))
+        mask = self._additive_mask(q.dtype, q.device)
+        if self._matmul(q):
+            grads = _matmul_backward(qp.detach(), kp.detach(), vp.detach(), op, lp, dp, mask,
+                                     scale)
+        else:
+            grads = _fused_backward(qp.detach(), kp.detach(), vp.detach(), op,
+                                    lp.squeeze(-1), dp, mask, scale)
+        torch.autograd.backward([qp, kp, vp], list(grads))
+        return tuple(t.grad for t in leaves)
+
+
+def _scores(q, k, mask, scale):
+    import torch
+
+    b, p, n, d = q.shape
+    scores = torch.empty(b * p, n, k.shape[2], dtype=q.dtype, device=q.device)
+    scores.baddbmm_(q.reshape(b * p, n, d), k.reshape(b * p, -1, d).transpose(1, 2), beta=0,
+                    alpha=scale)
+    scores = scores.view(b, p, n, -1)
+    if mask is not None:
+        scores += mask
+    return scores
+
+
+def _matmul_backward(q, k, v, out, lse, dout, mask, scale):
+    """FlashAttention-2's backward by batched matmuls: ``P = exp(S - lse)``,
+    ``dS = P (dout v^T - rowsum(dout * out))``."""
+    p = _scores(q, k, mask, scale)
+    p.sub_(lse.to(p.dtype)).exp_()
+    delta = (dout * out).sum(-1, keepdim=True)
+    ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
+    dq = (ds @ k).mul_(scale)
+    dk = (ds.transpose(-1, -2) @ q).mul_(scale)
+    dv = p.transpose(-1, -2) @ dout
+    return dq, dk, dv
+
+
+def _fused_forward(q, k, v, mask, scale):
+    """The fused kernel that returns the log-sum-exp: ``(out, lse (B, P, rows))``."""
+    import torch
+
+    if q.device.type == "cuda":
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None,
+            True, 0.0, False, scale=scale)
+        return out, lse[..., :q.shape[2]]  # padded to a multiple of 32 rows
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def _fused_backward(q, k, v, out, lse, dout, mask, scale):
+    import torch
+
+    lse = lse.to(_acc_dtype(torch, q.dtype)).contiguous()
+    if q.device.type == "cuda":
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        bias = mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout.contiguous(), q, k, v, bias, out.contiguous(), lse, seed, seed, 0.0,
+            [True, True, True, False], False, scale=scale)
+        return dq, dk, dv
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, False, attn_mask=mask,
+        scale=scale)
+
+
+class GatherGroup:
+    """A pattern's gather terms, run by the numba kernels, which return the log-sum-exp.
+
+    Args:
+        terms: the gather terms, in union order.
+        grid: the numeric grid (an :class:`~patterngen.ir.Grid`).
+        label: for the kernels' headers.
+    """
+
+    def __init__(self, terms, grid, label: str):
+        sub = ir.IR(grid, tuple(terms), label)
+        self.backend = get_backend("numba")(sub)
+        self.shape = self.backend.shape
+
+    def forward(self, q, k, v, scale, need_lse: bool = True):
+        import torch
+
+        out, lse = self.backend.forward_numpy(*(_numpy(t) for t in (q, k, v)), self.shape,
+                                              scale)
+        lse = torch.from_numpy(lse)
+        return torch.from_numpy(out), lse.masked_fill(torch.isinf(lse), float("-inf"))
+
+    def backward(self, q, k, v, out, lse, dout, scale):
+        import torch
+
+        arrays = [_numpy(t) for t in (q, k, v, out, dout)]
+        lse = _numpy(lse.to(q.dtype))
+        grads = self.backend.backward_numpy(*arrays, lse, self.shape, scale)
+        return tuple(torch.from_numpy(np.ascontiguousarray(g)) for g in grads)
+
+
+def _numpy(t):
+    return t.detach().contiguous().numpy()
+
+
+class _Runner:
+    """A term-wise plan's parts for each listed pattern, built for one device."""
+
+    def __init__(self, lowered, plan):
+        shape = lowered.grid.shape
+        self.patterns = []
+        #: per listed pattern, the queries without any key (``None`` when every query has one)
+        self.empty = []
+        for head, tps in zip(lowered.per_head, plan.patterns):
+            counts = head.key_counts()
+            self.empty.append(None if counts.all() else counts == 0)
+            gather = [tp.term for tp in tps if tp.executor == "gather"]
+            parts = []
+            done = []
+            if gather:
+                parts.append(GatherGroup(gather, lowered.grid, head.label or lowered.label))
+                done = list(gather)
+            before = _covered(lowered.grid, done)
+            for tp in tps:
+                if tp.executor != "dense":
+                    continue
+                after = _covered(lowered.grid, done + [tp.term])
+                parts.append(DenseTerm(tp.term, tp.dense, done, shape, after > before))
+                done.append(tp.term)
+                before = after
+            self.patterns.append(parts)
+
+
+def _covered(grid, terms) -> np.ndarray:
+    """Keys per query of the union of ``terms`` (row-major; zeros for none)."""
+    if not terms:
+        return np.zeros(math.prod(int(n) for n in grid.shape), dtype=np.int64)
+    return ir.IR(grid, tuple(terms)).key_counts()
+
+
+@functools.cache
+def _function():
+    import torch
+
+    class PlannedAttention(torch.autograd.Function):
+        """Parts of a term-wise plan merged by log-sum-exp; backward from the merged out and
+        lse (module docstring)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, runner, scale):
+            out, lse = _merged_forward(runner, q, k, v, scale)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.runner, ctx.scale = runner, scale
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse = ctx.saved_tensors
+            grads = _merged_backward(ctx.runner, q, k, v, out, lse, dout.contiguous(),
+                                     ctx.scale)
+            return (*grads, None, None)
+
+    return PlannedAttention
+
+
+def _heads_of(p: int, npat: int, heads: int):
+    return slice(p, heads, npat) if npat > 1 else slice(None)
+
+
+def _merged_forward(runner, q, k, v, scale, need_lse: bool = True):
+    """``(out, lse)`` of every part merged; ``lse`` is 0 for queries without any key (their
+    output is 0), so the backward never subtracts an infinity. ``lse`` is ``None`` when not
+    ``need_lse`` and one part runs alone."""
+    import torch
+
+    acc = _acc_dtype(torch, q.dtype)
+    b, h, n, d = q.shape
+    npat = len(runner.patterns)
+    out = q.new_zeros(b, h, n, d) if npat > 1 else None
+    lse_all = torch.zeros(b, h, n, dtype=acc, device=q.device) if need_lse else None
+    for p, (parts, empty) in enumerate(zip(runner.patterns, runner.empty)):
+        sel = _heads_of(p, npat, h)
+        qs, ks, vs = (q, k, v) if npat == 1 else (q[:, sel], k[:, sel], v[:, sel])
+        if not parts:
+            mine = q.new_zeros(qs.shape)
+        elif len(parts) == 1:
+            mine, lse = parts[0].forward(qs, ks, vs, scale, need_lse)
+            if need_lse:
+                lse_all[:, sel] = lse
+        else:
+            results = [part.forward(qs, ks, vs, scale) for part in parts]
+            lse = torch.logsumexp(torch.stack([lse for _, lse in results]), dim=0)
+            if need_lse:
+                lse_all[:, sel] = lse
+            mine = sum(torch.exp(l - lse)[..., None] * o.to(acc) for o, l in results)
+            mine = mine.to(q.dtype)
+        if empty is not None:
+            mine = mine.masked_fill(torch.as_tensor(empty, device=q.device)[:, None], 0.0)
+            if need_lse:
+                lse_all[:, sel] = lse_all[:, sel].masked_fill(
+                    torch.as_tensor(empty, device=q.device), 0.0)
+        if npat == 1:
+            return mine, lse_all
+        out[:, sel] = mine
+    return out, lse_all
+
+
+def _merged_backward(runner, q, k, v, out, lse, dout, scale):
+    import torch
+
+    dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+    npat = len(runner.patterns)
+    for p, parts in enumerate(runner.patterns):
+        sel = _heads_of(p, npat, q.shape[1])
+        args = [t[:, sel] for t in (q, k, v, out, lse, dout)]
+        for part in parts:
+            gq, gk, gv = part.backward(*args[:5], args[5], scale)
+            dq[:, sel] += gq
+            dk[:, sel] += gk
+            dv[:, sel] += gv
+    return dq, dk, dv
+
+
+class PlannedBackend(Backend):
+    """``backend="auto"``: the pattern run as :func:`patterngen.plan.plan` chooses.
+
+    The plan is made at compile time for ``device``, ``dtype`` and the sizes given (or
+    ``head_dim=32, heads=4, batch=1``); a call whose inputs have another device, dtype or
+    sizes, or that needs gradients when the plan was for inference, is planned again for
+    them (cached), so e.g. bfloat16 inputs on CPU run on an executor that takes them.
+
+    Args:
+        ir: the lowered pattern.
+        device, dtype: what the inputs will be.
+        head_dim, heads, batch: the sizes to plan for.
+        backward: plan for forward + backward.
+        scale: default score scale; ``None`` means ``head_dim ** -0.5``.
+        strategy: force a strategy (``"terms"``, ``"numba"``, ``"sdpa"``, ``"flex"``).
+        terms: in the term-wise strategy, force ``"dense"`` or ``"gather"`` terms.
+        rates: planner rates (:class:`patterngen.calibrate.Rates`); default this machine's.
+
+    Attributes:
+        plan: the compile-time :class:`~patterngen.plan.Plan`.
+    """
+
+    name = "auto"
+    SUPPORTED_DEVICES = ("cpu", "cuda")
+    SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+    def __init__(self, ir_, device="cpu", dtype="float32", head_dim=32, heads=4, batch=1,
+                 backward=False, scale=None, strategy=None, rates=None, terms=None):
+        self.ir = ir_
+        self.shape = ir_.grid.require_numeric("the auto backend")
+        self.scale = scale
+        self._strategy = strategy
+        self._rates = rates
+        self._terms = terms
+        self._plans = {}
+        self._runs = {}
+        self.plan = self._plan(str(device).split(":")[0], str(dtype).rsplit(".", 1)[-1],
+                               head_dim, heads, batch, backward)
+
+    def _plan(self, device, dtype, head_dim, heads, batch, backward):
+        key = (device, dtype, head_dim, heads, batch, backward)
+        if key not in self._plans:
+            self._plans[key] = make_plan(
+                self.ir, None, head_dim=head_dim, heads=heads, batch=batch, device=device,
+                dtype=dtype, backward=backward, rates=self._rates,
+                executors=None if self._strategy is None else (self._strategy,),
+                terms=self._terms)
+        return self._plans[key]
+
+    @property
+    def executed_pairs(self) -> tuple[int, ...]:
+        return tuple(sum(tp.executed for tp in tps) for tps in self.plan.patterns)
+
+    def __repr__(self):
+        return f"PlannedBackend({self.ir.label} on grid {self.ir.grid}: {self.plan.strategy})"
+
+    def _run(self, plan):
+        key = id(plan)
+        if key not in self._runs:
+            if plan.strategy == "terms":
+                self._runs[key] = _Runner(self.ir, plan)
+            else:
+                self._runs[key] = get_backend(plan.strategy)(self.ir, scale=self.scale)
+        return self._runs[key]
+
+    def __call__(self, q, k, v, scale=None):
+        """Attention of ``q`` over ``k, v`` under the compiled pattern, as planned.
+
+        Raises:
+            PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
+        """
+        import torch
+
+        qf, kf, vf, restore = self.flatten_inputs(q, k, v)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        plan = self.plan
+        wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
+                  qf.shape[0], grad)
+        if (plan.device.split(":")[0], plan.dtype, plan.head_dim, plan.heads, plan.batch,
+                plan.backward) != wanted:
+            plan = self._plan(*wanted)
+        run = self._run(plan)
+        if plan.strategy != "terms":
+            return run(q, k, v, scale=scale if scale is not None else self.scale)
+        scale = scale if scale is not None else self.scale
+        scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
+        if qf.shape[-1] < 1:
+            raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
+        if not grad:
+            return restore(_merged_forward(run, qf, kf, vf, scale, need_lse=False)[0])
+        return restore(_function().apply(qf, kf, vf, run, scale))
+
+
+register_backend("auto", PlannedBackend)

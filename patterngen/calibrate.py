@@ -1,0 +1,221 @@
+"""Per-executor rates for the planner, measured once per machine and cached on disk.
+
+The planner (:mod:`patterngen.plan`) predicts an executor's time from exact counts as
+
+    ms = calls * call_ms + pairs * head_dim * pair_ns / 1e6        (forward)
+
+times ``backward_factor`` for forward + backward, where ``pairs`` are the pairs the executor
+computes (padding and masked pairs included). :func:`measure` fits ``call_ms`` and ``pair_ns``
+from two problem sizes per executor (a few seconds, with a progress line on stderr) and
+:func:`rates` caches the result in ``calibration.json`` under the patterngen cache directory,
+keyed by device, dtype, torch version and thread count. It never runs at import; a stale,
+corrupt or foreign file is measured again with a warning. ``PATTERNGEN_CALIBRATION=default``
+skips measuring and uses :meth:`Rates.default` (figures measured on the project's 2-core CI
+machine), which the test suite does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import PatternError
+
+__all__ = ["Rates", "rates", "measure", "calibration_path"]
+
+log = logging.getLogger(__name__)
+
+#: bump when the meaning of a stored rate changes, so old files are measured again
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One executor's cost: ``call_ms`` per call, ``pair_ns`` per pair and head_dim element
+    (forward), ``backward_factor`` = forward+backward time / forward time."""
+
+    call_ms: float
+    pair_ns: float
+    backward_factor: float
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Rates of every executor on one device and dtype.
+
+    Attributes:
+        executors: ``{name: Rate}`` for ``dense``, ``gather``, ``numba``, ``sdpa``, ``flex``
+            and ``merge`` (whose ``pair_ns`` is per token and head_dim element merged).
+        source: ``"measured"`` or ``"default"``.
+    """
+
+    executors: dict = field(default_factory=dict)
+    source: str = "default"
+
+    def predict(self, name: str, pairs: int, head_dim: int, calls: int = 1,
+                backward: bool = False, tokens: int = 0) -> float:
+        """Predicted milliseconds of ``calls`` calls of executor ``name`` computing ``pairs``
+        pairs (``tokens`` merged rows for ``merge``)."""
+        if name not in self.executors:
+            raise PatternError(f"No rate for executor {name!r}; known: {sorted(self.executors)}.")
+        r = self.executors[name]
+        work = (tokens if name == "merge" else pairs) * head_dim
+        ms = calls * r.call_ms + work * r.pair_ns / 1e6
+        return ms * (r.backward_factor if backward else 1.0)
+
+    @staticmethod
+    def default(device: str = "cpu") -> "Rates":
+        """Figures measured on the 2-core CI machine (float32); on CUDA, placeholders that
+        only order the executors (dense fused kernels first) until :func:`measure` runs."""
+        if device == "cuda":
+            table = {"dense": Rate(0.02, 0.0005, 3.0), "gather": Rate(1e9, 1.0, 3.0),
+                     "numba": Rate(1e9, 1.0, 3.0), "sdpa": Rate(0.05, 0.001, 3.0),
+                     "flex": Rate(0.03, 0.0008, 3.0), "merge": Rate(0.0, 0.0005, 3.0)}
+        else:
+            table = {"dense": Rate(0.05, 0.012, 3.0), "gather": Rate(0.08, 0.030, 3.5),
+                     "numba": Rate(0.08, 0.030, 3.5), "sdpa": Rate(0.2, 0.025, 3.0),
+                     "flex": Rate(50.0, 0.30, 3.0), "merge": Rate(0.0, 0.004, 3.0)}
+        return Rates(table, "default")
+
+
+def calibration_path() -> Path:
+    """``$PATTERNGEN_CACHE/calibration.json`` (or ``~/.cache/patterngen``), else a temporary
+    directory when that one is not writable."""
+    root = os.environ.get("PATTERNGEN_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "patterngen"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        probe = base / f".probe.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError:
+        base = Path(tempfile.gettempdir()) / "patterngen"
+        base.mkdir(parents=True, exist_ok=True)
+    return base / "calibration.json"
+
+
+def _key(device: str, dtype: str) -> str:
+    import torch
+
+    return f"v{VERSION}|{device}|{dtype}|torch {torch.__version__}|threads " \
+           f"{torch.get_num_threads()}"
+
+
+_MEMO: dict = {}
+
+
+def rates(device: str = "cpu", dtype: str = "float32", refresh: bool = False) -> Rates:
+    """This machine's rates for ``device`` and ``dtype``: from the cache file, else measured
+    (:func:`measure`) and stored. ``refresh`` measures again."""
+    if os.environ.get("PATTERNGEN_CALIBRATION") == "default":
+        return Rates.default(device)
+    key = _key(device, dtype)
+    if key in _MEMO and not refresh:
+        return _MEMO[key]
+    path = calibration_path()
+    stored = {}
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError(f"expected a JSON object, got {type(stored).__name__}")
+            if key in stored and not refresh:
+                table = {name: Rate(**r) for name, r in stored[key].items()}
+                _MEMO[key] = Rates(table, "measured")
+                return _MEMO[key]
+        except (ValueError, TypeError, OSError) as e:
+            warnings.warn(f"patterngen: calibration file {path} is unreadable ({e}); "
+                          f"measuring again.", stacklevel=2)
+            stored = {}
+    measured = measure(device, dtype)
+    stored[key] = {name: asdict(r) for name, r in measured.executors.items()}
+    try:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"patterngen: cannot write calibration file {path} ({e}); the rates "
+                      f"hold for this process only.", stacklevel=2)
+    _MEMO[key] = measured
+    return measured
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _fit(small: tuple, large: tuple) -> tuple[float, float]:
+    """``(call_ms, pair_ns)`` of the line through ``(work, ms)`` points (clamped at 0)."""
+    (w1, t1), (w2, t2) = small, large
+    slope = max((t2 - t1) / max(w2 - w1, 1), 1e-9)
+    return max(t1 - slope * w1, 0.0), slope * 1e6
+
+
+def measure(device: str = "cpu", dtype: str = "float32") -> Rates:
+    """Measure every executor that runs on ``device`` with ``dtype`` on two problem sizes.
+
+    Each executor runs a pattern that is its natural case (blocks for the dense batch, a
+    neighbourhood for the gather kernel and the block-sparse backend), forward and
+    forward+backward, median of 5 after a warm-up.
+    """
+    import torch
+
+    from . import spec
+    from .backends.planned import PlannedBackend
+    from .compile import compile as compile_pattern
+
+    defaults = Rates.default(device).executors
+    dt = getattr(torch, dtype)
+    head_dim, heads = 32, 2
+    cases = {
+        "dense": (spec.block(8), ((16, 16), (48, 48))),
+        "gather": (spec.window(5), ((16, 16), (40, 40))),
+        "sdpa": (spec.window(5), ((16, 16), (40, 40))),
+    }
+    table = dict(defaults)
+    start = time.perf_counter()
+    for name, (pattern, grids) in cases.items():
+        points, factors = [], []
+        backend = "numba" if name == "gather" else name
+        for grid in grids:
+            print(f"\rpatterngen: calibrating {name} on {device}/{dtype} grid "
+                  f"{'x'.join(map(str, grid))} ...", end="", file=sys.stderr, flush=True)
+            try:
+                if name == "dense":
+                    attn = PlannedBackend(spec.lower(pattern, grid), strategy="terms",
+                                          device=device, dtype=dtype)
+                else:
+                    attn = compile_pattern(pattern, grid, backend=backend, device=device,
+                                           dtype=dtype)
+            except PatternError as e:
+                log.info("calibration: %s cannot run (%s); keeping its default rate", name, e)
+                break
+            q, k, v = (torch.randn(1, heads, *grid, head_dim, device=device, dtype=dt)
+                       .requires_grad_() for _ in range(3))
+            with torch.no_grad():
+                fwd = _median_ms(lambda: attn(q, k, v))
+            both = _median_ms(lambda: attn(q, k, v).sum().backward())
+            pairs = attn.ir.pairs() if name != "dense" else spec.lower(pattern, grid).pairs()
+            points.append((pairs * heads * head_dim, fwd))
+            factors.append(both / max(fwd, 1e-6))
+        if len(points) == 2:
+            call_ms, pair_ns = _fit(*points)
+            table[name] = Rate(call_ms, pair_ns, max(statistics.median(factors), 1.0))
+    table["numba"] = table["gather"]
+    print(f"\rpatterngen: calibrated {device}/{dtype} in {time.perf_counter() - start:.1f} s"
+          + " " * 30, file=sys.stderr)
+    return Rates(table, "measured")

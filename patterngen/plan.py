@@ -1,0 +1,541 @@
+"""Term-wise lowering and a cost-model planner: each term of a union on its cheapest executor.
+
+A pattern is a union of separable terms (:mod:`patterngen.ir`). A term whose relation on every
+axis is ``All``, ``Eq``, ``Block`` (any offset), a causal ``Lt``/``Le``, a fixed key range
+(``KeyIn``: global keys) or a fixed query range (``QueryIn``: global queries) is a *batch of
+small dense problems* after a view/permute of q, k and v: ``Eq`` axes become batch dimensions,
+``Block`` axes split into tiles (a batch index and a position in the tile), the others stay
+whole problem axes. Swin's windows are 64 problems of 49 x 49 on a 56 x 56 grid, CCNet's row
+and column are 64 problems of 64 x 64 each. Such a term runs as one fused attention call
+(:class:`DenseShape` says how); windows and other relations stay *gather* terms, run by a
+kernel that visits each query's keys (numba on CPU).
+
+The terms of a union overlap (criss-cross's row and column share the query itself). The plan
+runs the gather terms first, as one group whose kernel already visits each key once, then each
+dense term with a mask that excludes the pairs of every earlier term (CCNet masks the
+diagonal). Every pair is then counted once, and the parts merge exactly by log-sum-exp:
+``out = sum_t exp(lse_t - lse) out_t`` with ``lse = logsumexp_t lse_t``
+(``backends/planned.py``).
+
+:func:`plan` scores, for each term, the executors that can run it from exact counts (pairs,
+executed pairs of each dense batch shape) and per-executor rates measured once per machine
+(:mod:`patterngen.calibrate`), and compares the term-wise plan with running the whole pattern
+on one backend. It prints like a query planner's EXPLAIN.
+
+Example:
+    >>> import patterngen as pg
+    >>> from patterngen.plan import dense_shape
+    >>> term = pg.lower(pg.block(7), (56, 56)).terms[0]
+    >>> dense_shape(term, (56, 56))
+    DenseShape(batch=64, queries=49, keys=49, axes=tiles(7)|tiles(7))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import ir
+from .errors import PatternError
+from .grid import is_number
+from .spec import as_ir
+
+__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "EXECUTORS",
+           "gather_first"]
+
+#: the executors a plan may name: a term's own ("dense", "gather") or a whole-pattern backend
+EXECUTORS = ("dense", "gather", "numba", "sdpa", "flex")
+#: largest dense mask (batch x queries x keys booleans) a dense term may build; beyond it the
+#: term's pairs are too many for a dense batch to be the cheap primitive anyway
+MAX_DENSE_MASK = 1 << 24
+
+
+# --------------------------------------------------------------------------------------------
+# a term as a batch of dense problems
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """How one grid axis enters a dense term's problems.
+
+    Attributes:
+        kind: ``batch`` (``Eq``: one problem per coordinate), ``tiles`` (``Block``: one problem
+            per tile, positions in the tile), ``full`` (every query and key of the axis),
+            ``keys`` (every query, keys in ``[lo, hi)``) or ``queries`` (queries in
+            ``[lo, hi)``, every key).
+        n: the axis length.
+        size: tile length (``tiles``).
+        pad_left, pad_right: padding that makes the tiles whole (``tiles`` with an offset or a
+            length the tile does not divide); padded positions are masked keys and dropped
+            queries.
+        lo, hi: the key (``keys``) or query (``queries``) range.
+    """
+
+    kind: str
+    n: int
+    size: int = 0
+    pad_left: int = 0
+    pad_right: int = 0
+    lo: int = 0
+    hi: int = 0
+
+    @property
+    def batch(self) -> int:
+        if self.kind == "batch":
+            return self.n
+        if self.kind == "tiles":
+            return (self.pad_left + self.n + self.pad_right) // self.size
+        return 1
+
+    @property
+    def queries(self) -> int:
+        return {"batch": 1, "tiles": self.size, "queries": self.hi - self.lo}.get(self.kind,
+                                                                                   self.n)
+
+    @property
+    def keys(self) -> int:
+        return {"batch": 1, "tiles": self.size, "keys": self.hi - self.lo}.get(self.kind, self.n)
+
+    def coords(self, side: str) -> np.ndarray:
+        """``(batch, positions)`` grid coordinates of the problems' queries or keys (``side``
+        ``"q"`` or ``"k"``); ``-1`` marks padding."""
+        if self.kind == "batch":
+            return np.arange(self.n, dtype=np.int64)[:, None]
+        if self.kind == "tiles":
+            c = np.arange(self.batch * self.size, dtype=np.int64) - self.pad_left
+            return np.where((c >= 0) & (c < self.n), c, -1).reshape(self.batch, self.size)
+        ranged = (self.kind == "keys") == (side == "k") and self.kind in ("keys", "queries")
+        start, stop = (self.lo, self.hi) if ranged else (0, self.n)
+        return np.arange(start, stop, dtype=np.int64)[None]
+
+    def __repr__(self):
+        if self.kind == "tiles":
+            pad = f", pad {self.pad_left}+{self.pad_right}" if self.pad_left or self.pad_right \
+                else ""
+            return f"tiles({self.size}{pad})"
+        if self.kind in ("keys", "queries"):
+            return f"{self.kind}[{self.lo}:{self.hi}]"
+        return self.kind
+
+
+def _axis_plan(rel: ir.Rel, n: int) -> AxisPlan | str:
+    """The dense form of one relation on an axis of ``n``, or why it has none."""
+    if not rel.atoms:
+        return AxisPlan("full", n)
+    if len(rel.atoms) > 1:
+        return f"{rel!r} meets several atoms"
+    atom = rel.atoms[0]
+    if not all(is_number(v) for v in atom.params()):
+        return f"{atom!r} has symbolic sizes"
+    match atom:
+        case ir.Eq():
+            return AxisPlan("batch", n)
+        case ir.Lt() | ir.Le():
+            return AxisPlan("full", n)
+        case ir.Block(size=m, offset=s):
+            m, s = int(m), int(s)
+            left = (m - s) % m
+            return AxisPlan("tiles", n, m, left, -(left + n) % m)
+        case ir.KeyIn(start=a, stop=b):
+            return AxisPlan("keys", n, lo=max(int(a), 0), hi=min(int(b), n))
+        case ir.QueryIn(start=a, stop=b):
+            return AxisPlan("queries", n, lo=max(int(a), 0), hi=min(int(b), n))
+    return f"{atom!r} is a gather (each query has its own keys)"
+
+
+@dataclass(frozen=True)
+class DenseShape:
+    """A term as ``batch`` dense problems of ``queries`` x ``keys`` (per batch and head).
+
+    Attributes:
+        axes: one :class:`AxisPlan` per grid axis.
+    """
+
+    axes: tuple
+
+    @property
+    def batch(self) -> int:
+        return math.prod(a.batch for a in self.axes)
+
+    @property
+    def queries(self) -> int:
+        return math.prod(a.queries for a in self.axes)
+
+    @property
+    def keys(self) -> int:
+        return math.prod(a.keys for a in self.axes)
+
+    @property
+    def executed_pairs(self) -> int:
+        """Pairs the dense calls compute (padding and masked pairs included), per head."""
+        return self.batch * self.queries * self.keys
+
+    def coords(self, side: str) -> list[np.ndarray]:
+        return [a.coords(side) for a in self.axes]
+
+    def __repr__(self):
+        axes = "|".join(map(repr, self.axes))
+        return f"DenseShape(batch={self.batch}, queries={self.queries}, keys={self.keys}, " \
+               f"axes={axes})"
+
+
+def dense_shape(term: ir.Term, shape) -> DenseShape | str:
+    """``term`` on the numeric grid ``shape`` as a batch of dense problems, or the reason it is
+    not one (a window, a meet of several atoms, a symbolic size)."""
+    axes = []
+    for a, (rel, n) in enumerate(zip(term.rels, shape)):
+        got = _axis_plan(rel, int(n))
+        if isinstance(got, str):
+            return f"axis {a}: {got}"
+        axes.append(got)
+    return DenseShape(tuple(axes))
+
+
+def _axis_membership(rel: ir.Rel, axis: AxisPlan) -> np.ndarray:
+    """``(batch, queries, keys)`` booleans: the relation's pairs among one axis's problems."""
+    qc, kc = axis.coords("q"), axis.coords("k")
+    inside = rel.contains(qc[:, :, None], kc[:, None, :], axis.n, ir.NUMPY_OPS)
+    valid = (qc >= 0)[:, :, None] & (kc >= 0)[:, None, :]
+    return np.broadcast_to(np.asarray(inside), valid.shape) & valid
+
+
+def _kron_axes(parts: list[np.ndarray]) -> np.ndarray:
+    """Combine per-axis ``(batch_a, q_a, k_a)`` arrays into ``(batch, queries, keys)`` with
+    batch, query and key positions row-major over the axes (the order of the q/k views)."""
+    out = parts[0]
+    for p in parts[1:]:
+        b, q, k = out.shape
+        c, r, s = p.shape
+        out = (out[:, None, :, None, :, None] & p[None, :, None, :, None, :]).reshape(
+            b * c, q * r, k * s)
+    return out
+
+
+def dense_mask(shape: DenseShape, term: ir.Term, earlier) -> np.ndarray | None:
+    """The term's mask over its problems, ``(batch or 1, queries, keys)``: its own pairs, less
+    padding and the pairs of the ``earlier`` terms; ``None`` when every pair is attended.
+
+    Raises:
+        PatternError: when the mask would exceed ``MAX_DENSE_MASK`` booleans.
+    """
+    own = [_axis_membership(rel, ax) for rel, ax in zip(term.rels, shape.axes)]
+    overlaps = []
+    for u in earlier:
+        parts = [_axis_membership(rel, ax) for rel, ax in zip(u.rels, shape.axes)]
+        if all(p.any() for p in parts):
+            overlaps.append(parts)
+    if all(p.all() for p in own) and not overlaps:
+        return None
+    if shape.executed_pairs > MAX_DENSE_MASK:
+        raise PatternError(
+            f"dense term {term!r}: its mask would hold {shape.executed_pairs} booleans, more "
+            f"than MAX_DENSE_MASK={MAX_DENSE_MASK}; run it as a gather term.")
+    mask = _kron_axes(own)
+    for parts in overlaps:
+        mask = mask & ~_kron_axes(parts)
+    if (mask == mask[:1]).all():
+        mask = mask[:1]
+    return np.ascontiguousarray(mask)
+
+
+def gather_first(head: ir.IR, shape) -> tuple[list[ir.Term], list[tuple[ir.Term, DenseShape]]]:
+    """Split a pattern's terms into gather terms (run first, as one group) and dense terms with
+    their shapes, each in union order."""
+    gather, dense = [], []
+    for term in head.terms:
+        got = dense_shape(term, shape)
+        if isinstance(got, str):
+            gather.append(term)
+        else:
+            dense.append((term, got))
+    return gather, dense
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+@dataclass(frozen=True)
+class TermPlan:
+    """One term of a plan.
+
+    Attributes:
+        term: the IR term.
+        executor: ``"dense"`` (a batch of fused attention calls) or ``"gather"`` (the group of
+            gather terms, run by ``gather_backend``).
+        pairs: the pairs this term adds to the earlier ones (per head).
+        executed: pairs its executor computes (per head).
+        dense: the :class:`DenseShape` when the term has one.
+        predicted_ms: the predicted time of this term's share.
+        notes: why the other executors were not chosen.
+    """
+
+    term: ir.Term
+    executor: str
+    pairs: int
+    executed: int
+    dense: DenseShape | None
+    predicted_ms: float
+    notes: tuple = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a pattern runs: term by term (dense batches and one gather group, merged by
+    log-sum-exp) or whole on one backend, chosen by predicted time.
+
+    Attributes:
+        label: the pattern.
+        grid: the numeric grid.
+        device, dtype: what the inputs are.
+        backward: whether the prediction is for forward + backward.
+        head_dim, heads, batch: the sizes predicted for.
+        strategy: ``"terms"`` or the whole-pattern backend's name.
+        patterns: per listed pattern (see :func:`patterngen.heads`), its :class:`TermPlan` list
+            (term order is execution order: gather terms first).
+        gather_backend: the backend that runs gather terms (``"numba"``), or ``None``.
+        predicted_ms: the chosen strategy's predicted time.
+        options: every strategy considered: ``{name: predicted ms or the reason it cannot run}``.
+    """
+
+    label: str
+    grid: tuple
+    device: str
+    dtype: str
+    backward: bool
+    head_dim: int
+    heads: int
+    batch: int
+    strategy: str
+    patterns: tuple
+    gather_backend: str | None
+    predicted_ms: float
+    options: dict = field(default_factory=dict)
+
+    def __str__(self):
+        pass_ = "forward+backward" if self.backward else "forward"
+        lines = [f"Plan for {self.label} on grid {'x'.join(map(str, self.grid))} "
+                 f"(batch={self.batch}, heads={self.heads}, head_dim={self.head_dim}, "
+                 f"{self.dtype} on {self.device}, {pass_})",
+                 f"  chosen: {self.strategy}, predicted {self.predicted_ms:.3g} ms"]
+        for p, terms in enumerate(self.patterns):
+            if len(self.patterns) > 1:
+                lines.append(f"  pattern {p} (heads h with h % {len(self.patterns)} == {p}):")
+            for tp in terms:
+                shape = (f"batch {tp.dense.batch} x {tp.dense.queries}q x {tp.dense.keys}k"
+                         if tp.dense is not None and tp.executor == "dense" else
+                         f"{self.gather_backend or '?'} kernel")
+                lines.append(f"  term {tp.term!r}: {tp.executor} ({shape}), {tp.pairs} new "
+                             f"pairs, {tp.executed} executed, {tp.predicted_ms:.3g} ms")
+                for note in tp.notes:
+                    lines.append(f"      {note}")
+        lines.append("  strategies: " + "; ".join(
+            f"{k} {v:.3g} ms" if isinstance(v, float) else f"{k}: {v}"
+            for k, v in self.options.items()))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _new_pairs(terms, shape) -> list[int]:
+    """Pairs each term adds to the union of the terms before it (exact, separable counts)."""
+    grid = ir.Grid(tuple(shape)) if not isinstance(shape, ir.Grid) else shape
+    out, before = [], 0
+    for t in range(len(terms)):
+        total = ir.IR(grid, tuple(terms[:t + 1])).pairs()
+        out.append(total - before)
+        before = total
+    return out
+
+
+def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
+         device: str = "cpu", dtype="float32", backward: bool = False, rates=None,
+         executors=None, terms: str | None = None) -> Plan:
+    """Choose how ``pattern`` runs on ``grid``: term by term or whole, by predicted time.
+
+    Args:
+        pattern: a spec or a lowered IR (numeric grid).
+        grid: the grid, e.g. ``(64, 64)``.
+        head_dim, heads, batch: the input sizes to predict for.
+        device: ``"cpu"`` or ``"cuda"`` (an index is allowed: ``"cuda:1"``).
+        dtype: a torch dtype or its name.
+        backward: predict forward + backward (training) instead of forward only.
+        rates: a :class:`patterngen.calibrate.Rates` (default: this machine's, measured once
+            and cached; see :func:`patterngen.calibrate.rates`).
+        executors: restrict the strategies to these names (``"terms"``, ``"numba"``,
+            ``"sdpa"``, ``"flex"``); default all.
+        terms: in the term-wise strategy, run every term that has a dense form ``"dense"``
+            or every term ``"gather"``; default: each by predicted time.
+
+    Returns:
+        A :class:`Plan`; ``print(plan)`` explains it.
+
+    Raises:
+        PatternError: for an unknown executor or device, a symbolic grid, or when nothing can
+            run the pattern.
+    """
+    from . import calibrate
+    from .backends import get_backend
+
+    lowered = as_ir(pattern, grid)
+    shape = lowered.grid.require_numeric("plan")
+    device_type = str(device).split(":")[0]
+    if device_type not in ("cpu", "cuda"):
+        raise PatternError(f"plan: device={device!r}; expected 'cpu' or 'cuda' (optionally "
+                           f"with an index, e.g. 'cuda:0').")
+    dtype = _dtype_name(dtype)
+    strategies = ("terms", "numba", "sdpa", "flex")
+    wanted = tuple(executors) if executors is not None else strategies
+    unknown = [e for e in wanted if e not in strategies]
+    if unknown:
+        raise PatternError(f"plan: unknown executors {unknown}; valid executors are "
+                           f"{list(strategies)}.")
+    if terms not in (None, "dense", "gather"):
+        raise PatternError(f"plan: terms={terms!r}; expected None (by cost), 'dense' or "
+                           f"'gather'.")
+    for name, value in (("head_dim", head_dim), ("heads", heads), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PatternError(f"plan: {name}={value!r}; expected a positive int.")
+    rates = rates if rates is not None else calibrate.rates(device_type, dtype)
+    work = batch * heads  # (batch, head) pairs, spread over the listed patterns
+    npat = len(lowered.per_head)
+    per_pattern_work = [len(range(p, heads, npat)) * batch for p in range(npat)]
+
+    options: dict = {}
+    whole: dict = {}
+    for name in ("numba", "sdpa", "flex"):
+        if name not in wanted:
+            continue
+        cls = get_backend(name)
+        reasons = cls.not_supported_reasons(lowered, device_type, dtype)
+        if backward and device_type not in cls.BACKWARD_DEVICES:
+            reasons.append(f"no backward on {device_type}")
+        if reasons:
+            options[name] = "; ".join(reasons)
+            continue
+        executed = _whole_executed(name, lowered, shape)
+        ms = rates.predict(name, sum(e * w for e, w in zip(executed, per_pattern_work)),
+                           head_dim, calls=npat, backward=backward)
+        whole[name] = ms
+        options[name] = ms
+
+    gather_backend = _gather_backend(lowered, device_type, dtype, backward)
+    term_plans = None
+    if "terms" in wanted:
+        term_plans, total, reason = _plan_terms(lowered, shape, head_dim, per_pattern_work,
+                                                rates, gather_backend, backward, terms)
+        options["terms"] = total if reason is None else reason
+        if reason is None:
+            whole["terms"] = total
+    if not whole:
+        raise PatternError(f"plan: nothing can run {lowered.label} on device={device!r} with "
+                           f"dtype={dtype!r}: " + "; ".join(f"{k}: {v}"
+                                                            for k, v in options.items()))
+    strategy = min(whole, key=whole.get)
+    if strategy != "terms":
+        term_plans = _whole_term_plans(lowered, shape, strategy)
+        gather_backend = None
+    del work
+    return Plan(lowered.label, tuple(int(n) for n in shape), str(device), dtype, backward,
+                head_dim, heads, batch, strategy, term_plans, gather_backend, whole[strategy],
+                options)
+
+
+def _gather_backend(lowered, device_type: str, dtype: str, backward: bool) -> str | None:
+    """The backend that runs a plan's gather terms with their log-sum-exp, if any can."""
+    from .backends import get_backend
+
+    cls = get_backend("numba")
+    if cls.not_supported_reasons(lowered, device_type, dtype):
+        return None
+    if backward and device_type not in cls.BACKWARD_DEVICES:
+        return None
+    return "numba"
+
+
+def _whole_executed(name: str, lowered, shape) -> list[int]:
+    """Pairs the whole-pattern backend computes per listed pattern (its own layout's count for
+    block-sparse backends; attended pairs for numba, whose tiles add little)."""
+    if name == "numba":
+        return [head.pairs() for head in lowered.per_head]
+    from .layout import layout
+
+    if name == "sdpa":
+        from .backends.sdpa import _choose_layout
+
+        lay = _choose_layout(lowered, shape, None, "auto", None)
+    else:
+        lay = layout(lowered, block=128)
+    heads = getattr(lay, "heads", (lay,))
+    return [h.executed_pairs for h in heads]
+
+
+def _whole_term_plans(lowered, shape, strategy: str) -> tuple:
+    out = []
+    for head in lowered.per_head:
+        pairs = _new_pairs(head.terms, shape)
+        out.append(tuple(TermPlan(t, strategy, p, p, None, 0.0) for t, p in
+                         zip(head.terms, pairs)))
+    return tuple(out)
+
+
+def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backend, backward,
+                force):
+    """Per listed pattern, each dense-able term on the cheaper of dense and gather (``force``:
+    always one of them); the rest gathered. Returns ``(term plans, predicted ms, None)`` or
+    ``(None, None, reason)``."""
+    plans, total = [], 0.0
+    for head, work in zip(lowered.per_head, per_pattern_work):
+        gather, dense = gather_first(head, shape)
+        if force == "gather":
+            gather, dense = list(head.terms), []
+        if gather and gather_backend is None:
+            return None, None, (f"gather terms {gather} need the numba backend, which cannot "
+                                f"run these inputs")
+        chosen_dense, notes = [], {}
+        for term, ds in dense:
+            dense_ms = rates.predict("dense", ds.executed_pairs * work, head_dim, calls=1,
+                                     backward=backward)
+            if gather_backend is None or force == "dense":
+                chosen_dense.append((term, ds, dense_ms))
+                continue
+            pairs = math.prod(int(c.sum()) for c in term.counts(shape))
+            # the gather group's call is paid once, by the first term that opens it
+            gather_ms = rates.predict("gather", pairs * work, head_dim, calls=int(not gather),
+                                      backward=backward)
+            if dense_ms <= gather_ms:
+                chosen_dense.append((term, ds, dense_ms))
+                notes[term] = (f"gather: {gather_ms:.3g} ms predicted",)
+            else:
+                gather.append(term)
+                notes[term] = (f"dense: {dense_ms:.3g} ms predicted for "
+                               f"{ds.executed_pairs} executed pairs",)
+        gather = [t for t in head.terms if t in gather]  # union order within the group
+        order = gather + [t for t, _, _ in chosen_dense]
+        if not order:
+            plans.append(())
+            continue
+        pairs = _new_pairs(order, shape)
+        tps = []
+        gather_pairs = sum(pairs[:len(gather)])
+        gather_ms = (rates.predict("gather", gather_pairs * work, head_dim, calls=1,
+                                   backward=backward) if gather else 0.0)
+        for t, term in enumerate(gather):
+            tps.append(TermPlan(term, "gather", pairs[t], pairs[t], None,
+                                gather_ms * pairs[t] / max(gather_pairs, 1),
+                                notes.get(term, ("no dense form: " + dense_shape(term, shape),)
+                                          if isinstance(dense_shape(term, shape), str) else ())))
+        for (term, ds, ms), p in zip(chosen_dense, pairs[len(gather):]):
+            tps.append(TermPlan(term, "dense", p, ds.executed_pairs, ds, ms,
+                                notes.get(term, ())))
+        merge_ms = rates.predict("merge", 0, head_dim, calls=0, backward=backward,
+                                 tokens=math.prod(shape) * work * (len(tps) > 1))
+        total += gather_ms + sum(ms for _, _, ms in chosen_dense) + merge_ms
+        plans.append(tuple(tps))
+    return tuple(plans), total, None

@@ -1,0 +1,155 @@
+"""The term-wise planner: dense terms and gather groups merged by log-sum-exp, against the
+dense oracle (float64, forward and every gradient), the plans chosen, calibration files."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import patterngen as pg
+from patterngen import calibrate
+from patterngen.backends import planned
+from patterngen.plan import dense_mask, dense_shape
+from strategies import cases
+
+
+def _check(pattern, grid, dtype=torch.float64, tol=1e-10, batch=2, heads=3, dim=8, **options):
+    """Output and q/k/v gradients of the auto backend against the dense oracle; the forward
+    without autograd too (it takes another path)."""
+    attn = pg.compile(pattern, grid, backend="auto", **options)
+    gen = torch.Generator().manual_seed(len(str(pattern)) + sum(grid))
+    q, k, v = (torch.randn(batch, heads, *grid, dim, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    mine = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    ref_in = [t.requires_grad_() for t in (q, k, v)]
+    tokens = int(np.prod(grid))
+    ref = pg.dense_attention(*(t.reshape(batch, heads, tokens, dim) for t in ref_in),
+                             pg.materialize(pattern, grid))
+    out = attn(*mine).reshape(ref.shape)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(*mine).reshape(ref.shape).double(), ref.detach(),
+                                   atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=tol, rtol=tol)
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, mine, grad.to(dtype))
+    want = torch.autograd.grad(ref, ref_in, grad)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, msg=f"d{name}")
+    return attn
+
+
+def _all_dense(pattern, grid) -> bool:
+    lowered = pg.lower(pattern, grid)
+    return all(not isinstance(dense_shape(t, grid), str)
+               for head in lowered.per_head for t in head.terms)
+
+
+@settings(max_examples=40)
+@given(cases(max_tokens=120), st.booleans())
+def test_dense_terms_equal_the_oracle(case, fused):
+    pattern, grid = case
+    assume(_all_dense(pattern, grid) and pg.lower(pattern, grid).per_head[0].terms)
+    # the fused kernel with a mask, or matmul-exp-matmul: both paths of every dense term
+    keys = 0 if fused else planned.MATMUL_KEYS
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(planned, "MATMUL_KEYS", keys)
+        attn = _check(pattern, grid, strategy="terms", terms="dense")
+    assert {tp.executor for tps in attn.plan.patterns for tp in tps} <= {"dense"}
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.criss_cross() | pg.window(3), (6, 7)),
+    (pg.window(3, dilation=2) | pg.global_tokens([0, 5]), (7, 6)),
+    (pg.window(5, causal=True) | pg.global_tokens([0, 1]), (19,)),
+    (pg.heads(pg.window(3) | pg.axis(0), pg.block(2, offset=1)), (5, 6)),
+])
+def test_mixed_plans_merge_exactly(pattern, grid):
+    attn = _check(pattern, grid, strategy="terms", terms="dense")
+    executors = [tp.executor for tps in attn.plan.patterns for tp in tps]
+    assert "gather" in executors and "dense" in executors
+    # gather terms run first: each dense term masks the pairs of every term before it
+    for tps in attn.plan.patterns:
+        kinds = [tp.executor for tp in tps]
+        assert kinds == sorted(kinds, key=("gather", "dense").index)
+
+
+def test_rows_without_keys_output_zero_and_get_zero_gradients():
+    pattern = pg.axis(0) & pg.global_tokens([(0, 0), (3, 1)])  # most queries see nothing
+    grid = (4, 3)
+    assert (pg.lower(pattern, grid).key_counts() == 0).any()
+    _check(pattern, grid, strategy="terms", terms="dense")
+
+
+def test_bfloat16_on_cpu_runs_and_falls_back_per_call():
+    pattern, grid = pg.criss_cross() | pg.window(3), (6, 6)
+    attn = _check(pattern, grid, dtype=torch.bfloat16, tol=5e-2)
+    plans = {p.dtype: p.strategy for p in attn._plans.values()}
+    assert attn.plan.dtype == "float32" and "bfloat16" in plans
+
+
+def test_w3_and_w4_plan_dense_batches():
+    swin = pg.plan(pg.block(7), grid=(56, 56), head_dim=32, heads=4, backward=True)
+    assert swin.strategy == "terms"
+    [[term]] = swin.patterns
+    assert term.executor == "dense" and (term.dense.batch, term.dense.queries) == (64, 49)
+    cc = pg.plan(pg.criss_cross(), grid=(64, 64), head_dim=32, heads=4)
+    assert cc.strategy == "terms"
+    assert [tp.executor for tp in cc.patterns[0]] == ["dense", "dense"]
+    # the second term excludes the query itself, held by the first (CCNet's diagonal)
+    assert [tp.pairs for tp in cc.patterns[0]] == [64 * 64 * 64, 64 * 64 * 63]
+
+
+def test_plan_explains_itself():
+    plan = pg.plan(pg.criss_cross() | pg.window(3), grid=(64, 64), head_dim=32, heads=4,
+                   device="cpu", dtype=torch.float32, backward=True)
+    text = str(plan)
+    assert text.startswith("Plan for (criss_cross() | window(3)) on grid 64x64")
+    assert "term (Window(3, clamp), Window(3, clamp)): gather" in text
+    assert "strategies: " in text and "sdpa" in text
+    attn = pg.compile(pg.criss_cross(), grid=(64, 64), backend="auto")
+    assert attn.plan is attn._plans[("cpu", "float32", 32, 4, 1, False)]
+
+
+def test_dense_mask_excludes_earlier_terms_exactly():
+    lowered = pg.lower(pg.criss_cross(), (5, 4))
+    first, second = lowered.terms
+    mask = dense_mask(dense_shape(second, (5, 4)), second, [first])
+    assert mask.shape == (1, 4, 4) and not mask[0].diagonal().any() and mask.sum() == 12
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(executors=("numba", "gpu")), r"unknown executors \['gpu'\]; valid executors are"),
+    (dict(device="tpu"), r"device='tpu'; expected 'cpu' or 'cuda'"),
+    (dict(terms="sparse"), r"terms='sparse'; expected None"),
+    (dict(heads=0), r"heads=0; expected a positive int"),
+])
+def test_bad_plan_requests(kwargs, match):
+    with pytest.raises(pg.PatternError, match=match):
+        pg.plan(pg.window(3), grid=(8, 8), **kwargs)
+
+
+def test_a_corrupt_calibration_file_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATTERNGEN_CACHE", str(tmp_path))
+    monkeypatch.delenv("PATTERNGEN_CALIBRATION")
+    monkeypatch.setattr(calibrate, "_MEMO", {})
+    measured = calibrate.Rates(calibrate.Rates.default().executors, "measured")
+    calls = []
+    monkeypatch.setattr(calibrate, "measure", lambda *a: calls.append(a) or measured)
+    path = calibrate.calibration_path()
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="is unreadable"):
+        got = calibrate.rates("cpu", "float32")
+    assert got.source == "measured" and len(calls) == 1
+    stored = json.loads(path.read_text())
+    assert len(stored) == 1 and set(next(iter(stored.values()))) >= {"dense", "gather"}
+    monkeypatch.setattr(calibrate, "_MEMO", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert calibrate.rates("cpu", "float32").executors == measured.executors
+    assert len(calls) == 1  # read back from the file, not measured again
+    calibrate.rates("cpu", "float32", refresh=True)
+    assert len(calls) == 2
