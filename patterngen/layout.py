@@ -663,6 +663,38 @@ class HeadsLayout:
         return "\n".join(f"head {i}: {h}" for i, h in enumerate(self.heads))
 
 
+def _partition_side(rel: _ir.Rel, n: int, strided: bool):
+    """Tile side on one axis of a term that partitions it, or ``None``: a whole axis, ``Eq``
+    (1), an offset-0 ``Block`` (its size) and, with ``strided``, an undilated ``Window`` (its
+    stride: the queries of a group share their keys)."""
+    atoms = rel.atoms
+    if not atoms:
+        return n
+    if atoms == (_ir.Eq(),):
+        return 1
+    if len(atoms) == 1 and isinstance(atoms[0], _ir.Block) and atoms[0].offset == 0:
+        return int(atoms[0].size)
+    if strided and len(atoms) == 1 and isinstance(atoms[0], _ir.Window) \
+            and atoms[0].dilation == 1:
+        return int(atoms[0].stride)
+    return None
+
+
+def _term_tiles(heads, shape, strided: bool) -> list[tuple]:
+    found = []
+    for head in heads:
+        for term in head.terms:
+            sides = [_partition_side(rel, n, strided) for rel, n in zip(term.rels, shape)]
+            if None in sides or tuple(sides) in found:
+                continue
+            if strided and not any(isinstance(a, _ir.Window) and a.stride != 1
+                                   for r in term.rels for a in r.atoms):
+                continue  # no strided window: aligned_tiles already has it
+            if all(n % t == 0 for n, t in zip(shape, sides)):
+                found.append(tuple(sides))
+    return found
+
+
 def aligned_tiles(heads, shape) -> list[tuple]:
     """Tiles of the partitions a pattern is made of (Swin windows, areas, stripes).
 
@@ -674,33 +706,31 @@ def aligned_tiles(heads, shape) -> list[tuple]:
         >>> aligned_tiles(pg.lower(pg.block(7), (56, 56)).per_head, (56, 56))
         [(7, 7)]
     """
-    found = []
-    for head in heads:
-        for term in head.terms:
-            sides = []
-            for rel, n in zip(term.rels, shape):
-                atoms = rel.atoms
-                if not atoms:
-                    sides.append(n)
-                elif atoms == (_ir.Eq(),):
-                    sides.append(1)
-                elif len(atoms) == 1 and isinstance(atoms[0], _ir.Block) and atoms[0].offset == 0:
-                    sides.append(int(atoms[0].size))
-                else:
-                    break
-            else:
-                if all(n % t == 0 for n, t in zip(shape, sides)) and tuple(sides) not in found:
-                    found.append(tuple(sides))
-    return found
+    return _term_tiles(heads, shape, strided=False)
+
+
+def _group_tiles(heads, shape) -> list[tuple]:
+    """Tiles of strided windows' query groups (NATTEN's stride): a tile's queries share keys.
+
+    Where the groups' windows also start on tile boundaries (sliding-tile attention, e.g.
+    size ``3 * stride`` on a divisible axis), every non-empty tile in this order is full.
+
+    Example:
+        >>> import patterngen as pg
+        >>> _group_tiles(pg.lower(pg.window((3, 24, 24), stride=(1, 8, 8)), (6, 48, 48))
+        ...              .per_head, (6, 48, 48))
+        [(1, 8, 8)]
+    """
+    return _term_tiles(heads, shape, strided=True)
 
 
 def _tile_candidates(heads, shape, bq) -> list[tuple]:
-    """Tiles worth trying: the pattern's own aligned partitions, then near-cubic tiles of
-    about ``Bq`` tokens (every side dividing its axis)."""
+    """Tiles worth trying: the pattern's own aligned partitions and strided windows' query
+    groups, then near-cubic tiles of about ``Bq`` tokens (every side dividing its axis)."""
     k = len(shape)
     if k == 1:
         return []
-    found = aligned_tiles(heads, shape)
+    found = aligned_tiles(heads, shape) + _group_tiles(heads, shape)
     divisors = [[t for t in range(1, n + 1) if n % t == 0] for n in shape]
     cubic = []
     for combo in np.array(np.meshgrid(*divisors, indexing="ij")).reshape(k, -1).T:

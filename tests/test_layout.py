@@ -91,6 +91,11 @@ def test_long_axis_counting_paths_match_the_table(case, block):
     (pg.global_tokens([3]) & pg.window(3), 20, (3, 7), {}),
     (pg.full(), 10, (3, 3), {}),
     (pg.area(4), (16, 8), (32, 32), {}),
+    (pg.window(5, stride=3), 97, (8, 5), {}),
+    (pg.window((6, 5), stride=(4, 2), dilation=(1, 2), causal=(True, False)), (23, 19),
+     (16, 12), {}),
+    (pg.window((3, 4), stride=(3, 4), border="pad") | pg.axis(0), (12, 16), (12, 12),
+     dict(order="tiled", tile=(3, 4))),
 ], ids=lambda v: repr(v) if isinstance(v, pg.Pattern) else None)
 def test_named_cases_match_the_dense_block_reduction(pattern, grid, block, kw):
     check(pattern, grid, block=block, **kw)
@@ -210,3 +215,36 @@ def test_layout_is_proportional_to_non_empty_tiles():
     assert lay.attended_pairs == pg.lower(pg.window(7), (256, 256)).pairs()
     assert lay.num_full + lay.num_partial < 512 * 9
     assert math.isclose(lay.waste, lay.executed_pairs / lay.attended_pairs)
+
+
+@given(data=st.data())
+def test_random_strided_windows_match_the_dense_block_reduction(data):
+    grid = tuple(data.draw(st.integers(2, 14), label="n") for _ in range(2))
+    size = tuple(data.draw(st.integers(1, n), label="k") for n in grid)
+    stride = tuple(data.draw(st.integers(1, k), label="s") for k in size)
+    pattern = pg.window(size, stride=stride, causal=data.draw(st.booleans(), label="causal"),
+                        border=data.draw(st.sampled_from(["clamp", "pad"]), label="border"))
+    block = (data.draw(st.integers(1, 20), label="bq"), data.draw(st.integers(1, 20), label="bk"))
+    check(pattern, grid, block=block, order="tiled", tile=data.draw(dividing_tiles(grid)))
+    with mock.patch.object(layout_module, "TABLE_MAX_AXIS", 0):  # the long-axis paths too
+        check(pattern, grid, block=block)
+
+
+@pytest.mark.parametrize("pattern, grid, block, tile", [
+    (pg.window(8, stride=8), (64,), 8, None),                   # blocked attention, 1-D
+    (pg.window((8, 8), stride=8), (32, 40), 8, (8, 8)),         # blocked, a block per tile row
+    (pg.window((24, 24), stride=8), (64, 64), 64, (8, 8)),      # sliding tiles: 3x3 tiles each
+    (pg.window((2, 24, 24), stride=(1, 8, 8)), (3, 32, 32), 64, None),
+])
+def test_stride_aligned_with_the_tile_gives_only_full_blocks(pattern, grid, block, tile):
+    """NATTEN's stride makes a group's keys whole tiles: no partial block, no mask, no waste."""
+    order = "row-major" if len(grid) == 1 else "tiled"
+    lay = check(pattern, grid, block=block, order=order, tile=tile)
+    assert lay.num_partial == 0 and lay.num_full > 0
+    assert lay.executed_pairs == lay.attended_pairs
+    rep = pg.cost(pattern, grid=grid, block=block)  # "auto" finds the order on its own
+    assert rep.executed_pairs == rep.pairs and rep.waste == 1
+    # the same window without stride needs partial blocks in every order
+    plain = pg.window(pattern.size)
+    assert pg.cost(plain, grid=grid, block=block).waste > 1
+

@@ -59,6 +59,44 @@ PICTURES_1D = {
         "1 0 1 0 0",
         "0 1 0 1 0",
         "0 0 1 0 1")),
+    # stride 3 (NATTEN): groups [0, 3), [3, 6), [6, 9), [9, 11) share their leader's window;
+    # leaders 1, 4, 7 and, for the short last group, the axis' last position 10
+    "window5-stride3": (pg.window(5, stride=3), 11, rows(
+        "1 1 1 1 1 0 0 0 0 0 0",
+        "1 1 1 1 1 0 0 0 0 0 0",
+        "1 1 1 1 1 0 0 0 0 0 0",
+        "0 0 1 1 1 1 1 0 0 0 0",
+        "0 0 1 1 1 1 1 0 0 0 0",
+        "0 0 1 1 1 1 1 0 0 0 0",
+        "0 0 0 0 0 1 1 1 1 1 0",
+        "0 0 0 0 0 1 1 1 1 1 0",
+        "0 0 0 0 0 1 1 1 1 1 0",
+        "0 0 0 0 0 0 1 1 1 1 1",
+        "0 0 0 0 0 0 1 1 1 1 1")),
+    # causal stride 3: the group's last query leads (2, 5, then 7 for the short last group);
+    # each query keeps its own end
+    "window4-stride3-causal": (pg.window(4, stride=3, causal=True), 8, rows(
+        "1 0 0 0 0 0 0 0",
+        "1 1 0 0 0 0 0 0",
+        "1 1 1 0 0 0 0 0",
+        "0 0 1 1 0 0 0 0",
+        "0 0 1 1 1 0 0 0",
+        "0 0 1 1 1 1 0 0",
+        "0 0 0 0 1 1 1 0",
+        "0 0 0 0 1 1 1 1")),
+    # stride groups form inside each dilation group (even coordinates 0..8, odd 1..7): pairs
+    # of group positions, led by the right one of the two (positions 1, 3 and, for the short
+    # last group, 4), each window clamped inside its dilation group
+    "window3-stride2-dilation2": (pg.window(3, dilation=2, stride=2), 9, rows(
+        "1 0 1 0 1 0 0 0 0",
+        "0 1 0 1 0 1 0 0 0",
+        "1 0 1 0 1 0 0 0 0",
+        "0 1 0 1 0 1 0 0 0",
+        "0 0 0 0 1 0 1 0 1",
+        "0 0 0 1 0 1 0 1 0",
+        "0 0 0 0 1 0 1 0 1",
+        "0 0 0 1 0 1 0 1 0",
+        "0 0 0 0 1 0 1 0 1")),
     "block2": (pg.block(2), 5, rows(
         "1 1 0 0 0",
         "1 1 0 0 0",
@@ -132,6 +170,14 @@ PICTURES_2D = {
         "1 1 0 0 0",
         "0 0 0 0 0",
         "0 0 0 0 0")),
+    # stride (2, 3): query (3, 4) is in row group [2, 4) (leader 3) and column group [3, 6)
+    # (leader 4): the 3x3 window around (3, 4), clamped inside the 5x6 grid
+    "window3-stride-2x3-5x6": (pg.window(3, stride=(2, 3)), (5, 6), (3, 4), rows(
+        "0 0 0 0 0 0",
+        "0 0 0 0 0 0",
+        "0 0 0 1 1 1",
+        "0 0 0 1 1 1",
+        "0 0 0 1 1 1")),
     "block2-offset1-4x5": (pg.block(2, offset=1), (4, 5), (2, 2), rows(
         "0 0 0 0 0",
         "0 1 1 0 0",
