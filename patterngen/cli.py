@@ -26,7 +26,8 @@ __all__ = ["main", "build_parser"]
 EXAMPLES = {
     "show": ['patterngen show "window(7) | axis(0)" --grid 14x14 --query 0,0'],
     "cost": ['patterngen cost "block(M)" --grid H,W --head-dim C',
-             'patterngen cost "window(7)" --grid H,W --subs H=56 W=56'],
+             'patterngen cost "window(7)" --grid H,W --subs H=56 W=56',
+             'patterngen cost "window(24, stride=8)" --grid 64x64 --block 64'],
     "profile": ['patterngen profile "window(7)" --grid 64x64 --backend numba',
                 'patterngen profile "window(7)" --sizes 32x32 64x64 128x128 --plot out.png'],
     "reach": ['patterngen reach "criss_cross()" --grid 97x97',
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_options(p, 1, 1, symbolic=True)
     p.add_argument("--subs", type=_assignment, nargs="+", default=[], metavar="NAME=N",
                    help="substitute sizes after the symbolic report, e.g. H=56 W=56")
+    p.add_argument("--block", type=_grid, metavar="BQxBK",
+                   help="add the executed pairs and waste of a block-sparse layout with "
+                        "these blocks, e.g. 64 or 128x64 (numeric grids)")
 
     p = command("profile", "measure a backend beside the symbolic cost")
     p.add_argument("pattern", help='pattern expression, e.g. "window(7)"')
@@ -156,8 +160,9 @@ def _show(args):
 def _cost(args):
     from .cost import cost
 
+    block = args.block if args.block is None or len(args.block) != 1 else args.block[0]
     report = cost(parse(args.pattern), grid=args.grid, head_dim=args.head_dim, heads=args.heads,
-                  batch=args.batch, dtype=args.dtype)
+                  batch=args.batch, dtype=args.dtype, block=block)
     print(report)
     if args.subs:
         print()

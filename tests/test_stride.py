@@ -265,3 +265,18 @@ def test_flex_mask_and_cpu_forward(index):
     with torch.no_grad():
         out = attn(q, k, v)
     torch.testing.assert_close(out, _oracle(pattern, grid, q, k, v), atol=2e-6, rtol=0)
+
+
+def test_command_line_reads_strides(capsys):
+    from patterngen import cli
+
+    assert cli.main(["cost", "window(k, stride=s)", "--grid", "H,W", "--subs", "H=9", "W=8",
+                     "k=3", "s=2"]) == 0
+    out = capsys.readouterr().out
+    assert "H*W*k**2" in out and "s <= k" in out
+    assert f"attended pairs (per head)               {9 * 8 * 9}\n" in out
+    assert cli.main(["cost", "window(8, stride=8)", "--grid", "64", "--block", "8"]) == 0
+    assert "waste (executed / attended, row-major)  1.000" in capsys.readouterr().out
+    assert cli.main(["show", "window(3, stride=4)", "--grid", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid stride=4: stride cannot be larger than the window size (size=3)" in err
