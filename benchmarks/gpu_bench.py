@@ -5,7 +5,9 @@ Workloads (bf16 on CUDA):
 - W1: 1-D causal sliding window of 2,048 keys on 32,768 tokens;
 - W2: 7x7 neighbourhood (``pg.window(7)``) on 128x128, head_dim 64;
 - W3: Swin 7x7 windows (``pg.block(7)``) on 56x56 and 112x112;
-- W5: 3-D neighbourhood ``pg.window((3, 7, 7))`` on 16x64x64.
+- W5: 3-D neighbourhood ``pg.window((3, 7, 7))`` on 16x64x64;
+- W2-s2, W2-k8, W2-k8-s8: NATTEN's stride on W2's grid: a 7x7 window shared by 2x2 query
+  groups, and an 8x8 window without and with stride 8 (blocked attention).
 
 Implementations: ``pg-sdpa`` and ``pg-flex`` (patterngen), ``flex+cbm`` (FlexAttention with a
 hand-written mask_mod and ``create_block_mask``), ``dense-sdpa`` (full attention, no mask: the
@@ -45,16 +47,21 @@ def sliding_causal(window):
     return mask_mod
 
 
-def neighbourhood(shape, sizes):
-    """NATTEN's clamped window (odd sizes), written as attention-gym writes it."""
+def neighbourhood(shape, sizes, group=None):
+    """NATTEN's clamped window, written as attention-gym writes it; with ``group`` (NATTEN's
+    stride), a group's queries take the window of its centre query (the right one of two),
+    the last, short group that of the axis' last position, as NATTEN's flex mask_mod does."""
     strides = [math.prod(shape[a + 1:]) for a in range(len(shape))]
+    group = group or (1,) * len(shape)
 
     def mask_mod(b, h, q, k):
         out = None
-        for s, n, size in zip(strides, shape, sizes):
+        for s, n, size, g in zip(strides, shape, sizes, group):
             qa, ka = (q // s) % n, (k // s) % n
-            centre = torch.clamp(qa, size // 2, n - 1 - size // 2)
-            part = (centre - ka).abs() <= size // 2
+            leader = torch.clamp((qa // g) * g + g // 2, max=n - 1)
+            left, right = size // 2, size - 1 - size // 2
+            centre = torch.clamp(leader, left, n - 1 - right)
+            part = (ka >= centre - left) & (ka <= centre + right)
             out = part if out is None else out & part
         return out
     return mask_mod
@@ -83,6 +90,10 @@ def workloads(tiny: bool) -> list[dict]:
                  head_dim=16, mask_mod=windows((14, 14), 7)),
             dict(name="W5", pattern=pg.window((3, 3, 3)), grid=(4, 8, 8), batch=1, heads=2,
                  head_dim=16, mask_mod=neighbourhood((4, 8, 8), (3, 3, 3))),
+            dict(name="W2-s2", pattern=pg.window(7, stride=2), grid=(16, 16), batch=1,
+                 heads=2, head_dim=16, mask_mod=neighbourhood((16, 16), (7, 7), (2, 2))),
+            dict(name="W2-k8-s8", pattern=pg.window(8, stride=8), grid=(16, 16), batch=1,
+                 heads=2, head_dim=16, mask_mod=neighbourhood((16, 16), (8, 8), (8, 8))),
         ]
     return [
         dict(name="W1", pattern=pg.window(2048, causal=True), grid=(32768,), batch=1, heads=16,
@@ -95,6 +106,12 @@ def workloads(tiny: bool) -> list[dict]:
              head_dim=32, mask_mod=windows((112, 112), 7)),
         dict(name="W5", pattern=pg.window((3, 7, 7)), grid=(16, 64, 64), batch=1, heads=8,
              head_dim=64, mask_mod=neighbourhood((16, 64, 64), (3, 7, 7))),
+        dict(name="W2-s2", pattern=pg.window(7, stride=2), grid=(128, 128), batch=4, heads=8,
+             head_dim=64, mask_mod=neighbourhood((128, 128), (7, 7), (2, 2))),
+        dict(name="W2-k8", pattern=pg.window(8), grid=(128, 128), batch=4, heads=8,
+             head_dim=64, mask_mod=neighbourhood((128, 128), (8, 8))),
+        dict(name="W2-k8-s8", pattern=pg.window(8, stride=8), grid=(128, 128), batch=4,
+             heads=8, head_dim=64, mask_mod=neighbourhood((128, 128), (8, 8), (8, 8))),
     ]
 
 
@@ -163,6 +180,8 @@ def build(impl: str, wl: dict, device, dtype, compile_flex: bool):
             wl["grid"])
         causal = pattern.causal if isinstance(pattern.causal, tuple) else (pattern.causal,) * len(
             wl["grid"])
+        # older NATTEN (before 0.20) has no stride argument: pass it only when it is used
+        extra = {} if pattern.stride == 1 else dict(stride=pattern.stride)
         b, h, d = wl["batch"], wl["heads"], wl["head_dim"]
 
         def run(q, k, v):  # NATTEN takes (batch, *grid, heads, dim)
@@ -170,7 +189,7 @@ def build(impl: str, wl: dict, device, dtype, compile_flex: bool):
                 return x.view(b, h, *wl["grid"], d).movedim(1, -2)
             out = fn(heads_last(q), heads_last(k), heads_last(v),
                      kernel_size=kernel if len(kernel) > 1 else kernel[0],
-                     is_causal=causal if len(causal) > 1 else causal[0])
+                     is_causal=causal if len(causal) > 1 else causal[0], **extra)
             return out.movedim(-2, 1).reshape(b, h, -1, d)
         return run, 0.0, "heads-last transposes included"
     raise ValueError(impl)
