@@ -465,6 +465,11 @@ class PlannedBackend(Backend):
         return self._plans[key]
 
     @property
+    def plans(self) -> list:
+        """Every plan made so far: the compile-time one, then those for other inputs."""
+        return list(self._plans.values())
+
+    @property
     def executed_pairs(self) -> tuple[int, ...]:
         return tuple(sum(tp.executed for tp in tps) for tps in self.plan.patterns)
 

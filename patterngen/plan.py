@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import ir
-from .errors import PatternError
+from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .spec import as_ir
 
@@ -377,8 +377,9 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         A :class:`Plan`; ``print(plan)`` explains it.
 
     Raises:
-        PatternError: for an unknown executor or device, a symbolic grid, or when nothing can
-            run the pattern.
+        PatternError: for an unknown executor or bad sizes, or a symbolic grid.
+        BackendUnavailable: for a device other than CPU or CUDA, or when nothing can run the
+            pattern (listing every strategy's reasons).
     """
     from . import calibrate
     from .backends import get_backend
@@ -387,8 +388,8 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
     shape = lowered.grid.require_numeric("plan")
     device_type = str(device).split(":")[0]
     if device_type not in ("cpu", "cuda"):
-        raise PatternError(f"plan: device={device!r}; expected 'cpu' or 'cuda' (optionally "
-                           f"with an index, e.g. 'cuda:0').")
+        raise BackendUnavailable(f"plan: device={device!r}; expected 'cpu' or 'cuda' "
+                                 f"(optionally with an index, e.g. 'cuda:0').")
     dtype = _dtype_name(dtype)
     strategies = ("terms", "numba", "sdpa", "flex")
     wanted = tuple(executors) if executors is not None else strategies
@@ -416,6 +417,8 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         reasons = cls.not_supported_reasons(lowered, device_type, dtype)
         if backward and device_type not in cls.BACKWARD_DEVICES:
             reasons.append(f"no backward on {device_type}")
+        if name not in rates.executors:
+            reasons.append(f"no rate on {device_type} (use backend={name!r} explicitly)")
         if reasons:
             options[name] = "; ".join(reasons)
             continue
@@ -434,9 +437,9 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         if reason is None:
             whole["terms"] = total
     if not whole:
-        raise PatternError(f"plan: nothing can run {lowered.label} on device={device!r} with "
-                           f"dtype={dtype!r}: " + "; ".join(f"{k}: {v}"
-                                                            for k, v in options.items()))
+        raise BackendUnavailable(
+            f"plan: nothing can run {lowered.label} on device={device!r} with dtype={dtype!r}:"
+            + "".join(f"\n  {k}: {v}" for k, v in options.items()))
     strategy = min(whole, key=whole.get)
     if strategy != "terms":
         term_plans = _whole_term_plans(lowered, shape, strategy)

@@ -83,6 +83,8 @@ class Measurement:
         flops: attended FLOPs of one call.
         compile_ms: backend construction plus first call.
         times_ms: every timed call.
+        predicted_ms: the planner's prediction for this backend and these sizes
+            (:func:`patterngen.plan.plan`), or ``None`` where it has no rate for the backend.
     """
 
     grid: tuple
@@ -95,6 +97,7 @@ class Measurement:
     compile_ms: float
     times_ms: tuple
     peak_gflops: float
+    predicted_ms: float | None = None
 
     @property
     def tokens(self) -> int:
@@ -148,11 +151,12 @@ class Profile:
                      f"{len(self.rows[0].times_ms)}")
         lines.append(f"  executed pairs: {self.rows[0].executed_from}")
         header = ("grid", "tokens", "symbolic pairs", "counted pairs", "executed pairs",
-                  "FLOPs", "compile ms", "median ms", "GFLOP/s", "% peak")
+                  "FLOPs", "compile ms", "median ms", "predicted ms", "GFLOP/s", "% peak")
         table = [header] + [(
             "x".join(map(str, r.grid)), str(r.tokens), str(r.symbolic_pairs),
             str(r.counted_pairs), "n/a" if r.executed_pairs is None else str(r.executed_pairs),
-            f"{r.flops:.3g}", f"{r.compile_ms:.1f}", f"{r.median_ms:.3f}", f"{r.gflops:.2f}",
+            f"{r.flops:.3g}", f"{r.compile_ms:.1f}", f"{r.median_ms:.3f}",
+            "n/a" if r.predicted_ms is None else f"{r.predicted_ms:.3f}", f"{r.gflops:.2f}",
             f"{100 * r.peak_share:.1f}%") for r in self.rows]
         widths = [max(len(row[c]) for row in table) for c in range(len(header))]
         lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths))
@@ -219,9 +223,25 @@ def _measure(pattern, grid, symbolic, backend, device, dtype, head_dim, heads, b
             _synchronize(device)
             times.append((time.perf_counter() - t0) * 1e3)
     name = getattr(attn, "name", backend)
+    strategy = getattr(getattr(attn, "plans", [None])[-1], "strategy", None)
+    if strategy is not None:
+        name = f"{name} ({strategy})"
     return Measurement(shape, name, int(numeric.pairs), counted,
                        *_executed_pairs(attn, lowered, heads), int(numeric.flops), compile_ms,
-                       tuple(times), measured_peak(device))
+                       tuple(times), measured_peak(device),
+                       _predicted(lowered, backend, head_dim, heads, batch, device, dtype))
+
+
+def _predicted(lowered, backend, head_dim, heads, batch, device, dtype) -> float | None:
+    """The planner's forward time for ``backend`` on these sizes (``None``: no rate)."""
+    from .plan import plan
+
+    try:
+        return plan(lowered, head_dim=head_dim, heads=heads, batch=batch, device=device,
+                    dtype=dtype, executors=None if backend == "auto" else (backend,)
+                    ).predicted_ms
+    except PatternError:
+        return None
 
 
 def _plot(prof: Profile, path: str) -> None:
