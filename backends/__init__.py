@@ -18,7 +18,7 @@ __all__ = ["Backend", "register_backend", "get_backend", "available", "select", 
 
 _REGISTRY: dict[str, type] = {}
 #: module that defines each built-in backend (imported on first use)
-_BUILTIN = {"numba": "numba_cpu", "sdpa": "sdpa", "flex": "flex", "auto": "planned"}
+_BUILTIN = {"numba": "numba", "sdpa": "sdpa", "flex": "flex", "auto": "planned"}
 #: the order :func:`select` tries, per device type
 PRIORITY = {"cpu": ("numba", "sdpa", "flex"), "cuda": ("flex", "sdpa")}
 

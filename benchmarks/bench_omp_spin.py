@@ -3,7 +3,7 @@
 Times W2's forward kernel (``window(7)`` on 64x64, 4 heads, head_dim 32) alone, then right
 after one small torch op followed by a pause, and the backward kernel inside
 ``out.sum().backward()`` against ``out.backward(ones)`` and alone (median ms). The kernels run
-on torch's OpenMP team where torch uses GNU OpenMP (``patterngen.backends._openmp``); run it
+on torch's OpenMP team where torch uses GNU OpenMP (``patterngen.backends.numba.launch``); run it
 once as is, once with ``PATTERNGEN_OPENMP=0`` (patterngen's own thread pool, which then shares
 the cores with torch's spinning threads) and once more with ``OMP_WAIT_POLICY=PASSIVE`` too.
 
@@ -41,9 +41,9 @@ def main(argv=None) -> None:
     ones = torch.ones_like(q).numpy()
     attn.backward_numpy(*arrays, out, ones, lse, attn.shape, scale)
 
-    from patterngen.backends import _openmp
+    from patterngen.backends.numba import launch
 
-    where = "torch's OpenMP team" if _openmp.team() is not None else "patterngen's thread pool"
+    where = "torch's OpenMP team" if launch.team() is not None else "patterngen's thread pool"
     print(f"kernels on {where}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     for pause in (None, 0.0, 0.001, 0.005):
         times = []

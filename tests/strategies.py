@@ -96,3 +96,29 @@ def cases(draw, max_tokens=400, ndim=None):
     """``(pattern, grid)`` pairs."""
     shape = draw(grids(max_tokens, ndim))
     return draw(patterns(shape)), shape
+
+
+def random_spec(rng, ndim):
+    """A seeded random spec (``rng`` a ``random.Random``) valid on every grid of ``ndim`` axes
+    with sizes >= 7: windows, blocks, axes, global tokens, causal windows, and up to two unions
+    or intersections with another of them or ``causal()``. For sweeps that are not hypothesis
+    tests (each case compiles kernels, so the cases are few and chosen by seed)."""
+    def leaf():
+        kind = rng.choice(["window", "block", "axis", "global", "causal_window"])
+        if kind == "window":
+            return pg.window(rng.randint(1, 3), dilation=rng.randint(1, 2),
+                             border=rng.choice(["clamp", "pad"]))
+        if kind == "block":
+            size = rng.randint(2, 4)
+            return pg.block(size, offset=rng.randint(0, size - 1))
+        if kind == "axis":
+            return pg.axis(rng.randrange(ndim))
+        if kind == "global":
+            return pg.global_tokens([rng.randint(0, 6)])
+        return pg.window(rng.randint(2, 3), causal=True)
+
+    spec = leaf()
+    for _ in range(rng.randint(0, 2)):
+        other = rng.choice([leaf(), pg.causal()])
+        spec = spec | other if rng.random() < 0.6 else spec & other
+    return spec

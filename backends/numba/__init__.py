@@ -1,0 +1,190 @@
+"""Numba CPU backend: attention kernels generated as Python source from the IR, then compiled.
+
+The stages, one module each:
+
+- :mod:`.plan`: lanes (tiles of queries that share keys), work items, the order of terms;
+- :mod:`.source`: IR -> the text of one module (pure and deterministic), only what is
+  specific to the pattern: loops over each term's key progression, bounds, skip tests;
+- :mod:`.runtime`: the helpers every kernel calls (scores, online softmax, backward chunk),
+  real numba functions compiled once per dtype and head_dim and cached;
+- :mod:`.module`: text -> a module in the disk cache -> ``cfunc`` kernels compiled on first use;
+- :mod:`.launch`: the packed-argument protocol between a kernel and its launcher, torch's
+  OpenMP team or a thread pool;
+- :mod:`.autograd`: the ``torch.autograd.Function``.
+
+Forward is an online softmax over chunks of keys that saves the log-sum-exp; backward
+recomputes the probabilities from it (FlashAttention-2: ``D = rowsum(dO * O)``,
+``dS = P * (dP - D)``). No tokens x tokens buffer is ever built.
+
+Example:
+    >>> import torch, patterngen as pg
+    >>> attn = pg.compile(pg.window(3), grid=(8,), backend="numba")
+    >>> q = k = v = torch.randn(1, 2, 8, 4)
+    >>> attn(q, k, v).shape
+    torch.Size([1, 2, 8, 4])
+"""
+
+from __future__ import annotations
+
+import functools
+
+from patterngen import ir
+from patterngen.backends import Backend, register_backend
+from patterngen.errors import PatternError
+
+from . import launch, plan
+from .autograd import WIDENED, attention_function
+from .module import cache_dir, kernel, load
+from .plan import lane_pairs, plan_lanes
+from .source import DTYPES, SPECIALISED_HEAD_DIM, generate
+
+__all__ = ["NumbaBackend", "generate", "load", "cache_dir", "plan_lanes", "lane_pairs",
+           "SPECIALISED_HEAD_DIM"]
+
+
+class NumbaBackend(Backend):
+    """Generated Numba CPU kernels, forward and backward, for any IR.
+
+    Call with ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens, head_dim)``
+    CPU tensors: float32 or float64, or bfloat16 and float16, which run in float32 and come
+    back in their own dtype. Non-contiguous inputs are copied to contiguous ones first. Grid
+    extents are kernel arguments: compiling the same pattern on another grid of the same
+    structure reuses the compiled kernels.
+
+    Args:
+        ir: the lowered pattern (numeric grid).
+        scale: default score scale; ``None`` means ``head_dim ** -0.5``.
+        lanes: queries per tile along the last axis (0: one query at a time); ``None`` lets
+            :func:`plan_lanes` pick from the pattern's waste on this grid.
+
+    Attributes:
+        source: the generated float32 module for any head_dim (``source_for(dtype, head_dim)``
+            for the others: head_dims from ``SPECIALISED_HEAD_DIM`` up get their own kernels).
+    """
+
+    name = "numba"
+    SUPPORTED_DEVICES = ("cpu",)
+    SUPPORTED_DTYPES = (*DTYPES, *WIDENED)
+    BACKWARD_DEVICES = ("cpu",)
+
+    def __init__(self, ir_, scale=None, lanes=None):
+        self.ir = ir_ = plan.runs_first(ir_)
+        self.shape = ir_.grid.require_numeric("the numba backend")
+        self.scale = scale
+        plan.check_lanes(lanes, allow_none=True)
+        self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
+        self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
+
+    @property
+    def source(self) -> str:
+        return self.source_for("float32")
+
+    @property
+    def executed_pairs(self) -> tuple[int, ...]:
+        """Pairs computed per listed pattern: exactly the attended ones (unions deduplicated)
+        one query at a time; with lanes, each tile's union (:func:`lane_pairs`)."""
+        if self.lanes:
+            shared = dict(zip((h.terms for h in plan.distinct_heads(self.ir)), self.shared))
+            return tuple(lane_pairs(head, self.shape, self.lanes, shared[head.terms])
+                         for head in self.ir.per_head)
+        return tuple(head.pairs() for head in self.ir.per_head)
+
+    def source_for(self, dtype: str, head_dim: int = 0) -> str:
+        """The module text that runs ``dtype`` (``"float32"`` or ``"float64"``) arrays of
+        ``head_dim``: compiled for that head_dim from ``SPECIALISED_HEAD_DIM`` up, else for any
+        (``head_dim=0``)."""
+        head_dim = head_dim if head_dim >= SPECIALISED_HEAD_DIM else 0
+        return _generate_cached(self.ir, _labels(self.ir), dtype, self.lanes, self.shared,
+                                head_dim)
+
+    def __repr__(self):
+        return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
+
+    def __call__(self, q, k, v, scale=None):
+        """Attention of ``q`` over ``k, v`` under the compiled pattern.
+
+        Args:
+            q, k, v: ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens,
+                head_dim)`` CPU tensors of one dtype: float32, float64, bfloat16 or float16.
+            scale: score scale; default the constructor's, else ``head_dim ** -0.5``.
+
+        Raises:
+            PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
+        """
+        qf, kf, vf, restore = self.flatten_inputs(q, k, v)
+        if qf.shape[-1] < 1 or qf.shape[0] * qf.shape[1] == 0:
+            raise PatternError(f"numba: q has shape {tuple(q.shape)}; expected batch, heads "
+                               f"and head_dim of at least 1.")
+        scale = scale if scale is not None else self.scale
+        scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
+        qf, kf, vf = (t.contiguous() for t in (qf, kf, vf))
+        return restore(attention_function().apply(qf, kf, vf, self, self.shape, scale))
+
+    def _kernels(self, dtype: str, head_dim: int, direction: str, groups) -> dict:
+        """The compiled ``direction`` kernel of each pattern in ``groups``."""
+        module = load(self.source_for(dtype, head_dim))
+        return {i: kernel(module, f"{direction}_{i}") for i, _ in groups}
+
+    def _head_groups(self, heads: int):
+        """``(kernel index, int64 array of heads)`` for every kernel some head uses."""
+        import numpy as np
+
+        owner = [self._head_map[ir.pattern_of_head(h, len(self._head_map))] for h in range(heads)]
+        return [(i, np.array([h for h in range(heads) if owner[h] == i], dtype=np.int64))
+                for i in sorted(set(owner))]
+
+    def forward_numpy(self, q, k, v, shape, scale):
+        """``(out, lse)`` for C-contiguous ``(batch, heads, tokens, head_dim)`` float32 or
+        float64 arrays: ``lse`` is the natural log-sum-exp of each query's scores, ``-inf``
+        for a query without keys (whose output is 0), NaN for a NaN output row."""
+        import numpy as np
+
+        groups = self._head_groups(q.shape[1])
+        kernels = self._kernels(q.dtype.name, q.shape[3], "forward", groups)
+        out = np.empty_like(q)
+        lse = np.empty(q.shape[:3], dtype=q.dtype)
+        typed_scale = q.dtype.type(scale)
+        tiles = plan.work_items(shape, self.lanes)
+        for i, group in groups:
+            launch.run(kernels[i], q.shape[0] * len(group) * tiles,
+                       (q, k, v, typed_scale, *shape, group, out, lse))
+        return out, lse
+
+    def backward_numpy(self, q, k, v, out, dout, lse, shape, scale):
+        """``(dq, dk, dv)`` from :meth:`forward_numpy`'s ``out`` and ``lse`` (or, for a
+        pattern split into terms, the merged ones: each term's share of the gradient);
+        dk and dv are summed over query splits when heads are few."""
+        import numba
+        import numpy as np
+
+        groups = self._head_groups(q.shape[1])
+        kernels = self._kernels(q.dtype.name, q.shape[3], "backward", groups)
+        batch, heads = q.shape[:2]
+        # dk/dv are scattered from every query: each split owns a copy, so that (batch, head)
+        # pairs fewer than the threads still keep every thread busy without atomics
+        splits = max(1, -(-2 * numba.get_num_threads() // (batch * heads)))
+        splits = min(splits, plan.work_items(shape, self.lanes) if self.lanes else q.shape[2])
+        dq = np.empty_like(q)
+        dk = np.zeros((splits, *q.shape), dtype=q.dtype)
+        dv = np.zeros((splits, *q.shape), dtype=q.dtype)
+        typed_scale = q.dtype.type(scale)
+        for i, group in groups:
+            launch.run(kernels[i], batch * len(group) * splits,
+                       (q, k, v, out, dout, lse, typed_scale, *shape, group, dq, dk, dv))
+        if splits == 1:
+            return dq, dk[0], dv[0]
+        return dq, dk.sum(axis=0), dv.sum(axis=0)
+
+
+def _labels(node) -> tuple:
+    """The labels of ``node`` and its heads: the IR compares without them, the source's
+    header names them."""
+    return (node.label, *(head.label for head in node.per_head))
+
+
+@functools.lru_cache(maxsize=256)
+def _generate_cached(node, labels, dtype: str, lanes: int, shared, head_dim: int) -> str:
+    return generate(node, dtype, lanes, shared, head_dim)
+
+
+register_backend("numba", NumbaBackend)

@@ -1,0 +1,174 @@
+"""Module: source text -> an imported module on disk -> compiled kernels, with numba's disk cache.
+
+:func:`load` writes the text to the cache directory under a name made of its hash and of the
+runtime's (so a changed helper in ``runtime.py`` or ``launch.py`` gives every kernel a new file
+and numba, whose cache only watches the kernel's own file, compiles it again), imports it with
+``importlib`` into a fresh module, and compiles nothing. :func:`kernel` compiles one kernel, on
+first use, as a ``cfunc`` with ``cache=True``: a forward compiles its forward kernels only, the
+backward its own when gradients are first asked for, and a later process loads both from disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+from . import launch, runtime
+
+log = logging.getLogger(__name__)
+
+_moved: dict[str, Path] = {}
+
+
+def cache_dir() -> Path:
+    """Where generated modules (and numba's caches, in their ``__pycache__``) are kept.
+
+    ``$PATTERNGEN_CACHE`` when set, else ``~/.cache/patterngen/numba``. A directory that
+    cannot be created or written (read-only, or a file in its place) is replaced, with one
+    warning, by a temporary directory.
+    """
+    root = os.environ.get("PATTERNGEN_CACHE")
+    path = Path(root) if root else Path.home() / ".cache" / "patterngen" / "numba"
+    if str(path) in _moved:
+        return _moved[str(path)]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _probe(path)
+        return path
+    except OSError as e:
+        fallback = Path(tempfile.mkdtemp(prefix="patterngen-numba-"))
+        warnings.warn(f"numba: the kernel cache directory {str(path)!r} cannot be used ({e}); "
+                      f"compiled kernels go to {str(fallback)!r} for this process instead "
+                      f"(set PATTERNGEN_CACHE to a writable directory).", RuntimeWarning,
+                      stacklevel=2)
+        _moved[str(path)] = fallback
+        return fallback
+
+
+def _probe(path: Path) -> None:
+    """Raise ``OSError`` unless a file can be written in ``path``."""
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+        pass
+
+
+@functools.cache
+def runtime_digest() -> str:
+    """Hash of the code every kernel links: ``runtime.py`` and ``launch.py``."""
+    text = b"".join(Path(m.__file__).read_bytes() for m in (runtime, launch))
+    return hashlib.sha256(text).hexdigest()[:12]
+
+
+def module_name(source: str, digest: str) -> str:
+    """The generated module's name: a hash of its text and of the runtime it links."""
+    return "patterngen_numba_" + hashlib.sha256(f"{digest}\n{source}".encode()).hexdigest()[:20]
+
+
+@functools.cache
+def load(source: str):
+    """Import the module that ``source`` defines, compiling nothing yet.
+
+    The file is written once (atomically); a file of that name with other text (a torn
+    write) is rewritten.
+
+    Raises:
+        SyntaxError, ImportError: with the generated source attached as a note.
+    """
+    name = module_name(source, runtime_digest())
+    path = cache_dir() / f"{name}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    log.debug("numba kernel module %s:\n%s", path, source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would: numba's cache finds functions by module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        attach_source(e, f"while importing generated module {path}:\n{source}")
+        raise
+    return module
+
+
+@functools.cache
+def kernel(module, name: str):
+    """Kernel ``name`` of a module from :func:`load`, compiled as a ``cfunc`` (first call
+    compiles or loads from numba's cache).
+
+    A cache file numba cannot read (corrupt, or cut short) is removed, with one warning, and
+    the kernel compiled again: first the kernel's own files, then, if that was not enough,
+    the index of every runtime helper.
+
+    Raises:
+        numba.core.errors.NumbaError: a compile failure, with the generated source attached.
+    """
+    import numba
+
+    py_func = getattr(module, name)
+    for attempt, drop in enumerate((_drop_kernel_caches, _drop_runtime_caches, None)):
+        try:
+            return _compile(py_func)
+        except numba.core.errors.NumbaError as e:
+            log.error("numba failed to compile generated kernel %s", name)
+            attach_source(e, f"generated source:\n{Path(module.__file__).read_text()}")
+            raise
+        except Exception as e:
+            if drop is None or not _while_reading_cache(e):
+                raise
+            drop(module)
+            if attempt == 0:
+                warnings.warn(f"numba: could not read the cached kernel {name} "
+                              f"({type(e).__name__}: {e}); removed its cache files and "
+                              f"compiled it again.", RuntimeWarning, stacklevel=2)
+
+
+def _while_reading_cache(error: Exception) -> bool:
+    """Whether ``error`` was raised inside numba's cache loading (a file it cannot read)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(Path(frame.filename).name == "caching.py" for frame in frames)
+
+
+def _compile(py_func):
+    import numba
+
+    options = {key: value for key, value in runtime.JIT.items() if key != "nogil"}
+    return numba.cfunc(launch.SIGNATURE, nopython=True, **options)(py_func)
+
+
+def _drop_kernel_caches(module) -> None:
+    """Remove numba's cache files of the generated ``module``."""
+    import numba
+
+    roots = [Path(module.__file__).parent / "__pycache__"]
+    if numba.config.CACHE_DIR:
+        roots.append(Path(numba.config.CACHE_DIR))
+    stem = Path(module.__file__).stem
+    for root in roots:
+        for path in root.rglob(f"{stem}.*"):
+            path.unlink(missing_ok=True)
+
+
+def _drop_runtime_caches(module) -> None:
+    """Empty the cache index of every runtime helper: each compiles again and rewrites it."""
+    for helper in vars(runtime).values():
+        cache = getattr(helper, "_cache", None)
+        if cache is not None and hasattr(cache, "flush"):
+            cache.flush()
+
+
+def attach_source(error: Exception, text: str) -> None:
+    """Add the generated source to ``error`` (a note from Python 3.11, else the log)."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+    else:
+        log.error("%s", text)

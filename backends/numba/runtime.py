@@ -1,0 +1,330 @@
+"""The helpers every generated kernel calls: scores, the online softmax, the backward's chunk.
+
+They are ordinary numba functions, compiled once per argument types and cached on disk
+(``cache=True``), then linked into each generated kernel that calls them. numba specialises
+them itself: on the arrays' dtype (``x.dtype.type`` is the accumulator type, and
+:func:`exp_shifted` has one implementation per dtype through ``numba.extending.overload``) and
+on ``dim``, the head_dim: a kernel compiled for one head_dim passes its constant, which numba
+types as a literal, so the helper is compiled once more with loops of constant length.
+
+numba's cache of a kernel does not notice a change in a function it calls from another file;
+:func:`patterngen.backends.numba.module.load` therefore names each generated module by this
+file's hash as well as its own text, so a changed helper recompiles every kernel.
+
+Non-finite values follow ``torch.nn.functional.scaled_dot_product_attention`` run on each
+query's attended keys alone: a NaN or ``+inf`` score makes the query's row NaN (``lse`` NaN),
+a ``-inf`` score gives its key probability 0, and a query whose scores are all ``-inf`` (or
+that has no keys) outputs zeros with ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba.extending import overload
+
+#: without ``nnan``/``ninf``: the kernels rely on ``-inf`` for "no key yet" and NaN checks
+FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+#: options of every helper and every generated kernel (``module.compile_kernel``)
+JIT = dict(fastmath=set(FASTMATH), cache=True, nogil=True, error_model="numpy")
+
+
+def exp_shifted(x, bits, cnt, top):
+    """``x[c] = exp(x[c] - top)`` for ``c < cnt``, in place (``bits`` is scratch).
+
+    float32 takes a polynomial that LLVM vectorises (numba has no vector exp without SVML):
+    2**n from exponent bits times a degree-6 Taylor series of 2**f on |f| <= 1/2, relative
+    error about 1e-7; below 2**-127 the exponent bits are 0, so ``-inf`` gives exactly 0.
+    float64 keeps ``math.exp``. Called from Python it runs this reference loop.
+    """
+    for c in range(cnt):
+        x[c] = math.exp(x[c] - top)
+
+
+@overload(exp_shifted, jit_options=dict(fastmath=set(FASTMATH), error_model="numpy"))
+def _exp_shifted_by_dtype(x, bits, cnt, top):
+    if x.dtype == numba.types.float32:
+        def exp32(x, bits, cnt, top):
+            scale = bits.view(np.float32)
+            for c in range(cnt):
+                t = max((x[c] - top) * np.float32(1.4426950408889634), np.float32(-127.0))
+                n = np.floor(t + np.float32(0.5))
+                f = (t - n) * np.float32(0.6931471805599453)
+                x[c] = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (
+                    np.float32(1.0 / 6) + f * (np.float32(1.0 / 24) + f * (
+                        np.float32(1.0 / 120) + f * np.float32(1.0 / 720))))))
+                bits[c] = (np.int32(n) + np.int32(127)) << np.int32(23)
+            for c in range(cnt):
+                x[c] *= scale[c]
+        return exp32
+
+    def exp64(x, bits, cnt, top):
+        for c in range(cnt):
+            x[c] = math.exp(x[c] - top)
+    return exp64
+
+
+@numba.njit(**JIT)
+def dots(x, rows, keys, cnt, out, dim):
+    """``out[c] = x . rows[keys[c]]``, four keys per pass: one load of ``x`` serves four."""
+    zero = out.dtype.type(0.0)
+    c = 0
+    while c + 4 <= cnt:
+        k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
+        s0 = s1 = s2 = s3 = zero
+        for d in range(dim):
+            xd = x[d]
+            s0 += xd * rows[k0, d]
+            s1 += xd * rows[k1, d]
+            s2 += xd * rows[k2, d]
+            s3 += xd * rows[k3, d]
+        out[c], out[c + 1], out[c + 2], out[c + 3] = s0, s1, s2, s3
+        c += 4
+    while c < cnt:
+        k0 = keys[c]
+        s0 = zero
+        for d in range(dim):
+            s0 += x[d] * rows[k0, d]
+        out[c] = s0
+        c += 1
+
+
+@numba.njit(**JIT)
+def pv(p, rows, keys, cnt, acc, dim):
+    """``acc += sum_c p[c] rows[keys[c]]``, four keys per pass: a quarter of acc's traffic."""
+    c = 0
+    while c + 4 <= cnt:
+        p0, p1, p2, p3 = p[c], p[c + 1], p[c + 2], p[c + 3]
+        k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
+        for d in range(dim):
+            acc[d] += p0 * rows[k0, d] + p1 * rows[k1, d] + p2 * rows[k2, d] + p3 * rows[k3, d]
+        c += 4
+    while c < cnt:
+        p0, k0 = p[c], keys[c]
+        for d in range(dim):
+            acc[d] += p0 * rows[k0, d]
+        c += 1
+
+
+@numba.njit(**JIT)
+def finish_row(ob, lse, b, h, iq, acc, m, l, dim):
+    """Normalise one output row. A query without keys (or with every score ``-inf``) gets
+    zeros and ``lse = -inf``; a poisoned one (NaN ``l``) gets NaN and ``lse = NaN``."""
+    if l > 0.0:
+        inv = acc.dtype.type(1.0) / l
+        for d in range(dim):
+            ob[iq, d] = acc[d] * inv
+        lse[b, h, iq] = m + math.log(l)
+    elif l == 0.0:
+        ob[iq, :] = 0.0
+        lse[b, h, iq] = -np.inf
+    else:
+        ob[iq, :] = np.nan
+        lse[b, h, iq] = np.nan
+
+
+@numba.njit(**JIT)
+def softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim):
+    """Fold ``cnt`` keys into the running max ``m``, sum ``l`` and output ``acc``; returns
+    the new ``(m, l)``. A NaN or ``+inf`` score poisons the row (``l`` and ``acc`` NaN)."""
+    dots(qs, kb, keys, cnt, scores, dim)
+    top = m
+    poison = False
+    for c in range(cnt):
+        s = scores[c]
+        top = max(top, s)
+        poison |= not s < np.inf
+    if poison:
+        acc[:] = np.nan
+        return m, l + acc[0]  # NaN of l's own type
+    shift = top if top > -np.inf else acc.dtype.type(0.0)  # all -inf so far: weights 0
+    alpha = math.exp(m - shift)
+    l *= alpha
+    for d in range(dim):
+        acc[d] *= alpha
+    exp_shifted(scores, bits, cnt, shift)
+    for c in range(cnt):
+        l += scores[c]
+    pv(scores, vb, keys, cnt, acc, dim)
+    return top, l
+
+
+@numba.njit(**JIT)
+def backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb,
+                   dim):
+    """Gradients of ``cnt`` keys of one query: ``P = exp(S - lse)``, ``dS = P (dP - D)``.
+
+    ``qs`` is the query already scaled, so ``dk += dS q scale``; the caller scales ``dqa``.
+    A NaN ``lse`` (a poisoned row) gives NaN probabilities.
+    """
+    dots(qs, kb, keys, cnt, scores, dim)
+    dots(dos, vb, keys, cnt, dps, dim)
+    exp_shifted(scores, bits, cnt, lse_q)
+    if lse_q != lse_q:
+        scores[:cnt] = np.nan
+    for c in range(cnt):
+        p, key = scores[c], keys[c]
+        ds = p * (dps[c] - delta)
+        for d in range(dim):
+            dqa[d] += ds * kb[key, d]
+        for d in range(dim):
+            dkb[key, d] += ds * qs[d]
+        for d in range(dim):
+            dvb[key, d] += p * dos[d]
+
+
+@numba.njit(**JIT)
+def union(lo, hi, n):
+    """The smallest range holding every lane's non-empty ``[lo, hi)``; ``(0, 0)`` if none."""
+    start, stop = n, 0
+    for u in range(lo.shape[0]):
+        if lo[u] < hi[u]:
+            start = min(start, lo[u])
+            stop = max(stop, hi[u])
+    return min(start, stop), stop
+
+
+@numba.njit(**JIT)
+def tile_dots(x, rows, keys, cnt, out, dim):
+    """``out[u, c] = x[u] . rows[keys[c]]`` in blocks of 2 lanes x 4 keys held in registers."""
+    zero = out.dtype.type(0.0)
+    lanes = x.shape[0]
+    u = 0
+    while u + 2 <= lanes:
+        c = 0
+        while c + 4 <= cnt:
+            k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = zero
+            for d in range(dim):
+                x0, x1 = x[u, d], x[u + 1, d]
+                r0, r1, r2, r3 = rows[k0, d], rows[k1, d], rows[k2, d], rows[k3, d]
+                a0 += x0 * r0
+                a1 += x0 * r1
+                a2 += x0 * r2
+                a3 += x0 * r3
+                b0 += x1 * r0
+                b1 += x1 * r1
+                b2 += x1 * r2
+                b3 += x1 * r3
+            out[u, c], out[u, c + 1], out[u, c + 2], out[u, c + 3] = a0, a1, a2, a3
+            out[u + 1, c], out[u + 1, c + 1], out[u + 1, c + 2], out[u + 1, c + 3] = (
+                b0, b1, b2, b3)
+            c += 4
+        while c < cnt:
+            k0 = keys[c]
+            a0 = b0 = zero
+            for d in range(dim):
+                a0 += x[u, d] * rows[k0, d]
+                b0 += x[u + 1, d] * rows[k0, d]
+            out[u, c], out[u + 1, c] = a0, b0
+            c += 1
+        u += 2
+    if u < lanes:
+        dots(x[u], rows, keys, cnt, out[u], dim)
+
+
+@numba.njit(**JIT)
+def tile_pv(p, rows, keys, cnt, acc, dim):
+    """``acc[u] += sum_c p[u, c] rows[keys[c]]``, 2 lanes x 4 keys per pass."""
+    lanes = acc.shape[0]
+    u = 0
+    while u + 2 <= lanes:
+        c = 0
+        while c + 4 <= cnt:
+            k0, k1, k2, k3 = keys[c], keys[c + 1], keys[c + 2], keys[c + 3]
+            p0, p1, p2, p3 = p[u, c], p[u, c + 1], p[u, c + 2], p[u, c + 3]
+            s0, s1, s2, s3 = p[u + 1, c], p[u + 1, c + 1], p[u + 1, c + 2], p[u + 1, c + 3]
+            for d in range(dim):
+                r0, r1, r2, r3 = rows[k0, d], rows[k1, d], rows[k2, d], rows[k3, d]
+                acc[u, d] += p0 * r0 + p1 * r1 + p2 * r2 + p3 * r3
+                acc[u + 1, d] += s0 * r0 + s1 * r1 + s2 * r2 + s3 * r3
+            c += 4
+        while c < cnt:
+            k0, p0, s0 = keys[c], p[u, c], p[u + 1, c]
+            for d in range(dim):
+                acc[u, d] += p0 * rows[k0, d]
+                acc[u + 1, d] += s0 * rows[k0, d]
+            c += 1
+        u += 2
+    if u < lanes:
+        pv(p[u], rows, keys, cnt, acc[u], dim)
+
+
+@numba.njit(**JIT)
+def tile_scatter(p, x, keys, cnt, dst, dim):
+    """``dst[keys[c]] += sum_u p[u, c] x[u]``: each key's row is updated once for all lanes."""
+    lanes = x.shape[0]
+    for c in range(cnt):
+        key = keys[c]
+        u = 0
+        while u + 4 <= lanes:
+            p0, p1, p2, p3 = p[u, c], p[u + 1, c], p[u + 2, c], p[u + 3, c]
+            for d in range(dim):
+                dst[key, d] += (p0 * x[u, d] + p1 * x[u + 1, d] + p2 * x[u + 2, d]
+                                + p3 * x[u + 3, d])
+            u += 4
+        while u < lanes:
+            p0 = p[u, c]
+            for d in range(dim):
+                dst[key, d] += p0 * x[u, d]
+            u += 1
+
+
+@numba.njit(**JIT)
+def _mask_scores(scores, mask, u, cnt):
+    """Scores of keys lane ``u`` does not hold become ``-inf`` (not ``+ -inf``: a NaN or
+    ``+inf`` score of a key the lane does not attend must not poison it)."""
+    for c in range(cnt):
+        if mask[u, c] != 0.0:
+            scores[u, c] = -np.inf
+
+
+@numba.njit(**JIT)
+def tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc, dim):
+    """Fold ``cnt`` keys into every lane's running max, sum and output; ``mask`` is 0 where
+    the lane holds the key, ``-inf`` where not (its probability is then exactly 0)."""
+    tile_dots(qt, kb, keys, cnt, scores, dim)
+    for u in range(acc.shape[0]):
+        _mask_scores(scores, mask, u, cnt)
+        top = m[u]
+        poison = False
+        for c in range(cnt):
+            s = scores[u, c]
+            top = max(top, s)
+            poison |= not s < np.inf
+        if poison:
+            l[u] = np.nan
+            scores[u, :cnt] = 0.0
+            acc[u, :] = np.nan
+            continue
+        shift = top if top > -np.inf else acc.dtype.type(0.0)
+        alpha = math.exp(m[u] - shift)
+        m[u] = top
+        exp_shifted(scores[u], bits, cnt, shift)
+        total = l[u] * alpha
+        for c in range(cnt):
+            total += scores[u, c]
+        l[u] = total
+        for d in range(dim):
+            acc[u, d] *= alpha
+    tile_pv(scores, vb, keys, cnt, acc, dim)
+
+
+@numba.njit(**JIT)
+def tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, bits, cnt, lse_t, delta, dqa,
+                        dkb, dvb, dim):
+    """Gradients of ``cnt`` keys for every lane: ``P = exp(S - lse)``, ``dS = P (dP - D)``."""
+    tile_dots(qt, kb, keys, cnt, scores, dim)
+    tile_dots(dot, vb, keys, cnt, dps, dim)
+    for u in range(qt.shape[0]):
+        _mask_scores(scores, mask, u, cnt)
+        exp_shifted(scores[u], bits, cnt, lse_t[u])
+        if lse_t[u] != lse_t[u]:
+            scores[u, :cnt] = np.nan
+        for c in range(cnt):
+            dps[u, c] = scores[u, c] * (dps[u, c] - delta[u])
+    tile_pv(dps, kb, keys, cnt, dqa, dim)
+    tile_scatter(dps, qt, keys, cnt, dkb, dim)
+    tile_scatter(scores, dot, keys, cnt, dvb, dim)

@@ -1,0 +1,532 @@
+"""Generate: IR -> the source text of one module of kernels (pure and deterministic).
+
+:func:`generate` walks the IR once (:func:`_visit`: one case per node, as finch's
+``numba_codegen`` does). Every term becomes one loop per grid axis over that term's key
+progression, written by :meth:`patterngen.ir.Rel.bounds` on :class:`~patterngen.ir.Src`
+names, so the atoms' constants are folded and no mask is tested inside a term. A union visits
+its terms in order and skips a key an earlier term already holds, so every key is visited once.
+Keys are buffered ``KEY_CHUNK`` at a time and handed to the helpers of
+:mod:`~patterngen.backends.numba.runtime`, which the module imports; the text holds only what
+is specific to the pattern: loops, bounds, skip tests. Each kernel is a ``cfunc`` body that
+unpacks its arguments and takes work ranges as :mod:`~patterngen.backends.numba.launch`
+describes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+from patterngen import ir
+from patterngen.errors import PatternError
+
+from . import launch, plan
+
+#: scores held before an online-softmax rescale; bounds the per-thread scratch
+KEY_CHUNK = 128
+#: the kernels' accumulator type per input dtype (bfloat16 and float16 run in float32)
+DTYPES = {"float32": "np.float32", "float64": "np.float64"}
+#: scratch of ``runtime.exp_shifted``: the float's exponent bits
+_BITS = {"float32": "np.int32", "float64": "np.int64"}
+#: head_dims from this one up get kernels compiled for their head_dim, loops of constant length
+#: (a 7x7 window, forward/backward on one thread: 0.87/0.92 of the time at 64, 0.94/0.97 at 48;
+#: at 32 a prototype made the backward twice as slow, so smaller head_dims share generic ones)
+SPECIALISED_HEAD_DIM = 48
+#: what a generated module may import from the runtime (see :func:`_imports`)
+_RUNTIME = ("backward_chunk", "finish_row", "softmax_chunk", "tile_backward_chunk",
+            "tile_softmax_chunk", "union")
+
+
+class _Emitter:
+    """Lines of source with an indentation level; :meth:`block` opens a nested scope."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.depth = 0
+
+    def __call__(self, line: str = "") -> None:
+        self.lines.append("    " * self.depth + line if line else "")
+
+    @contextlib.contextmanager
+    def block(self, header: str):
+        self(header)
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _unflatten(em: _Emitter, ndim: int) -> None:
+    """Query coordinates ``i0..`` from the flat row-major index ``iq``."""
+    rest = "iq"
+    for a in range(ndim - 1):
+        inner = " * ".join(f"n{b}" for b in range(a + 1, ndim))
+        em(f"i{a} = {rest} // ({inner})")
+        if a < ndim - 2:
+            em(f"r{a} = {rest} - i{a} * ({inner})")
+            rest = f"r{a}"
+        else:
+            em(f"i{ndim - 1} = {rest} - i{a} * ({inner})")
+    if ndim == 1:
+        em("i0 = iq")
+
+
+def _visit(node, em: _Emitter, ctx: dict) -> None:
+    """Emit ``node``: the structural walk of the generator (one case per IR node)."""
+    match node:
+        case ir.HeadsIR() | ir.IR():
+            ctx["ndim"] = node.grid.ndim
+            forward, backward = ((_emit_lane_forward, _emit_lane_backward) if ctx["lanes"]
+                                 else (_emit_forward, _emit_backward))
+            for index, head in enumerate(plan.distinct_heads(node)):
+                ctx["kernel"] = index
+                ctx["shares"] = ctx["shared"][index] if ctx["lanes"] else ()
+                ctx["runs"] = True  # see _emit_run
+                forward(head, em, ctx)
+                em()
+                em()
+                ctx["runs"] = False
+                backward(head, em, ctx)
+                em()
+                em()
+        case ir.Term():
+            _emit_term_loops(node, em, ctx)
+        case ir.Rel():
+            a, t = ctx["axis"], ctx["term"]
+            start, stop = node.bounds(ir.Src(f"i{a}"), ir.Src(f"n{a}"), ir.SOURCE_OPS)
+            lane = _lane(ctx, a)
+            em(f"lo{t}_{a}{lane} = {start}")
+            em(f"hi{t}_{a}{lane} = {stop}")
+        case _:
+            raise PatternError(f"Unrecognized node {node!r} of type {type(node).__name__}; "
+                               f"the numba generator handles IR, HeadsIR, Term and Rel.")
+
+
+def _emit_bounds(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    """Per query, every term's per-axis ``[lo, hi)``: loops and membership tests read them."""
+    for t, term in enumerate(head.terms):
+        for a, rel in enumerate(term.rels):
+            ctx["axis"], ctx["term"] = a, t
+            _visit(rel, em, ctx)
+
+
+def _lane(ctx: dict, a: int) -> str:
+    """``[u]`` where axis ``a``'s bounds are held per query lane (the last axis of a tile)."""
+    return "[u]" if ctx.get("lanes") and a == ctx["ndim"] - 1 else ""
+
+
+def _member(t: int, a: int, rel: ir.Rel, lane: str = "") -> str:
+    lo, hi = f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}"
+    test = f"{lo} <= p{a} < {hi}"
+    step = rel.step
+    return test if step == 1 else f"{test} and (p{a} - {lo}) % {step} == 0"
+
+
+def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
+    """One loop per axis over term ``ctx['term']``'s keys, each key buffered.
+
+    Keys held by an earlier term are skipped: the earlier term's membership on axis ``a`` is
+    known once ``p0..pa`` are, so it is computed at that loop depth and tested at the last.
+    """
+    t, earlier, last = ctx["term"], ctx["terms"][:ctx["term"]], len(term.rels) - 1
+    lanes = ctx.get("lanes")
+    shared = lanes and ctx["shares"][t]
+    keys, cnt, flush = ("lkeys", "cnt1", ctx["lane_flush"]) if lanes else ("keys", "cnt",
+                                                                           ctx["flush"])
+    with contextlib.ExitStack() as scopes:
+        if lanes and not shared:  # lane by lane, each on its own keys, flushed on its own
+            scopes.enter_context(em.block("for u in range(LANES):"))
+            em("cnt1 = np.int64(0)")
+            scopes.callback(_emit_lane_flush, em, ctx)
+        for a, rel in enumerate(term.rels):
+            lane = _lane(ctx, a)
+            if shared and a == last:  # every key of the tile's union; a mask per query lane
+                header = f"for p{a} in range(ulo{t}, uhi{t}):"
+            else:
+                step = f", {rel.step}" if rel.step != 1 else ""
+                header = f"for p{a} in range(lo{t}_{a}{lane}, hi{t}_{a}{lane}{step}):"
+            if a == last and ctx["runs"] and not shared and not earlier and rel.step == 1:
+                _emit_run(em, a, f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}", keys, cnt)
+                scopes.enter_context(em.block("else:"))
+            scopes.enter_context(em.block(header))
+            em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * n{a} + p{a}")
+            tests = []
+            for u, other in enumerate(earlier):
+                prev = f"c{u}_{a - 1} and " if a else ""
+                tests.append(f"{prev}{_member(u, a, other.rels[a], lane)}")
+                if a < last:
+                    em(f"c{u}_{a} = {tests[-1]}")
+            if a == last and shared:
+                em(f"keys[cnt] = k{last}")
+                with em.block("for u in range(LANES):"):
+                    held = _member(t, a, rel, "[u]")
+                    if tests:
+                        held = f"({held}) and not (" + " or ".join(f"({x})" for x in tests) + ")"
+                    em(f"mask[u, cnt] = 0.0 if {held} else -np.inf")
+                em("cnt += 1")
+                with em.block("if cnt == KEY_CHUNK:"):
+                    em(ctx["flush"])
+                    em("cnt = 0")
+            elif a == last and tests:
+                with em.block("if " + " or ".join(f"({x})" for x in tests) + ":"):
+                    em("continue")
+        if not shared:
+            _emit_collect(em, f"k{last}", flush, keys, cnt)
+
+
+def _emit_run(em: _Emitter, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
+    """A run of consecutive keys on the last axis, buffered in one loop that LLVM vectorises
+    when the buffer has room for all of it; else key by key. Forward only: interleaved, medians
+    of 12, forward W2 0.96x, W4 0.88x, W5 0.96x the time, backward W2 1.05x."""
+    em(f"run = {hi} - {lo}")
+    with em.block(f"if run > 0 and {cnt} + run <= KEY_CHUNK:"):
+        start = f"k{a - 1} * n{a} + {lo}" if a else lo
+        em(f"first_key = {start} - {cnt}")
+        with em.block(f"for p{a} in range({cnt}, {cnt} + run):"):
+            em(f"{keys}[p{a}] = first_key + p{a}")
+        em(f"{cnt} += run")
+
+
+def _emit_lane_flush(em: _Emitter, ctx: dict) -> None:
+    """After a lane-by-lane term's loops, still inside the loop over lanes."""
+    with em.block("if cnt1 > 0:"):
+        em(ctx["lane_flush"])
+
+
+def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    ctx["terms"] = head.terms
+    for t, term in enumerate(head.terms):
+        ctx["term"] = t
+        alone = " lane by lane," if ctx.get("lanes") and not ctx["shares"][t] else ""
+        em(f"# term {t}:{alone} {term!r}" + (" (keys of earlier terms skipped)" if t else ""))
+        _visit(term, em, ctx)
+
+
+def _emit_collect(em: _Emitter, key: str, flush: str, keys="keys", cnt="cnt") -> None:
+    """The innermost statement of every term: buffer the key; a full buffer is processed.
+
+    Scores are computed in the chunk helpers, four keys at a time, not here: one key per
+    pass over ``q`` is a horizontal reduction per pair and was the slowest loop.
+    """
+    em(f"{keys}[{cnt}] = {key}")
+    em(f"{cnt} += 1")
+    with em.block(f"if {cnt} == KEY_CHUNK:"):
+        em(flush)
+        em(f"{cnt} = 0")
+
+
+def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    ndim = ctx["ndim"]
+    tokens = " * ".join(f"n{a}" for a in range(ndim))
+    with _kernel_header(em, ctx, False, [
+            "Item ``w`` is a tile of QUERY_TILE queries of batch ``w // (nh * tiles)`` and head",
+            "``heads[w // tiles % nh]``."]):
+        em(f"tokens = {tokens}")
+        em("tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE")
+        em("nh = heads.shape[0]")
+        em("qs = np.empty(dim, ACC)")
+        em("acc = np.empty(dim, ACC)")
+        em("scores = np.empty(KEY_CHUNK, ACC)")
+        em("keys = np.empty(KEY_CHUNK, np.int64)")
+        em("bits = np.empty(KEY_CHUNK, BITS)")
+        with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
+            em("b = w // (nh * tiles)")
+            em("h = heads[(w // tiles) % nh]")
+            em("first = (w % tiles) * QUERY_TILE")
+            em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
+            with em.block("for iq in range(first, min(first + QUERY_TILE, tokens)):"):
+                _unflatten(em, ndim)
+                _emit_bounds(head, em, ctx)
+                with em.block("for d in range(dim):"):
+                    em("qs[d] = qb[iq, d] * scale")
+                    em("acc[d] = 0.0")
+                em("m = ACC(-np.inf)")
+                em("l = ACC(0.0)")
+                em("cnt = np.int64(0)")
+
+                flush = "m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)"
+                ctx["flush"] = flush
+                _emit_keys(head, em, ctx)
+                with em.block("if cnt > 0:"):
+                    em(flush)
+                em("finish_row(ob, lse, b, h, iq, acc, m, l, dim)")
+
+
+@contextlib.contextmanager
+def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
+    """A kernel's signature and docstring (its summary, then ``doc``); the body goes inside."""
+    ndim, idx = ctx["ndim"], ctx["kernel"]
+    if backward:
+        name = "backward"
+        summary = "dq, and dk, dv per split ``dk[s]`` (zero on entry)."
+    else:
+        name = "forward"
+        summary = "out and the log-sum-exp ``lse``."
+    args = launch.kernel_args(ndim, backward)
+    with em.block(f"def {name}_{idx}(a):"):
+        em(f'"""Pattern {idx}: {summary}')
+        em()
+        for line in doc:
+            em(line)
+        em("A cfunc: ``a`` points to " + ", ".join(arg for arg, _ in args) + ", packed")
+        em("by ``launch.pack``; each thread takes ranges of items until none is left.")
+        em('"""')
+        launch.emit_unpack(em, args)
+        em("dim = HEAD_DIM" if ctx["head_dim"] else "dim = q.shape[3]")
+        yield
+
+
+def _backward_doc(unit: str) -> list[str]:
+    return [f"Item ``w`` is split ``w % splits`` of the {unit} of batch ``w // (nh * splits)`` and",
+            "head ``heads[w // splits % nh]``: it alone writes its dk and dv copy."]
+
+
+def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    ndim = ctx["ndim"]
+    tokens = " * ".join(f"n{a}" for a in range(ndim))
+    with _kernel_header(em, ctx, True, _backward_doc("queries")):
+        em("splits = dk.shape[0]")
+        em(f"tokens = {tokens}")
+        em("nh = heads.shape[0]")
+        em("dqa = np.empty(dim, ACC)")
+        em("qs = np.empty(dim, ACC)")
+        em("dos = np.empty(dim, ACC)")
+        em("scores = np.empty(KEY_CHUNK, ACC)")
+        em("dps = np.empty(KEY_CHUNK, ACC)")
+        em("keys = np.empty(KEY_CHUNK, np.int64)")
+        em("bits = np.empty(KEY_CHUNK, BITS)")
+        with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
+            em("b = w // (nh * splits)")
+            em("h = heads[(w // splits) % nh]")
+            em("split = w % splits")
+            em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
+            em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
+            with em.block("for iq in range(split * tokens // splits, "
+                          "(split + 1) * tokens // splits):"):
+                em("lse_q = lse[b, h, iq]")
+                with em.block("if lse_q == -np.inf:  # no keys, or every score -inf"):
+                    em("dqb[iq, :] = 0.0")
+                    em("continue")
+                em("delta = ACC(0.0)")
+                with em.block("for d in range(dim):"):
+                    em("delta += dob[iq, d] * ob[iq, d]")
+                    em("qs[d] = qb[iq, d] * scale")
+                    em("dos[d] = dob[iq, d]")
+                    em("dqa[d] = 0.0")
+                _unflatten(em, ndim)
+                _emit_bounds(head, em, ctx)
+                em("cnt = np.int64(0)")
+                flush = ("backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, "
+                         "delta, dqa, dkb, dvb, dim)")
+                ctx["flush"] = flush
+                _emit_keys(head, em, ctx)
+                em(flush)
+                with em.block("for d in range(dim):"):
+                    em("dqb[iq, d] = dqa[d] * scale")
+
+
+def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: dict, per_lane) -> None:
+    """A tile's lanes: query coordinates, every term's bounds (the last axis per lane), and
+    each term's union ``ulo, uhi`` on the last axis; ``per_lane(em)`` loads lane ``u``.
+
+    Lanes past the row's end repeat its last query with empty bounds: they attend nothing.
+    """
+    ndim, last = ctx["ndim"], ctx["ndim"] - 1
+    with em.block("for u in range(LANES):"):
+        em(f"iq = row * n{last} + min(first + u, n{last} - 1)")
+        _unflatten(em, ndim)
+        _emit_bounds(head, em, ctx)
+        with em.block(f"if first + u >= n{last}:"):
+            for t in range(len(head.terms)):
+                em(f"lo{t}_{last}[u] = hi{t}_{last}[u] = 0")
+        per_lane(em)
+    for t in range(len(head.terms)):
+        em(f"ulo{t}, uhi{t} = union(lo{t}_{last}, hi{t}_{last}, n{last})")
+
+
+def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scalars,
+                       alone) -> None:
+    """Per-thread scratch: a head_dim row, a key chunk or a value per lane, one chunk for a
+    lane-by-lane term (``alone``, when there is one), and the lanes' last-axis bounds."""
+    alone = alone if not all(ctx["shares"]) else ()
+    for names, shape in ((rows, "(LANES, dim)"), (chunks, "(LANES, KEY_CHUNK)"),
+                         (scalars, "LANES"), (alone, "KEY_CHUNK")):
+        for name in names:
+            em(f"{name} = np.empty({shape}, ACC)")
+    em("keys = np.empty(KEY_CHUNK, np.int64)")
+    if alone:
+        em("lkeys = np.empty(KEY_CHUNK, np.int64)")
+    em("bits = np.empty(KEY_CHUNK, BITS)")
+    last = ctx["ndim"] - 1
+    for t in range(len(head.terms)):
+        em(f"lo{t}_{last} = np.empty(LANES, np.int64)")
+        em(f"hi{t}_{last} = np.empty(LANES, np.int64)")
+
+
+def _emit_tile_header(em: _Emitter, ctx: dict) -> None:
+    """``row`` (flat index of the outer coordinates) and ``first`` (last-axis start)."""
+    ndim = ctx["ndim"]
+    rows = " * ".join(f"n{a}" for a in range(ndim - 1)) or "1"
+    em(f"rows = {rows}")
+    em(f"per_row = (n{ndim - 1} + LANES - 1) // LANES")
+    em("tiles = rows * per_row")
+
+
+def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    last = ctx["ndim"] - 1
+    with _kernel_header(em, ctx, False, [
+            "Item ``w`` is a tile of LANES consecutive queries along the last axis (one",
+            "``row`` of the others) of batch ``w // (nh * tiles)`` and head",
+            "``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per",
+            "lane, except in terms run lane by lane on each lane's own keys."]):
+        _emit_tile_header(em, ctx)
+        em("nh = heads.shape[0]")
+        _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
+                           ("lscores",))
+        with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
+            em("b = w // (nh * tiles)")
+            em("h = heads[(w // tiles) % nh]")
+            em("row = (w % tiles) // per_row")
+            em("first = (w % tiles) % per_row * LANES")
+            em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
+
+            def per_lane(em):
+                with em.block("for d in range(dim):"):
+                    em("qt[u, d] = qb[iq, d] * scale")
+                    em("acc[u, d] = 0.0")
+                em("m[u] = -np.inf")
+                em("l[u] = 0.0")
+
+            _emit_tile_setup(head, em, ctx, per_lane)
+            em("cnt = np.int64(0)")
+            ctx["flush"] = ("tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, "
+                            "acc, dim)")
+            ctx["lane_flush"] = ("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, bits, "
+                                 "cnt1, m[u], l[u], acc[u], dim)")
+            _emit_keys(head, em, ctx)
+            with em.block("if cnt > 0:"):
+                em(ctx["flush"])
+            with em.block(f"for u in range(min(LANES, n{last} - first)):"):
+                em(f"finish_row(ob, lse, b, h, row * n{last} + first + u, acc[u], m[u], l[u], dim)")
+
+
+def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+    last = ctx["ndim"] - 1
+    with _kernel_header(em, ctx, True, _backward_doc("tiles") + [
+            "A key's dk and dv rows are updated once per chunk for all the lanes that hold it."]):
+        em("splits = dk.shape[0]")
+        _emit_tile_header(em, ctx)
+        em("nh = heads.shape[0]")
+        _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"), ("scores", "dps", "mask"),
+                           ("lse_t", "delta"), ("lscores", "ldps"))
+        with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
+            em("b = w // (nh * splits)")
+            em("h = heads[(w // splits) % nh]")
+            em("split = w % splits")
+            em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
+            em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
+            with em.block("for tile in range(split * tiles // splits, "
+                          "(split + 1) * tiles // splits):"):
+                em("row = tile // per_row")
+                em("first = tile % per_row * LANES")
+
+                def per_lane(em):
+                    em("lse_t[u] = lse[b, h, iq]")
+                    em("total = ACC(0.0)")
+                    with em.block("for d in range(dim):"):
+                        em("total += dob[iq, d] * ob[iq, d]")
+                        em("qt[u, d] = qb[iq, d] * scale")
+                        em("dot[u, d] = dob[iq, d]")
+                        em("dqa[u, d] = 0.0")
+                    em("delta[u] = total")
+
+                _emit_tile_setup(head, em, ctx, per_lane)
+                em("cnt = np.int64(0)")
+                ctx["flush"] = ("tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, "
+                                "bits, cnt, lse_t, delta, dqa, dkb, dvb, dim)")
+                ctx["lane_flush"] = ("backward_chunk(qt[u], dot[u], kb, vb, lkeys, lscores, ldps, "
+                                     "bits, cnt1, lse_t[u], delta[u], dqa[u], dkb, dvb, dim)")
+                _emit_keys(head, em, ctx)
+                em(ctx["flush"])
+                with em.block(f"for u in range(min(LANES, n{last} - first)):"):
+                    with em.block("for d in range(dim):"):
+                        em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
+
+
+def _header(node, dtype: str) -> str:
+    lines = [f'"""patterngen numba kernels for {node.label or "?"} ({dtype}).', ""]
+    lines.append("Generated by patterngen.backends.numba.source.generate; do not edit. Grid extents")
+    lines.append("n0.. are runtime arguments: any grid with this structure reuses these kernels.")
+    for index, head in enumerate(plan.distinct_heads(node)):
+        lines.append("")
+        lines.append(f"Pattern {index}: {head.label or '?'}")
+        for t, term in enumerate(head.terms):
+            lines.append(f"    term {t}: {term!r}")
+    if isinstance(node, ir.HeadsIR):
+        lines.append("")
+        lines.append(f"Head h uses pattern {plan.head_map(node)}[h % {len(node.heads)}].")
+    lines.append('"""')
+    return "\n".join(lines)
+
+
+def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim: int = 0) -> str:
+    """The source of the module that computes ``node``'s attention in ``dtype``.
+
+    Pure and deterministic: the text depends on the IR's terms, ``dtype``, ``lanes``,
+    ``shared`` and ``head_dim`` only, never on the grid's extents, which the kernels take as
+    arguments ``n0, n1, ...``.
+
+    Args:
+        node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
+        dtype: ``"float32"`` or ``"float64"``; scores, softmax and accumulators use it.
+        lanes: 0 for one query at a time; ``L >= 2`` for tiles of ``L`` consecutive queries
+            along the last axis (:func:`~.plan.plan_lanes` picks it from the pattern's waste).
+        shared: with lanes, per distinct head pattern a bool per term: the lanes share its
+            keys (every key of their union, masked per lane) or run it lane by lane on their
+            own keys. ``None``: every term shared.
+        head_dim: 0 for kernels that take any head_dim; else the only head_dim the kernels
+            accept, a constant in their loops (the caller must pass arrays of that head_dim).
+
+    Raises:
+        PatternError: for an unsupported dtype or an unrecognised IR node.
+
+    Example:
+        >>> import patterngen as pg
+        >>> src = generate(pg.lower(pg.window(3), (8,)))
+        >>> "for p0 in range(lo0_0, hi0_0):" in src
+        True
+    """
+    if dtype not in DTYPES:
+        raise PatternError(f"Unsupported dtype={dtype!r} for the numba backend; supported "
+                           f"dtypes are {tuple(DTYPES)}.")
+    plan.check_lanes(lanes)
+    if not isinstance(head_dim, int) or head_dim < 0:
+        raise PatternError(f"numba: head_dim={head_dim!r}; expected 0 (any head_dim) or a "
+                           f"positive int.")
+    heads = plan.distinct_heads(node) if lanes else []
+    if shared is None:
+        shared = tuple((True,) * len(h.terms) for h in heads)
+    if lanes and [len(f) for f in shared] != [len(h.terms) for h in heads]:
+        raise PatternError(f"numba: shared={shared!r}; expected a tuple of bools per term for "
+                           f"each of the {len(heads)} distinct head patterns, with "
+                           f"{[len(h.terms) for h in heads]} terms.")
+    em = _Emitter()
+    _visit(node, em, {"lanes": lanes, "shared": shared, "head_dim": head_dim})
+    body = em.text().rstrip()
+    constants = [f"ACC = {DTYPES[dtype]}",
+                 f"QUERY_TILE = {plan.QUERY_TILE}" if not lanes else f"LANES = {lanes}",
+                 f"BITS = {_BITS[dtype]}",
+                 f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
+                 f"KEY_CHUNK = {KEY_CHUNK}"]
+    return "\n".join([_header(node, dtype), "", *_imports(body), "", *constants, "", "", body, ""])
+
+
+def _imports(body: str) -> list[str]:
+    used = sorted(name for name in _RUNTIME if re.search(rf"\b{name}\(", body))
+    return ["import numba", "import numpy as np", "",
+            "from patterngen.backends.numba.launch import fetch_add",
+            "from patterngen.backends.numba.runtime import " + ", ".join(used)]

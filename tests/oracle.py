@@ -1,0 +1,32 @@
+"""The one backend-vs-oracle check: forward and the three gradients of a compiled backend
+against the dense float64 oracle (``pg.materialize`` + ``pg.dense_attention``)."""
+
+import torch
+
+import patterngen as pg
+
+
+def check_against_oracle(backend, spec, grid, q, k, v, scale=None, atol=1e-10, **options):
+    """Compile ``spec`` on ``grid`` with ``backend`` and assert its output, and the gradients of
+    ``q, k, v`` (when they require grad), equal the oracle's within ``atol`` (also rtol),
+    compared in float64. Returns the compiled attention.
+
+    Inputs may be ``(batch, heads, *grid, dim)`` or ``(batch, heads, tokens, dim)``.
+    """
+    attn = pg.compile(spec, grid, backend=backend, **options)
+    out = attn(q, k, v, scale=scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    flat = [t.detach().double().reshape(b, h, -1, d).requires_grad_() for t in (q, k, v)]
+    ref = pg.dense_attention(*flat, pg.materialize(spec, grid), scale=scale)
+    torch.testing.assert_close(out.double().reshape(ref.shape), ref, atol=atol, rtol=atol)
+    if not q.requires_grad:
+        return attn
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    got = torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype).reshape(out.shape))
+    want = torch.autograd.grad(ref, flat, grad_out)
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == q.shape and g.dtype == q.dtype, name
+        torch.testing.assert_close(g.double().reshape(w.shape), w, atol=atol, rtol=atol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+    return attn

@@ -1,0 +1,108 @@
+"""Non-finite inputs, on every backend: the rule is ``scaled_dot_product_attention`` run on each
+query's attended keys alone.
+
+With torch 2.13 that means: a NaN in ``q``, or in the ``k`` or ``v`` row of a key the query
+attends, makes the query's output NaN; a ``+inf`` score makes it NaN; a ``-inf`` score gives its
+key probability 0, and a query whose scores are all ``-inf`` outputs zeros (as one without
+keys). Keys the query does not attend do not matter. (torch's own masked SDPA adds the mask to
+the scores, so there a NaN key poisons every query, and ``0 * inf`` in ``P V`` does too.)
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import patterngen as pg
+
+GRID = (5, 6)
+SPEC = pg.window(3) | pg.global_tokens([(0, 0)])  # a union, some keys shared by all queries
+POISONED = (2, 3)  # the key made non-finite: attended by its 3x3 neighbourhood only
+
+
+def _rule(q, k, v, mask):
+    """The expected output: per query, SDPA over its attended keys, zeros for none."""
+    out = torch.zeros_like(q)
+    for i in range(q.shape[2]):
+        keys = mask[i].nonzero()[:, 0]
+        if len(keys):
+            out[:, :, i] = F.scaled_dot_product_attention(
+                q[:, :, i:i + 1], k[:, :, keys], v[:, :, keys])[:, :, 0]
+    return out
+
+
+def _case(kind, grid=GRID):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, *grid, 8, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    q = q.abs() + 0.1  # positive queries: an infinite key gives an infinite score of its sign
+    if kind == "nan key":
+        k[:, :, POISONED[0], POISONED[1], 3] = float("nan")
+    elif kind == "nan value":
+        v[:, :, POISONED[0], POISONED[1], 5] = float("nan")
+    elif kind == "+inf score":
+        k[:, :, POISONED[0], POISONED[1]] = float("inf")
+    elif kind == "-inf score":
+        k[:, :, POISONED[0], POISONED[1]] = -float("inf")
+    elif kind == "every score -inf":  # the global key too, so its queries see only -inf
+        k[:, :, POISONED[0], POISONED[1]] = -float("inf")
+        k[:, :, 0, 0] = -float("inf")
+    return q, k, v
+
+
+KINDS = ["nan key", "nan value", "+inf score", "-inf score", "every score -inf"]
+_MASKED = ("adds -inf to the scores of a partial block's masked keys and multiplies their "
+           "values by 0, so a non-finite key or value poisons the block's other queries")
+#: (backend, options, dtype, {kind: why it breaks the rule}): each break is a strict xfail
+BACKENDS = [
+    ("numba", dict(lanes=0), torch.float64, {}),
+    ("numba", dict(lanes=3), torch.float64, {}),  # the window lane by lane, the global shared
+    ("numba", dict(lanes=0), torch.float32, {}),
+    ("sdpa", dict(block=8), torch.float64, {
+        "nan key": _MASKED, "nan value": _MASKED, "+inf score": _MASKED}),
+    ("flex", dict(block=16, compile=False), torch.float32, {"nan value": _MASKED}),
+]
+CASES = [pytest.param(backend, options, dtype, kind,
+                      id=f"{backend}-{str(dtype)[6:]}-{options}-{kind}",
+                      marks=[pytest.mark.xfail(strict=True, reason=breaks[kind])]
+                      if kind in breaks else [])
+         for backend, options, dtype, breaks in BACKENDS for kind in KINDS]
+
+
+def _flat(t):
+    return t.reshape(t.shape[0], t.shape[1], -1, t.shape[-1])
+
+
+@pytest.mark.parametrize("backend, options, dtype, kind", CASES)
+def test_non_finite_values_follow_sdpa_per_query(backend, options, dtype, kind):
+    q, k, v = _case(kind)
+    mask = torch.as_tensor(pg.materialize(SPEC, GRID))
+    want = _rule(*(_flat(t) for t in (q, k, v)), mask)
+    attn = pg.compile(SPEC, GRID, backend=backend, dtype=str(dtype)[6:], **options)
+    with torch.no_grad():
+        got = _flat(attn(*(t.to(dtype) for t in (q, k, v)))).double()
+    poisoned = want.isnan().any(-1)
+    assert poisoned.any() == (kind in ("nan key", "nan value", "+inf score"))
+    assert not poisoned.all()
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", [
+    "nan key", "+inf score",
+    pytest.param("nan value", marks=pytest.mark.xfail(strict=True, reason=(
+        "lanes that share a term's keys multiply the NaN value row of a key one lane attends "
+        "by the 0 probability of the lanes that do not")))])
+def test_non_finite_values_in_tiles_that_share_keys(kind):
+    spec, grid = pg.window(6), (21,)
+    attn = pg.compile(spec, grid, backend="numba", lanes=2)
+    assert attn.shared == ((True,),)  # every lane computes every key of the tile's union
+    q, k, v = _case("finite", grid)
+    poison = {"nan key": (k, float("nan")), "+inf score": (k, float("inf")),
+              "nan value": (v, float("nan"))}
+    tensor, value = poison[kind]
+    tensor[:, :, 11] = value  # in the union of tile (8, 9); lane 8 does not attend it
+    want = _rule(q, k, v, torch.as_tensor(pg.materialize(spec, grid)))
+    with torch.no_grad():
+        got = attn(q, k, v)
+    assert want.isnan().any() and not want.isnan().all()
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10, equal_nan=True)

@@ -1,0 +1,170 @@
+"""The numba backend's runtime helpers against numpy, the cache key of generated modules, and
+recovery from a cache directory that cannot be used."""
+
+import hashlib
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import patterngen as pg
+from patterngen.backends.numba import module, runtime
+
+
+@numba.njit
+def _exp_shifted(x, bits, cnt, top):
+    runtime.exp_shifted(x, bits, cnt, top)
+
+
+# float32: the polynomial's error (about 1e-7) plus the rounding of (x - top) * log2(e),
+# which grows with |x - top| (6e-8 of it, relative): 2e-6 over [-20, 0]
+@pytest.mark.parametrize("dtype, bits, rtol", [(np.float32, np.int32, 2e-6),
+                                               (np.float64, np.int64, 1e-15)])
+def test_exp_shifted_matches_numpy(dtype, bits, rtol):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-20, 0, 200), [0.0, -1e-30, -87.0, -1e4, -np.inf]])
+    x = x.astype(dtype)
+    top = dtype(0.75)
+    want = np.exp((x - top).astype(np.float64))
+    got = x.copy()
+    _exp_shifted(got, np.empty(len(x), bits), len(x) - 3, top)
+    np.testing.assert_allclose(got[:-3], want[:-3], rtol=rtol, atol=1e-38)
+    np.testing.assert_array_equal(got[-3:], x[-3:])  # past cnt: untouched
+    _exp_shifted(got := x.copy(), np.empty(len(x), bits), len(x), top)
+    assert got[-1] == 0.0 and got[-2] == 0.0  # -inf (a masked key) and underflow give 0
+
+
+@numba.njit
+def _online(q, k, v, keys, chunk, bits):
+    dim = q.shape[0]
+    acc, scores = np.zeros(dim, q.dtype), np.empty(chunk, q.dtype)
+    buffer = np.empty(chunk, np.int64)
+    out, lse = np.empty((1, dim), q.dtype), np.empty((1, 1, 1), q.dtype)
+    m, l = q.dtype.type(-np.inf), q.dtype.type(0.0)
+    for first in range(0, keys.shape[0], chunk):
+        cnt = min(chunk, keys.shape[0] - first)
+        buffer[:cnt] = keys[first:first + cnt]
+        m, l = runtime.softmax_chunk(q, k, v, buffer, scores, bits, cnt, m, l, acc, dim)
+    runtime.finish_row(out, lse, 0, 0, 0, acc, m, l, dim)
+    return out[0], lse[0, 0, 0]
+
+
+def _softmax_row(q, k, v, keys, chunk):
+    """One query through the chunked online softmax, ``chunk`` keys at a time."""
+    bits = np.empty(chunk, np.int32 if q.dtype == np.float32 else np.int64)
+    return _online(q, k, v, keys.astype(np.int64), chunk, bits)
+
+
+@pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_online_softmax_matches_numpy(dtype, atol):
+    rng = np.random.default_rng(1)
+    q, k, v = rng.normal(size=5), rng.normal(size=(40, 5)), rng.normal(size=(40, 5))
+    keys = np.array([3, 7, 8, 9, 20, 21, 22, 30, 31, 39, 0], dtype=np.int64)
+    scores = k[keys] @ q
+    p = np.exp(scores - scores.max())
+    for chunk in (1, 4, 16):  # rescaling between chunks, four-key passes and their tails
+        out, lse = _softmax_row(q.astype(dtype), k.astype(dtype), v.astype(dtype), keys, chunk)
+        np.testing.assert_allclose(out, p @ v[keys] / p.sum(), atol=atol)
+        assert math.isclose(lse, scores.max() + math.log(p.sum()), abs_tol=atol)
+
+
+def test_online_softmax_non_finite_scores():
+    rng = np.random.default_rng(2)
+    q, v = np.ones(3), rng.normal(size=(6, 3))
+    k = rng.normal(size=(6, 3))
+    k[4] = -np.inf  # score -inf: probability 0
+    out, lse = _softmax_row(q, k, v, np.array([0, 4, 5]), 2)
+    scores = k[[0, 5]] @ q
+    p = np.exp(scores - scores.max())
+    np.testing.assert_allclose(out, p @ v[[0, 5]] / p.sum(), atol=1e-12)
+    out, lse = _softmax_row(q, k, v, np.array([4]), 2)  # only -inf: zeros, lse -inf
+    assert (out == 0).all() and lse == -np.inf
+    out, lse = _softmax_row(q, k, v, np.array([], dtype=np.int64), 2)  # no keys: the same
+    assert (out == 0).all() and lse == -np.inf
+    for bad in (np.nan, np.inf):  # NaN or +inf score: the row is NaN, lse NaN
+        k[2] = bad
+        out, lse = _softmax_row(q, k, v, np.array([0, 1, 2, 3]), 2)
+        assert np.isnan(out).all() and np.isnan(lse)
+
+
+def test_helpers_specialise_on_a_constant_head_dim():
+    # a kernel compiled for one head_dim passes it as a constant: numba types it as a
+    # literal and compiles the helper once more with loops of constant length
+    @numba.njit
+    def caller(x, rows, keys, out):
+        runtime.dots(x, rows, keys, 4, out, 8)
+
+    x, rows = np.ones(8, np.float32), np.ones((5, 8), np.float32)
+    out = np.empty(4, np.float32)
+    caller(x, rows, np.arange(4), out)
+    np.testing.assert_array_equal(out, 8.0)
+    assert any(str(sig[-1]) == "Literal[int](8)" for sig in runtime.dots.signatures)
+
+
+def test_a_changed_runtime_renames_every_generated_module(monkeypatch):
+    files = [Path(runtime.__file__), Path(module.launch.__file__)]
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    assert module.runtime_digest() == digest
+    source = "X = 1  # test_a_changed_runtime_renames_every_generated_module\n"
+    before = module.load(source)
+    monkeypatch.setattr(module, "runtime_digest", lambda: "changed")
+    module.load.cache_clear()
+    after = module.load(source)
+    # a new file: numba's cache of the old one (compiled against the old helpers) is not used
+    assert before.__name__ != after.__name__ and before.__file__ != after.__file__
+    assert after.__name__ == module.module_name(source, "changed")
+
+
+def _run_small(spec=pg.window(3) | pg.axis(0), grid=(4, 5)):
+    q, k, v = (torch.randn(1, 2, *grid, 4, dtype=torch.float64) for _ in range(3))
+    out = pg.compile(spec, grid, backend="numba")(q, k, v)
+    ref = pg.dense_attention(*(t.reshape(1, 2, -1, 4) for t in (q, k, v)),
+                             pg.materialize(spec, grid))
+    torch.testing.assert_close(out.reshape(ref.shape), ref)
+
+
+@pytest.mark.parametrize("how", ["a file in its place", "read-only"])
+def test_an_unusable_cache_directory_moves_to_a_temporary_one(how, tmp_path, monkeypatch):
+    monkeypatch.setattr(module, "_moved", {})
+    if how == "read-only":
+        target = tmp_path / "cache"
+        target.mkdir()
+
+        def refuse(path):  # as a read-only directory does for a user other than root
+            raise PermissionError(13, "Permission denied", str(path))
+        monkeypatch.setattr(module, "_probe", refuse)
+    else:
+        (tmp_path / "file").write_text("")
+        target = tmp_path / "file" / "cache"
+    monkeypatch.setenv("PATTERNGEN_CACHE", str(target))
+    with pytest.warns(RuntimeWarning, match="the kernel cache directory .* cannot be used") as w:
+        first = module.cache_dir()
+        assert module.cache_dir() == first != target
+    assert len(w) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        _run_small()
+
+
+def test_a_corrupt_kernel_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATTERNGEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")  # the kernels' cache beside them
+    spec = pg.window(3) | pg.global_tokens([2])
+    _run_small(spec)
+    indexes = list((tmp_path / "__pycache__").glob("*.nbi"))
+    assert indexes
+    for path in indexes:
+        path.write_text("garbage")
+    for name in [n for n in sys.modules if n.startswith("patterngen_numba_")]:
+        del sys.modules[name]
+    module.load.cache_clear()
+    module.kernel.cache_clear()
+    with pytest.warns(RuntimeWarning, match="could not read the cached kernel forward_0") as w:
+        _run_small(spec)
+    assert len(w) == 1
+    assert all(path.read_bytes() != b"garbage" for path in indexes if path.exists())
