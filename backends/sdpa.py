@@ -146,7 +146,8 @@ class _DevicePlan:
     def bias_index(self, call, permutation, shape, reach):
         """Flat table offsets ``(G, Bq, nk * Bk)`` of a call's tiles (cached on the call).
 
-        Padding positions and pairs outside the pattern get clipped offsets; the mask drops them.
+        Pairs the call's mask removes point one past the table, where :class:`_Scores` keeps a
+        ``-inf`` entry: one gather gives bias and mask together.
         """
         if "bias_index" not in call:
             import torch
@@ -159,6 +160,9 @@ class _DevicePlan:
             coords = bias.coordinates(tokens, shape)
             index = bias.offset_index([c[:, :bq, None] for c in coords],
                                       [c[:, None, bq:] for c in coords], reach)
+            if call["mask"] is not None:
+                index = np.where(call["mask"][0].cpu().numpy(), index,
+                                 math.prod(2 * r + 1 for r in reach))
             call["bias_index"] = torch.as_tensor(index.reshape(-1), device=self.device)
         return call["bias_index"]
 
@@ -307,21 +311,26 @@ class _Scores:
     def __init__(self, softcap, table, plan, permutation, shape, reach):
         self.softcap, self.table = softcap, table
         self.plan, self.permutation, self.shape, self.reach = plan, permutation, shape, reach
+        if table is not None:
+            import torch
+
+            # the table flattened, one -inf entry appended for the pairs a mask removes
+            rows = table.shape[0]
+            self.flat = torch.cat([table.reshape(rows, -1),
+                                   table.new_full((rows, 1), float("-inf"))], 1)
 
     def additive(self, call, batch, heads, dtype, torch):
-        """The call's bias tiles plus its mask, ``(batch * heads or 1, G or 1, Bq, L)``."""
-        mask = _additive_mask(call, dtype, torch)
+        """The call's bias tiles with its mask, ``(batch * heads or 1, G or 1, Bq, L)``."""
         if self.table is None:
-            return mask
+            return _additive_mask(call, dtype, torch)
         g, length = call["g"], call["nk"] * self.plan.bk
         index = self.plan.bias_index(call, self.permutation, self.shape, self.reach)
-        rows = self.table.shape[0]
-        tiles = self.table.reshape(rows, -1).index_select(1, index).view(
-            rows, g, self.plan.bq, length)
-        if rows > 1:  # per head: the (batch * heads) leading dimension needs every batch
+        rows = self.flat.shape[0]
+        tiles = self.flat.index_select(1, index).view(rows, g, self.plan.bq, length)
+        if rows > 1 and batch > 1:  # per head: the leading (batch * heads) needs every batch
             tiles = tiles.expand(batch, rows, g, self.plan.bq, length).reshape(
                 batch * rows, g, self.plan.bq, length)
-        return tiles if mask is None else tiles + mask
+        return tiles
 
 
 def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None):

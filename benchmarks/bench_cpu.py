@@ -6,7 +6,12 @@ import; dense ``scaled_dot_product_attention`` with the materialised boolean mas
 FlexAttention compiled on the CPU (``torch.compile(flex_attention)`` with ``create_block_mask``,
 block sizes 64 and 128, the best reported and the mask-building time apart; forward only); and
 the hand-written peers: Swin's partition into windows for W3 (with matmul and softmax, and
-with one SDPA call on the windows), CCNet's row/column scores with one joint softmax for W4. Every method is checked once against the dense oracle. Rates are
+with one SDPA call on the windows), CCNet's row/column scores with one joint softmax for W4.
+W2-s2 and W2-k8-s8 are NATTEN-strided windows (stride 2; stride = size, blocked), beside W2 and
+the same 8x8 window without stride (W2-k8).
+W2-bias and W3-bias add a relative position bias table (``rel_bias``, per head) to W2 and W3;
+their dense peer adds the table gathered to tokens x tokens to the mask. Every method is
+checked once against the dense oracle. Rates are
 GFLOP/s on attended FLOPs (4 * head_dim per attended pair and head), beside the machine's
 float32 matmul rate measured here.
 
@@ -46,6 +51,7 @@ class Workload:
     head_dim: int
     batch: int = 1
     peer: str | None = None
+    bias: bool = False
 
 
 WORKLOADS = [
@@ -55,6 +61,13 @@ WORKLOADS = [
     Workload("W3", pg.block(7), (56, 56), 4, 32, peer="swin"),
     Workload("W4", pg.criss_cross(), (64, 64), 4, 32, peer="ccnet"),
     Workload("W5", pg.window((3, 7, 7)), (8, 32, 32), 4, 32),
+    Workload("W2-bias", pg.window(7), (64, 64), 4, 32, bias=True),
+    # NATTEN's stride: groups of 2x2 queries share a 7x7 window; stride = size is blocked
+    # attention (8x8 tiles), beside the same 8x8 window without stride
+    Workload("W2-s2", pg.window(7, stride=2), (64, 64), 4, 32),
+    Workload("W2-k8", pg.window(8), (64, 64), 4, 32),
+    Workload("W2-k8-s8", pg.window(8, stride=8), (64, 64), 4, 32),
+    Workload("W3-bias", pg.block(7), (56, 56), 4, 32, bias=True),
 ]
 
 
@@ -155,19 +168,31 @@ def run_workload(w: Workload, args) -> list[dict]:
     repeats = 3 if args.quick else 9
 
     mask = torch.from_numpy(pg.materialize(w.spec, w.grid)) if tokens <= 8192 else None
+    bias_table = None
+    if w.bias:  # values large enough for the oracle check to see a missing bias
+        reach = pg.bias.reach(lowered)
+        bias_table = (0.5 * torch.randn(w.heads, *(2 * r + 1 for r in reach), generator=gen)
+                      ).requires_grad_()
     ref = None
     if mask is not None and tokens <= 4096:
-        ref = pg.dense_attention(q.double(), k.double(), v.double(), mask).float()
+        table64 = None if bias_table is None else bias_table.double()
+        ref = pg.dense_attention(q.double(), k.double(), v.double(), mask, grid=w.grid,
+                                 rel_bias=table64).float()
     elif mask is not None:  # too large for the float64 oracle: the fused dense kernel
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     methods = {}
-    for name in ("numba", "sdpa", "flex"):
+    for name in ("auto", "numba", "sdpa", "flex"):  # auto: the planner's choice per call
         try:
             methods[f"pg {name}"] = _pg_method(name, w, lowered)
+            if bias_table is not None:
+                attn = methods[f"pg {name}"]
+                methods[f"pg {name}"] = lambda q, k, v, a=attn: a(q, k, v, rel_bias=bias_table)
         except Exception as e:  # a backend another engineer is still writing
             methods[f"pg {name}"] = f"n/a ({type(e).__name__}: {str(e)[:60]})"
-    if mask is not None:
+    if mask is not None and bias_table is not None:
+        methods["dense SDPA + mask + bias"] = _dense_bias_peer(w, mask, bias_table)
+    elif mask is not None:
         methods["dense SDPA + mask"] = lambda q, k, v: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask)
     else:
@@ -184,7 +209,11 @@ def run_workload(w: Workload, args) -> list[dict]:
         rows.append(_measure(label, fn, q, k, v, ref, flops, repeats, args.backward))
         if getattr(fn, "lanes", None) and "note" not in rows[-1]:
             rows[-1]["note"] = f"{fn.lanes} lanes"
-    rows.append(_measure_flex(w, lowered, q, k, v, ref, flops, repeats, args))
+        if getattr(fn, "plans", None) and "note" not in rows[-1]:
+            rows[-1]["note"] = "plans: " + ", ".join(
+                f"{'fwd+bwd' if p.backward else 'fwd'} {p.strategy}" for p in fn.plans)
+    if bias_table is None:  # its mask_mod has no score_mod for a table
+        rows.append(_measure_flex(w, lowered, q, k, v, ref, flops, repeats, args))
     for r in rows:
         r["workload"], r["flops"] = w.name, flops
     print(table(rows, args.peak, args.backward), file=sys.stderr)
@@ -197,6 +226,23 @@ def _pg_method(name, w, lowered):
     if reasons:
         raise RuntimeError("; ".join(reasons))
     return pg.compile(w.spec, w.grid, backend=name)
+
+
+def _dense_bias_peer(w, mask, table):
+    """Dense SDPA whose float mask is the table gathered to (heads, tokens, tokens) each call
+    (the index built once), -inf outside the pattern: what a user writes without patterngen."""
+    reach = pg.bias.reach(pg.lower(w.spec, w.grid))
+    tokens = torch.arange(math.prod(w.grid))
+    coords = pg.bias.coordinates(tokens, w.grid)
+    index = pg.bias.offset_index([c[:, None] for c in coords], [c[None, :] for c in coords],
+                                 reach, torch_ops())
+    outside = ~mask
+
+    def attention(q, k, v):
+        bias = table.reshape(table.shape[0], -1)[:, index].masked_fill(outside, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    return attention
 
 
 def _measure(label, fn, q, k, v, ref, flops, repeats, backward) -> dict:
