@@ -262,6 +262,35 @@ def _fused_backward(q, k, v, out, lse, dout, mask, scale):
         scale=scale)
 
 
+class ExtraKeys:
+    """Keys outside the grid that every query attends besides its pattern (NATTEN's
+    ``additional_keys``/``additional_values``: text tokens, registers): one dense problem of
+    all queries against them, merged with the pattern's parts in the same softmax."""
+
+    @staticmethod
+    def _matmul(q, keys: int) -> bool:
+        import torch
+
+        return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+                and keys <= MATMUL_KEYS)
+
+    def forward(self, q, ak, av, scale):
+        import torch
+
+        if self._matmul(q, ak.shape[2]):
+            scores = _scores(q, ak, None, scale)
+            lse = torch.logsumexp(scores, dim=-1)
+            out = scores.sub_(lse[..., None]).exp_() @ av
+        else:
+            out, lse = _fused_forward(q, ak, av, None, scale)
+        return out, lse.to(_acc_dtype(torch, q.dtype))
+
+    def backward(self, q, ak, av, out, lse, dout, scale):
+        if self._matmul(q, ak.shape[2]):
+            return _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale)
+        return _fused_backward(q, ak, av, out, lse, dout, None, scale)
+
+
 class GatherGroup:
     """A pattern's gather terms, run by the numba kernels, which return the log-sum-exp.
 
@@ -337,22 +366,23 @@ def _function():
     import torch
 
     class PlannedAttention(torch.autograd.Function):
-        """Parts of a term-wise plan merged by log-sum-exp; backward from the merged out and
-        lse (module docstring)."""
+        """Parts of a term-wise plan (and extra keys) merged by log-sum-exp; backward from the
+        merged out and lse (module docstring)."""
 
         @staticmethod
-        def forward(ctx, q, k, v, runner, scale):
-            out, lse = _merged_forward(runner, q, k, v, scale)
-            ctx.save_for_backward(q, k, v, out, lse)
+        def forward(ctx, q, k, v, ak, av, runner, scale):
+            extra = None if ak is None else (ak, av)
+            out, lse = _merged_forward(runner, q, k, v, scale, extra=extra)
+            ctx.save_for_backward(q, k, v, out, lse, *(extra or ()))
             ctx.runner, ctx.scale = runner, scale
             return out
 
         @staticmethod
         def backward(ctx, dout):
-            q, k, v, out, lse = ctx.saved_tensors
+            q, k, v, out, lse, *extra = ctx.saved_tensors
             grads = _merged_backward(ctx.runner, q, k, v, out, lse, dout.contiguous(),
-                                     ctx.scale)
-            return (*grads, None, None)
+                                     ctx.scale, tuple(extra) or None)
+            return (*grads[:3], *(grads[3:] or (None, None)), None, None)
 
     return PlannedAttention
 
@@ -361,10 +391,10 @@ def _heads_of(p: int, npat: int, heads: int):
     return slice(p, heads, npat) if npat > 1 else slice(None)
 
 
-def _merged_forward(runner, q, k, v, scale, need_lse: bool = True):
-    """``(out, lse)`` of every part merged; ``lse`` is 0 for queries without any key (their
-    output is 0), so the backward never subtracts an infinity. ``lse`` is ``None`` when not
-    ``need_lse`` and one part runs alone."""
+def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None):
+    """``(out, lse)`` of every part (and of the ``extra`` keys and values, if any) merged;
+    ``lse`` is 0 for queries without any key (their output is 0), so the backward never
+    subtracts an infinity. ``lse`` is ``None`` when not ``need_lse`` and one part runs alone."""
     import torch
 
     acc = _acc_dtype(torch, q.dtype)
@@ -375,14 +405,18 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True):
     for p, (parts, empty) in enumerate(zip(runner.patterns, runner.empty)):
         sel = _heads_of(p, npat, h)
         qs, ks, vs = (q, k, v) if npat == 1 else (q[:, sel], k[:, sel], v[:, sel])
-        if not parts:
+        if extra is not None:  # every query has the extra keys: no row is empty
+            empty = None
+        if not parts and extra is None:
             mine = q.new_zeros(qs.shape)
-        elif len(parts) == 1:
+        elif len(parts) == 1 and extra is None:
             mine, lse = parts[0].forward(qs, ks, vs, scale, need_lse)
             if need_lse:
                 lse_all[:, sel] = lse
         else:
             results = [part.forward(qs, ks, vs, scale) for part in parts]
+            if extra is not None:
+                results.append(ExtraKeys().forward(qs, *(t[:, sel] for t in extra), scale))
             lse = torch.logsumexp(torch.stack([lse for _, lse in results]), dim=0)
             if need_lse:
                 lse_all[:, sel] = lse
@@ -399,20 +433,62 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True):
     return out, lse_all
 
 
-def _merged_backward(runner, q, k, v, out, lse, dout, scale):
+def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None):
+    """``(dq, dk, dv)`` and, with ``extra``, the gradients of the extra keys and values."""
     import torch
 
     dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
+    dextra = [torch.zeros_like(t) for t in extra] if extra is not None else []
     npat = len(runner.patterns)
     for p, parts in enumerate(runner.patterns):
         sel = _heads_of(p, npat, q.shape[1])
         args = [t[:, sel] for t in (q, k, v, out, lse, dout)]
         for part in parts:
-            gq, gk, gv = part.backward(*args[:5], args[5], scale)
+            gq, gk, gv = part.backward(*args, scale)
             dq[:, sel] += gq
             dk[:, sel] += gk
             dv[:, sel] += gv
-    return dq, dk, dv
+        if extra is not None:
+            ak, av = (t[:, sel] for t in extra)
+            gq, gk, gv = ExtraKeys().backward(args[0], ak, av, *args[3:], scale)
+            dq[:, sel] += gq
+            dextra[0][:, sel] += gk
+            dextra[1][:, sel] += gv
+    return (dq, dk, dv, *dextra)
+
+
+def _check_extra(ak, av, q):
+    """``(ak, av)`` checked against the flattened ``q`` ``(batch, heads, tokens, dim)``, or
+    ``None`` for no extra keys.
+
+    Raises:
+        PatternError: naming the tensor, what was expected and what was received.
+    """
+    if ak is None and av is None:
+        return None
+    import torch
+
+    if ak is None or av is None:
+        given, missing = ("additional_keys", "additional_values") if av is None else (
+            "additional_values", "additional_keys")
+        raise PatternError(f"auto: {given} was given without {missing}; pass both, of shape "
+                           f"(batch, heads, n_extra, head_dim).")
+    b, h, _, d = q.shape
+    for name, t in (("additional_keys", ak), ("additional_values", av)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[1],
+                                                               t.shape[3]) != (b, h, d):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise PatternError(f"auto: {name} has shape {shape}; q has batch={b}, heads={h}, "
+                               f"head_dim={d}, so expected ({b}, {h}, n_extra, {d}).")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise PatternError(f"auto: {name} is {t.dtype} on {t.device}; expected q's "
+                               f"{q.dtype} on {q.device}.")
+    if ak.shape[2] != av.shape[2]:
+        raise PatternError(f"auto: additional_keys has {ak.shape[2]} tokens and "
+                           f"additional_values {av.shape[2]}; expected the same number.")
+    if ak.shape[2] == 0:
+        return None
+    return ak.contiguous(), av.contiguous()
 
 
 class PlannedBackend(Backend):
@@ -440,12 +516,18 @@ class PlannedBackend(Backend):
     name = "auto"
     SUPPORTED_DEVICES = ("cpu", "cuda")
     SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
+    SUPPORTS_REL_POS_BIAS = True
+    SUPPORTS_SOFTCAP = True
 
     def __init__(self, ir_, device="cpu", dtype="float32", head_dim=32, heads=4, batch=1,
-                 backward=False, scale=None, strategy=None, rates=None, terms=None):
+                 backward=False, scale=None, strategy=None, rates=None, terms=None,
+                 softcap=None):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the auto backend")
         self.scale = scale
+        self.softcap = softcap
+        if softcap is not None:  # the term-wise executors add no softcap yet
+            strategy = strategy or _capable("SUPPORTS_SOFTCAP")
         self._strategy = strategy
         self._rates = rates
         self._terms = terms
@@ -454,13 +536,17 @@ class PlannedBackend(Backend):
         self.plan = self._plan(str(device).split(":")[0], str(dtype).rsplit(".", 1)[-1],
                                head_dim, heads, batch, backward)
 
-    def _plan(self, device, dtype, head_dim, heads, batch, backward):
-        key = (device, dtype, head_dim, heads, batch, backward)
+    def _plan(self, device, dtype, head_dim, heads, batch, backward, strategy=None):
+        """The plan for these inputs (cached); ``strategy`` (a name or a tuple of names)
+        restricts the strategies beyond the constructor's."""
+        strategy = strategy or self._strategy
+        key = (device, dtype, head_dim, heads, batch, backward) + ((strategy,) if strategy
+                                                                   != self._strategy else ())
         if key not in self._plans:
+            allowed = (strategy,) if isinstance(strategy, str) else strategy
             self._plans[key] = make_plan(
                 self.ir, None, head_dim=head_dim, heads=heads, batch=batch, device=device,
-                dtype=dtype, backward=backward, rates=self._rates,
-                executors=None if self._strategy is None else (self._strategy,),
+                dtype=dtype, backward=backward, rates=self._rates, executors=allowed,
                 terms=self._terms)
         return self._plans[key]
 
@@ -482,11 +568,25 @@ class PlannedBackend(Backend):
             if plan.strategy == "terms":
                 self._runs[key] = _Runner(self.ir, plan)
             else:
-                self._runs[key] = get_backend(plan.strategy)(self.ir, scale=self.scale)
+                options = {} if self.softcap is None else {"softcap": self.softcap}
+                self._runs[key] = get_backend(plan.strategy)(self.ir, scale=self.scale,
+                                                             **options)
         return self._runs[key]
 
-    def __call__(self, q, k, v, scale=None):
+    def __call__(self, q, k, v, scale=None, additional_keys=None, additional_values=None,
+                 rel_bias=None):
         """Attention of ``q`` over ``k, v`` under the compiled pattern, as planned.
+
+        Args:
+            q, k, v: ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens,
+                head_dim)`` tensors of one dtype on one CPU or CUDA device.
+            scale: score scale; default the constructor's, else ``head_dim ** -0.5``.
+            additional_keys, additional_values: ``(batch, heads, n_extra, head_dim)`` tokens
+                outside the grid that every query attends besides its pattern, in the same
+                softmax (NATTEN's ``additional_keys``); they get gradients too.
+            rel_bias: a relative position bias table (:mod:`patterngen.bias`); the call then
+                runs on a whole-pattern backend that adds it (the term-wise executors do not
+                yet).
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
@@ -494,23 +594,45 @@ class PlannedBackend(Backend):
         import torch
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if qf.shape[-1] < 1:
+            raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
+        extra = _check_extra(additional_keys, additional_values, qf)
+        inputs = (q, k, v) + (extra or ())
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         plan = self.plan
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
         if (plan.device.split(":")[0], plan.dtype, plan.head_dim, plan.heads, plan.batch,
                 plan.backward) != wanted:
             plan = self._plan(*wanted)
+        if extra is not None and (rel_bias is not None or self.softcap is not None):
+            raise PatternError("auto: additional_keys with rel_bias or softcap is not "
+                               "supported yet; pass one or the other.")
+        if extra is not None and plan.strategy != "terms":
+            # extra keys are one more part of a term-wise plan: its gather group then runs
+            # the pattern's own terms
+            plan = self._plan(*wanted, strategy="terms")
+        if rel_bias is not None and (plan.strategy == "terms" or not get_backend(
+                plan.strategy).SUPPORTS_REL_POS_BIAS):
+            plan = self._plan(*wanted, strategy=_capable("SUPPORTS_REL_POS_BIAS"))
         run = self._run(plan)
         if plan.strategy != "terms":
-            return run(q, k, v, scale=scale if scale is not None else self.scale)
+            options = {} if rel_bias is None else {"rel_bias": rel_bias}
+            return run(q, k, v, scale=scale if scale is not None else self.scale, **options)
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
-        if qf.shape[-1] < 1:
-            raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
         if not grad:
-            return restore(_merged_forward(run, qf, kf, vf, scale, need_lse=False)[0])
-        return restore(_function().apply(qf, kf, vf, run, scale))
+            return restore(_merged_forward(run, qf, kf, vf, scale, need_lse=False,
+                                           extra=extra)[0])
+        ak, av = extra or (None, None)
+        return restore(_function().apply(qf, kf, vf, ak, av, run, scale))
+
+
+def _capable(flag: str) -> tuple:
+    """The whole-pattern backends that set ``flag`` (``SUPPORTS_REL_POS_BIAS`` or
+    ``SUPPORTS_SOFTCAP``): the term-wise executors do not add a bias or softcap yet."""
+    return tuple(name for name in ("numba", "sdpa", "flex")
+                 if getattr(get_backend(name), flag, False))
 
 
 register_backend("auto", PlannedBackend)

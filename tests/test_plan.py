@@ -153,3 +153,72 @@ def test_a_corrupt_calibration_file_is_measured_again(tmp_path, monkeypatch):
     assert len(calls) == 1  # read back from the file, not measured again
     calibrate.rates("cpu", "float32", refresh=True)
     assert len(calls) == 2
+
+
+def _extra_reference(q, k, v, ak, av, mask):
+    """The oracle over grid keys and extra keys in one softmax (the extra ones always seen)."""
+    b, h, n, d = q.shape
+    if mask.ndim == 3:  # heads(...): head h uses pattern h % len(patterns)
+        mask = mask[pg.ir.pattern_of_head(np.arange(h), len(mask))]
+    full = np.concatenate([mask, np.ones((*mask.shape[:-1], ak.shape[2]), dtype=bool)], -1)
+    scores = (q @ torch.cat([k, ak], 2).transpose(-1, -2)) * d ** -0.5
+    scores = scores.masked_fill(~torch.as_tensor(full), float("-inf"))
+    return torch.softmax(scores, -1) @ torch.cat([v, av], 2)
+
+
+@pytest.mark.parametrize("pattern, grid, extra, options", [
+    (pg.criss_cross(), (5, 6), 3, {}),
+    (pg.window(3) | pg.global_tokens([0]), (6, 5), 2, {}),
+    (pg.heads(pg.block(2), pg.axis(0) & pg.global_tokens([(0, 0)])), (4, 5), 1, {}),
+    (pg.window(3), (7, 6), 200, dict(strategy="numba")),  # more keys than MATMUL_KEYS
+])
+def test_additional_keys_share_the_softmax(pattern, grid, extra, options):
+    attn = pg.compile(pattern, grid, backend="auto", **options)
+    gen = torch.Generator().manual_seed(extra)
+    n = int(np.prod(grid))
+    q, k, v = (torch.randn(2, 4, n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    ak, av = (torch.randn(2, 4, extra, 8, generator=gen, dtype=torch.float64,
+                          requires_grad=True) for _ in range(2))
+    ref = _extra_reference(q, k, v, ak, av, pg.materialize(pattern, grid))
+    out = attn(q, k, v, additional_keys=ak, additional_values=av)
+    torch.testing.assert_close(out, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q, k, v, additional_keys=ak, additional_values=av), ref)
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for name, g, w in zip(("q", "k", "v", "ak", "av"),
+                          torch.autograd.grad(out, (q, k, v, ak, av), grad),
+                          torch.autograd.grad(ref, (q, k, v, ak, av), grad)):
+        torch.testing.assert_close(g, w, msg=f"d{name}")
+
+
+def test_bad_additional_keys():
+    attn = pg.compile(pg.window(3), (4, 4), backend="auto")
+    q = k = v = torch.randn(1, 2, 16, 8)
+    good = torch.randn(1, 2, 3, 8)
+    with pytest.raises(pg.PatternError, match="additional_keys was given without "
+                                              "additional_values"):
+        attn(q, k, v, additional_keys=good)
+    with pytest.raises(pg.PatternError, match=r"additional_values has shape \(1, 3, 3, 8\); q "
+                                              r"has batch=1, heads=2, head_dim=8, so expected "
+                                              r"\(1, 2, n_extra, 8\)"):
+        attn(q, k, v, additional_keys=good, additional_values=torch.randn(1, 3, 3, 8))
+    with pytest.raises(pg.PatternError, match="additional_keys has 3 tokens and "
+                                              "additional_values 2"):
+        attn(q, k, v, additional_keys=good, additional_values=good[:, :, :2])
+    with pytest.raises(pg.PatternError, match="additional_keys is torch.float64"):
+        attn(q, k, v, additional_keys=good.double(), additional_values=good)
+
+
+def test_bias_and_softcap_run_on_a_backend_that_adds_them():
+    pattern, grid = pg.block(3, offset=1), (5, 6)
+    attn = pg.compile(pattern, grid, backend="auto")
+    table = torch.randn(2, *(2 * r + 1 for r in attn.reach), dtype=torch.float64)
+    q, k, v = (torch.randn(1, 2, 30, 8, dtype=torch.float64) for _ in range(3))
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), grid=grid, rel_bias=table)
+    torch.testing.assert_close(attn(q, k, v, rel_bias=table), ref)
+    assert attn.plans[-1].strategy in ("sdpa", "flex")
+    capped = pg.compile(pattern, grid, backend="auto", softcap=2.0)
+    assert capped.plan.strategy in ("sdpa", "flex")
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), grid=grid, softcap=2.0)
+    torch.testing.assert_close(capped(q, k, v), ref)
