@@ -27,15 +27,16 @@ __all__ = [
     "cost",
     "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
     "BackendUnavailable", "UnknownBackend", "receptive_field", "layers_to_global", "profile", "parse", "nn",
-    "layout", "Layout", "plan", "Plan", "bias",
+    "layout", "Layout", "plan", "Plan", "bias", "distributed",
 ]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # pg.nn subclasses torch.nn.Module; importing it lazily keeps `import patterngen` free of torch
-    if name == "nn":
+    # pg.nn subclasses torch.nn.Module and pg.distributed compiles with torch.distributed;
+    # importing them lazily keeps `import patterngen` free of torch
+    if name in ("nn", "distributed"):
         import importlib
 
-        return importlib.import_module(".nn", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'patterngen' has no attribute {name!r}")

@@ -105,39 +105,14 @@ def _window(atoms, n):
     right = k - 1 - left
     if w.mode == "clamp":  # the leader's clamped window: k keys for every query, any stride
         return AxisFormula(n * k, k, k, need)
-    if w.stride != 1 and w.mode == "causal":  # query 0 sees itself; each group's last, k
-        return AxisFormula(_per_dilation_group(
-            lambda m: _causal_strided(k, w.stride, m), n, d), 1, k, need)
     if w.stride != 1:
-        # NB: a truncated strided window's count depends on where the stride groups and the
-        # short last group meet both borders: counted exactly, not in closed form
+        # NB: a truncated or causal strided window's count depends on where the stride groups
+        # and the partial last group meet the borders: counted exactly, not in closed form
         return AxisFormula(None, assumptions=need)
     if w.mode == "pad":
         lost = d * (left * (left + 1) + right * (right + 1)) / 2
         return AxisFormula(n * k - lost, right + 1, k, need)
     return AxisFormula(n * k - d * k * (k - 1) / 2, 1, k, need)
-
-
-def _per_dilation_group(f, n, d):
-    """``sum_g f(m_g)`` over the ``d`` dilation groups: ``n mod d`` of them hold
-    ``floor(n/d) + 1`` positions, the others ``floor(n/d)``."""
-    if d == 1:
-        return f(n)
-    q, r = sympy.floor(n / d), sympy.Mod(n, d)
-    return (d - r) * f(q) + r * f(q + 1)
-
-
-def _causal_strided(k, s, m):
-    """Pairs of a causal window with stride ``s`` on ``m >= k`` positions (NATTEN's rule).
-
-    Query ``j`` of group ``t`` sees ``j + 1 - max(L - k + 1, 0)`` keys, ``L = t*s + s - 1``
-    (the short last group: ``L = m - 1``). Groups ``t >= floor(k/s)`` lose ``L - k + 1`` keys
-    per query; the ``m mod s`` queries of the short last group lose ``m - k`` each.
-    """
-    q, t0 = sympy.floor(m / s), sympy.floor(k / s)
-    r = m - s * q
-    lost = s * (s * (q * (q - 1) - t0 * (t0 - 1)) / 2 + (s - k) * (q - t0)) + r * (m - k)
-    return m * (m + 1) / 2 - lost
 
 
 def _window_le(w: ir.Window, n):
@@ -373,6 +348,8 @@ class CostReport:
         executed_pairs: pairs a block-sparse kernel computes per head (non-empty blocks times
             their area), for ``block``, in the cheapest order; waste: ``executed_pairs / pairs``.
         executed_by_order: executed pairs per head of each order considered.
+        halo: with ``ranks``, a :class:`patterngen.distributed.HaloCost`: K/V halo tokens,
+            lines and bytes per rank and step, and communication over compute.
     """
 
     label: str
@@ -391,6 +368,7 @@ class CostReport:
     order: str | None = None
     executed_pairs: int | None = None
     executed_by_order: dict = field(default_factory=dict, compare=False)
+    halo: object = None
 
     @property
     def tokens(self):
@@ -458,13 +436,11 @@ class CostReport:
         for k, v in {**(values or {}), **sizes}.items():
             mapping[symbol(k) if isinstance(k, str) else k] = sympy.Integer(as_size(v, str(k), 0))
 
-        # xreplace: one simultaneous pass that rebuilds (so floors and exact counts evaluate),
-        # an order of magnitude faster than subs on the floor-heavy strided closed forms
         def s(x):
-            x = sympy.sympify(x).xreplace(mapping)
+            x = sympy.sympify(x).subs(mapping, simultaneous=True)
             return int(x) if x.is_Integer else x
 
-        assumptions = tuple(a for a in (sympy.sympify(a).xreplace(mapping)
+        assumptions = tuple(a for a in (sympy.sympify(a).subs(mapping, simultaneous=True)
                                         for a in self.assumptions) if a is not sympy.true)
         for a in assumptions:
             if a is sympy.false:
@@ -475,7 +451,8 @@ class CostReport:
                        heads=s(self.heads), batch=s(self.batch), pairs=s(self.pairs),
                        pairs_per_head=tuple(s(p) for p in self.pairs_per_head),
                        keys_min=s(self.keys_min), keys_max=s(self.keys_max),
-                       assumptions=assumptions)
+                       assumptions=assumptions,
+                       halo=None if self.halo is None else self.halo.subs(mapping))
 
     def rows(self) -> list[tuple[str, object]]:
         return [
@@ -493,6 +470,7 @@ class CostReport:
               for name, pairs in self.executed_by_order.items()),
             *([] if self.block is None else [
                 (f"waste (executed / attended, {self.order})", f"{float(self.waste):.3f}")]),
+            *([] if self.halo is None else self.halo.rows()),
         ]
 
     def __repr__(self) -> str:
@@ -510,7 +488,7 @@ class CostReport:
 
 
 def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", block=None,
-         order="auto", tile=None) -> CostReport:
+         order="auto", tile=None, ranks=None) -> CostReport:
     """The exact cost of ``pattern`` on ``grid``; sizes may be ints, symbols or names.
 
     Args:
@@ -522,6 +500,8 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
             (numeric grids only; see :func:`patterngen.layout.layout`).
         order, tile: the layout's token order (``"auto"`` keeps the cheaper of row-major and
             tiled) and tile shape.
+        ranks: processes sharing axis 0 (an int or a name): adds :attr:`CostReport.halo`
+            (see :mod:`patterngen.distributed`).
 
     Example:
         >>> import patterngen as pg
@@ -557,10 +537,16 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
         executed = by_order[order]
     assumptions = tuple(dict.fromkeys(a for c in per_head for a in c.assumptions))
     notes = tuple(dict.fromkeys(n for c in per_head for n in c.notes))
-    return CostReport(lowered.label, lowered.grid, head_dim, heads, batch, _dtype_bytes(dtype),
-                      pairs, tuple(c.pairs for c in per_head), kmin, kmax, assumptions, notes,
-                      block if executed is not None else None, order if executed is not None
-                      else None, executed, by_order)
+    report = CostReport(lowered.label, lowered.grid, head_dim, heads, batch, _dtype_bytes(dtype),
+                        pairs, tuple(c.pairs for c in per_head), kmin, kmax, assumptions,
+                        notes, block if executed is not None else None,
+                        order if executed is not None else None, executed, by_order)
+    if ranks is None:
+        return report
+    from .distributed.halo import halo_cost
+
+    return replace(report, halo=halo_cost(lowered, ranks, head_dim, heads, batch,
+                                          report.dtype_bytes, report.flops))
 
 
 def mean_over_heads(values, heads):

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
@@ -664,7 +665,8 @@ def verify(ir) -> None:
                 raise PatternError(f"IR term {t!r} does not have {head.grid.ndim} relations.")
             for rel in t.rels:
                 for atom in rel.atoms:
-                    if not isinstance(atom, (All, Eq, Lt, Le, Window, Block, KeyIn, QueryIn)):
+                    if not isinstance(atom, (All, Eq, Lt, Le, Window, Block, KeyIn, QueryIn,
+                                             LineTable)):
                         raise PatternError(f"Unrecognized IR atom: {atom!r}")
                     if isinstance(atom, Window) and atom.mode not in WINDOW_MODES:
                         raise PatternError(f"Window mode={atom.mode!r} not in {WINDOW_MODES}.")
@@ -677,3 +679,52 @@ def verify(ir) -> None:
                 if len(steps) > 1 and not all(is_number(s) for s in steps):
                     raise PatternError(f"Relation {rel!r} meets symbolic dilations {steps}.")
 
+
+@dataclass(frozen=True, repr=False)
+class LineTable(Atom):
+    """Keys read from constant per-query tables: query ``i`` sees ``starts[i]``, then every
+    ``stride``-th key below ``stops[i]`` (``stops[i] <= starts[i]``: no key).
+
+    The axis a rank of :mod:`patterngen.distributed` holds: its local lines (own shard and halo)
+    are laid out one interval after another, and a relation's bounds, evaluated at the global
+    axis length, become this table in local coordinates. numpy and torch index the tables;
+    generated source (:class:`Src`) cannot, so the numba backend refuses it. Cost formulas have
+    no closed form for it: it is counted exactly (the axis length is ``len(starts)``).
+
+    Attributes:
+        starts, stops: one entry per query coordinate (tuples of ints).
+        stride: the keys' step.
+    """
+
+    starts: tuple
+    stops: tuple
+    stride: int = 1
+    reflexive = False
+
+    @property
+    def step(self):
+        return self.stride
+
+    def params(self):
+        return (self.stride,)
+
+    def __repr__(self):
+        return f"LineTable({len(self.starts)} lines, stride={self.stride})"
+
+    def subs(self, mapping) -> "LineTable":
+        return self
+
+    def bounds(self, i, n, ops):
+        if isinstance(i, Src) or ops is SOURCE_OPS:
+            raise PatternError(f"{self!r} holds constant tables, which generated source cannot "
+                               f"read; run it on a backend that indexes arrays (sdpa, flex).")
+        if is_number(n) and int(n) != len(self.starts):
+            raise PatternError(f"{self!r} is defined on an axis of {len(self.starts)} lines, "
+                               f"not n={n}.")
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(i, torch.Tensor):  # FlexAttention's mask_mod
+            starts = torch.as_tensor(self.starts, dtype=torch.int64, device=i.device)
+            stops = torch.as_tensor(self.stops, dtype=torch.int64, device=i.device)
+            return starts[i], stops[i]
+        return (np.asarray(self.starts, dtype=np.int64)[i],
+                np.asarray(self.stops, dtype=np.int64)[i])

@@ -1,0 +1,58 @@
+"""Local attention on a grid sharded across processes: halo exchange over ``torch.distributed``.
+
+Each rank holds a contiguous range of lines of one grid axis (its *shard*) of Q, K and V. Only K
+and V move: every rank receives exactly the tokens its queries read on other ranks (the halo,
+:mod:`patterngen.distributed.halo`), in one ``all_to_all_single`` with per-rank split sizes
+(several hops when a shard is shorter than the reach), computes its queries on a local grid, and
+keeps its output rows. The backward sends the halo's gradients back to their owners, who add
+them. gloo (CPU) and NCCL (GPU) run the same code.
+
+Example (every rank runs it, after ``torch.distributed.init_process_group``)::
+
+    attn = pg.distributed.compile(pg.window(7) | pg.global_tokens([0]), grid=(512, 512))
+    start, stop = attn.shards[dist.get_rank()]
+    out = attn(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop])
+
+``import patterngen.distributed`` does not import torch; :func:`compile` does.
+"""
+
+from .halo import HaloCost, RankPlan, exchange_rows, halo_cost, rank_plan, schemes, split_lines
+
+__all__ = ["compile", "DistributedAttention", "HaloCost", "RankPlan", "exchange_rows",
+           "halo_cost", "rank_plan", "schemes", "split_lines"]
+
+
+def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None, **options):
+    """Compile ``pattern`` for a grid sharded along ``axis`` over the ranks of ``group``.
+
+    Every rank of ``group`` must call it with the same arguments: the ranks check that they
+    agree (a hash of the pattern, grid, axis and shards, all-gathered) before any exchange.
+
+    Args:
+        pattern: a spec or a lowered IR (numeric grid).
+        grid: the whole grid, e.g. ``(512, 512)``.
+        axis: the sharded axis.
+        group: a ``torch.distributed`` process group; ``None`` is the default group.
+        backend: the local executor: ``"auto"`` (``"sdpa"``), ``"sdpa"`` or ``"flex"``.
+        shards: lines per rank; ``None`` splits as evenly as possible.
+        **options: options of the local backend.
+
+    Returns:
+        A :class:`DistributedAttention`.
+
+    Raises:
+        PatternError: on every rank, with the same message, when any rank's arguments are
+            invalid or the ranks disagree; or when no process group is initialised.
+    """
+    from .attention import DistributedAttention
+
+    return DistributedAttention(pattern, grid, axis, group, backend, shards, options)
+
+
+def __getattr__(name):
+    # the torch-side class lives in .attention, imported on first use
+    if name == "DistributedAttention":
+        from .attention import DistributedAttention
+
+        return DistributedAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

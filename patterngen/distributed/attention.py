@@ -1,0 +1,226 @@
+"""The torch side of :mod:`patterngen.distributed`: agreement, exchange, local attention."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.distributed as dist
+
+from .. import ir
+from ..errors import PatternError
+from ..grid import Grid
+from ..spec import as_ir
+from .halo import rank_plan, schemes, split_lines
+
+__all__ = ["DistributedAttention"]
+
+#: local executors that read :class:`~patterngen.ir.LineTable` (numba emits source: it cannot)
+LOCAL_BACKENDS = ("auto", "sdpa", "flex")
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class _Exchange(torch.autograd.Function):
+    """``all_to_all_single`` of packed rows; its backward is the transposed exchange."""
+
+    @staticmethod
+    def forward(ctx, rows, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        out = rows.new_empty((sum(recv_splits), rows.shape[1]))
+        dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        out = grad.new_empty((sum(send_splits), grad.shape[1]))
+        dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits,
+                               group=ctx.group)
+        return out, None, None, None
+
+
+def _axis_first(lowered, axis: int):
+    """The same pattern with ``axis`` as axis 0 (queries and keys permuted alike)."""
+    if axis == 0:
+        return lowered
+    perm = (axis, *(a for a in range(lowered.ndim) if a != axis))
+    grid = Grid(tuple(lowered.grid.shape[a] for a in perm))
+
+    def move(head):
+        return ir.IR(grid, tuple(ir.Term(tuple(t.rels[a] for a in perm)) for t in head.terms),
+                     head.label)
+
+    if isinstance(lowered, ir.IR):
+        return move(lowered)
+    return ir.HeadsIR(grid, tuple(move(h) for h in lowered.heads), lowered.label)
+
+
+def _device(group):
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class DistributedAttention:
+    """Attention of one rank's shard; build it with :func:`patterngen.distributed.compile`.
+
+    Call it on every rank with that rank's ``(batch, heads, *shard, head_dim)`` (or ``(batch,
+    heads, shard_tokens, head_dim)``) q, k, v; it returns the rank's output rows, with autograd.
+    Every rank must call it, and run backward, the same number of times (collectives).
+
+    Attributes:
+        shards: ``(start, stop)`` of every rank's lines of the sharded axis.
+        rank, world: this rank and the group's size.
+        plan: this rank's :class:`~patterngen.distributed.halo.RankPlan`.
+        local: the compiled local backend.
+        schemes: ``(term, scheme)`` per term (see :func:`~patterngen.distributed.schemes`).
+        sent_rows, received_rows: K/V tokens this rank sends and receives per forward step.
+    """
+
+    def __init__(self, pattern, grid, axis, group, backend, shards, options):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise PatternError("patterngen.distributed.compile needs a process group: call "
+                               "torch.distributed.init_process_group first (gloo on CPU, nccl "
+                               "on GPUs).")
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        error, digest, summary = None, "", ""
+        try:
+            lowered = as_ir(pattern, grid)
+            shape = lowered.grid.require_numeric("patterngen.distributed.compile")
+            if isinstance(axis, bool) or not isinstance(axis, int) or not (
+                    -len(shape) <= axis < len(shape)):
+                raise PatternError(f"axis={axis!r}: expected an axis of the {len(shape)}-D grid "
+                                   f"{lowered.grid}, an int in [{-len(shape)}, {len(shape)}).")
+            if backend not in LOCAL_BACKENDS:
+                raise PatternError(f"backend={backend!r}: the local part runs on one of "
+                                   f"{LOCAL_BACKENDS} (numba kernels are generated source, "
+                                   f"which cannot read a rank's line tables).")
+            self.axis = axis % len(shape)
+            self.shards = split_lines(shape[self.axis], self.world, shards)
+            moved = _axis_first(lowered, self.axis)
+            key = (tuple(tuple(map(repr, h.terms)) for h in moved.per_head), shape, self.axis,
+                   self.shards, self.world)
+            digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+            summary = (f"{lowered.label} on grid {lowered.grid}, axis={self.axis}, "
+                       f"shards={list(self.shards)}")
+            self.plan = rank_plan(moved, self.shards, self.rank)
+            from ..compile import compile as compile_local
+
+            self.local = compile_local(self.plan.local,
+                                       backend="sdpa" if backend == "auto" else backend,
+                                       **options)
+            self.schemes = schemes(moved)
+            self._shape = shape
+        except PatternError as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 -- any failure must reach every rank, not hang
+            error = f"{type(e).__name__}: {e}"
+        self._agree((digest, summary, error))
+        lo, hi = self.shards[self.rank]
+        self._shard_shape = tuple(hi - lo if a == self.axis else n
+                                  for a, n in enumerate(self._shape))
+        self._rest = math.prod(n for a, n in enumerate(self._shape) if a != self.axis)
+        self.sent_rows = sum(len(s) for s in self.plan.send)
+        self.received_rows = sum(len(r) for r in self.plan.recv)
+        self._indices = {}
+
+    def __repr__(self):
+        return (f"DistributedAttention(rank {self.rank} of {self.world}, lines "
+                f"{self.shards[self.rank]} of axis {self.axis}, {self.local!r})")
+
+    def _agree(self, payload):
+        """All-gather ``(digest, summary, error)``; raise the same error on every rank."""
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, payload, group=self.group)
+        failed = [(r, e) for r, (_, _, e) in enumerate(gathered) if e]
+        if failed:
+            raise PatternError("patterngen.distributed.compile failed on "
+                               + "; ".join(f"rank {r}: {e}" for r, e in failed))
+        if len({d for d, _, _ in gathered}) > 1:
+            raise PatternError(
+                "The ranks disagree on the sharded pattern (checked before any exchange); "
+                "every rank must compile the same pattern, grid, axis and shards: "
+                + "; ".join(f"rank {r}: {s} [{d}]" for r, (d, s, _) in enumerate(gathered)))
+
+    def _check(self, q, k, v):
+        """Check every rank's inputs together; the same error on every rank when any is bad."""
+        from patterngen.backends._inputs import flatten_qkv
+
+        message, flat = None, None
+        try:
+            lo, hi = self.shards[self.rank]
+            flat = flatten_qkv(q, k, v, self._shard_shape,
+                               f"rank {self.rank} (lines {lo}:{hi} of axis {self.axis})")
+            if q.dtype not in _DTYPES:
+                raise PatternError(f"distributed: q has dtype={q.dtype}; expected one of "
+                                   f"{_DTYPES}.")
+        except PatternError as e:
+            message, flat = str(e), None
+        b, h, d = (q.shape[0], q.shape[1], q.shape[-1]) if flat else (0, 0, 0)
+        grad = torch.is_grad_enabled() and flat is not None and (k.requires_grad
+                                                                 or v.requires_grad)
+        mine = torch.tensor([message is not None, b, h, d,
+                             _DTYPES.index(q.dtype) if flat else -1, grad],
+                            dtype=torch.int64, device=_device(self.group))
+        table = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(table, mine, group=self.group)
+        table = [t.tolist() for t in table]
+        if any(row[0] for row in table):
+            messages = [None] * self.world
+            dist.all_gather_object(messages, message, group=self.group)
+            raise PatternError("distributed attention: bad inputs on "
+                               + "; ".join(m for m in messages if m))
+        if len({tuple(row[1:]) for row in table}) > 1:
+            raise PatternError(
+                "distributed attention: the ranks' inputs disagree; every rank needs the same "
+                "batch, heads, head_dim, dtype and whether K/V need gradients: "
+                + "; ".join(f"rank {r}: batch={row[1]}, heads={row[2]}, head_dim={row[3]}, "
+                            f"dtype={_DTYPES[row[4]]}, grad={bool(row[5])}"
+                            for r, row in enumerate(table)))
+        return flat
+
+    def _index(self, device):
+        if device not in self._indices:
+            def cat(parts):
+                return torch.cat([torch.as_tensor(p, dtype=torch.int64) for p in parts]).to(device)
+
+            self._indices[device] = (cat(self.plan.send), cat(self.plan.recv))
+        return self._indices[device]
+
+    def _axis_first(self, x, b, h, d):
+        """Flat shard rows in row-major order of the grid with the sharded axis first."""
+        if self.axis == 0:
+            return x
+        x = x.reshape(b, h, *self._shard_shape, d).movedim(2 + self.axis, 2)
+        return x.reshape(b, h, -1, d)
+
+    def __call__(self, q, k, v, scale=None):
+        """This rank's output rows for its shard of q, k, v (same layout as ``q``).
+
+        Raises:
+            PatternError: on every rank, when any rank's inputs do not fit its shard or the
+                ranks' batch, heads, head_dim, dtype or gradient needs differ.
+        """
+        qf, kf, vf, restore = self._check(q, k, v)
+        b, h, tokens, d = qf.shape
+        qf, kf, vf = (self._axis_first(x, b, h, d) for x in (qf, kf, vf))
+        send, recv = self._index(qf.device)
+        # one packed row per token: (K, V) x batch x heads x head_dim
+        kv = torch.stack([kf, vf]).permute(3, 0, 1, 2, 4).reshape(tokens, 2 * b * h * d)
+        got = _Exchange.apply(kv.index_select(0, send), [len(s) for s in self.plan.send],
+                              [len(r) for r in self.plan.recv], self.group)
+        own0, own1 = (x * self._rest for x in self.plan.own)
+        local_tokens = self.plan.local_lines * self._rest
+        local = kv.new_zeros((local_tokens, kv.shape[1]))
+        local = local.index_copy(0, torch.arange(own0, own1, device=kv.device), kv)
+        local = local.index_copy(0, recv, got)
+        k_loc, v_loc = local.reshape(local_tokens, 2, b, h, d).permute(1, 2, 3, 0, 4)
+        q_loc = torch.nn.functional.pad(qf, (0, 0, own0, local_tokens - own1))
+        out = self.local(q_loc, k_loc, v_loc, scale=scale)[:, :, own0:own1]
+        if self.axis:
+            moved = (self._shard_shape[self.axis],
+                     *(n for a, n in enumerate(self._shard_shape) if a != self.axis))
+            out = out.reshape(b, h, *moved, d).movedim(2, 2 + self.axis).reshape(b, h, -1, d)
+        return restore(out)

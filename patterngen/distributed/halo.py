@@ -1,0 +1,477 @@
+"""The halo of a pattern sharded along its first axis: exact per rank, and symbolic.
+
+Axis 0 of the grid is cut into contiguous line ranges, one per rank. A separable term's keys
+factor over axes, so the keys the queries of rank ``r`` reach through one term are the product
+of (axis 0) the union of the key progressions of ``r``'s query lines, evaluated at the *global*
+axis length (clamped borders, dilation, block offsets and causal stay exact), and (every other
+axis) the union over all query coordinates. The union over terms (and heads) of these products,
+less ``r``'s own lines, is exactly the set of K/V tokens ``r`` must receive: nothing else moves.
+
+A rank computes on a *local grid* whose axis 0 is its own shard and the hull of each term's key
+lines, merged into intervals laid out one after another. Each term's key progression lies inside
+one interval, so in local coordinates it is still a progression, given per local line by an
+:class:`~patterngen.ir.LineTable`; lines the rank does not own get no key (their output is
+dropped). Tokens of the local grid that no term reads (a dilation's gaps) are not sent; they
+stay zero.
+
+The symbolic halo (:func:`halo_cost`) is a closed form in the grid sizes, the number of ranks
+``R`` and the rank index ``rank`` for windows, blocks, equal lines, causal terms, whole-axis
+terms and one range of global key lines, under stated assumptions (``R`` divides the axis, a
+shard is at least a window's span); any other pattern gets an integer sympy function that
+counts exactly (:func:`exchange_rows`) once the sizes are numbers.
+
+Example:
+    >>> import patterngen as pg
+    >>> from patterngen.distributed.halo import exchange_rows, split_lines
+    >>> rows = exchange_rows(pg.lower(pg.window(3), (8, 4)), split_lines(8, 2))
+    >>> rows.tolist()  # rows[src][dst]: K/V tokens src sends to dst
+    [[0, 4], [4, 0]]
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import sympy
+
+from .. import ir
+from ..errors import PatternError
+from ..grid import Grid, is_number, symbol
+
+__all__ = ["split_lines", "exchange_rows", "RankPlan", "rank_plan", "schemes", "HaloCost",
+           "halo_cost"]
+
+
+def split_lines(n: int, ranks: int, sizes=None) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` of the lines each rank holds: contiguous, in rank order.
+
+    Args:
+        n: lines of the sharded axis.
+        ranks: number of ranks.
+        sizes: lines per rank; ``None`` splits as evenly as possible (the first ``n % ranks``
+            ranks get one line more).
+
+    Raises:
+        PatternError: for a grid with fewer lines than ranks, a shard of size 0, or sizes that
+            do not add up to ``n``.
+    """
+    if sizes is None:
+        if n < ranks:
+            raise PatternError(
+                f"The sharded axis has n={n} lines but there are {ranks} ranks; every rank "
+                f"needs at least one line: use at most {n} ranks or a longer axis.")
+        base, extra = divmod(n, ranks)
+        sizes = [base + (r < extra) for r in range(ranks)]
+    sizes = list(sizes)
+    if len(sizes) != ranks:
+        raise PatternError(f"shards={sizes} has {len(sizes)} sizes; expected one per rank "
+                           f"({ranks}).")
+    for r, size in enumerate(sizes):
+        if isinstance(size, bool) or not is_number(size) or int(size) < 1:
+            raise PatternError(f"shards[{r}]={size!r}: every rank needs at least one line; "
+                               f"expected an integer >= 1.")
+    if sum(int(s) for s in sizes) != n:
+        raise PatternError(f"shards={sizes} add up to {sum(int(s) for s in sizes)} lines; the "
+                           f"sharded axis has n={n}.")
+    edges = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))])
+    return tuple((int(edges[r]), int(edges[r + 1])) for r in range(ranks))
+
+
+def _key_mask(start, last, nonempty, step, n) -> np.ndarray:
+    """Union of the progressions ``start[q], .., last[q]`` (step ``step``) of the given queries."""
+    out = np.zeros(n, dtype=bool)
+    start, last = start[nonempty], last[nonempty]
+    for c in np.unique(start % step):
+        sel = start % step == c
+        # a difference array on the sub-axis of coordinates == c (mod step)
+        m = (n - c + step - 1) // step
+        diff = np.zeros(m + 1, dtype=np.int64)
+        np.add.at(diff, (start[sel] - c) // step, 1)
+        np.add.at(diff, (last[sel] - c) // step + 1, -1)
+        out[c::step] = np.cumsum(diff[:m]) > 0
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class _TermKeys:
+    """One term's keys along axis 0 per query line, and its key set on every other axis."""
+
+    head: int
+    term: ir.Term
+    start: np.ndarray
+    last: np.ndarray
+    nonempty: np.ndarray
+    step: int
+    box: np.ndarray  # boolean (*rest): tokens of a key line the term can read
+
+    def lines(self, lo: int, hi: int, n: int) -> np.ndarray:
+        """Key lines of the queries on lines ``[lo, hi)``."""
+        sel = np.zeros(n, dtype=bool)
+        sel[lo:hi] = self.nonempty[lo:hi]
+        return _key_mask(self.start, self.last, sel, self.step, n)
+
+    def hull(self, lo: int, hi: int):
+        """``(first, stop)`` of the key lines of queries on ``[lo, hi)``; ``None`` when none."""
+        sel = self.nonempty[lo:hi]
+        if not sel.any():
+            return None
+        return int(self.start[lo:hi][sel].min()), int(self.last[lo:hi][sel].max()) + 1
+
+
+def _axis_keys(rel: ir.Rel, n: int):
+    start, stop = rel.bounds(np.arange(n, dtype=np.int64), n, ir.NUMPY_OPS)
+    start = np.broadcast_to(np.asarray(start, dtype=np.int64), (n,))
+    stop = np.broadcast_to(np.asarray(stop, dtype=np.int64), (n,))
+    step = int(rel.step)
+    count = np.maximum(stop - start + step - 1, 0) // step
+    return start, start + step * (count - 1), count > 0, step
+
+
+@functools.lru_cache(maxsize=32)
+def _terms(lowered) -> tuple[_TermKeys, ...]:
+    shape = lowered.grid.require_numeric("a sharded pattern")
+    out = []
+    for h, head in enumerate(lowered.per_head):
+        for term in head.terms:
+            start, last, nonempty, step = _axis_keys(term.rels[0], shape[0])
+            box = np.ones((), dtype=bool)
+            for rel, n in zip(term.rels[1:], shape[1:]):
+                s, e, ne, p = _axis_keys(rel, n)
+                box = np.multiply.outer(box, _key_mask(s, e, ne, p, n))
+            out.append(_TermKeys(h, term, start, last, nonempty, step, box))
+    return tuple(out)
+
+
+def _needed(terms, shard, lines, n) -> np.ndarray:
+    """Boolean ``(hi - lo, *rest)``: tokens on ``lines = (lo, hi)`` read by queries of ``shard``."""
+    lo, hi = lines
+    need = np.zeros((hi - lo, *terms[0].box.shape), dtype=bool)
+    for t in terms:
+        rows = t.lines(*shard, n)[lo:hi]
+        if rows.any():
+            need[rows] |= t.box
+    return need
+
+
+def exchange_rows(lowered, shards) -> np.ndarray:
+    """``rows[src, dst]``: K/V tokens rank ``src`` sends rank ``dst`` in one forward step.
+
+    The backward step sends the same number of gradient rows the other way.
+    """
+    terms = _terms(lowered)
+    n = int(lowered.grid.shape[0])
+    rows = np.zeros((len(shards), len(shards)), dtype=np.int64)
+    for dst, shard in enumerate(shards):
+        for src, lines in enumerate(shards):
+            if src != dst:
+                rows[src, dst] = int(_needed(terms, shard, lines, n).sum())
+    return rows
+
+
+@dataclass(frozen=True, eq=False)
+class RankPlan:
+    """What one rank holds, sends, receives and computes.
+
+    Attributes:
+        rank: the rank.
+        shards: ``(start, stop)`` of every rank's lines.
+        intervals: global line ranges of the local grid's axis 0, in local order.
+        own: ``(start, stop)`` of the rank's own lines on the local axis.
+        local: the pattern on the local grid (an :class:`~patterngen.ir.IR` or ``HeadsIR``).
+        send: per destination rank, flat token indices into this rank's shard (row-major).
+        recv: per source rank, flat token indices into the local grid, in the order sent.
+    """
+
+    rank: int
+    shards: tuple
+    intervals: tuple
+    own: tuple
+    local: object
+    send: tuple
+    recv: tuple
+
+    @property
+    def local_lines(self) -> int:
+        return sum(b - a for a, b in self.intervals)
+
+
+def _merge(intervals) -> tuple:
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+def rank_plan(lowered, shards, rank: int) -> RankPlan:
+    """The exchange and the local pattern of ``rank`` (every rank computes its own)."""
+    terms = _terms(lowered)
+    shape = lowered.grid.require_numeric("a sharded pattern")
+    n, rest = shape[0], math.prod(shape[1:])
+    lo, hi = shards[rank]
+    hulls = [t.hull(lo, hi) for t in terms]
+    intervals = _merge([(lo, hi), *(h for h in hulls if h is not None)])
+    local_of = np.full(n, -1, dtype=np.int64)
+    offset = 0
+    for a, b in intervals:
+        local_of[a:b] = offset + np.arange(b - a)
+        offset += b - a
+    send, recv = [], []
+    for other, (a, b) in enumerate(shards):
+        if other == rank:
+            send.append(np.zeros(0, dtype=np.int64))
+            recv.append(np.zeros(0, dtype=np.int64))
+            continue
+        # what `other` needs from my lines, and what I need from its lines
+        send.append(np.flatnonzero(_needed(terms, (a, b), (lo, hi), n)))
+        mine = _needed(terms, (lo, hi), (a, b), n)
+        line, col = np.divmod(np.flatnonzero(mine), rest)
+        recv.append(local_of[a + line] * rest + col)
+    owned = np.zeros(n, dtype=bool)
+    owned[lo:hi] = True
+    heads = []
+    for h, head in enumerate(lowered.per_head):
+        local_terms = []
+        for t, hull in zip(terms, hulls):
+            if t.head != h or hull is None:
+                continue
+            lines = np.concatenate([np.arange(a, b) for a, b in intervals])
+            keep = owned[lines] & t.nonempty[lines]
+            starts = np.where(keep, local_of[t.start[lines]], 0)
+            stops = np.where(keep, local_of[t.last[lines]] + 1, 0)
+            table = ir.LineTable(tuple(starts.tolist()), tuple(stops.tolist()), t.step)
+            local_terms.append(ir.Term((ir.Rel.of(table), *t.term.rels[1:])))
+        grid = Grid((offset, *shape[1:]))
+        heads.append(ir.make_ir(grid, local_terms, f"{head.label} (rank {rank} of "
+                                                   f"{len(shards)})"))
+    local = heads[0] if isinstance(lowered, ir.IR) else ir.HeadsIR(heads[0].grid, tuple(heads),
+                                                                  lowered.label)
+    own = (int(local_of[lo]), int(local_of[lo]) + hi - lo)
+    return RankPlan(rank, tuple(shards), intervals, own, local, tuple(send), tuple(recv))
+
+
+# --------------------------------------------------------------------------------------------
+# which scheme each term gets, and the symbolic halo
+
+#: the rank index in :class:`HaloCost` expressions (substitute ``rank=...``)
+RANK = sympy.Symbol("rank", integer=True, nonnegative=True)
+_LOCAL, _GLOBAL_KEYS, _BEFORE, _ALL = ("halo", "global keys", "gather lines before",
+                                       "gather all lines")
+
+
+def _scheme(rel: ir.Rel) -> str:
+    kinds = {type(a) for a in rel.atoms}
+    if not kinds:
+        return _ALL
+    if ir.KeyIn in kinds:
+        return _GLOBAL_KEYS
+    if ir.QueryIn in kinds:
+        return _ALL
+    if kinds & {ir.Window, ir.Block, ir.Eq}:
+        return _LOCAL
+    return _BEFORE  # Lt / Le alone
+
+
+def schemes(lowered) -> list[tuple[str, str]]:
+    """``(term, scheme)`` for every term of every head, by its relation along the sharded axis.
+
+    ``halo``: a bounded reach, neighbours' lines; ``global keys``: a fixed range of key lines
+    (only the tokens the term reads); ``gather lines before``: causal across the axis, every
+    earlier line; ``gather all lines``: a whole-axis term (axial, global queries), every line
+    its queries need, gathered (re-sharding and log-sum-exp merging are not implemented).
+    """
+    return [(repr(t), _scheme(t.rels[0])) for head in lowered.per_head for t in head.terms]
+
+
+@dataclass(frozen=True)
+class HaloCost:
+    """Communication of one rank per step, as sympy expressions in the sizes, ``R``, ``rank``.
+
+    Attributes:
+        ranks: the number of ranks (an int or a symbol).
+        rank: the rank-index symbol the expressions use (substitute ``rank=...``).
+        tokens: K/V tokens the rank receives in a forward step (and sends back in backward).
+        lines: ``tokens`` in lines of the sharded axis (``tokens`` over one line's tokens).
+        bytes_forward: K and V rows received: ``2 * tokens * batch * heads * head_dim * bytes``.
+        bytes_backward: their gradients, sent back to their owners (same size).
+        ratio: ``bytes_forward`` over the rank's share of the forward FLOPs (``flops / R``).
+        schemes: ``(term, scheme)`` pairs (see :func:`schemes`).
+        assumptions: relations the closed form needs.
+        closed_form: ``False`` when the tokens are an exact count evaluated at substitution.
+    """
+
+    ranks: object
+    rank: sympy.Symbol
+    tokens: sympy.Expr
+    lines: sympy.Expr
+    bytes_forward: sympy.Expr
+    bytes_backward: sympy.Expr
+    ratio: sympy.Expr
+    schemes: tuple
+    assumptions: tuple
+    closed_form: bool
+
+    def subs(self, mapping) -> "HaloCost":
+        # a rank index may be 0, so its symbol is nonnegative, not the positive size symbol
+        # that CostReport.subs makes of the name 'rank'
+        mapping = {self.rank if str(k) == "rank" else k: v for k, v in mapping.items()}
+
+        def s(x):
+            x = sympy.sympify(x).subs(mapping, simultaneous=True)
+            return int(x) if x.is_Integer else x
+
+        return HaloCost(s(self.ranks), self.rank, s(self.tokens), s(self.lines),
+                        s(self.bytes_forward), s(self.bytes_backward), s(self.ratio),
+                        self.schemes, tuple(a for a in map(s, self.assumptions)
+                                            if a is not sympy.true), self.closed_form)
+
+    def rows(self) -> list[tuple[str, object]]:
+        return [
+            (f"halo K/V tokens per rank (rank of {self.ranks})", self.tokens),
+            ("halo lines per rank", self.lines),
+            ("halo bytes per rank, forward (K,V in)", self.bytes_forward),
+            ("halo bytes per rank, backward (dK,dV out)", self.bytes_backward),
+            ("communication / compute (bytes per FLOP)", self.ratio),
+            *((("halo assuming", ", ".join(map(str, self.assumptions))),)
+              if self.assumptions else ()),
+        ]
+
+
+def _reach(rel: ir.Rel, s, e, n):
+    """Symbolic ``(left, right)`` halo lines of the shard ``[s, e)`` for a ``halo`` term."""
+    kinds = {type(a): a for a in rel.atoms}
+    if len(kinds) != len(rel.atoms):  # two atoms of one kind (windows meeting): no closed form
+        return None
+    if set(kinds) == {ir.Eq}:
+        return 0, 0, ()
+    if set(kinds) == {ir.Block}:
+        b = kinds[ir.Block]
+        return sympy.Mod(s - b.offset, b.size), sympy.Mod(b.offset - e, b.size), ()
+    w = kinds.get(ir.Window)
+    if w is None or getattr(w, "stride", 1) != 1 or not set(kinds) <= {ir.Window, ir.Le, ir.Lt}:
+        return None
+    k, d = w.size, w.dilation
+    left, right = (d * (k - 1), 0) if w.mode == "causal" else (d * (k // 2), d * (k - 1 - k // 2))
+    if len(kinds) > 1:
+        right = 0
+    return left, right, (sympy.Ge(sympy.simplify(e - s), k * d),)
+
+
+def _box_size(term: ir.Term, shape):
+    """Tokens of one key line a term reads (closed form), or ``None``."""
+    size = sympy.Integer(1)
+    for rel, n in zip(term.rels[1:], shape[1:]):
+        kinds = {type(a): a for a in rel.atoms}
+        if len(rel.atoms) > 1:
+            return None
+        if not kinds or set(kinds) in ({ir.Eq}, {ir.Le}, {ir.Window}, {ir.Block}, {ir.QueryIn}):
+            size *= n
+        elif set(kinds) == {ir.Lt}:
+            size *= n - 1
+        elif set(kinds) == {ir.KeyIn}:
+            size *= kinds[ir.KeyIn].stop - kinds[ir.KeyIn].start
+        else:
+            return None
+    return size
+
+
+def _closed_tokens(lowered, ranks, rank):
+    """Closed-form halo tokens of rank ``rank``, with assumptions; ``None`` when none known."""
+    shape = lowered.grid.shape
+    n, full = shape[0], sympy.Mul(*shape[1:])
+    size = n / ranks
+    s, e = rank * size, (rank + 1) * size
+    lefts, rights, assumptions, keys, queries = [], [], [sympy.Eq(sympy.Mod(n, ranks), 0)], [], []
+    gather_all = before = False
+    for head in lowered.per_head:
+        for term in head.terms:
+            rel, box = term.rels[0], _box_size(term, shape)
+            scheme = _scheme(rel)
+            if box is None:
+                return None
+            if scheme == _GLOBAL_KEYS and len(rel.atoms) == 1:
+                keys.append((rel.atoms[0].start, rel.atoms[0].stop, box))
+                continue
+            if scheme == _LOCAL:
+                reach = _reach(rel, s, e, n)
+                if reach is None:
+                    return None
+                if reach[:2] == (0, 0):
+                    continue
+                if box != full:
+                    return None
+                lefts.append(sympy.Min(s, reach[0]))
+                rights.append(sympy.Min(n - e, reach[1]))
+                assumptions.extend(reach[2])
+            elif scheme == _BEFORE and box == full:
+                before = True
+            elif scheme == _ALL and len(rel.atoms) == 0 and box == full:
+                gather_all = True
+            elif scheme == _ALL and {type(a) for a in rel.atoms} == {ir.QueryIn} and box == full:
+                queries.append(rel.atoms[0])
+            else:
+                return None
+    if gather_all:
+        return (n - size) * full, tuple(assumptions)
+    left = s if before else sympy.Max(0, *lefts)
+    right = sympy.Max(0, *rights)
+    tokens = (left + right) * full
+    if len(keys) > 1:
+        return None
+    for a, b, box in keys:
+        # key lines outside the shard and its halo; inside them whole lines arrive anyway
+        inside = sympy.Max(0, sympy.Min(b, e + right) - sympy.Max(a, s - left))
+        tokens += (b - a - inside) * box
+    if queries:  # the rank holding global query lines gathers every line
+        holds = sympy.Or(*(sympy.And(a.start < e, s < a.stop) for a in queries))
+        tokens = sympy.Piecewise(((n - size) * full, holds), (tokens, True))
+    return tokens, tuple(assumptions)
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_tokens_function(lowered):
+    """Exact halo tokens of a rank (even split), evaluated once every size is a number."""
+    free = sorted({x for n in lowered.grid.shape if not is_number(n)
+                   for x in sympy.sympify(n).free_symbols}, key=str)
+
+    def _eval(cls, ranks, rank, *values):
+        if ranks.is_Integer and rank.is_Integer and all(v.is_Integer for v in values):
+            numeric = lowered.subs(dict(zip(free, values)))
+            shards = split_lines(int(numeric.grid.shape[0]), int(ranks))
+            return sympy.Integer(int(exchange_rows(numeric, shards)[:, int(rank)].sum()))
+        return None
+
+    fn = type(f"halo[{lowered.label}]", (sympy.Function,),
+              {"eval": classmethod(_eval), "is_integer": True, "is_nonnegative": True})
+    return lambda ranks, rank: fn(ranks, rank, *free)
+
+
+def halo_cost(lowered, ranks, head_dim, heads, batch, dtype_bytes, flops) -> HaloCost:
+    """The halo of ``lowered`` (axis 0 sharded over ``ranks``) per rank and step.
+
+    Args:
+        lowered: the pattern's IR (numeric or symbolic grid).
+        ranks: an int, a sympy symbol or a name.
+        head_dim, heads, batch, dtype_bytes: as in :func:`patterngen.cost`.
+        flops: the whole grid's forward FLOPs.
+    """
+    ranks = symbol(ranks) if isinstance(ranks, str) else sympy.sympify(ranks)
+    if is_number(ranks) and int(ranks) < 1:
+        raise PatternError(f"ranks={ranks}: expected an integer >= 1 or a symbol.")
+    rank = RANK
+    closed = _closed_tokens(lowered, ranks, rank)
+    if closed is None:
+        tokens, assumptions = _exact_tokens_function(lowered)(ranks, rank), ()
+    else:
+        tokens, assumptions = closed
+    line = sympy.Mul(*lowered.grid.shape[1:])
+    width = 2 * batch * heads * head_dim * dtype_bytes
+    moved = tokens * width
+    return HaloCost(ranks, rank, tokens, tokens / line, moved, moved,
+                    moved / (sympy.sympify(flops) / ranks), tuple(schemes(lowered)),
+                    assumptions, closed is not None)

@@ -1,0 +1,379 @@
+"""Sharded attention (patterngen.distributed) against one process and the dense oracle.
+
+The plan (what each rank sends, receives and computes) is checked in this process against
+brute-force enumeration of the dense mask, and by running every rank's local attention here.
+Then one spawn of 4 gloo ranks over loopback runs the same patterns through real collectives on
+groups of 4, 3 (uneven shards) and 2 ranks: outputs and q, k, v gradients against the float64
+dense oracle, exchanged rows counted at ``all_to_all_single`` against the plan and the symbolic
+halo, and errors that every rank must raise alike. Every wait is bounded.
+"""
+
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import sympy
+import torch
+
+import patterngen as pg
+from patterngen import ir
+from patterngen.distributed.halo import exchange_rows, rank_plan, split_lines
+from patterngen.errors import PatternError
+
+# (name, pattern, grid, compile options); every case runs on 2, 3 and 4 ranks
+CASES = [
+    ("window clamp", pg.window(3), (9, 4), {}),
+    ("window pad", pg.window(5, border="pad"), (10, 5), {}),
+    ("window dilation", pg.window(3, dilation=2), (11, 6), {}),
+    ("window causal", pg.window(5, causal=True), (10, 5), {}),
+    ("shifted blocks", pg.block(3, offset=1), (10, 4), {}),
+    ("blocks | window", pg.block(4) | pg.window(3), (11, 4), {}),
+    ("criss-cross", pg.criss_cross(), (7, 5), {}),
+    ("axis along shards", pg.axis(0), (8, 3), {}),
+    ("global tokens", pg.window(3) | pg.global_tokens([(5, 2), (0, 0)]), (12, 6), {}),
+    ("causal", pg.causal(), (6, 3), {}),
+    ("per-head", pg.heads(pg.window(3), pg.block(2, offset=1), pg.axis(1)), (9, 4), {}),
+    ("1-D multi-hop", pg.window(9), 13, {}),
+    ("1-D dilated multi-hop", pg.window(3, dilation=3), 14, {}),
+    ("3-D", pg.window(3) | pg.block(2), (7, 4, 3), {}),
+    ("axis 1 sharded", pg.window(3) | pg.axis(0), (4, 9), {"axis": 1}),
+]
+WORLDS = (4, 3, 2)
+#: the cases sharded along axis 0 (the plan's own frame; the spawned ranks also move axes)
+LOCAL = [c for c in CASES if not c[3].get("axis")]
+
+
+def _oracle(pattern, grid, q, k, v, cotangent):
+    """Dense float64 output and q, k, v gradients on the whole grid (one process)."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    flat = [x.reshape(b, h, -1, d) for x in (q, k, v)]
+    out = pg.dense_attention(*flat, pg.materialize(pattern, grid)).reshape(q.shape)
+    (out * cotangent).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _inputs(grid, seed=0):
+    shape = (2, 3, *(grid if isinstance(grid, tuple) else (grid,)), 4)
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def _shard(x, axis, lines):
+    return x.narrow(2 + axis, lines[0], lines[1] - lines[0])
+
+
+# --------------------------------------------------------------------------------------------
+# in this process: the plan against brute force, and every rank's local attention
+
+
+def _brute_rows(pattern, grid, shards):
+    """``rows[src, dst]`` from the dense mask: tokens of src that dst's queries attend."""
+    mask = pg.materialize(pattern, grid)
+    mask = mask.any(0) if mask.ndim == 3 else mask
+    shape = grid if isinstance(grid, tuple) else (grid,)
+    line = np.arange(mask.shape[0]) // int(np.prod(shape[1:]))
+    rows = np.zeros((len(shards), len(shards)), dtype=np.int64)
+    for dst, (a, b) in enumerate(shards):
+        reached = mask[(line >= a) & (line < b)].any(0)
+        for src, (c, d) in enumerate(shards):
+            if src != dst:
+                rows[src, dst] = int((reached & (line >= c) & (line < d)).sum())
+    return rows
+
+
+@pytest.mark.parametrize("name,pattern,grid,options", LOCAL, ids=[c[0] for c in LOCAL])
+def test_exchange_is_exactly_the_attended_keys(name, pattern, grid, options):
+    lowered = pg.lower(pattern, grid)
+    n = lowered.grid.shape[0]
+    for world in WORLDS:
+        shards = split_lines(n, world)
+        np.testing.assert_array_equal(exchange_rows(lowered, shards),
+                                      _brute_rows(pattern, grid, shards))
+
+
+@pytest.mark.parametrize("name,pattern,grid,options", LOCAL, ids=[c[0] for c in LOCAL])
+def test_local_attention_of_every_rank_equals_the_oracle(name, pattern, grid, options):
+    """Each rank's local grid, filled the way the exchange fills it, gives the oracle's rows."""
+    lowered = pg.lower(pattern, grid)
+    q, k, v, cot = _inputs(grid)
+    want = _oracle(pattern, grid, q, k, v, cot)[0]
+    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+    rest = int(np.prod(lowered.grid.shape[1:]))
+    for world in WORLDS:
+        shards = split_lines(lowered.grid.shape[0], world)
+        for rank, (lo, hi) in enumerate(shards):
+            plan = rank_plan(lowered, shards, rank)
+            kv = torch.zeros(2, b, h, plan.local_lines * rest, d, dtype=torch.float64)
+            own = slice(plan.own[0] * rest, plan.own[1] * rest)
+            for x, dst in ((k, kv[0]), (v, kv[1])):
+                flat = x.reshape(b, h, -1, d)
+                dst[:, :, own] = flat[:, :, lo * rest:hi * rest]
+                for src, (c, _) in enumerate(shards):
+                    theirs = rank_plan(lowered, shards, src).send[rank]
+                    dst[:, :, plan.recv[src]] = flat[:, :, c * rest + theirs]
+            ql = torch.zeros_like(kv[0])
+            ql[:, :, own] = q.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest]
+            out = pg.compile(plan.local, backend="sdpa")(ql, kv[0], kv[1])[:, :, own]
+            torch.testing.assert_close(out, want.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest],
+                                       rtol=1e-12, atol=1e-12)
+
+
+SIZES = [(56, 16, 2), (56, 16, 4), (60, 15, 3), (84, 14, 7), (28, 14, 28)]
+SYMBOLIC = [pg.window(7), pg.window(7, dilation=2), pg.window(5, border="pad"),
+            pg.window(5, causal=True), pg.block(7, offset=3), pg.block(4), pg.criss_cross(),
+            pg.causal(), pg.window(5) | pg.global_tokens([0]), pg.axis(0), pg.axis(1),
+            pg.heads(pg.window(3), pg.block(5, offset=2))]
+
+
+@pytest.mark.parametrize("pattern", SYMBOLIC, ids=repr)
+def test_symbolic_halo_equals_the_exchange(pattern):
+    rep = pg.cost(pattern, grid=("H", "W"), head_dim="d", heads=2, ranks="R")
+    halo = rep.halo
+    assert halo.closed_form, halo.tokens
+    h_, w_, r_, d_ = (pg.symbol(x) for x in "HWRd")
+    assert sympy.simplify(halo.bytes_forward - halo.tokens * 2 * 2 * d_ * 4) == 0
+    assert halo.bytes_backward == halo.bytes_forward
+    tokens = sympy.lambdify((h_, w_, r_, halo.rank), halo.tokens)
+    for h, w, world in SIZES:
+        sizes = {h_: h, w_: w, r_: world}
+        if not all(sympy.sympify(a).subs(sizes) for a in halo.assumptions):
+            assert "window(" in repr(pattern)  # a window longer than a shard: no closed form
+            continue
+        rows = exchange_rows(pg.lower(pattern, (h, w)), split_lines(h, world))
+        assert [tokens(h, w, world, r) for r in range(world)] == rows.sum(0).tolist()
+    at = rep.subs(H=56, W=16, R=4, d=8).halo.subs({"rank": 1})
+    assert at.bytes_forward == at.tokens * 2 * 2 * 8 * 4
+
+
+def test_symbolic_halo_of_a_global_key_box():
+    pattern = pg.window(3) | pg.global_tokens([(30, 2)])
+    halo = pg.cost(pattern, grid=(84, 14), ranks="R").halo
+    assert halo.closed_form
+    rows = exchange_rows(pg.lower(pattern, (84, 14)), split_lines(84, 4))
+    tokens = sympy.lambdify((pg.symbol("R"), halo.rank), halo.tokens)
+    assert [tokens(4, r) for r in range(4)] == rows.sum(0).tolist()
+    # rank 0: a halo line and the global key on line 30; rank 1 holds line 30: every line
+    assert rows.sum(0).tolist()[:2] == [14 + 1, 84 * 14 - 21 * 14]
+
+
+def test_symbolic_halo_without_closed_form_counts_exactly():
+    pattern = pg.window(5) & pg.window(3, dilation=2)
+    rep = pg.cost(pattern, grid=("H", "W"), ranks="R")
+    assert not rep.halo.closed_form
+    rows = exchange_rows(pg.lower(pattern, (20, 9)), split_lines(20, 3))
+    assert [rep.subs(H=20, W=9, R=3, rank=r).halo.tokens for r in range(3)] == \
+        rows.sum(0).tolist()
+
+
+def test_line_table_counts_exactly_in_cost_and_refuses_source():
+    table = ir.LineTable((0, 0, 1, 3), (2, 3, 4, 3), 1)
+    term = ir.Term((ir.Rel.of(table), ir.Rel.of(ir.Window(3))))
+    lowered = ir.make_ir(pg.Grid((4, 5)), [term], "table")
+    rep = pg.cost(lowered)
+    assert rep.pairs == int(pg.materialize(lowered).sum()) == (2 + 3 + 3 + 0) * 15
+    assert rep.notes
+    with pytest.raises(PatternError, match="generated source"):
+        table.bounds(ir.Src("i"), 4, ir.SOURCE_OPS)
+    with pytest.raises(PatternError, match="4 lines, not n=5"):
+        table.bounds(np.arange(5), 5, ir.NUMPY_OPS)
+
+
+@pytest.mark.parametrize("n,world,sizes,match", [
+    (3, 4, None, "n=3 lines but there are 4 ranks"),
+    (6, 3, [3, 0, 3], r"shards\[1\]=0"),
+    (6, 2, [3, 2], "add up to 5"),
+    (6, 2, [6], "one per rank"),
+])
+def test_bad_shards_are_clear_errors(n, world, sizes, match):
+    with pytest.raises(PatternError, match=match):
+        split_lines(n, world, sizes)
+
+
+def test_compile_without_a_process_group_is_a_clear_error():
+    with pytest.raises(PatternError, match="init_process_group"):
+        pg.distributed.compile(pg.window(3), grid=(8, 8))
+
+
+def test_import_and_cost_do_not_import_torch_distributed():
+    code = ("import sys, patterngen as pg; pg.cost(pg.window(3), grid=('H', 'W'), ranks='R'); "
+            "import patterngen.distributed; assert 'torch.distributed' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --------------------------------------------------------------------------------------------
+# spawned gloo ranks
+
+
+def _counting(calls):
+    """Wrap ``all_to_all_single`` to count the rows each call sends and receives."""
+    real = torch.distributed.all_to_all_single
+
+    def counted(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
+        calls.append((int(sum(input_split_sizes)), int(sum(output_split_sizes)),
+                      int(input.shape[1])))
+        return real(output, input, output_split_sizes, input_split_sizes, **kw)
+
+    torch.distributed.all_to_all_single = counted
+
+
+def _run_case(name, pattern, grid, options, group, world, rank, calls):
+    q, k, v, cot = _inputs(grid, seed=len(name))
+    want = _oracle(pattern, grid, q, k, v, cot)
+    attn = pg.distributed.compile(pattern, grid, group=group, **options)
+    axis = options.get("axis", 0)
+    lines = attn.shards[rank]
+    mine = [_shard(x, axis, lines).clone().requires_grad_() for x in (q, k, v)]
+    del calls[:]
+    out = attn(*mine)
+    (out * _shard(cot, axis, lines)).sum().backward()
+    errors = [float((got.detach() - _shard(ref, axis, lines)).abs().max())
+              for got, ref in zip([out, *(x.grad for x in mine)], want)]
+    n = pg.lower(pattern, grid).grid.shape[axis]
+    plan_rows = int(exchange_rows(_axis_first_ir(pattern, grid, axis),
+                                  split_lines(n, world)).sum(0)[rank])
+    return dict(errors=errors, calls=list(calls), plan_rows=plan_rows,
+                received=attn.received_rows)
+
+
+def _axis_first_ir(pattern, grid, axis):
+    from patterngen.distributed.attention import _axis_first
+
+    return _axis_first(pg.lower(pattern, grid), axis)
+
+
+def _error_cases(group, world, rank):
+    """Each must raise on every rank of ``group`` (or return normally nowhere)."""
+    q = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64)
+    cases = {
+        "disagree": lambda: pg.distributed.compile(pg.window(3 if rank else 5), (12, 6),
+                                                   group=group),
+        "grid smaller than ranks": lambda: pg.distributed.compile(pg.window(1), (world - 1, 4),
+                                                                  group=group),
+        "empty shard": lambda: pg.distributed.compile(
+            pg.window(3), (12, 4), group=group, shards=[0, 12] + [0] * (world - 2)),
+        "bad shape on one rank": lambda: pg.distributed.compile(
+            pg.window(3), (3 * world, 4), group=group)(q if rank else q[:, :, :2],
+                                                       q if rank else q[:, :, :2],
+                                                       q if rank else q[:, :, :2]),
+        "batch differs": lambda: pg.distributed.compile(
+            pg.window(3), (3 * world, 4), group=group)(*(q[:, :1 + rank % 2],) * 3),
+    }
+    out = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except PatternError as e:
+            out[name] = str(e)
+    return out
+
+
+def _worker(rank, world, init, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    calls = []
+    _counting(calls)
+    report = {}
+    groups = {size: None if size == world else dist.new_group(list(range(size)))
+              for size in WORLDS}
+    for size in WORLDS:
+        if rank >= size:
+            continue
+        group = groups[size]
+        for name, pattern, grid, options in CASES:
+            report[f"{size}/{name}"] = _run_case(name, pattern, grid, options, group, size,
+                                                 rank, calls)
+        report[f"{size}/errors"] = _error_cases(group, size, rank)
+    with open(os.path.join(results, f"{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned():
+    """Results of every rank of one spawn of 4 gloo ranks (bounded waits throughout)."""
+    world = 4
+    with tempfile.TemporaryDirectory() as tmp:
+        init = "file://" + os.path.join(tmp, "rendezvous")
+        ctx = torch.multiprocessing.start_processes(
+            _worker, args=(world, init, tmp), nprocs=world, start_method="spawn", join=False)
+        deadline = time.monotonic() + 240
+        try:
+            while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    pytest.fail("the spawned ranks did not finish within 240 s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        reports = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"{rank}.json")) as f:
+                reports.append(json.load(f))
+    return reports
+
+
+def _symbolic_halo(pattern, grid, world):
+    """Halo tokens and forward bytes per rank from the cost report (``None``: not its domain)."""
+    shape = grid if isinstance(grid, tuple) else (grid,)
+    if shape[0] % world:
+        return None
+    halo = pg.cost(pattern, grid=shape, head_dim=4, heads=3, batch=2, dtype="float64",
+                   ranks=world).halo
+    if not all(halo.assumptions):
+        return None
+    if not halo.closed_form:  # an exact count: evaluated by substitution
+        return [[int(h.tokens), int(h.bytes_forward)]
+                for h in (halo.subs({"rank": rank}) for rank in range(world))]
+    fn = sympy.lambdify(halo.rank, [halo.tokens, halo.bytes_forward])
+    return [fn(rank) for rank in range(world)]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name,pattern,grid,options", CASES, ids=[c[0] for c in CASES])
+def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, options):
+    halo = None if options.get("axis") else _symbolic_halo(pattern, grid, world)
+    for rank in range(world):
+        r = spawned[rank][f"{world}/{name}"]
+        assert max(r["errors"]) < 1e-12, (rank, r["errors"])
+        (fwd_sent, fwd_got, width), (bwd_sent, bwd_got, _) = r["calls"]
+        # one packed row per token: K and V x batch 2 x heads 3 x head_dim 4
+        assert width == 2 * 2 * 3 * 4
+        assert fwd_got == bwd_sent == r["received"] == r["plan_rows"]
+        if halo is not None:
+            assert halo[rank] == [fwd_got, fwd_got * width * 8]
+    sent = sum(spawned[rank][f"{world}/{name}"]["calls"][0][0] for rank in range(world))
+    got = sum(spawned[rank][f"{world}/{name}"]["calls"][0][1] for rank in range(world))
+    assert sent == got
+
+
+def test_sharded_windows_never_gather_whole_kv(spawned):
+    for world in WORLDS:
+        for rank in range(world):
+            r = spawned[rank][f"{world}/window clamp"]
+            assert r["received"] <= 2 * 4  # one line of 4 tokens from each neighbour
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_every_rank_raises_the_same_clear_error(spawned, world):
+    messages = [spawned[rank][f"{world}/errors"] for rank in range(world)]
+    expected = {"disagree": "disagree", "grid smaller than ranks": "needs at least one line",
+                "empty shard": r"shards\[0\]=0", "bad shape on one rank": "bad inputs on rank 0",
+                "batch differs": "inputs disagree"}
+    for name, match in expected.items():
+        if name == "batch differs" and world == 1:
+            continue
+        got = [m[name] for m in messages]
+        assert got[0] is not None, name
+        assert all(g == got[0] for g in got), (name, got)
+        assert re.search(match, got[0]), (name, got[0])
