@@ -105,14 +105,39 @@ def _window(atoms, n):
     right = k - 1 - left
     if w.mode == "clamp":  # the leader's clamped window: k keys for every query, any stride
         return AxisFormula(n * k, k, k, need)
+    if w.stride != 1 and w.mode == "causal":  # query 0 sees itself; each group's last, k
+        return AxisFormula(_per_dilation_group(
+            lambda m: _causal_strided(k, w.stride, m), n, d), 1, k, need)
     if w.stride != 1:
-        # NB: a truncated or causal strided window's count depends on where the stride groups
-        # and the partial last group meet the borders: counted exactly, not in closed form
+        # NB: a truncated strided window's count depends on where the stride groups and the
+        # short last group meet both borders: counted exactly, not in closed form
         return AxisFormula(None, assumptions=need)
     if w.mode == "pad":
         lost = d * (left * (left + 1) + right * (right + 1)) / 2
         return AxisFormula(n * k - lost, right + 1, k, need)
     return AxisFormula(n * k - d * k * (k - 1) / 2, 1, k, need)
+
+
+def _per_dilation_group(f, n, d):
+    """``sum_g f(m_g)`` over the ``d`` dilation groups: ``n mod d`` of them hold
+    ``floor(n/d) + 1`` positions, the others ``floor(n/d)``."""
+    if d == 1:
+        return f(n)
+    q, r = sympy.floor(n / d), sympy.Mod(n, d)
+    return (d - r) * f(q) + r * f(q + 1)
+
+
+def _causal_strided(k, s, m):
+    """Pairs of a causal window with stride ``s`` on ``m >= k`` positions (NATTEN's rule).
+
+    Query ``j`` of group ``t`` sees ``j + 1 - max(L - k + 1, 0)`` keys, ``L = t*s + s - 1``
+    (the short last group: ``L = m - 1``). Groups ``t >= floor(k/s)`` lose ``L - k + 1`` keys
+    per query; the ``m mod s`` queries of the short last group lose ``m - k`` each.
+    """
+    q, t0 = sympy.floor(m / s), sympy.floor(k / s)
+    r = m - s * q
+    lost = s * (s * (q * (q - 1) - t0 * (t0 - 1)) / 2 + (s - k) * (q - t0)) + r * (m - k)
+    return m * (m + 1) / 2 - lost
 
 
 def _window_le(w: ir.Window, n):
@@ -436,11 +461,13 @@ class CostReport:
         for k, v in {**(values or {}), **sizes}.items():
             mapping[symbol(k) if isinstance(k, str) else k] = sympy.Integer(as_size(v, str(k), 0))
 
+        # xreplace: one simultaneous pass that rebuilds (so floors and exact counts evaluate),
+        # an order of magnitude faster than subs on the floor-heavy strided closed forms
         def s(x):
-            x = sympy.sympify(x).subs(mapping, simultaneous=True)
+            x = sympy.sympify(x).xreplace(mapping)
             return int(x) if x.is_Integer else x
 
-        assumptions = tuple(a for a in (sympy.sympify(a).subs(mapping, simultaneous=True)
+        assumptions = tuple(a for a in (sympy.sympify(a).xreplace(mapping)
                                         for a in self.assumptions) if a is not sympy.true)
         for a in assumptions:
             if a is sympy.false:
