@@ -140,8 +140,12 @@ class DenseTerm:
             import torch
 
             m = torch.as_tensor(self.mask, device=device)
-            self._cache[key] = torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(
-                ~m, float("-inf"))[None]
+            # CUDA's memory-efficient kernel wants the bias rows 16-element aligned
+            width = m.shape[-1] + (-m.shape[-1] % 16 if torch.device(device).type == "cuda"
+                                   else 0)
+            bias = torch.zeros(*m.shape[:-1], width, dtype=dtype, device=device)
+            bias = bias[..., :m.shape[-1]]
+            self._cache[key] = bias.masked_fill_(~m, float("-inf"))[None]
         return self._cache[key]
 
     def _rows(self, device):
@@ -251,6 +255,9 @@ def _fused_backward(q, k, v, out, lse, dout, mask, scale):
 
     lse = lse.to(_acc_dtype(torch, q.dtype)).contiguous()
     if q.device.type == "cuda":
+        # the forward returned the log-sum-exp padded to a multiple of 32 rows; the backward
+        # reads it with that length
+        lse = torch.nn.functional.pad(lse.float(), (0, -q.shape[2] % 32)).contiguous()
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         bias = mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(

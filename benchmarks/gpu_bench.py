@@ -7,9 +7,11 @@ Workloads (bf16 on CUDA):
 - W3: Swin 7x7 windows (``pg.block(7)``) on 56x56 and 112x112;
 - W5: 3-D neighbourhood ``pg.window((3, 7, 7))`` on 16x64x64;
 - W2-s2, W2-k8, W2-k8-s8: NATTEN's stride on W2's grid: a 7x7 window shared by 2x2 query
-  groups, and an 8x8 window without and with stride 8 (blocked attention).
+  groups, and an 8x8 window without and with stride 8 (blocked attention);
+- W4-128, axial-128: criss-cross (CCNet) and axial attention along axis 0 on 128x128.
 
-Implementations: ``pg-sdpa`` and ``pg-flex`` (patterngen), ``flex+cbm`` (FlexAttention with a
+Implementations: ``pg-auto`` (the planner's choice: dense terms on the fused kernels),
+``pg-sdpa`` and ``pg-flex`` (patterngen), ``flex+cbm`` (FlexAttention with a
 hand-written mask_mod and ``create_block_mask``), ``dense-sdpa`` (full attention, no mask: the
 fused flash kernel on every pair) and ``natten`` when NATTEN is importable. Each is timed
 forward and forward+backward (median of CUDA-event timings after warm-up, compile included in
@@ -79,6 +81,16 @@ def windows(shape, size):
     return mask_mod
 
 
+def criss_cross(shape, column_only=False):
+    """CCNet's row and column (or, with ``column_only``, axial attention along axis 0)."""
+    w = shape[1]
+
+    def mask_mod(b, h, q, k):
+        column = (q % w) == (k % w)
+        return column if column_only else column | ((q // w) == (k // w))
+    return mask_mod
+
+
 def workloads(tiny: bool) -> list[dict]:
     if tiny:
         return [
@@ -94,6 +106,10 @@ def workloads(tiny: bool) -> list[dict]:
                  heads=2, head_dim=16, mask_mod=neighbourhood((16, 16), (7, 7), (2, 2))),
             dict(name="W2-k8-s8", pattern=pg.window(8, stride=8), grid=(16, 16), batch=1,
                  heads=2, head_dim=16, mask_mod=neighbourhood((16, 16), (8, 8), (8, 8))),
+            dict(name="W4", pattern=pg.criss_cross(), grid=(16, 16), batch=1, heads=2,
+                 head_dim=16, mask_mod=criss_cross((16, 16))),
+            dict(name="axial", pattern=pg.axis(0), grid=(16, 16), batch=1, heads=2,
+                 head_dim=16, mask_mod=criss_cross((16, 16), column_only=True)),
         ]
     return [
         dict(name="W1", pattern=pg.window(2048, causal=True), grid=(32768,), batch=1, heads=16,
@@ -112,6 +128,12 @@ def workloads(tiny: bool) -> list[dict]:
              head_dim=64, mask_mod=neighbourhood((128, 128), (8, 8))),
         dict(name="W2-k8-s8", pattern=pg.window(8, stride=8), grid=(128, 128), batch=4,
              heads=8, head_dim=64, mask_mod=neighbourhood((128, 128), (8, 8), (8, 8))),
+        # row-major, criss-cross's and the column's block masks are fully dense for
+        # FlexAttention; the term-wise plan runs them as batches of 128-token problems
+        dict(name="W4-128", pattern=pg.criss_cross(), grid=(128, 128), batch=4, heads=8,
+             head_dim=64, mask_mod=criss_cross((128, 128))),
+        dict(name="axial-128", pattern=pg.axis(0), grid=(128, 128), batch=4, heads=8,
+             head_dim=64, mask_mod=criss_cross((128, 128), column_only=True)),
     ]
 
 
@@ -147,6 +169,11 @@ def build(impl: str, wl: dict, device, dtype, compile_flex: bool):
                           dtype=dname)
         note = f"block {attn.layout.block} {attn.layout.order}"
         return attn, (time.perf_counter() - t) * 1e3, note
+    if impl == "pg-auto":
+        attn = pg.compile(wl["pattern"], wl["grid"], backend="auto", device=device.type,
+                          dtype=dname, head_dim=wl["head_dim"], heads=wl["heads"],
+                          batch=wl["batch"])
+        return attn, (time.perf_counter() - t) * 1e3, f"plan {attn.plan.strategy}"
     if impl == "pg-flex":
         attn = pg.compile(wl["pattern"], wl["grid"], backend="flex", device=device.type,
                           dtype=dname, order="auto", compile=compile_flex)
@@ -195,7 +222,7 @@ def build(impl: str, wl: dict, device, dtype, compile_flex: bool):
     raise ValueError(impl)
 
 
-IMPLS = ("pg-sdpa", "pg-flex", "flex+cbm", "dense-sdpa", "natten")
+IMPLS = ("pg-auto", "pg-sdpa", "pg-flex", "flex+cbm", "dense-sdpa", "natten")
 
 
 def main(argv=None):
