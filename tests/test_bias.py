@@ -5,6 +5,8 @@ the table by offset on a tokens x tokens grid and refuses a table that does not 
 attended pair, so a wrong reach cannot pass unnoticed.
 """
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,10 @@ import patterngen as pg
 from patterngen import bias
 from patterngen.spec import as_ir
 from strategies import cases
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+LONG = pytest.mark.skipif(os.environ.get("PATTERNGEN_LONG") != "1",
+                          reason="torch.compile on CPU takes tens of seconds; PATTERNGEN_LONG=1")
 
 NAMED = [
     (pg.window((5, 3), dilation=(2, 1)), (11, 9), dict(block=16)),      # dilation, clamped
@@ -134,6 +140,36 @@ def test_flex_forward_on_cpu_equals_the_oracle(pattern, grid, options, softcap):
         out = attn(*(t.float() for t in (q, k, v)), rel_bias=table.float())
     ref = oracle(pattern, grid, q, k, v, table, softcap)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+@LONG
+def test_flex_compiled_cpu_forward_with_bias_and_softcap():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    pattern, grid = pg.heads(pg.window(3), pg.block(4, offset=2)), (8, 12)
+    attn = pg.compile(pattern, grid, backend="flex", softcap=2.0, block=32, order="tiled",
+                      tile=(4, 4))
+    q, k, v, table = (t.detach() for t in inputs(grid, 2, attn.reach, False))
+    with torch.no_grad():
+        out = attn(*(t.float() for t in (q, k, v)), rel_bias=table.float())
+    ref = oracle(pattern, grid, q, k, v, table, 2.0)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+
+
+@CUDA
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_flex_cuda_forward_and_backward_with_the_table_gradient(softcap):
+    pattern, grid = pg.heads(pg.window((5, 3), dilation=(2, 1)), pg.criss_cross()), (11, 13)
+    attn = pg.compile(pattern, grid, backend="flex", device="cuda", softcap=softcap, block=64)
+    q, k, v, table = inputs(grid, 4, attn.reach, False)
+    cuda = [t.detach().float().cuda().requires_grad_() for t in (q, k, v, table)]
+    out = attn(*cuda[:3], rel_bias=cuda[3])
+    ref = oracle(pattern, grid, q, k, v, table, softcap)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=1e-4, rtol=0)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, cuda, grad.float().cuda())
+    want = torch.autograd.grad(ref, (q, k, v, table), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double().cpu(), b, atol=1e-3, rtol=1e-3)
 
 
 def test_flex_refuses_a_table_that_needs_gradients_on_cpu():
