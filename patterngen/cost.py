@@ -109,9 +109,10 @@ def _window(atoms, n):
         return AxisFormula(_per_dilation_group(
             lambda m: _causal_strided(k, w.stride, m), n, d), 1, k, need)
     if w.stride != 1:
-        # NB: a truncated strided window's count depends on where the stride groups and the
-        # short last group meet both borders: counted exactly, not in closed form
-        return AxisFormula(None, assumptions=need)
+        # NB: which query sees fewest or most keys depends on how the groups meet both
+        # borders: kmin and kmax are counted exactly
+        return AxisFormula(_per_dilation_group(
+            lambda m: _pad_strided(k, w.stride, m), n, d), None, None, need)
     if w.mode == "pad":
         lost = d * (left * (left + 1) + right * (right + 1)) / 2
         return AxisFormula(n * k - lost, right + 1, k, need)
@@ -127,17 +128,37 @@ def _per_dilation_group(f, n, d):
     return (d - r) * f(q) + r * f(q + 1)
 
 
+def _sum_positive(s, c, q):
+    """``sum_{t < q} max(t*s + c, 0)``: the terms from ``t = floor(-c/s) + 1`` (kept in
+    ``[0, q]``) on are positive."""
+    u = sympy.Min(sympy.Max(sympy.floor(-c / s) + 1, 0), q)
+    return s * (q * (q - 1) - u * (u - 1)) / 2 + c * (q - u)
+
+
 def _causal_strided(k, s, m):
     """Pairs of a causal window with stride ``s`` on ``m >= k`` positions (NATTEN's rule).
 
-    Query ``j`` of group ``t`` sees ``j + 1 - max(L - k + 1, 0)`` keys, ``L = t*s + s - 1``
-    (the short last group: ``L = m - 1``). Groups ``t >= floor(k/s)`` lose ``L - k + 1`` keys
-    per query; the ``m mod s`` queries of the short last group lose ``m - k`` each.
+    Query ``j`` of group ``t`` sees ``j + 1 - max(L - k + 1, 0)`` keys, ``L = t*s + s - 1``;
+    the ``m mod s`` queries of the short last group (``L = m - 1``) lose ``m - k`` each.
     """
-    q, t0 = sympy.floor(m / s), sympy.floor(k / s)
-    r = m - s * q
-    lost = s * (s * (q * (q - 1) - t0 * (t0 - 1)) / 2 + (s - k) * (q - t0)) + r * (m - k)
-    return m * (m + 1) / 2 - lost
+    q = sympy.floor(m / s)
+    return m * (m + 1) / 2 - s * _sum_positive(s, s - k, q) - (m - s * q) * (m - k)
+
+
+def _pad_strided(k, s, m):
+    """Pairs of a truncated window with stride ``s`` on ``m >= k`` positions.
+
+    Group ``t``'s ``s`` queries see the keys ``[L - left, L + reach)`` cut to ``[0, m)``:
+    leader ``L = t*s + s//2``, ``left = k//2``, ``reach = k - left``; the short last group's
+    leader is ``min(q*s + s//2, m - 1)``.
+    """
+    left, a = k // 2, s // 2
+    reach = k - left
+    q = sympy.floor(m / s)
+    full = s * (s * q * (q - 1) / 2 + (a + reach) * q
+                - _sum_positive(s, a + reach - m, q) - _sum_positive(s, a - left, q))
+    last = sympy.Min(s * q + a, m - 1)
+    return full + (m - s * q) * (sympy.Min(last + reach, m) - sympy.Max(last - left, 0))
 
 
 def _window_le(w: ir.Window, n):
