@@ -319,7 +319,7 @@ class _Scores:
             self.flat = torch.cat([table.reshape(rows, -1),
                                    table.new_full((rows, 1), float("-inf"))], 1)
 
-    def additive(self, call, batch, heads, dtype, torch):
+    def additive(self, call, batch, dtype, torch):
         """The call's bias tiles with its mask, ``(batch * heads or 1, G or 1, Bq, L)``."""
         if self.table is None:
             return _additive_mask(call, dtype, torch)
@@ -369,7 +369,7 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None):
             kg = _gather(k, call["k_index"]).view(b * h, g, nk * plan.bk, d)
             vg = _gather(v, call["k_index"]).view(b * h, g, nk * plan.bk, d)
         add = (_additive_mask(call, q.dtype, torch) if scores is None
-               else scores.additive(call, b, h, q.dtype, torch))
+               else scores.additive(call, b, q.dtype, torch))
         if scores is not None and scores.softcap is not None:
             res = _softcapped_attention(qg, kg, vg, scale, scores.softcap, add, torch)
         elif _flash_bias_grad_ok(qg, add, torch):
