@@ -172,13 +172,9 @@ class DenseTerm:
         qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
         mask = self._additive_mask(q.dtype, q.device)
         if self._matmul(q):
-            scores = _scores(qp, kp, mask, scale)
-            if not need_lse:
-                # a row without keys (all -inf) gives NaN here; the caller zeroes those rows
-                return self._unview(scores.softmax(-1) @ vp, b, h, 0.0), None
-            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            scores.sub_(torch.where(torch.isinf(lse), 0.0, lse)).exp_()
-            out = scores @ vp
+            out, lse = _softmax_attention(qp, kp, vp, mask, scale, need_lse)
+            if lse is None:
+                return self._unview(out, b, h, 0.0), None
         else:
             out, lse = _fused_forward(qp, kp, vp, mask, scale)
             lse = lse.unsqueeze(-1)
@@ -188,7 +184,9 @@ class DenseTerm:
         lse = self._unview(lse.to(_acc_dtype(torch, q.dtype)), b, h, float("-inf")).squeeze(-1)
         if self.rows.all():
             return out, lse
-        return out, lse.masked_fill(~self._rows(q.device), float("-inf"))
+        # queries this term adds no key to: their rows were fully masked (NaN or 0 by kernel)
+        none = ~self._rows(q.device)
+        return out.masked_fill(none[:, None], 0.0), lse.masked_fill(none, float("-inf"))
 
     def backward(self, q, k, v, out, lse, dout, scale):
         """``(dq, dk, dv)`` of this term's share, from the merged ``out`` and ``lse``."""
@@ -221,6 +219,23 @@ def _scores(q, k, mask, scale):
     if mask is not None:
         scores += mask
     return scores
+
+
+def _softmax_attention(q, k, v, mask, scale, need_lse: bool):
+    """``(out, lse (..., rows, 1))`` by baddbmm, softmax, bmm (``lse`` ``None`` unless
+    ``need_lse``). The log-sum-exp comes from two row maxima, ``max S - log(max P)``: one
+    fused softmax and two reads of the scores, where ``logsumexp`` then exp would take six
+    passes. A row without keys (all ``-inf``) gives NaN; callers decide such rows from the
+    IR's counts and overwrite them."""
+    import torch
+
+    scores = _scores(q, k, mask, scale)
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ v
+    if not need_lse:
+        return out, None
+    top = scores.amax(dim=-1, keepdim=True)
+    return out, top - probs.amax(dim=-1, keepdim=True).log()
 
 
 def _matmul_backward(q, k, v, out, lse, dout, mask, scale):
@@ -285,9 +300,8 @@ class ExtraKeys:
         import torch
 
         if self._matmul(q, ak.shape[2]):
-            scores = _scores(q, ak, None, scale)
-            lse = torch.logsumexp(scores, dim=-1)
-            out = scores.sub_(lse[..., None]).exp_() @ av
+            out, lse = _softmax_attention(q, ak, av, None, scale, True)
+            lse = lse.squeeze(-1)
         else:
             out, lse = _fused_forward(q, ak, av, None, scale)
         return out, lse.to(_acc_dtype(torch, q.dtype))
