@@ -152,20 +152,15 @@ def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, dev
     coords = _coordinates(tuple(int(n) for n in shape), permutation, device, padded)
     ops = _ir.torch_ops()
     shared = table is not None and table.shape[0] == 1
-    flat = None if table is None else table.reshape(table.shape[0], -1)
-    row = flat[0] if shared else None
-
-    def offsets(q_idx, kv_idx):
-        return bias.offset_index(coords(q_idx), coords(kv_idx), reach, ops)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
-        if flat is None:
+        if table is None:
             return score
-        if shared:
-            return score + row[offsets(q_idx, kv_idx)]
-        return score + flat[h, offsets(q_idx, kv_idx)]
+        # the user's table itself is captured (a leaf that FlexAttention's backward reaches)
+        offsets = bias.axis_offsets(coords(q_idx), coords(kv_idx), reach, ops)
+        return score + table[(h * 0 if shared else h, *offsets)]
 
     score_mod.__name__ = "patterngen_score_mod"
     return score_mod

@@ -28,7 +28,7 @@ import numpy as np
 from . import ir as _ir
 from .errors import PatternError
 
-__all__ = ["reach", "table_shape", "offset_index", "coordinates", "check_softcap", "from_swin",
+__all__ = ["reach", "table_shape", "axis_offsets", "offset_index", "coordinates", "check_softcap", "from_swin",
            "alibi"]
 
 
@@ -77,16 +77,20 @@ def table_shape(reach_: tuple, heads: int | str = "heads") -> tuple:
     return (heads, *(2 * r + 1 for r in reach_))
 
 
-def offset_index(qc, kc, reach_, ops=_ir.NUMPY_OPS):
-    """Flat index into a table's ``(2 * reach[a] + 1, ...)`` part for query and key coordinates.
+def axis_offsets(qc, kc, reach_, ops=_ir.NUMPY_OPS) -> list:
+    """Per axis, the table position ``key - query + reach`` of query and key coordinates.
 
     ``qc`` and ``kc`` hold one coordinate array (numpy or torch, broadcasting) per axis. Offsets
     beyond the reach are clipped into the table: they belong to pairs outside the pattern,
     which the mask removes, and clipping keeps every gather in bounds.
     """
+    return [ops.min(ops.max(k - q + r, 0), 2 * r) for q, k, r in zip(qc, kc, reach_)]
+
+
+def offset_index(qc, kc, reach_, ops=_ir.NUMPY_OPS):
+    """Flat index into a table's ``(2 * reach[a] + 1, ...)`` part (see :func:`axis_offsets`)."""
     flat = 0
-    for q, k, r in zip(qc, kc, reach_):
-        o = ops.min(ops.max(k - q + r, 0), 2 * r)
+    for o, r in zip(axis_offsets(qc, kc, reach_, ops), reach_):
         flat = flat * (2 * r + 1) + o
     return flat
 
