@@ -64,7 +64,7 @@ def natten_args(draw, max_ndim=3):
         shape.append(n)
         dilation.append(d)
         kernel.append(k)
-        stride.append(draw(st.sampled_from(sorted({1, k, *range(1, k + 1)}))))
+        stride.append(draw(st.one_of(st.just(k), st.integers(1, k))))  # often blocked
         causal.append(draw(st.booleans()))
     return tuple(shape), tuple(kernel), tuple(stride), tuple(dilation), tuple(causal)
 
@@ -92,8 +92,8 @@ def test_partial_last_group_and_even_strides(n, k, s):
     for causal in (False, True):
         got = pg.materialize(pg.window(k, stride=s, causal=causal), n)
         np.testing.assert_array_equal(got, natten_mask((n,), (k,), (s,), (1,), (causal,)))
-        for g0 in range(0, n, s):  # a non-causal group shares one key set
-            if not causal:
+        if not causal:  # a group shares one key set
+            for g0 in range(0, n, s):
                 assert (got[g0:g0 + s] == got[g0]).all()
 
 
