@@ -43,7 +43,7 @@ class LocalSelfAttention(nn.Module):
             ``(heads, 2 * reach[0] + 1, ...)`` indexed by key minus query
             (:mod:`patterngen.bias`), initialised as Swin does (truncated normal, std 0.02).
             Its shape follows the pattern's reach on ``grid``, so ``grid`` is required, and the
-            backend must declare ``SUPPORTS_REL_POS_BIAS`` (``"auto"`` picks one that does).
+            backend must declare ``SUPPORTS_REL_POS_BIAS`` (``"auto"``, the planner, does).
 
     Attributes:
         reach: per axis, the pattern's largest ``|key - query|`` on ``grid`` (with
@@ -82,10 +82,14 @@ class LocalSelfAttention(nn.Module):
         self.register_parameter("rel_pos_bias_table", None)
         if not rel_pos_bias:
             return
-        if backend != "auto":
-            from . import backends
+        from . import backends
 
-            self._check_bias_support(backends.get_backend(backend))
+        cls = backends.get_backend(backend)
+        if not getattr(cls, "SUPPORTS_REL_POS_BIAS", False):
+            raise PatternError(
+                f"rel_pos_bias=True needs a backend that adds a relative position bias; backend "
+                f"{cls.name!r} does not (SUPPORTS_REL_POS_BIAS is not set). Use another backend "
+                f"(sdpa, flex, auto) or rel_pos_bias=False.")
         if self.grid is None:
             raise PatternError(
                 f"rel_pos_bias=True needs grid=: the table's shape follows the reach of "
@@ -93,13 +97,6 @@ class LocalSelfAttention(nn.Module):
         self.reach = bias.reach(as_ir(pattern, self.grid))
         self.rel_pos_bias_table = nn.Parameter(torch.zeros(bias.table_shape(self.reach, heads)))
         nn.init.trunc_normal_(self.rel_pos_bias_table, std=0.02)
-
-    def _check_bias_support(self, cls) -> None:
-        if self.rel_pos_bias and not getattr(cls, "SUPPORTS_REL_POS_BIAS", False):
-            raise PatternError(
-                f"rel_pos_bias=True needs a backend that adds a relative position bias; backend "
-                f"{cls.name!r} does not (SUPPORTS_REL_POS_BIAS is not set). Use "
-                f"rel_pos_bias=False.")
 
     def _grid_of(self, x: torch.Tensor) -> tuple:
         inner = tuple(x.shape[1:-1])
@@ -125,31 +122,10 @@ class LocalSelfAttention(nn.Module):
         """The compiled attention for ``grid`` on ``device`` with ``dtype`` (cached)."""
         key = (grid, str(device), dtype)
         if key not in self._compiled:
-            dtype_name = str(dtype).removeprefix("torch.")
-            backend = self.backend
-            if backend == "auto" and self.rel_pos_bias:
-                backend = self._bias_backend(grid, device.type, dtype_name)
-            attn = compile_pattern(self.pattern, grid, backend=backend, device=device.type,
-                                   dtype=dtype_name)
-            self._check_bias_support(type(attn))
+            attn = compile_pattern(self.pattern, grid, backend=self.backend,
+                                   device=device.type, dtype=str(dtype).removeprefix("torch."))
             self._compiled[key] = attn
         return self._compiled[key]
-
-    def _bias_backend(self, grid, device: str, dtype: str) -> str:
-        """The first backend of the device's priority list that adds a bias and fits."""
-        from . import backends
-
-        names = []
-        for name in backends.PRIORITY.get(device, backends.available()):
-            try:
-                if getattr(backends.get_backend(name), "SUPPORTS_REL_POS_BIAS", False):
-                    names.append(name)
-            except ImportError:  # that backend's own dependency is missing
-                continue
-        if not names:
-            raise PatternError(f"rel_pos_bias=True: no backend for device={device!r} adds a "
-                               f"relative position bias (none sets SUPPORTS_REL_POS_BIAS).")
-        return backends.select(as_ir(self.pattern, grid), device, dtype, priority=names).name
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a table saved for another grid or pattern has another shape: say which, rather than
