@@ -42,6 +42,9 @@ from patterngen.plan import dense_mask, gather_first, plan as make_plan
 
 __all__ = ["PlannedBackend", "DenseTerm", "GatherGroup"]
 
+#: largest share of excluded entries for which the matmul path fills them in after the GEMM
+#: instead of adding a dense mask (CCNet's diagonal: 1/64 of a 64 x 64 problem)
+HOLES = 1 / 16
 #: most keys per problem for which float32/float64 dense terms run as matmul-exp-matmul on
 #: CPU rather than the fused kernel (the sdpa backend measured 0.45-0.8x the fused kernel's
 #: forward time up to 128 keys, even at 256)
@@ -148,6 +151,23 @@ class DenseTerm:
             self._cache[key] = bias.masked_fill_(~m, float("-inf"))[None]
         return self._cache[key]
 
+    def _matmul_mask(self, dtype, device):
+        """The mask for the matmul path: its excluded entries when they are at most
+        ``HOLES`` of it, else the additive tensor."""
+        if self.mask is None:
+            return None
+        key = ("holes", str(device))
+        if key not in self._cache:
+            import torch
+
+            excluded = ~self.mask
+            holes = None
+            if excluded.sum() <= HOLES * excluded.size:
+                index = torch.as_tensor(np.flatnonzero(excluded), device=device)
+                holes = _Holes(index, shared=self.mask.shape[0] == 1)
+            self._cache[key] = holes
+        return self._cache[key] or self._additive_mask(dtype, device)
+
     def _rows(self, device):
         key = ("rows", str(device))
         if key not in self._cache:
@@ -170,13 +190,14 @@ class DenseTerm:
 
         b, h = q.shape[:2]
         qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
-        mask = self._additive_mask(q.dtype, q.device)
         if self._matmul(q):
-            out, lse = _softmax_attention(qp, kp, vp, mask, scale, need_lse)
+            out, lse = _softmax_attention(qp, kp, vp, self._matmul_mask(q.dtype, q.device),
+                                          scale, need_lse)
             if lse is None:
                 return self._unview(out, b, h, 0.0), None
         else:
-            out, lse = _fused_forward(qp, kp, vp, mask, scale)
+            out, lse = _fused_forward(qp, kp, vp, self._additive_mask(q.dtype, q.device),
+                                      scale)
             lse = lse.unsqueeze(-1)
         out = self._unview(out, b, h, 0.0)
         if not need_lse:
@@ -197,24 +218,39 @@ class DenseTerm:
             qp, kp, vp = self._view(leaves[0], "q"), self._view(leaves[1], "k"), \
                 self._view(leaves[2], "k")
         op, lp, dp = (self._view(t, "q").detach() for t in (out, lse.unsqueeze(-1), dout))
-        mask = self._additive_mask(q.dtype, q.device)
         if self._matmul(q):
-            grads = _matmul_backward(qp.detach(), kp.detach(), vp.detach(), op, lp, dp, mask,
-                                     scale)
+            grads = _matmul_backward(qp.detach(), kp.detach(), vp.detach(), op, lp, dp,
+                                     self._matmul_mask(q.dtype, q.device), scale)
         else:
             grads = _fused_backward(qp.detach(), kp.detach(), vp.detach(), op,
-                                    lp.squeeze(-1), dp, mask, scale)
+                                    lp.squeeze(-1), dp, self._additive_mask(q.dtype, q.device),
+                                    scale)
         torch.autograd.backward([qp, kp, vp], list(grads))
         return tuple(t.grad for t in leaves)
 
 
+class _Holes:
+    """A mask given by its few excluded entries (CCNet's diagonal): flat indices into each
+    problem's scores (``shared``) or into all problems', filled with ``-inf`` after the GEMM,
+    where adding a dense mask would take one more pass over every score."""
+
+    def __init__(self, index, shared: bool):
+        self.index, self.shared = index, shared
+
+
 def _scores(q, k, mask, scale):
+    """``scale * q k^T`` (``(..., rows, keys)``) with ``mask`` added: an additive tensor, a
+    :class:`_Holes`, or ``None``."""
     import torch
 
     b, p, n, d = q.shape
     scores = torch.empty(b * p, n, k.shape[2], dtype=q.dtype, device=q.device)
     scores.baddbmm_(q.reshape(b * p, n, d), k.reshape(b * p, -1, d).transpose(1, 2), beta=0,
                     alpha=scale)
+    if isinstance(mask, _Holes):
+        rows = scores.view(b * p, -1) if mask.shared else scores.view(b, -1)
+        rows.index_fill_(1, mask.index, float("-inf"))
+        return scores.view(b, p, n, -1)
     scores = scores.view(b, p, n, -1)
     if mask is not None:
         scores += mask
@@ -245,10 +281,21 @@ def _matmul_backward(q, k, v, out, lse, dout, mask, scale):
     p.sub_(lse.to(p.dtype)).exp_()
     delta = (dout * out).sum(-1, keepdim=True)
     ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
-    dq = (ds @ k).mul_(scale)
-    dk = (ds.transpose(-1, -2) @ q).mul_(scale)
+    dq = _scaled_bmm(ds, k, scale)
+    dk = _scaled_bmm(ds.transpose(-1, -2), q, scale)
     dv = p.transpose(-1, -2) @ dout
     return dq, dk, dv
+
+
+def _scaled_bmm(a, b, alpha):
+    """``alpha * a @ b`` for ``(..., n, m) @ (..., m, d)``, the scale as the GEMM's alpha (no
+    pass of its own)."""
+    import torch
+
+    lead = a.shape[:-2]
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=a.dtype, device=a.device)
+    return out.baddbmm_(a3, b3, beta=0, alpha=alpha).view(*lead, *out.shape[1:])
 
 
 def _fused_forward(q, k, v, mask, scale):
@@ -458,24 +505,29 @@ def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None):
     """``(dq, dk, dv)`` and, with ``extra``, the gradients of the extra keys and values."""
     import torch
 
-    dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
-    dextra = [torch.zeros_like(t) for t in extra] if extra is not None else []
     npat = len(runner.patterns)
+    if npat > 1 or not runner.patterns[0]:
+        grads = [torch.zeros_like(t) for t in (q, k, v, *(extra or ()))]
+    else:
+        grads = [None] * (3 + 2 * (extra is not None))
+
+    def add(i, sel, g):  # the first part's gradient is taken as it is, the others added
+        if grads[i] is None:
+            grads[i] = g
+        else:
+            grads[i][:, sel] += g
+
     for p, parts in enumerate(runner.patterns):
         sel = _heads_of(p, npat, q.shape[1])
         args = [t[:, sel] for t in (q, k, v, out, lse, dout)]
         for part in parts:
-            gq, gk, gv = part.backward(*args, scale)
-            dq[:, sel] += gq
-            dk[:, sel] += gk
-            dv[:, sel] += gv
+            for i, g in enumerate(part.backward(*args, scale)):
+                add(i, sel, g)
         if extra is not None:
             ak, av = (t[:, sel] for t in extra)
-            gq, gk, gv = ExtraKeys().backward(args[0], ak, av, *args[3:], scale)
-            dq[:, sel] += gq
-            dextra[0][:, sel] += gk
-            dextra[1][:, sel] += gv
-    return (dq, dk, dv, *dextra)
+            for i, g in zip((0, 3, 4), ExtraKeys().backward(args[0], ak, av, *args[3:], scale)):
+                add(i, sel, g)
+    return tuple(grads)
 
 
 def _check_extra(ak, av, q):
