@@ -61,6 +61,18 @@ def test_dense_terms_equal_the_oracle(case, fused):
     assert {tp.executor for tps in attn.plan.patterns for tp in tps} <= {"dense"}
 
 
+@settings(max_examples=15)
+@given(st.data())
+def test_per_head_dense_plans_equal_the_oracle(data):
+    from strategies import grids, patterns
+
+    grid = data.draw(grids(max_tokens=60))
+    listed = [data.draw(patterns(grid, depth=1)) for _ in range(data.draw(st.integers(2, 3)))]
+    pattern = pg.heads(*listed)
+    assume(_all_dense(pattern, grid))
+    _check(pattern, grid, heads=4, strategy="terms", terms="dense")
+
+
 @pytest.mark.parametrize("pattern, grid", [
     (pg.criss_cross() | pg.window(3), (6, 7)),
     (pg.window(3, dilation=2) | pg.global_tokens([0, 5]), (7, 6)),
