@@ -144,10 +144,11 @@ class _DevicePlan:
         self.device = device
 
     def bias_index(self, call, permutation, shape, reach):
-        """Flat table offsets ``(G, Bq, nk * Bk)`` of a call's tiles (cached on the call).
+        """Flat table offsets ``(G or 1, Bq, nk * Bk)`` of a call's tiles (cached on the call).
 
         Pairs the call's mask removes point one past the table, where :class:`_Scores` keeps a
-        ``-inf`` entry: one gather gives bias and mask together.
+        ``-inf`` entry: one gather gives bias and mask together. When every block has the same
+        offsets (Swin's windows) one block's are kept, and the tiles broadcast over the blocks.
         """
         if "bias_index" not in call:
             import torch
@@ -163,7 +164,10 @@ class _DevicePlan:
             if call["mask"] is not None:
                 index = np.where(call["mask"][0].cpu().numpy(), index,
                                  math.prod(2 * r + 1 for r in reach))
+            if (index == index[:1]).all():
+                index = index[:1]
             call["bias_index"] = torch.as_tensor(index.reshape(-1), device=self.device)
+            call["bias_blocks"] = len(index)
         return call["bias_index"]
 
 
@@ -323,8 +327,8 @@ class _Scores:
         """The call's bias tiles with its mask, ``(batch * heads or 1, G or 1, Bq, L)``."""
         if self.table is None:
             return _additive_mask(call, dtype, torch)
-        g, length = call["g"], call["nk"] * self.plan.bk
         index = self.plan.bias_index(call, self.permutation, self.shape, self.reach)
+        g, length = call["bias_blocks"], call["nk"] * self.plan.bk
         rows = self.flat.shape[0]
         tiles = self.flat.index_select(1, index).view(rows, g, self.plan.bq, length)
         if rows > 1 and batch > 1:  # per head: the leading (batch * heads) needs every batch
@@ -456,9 +460,7 @@ def _flash_with_bias_grad(torch):
                 probs = scores.sub_(lse.to(q.dtype)[..., None]).exp_()
                 dp = torch.matmul(grad, v.transpose(-1, -2))
                 dbias = probs.mul_(dp.sub_((grad * out).sum(-1, keepdim=True)))
-                if bias.shape[0] != dbias.shape[0]:
-                    dbias = dbias.sum(0, keepdim=True)
-                return dq, dk, dv, dbias, None
+                return dq, dk, dv, dbias.sum_to_size(bias.shape), None
 
         _FLASH_BIAS.append(FlashBias)
     return _FLASH_BIAS[0]

@@ -92,9 +92,9 @@ def check_sdpa(pattern, grid, softcap=None, shared=False, heads=3, **options):
 
 
 @pytest.mark.parametrize("pattern, grid, options", NAMED, ids=IDS)
-@pytest.mark.parametrize("softcap", [None, 1.5])
-def test_sdpa_equals_the_oracle(pattern, grid, options, softcap):
-    check_sdpa(pattern, grid, softcap, shared=softcap is None, **options)
+@pytest.mark.parametrize("softcap, shared", [(None, True), (None, False), (1.5, False)])
+def test_sdpa_equals_the_oracle(pattern, grid, options, softcap, shared):
+    check_sdpa(pattern, grid, softcap, shared, **options)
 
 
 @settings(max_examples=25)
