@@ -28,8 +28,8 @@ import numpy as np
 from . import ir as _ir
 from .errors import PatternError
 
-__all__ = ["reach", "table_shape", "axis_offsets", "offset_index", "coordinates", "check_softcap", "from_swin",
-           "alibi"]
+__all__ = ["reach", "table_shape", "axis_offsets", "offset_index", "coordinates", "check_softcap",
+           "from_swin", "alibi"]
 
 
 def _axis_reach(rel: _ir.Rel, n: int) -> int:
