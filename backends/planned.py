@@ -378,19 +378,24 @@ class GatherGroup:
 
         out, lse = self.backend.forward_numpy(*(_numpy(t) for t in (q, k, v)), self.shape,
                                               scale)
-        lse = torch.from_numpy(lse)
-        return torch.from_numpy(out), lse.masked_fill(torch.isinf(lse), float("-inf"))
+        return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
 
     def backward(self, q, k, v, out, lse, dout, scale):
         import torch
 
         arrays = [_numpy(t) for t in (q, k, v, out, dout)]
-        lse = _numpy(lse.to(q.dtype))
+        lse = _numpy(lse.to(_acc_dtype(torch, q.dtype)))
         grads = self.backend.backward_numpy(*arrays, lse, self.shape, scale)
-        return tuple(torch.from_numpy(np.ascontiguousarray(g)) for g in grads)
+        return tuple(torch.from_numpy(np.ascontiguousarray(g)).to(q.dtype) for g in grads)
 
 
 def _numpy(t):
+    """A C-contiguous float32/float64 array of ``t`` (half precision runs in float32, as the
+    numba backend does)."""
+    import torch
+
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
     return t.detach().contiguous().numpy()
 
 

@@ -234,3 +234,8 @@ def test_bias_and_softcap_run_on_a_backend_that_adds_them():
     assert capped.plan.strategy in ("sdpa", "flex")
     ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), grid=grid, softcap=2.0)
     torch.testing.assert_close(capped(q, k, v), ref)
+
+
+def test_a_bfloat16_gather_group_runs_in_float32():
+    _check(pg.criss_cross() | pg.window(3), (5, 6), dtype=torch.bfloat16, tol=5e-2,
+           strategy="terms", terms="dense")
