@@ -248,3 +248,16 @@ def test_stride_aligned_with_the_tile_gives_only_full_blocks(pattern, grid, bloc
     plain = pg.window(pattern.size)
     assert pg.cost(plain, grid=grid, block=block).waste > 1
 
+
+@given(st.sampled_from([1, 2, 3, 4]), st.integers(0, 2), st.integers(0, 3), st.booleans())
+def test_sliding_tiles_of_odd_multiples_of_the_stride_are_all_full(s, r, extra, two_d):
+    """k = (2r + 1) * s on an axis of whole groups: the leader sits r*s + s//2 into its window,
+    so every group's keys are 2r + 1 whole tiles (sliding-tile attention)."""
+    k = (2 * r + 1) * s
+    n = k + extra * s
+    grid, size = ((n, n), (k, k)) if two_d else ((n,), (k,))
+    tile = (s,) * len(grid)
+    order = dict(order="tiled", tile=tile) if two_d else {}
+    lay = check(pg.window(size, stride=s), grid, block=s ** len(grid), **order)
+    assert lay.num_partial == 0
+
