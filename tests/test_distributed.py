@@ -24,7 +24,8 @@ import torch
 
 import patterngen as pg
 from patterngen import ir
-from patterngen.distributed.halo import exchange_rows, rank_plan, split_lines
+from patterngen.distributed.halo import (exchange_rows, global_queries, query_rows, rank_plan,
+                                         split_lines)
 from patterngen.errors import PatternError
 
 # (name, pattern, grid, compile options); every case runs on 2, 3 and 4 ranks
@@ -75,9 +76,13 @@ def _shard(x, axis, lines):
 
 
 def _brute_rows(pattern, grid, shards):
-    """``rows[src, dst]`` from the dense mask: tokens of src that dst's queries attend."""
+    """``rows[src, dst]`` from the dense mask: tokens of src that dst's queries attend.
+
+    Global queries are left out: they attend other ranks' keys through merged partial results.
+    """
     mask = pg.materialize(pattern, grid)
-    mask = mask.any(0) if mask.ndim == 3 else mask
+    mask = mask.any(0) if mask.ndim == 3 else mask.copy()
+    mask[global_queries(pg.lower(pattern, grid))] = False
     shape = grid if isinstance(grid, tuple) else (grid,)
     line = np.arange(mask.shape[0]) // int(np.prod(shape[1:]))
     rows = np.zeros((len(shards), len(shards)), dtype=np.int64)
@@ -109,24 +114,38 @@ def test_local_attention_of_every_rank_equals_the_oracle(name, pattern, grid, op
     rest = int(np.prod(lowered.grid.shape[1:]))
     for world in WORLDS:
         shards = split_lines(lowered.grid.shape[0], world)
-        for rank, (lo, hi) in enumerate(shards):
-            plan = rank_plan(lowered, shards, rank)
+        plans = [rank_plan(lowered, shards, rank) for rank in range(world)]
+        for plan, (lo, hi) in zip(plans, shards):
+            rank = plan.rank
             kv = torch.zeros(2, b, h, plan.local_lines * rest, d, dtype=torch.float64)
             own = slice(plan.own[0] * rest, plan.own[1] * rest)
             for x, dst in ((k, kv[0]), (v, kv[1])):
                 flat = x.reshape(b, h, -1, d)
                 dst[:, :, own] = flat[:, :, lo * rest:hi * rest]
                 for src, (c, _) in enumerate(shards):
-                    theirs = rank_plan(lowered, shards, src).send[rank]
+                    theirs = plans[src].send[rank]
                     dst[:, :, plan.recv[src]] = flat[:, :, c * rest + theirs]
             ql = torch.zeros_like(kv[0])
             ql[:, :, own] = q.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest]
-            out = pg.compile(plan.local, backend="sdpa")(ql, kv[0], kv[1])[:, :, own]
-            torch.testing.assert_close(out, want.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest],
-                                       rtol=1e-12, atol=1e-12)
+            attn = pg.compile(plan.local, backend="sdpa", block=16, order="row-major")
+            out = attn(ql, kv[0], kv[1])[:, :, own]
+            local = np.ones(out.shape[2], dtype=bool)  # global queries: merged, not local
+            mine = global_queries(lowered)
+            local[mine[(mine >= lo * rest) & (mine < hi * rest)] - lo * rest] = False
+            torch.testing.assert_close(
+                out[:, :, local], want.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest][:, :, local],
+                rtol=1e-12, atol=1e-12)
 
 
-SIZES = [(56, 16, 2), (56, 16, 4), (60, 15, 3), (84, 14, 7), (28, 14, 28)]
+def test_global_queries_are_the_query_in_terms():
+    lowered = pg.lower(pg.window(3) | pg.global_tokens([(5, 2), (0, 0)]), (12, 6))
+    assert global_queries(lowered).tolist() == [0, 5 * 6 + 2]
+    queries, partials = query_rows(lowered, split_lines(12, 3))
+    assert queries.tolist() == [1, 1, 2] and partials.tolist() == [2, 2, 0]
+    assert global_queries(pg.lower(pg.window(3) | pg.axis(0), (6, 4))).tolist() == []
+
+
+SIZES = [(56, 16, 4), (60, 15, 3), (84, 14, 7), (28, 14, 28)]
 SYMBOLIC = [pg.window(7), pg.window(7, dilation=2), pg.window(5, border="pad"),
             pg.window(5, causal=True), pg.block(7, offset=3), pg.block(4), pg.criss_cross(),
             pg.causal(), pg.window(5) | pg.global_tokens([0]), pg.axis(0), pg.axis(1),
@@ -139,18 +158,24 @@ def test_symbolic_halo_equals_the_exchange(pattern):
     halo = rep.halo
     assert halo.closed_form, halo.tokens
     h_, w_, r_, d_ = (pg.symbol(x) for x in "HWRd")
-    assert sympy.simplify(halo.bytes_forward - halo.tokens * 2 * 2 * d_ * 4) == 0
-    assert halo.bytes_backward == halo.bytes_forward
-    tokens = sympy.lambdify((h_, w_, r_, halo.rank), halo.tokens)
+    # heads 2, float32: K and V rows of d, q rows of d, partial rows of d + 1 (out and lse)
+    t, q, p = halo.tokens, halo.queries, halo.partials
+    assert sympy.simplify(halo.bytes_forward - 8 * (2 * d_ * t + d_ * q + (d_ + 1) * p)) == 0
+    assert halo.bytes_backward == halo.bytes_forward  # the gradients of what came in go back
+    rows_of = sympy.lambdify((h_, w_, r_, halo.rank),
+                             [halo.tokens, halo.queries, halo.partials])
     for h, w, world in SIZES:
         sizes = {h_: h, w_: w, r_: world}
         if not all(sympy.sympify(a).subs(sizes) for a in halo.assumptions):
             assert "window(" in repr(pattern)  # a window longer than a shard: no closed form
             continue
-        rows = exchange_rows(pg.lower(pattern, (h, w)), split_lines(h, world))
-        assert [tokens(h, w, world, r) for r in range(world)] == rows.sum(0).tolist()
+        lowered, shards = pg.lower(pattern, (h, w)), split_lines(h, world)
+        queries, partials = query_rows(lowered, shards)
+        assert [rows_of(h, w, world, r) for r in range(world)] == [
+            [kv, q, p] for kv, q, p in zip(exchange_rows(lowered, shards).sum(0), queries,
+                                           partials)]
     at = rep.subs(H=56, W=16, R=4, d=8).halo.subs({"rank": 1})
-    assert at.bytes_forward == at.tokens * 2 * 2 * 8 * 4
+    assert at.bytes_forward == 8 * (16 * at.tokens + 8 * at.queries + 9 * at.partials)
 
 
 def test_symbolic_halo_of_a_global_key_box():
@@ -158,10 +183,12 @@ def test_symbolic_halo_of_a_global_key_box():
     halo = pg.cost(pattern, grid=(84, 14), ranks="R").halo
     assert halo.closed_form
     rows = exchange_rows(pg.lower(pattern, (84, 14)), split_lines(84, 4))
-    tokens = sympy.lambdify((pg.symbol("R"), halo.rank), halo.tokens)
-    assert [tokens(4, r) for r in range(4)] == rows.sum(0).tolist()
-    # rank 0: a halo line and the global key on line 30; rank 1 holds line 30: every line
-    assert rows.sum(0).tolist()[:2] == [14 + 1, 84 * 14 - 21 * 14]
+    rows_of = sympy.lambdify((pg.symbol("R"), halo.rank), [halo.tokens, halo.partials])
+    assert [rows_of(4, r)[0] for r in range(4)] == rows.sum(0).tolist()
+    # rank 0: a halo line and the global key on line 30; rank 1 holds line 30, and its
+    # global query gathers no key: two halo lines, and three partial results to merge
+    assert rows.sum(0).tolist()[:2] == [14 + 1, 2 * 14]
+    assert [rows_of(4, r)[1] for r in range(4)] == [0, 3, 0, 0]
 
 
 def test_symbolic_halo_without_closed_form_counts_exactly():
@@ -227,7 +254,9 @@ def _counting(calls):
 def _run_case(name, pattern, grid, options, group, world, rank, calls):
     q, k, v, cot = _inputs(grid, seed=len(name))
     want = _oracle(pattern, grid, q, k, v, cot)
-    attn = pg.distributed.compile(pattern, grid, group=group, **options)
+    # one block size: the local backend skips its layout search (time, not exactness)
+    attn = pg.distributed.compile(pattern, grid, group=group, block=16, order="row-major",
+                                  **options)
     axis = options.get("axis", 0)
     lines = attn.shards[rank]
     mine = [_shard(x, axis, lines).clone().requires_grad_() for x in (q, k, v)]
@@ -333,9 +362,9 @@ def _symbolic_halo(pattern, grid, world):
     if not all(halo.assumptions):
         return None
     if not halo.closed_form:  # an exact count: evaluated by substitution
-        return [[int(h.tokens), int(h.bytes_forward)]
+        return [[int(h.bytes_forward), int(h.bytes_backward)]
                 for h in (halo.subs({"rank": rank}) for rank in range(world))]
-    fn = sympy.lambdify(halo.rank, [halo.tokens, halo.bytes_forward])
+    fn = sympy.lambdify(halo.rank, [halo.bytes_forward, halo.bytes_backward])
     return [fn(rank) for rank in range(world)]
 
 
@@ -343,18 +372,31 @@ def _symbolic_halo(pattern, grid, world):
 @pytest.mark.parametrize("name,pattern,grid,options", CASES, ids=[c[0] for c in CASES])
 def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, options):
     halo = None if options.get("axis") else _symbolic_halo(pattern, grid, world)
+    lowered = _axis_first_ir(pattern, grid, options.get("axis", 0))
+    queries, partials = query_rows(lowered, split_lines(lowered.grid.shape[0], world))
+    merged = len(global_queries(lowered)) > 0
     for rank in range(world):
         r = spawned[rank][f"{world}/{name}"]
         assert max(r["errors"]) < 1e-12, (rank, r["errors"])
-        (fwd_sent, fwd_got, width), (bwd_sent, bwd_got, _) = r["calls"]
+        # forward: K/V rows, then (global queries) q rows and partial results; backward: the
+        # same exchanges transposed, in reverse order
+        calls = r["calls"]
+        assert len(calls) == (6 if merged else 2)
+        forward, backward = calls[:len(calls) // 2], calls[len(calls) // 2:]
+        (kv_sent, kv_got, width), (kv_back_sent, _, _) = forward[0], backward[-1]
         # one packed row per token: K and V x batch 2 x heads 3 x head_dim 4
         assert width == 2 * 2 * 3 * 4
-        assert fwd_got == bwd_sent == r["received"] == r["plan_rows"]
-        if halo is not None:
-            assert halo[rank] == [fwd_got, fwd_got * width * 8]
-    sent = sum(spawned[rank][f"{world}/{name}"]["calls"][0][0] for rank in range(world))
-    got = sum(spawned[rank][f"{world}/{name}"]["calls"][0][1] for rank in range(world))
-    assert sent == got
+        assert kv_got == kv_back_sent == r["received"] == r["plan_rows"]
+        if merged:
+            assert [c[1:] for c in forward[1:]] == [[queries[rank], 2 * 3 * 4],
+                                                   [partials[rank], 2 * 3 * 5]]
+            assert [c[0] for c in backward[:2]] == [partials[rank], queries[rank]]
+        if halo is not None:  # float64: 8 bytes an element; received, then sent back
+            assert halo[rank] == [sum(c[1] * c[2] * 8 for c in forward),
+                                  sum(c[0] * c[2] * 8 for c in backward)]
+    for step in range(len(spawned[0][f"{world}/{name}"]["calls"])):
+        calls = [spawned[rank][f"{world}/{name}"]["calls"][step] for rank in range(world)]
+        assert sum(c[0] for c in calls) == sum(c[1] for c in calls)
 
 
 def test_sharded_windows_never_gather_whole_kv(spawned):

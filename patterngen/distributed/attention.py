@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -124,6 +125,12 @@ class DistributedAttention:
         self._rest = math.prod(n for a, n in enumerate(self._shape) if a != self.axis)
         self.sent_rows = sum(len(s) for s in self.plan.send)
         self.received_rows = sum(len(r) for r in self.plan.recv)
+        # whether the received rows and the own shard tile the local grid exactly
+        recv = np.concatenate(self.plan.recv)
+        own0, own1 = (x * self._rest for x in self.plan.own)
+        self._tiles = (len(recv) + own1 - own0 == self.plan.local_lines * self._rest
+                       and bool((np.diff(recv) > 0).all()))
+        self._before = int((recv < own0).sum())
         self._indices = {}
 
     def __repr__(self):
@@ -196,6 +203,57 @@ class DistributedAttention:
         x = x.reshape(b, h, *self._shard_shape, d).movedim(2 + self.axis, 2)
         return x.reshape(b, h, -1, d)
 
+    def _global_queries(self, q, k, v, out, scale):
+        """Replace the global queries' rows of ``out`` by their exact attention over all ranks.
+
+        Their q rows go to every rank (one exchange), each rank attends them to its own keys
+        and returns the partial ``(out, lse)`` to the holder (another), which merges them by
+        log-sum-exp in float32/64: ``out = sum_r exp(lse_r - logsumexp(lse)) * out_r``. Autograd
+        runs through both exchanges (transposed) and the merge; no key row moves.
+        """
+        plan, world, me = self.plan, self.world, self.rank
+        b, h, t, d = q.shape
+        held = [int((plan.holder == r).sum()) for r in range(world)]
+        mine = torch.as_tensor(plan.queries[plan.holder == me]
+                               - self.shards[me][0] * self._rest, device=q.device)
+        rows = q.permute(2, 0, 1, 3).reshape(t, b * h * d).index_select(0, mine)
+        others = [n if r != me else 0 for r, n in enumerate(held)]
+        got = _Exchange.apply(rows.repeat(world - 1, 1), [0 if r == me else len(mine)
+                                                          for r in range(world)],
+                              others, self.group)
+        # holders are in rank order, so their blocks concatenate to the queries' order
+        blocks = list(got.split(others))
+        blocks[me] = rows
+        qg = torch.cat(blocks).reshape(-1, b, h, d).permute(1, 2, 0, 3)
+        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+        heads = ir.pattern_of_head(torch.arange(h), plan.query_mask.shape[0])
+        mask = torch.as_tensor(plan.query_mask, device=q.device)[heads]
+        has = mask.any(-1)
+        scale = d ** -0.5 if scale is None else scale
+        scores = (qg.to(wide) @ k.to(wide).transpose(-1, -2) * scale).masked_fill(~mask,
+                                                                                  -math.inf)
+        top = scores.amax(-1, keepdim=True).detach()
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        weights = torch.exp(scores - top)
+        total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(wide).tiny)
+        part = (weights @ v.to(wide)) / total
+        lse = torch.where(has, (torch.log(total) + top).squeeze(-1),
+                          torch.full_like(top.squeeze(-1), -math.inf))
+        # (queries, b, h, d + 1) rows: each block goes to the query's holder
+        partial = torch.cat([part, lse[..., None]], -1).permute(2, 0, 1, 3)
+        partial = partial.reshape(-1, b * h * (d + 1))
+        blocks = list(partial.split(held))
+        back = _Exchange.apply(torch.cat([x for r, x in enumerate(blocks) if r != me]),
+                               others, [0 if r == me else len(mine) for r in range(world)],
+                               self.group)
+        parts = torch.cat([blocks[me], back]).reshape(world, len(mine), b, h, d + 1)
+        lse_all = parts[..., d]
+        merged_lse = torch.logsumexp(lse_all, 0)
+        merged_lse = torch.where(torch.isfinite(merged_lse), merged_lse,
+                                 torch.zeros_like(merged_lse))
+        merged = (torch.exp(lse_all - merged_lse)[..., None] * parts[..., :d]).sum(0)
+        return out.index_copy(2, mine, merged.permute(1, 2, 0, 3).to(out.dtype))
+
     def __call__(self, q, k, v, scale=None):
         """This rank's output rows for its shard of q, k, v (same layout as ``q``).
 
@@ -207,18 +265,30 @@ class DistributedAttention:
         b, h, tokens, d = qf.shape
         qf, kf, vf = (self._axis_first(x, b, h, d) for x in (qf, kf, vf))
         send, recv = self._index(qf.device)
-        # one packed row per token: (K, V) x batch x heads x head_dim
-        kv = torch.stack([kf, vf]).permute(3, 0, 1, 2, 4).reshape(tokens, 2 * b * h * d)
-        got = _Exchange.apply(kv.index_select(0, send), [len(s) for s in self.plan.send],
+        # one packed row per sent token: (K, V) x batch x heads x head_dim
+        rows = torch.stack([kf.index_select(2, send), vf.index_select(2, send)])
+        got = _Exchange.apply(rows.permute(3, 0, 1, 2, 4).reshape(len(send), 2 * b * h * d),
+                              [len(s) for s in self.plan.send],
                               [len(r) for r in self.plan.recv], self.group)
+        got_k, got_v = got.reshape(len(recv), 2, b, h, d).permute(1, 2, 3, 0, 4)
         own0, own1 = (x * self._rest for x in self.plan.own)
         local_tokens = self.plan.local_lines * self._rest
-        local = kv.new_zeros((local_tokens, kv.shape[1]))
-        local = local.index_copy(0, torch.arange(own0, own1, device=kv.device), kv)
-        local = local.index_copy(0, recv, got)
-        k_loc, v_loc = local.reshape(local_tokens, 2, b, h, d).permute(1, 2, 3, 0, 4)
-        q_loc = torch.nn.functional.pad(qf, (0, 0, own0, local_tokens - own1))
+        if self._tiles:
+            # the received rows arrive in local order (ranks in line order, each in token
+            # order) and fill the local grid around the own shard: one copy, no scatter. Even
+            # an empty `got` must enter the graph, or this rank would skip the backward
+            # exchange that its peers wait in
+            before = self._before
+            k_loc, v_loc = (torch.cat([g[:, :, :before], x, g[:, :, before:]], 2)
+                            for x, g in ((kf, got_k), (vf, got_v)))
+        else:  # gaps no term reads (dilation on short shards, partial key lines) stay zero
+            k_loc, v_loc = (torch.nn.functional.pad(x, (0, 0, own0, local_tokens - own1))
+                            .index_copy(2, recv, g) for x, g in ((kf, got_k), (vf, got_v)))
+        q_loc = qf if local_tokens == own1 - own0 else torch.nn.functional.pad(
+            qf, (0, 0, own0, local_tokens - own1))
         out = self.local(q_loc, k_loc, v_loc, scale=scale)[:, :, own0:own1]
+        if len(self.plan.queries):
+            out = self._global_queries(qf, kf, vf, out, scale)
         if self.axis:
             moved = (self._shard_shape[self.axis],
                      *(n for a, n in enumerate(self._shard_shape) if a != self.axis))

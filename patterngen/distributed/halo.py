@@ -7,6 +7,10 @@ axis length (clamped borders, dilation, block offsets and causal stay exact), an
 axis) the union over all query coordinates. The union over terms (and heads) of these products,
 less ``r``'s own lines, is exactly the set of K/V tokens ``r`` must receive: nothing else moves.
 
+Global queries (terms with ``QueryIn`` along the sharded axis) move no key: their q rows go
+to every rank, and each rank's partial ``(out, lse)`` over its own keys returns to the holder,
+which merges them by log-sum-exp (:func:`global_queries`, :func:`query_rows`).
+
 A rank computes on a *local grid* whose axis 0 is its own shard and the hull of each term's key
 lines, merged into intervals laid out one after another. Each term's key progression lies inside
 one interval, so in local coordinates it is still a progression, given per local line by an
@@ -41,8 +45,8 @@ from .. import ir
 from ..errors import PatternError
 from ..grid import Grid, is_number, symbol
 
-__all__ = ["split_lines", "exchange_rows", "RankPlan", "rank_plan", "schemes", "HaloCost",
-           "halo_cost"]
+__all__ = ["split_lines", "exchange_rows", "global_queries", "query_rows", "RankPlan",
+           "rank_plan", "schemes", "HaloCost", "halo_cost"]
 
 
 def split_lines(n: int, ranks: int, sizes=None) -> tuple[tuple[int, int], ...]:
@@ -130,12 +134,20 @@ def _axis_keys(rel: ir.Rel, n: int):
     return start, start + step * (count - 1), count > 0, step
 
 
+def _merged(term: ir.Term) -> bool:
+    """Global queries along the sharded axis: computed by partial results merged by lse."""
+    return any(isinstance(a, ir.QueryIn) for a in term.rels[0].atoms)
+
+
 @functools.lru_cache(maxsize=32)
 def _terms(lowered) -> tuple[_TermKeys, ...]:
+    """The terms whose keys move to the queries (every term but the merged ones)."""
     shape = lowered.grid.require_numeric("a sharded pattern")
     out = []
     for h, head in enumerate(lowered.per_head):
         for term in head.terms:
+            if _merged(term):
+                continue
             start, last, nonempty, step = _axis_keys(term.rels[0], shape[0])
             box = np.ones((), dtype=bool)
             for rel, n in zip(term.rels[1:], shape[1:]):
@@ -145,10 +157,43 @@ def _terms(lowered) -> tuple[_TermKeys, ...]:
     return tuple(out)
 
 
-def _needed(terms, shard, lines, n) -> np.ndarray:
+@functools.lru_cache(maxsize=32)
+def global_queries(lowered) -> np.ndarray:
+    """Sorted flat indices of the queries of merged terms (global queries along axis 0).
+
+    Their output is merged from every rank's partial ``(out, lse)`` over its own keys, so their
+    keys never move; the queries themselves (few rows) do.
+    """
+    shape = lowered.grid.require_numeric("a sharded pattern")
+    found = np.zeros(shape, dtype=bool)
+    for head in lowered.per_head:
+        for term in head.terms:
+            if _merged(term):
+                rows = np.ones((), dtype=bool)
+                for rel, n in zip(term.rels, shape):
+                    rows = np.multiply.outer(rows, _axis_keys(rel, n)[2])
+                found |= rows
+    return np.flatnonzero(found)
+
+
+def query_rows(lowered, shards) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank, global query rows received (their q) and partial results received (to merge).
+
+    A rank receives every global query it does not hold, and holds ``(R - 1)`` partial
+    ``(out, lse)`` rows from the other ranks for each one it holds. The backward moves the same
+    rows the other way (the gradients of q to the holders, of the partials to their senders).
+    """
+    rest = math.prod(lowered.grid.shape[1:])
+    line = global_queries(lowered) // rest
+    held = np.array([int(((line >= a) & (line < b)).sum()) for a, b in shards], dtype=np.int64)
+    return len(line) - held, (len(shards) - 1) * held
+
+
+def _needed(terms, shard, lines, shape) -> np.ndarray:
     """Boolean ``(hi - lo, *rest)``: tokens on ``lines = (lo, hi)`` read by queries of ``shard``."""
     lo, hi = lines
-    need = np.zeros((hi - lo, *terms[0].box.shape), dtype=bool)
+    n = shape[0]
+    need = np.zeros((hi - lo, *shape[1:]), dtype=bool)
     for t in terms:
         rows = t.lines(*shard, n)[lo:hi]
         if rows.any():
@@ -162,12 +207,12 @@ def exchange_rows(lowered, shards) -> np.ndarray:
     The backward step sends the same number of gradient rows the other way.
     """
     terms = _terms(lowered)
-    n = int(lowered.grid.shape[0])
+    shape = lowered.grid.require_numeric("a sharded pattern")
     rows = np.zeros((len(shards), len(shards)), dtype=np.int64)
     for dst, shard in enumerate(shards):
         for src, lines in enumerate(shards):
             if src != dst:
-                rows[src, dst] = int(_needed(terms, shard, lines, n).sum())
+                rows[src, dst] = int(_needed(terms, shard, lines, shape).sum())
     return rows
 
 
@@ -183,6 +228,10 @@ class RankPlan:
         local: the pattern on the local grid (an :class:`~patterngen.ir.IR` or ``HeadsIR``).
         send: per destination rank, flat token indices into this rank's shard (row-major).
         recv: per source rank, flat token indices into the local grid, in the order sent.
+        queries: flat global indices of the global queries (:func:`global_queries`).
+        holder: the rank holding each of them.
+        query_mask: ``(patterns, queries, shard tokens)``: which of this rank's keys each
+            global query attends (over every term), for its partial result.
     """
 
     rank: int
@@ -192,6 +241,9 @@ class RankPlan:
     local: object
     send: tuple
     recv: tuple
+    queries: np.ndarray
+    holder: np.ndarray
+    query_mask: np.ndarray
 
     @property
     def local_lines(self) -> int:
@@ -228,8 +280,8 @@ def rank_plan(lowered, shards, rank: int) -> RankPlan:
             recv.append(np.zeros(0, dtype=np.int64))
             continue
         # what `other` needs from my lines, and what I need from its lines
-        send.append(np.flatnonzero(_needed(terms, (a, b), (lo, hi), n)))
-        mine = _needed(terms, (lo, hi), (a, b), n)
+        send.append(np.flatnonzero(_needed(terms, (a, b), (lo, hi), shape)))
+        mine = _needed(terms, (lo, hi), (a, b), shape)
         line, col = np.divmod(np.flatnonzero(mine), rest)
         recv.append(local_of[a + line] * rest + col)
     owned = np.zeros(n, dtype=bool)
@@ -252,7 +304,19 @@ def rank_plan(lowered, shards, rank: int) -> RankPlan:
     local = heads[0] if isinstance(lowered, ir.IR) else ir.HeadsIR(heads[0].grid, tuple(heads),
                                                                   lowered.label)
     own = (int(local_of[lo]), int(local_of[lo]) + hi - lo)
-    return RankPlan(rank, tuple(shards), intervals, own, local, tuple(send), tuple(recv))
+    queries = global_queries(lowered)
+    edges = np.array([a for a, _ in shards[1:]], dtype=np.int64)
+    holder = np.searchsorted(edges, queries // rest, side="right")
+    # the partial of every global query over this rank's keys, from every term of its pattern
+    q = np.unravel_index(queries, shape)
+    p = np.unravel_index(np.arange(lo * rest, hi * rest), shape)
+    query_mask = np.zeros((len(lowered.per_head), len(queries), (hi - lo) * rest), dtype=bool)
+    for h, head in enumerate(lowered.per_head):
+        for term in head.terms:
+            query_mask[h] |= term.contains([c[:, None] for c in q], [c[None, :] for c in p],
+                                           shape, ir.NUMPY_OPS)
+    return RankPlan(rank, tuple(shards), intervals, own, local, tuple(send), tuple(recv),
+                    queries, holder, query_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +324,8 @@ def rank_plan(lowered, shards, rank: int) -> RankPlan:
 
 #: the rank index in :class:`HaloCost` expressions (substitute ``rank=...``)
 RANK = sympy.Symbol("rank", integer=True, nonnegative=True)
-_LOCAL, _GLOBAL_KEYS, _BEFORE, _ALL = ("halo", "global keys", "gather lines before",
-                                       "gather all lines")
+_LOCAL, _GLOBAL_KEYS, _BEFORE, _ALL, _MERGED = (
+    "halo", "global keys", "gather lines before", "gather all lines", "global queries merged")
 
 
 def _scheme(rel: ir.Rel) -> str:
@@ -271,7 +335,7 @@ def _scheme(rel: ir.Rel) -> str:
     if ir.KeyIn in kinds:
         return _GLOBAL_KEYS
     if ir.QueryIn in kinds:
-        return _ALL
+        return _MERGED
     if kinds & {ir.Window, ir.Block, ir.Eq}:
         return _LOCAL
     return _BEFORE  # Lt / Le alone
@@ -282,8 +346,9 @@ def schemes(lowered) -> list[tuple[str, str]]:
 
     ``halo``: a bounded reach, neighbours' lines; ``global keys``: a fixed range of key lines
     (only the tokens the term reads); ``gather lines before``: causal across the axis, every
-    earlier line; ``gather all lines``: a whole-axis term (axial, global queries), every line
-    its queries need, gathered (re-sharding and log-sum-exp merging are not implemented).
+    earlier line; ``gather all lines``: a whole-axis term (axial), every line, gathered
+    (re-sharding is not implemented); ``global queries merged``: their q rows go to every rank,
+    whose partial ``(out, lse)`` over its own keys are merged at the holder; no key moves.
     """
     return [(repr(t), _scheme(t.rels[0])) for head in lowered.per_head for t in head.terms]
 
@@ -292,23 +357,32 @@ def schemes(lowered) -> list[tuple[str, str]]:
 class HaloCost:
     """Communication of one rank per step, as sympy expressions in the sizes, ``R``, ``rank``.
 
+    Rows received per forward step; the backward sends the gradients of the same rows back to
+    their owners (the transposed exchanges), so a rank sends in backward what it received in
+    forward.
+
     Attributes:
         ranks: the number of ranks (an int or a symbol).
         rank: the rank-index symbol the expressions use (substitute ``rank=...``).
-        tokens: K/V tokens the rank receives in a forward step (and sends back in backward).
+        tokens: K/V tokens received (``halo`` and ``global keys`` terms).
         lines: ``tokens`` in lines of the sharded axis (``tokens`` over one line's tokens).
-        bytes_forward: K and V rows received: ``2 * tokens * batch * heads * head_dim * bytes``.
-        bytes_backward: their gradients, sent back to their owners (same size).
+        queries: global query rows received (their q, to attend this rank's keys).
+        partials: partial ``(out, lse)`` rows received for the global queries it holds.
+        bytes_forward: received, ``(2 d tokens + d queries + (d + 1) partials) * batch *
+            heads`` elements; partials in float32 at least (the merge's precision).
+        bytes_backward: sent back in the backward step: the same bytes.
         ratio: ``bytes_forward`` over the rank's share of the forward FLOPs (``flops / R``).
         schemes: ``(term, scheme)`` pairs (see :func:`schemes`).
         assumptions: relations the closed form needs.
-        closed_form: ``False`` when the tokens are an exact count evaluated at substitution.
+        closed_form: ``False`` when the rows are exact counts evaluated at substitution.
     """
 
     ranks: object
     rank: sympy.Symbol
     tokens: sympy.Expr
     lines: sympy.Expr
+    queries: sympy.Expr
+    partials: sympy.Expr
     bytes_forward: sympy.Expr
     bytes_backward: sympy.Expr
     ratio: sympy.Expr
@@ -326,16 +400,19 @@ class HaloCost:
             return int(x) if x.is_Integer else x
 
         return HaloCost(s(self.ranks), self.rank, s(self.tokens), s(self.lines),
-                        s(self.bytes_forward), s(self.bytes_backward), s(self.ratio),
-                        self.schemes, tuple(a for a in map(s, self.assumptions)
-                                            if a is not sympy.true), self.closed_form)
+                        s(self.queries), s(self.partials), s(self.bytes_forward),
+                        s(self.bytes_backward), s(self.ratio), self.schemes,
+                        tuple(a for a in map(s, self.assumptions) if a is not sympy.true),
+                        self.closed_form)
 
     def rows(self) -> list[tuple[str, object]]:
         return [
             (f"halo K/V tokens per rank (rank of {self.ranks})", self.tokens),
             ("halo lines per rank", self.lines),
-            ("halo bytes per rank, forward (K,V in)", self.bytes_forward),
-            ("halo bytes per rank, backward (dK,dV out)", self.bytes_backward),
+            *((("global query rows in (q), partial rows in", f"{self.queries}, "
+                f"{self.partials}"),) if self.queries != 0 or self.partials != 0 else ()),
+            ("halo bytes per rank, forward", self.bytes_forward),
+            ("halo bytes per rank, backward", self.bytes_backward),
             ("communication / compute (bytes per FLOP)", self.ratio),
             *((("halo assuming", ", ".join(map(str, self.assumptions))),)
               if self.assumptions else ()),
@@ -386,7 +463,7 @@ def _closed_tokens(lowered, ranks, rank):
     n, full = shape[0], sympy.Mul(*shape[1:])
     size = n / ranks
     s, e = rank * size, (rank + 1) * size
-    lefts, rights, assumptions, keys, queries = [], [], [sympy.Eq(sympy.Mod(n, ranks), 0)], [], []
+    lefts, rights, assumptions, keys = [], [], [sympy.Eq(sympy.Mod(n, ranks), 0)], []
     gather_all = before = False
     for head in lowered.per_head:
         for term in head.terms:
@@ -412,8 +489,8 @@ def _closed_tokens(lowered, ranks, rank):
                 before = True
             elif scheme == _ALL and len(rel.atoms) == 0 and box == full:
                 gather_all = True
-            elif scheme == _ALL and {type(a) for a in rel.atoms} == {ir.QueryIn} and box == full:
-                queries.append(rel.atoms[0])
+            elif _merged(term):
+                continue  # no key moves (see _closed_queries)
             else:
                 return None
     if gather_all:
@@ -427,15 +504,42 @@ def _closed_tokens(lowered, ranks, rank):
         # key lines outside the shard and its halo; inside them whole lines arrive anyway
         inside = sympy.Max(0, sympy.Min(b, e + right) - sympy.Max(a, s - left))
         tokens += (b - a - inside) * box
-    if queries:  # the rank holding global query lines gathers every line
-        holds = sympy.Or(*(sympy.And(a.start < e, s < a.stop) for a in queries))
-        tokens = sympy.Piecewise(((n - size) * full, holds), (tokens, True))
     return tokens, tuple(assumptions)
 
 
+def _closed_queries(lowered, ranks, rank):
+    """Closed-form ``(queries, partials)`` rows received by rank ``rank``, or ``None``."""
+    shape = lowered.grid.shape
+    size = shape[0] / ranks
+    s, e = rank * size, (rank + 1) * size
+    merged = {t for head in lowered.per_head for t in head.terms if _merged(t)}
+    if not merged:
+        return sympy.Integer(0), sympy.Integer(0)
+    if len(merged) > 1:
+        return None
+    (term,) = merged
+    if len(term.rels[0].atoms) != 1:
+        return None
+    axis0 = term.rels[0].atoms[0]
+    count = sympy.sympify(axis0.stop - axis0.start)
+    for rel, n in zip(term.rels[1:], shape[1:]):
+        kinds = {type(a): a for a in rel.atoms}
+        if len(rel.atoms) > 1:
+            return None
+        if set(kinds) == {ir.QueryIn}:
+            count *= kinds[ir.QueryIn].stop - kinds[ir.QueryIn].start
+        elif set(kinds) == {ir.Lt}:
+            count *= n - 1
+        else:  # every other atom gives every query coordinate a key
+            count *= n
+    held = count / (axis0.stop - axis0.start) * sympy.Max(
+        0, sympy.Min(axis0.stop, e) - sympy.Max(axis0.start, s))
+    return count - held, (ranks - 1) * held
+
+
 @functools.lru_cache(maxsize=None)
-def _exact_tokens_function(lowered):
-    """Exact halo tokens of a rank (even split), evaluated once every size is a number."""
+def _exact_function(lowered, quantity: str):
+    """Exact rows of a rank (even split), evaluated once every size is a number."""
     free = sorted({x for n in lowered.grid.shape if not is_number(n)
                    for x in sympy.sympify(n).free_symbols}, key=str)
 
@@ -443,10 +547,13 @@ def _exact_tokens_function(lowered):
         if ranks.is_Integer and rank.is_Integer and all(v.is_Integer for v in values):
             numeric = lowered.subs(dict(zip(free, values)))
             shards = split_lines(int(numeric.grid.shape[0]), int(ranks))
-            return sympy.Integer(int(exchange_rows(numeric, shards)[:, int(rank)].sum()))
+            if quantity == "tokens":
+                return sympy.Integer(int(exchange_rows(numeric, shards)[:, int(rank)].sum()))
+            queries, partials = query_rows(numeric, shards)
+            return sympy.Integer(int((queries if quantity == "queries" else partials)[rank]))
         return None
 
-    fn = type(f"halo[{lowered.label}]", (sympy.Function,),
+    fn = type(f"{quantity}[{lowered.label}]", (sympy.Function,),
               {"eval": classmethod(_eval), "is_integer": True, "is_nonnegative": True})
     return lambda ranks, rank: fn(ranks, rank, *free)
 
@@ -465,13 +572,18 @@ def halo_cost(lowered, ranks, head_dim, heads, batch, dtype_bytes, flops) -> Hal
         raise PatternError(f"ranks={ranks}: expected an integer >= 1 or a symbol.")
     rank = RANK
     closed = _closed_tokens(lowered, ranks, rank)
-    if closed is None:
-        tokens, assumptions = _exact_tokens_function(lowered)(ranks, rank), ()
+    closed_queries = _closed_queries(lowered, ranks, rank)
+    if closed is None or closed_queries is None:
+        tokens, queries, partials = (_exact_function(lowered, q)(ranks, rank)
+                                     for q in ("tokens", "queries", "partials"))
+        assumptions = ()
     else:
-        tokens, assumptions = closed
+        (tokens, assumptions), (queries, partials) = closed, closed_queries
     line = sympy.Mul(*lowered.grid.shape[1:])
-    width = 2 * batch * heads * head_dim * dtype_bytes
-    moved = tokens * width
-    return HaloCost(ranks, rank, tokens, tokens / line, moved, moved,
-                    moved / (sympy.sympify(flops) / ranks), tuple(schemes(lowered)),
-                    assumptions, closed is not None)
+    rows = batch * heads * dtype_bytes
+    wide = batch * heads * max(dtype_bytes, 4)  # partial results travel in float32 at least
+    forward = 2 * head_dim * tokens * rows + head_dim * queries * rows \
+        + (head_dim + 1) * partials * wide
+    return HaloCost(ranks, rank, tokens, tokens / line, queries, partials, forward, forward,
+                    forward / (sympy.sympify(flops) / ranks), tuple(schemes(lowered)),
+                    assumptions, closed is not None and closed_queries is not None)
