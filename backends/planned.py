@@ -99,41 +99,39 @@ class DenseTerm:
         rows = self.shape.queries if side == "q" else self.shape.keys
         return t.reshape(b * h, self.shape.batch, rows, d)
 
-    def _unview(self, y, b: int, h: int, fill: float):
-        """Inverse of the query view: ``(B * H, problems, rows, e)`` -> ``(B, H, N, e)``; rows
-        of queries outside the term's query range get ``fill``."""
+    def _unview(self, y, b: int, h: int, fill: float, side: str = "q"):
+        """Inverse of :meth:`_view`: ``(B * H, problems, rows, e)`` -> ``(B, H, N, e)``.
+        Tokens outside the term's query (``side="q"``) or key (``"k"``) range get ``fill``;
+        padding is dropped. Every token appears at most once in a view, so for gradients
+        (``fill=0``) this is also the view's adjoint."""
         import torch.nn.functional as F
 
+        ranged = "queries" if side == "q" else "keys"
         e = y.shape[-1]
-        split, batch_dims, prob_dims = [], [], []
+        split, batch_dims, prob_dims, whole = [], [], [], []
         for ax in self.shape.axes:
             here = len(split) + 2
             if ax.kind == "tiles":
                 split += [ax.batch, ax.size]
                 batch_dims.append(here)
                 prob_dims.append(here + 1)
-            else:
-                size = ax.queries if ax.kind != "batch" else ax.n
-                split.append(size)
-                (batch_dims if ax.kind == "batch" else prob_dims).append(here)
+                whole.append(ax.batch * ax.size)
+                continue
+            size = ax.n if ax.kind == "batch" else (ax.queries if side == "q" else ax.keys)
+            split.append(size)
+            whole.append(size)
+            (batch_dims if ax.kind == "batch" else prob_dims).append(here)
         order = [0, 1, *batch_dims, *prob_dims, len(split) + 2]
         t = y.reshape(b, h, *[split[i - 2] for i in order[2:-1]], e)
-        t = t.permute(*np.argsort(order).tolist())
-        t = t.reshape(b, h, *[self._unsplit(ax) for ax in self.shape.axes], e)
+        t = t.permute(*np.argsort(order).tolist()).reshape(b, h, *whole, e)
         for a, ax in enumerate(self.shape.axes):
             dim = 2 + a
             if ax.kind == "tiles" and (ax.pad_left or ax.pad_right):
                 t = t.narrow(dim, ax.pad_left, ax.n)
-            if ax.kind == "queries" and (ax.lo > 0 or ax.hi < ax.n):
+            if ax.kind == ranged and (ax.lo > 0 or ax.hi < ax.n):
                 pad = [0, 0] * (t.dim() - 1 - dim) + [ax.lo, ax.n - ax.hi]
                 t = F.pad(t, pad, value=fill)
         return t.reshape(b, h, math.prod(self.grid), e)
-
-    @staticmethod
-    def _unsplit(ax) -> int:
-        if ax.kind == "tiles":
-            return ax.batch * ax.size
-        return ax.queries if ax.kind != "batch" else ax.n
 
     def _additive_mask(self, dtype, device):
         if self.mask is None:
@@ -211,22 +209,18 @@ class DenseTerm:
 
     def backward(self, q, k, v, out, lse, dout, scale):
         """``(dq, dk, dv)`` of this term's share, from the merged ``out`` and ``lse``."""
-        import torch
-
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            qp, kp, vp = self._view(leaves[0], "q"), self._view(leaves[1], "k"), \
-                self._view(leaves[2], "k")
-        op, lp, dp = (self._view(t, "q").detach() for t in (out, lse.unsqueeze(-1), dout))
+        b, h = q.shape[:2]
+        qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
+        op, lp, dp = (self._view(t, "q") for t in (out, lse.unsqueeze(-1), dout))
         if self._matmul(q):
-            grads = _matmul_backward(qp.detach(), kp.detach(), vp.detach(), op, lp, dp,
+            grads = _matmul_backward(qp, kp, vp, op, lp, dp,
                                      self._matmul_mask(q.dtype, q.device), scale)
         else:
-            grads = _fused_backward(qp.detach(), kp.detach(), vp.detach(), op,
-                                    lp.squeeze(-1), dp, self._additive_mask(q.dtype, q.device),
-                                    scale)
-        torch.autograd.backward([qp, kp, vp], list(grads))
-        return tuple(t.grad for t in leaves)
+            grads = _fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
+                                    self._additive_mask(q.dtype, q.device), scale)
+        dq, dk, dv = grads
+        return (self._unview(dq, b, h, 0.0, "q"), self._unview(dk, b, h, 0.0, "k"),
+                self._unview(dv, b, h, 0.0, "k"))
 
 
 class _Holes:
@@ -400,9 +394,13 @@ def _numpy(t):
 
 
 class _Runner:
-    """A term-wise plan's parts for each listed pattern, built for one device."""
+    """A term-wise plan's parts for each listed pattern, built for one device; registered for
+    the ``patterngen::planned_*`` operators under :attr:`op_key`."""
+
+    name = "planned"
 
     def __init__(self, lowered, plan):
+        self.ir = lowered
         shape = lowered.grid.shape
         self.patterns = []
         #: per listed pattern, the queries without any key (``None`` when every query has one)
@@ -427,6 +425,13 @@ class _Runner:
             self.patterns.append(parts)
 
 
+def _register_runner(runner, plan) -> str:
+    from patterngen.backends import ops
+
+    return ops.register(runner, plan.device, plan.dtype, tuple(
+        tuple((tp.term, tp.executor) for tp in tps) for tps in plan.patterns))
+
+
 def _covered(grid, terms) -> np.ndarray:
     """Keys per query of the union of ``terms`` (row-major; zeros for none)."""
     if not terms:
@@ -434,30 +439,69 @@ def _covered(grid, terms) -> np.ndarray:
     return ir.IR(grid, tuple(terms)).key_counts()
 
 
-@functools.cache
-def _function():
+def _define_ops():
+    """The term-wise runs as ``patterngen::planned_fwd`` / ``planned_bwd`` operators (torch
+    does not trace into the numba gather group or the views; see backends/ops.py)."""
     import torch
 
-    class PlannedAttention(torch.autograd.Function):
-        """Parts of a term-wise plan (and extra keys) merged by log-sum-exp; backward from the
-        merged out and lse (module docstring)."""
+    from patterngen.backends.ops import NAMESPACE, lookup, lse_dtype
 
-        @staticmethod
-        def forward(ctx, q, k, v, ak, av, runner, scale):
-            extra = None if ak is None else (ak, av)
-            out, lse = _merged_forward(runner, q, k, v, scale, extra=extra)
-            ctx.save_for_backward(q, k, v, out, lse, *(extra or ()))
-            ctx.runner, ctx.scale = runner, scale
-            return out
+    # explicit schemas: this module's annotations are strings (from __future__)
+    @torch.library.custom_op(
+        f"{NAMESPACE}::planned_fwd", mutates_args=(), device_types=("cpu", "cuda"),
+        schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, str key, float scale, "
+               "bool need_lse) -> (Tensor, Tensor)")
+    def planned_fwd(q, k, v, ak, av, key, scale, need_lse):
+        """``(out, lse)`` of the plan registered as ``key`` (``lse`` empty unless
+        ``need_lse``); ``ak, av``: keys and values every query attends besides the grid."""
+        extra = None if ak is None else (ak, av)
+        out, lse = _merged_forward(lookup(key), q, k, v, scale, need_lse, extra)
+        return out, (lse if lse is not None else q.new_empty(0, dtype=lse_dtype(q.dtype)))
 
-        @staticmethod
-        def backward(ctx, dout):
-            q, k, v, out, lse, *extra = ctx.saved_tensors
-            grads = _merged_backward(ctx.runner, q, k, v, out, lse, dout.contiguous(),
-                                     ctx.scale, tuple(extra) or None)
-            return (*grads[:3], *(grads[3:] or (None, None)), None, None)
+    @planned_fwd.register_fake
+    def _(q, k, v, ak, av, key, scale, need_lse):
+        return torch.empty_like(q), q.new_empty(q.shape[:3] if need_lse else (0,),
+                                                dtype=lse_dtype(q.dtype))
 
-    return PlannedAttention
+    @torch.library.custom_op(
+        f"{NAMESPACE}::planned_bwd", mutates_args=(), device_types=("cpu", "cuda"),
+        schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, Tensor out, "
+               "Tensor lse, Tensor dout, str key, float scale) -> (Tensor, Tensor, Tensor, "
+               "Tensor, Tensor)")
+    def planned_bwd(q, k, v, ak, av, out, lse, dout, key, scale):
+        """``(dq, dk, dv, dak, dav)`` from the merged ``out`` and ``lse`` (``dak, dav``
+        empty without extra keys)."""
+        extra = None if ak is None else (ak, av)
+        grads = _merged_backward(lookup(key), q, k, v, out, lse, dout.contiguous(), scale,
+                                 extra)
+        if extra is None:
+            grads = (*grads, q.new_empty(0), q.new_empty(0))
+        return tuple(g.contiguous() for g in grads)
+
+    @planned_bwd.register_fake
+    def _(q, k, v, ak, av, out, lse, dout, key, scale):
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                torch.empty_like(ak) if ak is not None else q.new_empty(0),
+                torch.empty_like(av) if av is not None else q.new_empty(0))
+
+    def setup(ctx, inputs, output):
+        q, k, v, ak, av, key, scale, need_lse = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, ak, av, out, lse)
+        ctx.key, ctx.scale = key, scale
+
+    def backward(ctx, dout, dlse):
+        q, k, v, ak, av, out, lse = ctx.saved_tensors
+        dq, dk, dv, dak, dav = planned_bwd(q, k, v, ak, av, out, lse, dout, ctx.key, ctx.scale)
+        extra = (dak, dav) if ak is not None else (None, None)
+        return dq, dk, dv, *extra, None, None, None
+
+    planned_fwd.register_autograd(backward, setup_context=setup)
+    return planned_fwd
+
+
+_planned_fwd = functools.cache(_define_ops)
 
 
 def _heads_of(p: int, npat: int, heads: int):
@@ -644,7 +688,9 @@ class PlannedBackend(Backend):
         key = id(plan)
         if key not in self._runs:
             if plan.strategy == "terms":
-                self._runs[key] = _Runner(self.ir, plan)
+                runner = _Runner(self.ir, plan)
+                runner.op_key = _register_runner(runner, plan)
+                self._runs[key] = runner
             else:
                 options = {} if self.softcap is None else {"softcap": self.softcap}
                 self._runs[key] = get_backend(plan.strategy)(self.ir, scale=self.scale,
@@ -699,11 +745,8 @@ class PlannedBackend(Backend):
             return run(q, k, v, scale=scale if scale is not None else self.scale, **options)
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
-        if not grad:
-            return restore(_merged_forward(run, qf, kf, vf, scale, need_lse=False,
-                                           extra=extra)[0])
         ak, av = extra or (None, None)
-        return restore(_function().apply(qf, kf, vf, ak, av, run, scale))
+        return restore(_planned_fwd()(qf, kf, vf, ak, av, run.op_key, scale, grad)[0])
 
 
 def _capable(flag: str) -> tuple:

@@ -10,7 +10,8 @@ The stages, one module each:
 - :mod:`.module`: text -> a module in the disk cache -> ``cfunc`` kernels compiled on first use;
 - :mod:`.launch`: the packed-argument protocol between a kernel and its launcher, torch's
   OpenMP team or a thread pool;
-- :mod:`.autograd`: the ``torch.autograd.Function``.
+- :mod:`.autograd`: the kernels as ``torch.library`` operators with an autograd formula
+  (``torch.compile`` and ``torch.export`` see one operator).
 
 Forward is an online softmax over chunks of keys that saves the log-sum-exp; backward
 recomputes the probabilities from it (FlashAttention-2: ``D = rowsum(dO * O)``,
@@ -33,7 +34,7 @@ from patterngen.backends import Backend, register_backend
 from patterngen.errors import PatternError
 
 from . import launch, plan
-from .autograd import WIDENED, attention_function
+from .autograd import WIDENED, numba_fwd
 from .module import cache_dir, kernel, load
 from .plan import lane_pairs, plan_lanes
 from .source import DTYPES, SPECIALISED_HEAD_DIM, generate
@@ -118,7 +119,14 @@ class NumbaBackend(Backend):
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
         qf, kf, vf = (t.contiguous() for t in (qf, kf, vf))
-        return restore(attention_function().apply(qf, kf, vf, self, self.shape, scale))
+        return restore(numba_fwd(qf, kf, vf, self.op_key, scale, None, None)[0])
+
+    @functools.cached_property
+    def op_key(self) -> str:
+        """This compiled pattern's key for the ``patterngen::numba_*`` operators."""
+        from patterngen.backends import ops
+
+        return ops.register(self, self.lanes, self.shared)
 
     def _kernels(self, dtype: str, head_dim: int, direction: str, groups) -> dict:
         """The compiled ``direction`` kernel of each pattern in ``groups``."""
