@@ -687,9 +687,10 @@ class LineTable(Atom):
 
     The axis a rank of :mod:`patterngen.distributed` holds: its local lines (own shard and halo)
     are laid out one interval after another, and a relation's bounds, evaluated at the global
-    axis length, become this table in local coordinates. numpy and torch index the tables;
-    generated source (:class:`Src`) cannot, so the numba backend refuses it. Cost formulas have
-    no closed form for it: it is counted exactly (the axis length is ``len(starts)``).
+    axis length, become this table in local coordinates. numpy and eager torch index the
+    tables; generated source (:class:`Src`) cannot, so the numba backend refuses it. Cost
+    formulas have no closed form for it: it is counted exactly (the axis length is
+    ``len(starts)``).
 
     Attributes:
         starts, stops: one entry per query coordinate (tuples of ints).
@@ -717,7 +718,7 @@ class LineTable(Atom):
     def bounds(self, i, n, ops):
         if isinstance(i, Src) or ops is SOURCE_OPS:
             raise PatternError(f"{self!r} holds constant tables, which generated source cannot "
-                               f"read; run it on a backend that indexes arrays (sdpa, flex).")
+                               f"read; run it on a backend that indexes arrays (sdpa).")
         if is_number(n) and int(n) != len(self.starts):
             raise PatternError(f"{self!r} is defined on an axis of {len(self.starts)} lines, "
                                f"not n={n}.")

@@ -132,9 +132,9 @@ def test_local_attention_of_every_rank_equals_the_oracle(name, pattern, grid, op
             local = np.ones(out.shape[2], dtype=bool)  # global queries: merged, not local
             mine = global_queries(lowered)
             local[mine[(mine >= lo * rest) & (mine < hi * rest)] - lo * rest] = False
-            torch.testing.assert_close(
-                out[:, :, local], want.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest][:, :, local],
-                rtol=1e-12, atol=1e-12)
+            want_rows = want.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest]
+            torch.testing.assert_close(out[:, :, local], want_rows[:, :, local], rtol=1e-12,
+                                       atol=1e-12)
 
 
 def test_global_queries_are_the_query_in_terms():
@@ -292,6 +292,8 @@ def _error_cases(group, world, rank):
             pg.window(3), (3 * world, 4), group=group)(q if rank else q[:, :, :2],
                                                        q if rank else q[:, :, :2],
                                                        q if rank else q[:, :, :2]),
+        "numba refused": lambda: pg.distributed.compile(pg.window(3), (3 * world, 4),
+                                                        group=group, backend="numba"),
         "batch differs": lambda: pg.distributed.compile(
             pg.window(3), (3 * world, 4), group=group)(*(q[:, :1 + rank % 2],) * 3),
     }
@@ -411,6 +413,7 @@ def test_every_rank_raises_the_same_clear_error(spawned, world):
     messages = [spawned[rank][f"{world}/errors"] for rank in range(world)]
     expected = {"disagree": "disagree", "grid smaller than ranks": "needs at least one line",
                 "empty shard": r"shards\[0\]=0", "bad shape on one rank": "bad inputs on rank 0",
+                "numba refused": "backend='numba'",
                 "batch differs": "inputs disagree"}
     for name, match in expected.items():
         if name == "batch differs" and world == 1:

@@ -33,7 +33,7 @@ def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None,
         grid: the whole grid, e.g. ``(512, 512)``.
         axis: the sharded axis.
         group: a ``torch.distributed`` process group; ``None`` is the default group.
-        backend: the local executor: ``"auto"`` (``"sdpa"``), ``"sdpa"`` or ``"flex"``.
+        backend: the local executor: ``"auto"`` or ``"sdpa"`` (see ``docs/distributed.md``).
         shards: lines per rank; ``None`` splits as evenly as possible.
         **options: options of the local backend.
 

@@ -17,8 +17,9 @@ from .halo import rank_plan, schemes, split_lines
 
 __all__ = ["DistributedAttention"]
 
-#: local executors that read :class:`~patterngen.ir.LineTable` (numba emits source: it cannot)
-LOCAL_BACKENDS = ("auto", "sdpa", "flex")
+#: local executors that read :class:`~patterngen.ir.LineTable`: numba emits source, which
+#: cannot; flex fails in inductor on the tables made inside its traced ``mask_mod``
+LOCAL_BACKENDS = ("auto", "sdpa")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -96,8 +97,9 @@ class DistributedAttention:
                                    f"{lowered.grid}, an int in [{-len(shape)}, {len(shape)}).")
             if backend not in LOCAL_BACKENDS:
                 raise PatternError(f"backend={backend!r}: the local part runs on one of "
-                                   f"{LOCAL_BACKENDS} (numba kernels are generated source, "
-                                   f"which cannot read a rank's line tables).")
+                                   f"{LOCAL_BACKENDS}; numba kernels are generated source and "
+                                   f"flex traces its mask, and neither reads a rank's line "
+                                   f"tables yet.")
             self.axis = axis % len(shape)
             self.shards = split_lines(shape[self.axis], self.world, shards)
             moved = _axis_first(lowered, self.axis)

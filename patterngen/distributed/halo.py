@@ -190,7 +190,7 @@ def query_rows(lowered, shards) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _needed(terms, shard, lines, shape) -> np.ndarray:
-    """Boolean ``(hi - lo, *rest)``: tokens on ``lines = (lo, hi)`` read by queries of ``shard``."""
+    """Boolean ``(hi - lo, *rest)``: tokens of ``lines = (lo, hi)`` that ``shard`` reads."""
     lo, hi = lines
     n = shape[0]
     need = np.zeros((hi - lo, *shape[1:]), dtype=bool)
@@ -467,6 +467,8 @@ def _closed_tokens(lowered, ranks, rank):
     gather_all = before = False
     for head in lowered.per_head:
         for term in head.terms:
+            if _merged(term):
+                continue  # no key moves (see _closed_queries)
             rel, box = term.rels[0], _box_size(term, shape)
             scheme = _scheme(rel)
             if box is None:
@@ -489,8 +491,6 @@ def _closed_tokens(lowered, ranks, rank):
                 before = True
             elif scheme == _ALL and len(rel.atoms) == 0 and box == full:
                 gather_all = True
-            elif _merged(term):
-                continue  # no key moves (see _closed_queries)
             else:
                 return None
     if gather_all:
