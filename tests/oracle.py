@@ -14,7 +14,7 @@ def check_against_oracle(backend, spec, grid, q, k, v, scale=None, atol=1e-10, *
     Inputs may be ``(batch, heads, *grid, dim)`` or ``(batch, heads, tokens, dim)``.
     """
     attn = pg.compile(spec, grid, backend=backend, **options)
-    out = attn(q, k, v, scale=scale)
+    out = attn(q, k, v) if scale is None else attn(q, k, v, scale=scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     flat = [t.detach().double().reshape(b, h, -1, d).requires_grad_() for t in (q, k, v)]

@@ -7,6 +7,7 @@ import torch
 import patterngen as pg
 from patterngen import backends
 from fakes import register_fake_backend
+from oracle import check_against_oracle
 
 CASES = [
     (pg.window(3, causal=True) | pg.global_tokens([0]), (13,)),
@@ -40,23 +41,11 @@ def test_backend_matches_dense_oracle(name, case):
     if reasons:
         pytest.skip(f"{name}: " + "; ".join(reasons))
     torch.manual_seed(case)
-    tdtype = getattr(torch, dtype)
     backward = "cpu" in cls.BACKWARD_DEVICES
-    q, k, v = (torch.randn(2, 3, *grid, 8, dtype=tdtype, requires_grad=backward)
+    q, k, v = (torch.randn(2, 3, *grid, 8, dtype=getattr(torch, dtype), requires_grad=backward)
                for _ in range(3))
-    attn = pg.compile(pattern, grid, backend=name, dtype=dtype)
-    out = attn(q, k, v)
-    flat = [t.detach().reshape(2, 3, -1, 8).double().requires_grad_() for t in (q, k, v)]
-    ref = pg.dense_attention(*flat, pg.materialize(pattern, grid))
-    tol = dict(rtol=1e-9, atol=1e-9) if dtype == "float64" else dict(rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(out.reshape(ref.shape).double(), ref.detach(), **tol)
-    if not backward:
-        return
-    grad = torch.randn_like(ref)
-    out.reshape(ref.shape).backward(grad.to(out.dtype))
-    ref.backward(grad)
-    for mine, theirs in zip((q, k, v), flat):
-        torch.testing.assert_close(mine.grad.reshape(theirs.shape).double(), theirs.grad, **tol)
+    check_against_oracle(name, pattern, grid, q, k, v, dtype=dtype,
+                         atol=1e-9 if dtype == "float64" else 2e-5)
 
 
 def test_registry_rejects_duplicates_and_lists_names():

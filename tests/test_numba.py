@@ -327,7 +327,7 @@ def test_failures_carry_the_generated_source():
     assert any("def kernel(:" in note for note in info.value.__notes__)
 
     untyped = "def kernel(a):\n    return undefined_name\n"
-    numba = pytest.importorskip("numba")
+    import numba
     with pytest.raises(numba.core.errors.TypingError, match="undefined_name") as info:
         module.kernel(nb.load(untyped), "kernel")
     assert any("generated source:" in note for note in info.value.__notes__)
@@ -407,3 +407,22 @@ def test_random_sweep(seed):
                       torch.float64, seed)
     # half the cases one query at a time, half in tiles (the choice would rarely tile them)
     _check_against_oracle(spec, grid, q, k, v, lanes=rng.choice([0, 2, 3, 5]) if seed % 2 else 0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+@pytest.mark.parametrize("lanes", [0, 3])
+def test_half_precision_runs_in_float32(dtype, atol, lanes):
+    # computed in float32, returned (and graded) in the input dtype, forward and gradients
+    spec, grid = STRUCTURES["window_or_global"], (5, 9)
+    q, k, v = _inputs(grid, 1, 2, 16, dtype, seed=14)
+    _check_against_oracle(spec, grid, q, k, v, atol=atol, lanes=lanes)
+
+
+def test_the_header_names_the_spec_it_was_compiled_for():
+    # window(7) and window((7, 7)) lower to equal IRs; each module is headed by its own label
+    first = pg.compile(pg.window(7), (9, 9), backend="numba")
+    second = pg.compile(pg.window((7, 7)), (9, 9), backend="numba")
+    assert first.ir == second.ir
+    assert first.source.startswith('"""patterngen numba kernels for window(7) (float32).')
+    assert second.source.startswith(f'"""patterngen numba kernels for {second.ir.label} ')
+    assert second.ir.label != first.ir.label

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
+from oracle import check_against_oracle
 from patterngen.backends.sdpa import SdpaBackend
 from strategies import cases
 
@@ -21,17 +22,8 @@ def qkv(pattern_grid, batch=2, heads=3, dim=8, dtype=torch.float64, device="cpu"
 
 
 def check(pattern, grid, dtype=torch.float64, atol=1e-10, heads=3, **options):
-    attn = pg.compile(pattern, grid, backend="sdpa", **options)
     q, k, v = qkv(grid, heads=heads, dtype=dtype)
-    out = attn(q, k, v)
-    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid))
-    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (q, k, v), grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=atol, rtol=0)
-    return attn
+    return check_against_oracle("sdpa", pattern, grid, q, k, v, atol=atol, **options)
 
 
 @settings(max_examples=30)

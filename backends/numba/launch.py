@@ -136,7 +136,7 @@ def run(kernel, items: int, args) -> None:
     threads = (sys.modules["torch"].get_num_threads() if parallel is not None
                else _numba_threads())
     parts = min(items, RANGES_PER_THREAD * threads)
-    block, alive = pack(args, parts, items)
+    block, _alive = pack(args, parts, items)  # _alive: what block points into, until we return
     if parallel is not None and parts > 1 and threads > 1:
         parallel(kernel.address, ctypes.addressof(block), threads, 0)
         return
@@ -147,7 +147,6 @@ def run(kernel, items: int, args) -> None:
     for helper in helpers:
         if not helper.cancel():  # one that never started has nothing left to take
             helper.result()
-    del alive
 
 
 def _numba_threads() -> int:

@@ -18,13 +18,14 @@ from patterngen.grid import is_number
 
 #: queries per work item of the one-query kernels
 QUERY_TILE = 32
-
+#: tile widths tried by :func:`plan_lanes`, beside the last axis's block sizes up to 16
 LANE_CHOICES = (8, 4)
 #: a term is shared by a tile's lanes when at least this share of the pairs it computes is
 #: attended; else each lane runs it on its own keys
 LANE_MIN_EFFICIENCY = 0.8
 #: cost of a pair computed for a tile, relative to a pair of the one-query kernel (measured,
-#: forward: W1 at 8 lanes 0.82, W3 at 7 lanes 0.83, W2 forced to 8 lanes 0.64)
+#: forward: a causal 256-wide 1-D window at 8 lanes 0.82, Swin's 7x7 blocks at 7 lanes 0.83, a
+#: 7x7 neighbourhood forced to 8 lanes 0.64)
 LANE_PAIR_COST = 0.8
 
 
@@ -91,7 +92,7 @@ def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
     (one key per lane). Without ``lanes``, the widest width whose estimated cost
     (``LANE_PAIR_COST`` per shared pair, 1 per lane-by-lane pair) is at most 0.85 of the
     one-query kernel's is chosen; wider tiles share each loaded key among more queries
-    (measured on W1: 8 lanes beat 4).
+    (measured on a causal 256-wide 1-D window: 8 lanes beat 4).
     """
     heads = distinct_heads(node)
     if lanes == 0:
