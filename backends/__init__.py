@@ -106,6 +106,12 @@ class Backend:
             reasons.append(f"grid={ir.grid} is symbolic; substitute its sizes first")
         return reasons
 
+    def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
+        """Build now what calls on ``device`` (with these sizes, where they matter) need, so
+        that a call traced by ``torch.compile`` only reads it: building index tensors or
+        plans inside a traced call would break the graph. Backends that build nothing per
+        device keep this no-op."""
+
     def flatten_inputs(self, q, k, v):
         """Check ``q, k, v`` against the compiled grid (``self.shape``) and this backend's
         devices and dtypes, and flatten them (see :func:`_inputs.flatten_qkv`).

@@ -269,6 +269,10 @@ class FlexBackend(Backend):
         """The ``BlockMask`` (CPU) with one head per listed pattern."""
         return self.block_mask_for(len(self._heads), "cpu")
 
+    def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
+        if heads is not None:
+            self.block_mask_for(heads, device)
+
     def block_mask_for(self, heads: int, device):
         """The ``BlockMask`` for ``heads`` heads on ``device`` (cached)."""
         key = (heads, str(device))

@@ -399,6 +399,9 @@ class _Runner:
 
     name = "planned"
 
+    def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
+        """Nothing: masks and rows are built per device on the first call, inside the op."""
+
     def __init__(self, lowered, plan):
         self.ir = lowered
         shape = lowered.grid.shape
@@ -493,6 +496,8 @@ def _define_ops():
 
     def backward(ctx, dout, dlse):
         q, k, v, ak, av, out, lse = ctx.saved_tensors
+        if lse.numel() == 0 and q.numel():  # run without need_lse: its backward needs one
+            out, lse = planned_fwd(q, k, v, ak, av, ctx.key, ctx.scale, True)
         dq, dk, dv, dak, dav = planned_bwd(q, k, v, ak, av, out, lse, dout, ctx.key, ctx.scale)
         extra = (dak, dav) if ak is not None else (None, None)
         return dq, dk, dv, *extra, None, None, None
@@ -501,7 +506,9 @@ def _define_ops():
     return planned_fwd
 
 
-_planned_fwd = functools.cache(_define_ops)
+# defined when the backend module loads (get_backend("auto")), so a graph or exported program
+# that calls them finds them once the pattern is compiled
+_planned_fwd = _define_ops()
 
 
 def _heads_of(p: int, npat: int, heads: int):
@@ -655,22 +662,37 @@ class PlannedBackend(Backend):
         self._terms = terms
         self._plans = {}
         self._runs = {}
-        self.plan = self._plan(str(device).split(":")[0], str(dtype).rsplit(".", 1)[-1],
-                               head_dim, heads, batch, backward)
+        self.plan = self._plans[self._plan(str(device).split(":")[0],
+                                           str(dtype).rsplit(".", 1)[-1], head_dim, heads,
+                                           batch, backward)]
 
     def _plan(self, device, dtype, head_dim, heads, batch, backward, strategy=None):
-        """The plan for these inputs (cached); ``strategy`` (a name or a tuple of names)
-        restricts the strategies beyond the constructor's."""
+        """The key of the plan for these inputs, planned (for the first ``batch`` seen: the
+        costs scale with it alike) and built on first use; ``strategy`` (a name or a tuple
+        of names) restricts the strategies beyond the constructor's."""
         strategy = strategy or self._strategy
-        key = (device, dtype, head_dim, heads, batch, backward) + ((strategy,) if strategy
-                                                                   != self._strategy else ())
+        key = (device, dtype, head_dim, heads, backward, strategy)
         if key not in self._plans:
             allowed = (strategy,) if isinstance(strategy, str) else strategy
-            self._plans[key] = make_plan(
+            plan = make_plan(
                 self.ir, None, head_dim=head_dim, heads=heads, batch=batch, device=device,
                 dtype=dtype, backward=backward, rates=self._rates, executors=allowed,
                 terms=self._terms)
-        return self._plans[key]
+            self._runs[key] = self._build(plan)
+            self._plans[key] = plan
+        return key
+
+    def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
+        """Plan and build for inference and for training on ``device`` with these sizes, so
+        that traced calls (``torch.compile``) only look plans up."""
+        import torch
+
+        device = torch.device(device)
+        dtype = str(dtype or self.plan.dtype).rsplit(".", 1)[-1]
+        for grad in (False, True):
+            key = self._plan(device.type, dtype, head_dim or self.plan.head_dim,
+                             heads or self.plan.heads, self.plan.batch, grad)
+            self._runs[key].prepare(device, dtype, head_dim, heads)
 
     @property
     def plans(self) -> list:
@@ -684,18 +706,15 @@ class PlannedBackend(Backend):
     def __repr__(self):
         return f"PlannedBackend({self.ir.label} on grid {self.ir.grid}: {self.plan.strategy})"
 
-    def _run(self, plan):
-        key = id(plan)
-        if key not in self._runs:
-            if plan.strategy == "terms":
-                runner = _Runner(self.ir, plan)
-                runner.op_key = _register_runner(runner, plan)
-                self._runs[key] = runner
-            else:
-                options = {} if self.softcap is None else {"softcap": self.softcap}
-                self._runs[key] = get_backend(plan.strategy)(self.ir, scale=self.scale,
-                                                             **options)
-        return self._runs[key]
+    def _build(self, plan):
+        """What runs ``plan``: a term-wise runner (registered for the operators) or the
+        whole-pattern backend."""
+        if plan.strategy == "terms":
+            runner = _Runner(self.ir, plan)
+            runner.op_key = _register_runner(runner, plan)
+            return runner
+        options = {} if self.softcap is None else {"softcap": self.softcap}
+        return get_backend(plan.strategy)(self.ir, scale=self.scale, **options)
 
     def __call__(self, q, k, v, scale=None, additional_keys=None, additional_values=None,
                  rel_bias=None):
@@ -723,30 +742,28 @@ class PlannedBackend(Backend):
         extra = _check_extra(additional_keys, additional_values, qf)
         inputs = (q, k, v) + (extra or ())
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        plan = self.plan
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
-        if (plan.device.split(":")[0], plan.dtype, plan.head_dim, plan.heads, plan.batch,
-                plan.backward) != wanted:
-            plan = self._plan(*wanted)
+        key = self._plan(*wanted)
+        plan = self._plans[key]
         if extra is not None and (rel_bias is not None or self.softcap is not None):
             raise PatternError("auto: additional_keys with rel_bias or softcap is not "
                                "supported yet; pass one or the other.")
         if extra is not None and plan.strategy != "terms":
             # extra keys are one more part of a term-wise plan: its gather group then runs
             # the pattern's own terms
-            plan = self._plan(*wanted, strategy="terms")
+            key = self._plan(*wanted, strategy="terms")
         if rel_bias is not None and (plan.strategy == "terms" or not get_backend(
                 plan.strategy).SUPPORTS_REL_POS_BIAS):
-            plan = self._plan(*wanted, strategy=_capable("SUPPORTS_REL_POS_BIAS"))
-        run = self._run(plan)
+            key = self._plan(*wanted, strategy=_capable("SUPPORTS_REL_POS_BIAS"))
+        plan, run = self._plans[key], self._runs[key]
         if plan.strategy != "terms":
             options = {} if rel_bias is None else {"rel_bias": rel_bias}
             return run(q, k, v, scale=scale if scale is not None else self.scale, **options)
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
         ak, av = extra or (None, None)
-        return restore(_planned_fwd()(qf, kf, vf, ak, av, run.op_key, scale, grad)[0])
+        return restore(_planned_fwd(qf, kf, vf, ak, av, run.op_key, scale, grad)[0])
 
 
 def _capable(flag: str) -> tuple:

@@ -236,6 +236,11 @@ class SdpaBackend(Backend):
         return [dict(layout=lay, permutation=self._perm, groups=groups)
                 for lay, groups in zip(heads, self.groups)]
 
+    def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
+        import torch
+
+        self._device(torch.device(device))
+
     def _device(self, device):
         key = str(device)
         if key not in self._devices:

@@ -80,6 +80,7 @@ class LocalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self._compiled: dict = {}
         self.register_parameter("rel_pos_bias_table", None)
+        self._precompile()
         if not rel_pos_bias:
             return
         from . import backends
@@ -117,6 +118,21 @@ class LocalSelfAttention(nn.Module):
             f"x.shape={tuple(x.shape)} does not match grid={self.grid}{table}: expected (batch, "
             f"{', '.join(map(str, self.grid))}, {self.dim}) or (batch, {math.prod(self.grid)}, "
             f"{self.dim}).")
+
+    def _precompile(self) -> None:
+        """With ``grid`` given, compile the attention for the parameters' device and dtype
+        now, so that ``torch.compile(layer, fullgraph=True)`` finds it compiled: compiling
+        inside a traced forward would break the graph."""
+        if self.grid is not None:
+            weight = self.qkv.weight
+            attn = self.attention(self.grid, weight.device, weight.dtype)
+            attn.prepare(weight.device, weight.dtype, self.dim // self.heads, self.heads)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() move the parameters: compile for where they are now
+        out = super()._apply(fn, *args, **kwargs)
+        self._precompile()
+        return out
 
     def attention(self, grid: tuple, device: torch.device, dtype: torch.dtype):
         """The compiled attention for ``grid`` on ``device`` with ``dtype`` (cached)."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 
 from patterngen import ir
-from patterngen.backends import Backend, register_backend
+from patterngen.backends import Backend, ops, register_backend
 from patterngen.errors import PatternError
 
 from . import launch, plan
@@ -75,6 +75,9 @@ class NumbaBackend(Backend):
         plan.check_lanes(lanes, allow_none=True)
         self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
         self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
+        #: this compiled pattern's key for the ``patterngen::numba_*`` operators (set here,
+        #: not on first call: a traced call must only read it)
+        self.op_key = ops.register(self, self.lanes, self.shared)
 
     @property
     def source(self) -> str:
@@ -120,13 +123,6 @@ class NumbaBackend(Backend):
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
         qf, kf, vf = (t.contiguous() for t in (qf, kf, vf))
         return restore(numba_fwd(qf, kf, vf, self.op_key, scale, None, None)[0])
-
-    @functools.cached_property
-    def op_key(self) -> str:
-        """This compiled pattern's key for the ``patterngen::numba_*`` operators."""
-        from patterngen.backends import ops
-
-        return ops.register(self, self.lanes, self.shared)
 
     def _kernels(self, dtype: str, head_dim: int, direction: str, groups) -> dict:
         """The compiled ``direction`` kernel of each pattern in ``groups``."""
