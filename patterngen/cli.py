@@ -1,4 +1,4 @@
-"""The ``patterngen`` command line: show, cost, profile, reach, codegen and demo.
+"""The ``patterngen`` command line: show, cost, plan, profile, reach, codegen and demo.
 
 Patterns are read by :func:`patterngen.parse.parse` (the pattern vocabulary only, never Python)
 and grids by :func:`patterngen.parse.parse_grid`. Bad input exits with status 2 and one line
@@ -28,6 +28,8 @@ EXAMPLES = {
     "cost": ['patterngen cost "block(M)" --grid H,W --head-dim C',
              'patterngen cost "window(7)" --grid H,W --subs H=56 W=56',
              'patterngen cost "window(24, stride=8)" --grid 64x64 --block 64'],
+    "plan": ['patterngen plan "criss_cross() | window(3)" --grid 64x64 --backward',
+             'patterngen plan "block(7)" --grid 56x56 --heads 4 --dtype bfloat16'],
     "profile": ['patterngen profile "window(7)" --grid 64x64 --backend numba',
                 'patterngen profile "window(7)" --sizes 32x32 64x64 128x128 --plot out.png'],
     "reach": ['patterngen reach "criss_cross()" --grid 97x97',
@@ -116,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the executed pairs and waste of a block-sparse layout with "
                         "these blocks, e.g. 64 or 128x64 (numeric grids)")
 
+    p = command("plan", "explain how backend auto runs a pattern (executor per term, "
+                        "predicted ms)")
+    p.add_argument("pattern", help='pattern expression, e.g. "criss_cross() | window(3)"')
+    p.add_argument("--grid", type=_grid, required=True, help="numeric grid, e.g. 64x64")
+    _add_shape_options(p, 32, 4)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--backward", action="store_true",
+                   help="predict forward+backward (training) instead of forward only")
+
     p = command("profile", "measure a backend beside the symbolic cost")
     p.add_argument("pattern", help='pattern expression, e.g. "window(7)"')
     size = p.add_mutually_exclusive_group(required=True)
@@ -167,6 +178,14 @@ def _cost(args):
     if args.subs:
         print()
         print(report.subs(dict(args.subs)))
+
+
+def _plan(args):
+    from .plan import plan
+
+    print(plan(parse(args.pattern), grid=args.grid, head_dim=args.head_dim, heads=args.heads,
+               batch=args.batch, device=args.device, dtype=args.dtype,
+               backward=args.backward))
 
 
 def _profile(args):
@@ -287,7 +306,7 @@ def _demo_plot(measured, args):
     plt.close(fig)
 
 
-COMMANDS = {"show": _show, "cost": _cost, "profile": _profile, "reach": _reach,
+COMMANDS = {"show": _show, "cost": _cost, "plan": _plan, "profile": _profile, "reach": _reach,
             "codegen": _codegen, "demo": _demo}
 
 

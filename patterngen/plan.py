@@ -324,9 +324,12 @@ class Plan:
             if len(self.patterns) > 1:
                 lines.append(f"  pattern {p} (heads h with h % {len(self.patterns)} == {p}):")
             for tp in terms:
+                if self.strategy != "terms":
+                    lines.append(f"  term {tp.term!r}: in the whole pattern, {tp.pairs} new "
+                                 f"pairs")
+                    continue
                 shape = (f"batch {tp.dense.batch} x {tp.dense.queries}q x {tp.dense.keys}k"
-                         if tp.dense is not None and tp.executor == "dense" else
-                         f"{self.gather_backend or '?'} kernel")
+                         if tp.executor == "dense" else f"{self.gather_backend} kernel")
                 lines.append(f"  term {tp.term!r}: {tp.executor} ({shape}), {tp.pairs} new "
                              f"pairs, {tp.executed} executed, {tp.predicted_ms:.3g} ms")
                 for note in tp.notes:

@@ -83,6 +83,14 @@ def test_cost_symbolic_and_substituted(capsys):
     assert "Cost of window(7) on grid 56x56 (head_dim=32" in out and "153664" in out
 
 
+def test_plan_explains_the_choice(capsys):
+    code, out, err = run(capsys, "plan", "criss_cross()", "--grid", "64x64", "--backward")
+    assert code == 0 and not err
+    assert out.startswith("Plan for criss_cross() on grid 64x64 (batch=1, heads=4, "
+                          "head_dim=32, float32 on cpu, forward+backward)")
+    assert "term (All(), Eq()): dense (batch 64 x 64q x 64k)" in out
+
+
 def test_reach(capsys):
     code, out, _ = run(capsys, "reach", "criss_cross()", "--grid", "33x33")
     assert (code, out) == (0, "[criss_cross()] on grid 33x33: every token reaches every other "
