@@ -11,7 +11,7 @@ Every case runs in a fresh Python process (numba's in-process caches start empty
 
 ``--roots`` runs the same cases on several checkouts (e.g. the code before a change, unpacked
 with ``git archive``, and this one), interleaved, and reports medians. ``--demo`` also times
-``patterngen demo`` from an empty cache, once per root. ``--speed W2,W3`` instead checks that
+``patterngen demo --backend numba`` from an empty cache, once per root. ``--speed W2,W3`` instead checks that
 a change left the kernels' speed alone: on each root, in rounds that alternate the roots, the
 numba forward and forward+backward of those workloads of ``benchmarks/bench_cpu.py`` (its
 definitions and its timer, kernels compiled before timing), medians over the rounds.
@@ -143,7 +143,8 @@ def _demo(root: Path) -> float:
         plot = Path(cache) / "demo.png"
         start = time.perf_counter()
         command = "import sys; from patterngen.cli import main; sys.exit(main(sys.argv[1:]))"
-        done = subprocess.run([sys.executable, "-c", command, "demo", "--plot", str(plot)],
+        done = subprocess.run([sys.executable, "-c", command, "demo", "--backend", "numba",
+                               "--plot", str(plot)],
                               env=_env(root, cache), cwd=tempfile.gettempdir(),
                               capture_output=True, text=True, check=False)
         if done.returncode:
