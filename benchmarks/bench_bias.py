@@ -1,0 +1,69 @@
+"""What a relative position bias table costs on the sdpa backend: W2 and W3 with and without it.
+
+The four cases of each workload (forward under ``no_grad``, forward+backward; each without and
+with a per-head table that requires grad) run interleaved, one call each per round, so a busy
+machine slows them alike; medians and minima over the rounds, float32, 2 torch threads.
+bench_cpu.py has the same workloads (W2-bias, W3-bias) beside the other backends and the dense
+peer, run one after the other.
+
+Usage:
+    python benchmarks/bench_bias.py [rounds]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+import patterngen as pg
+
+WORKLOADS = {"W2": (pg.window(7), (64, 64)), "W3": (pg.block(7), (56, 56))}
+
+
+def cases(heads=4, head_dim=32):
+    """``[(label, fn)]``: per workload, forward and forward+backward, without and with a table."""
+    out = []
+    for name, (pattern, grid) in WORKLOADS.items():
+        attn = pg.compile(pattern, grid, backend="sdpa")
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, heads, grid[0] * grid[1], head_dim, generator=gen)
+                   for _ in range(3))
+        table = 0.5 * torch.randn(heads, *(2 * r + 1 for r in attn.reach), generator=gen)
+        table.requires_grad_()
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+
+        def forward(table=None, attn=attn, q=q, k=k, v=v):
+            with torch.no_grad():
+                attn(q, k, v, rel_bias=table)
+
+        def backward(table=None, attn=attn, q=qg, k=kg, v=vg):
+            attn(q, k, v, rel_bias=table).sum().backward()
+
+        for label, fn in (("fwd", forward), ("fwd+bwd", backward)):
+            out.append((f"{name} {label}", fn))
+            out.append((f"{name} {label} bias", lambda fn=fn, table=table: fn(table)))
+    return out
+
+
+def main(rounds: int = 21) -> None:
+    torch.set_num_threads(2)
+    runs = cases()
+    times = {label: [] for label, _ in runs}
+    for _, fn in runs:  # warm-up: plans, index tensors, first-call allocations
+        fn()
+        fn()
+    for _ in range(rounds):
+        for label, fn in runs:
+            start = time.perf_counter()
+            fn()
+            times[label].append(1e3 * (time.perf_counter() - start))
+    print(f"torch {torch.__version__}, 2 threads, {rounds} interleaved rounds")
+    for label, ms in times.items():
+        print(f"{label:20s} median {statistics.median(ms):8.2f} ms   min {min(ms):8.2f} ms")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 21)
