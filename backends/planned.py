@@ -37,6 +37,7 @@ import numpy as np
 
 from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
+from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, gather_first, plan as make_plan
 
@@ -64,10 +65,13 @@ class DenseTerm:
         earlier: the terms executed before it (their pairs are masked out here).
         grid: the numeric grid.
         rows: booleans over the grid's tokens (row-major): queries this term adds keys to.
+        softcap: scores become ``softcap * tanh(s / softcap)`` (``None``: off).
+        reach: the pattern's reach, which indexes a relative position bias table.
     """
 
-    def __init__(self, term, shape, earlier, grid, rows):
+    def __init__(self, term, shape, earlier, grid, rows, softcap=None, reach=None):
         self.term, self.shape, self.grid = term, shape, tuple(int(n) for n in grid)
+        self.softcap, self.reach = softcap, reach
         self.mask = dense_mask(shape, term, earlier)
         self.rows = rows
         self._cache = {}
@@ -174,23 +178,58 @@ class DenseTerm:
             self._cache[key] = torch.as_tensor(self.rows, device=device)
         return self._cache[key]
 
-    def _matmul(self, q) -> bool:
+    def _matmul(self, q, table=None) -> bool:
+        """Matmul-softmax-matmul rather than the fused kernel: small float32/float64 problems
+        on CPU, and always with a softcap or bias (the fused kernels give no score gradient)."""
         import torch
 
-        return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+        return (table is not None or self.softcap is not None
+                or q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
                 and self.shape.keys <= MATMUL_KEYS)
 
-    def forward(self, q, k, v, scale, need_lse: bool = True):
+    def _offsets(self, device):
+        """``(problems, rows, keys)`` flat positions in a bias table of each pair (key minus
+        query plus reach per axis; padding and pairs beyond the reach clipped into the table,
+        the mask removes them)."""
+        key = ("offsets", str(device))
+        if key not in self._cache:
+            import torch
+
+            parts = []
+            for ax, r in zip(self.shape.axes, self.reach):
+                qc, kc = ax.coords("q"), ax.coords("k")
+                parts.append(np.clip(kc[:, None, :] - qc[:, :, None] + r, 0, 2 * r))
+            index = parts[0]
+            for part, r in zip(parts[1:], self.reach[1:]):
+                b, q, k = index.shape
+                c, u, w = part.shape
+                index = (index[:, None, :, None, :, None] * (2 * r + 1)
+                         + part[None, :, None, :, None, :]).reshape(b * c, q * u, k * w)
+            self._cache[key] = torch.as_tensor(np.ascontiguousarray(index), device=device)
+        return self._cache[key]
+
+    def _mod(self, table, heads: int):
+        """The score modifier of a call: softcap and the table gathered to this term's
+        problems, or ``None``."""
+        if table is None and self.softcap is None:
+            return None
+        tile = None
+        if table is not None:
+            tile = table.reshape(table.shape[0], -1)[:, self._offsets(table.device)]
+        return _ScoreMod(self.softcap, tile, heads)
+
+    def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
         for float64), ``lse_t = -inf`` for queries this term adds no key to; ``lse_t`` is
-        ``None`` when not ``need_lse`` (a lone part without gradients)."""
+        ``None`` when not ``need_lse`` (a lone part without gradients). ``table``: a relative
+        position bias table for these heads."""
         import torch
 
         b, h = q.shape[:2]
         qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
-        if self._matmul(q):
+        if self._matmul(q, table):
             out, lse = _softmax_attention(qp, kp, vp, self._matmul_mask(q.dtype, q.device),
-                                          scale, need_lse)
+                                          scale, need_lse, self._mod(table, h))
             if lse is None:
                 return self._unview(out, b, h, 0.0), None
         else:
@@ -207,20 +246,30 @@ class DenseTerm:
         none = ~self._rows(q.device)
         return out.masked_fill(none[:, None], 0.0), lse.masked_fill(none, float("-inf"))
 
-    def backward(self, q, k, v, out, lse, dout, scale):
-        """``(dq, dk, dv)`` of this term's share, from the merged ``out`` and ``lse``."""
+    def backward(self, q, k, v, out, lse, dout, scale, table=None):
+        """``(dq, dk, dv, dtable)`` of this term's share, from the merged ``out`` and ``lse``
+        (``dtable`` ``None`` without a table)."""
+        import torch
+
         b, h = q.shape[:2]
         qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
         op, lp, dp = (self._view(t, "q") for t in (out, lse.unsqueeze(-1), dout))
-        if self._matmul(q):
-            grads = _matmul_backward(qp, kp, vp, op, lp, dp,
-                                     self._matmul_mask(q.dtype, q.device), scale)
+        dtable = None
+        if self._matmul(q, table):
+            dq, dk, dv, dtile = _matmul_backward(qp, kp, vp, op, lp, dp,
+                                                 self._matmul_mask(q.dtype, q.device), scale,
+                                                 self._mod(table, h))
+            if table is not None:  # each pair's score gradient lands on its table entry
+                flat = torch.zeros(table.shape[0], table[0].numel(), dtype=dtile.dtype,
+                                   device=dtile.device)
+                flat.index_add_(1, self._offsets(table.device).reshape(-1),
+                                dtile.reshape(table.shape[0], -1))
+                dtable = flat.view(table.shape).to(table.dtype)
         else:
-            grads = _fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
-                                    self._additive_mask(q.dtype, q.device), scale)
-        dq, dk, dv = grads
+            dq, dk, dv = _fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
+                                         self._additive_mask(q.dtype, q.device), scale)
         return (self._unview(dq, b, h, 0.0, "q"), self._unview(dk, b, h, 0.0, "k"),
-                self._unview(dv, b, h, 0.0, "k"))
+                self._unview(dv, b, h, 0.0, "k"), dtable)
 
 
 class _Holes:
@@ -232,26 +281,47 @@ class _Holes:
         self.index, self.shared = index, shared
 
 
-def _scores(q, k, mask, scale):
-    """``scale * q k^T`` (``(..., rows, keys)``) with ``mask`` added: an additive tensor, a
-    :class:`_Holes`, or ``None``."""
+class _ScoreMod:
+    """Softcap (``c * tanh(s / c)``) then a bias ``(heads or 1, problems, rows, keys)`` added
+    to the scores of ``(batch * heads, problems, rows, keys)``."""
+
+    def __init__(self, softcap, bias, heads: int):
+        self.softcap, self.bias, self.heads = softcap, bias, heads
+
+    def apply(self, scores, keep_tanh: bool = False):
+        """Modify ``scores`` in place; returns ``tanh(s / c)`` when ``keep_tanh`` (the
+        backward's chain rule needs it), else ``None``."""
+        tanh = None
+        if self.softcap is not None:
+            scores.div_(self.softcap).tanh_()
+            tanh = scores.clone() if keep_tanh else None
+            scores.mul_(self.softcap)
+        if self.bias is not None:
+            scores.view(-1, self.heads, *scores.shape[1:]).add_(self.bias.to(scores.dtype))
+        return tanh
+
+
+def _scores(q, k, mask, scale, mod=None, keep_tanh: bool = False):
+    """``scale * q k^T`` (``(..., rows, keys)``), modified by ``mod`` (a :class:`_ScoreMod`),
+    with ``mask`` added: an additive tensor, a :class:`_Holes`, or ``None``. With
+    ``keep_tanh``, returns ``(scores, tanh)``."""
     import torch
 
     b, p, n, d = q.shape
     scores = torch.empty(b * p, n, k.shape[2], dtype=q.dtype, device=q.device)
     scores.baddbmm_(q.reshape(b * p, n, d), k.reshape(b * p, -1, d).transpose(1, 2), beta=0,
                     alpha=scale)
+    scores = scores.view(b, p, n, -1)
+    tanh = mod.apply(scores, keep_tanh) if mod is not None else None
     if isinstance(mask, _Holes):
         rows = scores.view(b * p, -1) if mask.shared else scores.view(b, -1)
         rows.index_fill_(1, mask.index, float("-inf"))
-        return scores.view(b, p, n, -1)
-    scores = scores.view(b, p, n, -1)
-    if mask is not None:
+    elif mask is not None:
         scores += mask
-    return scores
+    return (scores, tanh) if keep_tanh else scores
 
 
-def _softmax_attention(q, k, v, mask, scale, need_lse: bool):
+def _softmax_attention(q, k, v, mask, scale, need_lse: bool, mod=None):
     """``(out, lse (..., rows, 1))`` by baddbmm, softmax, bmm (``lse`` ``None`` unless
     ``need_lse``). The log-sum-exp comes from two row maxima, ``max S - log(max P)``: one
     fused softmax and two reads of the scores, where ``logsumexp`` then exp would take six
@@ -259,7 +329,7 @@ def _softmax_attention(q, k, v, mask, scale, need_lse: bool):
     IR's counts and overwrite them."""
     import torch
 
-    scores = _scores(q, k, mask, scale)
+    scores = _scores(q, k, mask, scale, mod)
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v
     if not need_lse:
@@ -268,17 +338,25 @@ def _softmax_attention(q, k, v, mask, scale, need_lse: bool):
     return out, top - probs.amax(dim=-1, keepdim=True).log()
 
 
-def _matmul_backward(q, k, v, out, lse, dout, mask, scale):
+def _matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None):
     """FlashAttention-2's backward by batched matmuls: ``P = exp(S - lse)``,
-    ``dS = P (dout v^T - rowsum(dout * out))``."""
-    p = _scores(q, k, mask, scale)
+    ``dS = P (dout v^T - rowsum(dout * out))``; through a softcap,
+    ``dS_raw = dS (1 - tanh^2)``. Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
+    gradient summed to the bias's ``(heads or 1, problems, rows, keys)`` (``None`` without)."""
+    p, tanh = _scores(q, k, mask, scale, mod, keep_tanh=True)
     p.sub_(lse.to(p.dtype)).exp_()
     delta = (dout * out).sum(-1, keepdim=True)
     ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
+    dbias = None
+    if mod is not None and mod.bias is not None:
+        per_head = ds.view(-1, mod.heads, *ds.shape[1:]).sum(0)
+        dbias = per_head.sum(0, keepdim=True) if mod.bias.shape[0] == 1 else per_head
+    if tanh is not None:
+        ds = ds.mul_(tanh.mul_(tanh).neg_().add_(1.0))
     dq = _scaled_bmm(ds, k, scale)
     dk = _scaled_bmm(ds.transpose(-1, -2), q, scale)
     dv = p.transpose(-1, -2) @ dout
-    return dq, dk, dv
+    return dq, dk, dv, dbias
 
 
 def _scaled_bmm(a, b, alpha):
@@ -349,7 +427,7 @@ class ExtraKeys:
 
     def backward(self, q, ak, av, out, lse, dout, scale):
         if self._matmul(q, ak.shape[2]):
-            return _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale)
+            return _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale)[:3]
         return _fused_backward(q, ak, av, out, lse, dout, None, scale)
 
 
@@ -367,20 +445,22 @@ class GatherGroup:
         self.backend = get_backend("numba")(sub)
         self.shape = self.backend.shape
 
-    def forward(self, q, k, v, scale, need_lse: bool = True):
+    def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         import torch
 
+        if table is not None:  # plans with a bias keep gather terms out (PlannedBackend)
+            raise PatternError("auto: the numba gather group adds no rel_bias yet.")
         out, lse = self.backend.forward_numpy(*(_numpy(t) for t in (q, k, v)), self.shape,
                                               scale)
         return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
 
-    def backward(self, q, k, v, out, lse, dout, scale):
+    def backward(self, q, k, v, out, lse, dout, scale, table=None):
         import torch
 
         arrays = [_numpy(t) for t in (q, k, v, out, dout)]
         lse = _numpy(lse.to(_acc_dtype(torch, q.dtype)))
         grads = self.backend.backward_numpy(*arrays, lse, self.shape, scale)
-        return tuple(torch.from_numpy(np.ascontiguousarray(g)).to(q.dtype) for g in grads)
+        return (*(torch.from_numpy(np.ascontiguousarray(g)).to(q.dtype) for g in grads), None)
 
 
 def _numpy(t):
@@ -402,9 +482,13 @@ class _Runner:
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
         """Nothing: masks and rows are built per device on the first call, inside the op."""
 
-    def __init__(self, lowered, plan):
+    def __init__(self, lowered, plan, softcap=None):
+        from patterngen.bias import reach
+
         self.ir = lowered
         shape = lowered.grid.shape
+        self.softcap = softcap
+        self.reach = reach(lowered)
         self.patterns = []
         #: per listed pattern, the queries without any key (``None`` when every query has one)
         self.empty = []
@@ -414,6 +498,9 @@ class _Runner:
             gather = [tp.term for tp in tps if tp.executor == "gather"]
             parts = []
             done = []
+            if gather and softcap is not None:
+                raise PatternError("auto: the numba gather group adds no softcap yet; plan "
+                                   "with dense terms only or a backend that adds it.")
             if gather:
                 parts.append(GatherGroup(gather, lowered.grid, head.label or lowered.label))
                 done = list(gather)
@@ -422,7 +509,8 @@ class _Runner:
                 if tp.executor != "dense":
                     continue
                 after = _covered(lowered.grid, done + [tp.term])
-                parts.append(DenseTerm(tp.term, tp.dense, done, shape, after > before))
+                parts.append(DenseTerm(tp.term, tp.dense, done, shape, after > before,
+                                       softcap, self.reach))
                 done.append(tp.term)
                 before = after
             self.patterns.append(parts)
@@ -431,7 +519,7 @@ class _Runner:
 def _register_runner(runner, plan) -> str:
     from patterngen.backends import ops
 
-    return ops.register(runner, plan.device, plan.dtype, tuple(
+    return ops.register(runner, plan.device, plan.dtype, runner.softcap, tuple(
         tuple((tp.term, tp.executor) for tp in tps) for tps in plan.patterns))
 
 
@@ -452,55 +540,61 @@ def _define_ops():
     # explicit schemas: this module's annotations are strings (from __future__)
     @torch.library.custom_op(
         f"{NAMESPACE}::planned_fwd", mutates_args=(), device_types=("cpu", "cuda"),
-        schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, str key, float scale, "
-               "bool need_lse) -> (Tensor, Tensor)")
-    def planned_fwd(q, k, v, ak, av, key, scale, need_lse):
+        schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, Tensor? rel_bias, "
+               "str key, float scale, bool need_lse) -> (Tensor, Tensor)")
+    def planned_fwd(q, k, v, ak, av, rel_bias, key, scale, need_lse):
         """``(out, lse)`` of the plan registered as ``key`` (``lse`` empty unless
-        ``need_lse``); ``ak, av``: keys and values every query attends besides the grid."""
+        ``need_lse``); ``ak, av``: keys and values every query attends besides the grid;
+        ``rel_bias``: a relative position bias table (key minus query)."""
         extra = None if ak is None else (ak, av)
-        out, lse = _merged_forward(lookup(key), q, k, v, scale, need_lse, extra)
+        out, lse = _merged_forward(lookup(key), q, k, v, scale, need_lse, extra, rel_bias)
         return out, (lse if lse is not None else q.new_empty(0, dtype=lse_dtype(q.dtype)))
 
     @planned_fwd.register_fake
-    def _(q, k, v, ak, av, key, scale, need_lse):
+    def _(q, k, v, ak, av, rel_bias, key, scale, need_lse):
         return torch.empty_like(q), q.new_empty(q.shape[:3] if need_lse else (0,),
                                                 dtype=lse_dtype(q.dtype))
 
     @torch.library.custom_op(
         f"{NAMESPACE}::planned_bwd", mutates_args=(), device_types=("cpu", "cuda"),
-        schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, Tensor out, "
-               "Tensor lse, Tensor dout, str key, float scale) -> (Tensor, Tensor, Tensor, "
-               "Tensor, Tensor)")
-    def planned_bwd(q, k, v, ak, av, out, lse, dout, key, scale):
-        """``(dq, dk, dv, dak, dav)`` from the merged ``out`` and ``lse`` (``dak, dav``
-        empty without extra keys)."""
+        schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, Tensor? rel_bias, "
+               "Tensor out, Tensor lse, Tensor dout, str key, float scale) -> (Tensor, Tensor, "
+               "Tensor, Tensor, Tensor, Tensor)")
+    def planned_bwd(q, k, v, ak, av, rel_bias, out, lse, dout, key, scale):
+        """``(dq, dk, dv, dak, dav, drel_bias)`` from the merged ``out`` and ``lse`` (the
+        last three empty without extra keys or a table)."""
         extra = None if ak is None else (ak, av)
-        grads = _merged_backward(lookup(key), q, k, v, out, lse, dout.contiguous(), scale,
-                                 extra)
+        grads = list(_merged_backward(lookup(key), q, k, v, out, lse, dout.contiguous(),
+                                      scale, extra, rel_bias))
         if extra is None:
-            grads = (*grads, q.new_empty(0), q.new_empty(0))
+            grads[3:3] = [q.new_empty(0), q.new_empty(0)]
+        if rel_bias is None:
+            grads.append(q.new_empty(0))
         return tuple(g.contiguous() for g in grads)
 
     @planned_bwd.register_fake
-    def _(q, k, v, ak, av, out, lse, dout, key, scale):
-        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-                torch.empty_like(ak) if ak is not None else q.new_empty(0),
-                torch.empty_like(av) if av is not None else q.new_empty(0))
+    def _(q, k, v, ak, av, rel_bias, out, lse, dout, key, scale):
+        def like(t):
+            return torch.empty_like(t) if t is not None else q.new_empty(0)
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(ak),
+                like(av), like(rel_bias))
 
     def setup(ctx, inputs, output):
-        q, k, v, ak, av, key, scale, need_lse = inputs
+        q, k, v, ak, av, rel_bias, key, scale, need_lse = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, ak, av, out, lse)
+        ctx.save_for_backward(q, k, v, ak, av, rel_bias, out, lse)
         ctx.key, ctx.scale = key, scale
 
     def backward(ctx, dout, dlse):
-        q, k, v, ak, av, out, lse = ctx.saved_tensors
+        q, k, v, ak, av, rel_bias, out, lse = ctx.saved_tensors
         if lse.numel() == 0 and q.numel():  # run without need_lse: its backward needs one
-            out, lse = planned_fwd(q, k, v, ak, av, ctx.key, ctx.scale, True)
-        dq, dk, dv, dak, dav = planned_bwd(q, k, v, ak, av, out, lse, dout, ctx.key, ctx.scale)
+            out, lse = planned_fwd(q, k, v, ak, av, rel_bias, ctx.key, ctx.scale, True)
+        dq, dk, dv, dak, dav, dbias = planned_bwd(q, k, v, ak, av, rel_bias, out, lse, dout,
+                                                  ctx.key, ctx.scale)
         extra = (dak, dav) if ak is not None else (None, None)
-        return dq, dk, dv, *extra, None, None, None
+        return (dq, dk, dv, *extra, dbias if rel_bias is not None else None, None, None,
+                None)
 
     planned_fwd.register_autograd(backward, setup_context=setup)
     return planned_fwd
@@ -515,10 +609,18 @@ def _heads_of(p: int, npat: int, heads: int):
     return slice(p, heads, npat) if npat > 1 else slice(None)
 
 
-def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None):
+def _table_of(table, sel, npat: int):
+    """The rows of a bias table for the heads ``sel`` of one listed pattern."""
+    if table is None or table.shape[0] == 1 or npat == 1:
+        return table
+    return table[sel]
+
+
+def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, table=None):
     """``(out, lse)`` of every part (and of the ``extra`` keys and values, if any) merged;
     ``lse`` is 0 for queries without any key (their output is 0), so the backward never
-    subtracts an infinity. ``lse`` is ``None`` when not ``need_lse`` and one part runs alone."""
+    subtracts an infinity. ``lse`` is ``None`` when not ``need_lse`` and one part runs alone.
+    ``table``: a relative position bias table, added by the dense parts."""
     import torch
 
     acc = _acc_dtype(torch, q.dtype)
@@ -534,11 +636,13 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None):
         if not parts and extra is None:
             mine = q.new_zeros(qs.shape)
         elif len(parts) == 1 and extra is None:
-            mine, lse = parts[0].forward(qs, ks, vs, scale, need_lse)
+            mine, lse = parts[0].forward(qs, ks, vs, scale, need_lse,
+                                         _table_of(table, sel, npat))
             if need_lse:
                 lse_all[:, sel] = lse
         else:
-            results = [part.forward(qs, ks, vs, scale) for part in parts]
+            results = [part.forward(qs, ks, vs, scale, True, _table_of(table, sel, npat))
+                       for part in parts]
             if extra is not None:
                 results.append(ExtraKeys().forward(qs, *(t[:, sel] for t in extra), scale))
             lse = torch.logsumexp(torch.stack([lse for _, lse in results]), dim=0)
@@ -557,32 +661,47 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None):
     return out, lse_all
 
 
-def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None):
-    """``(dq, dk, dv)`` and, with ``extra``, the gradients of the extra keys and values."""
+def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None, table=None):
+    """``(dq, dk, dv)``, then with ``extra`` the gradients of the extra keys and values, then
+    with ``table`` the table's gradient."""
     import torch
 
     npat = len(runner.patterns)
+    tensors = (q, k, v, *(extra or ()), *(() if table is None else (table,)))
     if npat > 1 or not runner.patterns[0]:
-        grads = [torch.zeros_like(t) for t in (q, k, v, *(extra or ()))]
+        grads = [torch.zeros_like(t) for t in tensors]
     else:
-        grads = [None] * (3 + 2 * (extra is not None))
+        grads = [None] * len(tensors)
+    at_table = len(tensors) - 1
 
     def add(i, sel, g):  # the first part's gradient is taken as it is, the others added
+        if g is None:
+            return
+        if i == at_table and table is not None:
+            sel = slice(None) if table.shape[0] == 1 else sel
         if grads[i] is None:
             grads[i] = g
+        elif i == at_table and table is not None:
+            grads[i][sel] += g
         else:
             grads[i][:, sel] += g
 
     for p, parts in enumerate(runner.patterns):
         sel = _heads_of(p, npat, q.shape[1])
         args = [t[:, sel] for t in (q, k, v, out, lse, dout)]
+        rows = _table_of(table, sel, npat)
         for part in parts:
-            for i, g in enumerate(part.backward(*args, scale)):
+            dq, dk, dv, dtable = part.backward(*args, scale, rows)
+            for i, g in enumerate((dq, dk, dv)):
                 add(i, sel, g)
+            if table is not None:
+                add(at_table, sel, dtable)
         if extra is not None:
             ak, av = (t[:, sel] for t in extra)
             for i, g in zip((0, 3, 4), ExtraKeys().backward(args[0], ak, av, *args[3:], scale)):
                 add(i, sel, g)
+    if table is not None and grads[at_table] is None:
+        grads[at_table] = torch.zeros_like(table)
     return tuple(grads)
 
 
@@ -654,9 +773,7 @@ class PlannedBackend(Backend):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the auto backend")
         self.scale = scale
-        self.softcap = softcap
-        if softcap is not None:  # the term-wise executors add no softcap yet
-            strategy = strategy or _capable("SUPPORTS_SOFTCAP")
+        self.softcap = check_softcap(softcap)
         self._strategy = strategy
         self._rates = rates
         self._terms = terms
@@ -666,33 +783,49 @@ class PlannedBackend(Backend):
                                            str(dtype).rsplit(".", 1)[-1], head_dim, heads,
                                            batch, backward)]
 
-    def _plan(self, device, dtype, head_dim, heads, batch, backward, strategy=None):
+    def _plan(self, device, dtype, head_dim, heads, batch, backward, strategy=None,
+              bias=False):
         """The key of the plan for these inputs, planned (for the first ``batch`` seen: the
         costs scale with it alike) and built on first use; ``strategy`` (a name or a tuple
-        of names) restricts the strategies beyond the constructor's."""
+        of names) restricts the strategies beyond the constructor's. With a softcap or
+        ``bias``, the plan is term by term with dense terms only, or a whole-pattern backend
+        that adds them (the numba gather group adds neither yet)."""
         strategy = strategy or self._strategy
-        key = (device, dtype, head_dim, heads, backward, strategy)
+        key = (device, dtype, head_dim, heads, backward, strategy, bias)
         if key not in self._plans:
             allowed = (strategy,) if isinstance(strategy, str) else strategy
-            plan = make_plan(
-                self.ir, None, head_dim=head_dim, heads=heads, batch=batch, device=device,
-                dtype=dtype, backward=backward, rates=self._rates, executors=allowed,
-                terms=self._terms)
+            flags = ["SUPPORTS_SOFTCAP"] * (self.softcap is not None)
+            flags += ["SUPPORTS_REL_POS_BIAS"] * bias
+            sizes = dict(head_dim=head_dim, heads=heads, batch=batch, device=device,
+                         dtype=dtype, backward=backward, rates=self._rates)
+            if flags:
+                whole = tuple(name for name in ("numba", "sdpa", "flex")
+                              if all(getattr(get_backend(name), f, False) for f in flags))
+                allowed = allowed or ("terms", *whole)
+                plan = make_plan(self.ir, None, executors=allowed, terms="dense", **sizes)
+                if plan.strategy == "terms" and any(
+                        tp.executor == "gather" for tps in plan.patterns for tp in tps):
+                    plan = make_plan(self.ir, None, executors=tuple(
+                        a for a in allowed if a != "terms"), **sizes)
+            else:
+                plan = make_plan(self.ir, None, executors=allowed, terms=self._terms, **sizes)
             self._runs[key] = self._build(plan)
             self._plans[key] = plan
         return key
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
-        """Plan and build for inference and for training on ``device`` with these sizes, so
-        that traced calls (``torch.compile``) only look plans up."""
+        """Plan and build for inference and for training, with and without a bias table, on
+        ``device`` with these sizes, so that traced calls (``torch.compile``) only look plans
+        up."""
         import torch
 
         device = torch.device(device)
         dtype = str(dtype or self.plan.dtype).rsplit(".", 1)[-1]
         for grad in (False, True):
-            key = self._plan(device.type, dtype, head_dim or self.plan.head_dim,
-                             heads or self.plan.heads, self.plan.batch, grad)
-            self._runs[key].prepare(device, dtype, head_dim, heads)
+            for bias in (False, True):
+                key = self._plan(device.type, dtype, head_dim or self.plan.head_dim,
+                                 heads or self.plan.heads, self.plan.batch, grad, bias=bias)
+                self._runs[key].prepare(device, dtype, head_dim, heads)
 
     @property
     def plans(self) -> list:
@@ -710,7 +843,7 @@ class PlannedBackend(Backend):
         """What runs ``plan``: a term-wise runner (registered for the operators) or the
         whole-pattern backend."""
         if plan.strategy == "terms":
-            runner = _Runner(self.ir, plan)
+            runner = _Runner(self.ir, plan, self.softcap)
             runner.op_key = _register_runner(runner, plan)
             return runner
         options = {} if self.softcap is None else {"softcap": self.softcap}
@@ -727,9 +860,9 @@ class PlannedBackend(Backend):
             additional_keys, additional_values: ``(batch, heads, n_extra, head_dim)`` tokens
                 outside the grid that every query attends besides its pattern, in the same
                 softmax (NATTEN's ``additional_keys``); they get gradients too.
-            rel_bias: a relative position bias table (:mod:`patterngen.bias`); the call then
-                runs on a whole-pattern backend that adds it (the term-wise executors do not
-                yet).
+            rel_bias: a relative position bias table (:mod:`patterngen.bias`), added by the
+                dense terms; a pattern with gather terms then runs on a whole-pattern backend
+                that adds it (the numba gather group does not yet).
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
@@ -740,37 +873,27 @@ class PlannedBackend(Backend):
         if qf.shape[-1] < 1:
             raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
         extra = _check_extra(additional_keys, additional_values, qf)
-        inputs = (q, k, v) + (extra or ())
+        inputs = (q, k, v, *(extra or ()), *([rel_bias] * isinstance(rel_bias, torch.Tensor)))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
-        key = self._plan(*wanted)
-        plan = self._plans[key]
         if extra is not None and (rel_bias is not None or self.softcap is not None):
             raise PatternError("auto: additional_keys with rel_bias or softcap is not "
                                "supported yet; pass one or the other.")
-        if extra is not None and plan.strategy != "terms":
-            # extra keys are one more part of a term-wise plan: its gather group then runs
-            # the pattern's own terms
-            key = self._plan(*wanted, strategy="terms")
-        if rel_bias is not None and (plan.strategy == "terms" or not get_backend(
-                plan.strategy).SUPPORTS_REL_POS_BIAS):
-            key = self._plan(*wanted, strategy=_capable("SUPPORTS_REL_POS_BIAS"))
+        # extra keys are one more part of a term-wise plan: its gather group then runs the
+        # pattern's own terms
+        key = self._plan(*wanted, strategy="terms" if extra is not None else None,
+                         bias=rel_bias is not None)
         plan, run = self._plans[key], self._runs[key]
         if plan.strategy != "terms":
             options = {} if rel_bias is None else {"rel_bias": rel_bias}
             return run(q, k, v, scale=scale if scale is not None else self.scale, **options)
+        rel_bias = self.check_rel_bias(rel_bias, qf)
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
         ak, av = extra or (None, None)
-        return restore(_planned_fwd(qf, kf, vf, ak, av, run.op_key, scale, grad)[0])
-
-
-def _capable(flag: str) -> tuple:
-    """The whole-pattern backends that set ``flag`` (``SUPPORTS_REL_POS_BIAS`` or
-    ``SUPPORTS_SOFTCAP``): the term-wise executors do not add a bias or softcap yet."""
-    return tuple(name for name in ("numba", "sdpa", "flex")
-                 if getattr(get_backend(name), flag, False))
+        return restore(_planned_fwd(qf, kf, vf, ak, av, rel_bias, run.op_key, scale,
+                                    grad)[0])
 
 
 register_backend("auto", PlannedBackend)

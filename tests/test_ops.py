@@ -43,11 +43,26 @@ def test_planned_ops_pass_opcheck():
     for extra in ((None, None), (ak, av)):
         for need_lse in (True, False):
             torch.library.opcheck(torch.ops.patterngen.planned_fwd.default,
-                                  (q, k, v, *extra, key, 0.3, need_lse))
+                                  (q, k, v, *extra, None, key, 0.3, need_lse))
     q, k, v, ak, av = (t.detach() for t in (q, k, v, ak, av))
-    out, lse = torch.ops.patterngen.planned_fwd(q, k, v, ak, av, key, 0.3, True)
+    out, lse = torch.ops.patterngen.planned_fwd(q, k, v, ak, av, None, key, 0.3, True)
     torch.library.opcheck(torch.ops.patterngen.planned_bwd.default,
-                          (q, k, v, ak, av, out, lse, torch.randn_like(out), key, 0.3))
+                          (q, k, v, ak, av, None, out, lse, torch.randn_like(out), key, 0.3))
+
+
+def test_planned_ops_with_a_bias_table_pass_opcheck():
+    attn = pg.compile(pg.block(3, offset=1), (6, 6), backend="auto", softcap=3.0)
+    q, k, v = _qkv(grad=True)
+    table = torch.randn(2, *(2 * r + 1 for r in attn.reach), requires_grad=True)
+    attn(q, k, v, rel_bias=table)  # plans and registers the runner with a table
+    key = next(run.op_key for run in attn._runs.values() if hasattr(run, "op_key"))
+    torch.library.opcheck(torch.ops.patterngen.planned_fwd.default,
+                          (q, k, v, None, None, table, key, 0.3, True))
+    q, k, v, table = (t.detach() for t in (q, k, v, table))
+    out, lse = torch.ops.patterngen.planned_fwd(q, k, v, None, None, table, key, 0.3, True)
+    torch.library.opcheck(torch.ops.patterngen.planned_bwd.default,
+                          (q, k, v, None, None, table, out, lse, torch.randn_like(out), key,
+                           0.3))
 
 
 def test_an_unknown_key_is_a_clear_error():

@@ -123,7 +123,7 @@ def test_plan_explains_itself():
     assert "term (Window(3, clamp), Window(3, clamp)): gather" in text
     assert "strategies: " in text and "sdpa" in text
     attn = pg.compile(pg.criss_cross(), grid=(64, 64), backend="auto")
-    assert attn.plan is attn._plans[("cpu", "float32", 32, 4, 1, False)]
+    assert attn.plan is attn.plans[0] and attn.plan.strategy == "terms"
 
 
 def test_dense_mask_excludes_earlier_terms_exactly():
@@ -222,18 +222,34 @@ def test_bad_additional_keys():
         attn(q, k, v, additional_keys=good.double(), additional_values=good)
 
 
-def test_bias_and_softcap_run_on_a_backend_that_adds_them():
-    pattern, grid = pg.block(3, offset=1), (5, 6)
-    attn = pg.compile(pattern, grid, backend="auto")
-    table = torch.randn(2, *(2 * r + 1 for r in attn.reach), dtype=torch.float64)
-    q, k, v = (torch.randn(1, 2, 30, 8, dtype=torch.float64) for _ in range(3))
-    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), grid=grid, rel_bias=table)
-    torch.testing.assert_close(attn(q, k, v, rel_bias=table), ref)
-    assert attn.plans[-1].strategy in ("sdpa", "flex")
-    capped = pg.compile(pattern, grid, backend="auto", softcap=2.0)
-    assert capped.plan.strategy in ("sdpa", "flex")
-    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), grid=grid, softcap=2.0)
-    torch.testing.assert_close(capped(q, k, v), ref)
+@pytest.mark.parametrize("pattern, grid, softcap, heads", [
+    (pg.block(3, offset=1), (5, 6), None, 3),
+    (pg.block(3, offset=1), (5, 6), 2.0, 1),
+    (pg.criss_cross() | pg.global_tokens([0]), (4, 5), 1.5, 3),
+    (pg.heads(pg.axis(0), pg.block(2)), (4, 6), None, 3),
+    (pg.window(3) | pg.axis(0), (5, 5), 2.0, 3),  # a gather term: a backend that adds them
+])
+def test_bias_and_softcap_equal_the_oracle(pattern, grid, softcap, heads):
+    attn = pg.compile(pattern, grid, backend="auto", softcap=softcap)
+    gen = torch.Generator().manual_seed(sum(grid))
+    table = torch.randn(heads, *(2 * r + 1 for r in attn.reach), generator=gen,
+                        dtype=torch.float64, requires_grad=True)
+    q, k, v = (torch.randn(2, 3, int(np.prod(grid)), 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), grid=grid, rel_bias=table,
+                             softcap=softcap)
+    out = attn(q, k, v, rel_bias=table)
+    torch.testing.assert_close(out, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q, k, v, rel_bias=table), ref)
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for name, g, w in zip(("q", "k", "v", "table"),
+                          torch.autograd.grad(out, (q, k, v, table), grad),
+                          torch.autograd.grad(ref, (q, k, v, table), grad)):
+        torch.testing.assert_close(g, w, msg=f"d{name}")
+    gather = any(isinstance(dense_shape(t, grid), str)
+                 for head in pg.lower(pattern, grid).per_head for t in head.terms)
+    assert {p.strategy for p in attn.plans[1:]} == ({"sdpa"} if gather else {"terms"})
 
 
 def test_a_bfloat16_gather_group_runs_in_float32():
