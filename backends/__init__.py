@@ -42,6 +42,9 @@ class Backend:
     SUPPORTS_REL_POS_BIAS: bool = False
     #: the constructor takes ``softcap`` (scores become ``c * tanh(s / c)``)
     SUPPORTS_SOFTCAP: bool = False
+    #: ``__call__`` takes ``additional_keys``/``additional_values``: tokens outside the grid
+    #: that every query attends besides its pattern (NATTEN's)
+    SUPPORTS_ADDITIONAL_KEYS: bool = False
     #: the compiled softcap; ``None``: off
     softcap = None
 
@@ -53,6 +56,9 @@ class Backend:
             cls.__init__ = _refusing(cls.__init__, cls, "softcap", "SUPPORTS_SOFTCAP")
         if not cls.SUPPORTS_REL_POS_BIAS and "__call__" in cls.__dict__:
             cls.__call__ = _refusing(cls.__call__, cls, "rel_bias", "SUPPORTS_REL_POS_BIAS")
+        if not cls.SUPPORTS_ADDITIONAL_KEYS and "__call__" in cls.__dict__:
+            for option in ("additional_values", "additional_keys"):  # keys checked first
+                cls.__call__ = _refusing(cls.__call__, cls, option, "SUPPORTS_ADDITIONAL_KEYS")
 
     @functools.cached_property
     def reach(self) -> tuple[int, ...]:
@@ -140,9 +146,11 @@ def _refusing(method, cls, option: str, flag: str):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if kwargs.pop(option, None) is not None:
+            able = [n for n in sorted(_BUILTIN) if getattr(get_backend(n), flag, False)]
             raise PatternError(
                 f"{cls.name}: {option}= is not supported by the {cls.name} backend ({flag} is "
-                f"not set); use a backend that sets it (sdpa, flex) or leave {option}=None.")
+                f"not set); use a backend that sets it ({', '.join(able)}) or leave "
+                f"{option}=None.")
         return method(self, *args, **kwargs)
 
     return wrapper

@@ -766,6 +766,7 @@ class PlannedBackend(Backend):
     SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
+    SUPPORTS_ADDITIONAL_KEYS = True
 
     def __init__(self, ir_, device="cpu", dtype="float32", head_dim=32, heads=4, batch=1,
                  backward=False, scale=None, strategy=None, rates=None, terms=None,

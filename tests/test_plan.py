@@ -255,3 +255,24 @@ def test_bias_and_softcap_equal_the_oracle(pattern, grid, softcap, heads):
 def test_a_bfloat16_gather_group_runs_in_float32():
     _check(pg.criss_cross() | pg.window(3), (5, 6), dtype=torch.bfloat16, tol=5e-2,
            strategy="terms", terms="dense")
+
+
+def test_additional_keys_on_the_numba_backend_and_refused_elsewhere():
+    pattern, grid = pg.window(3) | pg.axis(0), (5, 6)
+    attn = pg.compile(pattern, grid, backend="numba")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    ak, av = (torch.randn(1, 2, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+              for _ in range(2))
+    ref = _extra_reference(q, k, v, ak, av, pg.materialize(pattern, grid))
+    out = attn(q, k, v, additional_keys=ak, additional_values=av)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v, ak, av), grad),
+                    torch.autograd.grad(ref, (q, k, v, ak, av), grad)):
+        torch.testing.assert_close(g, w)
+    sdpa = pg.compile(pattern, grid, backend="sdpa")
+    with pytest.raises(pg.PatternError, match=r"sdpa: additional_keys= is not supported by the "
+                                              r"sdpa backend .*\(auto, numba\)"):
+        sdpa(q, k, v, additional_keys=ak, additional_values=av)

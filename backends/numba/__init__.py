@@ -67,6 +67,7 @@ class NumbaBackend(Backend):
     SUPPORTED_DEVICES = ("cpu",)
     SUPPORTED_DTYPES = (*DTYPES, *WIDENED)
     BACKWARD_DEVICES = ("cpu",)
+    SUPPORTS_ADDITIONAL_KEYS = True
 
     def __init__(self, ir_, scale=None, lanes=None):
         self.ir = ir_ = plan.runs_first(ir_)
@@ -78,6 +79,13 @@ class NumbaBackend(Backend):
         #: this compiled pattern's key for the ``patterngen::numba_*`` operators (set here,
         #: not on first call: a traced call must only read it)
         self.op_key = ops.register(self, self.lanes, self.shared)
+
+    @functools.cached_property
+    def _with_extra_keys(self):
+        """The pattern as one gather group of these kernels, merged with extra keys."""
+        from patterngen.backends.planned import PlannedBackend
+
+        return PlannedBackend(self.ir, strategy="terms", terms="gather", scale=self.scale)
 
     @property
     def source(self) -> str:
@@ -104,17 +112,24 @@ class NumbaBackend(Backend):
     def __repr__(self):
         return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
 
-    def __call__(self, q, k, v, scale=None):
+    def __call__(self, q, k, v, scale=None, additional_keys=None, additional_values=None):
         """Attention of ``q`` over ``k, v`` under the compiled pattern.
 
         Args:
             q, k, v: ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens,
                 head_dim)`` CPU tensors of one dtype: float32, float64, bfloat16 or float16.
             scale: score scale; default the constructor's, else ``head_dim ** -0.5``.
+            additional_keys, additional_values: ``(batch, heads, n_extra, head_dim)`` tokens
+                every query attends besides its pattern, in the same softmax: the kernels'
+                ``(out, lse)`` merged with them by log-sum-exp (``backend="auto"``'s
+                machinery, its pattern run by these kernels).
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
         """
+        if additional_keys is not None or additional_values is not None:
+            return self._with_extra_keys(q, k, v, scale=scale, additional_keys=additional_keys,
+                                         additional_values=additional_values)
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         if qf.shape[-1] < 1 or qf.shape[0] * qf.shape[1] == 0:
             raise PatternError(f"numba: q has shape {tuple(q.shape)}; expected batch, heads "
