@@ -76,31 +76,51 @@ class DenseTerm:
         self.rows = rows
         self._cache = {}
 
+    def _recipe(self, side: str) -> tuple:
+        """How :meth:`_view` and :meth:`_unview` reshape for ``side`` ``"q"`` or ``"k"``,
+        worked out once: ``(cuts, split, order, rows, inverse, ordered, whole)``. ``cuts``
+        are ``(dim, start, length, pad)``: a narrow to the term's query or key range, or the
+        padding that makes tiles whole."""
+        key = ("recipe", side)
+        if key not in self._cache:
+            ranged = "queries" if side == "q" else "keys"
+            cuts, split, batch_dims, prob_dims, whole = [], [], [], [], []
+            for a, ax in enumerate(self.shape.axes):
+                here = len(split) + 2
+                if ax.kind == ranged:
+                    cuts.append((2 + a, ax.lo, ax.hi - ax.lo, None))
+                if ax.kind == "tiles":
+                    if ax.pad_left or ax.pad_right:
+                        cuts.append((2 + a, ax.pad_left, ax.n, (ax.pad_left, ax.pad_right)))
+                    split += [ax.batch, ax.size]
+                    batch_dims.append(here)
+                    prob_dims.append(here + 1)
+                    whole.append(ax.batch * ax.size)
+                    continue
+                size = ax.n if ax.kind == "batch" else (ax.queries if side == "q" else ax.keys)
+                split.append(size)
+                whole.append(size)
+                (batch_dims if ax.kind == "batch" else prob_dims).append(here)
+            order = (0, 1, *batch_dims, *prob_dims, len(split) + 2)
+            rows = self.shape.queries if side == "q" else self.shape.keys
+            inverse = tuple(int(i) for i in np.argsort(order))
+            ordered = tuple(split[i - 2] for i in order[2:-1])
+            self._cache[key] = (cuts, tuple(split), order, rows, inverse, ordered, tuple(whole))
+        return self._cache[key]
+
     def _view(self, x, side: str):
         """``(B, H, N, d)`` -> ``(B * H, problems, rows, d)`` in the problems' order."""
         import torch.nn.functional as F
 
+        cuts, split, order, rows, _, _, _ = self._recipe(side)
         b, h, _, d = x.shape
         t = x.reshape(b, h, *self.grid, d)
-        split, batch_dims, prob_dims = [], [], []
-        for a, ax in enumerate(self.shape.axes):
-            dim = 2 + a
-            if ax.kind == ("queries" if side == "q" else "keys"):
-                t = t.narrow(dim, ax.lo, ax.hi - ax.lo)
-            if ax.kind == "tiles" and (ax.pad_left or ax.pad_right):
-                pad = [0, 0] * (t.dim() - 1 - dim) + [ax.pad_left, ax.pad_right]
-                t = F.pad(t, pad)
-            here = len(split) + 2
-            if ax.kind == "tiles":
-                split += [ax.batch, ax.size]
-                batch_dims.append(here)
-                prob_dims.append(here + 1)
+        for dim, start, length, pad in cuts:
+            if pad is None:
+                t = t.narrow(dim, start, length)
             else:
-                split.append(t.shape[dim])
-                (batch_dims if ax.kind == "batch" else prob_dims).append(here)
-        t = t.reshape(b, h, *split, d)
-        t = t.permute(0, 1, *batch_dims, *prob_dims, t.dim() - 1)
-        rows = self.shape.queries if side == "q" else self.shape.keys
+                t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + list(pad))
+        t = t.reshape(b, h, *split, d).permute(order)
         return t.reshape(b * h, self.shape.batch, rows, d)
 
     def _unview(self, y, b: int, h: int, fill: float, side: str = "q"):
@@ -110,31 +130,16 @@ class DenseTerm:
         (``fill=0``) this is also the view's adjoint."""
         import torch.nn.functional as F
 
-        ranged = "queries" if side == "q" else "keys"
+        cuts, _, _, _, inverse, ordered, whole = self._recipe(side)
         e = y.shape[-1]
-        split, batch_dims, prob_dims, whole = [], [], [], []
-        for ax in self.shape.axes:
-            here = len(split) + 2
-            if ax.kind == "tiles":
-                split += [ax.batch, ax.size]
-                batch_dims.append(here)
-                prob_dims.append(here + 1)
-                whole.append(ax.batch * ax.size)
-                continue
-            size = ax.n if ax.kind == "batch" else (ax.queries if side == "q" else ax.keys)
-            split.append(size)
-            whole.append(size)
-            (batch_dims if ax.kind == "batch" else prob_dims).append(here)
-        order = [0, 1, *batch_dims, *prob_dims, len(split) + 2]
-        t = y.reshape(b, h, *[split[i - 2] for i in order[2:-1]], e)
-        t = t.permute(*np.argsort(order).tolist()).reshape(b, h, *whole, e)
-        for a, ax in enumerate(self.shape.axes):
-            dim = 2 + a
-            if ax.kind == "tiles" and (ax.pad_left or ax.pad_right):
-                t = t.narrow(dim, ax.pad_left, ax.n)
-            if ax.kind == ranged and (ax.lo > 0 or ax.hi < ax.n):
-                pad = [0, 0] * (t.dim() - 1 - dim) + [ax.lo, ax.n - ax.hi]
-                t = F.pad(t, pad, value=fill)
+        t = y.reshape(b, h, *ordered, e).permute(inverse).reshape(b, h, *whole, e)
+        for dim, start, length, pad in cuts:
+            if pad is not None:
+                t = t.narrow(dim, start, length)
+            else:
+                n = self.grid[dim - 2]
+                t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [start, n - start - length],
+                          value=fill)
         return t.reshape(b, h, math.prod(self.grid), e)
 
     def _additive_mask(self, dtype, device):
