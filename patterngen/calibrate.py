@@ -215,7 +215,8 @@ def measure(device: str = "cpu", dtype: str = "float32") -> Rates:
                        .requires_grad_() for _ in range(3))
             with torch.no_grad():
                 fwd = _best_ms(lambda: attn(q, k, v))
-            both = _best_ms(lambda: attn(q, k, v).sum().backward())
+            with torch.enable_grad():  # rates may be wanted inside no_grad (pg.profile)
+                both = _best_ms(lambda: attn(q, k, v).sum().backward())
             pairs = attn.ir.pairs() if name != "dense" else spec.lower(pattern, grid).pairs()
             points.append((pairs * heads * head_dim, fwd))
             factors.append(both / max(fwd, 1e-6))

@@ -276,3 +276,15 @@ def test_additional_keys_on_the_numba_backend_and_refused_elsewhere():
     with pytest.raises(pg.PatternError, match=r"sdpa: additional_keys= is not supported by the "
                                               r"sdpa backend .*\(auto, numba\)"):
         sdpa(q, k, v, additional_keys=ak, additional_values=av)
+
+
+def test_calibration_measures_inside_no_grad(tmp_path, monkeypatch):
+    # pg.profile compiles under no_grad: measuring the rates there must still time a backward
+    monkeypatch.setenv("PATTERNGEN_CACHE", str(tmp_path))
+    monkeypatch.delenv("PATTERNGEN_CALIBRATION")
+    monkeypatch.setattr(calibrate, "_MEMO", {})
+    with torch.no_grad():
+        rates = calibrate.rates("cpu", "float64")
+    assert rates.source == "measured"
+    assert {"dense", "gather", "sdpa"} <= set(rates.executors)
+    assert all(r.pair_ns > 0 and r.backward_factor >= 1 for r in rates.executors.values())
