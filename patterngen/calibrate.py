@@ -10,7 +10,7 @@ from two problem sizes per executor (a few seconds, with a progress line on stde
 :func:`rates` caches the result in ``calibration.json`` under the patterngen cache directory,
 keyed by device, dtype, torch version and thread count. It never runs at import; a stale,
 corrupt or foreign file is measured again with a warning. ``PATTERNGEN_CALIBRATION=default``
-skips measuring and uses :meth:`Rates.default` (figures measured on the project's 2-core CI
+skips measuring and uses :meth:`Rates.default` (one calibration of the project's 2-core
 machine), which the test suite does.
 """
 
@@ -73,8 +73,10 @@ class Rates:
 
     @staticmethod
     def default(device: str = "cpu") -> "Rates":
-        """Figures measured on the 2-core CI machine (float32); on CUDA, placeholders that
-        only order the executors (dense fused kernels first) until :func:`measure` runs."""
+        """On CPU, a calibration of the project's 2-core machine (float32, torch 2.13, two
+        threads; ``benchmarks/bench_plan.py --recalibrate``, rounded); on CUDA, placeholders
+        that only order the executors (dense fused kernels first) until :func:`measure`
+        runs there."""
         if device == "cuda":
             table = {"dense": Rate(0.02, 0.0005, 3.0), "gather": Rate(1e9, 1.0, 3.0),
                      "numba": Rate(1e9, 1.0, 3.0), "sdpa": Rate(0.05, 0.001, 3.0),
@@ -82,9 +84,10 @@ class Rates:
         else:
             # no flex: FlexAttention on CPU compiles for seconds, is forward-only, and its
             # time follows its block layout in ways one rate does not fit (bench_cpu.py: 1.1x
-            # numba on W1, 10x on W2), so the planner leaves it to an explicit backend="flex"
-            table = {"dense": Rate(0.05, 0.012, 3.0), "gather": Rate(0.08, 0.030, 3.5),
-                     "numba": Rate(0.08, 0.030, 3.5), "sdpa": Rate(0.2, 0.025, 3.0),
+            # numba on a 1-D window, 10x on a 7x7 neighbourhood), so the planner leaves it
+            # to an explicit backend="flex"
+            table = {"dense": Rate(0.14, 0.064, 4.6), "gather": Rate(0.13, 0.23, 4.8),
+                     "numba": Rate(0.13, 0.23, 4.8), "sdpa": Rate(0.12, 0.042, 4.7),
                      "merge": Rate(0.0, 0.004, 3.0)}
         return Rates(table, "default")
 
@@ -182,14 +185,18 @@ def measure(device: str = "cpu", dtype: str = "float32") -> Rates:
     from . import spec
     from .backends.planned import PlannedBackend
     from .compile import compile as compile_pattern
+    from .plan import _whole_executed
 
     defaults = Rates.default(device).executors
     dt = getattr(torch, dtype)
     head_dim, heads = 32, 2
+    # sizes where the per-pair cost, not the call, dominates the larger point: the rates are
+    # used for whole workloads (16x16 and 40x40 neighbourhoods overstated numba's pair cost
+    # 2-4x on the CPU benchmark's workloads)
     cases = {
         "dense": (spec.block(8), ((16, 16), (48, 48))),
-        "gather": (spec.window(5), ((16, 16), (40, 40))),
-        "sdpa": (spec.window(5), ((16, 16), (40, 40))),
+        "gather": (spec.window(5), ((24, 24), (64, 64))),
+        "sdpa": (spec.window(5), ((24, 24), (64, 64))),
     }
     table = dict(defaults)
     start = time.perf_counter()
@@ -217,7 +224,10 @@ def measure(device: str = "cpu", dtype: str = "float32") -> Rates:
                 fwd = _best_ms(lambda: attn(q, k, v))
             with torch.enable_grad():  # rates may be wanted inside no_grad (pg.profile)
                 both = _best_ms(lambda: attn(q, k, v).sum().backward())
-            pairs = attn.ir.pairs() if name != "dense" else spec.lower(pattern, grid).pairs()
+            # the pairs the planner prices: what each executor computes (padding and a
+            # block layout's masked pairs included)
+            pairs = sum(_whole_executed(name if name != "gather" else "numba",
+                                        spec.lower(pattern, grid), grid))
             points.append((pairs * heads * head_dim, fwd))
             factors.append(both / max(fwd, 1e-6))
         if len(points) == 2:

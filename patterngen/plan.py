@@ -466,10 +466,14 @@ def _gather_backend(lowered, device_type: str, dtype: str, backward: bool) -> st
 
 
 def _whole_executed(name: str, lowered, shape) -> list[int]:
-    """Pairs the whole-pattern backend computes per listed pattern (its own layout's count for
-    block-sparse backends; attended pairs for numba, whose tiles add little)."""
+    """Pairs an executor computes per listed pattern: its own layout's count for the
+    block-sparse backends, problems x rows x keys for a dense batch, attended pairs for numba
+    (whose tiles add little)."""
     if name == "numba":
         return [head.pairs() for head in lowered.per_head]
+    if name == "dense":
+        return [sum(ds.executed_pairs for _, ds in gather_first(head, shape)[1])
+                for head in lowered.per_head]
     from .layout import layout
 
     if name == "sdpa":

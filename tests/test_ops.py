@@ -51,7 +51,8 @@ def test_planned_ops_pass_opcheck():
 
 
 def test_planned_ops_with_a_bias_table_pass_opcheck():
-    attn = pg.compile(pg.block(3, offset=1), (6, 6), backend="auto", softcap=3.0)
+    attn = pg.compile(pg.block(3, offset=1), (6, 6), backend="auto", softcap=3.0,
+                      strategy="terms")
     q, k, v = _qkv(grad=True)
     table = torch.randn(2, *(2 * r + 1 for r in attn.reach), requires_grad=True)
     attn(q, k, v, rel_bias=table)  # plans and registers the runner with a table

@@ -104,7 +104,10 @@ def test_bfloat16_on_cpu_runs_and_falls_back_per_call():
 
 
 def test_w3_and_w4_plan_dense_batches():
-    swin = pg.plan(pg.block(7), grid=(56, 56), head_dim=32, heads=4, backward=True)
+    # Swin's windows: among the planner's own strategies the dense batch wins; the block-sparse
+    # sdpa backend runs the same windows as one batch too and is priced within 2x of it
+    swin = pg.plan(pg.block(7), grid=(56, 56), head_dim=32, heads=4, backward=True,
+                   executors=("terms", "numba"))
     assert swin.strategy == "terms"
     [[term]] = swin.patterns
     assert term.executor == "dense" and (term.dense.batch, term.dense.queries) == (64, 49)
@@ -230,7 +233,10 @@ def test_bad_additional_keys():
     (pg.window(3) | pg.axis(0), (5, 5), 2.0, 3),  # a gather term: a backend that adds them
 ])
 def test_bias_and_softcap_equal_the_oracle(pattern, grid, softcap, heads):
-    attn = pg.compile(pattern, grid, backend="auto", softcap=softcap)
+    gather = any(isinstance(dense_shape(t, grid), str)
+                 for head in pg.lower(pattern, grid).per_head for t in head.terms)
+    attn = pg.compile(pattern, grid, backend="auto", softcap=softcap,
+                      strategy=None if gather else "terms")
     gen = torch.Generator().manual_seed(sum(grid))
     table = torch.randn(heads, *(2 * r + 1 for r in attn.reach), generator=gen,
                         dtype=torch.float64, requires_grad=True)
@@ -247,8 +253,6 @@ def test_bias_and_softcap_equal_the_oracle(pattern, grid, softcap, heads):
                           torch.autograd.grad(out, (q, k, v, table), grad),
                           torch.autograd.grad(ref, (q, k, v, table), grad)):
         torch.testing.assert_close(g, w, msg=f"d{name}")
-    gather = any(isinstance(dense_shape(t, grid), str)
-                 for head in pg.lower(pattern, grid).per_head for t in head.terms)
     assert {p.strategy for p in attn.plans[1:]} == ({"sdpa"} if gather else {"terms"})
 
 
