@@ -2,9 +2,10 @@
 
 Each part of a term-wise plan returns ``(out_t, lse_t)`` over the whole grid (``lse_t = -inf``
 where the part gives a query no key, decided from the IR's exact counts, never from a kernel's
-value for a fully masked row). :class:`PlannedAttention` merges them in float32 (float64 for
-float64 inputs) as ``lse = logsumexp_t lse_t``, ``out = sum_t exp(lse_t - lse) out_t``, and
-its backward hands every part the *merged* ``out`` and ``lse`` (FlashAttention-2:
+value for a fully masked row). The ``patterngen::planned_fwd`` operator merges them in
+float32 (float64 for float64 inputs) as ``lse = logsumexp_t lse_t``,
+``out = sum_t exp(lse_t - lse) out_t``, and its backward (``planned_bwd``) hands every part
+the *merged* ``out`` and ``lse`` (FlashAttention-2:
 ``D = rowsum(dO * out)``, ``P = exp(S - lse)``), so each part's gradient is exactly its share
 and no part keeps probabilities.
 
@@ -30,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -39,7 +39,7 @@ from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
-from patterngen.plan import dense_mask, gather_first, plan as make_plan
+from patterngen.plan import dense_mask, plan as make_plan
 
 __all__ = ["PlannedBackend", "DenseTerm", "GatherGroup"]
 
