@@ -42,11 +42,11 @@ from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .spec import as_ir
 
-__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "EXECUTORS",
+__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "STRATEGIES",
            "gather_first"]
 
-#: the executors a plan may name: a term's own ("dense", "gather") or a whole-pattern backend
-EXECUTORS = ("dense", "gather", "numba", "sdpa", "flex")
+#: what a plan may be: term by term, or the whole pattern on one backend
+STRATEGIES = ("terms", "numba", "sdpa", "flex")
 #: largest dense mask (batch x queries x keys booleans) a dense term may build; beyond it the
 #: term's pairs are too many for a dense batch to be the cheap primitive anyway
 MAX_DENSE_MASK = 1 << 24
@@ -213,13 +213,9 @@ def _kron_axes(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def dense_mask(shape: DenseShape, term: ir.Term, earlier) -> np.ndarray | None:
-    """The term's mask over its problems, ``(batch or 1, queries, keys)``: its own pairs, less
-    padding and the pairs of the ``earlier`` terms; ``None`` when every pair is attended.
-
-    Raises:
-        PatternError: when the mask would exceed ``MAX_DENSE_MASK`` booleans.
-    """
+def _mask_parts(shape: DenseShape, term: ir.Term, earlier):
+    """Per-axis memberships of ``term``'s own pairs and of each ``earlier`` term that overlaps
+    it, among the problems of ``shape``; ``None`` when the term needs no mask."""
     own = [_axis_membership(rel, ax) for rel, ax in zip(term.rels, shape.axes)]
     overlaps = []
     for u in earlier:
@@ -228,13 +224,28 @@ def dense_mask(shape: DenseShape, term: ir.Term, earlier) -> np.ndarray | None:
             overlaps.append(parts)
     if all(p.all() for p in own) and not overlaps:
         return None
+    return own, overlaps
+
+
+def dense_mask(shape: DenseShape, term: ir.Term, earlier) -> np.ndarray | None:
+    """The term's mask over its problems, ``(batch or 1, queries, keys)``: its own pairs, less
+    padding and the pairs of the ``earlier`` terms; ``None`` when every pair is attended.
+
+    Raises:
+        PatternError: when the mask would exceed ``MAX_DENSE_MASK`` booleans (the planner
+            runs such terms as gather terms, see :func:`gather_first`).
+    """
+    parts = _mask_parts(shape, term, earlier)
+    if parts is None:
+        return None
     if shape.executed_pairs > MAX_DENSE_MASK:
         raise PatternError(
             f"dense term {term!r}: its mask would hold {shape.executed_pairs} booleans, more "
             f"than MAX_DENSE_MASK={MAX_DENSE_MASK}; run it as a gather term.")
+    own, overlaps = parts
     mask = _kron_axes(own)
-    for parts in overlaps:
-        mask = mask & ~_kron_axes(parts)
+    for other in overlaps:
+        mask = mask & ~_kron_axes(other)
     if (mask == mask[:1]).all():
         mask = mask[:1]
     return np.ascontiguousarray(mask)
@@ -242,15 +253,29 @@ def dense_mask(shape: DenseShape, term: ir.Term, earlier) -> np.ndarray | None:
 
 def gather_first(head: ir.IR, shape) -> tuple[list[ir.Term], list[tuple[ir.Term, DenseShape]]]:
     """Split a pattern's terms into gather terms (run first, as one group) and dense terms with
-    their shapes, each in union order."""
+    their shapes, each in union order. A term with a dense form whose mask might exceed
+    ``MAX_DENSE_MASK`` (its own pairs are not all of its problems', or another term overlaps
+    it) is a gather term: such a batch computes far more pairs than it attends anyway."""
     gather, dense = [], []
     for term in head.terms:
-        got = dense_shape(term, shape)
+        got = dense_form(term, shape, [u for u in head.terms if u is not term])
         if isinstance(got, str):
             gather.append(term)
         else:
             dense.append((term, got))
     return gather, dense
+
+
+def dense_form(term: ir.Term, shape, others=()) -> DenseShape | str:
+    """:func:`dense_shape`, or why the planner gathers the term: no dense form, or a mask
+    beyond ``MAX_DENSE_MASK`` given the ``others`` terms of its pattern."""
+    got = dense_shape(term, shape)
+    if isinstance(got, str) or got.executed_pairs <= MAX_DENSE_MASK:
+        return got
+    if _mask_parts(got, term, others) is None:
+        return got
+    return (f"a dense batch of {got.executed_pairs} pairs would need a mask larger than "
+            f"MAX_DENSE_MASK={MAX_DENSE_MASK}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,12 +419,11 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         raise BackendUnavailable(f"plan: device={device!r}; expected 'cpu' or 'cuda' "
                                  f"(optionally with an index, e.g. 'cuda:0').")
     dtype = _dtype_name(dtype)
-    strategies = ("terms", "numba", "sdpa", "flex")
-    wanted = tuple(executors) if executors is not None else strategies
-    unknown = [e for e in wanted if e not in strategies]
+    wanted = tuple(executors) if executors is not None else STRATEGIES
+    unknown = [e for e in wanted if e not in STRATEGIES]
     if unknown:
         raise PatternError(f"plan: unknown executors {unknown}; valid executors are "
-                           f"{list(strategies)}.")
+                           f"{list(STRATEGIES)}.")
     if terms not in (None, "dense", "gather"):
         raise PatternError(f"plan: terms={terms!r}; expected None (by cost), 'dense' or "
                            f"'gather'.")
@@ -407,9 +431,10 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PatternError(f"plan: {name}={value!r}; expected a positive int.")
     rates = rates if rates is not None else calibrate.rates(device_type, dtype)
-    work = batch * heads  # (batch, head) pairs, spread over the listed patterns
     npat = len(lowered.per_head)
-    per_pattern_work = [len(range(p, heads, npat)) * batch for p in range(npat)]
+    # (batch, head) pairs per listed pattern
+    per_pattern_work = [batch * sum(ir.pattern_of_head(h, npat) == p for h in range(heads))
+                        for p in range(npat)]
 
     options: dict = {}
     whole: dict = {}
@@ -447,7 +472,6 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
     if strategy != "terms":
         term_plans = _whole_term_plans(lowered, shape, strategy)
         gather_backend = None
-    del work
     return Plan(lowered.label, tuple(int(n) for n in shape), str(device), dtype, backward,
                 head_dim, heads, batch, strategy, term_plans, gather_backend, whole[strategy],
                 options)
@@ -495,6 +519,12 @@ def _whole_term_plans(lowered, shape, strategy: str) -> tuple:
     return tuple(out)
 
 
+def _gather_note(term, head, shape) -> tuple:
+    """Why a term that was not priced against a dense batch is gathered."""
+    why = dense_form(term, shape, [u for u in head.terms if u is not term])
+    return ("no dense form: " + why,) if isinstance(why, str) else ()
+
+
 def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backend, backward,
                 force):
     """Per listed pattern, each dense-able term on the cheaper of dense and gather (``force``:
@@ -539,8 +569,7 @@ def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backen
         for t, term in enumerate(gather):
             tps.append(TermPlan(term, "gather", pairs[t], pairs[t], None,
                                 gather_ms * pairs[t] / max(gather_pairs, 1),
-                                notes.get(term, ("no dense form: " + dense_shape(term, shape),)
-                                          if isinstance(dense_shape(term, shape), str) else ())))
+                                notes.get(term, _gather_note(term, head, shape))))
         for (term, ds, ms), p in zip(chosen_dense, pairs[len(gather):]):
             tps.append(TermPlan(term, "dense", p, ds.executed_pairs, ds, ms,
                                 notes.get(term, ())))

@@ -292,3 +292,12 @@ def test_calibration_measures_inside_no_grad(tmp_path, monkeypatch):
     assert rates.source == "measured"
     assert {"dense", "gather", "sdpa"} <= set(rates.executors)
     assert all(r.pair_ns > 0 and r.backward_factor >= 1 for r in rates.executors.values())
+
+
+def test_a_dense_term_whose_mask_would_be_too_large_is_gathered():
+    # causal on 8192 tokens: one problem of 8192 x 8192 with a triangular mask
+    plan = pg.plan(pg.causal(), grid=(8192,), head_dim=16, heads=1, executors=("terms",),
+                   terms="dense")
+    [[term]] = plan.patterns
+    assert term.executor == "gather"
+    assert "larger than MAX_DENSE_MASK" in str(plan)
