@@ -25,7 +25,7 @@ import torch
 import patterngen as pg
 from patterngen import ir
 from patterngen.distributed.halo import (exchange_rows, global_queries, query_rows, rank_plan,
-                                         split_lines)
+                                         reshard, split_lines)
 from patterngen.errors import PatternError
 
 # (name, pattern, grid, compile options); every case runs on 2, 3 and 4 ranks
@@ -38,6 +38,11 @@ CASES = [
     ("blocks | window", pg.block(4) | pg.window(3), (11, 4), {}),
     ("criss-cross", pg.criss_cross(), (7, 5), {}),
     ("axis along shards", pg.axis(0), (8, 3), {}),
+    ("axis | window, re-shard", pg.axis(0) | pg.window(3), (12, 7), {}),
+    ("criss-cross | global, re-shard", pg.criss_cross() | pg.global_tokens([(4, 1)]), (9, 6),
+     {}),
+    ("per-head axis, re-shard", pg.heads(pg.window(3), pg.axis(0)), (9, 5), {}),
+    ("3-D axis, re-shard", pg.axis(0) | pg.window((1, 3, 1)), (6, 5, 2), {}),
     ("global tokens", pg.window(3) | pg.global_tokens([(5, 2), (0, 0)]), (12, 6), {}),
     ("causal", pg.causal(), (6, 3), {}),
     ("per-head", pg.heads(pg.window(3), pg.block(2, offset=1), pg.axis(1)), (9, 4), {}),
@@ -156,26 +161,41 @@ SYMBOLIC = [pg.window(7), pg.window(7, dilation=2), pg.window(5, border="pad"),
 def test_symbolic_halo_equals_the_exchange(pattern):
     rep = pg.cost(pattern, grid=("H", "W"), head_dim="d", heads=2, ranks="R")
     halo = rep.halo
-    assert halo.closed_form, halo.tokens
+    either = [s for _, s in halo.schemes if s.startswith("re-shard or gather")]
+    # an axis term along the shards is re-sharded or gathered, whichever moves less: counted
+    assert halo.closed_form != bool(either), halo.tokens
     h_, w_, r_, d_ = (pg.symbol(x) for x in "HWRd")
-    # heads 2, float32: K and V rows of d, q rows of d, partial rows of d + 1 (out and lse)
-    t, q, p = halo.tokens, halo.queries, halo.partials
-    assert sympy.simplify(halo.bytes_forward - 8 * (2 * d_ * t + d_ * q + (d_ + 1) * p)) == 0
+    # heads 2, float32: K and V rows of d, q rows of d, partial rows of d + 1 (out and lse),
+    # re-shard: q, k and v rows of d to the pencils, partial rows of d + 1 back
+    t, q, p, pc, rt = (halo.tokens, halo.queries, halo.partials, halo.pencil, halo.returned)
+    assert sympy.simplify(halo.bytes_forward - 8 * (2 * d_ * t + d_ * q + (d_ + 1) * p
+                                                    + 3 * d_ * pc + (d_ + 1) * rt)) == 0
     assert halo.bytes_backward == halo.bytes_forward  # the gradients of what came in go back
-    rows_of = sympy.lambdify((h_, w_, r_, halo.rank),
-                             [halo.tokens, halo.queries, halo.partials])
+
+    quantities = [halo.tokens, halo.queries, halo.partials, halo.pencil, halo.returned]
+    closed = sympy.lambdify((h_, w_, r_, halo.rank), quantities)
     for h, w, world in SIZES:
+        def rows_of(rank):
+            if halo.closed_form:
+                return closed(h, w, world, rank)
+            return [x.subs({h_: h, w_: w, r_: world, halo.rank: rank}) for x in quantities]
+
         sizes = {h_: h, w_: w, r_: world}
         if not all(sympy.sympify(a).subs(sizes) for a in halo.assumptions):
             assert "window(" in repr(pattern)  # a window longer than a shard: no closed form
             continue
         lowered, shards = pg.lower(pattern, (h, w)), split_lines(h, world)
         queries, partials = query_rows(lowered, shards)
-        assert [rows_of(h, w, world, r) for r in range(world)] == [
-            [kv, q, p] for kv, q, p in zip(exchange_rows(lowered, shards).sum(0), queries,
-                                           partials)]
+        resharded = reshard(lowered, shards)
+        skip = resharded.terms if resharded else frozenset()
+        pencil, returned = ((resharded.pencil, resharded.returned) if resharded
+                            else ([0] * world,) * 2)
+        assert [rows_of(r) for r in range(world)] == [
+            list(row) for row in zip(exchange_rows(lowered, shards, skip).sum(0), queries,
+                                     partials, pencil, returned)]
     at = rep.subs(H=56, W=16, R=4, d=8).halo.subs({"rank": 1})
-    assert at.bytes_forward == 8 * (16 * at.tokens + 8 * at.queries + 9 * at.partials)
+    assert at.bytes_forward == 8 * (16 * at.tokens + 8 * at.queries + 9 * at.partials
+                                    + 24 * at.pencil + 9 * at.returned)
 
 
 def test_symbolic_halo_of_a_global_key_box():
@@ -266,10 +286,13 @@ def _run_case(name, pattern, grid, options, group, world, rank, calls):
     errors = [float((got.detach() - _shard(ref, axis, lines)).abs().max())
               for got, ref in zip([out, *(x.grad for x in mine)], want)]
     n = pg.lower(pattern, grid).grid.shape[axis]
+    skip = attn.resharded.terms if attn.resharded else frozenset()
     plan_rows = int(exchange_rows(_axis_first_ir(pattern, grid, axis),
-                                  split_lines(n, world)).sum(0)[rank])
+                                  split_lines(n, world), skip).sum(0)[rank])
     return dict(errors=errors, calls=list(calls), plan_rows=plan_rows,
-                received=attn.received_rows)
+                received=attn.received_rows, resharded=attn.resharded is not None,
+                pencil=attn.pencil_rows, returned=attn.returned_rows,
+                schemes=[s for _, s in attn.schemes])
 
 
 def _axis_first_ir(pattern, grid, axis):
@@ -376,24 +399,34 @@ def _symbolic_halo(pattern, grid, world):
 def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, options):
     halo = None if options.get("axis") else _symbolic_halo(pattern, grid, world)
     lowered = _axis_first_ir(pattern, grid, options.get("axis", 0))
-    queries, partials = query_rows(lowered, split_lines(lowered.grid.shape[0], world))
+    shards = split_lines(lowered.grid.shape[0], world)
+    queries, partials = query_rows(lowered, shards)
     merged = len(global_queries(lowered)) > 0
+    resharded = reshard(lowered, shards)
     for rank in range(world):
         r = spawned[rank][f"{world}/{name}"]
         assert max(r["errors"]) < 1e-12, (rank, r["errors"])
-        # forward: K/V rows, then (global queries) q rows and partial results; backward: the
-        # same exchanges transposed, in reverse order
+        assert r["resharded"] == (resharded is not None)
+        assert ("re-shard" in r["schemes"]) == r["resharded"]
+        # forward: K/V rows, (re-shard) q/k/v to the pencils and partial rows back, then
+        # (global queries) q rows and partial results; backward: the same exchanges
+        # transposed, in reverse order
         calls = r["calls"]
-        assert len(calls) == (6 if merged else 2)
+        extra = [] if resharded is None else [[r["pencil"], 3 * 2 * 3 * 4],
+                                              [r["returned"], 2 * 3 * 5]]
+        if merged:
+            extra += [[queries[rank], 2 * 3 * 4], [partials[rank], 2 * 3 * 5]]
+        assert len(calls) == 2 + 2 * len(extra)
         forward, backward = calls[:len(calls) // 2], calls[len(calls) // 2:]
         (kv_sent, kv_got, width), (kv_back_sent, _, _) = forward[0], backward[-1]
         # one packed row per token: K and V x batch 2 x heads 3 x head_dim 4
         assert width == 2 * 2 * 3 * 4
         assert kv_got == kv_back_sent == r["received"] == r["plan_rows"]
-        if merged:
-            assert [c[1:] for c in forward[1:]] == [[queries[rank], 2 * 3 * 4],
-                                                   [partials[rank], 2 * 3 * 5]]
-            assert [c[0] for c in backward[:2]] == [partials[rank], queries[rank]]
+        assert [c[1:] for c in forward[1:]] == extra
+        assert [c[0] for c in backward[-2::-1]] == [e[0] for e in extra]
+        if resharded is not None:
+            assert [r["pencil"], r["returned"]] == [resharded.pencil[rank],
+                                                    resharded.returned[rank]]
         if halo is not None:  # float64: 8 bytes an element; received, then sent back
             assert halo[rank] == [sum(c[1] * c[2] * 8 for c in forward),
                                   sum(c[0] * c[2] * 8 for c in backward)]

@@ -5,7 +5,9 @@ and V move: every rank receives exactly the tokens its queries read on other ran
 :mod:`patterngen.distributed.halo`), in one ``all_to_all_single`` with per-rank split sizes
 (several hops when a shard is shorter than the reach), computes its queries on a local grid, and
 keeps its output rows. The backward sends the halo's gradients back to their owners, who add
-them. gloo (CPU) and NCCL (GPU) run the same code.
+them. Axis terms along the sharded axis are re-sharded (a pencil transpose, the partial
+results merged by log-sum-exp) where that moves less than gathering every line
+(:func:`~patterngen.distributed.halo.reshard`). gloo (CPU) and NCCL (GPU) run the same code.
 
 Example (every rank runs it, after ``torch.distributed.init_process_group``)::
 
@@ -16,10 +18,11 @@ Example (every rank runs it, after ``torch.distributed.init_process_group``)::
 ``import patterngen.distributed`` does not import torch; :func:`compile` does.
 """
 
-from .halo import HaloCost, RankPlan, exchange_rows, halo_cost, rank_plan, schemes, split_lines
+from .halo import (HaloCost, RankPlan, Reshard, exchange_rows, halo_cost, rank_plan, reshard,
+                   schemes, split_lines)
 
-__all__ = ["compile", "DistributedAttention", "HaloCost", "RankPlan", "exchange_rows",
-           "halo_cost", "rank_plan", "schemes", "split_lines"]
+__all__ = ["compile", "DistributedAttention", "HaloCost", "RankPlan", "Reshard",
+           "exchange_rows", "halo_cost", "rank_plan", "reshard", "schemes", "split_lines"]
 
 
 def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None, **options):

@@ -13,7 +13,7 @@ from .. import ir
 from ..errors import PatternError
 from ..grid import Grid
 from ..spec import as_ir
-from .halo import rank_plan, schemes, split_lines
+from .halo import rank_plan, reshard, reshard_mask, schemes, split_lines
 
 __all__ = ["DistributedAttention"]
 
@@ -58,6 +58,28 @@ def _axis_first(lowered, axis: int):
     return ir.HeadsIR(grid, tuple(move(h) for h in lowered.heads), lowered.label)
 
 
+def _head_mask(mask, heads: int, device):
+    """A ``(patterns, ...)`` boolean mask per head ``(heads, ...)``, as a tensor."""
+    return torch.as_tensor(mask, device=device)[ir.pattern_of_head(torch.arange(heads),
+                                                                   mask.shape[0])]
+
+
+def _partial(q, k, v, mask, scale):
+    """``(out, lse)`` of ``q`` over the keys ``mask`` allows, in float32 (float64 for float64),
+    with autograd; ``lse = -inf`` for a row without a key (decided from the mask, not from a
+    kernel), whose output is 0."""
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(wide) @ k.to(wide).transpose(-1, -2) * scale).masked_fill(~mask, -math.inf)
+    top = scores.amax(-1, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(scores - top)
+    total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(wide).tiny)
+    part = (weights @ v.to(wide)) / total
+    lse = torch.where(mask.any(-1), (torch.log(total) + top).squeeze(-1),
+                      torch.full_like(top.squeeze(-1), -math.inf))
+    return part, lse
+
+
 def _device(group):
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -78,6 +100,9 @@ class DistributedAttention:
         local: the compiled local backend.
         schemes: ``(term, scheme)`` per term (see :func:`~patterngen.distributed.schemes`).
         sent_rows, received_rows: K/V tokens this rank sends and receives per forward step.
+        resharded: the :class:`~patterngen.distributed.halo.Reshard` of the axis terms, or
+            ``None``; ``pencil_rows`` and ``returned_rows`` are this rank's q/k/v tokens and
+            partial rows received in its two exchanges (0 without it).
     """
 
     def __init__(self, pattern, grid, axis, group, backend, shards, options):
@@ -108,13 +133,17 @@ class DistributedAttention:
             digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
             summary = (f"{lowered.label} on grid {lowered.grid}, axis={self.axis}, "
                        f"shards={list(self.shards)}")
-            self.plan = rank_plan(moved, self.shards, self.rank)
+            self.resharded = reshard(moved, self.shards)
+            self.plan = rank_plan(moved, self.shards, self.rank, self.resharded)
+            if self.resharded:
+                self._pencil_mask = reshard_mask(moved, self.resharded, self.rank)
+            self._moved_shape = moved.grid.shape
             from ..compile import compile as compile_local
 
             self.local = compile_local(self.plan.local,
                                        backend="sdpa" if backend == "auto" else backend,
                                        **options)
-            self.schemes = schemes(moved)
+            self.schemes = schemes(moved, self.resharded)
             self._shape = shape
         except PatternError as e:
             error = str(e)
@@ -127,6 +156,9 @@ class DistributedAttention:
         self._rest = math.prod(n for a, n in enumerate(self._shape) if a != self.axis)
         self.sent_rows = sum(len(s) for s in self.plan.send)
         self.received_rows = sum(len(r) for r in self.plan.recv)
+        rs = self.resharded
+        self.pencil_rows = int(rs.pencil[self.rank]) if rs else 0
+        self.returned_rows = int(rs.returned[self.rank]) if rs else 0
         # whether the received rows and the own shard tile the local grid exactly
         recv = np.concatenate(self.plan.recv)
         own0, own1 = (x * self._rest for x in self.plan.own)
@@ -227,20 +259,7 @@ class DistributedAttention:
         blocks = list(got.split(others))
         blocks[me] = rows
         qg = torch.cat(blocks).reshape(-1, b, h, d).permute(1, 2, 0, 3)
-        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-        heads = ir.pattern_of_head(torch.arange(h), plan.query_mask.shape[0])
-        mask = torch.as_tensor(plan.query_mask, device=q.device)[heads]
-        has = mask.any(-1)
-        scale = d ** -0.5 if scale is None else scale
-        scores = (qg.to(wide) @ k.to(wide).transpose(-1, -2) * scale).masked_fill(~mask,
-                                                                                  -math.inf)
-        top = scores.amax(-1, keepdim=True).detach()
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        weights = torch.exp(scores - top)
-        total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(wide).tiny)
-        part = (weights @ v.to(wide)) / total
-        lse = torch.where(has, (torch.log(total) + top).squeeze(-1),
-                          torch.full_like(top.squeeze(-1), -math.inf))
+        part, lse = _partial(qg, k, v, _head_mask(plan.query_mask, h, q.device), scale)
         # (queries, b, h, d + 1) rows: each block goes to the query's holder
         partial = torch.cat([part, lse[..., None]], -1).permute(2, 0, 1, 3)
         partial = partial.reshape(-1, b * h * (d + 1))
@@ -255,6 +274,73 @@ class DistributedAttention:
                                  torch.zeros_like(merged_lse))
         merged = (torch.exp(lse_all - merged_lse)[..., None] * parts[..., :d]).sum(0)
         return out.index_copy(2, mine, merged.permute(1, 2, 0, 3).to(out.dtype))
+
+    def _pencils(self, qf, kf, vf, scale):
+        """The re-sharded terms' partial ``(out, lse)`` of this rank's tokens (row frame).
+
+        q, k, v go to the pencils (every line of a slice of axis 1) in one exchange, each
+        rank attends its columns' pairs (:func:`~patterngen.distributed.halo.reshard_mask`),
+        and the partial rows come back in a second one; autograd runs through both
+        (transposed) and the attention.
+        """
+        rs, me, world = self.resharded, self.rank, self.world
+        b, h, _, d = qf.shape
+        lines, width, *deep = self._moved_shape
+        depth = math.prod(deep)
+        rows = self.shards[me][1] - self.shards[me][0]
+        lo, hi = rs.columns[me]
+        heights = [b_ - a for a, b_ in self.shards]
+        widths = [b_ - a for a, b_ in rs.columns]
+        x = torch.stack([qf, kf, vf]).reshape(3, b, h, rows, width, depth, d)
+        x = x.permute(3, 4, 5, 0, 1, 2, 6)  # (rows, width, depth, 3, b, h, d)
+        blocks = [x[:, a:c].reshape(-1, 3 * b * h * d) for a, c in rs.columns]
+        send = [0 if r == me else rows * widths[r] * depth for r in range(world)]
+        recv = [0 if r == me else heights[r] * widths[me] * depth for r in range(world)]
+        got = _Exchange.apply(torch.cat([blk for r, blk in enumerate(blocks) if r != me]),
+                              send, recv, self.group)
+        parts = list(got.split(recv))
+        parts[me] = blocks[me]
+        # sources in rank order hold the lines in order: one pencil (lines, columns, depth)
+        pencil = torch.cat(parts).reshape(lines, hi - lo, depth, 3, b, h, d)
+        pq, pk, pv = pencil.permute(3, 4, 5, 1, 0, 2, 6).reshape(3, b, h, hi - lo,
+                                                                  lines * depth, d)
+        part, lse = _partial(pq, pk, pv, _head_mask(self._pencil_mask, h, qf.device), scale)
+        back = torch.cat([part, lse[..., None]], -1).reshape(b, h, hi - lo, lines, depth, d + 1)
+        back = back.permute(3, 2, 4, 0, 1, 5)  # (lines, columns, depth, b, h, d + 1)
+        blocks = [back[a:c].reshape(-1, b * h * (d + 1)) for a, c in self.shards]
+        got = _Exchange.apply(torch.cat([blk for r, blk in enumerate(blocks) if r != me]),
+                              recv, send, self.group)
+        parts = list(got.split(send))
+        parts[me] = blocks[me]
+        mine = torch.cat([p.reshape(rows, w, depth, b * h * (d + 1))
+                          for p, w in zip(parts, widths)], 1)
+        mine = mine.reshape(-1, b, h, d + 1).permute(1, 2, 0, 3)
+        return mine[..., :d], mine[..., d]
+
+    @staticmethod
+    def _virtual_keys(q, k, v, part, lse, scale):
+        """The local problem with one more column and one virtual key per own query.
+
+        Real keys get a 0 in the extra column and the queries a 1, so their scores do not
+        change; the virtual key ``(0, ..., 0, lse / scale)`` scores ``lse`` and carries the
+        value ``part``: the local softmax over the halo terms' keys and it is exactly the
+        log-sum-exp merge of the two parts, and autograd reaches ``part`` and ``lse`` through
+        the local backend's own backward. Queries whose re-sharded part is empty (only global
+        queries, replaced later; :func:`~patterngen.distributed.halo.reshard` refuses
+        others) get a finite stand-in.
+        """
+        b, h, _, d = q.shape
+        own = part.shape[2]
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(q.dtype)
+
+        def column(x, value):
+            return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], -1)
+
+        q = torch.cat([column(q, 1.0), q.new_zeros(b, h, own, d + 1)], 2)
+        k = torch.cat([column(k, 0.0), torch.cat([k.new_zeros(b, h, own, d),
+                                                  (lse / scale)[..., None]], -1)], 2)
+        v = torch.cat([column(v, 0.0), column(part.to(v.dtype), 0.0)], 2)
+        return q, k, v
 
     def __call__(self, q, k, v, scale=None):
         """This rank's output rows for its shard of q, k, v (same layout as ``q``).
@@ -288,7 +374,11 @@ class DistributedAttention:
                             .index_copy(2, recv, g) for x, g in ((kf, got_k), (vf, got_v)))
         q_loc = qf if local_tokens == own1 - own0 else torch.nn.functional.pad(
             qf, (0, 0, own0, local_tokens - own1))
-        out = self.local(q_loc, k_loc, v_loc, scale=scale)[:, :, own0:own1]
+        scale = d ** -0.5 if scale is None else scale
+        if self.resharded:
+            q_loc, k_loc, v_loc = self._virtual_keys(q_loc, k_loc, v_loc,
+                                                     *self._pencils(qf, kf, vf, scale), scale)
+        out = self.local(q_loc, k_loc, v_loc, scale=scale)[:, :, own0:own1, :d]
         if len(self.plan.queries):
             out = self._global_queries(qf, kf, vf, out, scale)
         if self.axis:

@@ -11,6 +11,12 @@ Global queries (terms with ``QueryIn`` along the sharded axis) move no key: thei
 to every rank, and each rank's partial ``(out, lse)`` over its own keys returns to the holder,
 which merges them by log-sum-exp (:func:`global_queries`, :func:`query_rows`).
 
+Axis terms along the sharded axis (every line, equal along axis 1: an axial or criss-cross
+term) are re-sharded when that moves less than gathering every line (:func:`reshard`): q, k
+and v go to *pencils* (all lines of a slice of axis 1, one transpose), the terms' pairs that
+no other term has are attended there, and the partial ``(out, lse)`` comes back as one virtual
+key per query of the local grid, merged by the local softmax (:func:`rank_plan`).
+
 A rank computes on a *local grid* whose axis 0 is its own shard and the hull of each term's key
 lines, merged into intervals laid out one after another. Each term's key progression lies inside
 one interval, so in local coordinates it is still a progression, given per local line by an
@@ -46,7 +52,8 @@ from ..errors import PatternError
 from ..grid import Grid, is_number, symbol
 
 __all__ = ["split_lines", "exchange_rows", "global_queries", "query_rows", "RankPlan",
-           "rank_plan", "schemes", "HaloCost", "halo_cost"]
+           "rank_plan", "Reshard", "reshard", "reshard_mask", "schemes", "HaloCost",
+           "halo_cost"]
 
 
 def split_lines(n: int, ranks: int, sizes=None) -> tuple[tuple[int, int], ...]:
@@ -201,12 +208,18 @@ def _needed(terms, shard, lines, shape) -> np.ndarray:
     return need
 
 
-def exchange_rows(lowered, shards) -> np.ndarray:
+def _halo_terms(lowered, skip) -> list[_TermKeys]:
+    """The terms whose keys move to the queries, less the re-sharded ``(head, term)`` pairs."""
+    return [t for t in _terms(lowered) if (t.head, t.term) not in skip]
+
+
+def exchange_rows(lowered, shards, skip=frozenset()) -> np.ndarray:
     """``rows[src, dst]``: K/V tokens rank ``src`` sends rank ``dst`` in one forward step.
 
-    The backward step sends the same number of gradient rows the other way.
+    The backward step sends the same number of gradient rows the other way. ``skip``: the
+    ``(head, term)`` pairs re-sharded instead (:func:`reshard`), whose keys do not move.
     """
-    terms = _terms(lowered)
+    terms = _halo_terms(lowered, skip)
     shape = lowered.grid.require_numeric("a sharded pattern")
     rows = np.zeros((len(shards), len(shards)), dtype=np.int64)
     for dst, shard in enumerate(shards):
@@ -214,6 +227,108 @@ def exchange_rows(lowered, shards) -> np.ndarray:
             if src != dst:
                 rows[src, dst] = int(_needed(terms, shard, lines, shape).sum())
     return rows
+
+
+def column_slices(n: int, ranks: int) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` of axis 1 per rank on pencils: as even as possible, the first
+    ``n % ranks`` ranks one more; a rank may get none (``n < ranks``)."""
+    base, extra = divmod(n, ranks)
+    edges = np.concatenate([[0], np.cumsum([base + (r < extra) for r in range(ranks)])])
+    return tuple((int(edges[r]), int(edges[r + 1])) for r in range(ranks))
+
+
+def _reshardable(term: ir.Term) -> bool:
+    """A term across the whole sharded axis (or every line before) and equal along axis 1:
+    each pencil (all lines, a slice of axis 1) holds all its pairs."""
+    return (len(term.rels) > 1 and _scheme(term.rels[0]) in (_ALL, _BEFORE)
+            and term.rels[1].atoms == (ir.Eq(),))
+
+
+@dataclass(frozen=True, eq=False)
+class Reshard:
+    """Axis terms computed on pencils: every rank holds all lines of a slice of axis 1.
+
+    Q, K and V go to the pencils in one ``all_to_all_single`` (a transpose); each rank
+    attends the terms' pairs there, less the pairs of the pattern's other terms (counted once,
+    by the halo part), and the partial ``(out, lse)`` rows return in a second one.
+
+    Attributes:
+        terms: the re-sharded ``(head, term)`` pairs.
+        columns: ``(start, stop)`` of axis 1 per rank (:func:`column_slices`).
+        pencil: per rank, the q/k/v tokens it receives (the transpose, own block excluded).
+        returned: per rank, the partial ``(out, lse)`` rows it receives back.
+    """
+
+    terms: frozenset
+    columns: tuple
+    pencil: np.ndarray
+    returned: np.ndarray
+
+
+@functools.lru_cache(maxsize=32)
+def reshard(lowered, shards) -> Reshard | None:
+    """The re-shard of the terms :func:`_reshardable` picks, or ``None`` to gather them.
+
+    Chosen when it moves fewer elements per ``head_dim`` over all ranks: gathering moves K and
+    V (2) per token; the re-shard moves q, k and v to the pencils and the output back (4) per
+    transposed token, plus the halo of the other terms (2 per token); the lse column (1 per
+    returned row) is left out of the comparison, so a tie gathers. Refused (gather) when a
+    query other than a global one would get no pair from the re-shard (all of them counted
+    by other terms): its partial would carry no key, and a virtual key with score ``-inf``
+    has no finite gradient.
+    """
+    shape = lowered.grid.require_numeric("a sharded pattern")
+    terms = frozenset((h, t) for h, head in enumerate(lowered.per_head) for t in head.terms
+                      if not _merged(t) and _reshardable(t))
+    if not terms:
+        return None
+    shards = tuple(shards)
+    ranks = len(shards)
+    columns = column_slices(shape[1], ranks)
+    depth = math.prod(shape[2:])
+    sizes = np.array([b - a for a, b in shards], dtype=np.int64)
+    widths = np.array([b - a for a, b in columns], dtype=np.int64)
+    pencil = (shape[0] - sizes) * widths * depth
+    returned = sizes * (shape[1] - widths) * depth
+    gathered = int(exchange_rows(lowered, shards).sum())
+    halo = int(exchange_rows(lowered, shards, terms).sum())
+    if 2 * halo + 4 * int(pencil.sum()) >= 2 * gathered:
+        return None
+    local = np.ones(math.prod(shape), dtype=bool)
+    local[global_queries(lowered)] = False
+    for h, head in enumerate(lowered.per_head):
+        mine = [t for t in head.terms if (h, t) in terms]
+        if not mine:
+            continue
+        others = [t for t in head.terms if (h, t) not in terms]
+        before = ir.IR(lowered.grid, tuple(others)).key_counts() if others else 0
+        if (ir.IR(lowered.grid, head.terms).key_counts() == before)[local].any():
+            return None
+    return Reshard(terms, columns, pencil, returned)
+
+
+def reshard_mask(lowered, resharded: Reshard, rank: int) -> np.ndarray:
+    """Boolean ``(patterns, columns, lines * depth, lines * depth)``: per column of ``rank``'s
+    pencil, the pairs of the re-sharded terms that no other term of the head has (each
+    pair is counted by one part only)."""
+    shape = lowered.grid.shape
+    a, b = resharded.columns[rank]
+    tokens = shape[0] * math.prod(shape[2:])
+    line, *deep = np.unravel_index(np.arange(tokens), (shape[0], *shape[2:]))
+    col = np.arange(a, b)[:, None, None]
+    q = [line[:, None], col, *(x[:, None] for x in deep)]
+    p = [line[None, :], col, *(x[None, :] for x in deep)]
+    out = np.zeros((len(lowered.per_head), b - a, tokens, tokens), dtype=bool)
+    for h, head in enumerate(lowered.per_head):
+        other = np.zeros_like(out[h])
+        for term in head.terms:
+            hit = np.broadcast_to(term.contains(q, p, shape, ir.NUMPY_OPS), out[h].shape)
+            if (h, term) in resharded.terms:
+                out[h] |= hit
+            else:
+                other |= hit
+        out[h] &= ~other
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,6 +347,7 @@ class RankPlan:
         holder: the rank holding each of them.
         query_mask: ``(patterns, queries, shard tokens)``: which of this rank's keys each
             global query attends (over every term), for its partial result.
+        resharded: the :class:`Reshard` of the axis terms, or ``None``.
     """
 
     rank: int
@@ -244,6 +360,7 @@ class RankPlan:
     queries: np.ndarray
     holder: np.ndarray
     query_mask: np.ndarray
+    resharded: Reshard | None
 
     @property
     def local_lines(self) -> int:
@@ -260,9 +377,16 @@ def _merge(intervals) -> tuple:
     return tuple(out)
 
 
-def rank_plan(lowered, shards, rank: int) -> RankPlan:
-    """The exchange and the local pattern of ``rank`` (every rank computes its own)."""
-    terms = _terms(lowered)
+def rank_plan(lowered, shards, rank: int, resharded=None) -> RankPlan:
+    """The exchange and the local pattern of ``rank`` (every rank computes its own).
+
+    ``resharded``: a :class:`Reshard` whose terms are computed on pencils instead; their keys
+    do not move, and the local grid gets one *virtual* line per own line after the others:
+    each own query sees one key there, which carries the re-sharded terms' partial result
+    (its score is their log-sum-exp, its value their output), so the local softmax merges
+    both exactly.
+    """
+    terms = _halo_terms(lowered, resharded.terms if resharded else frozenset())
     shape = lowered.grid.require_numeric("a sharded pattern")
     n, rest = shape[0], math.prod(shape[1:])
     lo, hi = shards[rank]
@@ -286,19 +410,28 @@ def rank_plan(lowered, shards, rank: int) -> RankPlan:
         recv.append(local_of[a + line] * rest + col)
     owned = np.zeros(n, dtype=bool)
     owned[lo:hi] = True
+    virtual = (hi - lo) if resharded else 0
+    lines = np.concatenate([np.arange(a, b) for a, b in intervals])
+    no_key = [0] * virtual
     heads = []
     for h, head in enumerate(lowered.per_head):
         local_terms = []
         for t, hull in zip(terms, hulls):
             if t.head != h or hull is None:
                 continue
-            lines = np.concatenate([np.arange(a, b) for a, b in intervals])
             keep = owned[lines] & t.nonempty[lines]
             starts = np.where(keep, local_of[t.start[lines]], 0)
             stops = np.where(keep, local_of[t.last[lines]] + 1, 0)
-            table = ir.LineTable(tuple(starts.tolist()), tuple(stops.tolist()), t.step)
+            table = ir.LineTable((*starts.tolist(), *no_key), (*stops.tolist(), *no_key), t.step)
             local_terms.append(ir.Term((ir.Rel.of(table), *t.term.rels[1:])))
-        grid = Grid((offset, *shape[1:]))
+        if resharded and any(head_ == h for head_, _ in resharded.terms):
+            own = np.where(owned[lines], offset + lines - lo, 0).tolist()
+            table = ir.LineTable((*own, *no_key),
+                                 (*np.where(owned[lines], offset + lines - lo + 1, 0).tolist(),
+                                  *no_key), 1)
+            local_terms.append(ir.Term((ir.Rel.of(table),
+                                        *(ir.Rel.of(ir.Eq()) for _ in shape[1:]))))
+        grid = Grid((offset + virtual, *shape[1:]))
         heads.append(ir.make_ir(grid, local_terms, f"{head.label} (rank {rank} of "
                                                    f"{len(shards)})"))
     local = heads[0] if isinstance(lowered, ir.IR) else ir.HeadsIR(heads[0].grid, tuple(heads),
@@ -316,7 +449,7 @@ def rank_plan(lowered, shards, rank: int) -> RankPlan:
             query_mask[h] |= term.contains([c[:, None] for c in q], [c[None, :] for c in p],
                                            shape, ir.NUMPY_OPS)
     return RankPlan(rank, tuple(shards), intervals, own, local, tuple(send), tuple(recv),
-                    queries, holder, query_mask)
+                    queries, holder, query_mask, resharded)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,8 +457,10 @@ def rank_plan(lowered, shards, rank: int) -> RankPlan:
 
 #: the rank index in :class:`HaloCost` expressions (substitute ``rank=...``)
 RANK = sympy.Symbol("rank", integer=True, nonnegative=True)
-_LOCAL, _GLOBAL_KEYS, _BEFORE, _ALL, _MERGED = (
-    "halo", "global keys", "gather lines before", "gather all lines", "global queries merged")
+_LOCAL, _GLOBAL_KEYS, _BEFORE, _ALL, _MERGED, _RESHARD = (
+    "halo", "global keys", "gather lines before", "gather all lines", "global queries merged",
+    "re-shard")
+_EITHER = "re-shard or gather (whichever moves less, by counts)"
 
 
 def _scheme(rel: ir.Rel) -> str:
@@ -341,16 +476,22 @@ def _scheme(rel: ir.Rel) -> str:
     return _BEFORE  # Lt / Le alone
 
 
-def schemes(lowered) -> list[tuple[str, str]]:
+def schemes(lowered, resharded=None) -> list[tuple[str, str]]:
     """``(term, scheme)`` for every term of every head, by its relation along the sharded axis.
 
     ``halo``: a bounded reach, neighbours' lines; ``global keys``: a fixed range of key lines
     (only the tokens the term reads); ``gather lines before``: causal across the axis, every
-    earlier line; ``gather all lines``: a whole-axis term (axial), every line, gathered
-    (re-sharding is not implemented); ``global queries merged``: their q rows go to every rank,
-    whose partial ``(out, lse)`` over its own keys are merged at the holder; no key moves.
+    earlier line; ``gather all lines``: a whole-axis term (axial), every line, gathered;
+    ``re-shard``: such a term computed on pencils (``resharded``, see :func:`reshard`), or on
+    a symbolic grid ``re-shard or gather``, decided by counts once the sizes are numbers;
+    ``global queries merged``: their q rows go to every rank, whose partial ``(out, lse)``
+    over its own keys are merged at the holder; no key moves.
     """
-    return [(repr(t), _scheme(t.rels[0])) for head in lowered.per_head for t in head.terms]
+    chosen = resharded.terms if resharded else frozenset()
+    undecided = resharded is None and not lowered.grid.numeric
+    return [(repr(t), _RESHARD if (h, t) in chosen else _EITHER
+             if undecided and not _merged(t) and _reshardable(t) else _scheme(t.rels[0]))
+            for h, head in enumerate(lowered.per_head) for t in head.terms]
 
 
 @dataclass(frozen=True)
@@ -368,8 +509,11 @@ class HaloCost:
         lines: ``tokens`` in lines of the sharded axis (``tokens`` over one line's tokens).
         queries: global query rows received (their q, to attend this rank's keys).
         partials: partial ``(out, lse)`` rows received for the global queries it holds.
-        bytes_forward: received, ``(2 d tokens + d queries + (d + 1) partials) * batch *
-            heads`` elements; partials in float32 at least (the merge's precision).
+        pencil: q/k/v tokens received in a re-shard's transpose (:func:`reshard`).
+        returned: the re-shard's partial ``(out, lse)`` rows received back.
+        bytes_forward: received, ``(2 d tokens + d queries + (d + 1) partials + 3 d pencil
+            + (d + 1) returned) * batch * heads`` elements; partials in float32 at least (the
+            merge's precision).
         bytes_backward: sent back in the backward step: the same bytes.
         ratio: ``bytes_forward`` over the rank's share of the forward FLOPs (``flops / R``).
         schemes: ``(term, scheme)`` pairs (see :func:`schemes`).
@@ -383,6 +527,8 @@ class HaloCost:
     lines: sympy.Expr
     queries: sympy.Expr
     partials: sympy.Expr
+    pencil: sympy.Expr
+    returned: sympy.Expr
     bytes_forward: sympy.Expr
     bytes_backward: sympy.Expr
     ratio: sympy.Expr
@@ -400,7 +546,8 @@ class HaloCost:
             return int(x) if x.is_Integer else x
 
         return HaloCost(s(self.ranks), self.rank, s(self.tokens), s(self.lines),
-                        s(self.queries), s(self.partials), s(self.bytes_forward),
+                        s(self.queries), s(self.partials), s(self.pencil), s(self.returned),
+                        s(self.bytes_forward),
                         s(self.bytes_backward), s(self.ratio), self.schemes,
                         tuple(a for a in map(s, self.assumptions) if a is not sympy.true),
                         self.closed_form)
@@ -411,6 +558,8 @@ class HaloCost:
             ("halo lines per rank", self.lines),
             *((("global query rows in (q), partial rows in", f"{self.queries}, "
                 f"{self.partials}"),) if self.queries != 0 or self.partials != 0 else ()),
+            *((("re-shard q/k/v rows in, partial rows back", f"{self.pencil}, "
+                f"{self.returned}"),) if self.pencil != 0 or self.returned != 0 else ()),
             ("halo bytes per rank, forward", self.bytes_forward),
             ("halo bytes per rank, backward", self.bytes_backward),
             ("communication / compute (bytes per FLOP)", self.ratio),
@@ -471,7 +620,7 @@ def _closed_tokens(lowered, ranks, rank):
                 continue  # no key moves (see _closed_queries)
             rel, box = term.rels[0], _box_size(term, shape)
             scheme = _scheme(rel)
-            if box is None:
+            if box is None or _reshardable(term):  # re-shard or gather: decided by counts
                 return None
             if scheme == _GLOBAL_KEYS and len(rel.atoms) == 1:
                 keys.append((rel.atoms[0].start, rel.atoms[0].stop, box))
@@ -547,8 +696,14 @@ def _exact_function(lowered, quantity: str):
         if ranks.is_Integer and rank.is_Integer and all(v.is_Integer for v in values):
             numeric = lowered.subs(dict(zip(free, values)))
             shards = split_lines(int(numeric.grid.shape[0]), int(ranks))
+            resharded = reshard(numeric, shards)
             if quantity == "tokens":
-                return sympy.Integer(int(exchange_rows(numeric, shards)[:, int(rank)].sum()))
+                skip = resharded.terms if resharded else frozenset()
+                return sympy.Integer(int(exchange_rows(numeric, shards, skip)[:, int(rank)]
+                                         .sum()))
+            if quantity in ("pencil", "returned"):
+                rows = getattr(resharded, quantity) if resharded else [0] * int(ranks)
+                return sympy.Integer(int(rows[int(rank)]))
             queries, partials = query_rows(numeric, shards)
             return sympy.Integer(int((queries if quantity == "queries" else partials)[rank]))
         return None
@@ -574,16 +729,22 @@ def halo_cost(lowered, ranks, head_dim, heads, batch, dtype_bytes, flops) -> Hal
     closed = _closed_tokens(lowered, ranks, rank)
     closed_queries = _closed_queries(lowered, ranks, rank)
     if closed is None or closed_queries is None:
-        tokens, queries, partials = (_exact_function(lowered, q)(ranks, rank)
-                                     for q in ("tokens", "queries", "partials"))
+        tokens, queries, partials, pencil, returned = (
+            _exact_function(lowered, q)(ranks, rank)
+            for q in ("tokens", "queries", "partials", "pencil", "returned"))
         assumptions = ()
     else:
         (tokens, assumptions), (queries, partials) = closed, closed_queries
+        pencil = returned = sympy.Integer(0)
     line = sympy.Mul(*lowered.grid.shape[1:])
     rows = batch * heads * dtype_bytes
     wide = batch * heads * max(dtype_bytes, 4)  # partial results travel in float32 at least
-    forward = 2 * head_dim * tokens * rows + head_dim * queries * rows \
-        + (head_dim + 1) * partials * wide
-    return HaloCost(ranks, rank, tokens, tokens / line, queries, partials, forward, forward,
-                    forward / (sympy.sympify(flops) / ranks), tuple(schemes(lowered)),
-                    assumptions, closed is not None and closed_queries is not None)
+    forward = (2 * head_dim * tokens + head_dim * queries + 3 * head_dim * pencil) * rows \
+        + (head_dim + 1) * (partials + returned) * wide
+    numeric = lowered.grid.numeric and is_number(ranks)
+    resharded = reshard(lowered, split_lines(int(lowered.grid.shape[0]), int(ranks))) \
+        if numeric else None
+    return HaloCost(ranks, rank, tokens, tokens / line, queries, partials, pencil, returned,
+                    forward, forward, forward / (sympy.sympify(flops) / ranks),
+                    tuple(schemes(lowered, resharded)), assumptions,
+                    closed is not None and closed_queries is not None)
