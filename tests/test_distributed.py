@@ -24,8 +24,8 @@ import torch
 
 import patterngen as pg
 from patterngen import ir
-from patterngen.distributed.halo import (exchange_rows, global_queries, query_rows, rank_plan,
-                                         reshard, split_lines)
+from patterngen.distributed.halo import (exchange_rows, global_queries, ordinary_local,
+                                         query_rows, rank_plan, reshard, split_lines)
 from patterngen.errors import PatternError
 
 # (name, pattern, grid, compile options); every case runs on 2, 3 and 4 ranks
@@ -43,6 +43,9 @@ CASES = [
      {}),
     ("per-head axis, re-shard", pg.heads(pg.window(3), pg.axis(0)), (9, 5), {}),
     ("3-D axis, re-shard", pg.axis(0) | pg.window((1, 3, 1)), (6, 5, 2), {}),
+    ("auto local", pg.window(3) | pg.block(2, offset=1), (9, 4), {"backend": "auto"}),
+    ("auto local, global tokens", pg.window(3) | pg.global_tokens([(5, 2)]), (12, 6),
+     {"backend": "auto"}),
     ("global tokens", pg.window(3) | pg.global_tokens([(5, 2), (0, 0)]), (12, 6), {}),
     ("causal", pg.causal(), (6, 3), {}),
     ("per-head", pg.heads(pg.window(3), pg.block(2, offset=1), pg.axis(1)), (9, 4), {}),
@@ -132,14 +135,21 @@ def test_local_attention_of_every_rank_equals_the_oracle(name, pattern, grid, op
                     dst[:, :, plan.recv[src]] = flat[:, :, c * rest + theirs]
             ql = torch.zeros_like(kv[0])
             ql[:, :, own] = q.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest]
-            attn = pg.compile(plan.local, backend="sdpa", block=16, order="row-major")
-            out = attn(ql, kv[0], kv[1])[:, :, own]
-            local = np.ones(out.shape[2], dtype=bool)  # global queries: merged, not local
+            local = np.ones(hi * rest - lo * rest, dtype=bool)  # global queries: merged
             mine = global_queries(lowered)
             local[mine[(mine >= lo * rest) & (mine < hi * rest)] - lo * rest] = False
             want_rows = want.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest]
-            torch.testing.assert_close(out[:, :, local], want_rows[:, :, local], rtol=1e-12,
-                                       atol=1e-12)
+            # the line tables, and the pattern's own atoms on the local grid where they fit
+            ordinary = ordinary_local(lowered, plan)
+            for form in (plan.local, ordinary):
+                if form is None:
+                    continue
+                attn = pg.compile(form, backend="sdpa", block=16, order="row-major")
+                out = attn(ql, kv[0], kv[1])[:, :, own]
+                torch.testing.assert_close(out[:, :, local], want_rows[:, :, local],
+                                           rtol=1e-12, atol=1e-12)
+            if name.startswith("window") or name.startswith("1-D"):
+                assert ordinary is not None  # a window's local problem is a window
 
 
 def test_global_queries_are_the_query_in_terms():
@@ -274,9 +284,9 @@ def _counting(calls):
 def _run_case(name, pattern, grid, options, group, world, rank, calls):
     q, k, v, cot = _inputs(grid, seed=len(name))
     want = _oracle(pattern, grid, q, k, v, cot)
-    # one block size: the local backend skips its layout search (time, not exactness)
-    attn = pg.distributed.compile(pattern, grid, group=group, block=16, order="row-major",
-                                  **options)
+    # sdpa with one block size: it skips its layout search (time, not exactness)
+    local = {} if options.get("backend") else dict(backend="sdpa", block=16, order="row-major")
+    attn = pg.distributed.compile(pattern, grid, group=group, **local, **options)
     axis = options.get("axis", 0)
     lines = attn.shards[rank]
     mine = [_shard(x, axis, lines).clone().requires_grad_() for x in (q, k, v)]
@@ -292,7 +302,7 @@ def _run_case(name, pattern, grid, options, group, world, rank, calls):
     return dict(errors=errors, calls=list(calls), plan_rows=plan_rows,
                 received=attn.received_rows, resharded=attn.resharded is not None,
                 pencil=attn.pencil_rows, returned=attn.returned_rows,
-                schemes=[s for _, s in attn.schemes])
+                schemes=[s for _, s in attn.schemes], local_backend=attn.local_backend)
 
 
 def _axis_first_ir(pattern, grid, axis):
@@ -427,6 +437,9 @@ def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, op
         if resharded is not None:
             assert [r["pencil"], r["returned"]] == [resharded.pencil[rank],
                                                     resharded.returned[rank]]
+        ordinary = ordinary_local(lowered, rank_plan(lowered, shards, rank, resharded))
+        assert r["local_backend"] == ("auto" if options.get("backend") == "auto"
+                                      and ordinary is not None else "sdpa")
         if halo is not None:  # float64: 8 bytes an element; received, then sent back
             assert halo[rank] == [sum(c[1] * c[2] * 8 for c in forward),
                                   sum(c[0] * c[2] * 8 for c in backward)]

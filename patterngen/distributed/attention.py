@@ -13,12 +13,15 @@ from .. import ir
 from ..errors import PatternError
 from ..grid import Grid
 from ..spec import as_ir
-from .halo import rank_plan, reshard, reshard_mask, schemes, split_lines
+from .halo import ordinary_local, rank_plan, reshard, reshard_mask, schemes, split_lines
 
 __all__ = ["DistributedAttention"]
 
-#: local executors that read :class:`~patterngen.ir.LineTable`: numba emits source, which
-#: cannot; flex fails in inductor on the tables made inside its traced ``mask_mod``
+#: local executors: ``sdpa`` reads the :class:`~patterngen.ir.LineTable` of any rank's local
+#: problem; ``auto`` (the planner, numba kernels for windows) runs it where it is the
+#: pattern's own atoms on the local grid (:func:`~patterngen.distributed.halo.ordinary_local`)
+#: and ``sdpa`` elsewhere; numba alone emits source, which cannot read tables, and flex fails
+#: in inductor on the tables made inside its traced ``mask_mod``
 LOCAL_BACKENDS = ("auto", "sdpa")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -97,7 +100,8 @@ class DistributedAttention:
         shards: ``(start, stop)`` of every rank's lines of the sharded axis.
         rank, world: this rank and the group's size.
         plan: this rank's :class:`~patterngen.distributed.halo.RankPlan`.
-        local: the compiled local backend.
+        local: the compiled local backend; ``local_backend`` its name (``auto`` runs on
+            ``sdpa`` where the local problem needs line tables).
         schemes: ``(term, scheme)`` per term (see :func:`~patterngen.distributed.schemes`).
         sent_rows, received_rows: K/V tokens this rank sends and receives per forward step.
         resharded: the :class:`~patterngen.distributed.halo.Reshard` of the axis terms, or
@@ -140,9 +144,13 @@ class DistributedAttention:
             self._moved_shape = moved.grid.shape
             from ..compile import compile as compile_local
 
-            self.local = compile_local(self.plan.local,
-                                       backend="sdpa" if backend == "auto" else backend,
-                                       **options)
+            ordinary = ordinary_local(moved, self.plan) if backend == "auto" else None
+            self.local_backend = "sdpa" if ordinary is None else backend
+            # the planner's options (sizes to plan for) are not sdpa's: a rank whose local
+            # problem needs line tables runs sdpa with its defaults
+            self.local = compile_local(self.plan.local if ordinary is None else ordinary,
+                                       backend=self.local_backend,
+                                       **(options if self.local_backend == backend else {}))
             self.schemes = schemes(moved, self.resharded)
             self._shape = shape
         except PatternError as e:

@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -450,6 +451,59 @@ def rank_plan(lowered, shards, rank: int, resharded=None) -> RankPlan:
                                            shape, ir.NUMPY_OPS)
     return RankPlan(rank, tuple(shards), intervals, own, local, tuple(send), tuple(recv),
                     queries, holder, query_mask, resharded)
+
+
+def _shifted(atom, start: int):
+    """``atom`` on an axis that starts at global line ``start`` (tiles and key ranges move;
+    the other atoms are the same relation of local coordinates away from the borders)."""
+    if isinstance(atom, ir.Block):
+        return dataclasses.replace(atom, offset=(atom.offset - start) % atom.size)
+    if isinstance(atom, ir.KeyIn):
+        return dataclasses.replace(atom, start=atom.start - start, stop=atom.stop - start)
+    return atom
+
+
+def ordinary_local(lowered, plan: RankPlan):
+    """The rank's local problem as the pattern's own atoms on its local grid, or ``None``.
+
+    The line tables of :attr:`RankPlan.local` are exact for any term, but only ``sdpa`` reads
+    them. Where the local grid is one interval (no far global key lines, no re-shard), each
+    term's axis-0 relation shifted to the interval's start (:func:`_shifted`) is tried, and
+    kept only if it gives every own line exactly the keys of the global relation (checked
+    pair by pair): then any backend runs it (``backend="auto"``). Lines of the halo get keys
+    too, their output is dropped (and its cotangent is 0). ``None`` where any term differs:
+    a clamped window or a dilation whose border or residue the interval's start moves.
+    """
+    if len(plan.intervals) != 1 or plan.resharded is not None:
+        return None
+    ((start, stop),) = plan.intervals
+    shape = lowered.grid.shape
+    size = stop - start
+    own = np.arange(plan.own[0], plan.own[1])[:, None]
+    keys = np.arange(size)[None, :]
+    heads = []
+    for head in lowered.per_head:
+        terms = []
+        for term in head.terms:
+            if _merged(term):
+                continue  # global queries: their rows are replaced by the merge
+            rel = ir.Rel.of(*(_shifted(a, start) for a in term.rels[0].atoms))
+            try:
+                same = np.array_equal(
+                    np.broadcast_to(rel.contains(own, keys, size, ir.NUMPY_OPS),
+                                    (len(own), size)),
+                    np.broadcast_to(term.rels[0].contains(own + start, keys + start, shape[0],
+                                                          ir.NUMPY_OPS), (len(own), size)))
+            except PatternError:
+                return None
+            if not same:
+                return None
+            terms.append(ir.Term((rel, *term.rels[1:])))
+        heads.append(ir.make_ir(Grid((size, *shape[1:])), terms,
+                                f"{head.label} (rank {plan.rank} of {len(plan.shards)})"))
+    if isinstance(lowered, ir.IR):
+        return heads[0]
+    return ir.HeadsIR(heads[0].grid, tuple(heads), lowered.label)
 
 
 # --------------------------------------------------------------------------------------------
