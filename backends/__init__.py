@@ -98,6 +98,41 @@ class Backend:
                                f"{q.dtype}; expected one dtype (convert with .to(q.dtype)).")
         return rel_bias
 
+    def check_extra_keys(self, ak, av, q):
+        """``(ak, av)`` (``additional_keys``/``additional_values``) checked against the
+        flattened ``q`` ``(batch, heads, tokens, dim)`` and made contiguous; ``None`` when
+        there are none (both ``None``, or zero tokens).
+
+        Raises:
+            PatternError: naming the tensor, what was expected and what was received.
+        """
+        if ak is None and av is None:
+            return None
+        import torch
+
+        if ak is None or av is None:
+            given, missing = ("additional_keys", "additional_values") if av is None else (
+                "additional_values", "additional_keys")
+            raise PatternError(f"{self.name}: {given} was given without {missing}; pass both, "
+                               f"of shape (batch, heads, n_extra, head_dim).")
+        b, h, _, d = q.shape
+        for name, t in (("additional_keys", ak), ("additional_values", av)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or (
+                    t.shape[0], t.shape[1], t.shape[3]) != (b, h, d):
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise PatternError(f"{self.name}: {name} has shape {shape}; q has batch={b}, "
+                                   f"heads={h}, head_dim={d}, so expected ({b}, {h}, n_extra, "
+                                   f"{d}).")
+            if t.dtype != q.dtype or t.device != q.device:
+                raise PatternError(f"{self.name}: {name} is {t.dtype} on {t.device}; expected "
+                                   f"q's {q.dtype} on {q.device}.")
+        if ak.shape[2] != av.shape[2]:
+            raise PatternError(f"{self.name}: additional_keys has {ak.shape[2]} tokens and "
+                               f"additional_values {av.shape[2]}; expected the same number.")
+        if ak.shape[2] == 0:
+            return None
+        return ak.contiguous(), av.contiguous()
+
     @classmethod
     def not_supported_reasons(cls, ir, device: str = "cpu", dtype: str = "float32") -> list[str]:
         """Why this backend cannot run ``ir`` on ``device`` with ``dtype`` (empty: it can)."""

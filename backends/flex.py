@@ -215,6 +215,7 @@ class FlexBackend(Backend):
     BACKWARD_DEVICES = ("cuda",)  # FlexAttention has no CPU backward; CPU refuses clearly
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
+    SUPPORTS_ADDITIONAL_KEYS = True
 
     @classmethod
     def not_supported_reasons(cls, ir_, device="cpu", dtype="float32") -> list[str]:
@@ -255,11 +256,12 @@ class FlexBackend(Backend):
         """The generated ``mask_mod`` over layout positions (CPU)."""
         return self._mask_mod("cpu")
 
-    def _mask_mod(self, device: str):
-        if device not in self._mask_mods:
-            self._mask_mods[device] = make_mask_mod(
-                self.ir, None if self._identity else self._perm, device, padded=self._padded)
-        return self._mask_mods[device]
+    def _mask_mod(self, device: str, padded: bool | None = None):
+        padded = self._padded if padded is None else padded
+        if (device, padded) not in self._mask_mods:
+            self._mask_mods[device, padded] = make_mask_mod(
+                self.ir, None if self._identity else self._perm, device, padded=padded)
+        return self._mask_mods[device, padded]
 
     def __repr__(self):
         return f"FlexBackend({self.ir.label or self.ir!r} on grid {self.ir.grid})"
@@ -273,9 +275,11 @@ class FlexBackend(Backend):
         if heads is not None:
             self.block_mask_for(heads, device)
 
-    def block_mask_for(self, heads: int, device):
-        """The ``BlockMask`` for ``heads`` heads on ``device`` (cached)."""
-        key = (heads, str(device))
+    def block_mask_for(self, heads: int, device, extra: int = 0):
+        """The ``BlockMask`` for ``heads`` heads on ``device`` (cached); with ``extra``
+        additional keys, over keys padded to whole blocks with the extra keys after them
+        (see :meth:`_with_extra`)."""
+        key = (heads, str(device), extra)
         if key not in self._cache:
             import torch
             from torch.nn.attention.flex_attention import BlockMask
@@ -284,11 +288,37 @@ class FlexBackend(Backend):
             pick = [_ir.pattern_of_head(h, len(parts)) for h in range(heads)]
             stacked = [torch.stack([parts[p][i] for p in pick])[None] for i in range(4)]
             tokens = self.layout.tokens
+            mask_mod, keys = self._mask_mod(str(device)), tokens
+            if extra:
+                stacked, mask_mod, keys = self._with_extra(stacked, extra, torch)
             self._cache[key] = BlockMask.from_kv_blocks(
-                *stacked, BLOCK_SIZE=tuple(self.layout.block),
-                mask_mod=self._mask_mod(str(device)),
-                seq_lengths=(tokens, tokens))
+                *stacked, BLOCK_SIZE=tuple(self.layout.block), mask_mod=mask_mod,
+                seq_lengths=(tokens, keys))
         return self._cache[key]
+
+    def _with_extra(self, stacked, extra: int, torch):
+        """Block mask parts, ``mask_mod`` and key count for keys laid out as the pattern's
+        keys padded to ``kv_blocks * Bk``, then the ``extra`` keys: every query block gets
+        the extra keys' blocks as partial blocks, whose ``mask_mod`` admits exactly them."""
+        num, idx, full_num, full_idx = stacked
+        start = self.layout.kv_blocks * self.layout.block[1]
+        blocks = -(-extra // self.layout.block[1])
+        added = torch.arange(self.layout.kv_blocks, self.layout.kv_blocks + blocks,
+                             dtype=idx.dtype, device=idx.device)
+        # the extra blocks go after each row's own partial blocks (the rest is ignored)
+        grown = torch.cat([idx, idx.new_zeros((*idx.shape[:-1], blocks))], -1)
+        cols = num[..., None].long() + torch.arange(blocks, device=idx.device)
+        grown.scatter_(-1, cols, added.expand_as(cols))
+        full_idx = torch.cat([full_idx, full_idx.new_zeros((*full_idx.shape[:-1], blocks))], -1)
+        base, tokens = self._mask_mod(str(idx.device), padded=True), self.layout.tokens
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            seen = (kv_idx >= start) & (kv_idx < start + extra) & (q_idx < tokens)
+            return base(b, h, q_idx, kv_idx) | seen
+
+        mask_mod.__name__ = f"{base.__name__}_and_{extra}_extra"
+        return (num + blocks, grown, full_num, full_idx), mask_mod, start + blocks * \
+            self.layout.block[1]
 
     def score_mod(self, table, device):
         """The ``score_mod`` for ``table`` (or ``None``) and the softcap; ``None`` when there is
@@ -304,11 +334,15 @@ class FlexBackend(Backend):
             self._score_mod = last = (table, str(device), fn)
         return last[2]
 
-    def __call__(self, q, k, v, scale=None, rel_bias=None):
+    def __call__(self, q, k, v, scale=None, rel_bias=None, additional_keys=None,
+                 additional_values=None):
         """Attention of ``q`` over ``k, v`` under the compiled pattern.
 
         ``rel_bias``: ``None`` or a table ``(heads or 1, 2 * reach[0] + 1, ...)`` added by
-        key-minus-query offset (:mod:`patterngen.bias`).
+        key-minus-query offset (:mod:`patterngen.bias`). ``additional_keys`` and
+        ``additional_values``: ``(batch, heads, n_extra, head_dim)`` tokens outside the grid
+        that every query attends besides its pattern, in the same softmax (NATTEN's): keys
+        appended after the pattern's, in blocks of their own.
 
         Raises:
             PatternError: for wrong shapes, dtypes or devices, and for gradients on CPU.
@@ -317,18 +351,30 @@ class FlexBackend(Backend):
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf)
+        if extra is not None and table is not None:
+            raise PatternError("flex: additional_keys with rel_bias is not supported: the "
+                               "table is indexed by grid offsets, which extra keys do not "
+                               "have; pass one or the other.")
         device = qf.device
         if device.type == "cpu" and torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (qf, kf, vf, table)):
+                t is not None and t.requires_grad for t in (qf, kf, vf, table, *(extra or ()))):
             raise PatternError(
                 "flex: gradients were requested on CPU, but FlexAttention has no CPU backward; "
                 "run under torch.no_grad() / torch.inference_mode(), or use backend='sdpa' or "
                 "'numba' for training on CPU.")
         scale = scale if scale is not None else self.scale
-        block_mask = self.block_mask_for(qf.shape[1], device)
+        block_mask = self.block_mask_for(qf.shape[1], device, 0 if extra is None
+                                         else extra[0].shape[2])
         if not self._identity:
             perm, inverse = self._permutation(device)
             qf, kf, vf = (t[:, :, perm] for t in (qf, kf, vf))
+        if extra is not None:
+            pad = self.layout.kv_blocks * self.layout.block[1] - kf.shape[2]
+            tail = -extra[0].shape[2] % self.layout.block[1]
+            kf, vf = (torch.cat([t, t.new_zeros(*t.shape[:2], pad, t.shape[3]), e,
+                                 t.new_zeros(*t.shape[:2], tail, t.shape[3])], 2)
+                      for t, e in zip((kf, vf), extra))
         if self.compile:
             fn = _compiled_flex()
         else:

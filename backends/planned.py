@@ -710,40 +710,6 @@ def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None, table=N
     return tuple(grads)
 
 
-def _check_extra(ak, av, q):
-    """``(ak, av)`` checked against the flattened ``q`` ``(batch, heads, tokens, dim)``, or
-    ``None`` for no extra keys.
-
-    Raises:
-        PatternError: naming the tensor, what was expected and what was received.
-    """
-    if ak is None and av is None:
-        return None
-    import torch
-
-    if ak is None or av is None:
-        given, missing = ("additional_keys", "additional_values") if av is None else (
-            "additional_values", "additional_keys")
-        raise PatternError(f"auto: {given} was given without {missing}; pass both, of shape "
-                           f"(batch, heads, n_extra, head_dim).")
-    b, h, _, d = q.shape
-    for name, t in (("additional_keys", ak), ("additional_values", av)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[0], t.shape[1],
-                                                               t.shape[3]) != (b, h, d):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise PatternError(f"auto: {name} has shape {shape}; q has batch={b}, heads={h}, "
-                               f"head_dim={d}, so expected ({b}, {h}, n_extra, {d}).")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise PatternError(f"auto: {name} is {t.dtype} on {t.device}; expected q's "
-                               f"{q.dtype} on {q.device}.")
-    if ak.shape[2] != av.shape[2]:
-        raise PatternError(f"auto: additional_keys has {ak.shape[2]} tokens and "
-                           f"additional_values {av.shape[2]}; expected the same number.")
-    if ak.shape[2] == 0:
-        return None
-    return ak.contiguous(), av.contiguous()
-
-
 class PlannedBackend(Backend):
     """``backend="auto"``: the pattern run as :func:`patterngen.plan.plan` chooses.
 
@@ -878,7 +844,7 @@ class PlannedBackend(Backend):
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         if qf.shape[-1] < 1:
             raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
-        extra = _check_extra(additional_keys, additional_values, qf)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf)
         inputs = (q, k, v, *(extra or ()), *([rel_bias] * isinstance(rel_bias, torch.Tensor)))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],

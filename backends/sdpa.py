@@ -34,6 +34,7 @@ import numpy as np
 
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
+from patterngen.errors import PatternError
 from patterngen.layout import HeadsLayout, aligned_tiles, layout
 from patterngen.reference import materialize
 
@@ -201,6 +202,7 @@ class SdpaBackend(Backend):
     SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
+    SUPPORTS_ADDITIONAL_KEYS = True
 
     def __init__(self, ir_, block=None, order="auto", tile=None, scale=None, softcap=None):
         self.ir = ir_
@@ -260,6 +262,9 @@ class SdpaBackend(Backend):
             outs = []
             for plan in plans:
                 rows = plan.row_of_pos[inverse]  # token -> output row
+                # tokens in no query block: with extra keys they attend those alone
+                plan.uncovered = (None if plan.zero_row is None else torch.as_tensor(
+                    rows == plan.rows, device=device)[:, None])
                 if plan.rows == len(rows) and (rows == np.arange(len(rows))).all():
                     outs.append(None)
                 elif (tile is not None and plan.rows == len(rows)
@@ -272,7 +277,8 @@ class SdpaBackend(Backend):
             self._devices[key] = (perm, plans, outs)
         return self._devices[key]
 
-    def __call__(self, q, k, v, scale=None, rel_bias=None):
+    def __call__(self, q, k, v, scale=None, rel_bias=None, additional_keys=None,
+                 additional_values=None):
         """Attention of ``q`` over ``k, v`` under the compiled pattern.
 
         Args:
@@ -281,6 +287,9 @@ class SdpaBackend(Backend):
             scale: score scale; default the constructor's, else ``head_dim ** -0.5``.
             rel_bias: ``None`` or a table ``(heads or 1, 2 * reach[0] + 1, ...)`` added to
                 the score of each pair by its key-minus-query offset (:mod:`patterngen.bias`).
+            additional_keys, additional_values: ``(batch, heads, n_extra, head_dim)`` tokens
+                outside the grid that every query attends besides its pattern, in the same
+                softmax (NATTEN's): appended to every query block's keys.
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
@@ -290,21 +299,32 @@ class SdpaBackend(Backend):
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf)
+        if extra is not None and table is not None:
+            raise PatternError("sdpa: additional_keys with rel_bias is not supported: the "
+                               "table is indexed by grid offsets, which extra keys do not "
+                               "have; pass one or the other.")
         scale = scale if scale is not None else self.scale
         scale = scale if scale is not None else qf.shape[-1] ** -0.5
         perm, plans, outs = self._device(qf.device)
+        rows_q = qf  # row-major: extra keys alone for the tokens no query block holds
         if perm is not None:
             qf, kf, vf = (perm(t) for t in (qf, kf, vf))
         npat = len(plans)
         results = []
         for p, (plan, out_index) in enumerate(zip(plans, outs)):
-            qp, kp, vp = ((qf, kf, vf) if npat == 1
-                          else tuple(t[:, p::npat] for t in (qf, kf, vf)))
+            ours = (lambda t: t) if npat == 1 else (lambda t: t[:, p::npat])
+            qp, kp, vp = (ours(t) for t in (qf, kf, vf))
             scores = None
             if table is not None or self.softcap is not None:
                 tp = table if table is None or table.shape[0] == 1 else table[p::npat]
                 scores = _Scores(self.softcap, tp, plan, self._perm, self.shape, self.reach)
-            results.append(_run_plan(plan, out_index, qp, kp, vp, scale, torch, F, scores))
+            ep = None if extra is None else tuple(ours(t) for t in extra)
+            out = _run_plan(plan, out_index, qp, kp, vp, scale, torch, F, scores, ep)
+            if ep is not None and plan.uncovered is not None:
+                alone = _attention(ours(rows_q), *ep, scale, self.softcap, None, torch, F)
+                out = torch.where(plan.uncovered, alone, out)
+            results.append(out)
         if npat == 1:
             out = results[0]
         else:
@@ -342,7 +362,9 @@ class _Scores:
         return tiles
 
 
-def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None):
+def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None):
+    """The pattern's output in row-major token order; ``extra`` ``(keys, values)`` are
+    appended to every call's keys (tokens in no call are the caller's to fill)."""
     b, h, _, d = q.shape
     if not plan.calls:  # no pair at all: zeros that still take part in autograd
         return q * 0.0
@@ -377,17 +399,22 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None):
         else:
             kg = _gather(k, call["k_index"]).view(b * h, g, nk * plan.bk, d)
             vg = _gather(v, call["k_index"]).view(b * h, g, nk * plan.bk, d)
-        add = (_additive_mask(call, q.dtype, torch) if scores is None
-               else scores.additive(call, b, q.dtype, torch))
-        if scores is not None and scores.softcap is not None:
-            res = _softcapped_attention(qg, kg, vg, scale, scores.softcap, add, torch)
-        elif _flash_bias_grad_ok(qg, add, torch):
+        if extra is not None:
+            kg, vg = (torch.cat([t, e.reshape(b * h, 1, -1, d).expand(-1, g, -1, -1)], 2)
+                      for t, e in zip((kg, vg), extra))
+            add = _additive_mask(call, q.dtype, torch, extra[0].shape[2])
+        elif scores is None:
+            add = _additive_mask(call, q.dtype, torch)
+        else:
+            add = scores.additive(call, b, q.dtype, torch)
+        softcap = None if scores is None else scores.softcap
+        if softcap is None and extra is None and _flash_bias_grad_ok(qg, add, torch):
             res = _flash_with_bias_grad(torch).apply(qg, kg, vg, add, scale)
-        elif call["matmul"] and matmul_ok:
+        elif softcap is None and call["matmul"] and matmul_ok:
             res = _matmul_attention(qg, kg, vg, scale, torch, add)
         else:
-            res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=add, scale=scale)
-        if call["empty"] is not None:
+            res = _attention(qg, kg, vg, scale, softcap, add, torch, F)
+        if call["empty"] is not None and extra is None:
             res = res.masked_fill(call["empty"], 0.0)
         if single:
             out = res.reshape(b, h, g * plan.bq, d)
@@ -397,6 +424,13 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None):
     if out_index is None:
         return out
     return out_index(out) if callable(out_index) else _gather(out, out_index)
+
+
+def _attention(q, k, v, scale, softcap, add, torch, F):
+    """Attention with an optional softcap and additive mask/bias ``add``."""
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, scale, softcap, add, torch)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
 
 
 def _matmul_attention(q, k, v, scale, torch, add=None):
@@ -552,13 +586,20 @@ def _gather(x, index):
     return x.reshape(b * h, n, d).index_select(1, index).view(b, h, len(index), d)
 
 
-def _additive_mask(call, dtype, torch):
-    """The group's mask as 0 / -inf in the inputs' dtype (cached; SDPA converts bools anyway)."""
+def _additive_mask(call, dtype, torch, extra: int = 0):
+    """The group's mask as 0 / -inf in the inputs' dtype (cached; SDPA converts bools anyway),
+    with ``extra`` seen keys appended to every row (and no dummy key for the empty rows)."""
     if call["mask"] is None:
         return None
-    key = ("mask", dtype)
+    key = ("mask", dtype, extra)
     if key not in call:
         bool_mask = call["mask"]
+        if extra:
+            bool_mask = bool_mask.clone()
+            if call["empty"] is not None:  # undo _plan's dummy key: the extra keys are seen
+                bool_mask[0, ..., 0] &= ~call["empty"][:bool_mask.shape[1], :, 0]
+            bool_mask = torch.cat([bool_mask, bool_mask.new_ones(
+                (*bool_mask.shape[:-1], extra))], -1)
         call[key] = torch.zeros(bool_mask.shape, dtype=dtype, device=bool_mask.device
                                 ).masked_fill(~bool_mask, float("-inf"))
     return call[key]

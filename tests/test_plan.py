@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 import patterngen as pg
 from patterngen import calibrate
 from patterngen.backends import planned
+from patterngen.backends.flex import flex_available
 from patterngen.plan import dense_mask, dense_shape
+from fakes import register_fake_backend
 from strategies import cases
 
 
@@ -181,14 +183,21 @@ def _extra_reference(q, k, v, ak, av, mask):
     return torch.softmax(scores, -1) @ torch.cat([v, av], 2)
 
 
-@pytest.mark.parametrize("pattern, grid, extra, options", [
-    (pg.criss_cross(), (5, 6), 3, {}),
-    (pg.window(3) | pg.global_tokens([0]), (6, 5), 2, {}),
-    (pg.heads(pg.block(2), pg.axis(0) & pg.global_tokens([(0, 0)])), (4, 5), 1, {}),
-    (pg.window(3), (7, 6), 200, dict(strategy="numba")),  # more keys than MATMUL_KEYS
+@pytest.mark.parametrize("backend, pattern, grid, extra, options", [
+    ("auto", pg.criss_cross(), (5, 6), 3, {}),
+    ("auto", pg.window(3) | pg.global_tokens([0]), (6, 5), 2, {}),
+    ("auto", pg.heads(pg.block(2), pg.axis(0) & pg.global_tokens([(0, 0)])), (4, 5), 1, {}),
+    ("auto", pg.window(3), (7, 6), 200, dict(strategy="numba")),  # more keys than MATMUL_KEYS
+    ("numba", pg.window(3) | pg.axis(0), (5, 6), 4, {}),
+    ("sdpa", pg.criss_cross(), (5, 6), 3, {}),
+    ("sdpa", pg.heads(pg.block(2), pg.axis(0) & pg.global_tokens([(0, 0)])), (4, 5), 1, {}),
+    ("sdpa", pg.window(3), (7, 6), 200, {}),
+    ("sdpa", pg.block(3, offset=1), (5, 6), 2, {}),  # rows with a dummy key in _plan
+    # query blocks without any pattern key: those queries attend the extra keys alone
+    ("sdpa", pg.window(3, causal=True) & pg.global_tokens([0]), (16,), 3, dict(block=4)),
 ])
-def test_additional_keys_share_the_softmax(pattern, grid, extra, options):
-    attn = pg.compile(pattern, grid, backend="auto", **options)
+def test_additional_keys_share_the_softmax(backend, pattern, grid, extra, options):
+    attn = pg.compile(pattern, grid, backend=backend, **options)
     gen = torch.Generator().manual_seed(extra)
     n = int(np.prod(grid))
     q, k, v = (torch.randn(2, 4, n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -207,8 +216,44 @@ def test_additional_keys_share_the_softmax(pattern, grid, extra, options):
         torch.testing.assert_close(g, w, msg=f"d{name}")
 
 
-def test_bad_additional_keys():
-    attn = pg.compile(pg.window(3), (4, 4), backend="auto")
+def test_additional_keys_with_a_softcap_on_sdpa():
+    # the extra keys' scores are softcapped like the pattern's: one softmax over both
+    pattern, grid = pg.window(3), (5, 6)
+    attn = pg.compile(pattern, grid, backend="sdpa", softcap=2.0)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    ak, av = (torch.randn(1, 2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    out = attn(q, k, v, additional_keys=ak, additional_values=av)
+    seen = np.concatenate([pg.materialize(pattern, grid), np.ones((30, 3), dtype=bool)], 1)
+    scores = 2.0 * torch.tanh((q @ torch.cat([k, ak], 2).transpose(-1, -2)) * 8 ** -0.5 / 2.0)
+    ref = torch.softmax(scores.masked_fill(~torch.as_tensor(seen), float("-inf")), -1) @ \
+        torch.cat([v, av], 2)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(*(torch.autograd.grad(t.sum(), q)[0] for t in (out, ref)))
+
+
+@pytest.mark.skipif(flex_available() is not None, reason="this torch has no FlexAttention")
+@pytest.mark.parametrize("pattern, grid, extra, options", [
+    # per-head patterns: each head's extra blocks go after its own partial blocks
+    (pg.heads(pg.block(2), pg.axis(0) & pg.global_tokens([(0, 0)])), (4, 5), 1, dict(block=8)),
+    (pg.window(3), (6, 6), 20, dict(block=8, order="tiled", tile=(2, 2))),
+])
+def test_additional_keys_on_compiled_flex(pattern, grid, extra, options):
+    attn = pg.compile(pattern, grid, backend="flex", **options)
+    gen = torch.Generator().manual_seed(extra)
+    q, k, v = (torch.randn(2, 4, int(np.prod(grid)), 8, generator=gen) for _ in range(3))
+    ak, av = (torch.randn(2, 4, extra, 8, generator=gen) for _ in range(2))
+    ref = _extra_reference(*(t.double() for t in (q, k, v, ak, av)),
+                           pg.materialize(pattern, grid))
+    with torch.no_grad():
+        out = attn(q, k, v, additional_keys=ak, additional_values=av)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "numba"])
+def test_bad_additional_keys(backend):
+    attn = pg.compile(pg.window(3), (4, 4), backend=backend)
     q = k = v = torch.randn(1, 2, 16, 8)
     good = torch.randn(1, 2, 3, 8)
     with pytest.raises(pg.PatternError, match="additional_keys was given without "
@@ -261,25 +306,20 @@ def test_a_bfloat16_gather_group_runs_in_float32():
            strategy="terms", terms="dense")
 
 
-def test_additional_keys_on_the_numba_backend_and_refused_elsewhere():
-    pattern, grid = pg.window(3) | pg.axis(0), (5, 6)
-    attn = pg.compile(pattern, grid, backend="numba")
-    gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
-    ak, av = (torch.randn(1, 2, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-              for _ in range(2))
-    ref = _extra_reference(q, k, v, ak, av, pg.materialize(pattern, grid))
-    out = attn(q, k, v, additional_keys=ak, additional_values=av)
-    torch.testing.assert_close(out, ref)
-    grad = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    for g, w in zip(torch.autograd.grad(out, (q, k, v, ak, av), grad),
-                    torch.autograd.grad(ref, (q, k, v, ak, av), grad)):
-        torch.testing.assert_close(g, w)
-    sdpa = pg.compile(pattern, grid, backend="sdpa")
-    with pytest.raises(pg.PatternError, match=r"sdpa: additional_keys= is not supported by the "
-                                              r"sdpa backend .*\(auto, numba\)"):
-        sdpa(q, k, v, additional_keys=ak, additional_values=av)
+def test_additional_keys_with_rel_bias_or_on_a_backend_without_them_are_refused():
+    q = k = v = torch.randn(1, 2, 16, 8)
+    ak = torch.randn(1, 2, 3, 8)
+    for backend in ("sdpa", "flex"):
+        attn = pg.compile(pg.window(3), (4, 4), backend=backend)
+        table = torch.zeros(1, *(2 * r + 1 for r in attn.reach))
+        with pytest.raises(pg.PatternError, match=f"{backend}: additional_keys with rel_bias "
+                                                  f"is not supported"):
+            attn(q, k, v, additional_keys=ak, additional_values=ak, rel_bias=table)
+    fake = pg.compile(pg.window(3), (4, 4), backend=register_fake_backend())
+    with pytest.raises(pg.PatternError, match=r"additional_keys= is not supported by the "
+                                              r"test_fake_dense backend .*\(auto, flex, numba, "
+                                              r"sdpa\)"):
+        fake(q, k, v, additional_keys=ak, additional_values=ak)
 
 
 def test_calibration_measures_inside_no_grad(tmp_path, monkeypatch):
