@@ -1,4 +1,5 @@
-"""Relative position bias and softcap: reach, the dense oracle, sdpa, flex, errors, converters.
+"""Relative position bias and softcap: reach, the dense oracle, sdpa, flex, numba, errors,
+converters.
 
 Every backend result is compared with :func:`patterngen.dense_attention` in float64, which adds
 the table by offset on a tokens x tokens grid and refuses a table that does not cover an
@@ -6,6 +7,7 @@ attended pair, so a wrong reach cannot pass unnoticed.
 """
 
 import os
+import random
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 import patterngen as pg
 from patterngen import bias
 from patterngen.spec import as_ir
-from strategies import cases
+from strategies import cases, random_spec
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 LONG = pytest.mark.skipif(os.environ.get("PATTERNGEN_LONG") != "1",
@@ -77,18 +79,29 @@ def oracle(pattern, grid, q, k, v, table, softcap):
                               rel_bias=table, grid=grid)
 
 
-def check_sdpa(pattern, grid, softcap=None, shared=False, heads=3, **options):
-    attn = pg.compile(pattern, grid, backend="sdpa", softcap=softcap, **options)
-    q, k, v, table = inputs(grid, heads, attn.reach, shared)
+def check(backend, pattern, grid, softcap=None, shared=False, heads=3, dtype=torch.float64,
+          atol=1e-10, **options):
+    """``backend``'s output and gradients of q, k, v and the table against the float64 oracle
+    (run on the inputs rounded to ``dtype``); returns the compiled attention."""
+    attn = pg.compile(pattern, grid, backend=backend, softcap=softcap, **options)
+    q, k, v, table = inputs(grid, heads, attn.reach, shared, dtype=dtype)
     out = attn(q, k, v, rel_bias=table)
-    ref = oracle(pattern, grid, q, k, v, table, softcap)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v, table), grad, allow_unused=True)
-    want = torch.autograd.grad(ref, (q, k, v, table), grad)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(torch.zeros_like(b) if a is None else a, b, atol=1e-10,
-                                   rtol=0)
+    assert out.dtype == dtype
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    ref = oracle(pattern, grid, *wide, softcap)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=0)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v, table), grad.to(dtype), allow_unused=True)
+    want = torch.autograd.grad(ref, wide, grad)
+    for name, a, b in zip(("q", "k", "v", "table"), got, want):
+        assert a is None or a.dtype == dtype, name
+        torch.testing.assert_close(torch.zeros_like(b) if a is None else a.double(), b,
+                                   atol=atol, rtol=0, msg=lambda m, name=name: f"d{name}: {m}")
+    return attn
+
+
+def check_sdpa(pattern, grid, softcap=None, shared=False, heads=3, **options):
+    check("sdpa", pattern, grid, softcap, shared, heads, **options)
 
 
 @pytest.mark.parametrize("pattern, grid, options", NAMED, ids=IDS)
@@ -196,9 +209,10 @@ def test_flex_score_mod_is_the_oracle_s_bias():
         torch.testing.assert_close(got[keep], dense[h][keep], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "numba"])
 def test_bad_tables_and_softcaps_are_named(backend):
-    pytest.importorskip("torch.nn.attention.flex_attention")
+    pytest.importorskip({"flex": "torch.nn.attention.flex_attention", "numba": "numba"}.get(
+        backend, "torch"))
     options = dict(compile=False) if backend == "flex" else {}
     attn = pg.compile(pg.window(3), (8, 8), backend=backend, **options)
     q = torch.randn(1, 2, 8, 8, 16)
@@ -218,15 +232,128 @@ def test_bad_tables_and_softcaps_are_named(backend):
             pg.compile(pg.window(3), (8, 8), backend=backend, softcap=softcap, **options)
 
 
-def test_numba_refuses_bias_and_softcap_by_name():
+# numba compiles one module per pattern structure, dtype, lanes and bias/softcap variant
+# (seconds each), so its cases are chosen rather than drawn by hypothesis. lanes=0 runs a
+# query at a time; lanes=4 runs tiles whose lanes share a term's keys (blocks, axes, the row
+# of criss-cross) or run it lane by lane (narrow windows, criss-cross's column).
+NUMBA_LANES = [(c, 0) for c in NAMED] + [(NAMED[i], 4) for i in (0, 2, 4, 5, 6, 7)]
+
+
+@pytest.mark.parametrize("case, lanes", NUMBA_LANES,
+                         ids=[f"{repr(c[0])}-lanes{lanes}" for c, lanes in NUMBA_LANES])
+@pytest.mark.parametrize("softcap, shared", [(None, True), (1.5, False)])
+def test_numba_equals_the_oracle(case, lanes, softcap, shared):
     pytest.importorskip("numba")
-    attn = pg.compile(pg.window(3), (6, 6), backend="numba", softcap=None)  # None: accepted
+    pattern, grid, _ = case
+    check("numba", pattern, grid, softcap, shared, lanes=lanes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_numba_random_patterns(seed):
+    pytest.importorskip("numba")
+    rng = random.Random(f"bias-{seed}")
+    ndim = rng.randint(1, 3)
+    grid = tuple(rng.randint(7, {1: 30, 2: 10, 3: 7}[ndim]) for _ in range(ndim))
+    pattern = random_spec(rng, ndim)
+    if seed % 3 == 2:
+        pattern = pg.heads(pattern, random_spec(rng, ndim))
+    check("numba", pattern, grid, rng.choice([None, 0.8]), rng.random() < 0.5,
+          lanes=rng.choice([0, 2, 4]))
+
+
+@pytest.mark.parametrize("pattern, grid", [(pg.window(7), (12, 13)),
+                                           (pg.window((3, 3, 3)), (4, 5, 6))])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_numba_float32_with_bias(pattern, grid, softcap):
+    pytest.importorskip("numba")
+    check("numba", pattern, grid, softcap, dtype=torch.float32, atol=1e-4)
+
+
+def test_numba_bfloat16_with_bias_and_softcap():
+    pytest.importorskip("numba")
+    attn = check("numba", pg.window(5), (9, 9), 2.0, heads=2, dtype=torch.bfloat16, atol=0.15)
+    assert attn.softcap == 2.0
+
+
+def test_numba_softcap_without_a_table():
+    pytest.importorskip("numba")
+    pattern, grid = pg.criss_cross(), (6, 7)
+    attn = pg.compile(pattern, grid, backend="numba", softcap=0.5, lanes=4)
+    q, k, v, _ = inputs(grid, 2, attn.reach, True)
+    ref = oracle(pattern, grid, q, k, v, None, 0.5)
+    out = attn(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_numba_table_gradient_sums_one_copy_per_call(monkeypatch):
+    # the thread pool instead of torch's team, 1 to 3 threads: each call of the kernel takes
+    # its own copy of the table's gradient; every copy is summed
+    pytest.importorskip("numba")
+    from patterngen.backends.numba import launch
+
+    monkeypatch.setattr(launch, "team", lambda: None)
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(launch, "_numba_threads", lambda threads=threads: threads)
+        check("numba", pg.window(3) | pg.axis(1), (7, 9), 1.5, shared=True, heads=1)
+
+
+def test_numba_plain_kernels_are_unchanged_by_the_variants():
+    pytest.importorskip("numba")
+    attn = pg.compile(pg.window(3), (8, 8), backend="numba")
+    plain = attn.source_for("float32")
+    assert "table" not in plain and "softcap" not in plain
+    variant = attn.source_for("float32", rel_bias=True, softcap=True)
+    assert "with a relative position bias table and a softcap" in variant
+    assert "bt, offs, 0, softcap, slopes, dbt)" in variant
+
+
+def test_numba_ops_pass_opcheck_with_a_table():
+    pytest.importorskip("numba")
+    attn = pg.compile(pg.criss_cross() | pg.window(3), (6, 6), backend="numba", lanes=4)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v, table = inputs((6, 6), 2, attn.reach, False, dtype=dtype)
+        torch.library.opcheck(torch.ops.patterngen.numba_fwd.default,
+                              (q, k, v, attn.op_key, 0.3, table, 0.7))
+        q, k, v, table = (t.detach() for t in (q, k, v, table))
+        out, lse = torch.ops.patterngen.numba_fwd(q, k, v, attn.op_key, 0.3, table, 0.7)
+        torch.library.opcheck(torch.ops.patterngen.numba_bwd.default,
+                              (q, k, v, out, lse, torch.randn_like(out), attn.op_key, 0.3,
+                               table, 0.7))
+
+
+def test_numba_refuses_extra_keys_with_a_table_or_softcap():
+    pytest.importorskip("numba")
     q = torch.randn(1, 2, 36, 8)
-    with pytest.raises(pg.PatternError, match="rel_bias= is not supported by the numba"):
-        attn(q, q, q, rel_bias=torch.zeros(2, 5, 5))
-    with pytest.raises(pg.PatternError, match="softcap= is not supported by the numba"):
-        pg.compile(pg.window(3), (6, 6), backend="numba", softcap=30.0)
-    torch.testing.assert_close(attn(q, q, q, rel_bias=None), attn(q, q, q))
+    extra = torch.randn(1, 2, 3, 8)
+    for softcap, table in ((None, torch.zeros(2, 5, 5)), (2.0, None)):
+        attn = pg.compile(pg.window(3), (6, 6), backend="numba", softcap=softcap)
+        with pytest.raises(pg.PatternError, match="additional_keys with rel_bias or softcap"):
+            attn(q, q, q, rel_bias=table, additional_keys=extra, additional_values=extra)
+
+
+def test_numba_layer_with_rel_pos_bias_trains_as_the_sdpa_one():
+    pytest.importorskip("numba")
+    from patterngen import nn
+
+    pattern, grid = pg.window(3) | pg.axis(0), (5, 6)
+    torch.manual_seed(0)
+    layers = {b: nn.LocalSelfAttention(8, 2, pattern, grid=grid, backend=b,
+                                       rel_pos_bias=True).double() for b in ("numba", "sdpa")}
+    layers["numba"].load_state_dict(layers["sdpa"].state_dict())
+    x = torch.randn(2, 5, 6, 8, dtype=torch.float64)
+    target = torch.randn_like(x)
+    grads = {}
+    for name, layer in layers.items():
+        loss = (layer(x) - target).pow(2).mean()
+        grads[name] = torch.autograd.grad(loss, list(layer.parameters()))
+    for a, b in zip(grads["numba"], grads["sdpa"]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    names = [name for name, _ in layers["numba"].named_parameters()]
+    assert grads["numba"][names.index("rel_pos_bias_table")].abs().sum() > 0
 
 
 def test_oracle_refuses_a_table_too_small_for_the_pattern():

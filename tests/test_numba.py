@@ -298,13 +298,17 @@ GOLDEN_CASES = {
     "causal_window_1d": (pg.window(256, causal=True), (8192,)),
     "heads_3d": (pg.heads(pg.window((3, 7, 7)), pg.block((1, 7, 7), offset=3)), (8, 32, 32)),
     "lanes_window_or_global": (pg.window(3) | pg.global_tokens([0]), (4, 16)),
+    # the variants with a bias table and a softcap (named by them), one query and tiles
+    "bias_softcap_window_2d": (pg.window(7), (64, 64)),
+    "lanes_bias_window_or_global": (pg.window(3) | pg.global_tokens([0]), (4, 16)),
 }
 
 
 @pytest.mark.parametrize("name", GOLDEN_CASES)
 def test_golden_source(name):
     spec, grid = GOLDEN_CASES[name]
-    src = nb.generate(pg.lower(spec, grid), lanes=4 if name.startswith("lanes") else 0)
+    src = nb.generate(pg.lower(spec, grid), lanes=4 if name.startswith("lanes") else 0,
+                      bias="bias" in name, softcap="softcap" in name)
     path = GOLDEN / f"numba_{name}.py"
     if os.environ.get("PATTERNGEN_UPDATE_GOLDEN") == "1":
         path.write_text(src)

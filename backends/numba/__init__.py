@@ -15,7 +15,10 @@ The stages, one module each:
 
 Forward is an online softmax over chunks of keys that saves the log-sum-exp; backward
 recomputes the probabilities from it (FlashAttention-2: ``D = rowsum(dO * O)``,
-``dS = P * (dP - D)``). No tokens x tokens buffer is ever built.
+``dS = P * (dP - D)``). No tokens x tokens buffer is ever built. A relative position bias
+table and a softcap are variants of the generated module (their own kernels; the plain ones
+are unchanged): each buffered key carries its flat table position, and the backward sums
+``dS`` into one table copy per thread.
 
 Example:
     >>> import torch, patterngen as pg
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import functools
 
-from patterngen import ir
+from patterngen import bias, ir
 from patterngen.backends import Backend, ops, register_backend
 from patterngen.errors import PatternError
 
@@ -57,6 +60,7 @@ class NumbaBackend(Backend):
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
         lanes: queries per tile along the last axis (0: one query at a time); ``None`` lets
             :func:`plan_lanes` pick from the pattern's waste on this grid.
+        softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
 
     Attributes:
         source: the generated float32 module for any head_dim (``source_for(dtype, head_dim)``
@@ -68,11 +72,14 @@ class NumbaBackend(Backend):
     SUPPORTED_DTYPES = (*DTYPES, *WIDENED)
     BACKWARD_DEVICES = ("cpu",)
     SUPPORTS_ADDITIONAL_KEYS = True
+    SUPPORTS_REL_POS_BIAS = True
+    SUPPORTS_SOFTCAP = True
 
-    def __init__(self, ir_, scale=None, lanes=None):
+    def __init__(self, ir_, scale=None, lanes=None, softcap=None):
         self.ir = ir_ = plan.runs_first(ir_)
         self.shape = ir_.grid.require_numeric("the numba backend")
         self.scale = scale
+        self.softcap = bias.check_softcap(softcap)
         plan.check_lanes(lanes, allow_none=True)
         self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
         self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
@@ -101,48 +108,69 @@ class NumbaBackend(Backend):
                          for head in self.ir.per_head)
         return tuple(head.pairs() for head in self.ir.per_head)
 
-    def source_for(self, dtype: str, head_dim: int = 0) -> str:
+    def source_for(self, dtype: str, head_dim: int = 0, rel_bias: bool = False,
+                   softcap: bool = False) -> str:
         """The module text that runs ``dtype`` (``"float32"`` or ``"float64"``) arrays of
         ``head_dim``: compiled for that head_dim from ``SPECIALISED_HEAD_DIM`` up, else for any
-        (``head_dim=0``)."""
+        (``head_dim=0``); with ``rel_bias`` and ``softcap``, the kernels that add them."""
         head_dim = head_dim if head_dim >= SPECIALISED_HEAD_DIM else 0
         return _generate_cached(self.ir, _labels(self.ir), dtype, self.lanes, self.shared,
-                                head_dim)
+                                head_dim, rel_bias, softcap)
 
     def __repr__(self):
         return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
 
-    def __call__(self, q, k, v, scale=None, additional_keys=None, additional_values=None):
+    def __call__(self, q, k, v, scale=None, rel_bias=None, additional_keys=None,
+                 additional_values=None):
         """Attention of ``q`` over ``k, v`` under the compiled pattern.
 
         Args:
             q, k, v: ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens,
                 head_dim)`` CPU tensors of one dtype: float32, float64, bfloat16 or float16.
             scale: score scale; default the constructor's, else ``head_dim ** -0.5``.
+            rel_bias: ``None`` or a table ``(heads or 1, 2 * reach[0] + 1, ...)`` of q's dtype
+                added to the score of each pair by its key-minus-query offset
+                (:mod:`patterngen.bias`); its gradient flows.
             additional_keys, additional_values: ``(batch, heads, n_extra, head_dim)`` tokens
                 every query attends besides its pattern, in the same softmax: the kernels'
                 ``(out, lse)`` merged with them by log-sum-exp (``backend="auto"``'s
                 machinery, its pattern run by these kernels).
 
         Raises:
-            PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
+            PatternError: for a wrong type, shape, grid, device or dtype, naming the values;
+                for additional keys with a bias table or a softcap.
         """
         if additional_keys is not None or additional_values is not None:
+            if rel_bias is not None or self.softcap is not None:
+                raise PatternError("numba: additional_keys with rel_bias or softcap is not "
+                                   "supported; the extra keys have no position in the table.")
             return self._with_extra_keys(q, k, v, scale=scale, additional_keys=additional_keys,
                                          additional_values=additional_values)
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
+        table = self.check_rel_bias(rel_bias, qf)
         if qf.shape[-1] < 1 or qf.shape[0] * qf.shape[1] == 0:
             raise PatternError(f"numba: q has shape {tuple(q.shape)}; expected batch, heads "
                                f"and head_dim of at least 1.")
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
         qf, kf, vf = (t.contiguous() for t in (qf, kf, vf))
-        return restore(numba_fwd(qf, kf, vf, self.op_key, scale, None, None)[0])
+        return restore(numba_fwd(qf, kf, vf, self.op_key, scale, table, self.softcap)[0])
 
-    def _kernels(self, dtype: str, head_dim: int, direction: str, groups) -> dict:
-        """The compiled ``direction`` kernel of each pattern in ``groups``."""
-        module = load(self.source_for(dtype, head_dim))
+    def _kernels(self, dtype: str, head_dim: int, direction: str, groups, table,
+                 softcap) -> dict:
+        """The compiled ``direction`` kernel of each pattern in ``groups``, the variant that
+        adds a ``table`` and a ``softcap`` when they are given."""
+        module = load(self.source_for(dtype, head_dim, table is not None, softcap is not None))
         return {i: kernel(module, f"{direction}_{i}") for i, _ in groups}
+
+    def _score_args(self, q, scale, softcap, table, shape):
+        """The kernels' arguments from the scale to the heads' table: the scale (and cap) in
+        q's dtype, the grid's extents (and the reach), each tail after ``heads``."""
+        real = q.dtype.type
+        caps = () if softcap is None else (real(softcap),)
+        reach = () if table is None else self.reach
+        tables = () if table is None else (table.reshape(table.shape[0], -1),)
+        return (real(scale), *caps, *shape, *reach), tables
 
     def _head_groups(self, heads: int):
         """``(kernel index, int64 array of heads)`` for every kernel some head uses."""
@@ -152,32 +180,39 @@ class NumbaBackend(Backend):
         return [(i, np.array([h for h in range(heads) if owner[h] == i], dtype=np.int64))
                 for i in sorted(set(owner))]
 
-    def forward_numpy(self, q, k, v, shape, scale):
+    def forward_numpy(self, q, k, v, shape, scale, table=None, softcap=None):
         """``(out, lse)`` for C-contiguous ``(batch, heads, tokens, head_dim)`` float32 or
         float64 arrays: ``lse`` is the natural log-sum-exp of each query's scores, ``-inf``
-        for a query without keys (whose output is 0), NaN for a NaN output row."""
+        for a query without keys (whose output is 0), NaN for a NaN output row.
+
+        ``table``: ``None`` or a C-contiguous bias table of q's dtype, ``(heads or 1,
+        2 * reach[0] + 1, ...)`` (:attr:`reach`); ``softcap``: ``None`` or a float > 0. Both
+        are checked by the caller (:meth:`check_rel_bias`, :func:`patterngen.bias.check_softcap`).
+        """
         import numpy as np
 
         groups = self._head_groups(q.shape[1])
-        kernels = self._kernels(q.dtype.name, q.shape[3], "forward", groups)
+        kernels = self._kernels(q.dtype.name, q.shape[3], "forward", groups, table, softcap)
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype=q.dtype)
-        typed_scale = q.dtype.type(scale)
+        scalars, tables = self._score_args(q, scale, softcap, table, shape)
         tiles = plan.work_items(shape, self.lanes)
         for i, group in groups:
             launch.run(kernels[i], q.shape[0] * len(group) * tiles,
-                       (q, k, v, typed_scale, *shape, group, out, lse))
+                       (q, k, v, *scalars, group, *tables, out, lse))
         return out, lse
 
-    def backward_numpy(self, q, k, v, out, dout, lse, shape, scale):
+    def backward_numpy(self, q, k, v, out, dout, lse, shape, scale, table=None, softcap=None):
         """``(dq, dk, dv)`` from :meth:`forward_numpy`'s ``out`` and ``lse`` (or, for a
         pattern split into terms, the merged ones: each term's share of the gradient);
-        dk and dv are summed over query splits when heads are few."""
+        dk and dv are summed over query splits when heads are few. With a ``table`` (as in
+        :meth:`forward_numpy`), ``(dq, dk, dv, dtable)``: ``dtable`` of the table's shape,
+        summed over batch (and over heads for a table of one row)."""
         import numba
         import numpy as np
 
         groups = self._head_groups(q.shape[1])
-        kernels = self._kernels(q.dtype.name, q.shape[3], "backward", groups)
+        kernels = self._kernels(q.dtype.name, q.shape[3], "backward", groups, table, softcap)
         batch, heads = q.shape[:2]
         # dk/dv are scattered from every query: each split owns a copy, so that (batch, head)
         # pairs fewer than the threads still keep every thread busy without atomics
@@ -186,13 +221,19 @@ class NumbaBackend(Backend):
         dq = np.empty_like(q)
         dk = np.zeros((splits, *q.shape), dtype=q.dtype)
         dv = np.zeros((splits, *q.shape), dtype=q.dtype)
-        typed_scale = q.dtype.type(scale)
+        scalars, tables = self._score_args(q, scale, softcap, table, shape)
+        # the table's gradient: a copy per call of the kernel (one per thread), each call
+        # taking its own from a counter, summed after the launch: no race, no atomics
+        dtable = () if table is None else np.zeros((launch.threads(), *tables[0].shape),
+                                                   dtype=q.dtype)
         for i, group in groups:
+            slot = () if table is None else (dtable, np.zeros(1, dtype=np.int64))
             launch.run(kernels[i], batch * len(group) * splits,
-                       (q, k, v, out, dout, lse, typed_scale, *shape, group, dq, dk, dv))
-        if splits == 1:
-            return dq, dk[0], dv[0]
-        return dq, dk.sum(axis=0), dv.sum(axis=0)
+                       (q, k, v, out, dout, lse, *scalars, group, *tables, dq, dk, dv, *slot))
+        grads = (dq, dk[0], dv[0]) if splits == 1 else (dq, dk.sum(axis=0), dv.sum(axis=0))
+        if table is None:
+            return grads
+        return (*grads, dtable.sum(axis=0).reshape(table.shape))
 
 
 def _labels(node) -> tuple:
@@ -202,8 +243,9 @@ def _labels(node) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _generate_cached(node, labels, dtype: str, lanes: int, shared, head_dim: int) -> str:
-    return generate(node, dtype, lanes, shared, head_dim)
+def _generate_cached(node, labels, dtype: str, lanes: int, shared, head_dim: int, rel_bias: bool,
+                     softcap: bool) -> str:
+    return generate(node, dtype, lanes, shared, head_dim, rel_bias, softcap)
 
 
 register_backend("numba", NumbaBackend)

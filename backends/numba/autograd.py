@@ -2,13 +2,14 @@
 
 ``patterngen::numba_fwd(q, k, v, key, scale, rel_bias, softcap) -> (out, lse)`` and
 ``patterngen::numba_bwd(q, k, v, out, lse, dout, key, scale, rel_bias, softcap) -> (dq, dk,
-dv)`` (numpy in, numpy out, no copies for float32/float64); the compiled pattern is found by
-its key (:mod:`patterngen.backends.ops`), so ``torch.compile`` and ``torch.export`` see one
-operator and never trace into the launcher. bfloat16 and float16 inputs run the float32
-kernels: they are converted on the way in and the results on the way out, so out, dq, dk and
-dv come back in the input's dtype; the log-sum-exp is float32 (float64 for float64). The
-backward receives the forward's output and log-sum-exp (FlashAttention-2:
-``D = rowsum(dO * out)``), or a term-wise plan's merged ones.
+dv, drel_bias)`` (numpy in, numpy out, no copies for float32/float64); the compiled pattern is
+found by its key (:mod:`patterngen.backends.ops`), so ``torch.compile`` and ``torch.export``
+see one operator and never trace into the launcher. bfloat16 and float16 inputs run the
+float32 kernels: they are converted on the way in and the results on the way out, so out, dq,
+dk, dv and the table's gradient come back in the input's dtype; the log-sum-exp is float32
+(float64 for float64). ``drel_bias`` is an empty tensor when there is no table (an operator
+returns tensors only). The backward receives the forward's output and log-sum-exp
+(FlashAttention-2: ``D = rowsum(dO * out)``), or a term-wise plan's merged ones.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from torch import Tensor
 
 from patterngen.backends.ops import NAMESPACE, lookup, lse_dtype, widened
-from patterngen.errors import PatternError
 
 __all__ = ["numba_fwd", "numba_bwd", "WIDENED"]
 
@@ -27,19 +27,18 @@ __all__ = ["numba_fwd", "numba_bwd", "WIDENED"]
 WIDENED = ("bfloat16", "float16")
 
 
-def _refuse(rel_bias, softcap) -> None:
-    if rel_bias is not None or softcap is not None:
-        raise PatternError("numba: the kernels add no rel_bias or softcap yet; use "
-                           "backend='sdpa' or 'flex' for them.")
+def _table(rel_bias):
+    """The table as the kernels read it (``None`` stays ``None``)."""
+    return None if rel_bias is None else widened(rel_bias)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::numba_fwd", mutates_args=(), device_types="cpu")
 def numba_fwd(q: Tensor, k: Tensor, v: Tensor, key: str, scale: float,
               rel_bias: Optional[Tensor], softcap: Optional[float]) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of the kernels of ``key`` on ``(batch, heads, tokens, dim)`` tensors."""
-    _refuse(rel_bias, softcap)
     backend = lookup(key)
-    out, lse = backend.forward_numpy(widened(q), widened(k), widened(v), backend.shape, scale)
+    out, lse = backend.forward_numpy(widened(q), widened(k), widened(v), backend.shape, scale,
+                                     _table(rel_bias), softcap)
     return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
 
 
@@ -51,33 +50,36 @@ def _(q, k, v, key, scale, rel_bias, softcap):
 @torch.library.custom_op(f"{NAMESPACE}::numba_bwd", mutates_args=(), device_types="cpu")
 def numba_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
               key: str, scale: float, rel_bias: Optional[Tensor],
-              softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` of the kernels of ``key`` from the forward's ``out`` and ``lse``."""
-    _refuse(rel_bias, softcap)
+              softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, drel_bias)`` of the kernels of ``key`` from the forward's ``out`` and
+    ``lse``; ``drel_bias`` is empty without a table."""
     backend = lookup(key)
     grads = backend.backward_numpy(*(widened(t) for t in (q, k, v, out, dout)),
-                                   lse.detach().contiguous().numpy(), backend.shape, scale)
-    return tuple(torch.from_numpy(g).to(q.dtype) for g in grads)
+                                   lse.detach().contiguous().numpy(), backend.shape, scale,
+                                   _table(rel_bias), softcap)
+    dq, dk, dv, *dbias = (torch.from_numpy(g).to(q.dtype) for g in grads)
+    return dq, dk, dv, dbias[0] if dbias else q.new_empty(0)
 
 
 @numba_bwd.register_fake
 def _(q, k, v, out, lse, dout, key, scale, rel_bias, softcap):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(0) if rel_bias is None else torch.empty_like(rel_bias))
 
 
 def _setup(ctx, inputs, output):
     q, k, v, key, scale, rel_bias, softcap = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.key, ctx.scale = key, scale
+    ctx.save_for_backward(q, k, v, out, lse, rel_bias)
+    ctx.key, ctx.scale, ctx.softcap = key, scale, softcap
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = numba_bwd(q, k, v, out, lse, dout.contiguous(), ctx.key, ctx.scale, None,
-                           None)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, rel_bias = ctx.saved_tensors
+    dq, dk, dv, dbias = numba_bwd(q, k, v, out, lse, dout.contiguous(), ctx.key, ctx.scale,
+                                  rel_bias, ctx.softcap)
+    return dq, dk, dv, None, None, dbias if rel_bias is not None else None, None
 
 
 numba_fwd.register_autograd(_backward, setup_context=_setup)

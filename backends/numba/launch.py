@@ -57,14 +57,25 @@ def fetch_add(typingctx, ptr, value):
     return types.int64(types.voidptr, value), codegen
 
 
-def kernel_args(ndim: int, backward: bool) -> list[tuple[str, object]]:
+def kernel_args(ndim: int, backward: bool, bias: bool = False,
+                softcap: bool = False) -> list[tuple[str, object]]:
     """A kernel's arguments in packing order: ``(name, rank)`` for a C-contiguous array
     (``heads`` is int64, the others of the kernel's dtype), ``(name, "int")`` or
-    ``(name, "real")`` for a scalar."""
+    ``(name, "real")`` for a scalar, ``(name, "slot")`` for an int64 counter each call takes
+    its own number from (:func:`emit_unpack`).
+
+    With ``bias``: the reach ``reach0..`` per axis, the flat ``table`` (rows, offsets) and, for
+    the backward, ``dtable`` (one copy per call of the kernel, see :func:`threads`) and the
+    ``slot`` counter that picks the copy. With ``softcap``: the cap, a real after the scale.
+    """
     inputs = ["q", "k", "v", "out", "dout"] if backward else ["q", "k", "v"]
     return ([(x, 4) for x in inputs] + [("lse", 3)] * backward + [("scale", "real")]
-            + [(f"n{a}", "int") for a in range(ndim)] + [("heads", 1)]
-            + ([("dq", 4), ("dk", 5), ("dv", 5)] if backward else [("out", 4), ("lse", 3)]))
+            + [("softcap", "real")] * softcap
+            + [(f"n{a}", "int") for a in range(ndim)]
+            + [(f"reach{a}", "int") for a in range(ndim) if bias] + [("heads", 1)]
+            + [("table", 2)] * bias
+            + ([("dq", 4), ("dk", 5), ("dv", 5)] if backward else [("out", 4), ("lse", 3)])
+            + [("dtable", 3), ("slot", "slot")] * (bias and backward))
 
 
 def emit_unpack(em, args: list[tuple[str, object]]) -> None:
@@ -78,6 +89,9 @@ def emit_unpack(em, args: list[tuple[str, object]]) -> None:
         elif kind == "real":
             lines.append(f"{arg} = reals[{real}]")
             real += 1
+        elif kind == "slot":  # a one-element int64 array; each call of the kernel takes one
+            lines.append(f"{arg} = fetch_add(a[{pointer}], 1)")
+            slot, pointer = slot + 1, pointer + 1
         else:
             shape = ", ".join(f"ints[{slot + i}]" for i in range(kind))
             dtype = "np.int64" if arg == "heads" else "ACC"
@@ -133,20 +147,25 @@ def run(kernel, items: int, args) -> None:
     if items <= 0:
         return
     parallel = team()
-    threads = (sys.modules["torch"].get_num_threads() if parallel is not None
-               else _numba_threads())
-    parts = min(items, RANGES_PER_THREAD * threads)
+    count = threads()
+    parts = min(items, RANGES_PER_THREAD * count)
     block, _alive = pack(args, parts, items)  # _alive: what block points into, until we return
-    if parallel is not None and parts > 1 and threads > 1:
-        parallel(kernel.address, ctypes.addressof(block), threads, 0)
+    if parallel is not None and parts > 1 and count > 1:
+        parallel(kernel.address, ctypes.addressof(block), count, 0)
         return
     call = kernel.ctypes
-    helpers = ([_pool(threads - 1).submit(call, block) for _ in range(threads - 1)]
-               if parts > 1 and threads > 1 else [])
+    helpers = ([_pool(count - 1).submit(call, block) for _ in range(count - 1)]
+               if parts > 1 and count > 1 else [])
     call(block)
     for helper in helpers:
         if not helper.cancel():  # one that never started has nothing left to take
             helper.result()
+
+
+def threads() -> int:
+    """How many times :func:`run` calls a kernel at most (once per thread): torch's thread
+    count where torch's OpenMP team runs it, else numba's."""
+    return sys.modules["torch"].get_num_threads() if team() is not None else _numba_threads()
 
 
 def _numba_threads() -> int:

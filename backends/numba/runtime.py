@@ -140,10 +140,41 @@ def poisoned(scores, cnt):
 
 
 @numba.njit(**JIT)
-def softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim):
+def soft_cap(scores, cnt, cap, slopes):
+    """``scores[c] = cap * tanh(scores[c] / cap)``; ``slopes[c]`` (unless ``None``) gets its
+    derivative ``1 - tanh^2``, the factor the backward applies to a capped score's gradient."""
+    one = scores.dtype.type(1.0)
+    for c in range(cnt):
+        t = math.tanh(scores[c] / cap)
+        scores[c] = cap * t
+        if slopes is not None:
+            slopes[c] = one - t * t
+
+
+@numba.njit(**JIT)
+def add_bias(scores, cnt, table, offs, shift, mask):
+    """``scores[c] += table[offs[c] - shift]``, where ``mask`` (unless ``None``) is 0: a key a
+    tile lane does not hold may lie beyond the table (its score becomes ``-inf`` anyway)."""
+    for c in range(cnt):
+        if mask is None or mask[c] == 0.0:
+            scores[c] += table[offs[c] - shift]
+
+
+@numba.njit(**JIT)
+def softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim, table=None, offs=None,
+                  shift=0, cap=None):
     """Fold ``cnt`` keys into the running max ``m``, sum ``l`` and output ``acc``; returns
-    the new ``(m, l)``. A NaN or ``+inf`` score poisons the row (``l`` and ``acc`` NaN)."""
+    the new ``(m, l)``. A NaN or ``+inf`` score poisons the row (``l`` and ``acc`` NaN).
+
+    With ``cap``, scores are soft-capped (:func:`soft_cap`); with a ``table`` (one head's
+    flat bias table), key ``c`` gains ``table[offs[c] - shift]``. numba prunes the branches of
+    the arguments left ``None`` at compile time: kernels without them run the plain loop.
+    """
     dots(qs, kb, keys, cnt, scores, dim)
+    if cap is not None:
+        soft_cap(scores, cnt, cap, None)
+    if table is not None:
+        add_bias(scores, cnt, table, offs, shift, None)
     top, check = m, acc.dtype.type(0.0)
     for c in range(cnt):
         top = max(top, scores[c])
@@ -165,20 +196,30 @@ def softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim):
 
 @numba.njit(**JIT)
 def backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb,
-                   dim):
+                   dim, table=None, offs=None, shift=0, cap=None, slopes=None, dtable=None):
     """Gradients of ``cnt`` keys of one query: ``P = exp(S - lse)``, ``dS = P (dP - D)``.
 
     ``qs`` is the query already scaled, so ``dk += dS q scale``; the caller scales ``dqa``.
-    A NaN ``lse`` (a poisoned row) gives NaN probabilities.
+    A NaN ``lse`` (a poisoned row) gives NaN probabilities. Scores are rebuilt as
+    :func:`softmax_chunk` builds them; with a table, ``dtable[offs[c] - shift] += dS``; with
+    ``cap``, ``dS`` reaches q and k times the cap's slope (``slopes`` is scratch).
     """
     dots(qs, kb, keys, cnt, scores, dim)
     dots(dos, vb, keys, cnt, dps, dim)
+    if cap is not None:
+        soft_cap(scores, cnt, cap, slopes)
+    if table is not None:
+        add_bias(scores, cnt, table, offs, shift, None)
     exp_shifted(scores, bits, cnt, lse_q)
     if lse_q != lse_q:
         scores[:cnt] = np.nan
     for c in range(cnt):
         p, key = scores[c], keys[c]
         ds = p * (dps[c] - delta)
+        if dtable is not None:
+            dtable[offs[c] - shift] += ds
+        if cap is not None:
+            ds *= slopes[c]
         for d in range(dim):
             dqa[d] += ds * kb[key, d]
         for d in range(dim):
@@ -294,11 +335,20 @@ def _mask_scores(scores, mask, u, cnt):
 
 
 @numba.njit(**JIT)
-def tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc, dim):
+def tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc, dim, table=None,
+                       offs=None, cap=None):
     """Fold ``cnt`` keys into every lane's running max, sum and output; ``mask`` is 0 where
-    the lane holds the key, ``-inf`` where not (its probability is then exactly 0)."""
+    the lane holds the key, ``-inf`` where not (its probability is then exactly 0).
+
+    ``cap`` and ``table`` as in :func:`softmax_chunk`; ``offs`` holds lane 0's table
+    positions, lane ``u``'s query is ``u`` further along the last axis, so it reads ``offs - u``.
+    """
     tile_dots(qt, kb, keys, cnt, scores, dim)
     for u in range(acc.shape[0]):
+        if cap is not None:
+            soft_cap(scores[u], cnt, cap, None)
+        if table is not None:
+            add_bias(scores[u], cnt, table, offs, u, mask[u])
         _mask_scores(scores, mask, u, cnt)
         top, check = m[u], acc.dtype.type(0.0)
         for c in range(cnt):
@@ -324,17 +374,29 @@ def tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc, dim
 
 @numba.njit(**JIT)
 def tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, bits, cnt, lse_t, delta, dqa,
-                        dkb, dvb, dim):
-    """Gradients of ``cnt`` keys for every lane: ``P = exp(S - lse)``, ``dS = P (dP - D)``."""
+                        dkb, dvb, dim, table=None, offs=None, cap=None, slopes=None,
+                        dtable=None):
+    """Gradients of ``cnt`` keys for every lane: ``P = exp(S - lse)``, ``dS = P (dP - D)``;
+    bias and cap as in :func:`backward_chunk` and :func:`tile_softmax_chunk` (``slopes``
+    per lane)."""
     tile_dots(qt, kb, keys, cnt, scores, dim)
     tile_dots(dot, vb, keys, cnt, dps, dim)
     for u in range(qt.shape[0]):
+        if cap is not None:
+            soft_cap(scores[u], cnt, cap, slopes[u])
+        if table is not None:
+            add_bias(scores[u], cnt, table, offs, u, mask[u])
         _mask_scores(scores, mask, u, cnt)
         exp_shifted(scores[u], bits, cnt, lse_t[u])
         if lse_t[u] != lse_t[u]:
             scores[u, :cnt] = np.nan
         for c in range(cnt):
-            dps[u, c] = scores[u, c] * (dps[u, c] - delta[u])
+            ds = scores[u, c] * (dps[u, c] - delta[u])
+            if dtable is not None and mask[u, c] == 0.0:
+                dtable[offs[c] - u] += ds
+            if cap is not None:
+                ds *= slopes[u, c]
+            dps[u, c] = ds
     tile_pv(dps, kb, keys, cnt, dqa, dim)
     tile_scatter(dps, qt, keys, cnt, dkb, dim)
     tile_scatter(scores, dot, keys, cnt, dvb, dim)

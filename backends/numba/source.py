@@ -150,10 +150,12 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
                 step = f", {rel.step}" if rel.step != 1 else ""
                 header = f"for p{a} in range(lo{t}_{a}{lane}, hi{t}_{a}{lane}{step}):"
             if a == last and ctx["runs"] and not shared and not earlier and rel.step == 1:
-                _emit_run(em, a, f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}", keys, cnt)
+                _emit_run(em, ctx, a, f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}", keys, cnt)
                 scopes.enter_context(em.block("else:"))
             scopes.enter_context(em.block(header))
             em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * n{a} + p{a}")
+            if ctx["bias"]:
+                em(f"o{a} = p{a} + e{a}" if a == 0 else f"o{a} = o{a - 1} * span{a} + p{a} + e{a}")
             tests = []
             for u, other in enumerate(earlier):
                 prev = f"c{u}_{a - 1} and " if a else ""
@@ -162,6 +164,8 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
                     em(f"c{u}_{a} = {tests[-1]}")
             if a == last and shared:
                 em(f"keys[cnt] = k{last}")
+                if ctx["bias"]:
+                    em(f"offs[cnt] = o{last}")
                 with em.block("for u in range(LANES):"):
                     held = _member(t, a, rel, "[u]")
                     if tests:
@@ -175,10 +179,10 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
                 with em.block("if " + " or ".join(f"({x})" for x in tests) + ":"):
                     em("continue")
         if not shared:
-            _emit_collect(em, f"k{last}", flush, keys, cnt)
+            _emit_collect(em, ctx, last, flush, keys, cnt)
 
 
-def _emit_run(em: _Emitter, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
+def _emit_run(em: _Emitter, ctx: dict, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
     """A run of consecutive keys on the last axis, buffered in one loop that LLVM vectorises
     when the buffer has room for all of it; else key by key. Forward only: interleaved, medians
     of 12, forward 0.96x the time on a 7x7 neighbourhood, 0.88x on criss-cross, 0.96x on a
@@ -187,8 +191,13 @@ def _emit_run(em: _Emitter, a: int, lo: str, hi: str, keys: str, cnt: str) -> No
     with em.block(f"if run > 0 and {cnt} + run <= KEY_CHUNK:"):
         start = f"k{a - 1} * n{a} + {lo}" if a else lo
         em(f"first_key = {start} - {cnt}")
+        if ctx["bias"]:
+            outer = f"o{a - 1} * span{a} + " if a else ""
+            em(f"first_off = {outer}{lo} + e{a} - {cnt}")
         with em.block(f"for p{a} in range({cnt}, {cnt} + run):"):
             em(f"{keys}[p{a}] = first_key + p{a}")
+            if ctx["bias"]:
+                em(f"{_offs(keys)}[p{a}] = first_off + p{a}")
         em(f"{cnt} += run")
 
 
@@ -207,17 +216,72 @@ def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         _visit(term, em, ctx)
 
 
-def _emit_collect(em: _Emitter, key: str, flush: str, keys="keys", cnt="cnt") -> None:
-    """The innermost statement of every term: buffer the key; a full buffer is processed.
+def _emit_collect(em: _Emitter, ctx: dict, last: int, flush: str, keys="keys",
+                  cnt="cnt") -> None:
+    """The innermost statement of every term: buffer the key (and its table position); a full
+    buffer is processed.
 
     Scores are computed in the chunk helpers, four keys at a time, not here: one key per
     pass over ``q`` is a horizontal reduction per pair and was the slowest loop.
     """
-    em(f"{keys}[{cnt}] = {key}")
+    em(f"{keys}[{cnt}] = k{last}")
+    if ctx["bias"]:
+        em(f"{_offs(keys)}[{cnt}] = o{last}")
     em(f"{cnt} += 1")
     with em.block(f"if {cnt} == KEY_CHUNK:"):
         em(flush)
         em(f"{cnt} = 0")
+
+
+def _offs(keys: str) -> str:
+    """The buffer of table positions beside the key buffer ``keys`` (``lkeys``: lane by lane)."""
+    return keys[:-4] + "offs"
+
+
+def _score_args(ctx: dict, offs: str, shift: str | None, backward: bool,
+                slopes: str = "slopes") -> str:
+    """The chunk helpers' trailing arguments for a bias table and a softcap (``table, offs,
+    shift, cap`` and, backward, ``slopes, dtable``; tiles pass no ``shift``): ``""`` without
+    either, so that those kernels call the helpers exactly as before."""
+    bias, cap = ctx["bias"], ctx["softcap"]
+    if not (bias or cap):
+        return ""
+    args = ["bt" if bias else "None", offs if bias else "None",
+            *([shift] if shift is not None else []), "softcap" if cap else "None"]
+    if backward:
+        args += [slopes if cap else "None", "dbt" if bias else "None"]
+    return ", " + ", ".join(args)
+
+
+def _emit_bias_scratch(em: _Emitter, ctx: dict, backward: bool, lanes: bool = False,
+                       alone: bool = False) -> None:
+    """Table positions beside each key buffer; for the backward with a softcap, its slopes
+    (per lane in a tile)."""
+    if ctx["bias"]:
+        for offs in ("offs", "loffs")[:1 + alone]:
+            em(f"{offs} = np.empty(KEY_CHUNK, np.int64)")
+    if backward and ctx["softcap"]:
+        em("slopes = np.empty((LANES, KEY_CHUNK), ACC)" if lanes
+           else "slopes = np.empty(KEY_CHUNK, ACC)")
+        if alone:
+            em("lslopes = np.empty(KEY_CHUNK, ACC)")
+
+
+def _emit_bias_row(em: _Emitter, ctx: dict, backward: bool) -> None:
+    """Head ``h``'s table row (row 0 of a table shared by every head) and its gradient copy."""
+    if ctx["bias"]:
+        em("bt = table[h % table.shape[0]]")
+        if backward:
+            em("dbt = dtable[slot, h % table.shape[0]]")
+
+
+def _emit_bias_base(em: _Emitter, ctx: dict, last: str) -> None:
+    """``e{a} = reach - query`` per axis (``last``: the query's last coordinate), so that a
+    key's flat table position is ``o = (...(p0 + e0) * span1 + p1 + e1)...``."""
+    if ctx["bias"]:
+        ndim = ctx["ndim"]
+        for a in range(ndim):
+            em(f"e{a} = reach{a} - {last if a == ndim - 1 else f'i{a}'}")
 
 
 def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
@@ -234,13 +298,16 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em("scores = np.empty(KEY_CHUNK, ACC)")
         em("keys = np.empty(KEY_CHUNK, np.int64)")
         em("bits = np.empty(KEY_CHUNK, BITS)")
+        _emit_bias_scratch(em, ctx, False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * tiles)")
             em("h = heads[(w // tiles) % nh]")
             em("first = (w % tiles) * QUERY_TILE")
             em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
+            _emit_bias_row(em, ctx, False)
             with em.block("for iq in range(first, min(first + QUERY_TILE, tokens)):"):
                 _unflatten(em, ndim)
+                _emit_bias_base(em, ctx, f"i{ndim - 1}")
                 _emit_bounds(head, em, ctx)
                 with em.block("for d in range(dim):"):
                     em("qs[d] = qb[iq, d] * scale")
@@ -249,7 +316,8 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                 em("l = ACC(0.0)")
                 em("cnt = np.int64(0)")
 
-                flush = "m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)"
+                flush = ("m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, "
+                         f"dim{_score_args(ctx, 'offs', '0', False)})")
                 ctx["flush"] = flush
                 _emit_keys(head, em, ctx)
                 with em.block("if cnt > 0:"):
@@ -267,7 +335,7 @@ def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
     else:
         name = "forward"
         summary = "out and the log-sum-exp ``lse``."
-    args = launch.kernel_args(ndim, backward)
+    args = launch.kernel_args(ndim, backward, ctx["bias"], ctx["softcap"])
     with em.block(f"def {name}_{idx}(a):"):
         em(f'"""Pattern {idx}: {summary}')
         em()
@@ -278,6 +346,8 @@ def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
         em('"""')
         launch.emit_unpack(em, args)
         em("dim = HEAD_DIM" if ctx["head_dim"] else "dim = q.shape[3]")
+        for a in range(ndim * ctx["bias"]):
+            em(f"span{a} = 2 * reach{a} + 1")
         yield
 
 
@@ -301,12 +371,14 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em("dps = np.empty(KEY_CHUNK, ACC)")
         em("keys = np.empty(KEY_CHUNK, np.int64)")
         em("bits = np.empty(KEY_CHUNK, BITS)")
+        _emit_bias_scratch(em, ctx, True)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * splits)")
             em("h = heads[(w // splits) % nh]")
             em("split = w % splits")
             em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
             em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
+            _emit_bias_row(em, ctx, True)
             with em.block("for iq in range(split * tokens // splits, "
                           "(split + 1) * tokens // splits):"):
                 em("lse_q = lse[b, h, iq]")
@@ -320,10 +392,11 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                     em("dos[d] = dob[iq, d]")
                     em("dqa[d] = 0.0")
                 _unflatten(em, ndim)
+                _emit_bias_base(em, ctx, f"i{ndim - 1}")
                 _emit_bounds(head, em, ctx)
                 em("cnt = np.int64(0)")
                 flush = ("backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, "
-                         "delta, dqa, dkb, dvb, dim)")
+                         f"delta, dqa, dkb, dvb, dim{_score_args(ctx, 'offs', '0', True)})")
                 ctx["flush"] = flush
                 _emit_keys(head, em, ctx)
                 em(flush)
@@ -351,7 +424,7 @@ def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: dict, per_lane) -> None:
 
 
 def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scalars,
-                       alone) -> None:
+                       alone, backward: bool) -> None:
     """Per-thread scratch: a head_dim row, a key chunk or a value per lane, one chunk for a
     lane-by-lane term (``alone``, when there is one), and the lanes' last-axis bounds."""
     alone = alone if not all(ctx["shares"]) else ()
@@ -363,6 +436,7 @@ def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scala
     if alone:
         em("lkeys = np.empty(KEY_CHUNK, np.int64)")
     em("bits = np.empty(KEY_CHUNK, BITS)")
+    _emit_bias_scratch(em, ctx, backward, lanes=True, alone=bool(alone))
     last = ctx["ndim"] - 1
     for t in range(len(head.terms)):
         em(f"lo{t}_{last} = np.empty(LANES, np.int64)")
@@ -388,13 +462,14 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
         _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
-                           ("lscores",))
+                           ("lscores",), False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * tiles)")
             em("h = heads[(w // tiles) % nh]")
             em("row = (w % tiles) // per_row")
             em("first = (w % tiles) % per_row * LANES")
             em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
+            _emit_bias_row(em, ctx, False)
 
             def per_lane(em):
                 with em.block("for d in range(dim):"):
@@ -404,11 +479,13 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                 em("l[u] = 0.0")
 
             _emit_tile_setup(head, em, ctx, per_lane)
+            _emit_bias_base(em, ctx, "first")
             em("cnt = np.int64(0)")
             ctx["flush"] = ("tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, "
-                            "acc, dim)")
+                            f"acc, dim{_score_args(ctx, 'offs', None, False)})")
             ctx["lane_flush"] = ("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, bits, "
-                                 "cnt1, m[u], l[u], acc[u], dim)")
+                                 f"cnt1, m[u], l[u], acc[u], dim"
+                                 f"{_score_args(ctx, 'loffs', 'u', False)})")
             _emit_keys(head, em, ctx)
             with em.block("if cnt > 0:"):
                 em(ctx["flush"])
@@ -425,13 +502,14 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
         _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"), ("scores", "dps", "mask"),
-                           ("lse_t", "delta"), ("lscores", "ldps"))
+                           ("lse_t", "delta"), ("lscores", "ldps"), True)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * splits)")
             em("h = heads[(w // splits) % nh]")
             em("split = w % splits")
             em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
             em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
+            _emit_bias_row(em, ctx, True)
             with em.block("for tile in range(split * tiles // splits, "
                           "(split + 1) * tiles // splits):"):
                 em("row = tile // per_row")
@@ -448,11 +526,14 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                     em("delta[u] = total")
 
                 _emit_tile_setup(head, em, ctx, per_lane)
+                _emit_bias_base(em, ctx, "first")
                 em("cnt = np.int64(0)")
                 ctx["flush"] = ("tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, "
-                                "bits, cnt, lse_t, delta, dqa, dkb, dvb, dim)")
+                                "bits, cnt, lse_t, delta, dqa, dkb, dvb, dim"
+                                f"{_score_args(ctx, 'offs', None, True)})")
                 ctx["lane_flush"] = ("backward_chunk(qt[u], dot[u], kb, vb, lkeys, lscores, ldps, "
-                                     "bits, cnt1, lse_t[u], delta[u], dqa[u], dkb, dvb, dim)")
+                                     "bits, cnt1, lse_t[u], delta[u], dqa[u], dkb, dvb, dim"
+                                     f"{_score_args(ctx, 'loffs', 'u', True, 'lslopes')})")
                 _emit_keys(head, em, ctx)
                 em(ctx["flush"])
                 with em.block(f"for u in range(min(LANES, n{last} - first)):"):
@@ -460,8 +541,10 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                         em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
 
 
-def _header(node, dtype: str) -> str:
-    lines = [f'"""patterngen numba kernels for {node.label or "?"} ({dtype}).', ""]
+def _header(node, dtype: str, bias: bool, softcap: bool) -> str:
+    adds = " and ".join(["a relative position bias table"] * bias + ["a softcap"] * softcap)
+    adds = f", with {adds}" if adds else ""
+    lines = [f'"""patterngen numba kernels for {node.label or "?"} ({dtype}{adds}).', ""]
     lines.append("Generated by patterngen.backends.numba.source.generate; do not edit. Grid")
     lines.append("extents n0.. are runtime arguments: any grid of this structure reuses them.")
     for index, head in enumerate(plan.distinct_heads(node)):
@@ -476,12 +559,13 @@ def _header(node, dtype: str) -> str:
     return "\n".join(lines)
 
 
-def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim: int = 0) -> str:
+def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim: int = 0,
+             bias: bool = False, softcap: bool = False) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
     Pure and deterministic: the text depends on the IR's terms, ``dtype``, ``lanes``,
-    ``shared`` and ``head_dim`` only, never on the grid's extents, which the kernels take as
-    arguments ``n0, n1, ...``.
+    ``shared``, ``head_dim``, ``bias`` and ``softcap`` only, never on the grid's extents, which
+    the kernels take as arguments ``n0, n1, ...`` (and the reach ``reach0, reach1, ...``).
 
     Args:
         node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
@@ -493,6 +577,9 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
             own keys. ``None``: every term shared.
         head_dim: 0 for kernels that take any head_dim; else the only head_dim the kernels
             accept, a constant in their loops (the caller must pass arrays of that head_dim).
+        bias: kernels that add a relative position bias table (:mod:`patterngen.bias`) to
+            each score by the key's flat table position, and the backward its gradient.
+        softcap: kernels that cap scores as ``softcap * tanh(s / softcap)`` before the bias.
 
     Raises:
         PatternError: for an unsupported dtype or an unrecognised IR node.
@@ -518,14 +605,16 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                            f"each of the {len(heads)} distinct head patterns, with "
                            f"{[len(h.terms) for h in heads]} terms.")
     em = _Emitter()
-    _visit(node, em, {"lanes": lanes, "shared": shared, "head_dim": head_dim})
+    _visit(node, em, {"lanes": lanes, "shared": shared, "head_dim": head_dim, "bias": bias,
+                      "softcap": softcap})
     body = em.text().rstrip()
     constants = [f"ACC = {DTYPES[dtype]}",
                  f"QUERY_TILE = {plan.QUERY_TILE}" if not lanes else f"LANES = {lanes}",
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]
-    return "\n".join([_header(node, dtype), "", *_imports(body), "", *constants, "", "", body, ""])
+    return "\n".join([_header(node, dtype, bias, softcap), "", *_imports(body), "", *constants, "",
+                      "", body, ""])
 
 
 def _imports(body: str) -> list[str]:
