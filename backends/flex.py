@@ -184,6 +184,33 @@ def _kv_blocks(lay, torch, device):
     return out
 
 
+def _with_non_finite_values(fn, q, k, v, score_mod, block_mask, scale, torch):
+    """FlexAttention when ``k`` or ``v`` holds NaNs or infinities, by the rule of SDPA run on
+    each query's attended keys alone (on CPU ``fn`` is eager FlexAttention, which replaces a
+    masked score; the compiled CPU kernel does not, and returns no log-sum-exp).
+
+    FlexAttention multiplies a masked key's value by a zero probability, so a NaN there
+    poisons every query of the block. Here it runs on ``v`` with those entries zeroed and
+    returns the log-sum-exp; each non-finite entry ``v[b, h, j, c]`` then adds
+    ``P_ij * v[b, h, j, c]`` (``P_ij = exp(s_ij - lse_i)``, from the same ``score_mod``) to
+    the queries the ``mask_mod`` lets see key ``j``: they are few, and this runs only when
+    there are some."""
+    finite = torch.isfinite(v)
+    out, lse = fn(q, k, torch.where(finite, v, 0), score_mod=score_mod, block_mask=block_mask,
+                  scale=scale, return_lse=True)
+    b, h, j, c = (~finite).nonzero(as_tuple=True)
+    rows = torch.arange(q.shape[2], device=q.device)
+    idx = (b[:, None], h[:, None], rows, j[:, None])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    score = torch.einsum("erd,ed->er", q[b, h].float(), k[b, h, j].float()) * scale
+    if score_mod is not None:
+        score = score_mod(score, *idx)
+    seen = block_mask.mask_mod(*idx) & (lse[b, h] > float("-inf"))
+    term = torch.where(seen, torch.exp(score - lse[b, h]) * v[b, h, j, c].float()[:, None], 0.0)
+    return out.index_put((b[:, None], h[:, None], rows, c[:, None]), term.to(out.dtype),
+                         accumulate=True)
+
+
 class FlexBackend(Backend):
     """FlexAttention with a ``BlockMask`` built from patterngen's layout.
 
@@ -379,8 +406,14 @@ class FlexBackend(Backend):
             fn = _compiled_flex()
         else:
             from torch.nn.attention.flex_attention import flex_attention as fn
-        out = fn(qf, kf, vf, score_mod=self.score_mod(table, device), block_mask=block_mask,
-                 scale=scale)
+        score_mod = self.score_mod(table, device)
+        if torch.compiler.is_compiling() or bool(torch.isfinite(kf).all()
+                                                  and torch.isfinite(vf).all()):
+            out = fn(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        else:
+            if device.type == "cpu":  # the compiled CPU kernel lets a masked NaN score through
+                from torch.nn.attention.flex_attention import flex_attention as fn
+            out = _with_non_finite_values(fn, qf, kf, vf, score_mod, block_mask, scale, torch)
         if not self._identity:
             out = out[:, :, inverse]
         return restore(out)

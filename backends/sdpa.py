@@ -374,6 +374,8 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None
     matmul_ok = (q.dtype in (torch.float32, torch.float64)
                  and not (torch.is_grad_enabled()
                           and any(t is not None and t.requires_grad for t in (q, k, v, table))))
+    # a non-finite key or value in a partial block must reach only the queries that attend it
+    dirty = any(call["mask"] is not None for call in plan.calls) and _non_finite(k, v, torch)
     if not single:
         # each group's output is copied once, straight into its rows (no reshape + cat)
         out = q.new_empty(b, h, plan.rows + (plan.zero_row is not None), d)
@@ -408,7 +410,9 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None
         else:
             add = scores.additive(call, b, q.dtype, torch)
         softcap = None if scores is None else scores.softcap
-        if softcap is None and extra is None and _flash_bias_grad_ok(qg, add, torch):
+        if dirty and add is not None:
+            res = _masked_attention(qg, kg, vg, scale, softcap, add, torch)
+        elif softcap is None and extra is None and _flash_bias_grad_ok(qg, add, torch):
             res = _flash_with_bias_grad(torch).apply(qg, kg, vg, add, scale)
         elif softcap is None and call["matmul"] and matmul_ok:
             res = _matmul_attention(qg, kg, vg, scale, torch, add)
@@ -431,6 +435,44 @@ def _attention(q, k, v, scale, softcap, add, torch, F):
     if softcap is not None:
         return _softcapped_attention(q, k, v, scale, softcap, add, torch)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
+
+
+def _non_finite(k, v, torch) -> bool:
+    """Whether ``k`` or ``v`` holds a NaN or an infinity (one pass over each; not checked
+    inside ``torch.compile``, where a data-dependent branch would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not bool(torch.isfinite(k).all() and torch.isfinite(v).all())
+
+
+def _masked_attention(q, k, v, scale, softcap, add, torch):
+    """Attention of a partial block where keys or values are not all finite, by the rule of
+    SDPA run on each query's attended keys alone.
+
+    The fused kernels add ``-inf`` to a masked key's score and multiply its value by a zero
+    probability, so a NaN there poisons every query of the block. Here masked scores are
+    replaced (not added to), a query whose attended scores are all ``-inf`` gets zeros, and
+    the values' non-finite entries are applied entry by entry to the queries that attend their
+    key, ``P_ij * v_jc`` (so ``0 * inf`` stays NaN as in SDPA): they are few, and this path
+    runs only when there are some."""
+    work = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    seen = (add > float("-inf")).expand(scores.shape)
+    scores = torch.where(seen, scores + add, float("-inf"))
+    probs = torch.where(scores.amax(-1, keepdim=True) == float("-inf"), 0.0,
+                        scores.softmax(-1))
+    finite = torch.isfinite(v)
+    out = torch.matmul(probs, torch.where(finite, v, 0).to(work))
+    rows, blocks, keys, dims = (~finite).nonzero(as_tuple=True)
+    if len(rows):
+        term = torch.where(seen[rows, blocks, :, keys], probs[rows, blocks, :, keys]
+                           * v[rows, blocks, keys, dims].to(work)[:, None], 0.0)
+        queries = torch.arange(q.shape[-2], device=q.device)
+        out = out.index_put((rows[:, None], blocks[:, None], queries, dims[:, None]), term,
+                            accumulate=True)
+    return out.to(q.dtype)
 
 
 def _matmul_attention(q, k, v, scale, torch, add=None):
