@@ -92,6 +92,14 @@ def patterns(draw, shape, depth=2):
 
 
 @st.composite
+def head_patterns(draw, shape):
+    """A pattern, or ``heads`` of two (head ``h`` uses pattern ``h % 2``)."""
+    if draw(st.booleans()):
+        return draw(patterns(shape))
+    return pg.heads(draw(patterns(shape, 1)), draw(patterns(shape, 1)))
+
+
+@st.composite
 def cases(draw, max_tokens=400, ndim=None):
     """``(pattern, grid)`` pairs."""
     shape = draw(grids(max_tokens, ndim))
