@@ -3,7 +3,9 @@
 For W2 (``window(7)`` on 64x64, 4 heads, head_dim 32) and W5 (``window((3, 7, 7))`` on
 8x32x32), both from ``bench_cpu.py``, it runs :func:`patterngen.distributed.compile` on 1 and on
 2 gloo ranks over loopback (one spawn each, ``torch`` threads split evenly between the ranks),
-and, in the 1-rank spawn, the single-process ``sdpa`` backend on the whole grid. A step's time
+with the local part on ``backend="auto"`` (the planner: numba kernels for windows, where the
+rank's local problem is the pattern's own atoms) and on ``"sdpa"`` (line tables), and, in the
+1-rank spawn, the single-process ``sdpa`` backend on the whole grid. A step's time
 is the slowest rank's (a barrier before each repeat, the max all-reduced after), median of
 ``--repeats``; the forward+backward time includes the transposed exchange. Bytes are counted at
 ``all_to_all_single`` (rows times row width times element size, both directions) and set
@@ -12,11 +14,13 @@ beside the symbolic halo of ``pg.cost(..., ranks=R)``. ``--rounds`` alternates t
 
 ``--model`` prints instead the scaling model of ``docs/distributed.md`` for 8 to 64 GPUs: the
 symbolic halo of an interior rank over published link bandwidths, beside the rank's FLOPs at an
-assumed attention rate.
+assumed attention rate. ``--reshard`` prints the bytes an axis term along the sharded axis
+moves per forward step when gathered and when re-sharded, from the plan's counts (no spawn).
 
 Usage:
     python benchmarks/bench_distributed.py [--repeats 10] [--rounds 3] [--json out.json]
     python benchmarks/bench_distributed.py --model
+    python benchmarks/bench_distributed.py --reshard
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ import torch
 import torch.distributed as dist
 
 import patterngen as pg
-from patterngen.distributed.halo import exchange_rows, split_lines
+from patterngen.distributed.halo import exchange_rows, reshard, split_lines
 
 WORKLOADS = {
     "W2": (pg.window(7), (64, 64), 4, 32),
     "W5": (pg.window((3, 7, 7)), (8, 32, 32), 4, 32),
 }
+#: the local executors compared
+LOCALS = ("auto", "sdpa")
 
 
 def _timed(fn, repeats, group_max):
@@ -52,7 +58,7 @@ def _timed(fn, repeats, group_max):
     return statistics.median(times)
 
 
-def _worker(rank, world, init, repeats, threads, results):
+def _worker(rank, world, init, repeats, threads, results, names):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(threads)
@@ -72,8 +78,10 @@ def _worker(rank, world, init, repeats, threads, results):
         return float(t)
 
     report = {}
-    for name, (pattern, grid, heads, dim) in WORKLOADS.items():
-        attn = pg.distributed.compile(pattern, grid)
+    for name, local in ((name, local) for name in names for local in LOCALS):
+        pattern, grid, heads, dim = WORKLOADS[name]
+        sizes = dict(head_dim=dim, heads=heads) if local == "auto" else {}
+        attn = pg.distributed.compile(pattern, grid, backend=local, **sizes)
         lo, hi = attn.shards[rank]
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, heads, *grid, dim, generator=gen)[:, :, lo:hi].contiguous()
@@ -97,23 +105,27 @@ def _worker(rank, world, init, repeats, threads, results):
         row = dict(forward_ms=1e3 * _timed(forward, repeats, group_max),
                    step_ms=1e3 * _timed(step, repeats, group_max),
                    forward_bytes=fwd_bytes, step_bytes=step_bytes,
-                   received_rows=attn.received_rows)
-        if world == 1:
+                   received_rows=attn.received_rows,
+                   local=attn.local_backend + "".join(
+                       f" ({'/'.join(sorted({p.strategy for p in plans}))})"
+                       for plans in [getattr(attn.local, "plans", [])] if plans))
+        if world == 1 and local == LOCALS[-1]:
             single = pg.compile(pattern, grid, backend="sdpa")
             row["single_forward_ms"] = 1e3 * _timed(
                 lambda: single(q.detach(), k.detach(), v.detach()), repeats, group_max)
             row["single_step_ms"] = 1e3 * _timed(
                 lambda: single(q, k, v).sum().backward(), repeats, group_max)
-        report[name] = row
+        report[f"{name}/{local}"] = row
     with open(os.path.join(results, f"{world}-{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
 
 
-def _spawn(world, repeats, threads):
+def _spawn(world, repeats, threads, names):
     with tempfile.TemporaryDirectory() as tmp:
         ctx = torch.multiprocessing.start_processes(
-            _worker, args=(world, "file://" + os.path.join(tmp, "rdv"), repeats, threads, tmp),
+            _worker, args=(world, "file://" + os.path.join(tmp, "rdv"), repeats, threads, tmp,
+                           names),
             nprocs=world, start_method="spawn", join=False)
         deadline = time.monotonic() + 900
         while not ctx.join(timeout=30):
@@ -177,37 +189,95 @@ def scaling_model():
                   + f" {moved / link / attn:10.2f} {moved / link / layer:10.3f}")
 
 
+#: (name, pattern, grid) of the re-shard table: axis terms along the sharded axis
+RESHARD = [
+    ("axial 512x512", pg.axis(0), (512, 512)),
+    ("criss-cross 128x128", pg.criss_cross(), (128, 128)),
+    ("axial | window 7, 128x128", pg.axis(0) | pg.window(7), (128, 128)),
+]
+
+
+def reshard_table(heads=4, dim=32, dtype_bytes=4):
+    """Forward bytes over all ranks when the axis terms are gathered and when re-sharded.
+
+    Gathered: K and V (``2 d``) per received token. Re-sharded: the other terms' halo (``2 d``
+    per token), q, k and v to the pencils (``3 d``) and the partial ``(out, lse)`` back
+    (``d + 1``, float32) per transposed token. Counts from the plan (the tests check them
+    against counted exchanges).
+    """
+    print(f"{'workload':28} {'ranks':>5} {'gather MB':>10} {'re-shard MB':>12} {'chosen':>9}")
+    for name, pattern, grid in RESHARD:
+        lowered = pg.lower(pattern, grid)
+        for ranks in (2, 4, 8, 16):
+            shards = split_lines(grid[0], ranks)
+            gathered = int(exchange_rows(lowered, shards).sum()) * 2 * dim
+            rs = reshard(lowered, shards)
+            if rs is None:  # 2 ranks: a tie per head_dim, and the lse column tips it
+                print(f"{name:28} {ranks:5} {gathered * heads * dtype_bytes / 1e6:10.2f} "
+                      f"{'-':>12} {'gather':>9}")
+                continue
+            moved = (int(exchange_rows(lowered, shards, rs.terms).sum()) * 2 * dim
+                     + int(rs.pencil.sum()) * 3 * dim + int(rs.returned.sum()) * (dim + 1))
+            print(f"{name:28} {ranks:5} {gathered * heads * dtype_bytes / 1e6:10.2f} "
+                  f"{moved * heads * dtype_bytes / 1e6:12.2f} {'re-shard':>9}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in all")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated names of WORKLOADS to run")
     parser.add_argument("--json")
     parser.add_argument("--model", action="store_true", help="print the scaling model only")
+    parser.add_argument("--reshard", action="store_true",
+                        help="print gathered against re-sharded bytes only")
     args = parser.parse_args()
     if args.model:
         scaling_model()
         return
+    if args.reshard:
+        reshard_table()
+        return
+    names = args.workloads.split(",")
+    unknown = set(names) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"--workloads: {sorted(unknown)} unknown; expected names of "
+                     f"{list(WORKLOADS)}")
     runs = {1: [], 2: []}
     for _ in range(args.rounds):
         for world in (1, 2):
-            runs[world].append(_spawn(world, args.repeats, max(1, args.threads // world)))
+            runs[world].append(_spawn(world, args.repeats, max(1, args.threads // world),
+                                      names))
     out = {}
-    print(f"{'workload':8} {'ranks':>5} {'fwd ms':>8} {'fwd+bwd ms':>11} {'bytes fwd':>10} "
-          f"{'bytes fwd+bwd':>13} {'symbolic fwd':>12}")
-    for name, (pattern, grid, heads, dim) in WORKLOADS.items():
+    print(f"{'workload':8} {'ranks':>5} {'local':>13} {'fwd ms':>8} {'fwd+bwd ms':>11} "
+          f"{'bytes fwd':>10} {'bytes fwd+bwd':>13} {'symbolic fwd':>12}")
+    for name in names:
+        pattern, grid, heads, dim = WORKLOADS[name]
         for world in (1, 2):
-            rows = [r[0][name] for r in runs[world]]
-            med = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
-            counted = [sum(rank[name]["forward_bytes"] for rank in run) // 2
-                       for run in runs[world]]
-            symbolic = _symbolic_bytes(pattern, grid, heads, dim, world)
-            out[f"{name}/{world}"] = dict(med, bytes_forward_total=counted[0],
-                                          symbolic_forward_total=symbolic)
-            print(f"{name:8} {world:5} {med['forward_ms']:8.2f} {med['step_ms']:11.2f} "
-                  f"{counted[0]:10d} {2 * counted[0]:13d} {symbolic:12d}")
+            for local in LOCALS:
+                key = f"{name}/{local}"
+                rows = [r[0][key] for r in runs[world]]
+                med = {k: statistics.median(row[k] for row in rows) for k in rows[0]
+                       if k != "local"}
+                # the executor each rank ran (auto falls back to sdpa where it must)
+                ran = "+".join(sorted({rank[key]["local"] for run in runs[world]
+                                       for rank in run}))
+                counted = [sum(rank[key]["forward_bytes"] for rank in run) // 2
+                           for run in runs[world]]
+                symbolic = _symbolic_bytes(pattern, grid, heads, dim, world)
+                out[f"{name}/{world}/{local}"] = dict(med, local=ran,
+                                                      bytes_forward_total=counted[0],
+                                                      symbolic_forward_total=symbolic)
+                print(f"{name:8} {world:5} {ran:>13} {med['forward_ms']:8.2f} "
+                      f"{med['step_ms']:11.2f} {counted[0]:10d} {2 * counted[0]:13d} "
+                      f"{symbolic:12d}")
             if world == 1:
-                print(f"{name:8} {'sdpa':>5} {med['single_forward_ms']:8.2f} "
+                med = {k: statistics.median(r[0][f"{name}/{LOCALS[-1]}"][k]
+                                            for r in runs[world])
+                       for k in ("single_forward_ms", "single_step_ms")}
+                print(f"{name:8} {1:5} {'plain sdpa':>13} {med['single_forward_ms']:8.2f} "
                       f"{med['single_step_ms']:11.2f}   (one process, no process group code)")
     if args.json:
         with open(args.json, "w") as f:
