@@ -783,9 +783,14 @@ def halo_cost(lowered, ranks, head_dim, heads, batch, dtype_bytes, flops) -> Hal
     closed = _closed_tokens(lowered, ranks, rank)
     closed_queries = _closed_queries(lowered, ranks, rank)
     if closed is None or closed_queries is None:
-        tokens, queries, partials, pencil, returned = (
-            _exact_function(lowered, q)(ranks, rank)
-            for q in ("tokens", "queries", "partials", "pencil", "returned"))
+        tokens, queries, partials = (_exact_function(lowered, q)(ranks, rank)
+                                     for q in ("tokens", "queries", "partials"))
+        if any(not _merged(t) and _reshardable(t) for head in lowered.per_head
+               for t in head.terms):
+            pencil, returned = (_exact_function(lowered, q)(ranks, rank)
+                                for q in ("pencil", "returned"))
+        else:
+            pencil = returned = sympy.Integer(0)
         assumptions = ()
     else:
         (tokens, assumptions), (queries, partials) = closed, closed_queries
