@@ -24,8 +24,9 @@ import torch
 
 import patterngen as pg
 from patterngen import ir
-from patterngen.distributed.halo import (exchange_rows, global_queries, ordinary_local,
-                                         query_rows, rank_plan, reshard, split_lines)
+from patterngen.distributed.halo import (column_slices, exchange_rows, global_queries,
+                                         ordinary_local, query_rows, rank_plan, reshard,
+                                         split_lines)
 from patterngen.errors import PatternError
 
 # (name, pattern, grid, compile options); every case runs on 2, 3 and 4 ranks
@@ -158,6 +159,38 @@ def test_global_queries_are_the_query_in_terms():
     queries, partials = query_rows(lowered, split_lines(12, 3))
     assert queries.tolist() == [1, 1, 2] and partials.tolist() == [2, 2, 0]
     assert global_queries(pg.lower(pg.window(3) | pg.axis(0), (6, 4))).tolist() == []
+
+
+def test_reshard_is_chosen_where_it_moves_less():
+    """Per head_dim element: gathering moves 2 per K/V token, the re-shard 2 per halo token of
+    the other terms and 4 per transposed token (q, k, v out, the output back)."""
+    lowered = pg.lower(pg.criss_cross(), (64, 64))
+    # 2 ranks: 2 * 32 * 64 K/V tokens gathered per rank against 4 * 32 * 32: a tie, gathered
+    assert reshard(lowered, split_lines(64, 2)) is None
+    rs = reshard(lowered, split_lines(64, 4))
+    assert rs.columns == ((0, 16), (16, 32), (32, 48), (48, 64))
+    assert rs.pencil.tolist() == rs.returned.tolist() == [48 * 16] * 4
+    # uneven: 7 columns over 3 ranks, and a rank without a column
+    assert column_slices(7, 3) == ((0, 3), (3, 5), (5, 7))
+    assert column_slices(3, 4)[-1] == (3, 3)
+    assert pg.lower(pg.axis(0), 12).ndim == 1 and reshard(pg.lower(pg.axis(0), 12),
+                                                          split_lines(12, 4)) is None
+
+
+def test_reshard_refuses_queries_it_would_leave_empty():
+    """Where other terms already hold a query's whole column, its re-sharded part would have no
+    key (a virtual key of score -inf): gathered instead, though the re-shard moves less."""
+    every, eq = ir.Rel.of(), ir.Rel.of(ir.Eq())
+    column = ir.Term((every, ir.Rel.of(ir.KeyIn(0, 1))))  # column 0 for every query
+    lowered = ir.make_ir(pg.Grid((8, 6)), [ir.Term((every, eq)), column], "axis | column 0")
+    shards = split_lines(8, 4)
+    axis_term = frozenset({(0, lowered.terms[0])})
+    pencil = [(8 - 2) * w for w in (2, 2, 1, 1)]
+    assert 2 * exchange_rows(lowered, shards, axis_term).sum() + 4 * sum(pencil) < \
+        2 * exchange_rows(lowered, shards).sum()
+    assert reshard(lowered, shards) is None
+    near = ir.Term((ir.Rel.of(ir.Window(3)), ir.Rel.of(ir.KeyIn(0, 1))))
+    assert reshard(ir.make_ir(lowered.grid, [lowered.terms[0], near]), shards) is not None
 
 
 SIZES = [(56, 16, 4), (60, 15, 3), (84, 14, 7), (28, 14, 28)]
