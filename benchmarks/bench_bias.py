@@ -1,17 +1,20 @@
-"""What a relative position bias table costs on the sdpa backend: W2 and W3 with and without it.
+"""What a relative position bias table costs on the sdpa and numba backends: W2 and W3 with and
+without it.
 
-The four cases of each workload (forward under ``no_grad``, forward+backward; each without and
-with a per-head table that requires grad) run interleaved, one call each per round, so a busy
-machine slows them alike; medians and minima over the rounds, float32, 2 torch threads.
+The four cases of each workload and backend (forward under ``no_grad``, forward+backward; each
+without and with a per-head table that requires grad) run interleaved, one call each per round,
+so a busy machine slows them alike; medians and minima over the rounds, float32, 2 torch
+threads, and each backend's cost of the table as the ratio of the medians.
 bench_cpu.py has the same workloads (W2-bias, W3-bias) beside the other backends and the dense
 peer, run one after the other.
 
 Usage:
-    python benchmarks/bench_bias.py [rounds]
+    python benchmarks/bench_bias.py [rounds] [backend ...]
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 import time
@@ -23,11 +26,12 @@ import patterngen as pg
 WORKLOADS = {"W2": (pg.window(7), (64, 64)), "W3": (pg.block(7), (56, 56))}
 
 
-def cases(heads=4, head_dim=32):
-    """``[(label, fn)]``: per workload, forward and forward+backward, without and with a table."""
+def cases(backends=("sdpa", "numba"), heads=4, head_dim=32):
+    """``[(label, fn)]``: per workload and backend, forward and forward+backward, without and
+    with a table."""
     out = []
-    for name, (pattern, grid) in WORKLOADS.items():
-        attn = pg.compile(pattern, grid, backend="sdpa")
+    for (name, (pattern, grid)), backend in itertools.product(WORKLOADS.items(), backends):
+        attn = pg.compile(pattern, grid, backend=backend)
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, heads, grid[0] * grid[1], head_dim, generator=gen)
                    for _ in range(3))
@@ -43,14 +47,14 @@ def cases(heads=4, head_dim=32):
             attn(q, k, v, rel_bias=table).sum().backward()
 
         for label, fn in (("fwd", forward), ("fwd+bwd", backward)):
-            out.append((f"{name} {label}", fn))
-            out.append((f"{name} {label} bias", lambda fn=fn, table=table: fn(table)))
+            out.append((f"{name} {backend} {label}", fn))
+            out.append((f"{name} {backend} {label} bias", lambda fn=fn, table=table: fn(table)))
     return out
 
 
-def main(rounds: int = 21) -> None:
+def main(rounds: int = 21, backends=("sdpa", "numba")) -> None:
     torch.set_num_threads(2)
-    runs = cases()
+    runs = cases(backends)
     times = {label: [] for label, _ in runs}
     for _, fn in runs:  # warm-up: plans, index tensors, first-call allocations
         fn()
@@ -62,8 +66,12 @@ def main(rounds: int = 21) -> None:
             times[label].append(1e3 * (time.perf_counter() - start))
     print(f"torch {torch.__version__}, 2 threads, {rounds} interleaved rounds")
     for label, ms in times.items():
-        print(f"{label:20s} median {statistics.median(ms):8.2f} ms   min {min(ms):8.2f} ms")
+        median = statistics.median(ms)
+        cost = ""
+        if label.endswith(" bias"):
+            cost = f"   bias costs {median / statistics.median(times[label[:-5]]) - 1:+6.1%}"
+        print(f"{label:28s} median {median:8.2f} ms   min {min(ms):8.2f} ms{cost}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 21)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 21, tuple(sys.argv[2:]) or ("sdpa", "numba"))

@@ -325,6 +325,29 @@ def test_numba_ops_pass_opcheck_with_a_table():
                                table, 0.7))
 
 
+def test_numba_reads_a_larger_table_around_its_centre():
+    # the planner runs part of a pattern (its gather terms) with the whole pattern's table
+    pytest.importorskip("numba")
+    pattern, grid = pg.window(3), (8, 8)
+    attn = pg.compile(pattern, grid, backend="numba")
+    q, k, v, big = inputs(grid, 2, (3, 3), False)
+    inner = big[:, 1:6, 1:6]
+    ref = oracle(pattern, grid, q, k, v, inner, None)
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (q, k, v, inner), grad)
+    arrays = [t.detach().numpy() for t in (q, k, v, big)]
+    out, lse = attn.forward_numpy(*arrays[:3], attn.shape, 8 ** -0.5, arrays[3])
+    np.testing.assert_allclose(out, ref.detach().numpy(), atol=1e-10)
+    got = attn.backward_numpy(*arrays[:3], out, grad.numpy(), lse, attn.shape, 8 ** -0.5,
+                              arrays[3])
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-10)
+    np.testing.assert_allclose(got[3][:, 1:6, 1:6], want[3].numpy(), atol=1e-10)
+    rim = got[3].copy()
+    rim[:, 1:6, 1:6] = 0
+    assert got[3].shape == big.shape and not rim.any()
+
+
 def test_numba_refuses_extra_keys_with_a_table_or_softcap():
     pytest.importorskip("numba")
     q = torch.randn(1, 2, 36, 8)

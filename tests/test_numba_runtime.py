@@ -92,6 +92,44 @@ def test_online_softmax_non_finite_scores():
         assert np.isnan(out).all() and np.isnan(lse)
 
 
+def test_softcap_bias_and_the_table_gradient_match_numpy():
+    rng = np.random.default_rng(3)
+    dim, cap, shift = 4, 0.7, 2
+    qs, dos = rng.normal(size=dim), rng.normal(size=dim)
+    k, v = rng.normal(size=(12, dim)), rng.normal(size=(12, dim))
+    keys = np.array([1, 4, 5, 9, 11], dtype=np.int64)
+    offs = np.array([3, 2, 6, 3, 4], dtype=np.int64)  # two keys share a table entry
+    table = rng.normal(size=8)
+    t = np.tanh(k[keys] @ qs / cap)
+    want = cap * t + table[offs - shift]
+
+    scores, slopes = k[keys] @ qs, np.empty(5)
+    runtime.soft_cap(scores, 5, cap, slopes)
+    runtime.add_bias(scores, 5, table, offs, shift, None)
+    np.testing.assert_allclose(scores, want, atol=1e-14)
+    np.testing.assert_allclose(slopes, 1 - t * t, atol=1e-14)
+    masked = np.zeros(5)
+    runtime.add_bias(masked, 5, table, offs - 50, -50, np.array([0.0, -np.inf, 0, 0, 0]))
+    np.testing.assert_array_equal(masked != 0, [True, False, True, True, True])
+
+    # the backward: dS into the table by offset, dS times the cap's slope into q and k
+    lse, delta = np.log(np.exp(want).sum()), 0.3
+    p = np.exp(want - lse)
+    ds = p * (v[keys] @ dos - delta)
+    dqa, dkb, dvb, dtable = np.zeros(dim), np.zeros_like(k), np.zeros_like(v), np.zeros(8)
+    runtime.backward_chunk(qs, dos, k, v, keys, np.empty(5), np.empty(5), np.empty(5, np.int64),
+                           5, lse, delta, dqa, dkb, dvb, dim, table, offs, shift, cap,
+                           np.empty(5), dtable)
+    want_table, want_k, want_v = np.zeros(8), np.zeros_like(k), np.zeros_like(v)
+    np.add.at(want_table, offs - shift, ds)
+    np.add.at(want_k, keys, np.outer(ds * (1 - t * t), qs))
+    np.add.at(want_v, keys, np.outer(p, dos))
+    np.testing.assert_allclose(dtable, want_table, atol=1e-14)
+    np.testing.assert_allclose(dqa, (ds * (1 - t * t)) @ k[keys], atol=1e-14)
+    np.testing.assert_allclose(dkb, want_k, atol=1e-14)
+    np.testing.assert_allclose(dvb, want_v, atol=1e-14)
+
+
 def test_helpers_specialise_on_a_constant_head_dim():
     # a kernel compiled for one head_dim passes it as a constant: numba types it as a
     # literal and compiles the helper once more with loops of constant length

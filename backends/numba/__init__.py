@@ -165,10 +165,10 @@ class NumbaBackend(Backend):
 
     def _score_args(self, q, scale, softcap, table, shape):
         """The kernels' arguments from the scale to the heads' table: the scale (and cap) in
-        q's dtype, the grid's extents (and the reach), each tail after ``heads``."""
+        q's dtype, the grid's extents (and the table's reach), each tail after ``heads``."""
         real = q.dtype.type
         caps = () if softcap is None else (real(softcap),)
-        reach = () if table is None else self.reach
+        reach = () if table is None else tuple((n - 1) // 2 for n in table.shape[1:])
         tables = () if table is None else (table.reshape(table.shape[0], -1),)
         return (real(scale), *caps, *shape, *reach), tables
 
@@ -186,8 +186,10 @@ class NumbaBackend(Backend):
         for a query without keys (whose output is 0), NaN for a NaN output row.
 
         ``table``: ``None`` or a C-contiguous bias table of q's dtype, ``(heads or 1,
-        2 * reach[0] + 1, ...)`` (:attr:`reach`); ``softcap``: ``None`` or a float > 0. Both
-        are checked by the caller (:meth:`check_rel_bias`, :func:`patterngen.bias.check_softcap`).
+        2 * R[0] + 1, ...)`` for any ``R`` at least :attr:`reach` on every axis: a larger one
+        (a whole pattern's, run here in part) is read around its centre. ``softcap``: ``None``
+        or a float > 0. Both are checked by the caller (:meth:`check_rel_bias`,
+        :func:`patterngen.bias.check_softcap`).
         """
         import numpy as np
 
