@@ -11,8 +11,13 @@ compiled or exported graph holds a string, not a Python object. A process that l
 exported program compiles the same pattern first, which registers the same key.
 
 The schemas carry the relative position bias table and the softcap (``Tensor? rel_bias,
-float? softcap``) so that they are designed once; the numba kernels do not add them yet and
-refuse them by name.
+float? softcap``) so that they are designed once.
+
+Eager calls do not go through the operators: they run the same implementation and autograd
+formula as a ``torch.autograd.Function`` (:func:`traced_or_eager`). A custom op's first call
+imports ``torch._dynamo`` (its implementation is wrapped to keep dynamo out), which cost a
+process's first forward about 0.9 s of CPU time, and each call pays torch.library's dispatch
+(about 20 us); only tracing needs the operator.
 
 Example:
     >>> import torch, patterngen as pg
@@ -33,7 +38,8 @@ from torch import Tensor
 
 from patterngen.errors import PatternError
 
-__all__ = ["register", "lookup", "widened", "lse_dtype", "NAMESPACE"]
+__all__ = ["register", "lookup", "widened", "lse_dtype", "eager_function", "traced_or_eager",
+           "NAMESPACE"]
 
 NAMESPACE = "patterngen"
 _COMPILED: dict = {}
@@ -75,3 +81,24 @@ def widened(t: Tensor):
 def lse_dtype(dtype):
     """The log-sum-exp's dtype for inputs of ``dtype`` (float32 below float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def eager_function(name: str, forward, setup_context, backward) -> type:
+    """A ``torch.autograd.Function`` from an operator's implementation ``forward(*inputs)``
+    and its ``register_autograd`` formula (``setup_context(ctx, inputs, output)``,
+    ``backward(ctx, *grads)``)."""
+    return type(name, (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(setup_context),
+        backward=staticmethod(backward)))
+
+
+def traced_or_eager(op, function):
+    """``op(*args)`` while ``torch.compile`` or ``torch.export`` traces, else
+    ``function.apply(*args)``: the same results and gradients without the op dispatch."""
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return function.apply(*args)
+
+    call.op = op
+    return call

@@ -535,47 +535,81 @@ def _covered(grid, terms) -> np.ndarray:
     return ir.IR(grid, tuple(terms)).key_counts()
 
 
+def _forward_impl(q, k, v, ak, av, rel_bias, key, scale, need_lse):
+    """``(out, lse)`` of the plan registered as ``key`` (``lse`` empty unless ``need_lse``);
+    ``ak, av``: keys and values every query attends besides the grid; ``rel_bias``: a
+    relative position bias table (key minus query)."""
+    from patterngen.backends.ops import lookup, lse_dtype
+
+    extra = None if ak is None else (ak, av)
+    out, lse = _merged_forward(lookup(key), q, k, v, scale, need_lse, extra, rel_bias)
+    return out, (lse if lse is not None else q.new_empty(0, dtype=lse_dtype(q.dtype)))
+
+
+def _backward_impl(q, k, v, ak, av, rel_bias, out, lse, dout, key, scale):
+    """``(dq, dk, dv, dak, dav, drel_bias)`` from the merged ``out`` and ``lse`` (the last
+    three empty without extra keys or a table)."""
+    from patterngen.backends.ops import lookup
+
+    extra = None if ak is None else (ak, av)
+    grads = list(_merged_backward(lookup(key), q, k, v, out, lse, dout.contiguous(), scale,
+                                  extra, rel_bias))
+    if extra is None:
+        grads[3:3] = [q.new_empty(0), q.new_empty(0)]
+    if rel_bias is None:
+        grads.append(q.new_empty(0))
+    return tuple(g.contiguous() for g in grads)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, ak, av, rel_bias, key, scale, need_lse = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, ak, av, rel_bias, out, lse)
+    ctx.key, ctx.scale = key, scale
+
+
+def _backward_with(forward, backward):
+    """The autograd formula, calling ``forward``/``backward`` (the operators when traced, the
+    implementations in eager mode)."""
+    def formula(ctx, dout, dlse):
+        q, k, v, ak, av, rel_bias, out, lse = ctx.saved_tensors
+        if lse.numel() == 0 and q.numel():  # run without need_lse: its backward needs one
+            out, lse = forward(q, k, v, ak, av, rel_bias, ctx.key, ctx.scale, True)
+        dq, dk, dv, dak, dav, dbias = backward(q, k, v, ak, av, rel_bias, out, lse, dout,
+                                               ctx.key, ctx.scale)
+        extra = (dak, dav) if ak is not None else (None, None)
+        return (dq, dk, dv, *extra, dbias if rel_bias is not None else None, None, None,
+                None)
+    return formula
+
+
 def _define_ops():
     """The term-wise runs as ``patterngen::planned_fwd`` / ``planned_bwd`` operators (torch
-    does not trace into the numba gather group or the views; see backends/ops.py)."""
+    does not trace into the numba gather group or the views; see backends/ops.py), and the
+    same formula as an ``autograd.Function`` for eager calls."""
     import torch
 
-    from patterngen.backends.ops import NAMESPACE, lookup, lse_dtype
+    from patterngen.backends.ops import NAMESPACE, eager_function, lse_dtype, traced_or_eager
 
     # explicit schemas: this module's annotations are strings (from __future__)
-    @torch.library.custom_op(
-        f"{NAMESPACE}::planned_fwd", mutates_args=(), device_types=("cpu", "cuda"),
+    planned_fwd = torch.library.custom_op(
+        f"{NAMESPACE}::planned_fwd", _forward_impl, mutates_args=(),
+        device_types=("cpu", "cuda"),
         schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, Tensor? rel_bias, "
                "str key, float scale, bool need_lse) -> (Tensor, Tensor)")
-    def planned_fwd(q, k, v, ak, av, rel_bias, key, scale, need_lse):
-        """``(out, lse)`` of the plan registered as ``key`` (``lse`` empty unless
-        ``need_lse``); ``ak, av``: keys and values every query attends besides the grid;
-        ``rel_bias``: a relative position bias table (key minus query)."""
-        extra = None if ak is None else (ak, av)
-        out, lse = _merged_forward(lookup(key), q, k, v, scale, need_lse, extra, rel_bias)
-        return out, (lse if lse is not None else q.new_empty(0, dtype=lse_dtype(q.dtype)))
 
     @planned_fwd.register_fake
     def _(q, k, v, ak, av, rel_bias, key, scale, need_lse):
         return torch.empty_like(q), q.new_empty(q.shape[:3] if need_lse else (0,),
                                                 dtype=lse_dtype(q.dtype))
 
-    @torch.library.custom_op(
-        f"{NAMESPACE}::planned_bwd", mutates_args=(), device_types=("cpu", "cuda"),
+    planned_bwd = torch.library.custom_op(
+        f"{NAMESPACE}::planned_bwd", _backward_impl, mutates_args=(),
+        device_types=("cpu", "cuda"),
         schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, Tensor? rel_bias, "
                "Tensor out, Tensor lse, Tensor dout, str key, float scale) -> (Tensor, Tensor, "
                "Tensor, Tensor, Tensor, Tensor)")
-    def planned_bwd(q, k, v, ak, av, rel_bias, out, lse, dout, key, scale):
-        """``(dq, dk, dv, dak, dav, drel_bias)`` from the merged ``out`` and ``lse`` (the
-        last three empty without extra keys or a table)."""
-        extra = None if ak is None else (ak, av)
-        grads = list(_merged_backward(lookup(key), q, k, v, out, lse, dout.contiguous(),
-                                      scale, extra, rel_bias))
-        if extra is None:
-            grads[3:3] = [q.new_empty(0), q.new_empty(0)]
-        if rel_bias is None:
-            grads.append(q.new_empty(0))
-        return tuple(g.contiguous() for g in grads)
 
     @planned_bwd.register_fake
     def _(q, k, v, ak, av, rel_bias, out, lse, dout, key, scale):
@@ -584,25 +618,11 @@ def _define_ops():
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), like(ak),
                 like(av), like(rel_bias))
 
-    def setup(ctx, inputs, output):
-        q, k, v, ak, av, rel_bias, key, scale, need_lse = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, ak, av, rel_bias, out, lse)
-        ctx.key, ctx.scale = key, scale
-
-    def backward(ctx, dout, dlse):
-        q, k, v, ak, av, rel_bias, out, lse = ctx.saved_tensors
-        if lse.numel() == 0 and q.numel():  # run without need_lse: its backward needs one
-            out, lse = planned_fwd(q, k, v, ak, av, rel_bias, ctx.key, ctx.scale, True)
-        dq, dk, dv, dak, dav, dbias = planned_bwd(q, k, v, ak, av, rel_bias, out, lse, dout,
-                                                  ctx.key, ctx.scale)
-        extra = (dak, dav) if ak is not None else (None, None)
-        return (dq, dk, dv, *extra, dbias if rel_bias is not None else None, None, None,
-                None)
-
-    planned_fwd.register_autograd(backward, setup_context=setup)
-    return planned_fwd
+    planned_fwd.register_autograd(_backward_with(planned_fwd, planned_bwd),
+                                  setup_context=_setup)
+    eager = eager_function("PlannedFunction", _forward_impl, _setup,
+                           _backward_with(_forward_impl, _backward_impl))
+    return traced_or_eager(planned_fwd, eager)
 
 
 # defined when the backend module loads (get_backend("auto")), so a graph or exported program
