@@ -139,13 +139,42 @@ def poisoned(scores, cnt):
     return False
 
 
+def tanh(x):
+    """``tanh(x)``. float32 takes Eigen's rational approximation (``generic_fast_tanh_float``:
+    odd degree-13 over even degree-6 on ``[-7.9, 7.9]``, where float32's tanh reaches +-1; a
+    few ulp), which LLVM vectorises: libm's ``tanhf`` per score made a softcapped 7x7 window's
+    forward 2.3x the time of the plain one. float64 keeps ``math.tanh``."""
+    return math.tanh(x)
+
+
+@overload(tanh, jit_options=dict(fastmath=set(FASTMATH), error_model="numpy"))
+def _tanh_by_type(x):
+    if x == numba.types.float32:
+        def tanh32(x):
+            x = min(max(x, np.float32(-7.90531110763549805)), np.float32(7.90531110763549805))
+            x2 = x * x
+            p = x2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+            p = p * x2 + np.float32(-8.60467152213735e-11)
+            p = p * x2 + np.float32(5.12229709037114e-08)
+            p = p * x2 + np.float32(1.48572235717979e-05)
+            p = p * x2 + np.float32(6.37261928875436e-04)
+            p = p * x2 + np.float32(4.89352455891786e-03)
+            q = x2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+            q = q * x2 + np.float32(2.26843463243900e-03)
+            q = q * x2 + np.float32(4.89352518554385e-03)
+            return x * p / q
+        return tanh32
+    return lambda x: math.tanh(x)
+
+
 @numba.njit(**JIT)
 def soft_cap(scores, cnt, cap, slopes):
     """``scores[c] = cap * tanh(scores[c] / cap)``; ``slopes[c]`` (unless ``None``) gets its
-    derivative ``1 - tanh^2``, the factor the backward applies to a capped score's gradient."""
+    derivative ``1 - tanh^2``, the factor the backward applies to a capped score's gradient.
+    A NaN score stays NaN; ``+-inf`` becomes ``+-cap``."""
     one = scores.dtype.type(1.0)
     for c in range(cnt):
-        t = math.tanh(scores[c] / cap)
+        t = tanh(scores[c] / cap)
         scores[c] = cap * t
         if slopes is not None:
             slopes[c] = one - t * t
