@@ -445,27 +445,36 @@ class GatherGroup:
         label: for the kernels' headers.
     """
 
-    def __init__(self, terms, grid, label: str):
+    def __init__(self, terms, grid, label: str, softcap=None):
         sub = ir.IR(grid, tuple(terms), label)
-        self.backend = get_backend("numba")(sub)
+        self.backend = get_backend("numba")(sub, softcap=softcap)
         self.shape = self.backend.shape
+        self.softcap = softcap
 
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
+        """``(out, lse)``; ``table``: the whole pattern's bias table for these heads (the
+        kernels read it around its centre: the group's reach is at most the pattern's)."""
         import torch
 
-        if table is not None:  # plans with a bias keep gather terms out (PlannedBackend)
-            raise PatternError("auto: the numba gather group adds no rel_bias yet.")
+        tables = () if table is None else (_numpy(table),)
         out, lse = self.backend.forward_numpy(*(_numpy(t) for t in (q, k, v)), self.shape,
-                                              scale)
+                                              scale, *tables, self.softcap)
         return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
 
     def backward(self, q, k, v, out, lse, dout, scale, table=None):
+        """``(dq, dk, dv, dtable)`` of the group's share (``dtable`` ``None`` without a
+        table)."""
         import torch
 
         arrays = [_numpy(t) for t in (q, k, v, out, dout)]
         lse = _numpy(lse.to(_acc_dtype(torch, q.dtype)))
-        grads = self.backend.backward_numpy(*arrays, lse, self.shape, scale)
-        return (*(torch.from_numpy(np.ascontiguousarray(g)).to(q.dtype) for g in grads), None)
+        tables = () if table is None else (_numpy(table),)
+        grads = self.backend.backward_numpy(*arrays, lse, self.shape, scale, *tables,
+                                            self.softcap)
+        dq, dk, dv = (torch.from_numpy(np.ascontiguousarray(g)).to(q.dtype)
+                      for g in grads[:3])
+        return dq, dk, dv, (None if table is None else
+                            torch.from_numpy(grads[3]).to(table.dtype))
 
 
 def _numpy(t):
@@ -503,11 +512,9 @@ class _Runner:
             gather = [tp.term for tp in tps if tp.executor == "gather"]
             parts = []
             done = []
-            if gather and softcap is not None:
-                raise PatternError("auto: the numba gather group adds no softcap yet; plan "
-                                   "with dense terms only or a backend that adds it.")
             if gather:
-                parts.append(GatherGroup(gather, lowered.grid, head.label or lowered.label))
+                parts.append(GatherGroup(gather, lowered.grid, head.label or lowered.label,
+                                         softcap))
                 done = list(gather)
             before = _covered(lowered.grid, done)
             for tp in tps:
@@ -780,8 +787,7 @@ class PlannedBackend(Backend):
         """The key of the plan for these inputs, planned (for the first ``batch`` seen: the
         costs scale with it alike) and built on first use; ``strategy`` (a name or a tuple
         of names) restricts the strategies beyond the constructor's. With a softcap or
-        ``bias``, the plan is term by term with dense terms only, or a whole-pattern backend
-        that adds them (the numba gather group adds neither yet)."""
+        ``bias``, the whole-pattern strategies are the backends that add them."""
         strategy = strategy or self._strategy
         key = (device, dtype, head_dim, heads, backward, strategy, bias)
         if key not in self._plans:
@@ -790,17 +796,11 @@ class PlannedBackend(Backend):
             flags += ["SUPPORTS_REL_POS_BIAS"] * bias
             sizes = dict(head_dim=head_dim, heads=heads, batch=batch, device=device,
                          dtype=dtype, backward=backward, rates=self._rates)
-            if flags:
-                whole = tuple(name for name in ("numba", "sdpa", "flex")
-                              if all(getattr(get_backend(name), f, False) for f in flags))
-                allowed = allowed or ("terms", *whole)
-                plan = make_plan(self.ir, None, executors=allowed, terms="dense", **sizes)
-                if plan.strategy == "terms" and any(
-                        tp.executor == "gather" for tps in plan.patterns for tp in tps):
-                    plan = make_plan(self.ir, None, executors=tuple(
-                        a for a in allowed if a != "terms"), **sizes)
-            else:
-                plan = make_plan(self.ir, None, executors=allowed, terms=self._terms, **sizes)
+            if flags:  # whole-pattern backends that add them (every part of "terms" does)
+                allowed = allowed or ("terms", *(
+                    name for name in ("numba", "sdpa", "flex")
+                    if all(getattr(get_backend(name), f, False) for f in flags)))
+            plan = make_plan(self.ir, None, executors=allowed, terms=self._terms, **sizes)
             self._runs[key] = self._build(plan)
             self._plans[key] = plan
         return key
@@ -852,9 +852,8 @@ class PlannedBackend(Backend):
             additional_keys, additional_values: ``(batch, heads, n_extra, head_dim)`` tokens
                 outside the grid that every query attends besides its pattern, in the same
                 softmax (NATTEN's ``additional_keys``); they get gradients too.
-            rel_bias: a relative position bias table (:mod:`patterngen.bias`), added by the
-                dense terms; a pattern with gather terms then runs on a whole-pattern backend
-                that adds it (the numba gather group does not yet).
+            rel_bias: a relative position bias table (:mod:`patterngen.bias`), added by
+                every part (the gather group's numba kernels read it around its centre).
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
