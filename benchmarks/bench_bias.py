@@ -4,19 +4,20 @@ without it.
 The four cases of each workload and backend (forward under ``no_grad``, forward+backward; each
 without and with a per-head table that requires grad) run interleaved, one call each per round,
 so a busy machine slows them alike; medians and minima over the rounds, float32, 2 torch
-threads, and each backend's cost of the table as the ratio of the medians.
-bench_cpu.py has the same workloads (W2-bias, W3-bias) beside the other backends and the dense
-peer, run one after the other.
+threads (``--threads``), and each backend's cost of the table as the ratio of the medians.
+``--softcap C`` compiles every case with that softcap (its cost is then the ratio to a run
+without it). bench_cpu.py has the same workloads (W2-bias, W3-bias) beside the other backends
+and the dense peer, run one after the other.
 
 Usage:
-    python benchmarks/bench_bias.py [rounds] [backend ...]
+    python benchmarks/bench_bias.py [--rounds 21] [--threads 2] [--softcap C] [backend ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
-import sys
 import time
 
 import torch
@@ -26,12 +27,12 @@ import patterngen as pg
 WORKLOADS = {"W2": (pg.window(7), (64, 64)), "W3": (pg.block(7), (56, 56))}
 
 
-def cases(backends=("sdpa", "numba"), heads=4, head_dim=32):
+def cases(backends=("sdpa", "numba"), softcap=None, heads=4, head_dim=32):
     """``[(label, fn)]``: per workload and backend, forward and forward+backward, without and
     with a table."""
     out = []
     for (name, (pattern, grid)), backend in itertools.product(WORKLOADS.items(), backends):
-        attn = pg.compile(pattern, grid, backend=backend)
+        attn = pg.compile(pattern, grid, backend=backend, softcap=softcap)
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, heads, grid[0] * grid[1], head_dim, generator=gen)
                    for _ in range(3))
@@ -52,9 +53,9 @@ def cases(backends=("sdpa", "numba"), heads=4, head_dim=32):
     return out
 
 
-def main(rounds: int = 21, backends=("sdpa", "numba")) -> None:
-    torch.set_num_threads(2)
-    runs = cases(backends)
+def main(rounds: int = 21, backends=("sdpa", "numba"), threads: int = 2, softcap=None) -> None:
+    torch.set_num_threads(threads)
+    runs = cases(backends, softcap)
     times = {label: [] for label, _ in runs}
     for _, fn in runs:  # warm-up: plans, index tensors, first-call allocations
         fn()
@@ -64,7 +65,8 @@ def main(rounds: int = 21, backends=("sdpa", "numba")) -> None:
             start = time.perf_counter()
             fn()
             times[label].append(1e3 * (time.perf_counter() - start))
-    print(f"torch {torch.__version__}, 2 threads, {rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, {threads} threads, softcap={softcap}, {rounds} "
+          f"interleaved rounds")
     for label, ms in times.items():
         median = statistics.median(ms)
         cost = ""
@@ -74,4 +76,10 @@ def main(rounds: int = 21, backends=("sdpa", "numba")) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 21, tuple(sys.argv[2:]) or ("sdpa", "numba"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("backends", nargs="*", default=["sdpa", "numba"])
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--softcap", type=float, default=None)
+    args = parser.parse_args()
+    main(args.rounds, tuple(args.backends), args.threads, args.softcap)

@@ -127,9 +127,14 @@ def test_softcap_bias_and_the_table_gradient_match_numpy():
     runtime.add_bias(scores, 5, table, offs, shift, None)
     np.testing.assert_allclose(scores, want, atol=1e-14)
     np.testing.assert_allclose(slopes, 1 - t * t, atol=1e-14)
+    # a tile lane's mask: keys it does not hold get -inf and read (or write) no table entry
+    mask, beyond = np.array([0.0, -np.inf, 0, 0, 0]), np.array([3, 99, 6, 3, 4])
     masked = np.zeros(5)
-    runtime.add_bias(masked, 5, table, offs - 50, -50, np.array([0.0, -np.inf, 0, 0, 0]))
-    np.testing.assert_array_equal(masked != 0, [True, False, True, True, True])
+    runtime.add_bias(masked, 5, table, beyond, 0, mask)
+    np.testing.assert_array_equal(masked, np.where(mask == 0, table[offs], -np.inf))
+    grad = np.zeros(8)
+    runtime.add_table_grad(grad, np.ones(5), 5, beyond, 0, mask)
+    np.testing.assert_array_equal(grad, np.bincount(offs[mask == 0], minlength=8))
 
     # the backward: dS into the table by offset, dS times the cap's slope into q and k
     lse, delta = np.log(np.exp(want).sum()), 0.3

@@ -182,11 +182,24 @@ def soft_cap(scores, cnt, cap, slopes):
 
 @numba.njit(**JIT)
 def add_bias(scores, cnt, table, offs, shift, mask):
-    """``scores[c] += table[offs[c] - shift]``, where ``mask`` (unless ``None``) is 0: a key a
-    tile lane does not hold may lie beyond the table (its score becomes ``-inf`` anyway)."""
+    """``scores[c] += table[offs[c] - shift]``; with a tile lane's ``mask``, the score of a
+    key the lane does not hold (mask not 0) becomes ``-inf`` instead, as ``_mask_scores``
+    does, in the same pass: its position may lie beyond the table."""
     for c in range(cnt):
-        if mask is None or mask[c] == 0.0:
+        if mask is None:
             scores[c] += table[offs[c] - shift]
+        elif mask[c] == 0.0:
+            scores[c] += table[offs[c] - shift]
+        else:
+            scores[c] = -np.inf
+
+
+@numba.njit(**JIT)
+def add_table_grad(dtable, ds, cnt, offs, shift, mask):
+    """``dtable[offs[c] - shift] += ds[c]`` for the keys a tile lane holds (mask 0)."""
+    for c in range(cnt):
+        if mask[c] == 0.0:
+            dtable[offs[c] - shift] += ds[c]
 
 
 @numba.njit(**JIT)
@@ -378,7 +391,8 @@ def tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc, dim
             soft_cap(scores[u], cnt, cap, None)
         if table is not None:
             add_bias(scores[u], cnt, table, offs, u, mask[u])
-        _mask_scores(scores, mask, u, cnt)
+        else:
+            _mask_scores(scores, mask, u, cnt)
         top, check = m[u], acc.dtype.type(0.0)
         for c in range(cnt):
             top = max(top, scores[u, c])
@@ -415,17 +429,18 @@ def tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, bits, cnt, lse
             soft_cap(scores[u], cnt, cap, slopes[u])
         if table is not None:
             add_bias(scores[u], cnt, table, offs, u, mask[u])
-        _mask_scores(scores, mask, u, cnt)
+        else:
+            _mask_scores(scores, mask, u, cnt)
         exp_shifted(scores[u], bits, cnt, lse_t[u])
         if lse_t[u] != lse_t[u]:
             scores[u, :cnt] = np.nan
         for c in range(cnt):
-            ds = scores[u, c] * (dps[u, c] - delta[u])
-            if dtable is not None and mask[u, c] == 0.0:
-                dtable[offs[c] - u] += ds
-            if cap is not None:
-                ds *= slopes[u, c]
-            dps[u, c] = ds
+            dps[u, c] = scores[u, c] * (dps[u, c] - delta[u])
+        if dtable is not None:  # its own loop: the one above stays vectorised
+            add_table_grad(dtable, dps[u], cnt, offs, u, mask[u])
+        if cap is not None:
+            for c in range(cnt):
+                dps[u, c] *= slopes[u, c]
     tile_pv(dps, kb, keys, cnt, dqa, dim)
     tile_scatter(dps, qt, keys, cnt, dkb, dim)
     tile_scatter(scores, dot, keys, cnt, dvb, dim)
