@@ -456,9 +456,9 @@ class GatherGroup:
         kernels read it around its centre: the group's reach is at most the pattern's)."""
         import torch
 
-        tables = () if table is None else (_numpy(table),)
-        out, lse = self.backend.forward_numpy(*(_numpy(t) for t in (q, k, v)), self.shape,
-                                              scale, *tables, self.softcap)
+        out, lse = self.backend.forward_numpy(
+            *(_numpy(t) for t in (q, k, v)), self.shape, scale,
+            table=None if table is None else _numpy(table), softcap=self.softcap)
         return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
 
     def backward(self, q, k, v, out, lse, dout, scale, table=None):
@@ -468,9 +468,9 @@ class GatherGroup:
 
         arrays = [_numpy(t) for t in (q, k, v, out, dout)]
         lse = _numpy(lse.to(_acc_dtype(torch, q.dtype)))
-        tables = () if table is None else (_numpy(table),)
-        grads = self.backend.backward_numpy(*arrays, lse, self.shape, scale, *tables,
-                                            self.softcap)
+        grads = self.backend.backward_numpy(
+            *arrays, lse, self.shape, scale, table=None if table is None else _numpy(table),
+            softcap=self.softcap)
         dq, dk, dv = (torch.from_numpy(np.ascontiguousarray(g)).to(q.dtype)
                       for g in grads[:3])
         return dq, dk, dv, (None if table is None else

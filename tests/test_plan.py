@@ -305,6 +305,20 @@ def test_bias_and_softcap_equal_the_oracle(pattern, grid, softcap, heads):
     assert ("gather" in executors) == windows
 
 
+def test_a_softcap_without_a_table_on_a_gather_group():
+    pattern, grid = pg.window(3) | pg.axis(0), (6, 7)
+    attn = pg.compile(pattern, grid, backend="auto", softcap=1.5, strategy="terms")
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 42, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), softcap=1.5)
+    out = attn(q, k, v)
+    torch.testing.assert_close(out, ref)
+    for g, w in zip(*(torch.autograd.grad(t.sum(), (q, k, v)) for t in (out, ref))):
+        torch.testing.assert_close(g, w)
+    assert any(tp.executor == "gather" for tps in attn.plans[-1].patterns for tp in tps)
+
+
 def test_a_bfloat16_gather_group_runs_in_float32():
     _check(pg.criss_cross() | pg.window(3), (5, 6), dtype=torch.bfloat16, tol=5e-2,
            strategy="terms", terms="dense")
