@@ -11,7 +11,7 @@ compiled or exported graph holds a string, not a Python object. A process that l
 exported program compiles the same pattern first, which registers the same key.
 
 The schemas carry the relative position bias table and the softcap (``Tensor? rel_bias,
-float? softcap``) so that they are designed once.
+float? softcap``); the backward operators return the table's gradient.
 
 Eager calls do not go through the operators: they run the same implementation and autograd
 formula as a ``torch.autograd.Function`` (:func:`traced_or_eager`). A custom op's first call

@@ -154,6 +154,25 @@ def test_a_forked_child_with_one_thread_does_not_hang():
     assert queue.get(timeout=5) == 36 * 4
 
 
+EAGER = """
+import sys, torch, patterngen as pg
+for options in (dict(backend="numba"), dict(backend="auto", strategy="terms")):
+    attn = pg.compile(pg.window(3) | pg.axis(0), (6, 6), **options)
+    q, k, v = (torch.randn(1, 2, 36, 4, requires_grad=True) for _ in range(3))
+    attn(q, k, v).sum().backward()
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_eager_calls_do_not_go_through_the_operators():
+    # a custom op's first call imports torch._dynamo (0.9 s of a first forward): eager calls
+    # run the same implementation and formula as an autograd.Function instead
+    run = subprocess.run([sys.executable, "-c", EAGER], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "False"
+
+
 def test_keys_are_stable_and_distinct():
     a = pg.compile(pg.window(3), (6, 6), backend="numba")
     b = pg.compile(pg.window(3), (6, 6), backend="numba")

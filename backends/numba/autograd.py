@@ -8,7 +8,8 @@ see one operator and never trace into the launcher. bfloat16 and float16 inputs 
 float32 kernels: they are converted on the way in and the results on the way out, so out, dq,
 dk, dv and the table's gradient come back in the input's dtype; the log-sum-exp is float32
 (float64 for float64). ``drel_bias`` is an empty tensor when there is no table (an operator
-returns tensors only). The backward receives the forward's output and log-sum-exp
+returns tensors only). Eager calls run the same implementation and formula as an
+``autograd.Function`` instead of the operators (:func:`patterngen.backends.ops.traced_or_eager`). The backward receives the forward's output and log-sum-exp
 (FlashAttention-2: ``D = rowsum(dO * out)``), or a term-wise plan's merged ones.
 """
 
@@ -19,7 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from patterngen.backends.ops import NAMESPACE, lookup, lse_dtype, widened
+from patterngen.backends.ops import (NAMESPACE, eager_function, lookup, lse_dtype,
+                                     traced_or_eager, widened)
 
 __all__ = ["numba_fwd", "numba_bwd", "WIDENED"]
 
@@ -32,9 +34,8 @@ def _table(rel_bias):
     return None if rel_bias is None else widened(rel_bias)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::numba_fwd", mutates_args=(), device_types="cpu")
-def numba_fwd(q: Tensor, k: Tensor, v: Tensor, key: str, scale: float,
-              rel_bias: Optional[Tensor], softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, key: str, scale: float,
+                  rel_bias: Optional[Tensor], softcap: Optional[float]) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of the kernels of ``key`` on ``(batch, heads, tokens, dim)`` tensors."""
     backend = lookup(key)
     out, lse = backend.forward_numpy(widened(q), widened(k), widened(v), backend.shape, scale,
@@ -42,15 +43,9 @@ def numba_fwd(q: Tensor, k: Tensor, v: Tensor, key: str, scale: float,
     return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
 
 
-@numba_fwd.register_fake
-def _(q, k, v, key, scale, rel_bias, softcap):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
-
-
-@torch.library.custom_op(f"{NAMESPACE}::numba_bwd", mutates_args=(), device_types="cpu")
-def numba_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-              key: str, scale: float, rel_bias: Optional[Tensor],
-              softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
+                   key: str, scale: float, rel_bias: Optional[Tensor],
+                   softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, drel_bias)`` of the kernels of ``key`` from the forward's ``out`` and
     ``lse``; ``drel_bias`` is empty without a table."""
     backend = lookup(key)
@@ -59,6 +54,17 @@ def numba_bwd(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: T
                                    _table(rel_bias), softcap)
     dq, dk, dv, *dbias = (torch.from_numpy(g).to(q.dtype) for g in grads)
     return dq, dk, dv, dbias[0] if dbias else q.new_empty(0)
+
+
+_forward_op = torch.library.custom_op(f"{NAMESPACE}::numba_fwd", _forward_impl, mutates_args=(),
+                                      device_types="cpu")
+numba_bwd = torch.library.custom_op(f"{NAMESPACE}::numba_bwd", _backward_impl,
+                                    mutates_args=(), device_types="cpu")
+
+
+@_forward_op.register_fake
+def _(q, k, v, key, scale, rel_bias, softcap):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
 
 
 @numba_bwd.register_fake
@@ -75,11 +81,19 @@ def _setup(ctx, inputs, output):
     ctx.key, ctx.scale, ctx.softcap = key, scale, softcap
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, rel_bias = ctx.saved_tensors
-    dq, dk, dv, dbias = numba_bwd(q, k, v, out, lse, dout.contiguous(), ctx.key, ctx.scale,
-                                  rel_bias, ctx.softcap)
-    return dq, dk, dv, None, None, dbias if rel_bias is not None else None, None
+def _backward_with(backward):
+    """The autograd formula, calling ``backward`` (the operator when traced, the
+    implementation in eager mode)."""
+    def formula(ctx, dout, dlse):
+        q, k, v, out, lse, rel_bias = ctx.saved_tensors
+        dq, dk, dv, dbias = backward(q, k, v, out, lse, dout.contiguous(), ctx.key, ctx.scale,
+                                     rel_bias, ctx.softcap)
+        return dq, dk, dv, None, None, dbias if rel_bias is not None else None, None
+    return formula
 
 
-numba_fwd.register_autograd(_backward, setup_context=_setup)
+_forward_op.register_autograd(_backward_with(numba_bwd), setup_context=_setup)
+#: ``(out, lse)``: the operator while torch.compile/export trace, else the same
+#: implementation and formula as an autograd.Function (see backends/ops.py)
+numba_fwd = traced_or_eager(_forward_op, eager_function(
+    "NumbaFunction", _forward_impl, _setup, _backward_with(_backward_impl)))
