@@ -96,7 +96,7 @@ def test_rel_pos_bias_is_refused_naming_the_backend():
         nn.LocalSelfAttention(8, 2, pg.window(3), rel_pos_bias=True)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+@pytest.mark.parametrize("backend", ["sdpa", "auto", "numba"])
 @pytest.mark.parametrize("pattern, grid, x_shape", [
     (pg.window(3), (5, 6), (2, 5, 6, 8)),
     (pg.block(3, offset=1), (6, 6), (1, 36, 8)),
