@@ -67,6 +67,14 @@ def _exp_shifted_by_dtype(x, bits, cnt, top):
 
 
 @numba.njit(**JIT)
+def scratch(shape, dtype):
+    """``np.empty`` as a cached function: a kernel's scratch buffers, allocated once per call
+    of the kernel; numba's implementation for each shape and dtype is then compiled once into
+    the disk cache rather than in every process that compiles a kernel."""
+    return np.empty(shape, dtype)
+
+
+@numba.njit(**JIT)
 def dots(x, rows, keys, cnt, out, dim):
     """``out[c] = x . rows[keys[c]]``, four keys per pass: one load of ``x`` serves four."""
     zero = out.dtype.type(0.0)

@@ -33,7 +33,7 @@ _BITS = {"float32": "np.int32", "float64": "np.int64"}
 #: at 32 such kernels made the backward twice as slow, so smaller head_dims share generic ones)
 SPECIALISED_HEAD_DIM = 48
 #: what a generated module may import from the runtime (see :func:`_imports`)
-_RUNTIME = ("backward_chunk", "finish_row", "softmax_chunk", "tile_backward_chunk",
+_RUNTIME = ("backward_chunk", "finish_row", "scratch", "softmax_chunk", "tile_backward_chunk",
             "tile_softmax_chunk", "union")
 
 
@@ -259,12 +259,12 @@ def _emit_bias_scratch(em: _Emitter, ctx: dict, backward: bool, lanes: bool = Fa
     (per lane in a tile)."""
     if ctx["bias"]:
         for offs in ("offs", "loffs")[:1 + alone]:
-            em(f"{offs} = np.empty(KEY_CHUNK, np.int64)")
+            em(f"{offs} = scratch(KEY_CHUNK, np.int64)")
     if backward and ctx["softcap"]:
-        em("slopes = np.empty((LANES, KEY_CHUNK), ACC)" if lanes
-           else "slopes = np.empty(KEY_CHUNK, ACC)")
+        em("slopes = scratch((LANES, KEY_CHUNK), ACC)" if lanes
+           else "slopes = scratch(KEY_CHUNK, ACC)")
         if alone:
-            em("lslopes = np.empty(KEY_CHUNK, ACC)")
+            em("lslopes = scratch(KEY_CHUNK, ACC)")
 
 
 def _emit_bias_row(em: _Emitter, ctx: dict, backward: bool) -> None:
@@ -293,11 +293,11 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em(f"tokens = {tokens}")
         em("tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE")
         em("nh = heads.shape[0]")
-        em("qs = np.empty(dim, ACC)")
-        em("acc = np.empty(dim, ACC)")
-        em("scores = np.empty(KEY_CHUNK, ACC)")
-        em("keys = np.empty(KEY_CHUNK, np.int64)")
-        em("bits = np.empty(KEY_CHUNK, BITS)")
+        em("qs = scratch(dim, ACC)")
+        em("acc = scratch(dim, ACC)")
+        em("scores = scratch(KEY_CHUNK, ACC)")
+        em("keys = scratch(KEY_CHUNK, np.int64)")
+        em("bits = scratch(KEY_CHUNK, BITS)")
         _emit_bias_scratch(em, ctx, False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * tiles)")
@@ -364,13 +364,13 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em("splits = dk.shape[0]")
         em(f"tokens = {tokens}")
         em("nh = heads.shape[0]")
-        em("dqa = np.empty(dim, ACC)")
-        em("qs = np.empty(dim, ACC)")
-        em("dos = np.empty(dim, ACC)")
-        em("scores = np.empty(KEY_CHUNK, ACC)")
-        em("dps = np.empty(KEY_CHUNK, ACC)")
-        em("keys = np.empty(KEY_CHUNK, np.int64)")
-        em("bits = np.empty(KEY_CHUNK, BITS)")
+        em("dqa = scratch(dim, ACC)")
+        em("qs = scratch(dim, ACC)")
+        em("dos = scratch(dim, ACC)")
+        em("scores = scratch(KEY_CHUNK, ACC)")
+        em("dps = scratch(KEY_CHUNK, ACC)")
+        em("keys = scratch(KEY_CHUNK, np.int64)")
+        em("bits = scratch(KEY_CHUNK, BITS)")
         _emit_bias_scratch(em, ctx, True)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * splits)")
@@ -431,16 +431,16 @@ def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scala
     for names, shape in ((rows, "(LANES, dim)"), (chunks, "(LANES, KEY_CHUNK)"),
                          (scalars, "LANES"), (alone, "KEY_CHUNK")):
         for name in names:
-            em(f"{name} = np.empty({shape}, ACC)")
-    em("keys = np.empty(KEY_CHUNK, np.int64)")
+            em(f"{name} = scratch({shape}, ACC)")
+    em("keys = scratch(KEY_CHUNK, np.int64)")
     if alone:
-        em("lkeys = np.empty(KEY_CHUNK, np.int64)")
-    em("bits = np.empty(KEY_CHUNK, BITS)")
+        em("lkeys = scratch(KEY_CHUNK, np.int64)")
+    em("bits = scratch(KEY_CHUNK, BITS)")
     _emit_bias_scratch(em, ctx, backward, lanes=True, alone=bool(alone))
     last = ctx["ndim"] - 1
     for t in range(len(head.terms)):
-        em(f"lo{t}_{last} = np.empty(LANES, np.int64)")
-        em(f"hi{t}_{last} = np.empty(LANES, np.int64)")
+        em(f"lo{t}_{last} = scratch(LANES, np.int64)")
+        em(f"hi{t}_{last} = scratch(LANES, np.int64)")
 
 
 def _emit_tile_header(em: _Emitter, ctx: dict) -> None:
@@ -620,5 +620,5 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
 def _imports(body: str) -> list[str]:
     used = sorted(name for name in _RUNTIME if re.search(rf"\b{name}\(", body))
     return ["import numba", "import numpy as np", "",
-            "from patterngen.backends.numba.launch import fetch_add",
+            "from patterngen.backends.numba.launch import fetch_add, view",
             "from patterngen.backends.numba.runtime import " + ", ".join(used)]

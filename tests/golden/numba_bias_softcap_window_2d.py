@@ -10,8 +10,8 @@ Pattern 0: window(7)
 import numba
 import numpy as np
 
-from patterngen.backends.numba.launch import fetch_add
-from patterngen.backends.numba.runtime import backward_chunk, finish_row, softmax_chunk
+from patterngen.backends.numba.launch import fetch_add, view
+from patterngen.backends.numba.runtime import backward_chunk, finish_row, scratch, softmax_chunk
 
 ACC = np.float32
 QUERY_TILE = 32
@@ -28,21 +28,21 @@ def forward_0(a):
     A cfunc: ``a`` points to q, k, v, scale, softcap, n0, n1, reach0, reach1, heads, table, out, lse, packed
     by ``launch.pack``; each thread takes ranges of items until none is left.
     """
-    ints = numba.carray(a[0], 29, np.int64)
-    reals = numba.carray(a[1], 2, ACC)
-    q = numba.carray(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
-    k = numba.carray(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
-    v = numba.carray(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
+    ints = view(a[0], 29, np.int64)
+    reals = view(a[1], 2, ACC)
+    q = view(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
+    k = view(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
+    v = view(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
     scale = reals[0]
     softcap = reals[1]
     n0 = ints[15]
     n1 = ints[16]
     reach0 = ints[17]
     reach1 = ints[18]
-    heads = numba.carray(a[5], (ints[19],), np.int64)
-    table = numba.carray(a[6], (ints[20], ints[21],), ACC)
-    out = numba.carray(a[7], (ints[22], ints[23], ints[24], ints[25],), ACC)
-    lse = numba.carray(a[8], (ints[26], ints[27], ints[28],), ACC)
+    heads = view(a[5], (ints[19],), np.int64)
+    table = view(a[6], (ints[20], ints[21],), ACC)
+    out = view(a[7], (ints[22], ints[23], ints[24], ints[25],), ACC)
+    lse = view(a[8], (ints[26], ints[27], ints[28],), ACC)
     parts, items = ints[1], ints[2]
     dim = q.shape[3]
     span0 = 2 * reach0 + 1
@@ -50,12 +50,12 @@ def forward_0(a):
     tokens = n0 * n1
     tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE
     nh = heads.shape[0]
-    qs = np.empty(dim, ACC)
-    acc = np.empty(dim, ACC)
-    scores = np.empty(KEY_CHUNK, ACC)
-    keys = np.empty(KEY_CHUNK, np.int64)
-    bits = np.empty(KEY_CHUNK, BITS)
-    offs = np.empty(KEY_CHUNK, np.int64)
+    qs = scratch(dim, ACC)
+    acc = scratch(dim, ACC)
+    scores = scratch(KEY_CHUNK, ACC)
+    keys = scratch(KEY_CHUNK, np.int64)
+    bits = scratch(KEY_CHUNK, BITS)
+    offs = scratch(KEY_CHUNK, np.int64)
     j = fetch_add(a[0], 1)
     while j < parts:
         start, stop = items * j // parts, items * (j + 1) // parts
@@ -116,26 +116,26 @@ def backward_0(a):
     A cfunc: ``a`` points to q, k, v, out, dout, lse, scale, softcap, n0, n1, reach0, reach1, heads, table, dq, dk, dv, dtable, slot, packed
     by ``launch.pack``; each thread takes ranges of items until none is left.
     """
-    ints = numba.carray(a[0], 51, np.int64)
-    reals = numba.carray(a[1], 2, ACC)
-    q = numba.carray(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
-    k = numba.carray(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
-    v = numba.carray(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
-    out = numba.carray(a[5], (ints[15], ints[16], ints[17], ints[18],), ACC)
-    dout = numba.carray(a[6], (ints[19], ints[20], ints[21], ints[22],), ACC)
-    lse = numba.carray(a[7], (ints[23], ints[24], ints[25],), ACC)
+    ints = view(a[0], 51, np.int64)
+    reals = view(a[1], 2, ACC)
+    q = view(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
+    k = view(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
+    v = view(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
+    out = view(a[5], (ints[15], ints[16], ints[17], ints[18],), ACC)
+    dout = view(a[6], (ints[19], ints[20], ints[21], ints[22],), ACC)
+    lse = view(a[7], (ints[23], ints[24], ints[25],), ACC)
     scale = reals[0]
     softcap = reals[1]
     n0 = ints[26]
     n1 = ints[27]
     reach0 = ints[28]
     reach1 = ints[29]
-    heads = numba.carray(a[8], (ints[30],), np.int64)
-    table = numba.carray(a[9], (ints[31], ints[32],), ACC)
-    dq = numba.carray(a[10], (ints[33], ints[34], ints[35], ints[36],), ACC)
-    dk = numba.carray(a[11], (ints[37], ints[38], ints[39], ints[40], ints[41],), ACC)
-    dv = numba.carray(a[12], (ints[42], ints[43], ints[44], ints[45], ints[46],), ACC)
-    dtable = numba.carray(a[13], (ints[47], ints[48], ints[49],), ACC)
+    heads = view(a[8], (ints[30],), np.int64)
+    table = view(a[9], (ints[31], ints[32],), ACC)
+    dq = view(a[10], (ints[33], ints[34], ints[35], ints[36],), ACC)
+    dk = view(a[11], (ints[37], ints[38], ints[39], ints[40], ints[41],), ACC)
+    dv = view(a[12], (ints[42], ints[43], ints[44], ints[45], ints[46],), ACC)
+    dtable = view(a[13], (ints[47], ints[48], ints[49],), ACC)
     slot = fetch_add(a[14], 1)
     parts, items = ints[1], ints[2]
     dim = q.shape[3]
@@ -144,15 +144,15 @@ def backward_0(a):
     splits = dk.shape[0]
     tokens = n0 * n1
     nh = heads.shape[0]
-    dqa = np.empty(dim, ACC)
-    qs = np.empty(dim, ACC)
-    dos = np.empty(dim, ACC)
-    scores = np.empty(KEY_CHUNK, ACC)
-    dps = np.empty(KEY_CHUNK, ACC)
-    keys = np.empty(KEY_CHUNK, np.int64)
-    bits = np.empty(KEY_CHUNK, BITS)
-    offs = np.empty(KEY_CHUNK, np.int64)
-    slopes = np.empty(KEY_CHUNK, ACC)
+    dqa = scratch(dim, ACC)
+    qs = scratch(dim, ACC)
+    dos = scratch(dim, ACC)
+    scores = scratch(KEY_CHUNK, ACC)
+    dps = scratch(KEY_CHUNK, ACC)
+    keys = scratch(KEY_CHUNK, np.int64)
+    bits = scratch(KEY_CHUNK, BITS)
+    offs = scratch(KEY_CHUNK, np.int64)
+    slopes = scratch(KEY_CHUNK, ACC)
     j = fetch_add(a[0], 1)
     while j < parts:
         start, stop = items * j // parts, items * (j + 1) // parts

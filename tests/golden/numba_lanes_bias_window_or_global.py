@@ -12,8 +12,8 @@ Pattern 0: (window(3) | global_tokens([0]))
 import numba
 import numpy as np
 
-from patterngen.backends.numba.launch import fetch_add
-from patterngen.backends.numba.runtime import finish_row, tile_backward_chunk, tile_softmax_chunk, union
+from patterngen.backends.numba.launch import fetch_add, view
+from patterngen.backends.numba.runtime import finish_row, scratch, tile_backward_chunk, tile_softmax_chunk, union
 
 ACC = np.float32
 LANES = 4
@@ -32,20 +32,20 @@ def forward_0(a):
     A cfunc: ``a`` points to q, k, v, scale, n0, n1, reach0, reach1, heads, table, out, lse, packed
     by ``launch.pack``; each thread takes ranges of items until none is left.
     """
-    ints = numba.carray(a[0], 29, np.int64)
-    reals = numba.carray(a[1], 1, ACC)
-    q = numba.carray(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
-    k = numba.carray(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
-    v = numba.carray(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
+    ints = view(a[0], 29, np.int64)
+    reals = view(a[1], 1, ACC)
+    q = view(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
+    k = view(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
+    v = view(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
     scale = reals[0]
     n0 = ints[15]
     n1 = ints[16]
     reach0 = ints[17]
     reach1 = ints[18]
-    heads = numba.carray(a[5], (ints[19],), np.int64)
-    table = numba.carray(a[6], (ints[20], ints[21],), ACC)
-    out = numba.carray(a[7], (ints[22], ints[23], ints[24], ints[25],), ACC)
-    lse = numba.carray(a[8], (ints[26], ints[27], ints[28],), ACC)
+    heads = view(a[5], (ints[19],), np.int64)
+    table = view(a[6], (ints[20], ints[21],), ACC)
+    out = view(a[7], (ints[22], ints[23], ints[24], ints[25],), ACC)
+    lse = view(a[8], (ints[26], ints[27], ints[28],), ACC)
     parts, items = ints[1], ints[2]
     dim = q.shape[3]
     span0 = 2 * reach0 + 1
@@ -54,21 +54,21 @@ def forward_0(a):
     per_row = (n1 + LANES - 1) // LANES
     tiles = rows * per_row
     nh = heads.shape[0]
-    qt = np.empty((LANES, dim), ACC)
-    acc = np.empty((LANES, dim), ACC)
-    scores = np.empty((LANES, KEY_CHUNK), ACC)
-    mask = np.empty((LANES, KEY_CHUNK), ACC)
-    m = np.empty(LANES, ACC)
-    l = np.empty(LANES, ACC)
-    keys = np.empty(KEY_CHUNK, np.int64)
-    bits = np.empty(KEY_CHUNK, BITS)
-    offs = np.empty(KEY_CHUNK, np.int64)
-    lo0_1 = np.empty(LANES, np.int64)
-    hi0_1 = np.empty(LANES, np.int64)
-    lo1_1 = np.empty(LANES, np.int64)
-    hi1_1 = np.empty(LANES, np.int64)
-    lo2_1 = np.empty(LANES, np.int64)
-    hi2_1 = np.empty(LANES, np.int64)
+    qt = scratch((LANES, dim), ACC)
+    acc = scratch((LANES, dim), ACC)
+    scores = scratch((LANES, KEY_CHUNK), ACC)
+    mask = scratch((LANES, KEY_CHUNK), ACC)
+    m = scratch(LANES, ACC)
+    l = scratch(LANES, ACC)
+    keys = scratch(KEY_CHUNK, np.int64)
+    bits = scratch(KEY_CHUNK, BITS)
+    offs = scratch(KEY_CHUNK, np.int64)
+    lo0_1 = scratch(LANES, np.int64)
+    hi0_1 = scratch(LANES, np.int64)
+    lo1_1 = scratch(LANES, np.int64)
+    hi1_1 = scratch(LANES, np.int64)
+    lo2_1 = scratch(LANES, np.int64)
+    hi2_1 = scratch(LANES, np.int64)
     j = fetch_add(a[0], 1)
     while j < parts:
         start, stop = items * j // parts, items * (j + 1) // parts
@@ -174,25 +174,25 @@ def backward_0(a):
     A cfunc: ``a`` points to q, k, v, out, dout, lse, scale, n0, n1, reach0, reach1, heads, table, dq, dk, dv, dtable, slot, packed
     by ``launch.pack``; each thread takes ranges of items until none is left.
     """
-    ints = numba.carray(a[0], 51, np.int64)
-    reals = numba.carray(a[1], 1, ACC)
-    q = numba.carray(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
-    k = numba.carray(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
-    v = numba.carray(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
-    out = numba.carray(a[5], (ints[15], ints[16], ints[17], ints[18],), ACC)
-    dout = numba.carray(a[6], (ints[19], ints[20], ints[21], ints[22],), ACC)
-    lse = numba.carray(a[7], (ints[23], ints[24], ints[25],), ACC)
+    ints = view(a[0], 51, np.int64)
+    reals = view(a[1], 1, ACC)
+    q = view(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
+    k = view(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
+    v = view(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
+    out = view(a[5], (ints[15], ints[16], ints[17], ints[18],), ACC)
+    dout = view(a[6], (ints[19], ints[20], ints[21], ints[22],), ACC)
+    lse = view(a[7], (ints[23], ints[24], ints[25],), ACC)
     scale = reals[0]
     n0 = ints[26]
     n1 = ints[27]
     reach0 = ints[28]
     reach1 = ints[29]
-    heads = numba.carray(a[8], (ints[30],), np.int64)
-    table = numba.carray(a[9], (ints[31], ints[32],), ACC)
-    dq = numba.carray(a[10], (ints[33], ints[34], ints[35], ints[36],), ACC)
-    dk = numba.carray(a[11], (ints[37], ints[38], ints[39], ints[40], ints[41],), ACC)
-    dv = numba.carray(a[12], (ints[42], ints[43], ints[44], ints[45], ints[46],), ACC)
-    dtable = numba.carray(a[13], (ints[47], ints[48], ints[49],), ACC)
+    heads = view(a[8], (ints[30],), np.int64)
+    table = view(a[9], (ints[31], ints[32],), ACC)
+    dq = view(a[10], (ints[33], ints[34], ints[35], ints[36],), ACC)
+    dk = view(a[11], (ints[37], ints[38], ints[39], ints[40], ints[41],), ACC)
+    dv = view(a[12], (ints[42], ints[43], ints[44], ints[45], ints[46],), ACC)
+    dtable = view(a[13], (ints[47], ints[48], ints[49],), ACC)
     slot = fetch_add(a[14], 1)
     parts, items = ints[1], ints[2]
     dim = q.shape[3]
@@ -203,23 +203,23 @@ def backward_0(a):
     per_row = (n1 + LANES - 1) // LANES
     tiles = rows * per_row
     nh = heads.shape[0]
-    qt = np.empty((LANES, dim), ACC)
-    dot = np.empty((LANES, dim), ACC)
-    dqa = np.empty((LANES, dim), ACC)
-    scores = np.empty((LANES, KEY_CHUNK), ACC)
-    dps = np.empty((LANES, KEY_CHUNK), ACC)
-    mask = np.empty((LANES, KEY_CHUNK), ACC)
-    lse_t = np.empty(LANES, ACC)
-    delta = np.empty(LANES, ACC)
-    keys = np.empty(KEY_CHUNK, np.int64)
-    bits = np.empty(KEY_CHUNK, BITS)
-    offs = np.empty(KEY_CHUNK, np.int64)
-    lo0_1 = np.empty(LANES, np.int64)
-    hi0_1 = np.empty(LANES, np.int64)
-    lo1_1 = np.empty(LANES, np.int64)
-    hi1_1 = np.empty(LANES, np.int64)
-    lo2_1 = np.empty(LANES, np.int64)
-    hi2_1 = np.empty(LANES, np.int64)
+    qt = scratch((LANES, dim), ACC)
+    dot = scratch((LANES, dim), ACC)
+    dqa = scratch((LANES, dim), ACC)
+    scores = scratch((LANES, KEY_CHUNK), ACC)
+    dps = scratch((LANES, KEY_CHUNK), ACC)
+    mask = scratch((LANES, KEY_CHUNK), ACC)
+    lse_t = scratch(LANES, ACC)
+    delta = scratch(LANES, ACC)
+    keys = scratch(KEY_CHUNK, np.int64)
+    bits = scratch(KEY_CHUNK, BITS)
+    offs = scratch(KEY_CHUNK, np.int64)
+    lo0_1 = scratch(LANES, np.int64)
+    hi0_1 = scratch(LANES, np.int64)
+    lo1_1 = scratch(LANES, np.int64)
+    hi1_1 = scratch(LANES, np.int64)
+    lo2_1 = scratch(LANES, np.int64)
+    hi2_1 = scratch(LANES, np.int64)
     j = fetch_add(a[0], 1)
     while j < parts:
         start, stop = items * j // parts, items * (j + 1) // parts

@@ -10,8 +10,8 @@ Pattern 0: window(7)
 import numba
 import numpy as np
 
-from patterngen.backends.numba.launch import fetch_add
-from patterngen.backends.numba.runtime import backward_chunk, finish_row, softmax_chunk
+from patterngen.backends.numba.launch import fetch_add, view
+from patterngen.backends.numba.runtime import backward_chunk, finish_row, scratch, softmax_chunk
 
 ACC = np.float32
 QUERY_TILE = 32
@@ -28,27 +28,27 @@ def forward_0(a):
     A cfunc: ``a`` points to q, k, v, scale, n0, n1, heads, out, lse, packed
     by ``launch.pack``; each thread takes ranges of items until none is left.
     """
-    ints = numba.carray(a[0], 25, np.int64)
-    reals = numba.carray(a[1], 1, ACC)
-    q = numba.carray(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
-    k = numba.carray(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
-    v = numba.carray(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
+    ints = view(a[0], 25, np.int64)
+    reals = view(a[1], 1, ACC)
+    q = view(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
+    k = view(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
+    v = view(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
     scale = reals[0]
     n0 = ints[15]
     n1 = ints[16]
-    heads = numba.carray(a[5], (ints[17],), np.int64)
-    out = numba.carray(a[6], (ints[18], ints[19], ints[20], ints[21],), ACC)
-    lse = numba.carray(a[7], (ints[22], ints[23], ints[24],), ACC)
+    heads = view(a[5], (ints[17],), np.int64)
+    out = view(a[6], (ints[18], ints[19], ints[20], ints[21],), ACC)
+    lse = view(a[7], (ints[22], ints[23], ints[24],), ACC)
     parts, items = ints[1], ints[2]
     dim = q.shape[3]
     tokens = n0 * n1
     tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE
     nh = heads.shape[0]
-    qs = np.empty(dim, ACC)
-    acc = np.empty(dim, ACC)
-    scores = np.empty(KEY_CHUNK, ACC)
-    keys = np.empty(KEY_CHUNK, np.int64)
-    bits = np.empty(KEY_CHUNK, BITS)
+    qs = scratch(dim, ACC)
+    acc = scratch(dim, ACC)
+    scores = scratch(KEY_CHUNK, ACC)
+    keys = scratch(KEY_CHUNK, np.int64)
+    bits = scratch(KEY_CHUNK, BITS)
     j = fetch_add(a[0], 1)
     while j < parts:
         start, stop = items * j // parts, items * (j + 1) // parts
@@ -101,33 +101,33 @@ def backward_0(a):
     A cfunc: ``a`` points to q, k, v, out, dout, lse, scale, n0, n1, heads, dq, dk, dv, packed
     by ``launch.pack``; each thread takes ranges of items until none is left.
     """
-    ints = numba.carray(a[0], 43, np.int64)
-    reals = numba.carray(a[1], 1, ACC)
-    q = numba.carray(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
-    k = numba.carray(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
-    v = numba.carray(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
-    out = numba.carray(a[5], (ints[15], ints[16], ints[17], ints[18],), ACC)
-    dout = numba.carray(a[6], (ints[19], ints[20], ints[21], ints[22],), ACC)
-    lse = numba.carray(a[7], (ints[23], ints[24], ints[25],), ACC)
+    ints = view(a[0], 43, np.int64)
+    reals = view(a[1], 1, ACC)
+    q = view(a[2], (ints[3], ints[4], ints[5], ints[6],), ACC)
+    k = view(a[3], (ints[7], ints[8], ints[9], ints[10],), ACC)
+    v = view(a[4], (ints[11], ints[12], ints[13], ints[14],), ACC)
+    out = view(a[5], (ints[15], ints[16], ints[17], ints[18],), ACC)
+    dout = view(a[6], (ints[19], ints[20], ints[21], ints[22],), ACC)
+    lse = view(a[7], (ints[23], ints[24], ints[25],), ACC)
     scale = reals[0]
     n0 = ints[26]
     n1 = ints[27]
-    heads = numba.carray(a[8], (ints[28],), np.int64)
-    dq = numba.carray(a[9], (ints[29], ints[30], ints[31], ints[32],), ACC)
-    dk = numba.carray(a[10], (ints[33], ints[34], ints[35], ints[36], ints[37],), ACC)
-    dv = numba.carray(a[11], (ints[38], ints[39], ints[40], ints[41], ints[42],), ACC)
+    heads = view(a[8], (ints[28],), np.int64)
+    dq = view(a[9], (ints[29], ints[30], ints[31], ints[32],), ACC)
+    dk = view(a[10], (ints[33], ints[34], ints[35], ints[36], ints[37],), ACC)
+    dv = view(a[11], (ints[38], ints[39], ints[40], ints[41], ints[42],), ACC)
     parts, items = ints[1], ints[2]
     dim = q.shape[3]
     splits = dk.shape[0]
     tokens = n0 * n1
     nh = heads.shape[0]
-    dqa = np.empty(dim, ACC)
-    qs = np.empty(dim, ACC)
-    dos = np.empty(dim, ACC)
-    scores = np.empty(KEY_CHUNK, ACC)
-    dps = np.empty(KEY_CHUNK, ACC)
-    keys = np.empty(KEY_CHUNK, np.int64)
-    bits = np.empty(KEY_CHUNK, BITS)
+    dqa = scratch(dim, ACC)
+    qs = scratch(dim, ACC)
+    dos = scratch(dim, ACC)
+    scores = scratch(KEY_CHUNK, ACC)
+    dps = scratch(KEY_CHUNK, ACC)
+    keys = scratch(KEY_CHUNK, np.int64)
+    bits = scratch(KEY_CHUNK, BITS)
     j = fetch_add(a[0], 1)
     while j < parts:
         start, stop = items * j // parts, items * (j + 1) // parts
