@@ -159,9 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PNG of measured time against symbolic FLOPs (default "
                         "patterngen-demo.png)")
     p.add_argument("--no-measure", action="store_true", help="print the catalogue only")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="processes that compile the kernels before the timings, one pattern "
-                        "each (default: the number of cores; 1 compiles as it measures)")
     return parser
 
 
@@ -240,8 +237,6 @@ def _demo(args):
         return
     from .profile import profile
 
-    if args.jobs > 1 and args.device == "cpu":
-        _compile_ahead(CATALOGUE, args)
     rows = []
     for entry in CATALOGUE:
         try:
@@ -259,40 +254,6 @@ def _demo(args):
     if measured and args.plot:
         _demo_plot(measured, args)
         print(f"plot: {args.plot}")
-
-
-def _compile_ahead(catalogue, args) -> None:
-    """Run each pattern once in ``args.jobs`` spawned processes, so that its kernels are
-    compiled into the on-disk cache in parallel and the timings then load them: numba compiles
-    on one core, and compiling is most of a first demo's time. The planner's calibration is
-    measured here first, so the workers read it and plan as the timings will."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    if args.backend == "auto":
-        from .calibrate import rates
-
-        rates(args.device, args.dtype)
-    jobs = min(args.jobs, len(catalogue))
-    print(f"compiling {len(catalogue)} patterns in {jobs} processes ...", file=sys.stderr,
-          flush=True)
-    options = dict(head_dim=args.head_dim, heads=args.heads, batch=args.batch,
-                   backend=args.backend, device=args.device, dtype=args.dtype)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        list(pool.map(_run_once, [(e.pattern, e.grid, options) for e in catalogue]))
-
-
-def _run_once(job) -> None:
-    """One untimed call of a pattern (in a worker of :func:`_compile_ahead`); what cannot run
-    (a backend this process does not know, inputs it refuses) is reported by the timings,
-    not here."""
-    from .profile import profile
-
-    pattern, grid, options = job
-    try:
-        profile(pattern, grid=grid, warmup=0, repeats=1, **options)
-    except PatternError:
-        pass
 
 
 def _demo_table(rows, args) -> str:

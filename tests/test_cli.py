@@ -158,20 +158,9 @@ def test_demo_catalogue_measured_and_plotted(capsys, tmp_path, monkeypatch):
         e for e in catalogue.CATALOGUE if e.name in ("natten", "criss-cross")])
     plot = tmp_path / "demo.png"
     code, out, _ = run(capsys, "demo", "--backend", register_fake_backend(), "--plot", str(plot),
-                       "--repeats", "1", "--warmup", "0", "--head-dim", "4", "--heads", "1",
-                       "--jobs", "1")
+                       "--repeats", "1", "--warmup", "0", "--head-dim", "4", "--heads", "1")
     assert code == 0 and plot.read_bytes()[:4] == b"\x89PNG"
     assert "== natten" in out and "measured on cpu" in out and f"plot: {plot}" in out
-
-
-def test_demo_runs_each_pattern_once_in_worker_processes_first(capsys, monkeypatch):
-    catalogue = pytest.importorskip("patterngen.catalogue")
-    monkeypatch.setattr(catalogue, "CATALOGUE", [
-        e for e in catalogue.CATALOGUE if e.name in ("natten", "criss-cross")])
-    code, out, err = run(capsys, "demo", "--backend", "sdpa", "--plot", "", "--repeats", "1",
-                         "--warmup", "0", "--head-dim", "4", "--heads", "1", "--jobs", "2")
-    assert code == 0 and "compiling 2 patterns in 2 processes" in err
-    assert "== natten" in out and "== criss-cross" in out
 
 
 def test_help_documents_every_command_with_an_example():
