@@ -172,6 +172,19 @@ class NumbaBackend(Backend):
         tables = () if table is None else (table.reshape(table.shape[0], -1),)
         return (real(scale), *caps, *shape, *reach), tables
 
+    def _poisoned_lanes(self, v) -> bool:
+        """Whether tile lanes would spread a non-finite value: lanes that share a term's keys
+        multiply every key's value row by each lane's probability, 0 for a lane that does not
+        attend the key, and ``0 * nan`` is NaN. One pass over ``v``, only with shared terms."""
+        import numpy as np
+
+        return bool(self.shared and any(map(any, self.shared)) and not np.isfinite(v).all())
+
+    @functools.cached_property
+    def _one_query(self):
+        """The same pattern one query at a time (for values that are not all finite)."""
+        return NumbaBackend(self.ir, scale=self.scale, lanes=0, softcap=self.softcap)
+
     def _head_groups(self, heads: int):
         """``(kernel index, int64 array of heads)`` for every kernel some head uses."""
         import numpy as np
@@ -193,6 +206,8 @@ class NumbaBackend(Backend):
         """
         import numpy as np
 
+        if self._poisoned_lanes(v):
+            return self._one_query.forward_numpy(q, k, v, shape, scale, table, softcap)
         groups = self._head_groups(q.shape[1])
         kernels = self._kernels(q.dtype.name, q.shape[3], "forward", groups, table, softcap)
         out = np.empty_like(q)
@@ -213,6 +228,9 @@ class NumbaBackend(Backend):
         import numba
         import numpy as np
 
+        if self._poisoned_lanes(v):
+            return self._one_query.backward_numpy(q, k, v, out, dout, lse, shape, scale, table,
+                                                  softcap)
         groups = self._head_groups(q.shape[1])
         kernels = self._kernels(q.dtype.name, q.shape[3], "backward", groups, table, softcap)
         batch, heads = q.shape[:2]
