@@ -10,9 +10,11 @@ Every case runs in a fresh Python process (numba's in-process caches start empty
 - ``cached``: the same pattern ran before: everything loads from disk.
 
 ``--roots`` runs the same cases on several checkouts (e.g. the code before a change, unpacked
-with ``git archive``, and this one), interleaved, and reports medians. ``--demo`` also times
-``patterngen demo --backend numba`` from an empty cache, once per root. ``--speed W2,W3`` instead checks that
-a change left the kernels' speed alone: on each root, in rounds that alternate the roots, the
+with ``git archive``, and this one), interleaved, and reports medians. An unpacked root gets a
+``patterngen/backends`` link to its own ``backends/``: without it, it imported the installed
+checkout's backends, so earlier comparisons timed one backend under several roots.
+``--demo`` also times ``patterngen demo --backend numba`` from an empty cache, once per root.
+``--speed W2,W3`` instead checks that a change left the kernels' speed alone: on each root, in rounds that alternate the roots, the
 numba forward and forward+backward of those workloads of ``benchmarks/bench_cpu.py`` (its
 definitions and its timer, kernels compiled before timing), medians over the rounds.
 
@@ -107,7 +109,18 @@ def _speed(root: Path, workloads: str, clock: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _own_backends(root: Path) -> None:
+    """Make ``root`` import its own ``backends/`` as ``patterngen.backends``: an unpacked
+    checkout has none under ``patterngen/``, and the import would otherwise fall through to the
+    installed (editable) project's, so every root would time the same backends."""
+    link = root / "patterngen" / "backends"
+    if not link.exists() and (root / "backends").is_dir():
+        link.symlink_to(root.resolve() / "backends", target_is_directory=True)
+
+
 def _env(root: Path, cache: str | None) -> dict:
+    if root.resolve() != Path(__file__).resolve().parents[1]:
+        _own_backends(root)
     env = dict(os.environ)
     if cache is not None:  # numba's caches too: the runtime's would sit beside its source, warm
         env.update(PATTERNGEN_CACHE=cache, NUMBA_CACHE_DIR=cache)
