@@ -18,8 +18,7 @@ from patterngen.grid import is_number
 
 #: queries per work item of the one-query kernels
 QUERY_TILE = 32
-#: tile widths tried by :func:`plan_lanes`, beside the last axis's block sizes and window
-#: strides up to 16 (a W2-sized 7x7 window with stride 2: 2 lanes 0.56x the time of none)
+#: tile widths tried by :func:`plan_lanes`, beside the last axis's block sizes up to 16
 LANE_CHOICES = (8, 4)
 #: a term is shared by a tile's lanes when at least this share of the pairs it computes is
 #: attended; else each lane runs it on its own keys
@@ -99,8 +98,8 @@ def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
     if lanes == 0:
         return 0, None
     widths = [lanes] if lanes is not None else sorted(set(LANE_CHOICES) | {
-        int(w) for head in heads for term in head.terms for a in term.rels[-1].atoms
-        for w in [_aligned_width(a)] if w is not None and 2 <= w <= 16}, reverse=True)
+        int(a.size) for head in heads for term in head.terms for a in term.rels[-1].atoms
+        if isinstance(a, ir.Block) and is_number(a.size) and 2 <= a.size <= 16}, reverse=True)
     alone = sum(head.pairs() for head in node.per_head)
     for width in widths:
         terms = {h.terms: _lane_terms(h, shape, width) for h in heads}
@@ -110,17 +109,6 @@ def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
         if lanes is not None or (any(map(any, shared)) and cost <= 0.85 * alone):
             return width, shared
     return 0, None
-
-
-def _aligned_width(atom):
-    """Queries along the last axis that ``atom`` gives the same keys, in aligned runs: a
-    block's size, a strided window's stride (NATTEN's query groups; with dilation the
-    consecutive queries belong to different groups); ``None`` for other atoms."""
-    if isinstance(atom, ir.Block) and is_number(atom.size):
-        return atom.size
-    if isinstance(atom, ir.Window) and atom.dilation == 1 and is_number(atom.stride):
-        return atom.stride
-    return None
 
 
 def distinct_heads(node) -> list:
