@@ -23,6 +23,8 @@ from strategies import cases, random_spec
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 LONG = pytest.mark.skipif(os.environ.get("PATTERNGEN_LONG") != "1",
                           reason="torch.compile on CPU takes tens of seconds; PATTERNGEN_LONG=1")
+COMPILES = pytest.mark.skipif(os.environ.get("PATTERNGEN_LONG") != "1",
+                              reason="one more numba module to compile; PATTERNGEN_LONG=1")
 
 NAMED = [
     (pg.window((5, 3), dilation=(2, 1)), (11, 9), dict(block=16)),      # dilation, clamped
@@ -236,19 +238,25 @@ def test_bad_tables_and_softcaps_are_named(backend):
 # (seconds each), so its cases are chosen rather than drawn by hypothesis. lanes=0 runs a
 # query at a time; lanes=4 runs tiles whose lanes share a term's keys (blocks, axes, the row
 # of criss-cross) or run it lane by lane (narrow windows, criss-cross's column).
+# Each case runs one of the two variants by default, alternating (every module is a compile:
+# the suite's longest file from an empty cache), and the other with PATTERNGEN_LONG=1.
 NUMBA_LANES = [(c, 0) for c in NAMED] + [(NAMED[i], 4) for i in (0, 2, 4, 5, 6, 7)]
+NUMBA_VARIANTS = [(None, True), (1.5, False)]
+NUMBA_CASES = [
+    pytest.param(case, lanes, *variant, id=f"{case[0]!r}-lanes{lanes}-softcap{variant[0]}",
+                 marks=[] if (i + v) % 2 == 0 else [COMPILES])
+    for i, (case, lanes) in enumerate(NUMBA_LANES) for v, variant in enumerate(NUMBA_VARIANTS)]
 
 
-@pytest.mark.parametrize("case, lanes", NUMBA_LANES,
-                         ids=[f"{repr(c[0])}-lanes{lanes}" for c, lanes in NUMBA_LANES])
-@pytest.mark.parametrize("softcap, shared", [(None, True), (1.5, False)])
+@pytest.mark.parametrize("case, lanes, softcap, shared", NUMBA_CASES)
 def test_numba_equals_the_oracle(case, lanes, softcap, shared):
     pytest.importorskip("numba")
     pattern, grid, _ = case
     check("numba", pattern, grid, softcap, shared, lanes=lanes)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", [*range(3), *(pytest.param(s, marks=COMPILES)
+                                                for s in range(3, 6))])
 def test_numba_random_patterns(seed):
     pytest.importorskip("numba")
     rng = random.Random(f"bias-{seed}")
