@@ -322,7 +322,7 @@ def test_numba_plain_kernels_are_unchanged_by_the_variants():
 def test_numba_ops_pass_opcheck_with_a_table():
     pytest.importorskip("numba")
     attn = pg.compile(pg.criss_cross() | pg.window(3), (6, 6), backend="numba", lanes=4)
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float64,):  # float32 is the plain operator's (test_ops), one compile less
         q, k, v, table = inputs((6, 6), 2, attn.reach, False, dtype=dtype)
         torch.library.opcheck(torch.ops.patterngen.numba_fwd.default,
                               (q, k, v, attn.op_key, 0.3, table, 0.7))
