@@ -240,11 +240,12 @@ def test_bad_tables_and_softcaps_are_named(backend):
 # of criss-cross) or run it lane by lane (narrow windows, criss-cross's column).
 # Each case runs one of the two variants by default, alternating (every module is a compile:
 # the suite's longest file from an empty cache), and the other with PATTERNGEN_LONG=1.
-NUMBA_LANES = [(c, 0) for c in NAMED] + [(NAMED[i], 4) for i in (0, 2, 4, 5, 6, 7)]
+NUMBA_LANES = [(c, 0) for c in NAMED] + [(NAMED[i], 4) for i in (2, 4, 5, 6, 0, 7)]
 NUMBA_VARIANTS = [(None, True), (1.5, False)]
+#: the last lanes=4 cases (dilated windows, per head: 5 and 18 s from an empty cache) only long
 NUMBA_CASES = [
     pytest.param(case, lanes, *variant, id=f"{case[0]!r}-lanes{lanes}-softcap{variant[0]}",
-                 marks=[] if (i + v) % 2 == 0 else [COMPILES])
+                 marks=[] if (i + v) % 2 == 0 and i < len(NUMBA_LANES) - 2 else [COMPILES])
     for i, (case, lanes) in enumerate(NUMBA_LANES) for v, variant in enumerate(NUMBA_VARIANTS)]
 
 
@@ -255,8 +256,8 @@ def test_numba_equals_the_oracle(case, lanes, softcap, shared):
     check("numba", pattern, grid, softcap, shared, lanes=lanes)
 
 
-@pytest.mark.parametrize("seed", [*range(3), *(pytest.param(s, marks=COMPILES)
-                                                for s in range(3, 6))])
+@pytest.mark.parametrize("seed", [*range(2), *(pytest.param(s, marks=COMPILES)
+                                                for s in range(2, 6))])
 def test_numba_random_patterns(seed):
     pytest.importorskip("numba")
     rng = random.Random(f"bias-{seed}")
