@@ -98,17 +98,23 @@ class Backend:
                                f"{q.dtype}; expected one dtype (convert with .to(q.dtype)).")
         return rel_bias
 
-    def check_extra_keys(self, ak, av, q):
+    def check_extra_keys(self, ak, av, q, rel_bias=None):
         """``(ak, av)`` (``additional_keys``/``additional_values``) checked against the
         flattened ``q`` ``(batch, heads, tokens, dim)`` and made contiguous; ``None`` when
         there are none (both ``None``, or zero tokens).
 
         Raises:
-            PatternError: naming the tensor, what was expected and what was received.
+            PatternError: naming the tensor, what was expected and what was received; for
+                extra keys with a ``rel_bias`` table, which they have no grid offset in.
         """
         if ak is None and av is None:
             return None
         import torch
+
+        if rel_bias is not None:
+            raise PatternError(f"{self.name}: additional_keys with rel_bias is not supported: "
+                               f"the table is indexed by grid offsets, which extra keys do not "
+                               f"have; pass one or the other.")
 
         if ak is None or av is None:
             given, missing = ("additional_keys", "additional_values") if av is None else (

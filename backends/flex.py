@@ -378,11 +378,7 @@ class FlexBackend(Backend):
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
-        extra = self.check_extra_keys(additional_keys, additional_values, qf)
-        if extra is not None and table is not None:
-            raise PatternError("flex: additional_keys with rel_bias is not supported: the "
-                               "table is indexed by grid offsets, which extra keys do not "
-                               "have; pass one or the other.")
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, table)
         device = qf.device
         if device.type == "cpu" and torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (qf, kf, vf, table, *(extra or ()))):
@@ -407,8 +403,9 @@ class FlexBackend(Backend):
         else:
             from torch.nn.attention.flex_attention import flex_attention as fn
         score_mod = self.score_mod(table, device)
-        if torch.compiler.is_compiling() or bool(torch.isfinite(kf).all()
-                                                  and torch.isfinite(vf).all()):
+        # masked pairs exist only in partial blocks: without any, every key is attended
+        if (torch.compiler.is_compiling() or not (self._partial or extra is not None)
+                or bool(torch.isfinite(kf).all() and torch.isfinite(vf).all())):
             out = fn(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
         else:
             if device.type == "cpu":  # the compiled CPU kernel lets a masked NaN score through
@@ -417,6 +414,11 @@ class FlexBackend(Backend):
         if not self._identity:
             out = out[:, :, inverse]
         return restore(out)
+
+    @functools.cached_property
+    def _partial(self) -> bool:
+        """Whether some block of the layout is partial (ragged edge tiles count)."""
+        return any(not lay.tiles(pad_ragged=True)[2].all() for lay in self._heads)
 
     def _permutation(self, device):
         key = ("perm", str(device))

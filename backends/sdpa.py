@@ -34,7 +34,6 @@ import numpy as np
 
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
-from patterngen.errors import PatternError
 from patterngen.layout import HeadsLayout, aligned_tiles, layout
 from patterngen.reference import materialize
 
@@ -299,11 +298,7 @@ class SdpaBackend(Backend):
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
-        extra = self.check_extra_keys(additional_keys, additional_values, qf)
-        if extra is not None and table is not None:
-            raise PatternError("sdpa: additional_keys with rel_bias is not supported: the "
-                               "table is indexed by grid offsets, which extra keys do not "
-                               "have; pass one or the other.")
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, table)
         scale = scale if scale is not None else self.scale
         scale = scale if scale is not None else qf.shape[-1] ** -0.5
         perm, plans, outs = self._device(qf.device)

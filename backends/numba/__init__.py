@@ -144,6 +144,9 @@ class NumbaBackend(Backend):
             if rel_bias is not None or self.softcap is not None:
                 raise PatternError("numba: additional_keys with rel_bias or softcap is not "
                                    "supported; the extra keys have no position in the table.")
+            # checked here too, so that bad extra keys are named as numba's, not auto's
+            self.check_extra_keys(additional_keys, additional_values,
+                                  self.flatten_inputs(q, k, v)[0])
             return self._with_extra_keys(q, k, v, scale=scale, additional_keys=additional_keys,
                                          additional_values=additional_values)
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
