@@ -134,11 +134,9 @@ def test_codegen_unavailable_backend_exits_1(capsys, monkeypatch):
 @pytest.mark.parametrize("name", [n for n in backends.available() if not n.startswith("test_")])
 def test_codegen_prints_the_artefact(capsys, name):
     code, out, err = run(capsys, "codegen", "criss_cross()", "--grid", "8x8", "--backend", name)
-    if code == 1:
-        pytest.skip(err)
-    assert code == 0 and out.strip()
+    assert code == 0 and out.strip(), err
     if name == "numba":
-        assert out.startswith('"""patterngen numba kernels for criss_cross()')
+        assert out.startswith("# criss_cross() runs this module")
 
 
 def test_profile_command(capsys, tmp_path):

@@ -228,7 +228,7 @@ def test_new_grid_reuses_the_compiled_kernels(monkeypatch):
     compiled = []
     real_compile = module._compile
     monkeypatch.setattr(module, "_compile", lambda f: compiled.append(f) or real_compile(f))
-    spec = pg.window(3) | pg.global_tokens([1, 6])  # a structure no other test compiles
+    spec = pg.window((3, 2), dilation=(1, 2)) | pg.global_tokens([1, 6])  # no other test has it
     first = pg.compile(spec, (5, 8), backend="numba")
     second = pg.compile(spec, (7, 11), backend="numba")
     assert first.source == second.source
@@ -236,6 +236,42 @@ def test_new_grid_reuses_the_compiled_kernels(monkeypatch):
     assert [f.__name__ for f in compiled] == ["forward_0"]
     second(*_inputs((7, 11), 1, 1, 4, torch.float64, seed=9))
     assert len(compiled) == 1
+
+
+def test_patterns_of_one_structure_share_the_compiled_kernels(monkeypatch):
+    # the atoms' extents are kernel arguments: another size, block, offset or global range
+    # runs the same module, compiled once, and each pattern still gets its own answer
+    compiled = []
+    real_compile = module._compile
+    monkeypatch.setattr(module, "_compile", lambda f: compiled.append(f) or real_compile(f))
+    specs = [pg.block((2, 3), offset=(1, 2)) | pg.global_tokens([(0, 2)]),
+             pg.block((3, 4), offset=(2, 1)) | pg.global_tokens([(3, 5)])]
+    sources = {pg.compile(spec, (7, 8), backend="numba", lanes=0).source_for("float32")
+               for spec in specs}
+    assert len(sources) == 1
+    for spec in specs:
+        _check_against_oracle(spec, (7, 8), *_inputs((7, 8), 1, 2, 4, torch.float64, seed=21),
+                              lanes=0)
+    assert [f.__name__ for f in compiled] == ["forward_0", "backward_0"]
+
+
+def test_constants_keep_literals_that_shape_the_code():
+    # a dilation is the loops' step and an offset of 0 or a stride of 1 drop whole
+    # expressions: patterns that differ there get modules of their own
+    def text(spec):
+        return pg.compile(spec, (12, 12), backend="numba", lanes=0).source_for("float32")
+
+    assert text(pg.window(3)) == text(pg.window(5))
+    assert text(pg.window(3)) != text(pg.window(3, dilation=2))
+    assert text(pg.window(3, dilation=2)) == text(pg.window(5, dilation=2))
+    assert text(pg.block(3)) != text(pg.block(3, offset=1))
+    assert text(pg.block(3, offset=1)) == text(pg.block(4, offset=2))
+    assert text(pg.window(5, stride=2)) == text(pg.window(7, stride=3))
+    assert text(pg.window(5, stride=2)) != text(pg.window(5))
+    attn = pg.compile(pg.window((5, 3)), (12, 12), backend="numba")
+    assert attn.constants == (5, 3)
+    assert attn.source.startswith("# window((5, 3)) runs this module with the constants "
+                                  "c0 = 5, c1 = 3\n")
 
 
 def test_executed_pairs_are_the_attended_pairs_or_the_tiles_unions():
@@ -259,10 +295,12 @@ def test_terms_with_one_key_on_the_last_axis_run_last():
 def test_source_is_readable_and_names_the_spec():
     attn = pg.compile(pg.window(7) | pg.axis(0), (64, 64), backend="numba")
     src = attn.source
-    assert src.startswith('"""patterngen numba kernels for (window(7) | axis(0)) (float32).')
+    assert src.startswith("# (window(7) | axis(0)) runs this module with the constants "
+                          "c0 = 7, c1 = 7\n")
+    assert "term 0: (Window(c0, clamp), Window(c1, clamp))" in src
     assert "term 1: (All(), Eq())" in src
-    assert "min(max((i0 - 3), 0), (n0 - 7))" in src  # the window's constants are folded
-    assert "(64 - 7)" not in src  # ... and the grid's extents are not
+    assert "min(max((i0 - (c0 // 2)), 0), (n0 - c0))" in src  # the window's size an argument
+    assert "(64 - " not in src  # ... and so are the grid's extents
     assert "ACC = np.float64" in attn.source_for("float64")
     assert repr(attn) == "NumbaBackend((window(7) | axis(0)) on grid 64x64, lanes=0)"
 
@@ -422,11 +460,11 @@ def test_half_precision_runs_in_float32(dtype, atol, lanes):
     _check_against_oracle(spec, grid, q, k, v, atol=atol, lanes=lanes)
 
 
-def test_the_header_names_the_spec_it_was_compiled_for():
-    # window(7) and window((7, 7)) lower to equal IRs; each module is headed by its own label
+def test_the_source_names_the_spec_it_was_compiled_for():
+    # window(7) and window((7, 7)) lower to equal IRs; each names its own label
     first = pg.compile(pg.window(7), (9, 9), backend="numba")
     second = pg.compile(pg.window((7, 7)), (9, 9), backend="numba")
     assert first.ir == second.ir
-    assert first.source.startswith('"""patterngen numba kernels for window(7) (float32).')
-    assert second.source.startswith(f'"""patterngen numba kernels for {second.ir.label} ')
+    assert first.source.startswith("# window(7) runs this module")
+    assert second.source.startswith(f"# {second.ir.label} runs this module")
     assert second.ir.label != first.ir.label

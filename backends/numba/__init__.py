@@ -40,7 +40,7 @@ from . import launch, plan
 from .autograd import WIDENED, numba_fwd
 from .module import cache_dir, kernel, load
 from .plan import lane_pairs, plan_lanes
-from .source import DTYPES, SPECIALISED_HEAD_DIM, generate
+from .source import DTYPES, SPECIALISED_HEAD_DIM, constants, generate
 
 __all__ = ["NumbaBackend", "generate", "load", "cache_dir", "plan_lanes", "lane_pairs",
            "SPECIALISED_HEAD_DIM"]
@@ -52,8 +52,9 @@ class NumbaBackend(Backend):
     Call with ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens, head_dim)``
     CPU tensors: float32 or float64, or bfloat16 and float16, which run in float32 and come
     back in their own dtype. Non-contiguous inputs are copied to contiguous ones first. Grid
-    extents are kernel arguments: compiling the same pattern on another grid of the same
-    structure reuses the compiled kernels.
+    extents and the atoms' extents are kernel arguments: the same pattern on another grid, or
+    another pattern of the same structure (another window or block size, offset, global
+    range), reuses the compiled kernels.
 
     Args:
         ir: the lowered pattern (numeric grid).
@@ -64,7 +65,10 @@ class NumbaBackend(Backend):
 
     Attributes:
         source: the generated float32 module for any head_dim (``source_for(dtype, head_dim)``
-            for the others: head_dims from ``SPECIALISED_HEAD_DIM`` up get their own kernels).
+            for the others: head_dims from ``SPECIALISED_HEAD_DIM`` up get their own kernels),
+            after a comment naming this pattern and its :attr:`constants`.
+        constants: the atoms' extents the kernels take as ``c0, c1, ...``: the module is
+            shared by every pattern of this structure (:func:`~.source.constants`).
     """
 
     name = "numba"
@@ -83,6 +87,7 @@ class NumbaBackend(Backend):
         plan.check_lanes(lanes, allow_none=True)
         self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
         self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
+        self.constants = constants(ir_)
         #: this compiled pattern's key for the ``patterngen::numba_*`` operators (set here,
         #: not on first call: a traced call must only read it)
         self.op_key = ops.register(self, self.lanes, self.shared)
@@ -96,7 +101,9 @@ class NumbaBackend(Backend):
 
     @property
     def source(self) -> str:
-        return self.source_for("float32")
+        values = ", ".join(f"c{j} = {v}" for j, v in enumerate(self.constants)) or "none"
+        return (f"# {self.ir.label or '?'} runs this module with the constants {values}\n"
+                + self.source_for("float32"))
 
     @property
     def executed_pairs(self) -> tuple[int, ...]:
@@ -114,8 +121,8 @@ class NumbaBackend(Backend):
         ``head_dim``: compiled for that head_dim from ``SPECIALISED_HEAD_DIM`` up, else for any
         (``head_dim=0``); with ``rel_bias`` and ``softcap``, the kernels that add them."""
         head_dim = head_dim if head_dim >= SPECIALISED_HEAD_DIM else 0
-        return _generate_cached(self.ir, _labels(self.ir), dtype, self.lanes, self.shared,
-                                head_dim, rel_bias, softcap)
+        return _generate_cached(self.ir, dtype, self.lanes, self.shared, head_dim, rel_bias,
+                                softcap)
 
     def __repr__(self):
         return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
@@ -175,6 +182,13 @@ class NumbaBackend(Backend):
         tables = () if table is None else (table.reshape(table.shape[0], -1),)
         return (real(scale), *caps, *shape, *reach), tables
 
+    @functools.cached_property
+    def _consts(self):
+        """:attr:`constants` as the kernels' int64 argument ``consts``."""
+        import numpy as np
+
+        return np.array(self.constants, dtype=np.int64)
+
     def _poisoned_lanes(self, v) -> bool:
         """Whether tile lanes would spread a non-finite value: lanes that share a term's keys
         multiply every key's value row by each lane's probability, 0 for a lane that does not
@@ -216,10 +230,11 @@ class NumbaBackend(Backend):
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
+        consts = self._consts
         tiles = plan.work_items(shape, self.lanes)
         for i, group in groups:
             launch.run(kernels[i], q.shape[0] * len(group) * tiles,
-                       (q, k, v, *scalars, group, *tables, out, lse))
+                       (q, k, v, *scalars, group, consts, *tables, out, lse))
         return out, lse
 
     def backward_numpy(self, q, k, v, out, dout, lse, shape, scale, table=None, softcap=None):
@@ -245,6 +260,7 @@ class NumbaBackend(Backend):
         dk = np.zeros((splits, *q.shape), dtype=q.dtype)
         dv = np.zeros((splits, *q.shape), dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
+        consts = self._consts
         # the table's gradient: a copy per call of the kernel (one per thread), each call
         # taking its own from a counter, summed after the launch: no race, no atomics
         dtable = () if table is None else np.zeros((launch.threads(), *tables[0].shape),
@@ -252,21 +268,16 @@ class NumbaBackend(Backend):
         for i, group in groups:
             slot = () if table is None else (dtable, np.zeros(1, dtype=np.int64))
             launch.run(kernels[i], batch * len(group) * splits,
-                       (q, k, v, out, dout, lse, *scalars, group, *tables, dq, dk, dv, *slot))
+                       (q, k, v, out, dout, lse, *scalars, group, consts, *tables, dq, dk, dv,
+                        *slot))
         grads = (dq, dk[0], dv[0]) if splits == 1 else (dq, dk.sum(axis=0), dv.sum(axis=0))
         if table is None:
             return grads
         return (*grads, dtable.sum(axis=0).reshape(table.shape))
 
 
-def _labels(node) -> tuple:
-    """The labels of ``node`` and its heads: the IR compares without them, the source's
-    header names them."""
-    return (node.label, *(head.label for head in node.per_head))
-
-
 @functools.lru_cache(maxsize=256)
-def _generate_cached(node, labels, dtype: str, lanes: int, shared, head_dim: int, rel_bias: bool,
+def _generate_cached(node, dtype: str, lanes: int, shared, head_dim: int, rel_bias: bool,
                      softcap: bool) -> str:
     return generate(node, dtype, lanes, shared, head_dim, rel_bias, softcap)
 

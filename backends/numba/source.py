@@ -3,7 +3,9 @@
 :func:`generate` walks the IR once (:func:`_visit`: one case per node, as finch's
 ``numba_codegen`` does). Every term becomes one loop per grid axis over that term's key
 progression, written by :meth:`patterngen.ir.Rel.bounds` on :class:`~patterngen.ir.Src`
-names, so the atoms' constants are folded and no mask is tested inside a term. A union visits
+names, with the atoms' extents as the kernel arguments ``c0, c1, ...`` (:func:`constants`:
+patterns of one structure share a module) and their other constants folded, so no mask is
+tested inside a term. A union visits
 its terms in order and skips a key an earlier term already holds, so every key is visited once.
 Keys are buffered ``KEY_CHUNK`` at a time and handed to the helpers of
 :mod:`~patterngen.backends.numba.runtime`, which the module imports; the text holds only what
@@ -15,6 +17,7 @@ describes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 
 from patterngen import ir
@@ -32,6 +35,13 @@ _BITS = {"float32": "np.int32", "float64": "np.int64"}
 #: (a 7x7 window, forward/backward on one thread: 0.87/0.92 of the time at 64, 0.94/0.97 at 48;
 #: at 32 such kernels made the backward twice as slow, so smaller head_dims share generic ones)
 SPECIALISED_HEAD_DIM = 48
+#: atom fields that the kernels take as arguments ``c0, c1, ...`` (:func:`constants`), so that
+#: patterns that differ only in them (window sizes, block sizes, offsets, global ranges) share
+#: one module; a field keeps its literal at the value that changes the code's shape (a stride
+#: of 1, an offset of 0), and a window's dilation always does (it is the loops' step)
+ARGUMENT_FIELDS = {ir.Window: ("size", "stride"), ir.Block: ("size", "offset"),
+                   ir.KeyIn: ("start", "stop"), ir.QueryIn: ("start", "stop")}
+_LITERAL = {("Window", "stride"): 1, ("Block", "offset"): 0}
 #: what a generated module may import from the runtime (see :func:`_imports`)
 _RUNTIME = ("backward_chunk", "finish_row", "scratch", "softmax_chunk", "tile_backward_chunk",
             "tile_softmax_chunk", "union")
@@ -82,7 +92,8 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
             ctx["ndim"] = node.grid.ndim
             forward, backward = ((_emit_lane_forward, _emit_lane_backward) if ctx["lanes"]
                                  else (_emit_forward, _emit_backward))
-            for index, head in enumerate(plan.distinct_heads(node)):
+            ctx["heads"] = symbolic_heads(node)[0]
+            for index, head in enumerate(ctx["heads"]):
                 ctx["kernel"] = index
                 ctx["shares"] = ctx["shared"][index] if ctx["lanes"] else ()
                 ctx["runs"] = True  # see _emit_run
@@ -104,6 +115,46 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
         case _:
             raise PatternError(f"Unrecognized node {node!r} of type {type(node).__name__}; "
                                f"the numba generator handles IR, HeadsIR, Term and Rel.")
+
+
+def _symbolic(atom, values: list):
+    """``atom`` with each of its :data:`ARGUMENT_FIELDS` replaced by the kernel argument
+    ``c{j}``, its value appended to ``values`` at ``j``."""
+    names = {}
+    for name in ARGUMENT_FIELDS.get(type(atom), ()):
+        value = getattr(atom, name)
+        if _LITERAL.get((type(atom).__name__, name)) == value:
+            continue
+        names[name] = ir.Src(f"c{len(values)}")
+        values.append(int(value))
+    return dataclasses.replace(atom, **names) if names else atom
+
+
+def symbolic_heads(node) -> tuple[list, tuple[int, ...]]:
+    """The distinct head patterns of ``node`` (one kernel each) with their atoms' extents as
+    kernel arguments, and those arguments' values in order: the module's text depends on the
+    pattern's structure only, :func:`constants` on its numbers."""
+    values: list[int] = []
+    heads = [dataclasses.replace(head, terms=tuple(
+        ir.Term(tuple(ir.Rel(tuple(_symbolic(a, values) for a in rel.atoms))
+                      for rel in term.rels)) for term in head.terms))
+        for head in plan.distinct_heads(node)]
+    return heads, tuple(values)
+
+
+def constants(node) -> tuple[int, ...]:
+    """The values the kernels of ``node``'s module take as ``c0, c1, ...`` (packed as the
+    int64 array ``consts``)."""
+    return symbolic_heads(node)[1]
+
+
+def _emit_constants(head: ir.IR, em: _Emitter) -> None:
+    """Bind the constants kernel ``head`` reads (its atoms' ``c{j}``) from ``consts``."""
+    used = sorted({int(str(value)[1:]) for term in head.terms for rel in term.rels
+                   for atom in rel.atoms for value in map(atom.__getattribute__, (
+                       f.name for f in dataclasses.fields(atom))) if isinstance(value, ir.Src)})
+    for j in used:
+        em(f"c{j} = consts[{j}]")
 
 
 def _emit_bounds(head: ir.IR, em: _Emitter, ctx: dict) -> None:
@@ -346,6 +397,7 @@ def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
         em('"""')
         launch.emit_unpack(em, args)
         em("dim = HEAD_DIM" if ctx["head_dim"] else "dim = q.shape[3]")
+        _emit_constants(ctx["heads"][idx], em)
         for a in range(ndim * ctx["bias"]):
             em(f"span{a} = 2 * reach{a} + 1")
         yield
@@ -541,15 +593,16 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                         em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
 
 
-def _header(node, dtype: str, bias: bool, softcap: bool) -> str:
+def _header(node, heads, dtype: str, bias: bool, softcap: bool) -> str:
     adds = " and ".join(["a relative position bias table"] * bias + ["a softcap"] * softcap)
     adds = f", with {adds}" if adds else ""
-    lines = [f'"""patterngen numba kernels for {node.label or "?"} ({dtype}{adds}).', ""]
+    lines = [f'"""patterngen numba kernels ({dtype}{adds}).', ""]
     lines.append("Generated by patterngen.backends.numba.source.generate; do not edit. Grid")
-    lines.append("extents n0.. are runtime arguments: any grid of this structure reuses them.")
-    for index, head in enumerate(plan.distinct_heads(node)):
+    lines.append("extents n0.. and the atoms' extents c0.. are runtime arguments: every pattern of")
+    lines.append("this structure, on any grid, runs these kernels.")
+    for index, head in enumerate(heads):
         lines.append("")
-        lines.append(f"Pattern {index}: {head.label or '?'}")
+        lines.append(f"Pattern {index}:")
         for t, term in enumerate(head.terms):
             lines.append(f"    term {t}: {term!r}")
     if isinstance(node, ir.HeadsIR):
@@ -563,9 +616,11 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
              bias: bool = False, softcap: bool = False) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
-    Pure and deterministic: the text depends on the IR's terms, ``dtype``, ``lanes``,
-    ``shared``, ``head_dim``, ``bias`` and ``softcap`` only, never on the grid's extents, which
-    the kernels take as arguments ``n0, n1, ...`` (and the reach ``reach0, reach1, ...``).
+    Pure and deterministic: the text depends on the structure of the IR's terms (their atoms,
+    dilations, and which strides and offsets are not 1 and 0), ``dtype``, ``lanes``, ``shared``,
+    ``head_dim``, ``bias`` and ``softcap`` only, never on the grid's extents or the atoms' own,
+    which the kernels take as arguments ``n0, n1, ...`` and ``c0, c1, ...`` (:func:`constants`;
+    and the reach ``reach0, reach1, ...``).
 
     Args:
         node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
@@ -605,15 +660,16 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                            f"each of the {len(heads)} distinct head patterns, with "
                            f"{[len(h.terms) for h in heads]} terms.")
     em = _Emitter()
-    _visit(node, em, {"lanes": lanes, "shared": shared, "head_dim": head_dim, "bias": bias,
-                      "softcap": softcap})
+    ctx = {"lanes": lanes, "shared": shared, "head_dim": head_dim, "bias": bias,
+           "softcap": softcap}
+    _visit(node, em, ctx)
     body = em.text().rstrip()
     constants = [f"ACC = {DTYPES[dtype]}",
                  f"QUERY_TILE = {plan.QUERY_TILE}" if not lanes else f"LANES = {lanes}",
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]
-    return "\n".join([_header(node, dtype, bias, softcap), "", *_imports(body), "", *constants, "",
+    return "\n".join([_header(node, ctx["heads"], dtype, bias, softcap), "", *_imports(body), "", *constants, "",
                       "", body, ""])
 
 
