@@ -7,7 +7,9 @@ Every case runs in a fresh Python process (numba's in-process caches start empty
 - ``warm runtime``: another pattern ran forward and backward in an earlier process on the same
   cache directory, so what patterns share (the runtime helpers) is on disk, and only this
   pattern's own kernels compile;
-- ``cached``: the same pattern ran before: everything loads from disk.
+- ``cached``: the same pattern ran before: everything loads from disk;
+- ``same structure``: a pattern that differs from the one that ran before only in its atoms'
+  extents (``SIBLING``: another window size), which the kernels take as arguments.
 
 ``--roots`` runs the same cases on several checkouts (e.g. the code before a change, unpacked
 with ``git archive``, and this one), interleaved, and reports medians. An unpacked root gets a
@@ -58,6 +60,8 @@ print(json.dumps({"import": t1 - t0, "forward": t3 - t2, "backward": t4 - t3}))
 #: the pattern whose compile is timed, and the one that warms the runtime before it
 NEW = ("pg.window(5, dilation=2) | pg.axis(0)", [16, 16])
 OTHER = ("pg.window(3)", [12, 12])
+#: NEW's structure with other extents: the same kernels, where they are arguments
+SIBLING = ("pg.window(3, dilation=2) | pg.axis(0)", [16, 16])
 
 
 #: what a speed round runs: bench_cpu's workloads on numba, forward and forward+backward (ms)
@@ -145,6 +149,7 @@ def _scenarios(root: Path) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as cache:
         out["cold"] = _case(root, cache, NEW)
         out["cached"] = _case(root, cache, NEW)
+        out["same structure"] = _case(root, cache, SIBLING)
     with tempfile.TemporaryDirectory() as cache:
         _case(root, cache, OTHER)
         out["warm runtime"] = _case(root, cache, NEW)
