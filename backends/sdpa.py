@@ -509,10 +509,11 @@ def _flash_with_bias_grad(torch):
     """The fused CPU kernel, forward and backward, plus the gradient of its additive mask.
 
     SDPA falls back to its unfused math path on CPU when the mask needs a gradient (measured
-    3x the time of the fused kernel on W2's bias). Here the fused kernel computes q, k, v and
-    their gradients, and the mask's gradient is the scores' gradient rebuilt from the saved
-    log-sum-exp: ``P * (dO V^T - rowsum(dO * O))`` with ``P = exp(scale q k^T + mask - lse)``
-    (zero where the mask is ``-inf``), summed over the dimensions the mask broadcasts over.
+    3x the time of the fused kernel with a 7x7 window's bias table, ``bench_bias.py``). Here
+    the fused kernel computes q, k, v and their gradients, and the mask's gradient is the
+    scores' gradient rebuilt from the saved log-sum-exp: ``P * (dO V^T - rowsum(dO * O))``
+    with ``P = exp(scale q k^T + mask - lse)`` (zero where the mask is ``-inf``), summed over
+    the dimensions the mask broadcasts over.
     """
     if not _FLASH_BIAS:
         aten = torch.ops.aten
