@@ -310,7 +310,6 @@ def _range_reduce(ufunc, x, lo, hi):
 
 def _candidates(head: _ir.IR, shape, order: _Order, qptr, qlo, qhi, bk: int, counters):
     """Sorted unique ``qblock * kv_blocks + kblock`` codes of tiles that may be non-empty."""
-    k = len(shape)
     tokens = math.prod(shape)
     nkb = -(-tokens // bk)
     qowner = np.repeat(np.arange(len(qptr) - 1), np.diff(qptr))

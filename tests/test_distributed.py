@@ -461,7 +461,7 @@ def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, op
             extra += [[queries[rank], 2 * 3 * 4], [partials[rank], 2 * 3 * 5]]
         assert len(calls) == 2 + 2 * len(extra)
         forward, backward = calls[:len(calls) // 2], calls[len(calls) // 2:]
-        (kv_sent, kv_got, width), (kv_back_sent, _, _) = forward[0], backward[-1]
+        (_, kv_got, width), (kv_back_sent, _, _) = forward[0], backward[-1]
         # one packed row per token: K and V x batch 2 x heads 3 x head_dim 4
         assert width == 2 * 2 * 3 * 4
         assert kv_got == kv_back_sent == r["received"] == r["plan_rows"]

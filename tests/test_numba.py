@@ -18,7 +18,7 @@ import torch
 import patterngen as pg
 from oracle import check_against_oracle
 from patterngen.backends import numba as nb
-from patterngen.backends.numba import launch, module, runtime
+from patterngen.backends.numba import launch, module
 from patterngen.errors import PatternError
 from strategies import random_spec
 
