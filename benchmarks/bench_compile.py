@@ -8,8 +8,8 @@ Every case runs in a fresh Python process (numba's in-process caches start empty
   cache directory, so what patterns share (the runtime helpers) is on disk, and only this
   pattern's own kernels compile;
 - ``cached``: the same pattern ran before: everything loads from disk;
-- ``same structure``: a pattern that differs from the one that ran before only in its atoms'
-  extents (``SIBLING``: another window size), which the kernels take as arguments.
+- ``same structure``: a pattern of the same shape as the one that ran before (``SIBLING``:
+  another window size), whose kernels read other bounds from their table.
 
 ``--roots`` runs the same cases on several checkouts (e.g. the code before a change, unpacked
 with ``git archive``, and this one), interleaved, and reports medians. An unpacked root gets a
@@ -60,7 +60,7 @@ print(json.dumps({"import": t1 - t0, "forward": t3 - t2, "backward": t4 - t3}))
 #: the pattern whose compile is timed, and the one that warms the runtime before it
 NEW = ("pg.window(5, dilation=2) | pg.axis(0)", [16, 16])
 OTHER = ("pg.window(3)", [12, 12])
-#: NEW's structure with other extents: the same kernels, where they are arguments
+#: NEW's shape with other extents: the same kernels, other bounds
 SIBLING = ("pg.window(3, dilation=2) | pg.axis(0)", [16, 16])
 
 

@@ -9,9 +9,8 @@ relation has a single progression too.
 
 Every atom states its progression once, in :meth:`Atom.bounds`, written against a small ``ops``
 namespace (``min``, ``max``, ``where``, ``full``). The same formula evaluates on numpy arrays
-(layout, counts, the dense oracle), on torch tensors (FlexAttention's ``mask_mod``), and on
-:class:`Src` names to emit kernel source with constants folded. One formula, three consumers:
-they cannot drift apart.
+(layout, counts, the dense oracle, the numba kernels' table of bounds) and on torch tensors
+(FlexAttention's ``mask_mod``). One formula for every consumer: they cannot drift apart.
 
 Example:
     >>> import numpy as np
@@ -34,7 +33,7 @@ from .grid import Grid, is_number
 
 __all__ = [
     "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn",
-    "Rel", "Term", "IR", "HeadsIR", "Src", "NUMPY_OPS", "SOURCE_OPS", "torch_ops",
+    "Rel", "Term", "IR", "HeadsIR", "NUMPY_OPS", "torch_ops",
     "inclusion_exclusion", "verify", "check_stride", "WINDOW_MODES", "pattern_of_head",
 ]
 
@@ -73,56 +72,6 @@ def torch_ops():
 
     return SimpleNamespace(min=tmin, max=tmax, where=twhere,
                            full=lambda i, v: torch.full_like(i, v))
-
-
-class Src:
-    """An integer expression in generated source; arithmetic on it builds source text.
-
-    Constants fold as they are written, so ``Window(7).bounds(Src('i'), 64, SOURCE_OPS)`` gives
-    ``min(max(i - 3, 0), 57)``: the kernel never recomputes what the compiler already knows.
-    """
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def __repr__(self):
-        return self.text
-
-    __str__ = __repr__
-
-    @staticmethod
-    def _bin(a, op, b):
-        if op == "+" and b == 0 or op == "-" and b == 0 or op in ("*", "//") and b == 1:
-            return a if isinstance(a, Src) else Src(str(a))
-        if op == "+" and a == 0 or op == "*" and a == 1:
-            return b if isinstance(b, Src) else Src(str(b))
-        return Src(f"({a} {op} {b})")
-
-    def __add__(self, o): return Src._bin(self, "+", o)
-    def __radd__(self, o): return Src._bin(o, "+", self)
-    def __sub__(self, o): return Src._bin(self, "-", o)
-    def __rsub__(self, o): return Src._bin(o, "-", self)
-    def __mul__(self, o): return Src._bin(self, "*", o)
-    def __rmul__(self, o): return Src._bin(o, "*", self)
-    def __floordiv__(self, o): return Src._bin(self, "//", o)
-    def __rfloordiv__(self, o): return Src._bin(o, "//", self)
-    def __mod__(self, o): return Src._bin(self, "%", o)
-    def __rmod__(self, o): return Src._bin(o, "%", self)
-    def __lt__(self, o): return Src(f"({self} < {o})")
-    def __le__(self, o): return Src(f"({self} <= {o})")
-    def __gt__(self, o): return Src(f"({self} > {o})")
-    def __ge__(self, o): return Src(f"({self} >= {o})")
-    def __and__(self, o): return Src(f"({self} and {o})")
-
-
-SOURCE_OPS = SimpleNamespace(
-    min=lambda a, b: Src(f"min({a}, {b})"),
-    max=lambda a, b: Src(f"max({a}, {b})"),
-    where=lambda c, a, b: Src(f"({a} if {c} else {b})"),
-    full=lambda i, v: Src(str(v)) if not isinstance(v, Src) else v,
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,8 +298,7 @@ def _meet_progressions(a, b, ops):
     x = lo + (x0 - lo) % lcm
     if g == 1:
         return x, hi, lcm
-    # `% g < 1` rather than `== 0`: the same test, but one that Src can trace into source
-    return x, ops.where((s2 - s1) % g < 1, hi, x), lcm
+    return x, ops.where((s2 - s1) % g == 0, hi, x), lcm
 
 
 @dataclass(frozen=True)
@@ -688,7 +636,7 @@ class LineTable(Atom):
     The axis a rank of :mod:`patterngen.distributed` holds: its local lines (own shard and halo)
     are laid out one interval after another, and a relation's bounds, evaluated at the global
     axis length, become this table in local coordinates. numpy and eager torch index the
-    tables; generated source (:class:`Src`) cannot, so the numba backend refuses it. Cost
+    tables (the numba kernels read their bounds from numpy's evaluation). Cost
     formulas have no closed form for it: it is counted exactly (the axis length is
     ``len(starts)``).
 
@@ -716,9 +664,6 @@ class LineTable(Atom):
         return self
 
     def bounds(self, i, n, ops):
-        if isinstance(i, Src) or ops is SOURCE_OPS:
-            raise PatternError(f"{self!r} holds constant tables, which generated source cannot "
-                               f"read; run it on a backend that indexes arrays (sdpa).")
         if is_number(n) and int(n) != len(self.starts):
             raise PatternError(f"{self!r} is defined on an axis of {len(self.starts)} lines, "
                                f"not n={n}.")

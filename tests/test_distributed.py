@@ -45,6 +45,8 @@ CASES = [
     ("per-head axis, re-shard", pg.heads(pg.window(3), pg.axis(0)), (9, 5), {}),
     ("3-D axis, re-shard", pg.axis(0) | pg.window((1, 3, 1)), (6, 5, 2), {}),
     ("auto local", pg.window(3) | pg.block(2, offset=1), (9, 4), {"backend": "auto"}),
+    ("numba local, line tables", pg.window(3) | pg.global_tokens([(5, 2)]), (12, 6),
+     {"backend": "numba"}),
     ("auto local, global tokens", pg.window(3) | pg.global_tokens([(5, 2)]), (12, 6),
      {"backend": "auto"}),
     ("global tokens", pg.window(3) | pg.global_tokens([(5, 2), (0, 0)]), (12, 6), {}),
@@ -263,15 +265,18 @@ def test_symbolic_halo_without_closed_form_counts_exactly():
         rows.sum(0).tolist()
 
 
-def test_line_table_counts_exactly_in_cost_and_refuses_source():
+def test_line_table_counts_exactly_in_cost_and_runs_on_numba():
     table = ir.LineTable((0, 0, 1, 3), (2, 3, 4, 3), 1)
     term = ir.Term((ir.Rel.of(table), ir.Rel.of(ir.Window(3))))
     lowered = ir.make_ir(pg.Grid((4, 5)), [term], "table")
     rep = pg.cost(lowered)
-    assert rep.pairs == int(pg.materialize(lowered).sum()) == (2 + 3 + 3 + 0) * 15
+    mask = pg.materialize(lowered)
+    assert rep.pairs == int(mask.sum()) == (2 + 3 + 3 + 0) * 15
     assert rep.notes
-    with pytest.raises(PatternError, match="generated source"):
-        table.bounds(ir.Src("i"), 4, ir.SOURCE_OPS)
+    # the numba kernels read each query's bounds from numpy's evaluation: tables too
+    q, k, v = (torch.randn(1, 2, 20, 4, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(pg.compile(lowered, backend="numba")(q, k, v),
+                               pg.dense_attention(q, k, v, mask))
     with pytest.raises(PatternError, match="4 lines, not n=5"):
         table.bounds(np.arange(5), 5, ir.NUMPY_OPS)
 
@@ -358,8 +363,8 @@ def _error_cases(group, world, rank):
             pg.window(3), (3 * world, 4), group=group)(q if rank else q[:, :, :2],
                                                        q if rank else q[:, :, :2],
                                                        q if rank else q[:, :, :2]),
-        "numba refused": lambda: pg.distributed.compile(pg.window(3), (3 * world, 4),
-                                                        group=group, backend="numba"),
+        "flex refused": lambda: pg.distributed.compile(pg.window(3), (3 * world, 4),
+                                                       group=group, backend="flex"),
         "batch differs": lambda: pg.distributed.compile(
             pg.window(3), (3 * world, 4), group=group)(*(q[:, :1 + rank % 2],) * 3),
     }
@@ -471,8 +476,9 @@ def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, op
             assert [r["pencil"], r["returned"]] == [resharded.pencil[rank],
                                                     resharded.returned[rank]]
         ordinary = ordinary_local(lowered, rank_plan(lowered, shards, rank, resharded))
-        assert r["local_backend"] == ("auto" if options.get("backend") == "auto"
-                                      and ordinary is not None else "sdpa")
+        chosen = options.get("backend", "sdpa")
+        assert r["local_backend"] == ("sdpa" if chosen == "auto" and ordinary is None
+                                      else chosen)
         if halo is not None:  # float64: 8 bytes an element; received, then sent back
             assert halo[rank] == [sum(c[1] * c[2] * 8 for c in forward),
                                   sum(c[0] * c[2] * 8 for c in backward)]
@@ -493,7 +499,7 @@ def test_every_rank_raises_the_same_clear_error(spawned, world):
     messages = [spawned[rank][f"{world}/errors"] for rank in range(world)]
     expected = {"disagree": "disagree", "grid smaller than ranks": "needs at least one line",
                 "empty shard": r"shards\[0\]=0", "bad shape on one rank": "bad inputs on rank 0",
-                "numba refused": "backend='numba'",
+                "flex refused": "backend='flex'",
                 "batch differs": "inputs disagree"}
     for name, match in expected.items():
         if name == "batch differs" and world == 1:

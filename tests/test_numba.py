@@ -223,55 +223,64 @@ def test_one_head_splits_the_backward():
     _check_against_oracle(STRUCTURES["criss_cross"], (6, 9), q, k, v)
 
 
-def test_new_grid_reuses_the_compiled_kernels(monkeypatch):
-    # grid extents are kernel arguments: the second grid compiles nothing
+def _count_compiles(monkeypatch) -> list:
+    """The kernels compiled from now on (names), in this process."""
     compiled = []
     real_compile = module._compile
-    monkeypatch.setattr(module, "_compile", lambda f: compiled.append(f) or real_compile(f))
-    spec = pg.window((3, 2), dilation=(1, 2)) | pg.global_tokens([1, 6])  # no other test has it
+    monkeypatch.setattr(module, "_compile", lambda f: compiled.append(f.__name__) or
+                        real_compile(f))
+    return compiled
+
+
+def test_new_grid_reuses_the_compiled_kernels(monkeypatch):
+    # grid extents are kernel arguments: once the first grid ran, the second compiles nothing
+    spec = pg.window((3, 2), dilation=(1, 2)) | pg.global_tokens([1, 6])
     first = pg.compile(spec, (5, 8), backend="numba")
     second = pg.compile(spec, (7, 11), backend="numba")
-    assert first.source == second.source
-    first(*_inputs((5, 8), 1, 1, 4, torch.float64, seed=9))
-    assert [f.__name__ for f in compiled] == ["forward_0"]
-    second(*_inputs((7, 11), 1, 1, 4, torch.float64, seed=9))
-    assert len(compiled) == 1
+    assert first.source_for("float64") == second.source_for("float64")
+    _check_against_oracle(spec, (5, 8), *_inputs((5, 8), 1, 1, 4, torch.float64, seed=9))
+    compiled = _count_compiles(monkeypatch)
+    _check_against_oracle(spec, (7, 11), *_inputs((7, 11), 1, 1, 4, torch.float64, seed=9))
+    assert compiled == []
 
 
-def test_patterns_of_one_structure_share_the_compiled_kernels(monkeypatch):
-    # the atoms' extents are kernel arguments: another size, block, offset or global range
-    # runs the same module, compiled once, and each pattern still gets its own answer
-    compiled = []
-    real_compile = module._compile
-    monkeypatch.setattr(module, "_compile", lambda f: compiled.append(f) or real_compile(f))
-    specs = [pg.block((2, 3), offset=(1, 2)) | pg.global_tokens([(0, 2)]),
-             pg.block((3, 4), offset=(2, 1)) | pg.global_tokens([(3, 5)])]
-    sources = {pg.compile(spec, (7, 8), backend="numba", lanes=0).source_for("float32")
+def test_patterns_of_one_shape_share_the_compiled_kernels(monkeypatch):
+    # the kernels read each query's bounds from a table: a window, a padded window and a
+    # causal one with the same step run the same module, and each gets its own answer
+    specs = [pg.window(3, dilation=(3, 1)), pg.window((2, 5), dilation=(3, 1), border="pad"),
+             pg.window((3, 2), dilation=(3, 1), causal=True)]
+    sources = {pg.compile(spec, (10, 8), backend="numba", lanes=0).source_for("float64")
                for spec in specs}
     assert len(sources) == 1
-    for spec in specs:
-        _check_against_oracle(spec, (7, 8), *_inputs((7, 8), 1, 2, 4, torch.float64, seed=21),
-                              lanes=0)
-    assert [f.__name__ for f in compiled] == ["forward_0", "backward_0"]
+    inputs = _inputs((10, 8), 1, 2, 4, torch.float64, seed=21)
+    _check_against_oracle(specs[0], (10, 8), *inputs, lanes=0)
+    compiled = _count_compiles(monkeypatch)
+    for spec in specs[1:]:
+        _check_against_oracle(spec, (10, 8), *inputs, lanes=0)
+    assert compiled == []
 
 
-def test_constants_keep_literals_that_shape_the_code():
-    # a dilation is the loops' step and an offset of 0 or a stride of 1 drop whole
-    # expressions: patterns that differ there get modules of their own
-    def text(spec):
-        return pg.compile(spec, (12, 12), backend="numba", lanes=0).source_for("float32")
+def test_the_text_depends_on_the_shape_only():
+    # rank, terms and steps: the rest is the bounds table
+    def text(spec, grid=(12, 12)):
+        return pg.compile(spec, grid, backend="numba", lanes=0).source_for("float32")
 
-    assert text(pg.window(3)) == text(pg.window(5))
-    assert text(pg.window(3)) != text(pg.window(3, dilation=2))
-    assert text(pg.window(3, dilation=2)) == text(pg.window(5, dilation=2))
-    assert text(pg.block(3)) != text(pg.block(3, offset=1))
-    assert text(pg.block(3, offset=1)) == text(pg.block(4, offset=2))
-    assert text(pg.window(5, stride=2)) == text(pg.window(7, stride=3))
-    assert text(pg.window(5, stride=2)) != text(pg.window(5))
+    shared = text(pg.window(3))
+    for spec in (pg.window(5, border="pad"), pg.block(3, offset=1), pg.axis(0),
+                 pg.stripe(1, width=2), pg.window(5, stride=2), pg.area(3)):
+        assert text(spec) == shared, spec
+    assert text(pg.window(3, dilation=2)) != shared  # the loops' step
+    assert text(pg.criss_cross()) != shared  # two terms
+    assert text(pg.window(3), (12, 12, 3)) != shared  # three axes
     attn = pg.compile(pg.window((5, 3)), (12, 12), backend="numba")
-    assert attn.constants == (5, 3)
-    assert attn.source.startswith("# window((5, 3)) runs this module with the constants "
-                                  "c0 = 5, c1 = 3\n")
+    i = np.arange(12)
+    first = np.clip(i - 2, 0, 7), np.clip(i - 1, 0, 9)
+    assert attn.bounds.shape == (1, 1, 2, 2, 12)
+    np.testing.assert_array_equal(attn.bounds[0, 0, :, 0], np.stack(first))
+    np.testing.assert_array_equal(attn.bounds[0, 0, :, 1], np.stack(first) + [[5], [3]])
+    assert attn.source.startswith("# window((5, 3)) runs this module, its table `bounds` "
+                                  "evaluated from\n#   pattern 0, term 0: (Window(5, clamp), "
+                                  "Window(3, clamp))\n")
 
 
 def test_executed_pairs_are_the_attended_pairs_or_the_tiles_unions():
@@ -289,18 +298,17 @@ def test_terms_with_one_key_on_the_last_axis_run_last():
     attn = pg.compile(pg.criss_cross(), (5, 8), backend="numba")
     assert [repr(t) for t in lowered.terms] == ["(All(), Eq())", "(Eq(), All())"]
     assert [repr(t) for t in attn.ir.terms] == ["(Eq(), All())", "(All(), Eq())"]
-    assert "term 1: (All(), Eq()) (keys of earlier terms skipped)" in attn.source
+    assert "pattern 0, term 1: (All(), Eq())" in attn.source
+    assert "# term 1: steps (1, 1) (keys of earlier terms skipped)" in attn.source
 
 
 def test_source_is_readable_and_names_the_spec():
     attn = pg.compile(pg.window(7) | pg.axis(0), (64, 64), backend="numba")
     src = attn.source
-    assert src.startswith("# (window(7) | axis(0)) runs this module with the constants "
-                          "c0 = 7, c1 = 7\n")
-    assert "term 0: (Window(c0, clamp), Window(c1, clamp))" in src
-    assert "term 1: (All(), Eq())" in src
-    assert "min(max((i0 - (c0 // 2)), 0), (n0 - c0))" in src  # the window's size an argument
-    assert "(64 - " not in src  # ... and so are the grid's extents
+    assert src.startswith("# (window(7) | axis(0)) runs this module")
+    assert "pattern 0, term 1: (All(), Eq())" in src
+    assert "lo0_0 = bounds[0, 0, 0, 0, i0]" in src  # the bounds come from the table
+    assert "64" not in src.split('"""')[2]  # ... and the grid's extents are arguments
     assert "ACC = np.float64" in attn.source_for("float64")
     assert repr(attn) == "NumbaBackend((window(7) | axis(0)) on grid 64x64, lanes=0)"
 
@@ -467,4 +475,5 @@ def test_the_source_names_the_spec_it_was_compiled_for():
     assert first.ir == second.ir
     assert first.source.startswith("# window(7) runs this module")
     assert second.source.startswith(f"# {second.ir.label} runs this module")
+    assert first.source_for("float32") == second.source_for("float32")
     assert second.ir.label != first.ir.label

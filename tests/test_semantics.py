@@ -203,8 +203,3 @@ def test_pattern_algebra_is_hashable_and_normalised():
     # criss-cross: the centre is in both terms, so Eq & Eq appears once with sign -1
     pieces = pg.lower(pg.criss_cross(), (4, 4)).pieces()
     assert [s for s, _ in pieces] == [1, -1, 1]
-
-
-def test_source_tracing_folds_constants():
-    src = ir.Rel.of(ir.Window(7)).bounds(ir.Src("i"), 64, ir.SOURCE_OPS)
-    assert [str(s) for s in src] == ["min(max((i - 3), 0), 57)", "(min(max((i - 3), 0), 57) + 7)"]

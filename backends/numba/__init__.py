@@ -40,7 +40,7 @@ from . import launch, plan
 from .autograd import WIDENED, numba_fwd
 from .module import cache_dir, kernel, load
 from .plan import lane_pairs, plan_lanes
-from .source import DTYPES, SPECIALISED_HEAD_DIM, constants, generate
+from .source import DTYPES, SPECIALISED_HEAD_DIM, bounds_table, generate
 
 __all__ = ["NumbaBackend", "generate", "load", "cache_dir", "plan_lanes", "lane_pairs",
            "SPECIALISED_HEAD_DIM"]
@@ -52,9 +52,9 @@ class NumbaBackend(Backend):
     Call with ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens, head_dim)``
     CPU tensors: float32 or float64, or bfloat16 and float16, which run in float32 and come
     back in their own dtype. Non-contiguous inputs are copied to contiguous ones first. Grid
-    extents and the atoms' extents are kernel arguments: the same pattern on another grid, or
-    another pattern of the same structure (another window or block size, offset, global
-    range), reuses the compiled kernels.
+    extents and each query's key bounds are kernel arguments: the same pattern on another
+    grid, or another pattern of the same shape (grid rank, terms and their steps: a window,
+    a block or an axis alike), reuses the compiled kernels.
 
     Args:
         ir: the lowered pattern (numeric grid).
@@ -66,9 +66,10 @@ class NumbaBackend(Backend):
     Attributes:
         source: the generated float32 module for any head_dim (``source_for(dtype, head_dim)``
             for the others: head_dims from ``SPECIALISED_HEAD_DIM`` up get their own kernels),
-            after a comment naming this pattern and its :attr:`constants`.
-        constants: the atoms' extents the kernels take as ``c0, c1, ...``: the module is
-            shared by every pattern of this structure (:func:`~.source.constants`).
+            after a comment naming this pattern and its terms (the module, shared by every
+            pattern of its shape, names neither).
+        bounds: the table of each query's key bounds the kernels read
+            (:func:`~.source.bounds_table`).
     """
 
     name = "numba"
@@ -87,7 +88,9 @@ class NumbaBackend(Backend):
         plan.check_lanes(lanes, allow_none=True)
         self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
         self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
-        self.constants = constants(ir_)
+        #: each query's key bounds per kernel, term and axis: what the kernels know of the
+        #: pattern beyond its shape (:func:`~.source.bounds_table`)
+        self.bounds = bounds_table(ir_, self.shape)
         #: this compiled pattern's key for the ``patterngen::numba_*`` operators (set here,
         #: not on first call: a traced call must only read it)
         self.op_key = ops.register(self, self.lanes, self.shared)
@@ -101,9 +104,11 @@ class NumbaBackend(Backend):
 
     @property
     def source(self) -> str:
-        values = ", ".join(f"c{j} = {v}" for j, v in enumerate(self.constants)) or "none"
-        return (f"# {self.ir.label or '?'} runs this module with the constants {values}\n"
-                + self.source_for("float32"))
+        terms = [f"#   pattern {k}, term {t}: {term!r}"
+                 for k, head in enumerate(plan.distinct_heads(self.ir))
+                 for t, term in enumerate(head.terms)]
+        return "\n".join([f"# {self.ir.label or '?'} runs this module, its table `bounds` "
+                          f"evaluated from", *terms, self.source_for("float32")])
 
     @property
     def executed_pairs(self) -> tuple[int, ...]:
@@ -182,13 +187,6 @@ class NumbaBackend(Backend):
         tables = () if table is None else (table.reshape(table.shape[0], -1),)
         return (real(scale), *caps, *shape, *reach), tables
 
-    @functools.cached_property
-    def _consts(self):
-        """:attr:`constants` as the kernels' int64 argument ``consts``."""
-        import numpy as np
-
-        return np.array(self.constants, dtype=np.int64)
-
     def _poisoned_lanes(self, v) -> bool:
         """Whether tile lanes would spread a non-finite value: lanes that share a term's keys
         multiply every key's value row by each lane's probability, 0 for a lane that does not
@@ -230,11 +228,10 @@ class NumbaBackend(Backend):
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
-        consts = self._consts
         tiles = plan.work_items(shape, self.lanes)
         for i, group in groups:
             launch.run(kernels[i], q.shape[0] * len(group) * tiles,
-                       (q, k, v, *scalars, group, consts, *tables, out, lse))
+                       (q, k, v, *scalars, group, self.bounds, *tables, out, lse))
         return out, lse
 
     def backward_numpy(self, q, k, v, out, dout, lse, shape, scale, table=None, softcap=None):
@@ -260,7 +257,6 @@ class NumbaBackend(Backend):
         dk = np.zeros((splits, *q.shape), dtype=q.dtype)
         dv = np.zeros((splits, *q.shape), dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
-        consts = self._consts
         # the table's gradient: a copy per call of the kernel (one per thread), each call
         # taking its own from a counter, summed after the launch: no race, no atomics
         dtable = () if table is None else np.zeros((launch.threads(), *tables[0].shape),
@@ -268,8 +264,8 @@ class NumbaBackend(Backend):
         for i, group in groups:
             slot = () if table is None else (dtable, np.zeros(1, dtype=np.int64))
             launch.run(kernels[i], batch * len(group) * splits,
-                       (q, k, v, out, dout, lse, *scalars, group, consts, *tables, dq, dk, dv,
-                        *slot))
+                       (q, k, v, out, dout, lse, *scalars, group, self.bounds, *tables, dq, dk,
+                        dv, *slot))
         grads = (dq, dk[0], dv[0]) if splits == 1 else (dq, dk.sum(axis=0), dv.sum(axis=0))
         if table is None:
             return grads

@@ -2,23 +2,24 @@
 
 :func:`generate` walks the IR once (:func:`_visit`: one case per node, as finch's
 ``numba_codegen`` does). Every term becomes one loop per grid axis over that term's key
-progression, written by :meth:`patterngen.ir.Rel.bounds` on :class:`~patterngen.ir.Src`
-names, with the atoms' extents as the kernel arguments ``c0, c1, ...`` (:func:`constants`:
-patterns of one structure share a module) and their other constants folded, so no mask is
-tested inside a term. A union visits
-its terms in order and skips a key an earlier term already holds, so every key is visited once.
-Keys are buffered ``KEY_CHUNK`` at a time and handed to the helpers of
-:mod:`~patterngen.backends.numba.runtime`, which the module imports; the text holds only what
-is specific to the pattern: loops, bounds, skip tests. Each kernel is a ``cfunc`` body that
-unpacks its arguments and takes work ranges as :mod:`~patterngen.backends.numba.launch`
-describes.
+progression, from the first key to the end that :meth:`patterngen.ir.Rel.bounds` gives for the
+query's coordinate on that axis. Those bounds are not written into the text: numpy evaluates
+the formula once per axis coordinate into a table (:func:`bounds_table`, the same formula the
+oracle and the layouts evaluate), a kernel argument, so the text holds only the pattern's
+*shape* (the grid's rank, the terms and their steps) and every pattern of one shape shares a
+module. No mask is tested inside a term. A union visits its terms in order and skips a key an
+earlier term already holds, so every key is visited once. Keys are buffered ``KEY_CHUNK`` at a
+time and handed to the helpers of :mod:`~patterngen.backends.numba.runtime`, which the module
+imports. Each kernel is a ``cfunc`` body that unpacks its arguments and takes work ranges as
+:mod:`~patterngen.backends.numba.launch` describes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
+
+import numpy as np
 
 from patterngen import ir
 from patterngen.errors import PatternError
@@ -35,13 +36,6 @@ _BITS = {"float32": "np.int32", "float64": "np.int64"}
 #: (a 7x7 window, forward/backward on one thread: 0.87/0.92 of the time at 64, 0.94/0.97 at 48;
 #: at 32 such kernels made the backward twice as slow, so smaller head_dims share generic ones)
 SPECIALISED_HEAD_DIM = 48
-#: atom fields that the kernels take as arguments ``c0, c1, ...`` (:func:`constants`), so that
-#: patterns that differ only in them (window sizes, block sizes, offsets, global ranges) share
-#: one module; a field keeps its literal at the value that changes the code's shape (a stride
-#: of 1, an offset of 0), and a window's dilation always does (it is the loops' step)
-ARGUMENT_FIELDS = {ir.Window: ("size", "stride"), ir.Block: ("size", "offset"),
-                   ir.KeyIn: ("start", "stop"), ir.QueryIn: ("start", "stop")}
-_LITERAL = {("Window", "stride"): 1, ("Block", "offset"): 0}
 #: what a generated module may import from the runtime (see :func:`_imports`)
 _RUNTIME = ("backward_chunk", "finish_row", "scratch", "softmax_chunk", "tile_backward_chunk",
             "tile_softmax_chunk", "union")
@@ -92,7 +86,7 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
             ctx["ndim"] = node.grid.ndim
             forward, backward = ((_emit_lane_forward, _emit_lane_backward) if ctx["lanes"]
                                  else (_emit_forward, _emit_backward))
-            ctx["heads"] = symbolic_heads(node)[0]
+            ctx["heads"] = plan.distinct_heads(node)
             for index, head in enumerate(ctx["heads"]):
                 ctx["kernel"] = index
                 ctx["shares"] = ctx["shared"][index] if ctx["lanes"] else ()
@@ -107,54 +101,38 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
         case ir.Term():
             _emit_term_loops(node, em, ctx)
         case ir.Rel():
-            a, t = ctx["axis"], ctx["term"]
-            start, stop = node.bounds(ir.Src(f"i{a}"), ir.Src(f"n{a}"), ir.SOURCE_OPS)
+            a, t, k = ctx["axis"], ctx["term"], ctx["kernel"]
             lane = _lane(ctx, a)
-            em(f"lo{t}_{a}{lane} = {start}")
-            em(f"hi{t}_{a}{lane} = {stop}")
+            em(f"lo{t}_{a}{lane} = bounds[{k}, {t}, {a}, 0, i{a}]")
+            em(f"hi{t}_{a}{lane} = bounds[{k}, {t}, {a}, 1, i{a}]")
         case _:
             raise PatternError(f"Unrecognized node {node!r} of type {type(node).__name__}; "
                                f"the numba generator handles IR, HeadsIR, Term and Rel.")
 
 
-def _symbolic(atom, values: list):
-    """``atom`` with each of its :data:`ARGUMENT_FIELDS` replaced by the kernel argument
-    ``c{j}``, its value appended to ``values`` at ``j``."""
-    names = {}
-    for name in ARGUMENT_FIELDS.get(type(atom), ()):
-        value = getattr(atom, name)
-        if _LITERAL.get((type(atom).__name__, name)) == value:
-            continue
-        names[name] = ir.Src(f"c{len(values)}")
-        values.append(int(value))
-    return dataclasses.replace(atom, **names) if names else atom
+def steps(head: ir.IR) -> tuple[tuple, ...]:
+    """Each term's key step per axis: with the grid's rank, all the text of ``head``'s kernel
+    knows of it (the rest is in :func:`bounds_table`)."""
+    return tuple(tuple(int(rel.step) for rel in term.rels) for term in head.terms)
 
 
-def symbolic_heads(node) -> tuple[list, tuple[int, ...]]:
-    """The distinct head patterns of ``node`` (one kernel each) with their atoms' extents as
-    kernel arguments, and those arguments' values in order: the module's text depends on the
-    pattern's structure only, :func:`constants` on its numbers."""
-    values: list[int] = []
-    heads = [dataclasses.replace(head, terms=tuple(
-        ir.Term(tuple(ir.Rel(tuple(_symbolic(a, values) for a in rel.atoms))
-                      for rel in term.rels)) for term in head.terms))
-        for head in plan.distinct_heads(node)]
-    return heads, tuple(values)
-
-
-def constants(node) -> tuple[int, ...]:
-    """The values the kernels of ``node``'s module take as ``c0, c1, ...`` (packed as the
-    int64 array ``consts``)."""
-    return symbolic_heads(node)[1]
-
-
-def _emit_constants(head: ir.IR, em: _Emitter) -> None:
-    """Bind the constants kernel ``head`` reads (its atoms' ``c{j}``) from ``consts``."""
-    used = sorted({int(str(value)[1:]) for term in head.terms for rel in term.rels
-                   for atom in rel.atoms for value in map(atom.__getattribute__, (
-                       f.name for f in dataclasses.fields(atom))) if isinstance(value, ir.Src)})
-    for j in used:
-        em(f"c{j} = consts[{j}]")
+def bounds_table(node, shape) -> np.ndarray:
+    """The kernels' argument ``bounds``: ``[kernel, term, axis, 0, i]`` is the first key and
+    ``[..., 1, i]`` the end of the keys of query coordinate ``i`` on that axis (empty when the
+    end is not above the first), for each distinct head pattern (one kernel each) of ``node``
+    on the grid ``shape``. Evaluated by numpy from :meth:`~patterngen.ir.Rel.bounds`: a term's
+    bounds on one axis depend on the query's coordinate on that axis only, so the table holds
+    ``terms x sum(shape)`` pairs, never tokens."""
+    heads = plan.distinct_heads(node)
+    table = np.zeros((len(heads), max(len(h.terms) for h in heads), len(shape), 2, max(shape)),
+                     dtype=np.int64)
+    for k, head in enumerate(heads):
+        for t, term in enumerate(head.terms):
+            for a, (rel, n) in enumerate(zip(term.rels, shape)):
+                coords = np.arange(int(n), dtype=np.int64)
+                for side, value in enumerate(rel.bounds(coords, int(n), ir.NUMPY_OPS)):
+                    table[k, t, a, side, :n] = np.broadcast_to(value, coords.shape)
+    return table
 
 
 def _emit_bounds(head: ir.IR, em: _Emitter, ctx: dict) -> None:
@@ -263,7 +241,8 @@ def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict) -> None:
     for t, term in enumerate(head.terms):
         ctx["term"] = t
         alone = " lane by lane," if ctx.get("lanes") and not ctx["shares"][t] else ""
-        em(f"# term {t}:{alone} {term!r}" + (" (keys of earlier terms skipped)" if t else ""))
+        em(f"# term {t}:{alone} steps {steps(head)[t]}"
+           + (" (keys of earlier terms skipped)" if t else ""))
         _visit(term, em, ctx)
 
 
@@ -397,7 +376,6 @@ def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
         em('"""')
         launch.emit_unpack(em, args)
         em("dim = HEAD_DIM" if ctx["head_dim"] else "dim = q.shape[3]")
-        _emit_constants(ctx["heads"][idx], em)
         for a in range(ndim * ctx["bias"]):
             em(f"span{a} = 2 * reach{a} + 1")
         yield
@@ -593,18 +571,18 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                         em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
 
 
-def _header(node, heads, dtype: str, bias: bool, softcap: bool) -> str:
+def _header(node, dtype: str, bias: bool, softcap: bool) -> str:
     adds = " and ".join(["a relative position bias table"] * bias + ["a softcap"] * softcap)
     adds = f", with {adds}" if adds else ""
     lines = [f'"""patterngen numba kernels ({dtype}{adds}).', ""]
-    lines.append("Generated by patterngen.backends.numba.source.generate; do not edit. Grid")
-    lines.append("extents n0.. and the atoms' extents c0.. are runtime arguments: every pattern of")
-    lines.append("this structure, on any grid, runs these kernels.")
-    for index, head in enumerate(heads):
+    lines.append("Generated by patterngen.backends.numba.source.generate; do not edit. Each")
+    lines.append("query's first key and end per term and axis are read from the table ``bounds``")
+    lines.append("(source.bounds_table) and the grid's extents n0.. are arguments: every pattern")
+    lines.append("of this shape, on any grid, runs these kernels.")
+    for index, head in enumerate(plan.distinct_heads(node)):
         lines.append("")
-        lines.append(f"Pattern {index}:")
-        for t, term in enumerate(head.terms):
-            lines.append(f"    term {t}: {term!r}")
+        lines.append(f"Pattern {index}: {len(head.terms)} term(s), key steps per axis "
+                     f"{', '.join(map(str, steps(head)))}")
     if isinstance(node, ir.HeadsIR):
         lines.append("")
         lines.append(f"Head h uses pattern {plan.head_map(node)}[h % {len(node.heads)}].")
@@ -616,11 +594,11 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
              bias: bool = False, softcap: bool = False) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
-    Pure and deterministic: the text depends on the structure of the IR's terms (their atoms,
-    dilations, and which strides and offsets are not 1 and 0), ``dtype``, ``lanes``, ``shared``,
-    ``head_dim``, ``bias`` and ``softcap`` only, never on the grid's extents or the atoms' own,
-    which the kernels take as arguments ``n0, n1, ...`` and ``c0, c1, ...`` (:func:`constants`;
-    and the reach ``reach0, reach1, ...``).
+    Pure and deterministic: the text depends on the pattern's shape (the grid's rank, the
+    distinct head patterns, their number of terms and each term's step per axis), ``dtype``,
+    ``lanes``, ``shared``, ``head_dim``, ``bias`` and ``softcap`` only, never on the atoms or
+    the grid's extents: the kernels read each query's bounds from :func:`bounds_table` and take
+    ``n0, n1, ...`` (and the reach ``reach0, reach1, ...``) as arguments.
 
     Args:
         node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
@@ -669,7 +647,7 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]
-    return "\n".join([_header(node, ctx["heads"], dtype, bias, softcap), "", *_imports(body), "", *constants, "",
+    return "\n".join([_header(node, dtype, bias, softcap), "", *_imports(body), "", *constants, "",
                       "", body, ""])
 
 

@@ -37,8 +37,8 @@ def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None,
         axis: the sharded axis.
         group: a ``torch.distributed`` process group; ``None`` is the default group.
         backend: the local executor: ``"auto"`` (the planner where the rank's local problem
-            is the pattern's own atoms on its local grid, else ``sdpa``) or ``"sdpa"`` (see
-            ``docs/distributed.md``).
+            is the pattern's own atoms on its local grid, else ``sdpa``), ``"sdpa"`` or
+            ``"numba"`` (CPU), which read any rank's line tables (see ``docs/distributed.md``).
         shards: lines per rank; ``None`` splits as evenly as possible.
         **options: options of the local backend (with ``"auto"``, the planner's; a rank that
             falls back to ``sdpa`` runs it with its defaults).

@@ -17,12 +17,12 @@ from .halo import ordinary_local, rank_plan, reshard, reshard_mask, schemes, spl
 
 __all__ = ["DistributedAttention"]
 
-#: local executors: ``sdpa`` reads the :class:`~patterngen.ir.LineTable` of any rank's local
-#: problem; ``auto`` (the planner, numba kernels for windows) runs it where it is the
-#: pattern's own atoms on the local grid (:func:`~patterngen.distributed.halo.ordinary_local`)
-#: and ``sdpa`` elsewhere; numba alone emits source, which cannot read tables, and flex fails
-#: in inductor on the tables made inside its traced ``mask_mod``
-LOCAL_BACKENDS = ("auto", "sdpa")
+#: local executors: ``sdpa`` and ``numba`` (CPU) read the :class:`~patterngen.ir.LineTable`
+#: of any rank's local problem (numba's kernels take their bounds from numpy's evaluation);
+#: ``auto`` (the planner, numba kernels for windows) runs it where it is the pattern's own
+#: atoms on the local grid (:func:`~patterngen.distributed.halo.ordinary_local`) and ``sdpa``
+#: elsewhere; flex fails in inductor on the tables made inside its traced ``mask_mod``
+LOCAL_BACKENDS = ("auto", "sdpa", "numba")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -126,9 +126,8 @@ class DistributedAttention:
                                    f"{lowered.grid}, an int in [{-len(shape)}, {len(shape)}).")
             if backend not in LOCAL_BACKENDS:
                 raise PatternError(f"backend={backend!r}: the local part runs on one of "
-                                   f"{LOCAL_BACKENDS}; numba kernels are generated source and "
-                                   f"flex traces its mask, and neither reads a rank's line "
-                                   f"tables yet.")
+                                   f"{LOCAL_BACKENDS}; flex traces its mask and cannot read a "
+                                   f"rank's line tables yet.")
             self.axis = axis % len(shape)
             self.shards = split_lines(shape[self.axis], self.world, shards)
             moved = _axis_first(lowered, self.axis)
@@ -145,7 +144,7 @@ class DistributedAttention:
             from ..compile import compile as compile_local
 
             ordinary = ordinary_local(moved, self.plan) if backend == "auto" else None
-            self.local_backend = "sdpa" if ordinary is None else backend
+            self.local_backend = "sdpa" if backend == "auto" and ordinary is None else backend
             # the planner's options (sizes to plan for) are not sdpa's: a rank whose local
             # problem needs line tables runs sdpa with its defaults
             self.local = compile_local(self.plan.local if ordinary is None else ordinary,
