@@ -151,7 +151,8 @@ def test_profile_command(capsys, tmp_path):
 
 
 def test_demo_catalogue_measured_and_plotted(capsys, tmp_path, monkeypatch):
-    catalogue = pytest.importorskip("patterngen.catalogue")
+    from patterngen import catalogue
+
     monkeypatch.setattr(catalogue, "CATALOGUE", [
         e for e in catalogue.CATALOGUE if e.name in ("natten", "criss-cross")])
     plot = tmp_path / "demo.png"

@@ -7,11 +7,11 @@ CPU outputs; everything else runs without compiling.
 import numpy as np
 import pytest
 import torch
+from torch.nn.attention import flex_attention
 
 import patterngen as pg
 from patterngen.backends import flex as flex_module
 
-flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CASES = [
