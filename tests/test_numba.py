@@ -272,6 +272,8 @@ def test_the_text_depends_on_the_shape_only():
     assert text(pg.window(3, dilation=2)) != shared  # the loops' step
     assert text(pg.criss_cross()) != shared  # two terms
     assert text(pg.window(3), (12, 12, 3)) != shared  # three axes
+    # heads of one shape run one kernel, each on its own rows of the table
+    assert text(pg.heads(pg.axis(0), pg.block(2), pg.window(5))) == shared
     attn = pg.compile(pg.window((5, 3)), (12, 12), backend="numba")
     i = np.arange(12)
     first = np.clip(i - 2, 0, 7), np.clip(i - 1, 0, 9)
@@ -307,7 +309,7 @@ def test_source_is_readable_and_names_the_spec():
     src = attn.source
     assert src.startswith("# (window(7) | axis(0)) runs this module")
     assert "pattern 0, term 1: (All(), Eq())" in src
-    assert "lo0_0 = bounds[0, 0, 0, 0, i0]" in src  # the bounds come from the table
+    assert "lo0_0 = bounds[r, 0, 0, 0, i0]" in src  # the bounds come from its head's row
     assert "64" not in src.split('"""')[2]  # ... and the grid's extents are arguments
     assert "ACC = np.float64" in attn.source_for("float64")
     assert repr(attn) == "NumbaBackend((window(7) | axis(0)) on grid 64x64, lanes=0)"
@@ -342,7 +344,9 @@ GOLDEN_CASES = {
     "window_or_axis": (pg.window(7) | pg.axis(0), (64, 64)),
     "criss_cross": (pg.criss_cross(), (64, 64)),
     "causal_window_1d": (pg.window(256, causal=True), (8192,)),
-    "heads_3d": (pg.heads(pg.window((3, 7, 7)), pg.block((1, 7, 7), offset=3)), (8, 32, 32)),
+    # two shapes (steps 1 and 2): two kernels; heads of one shape would share one
+    "heads_3d": (pg.heads(pg.window((3, 7, 7)), pg.block((1, 7, 7), offset=3),
+                          pg.window((1, 7, 7), dilation=(1, 2, 2))), (8, 32, 32)),
     "lanes_window_or_global": (pg.window(3) | pg.global_tokens([0]), (4, 16)),
     # the variants with a bias table and a softcap (named by them), one query and tiles
     "bias_softcap_window_2d": (pg.window(7), (64, 64)),

@@ -40,7 +40,7 @@ from . import launch, plan
 from .autograd import WIDENED, numba_fwd
 from .module import cache_dir, kernel, load
 from .plan import lane_pairs, plan_lanes
-from .source import DTYPES, SPECIALISED_HEAD_DIM, bounds_table, generate
+from .source import DTYPES, SPECIALISED_HEAD_DIM, bounds_table, generate, kernels
 
 __all__ = ["NumbaBackend", "generate", "load", "cache_dir", "plan_lanes", "lane_pairs",
            "SPECIALISED_HEAD_DIM"]
@@ -88,6 +88,8 @@ class NumbaBackend(Backend):
         plan.check_lanes(lanes, allow_none=True)
         self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
         self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
+        #: the kernel of each distinct head pattern: one per distinct shape
+        self._kernel_of = kernels(ir_, self.shared if self.lanes else None)[1]
         #: each query's key bounds per kernel, term and axis: what the kernels know of the
         #: pattern beyond its shape (:func:`~.source.bounds_table`)
         self.bounds = bounds_table(ir_, self.shape)
@@ -176,7 +178,7 @@ class NumbaBackend(Backend):
         """The compiled ``direction`` kernel of each pattern in ``groups``, the variant that
         adds a ``table`` and a ``softcap`` when they are given."""
         module = load(self.source_for(dtype, head_dim, table is not None, softcap is not None))
-        return {i: kernel(module, f"{direction}_{i}") for i, _ in groups}
+        return {i: kernel(module, f"{direction}_{i}") for i, _, _ in groups}
 
     def _score_args(self, q, scale, softcap, table, shape):
         """The kernels' arguments from the scale to the heads' table: the scale (and cap) in
@@ -201,11 +203,14 @@ class NumbaBackend(Backend):
         return NumbaBackend(self.ir, scale=self.scale, lanes=0, softcap=self.softcap)
 
     def _head_groups(self, heads: int):
-        """``(kernel index, int64 array of heads)`` for every kernel some head uses."""
+        """``(kernel index, int64 array of heads, int64 array of their rows of the bounds
+        table)`` for every kernel some head uses."""
         import numpy as np
 
-        owner = [self._head_map[ir.pattern_of_head(h, len(self._head_map))] for h in range(heads)]
-        return [(i, np.array([h for h in range(heads) if owner[h] == i], dtype=np.int64))
+        row = [self._head_map[ir.pattern_of_head(h, len(self._head_map))] for h in range(heads)]
+        owner = [self._kernel_of[r] for r in row]
+        return [(i, np.array([h for h in range(heads) if owner[h] == i], dtype=np.int64),
+                 np.array([row[h] for h in range(heads) if owner[h] == i], dtype=np.int64))
                 for i in sorted(set(owner))]
 
     def forward_numpy(self, q, k, v, shape, scale, table=None, softcap=None):
@@ -229,9 +234,9 @@ class NumbaBackend(Backend):
         lse = np.empty(q.shape[:3], dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
         tiles = plan.work_items(shape, self.lanes)
-        for i, group in groups:
+        for i, group, rows in groups:
             launch.run(kernels[i], q.shape[0] * len(group) * tiles,
-                       (q, k, v, *scalars, group, self.bounds, *tables, out, lse))
+                       (q, k, v, *scalars, group, rows, self.bounds, *tables, out, lse))
         return out, lse
 
     def backward_numpy(self, q, k, v, out, dout, lse, shape, scale, table=None, softcap=None):
@@ -261,11 +266,11 @@ class NumbaBackend(Backend):
         # taking its own from a counter, summed after the launch: no race, no atomics
         dtable = () if table is None else np.zeros((launch.threads(), *tables[0].shape),
                                                    dtype=q.dtype)
-        for i, group in groups:
+        for i, group, rows in groups:
             slot = () if table is None else (dtable, np.zeros(1, dtype=np.int64))
             launch.run(kernels[i], batch * len(group) * splits,
-                       (q, k, v, out, dout, lse, *scalars, group, self.bounds, *tables, dq, dk,
-                        dv, *slot))
+                       (q, k, v, out, dout, lse, *scalars, group, rows, self.bounds, *tables, dq,
+                        dk, dv, *slot))
         grads = (dq, dk[0], dv[0]) if splits == 1 else (dq, dk.sum(axis=0), dv.sum(axis=0))
         if table is None:
             return grads

@@ -61,8 +61,9 @@ def fetch_add(typingctx, ptr, value):
 def kernel_args(ndim: int, backward: bool, bias: bool = False,
                 softcap: bool = False) -> list[tuple[str, object]]:
     """A kernel's arguments in packing order: ``(name, rank)`` for a C-contiguous array
-    (``heads`` and ``bounds``, the table of each query's key bounds, are int64, the others of
-    the kernel's dtype), ``(name, "int")`` or
+    (``heads``, the heads a launch runs, ``brows``, each one's row of ``bounds``, and
+    ``bounds``, the table of each query's key bounds, are int64, the others of the kernel's
+    dtype), ``(name, "int")`` or
     ``(name, "real")`` for a scalar, ``(name, "slot")`` for an int64 counter each call takes
     its own number from (:func:`emit_unpack`).
 
@@ -74,7 +75,7 @@ def kernel_args(ndim: int, backward: bool, bias: bool = False,
     return ([(x, 4) for x in inputs] + [("lse", 3)] * backward + [("scale", "real")]
             + [("softcap", "real")] * softcap
             + [(f"n{a}", "int") for a in range(ndim)]
-            + [(f"reach{a}", "int") for a in range(ndim) if bias] + [("heads", 1), ("bounds", 5)]
+            + [(f"reach{a}", "int") for a in range(ndim) if bias] + [("heads", 1), ("brows", 1), ("bounds", 5)]
             + [("table", 2)] * bias
             + ([("dq", 4), ("dk", 5), ("dv", 5)] if backward else [("out", 4), ("lse", 3)])
             + [("dtable", 3), ("slot", "slot")] * (bias and backward))
@@ -104,7 +105,7 @@ def emit_unpack(em, args: list[tuple[str, object]]) -> None:
             slot, pointer = slot + 1, pointer + 1
         else:
             shape = ", ".join(f"ints[{slot + i}]" for i in range(kind))
-            dtype = "np.int64" if arg in ("heads", "bounds") else "ACC"
+            dtype = "np.int64" if arg in ("heads", "brows", "bounds") else "ACC"
             lines.append(f"{arg} = view(a[{pointer}], ({shape},), {dtype})")
             slot, pointer = slot + kind, pointer + 1
     em(f"ints = view(a[0], {slot}, np.int64)")

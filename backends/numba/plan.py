@@ -112,7 +112,8 @@ def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
 
 
 def distinct_heads(node) -> list:
-    """The distinct patterns of ``node``'s heads, in first-use order: one kernel each."""
+    """The distinct patterns of ``node``'s heads, in first-use order: one row of the bounds
+    table each (``source.kernels`` gives the kernels, one per distinct shape)."""
     out = []
     for head in node.per_head:
         if head.terms not in [h.terms for h in out]:

@@ -86,10 +86,10 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
             ctx["ndim"] = node.grid.ndim
             forward, backward = ((_emit_lane_forward, _emit_lane_backward) if ctx["lanes"]
                                  else (_emit_forward, _emit_backward))
-            ctx["heads"] = plan.distinct_heads(node)
-            for index, head in enumerate(ctx["heads"]):
+            ctx["kernels"] = kernels(node, ctx["shared"] if ctx["lanes"] else None)[0]
+            for index, (head, shares) in enumerate(ctx["kernels"]):
                 ctx["kernel"] = index
-                ctx["shares"] = ctx["shared"][index] if ctx["lanes"] else ()
+                ctx["shares"] = shares
                 ctx["runs"] = True  # see _emit_run
                 forward(head, em, ctx)
                 em()
@@ -101,10 +101,10 @@ def _visit(node, em: _Emitter, ctx: dict) -> None:
         case ir.Term():
             _emit_term_loops(node, em, ctx)
         case ir.Rel():
-            a, t, k = ctx["axis"], ctx["term"], ctx["kernel"]
+            a, t = ctx["axis"], ctx["term"]
             lane = _lane(ctx, a)
-            em(f"lo{t}_{a}{lane} = bounds[{k}, {t}, {a}, 0, i{a}]")
-            em(f"hi{t}_{a}{lane} = bounds[{k}, {t}, {a}, 1, i{a}]")
+            em(f"lo{t}_{a}{lane} = bounds[r, {t}, {a}, 0, i{a}]")
+            em(f"hi{t}_{a}{lane} = bounds[r, {t}, {a}, 1, i{a}]")
         case _:
             raise PatternError(f"Unrecognized node {node!r} of type {type(node).__name__}; "
                                f"the numba generator handles IR, HeadsIR, Term and Rel.")
@@ -116,11 +116,27 @@ def steps(head: ir.IR) -> tuple[tuple, ...]:
     return tuple(tuple(int(rel.step) for rel in term.rels) for term in head.terms)
 
 
+def kernels(node, shared=None) -> tuple[list, list[int]]:
+    """The kernels of ``node``'s module, one per distinct shape among its distinct head
+    patterns (:func:`steps`, and with lanes their terms' sharing, ``shared`` per distinct head),
+    as ``(a head of that shape, its sharing)``; and each distinct head's kernel. Heads of one
+    shape run one kernel on their own rows of :func:`bounds_table`."""
+    heads = plan.distinct_heads(node)
+    keys, reps, of = [], [], []
+    for head, shares in zip(heads, shared if shared is not None else [()] * len(heads)):
+        key = (steps(head), tuple(shares))
+        if key not in keys:
+            keys.append(key)
+            reps.append((head, tuple(shares)))
+        of.append(keys.index(key))
+    return reps, of
+
+
 def bounds_table(node, shape) -> np.ndarray:
-    """The kernels' argument ``bounds``: ``[kernel, term, axis, 0, i]`` is the first key and
+    """The kernels' argument ``bounds``: ``[row, term, axis, 0, i]`` is the first key and
     ``[..., 1, i]`` the end of the keys of query coordinate ``i`` on that axis (empty when the
-    end is not above the first), for each distinct head pattern (one kernel each) of ``node``
-    on the grid ``shape``. Evaluated by numpy from :meth:`~patterngen.ir.Rel.bounds`: a term's
+    end is not above the first), one row per distinct head pattern of ``node`` on the grid
+    ``shape`` (a kernel reads the row of each head it runs, ``brows``). Evaluated by numpy from :meth:`~patterngen.ir.Rel.bounds`: a term's
     bounds on one axis depend on the query's coordinate on that axis only, so the table holds
     ``terms x sum(shape)`` pairs, never tokens."""
     heads = plan.distinct_heads(node)
@@ -332,6 +348,7 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * tiles)")
             em("h = heads[(w // tiles) % nh]")
+            em("r = brows[(w // tiles) % nh]")
             em("first = (w % tiles) * QUERY_TILE")
             em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
             _emit_bias_row(em, ctx, False)
@@ -367,7 +384,7 @@ def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
         summary = "out and the log-sum-exp ``lse``."
     args = launch.kernel_args(ndim, backward, ctx["bias"], ctx["softcap"])
     with em.block(f"def {name}_{idx}(a):"):
-        em(f'"""Pattern {idx}: {summary}')
+        em(f'"""Kernel {idx}: {summary}')
         em()
         for line in doc:
             em(line)
@@ -405,6 +422,7 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * splits)")
             em("h = heads[(w // splits) % nh]")
+            em("r = brows[(w // splits) % nh]")
             em("split = w % splits")
             em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
             em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
@@ -496,6 +514,7 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * tiles)")
             em("h = heads[(w // tiles) % nh]")
+            em("r = brows[(w // tiles) % nh]")
             em("row = (w % tiles) // per_row")
             em("first = (w % tiles) % per_row * LANES")
             em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
@@ -536,6 +555,7 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             em("b = w // (nh * splits)")
             em("h = heads[(w // splits) % nh]")
+            em("r = brows[(w // splits) % nh]")
             em("split = w % splits")
             em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
             em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
@@ -571,21 +591,18 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                         em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
 
 
-def _header(node, dtype: str, bias: bool, softcap: bool) -> str:
+def _header(node, dtype: str, bias: bool, softcap: bool, reps) -> str:
     adds = " and ".join(["a relative position bias table"] * bias + ["a softcap"] * softcap)
     adds = f", with {adds}" if adds else ""
     lines = [f'"""patterngen numba kernels ({dtype}{adds}).', ""]
     lines.append("Generated by patterngen.backends.numba.source.generate; do not edit. Each")
-    lines.append("query's first key and end per term and axis are read from the table ``bounds``")
-    lines.append("(source.bounds_table) and the grid's extents n0.. are arguments: every pattern")
-    lines.append("of this shape, on any grid, runs these kernels.")
-    for index, head in enumerate(plan.distinct_heads(node)):
+    lines.append("query's first key and end per term and axis are read from its head's row of")
+    lines.append("the table ``bounds`` (source.bounds_table) and the grid's extents n0.. are")
+    lines.append("arguments: every pattern of this shape, on any grid, runs these kernels.")
+    for index, (head, _) in enumerate(reps):
         lines.append("")
-        lines.append(f"Pattern {index}: {len(head.terms)} term(s), key steps per axis "
+        lines.append(f"Kernel {index}: {len(head.terms)} term(s), key steps per axis "
                      f"{', '.join(map(str, steps(head)))}")
-    if isinstance(node, ir.HeadsIR):
-        lines.append("")
-        lines.append(f"Head h uses pattern {plan.head_map(node)}[h % {len(node.heads)}].")
     lines.append('"""')
     return "\n".join(lines)
 
@@ -647,7 +664,7 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]
-    return "\n".join([_header(node, dtype, bias, softcap), "", *_imports(body), "", *constants, "",
+    return "\n".join([_header(node, dtype, bias, softcap, ctx["kernels"]), "", *_imports(body), "", *constants, "",
                       "", body, ""])
 
 
