@@ -4,7 +4,7 @@ A work item is a tile of ``QUERY_TILE`` consecutive queries (one query at a time
 ``lanes`` consecutive queries along the last axis that share each loaded key (:func:`plan_lanes`
 chooses the width from the pattern's waste on the grid, counted separably, never tokens x
 tokens). Also the facts about the IR that the generator and the backend share: the distinct
-head patterns, which kernel each head uses, and the order a union's terms run in.
+head patterns, which one each listed head uses, and the order a union's terms run in.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def distinct_heads(node) -> list:
 
 
 def head_map(node) -> list[int]:
-    """Index of each listed head's kernel in :func:`distinct_heads`."""
+    """Index of each listed head's pattern in :func:`distinct_heads` (its rows of the bounds
+    table)."""
     distinct = [h.terms for h in distinct_heads(node)]
     return [distinct.index(h.terms) for h in node.per_head]
 
