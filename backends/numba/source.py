@@ -136,9 +136,10 @@ def bounds_table(node, shape) -> np.ndarray:
     """The kernels' argument ``bounds``: ``[row, term, axis, 0, i]`` is the first key and
     ``[..., 1, i]`` the end of the keys of query coordinate ``i`` on that axis (empty when the
     end is not above the first), one row per distinct head pattern of ``node`` on the grid
-    ``shape`` (a kernel reads the row of each head it runs, ``brows``). Evaluated by numpy from :meth:`~patterngen.ir.Rel.bounds`: a term's
-    bounds on one axis depend on the query's coordinate on that axis only, so the table holds
-    ``terms x sum(shape)`` pairs, never tokens."""
+    ``shape`` (a kernel reads the row of each head it runs, ``brows``). Evaluated by numpy
+    from :meth:`~patterngen.ir.Rel.bounds`: a term's bounds on one axis depend on the query's
+    coordinate on that axis only, so the table holds ``rows x terms x axes x max(shape)``
+    pairs, never tokens."""
     heads = plan.distinct_heads(node)
     table = np.zeros((len(heads), max(len(h.terms) for h in heads), len(shape), 2, max(shape)),
                      dtype=np.int64)
