@@ -75,7 +75,8 @@ def kernel_args(ndim: int, backward: bool, bias: bool = False,
     return ([(x, 4) for x in inputs] + [("lse", 3)] * backward + [("scale", "real")]
             + [("softcap", "real")] * softcap
             + [(f"n{a}", "int") for a in range(ndim)]
-            + [(f"reach{a}", "int") for a in range(ndim) if bias] + [("heads", 1), ("brows", 1), ("bounds", 5)]
+            + [(f"reach{a}", "int") for a in range(ndim) if bias]
+            + [("heads", 1), ("brows", 1), ("bounds", 5)]
             + [("table", 2)] * bias
             + ([("dq", 4), ("dk", 5), ("dv", 5)] if backward else [("out", 4), ("lse", 3)])
             + [("dtable", 3), ("slot", "slot")] * (bias and backward))

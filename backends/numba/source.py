@@ -665,8 +665,8 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]
-    return "\n".join([_header(node, dtype, bias, softcap, ctx["kernels"]), "", *_imports(body), "", *constants, "",
-                      "", body, ""])
+    return "\n".join([_header(node, dtype, bias, softcap, ctx["kernels"]), "", *_imports(body), "",
+                      *constants, "", "", body, ""])
 
 
 def _imports(body: str) -> list[str]:
