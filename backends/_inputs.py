@@ -46,3 +46,13 @@ def flatten_qkv(q, k, v, shape: tuple, backend: str):
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     q, k, v = (t.reshape(b, h, tokens, d) for t in (q, k, v))
     return q, k, v, (lambda out: out.reshape(out_shape))
+
+
+def non_finite(k, v) -> bool:
+    """Whether ``k`` or ``v`` holds a NaN or an infinity (one pass over each; not checked
+    inside ``torch.compile``, where a data-dependent branch would break the graph)."""
+    import torch
+
+    if torch.compiler.is_compiling():
+        return False
+    return not bool(torch.isfinite(k).all() and torch.isfinite(v).all())

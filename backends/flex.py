@@ -31,6 +31,7 @@ import numpy as np
 from patterngen import bias
 from patterngen import ir as _ir
 from patterngen.backends import Backend, register_backend
+from patterngen.backends._inputs import non_finite
 from patterngen.errors import BackendUnavailable, PatternError
 from patterngen.layout import HeadsLayout, layout
 
@@ -404,8 +405,7 @@ class FlexBackend(Backend):
             from torch.nn.attention.flex_attention import flex_attention as fn
         score_mod = self.score_mod(table, device)
         # masked pairs exist only in partial blocks: without any, every key is attended
-        if (torch.compiler.is_compiling() or not (self._partial or extra is not None)
-                or bool(torch.isfinite(kf).all() and torch.isfinite(vf).all())):
+        if not (self._partial or extra is not None) or not non_finite(kf, vf):
             out = fn(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
         else:
             if device.type == "cpu":  # the compiled CPU kernel lets a masked NaN score through

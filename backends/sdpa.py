@@ -34,6 +34,7 @@ import numpy as np
 
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
+from patterngen.backends._inputs import non_finite
 from patterngen.layout import HeadsLayout, aligned_tiles, layout
 from patterngen.reference import materialize
 
@@ -370,7 +371,7 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None
                  and not (torch.is_grad_enabled()
                           and any(t is not None and t.requires_grad for t in (q, k, v, table))))
     # a non-finite key or value in a partial block must reach only the queries that attend it
-    dirty = any(call["mask"] is not None for call in plan.calls) and _non_finite(k, v, torch)
+    dirty = any(call["mask"] is not None for call in plan.calls) and non_finite(k, v)
     if not single:
         # each group's output is copied once, straight into its rows (no reshape + cat)
         out = q.new_empty(b, h, plan.rows + (plan.zero_row is not None), d)
@@ -430,14 +431,6 @@ def _attention(q, k, v, scale, softcap, add, torch, F):
     if softcap is not None:
         return _softcapped_attention(q, k, v, scale, softcap, add, torch)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
-
-
-def _non_finite(k, v, torch) -> bool:
-    """Whether ``k`` or ``v`` holds a NaN or an infinity (one pass over each; not checked
-    inside ``torch.compile``, where a data-dependent branch would break the graph)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not bool(torch.isfinite(k).all() and torch.isfinite(v).all())
 
 
 def _masked_attention(q, k, v, scale, softcap, add, torch):

@@ -207,11 +207,10 @@ class NumbaBackend(Backend):
         table)`` for every kernel some head uses."""
         import numpy as np
 
-        row = [self._head_map[ir.pattern_of_head(h, len(self._head_map))] for h in range(heads)]
-        owner = [self._kernel_of[r] for r in row]
-        return [(i, np.array([h for h in range(heads) if owner[h] == i], dtype=np.int64),
-                 np.array([row[h] for h in range(heads) if owner[h] == i], dtype=np.int64))
-                for i in sorted(set(owner))]
+        row = np.array([self._head_map[ir.pattern_of_head(h, len(self._head_map))]
+                        for h in range(heads)], dtype=np.int64)
+        owner = np.array(self._kernel_of, dtype=np.int64)[row]
+        return [(int(i), np.flatnonzero(owner == i), row[owner == i]) for i in np.unique(owner)]
 
     def forward_numpy(self, q, k, v, shape, scale, table=None, softcap=None):
         """``(out, lse)`` for C-contiguous ``(batch, heads, tokens, head_dim)`` float32 or

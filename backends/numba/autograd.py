@@ -9,8 +9,10 @@ float32 kernels: they are converted on the way in and the results on the way out
 dk, dv and the table's gradient come back in the input's dtype; the log-sum-exp is float32
 (float64 for float64). ``drel_bias`` is an empty tensor when there is no table (an operator
 returns tensors only). Eager calls run the same implementation and formula as an
-``autograd.Function`` instead of the operators (:func:`patterngen.backends.ops.traced_or_eager`). The backward receives the forward's output and log-sum-exp
-(FlashAttention-2: ``D = rowsum(dO * out)``), or a term-wise plan's merged ones.
+``autograd.Function`` instead of the operators
+(:func:`patterngen.backends.ops.traced_or_eager`). The backward receives the forward's output
+and log-sum-exp (FlashAttention-2: ``D = rowsum(dO * out)``), or a term-wise plan's merged
+ones.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ arguments, so that the same machine code runs wherever the threads come from:
   int64 (a shared range counter, the number of ranges, the number of work items, then each
   array's shape and each int), one block of reals (the scale, in the arrays' dtype), then the
   arrays' data pointers; :func:`emit_unpack` writes the kernel's side, which unpacks them
-  with ``numba.carray`` (through :func:`view`), and :func:`emit_ranges` its loop, which takes ranges from the
-  counter with an atomic fetch-and-add (:func:`fetch_add`) until none is left.
+  with ``numba.carray`` (through :func:`view`), and :func:`emit_ranges` its loop, which takes
+  ranges from the counter with an atomic fetch-and-add (:func:`fetch_add`) until none is left.
 - :func:`run` hands the kernel to torch's own GNU OpenMP team where torch runs its ops on one
   (libgomp's ``GOMP_parallel``): torch's idle team threads otherwise spin for milliseconds
   beside the kernel after every torch op and slow it up to twice
@@ -63,9 +63,8 @@ def kernel_args(ndim: int, backward: bool, bias: bool = False,
     """A kernel's arguments in packing order: ``(name, rank)`` for a C-contiguous array
     (``heads``, the heads a launch runs, ``brows``, each one's row of ``bounds``, and
     ``bounds``, the table of each query's key bounds, are int64, the others of the kernel's
-    dtype), ``(name, "int")`` or
-    ``(name, "real")`` for a scalar, ``(name, "slot")`` for an int64 counter each call takes
-    its own number from (:func:`emit_unpack`).
+    dtype), ``(name, "int")`` or ``(name, "real")`` for a scalar, ``(name, "slot")`` for an
+    int64 counter each call takes its own number from (:func:`emit_unpack`).
 
     With ``bias``: the reach ``reach0..`` per axis, the flat ``table`` (rows, offsets) and, for
     the backward, ``dtable`` (one copy per call of the kernel, see :func:`threads`) and the

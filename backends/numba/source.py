@@ -592,7 +592,7 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
                         em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
 
 
-def _header(node, dtype: str, bias: bool, softcap: bool, reps) -> str:
+def _header(dtype: str, bias: bool, softcap: bool, reps) -> str:
     adds = " and ".join(["a relative position bias table"] * bias + ["a softcap"] * softcap)
     adds = f", with {adds}" if adds else ""
     lines = [f'"""patterngen numba kernels ({dtype}{adds}).', ""]
@@ -665,7 +665,7 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]
-    return "\n".join([_header(node, dtype, bias, softcap, ctx["kernels"]), "", *_imports(body), "",
+    return "\n".join([_header(dtype, bias, softcap, ctx["kernels"]), "", *_imports(body), "",
                       *constants, "", "", body, ""])
 
 
