@@ -26,6 +26,7 @@ import functools
 import logging
 import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import numba
@@ -58,27 +59,42 @@ def fetch_add(typingctx, ptr, value):
     return types.int64(types.voidptr, value), codegen
 
 
+class Arg(NamedTuple):
+    """One kernel argument: an array (``kind="array"``, of ``rank`` dimensions and element
+    type ``dtype`` as the kernel's text names it), a scalar (``"int"``, ``"real"``) or a
+    ``"slot"``, an int64 counter each call of the kernel takes its own number from."""
+
+    name: str
+    kind: str
+    rank: int = 0
+    dtype: str = "ACC"
+
+
+def _arrays(names, rank: int, dtype: str = "ACC") -> list[Arg]:
+    return [Arg(name, "array", rank, dtype) for name in names]
+
+
 def kernel_args(ndim: int, backward: bool, bias: bool = False,
-                softcap: bool = False) -> list[tuple[str, object]]:
-    """A kernel's arguments in packing order: ``(name, rank)`` for a C-contiguous array
-    (``heads``, the heads a launch runs, ``brows``, each one's row of ``bounds``, and
-    ``bounds``, the table of each query's key bounds, are int64, the others of the kernel's
-    dtype), ``(name, "int")`` or ``(name, "real")`` for a scalar, ``(name, "slot")`` for an
-    int64 counter each call takes its own number from (:func:`emit_unpack`).
+                softcap: bool = False) -> list[Arg]:
+    """A kernel's arguments in packing order: the C-contiguous arrays of the kernel's dtype
+    (``ACC``) but ``heads`` (the heads a launch runs), ``brows`` (each one's row of
+    ``bounds``) and ``bounds`` (the table of each query's key bounds), which are int64; then
+    the scalars.
 
     With ``bias``: the reach ``reach0..`` per axis, the flat ``table`` (rows, offsets) and, for
     the backward, ``dtable`` (one copy per call of the kernel, see :func:`threads`) and the
     ``slot`` counter that picks the copy. With ``softcap``: the cap, a real after the scale.
     """
     inputs = ["q", "k", "v", "out", "dout"] if backward else ["q", "k", "v"]
-    return ([(x, 4) for x in inputs] + [("lse", 3)] * backward + [("scale", "real")]
-            + [("softcap", "real")] * softcap
-            + [(f"n{a}", "int") for a in range(ndim)]
-            + [(f"reach{a}", "int") for a in range(ndim) if bias]
-            + [("heads", 1), ("brows", 1), ("bounds", 5)]
-            + [("table", 2)] * bias
-            + ([("dq", 4), ("dk", 5), ("dv", 5)] if backward else [("out", 4), ("lse", 3)])
-            + [("dtable", 3), ("slot", "slot")] * (bias and backward))
+    return (_arrays(inputs, 4) + _arrays(["lse"] * backward, 3) + [Arg("scale", "real")]
+            + [Arg("softcap", "real")] * softcap
+            + [Arg(f"n{a}", "int") for a in range(ndim)]
+            + [Arg(f"reach{a}", "int") for a in range(ndim) if bias]
+            + _arrays(["heads", "brows"], 1, "np.int64") + _arrays(["bounds"], 5, "np.int64")
+            + _arrays(["table"] * bias, 2)
+            + (_arrays(["dq"], 4) + _arrays(["dk", "dv"], 5) if backward
+               else _arrays(["out"], 4) + _arrays(["lse"], 3))
+            + (_arrays(["dtable"], 3) + [Arg("slot", "slot")] if bias and backward else []))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -89,25 +105,24 @@ def view(ptr, shape, dtype):
     return numba.carray(ptr, shape, dtype)
 
 
-def emit_unpack(em, args: list[tuple[str, object]]) -> None:
+def emit_unpack(em, args: list[Arg]) -> None:
     """Emit the kernel's side of :func:`pack`: bind ``args`` (see :func:`kernel_args`), and
     ``parts, items``, from the packed pointer ``a``."""
     lines, slot, pointer, real = [], 3, 2, 0
-    for arg, kind in args:
-        if kind == "int":
-            lines.append(f"{arg} = ints[{slot}]")
+    for arg in args:
+        if arg.kind == "int":
+            lines.append(f"{arg.name} = ints[{slot}]")
             slot += 1
-        elif kind == "real":
-            lines.append(f"{arg} = reals[{real}]")
+        elif arg.kind == "real":
+            lines.append(f"{arg.name} = reals[{real}]")
             real += 1
-        elif kind == "slot":  # a one-element int64 array; each call of the kernel takes one
-            lines.append(f"{arg} = fetch_add(a[{pointer}], 1)")
+        elif arg.kind == "slot":  # a one-element int64 array; each call of the kernel takes one
+            lines.append(f"{arg.name} = fetch_add(a[{pointer}], 1)")
             slot, pointer = slot + 1, pointer + 1
         else:
-            shape = ", ".join(f"ints[{slot + i}]" for i in range(kind))
-            dtype = "np.int64" if arg in ("heads", "brows", "bounds") else "ACC"
-            lines.append(f"{arg} = view(a[{pointer}], ({shape},), {dtype})")
-            slot, pointer = slot + kind, pointer + 1
+            shape = ", ".join(f"ints[{slot + i}]" for i in range(arg.rank))
+            lines.append(f"{arg.name} = view(a[{pointer}], ({shape},), {arg.dtype})")
+            slot, pointer = slot + arg.rank, pointer + 1
     em(f"ints = view(a[0], {slot}, np.int64)")
     em(f"reals = view(a[1], {max(real, 1)}, ACC)")
     for line in lines:

@@ -389,7 +389,7 @@ def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
         em()
         for line in doc:
             em(line)
-        em("A cfunc: ``a`` points to " + ", ".join(arg for arg, _ in args) + ", packed")
+        em("A cfunc: ``a`` points to " + ", ".join(arg.name for arg in args) + ", packed")
         em("by ``launch.pack``; each thread takes ranges of items until none is left.")
         em('"""')
         launch.emit_unpack(em, args)
