@@ -58,6 +58,8 @@ CASES = [
     ("axis 1 sharded", pg.window(3) | pg.axis(0), (4, 9), {"axis": 1}),
 ]
 WORLDS = (4, 3, 2)
+#: cases also run on one rank alone: nothing moves, but the global queries are still merged
+SOLO = [c for c in CASES if "global" in c[0]]
 #: the cases sharded along axis 0 (the plan's own frame; the spawned ranks also move axes)
 LOCAL = [c for c in CASES if not c[3].get("axis")]
 
@@ -397,6 +399,9 @@ def _worker(rank, world, init, results):
             report[f"{size}/{name}"] = _run_case(name, pattern, grid, options, group, size,
                                                  rank, calls)
         report[f"{size}/errors"] = _error_cases(group, size, rank)
+    solo = dist.new_group([0])
+    for name, pattern, grid, options in SOLO if rank == 0 else ():
+        report[f"1/{name}"] = _run_case(name, pattern, grid, options, solo, 1, rank, calls)
     with open(os.path.join(results, f"{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.destroy_process_group()
@@ -485,6 +490,13 @@ def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, op
     for step in range(len(spawned[0][f"{world}/{name}"]["calls"])):
         calls = [spawned[rank][f"{world}/{name}"]["calls"][step] for rank in range(world)]
         assert sum(c[0] for c in calls) == sum(c[1] for c in calls)
+
+
+@pytest.mark.parametrize("name,pattern,grid,options", SOLO, ids=[c[0] for c in SOLO])
+def test_one_rank_equals_one_process(spawned, name, pattern, grid, options):
+    r = spawned[0][f"1/{name}"]
+    assert max(r["errors"]) < 1e-12, r["errors"]
+    assert r["received"] == 0 and all(c[:2] == [0, 0] for c in r["calls"]), r["calls"]
 
 
 def test_sharded_windows_never_gather_whole_kv(spawned):

@@ -271,7 +271,8 @@ class DistributedAttention:
         partial = torch.cat([part, lse[..., None]], -1).permute(2, 0, 1, 3)
         partial = partial.reshape(-1, b * h * (d + 1))
         blocks = list(partial.split(held))
-        back = _Exchange.apply(torch.cat([x for r, x in enumerate(blocks) if r != me]),
+        sent = [x for r, x in enumerate(blocks) if r != me]  # none on one rank
+        back = _Exchange.apply(torch.cat(sent) if sent else partial[:0],
                                others, [0 if r == me else len(mine) for r in range(world)],
                                self.group)
         parts = torch.cat([blocks[me], back]).reshape(world, len(mine), b, h, d + 1)
