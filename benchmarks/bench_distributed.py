@@ -1,7 +1,8 @@
 """Sharded attention on gloo ranks of this machine: time per step and bytes moved.
 
 For W2 (``window(7)`` on 64x64, 4 heads, head_dim 32) and W5 (``window((3, 7, 7))`` on
-8x32x32), both from ``bench_cpu.py``, it runs :func:`patterngen.distributed.compile` on 1 and on
+8x32x32), both from ``bench_cpu.py``, and W2-global (W2 with a global token, whose second rank
+runs on line tables), it runs :func:`patterngen.distributed.compile` on 1 and on
 2 gloo ranks over loopback (one spawn each, ``torch`` threads split evenly between the ranks),
 with the local part on ``backend="auto"`` (the planner: numba kernels for windows, where the
 rank's local problem is the pattern's own atoms) and on ``"sdpa"`` (line tables), and, in the
@@ -43,6 +44,9 @@ from patterngen.distributed.halo import exchange_rows, reshard, split_lines
 WORKLOADS = {
     "W2": (pg.window(7), (64, 64), 4, 32),
     "W5": (pg.window((3, 7, 7)), (8, 32, 32), 4, 32),
+    # a global token in the first line: on 2 ranks the second one's local problem is not the
+    # pattern's own atoms (the token's line is far away), so it runs on line tables
+    "W2-global": (pg.window(7) | pg.global_tokens([(0, 0)]), (64, 64), 4, 32),
 }
 #: the local executors compared
 LOCALS = ("auto", "sdpa")

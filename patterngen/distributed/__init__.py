@@ -36,12 +36,11 @@ def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None,
         grid: the whole grid, e.g. ``(512, 512)``.
         axis: the sharded axis.
         group: a ``torch.distributed`` process group; ``None`` is the default group.
-        backend: the local executor: ``"auto"`` (the planner where the rank's local problem
-            is the pattern's own atoms on its local grid, else ``sdpa``), ``"sdpa"`` or
+        backend: the local executor: ``"auto"`` (the planner; where the rank's local problem
+            needs line tables, among ``terms``, ``numba`` and ``sdpa``), ``"sdpa"`` or
             ``"numba"`` (CPU), which read any rank's line tables (see ``docs/distributed.md``).
         shards: lines per rank; ``None`` splits as evenly as possible.
-        **options: options of the local backend (with ``"auto"``, the planner's; a rank that
-            falls back to ``sdpa`` runs it with its defaults).
+        **options: options of the local backend (with ``"auto"``, the planner's).
 
     Returns:
         A :class:`DistributedAttention`.

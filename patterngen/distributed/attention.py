@@ -19,10 +19,12 @@ __all__ = ["DistributedAttention"]
 
 #: local executors: ``sdpa`` and ``numba`` (CPU) read the :class:`~patterngen.ir.LineTable`
 #: of any rank's local problem (numba's kernels take their bounds from numpy's evaluation);
-#: ``auto`` (the planner, numba kernels for windows) runs it where it is the pattern's own
-#: atoms on the local grid (:func:`~patterngen.distributed.halo.ordinary_local`) and ``sdpa``
-#: elsewhere; flex fails in inductor on the tables made inside its traced ``mask_mod``
+#: ``auto`` plans the pattern's own atoms on the local grid where they are exact
+#: (:func:`~patterngen.distributed.halo.ordinary_local`) and the line tables elsewhere, among
+#: ``LINE_TABLE_STRATEGIES``: flex fails in inductor on the tables made inside its traced
+#: ``mask_mod``
 LOCAL_BACKENDS = ("auto", "sdpa", "numba")
+LINE_TABLE_STRATEGIES = ("terms", "numba", "sdpa")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -100,8 +102,7 @@ class DistributedAttention:
         shards: ``(start, stop)`` of every rank's lines of the sharded axis.
         rank, world: this rank and the group's size.
         plan: this rank's :class:`~patterngen.distributed.halo.RankPlan`.
-        local: the compiled local backend; ``local_backend`` its name (``auto`` runs on
-            ``sdpa`` where the local problem needs line tables).
+        local: the compiled local backend; ``local_backend`` its name.
         schemes: ``(term, scheme)`` per term (see :func:`~patterngen.distributed.schemes`).
         sent_rows, received_rows: K/V tokens this rank sends and receives per forward step.
         resharded: the :class:`~patterngen.distributed.halo.Reshard` of the axis terms, or
@@ -144,12 +145,11 @@ class DistributedAttention:
             from ..compile import compile as compile_local
 
             ordinary = ordinary_local(moved, self.plan) if backend == "auto" else None
-            self.local_backend = "sdpa" if backend == "auto" and ordinary is None else backend
-            # the planner's options (sizes to plan for) are not sdpa's: a rank whose local
-            # problem needs line tables runs sdpa with its defaults
+            if backend == "auto" and ordinary is None:
+                options = {"strategy": LINE_TABLE_STRATEGIES, **options}
+            self.local_backend = backend
             self.local = compile_local(self.plan.local if ordinary is None else ordinary,
-                                       backend=self.local_backend,
-                                       **(options if self.local_backend == backend else {}))
+                                       backend=backend, **options)
             self.schemes = schemes(moved, self.resharded)
             self._shape = shape
         except PatternError as e:
