@@ -79,6 +79,20 @@ def test_lanes_match_dense_oracle(name, lanes):
     _check_against_oracle(STRUCTURES[name], grid, q, k, v, lanes=lanes)
 
 
+# runs of keys that fill the key buffer exactly (two rows of area(2)'s; eight rows of the
+# window for each lane of a term run lane by lane), then more rows: the run must flush it
+_CHUNK = nb.source.KEY_CHUNK
+
+
+@pytest.mark.parametrize("spec, grid, lanes", [(pg.area(2), (8, _CHUNK // 2), 0),
+                                               (pg.window((9, _CHUNK // 8)), (12, 40), 8)])
+def test_runs_that_fill_the_key_buffer(spec, grid, lanes):
+    attn = nb.NumbaBackend(pg.lower(spec, grid), lanes=lanes)
+    assert attn.lanes == lanes and (not lanes or attn.shared == ((False,),))
+    q, k, v = _inputs(grid, 1, 2, 4, torch.float64, seed=3)
+    _check_against_oracle(spec, grid, q, k, v, lanes=lanes)
+
+
 def test_lanes_share_overlapping_terms():
     """Two shared terms: the block's keys inside the window are masked for the second."""
     spec, grid = pg.window(6) | pg.block(8, offset=2), (21,)

@@ -96,6 +96,9 @@ def forward_0(a):
                             keys[p1] = first_key + p1
                             offs[p1] = first_off + p1
                         cnt += run
+                        if cnt == KEY_CHUNK:
+                            m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim, bt, offs, 0, softcap)
+                            cnt = 0
                     else:
                         for p1 in range(lo0_1, hi0_1):
                             k1 = k0 * n1 + p1

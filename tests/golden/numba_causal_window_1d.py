@@ -77,6 +77,9 @@ def forward_0(a):
                     for p0 in range(cnt, cnt + run):
                         keys[p0] = first_key + p0
                     cnt += run
+                    if cnt == KEY_CHUNK:
+                        m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
+                        cnt = 0
                 else:
                     for p0 in range(lo0_0, hi0_0):
                         k0 = p0

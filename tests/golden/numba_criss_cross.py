@@ -87,6 +87,9 @@ def forward_0(a):
                         for p1 in range(cnt, cnt + run):
                             keys[p1] = first_key + p1
                         cnt += run
+                        if cnt == KEY_CHUNK:
+                            m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
+                            cnt = 0
                     else:
                         for p1 in range(lo0_1, hi0_1):
                             k1 = k0 * n1 + p1

@@ -92,6 +92,9 @@ def forward_0(a):
                             for p2 in range(cnt, cnt + run):
                                 keys[p2] = first_key + p2
                             cnt += run
+                            if cnt == KEY_CHUNK:
+                                m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
+                                cnt = 0
                         else:
                             for p2 in range(lo0_2, hi0_2):
                                 k2 = k1 * n2 + p2
