@@ -3,6 +3,8 @@ recovery from a cache directory that cannot be used."""
 
 import hashlib
 import math
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -213,6 +215,7 @@ def test_an_unusable_cache_directory_moves_to_a_temporary_one(how, tmp_path, mon
         _run_small()
 
 
+@pytest.mark.skipif(runtime.BOUNDSCHECK, reason="PATTERNGEN_NUMBA_BOUNDSCHECK=1 caches nothing")
 def test_a_corrupt_kernel_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("PATTERNGEN_CACHE", str(tmp_path))
     monkeypatch.setattr(numba.config, "CACHE_DIR", "")  # the kernels' cache beside them
@@ -230,3 +233,23 @@ def test_a_corrupt_kernel_cache_is_rebuilt(tmp_path, monkeypatch):
         _run_small(spec)
     assert len(w) == 1
     assert all(path.read_bytes() != b"garbage" for path in indexes if path.exists())
+
+
+def test_boundscheck_mode_checks_the_helpers():
+    # PATTERNGEN_NUMBA_BOUNDSCHECK=1: a key past the rows raises instead of reading beyond
+    # them. The runtime file alone is imported (numba, numpy): patterngen would double the time
+    code = ("import importlib.util\n"
+            "import numpy as np\n"
+            f"spec = importlib.util.spec_from_file_location('runtime', {runtime.__file__!r})\n"
+            "runtime = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(runtime)\n"
+            "assert runtime.JIT['boundscheck'] and not runtime.JIT['cache']\n"
+            "rows, out = np.zeros((4, 8)), np.zeros(1)\n"
+            "try:\n"
+            "    runtime.dots(np.ones(8), rows, np.array([4]), 1, out, 8)\n"
+            "except IndexError:\n"
+            "    print('checked')\n")
+    env = {**os.environ, "PATTERNGEN_NUMBA_BOUNDSCHECK": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "checked", done.stderr

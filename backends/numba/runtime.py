@@ -20,6 +20,7 @@ that has no keys) outputs zeros with ``lse = -inf``.
 from __future__ import annotations
 
 import math
+import os
 
 import numba
 import numpy as np
@@ -27,8 +28,16 @@ from numba.extending import overload
 
 #: without ``nnan``/``ninf``: the kernels rely on ``-inf`` for "no key yet" and NaN checks
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
-#: options of every helper and every generated kernel (``module.compile_kernel``)
-JIT = dict(fastmath=set(FASTMATH), cache=True, nogil=True, error_model="numpy")
+#: ``PATTERNGEN_NUMBA_BOUNDSCHECK=1`` (read at import; for debugging the generator): every
+#: helper and kernel checks its array indices, and an index out of bounds stops the kernel
+#: with an ``IndexError`` printed to stderr; nothing is cached then, since numba's cache does
+#: not tell builds with and without the checks apart
+BOUNDSCHECK = os.environ.get("PATTERNGEN_NUMBA_BOUNDSCHECK", "0") == "1"
+#: options of every helper and every generated kernel (``module.kernel``)
+JIT = dict(fastmath=set(FASTMATH), cache=not BOUNDSCHECK, nogil=True, error_model="numpy",
+           boundscheck=BOUNDSCHECK)
+#: the same for the dtype-specialised implementations (``overload``)
+OVERLOAD_JIT = dict(fastmath=set(FASTMATH), error_model="numpy", boundscheck=BOUNDSCHECK)
 
 
 def exp_shifted(x, bits, cnt, top):
@@ -43,7 +52,7 @@ def exp_shifted(x, bits, cnt, top):
         x[c] = math.exp(x[c] - top)
 
 
-@overload(exp_shifted, jit_options=dict(fastmath=set(FASTMATH), error_model="numpy"))
+@overload(exp_shifted, jit_options=OVERLOAD_JIT)
 def _exp_shifted_by_dtype(x, bits, cnt, top):
     if x.dtype == numba.types.float32:
         def exp32(x, bits, cnt, top):
@@ -155,7 +164,7 @@ def tanh(x):
     return math.tanh(x)
 
 
-@overload(tanh, jit_options=dict(fastmath=set(FASTMATH), error_model="numpy"))
+@overload(tanh, jit_options=OVERLOAD_JIT)
 def _tanh_by_type(x):
     if x == numba.types.float32:
         def tanh32(x):
