@@ -196,7 +196,7 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
                 step = f", {rel.step}" if rel.step != 1 else ""
                 header = f"for p{a} in range(lo{t}_{a}{lane}, hi{t}_{a}{lane}{step}):"
             if a == last and ctx["runs"] and not shared and not earlier and rel.step == 1:
-                _emit_run(em, ctx, a, f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}", keys, cnt, flush)
+                _emit_run(em, ctx, a, f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}", keys, cnt)
                 scopes.enter_context(em.block("else:"))
             scopes.enter_context(em.block(header))
             em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * n{a} + p{a}")
@@ -228,14 +228,14 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
             _emit_collect(em, ctx, last, flush, keys, cnt)
 
 
-def _emit_run(em: _Emitter, ctx: dict, a: int, lo: str, hi: str, keys: str, cnt: str,
-              flush: str) -> None:
+def _emit_run(em: _Emitter, ctx: dict, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
     """A run of consecutive keys on the last axis, buffered in one loop that LLVM vectorises
     when the buffer has room for all of it; else key by key. Forward only: interleaved, medians
     of 12, forward 0.96x the time on a 7x7 neighbourhood, 0.88x on criss-cross, 0.96x on a
     3x7x7 one; backward 1.05x on the 7x7 one, so it keeps the key-by-key loop.
 
-    A run that fills the buffer flushes it: the key-by-key loop writes before it tests."""
+    A run may fill the buffer: the next key processes it before it is buffered
+    (:func:`_emit_collect`), or the end of the query does."""
     em(f"run = {hi} - {lo}")
     with em.block(f"if run > 0 and {cnt} + run <= KEY_CHUNK:"):
         start = f"k{a - 1} * n{a} + {lo}" if a else lo
@@ -248,9 +248,6 @@ def _emit_run(em: _Emitter, ctx: dict, a: int, lo: str, hi: str, keys: str, cnt:
             if ctx["bias"]:
                 em(f"{_offs(keys)}[p{a}] = first_off + p{a}")
         em(f"{cnt} += run")
-        with em.block(f"if {cnt} == KEY_CHUNK:"):
-            em(flush)
-            em(f"{cnt} = 0")
 
 
 def _emit_lane_flush(em: _Emitter, ctx: dict) -> None:
@@ -271,19 +268,19 @@ def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict) -> None:
 
 def _emit_collect(em: _Emitter, ctx: dict, last: int, flush: str, keys="keys",
                   cnt="cnt") -> None:
-    """The innermost statement of every term: buffer the key (and its table position); a full
-    buffer is processed.
+    """The innermost statement of every term: process the buffer if it is full (a run may
+    have filled it, :func:`_emit_run`), then buffer the key (and its table position).
 
     Scores are computed in the chunk helpers, four keys at a time, not here: one key per
     pass over ``q`` is a horizontal reduction per pair and was the slowest loop.
     """
+    with em.block(f"if {cnt} == KEY_CHUNK:"):
+        em(flush)
+        em(f"{cnt} = 0")
     em(f"{keys}[{cnt}] = k{last}")
     if ctx["bias"]:
         em(f"{_offs(keys)}[{cnt}] = o{last}")
     em(f"{cnt} += 1")
-    with em.block(f"if {cnt} == KEY_CHUNK:"):
-        em(flush)
-        em(f"{cnt} = 0")
 
 
 def _offs(keys: str) -> str:

@@ -96,19 +96,16 @@ def forward_0(a):
                             keys[p1] = first_key + p1
                             offs[p1] = first_off + p1
                         cnt += run
-                        if cnt == KEY_CHUNK:
-                            m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim, bt, offs, 0, softcap)
-                            cnt = 0
                     else:
                         for p1 in range(lo0_1, hi0_1):
                             k1 = k0 * n1 + p1
                             o1 = o0 * span1 + p1 + e1
-                            keys[cnt] = k1
-                            offs[cnt] = o1
-                            cnt += 1
                             if cnt == KEY_CHUNK:
                                 m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim, bt, offs, 0, softcap)
                                 cnt = 0
+                            keys[cnt] = k1
+                            offs[cnt] = o1
+                            cnt += 1
                 if cnt > 0:
                     m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim, bt, offs, 0, softcap)
                 finish_row(ob, lse, b, h, iq, acc, m, l, dim)
@@ -201,12 +198,12 @@ def backward_0(a):
                     for p1 in range(lo0_1, hi0_1):
                         k1 = k0 * n1 + p1
                         o1 = o0 * span1 + p1 + e1
-                        keys[cnt] = k1
-                        offs[cnt] = o1
-                        cnt += 1
                         if cnt == KEY_CHUNK:
                             backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim, bt, offs, 0, softcap, slopes, dbt)
                             cnt = 0
+                        keys[cnt] = k1
+                        offs[cnt] = o1
+                        cnt += 1
                 backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim, bt, offs, 0, softcap, slopes, dbt)
                 for d in range(dim):
                     dqb[iq, d] = dqa[d] * scale

@@ -77,17 +77,14 @@ def forward_0(a):
                     for p0 in range(cnt, cnt + run):
                         keys[p0] = first_key + p0
                     cnt += run
-                    if cnt == KEY_CHUNK:
-                        m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
-                        cnt = 0
                 else:
                     for p0 in range(lo0_0, hi0_0):
                         k0 = p0
-                        keys[cnt] = k0
-                        cnt += 1
                         if cnt == KEY_CHUNK:
                             m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                             cnt = 0
+                        keys[cnt] = k0
+                        cnt += 1
                 if cnt > 0:
                     m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                 finish_row(ob, lse, b, h, iq, acc, m, l, dim)
@@ -158,11 +155,11 @@ def backward_0(a):
                 # term 0: steps (1,)
                 for p0 in range(lo0_0, hi0_0):
                     k0 = p0
-                    keys[cnt] = k0
-                    cnt += 1
                     if cnt == KEY_CHUNK:
                         backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                         cnt = 0
+                    keys[cnt] = k0
+                    cnt += 1
                 backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                 for d in range(dim):
                     dqb[iq, d] = dqa[d] * scale

@@ -87,17 +87,14 @@ def forward_0(a):
                         for p1 in range(cnt, cnt + run):
                             keys[p1] = first_key + p1
                         cnt += run
-                        if cnt == KEY_CHUNK:
-                            m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
-                            cnt = 0
                     else:
                         for p1 in range(lo0_1, hi0_1):
                             k1 = k0 * n1 + p1
-                            keys[cnt] = k1
-                            cnt += 1
                             if cnt == KEY_CHUNK:
                                 m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                                 cnt = 0
+                            keys[cnt] = k1
+                            cnt += 1
                 # term 1: steps (1, 1) (keys of earlier terms skipped)
                 for p0 in range(lo1_0, hi1_0):
                     k0 = p0
@@ -106,11 +103,11 @@ def forward_0(a):
                         k1 = k0 * n1 + p1
                         if (c0_0 and lo0_1 <= p1 < hi0_1):
                             continue
-                        keys[cnt] = k1
-                        cnt += 1
                         if cnt == KEY_CHUNK:
                             m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                             cnt = 0
+                        keys[cnt] = k1
+                        cnt += 1
                 if cnt > 0:
                     m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                 finish_row(ob, lse, b, h, iq, acc, m, l, dim)
@@ -191,11 +188,11 @@ def backward_0(a):
                     k0 = p0
                     for p1 in range(lo0_1, hi0_1):
                         k1 = k0 * n1 + p1
-                        keys[cnt] = k1
-                        cnt += 1
                         if cnt == KEY_CHUNK:
                             backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                             cnt = 0
+                        keys[cnt] = k1
+                        cnt += 1
                 # term 1: steps (1, 1) (keys of earlier terms skipped)
                 for p0 in range(lo1_0, hi1_0):
                     k0 = p0
@@ -204,11 +201,11 @@ def backward_0(a):
                         k1 = k0 * n1 + p1
                         if (c0_0 and lo0_1 <= p1 < hi0_1):
                             continue
-                        keys[cnt] = k1
-                        cnt += 1
                         if cnt == KEY_CHUNK:
                             backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                             cnt = 0
+                        keys[cnt] = k1
+                        cnt += 1
                 backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                 for d in range(dim):
                     dqb[iq, d] = dqa[d] * scale

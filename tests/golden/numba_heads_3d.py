@@ -92,17 +92,14 @@ def forward_0(a):
                             for p2 in range(cnt, cnt + run):
                                 keys[p2] = first_key + p2
                             cnt += run
-                            if cnt == KEY_CHUNK:
-                                m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
-                                cnt = 0
                         else:
                             for p2 in range(lo0_2, hi0_2):
                                 k2 = k1 * n2 + p2
-                                keys[cnt] = k2
-                                cnt += 1
                                 if cnt == KEY_CHUNK:
                                     m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                                     cnt = 0
+                                keys[cnt] = k2
+                                cnt += 1
                 if cnt > 0:
                     m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                 finish_row(ob, lse, b, h, iq, acc, m, l, dim)
@@ -186,11 +183,11 @@ def backward_0(a):
                         k1 = k0 * n1 + p1
                         for p2 in range(lo0_2, hi0_2):
                             k2 = k1 * n2 + p2
-                            keys[cnt] = k2
-                            cnt += 1
                             if cnt == KEY_CHUNK:
                                 backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                                 cnt = 0
+                            keys[cnt] = k2
+                            cnt += 1
                 backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                 for d in range(dim):
                     dqb[iq, d] = dqa[d] * scale
@@ -262,11 +259,11 @@ def forward_1(a):
                         k1 = k0 * n1 + p1
                         for p2 in range(lo0_2, hi0_2, 2):
                             k2 = k1 * n2 + p2
-                            keys[cnt] = k2
-                            cnt += 1
                             if cnt == KEY_CHUNK:
                                 m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                                 cnt = 0
+                            keys[cnt] = k2
+                            cnt += 1
                 if cnt > 0:
                     m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                 finish_row(ob, lse, b, h, iq, acc, m, l, dim)
@@ -350,11 +347,11 @@ def backward_1(a):
                         k1 = k0 * n1 + p1
                         for p2 in range(lo0_2, hi0_2, 2):
                             k2 = k1 * n2 + p2
-                            keys[cnt] = k2
-                            cnt += 1
                             if cnt == KEY_CHUNK:
                                 backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                                 cnt = 0
+                            keys[cnt] = k2
+                            cnt += 1
                 backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                 for d in range(dim):
                     dqb[iq, d] = dqa[d] * scale

@@ -83,17 +83,14 @@ def forward_0(a):
                         for p1 in range(cnt, cnt + run):
                             keys[p1] = first_key + p1
                         cnt += run
-                        if cnt == KEY_CHUNK:
-                            m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
-                            cnt = 0
                     else:
                         for p1 in range(lo0_1, hi0_1):
                             k1 = k0 * n1 + p1
-                            keys[cnt] = k1
-                            cnt += 1
                             if cnt == KEY_CHUNK:
                                 m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                                 cnt = 0
+                            keys[cnt] = k1
+                            cnt += 1
                 if cnt > 0:
                     m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, dim)
                 finish_row(ob, lse, b, h, iq, acc, m, l, dim)
@@ -170,11 +167,11 @@ def backward_0(a):
                     k0 = p0
                     for p1 in range(lo0_1, hi0_1):
                         k1 = k0 * n1 + p1
-                        keys[cnt] = k1
-                        cnt += 1
                         if cnt == KEY_CHUNK:
                             backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                             cnt = 0
+                        keys[cnt] = k1
+                        cnt += 1
                 backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, dqa, dkb, dvb, dim)
                 for d in range(dim):
                     dqb[iq, d] = dqa[d] * scale
