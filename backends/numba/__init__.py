@@ -259,7 +259,8 @@ class NumbaBackend(Backend):
         splits = min(splits, plan.work_items(shape, self.lanes) if self.lanes else q.shape[2])
         # dq, dk, dv in one block: numpy advises huge pages from 4 MiB on, and the gradients
         # are fresh memory in every training step (glibc hands freed memory back to the OS),
-        # whose page faults, taken by the kernel's threads at once, cost W2's step 15-20%
+        # whose page faults, taken by the kernel's threads at once, cost a 7x7 neighbourhood's
+        # step on 64x64 a quarter of its time (docs/backends-numba.md)
         grads = np.empty((3, *q.shape), dtype=q.dtype)
         dq = grads[0]
         if splits == 1:

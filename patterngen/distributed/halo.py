@@ -466,13 +466,14 @@ def _shifted(atom, start: int):
 def ordinary_local(lowered, plan: RankPlan):
     """The rank's local problem as the pattern's own atoms on its local grid, or ``None``.
 
-    The line tables of :attr:`RankPlan.local` are exact for any term, but only ``sdpa`` reads
-    them. Where the local grid is one interval (no far global key lines, no re-shard), each
-    term's axis-0 relation shifted to the interval's start (:func:`_shifted`) is tried, and
-    kept only if it gives every own line exactly the keys of the global relation (checked
-    pair by pair): then any backend runs it (``backend="auto"``). Lines of the halo get keys
-    too, their output is dropped (and its cotangent is 0). ``None`` where any term differs:
-    a clamped window or a dilation whose border or residue the interval's start moves.
+    The line tables of :attr:`RankPlan.local` are exact for any term, but flex cannot read
+    them: the pattern's own atoms keep every backend among ``backend="auto"``'s choices.
+    Where the local grid is one interval (no far global key lines, no re-shard), each term's
+    axis-0 relation shifted to the interval's start (:func:`_shifted`) is tried, and kept
+    only if it gives every own line exactly the keys of the global relation (checked pair by
+    pair). Lines of the halo get keys too, their output is dropped (and its cotangent is 0).
+    ``None`` where any term differs: a clamped window or a dilation whose border or residue
+    the interval's start moves.
     """
     if len(plan.intervals) != 1 or plan.resharded is not None:
         return None
