@@ -18,6 +18,7 @@ alternating.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -29,12 +30,9 @@ from bench_cpu import THREADS, WORKLOADS
 
 def step_ratio(workload, backend: str, repeats: int) -> tuple[float, float]:
     """Median ms of the forward and of the step, timed alternately ``repeats`` times each."""
-    tokens = 1
-    for n in workload.grid:
-        tokens *= n
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(workload.batch, workload.heads, tokens, workload.head_dim,
-                           generator=g) for _ in range(3))
+    q, k, v = (torch.randn(workload.batch, workload.heads, math.prod(workload.grid),
+                           workload.head_dim, generator=g) for _ in range(3))
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     fn = pg.compile(workload.spec, workload.grid, backend=backend)
 
