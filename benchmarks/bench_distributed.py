@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 import patterngen as pg
-from patterngen.distributed.halo import exchange_rows, reshard, split_lines
+from patterngen.distributed.halo import exchange_rows, split_lines
+from patterngen.distributed.reshard import reshard
 
 WORKLOADS = {
     "W2": (pg.window(7), (64, 64), 4, 32),

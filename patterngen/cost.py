@@ -591,7 +591,7 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
                         order if executed is not None else None, executed, by_order)
     if ranks is None:
         return report
-    from .distributed.halo import halo_cost
+    from .distributed.halo_cost import halo_cost
 
     return replace(report, halo=halo_cost(lowered, ranks, head_dim, heads, batch,
                                           report.dtype_bytes, report.flops))

@@ -24,9 +24,9 @@ import torch
 
 import patterngen as pg
 from patterngen import ir
-from patterngen.distributed.halo import (column_slices, exchange_rows, global_queries,
-                                         ordinary_local, query_rows, rank_plan, reshard,
-                                         split_lines)
+from patterngen.distributed.halo import exchange_rows, global_queries, query_rows, split_lines
+from patterngen.distributed.local import ordinary_local, rank_plan
+from patterngen.distributed.reshard import column_slices, reshard
 from patterngen.errors import PatternError
 
 # (name, pattern, grid, compile options); every case runs on 2, 3 and 4 ranks

@@ -7,7 +7,7 @@ and V move: every rank receives exactly the tokens its queries read on other ran
 keeps its output rows. The backward sends the halo's gradients back to their owners, who add
 them. Axis terms along the sharded axis are re-sharded (a pencil transpose, the partial
 results merged by log-sum-exp) where that moves less than gathering every line
-(:func:`~patterngen.distributed.halo.reshard`). gloo (CPU) and NCCL (GPU) run the same code.
+(:func:`~patterngen.distributed.reshard.reshard`). gloo (CPU) and NCCL (GPU) run the same code.
 
 Example (every rank runs it, after ``torch.distributed.init_process_group``)::
 
@@ -18,8 +18,11 @@ Example (every rank runs it, after ``torch.distributed.init_process_group``)::
 ``import patterngen.distributed`` does not import torch; :func:`compile` does.
 """
 
-from .halo import (HaloCost, RankPlan, Reshard, exchange_rows, halo_cost, rank_plan, reshard,
-                   schemes, split_lines)
+from .halo import exchange_rows, split_lines
+from .halo_cost import HaloCost, halo_cost
+from .local import RankPlan, rank_plan
+from .reshard import Reshard, reshard
+from .schemes import schemes
 
 __all__ = ["compile", "DistributedAttention", "HaloCost", "RankPlan", "Reshard",
            "exchange_rows", "halo_cost", "rank_plan", "reshard", "schemes", "split_lines"]

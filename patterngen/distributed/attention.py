@@ -13,14 +13,17 @@ from .. import ir
 from ..errors import PatternError
 from ..grid import Grid
 from ..spec import as_ir
-from .halo import ordinary_local, rank_plan, reshard, reshard_mask, schemes, split_lines
+from .halo import split_lines
+from .local import ordinary_local, rank_plan
+from .reshard import reshard, reshard_mask
+from .schemes import schemes
 
 __all__ = ["DistributedAttention"]
 
 #: local executors: ``sdpa`` and ``numba`` (CPU) read the :class:`~patterngen.ir.LineTable`
 #: of any rank's local problem (numba's kernels take their bounds from numpy's evaluation);
 #: ``auto`` plans the pattern's own atoms on the local grid where they are exact
-#: (:func:`~patterngen.distributed.halo.ordinary_local`) and the line tables elsewhere, among
+#: (:func:`~patterngen.distributed.local.ordinary_local`) and the line tables elsewhere, among
 #: ``LINE_TABLE_STRATEGIES``: flex fails in inductor on the tables made inside its traced
 #: ``mask_mod``
 LOCAL_BACKENDS = ("auto", "sdpa", "numba")
@@ -101,11 +104,11 @@ class DistributedAttention:
     Attributes:
         shards: ``(start, stop)`` of every rank's lines of the sharded axis.
         rank, world: this rank and the group's size.
-        plan: this rank's :class:`~patterngen.distributed.halo.RankPlan`.
+        plan: this rank's :class:`~patterngen.distributed.local.RankPlan`.
         local: the compiled local backend; ``local_backend`` its name.
         schemes: ``(term, scheme)`` per term (see :func:`~patterngen.distributed.schemes`).
         sent_rows, received_rows: K/V tokens this rank sends and receives per forward step.
-        resharded: the :class:`~patterngen.distributed.halo.Reshard` of the axis terms, or
+        resharded: the :class:`~patterngen.distributed.reshard.Reshard` of the axis terms, or
             ``None``; ``pencil_rows`` and ``returned_rows`` are this rank's q/k/v tokens and
             partial rows received in its two exchanges (0 without it).
     """
@@ -287,7 +290,7 @@ class DistributedAttention:
         """The re-sharded terms' partial ``(out, lse)`` of this rank's tokens (row frame).
 
         q, k, v go to the pencils (every line of a slice of axis 1) in one exchange, each
-        rank attends its columns' pairs (:func:`~patterngen.distributed.halo.reshard_mask`),
+        rank attends its columns' pairs (:func:`~patterngen.distributed.reshard.reshard_mask`),
         and the partial rows come back in a second one; autograd runs through both
         (transposed) and the attention.
         """
@@ -334,7 +337,7 @@ class DistributedAttention:
         value ``part``: the local softmax over the halo terms' keys and it is exactly the
         log-sum-exp merge of the two parts, and autograd reaches ``part`` and ``lse`` through
         the local backend's own backward. Queries whose re-sharded part is empty (only global
-        queries, replaced later; :func:`~patterngen.distributed.halo.reshard` refuses
+        queries, replaced later; :func:`~patterngen.distributed.reshard.reshard` refuses
         others) get a finite stand-in.
         """
         b, h, _, d = q.shape
