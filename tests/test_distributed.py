@@ -433,14 +433,12 @@ def spawned():
 
 
 def _symbolic_halo(pattern, grid, world):
-    """Halo tokens and forward bytes per rank from the cost report (``None``: not its domain)."""
+    """Forward and backward halo bytes per rank from the cost report: the closed form where its
+    assumptions hold on these sizes, else the exact count (uneven shards included)."""
     shape = grid if isinstance(grid, tuple) else (grid,)
-    if shape[0] % world:
-        return None
     halo = pg.cost(pattern, grid=shape, head_dim=4, heads=3, batch=2, dtype="float64",
                    ranks=world).halo
-    if not all(halo.assumptions):
-        return None
+    assert all(a.subs(halo.rank, r) for a in halo.assumptions for r in range(world))
     if not halo.closed_form:  # an exact count: evaluated by substitution
         return [[int(h.bytes_forward), int(h.bytes_backward)]
                 for h in (halo.subs({"rank": rank}) for rank in range(world))]
@@ -451,6 +449,7 @@ def _symbolic_halo(pattern, grid, world):
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("name,pattern,grid,options", CASES, ids=[c[0] for c in CASES])
 def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, options):
+    # pg.cost shards axis 0 only: a case sharded along another axis has no report to compare
     halo = None if options.get("axis") else _symbolic_halo(pattern, grid, world)
     lowered = _axis_first_ir(pattern, grid, options.get("axis", 0))
     shards = split_lines(lowered.grid.shape[0], world)

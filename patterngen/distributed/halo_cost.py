@@ -248,6 +248,11 @@ def _exact_function(lowered, quantity: str):
     return lambda ranks, rank: fn(ranks, rank, *free)
 
 
+def _holds(assumptions, ranks: int) -> bool:
+    """Whether every assumption holds for every rank, on numeric sizes."""
+    return all(bool(a.subs(RANK, r)) for a in assumptions for r in range(ranks))
+
+
 def halo_cost(lowered, ranks, head_dim, heads, batch, dtype_bytes, flops) -> HaloCost:
     """The halo of ``lowered`` (axis 0 sharded over ``ranks``) per rank and step.
 
@@ -261,8 +266,11 @@ def halo_cost(lowered, ranks, head_dim, heads, batch, dtype_bytes, flops) -> Hal
     if is_number(ranks) and int(ranks) < 1:
         raise PatternError(f"ranks={ranks}: expected an integer >= 1 or a symbol.")
     rank = RANK
+    numeric = lowered.grid.numeric and is_number(ranks)
     closed = _closed_tokens(lowered, ranks, rank)
     closed_queries = _closed_queries(lowered, ranks, rank)
+    if numeric and closed is not None and not _holds(closed[1], int(ranks)):
+        closed = None  # e.g. shards of unequal length: the closed form would be wrong there
     if closed is None or closed_queries is None:
         tokens, queries, partials = (_exact_function(lowered, q)(ranks, rank)
                                      for q in ("tokens", "queries", "partials"))
@@ -281,7 +289,6 @@ def halo_cost(lowered, ranks, head_dim, heads, batch, dtype_bytes, flops) -> Hal
     wide = batch * heads * max(dtype_bytes, 4)  # partial results travel in float32 at least
     forward = (2 * head_dim * tokens + head_dim * queries + 3 * head_dim * pencil) * rows \
         + (head_dim + 1) * (partials + returned) * wide
-    numeric = lowered.grid.numeric and is_number(ranks)
     resharded = reshard(lowered, split_lines(int(lowered.grid.shape[0]), int(ranks))) \
         if numeric else None
     return HaloCost(ranks, rank, tokens, tokens / line, queries, partials, pencil, returned,
