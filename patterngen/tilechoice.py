@@ -1,0 +1,99 @@
+"""Which tiled token orders a pattern suggests: the aligned partitions of its blocks and axes
+(Swin's windows, area attention's areas) and the query groups of its strided windows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import ir
+
+__all__ = ["aligned_tiles", "group_tiles", "tile_candidates"]
+
+#: tiled candidates tried by ``order="auto"`` (and ``"tiled"`` without a tile)
+_MAX_TILE_CANDIDATES = 4
+
+
+def _partition_side(rel: ir.Rel, n: int, strided: bool):
+    """Tile side on one axis of a term that partitions it, or ``None``: a whole axis, ``Eq``
+    (1), an offset-0 ``Block`` (its size) and, with ``strided``, an undilated ``Window`` (its
+    stride: the queries of a group share their keys)."""
+    atoms = rel.atoms
+    if not atoms:
+        return n
+    if atoms == (ir.Eq(),):
+        return 1
+    if len(atoms) == 1 and isinstance(atoms[0], ir.Block) and atoms[0].offset == 0:
+        return int(atoms[0].size)
+    if strided and len(atoms) == 1 and isinstance(atoms[0], ir.Window) \
+            and atoms[0].dilation == 1:
+        return int(atoms[0].stride)
+    return None
+
+
+def _term_tiles(heads, shape, strided: bool) -> list[tuple]:
+    found = []
+    for head in heads:
+        for term in head.terms:
+            sides = [_partition_side(rel, n, strided) for rel, n in zip(term.rels, shape)]
+            if None in sides or tuple(sides) in found:
+                continue
+            if strided and not any(isinstance(a, ir.Window) and a.stride != 1
+                                   for r in term.rels for a in r.atoms):
+                continue  # no strided window: aligned_tiles already has it
+            if all(n % t == 0 for n, t in zip(shape, sides)):
+                found.append(tuple(sides))
+    return found
+
+
+def aligned_tiles(heads, shape) -> list[tuple]:
+    """Tiles of the partitions a pattern is made of (Swin windows, areas, stripes).
+
+    A term whose every axis is a whole axis, ``Eq`` or an offset-0 ``Block`` dividing its axis
+    is block-diagonal in the tiled order with that tile: every non-empty tile is full.
+
+    Example:
+        >>> import patterngen as pg
+        >>> aligned_tiles(pg.lower(pg.block(7), (56, 56)).per_head, (56, 56))
+        [(7, 7)]
+    """
+    return _term_tiles(heads, shape, strided=False)
+
+
+def group_tiles(heads, shape) -> list[tuple]:
+    """Tiles of strided windows' query groups (NATTEN's stride): a tile's queries share keys.
+
+    Where the groups' windows also start on tile boundaries (sliding-tile attention, e.g.
+    size ``3 * stride`` on a divisible axis), every non-empty tile in this order is full.
+
+    Example:
+        >>> import patterngen as pg
+        >>> group_tiles(pg.lower(pg.window((3, 24, 24), stride=(1, 8, 8)), (6, 48, 48))
+        ...              .per_head, (6, 48, 48))
+        [(1, 8, 8)]
+    """
+    return _term_tiles(heads, shape, strided=True)
+
+
+def tile_candidates(heads, shape, bq) -> list[tuple]:
+    """Tiles worth trying: the pattern's own aligned partitions and strided windows' query
+    groups, then near-cubic tiles of about ``Bq`` tokens (every side dividing its axis)."""
+    k = len(shape)
+    if k == 1:
+        return []
+    found = aligned_tiles(heads, shape) + group_tiles(heads, shape)
+    divisors = [[t for t in range(1, n + 1) if n % t == 0] for n in shape]
+    cubic = []
+    for combo in np.array(np.meshgrid(*divisors, indexing="ij")).reshape(k, -1).T:
+        vol = int(np.prod(combo))
+        if vol <= 1 or vol == math.prod(shape):
+            continue
+        spread = math.log(max(combo) / min(combo))
+        cubic.append((abs(math.log(vol / bq)), spread, tuple(int(t) for t in combo)))
+    cubic.sort()
+    out = []
+    for t in found + [c[2] for c in cubic]:
+        if t not in out and tuple(t) != tuple(shape):
+            out.append(t)
+    return out[:_MAX_TILE_CANDIDATES]
