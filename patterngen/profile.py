@@ -172,9 +172,9 @@ def _mean_over_heads(per_pattern: list[int], heads: int) -> int:
     return round(mean_over_heads(per_pattern, heads))
 
 
-def _executed_pairs(attn, lowered, heads: int) -> tuple[int | None, str]:
+def _executed_pairs(attn, lowered, heads: int) -> tuple[int, str]:
     """Executed pairs (per head) and where they come from: the backend's own count, its
-    layout, else :func:`patterngen.layout.layout` with its default blocks, else nowhere."""
+    layout, else :func:`patterngen.layout.layout` with its default blocks."""
     counted = getattr(attn, "executed_pairs", None)
     if counted is not None:
         return _mean_over_heads(list(counted), heads), "the backend's own count"
@@ -182,10 +182,8 @@ def _executed_pairs(attn, lowered, heads: int) -> tuple[int | None, str]:
     if own is not None and hasattr(own, "executed_pairs"):
         per_pattern = [int(h.executed_pairs) for h in getattr(own, "heads", (own,))]
         return _mean_over_heads(per_pattern, heads), "the backend's layout"
-    try:
-        from .layout import layout
-    except ImportError:  # not installed: the column reads n/a
-        return None, "n/a (patterngen.layout is not installed)"
+    from .layout import layout
+
     per_pattern = [int(layout(h).executed_pairs) for h in lowered.per_head]
     return _mean_over_heads(per_pattern, heads), "patterngen.layout, default blocks, row-major"
 

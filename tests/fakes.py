@@ -10,7 +10,7 @@ FAKE = "test_fake_dense"
 
 
 class FakeDense(backends.Backend):
-    """The dense oracle as a backend, so profile, nn and cli run before real backends land."""
+    """The dense oracle as a backend, so the tests of profile, nn and cli compile nothing."""
 
     name = FAKE
     SUPPORTED_DEVICES = ("cpu", "cuda")
