@@ -37,6 +37,7 @@ import numpy as np
 
 from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
+from patterngen.backends._inputs import non_finite
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, plan as make_plan
@@ -232,7 +233,9 @@ class DenseTerm:
 
         b, h = q.shape[:2]
         qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
-        if self._matmul(q, table):
+        # the fused kernels give a row whose keys all score -inf lse 0, not -inf: with keys
+        # that are not finite, the exact path
+        if self._matmul(q, table) or non_finite(k, v):
             out, lse = _softmax_attention(qp, kp, vp, self._matmul_mask(q.dtype, q.device),
                                           scale, need_lse, self._mod(table, h))
             if lse is None:
@@ -330,17 +333,20 @@ def _softmax_attention(q, k, v, mask, scale, need_lse: bool, mod=None):
     """``(out, lse (..., rows, 1))`` by baddbmm, softmax, bmm (``lse`` ``None`` unless
     ``need_lse``). The log-sum-exp comes from two row maxima, ``max S - log(max P)``: one
     fused softmax and two reads of the scores, where ``logsumexp`` then exp would take six
-    passes. A row without keys (all ``-inf``) gives NaN; callers decide such rows from the
-    IR's counts and overwrite them."""
+    passes. A row whose scores are all ``-inf`` (no key, or keys of ``-inf`` score) attends
+    nothing: output 0, ``lse = -inf``, as SDPA on that query's keys alone."""
     import torch
 
     scores = _scores(q, k, mask, scale, mod)
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v
+    top = scores.amax(dim=-1, keepdim=True)
+    dead = top == float("-inf")
+    if bool(dead.any()):
+        out = out.masked_fill(dead, 0.0)
     if not need_lse:
         return out, None
-    top = scores.amax(dim=-1, keepdim=True)
-    return out, top - probs.amax(dim=-1, keepdim=True).log()
+    return out, (top - probs.amax(dim=-1, keepdim=True).log()).masked_fill(dead, float("-inf"))
 
 
 def _matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None):
