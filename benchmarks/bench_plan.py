@@ -1,72 +1,254 @@
-"""How far the planner's predictions are from measured times, on the CPU benchmark's workloads.
+"""How far the planner's predictions are from measured times, and how far ``auto`` is from the
+fastest strategy it had, on a fixed suite and on random workloads held out from any tuning.
 
-For each workload of ``bench_cpu.py`` and each strategy the planner can price (term by term,
-or the whole pattern on numba or sdpa), prints the predicted and the measured forward time
-(and forward+backward with ``--backward``), their ratio, and which strategy ``auto`` chose.
-The rates are this machine's (``patterngen.calibrate``; measured once and cached, or again with
-``--recalibrate``).
+For every workload, every strategy the planner can run it with (term by term, or the whole
+pattern on numba, sdpa or flex) is compiled with ``pg.compile(..., backend="auto",
+strategy=...)`` and timed beside ``auto``'s own choice, forward and forward+backward, the calls
+of all strategies interleaved round by round on the same inputs (medians). Each row prints the
+plan's predicted time for that call, the measured time and their ratio; each workload then
+prints ``auto``'s time over the fastest strategy's. The summary counts the rows whose ratio
+lies within [0.8, 1.25] and [0.67, 1.5], and the workloads where ``auto`` is within 10%
+(fixed suite) and 20% (random workloads) of the fastest.
+
+The rates are this machine's (``patterngen.calibrate``: measured once and cached, or again
+with ``--recalibrate``). Timings on shared cores are noisy: compare within one run.
 
 Run:
-    python benchmarks/bench_plan.py [--backward] [--recalibrate] [--workloads W3,W4]
+    python benchmarks/bench_plan.py                       # fixed suite + 20 random workloads
+    python benchmarks/bench_plan.py --random 0 --workloads W2,W3-shift --strategies terms,numba
+    python benchmarks/bench_plan.py --forward-only --seed 1
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
+import statistics
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
 
 import patterngen as pg
 from patterngen import calibrate
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_cpu import THREADS, WORKLOADS, timed  # noqa: E402
+THREADS = 2
+#: the bounds the planner issue asks of predicted / measured, and of auto / fastest
+CLOSE, LOOSE = (0.8, 1.25), (0.67, 1.5)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    spec: pg.Pattern
+    grid: tuple
+    heads: int = 4
+    head_dim: int = 32
+    batch: int = 1
+    bias: bool = False
+
+
+FIXED = [
+    Workload("W1", pg.window(256, causal=True), (8192,), heads=8, head_dim=64),
+    Workload("W2", pg.window(7), (64, 64)),
+    Workload("W2-d64", pg.window(7), (64, 64), head_dim=64),
+    Workload("W2-s2", pg.window(7, stride=2), (64, 64)),
+    Workload("W3", pg.block(7), (56, 56)),
+    Workload("W3-shift", pg.block(7, offset=3), (56, 56)),
+    Workload("W3-bias", pg.block(7), (56, 56), bias=True),
+    Workload("W4", pg.criss_cross(), (64, 64)),
+    Workload("W5", pg.window((3, 7, 7)), (8, 32, 32)),
+    Workload("area4", pg.area(4), (40, 40)),
+    Workload("axis0", pg.axis(0), (56, 56)),
+    Workload("cc-win3", pg.criss_cross() | pg.window(3), (48, 48)),
+    Workload("lm-global", pg.window(64) | pg.global_tokens([0, 1]), (4096,)),
+    Workload("video", pg.window((3, 5, 5)), (6, 20, 20)),
+    Workload("stripe2", pg.stripe(1, width=2), (40, 40)),
+]
+
+
+def random_workloads(count: int, seed: int) -> list[Workload]:
+    """``count`` workloads drawn from ``seed``: unions of one to three terms (windows with
+    dilation, causal or stride, blocks with offsets, axes, stripes, global tokens) on 1-D, 2-D
+    and 3-D grids of a few thousand tokens."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        rank = rng.choice((1, 2, 2, 3))
+        grid = {1: lambda: (rng.choice((1024, 2048, 3000)),),
+                2: lambda: (rng.randrange(24, 65), rng.randrange(24, 65)),
+                3: lambda: (rng.randrange(4, 9), rng.randrange(12, 25),
+                            rng.randrange(12, 25))}[rank]()
+        terms = []
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            term = _random_term(rng, grid)
+            if term not in terms:
+                terms.append(term)
+        spec = terms[0]
+        for term in terms[1:]:
+            spec = spec | term
+        out.append(Workload(f"R{len(out)}", spec, grid, heads=rng.choice((2, 4)),
+                            head_dim=rng.choice((16, 32, 64)), batch=rng.choice((1, 2))))
+    return out
+
+
+def _random_term(rng, grid):
+    n = min(grid)
+    kind = rng.choice(("window", "window", "block", "axis", "stripe", "global"))
+    if kind in ("axis", "stripe") and len(grid) == 1:
+        kind = "window"
+    if kind == "window":
+        size = rng.choice((3, 5, 7, 9)) if len(grid) > 1 else rng.choice((32, 64, 128))
+        size = min(size, n)
+        dilation = rng.choice((1, 1, 2)) if size * 2 <= n else 1
+        stride = rng.choice((1, 1, 2)) if size >= 4 and dilation == 1 else 1
+        causal = len(grid) == 1 and rng.random() < 0.3
+        return pg.window(size, dilation=dilation, stride=stride, causal=causal)
+    if kind == "block":
+        size = max(1, min(rng.choice((4, 7, 8)) if len(grid) > 1 else 64, n))
+        return pg.block(size, offset=rng.randrange(size) if rng.random() < 0.5 else 0)
+    if kind == "axis":
+        return pg.axis(rng.randrange(len(grid)))
+    if kind == "stripe":
+        return pg.stripe(rng.randrange(len(grid)), width=rng.choice((1, 2, 3)))
+    return pg.global_tokens([tuple(0 for _ in grid)] if len(grid) > 1 else [0, 1])
+
+
+def _inputs(w: Workload, gen):
+    tokens = math.prod(w.grid)
+    q, k, v = (torch.randn(w.batch, w.heads, tokens, w.head_dim, generator=gen)
+               for _ in range(3))
+    table = None
+    if w.bias:
+        reach = pg.bias.reach(pg.lower(w.spec, w.grid))
+        table = 0.5 * torch.randn(w.heads, *(2 * r + 1 for r in reach), generator=gen)
+    return q, k, v, table
+
+
+def _step(attn, q, k, v, table, backward: bool):
+    """One call: forward under no_grad, or forward and backward of the sum."""
+    options = {} if table is None else {"rel_bias": table}
+    if not backward:
+        with torch.no_grad():
+            return lambda: attn(q, k, v, **options)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    return lambda: attn(qg, kg, vg, **options).sum().backward()
+
+
+def _interleaved(steps: dict, rounds: int, budget_s: float) -> dict:
+    """Median ms of each step, the steps called in turn, round after round (fewer rounds when
+    a round is slow)."""
+    for fn in steps.values():
+        fn()  # compile, plan and warm up
+    times = {name: [] for name in steps}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def _candidates(w: Workload, backward: bool, rates, allowed) -> dict:
+    """The strategies the planner can price for this call (``allowed``: only those)."""
+    plan = pg.plan(w.spec, w.grid, head_dim=w.head_dim, heads=w.heads, batch=w.batch,
+                   backward=backward, rates=rates)
+    return [s for s, p in plan.options.items()
+            if isinstance(p, float) and (allowed is None or s in allowed)]
+
+
+def run_workload(w: Workload, backward: bool, rates, allowed, rounds: int, budget_s: float):
+    """Rows ``(strategy, predicted ms, measured ms)`` and the strategy ``auto`` chose."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, table = _inputs(w, gen)
+    compiled = {"auto": pg.compile(w.spec, w.grid, backend="auto", rates=rates)}
+    for s in _candidates(w, backward, rates, allowed):
+        compiled[s] = pg.compile(w.spec, w.grid, backend="auto", strategy=s, rates=rates)
+    steps = {}
+    for name, attn in compiled.items():
+        try:
+            steps[name] = _step(attn, q, k, v, table, backward)
+            steps[name]()
+        except pg.PatternError as e:  # a strategy that cannot take a bias, say
+            print(f"  {w.name} {name}: {e}", file=sys.stderr)
+            steps.pop(name, None)
+    measured = _interleaved(steps, rounds, budget_s)
+    # the plan each compiled attention made for this call is the last one it holds
+    rows = [(name, compiled[name].plans[-1].predicted_ms, ms) for name, ms in measured.items()]
+    return rows, compiled["auto"].plans[-1].strategy
+
+
+def _ratio_ok(ratio, bounds) -> bool:
+    return bounds[0] <= ratio <= bounds[1]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backward", action="store_true", help="also forward+backward")
+    parser.add_argument("--workloads", default=None,
+                        help="fixed-suite workloads to run (default all: "
+                             + ",".join(w.name for w in FIXED) + ")")
+    parser.add_argument("--random", type=int, default=20, help="random workloads (held out)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random workloads")
+    parser.add_argument("--strategies", default=None,
+                        help="restrict to these strategies (terms,numba,sdpa,flex)")
+    parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--recalibrate", action="store_true", help="measure the rates again")
-    parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--budget", type=float, default=15.0,
+                        help="seconds of timing per workload and pass, at most (about)")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     rates = calibrate.rates("cpu", "float32", refresh=args.recalibrate)
-    print(f"rates ({rates.source}): " + "; ".join(
-        f"{name} {r.call_ms:.3g} ms/call + {r.pair_ns:.3g} ns/pair/dim, x{r.backward_factor:.2g}"
-        " fwd+bwd" for name, r in rates.executors.items()))
-    wanted = args.workloads.split(",")
-    print("| workload | strategy | chosen | pass | predicted ms | measured ms | measured / "
-          "predicted |")
-    print("|---|---|---|---|---|---|---|")
-    for w in WORKLOADS:
-        if w.name not in wanted:
-            continue
-        gen = torch.Generator().manual_seed(0)
-        tokens = math.prod(w.grid)
-        q, k, v = (torch.randn(w.batch, w.heads, tokens, w.head_dim, generator=gen)
-                   for _ in range(3))
-        passes = [False, True] if args.backward else [False]
-        for backward in passes:
-            plan = pg.plan(w.spec, w.grid, head_dim=w.head_dim, heads=w.heads, batch=w.batch,
-                           backward=backward, rates=rates)
-            for strategy, predicted in plan.options.items():
-                if not isinstance(predicted, float):
-                    continue
-                attn = pg.compile(w.spec, w.grid, backend="auto", strategy=strategy,
-                                  rates=rates)
-                if backward:
-                    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-                    ms = timed(lambda: attn(qg, kg, vg).sum().backward(), args.repeats)
-                else:
-                    with torch.no_grad():
-                        ms = timed(lambda: attn(q, k, v), args.repeats)
-                chosen = "yes" if strategy == plan.strategy else ""
-                print(f"| {w.name} | {strategy} | {chosen} | "
-                      f"{'fwd+bwd' if backward else 'fwd'} | {predicted:.3g} | {ms:.3g} | "
-                      f"{ms / predicted:.2f} |", flush=True)
+    wanted = None if args.workloads is None else set(args.workloads.split(","))
+    unknown = (wanted or set()) - {w.name for w in FIXED}
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)}; valid: {[w.name for w in FIXED]}")
+    allowed = None if args.strategies is None else set(args.strategies.split(","))
+    suites = [("fixed", [w for w in FIXED if wanted is None or w.name in wanted]),
+              ("random", random_workloads(args.random, args.seed))]
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {THREADS} threads, "
+          f"torch {torch.__version__}; rates: {rates.source}")
+    print("| suite | workload | pattern | pass | strategy | auto's | predicted ms | measured ms |"
+          " measured / predicted |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios, verdicts = [], {"fixed": [], "random": []}
+    for suite, workloads in suites:
+        for w in workloads:
+            for backward in ([False] if args.forward_only else [False, True]):
+                pass_ = "fwd+bwd" if backward else "fwd"
+                rows, chosen = run_workload(w, backward, rates, allowed, args.rounds,
+                                            args.budget)
+                for name, predicted, ms in rows:
+                    ratio = ms / predicted
+                    if name != "auto":
+                        ratios.append(ratio)
+                    print(f"| {suite} | {w.name} | `{w.spec!r}` {'x'.join(map(str, w.grid))} | "
+                          f"{pass_} | {name} | {'yes' if name == chosen else ''} | "
+                          f"{predicted:.3g} | {ms:.3g} | {ratio:.2f} |", flush=True)
+                forced = {name: ms for name, _, ms in rows if name != "auto"}
+                auto_ms = dict((n, ms) for n, _, ms in rows)["auto"]
+                fastest = min(forced, key=forced.get)
+                verdicts[suite].append(auto_ms / forced[fastest])
+                print(f"| {suite} | {w.name} | | {pass_} | auto / fastest ({fastest}) | "
+                      f"{chosen} | | | {auto_ms / forced[fastest]:.2f} |", flush=True)
+    n = len(ratios)
+    if n:
+        close = sum(_ratio_ok(r, CLOSE) for r in ratios)
+        loose = sum(_ratio_ok(r, LOOSE) for r in ratios)
+        print(f"\nmeasured / predicted: {close} of {n} rows within {CLOSE} "
+              f"({100 * close / n:.0f}%), {loose} within {LOOSE} ({100 * loose / n:.0f}%); "
+              f"range {min(ratios):.2f} .. {max(ratios):.2f}")
+    for suite, limit in (("fixed", 1.10), ("random", 1.20)):
+        got = verdicts[suite]
+        if got:
+            print(f"{suite}: auto within {limit:.2f}x of the fastest strategy on "
+                  f"{sum(r <= limit for r in got)} of {len(got)} (workload, pass); "
+                  f"worst {max(got):.2f}")
     return 0
 
 
