@@ -6,6 +6,8 @@ Example:
     49*H*W
 """
 
+import sys
+
 from . import bias
 from .analysis import layers_to_global, receptive_field
 from .compile import compile
@@ -30,6 +32,11 @@ __all__ = [
     "layout", "Layout", "plan", "Plan", "bias", "distributed",
 ]
 __version__ = "0.1.0"
+
+
+if "torch" in sys.modules:
+    # registers the patterngen::attention operator, which a loaded exported program calls
+    from . import nn
 
 
 def __getattr__(name):

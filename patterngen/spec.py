@@ -560,9 +560,15 @@ def _lower(spec: Pattern, grid: Grid):
 def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
     """Lower a spec on a grid to its exact IR (cached on the hashable spec and grid).
 
+    ``spec`` may be its expression text (:func:`patterngen.parse`).
+
     Raises:
         PatternError: with the spec and grid added to the message.
     """
+    if isinstance(spec, str):
+        from .parse import parse
+
+        spec = parse(spec)
     if not isinstance(spec, Pattern):
         raise PatternError(f"Expected a pattern such as pg.window(7), got {spec!r}.")
     grid = as_grid(grid)
@@ -573,7 +579,7 @@ def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
 
 
 def as_ir(pattern, grid=None):
-    """Accept a spec (lowered on ``grid``) or an already lowered IR."""
+    """Accept a spec or its expression text (lowered on ``grid``), or an already lowered IR."""
     if isinstance(pattern, (ir.IR, ir.HeadsIR)):
         if grid is not None and as_grid(grid) != pattern.grid:
             raise PatternError(f"IR lowered for grid {pattern.grid} used with grid={grid}.")
