@@ -33,17 +33,21 @@ from .compile import compile as compile_pattern
 from .errors import PatternError
 from .grid import as_grid
 from .parse import parse
-from .spec import Pattern, as_ir
+from .spec import Pattern, as_ir, block
 
-__all__ = ["LocalSelfAttention", "declaration", "attention", "attend", "fit_table"]
+__all__ = ["LocalSelfAttention", "SwinBlock", "from_timm_swin", "DropPath", "declaration", "attention", "attend", "fit_table"]
 
 #: compiled attention per (declaration, grid, device, dtype)
 _COMPILED: dict = {}
 _LOCK = threading.Lock()
 
 
-def declaration(pattern, backend: str = "auto", softcap=None) -> str:
+def declaration(pattern, backend: str = "auto", softcap=None, end_cuts=None) -> str:
     """The text that rebuilds a layer's attention: pattern expression, backend and softcap.
+
+    ``end_cuts`` (one per axis) also separates, on every grid, the last ``end_cuts[a]`` lines
+    of axis ``a`` from the others: Swin's region mask after its roll and padding
+    (:class:`SwinBlock`), which depends on the grid.
 
     Raises:
         PatternError: for a pattern whose text does not parse back to it.
@@ -52,8 +56,10 @@ def declaration(pattern, backend: str = "auto", softcap=None) -> str:
     if parse(text) != pattern:
         raise PatternError(f"{text} does not parse back to the same pattern; a layer stores "
                            f"its pattern as text, so it needs one that does.")
-    return json.dumps({"pattern": text, "backend": backend,
-                       "softcap": bias.check_softcap(softcap)}, sort_keys=True)
+    d = {"pattern": text, "backend": backend, "softcap": bias.check_softcap(softcap)}
+    if end_cuts is not None:
+        d["end_cuts"] = [int(c) for c in end_cuts]
+    return json.dumps(d, sort_keys=True)
 
 
 def attention(decl: str, grid: tuple, device, dtype):
@@ -66,9 +72,13 @@ def attention(decl: str, grid: tuple, device, dtype):
         return found
     d = json.loads(decl)
     options = {} if d["softcap"] is None else {"softcap": d["softcap"]}
-    attn = compile_pattern(parse(d["pattern"]), key[1], backend=d["backend"],
-                           device=device.type, dtype=str(dtype).removeprefix("torch."),
-                           **options)
+    pattern = parse(d["pattern"])
+    if d.get("end_cuts"):
+        # one tile boundary per axis, end_cuts[a] lines before its end (none for a cut of 0)
+        pattern = pattern & block(key[1], offset=tuple(
+            (n - c) % n for n, c in zip(key[1], d["end_cuts"])))
+    attn = compile_pattern(pattern, key[1], backend=d["backend"], device=device.type,
+                           dtype=str(dtype).removeprefix("torch."), **options)
     with _LOCK:
         return _COMPILED.setdefault(key, attn)
 
@@ -328,3 +338,134 @@ class LocalSelfAttention(nn.Module):
             ("channels_first", self.channels_first)) if value)
         return (f"dim={self.dim}, heads={self.heads}, pattern={self.pattern!r}, "
                 f"grid={self.grid}, backend={self.backend!r}{extra}")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's ``DropPath``): in training, each sample's branch
+    is zeroed with probability ``p`` and the others scaled by ``1 / (1 - p)``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise PatternError(f"Invalid drop_path={p!r}; expected 0 <= drop_path < 1.")
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _Mlp(nn.Module):
+    """timm's ``Mlp``: ``fc1``, activation, dropout, ``fc2``, dropout (timm's key names)."""
+
+    def __init__(self, dim: int, hidden: int, act_layer, drop: float):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), act_layer(), nn.Linear(hidden, dim)
+        self.drop1, self.drop2 = nn.Dropout(drop), nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+def _pair(value, name: str) -> tuple:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise PatternError(f"Invalid {name}={value!r}; expected an int or two ints.")
+    return pair
+
+
+class SwinBlock(nn.Module):
+    """timm's ``SwinTransformerBlock`` with its window attention run by patterngen.
+
+    ``x + drop_path(attn(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))`` on ``(batch, H, W,
+    dim)`` inputs, as timm computes it: ``norm1``, the roll by ``-shift``, zero padding of
+    ``H`` and ``W`` up to multiples of the window (the padded tokens are keys, as in timm),
+    attention within windows plus the relative position bias (and, when shifted, timm's region
+    mask: the last ``shift`` rows and columns of the padded grid apart from the others), the
+    crop and the roll back. Every grid runs (timm's ``always_partition=True,
+    dynamic_mask=True``; for grids of at least one window timm's defaults give the same). The
+    region mask is exact where timm adds -100 to the scores.
+
+    Parameter names are timm's, except ``attn.rel_pos_bias_table`` (key minus query,
+    :func:`from_timm_swin` converts a timm state dict).
+
+    Args:
+        dim, heads: channels and attention heads.
+        window: ``M`` or ``(M_h, M_w)``.
+        shift: ``0`` (W-MSA) or ``s`` / ``(s_h, s_w)`` with ``0 <= s < M`` (SW-MSA).
+        mlp_ratio: MLP hidden size over ``dim``.
+        qkv_bias: bias in the qkv projection.
+        proj_drop: dropout after the attention projection and in the MLP (timm's ``drop``).
+        attn_drop: must be 0: the kernels never hold the attention probabilities to drop.
+        drop_path: stochastic depth of both branches.
+        act_layer, norm_layer: as timm's.
+        backend: a patterngen backend name or ``"auto"``.
+    """
+
+    def __init__(self, dim: int, heads: int, window=7, shift=0, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, proj_drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 backend: str = "auto"):
+        super().__init__()
+        self.window, self.shift = _pair(window, "window"), _pair(shift, "shift")
+        if not all(0 <= s < m for s, m in zip(self.shift, self.window)):
+            raise PatternError(f"Invalid shift={shift!r}; expected 0 <= shift < window="
+                               f"{self.window} on each axis.")
+        if attn_drop:
+            raise PatternError(f"attn_drop={attn_drop!r} is not supported: patterngen's "
+                               f"kernels never hold the attention probabilities; use 0.")
+        self.norm1, self.norm2 = norm_layer(dim), norm_layer(dim)
+        self.attn = LocalSelfAttention(dim, heads, block(self.window), grid=self.window,
+                                       backend=backend, qkv_bias=qkv_bias, rel_pos_bias=True)
+        if any(self.shift):
+            self.attn.decl = declaration(block(self.window), backend, end_cuts=self.shift)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
+        self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)
+
+    def _attn(self, x):
+        h, w = x.shape[1], x.shape[2]
+        if any(self.shift):
+            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        pad_h, pad_w = (-h) % self.window[0], (-w) % self.window[1]
+        x = self.proj_drop(self.attn(nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))))
+        x = x[:, :h, :w]
+        if any(self.shift):
+            x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        return x
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[-1] != self.attn.dim:
+            raise PatternError(f"SwinBlock(dim={self.attn.dim}) expects (batch, H, W, "
+                               f"{self.attn.dim}); got x.shape={tuple(x.shape)}.")
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, shift={self.shift}"
+
+
+def from_timm_swin(state_dict: dict, window) -> dict:
+    """A timm Swin state dict (blocks' ``attn.relative_position_bias_table``) converted for
+    :class:`SwinBlock`: each table becomes ``attn.rel_pos_bias_table`` by
+    :func:`patterngen.bias.from_swin`, and timm's derived buffers (``relative_position_index``,
+    ``attn_mask``) are dropped; other keys are kept.
+
+    Args:
+        state_dict: timm's, e.g. ``block.state_dict()`` or a whole model's.
+        window: ``M`` or ``(M_h, M_w)``.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        name = key.rsplit(".", 1)[-1]
+        if name in ("relative_position_index", "attn_mask"):
+            continue
+        if name == "relative_position_bias_table":
+            key, value = key[:-len(name)] + "rel_pos_bias_table", bias.from_swin(value, window)
+        out[key] = value
+    return out

@@ -95,13 +95,15 @@ def test_a_biased_layer_runs_on_every_grid_its_table_covers():
 
 
 def two_blocks(backend="auto"):
-    """A small Swin-like stack: W-MSA and SW-MSA layers with bias tables, then a head."""
+    """A small Swin-like stack: W-MSA and SW-MSA layers with bias tables, a Swin block, then
+    a head."""
     torch.manual_seed(0)
     return torch.nn.Sequential(
         nn.LocalSelfAttention(8, 2, pg.block(4), grid=(8, 8), rel_pos_bias=True,
                               backend=backend),
         nn.LocalSelfAttention(8, 2, "block(4, offset=2)", grid=(8, 8), rel_pos_bias=True,
                               backend=backend, softcap=3.0),
+        nn.SwinBlock(8, 2, window=3, shift=1, backend=backend),
         torch.nn.Linear(8, 3))
 
 
