@@ -66,7 +66,7 @@ def attention(decl: str, grid: tuple, device, dtype):
     """The attention compiled for declaration ``decl`` on ``grid``, ``device`` and ``dtype``
     (compiled on first use, then cached for the process)."""
     device = torch.device(device)
-    key = (decl, tuple(int(n) for n in grid), device.type, dtype)
+    key = (decl, tuple(int(n) for n in grid), str(device), dtype)
     found = _COMPILED.get(key)
     if found is not None:
         return found
@@ -316,9 +316,9 @@ class LocalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self._grid_of(x)
-        shape = x.shape
         if self.channels_first:
             x = x.movedim(1, -1)
+        shape = x.shape
         batch, tokens, head_dim = x.shape[0], math.prod(grid), self.dim // self.heads
         qkv = self.qkv(x.reshape(batch, tokens, self.dim))
         q, k, v = qkv.reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -327,10 +327,8 @@ class LocalSelfAttention(nn.Module):
         table = None if table is None else table.to(q.dtype)
         # (batch, heads, tokens, head_dim)
         out = attend(q.contiguous(), k.contiguous(), v.contiguous(), table, self.decl, grid)
-        out = self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim))
-        if self.channels_first:
-            return out.reshape(batch, *grid, self.dim).movedim(-1, 1)
-        return out.reshape(shape)
+        out = self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim)).reshape(shape)
+        return out.movedim(-1, 1) if self.channels_first else out
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={value!r}" for name, value in (

@@ -174,6 +174,10 @@ def test_channels_first_is_an_explicit_option():
     x = torch.randn(2, 8, 5, 8)  # (batch, dim, H, W) with W == dim: never guessed
     torch.testing.assert_close(first(x), last(x.movedim(1, -1)).movedim(-1, 1))
     assert last(x).shape == x.shape  # read as (batch, H, W, dim), as declared
+    flat = nn.LocalSelfAttention(8, 2, pg.window(3), grid=(5, 8), backend="numba",
+                                 channels_first=True)
+    flat.load_state_dict(last.state_dict())
+    torch.testing.assert_close(flat(x.flatten(2)), first(x).flatten(2))
     with pytest.raises(PatternError, match=r"got x.shape=\(2, 8, 5, 6\); for a \(batch, dim, "
                                            r"\*grid\) feature map pass channels_first=True"):
         last(torch.randn(2, 8, 5, 6))
@@ -216,3 +220,11 @@ def test_pattern_text_is_accepted_wherever_a_pattern_is():
     assert pg.compile(text, (5, 6), backend="numba").ir == pg.lower(pattern, (5, 6))
     with pytest.raises(PatternError, match=r"Unknown pattern 'windw'"):
         pg.cost("windw(3)", grid=(5, 6))
+
+
+def test_the_layer_operator_passes_opcheck():
+    layer = two_blocks("numba")[0]
+    q, k, v = (torch.randn(1, 2, 64, 4, requires_grad=True) for _ in range(3))
+    table = layer.rel_pos_bias_table.detach().clone().requires_grad_()
+    torch.library.opcheck(torch.ops.patterngen.attention.default,
+                          (q, k, v, table, layer.decl, [8, 8], None))
