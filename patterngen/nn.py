@@ -35,7 +35,8 @@ from .grid import as_grid
 from .parse import parse
 from .spec import Pattern, as_ir, block
 
-__all__ = ["LocalSelfAttention", "SwinBlock", "from_timm_swin", "DropPath", "declaration", "attention", "attend", "fit_table"]
+__all__ = ["LocalSelfAttention", "SwinBlock", "from_timm_swin", "DropPath", "declaration",
+           "attention", "attend", "fit_table"]
 
 #: compiled attention per (declaration, grid, device, dtype)
 _COMPILED: dict = {}
@@ -112,11 +113,6 @@ def _run(q, k, v, rel_bias, decl, grid, scale):
     return attn(q, k, v, **extra)
 
 
-def _op_forward(q, k, v, rel_bias, decl, grid, scale):
-    with torch.no_grad():
-        return _run(q, k, v, rel_bias, decl, grid, scale)
-
-
 def _autograd_on():
     """A guard under which autograd records again inside an operator's implementation (the
     dispatcher excludes autograd below an operator's autograd formula; torch's own
@@ -140,7 +136,7 @@ def _op_backward(q, k, v, rel_bias, dout, decl, grid, scale):
 
 
 _attention_op = torch.library.custom_op(
-    "patterngen::attention", _op_forward, mutates_args=(),
+    "patterngen::attention", _run, mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor v, Tensor? rel_bias, str decl, SymInt[] grid, "
            "float? scale) -> Tensor")
 _attention_bwd = torch.library.custom_op(
