@@ -383,7 +383,9 @@ class SwinBlock(nn.Module):
     mask: the last ``shift`` rows and columns of the padded grid apart from the others), the
     crop and the roll back. Every grid runs (timm's ``always_partition=True,
     dynamic_mask=True``; for grids of at least one window timm's defaults give the same). The
-    region mask is exact where timm adds -100 to the scores.
+    region mask is exact where timm adds -100 to the scores. With ``input_resolution`` the
+    window and shift are clamped as timm's default ``always_partition=False`` clamps them: an
+    axis no longer than the window gets a window of its length and no shift.
 
     Parameter names are timm's, except ``attn.rel_pos_bias_table`` (key minus query,
     :func:`from_timm_swin` converts a timm state dict).
@@ -399,14 +401,22 @@ class SwinBlock(nn.Module):
         drop_path: stochastic depth of both branches.
         act_layer, norm_layer: as timm's.
         backend: a patterngen backend name or ``"auto"``.
+        input_resolution: timm's ``(H, W)``; ``None`` partitions every grid as given.
+        always_partition: with ``input_resolution``, keep the window and shift as given.
     """
 
     def __init__(self, dim: int, heads: int, window=7, shift=0, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, proj_drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm,
-                 backend: str = "auto"):
+                 backend: str = "auto", input_resolution=None, always_partition: bool = False):
         super().__init__()
         self.window, self.shift = _pair(window, "window"), _pair(shift, "shift")
+        if input_resolution is not None and not always_partition:
+            # timm's _calc_window_shift
+            res = _pair(input_resolution, "input_resolution")
+            self.window = tuple(min(r, w) for r, w in zip(res, self.window))
+            self.shift = tuple(0 if r <= w else s
+                               for r, w, s in zip(res, self.window, self.shift))
         if not all(0 <= s < m for s, m in zip(self.shift, self.window)):
             raise PatternError(f"Invalid shift={shift!r}; expected 0 <= shift < window="
                                f"{self.window} on each axis.")

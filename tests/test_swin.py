@@ -124,6 +124,22 @@ def test_swin_block_equals_timm(grid, shift):
                                                  4)["t.rel_pos_bias_table"], atol=1e-10, rtol=0)
 
 
+def test_input_resolution_clamps_window_and_shift_as_timm_does():
+    # timm's default always_partition=False: an axis no longer than the window gets a window of
+    # its length and no shift (Swin-T's last stage: 7 x 7 maps, window 7, no shift)
+    block = nn.SwinBlock(8, 2, window=4, shift=2, input_resolution=(3, 5),
+                         backend="numba").double().eval()
+    assert block.window == (3, 4) and block.shift == (0, 2)
+    sd = timm_state_dict(8, 2, (3, 4))
+    block.load_state_dict(nn.from_timm_swin(sd, (3, 4)))
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(block(x), timm_block(sd, x, 2, (3, 4), (0, 2)), atol=1e-10,
+                               rtol=0)
+    kept = nn.SwinBlock(8, 2, window=4, shift=2, input_resolution=(3, 5),
+                        always_partition=True)
+    assert kept.window == (4, 4) and kept.shift == (2, 2)
+
+
 def test_swin_block_options_and_refusals():
     block = nn.SwinBlock(16, 2, window=(4, 5), shift=(2, 1), mlp_ratio=2.0, qkv_bias=False,
                          proj_drop=0.1, drop_path=0.2)
