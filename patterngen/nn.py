@@ -281,6 +281,16 @@ class LocalSelfAttention(nn.Module):
         if len(inner) > 3:
             raise PatternError(f"x.shape={tuple(x.shape)} has {len(inner)} grid axes; "
                                f"patterngen grids have 1 to 3.")
+        if self.grid is not None and inner != self.grid and len(inner) == len(self.grid):
+            other = tuple(x.shape[1:-1] if self.channels_first else x.shape[2:])
+            if other == self.grid and (x.shape[-1] if self.channels_first else x.shape[1]) \
+                    == self.dim:
+                raise PatternError(
+                    f"x.shape={tuple(x.shape)} is ambiguous: with channels_first="
+                    f"{self.channels_first} its grid is {inner}, with channels_first="
+                    f"{not self.channels_first} it is this layer's grid={self.grid}. The "
+                    f"layout is not guessed: build the layer with channels_first="
+                    f"{not self.channels_first} for such inputs, or grid=None.")
         if self.grid is None or len(inner) == len(self.grid):
             return inner
         if inner == (math.prod(self.grid),):

@@ -183,6 +183,11 @@ def test_channels_first_is_an_explicit_option():
         last(torch.randn(2, 8, 5, 6))
     with pytest.raises(PatternError, match=r"expects \(batch, 8, \*grid\); got x.shape=\(2, 5"):
         first(torch.randn(2, 5, 6, 8))
+    gridded = nn.LocalSelfAttention(8, 2, pg.window(3), grid=(5, 8), backend="numba")
+    with pytest.raises(PatternError, match=r"x.shape=\(2, 8, 5, 8\) is ambiguous: with "
+                                           r"channels_first=False its grid is \(8, 5\), with "
+                                           r"channels_first=True it is this layer's grid"):
+        gridded(x)
     with pytest.raises(PatternError, match=r"Invalid channels_first='yes'"):
         nn.LocalSelfAttention(8, 2, pg.window(3), channels_first="yes")
 
