@@ -35,8 +35,12 @@ __version__ = "0.1.0"
 
 
 if "torch" in sys.modules:
-    # registers the patterngen::attention operator, which a loaded exported program calls
-    from . import nn
+    # registers the patterngen operators, which a loaded exported program calls
+    import importlib
+
+    for _module in (".nn", ".backends.numba", ".backends.planned"):
+        importlib.import_module(_module, __name__)
+    del _module, importlib
 
 
 def __getattr__(name):

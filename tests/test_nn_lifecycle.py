@@ -233,3 +233,57 @@ def test_the_layer_operator_passes_opcheck():
     table = layer.rel_pos_bias_table.detach().clone().requires_grad_()
     torch.library.opcheck(torch.ops.patterngen.attention.default,
                           (q, k, v, table, layer.decl, [8, 8], None))
+
+
+class _Bare(torch.nn.Module):
+    """Attention from pg.compile called directly: the graph holds the numba and planned
+    operators' keys."""
+
+    def __init__(self):
+        super().__init__()
+        pattern = pg.window(3) | pg.axis(0)
+        self.numba = pg.compile(pattern, (6, 6), backend="numba")
+        self.terms = pg.compile(pattern, (6, 6), backend="auto", strategy="terms",
+                                terms="dense", softcap=2.0)
+
+    def forward(self, q, k, v):
+        return self.numba(q, k, v) + self.terms(q, k, v)
+
+
+BARE = """
+import sys, torch, patterngen
+q, k, v, want = torch.load(sys.argv[1])
+program = torch.export.load(sys.argv[2])
+torch.testing.assert_close(program.module()(q, k, v), want, atol=1e-5, rtol=0)
+print("ok")
+"""
+
+
+def test_an_exported_bare_attention_rebuilds_from_its_op_keys(tmp_path):
+    q, k, v = (torch.randn(1, 2, 36, 4) for _ in range(3))
+    model = _Bare()
+    torch.save((q, k, v, model(q, k, v)), tmp_path / "io.pt")
+    torch.export.save(torch.export.export(model, (q, k, v)), tmp_path / "bare.pt2")
+    run = subprocess.run([sys.executable, "-c", BARE, str(tmp_path / "io.pt"),
+                          str(tmp_path / "bare.pt2")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["ok"]
+
+
+def test_a_key_rebuilds_only_the_ir_it_carries():
+    import hashlib
+
+    from patterngen.backends import ops
+
+    attn = pg.compile(pg.window(5), (7, 7), backend="numba")
+    del ops._COMPILED[attn.op_key]
+    rebuilt = ops.lookup(attn.op_key)
+    assert rebuilt is not attn and rebuilt.ir == attn.ir and rebuilt.op_key == attn.op_key
+    name, digest, payload = attn.op_key.split(":", 2)
+    with pytest.raises(PatternError, match=r"carries none to rebuild"):
+        ops.lookup(f"{name}:{digest}:{payload.replace('5', '6')}")  # digest no longer fits
+    forged = payload.replace('"node":"Window"', '"node":"system"')
+    digest = hashlib.sha256(f"numba:{forged}".encode()).hexdigest()[:20]
+    with pytest.raises(PatternError, match=r"names 'system', which is not an IR node"):
+        ops.lookup(f"numba:{digest}:{forged}")
