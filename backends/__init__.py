@@ -71,6 +71,8 @@ class Backend:
         """Check a ``rel_bias`` table against the reach, the heads, device and dtype of the
         flattened ``q`` ``(batch, heads, tokens, dim)``; ``None`` passes.
 
+        Under autocast a floating table of another dtype is cast to ``q``'s.
+
         Raises:
             PatternError: naming ``rel_bias``, what it is and the expected shape from ``reach``.
         """
@@ -93,6 +95,11 @@ class Backend:
         if rel_bias.device != q.device:
             raise PatternError(f"{self.name}: rel_bias is on device={str(rel_bias.device)!r} "
                                f"and q on {str(q.device)!r}; expected one device.")
+        if rel_bias.dtype != q.dtype and rel_bias.is_floating_point() and \
+                torch.is_autocast_enabled(q.device.type):
+            # autocast casts a layer's weights to the compute dtype; the table is one of
+            # them, and its gradient flows back through the cast in the table's own dtype
+            rel_bias = rel_bias.to(q.dtype)
         if rel_bias.dtype != q.dtype:
             raise PatternError(f"{self.name}: rel_bias has dtype={rel_bias.dtype} and q "
                                f"{q.dtype}; expected one dtype (convert with .to(q.dtype)).")

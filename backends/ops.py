@@ -6,9 +6,10 @@ and NATTEN register their kernels as operators for the same reason. The numba ke
 are custom ops in the ``patterngen`` namespace, each with a fake (meta) implementation that
 gives the output shapes and an autograd formula that calls the matching backward op; this
 module holds what they share. The ops take tensors and plain values only: the compiled pattern is found
-by a *key* (:func:`register`), a stable digest of the backend, its IR and its options, so a
-compiled or exported graph holds a string, not a Python object. A process that loads an
-exported program compiles the same pattern first, which registers the same key.
+by a *key* (:func:`register`), the backend's name, a stable digest, and the IR and options
+themselves as JSON, so a compiled or exported graph holds a string, not a Python object. A
+process that meets a key it has not registered (a loaded exported program) rebuilds the
+compiled pattern from the key on first use (:func:`lookup`).
 
 The schemas carry the relative position bias table and the softcap (``Tensor? rel_bias,
 float? softcap``); the backward operators return the table's gradient.
@@ -30,7 +31,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import threading
 
 import torch
@@ -46,28 +49,120 @@ _COMPILED: dict = {}
 _LOCK = threading.Lock()
 
 
+def _nodes() -> dict:
+    """The classes a key may name: the IR's nodes and the grid, nothing else."""
+    from patterngen import ir
+    from patterngen.grid import Grid
+
+    atoms, todo = {}, [ir.Atom]
+    while todo:
+        cls = todo.pop()
+        atoms[cls.__name__] = cls
+        todo += cls.__subclasses__()
+    return {**atoms, **{c.__name__: c for c in (ir.Rel, ir.Term, ir.IR, ir.HeadsIR, Grid)}}
+
+
+def _encode(x):
+    """``x`` (IR nodes, tuples, numbers, strings, ``None``) as JSON values."""
+    if x is None or isinstance(x, (bool, str, float)):
+        return x
+    if isinstance(x, int) or type(x).__module__ == "numpy" and hasattr(x, "__index__"):
+        return int(x)
+    if isinstance(x, (tuple, list)):
+        return [_encode(v) for v in x]
+    if dataclasses.is_dataclass(x) and _nodes().get(type(x).__name__) is type(x):
+        return {"node": type(x).__name__,
+                **{f.name: _encode(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+    raise TypeError(f"cannot write {type(x).__name__} into an op key")
+
+
+def _decode(x):
+    """The inverse of :func:`_encode` (JSON arrays become tuples); only IR nodes are built."""
+    if isinstance(x, list):
+        return tuple(_decode(v) for v in x)
+    if isinstance(x, dict):
+        fields = {k: _decode(v) for k, v in x.items() if k != "node"}
+        cls = _nodes().get(x.get("node"))
+        if cls is None:
+            raise PatternError(f"an op key names {x.get('node')!r}, which is not an IR node")
+        return cls(**fields)
+    return x
+
+
 def register(backend, *options) -> str:
-    """The key of ``backend`` (registered for the ops to find): its name and a digest of its
-    IR, labels and ``options``, stable across processes."""
-    text = repr((backend.name, backend.ir, backend.ir.label, options))
-    key = f"{backend.name}:{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+    """The key of ``backend`` (registered for the ops to find): its name, a digest, and its IR
+    and ``options`` as JSON (:func:`lookup` rebuilds from them), stable across processes."""
+    try:
+        payload = json.dumps([_encode(backend.ir), _encode(options)], separators=(",", ":"))
+    except TypeError:  # a symbolic size or a foreign object: found in this process only
+        payload = repr((backend.ir, backend.ir.label, options))
+    digest = hashlib.sha256(f"{backend.name}:{payload}".encode()).hexdigest()[:20]
+    key = f"{backend.name}:{digest}:{payload}"
     with _LOCK:
         _COMPILED.setdefault(key, backend)
     return key
 
 
+def _rebuild_numba(lowered, options):
+    from patterngen.backends.numba import NumbaBackend
+
+    NumbaBackend(lowered, lanes=options[0])
+
+
+def _rebuild_planned(lowered, options):
+    """A term-wise plan's runner from its key's options: device, dtype, softcap, and per listed
+    pattern its ``(term, executor)`` list (dense terms get their dense shape back)."""
+    from types import SimpleNamespace
+
+    from patterngen.backends import planned
+    from patterngen.plan import TermPlan, dense_form
+
+    device, dtype, softcap, patterns = options
+    shape = lowered.grid.shape
+    plan = SimpleNamespace(device=device, dtype=dtype, patterns=tuple(
+        tuple(TermPlan(term, executor, 0, 0, dense_form(
+            term, shape, [u for u in head.terms if u is not term])
+            if executor == "dense" else None, 0.0) for term, executor in tps)
+        for head, tps in zip(lowered.per_head, patterns)))
+    runner = planned._Runner(lowered, plan, softcap)
+    runner.op_key = planned._register_runner(runner, plan)
+
+
+#: how each backend that registers keys is rebuilt from the IR and options in its key
+_REBUILD = {"numba": _rebuild_numba, "planned": _rebuild_planned}
+
+
 def lookup(key: str):
-    """The compiled backend registered under ``key``.
+    """The compiled backend registered under ``key``; one this process has not compiled is
+    rebuilt from the IR and options the key carries (a loaded exported program's).
 
     Raises:
-        PatternError: for a key no pattern compiled in this process has.
+        PatternError: for a key that carries no pattern, or one that does not rebuild to itself.
     """
-    try:
-        return _COMPILED[key]
-    except KeyError:
-        raise PatternError(
-            f"No compiled pattern has op key {key!r} in this process; compile the pattern "
-            f"(pg.compile) before running a graph or exported program that calls it.") from None
+    found = _COMPILED.get(key)
+    if found is not None:
+        return found
+    name, digest, payload = (key.split(":", 2) + ["", ""])[:3]
+    if name in _REBUILD and payload.startswith("[") and digest == hashlib.sha256(
+            f"{name}:{payload}".encode()).hexdigest()[:20]:
+        from patterngen import ir
+
+        try:
+            lowered, options = _decode(json.loads(payload))
+        except (TypeError, ValueError) as e:
+            raise PatternError(f"Op key {key[:80]!r}... does not describe a pattern ({e}).") \
+                from None
+        ir.verify(lowered)
+        _REBUILD[name](lowered, options)
+        if key in _COMPILED:
+            return _COMPILED[key]
+        raise PatternError(f"Op key {key[:80]!r}... rebuilds to another key in this process "
+                           f"(another patterngen version?); compile the pattern (pg.compile) "
+                           f"before running a graph or exported program that calls it.")
+    raise PatternError(
+        f"No compiled pattern has op key {key!r} in this process, and the key carries none to "
+        f"rebuild; compile the pattern (pg.compile) before running a graph or exported "
+        f"program that calls it.")
 
 
 def widened(t: Tensor):

@@ -7,22 +7,20 @@ mask. This script builds Swin's construction literally and checks that both agre
 and output for output, then shows why the shift matters: two W-MSA layers never leave their
 window, a W-MSA/SW-MSA pair does.
 
-Last, two whole Swin blocks (W-MSA, then SW-MSA, each with its relative position bias table)
-run their window attention through patterngen, with a table loaded from timm's layout by
-``pg.bias.from_swin``; they are checked against Swin's block as its code writes it (roll,
-window partition, region mask at -100, bias gathered with timm's relative position index),
-forward and the table's gradient.
+Last, two whole Swin blocks, ``pg.nn.SwinBlock`` (W-MSA, then SW-MSA, each with its relative
+position bias table), load a timm-layout state dict through ``pg.nn.from_timm_swin``; they are
+checked against Swin's block as its code writes it (roll, window partition, region mask at
+-100, bias gathered with timm's relative position index), forward and the table's gradient.
 
 Run: python examples/swin_block.py
 """
 
 import torch
-from torch import nn
 
 import patterngen as pg
 from _common import best_backend, check_and_time, cost_line, expect, oracle, parse_args
 from patterngen.analysis import layers_to_global, receptive_field
-from patterngen.nn import LocalSelfAttention
+from patterngen.nn import LocalSelfAttention, SwinBlock, from_timm_swin
 
 H = W = 28
 M, SHIFT = 7, 3
@@ -73,25 +71,6 @@ def swin_pairs():
     return ((window[:, None] == window[None, :]) & (label[:, None] == label[None, :])).numpy()
 
 
-class SwinBlock(nn.Module):
-    """Swin's block, its window attention (bias included) run by patterngen.
-
-    ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``, as timm's ``SwinTransformerBlock``.
-    """
-
-    def __init__(self, dim, heads, shifted, backend="auto"):
-        super().__init__()
-        self.shifted = shifted
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = LocalSelfAttention(dim, heads, SW_MSA if shifted else W_MSA, grid=(H, W),
-                                       backend=backend, rel_pos_bias=True)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 def relative_position_index():
     """timm's get_relative_position_index(M, M): query minus key, flattened per window."""
     coords = torch.stack(torch.meshgrid(torch.arange(M), torch.arange(M), indexing="ij"))
@@ -107,24 +86,24 @@ def swin_block_reference(block, swin_table, x):
     """The same block as Swin's code computes it, with ``swin_table`` in timm's layout
     ``((2M-1)^2, heads)``: norm, roll, window partition, scaled q.k plus the table gathered by
     the relative position index, region mask (-100), softmax, merge, roll back, MLP."""
-    layer, heads = block.attn, block.attn.heads
+    layer, heads, shifted = block.attn, block.attn.heads, any(block.shift)
     batch, dim, n = x.shape[0], x.shape[-1], M * M
     shortcut, x = x, block.norm1(x)
-    if block.shifted:
+    if shifted:
         x = torch.roll(x, shifts=(-SHIFT, -SHIFT), dims=(1, 2))
     windows = to_windows(x).reshape(-1, n, dim)  # (batch * windows, M*M, C)
     q, k, v = layer.qkv(windows).reshape(-1, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
     attn = (q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)
     table = swin_table[relative_position_index().view(-1)].view(n, n, heads).permute(2, 0, 1)
     attn = attn + table[None]
-    if block.shifted:
+    if shifted:
         labels = to_windows(region_labels(H, W)[..., None]).squeeze(-1)
         mask = torch.zeros(labels.shape[0], n, n, dtype=x.dtype)
         mask = mask.masked_fill(labels[:, :, None] != labels[:, None, :], -100.0)
         attn = (attn.view(batch, -1, heads, n, n) + mask[None, :, None]).view(-1, heads, n, n)
     out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(-1, n, dim)
     out = from_windows(layer.proj(out).reshape(batch, -1, n, dim), H, W)
-    if block.shifted:
+    if shifted:
         out = torch.roll(out, shifts=(SHIFT, SHIFT), dims=(1, 2))
     x = shortcut + out
     return x + block.mlp(block.norm2(x))
@@ -140,11 +119,14 @@ def check_swin_blocks(backend="auto", dim=32, heads=2):
     errors = [0.0, 0.0]
     x = torch.randn(2, H, W, dim, dtype=torch.float64)
     for shifted in (False, True):
-        block = SwinBlock(dim, heads, shifted, backend).to(torch.float64)
+        block = SwinBlock(dim, heads, window=M, shift=SHIFT if shifted else 0,
+                          backend=backend).to(torch.float64)
         swin_table = (0.02 * torch.randn((2 * M - 1) ** 2, heads, dtype=torch.float64)
                       ).requires_grad_()
-        with torch.no_grad():  # a timm checkpoint's table, loaded into patterngen's layout
-            block.attn.rel_pos_bias_table.copy_(pg.bias.from_swin(swin_table, M))
+        # a timm checkpoint: timm's key and layout for the table, converted on loading
+        timm = {k: v for k, v in block.state_dict().items() if k != "attn.rel_pos_bias_table"}
+        block.load_state_dict(from_timm_swin(
+            {**timm, "attn.relative_position_bias_table": swin_table.detach()}, M))
         ours, want = block(x), swin_block_reference(block, swin_table, x)
         grad = torch.randn_like(ours)
         ours.backward(grad)
@@ -194,14 +176,14 @@ def main():
         expect(error < 1e-4, f"LocalSelfAttention(block(7, offset=3)) differs by {error:.2e}")
         print(f"LocalSelfAttention(pattern=block(7, offset=3)) == Swin SW-MSA layer "
               f"(max abs error {error:.1e})")
-    # backends that add a bias and train on CPU; others (numba for now) refuse rel_pos_bias
-    bias_backend = args.backend if args.backend in ("sdpa",) else "auto"
+    # FlexAttention has no CPU backward; the table's gradient is checked on the others
+    bias_backend = "auto" if args.backend == "flex" else args.backend
     out_error, grad_error = check_swin_blocks(bias_backend)
     expect(out_error < 1e-9 and grad_error < 1e-9,
            f"Swin blocks with relative position bias differ: output {out_error:.2e}, table "
            f"gradient {grad_error:.2e}")
-    print(f"Swin W-MSA + SW-MSA blocks with relative position bias (timm table via "
-          f"pg.bias.from_swin) == Swin's roll + partition + region mask + bias index "
+    print(f"pg.nn.SwinBlock W-MSA + SW-MSA with relative position bias (timm state dict via "
+          f"pg.nn.from_timm_swin) == Swin's roll + partition + region mask + bias index "
           f"(max abs error {out_error:.1e}, table gradient {grad_error:.1e})")
     for pattern in (W_MSA, SW_MSA):
         check_and_time(pattern, (H, W), args.backend)

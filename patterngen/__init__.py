@@ -6,6 +6,8 @@ Example:
     49*H*W
 """
 
+import sys
+
 from . import bias
 from .analysis import layers_to_global, receptive_field
 from .compile import compile
@@ -30,6 +32,15 @@ __all__ = [
     "layout", "Layout", "plan", "Plan", "bias", "distributed",
 ]
 __version__ = "0.1.0"
+
+
+if "torch" in sys.modules:
+    # registers the patterngen operators, which a loaded exported program calls
+    import importlib
+
+    for _module in (".nn", ".backends.numba", ".backends.planned"):
+        importlib.import_module(_module, __name__)
+    del _module, importlib
 
 
 def __getattr__(name):

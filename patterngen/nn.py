@@ -1,5 +1,17 @@
 """Torch layers built on compiled patterns.
 
+A layer holds its pattern's *declaration* (the expression text, the backend and the softcap),
+never a compiled attention: the attention for an input's grid, device and dtype is compiled on
+the first call that needs it and kept in a process-wide cache keyed by the declaration. So a
+layer pickles small (``torch.save(model)``), loads in a fresh process, builds on the meta
+device without planning or calibrating, and runs on any grid.
+
+``torch.compile`` and ``torch.export`` see one operator, ``patterngen::attention``, whose
+arguments are the tensors, the declaration and the grid: compiling and planning happen inside
+it, outside the traced region, on first use (in another process too: importing
+``patterngen.nn``, or ``patterngen`` after torch, registers it). Its backward runs the
+attention's forward again and then its backward (about one forward more than eager mode).
+
 Example:
     >>> import torch, patterngen as pg
     >>> layer = LocalSelfAttention(dim=32, heads=2, pattern=pg.window(3))
@@ -9,7 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 
 import torch
 from torch import nn
@@ -18,39 +32,192 @@ from . import bias
 from .compile import compile as compile_pattern
 from .errors import PatternError
 from .grid import as_grid
-from .spec import Pattern, as_ir
+from .parse import parse
+from .spec import Pattern, as_ir, block
 
-__all__ = ["LocalSelfAttention"]
+__all__ = ["LocalSelfAttention", "SwinBlock", "from_timm_swin", "DropPath", "declaration",
+           "attention", "attend", "fit_table"]
+
+#: compiled attention per (declaration, grid, device, dtype)
+_COMPILED: dict = {}
+_LOCK = threading.Lock()
+
+
+def declaration(pattern, backend: str = "auto", softcap=None, end_cuts=None) -> str:
+    """The text that rebuilds a layer's attention: pattern expression, backend and softcap.
+
+    ``end_cuts`` (one per axis) also separates, on every grid, the last ``end_cuts[a]`` lines
+    of axis ``a`` from the others: Swin's region mask after its roll and padding
+    (:class:`SwinBlock`), which depends on the grid.
+
+    Raises:
+        PatternError: for a pattern whose text does not parse back to it.
+    """
+    text = repr(pattern)
+    if parse(text) != pattern:
+        raise PatternError(f"{text} does not parse back to the same pattern; a layer stores "
+                           f"its pattern as text, so it needs one that does.")
+    d = {"pattern": text, "backend": backend, "softcap": bias.check_softcap(softcap)}
+    if end_cuts is not None:
+        d["end_cuts"] = [int(c) for c in end_cuts]
+    return json.dumps(d, sort_keys=True)
+
+
+def attention(decl: str, grid: tuple, device, dtype):
+    """The attention compiled for declaration ``decl`` on ``grid``, ``device`` and ``dtype``
+    (compiled on first use, then cached for the process)."""
+    device = torch.device(device)
+    key = (decl, tuple(int(n) for n in grid), str(device), dtype)
+    found = _COMPILED.get(key)
+    if found is not None:
+        return found
+    d = json.loads(decl)
+    options = {} if d["softcap"] is None else {"softcap": d["softcap"]}
+    pattern = parse(d["pattern"])
+    if d.get("end_cuts"):
+        # one tile boundary per axis, end_cuts[a] lines before its end (none for a cut of 0)
+        pattern = pattern & block(key[1], offset=tuple(
+            (n - c) % n for n, c in zip(key[1], d["end_cuts"])))
+    attn = compile_pattern(pattern, key[1], backend=d["backend"], device=device.type,
+                           dtype=str(dtype).removeprefix("torch."), **options)
+    with _LOCK:
+        return _COMPILED.setdefault(key, attn)
+
+
+def fit_table(table, reach: tuple, grid: tuple):
+    """The centre of ``table`` that a pattern reaching ``reach`` on ``grid`` reads.
+
+    A table is indexed by key minus query around its centre, so a grid where the pattern
+    reaches less (Swin's windows on any grid of at least one window) reads its middle entries.
+
+    Raises:
+        PatternError: when the pattern reaches further on ``grid`` than the table covers.
+    """
+    have = tuple((n - 1) // 2 for n in table.shape[1:])
+    if len(have) != len(reach) or any(r > h for r, h in zip(reach, have)):
+        raise PatternError(
+            f"On grid={tuple(grid)} the pattern reaches {tuple(reach)} (largest |key - query| "
+            f"per axis), but the relative position table {tuple(table.shape)} covers {have}; "
+            f"run it on a grid where the pattern reaches at most that, or build the layer "
+            f"for this grid.")
+    if tuple(reach) == have:
+        return table
+    return table[(slice(None), *(slice(h - r, h + r + 1) for h, r in zip(have, reach)))]
+
+
+def _run(q, k, v, rel_bias, decl, grid, scale):
+    attn = attention(decl, grid, q.device, q.dtype)
+    extra = {} if rel_bias is None else {"rel_bias": fit_table(rel_bias, attn.reach, grid)}
+    if scale is not None:
+        extra["scale"] = scale
+    return attn(q, k, v, **extra)
+
+
+def _autograd_on():
+    """A guard under which autograd records again inside an operator's implementation (the
+    dispatcher excludes autograd below an operator's autograd formula; torch's own
+    higher-order operators re-enter it the same way)."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _op_backward(q, k, v, rel_bias, dout, decl, grid, scale):
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    if rel_bias is not None:
+        inputs.append(rel_bias.detach().requires_grad_())
+    with _autograd_on(), torch.enable_grad():
+        out = _run(*inputs[:3], inputs[3] if rel_bias is not None else None, decl, grid, scale)
+        grads = torch.autograd.grad(out, inputs, dout, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return (*grads[:3], grads[3] if rel_bias is not None else q.new_empty(0))
+
+
+_attention_op = torch.library.custom_op(
+    "patterngen::attention", _run, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? rel_bias, str decl, SymInt[] grid, "
+           "float? scale) -> Tensor")
+_attention_bwd = torch.library.custom_op(
+    "patterngen::attention_bwd", _op_backward, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? rel_bias, Tensor dout, str decl, "
+           "SymInt[] grid, float? scale) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@_attention_op.register_fake
+def _(q, k, v, rel_bias, decl, grid, scale):
+    return torch.empty_like(q)
+
+
+@_attention_bwd.register_fake
+def _(q, k, v, rel_bias, dout, decl, grid, scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(0) if rel_bias is None else torch.empty_like(rel_bias))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, rel_bias, decl, grid, scale = inputs
+    ctx.save_for_backward(q, k, v, rel_bias)
+    ctx.decl, ctx.grid, ctx.scale = decl, grid, scale
+
+
+def _formula(ctx, dout):
+    q, k, v, rel_bias = ctx.saved_tensors
+    dq, dk, dv, dbias = _attention_bwd(q, k, v, rel_bias, dout.contiguous(), ctx.decl,
+                                       ctx.grid, ctx.scale)
+    return dq, dk, dv, dbias if rel_bias is not None else None, None, None, None
+
+
+_attention_op.register_autograd(_formula, setup_context=_setup)
+
+
+def attend(q, k, v, rel_bias, decl: str, grid: tuple, scale=None):
+    """Attention of ``(batch, heads, tokens, head_dim)`` tensors under declaration ``decl``
+    on ``grid``: eager calls run the compiled attention directly, traced calls
+    (``torch.compile``, ``torch.export``) the ``patterngen::attention`` operator."""
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, rel_bias, decl, list(grid), scale)
+    return _run(q, k, v, rel_bias, decl, tuple(int(n) for n in grid), scale)
 
 
 class LocalSelfAttention(nn.Module):
     """Multi-head self-attention restricted to a pattern, with fused qkv and output projections.
 
-    The attention is compiled at the first forward for the input's grid, device and dtype, and
-    cached per ``(grid, device, dtype)``. With ``backend="auto"`` the backend is chosen by device
-    (``numba`` then ``sdpa`` on CPU, ``flex`` then ``sdpa`` on CUDA); when none fits the error
-    lists every backend's reasons.
+    The attention is compiled at the first forward on each grid, device and dtype (cached for
+    the process, shared by layers with the same declaration). With ``backend="auto"`` it runs
+    as :func:`patterngen.plan.plan` chooses: each term of the pattern on its cheapest executor
+    (dense batches, the numba gather kernels), merged by log-sum-exp, or the whole pattern on
+    one backend (numba, sdpa, flex), by time predicted from this machine's calibrated rates
+    (measured on the first plan that needs them, a few seconds, progress on stderr).
 
     Args:
         dim: channels of the input and output; a multiple of ``heads``.
         heads: attention heads; ``pg.heads(...)`` patterns cycle over them.
         pattern: a spec such as ``pg.window(7)``, or its expression text.
-        grid: the token grid; needed for flat ``(batch, tokens, dim)`` inputs of 2-D/3-D grids,
-            otherwise read from the input's shape.
+        grid: the token grid of flat ``(batch, tokens, dim)`` inputs, and, with
+            ``rel_pos_bias``, the grid the table is sized for; gridded inputs may have
+            another grid.
         backend: a registered backend name or ``"auto"``.
         qkv_bias: bias in the qkv projection.
         rel_pos_bias: a learned relative position bias, ``rel_pos_bias_table`` of shape
             ``(heads, 2 * reach[0] + 1, ...)`` indexed by key minus query
             (:mod:`patterngen.bias`), initialised as Swin does (truncated normal, std 0.02).
-            Its shape follows the pattern's reach on ``grid``, so ``grid`` is required, and the
-            backend must declare ``SUPPORTS_REL_POS_BIAS`` (``"auto"``, the planner, does).
+            Its shape follows the pattern's reach on ``grid``, so ``grid`` is required. On
+            another grid the layer reads the table's centre where the pattern reaches less,
+            and refuses a grid where it reaches further. Under autocast the table keeps its
+            dtype and is cast for the call, as a weight is.
+        softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)``.
+        channels_first: inputs are ``(batch, dim, *grid)`` (a conv feature map) instead of
+            ``(batch, *grid, dim)``. The layout is never guessed from the shape.
 
     Attributes:
         reach: per axis, the pattern's largest ``|key - query|`` on ``grid`` (with
             ``rel_pos_bias``).
 
     Shapes:
-        ``x`` is ``(batch, *grid, dim)`` or ``(batch, tokens, dim)``; the output has its shape.
+        ``x`` is ``(batch, *grid, dim)`` or ``(batch, tokens, dim)`` (``(batch, dim, *grid)``
+        with ``channels_first``); the output has its shape.
 
     Example:
         >>> import patterngen as pg
@@ -60,11 +227,10 @@ class LocalSelfAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, pattern, grid=None, backend: str = "auto",
-                 qkv_bias: bool = True, rel_pos_bias: bool = False):
+                 qkv_bias: bool = True, rel_pos_bias: bool = False, softcap=None,
+                 channels_first: bool = False):
         super().__init__()
         if isinstance(pattern, str):
-            from .parse import parse
-
             pattern = parse(pattern)
         if not isinstance(pattern, Pattern):
             raise PatternError(f"Expected a pattern such as pg.window(7), got {pattern!r}.")
@@ -73,14 +239,17 @@ class LocalSelfAttention(nn.Module):
                 raise PatternError(f"Invalid {name}={value!r}; expected an integer >= 1.")
         if dim % heads:
             raise PatternError(f"dim must be a multiple of heads: {dim=}, {heads=}.")
+        if not isinstance(channels_first, bool):
+            raise PatternError(f"Invalid channels_first={channels_first!r}; expected True "
+                               f"(inputs (batch, dim, *grid)) or False ((batch, *grid, dim)).")
         self.dim, self.heads, self.pattern, self.backend = dim, heads, pattern, backend
         self.grid = None if grid is None else as_grid(grid).require_numeric("LocalSelfAttention")
-        self.rel_pos_bias = rel_pos_bias
+        self.rel_pos_bias, self.softcap = rel_pos_bias, bias.check_softcap(softcap)
+        self.channels_first = channels_first
+        self.decl = declaration(pattern, backend, softcap)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self._compiled: dict = {}
         self.register_parameter("rel_pos_bias_table", None)
-        self._precompile()
         if not rel_pos_bias:
             return
         from . import backends
@@ -100,17 +269,31 @@ class LocalSelfAttention(nn.Module):
         nn.init.trunc_normal_(self.rel_pos_bias_table, std=0.02)
 
     def _grid_of(self, x: torch.Tensor) -> tuple:
-        inner = tuple(x.shape[1:-1])
-        if x.dim() < 3 or x.shape[-1] != self.dim:
-            raise PatternError(f"LocalSelfAttention(dim={self.dim}) expects (batch, *grid, "
-                               f"{self.dim}) or (batch, tokens, {self.dim}); got "
-                               f"x.shape={tuple(x.shape)}.")
-        if self.grid is None:
-            if len(inner) > 3:
-                raise PatternError(f"x.shape={tuple(x.shape)} has {len(inner)} grid axes; "
-                                   f"patterngen grids have 1 to 3.")
+        inner = tuple(x.shape[2:] if self.channels_first else x.shape[1:-1])
+        channels = x.shape[1] if self.channels_first else x.shape[-1]
+        if x.dim() < 3 or channels != self.dim:
+            layout = ("(batch, {0}, *grid)" if self.channels_first else
+                      "(batch, *grid, {0}) or (batch, tokens, {0})").format(self.dim)
+            hint = ("" if self.channels_first or x.dim() < 3 or x.shape[1] != self.dim else
+                    "; for a (batch, dim, *grid) feature map pass channels_first=True")
+            raise PatternError(f"LocalSelfAttention(dim={self.dim}) expects {layout}; got "
+                               f"x.shape={tuple(x.shape)}{hint}.")
+        if len(inner) > 3:
+            raise PatternError(f"x.shape={tuple(x.shape)} has {len(inner)} grid axes; "
+                               f"patterngen grids have 1 to 3.")
+        if self.grid is not None and inner != self.grid and len(inner) == len(self.grid):
+            other = tuple(x.shape[1:-1] if self.channels_first else x.shape[2:])
+            if other == self.grid and (x.shape[-1] if self.channels_first else x.shape[1]) \
+                    == self.dim:
+                raise PatternError(
+                    f"x.shape={tuple(x.shape)} is ambiguous: with channels_first="
+                    f"{self.channels_first} its grid is {inner}, with channels_first="
+                    f"{not self.channels_first} it is this layer's grid={self.grid}. The "
+                    f"layout is not guessed: build the layer with channels_first="
+                    f"{not self.channels_first} for such inputs, or grid=None.")
+        if self.grid is None or len(inner) == len(self.grid):
             return inner
-        if inner == self.grid or inner == (math.prod(self.grid),):
+        if inner == (math.prod(self.grid),):
             return self.grid
         table = (f" (the relative position table, {tuple(self.rel_pos_bias_table.shape)}, was "
                  f"built for that grid)" if self.rel_pos_bias else "")
@@ -119,29 +302,9 @@ class LocalSelfAttention(nn.Module):
             f"{', '.join(map(str, self.grid))}, {self.dim}) or (batch, {math.prod(self.grid)}, "
             f"{self.dim}).")
 
-    def _precompile(self) -> None:
-        """With ``grid`` given, compile the attention for the parameters' device and dtype
-        now, so that ``torch.compile(layer, fullgraph=True)`` finds it compiled: compiling
-        inside a traced forward would break the graph."""
-        if self.grid is not None:
-            weight = self.qkv.weight
-            attn = self.attention(self.grid, weight.device, weight.dtype)
-            attn.prepare(weight.device, weight.dtype, self.dim // self.heads, self.heads)
-
-    def _apply(self, fn, *args, **kwargs):
-        # .to(), .cuda(), .half() move the parameters: compile for where they are now
-        out = super()._apply(fn, *args, **kwargs)
-        self._precompile()
-        return out
-
     def attention(self, grid: tuple, device: torch.device, dtype: torch.dtype):
         """The compiled attention for ``grid`` on ``device`` with ``dtype`` (cached)."""
-        key = (grid, str(device), dtype)
-        if key not in self._compiled:
-            attn = compile_pattern(self.pattern, grid, backend=self.backend,
-                                   device=device.type, dtype=str(dtype).removeprefix("torch."))
-            self._compiled[key] = attn
-        return self._compiled[key]
+        return attention(self.decl, grid, device, dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a table saved for another grid or pattern has another shape: say which, rather than
@@ -159,17 +322,164 @@ class LocalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self._grid_of(x)
+        if self.channels_first:
+            x = x.movedim(1, -1)
+        shape = x.shape
         batch, tokens, head_dim = x.shape[0], math.prod(grid), self.dim // self.heads
         qkv = self.qkv(x.reshape(batch, tokens, self.dim))
         q, k, v = qkv.reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
-        attn = self.attention(grid, x.device, x.dtype)
-        extra = {"rel_bias": self.rel_pos_bias_table} if self.rel_pos_bias else {}
+        table = self.rel_pos_bias_table
+        # under autocast q is in the compute dtype and the table, a weight, is cast to it
+        table = None if table is None else table.to(q.dtype)
         # (batch, heads, tokens, head_dim)
-        out = attn(q.contiguous(), k.contiguous(), v.contiguous(), **extra)
-        out = out.transpose(1, 2).reshape(batch, tokens, self.dim)
-        return self.proj(out).reshape(x.shape)
+        out = attend(q.contiguous(), k.contiguous(), v.contiguous(), table, self.decl, grid)
+        out = self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim)).reshape(shape)
+        return out.movedim(-1, 1) if self.channels_first else out
 
     def extra_repr(self) -> str:
-        bias = ", rel_pos_bias=True" if self.rel_pos_bias else ""
+        extra = "".join(f", {name}={value!r}" for name, value in (
+            ("rel_pos_bias", self.rel_pos_bias), ("softcap", self.softcap),
+            ("channels_first", self.channels_first)) if value)
         return (f"dim={self.dim}, heads={self.heads}, pattern={self.pattern!r}, "
-                f"grid={self.grid}, backend={self.backend!r}{bias}")
+                f"grid={self.grid}, backend={self.backend!r}{extra}")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's ``DropPath``): in training, each sample's branch
+    is zeroed with probability ``p`` and the others scaled by ``1 / (1 - p)``."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise PatternError(f"Invalid drop_path={p!r}; expected 0 <= drop_path < 1.")
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _Mlp(nn.Module):
+    """timm's ``Mlp``: ``fc1``, activation, dropout, ``fc2``, dropout (timm's key names)."""
+
+    def __init__(self, dim: int, hidden: int, act_layer, drop: float):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), act_layer(), nn.Linear(hidden, dim)
+        self.drop1, self.drop2 = nn.Dropout(drop), nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+def _pair(value, name: str) -> tuple:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise PatternError(f"Invalid {name}={value!r}; expected an int or two ints.")
+    return pair
+
+
+class SwinBlock(nn.Module):
+    """timm's ``SwinTransformerBlock`` with its window attention run by patterngen.
+
+    ``x + drop_path(attn(norm1(x)))`` then ``x + drop_path(mlp(norm2(x)))`` on ``(batch, H, W,
+    dim)`` inputs, as timm computes it: ``norm1``, the roll by ``-shift``, zero padding of
+    ``H`` and ``W`` up to multiples of the window (the padded tokens are keys, as in timm),
+    attention within windows plus the relative position bias (and, when shifted, timm's region
+    mask: the last ``shift`` rows and columns of the padded grid apart from the others), the
+    crop and the roll back. Every grid runs (timm's ``always_partition=True,
+    dynamic_mask=True``; for grids of at least one window timm's defaults give the same). The
+    region mask is exact where timm adds -100 to the scores. With ``input_resolution`` the
+    window and shift are clamped as timm's default ``always_partition=False`` clamps them: an
+    axis no longer than the window gets a window of its length and no shift.
+
+    Parameter names are timm's, except ``attn.rel_pos_bias_table`` (key minus query,
+    :func:`from_timm_swin` converts a timm state dict).
+
+    Args:
+        dim, heads: channels and attention heads.
+        window: ``M`` or ``(M_h, M_w)``.
+        shift: ``0`` (W-MSA) or ``s`` / ``(s_h, s_w)`` with ``0 <= s < M`` (SW-MSA).
+        mlp_ratio: MLP hidden size over ``dim``.
+        qkv_bias: bias in the qkv projection.
+        proj_drop: dropout after the attention projection and in the MLP (timm's ``drop``).
+        attn_drop: must be 0: the kernels never hold the attention probabilities to drop.
+        drop_path: stochastic depth of both branches.
+        act_layer, norm_layer: as timm's.
+        backend: a patterngen backend name or ``"auto"``.
+        input_resolution: timm's ``(H, W)``; ``None`` partitions every grid as given.
+        always_partition: with ``input_resolution``, keep the window and shift as given.
+    """
+
+    def __init__(self, dim: int, heads: int, window=7, shift=0, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, proj_drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, act_layer=nn.GELU, norm_layer=nn.LayerNorm,
+                 backend: str = "auto", input_resolution=None, always_partition: bool = False):
+        super().__init__()
+        self.window, self.shift = _pair(window, "window"), _pair(shift, "shift")
+        if input_resolution is not None and not always_partition:
+            # timm's _calc_window_shift
+            res = _pair(input_resolution, "input_resolution")
+            self.window = tuple(min(r, w) for r, w in zip(res, self.window))
+            self.shift = tuple(0 if r <= w else s
+                               for r, w, s in zip(res, self.window, self.shift))
+        if not all(0 <= s < m for s, m in zip(self.shift, self.window)):
+            raise PatternError(f"Invalid shift={shift!r}; expected 0 <= shift < window="
+                               f"{self.window} on each axis.")
+        if attn_drop:
+            raise PatternError(f"attn_drop={attn_drop!r} is not supported: patterngen's "
+                               f"kernels never hold the attention probabilities; use 0.")
+        self.norm1, self.norm2 = norm_layer(dim), norm_layer(dim)
+        self.attn = LocalSelfAttention(dim, heads, block(self.window), grid=self.window,
+                                       backend=backend, qkv_bias=qkv_bias, rel_pos_bias=True)
+        if any(self.shift):
+            self.attn.decl = declaration(block(self.window), backend, end_cuts=self.shift)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
+        self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)
+
+    def _attn(self, x):
+        h, w = x.shape[1], x.shape[2]
+        if any(self.shift):
+            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        pad_h, pad_w = (-h) % self.window[0], (-w) % self.window[1]
+        x = self.proj_drop(self.attn(nn.functional.pad(x, (0, 0, 0, pad_w, 0, pad_h))))
+        x = x[:, :h, :w]
+        if any(self.shift):
+            x = torch.roll(x, shifts=self.shift, dims=(1, 2))
+        return x
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[-1] != self.attn.dim:
+            raise PatternError(f"SwinBlock(dim={self.attn.dim}) expects (batch, H, W, "
+                               f"{self.attn.dim}); got x.shape={tuple(x.shape)}.")
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, shift={self.shift}"
+
+
+def from_timm_swin(state_dict: dict, window) -> dict:
+    """A timm Swin state dict (blocks' ``attn.relative_position_bias_table``) converted for
+    :class:`SwinBlock`: each table becomes ``attn.rel_pos_bias_table`` by
+    :func:`patterngen.bias.from_swin`, and timm's derived buffers (``relative_position_index``,
+    ``attn_mask``) are dropped; other keys are kept.
+
+    Args:
+        state_dict: timm's, e.g. ``block.state_dict()`` or a whole model's.
+        window: ``M`` or ``(M_h, M_w)``.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        name = key.rsplit(".", 1)[-1]
+        if name in ("relative_position_index", "attn_mask"):
+            continue
+        if name == "relative_position_bias_table":
+            key, value = key[:-len(name)] + "rel_pos_bias_table", bias.from_swin(value, window)
+        out[key] = value
+    return out

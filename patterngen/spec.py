@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -217,7 +218,11 @@ class Block(Pattern):
 
 @dataclass(frozen=True, repr=False)
 class Area(Pattern):
-    """YOLOv12 area attention: ``areas`` equal contiguous chunks along ``axis``."""
+    """YOLOv12 area attention: ``areas`` equal contiguous chunks along ``axis``.
+
+    Along axis 0 the chunks are those of YOLOv12's ``AAttn``: the row-major token sequence
+    cut into ``areas`` equal runs, whole lines or not.
+    """
 
     areas: object
     axis: int = 0
@@ -229,6 +234,8 @@ class Area(Pattern):
         a = _axis_index(self.axis, grid)
         n, areas = grid.shape[a], self.areas
         if is_number(n) and is_number(areas):
+            if n % areas and a == 0 and grid.ndim > 1 and grid.numeric:
+                return _token_chunks(tuple(int(m) for m in grid.shape), int(areas))
             if n % areas:
                 raise PatternError(
                     f"area(areas={areas}) needs grid[{a}]={n} divisible by {areas}: the token "
@@ -243,6 +250,48 @@ class Area(Pattern):
 
     def __repr__(self):
         return f"area({self.areas}" + (f", axis={self.axis})" if self.axis else ")")
+
+
+def _row_major_boxes(start: int, stop: int, shape: tuple) -> list:
+    """Boxes, one ``(lo, hi)`` per axis, whose union is the row-major tokens
+    ``[start, stop)`` of ``shape``: a partial first line, whole lines, a partial last line."""
+    if start >= stop:
+        return []
+    if len(shape) == 1:
+        return [((start, stop),)]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+    if first == last:
+        return [((first, first + 1), *box) for box in
+                _row_major_boxes(start - first * inner, stop - first * inner, shape[1:])]
+    whole = (-(-start // inner), stop // inner)
+    boxes = _row_major_boxes(start, whole[0] * inner, shape)
+    if whole[0] < whole[1]:
+        boxes.append((whole, *((0, m) for m in shape[1:])))
+    return boxes + _row_major_boxes(whole[1] * inner, stop, shape)
+
+
+def _token_chunks(shape: tuple, areas: int) -> list:
+    """YOLOv12's areas on a grid whose first axis they do not divide: each chunk of
+    ``tokens / areas`` row-major tokens is a union of boxes, and its pairs one term per
+    (query box, key box)."""
+    tokens = math.prod(shape)
+    if tokens % areas:
+        raise PatternError(
+            f"area(areas={areas}) needs the grid's {tokens} tokens divisible by {areas}: "
+            f"YOLOv12's AAttn cuts the row-major token sequence of grid {shape} into {areas} "
+            f"equal chunks.")
+    size = tokens // areas
+
+    def rel(q: tuple, k: tuple, n: int):
+        return ir.Rel.of(*([ir.QueryIn(*q)] * (q != (0, n))), *([ir.KeyIn(*k)] * (k != (0, n))))
+
+    terms = []
+    for c in range(areas):
+        boxes = _row_major_boxes(c * size, (c + 1) * size, shape)
+        terms += [ir.Term(tuple(rel(q, k, n) for q, k, n in zip(qb, kb, shape)))
+                  for qb in boxes for kb in boxes]
+    return terms
 
 
 @dataclass(frozen=True, repr=False)
@@ -484,6 +533,10 @@ def block(size, offset=0) -> Block:
 def area(areas, axis=0) -> Area:
     """YOLOv12 area attention: ``areas`` equal chunks of whole lines along ``axis``.
 
+    Along axis 0 a grid whose first size ``areas`` does not divide is cut as YOLOv12's
+    ``AAttn`` cuts it: the row-major token sequence in ``areas`` equal runs (the grid's tokens
+    must be divisible by ``areas``).
+
     Example:
         >>> area(4)
         area(4)
@@ -560,9 +613,15 @@ def _lower(spec: Pattern, grid: Grid):
 def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
     """Lower a spec on a grid to its exact IR (cached on the hashable spec and grid).
 
+    ``spec`` may be its expression text (:func:`patterngen.parse`).
+
     Raises:
         PatternError: with the spec and grid added to the message.
     """
+    if isinstance(spec, str):
+        from .parse import parse
+
+        spec = parse(spec)
     if not isinstance(spec, Pattern):
         raise PatternError(f"Expected a pattern such as pg.window(7), got {spec!r}.")
     grid = as_grid(grid)
@@ -573,7 +632,7 @@ def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
 
 
 def as_ir(pattern, grid=None):
-    """Accept a spec (lowered on ``grid``) or an already lowered IR."""
+    """Accept a spec or its expression text (lowered on ``grid``), or an already lowered IR."""
     if isinstance(pattern, (ir.IR, ir.HeadsIR)):
         if grid is not None and as_grid(grid) != pattern.grid:
             raise PatternError(f"IR lowered for grid {pattern.grid} used with grid={grid}.")

@@ -32,7 +32,7 @@ CASES = {
     "grid-name": (lambda: pg.cost(pg.window(3), grid=("H W",)),
                   r"Invalid size grid\[0\]='H W'; a symbolic size must be an identifier"),
     "area-divides": (lambda: pg.lower(pg.area(3), (10, 4)),
-                     r"area\(areas=3\) needs grid\[0\]=10 divisible by 3"),
+                     r"area\(areas=3\) needs the grid's 40 tokens divisible by 3"),
     "global-outside": (lambda: pg.lower(pg.global_tokens([(4, 0)]), (4, 4)),
                        r"Global token \(4, 0\) is outside the grid: coordinate 4 on axis 0 with "
                        r"grid\[0\]=4; expected 0 <= index < 4"),
@@ -56,8 +56,8 @@ CASES = {
                           r"tokens=65536 exceeds 32768; use layout\(\) or key_counts\(\)"),
     "show-query": (lambda: pg.show(pg.window(3), (4, 4), query=(4, 0)),
                    r"Invalid query=\(4, 0\) for grid 4x4; expected coordinates 0 <= q < n"),
-    "lower-non-pattern": (lambda: pg.lower("window(3)", 8),
-                          r"Expected a pattern such as pg.window\(7\), got 'window\(3\)'"),
+    "lower-non-pattern": (lambda: pg.lower(7, 8),
+                          r"Expected a pattern such as pg.window\(7\), got 7"),
     "grid-missing": (lambda: pg.materialize(pg.window(3)), r"needs a grid, e.g. grid=\(64, 64\)"),
 }
 

@@ -69,10 +69,11 @@ def test_auto_chooses_by_device_and_caches():
     layer = nn.LocalSelfAttention(dim=8, heads=2, pattern=pg.window(3))
     x = torch.randn(1, 5, 5, 8)
     layer(x)
-    assert list(layer._compiled) == [((5, 5), "cpu", torch.float32)]
     first = layer.attention((5, 5), x.device, x.dtype)
     layer(x)
     assert layer.attention((5, 5), x.device, x.dtype) is first
+    twin = nn.LocalSelfAttention(dim=8, heads=2, pattern="window(3)")
+    assert twin.attention((5, 5), x.device, x.dtype) is first  # one cache per declaration
     assert type(first).name == "auto" and first.plan.strategy in ("terms", "numba", "sdpa")
 
 
@@ -133,8 +134,11 @@ def test_rel_pos_bias_is_initialised_as_swin_trains_and_round_trips():
     with pytest.raises(PatternError,
                        match=r"has shape \(2, 11, 5\).*\(2, 15, 5\).*grid=\(8, 6\)"):
         other.load_state_dict(small.state_dict())
-    with pytest.raises(PatternError, match=r"relative position table.*built for that grid"):
+    with pytest.raises(PatternError, match=r"On grid=\(7, 7\) the pattern reaches \(6, 2\).*"
+                                           r"table \(2, 11, 5\) covers \(5, 2\)"):
         small(torch.randn(1, 7, 7, 8))
+    with pytest.raises(PatternError, match=r"relative position table.*built for that grid"):
+        small(torch.randn(1, 35, 8))
 
 
 def test_bad_shapes_and_arguments():
