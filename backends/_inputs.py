@@ -56,3 +56,15 @@ def non_finite(k, v) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not bool(torch.isfinite(k).all() and torch.isfinite(v).all())
+
+
+def unit_stride(*tensors):
+    """The tensors, each copied to contiguous only when its last dimension is strided.
+
+    The fused kernels called directly (``aten._scaled_dot_product_flash_attention_for_cpu``,
+    its backward, CUDA's ``_scaled_dot_product_efficient_attention``) read each row of
+    ``head_dim`` elements as unit-stride without checking it; a view of a channels-first
+    tensor (a 1x1 convolution's q, k, v) gave garbage there. ``F.scaled_dot_product_attention``
+    checks the same stride and falls back to its math path."""
+    return tuple(t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
+                 for t in tensors)

@@ -393,6 +393,8 @@ class FlexBackend(Backend):
         if not self._identity:
             perm, inverse = self._permutation(device)
             qf, kf, vf = (t[:, :, perm] for t in (qf, kf, vf))
+        elif self.compile:  # the compiled kernel is specialised to strides: one layout
+            qf, kf, vf = (t.contiguous() for t in (qf, kf, vf))
         if extra is not None:
             pad = self.layout.kv_blocks * self.layout.block[1] - kf.shape[2]
             tail = -extra[0].shape[2] % self.layout.block[1]

@@ -37,6 +37,7 @@ import numpy as np
 
 from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
+from patterngen.backends._inputs import unit_stride
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, plan as make_plan
@@ -379,6 +380,7 @@ def _fused_forward(q, k, v, mask, scale):
     """The fused kernel that returns the log-sum-exp: ``(out, lse (B, P, rows))``."""
     import torch
 
+    q, k, v = unit_stride(q, k, v)
     if q.device.type == "cuda":
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None,
@@ -393,6 +395,7 @@ def _fused_backward(q, k, v, out, lse, dout, mask, scale):
     import torch
 
     lse = lse.to(_acc_dtype(torch, q.dtype)).contiguous()
+    q, k, v = unit_stride(q, k, v)
     if q.device.type == "cuda":
         # the forward returned the log-sum-exp padded to a multiple of 32 rows; the backward
         # reads it with that length
@@ -783,19 +786,21 @@ class PlannedBackend(Backend):
                                            batch, backward)]
 
     def _plan(self, device, dtype, head_dim, heads, batch, backward, strategy=None,
-              bias=False):
+              bias=False, contiguous=True):
         """The key of the plan for these inputs, planned (for the first ``batch`` seen: the
         costs scale with it alike) and built on first use; ``strategy`` (a name or a tuple
         of names) restricts the strategies beyond the constructor's. With a softcap or
-        ``bias``, the whole-pattern strategies are the backends that add them."""
+        ``bias``, the whole-pattern strategies are the backends that add them; inputs that
+        are not ``contiguous`` price the executors' copies of them."""
         strategy = strategy or self._strategy
-        key = (device, dtype, head_dim, heads, backward, strategy, bias)
+        key = (device, dtype, head_dim, heads, backward, strategy, bias, contiguous)
         if key not in self._plans:
             allowed = (strategy,) if isinstance(strategy, str) else strategy
             flags = ["SUPPORTS_SOFTCAP"] * (self.softcap is not None)
             flags += ["SUPPORTS_REL_POS_BIAS"] * bias
             sizes = dict(head_dim=head_dim, heads=heads, batch=batch, device=device,
-                         dtype=dtype, backward=backward, rates=self._rates)
+                         dtype=dtype, backward=backward, rates=self._rates,
+                         contiguous=contiguous)
             if flags:  # whole-pattern backends that add them (every part of "terms" does)
                 allowed = allowed or ("terms", *(
                     name for name in ("numba", "sdpa", "flex")
@@ -806,18 +811,20 @@ class PlannedBackend(Backend):
         return key
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
-        """Plan and build for inference and for training, with and without a bias table, on
-        ``device`` with these sizes, so that traced calls (``torch.compile``) only look plans
-        up."""
+        """Plan and build for inference and for training, with and without a bias table, for
+        contiguous and strided inputs, on ``device`` with these sizes, so that traced calls
+        (``torch.compile``) only look plans up."""
+        import itertools
+
         import torch
 
         device = torch.device(device)
         dtype = str(dtype or self.plan.dtype).rsplit(".", 1)[-1]
-        for grad in (False, True):
-            for bias in (False, True):
-                key = self._plan(device.type, dtype, head_dim or self.plan.head_dim,
-                                 heads or self.plan.heads, self.plan.batch, grad, bias=bias)
-                self._runs[key].prepare(device, dtype, head_dim, heads)
+        for grad, bias, contiguous in itertools.product((False, True), repeat=3):
+            key = self._plan(device.type, dtype, head_dim or self.plan.head_dim,
+                             heads or self.plan.heads, self.plan.batch, grad, bias=bias,
+                             contiguous=contiguous)
+            self._runs[key].prepare(device, dtype, head_dim, heads)
 
     @property
     def plans(self) -> list:
@@ -874,7 +881,8 @@ class PlannedBackend(Backend):
         # extra keys are one more part of a term-wise plan: its gather group then runs the
         # pattern's own terms
         key = self._plan(*wanted, strategy="terms" if extra is not None else None,
-                         bias=rel_bias is not None)
+                         bias=rel_bias is not None,
+                         contiguous=all(t.is_contiguous() for t in (qf, kf, vf)))
         plan, run = self._plans[key], self._runs[key]
         if plan.strategy != "terms":
             options = {} if rel_bias is None else {"rel_bias": rel_bias}

@@ -34,7 +34,7 @@ import numpy as np
 
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
-from patterngen.backends._inputs import non_finite
+from patterngen.backends._inputs import non_finite, unit_stride
 from patterngen.layout import HeadsLayout, aligned_tiles, layout
 from patterngen.reference import materialize
 
@@ -514,6 +514,7 @@ def _flash_with_bias_grad(torch):
         class FlashBias(torch.autograd.Function):
             @staticmethod
             def forward(ctx, q, k, v, bias, scale):
+                q, k, v = unit_stride(q, k, v)
                 out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, 0.0, False, attn_mask=bias, scale=scale)
                 ctx.save_for_backward(q, k, v, bias, out, lse)
