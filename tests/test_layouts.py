@@ -163,3 +163,24 @@ def test_channels_first_views_with_a_bias_table(name, pattern):
     plain = {n: t.detach().contiguous().requires_grad_() for n, t in zip("qkv", (q, k, v))}
     plain["rel_bias"] = table.detach().clone().requires_grad_()
     assert_as_contiguous(attn, dict(q=q, k=k, v=v, rel_bias=table), plain, grad=True)
+
+
+def test_the_planner_prices_the_copies_of_strided_inputs():
+    from patterngen.calibrate import Rates
+    from patterngen.plan import COPYING, plan
+
+    rates = Rates.default()
+    sizes = dict(head_dim=16, heads=2, batch=3, rates=rates, backward=True)
+    plain = plan(pg.window(3) | pg.axis(0), (10, 12), **sizes)
+    strided = plan(pg.window(3) | pg.axis(0), (10, 12), contiguous=False, **sizes)
+    # one pass over q, k, v per (batch, head), forward and backward
+    copy = 2 * rates.predict("merge", 0, 16, calls=0, tokens=3 * 120 * 3 * 2)
+    terms = plan(pg.window(3) | pg.axis(0), (10, 12), contiguous=False, executors=["terms"],
+                 **sizes)
+    executors = [tp.executor for tp in terms.patterns[0]]
+    # term-wise: the gather group copies once, and each dense term its own view
+    parts = ("gather" in executors) + executors.count("dense")
+    for name, charged in (("numba", 1), ("sdpa", 0), ("terms", parts)):
+        assert strided.options[name] == pytest.approx(plain.options[name] + charged * copy)
+    assert "numba" in COPYING and "sdpa" not in COPYING
+    assert "inputs not contiguous" in str(strided) and "contiguous" not in str(plain)
