@@ -414,20 +414,29 @@ def _fused_backward(q, k, v, out, lse, dout, mask, scale):
 class ExtraKeys:
     """Keys outside the grid that every query attends besides its pattern (NATTEN's
     ``additional_keys``/``additional_values``: text tokens, registers): one dense problem of
-    all queries against them, merged with the pattern's parts in the same softmax."""
+    all queries against them, merged with the pattern's parts in the same softmax; with a
+    ``softcap``, their scores are capped like the pattern's."""
 
-    @staticmethod
-    def _matmul(q, keys: int) -> bool:
+    def __init__(self, softcap=None):
+        self.softcap = softcap
+
+    def _matmul(self, q, keys: int) -> bool:
+        """The matmul path: small float32/float64 problems on CPU, and always with a softcap
+        (the fused kernels have none)."""
         import torch
 
-        return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-                and keys <= MATMUL_KEYS)
+        return self.softcap is not None or (
+            q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and keys <= MATMUL_KEYS)
+
+    def _mod(self, heads: int):
+        return None if self.softcap is None else _ScoreMod(self.softcap, None, heads)
 
     def forward(self, q, ak, av, scale):
         import torch
 
         if self._matmul(q, ak.shape[2]):
-            out, lse = _softmax_attention(q, ak, av, None, scale, True)
+            out, lse = _softmax_attention(q, ak, av, None, scale, True, self._mod(q.shape[1]))
             lse = lse.squeeze(-1)
         else:
             out, lse = _fused_forward(q, ak, av, None, scale)
@@ -435,7 +444,8 @@ class ExtraKeys:
 
     def backward(self, q, ak, av, out, lse, dout, scale):
         if self._matmul(q, ak.shape[2]):
-            return _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale)[:3]
+            return _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale,
+                                    self._mod(q.shape[1]))[:3]
         return _fused_backward(q, ak, av, out, lse, dout, None, scale)
 
 
@@ -679,7 +689,8 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, t
             results = [part.forward(qs, ks, vs, scale, True, _table_of(table, sel, npat))
                        for part in parts]
             if extra is not None:
-                results.append(ExtraKeys().forward(qs, *(t[:, sel] for t in extra), scale))
+                results.append(ExtraKeys(runner.softcap).forward(
+                    qs, *(t[:, sel] for t in extra), scale))
             lse = torch.logsumexp(torch.stack([lse for _, lse in results]), dim=0)
             if need_lse:
                 lse_all[:, sel] = lse
@@ -733,7 +744,8 @@ def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None, table=N
                 add(at_table, sel, dtable)
         if extra is not None:
             ak, av = (t[:, sel] for t in extra)
-            for i, g in zip((0, 3, 4), ExtraKeys().backward(args[0], ak, av, *args[3:], scale)):
+            grads_extra = ExtraKeys(runner.softcap).backward(args[0], ak, av, *args[3:], scale)
+            for i, g in zip((0, 3, 4), grads_extra):
                 add(i, sel, g)
     if table is not None and grads[at_table] is None:
         grads[at_table] = torch.zeros_like(table)
@@ -870,14 +882,11 @@ class PlannedBackend(Backend):
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         if qf.shape[-1] < 1:
             raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
-        extra = self.check_extra_keys(additional_keys, additional_values, qf)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, rel_bias)
         inputs = (q, k, v, *(extra or ()), *([rel_bias] * isinstance(rel_bias, torch.Tensor)))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
-        if extra is not None and (rel_bias is not None or self.softcap is not None):
-            raise PatternError("auto: additional_keys with rel_bias or softcap is not "
-                               "supported yet; pass one or the other.")
         # extra keys are one more part of a term-wise plan: its gather group then runs the
         # pattern's own terms
         key = self._plan(*wanted, strategy="terms" if extra is not None else None,

@@ -102,7 +102,8 @@ class NumbaBackend(Backend):
         """The pattern as one gather group of these kernels, merged with extra keys."""
         from patterngen.backends.planned import PlannedBackend
 
-        return PlannedBackend(self.ir, strategy="terms", terms="gather", scale=self.scale)
+        return PlannedBackend(self.ir, strategy="terms", terms="gather", scale=self.scale,
+                              softcap=self.softcap)
 
     @property
     def source(self) -> str:
@@ -152,15 +153,13 @@ class NumbaBackend(Backend):
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values;
-                for additional keys with a bias table or a softcap.
+                for additional keys with a bias table (they have no grid offset in it).
         """
         if additional_keys is not None or additional_values is not None:
-            if rel_bias is not None or self.softcap is not None:
-                raise PatternError("numba: additional_keys with rel_bias or softcap is not "
-                                   "supported; the extra keys have no position in the table.")
-            # checked here too, so that bad extra keys are named as numba's, not auto's
+            # checked here too, so that bad extra keys (or extra keys with a bias table) are
+            # named as numba's, not auto's
             self.check_extra_keys(additional_keys, additional_values,
-                                  self.flatten_inputs(q, k, v)[0])
+                                  self.flatten_inputs(q, k, v)[0], rel_bias)
             return self._with_extra_keys(q, k, v, scale=scale, additional_keys=additional_keys,
                                          additional_values=additional_values)
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
