@@ -379,7 +379,8 @@ class FlexBackend(Backend):
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
-        extra = self.check_extra_keys(additional_keys, additional_values, qf, table)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, table,
+                                      kf.shape[1])
         device = qf.device
         if device.type == "cpu" and torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (qf, kf, vf, table, *(extra or ()))):
@@ -407,11 +408,15 @@ class FlexBackend(Backend):
             from torch.nn.attention.flex_attention import flex_attention as fn
         score_mod = self.score_mod(table, device)
         # masked pairs exist only in partial blocks: without any, every key is attended
+        group = qf.shape[1] // kf.shape[1]
         if not (self._partial or extra is not None) or not non_finite(kf, vf):
-            out = fn(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
+            out = fn(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                     enable_gqa=group > 1)
         else:
             if device.type == "cpu":  # the compiled CPU kernel lets a masked NaN score through
                 from torch.nn.attention.flex_attention import flex_attention as fn
+            # this path indexes k and v by the query's head: grouped ones are repeated for it
+            kf, vf = (t.repeat_interleave(group, 1) for t in (kf, vf))
             out = _with_non_finite_values(fn, qf, kf, vf, score_mod, block_mask, scale, torch)
         if not self._identity:
             out = out[:, :, inverse]

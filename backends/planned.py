@@ -37,7 +37,7 @@ import numpy as np
 
 from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
-from patterngen.backends._inputs import unit_stride
+from patterngen.backends._inputs import kv_heads_of, take_heads, unit_stride
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, plan as make_plan
@@ -143,14 +143,19 @@ class DenseTerm:
                           value=fill)
         return t.reshape(b, h, math.prod(self.grid), e)
 
-    def _additive_mask(self, dtype, device):
+    def _mask(self, group: int):
+        """The mask over folded problems (:func:`_fold`): each problem's rows once per query
+        head of a key/value head."""
+        return self.mask if group == 1 else np.tile(self.mask, (1, group, 1))
+
+    def _additive_mask(self, dtype, device, group: int = 1):
         if self.mask is None:
             return None
-        key = (dtype, str(device))
+        key = (dtype, str(device), group)
         if key not in self._cache:
             import torch
 
-            m = torch.as_tensor(self.mask, device=device)
+            m = torch.as_tensor(self._mask(group), device=device)
             # CUDA's memory-efficient kernel wants the bias rows 16-element aligned
             width = m.shape[-1] + (-m.shape[-1] % 16 if torch.device(device).type == "cuda"
                                    else 0)
@@ -159,22 +164,22 @@ class DenseTerm:
             self._cache[key] = bias.masked_fill_(~m, float("-inf"))[None]
         return self._cache[key]
 
-    def _matmul_mask(self, dtype, device):
+    def _matmul_mask(self, dtype, device, group: int = 1):
         """The mask for the matmul path: its excluded entries when they are at most
         ``HOLES`` of it, else the additive tensor."""
         if self.mask is None:
             return None
-        key = ("holes", str(device))
+        key = ("holes", str(device), group)
         if key not in self._cache:
             import torch
 
-            excluded = ~self.mask
+            excluded = ~self._mask(group)
             holes = None
             if excluded.sum() <= HOLES * excluded.size:
                 index = torch.as_tensor(np.flatnonzero(excluded), device=device)
                 holes = _Holes(index, shared=self.mask.shape[0] == 1)
             self._cache[key] = holes
-        return self._cache[key] or self._additive_mask(dtype, device)
+        return self._cache[key] or self._additive_mask(dtype, device, group)
 
     def _rows(self, device):
         key = ("rows", str(device))
@@ -214,15 +219,16 @@ class DenseTerm:
             self._cache[key] = torch.as_tensor(np.ascontiguousarray(index), device=device)
         return self._cache[key]
 
-    def _mod(self, table, heads: int):
+    def _mod(self, table, heads: int, group: int = 1):
         """The score modifier of a call: softcap and the table gathered to this term's
-        problems, or ``None``."""
+        problems (folded by ``group``, see :func:`_fold`), or ``None``."""
         if table is None and self.softcap is None:
             return None
         tile = None
         if table is not None:
             tile = table.reshape(table.shape[0], -1)[:, self._offsets(table.device)]
-        return _ScoreMod(self.softcap, tile, heads)
+            tile = tile.repeat(1, 1, group, 1) if tile.shape[0] == 1 else _fold(tile, group)
+        return _ScoreMod(self.softcap, tile, heads // group)
 
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
@@ -232,20 +238,24 @@ class DenseTerm:
         import torch
 
         b, h = q.shape[:2]
-        qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
+        group = h // k.shape[1]
+        qp = _fold(self._view(q, "q"), group)
+        kp, vp = self._view(k, "k"), self._view(v, "k")
         if self._matmul(q, table):
-            out, lse = _softmax_attention(qp, kp, vp, self._matmul_mask(q.dtype, q.device),
-                                          scale, need_lse, self._mod(table, h))
+            out, lse = _softmax_attention(qp, kp, vp,
+                                          self._matmul_mask(q.dtype, q.device, group), scale,
+                                          need_lse, self._mod(table, h, group))
             if lse is None:
-                return self._unview(out, b, h, 0.0), None
+                return self._unview(_unfold(out, group), b, h, 0.0), None
         else:
-            out, lse = _fused_forward(qp, kp, vp, self._additive_mask(q.dtype, q.device),
-                                      scale)
+            out, lse = _fused_forward(qp, kp, vp,
+                                      self._additive_mask(q.dtype, q.device, group), scale)
             lse = lse.unsqueeze(-1)
-        out = self._unview(out, b, h, 0.0)
+        out = self._unview(_unfold(out, group), b, h, 0.0)
         if not need_lse:
             return out, None
-        lse = self._unview(lse.to(_acc_dtype(torch, q.dtype)), b, h, float("-inf")).squeeze(-1)
+        lse = self._unview(_unfold(lse.to(_acc_dtype(torch, q.dtype)), group), b, h,
+                           float("-inf")).squeeze(-1)
         if self.rows.all():
             return out, lse
         # queries this term adds no key to: their rows were fully masked (NaN or 0 by kernel)
@@ -258,14 +268,18 @@ class DenseTerm:
         import torch
 
         b, h = q.shape[:2]
-        qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
-        op, lp, dp = (self._view(t, "q") for t in (out, lse.unsqueeze(-1), dout))
+        kv, group = k.shape[1], h // k.shape[1]
+        kp, vp = self._view(k, "k"), self._view(v, "k")
+        qp, op, lp, dp = (_fold(self._view(t, "q"), group)
+                          for t in (q, out, lse.unsqueeze(-1), dout))
         dtable = None
         if self._matmul(q, table):
             dq, dk, dv, dtile = _matmul_backward(qp, kp, vp, op, lp, dp,
-                                                 self._matmul_mask(q.dtype, q.device), scale,
-                                                 self._mod(table, h))
+                                                 self._matmul_mask(q.dtype, q.device, group),
+                                                 scale, self._mod(table, h, group))
             if table is not None:  # each pair's score gradient lands on its table entry
+                dtile = (_unfold(dtile, group) if table.shape[0] > 1 else
+                         dtile.unflatten(2, (group, -1)).sum(2))
                 flat = torch.zeros(table.shape[0], table[0].numel(), dtype=dtile.dtype,
                                    device=dtile.device)
                 flat.index_add_(1, self._offsets(table.device).reshape(-1),
@@ -273,9 +287,30 @@ class DenseTerm:
                 dtable = flat.view(table.shape).to(table.dtype)
         else:
             dq, dk, dv = _fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
-                                         self._additive_mask(q.dtype, q.device), scale)
-        return (self._unview(dq, b, h, 0.0, "q"), self._unview(dk, b, h, 0.0, "k"),
-                self._unview(dv, b, h, 0.0, "k"), dtable)
+                                         self._additive_mask(q.dtype, q.device, group), scale)
+        return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
+                self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
+
+
+def _fold(x, group: int):
+    """``(batch * heads, P, rows, e)`` -> ``(batch * heads / group, P, group * rows, e)``:
+    the ``group`` query heads that read one key/value head become more rows of its problems
+    (grouped key/value heads without repeating k and v; dk and dv come out summed over the
+    group)."""
+    if group == 1:
+        return x
+    bh, p, rows, e = x.shape
+    return x.view(bh // group, group, p, rows, e).transpose(1, 2).reshape(
+        bh // group, p, group * rows, e)
+
+
+def _unfold(y, group: int):
+    """Inverse of :func:`_fold`."""
+    if group == 1:
+        return y
+    b, p, rows, e = y.shape
+    return y.view(b, p, group, rows // group, e).transpose(1, 2).reshape(
+        b * group, p, rows // group, e)
 
 
 class _Holes:
@@ -433,20 +468,29 @@ class ExtraKeys:
         return None if self.softcap is None else _ScoreMod(self.softcap, None, heads)
 
     def forward(self, q, ak, av, scale):
+        """``(out, lse)``; ``ak, av`` may have fewer heads than ``q`` (each key/value head's
+        query heads run as more rows of its one problem)."""
         import torch
 
+        shape, kv = q.shape, ak.shape[1]
+        q = q.reshape(shape[0], kv, -1, shape[3])
         if self._matmul(q, ak.shape[2]):
-            out, lse = _softmax_attention(q, ak, av, None, scale, True, self._mod(q.shape[1]))
+            out, lse = _softmax_attention(q, ak, av, None, scale, True, self._mod(kv))
             lse = lse.squeeze(-1)
         else:
             out, lse = _fused_forward(q, ak, av, None, scale)
-        return out, lse.to(_acc_dtype(torch, q.dtype))
+        return out.reshape(shape), lse.to(_acc_dtype(torch, q.dtype)).reshape(shape[:3])
 
     def backward(self, q, ak, av, out, lse, dout, scale):
+        shape, kv = q.shape, ak.shape[1]
+        q, out, dout = (t.reshape(shape[0], kv, -1, shape[3]) for t in (q, out, dout))
+        lse = lse.reshape(shape[0], kv, -1)
         if self._matmul(q, ak.shape[2]):
-            return _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale,
-                                    self._mod(q.shape[1]))[:3]
-        return _fused_backward(q, ak, av, out, lse, dout, None, scale)
+            dq, dak, dav = _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale,
+                                            self._mod(kv))[:3]
+        else:
+            dq, dak, dav = _fused_backward(q, ak, av, out, lse, dout, None, scale)
+        return dq.reshape(shape), dak, dav
 
 
 class GatherGroup:
@@ -674,8 +718,8 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, t
     out = q.new_zeros(b, h, n, d) if npat > 1 else None
     lse_all = torch.zeros(b, h, n, dtype=acc, device=q.device) if need_lse else None
     for p, (parts, empty) in enumerate(zip(runner.patterns, runner.empty)):
-        sel = _heads_of(p, npat, h)
-        qs, ks, vs = (q, k, v) if npat == 1 else (q[:, sel], k[:, sel], v[:, sel])
+        sel, kv = _heads_of(p, npat, h), kv_heads_of(p, npat, h, k.shape[1])
+        qs, ks, vs = (q, k, v) if npat == 1 else (q[:, sel], *(take_heads(t, kv) for t in (k, v)))
         if extra is not None:  # every query has the extra keys: no row is empty
             empty = None
         if not parts and extra is None:
@@ -690,7 +734,7 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, t
                        for part in parts]
             if extra is not None:
                 results.append(ExtraKeys(runner.softcap).forward(
-                    qs, *(t[:, sel] for t in extra), scale))
+                    qs, *(take_heads(t, kv) for t in extra), scale))
             lse = torch.logsumexp(torch.stack([lse for _, lse in results]), dim=0)
             if need_lse:
                 lse_all[:, sel] = lse
@@ -729,24 +773,28 @@ def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None, table=N
             grads[i] = g
         elif i == at_table and table is not None:
             grads[i][sel] += g
-        else:
+        elif isinstance(sel, slice):
             grads[i][:, sel] += g
+        else:  # a kv head read by several of the pattern's query heads: summed
+            grads[i].index_add_(1, sel.to(g.device), g)
 
     for p, parts in enumerate(runner.patterns):
         sel = _heads_of(p, npat, q.shape[1])
-        args = [t[:, sel] for t in (q, k, v, out, lse, dout)]
+        kv = kv_heads_of(p, npat, q.shape[1], k.shape[1])
+        args = [take_heads(t, kv) if t is k or t is v else t[:, sel]
+                for t in (q, k, v, out, lse, dout)]
         rows = _table_of(table, sel, npat)
         for part in parts:
             dq, dk, dv, dtable = part.backward(*args, scale, rows)
             for i, g in enumerate((dq, dk, dv)):
-                add(i, sel, g)
+                add(i, sel if i == 0 else kv, g)
             if table is not None:
                 add(at_table, sel, dtable)
         if extra is not None:
-            ak, av = (t[:, sel] for t in extra)
+            ak, av = (take_heads(t, kv) for t in extra)
             grads_extra = ExtraKeys(runner.softcap).backward(args[0], ak, av, *args[3:], scale)
             for i, g in zip((0, 3, 4), grads_extra):
-                add(i, sel, g)
+                add(i, sel if i == 0 else kv, g)
     if table is not None and grads[at_table] is None:
         grads[at_table] = torch.zeros_like(table)
     return tuple(grads)
@@ -882,7 +930,8 @@ class PlannedBackend(Backend):
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         if qf.shape[-1] < 1:
             raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
-        extra = self.check_extra_keys(additional_keys, additional_values, qf, rel_bias)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, rel_bias,
+                                      kf.shape[1])
         inputs = (q, k, v, *(extra or ()), *([rel_bias] * isinstance(rel_bias, torch.Tensor)))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],

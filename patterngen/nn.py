@@ -44,6 +44,9 @@ class LocalSelfAttention(nn.Module):
             (:mod:`patterngen.bias`), initialised as Swin does (truncated normal, std 0.02).
             Its shape follows the pattern's reach on ``grid``, so ``grid`` is required, and the
             backend must declare ``SUPPORTS_REL_POS_BIAS`` (``"auto"``, the planner, does).
+        kv_heads: key/value heads (grouped-query attention; 1: multi-query), a divisor of
+            ``heads``; query head ``h`` reads key/value head ``h // (heads // kv_heads)``.
+            Default ``heads``.
 
     Attributes:
         reach: per axis, the pattern's largest ``|key - query|`` on ``grid`` (with
@@ -60,7 +63,7 @@ class LocalSelfAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, pattern, grid=None, backend: str = "auto",
-                 qkv_bias: bool = True, rel_pos_bias: bool = False):
+                 qkv_bias: bool = True, rel_pos_bias: bool = False, kv_heads: int | None = None):
         super().__init__()
         if isinstance(pattern, str):
             from .parse import parse
@@ -73,10 +76,15 @@ class LocalSelfAttention(nn.Module):
                 raise PatternError(f"Invalid {name}={value!r}; expected an integer >= 1.")
         if dim % heads:
             raise PatternError(f"dim must be a multiple of heads: {dim=}, {heads=}.")
+        if kv_heads is not None and (isinstance(kv_heads, bool) or not isinstance(kv_heads, int)
+                                     or kv_heads < 1 or heads % kv_heads):
+            raise PatternError(f"Invalid {kv_heads=}; expected a divisor of {heads=} (query "
+                               f"head h reads key/value head h // (heads // kv_heads)).")
+        self.kv_heads = kv_heads or heads
         self.dim, self.heads, self.pattern, self.backend = dim, heads, pattern, backend
         self.grid = None if grid is None else as_grid(grid).require_numeric("LocalSelfAttention")
         self.rel_pos_bias = rel_pos_bias
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim + 2 * self.kv_heads * (dim // heads), bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self._compiled: dict = {}
         self.register_parameter("rel_pos_bias_table", None)
@@ -160,16 +168,18 @@ class LocalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = self._grid_of(x)
         batch, tokens, head_dim = x.shape[0], math.prod(grid), self.dim // self.heads
-        qkv = self.qkv(x.reshape(batch, tokens, self.dim))
-        q, k, v = qkv.reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x.reshape(batch, tokens, -1))
+        qkv = qkv.reshape(batch, tokens, self.heads + 2 * self.kv_heads, head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], 1)
         attn = self.attention(grid, x.device, x.dtype)
         extra = {"rel_bias": self.rel_pos_bias_table} if self.rel_pos_bias else {}
-        # (batch, heads, tokens, head_dim)
-        out = attn(q.contiguous(), k.contiguous(), v.contiguous(), **extra)
+        # (batch, heads or kv_heads, tokens, head_dim) views: the executors copy what they must
+        out = attn(q, k, v, **extra)
         out = out.transpose(1, 2).reshape(batch, tokens, self.dim)
         return self.proj(out).reshape(x.shape)
 
     def extra_repr(self) -> str:
         bias = ", rel_pos_bias=True" if self.rel_pos_bias else ""
+        kv = f", kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
         return (f"dim={self.dim}, heads={self.heads}, pattern={self.pattern!r}, "
-                f"grid={self.grid}, backend={self.backend!r}{bias}")
+                f"grid={self.grid}, backend={self.backend!r}{bias}{kv}")
