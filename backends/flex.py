@@ -35,10 +35,41 @@ from patterngen.backends._inputs import non_finite
 from patterngen.errors import BackendUnavailable, PatternError
 from patterngen.layout import HeadsLayout, layout
 
-__all__ = ["FlexBackend", "make_mask_mod", "make_score_mod", "flex_available"]
+__all__ = ["FlexBackend", "make_mask_mod", "make_score_mod", "flex_available",
+           "check_cpu_block"]
 
 #: FlexAttention's default sparse block size
 DEFAULT_BLOCK = 128
+#: key block sizes that torch's compiled CPU FlexAttention computes wrongly, per CPU capability
+#: (``torch.backends.cpu.get_cpu_capability()``, which inductor's vector ISA follows) and the
+#: head_dims affected. Measured with torch 2.13 against the dense reference, each capability
+#: with its own inductor cache (``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine emulates
+#: AVX2): on AVX2 a key block of 8 with head_dim 8 or 16 is off by up to 4, while key blocks of
+#: 4, 16, 32 and 128, and head_dim 32 and 64, are exact; on AVX-512 every one of these is exact
+WRONG_CPU_BLOCKS = {"AVX2": ((8, range(1, 32)),)}
+#: key block sizes measured exact on every capability above
+EXACT_CPU_BLOCKS = (16, 32, 64, 128)
+
+
+def check_cpu_block(block, head_dim: int, capability: str | None = None) -> None:
+    """Refuse a block size that compiled CPU FlexAttention runs wrongly here
+    (:data:`WRONG_CPU_BLOCKS`).
+
+    Raises:
+        PatternError: naming the block size, the capability and the sizes that work.
+    """
+    import torch
+
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    for keys, head_dims in WRONG_CPU_BLOCKS.get(capability, ()):
+        if block[1] == keys and head_dim in head_dims:
+            raise PatternError(
+                f"flex: block={tuple(block)} with head_dim={head_dim} on this CPU "
+                f"(capability {capability}): torch's compiled CPU FlexAttention computes key "
+                f"blocks of {keys} wrongly there for head_dim {head_dims.start} to "
+                f"{head_dims.stop - 1} (measured against the dense reference); use a key "
+                f"block of {', '.join(map(str, EXACT_CPU_BLOCKS))} (exact on every capability "
+                f"measured), or compile=False.")
 
 
 def flex_available() -> str | None:
@@ -300,6 +331,8 @@ class FlexBackend(Backend):
         return self.block_mask_for(len(self._heads), "cpu")
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
+        if head_dim is not None and self.compile and str(device).startswith("cpu"):
+            check_cpu_block(self.layout.block, head_dim)
         if heads is not None:
             self.block_mask_for(heads, device)
 
@@ -373,7 +406,9 @@ class FlexBackend(Backend):
         appended after the pattern's, in blocks of their own.
 
         Raises:
-            PatternError: for wrong shapes, dtypes or devices, and for gradients on CPU.
+            PatternError: for wrong shapes, dtypes or devices, for gradients on CPU, and for
+                a block size that compiled CPU FlexAttention runs wrongly on this CPU
+                (:func:`check_cpu_block`).
         """
         import torch
 
@@ -388,6 +423,8 @@ class FlexBackend(Backend):
                 "flex: gradients were requested on CPU, but FlexAttention has no CPU backward; "
                 "run under torch.no_grad() / torch.inference_mode(), or use backend='sdpa' or "
                 "'numba' for training on CPU.")
+        if self.compile and device.type == "cpu":
+            check_cpu_block(self.layout.block, qf.shape[-1])
         scale = scale if scale is not None else self.scale
         block_mask = self.block_mask_for(qf.shape[1], device, 0 if extra is None
                                          else extra[0].shape[2])

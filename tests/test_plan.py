@@ -258,8 +258,11 @@ def test_additional_keys_with_a_bias_table_are_refused(backend):
 @pytest.mark.skipif(flex_available() is not None, reason="this torch has no FlexAttention")
 @pytest.mark.parametrize("pattern, grid, extra, options", [
     # per-head patterns: each head's extra blocks go after its own partial blocks
-    (pg.heads(pg.block(2), pg.axis(0) & pg.global_tokens([(0, 0)])), (4, 5), 1, dict(block=8)),
-    (pg.window(3), (6, 6), 20, dict(block=8, order="tiled", tile=(2, 2))),
+    # block 16: the compiled CPU kernel is wrong with key blocks of 8 at head_dim 8 on AVX2
+    # (the backend refuses them there, see test_flex.py)
+    (pg.heads(pg.block(2), pg.axis(0) & pg.global_tokens([(0, 0)])), (6, 5), 1,
+     dict(block=16)),
+    (pg.window(3), (6, 6), 20, dict(block=16, order="tiled", tile=(2, 2))),
 ])
 def test_additional_keys_on_compiled_flex(pattern, grid, extra, options):
     attn = pg.compile(pattern, grid, backend="flex", **options)
@@ -282,8 +285,8 @@ def test_bad_additional_keys(backend):
                                               "additional_values"):
         attn(q, k, v, additional_keys=good)
     with pytest.raises(pg.PatternError, match=r"additional_values has shape \(1, 3, 3, 8\); q "
-                                              r"has batch=1, heads=2, head_dim=8, so expected "
-                                              r"\(1, 2, n_extra, 8\)"):
+                                              r"has batch=1, head_dim=8 and k heads=2, so "
+                                              r"expected \(1, 2, n_extra, 8\)"):
         attn(q, k, v, additional_keys=good, additional_values=torch.randn(1, 3, 3, 8))
     with pytest.raises(pg.PatternError, match="additional_keys has 3 tokens and "
                                               "additional_values 2"):
