@@ -1,7 +1,7 @@
 """Any tensor layout: every backend and every executor of the planner gives, for q, k, v, extra
 keys/values and a bias table in a layout torch can produce (transposed, permuted, split, sliced,
-offset, channels-last, stride-0 expanded batch or heads), the outputs and gradients of the
-contiguous call. The storage around each view holds NaN, so a kernel that reads past its view
+offset, channels-last, stride-0 expanded batch or heads; k and v with all or grouped heads),
+the outputs and gradients of the contiguous call. The storage around each view holds NaN, so a kernel that reads past its view
 or ignores a stride poisons the output."""
 
 import functools
@@ -77,6 +77,9 @@ def _supports(name: str, flag: str) -> bool:
 @settings(max_examples=8)
 @given(data=st.data())
 def test_any_layout_gives_the_contiguous_result(name, options, data):
+    # eager FlexAttention materialises every score: fewer examples there
+    if name == "flex" and data.draw(st.integers(0, 2), "flex sample"):
+        return
     cls = backends.get_backend(name)
     dtype = torch.float64 if "float64" in cls.SUPPORTED_DTYPES else torch.float32
     grad = "cpu" in cls.BACKWARD_DEVICES
@@ -86,16 +89,18 @@ def test_any_layout_gives_the_contiguous_result(name, options, data):
     # batch 1 often: then (batch, heads) merge into a view whatever the layout, and the
     # strided rows reach the kernels
     batch = data.draw(st.sampled_from([1, 2]), "batch")
+    kv = data.draw(st.sampled_from([2, 1]), "kv heads")  # 1: grouped (MQA)
     shape = (batch, 2, *GRID, 4) if gridded else (batch, 2, GRID[0] * GRID[1], 4)
     extra = data.draw(st.sampled_from([0, 0, 3]), "extra keys") \
         if _supports(name, "SUPPORTS_ADDITIONAL_KEYS") else 0
     table = not extra and _supports(name, "SUPPORTS_REL_POS_BIAS") and data.draw(
         st.booleans(), "bias table")
     attn = _compiled(name, pattern, tuple(options.items()))
-    inputs = {n: torch.randn(shape, dtype=dtype) for n in "qkv"}
+    inputs = {n: torch.randn(shape[:1] + (2 if n == "q" else kv,) + shape[2:], dtype=dtype)
+              for n in "qkv"}
     if extra:
         for n in ("additional_keys", "additional_values"):
-            inputs[n] = torch.randn(batch, 2, extra, 4, dtype=dtype)
+            inputs[n] = torch.randn(batch, kv, extra, 4, dtype=dtype)
     if table:
         inputs["rel_bias"] = torch.randn(2, *(2 * r + 1 for r in attn.reach), dtype=dtype)
     strided, plain = {}, {}
@@ -152,10 +157,11 @@ def test_channels_first_views_on_auto(pattern):
     assert pattern != pg.area(4) or plan.patterns[0][0].dense.keys == 400
 
 
-@pytest.mark.parametrize("name", ["auto", "sdpa", "numba"])
+@pytest.mark.parametrize("name", ["auto", "sdpa"])
 @pytest.mark.parametrize("pattern", PINNED, ids=repr)
 def test_channels_first_views_with_a_bias_table(name, pattern):
-    # sdpa runs the fused kernel itself when the table needs a gradient (it read strided rows)
+    # sdpa runs the fused kernel itself when the table needs a gradient (it read strided rows);
+    # numba with a table is among the random layouts above
     torch.manual_seed(1)
     attn = pg.compile(pattern, (40, 40), backend=name)
     q, k, v = (t.requires_grad_() for t in channels_first(2, 1600, 8))
