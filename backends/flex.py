@@ -53,7 +53,7 @@ EXACT_CPU_BLOCKS = (16, 32, 64, 128)
 
 def check_cpu_block(block, head_dim: int, capability: str | None = None) -> None:
     """Refuse a block size that compiled CPU FlexAttention runs wrongly here
-    (:data:`WRONG_CPU_BLOCKS`).
+    (:data:`WRONG_CPU_BLOCKS`), and a CPU it does not run on (capability DEFAULT).
 
     Raises:
         PatternError: naming the block size, the capability and the sizes that work.
@@ -61,6 +61,11 @@ def check_cpu_block(block, head_dim: int, capability: str | None = None) -> None
     import torch
 
     capability = capability or torch.backends.cpu.get_cpu_capability()
+    if capability == "DEFAULT":
+        raise PatternError(
+            "flex: compiled CPU FlexAttention needs AVX2 or AVX-512 (torch's inductor refuses "
+            "it otherwise), and this CPU reports capability DEFAULT; use compile=False, or "
+            "backend='sdpa' or 'numba'.")
     for keys, head_dims in WRONG_CPU_BLOCKS.get(capability, ()):
         if block[1] == keys and head_dim in head_dims:
             raise PatternError(

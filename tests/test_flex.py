@@ -135,8 +135,10 @@ def test_block_sizes_the_compiled_cpu_kernel_gets_wrong_are_refused(monkeypatch)
         attn.prepare("cpu", head_dim=16, heads=2)
     for block, head_dim in (((8, 16), 8), ((8, 8), 32), ((16, 8), 64)):
         flex_module.check_cpu_block(block, head_dim)  # exact there: no error
-    for capability in ("AVX512", "DEFAULT"):
-        flex_module.check_cpu_block((8, 8), 8, capability)
+    flex_module.check_cpu_block((8, 8), 8, "AVX512")
+    with pytest.raises(pg.PatternError, match=r"compiled CPU FlexAttention needs AVX2 or "
+                                              r"AVX-512 .* capability DEFAULT"):
+        flex_module.check_cpu_block((128, 128), 64, "DEFAULT")
     # the eager kernel is not affected
     eager = pg.compile(pg.window(3), (8, 8), backend="flex", block=8, compile=False)
     with torch.no_grad():
