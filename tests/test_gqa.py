@@ -57,6 +57,8 @@ def _compiled(name, case, options, softcap=None):
 @pytest.mark.parametrize("name, options", EXECUTORS,
                          ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in EXECUTORS])
 def test_grouped_kv_heads_match_the_oracle(name, options, heads, kv_heads):
+    if name == "flex" and (heads, kv_heads) != HEADS[0]:
+        pytest.skip("eager FlexAttention materialises every score: one head layout is enough")
     cls = backends.get_backend(name)
     dtype = torch.float64 if "float64" in cls.SUPPORTED_DTYPES else torch.float32
     grad = "cpu" in cls.BACKWARD_DEVICES

@@ -5,6 +5,7 @@ the outputs and gradients of the contiguous call. The storage around each view h
 or ignores a stride poisons the output."""
 
 import functools
+import os
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def _supports(name: str, flag: str) -> bool:
 
 @pytest.mark.parametrize("name, options", EXECUTORS,
                          ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in EXECUTORS])
-@settings(max_examples=8)
+@settings(max_examples=300 if os.environ.get("PATTERNGEN_LONG") == "1" else 8)
 @given(data=st.data())
 def test_any_layout_gives_the_contiguous_result(name, options, data):
     # eager FlexAttention materialises every score: fewer examples there
