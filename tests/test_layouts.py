@@ -1,8 +1,8 @@
 """Any tensor layout: every backend and every executor of the planner gives, for q, k, v, extra
 keys/values and a bias table in a layout torch can produce (transposed, permuted, split, sliced,
 offset, channels-last, stride-0 expanded batch or heads; k and v with all or grouped heads),
-the outputs and gradients of the contiguous call. The storage around each view holds NaN, so a kernel that reads past its view
-or ignores a stride poisons the output."""
+the outputs and gradients of the contiguous call. The storage around each view holds NaN, so a
+kernel that reads past its view or ignores a stride poisons the output."""
 
 import functools
 import os

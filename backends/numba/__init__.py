@@ -214,8 +214,9 @@ class NumbaBackend(Backend):
     def forward_numpy(self, q, k, v, shape, scale, table=None, softcap=None):
         """``(out, lse)`` for C-contiguous ``(batch, heads, tokens, head_dim)`` float32 or
         float64 arrays (``k``, ``v``: ``heads / group`` key/value heads, query head ``h``
-        reading head ``h // group``): ``lse`` is the natural log-sum-exp of each query's scores, ``-inf``
-        for a query without keys (whose output is 0), NaN for a NaN output row.
+        reading head ``h // group``): ``lse`` is the natural log-sum-exp of each query's
+        scores, ``-inf`` for a query without keys (whose output is 0), NaN for a NaN output
+        row.
 
         ``table``: ``None`` or a C-contiguous bias table of q's dtype, ``(heads or 1,
         2 * R[0] + 1, ...)`` for any ``R`` at least :attr:`reach` on every axis: a larger one
