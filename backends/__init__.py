@@ -105,10 +105,11 @@ class Backend:
                                f"{q.dtype}; expected one dtype (convert with .to(q.dtype)).")
         return rel_bias
 
-    def check_extra_keys(self, ak, av, q, rel_bias=None):
+    def check_extra_keys(self, ak, av, q, rel_bias=None, kv_heads=None):
         """``(ak, av)`` (``additional_keys``/``additional_values``) checked against the
         flattened ``q`` ``(batch, heads, tokens, dim)`` and made contiguous; ``None`` when
-        there are none (both ``None``, or zero tokens).
+        there are none (both ``None``, or zero tokens). They have ``kv_heads`` heads (k's;
+        default q's).
 
         Raises:
             PatternError: naming the tensor, what was expected and what was received; for
@@ -128,14 +129,15 @@ class Backend:
                 "additional_values", "additional_keys")
             raise PatternError(f"{self.name}: {given} was given without {missing}; pass both, "
                                f"of shape (batch, heads, n_extra, head_dim).")
-        b, h, _, d = q.shape
+        b, _, _, d = q.shape
+        h = kv_heads or q.shape[1]
         for name, t in (("additional_keys", ak), ("additional_values", av)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or (
                     t.shape[0], t.shape[1], t.shape[3]) != (b, h, d):
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise PatternError(f"{self.name}: {name} has shape {shape}; q has batch={b}, "
-                                   f"heads={h}, head_dim={d}, so expected ({b}, {h}, n_extra, "
-                                   f"{d}).")
+                                   f"head_dim={d} and k heads={h}, so expected ({b}, {h}, "
+                                   f"n_extra, {d}).")
             if t.dtype != q.dtype or t.device != q.device:
                 raise PatternError(f"{self.name}: {name} is {t.dtype} on {t.device}; expected "
                                    f"q's {q.dtype} on {q.device}.")

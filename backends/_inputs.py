@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 
+from patterngen.cost import check_kv_heads
 from patterngen.errors import PatternError
 
 
 def flatten_qkv(q, k, v, shape: tuple, backend: str):
     """Check ``q, k, v`` against a compiled grid and flatten them to ``(batch, heads, N, dim)``.
 
-    Accepts ``(batch, heads, *grid, dim)`` or ``(batch, heads, tokens, dim)``.
+    Accepts ``(batch, heads, *grid, dim)`` or ``(batch, heads, tokens, dim)``; ``k`` and ``v``
+    may have fewer heads than ``q``, a divisor of them (grouped key/value heads).
 
     Returns:
         ``(q, k, v, restore)``: flattened views and a function that reshapes an output like
@@ -31,10 +33,13 @@ def flatten_qkv(q, k, v, shape: tuple, backend: str):
     if not (q.device == k.device == v.device):
         raise PatternError(
             f"{backend}: q, k, v devices differ: {q.device}, {k.device}, {v.device}.")
-    if not (q.shape == k.shape == v.shape):
+    if not (k.shape == v.shape and q.dim() == k.dim() >= 2 and q.shape[0] == k.shape[0]
+            and q.shape[2:] == k.shape[2:]):
         raise PatternError(
             f"{backend}: q, k, v shapes differ: q={tuple(q.shape)}, k={tuple(k.shape)}, "
-            f"v={tuple(v.shape)}; expected one (batch, heads, *grid, head_dim) shape.")
+            f"v={tuple(v.shape)}; expected one (batch, heads, *grid, head_dim) shape (k and v "
+            f"may have fewer heads than q).")
+    check_kv_heads(q.shape[1], k.shape[1], backend)
     gridded = (q.dim() == len(shape) + 3 and tuple(q.shape[2:-1]) == tuple(shape))
     flat = q.dim() == 4 and q.shape[2] == tokens
     if not (gridded or flat):
@@ -43,8 +48,8 @@ def flatten_qkv(q, k, v, shape: tuple, backend: str):
             f"{'x'.join(map(str, shape))}, so expected (batch, heads, {', '.join(map(str, shape))}"
             f", head_dim) or (batch, heads, {tokens}, head_dim).")
     out_shape = q.shape
-    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
-    q, k, v = (t.reshape(b, h, tokens, d) for t in (q, k, v))
+    b, d = q.shape[0], q.shape[-1]
+    q, k, v = (t.reshape(b, t.shape[1], tokens, d) for t in (q, k, v))
     return q, k, v, (lambda out: out.reshape(out_shape))
 
 
@@ -56,3 +61,35 @@ def non_finite(k, v) -> bool:
     if torch.compiler.is_compiling():
         return False
     return not bool(torch.isfinite(k).all() and torch.isfinite(v).all())
+
+
+def unit_stride(*tensors):
+    """The tensors, each copied to contiguous only when its last dimension is strided.
+
+    The fused kernels called directly (``aten._scaled_dot_product_flash_attention_for_cpu``,
+    its backward, CUDA's ``_scaled_dot_product_efficient_attention``) read each row of
+    ``head_dim`` elements as unit-stride without checking it; a view of a channels-first
+    tensor (a 1x1 convolution's q, k, v) gave garbage there. ``F.scaled_dot_product_attention``
+    checks the same stride and falls back to its math path."""
+    return tuple(t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
+                 for t in tensors)
+
+
+def kv_heads_of(p: int, npat: int, heads: int, kv_heads: int):
+    """What selects, from k and v, the key/value heads that the query heads of listed pattern
+    ``p`` of ``npat`` (heads ``p, p + npat, ...``) read, in their order, each read by equally
+    many of them: a slice when the groups nest in the pattern count or the reverse; else an
+    index tensor of one kv head per query head (k and v are then copied for these heads)."""
+    group = heads // kv_heads
+    if npat == 1 or group % npat == 0:
+        return slice(None)
+    if npat % group == 0:
+        return slice(p // group, None, npat // group)
+    import torch
+
+    return torch.tensor([h // group for h in range(p, heads, npat)])
+
+
+def take_heads(t, sel):
+    """``t[:, sel]`` for a slice or an index tensor."""
+    return t[:, sel] if isinstance(sel, slice) else t.index_select(1, sel.to(t.device))

@@ -35,10 +35,46 @@ from patterngen.backends._inputs import non_finite
 from patterngen.errors import BackendUnavailable, PatternError
 from patterngen.layout import HeadsLayout, layout
 
-__all__ = ["FlexBackend", "make_mask_mod", "make_score_mod", "flex_available"]
+__all__ = ["FlexBackend", "make_mask_mod", "make_score_mod", "flex_available",
+           "check_cpu_block"]
 
 #: FlexAttention's default sparse block size
 DEFAULT_BLOCK = 128
+#: key block sizes that torch's compiled CPU FlexAttention computes wrongly, per CPU capability
+#: (``torch.backends.cpu.get_cpu_capability()``, which inductor's vector ISA follows) and the
+#: head_dims affected. Measured with torch 2.13 against the dense reference, each capability
+#: with its own inductor cache (``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine emulates
+#: AVX2): on AVX2 a key block of 8 with head_dim 8 or 16 is off by up to 4, while key blocks of
+#: 4, 16, 32 and 128, and head_dim 32 and 64, are exact; on AVX-512 every one of these is exact
+WRONG_CPU_BLOCKS = {"AVX2": ((8, range(1, 32)),)}
+#: key block sizes measured exact on every capability above
+EXACT_CPU_BLOCKS = (16, 32, 64, 128)
+
+
+def check_cpu_block(block, head_dim: int, capability: str | None = None) -> None:
+    """Refuse a block size that compiled CPU FlexAttention runs wrongly here
+    (:data:`WRONG_CPU_BLOCKS`), and a CPU it does not run on (capability DEFAULT).
+
+    Raises:
+        PatternError: naming the block size, the capability and the sizes that work.
+    """
+    import torch
+
+    capability = capability or torch.backends.cpu.get_cpu_capability()
+    if capability == "DEFAULT":
+        raise PatternError(
+            "flex: compiled CPU FlexAttention needs AVX2 or AVX-512 (torch's inductor refuses "
+            "it otherwise), and this CPU reports capability DEFAULT; use compile=False, or "
+            "backend='sdpa' or 'numba'.")
+    for keys, head_dims in WRONG_CPU_BLOCKS.get(capability, ()):
+        if block[1] == keys and head_dim in head_dims:
+            raise PatternError(
+                f"flex: block={tuple(block)} with head_dim={head_dim} on this CPU "
+                f"(capability {capability}): torch's compiled CPU FlexAttention computes key "
+                f"blocks of {keys} wrongly there for head_dim {head_dims.start} to "
+                f"{head_dims.stop - 1} (measured against the dense reference); use a key "
+                f"block of {', '.join(map(str, EXACT_CPU_BLOCKS))} (exact on every capability "
+                f"measured), or compile=False.")
 
 
 def flex_available() -> str | None:
@@ -300,6 +336,8 @@ class FlexBackend(Backend):
         return self.block_mask_for(len(self._heads), "cpu")
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
+        if head_dim is not None and self.compile and str(device).startswith("cpu"):
+            check_cpu_block(self.layout.block, head_dim)
         if heads is not None:
             self.block_mask_for(heads, device)
 
@@ -373,13 +411,16 @@ class FlexBackend(Backend):
         appended after the pattern's, in blocks of their own.
 
         Raises:
-            PatternError: for wrong shapes, dtypes or devices, and for gradients on CPU.
+            PatternError: for wrong shapes, dtypes or devices, for gradients on CPU, and for
+                a block size that compiled CPU FlexAttention runs wrongly on this CPU
+                (:func:`check_cpu_block`).
         """
         import torch
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
-        extra = self.check_extra_keys(additional_keys, additional_values, qf, table)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, table,
+                                      kf.shape[1])
         device = qf.device
         if device.type == "cpu" and torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (qf, kf, vf, table, *(extra or ()))):
@@ -387,12 +428,16 @@ class FlexBackend(Backend):
                 "flex: gradients were requested on CPU, but FlexAttention has no CPU backward; "
                 "run under torch.no_grad() / torch.inference_mode(), or use backend='sdpa' or "
                 "'numba' for training on CPU.")
+        if self.compile and device.type == "cpu":
+            check_cpu_block(self.layout.block, qf.shape[-1])
         scale = scale if scale is not None else self.scale
         block_mask = self.block_mask_for(qf.shape[1], device, 0 if extra is None
                                          else extra[0].shape[2])
         if not self._identity:
             perm, inverse = self._permutation(device)
             qf, kf, vf = (t[:, :, perm] for t in (qf, kf, vf))
+        elif self.compile:  # the compiled kernel is specialised to strides: one layout
+            qf, kf, vf = (t.contiguous() for t in (qf, kf, vf))
         if extra is not None:
             pad = self.layout.kv_blocks * self.layout.block[1] - kf.shape[2]
             tail = -extra[0].shape[2] % self.layout.block[1]
@@ -405,11 +450,15 @@ class FlexBackend(Backend):
             from torch.nn.attention.flex_attention import flex_attention as fn
         score_mod = self.score_mod(table, device)
         # masked pairs exist only in partial blocks: without any, every key is attended
+        group = qf.shape[1] // kf.shape[1]
         if not (self._partial or extra is not None) or not non_finite(kf, vf):
-            out = fn(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale)
+            out = fn(qf, kf, vf, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                     enable_gqa=group > 1)
         else:
             if device.type == "cpu":  # the compiled CPU kernel lets a masked NaN score through
                 from torch.nn.attention.flex_attention import flex_attention as fn
+            # this path indexes k and v by the query's head: grouped ones are repeated for it
+            kf, vf = (t.repeat_interleave(group, 1) for t in (kf, vf))
             out = _with_non_finite_values(fn, qf, kf, vf, score_mod, block_mask, scale, torch)
         if not self._identity:
             out = out[:, :, inverse]

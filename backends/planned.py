@@ -37,7 +37,7 @@ import numpy as np
 
 from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
-from patterngen.backends._inputs import non_finite
+from patterngen.backends._inputs import kv_heads_of, non_finite, take_heads, unit_stride
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, plan as make_plan
@@ -143,14 +143,19 @@ class DenseTerm:
                           value=fill)
         return t.reshape(b, h, math.prod(self.grid), e)
 
-    def _additive_mask(self, dtype, device):
+    def _mask(self, group: int):
+        """The mask over folded problems (:func:`_fold`): each problem's rows once per query
+        head of a key/value head."""
+        return self.mask if group == 1 else np.tile(self.mask, (1, group, 1))
+
+    def _additive_mask(self, dtype, device, group: int = 1):
         if self.mask is None:
             return None
-        key = (dtype, str(device))
+        key = (dtype, str(device), group)
         if key not in self._cache:
             import torch
 
-            m = torch.as_tensor(self.mask, device=device)
+            m = torch.as_tensor(self._mask(group), device=device)
             # CUDA's memory-efficient kernel wants the bias rows 16-element aligned
             width = m.shape[-1] + (-m.shape[-1] % 16 if torch.device(device).type == "cuda"
                                    else 0)
@@ -159,22 +164,22 @@ class DenseTerm:
             self._cache[key] = bias.masked_fill_(~m, float("-inf"))[None]
         return self._cache[key]
 
-    def _matmul_mask(self, dtype, device):
+    def _matmul_mask(self, dtype, device, group: int = 1):
         """The mask for the matmul path: its excluded entries when they are at most
         ``HOLES`` of it, else the additive tensor."""
         if self.mask is None:
             return None
-        key = ("holes", str(device))
+        key = ("holes", str(device), group)
         if key not in self._cache:
             import torch
 
-            excluded = ~self.mask
+            excluded = ~self._mask(group)
             holes = None
             if excluded.sum() <= HOLES * excluded.size:
                 index = torch.as_tensor(np.flatnonzero(excluded), device=device)
                 holes = _Holes(index, shared=self.mask.shape[0] == 1)
             self._cache[key] = holes
-        return self._cache[key] or self._additive_mask(dtype, device)
+        return self._cache[key] or self._additive_mask(dtype, device, group)
 
     def _rows(self, device):
         key = ("rows", str(device))
@@ -214,15 +219,16 @@ class DenseTerm:
             self._cache[key] = torch.as_tensor(np.ascontiguousarray(index), device=device)
         return self._cache[key]
 
-    def _mod(self, table, heads: int):
+    def _mod(self, table, heads: int, group: int = 1):
         """The score modifier of a call: softcap and the table gathered to this term's
-        problems, or ``None``."""
+        problems (folded by ``group``, see :func:`_fold`), or ``None``."""
         if table is None and self.softcap is None:
             return None
         tile = None
         if table is not None:
             tile = table.reshape(table.shape[0], -1)[:, self._offsets(table.device)]
-        return _ScoreMod(self.softcap, tile, heads)
+            tile = tile.repeat(1, 1, group, 1) if tile.shape[0] == 1 else _fold(tile, group)
+        return _ScoreMod(self.softcap, tile, heads // group)
 
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
@@ -232,22 +238,26 @@ class DenseTerm:
         import torch
 
         b, h = q.shape[:2]
-        qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
+        group = h // k.shape[1]
+        qp = _fold(self._view(q, "q"), group)
+        kp, vp = self._view(k, "k"), self._view(v, "k")
         # the fused kernels give a row whose keys all score -inf lse 0, not -inf: with keys
         # that are not finite, the exact path
         if self._matmul(q, table) or non_finite(k, v):
-            out, lse = _softmax_attention(qp, kp, vp, self._matmul_mask(q.dtype, q.device),
-                                          scale, need_lse, self._mod(table, h))
+            out, lse = _softmax_attention(qp, kp, vp,
+                                          self._matmul_mask(q.dtype, q.device, group), scale,
+                                          need_lse, self._mod(table, h, group))
             if lse is None:
-                return self._unview(out, b, h, 0.0), None
+                return self._unview(_unfold(out, group), b, h, 0.0), None
         else:
-            out, lse = _fused_forward(qp, kp, vp, self._additive_mask(q.dtype, q.device),
-                                      scale)
+            out, lse = _fused_forward(qp, kp, vp,
+                                      self._additive_mask(q.dtype, q.device, group), scale)
             lse = lse.unsqueeze(-1)
-        out = self._unview(out, b, h, 0.0)
+        out = self._unview(_unfold(out, group), b, h, 0.0)
         if not need_lse:
             return out, None
-        lse = self._unview(lse.to(_acc_dtype(torch, q.dtype)), b, h, float("-inf")).squeeze(-1)
+        lse = self._unview(_unfold(lse.to(_acc_dtype(torch, q.dtype)), group), b, h,
+                           float("-inf")).squeeze(-1)
         if self.rows.all():
             return out, lse
         # queries this term adds no key to: their rows were fully masked (NaN or 0 by kernel)
@@ -260,14 +270,18 @@ class DenseTerm:
         import torch
 
         b, h = q.shape[:2]
-        qp, kp, vp = self._view(q, "q"), self._view(k, "k"), self._view(v, "k")
-        op, lp, dp = (self._view(t, "q") for t in (out, lse.unsqueeze(-1), dout))
+        kv, group = k.shape[1], h // k.shape[1]
+        kp, vp = self._view(k, "k"), self._view(v, "k")
+        qp, op, lp, dp = (_fold(self._view(t, "q"), group)
+                          for t in (q, out, lse.unsqueeze(-1), dout))
         dtable = None
         if self._matmul(q, table):
             dq, dk, dv, dtile = _matmul_backward(qp, kp, vp, op, lp, dp,
-                                                 self._matmul_mask(q.dtype, q.device), scale,
-                                                 self._mod(table, h))
+                                                 self._matmul_mask(q.dtype, q.device, group),
+                                                 scale, self._mod(table, h, group))
             if table is not None:  # each pair's score gradient lands on its table entry
+                dtile = (_unfold(dtile, group) if table.shape[0] > 1 else
+                         dtile.unflatten(2, (group, -1)).sum(2))
                 flat = torch.zeros(table.shape[0], table[0].numel(), dtype=dtile.dtype,
                                    device=dtile.device)
                 flat.index_add_(1, self._offsets(table.device).reshape(-1),
@@ -275,9 +289,30 @@ class DenseTerm:
                 dtable = flat.view(table.shape).to(table.dtype)
         else:
             dq, dk, dv = _fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
-                                         self._additive_mask(q.dtype, q.device), scale)
-        return (self._unview(dq, b, h, 0.0, "q"), self._unview(dk, b, h, 0.0, "k"),
-                self._unview(dv, b, h, 0.0, "k"), dtable)
+                                         self._additive_mask(q.dtype, q.device, group), scale)
+        return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
+                self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
+
+
+def _fold(x, group: int):
+    """``(batch * heads, P, rows, e)`` -> ``(batch * heads / group, P, group * rows, e)``:
+    the ``group`` query heads that read one key/value head become more rows of its problems
+    (grouped key/value heads without repeating k and v; dk and dv come out summed over the
+    group)."""
+    if group == 1:
+        return x
+    bh, p, rows, e = x.shape
+    return x.view(bh // group, group, p, rows, e).transpose(1, 2).reshape(
+        bh // group, p, group * rows, e)
+
+
+def _unfold(y, group: int):
+    """Inverse of :func:`_fold`."""
+    if group == 1:
+        return y
+    b, p, rows, e = y.shape
+    return y.view(b, p, group, rows // group, e).transpose(1, 2).reshape(
+        b * group, p, rows // group, e)
 
 
 class _Holes:
@@ -385,6 +420,7 @@ def _fused_forward(q, k, v, mask, scale):
     """The fused kernel that returns the log-sum-exp: ``(out, lse (B, P, rows))``."""
     import torch
 
+    q, k, v = unit_stride(q, k, v)
     if q.device.type == "cuda":
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None,
@@ -399,6 +435,7 @@ def _fused_backward(q, k, v, out, lse, dout, mask, scale):
     import torch
 
     lse = lse.to(_acc_dtype(torch, q.dtype)).contiguous()
+    q, k, v = unit_stride(q, k, v)
     if q.device.type == "cuda":
         # the forward returned the log-sum-exp padded to a multiple of 32 rows; the backward
         # reads it with that length
@@ -417,29 +454,48 @@ def _fused_backward(q, k, v, out, lse, dout, mask, scale):
 class ExtraKeys:
     """Keys outside the grid that every query attends besides its pattern (NATTEN's
     ``additional_keys``/``additional_values``: text tokens, registers): one dense problem of
-    all queries against them, merged with the pattern's parts in the same softmax."""
+    all queries against them, merged with the pattern's parts in the same softmax; with a
+    ``softcap``, their scores are capped like the pattern's."""
 
-    @staticmethod
-    def _matmul(q, keys: int) -> bool:
+    def __init__(self, softcap=None):
+        self.softcap = softcap
+
+    def _matmul(self, q, keys: int) -> bool:
+        """The matmul path: small float32/float64 problems on CPU, and always with a softcap
+        (the fused kernels have none)."""
         import torch
 
-        return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-                and keys <= MATMUL_KEYS)
+        return self.softcap is not None or (
+            q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and keys <= MATMUL_KEYS)
+
+    def _mod(self, heads: int):
+        return None if self.softcap is None else _ScoreMod(self.softcap, None, heads)
 
     def forward(self, q, ak, av, scale):
+        """``(out, lse)``; ``ak, av`` may have fewer heads than ``q`` (each key/value head's
+        query heads run as more rows of its one problem)."""
         import torch
 
+        shape, kv = q.shape, ak.shape[1]
+        q = q.reshape(shape[0], kv, -1, shape[3])
         if self._matmul(q, ak.shape[2]):
-            out, lse = _softmax_attention(q, ak, av, None, scale, True)
+            out, lse = _softmax_attention(q, ak, av, None, scale, True, self._mod(kv))
             lse = lse.squeeze(-1)
         else:
             out, lse = _fused_forward(q, ak, av, None, scale)
-        return out, lse.to(_acc_dtype(torch, q.dtype))
+        return out.reshape(shape), lse.to(_acc_dtype(torch, q.dtype)).reshape(shape[:3])
 
     def backward(self, q, ak, av, out, lse, dout, scale):
+        shape, kv = q.shape, ak.shape[1]
+        q, out, dout = (t.reshape(shape[0], kv, -1, shape[3]) for t in (q, out, dout))
+        lse = lse.reshape(shape[0], kv, -1)
         if self._matmul(q, ak.shape[2]):
-            return _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale)[:3]
-        return _fused_backward(q, ak, av, out, lse, dout, None, scale)
+            dq, dak, dav = _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale,
+                                            self._mod(kv))[:3]
+        else:
+            dq, dak, dav = _fused_backward(q, ak, av, out, lse, dout, None, scale)
+        return dq.reshape(shape), dak, dav
 
 
 class GatherGroup:
@@ -667,8 +723,8 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, t
     out = q.new_zeros(b, h, n, d) if npat > 1 else None
     lse_all = torch.zeros(b, h, n, dtype=acc, device=q.device) if need_lse else None
     for p, (parts, empty) in enumerate(zip(runner.patterns, runner.empty)):
-        sel = _heads_of(p, npat, h)
-        qs, ks, vs = (q, k, v) if npat == 1 else (q[:, sel], k[:, sel], v[:, sel])
+        sel, kv = _heads_of(p, npat, h), kv_heads_of(p, npat, h, k.shape[1])
+        qs, ks, vs = (q, k, v) if npat == 1 else (q[:, sel], *(take_heads(t, kv) for t in (k, v)))
         if extra is not None:  # every query has the extra keys: no row is empty
             empty = None
         if not parts and extra is None:
@@ -682,7 +738,8 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, t
             results = [part.forward(qs, ks, vs, scale, True, _table_of(table, sel, npat))
                        for part in parts]
             if extra is not None:
-                results.append(ExtraKeys().forward(qs, *(t[:, sel] for t in extra), scale))
+                results.append(ExtraKeys(runner.softcap).forward(
+                    qs, *(take_heads(t, kv) for t in extra), scale))
             lse = torch.logsumexp(torch.stack([lse for _, lse in results]), dim=0)
             if need_lse:
                 lse_all[:, sel] = lse
@@ -721,23 +778,28 @@ def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None, table=N
             grads[i] = g
         elif i == at_table and table is not None:
             grads[i][sel] += g
-        else:
+        elif isinstance(sel, slice):
             grads[i][:, sel] += g
+        else:  # a kv head read by several of the pattern's query heads: summed
+            grads[i].index_add_(1, sel.to(g.device), g)
 
     for p, parts in enumerate(runner.patterns):
         sel = _heads_of(p, npat, q.shape[1])
-        args = [t[:, sel] for t in (q, k, v, out, lse, dout)]
+        kv = kv_heads_of(p, npat, q.shape[1], k.shape[1])
+        args = [take_heads(t, kv) if t is k or t is v else t[:, sel]
+                for t in (q, k, v, out, lse, dout)]
         rows = _table_of(table, sel, npat)
         for part in parts:
             dq, dk, dv, dtable = part.backward(*args, scale, rows)
             for i, g in enumerate((dq, dk, dv)):
-                add(i, sel, g)
+                add(i, sel if i == 0 else kv, g)
             if table is not None:
                 add(at_table, sel, dtable)
         if extra is not None:
-            ak, av = (t[:, sel] for t in extra)
-            for i, g in zip((0, 3, 4), ExtraKeys().backward(args[0], ak, av, *args[3:], scale)):
-                add(i, sel, g)
+            ak, av = (take_heads(t, kv) for t in extra)
+            grads_extra = ExtraKeys(runner.softcap).backward(args[0], ak, av, *args[3:], scale)
+            for i, g in zip((0, 3, 4), grads_extra):
+                add(i, sel if i == 0 else kv, g)
     if table is not None and grads[at_table] is None:
         grads[at_table] = torch.zeros_like(table)
     return tuple(grads)
@@ -789,19 +851,21 @@ class PlannedBackend(Backend):
                                            batch, backward)]
 
     def _plan(self, device, dtype, head_dim, heads, batch, backward, strategy=None,
-              bias=False):
+              bias=False, contiguous=True):
         """The key of the plan for these inputs, planned (for the first ``batch`` seen: the
         costs scale with it alike) and built on first use; ``strategy`` (a name or a tuple
         of names) restricts the strategies beyond the constructor's. With a softcap or
-        ``bias``, the whole-pattern strategies are the backends that add them."""
+        ``bias``, the whole-pattern strategies are the backends that add them; inputs that
+        are not ``contiguous`` price the executors' copies of them."""
         strategy = strategy or self._strategy
-        key = (device, dtype, head_dim, heads, backward, strategy, bias)
+        key = (device, dtype, head_dim, heads, backward, strategy, bias, contiguous)
         if key not in self._plans:
             allowed = (strategy,) if isinstance(strategy, str) else strategy
             flags = ["SUPPORTS_SOFTCAP"] * (self.softcap is not None)
             flags += ["SUPPORTS_REL_POS_BIAS"] * bias
             sizes = dict(head_dim=head_dim, heads=heads, batch=batch, device=device,
-                         dtype=dtype, backward=backward, rates=self._rates)
+                         dtype=dtype, backward=backward, rates=self._rates,
+                         contiguous=contiguous)
             if flags:  # whole-pattern backends that add them (every part of "terms" does)
                 allowed = allowed or ("terms", *(
                     name for name in ("numba", "sdpa", "flex")
@@ -812,18 +876,20 @@ class PlannedBackend(Backend):
         return key
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
-        """Plan and build for inference and for training, with and without a bias table, on
-        ``device`` with these sizes, so that traced calls (``torch.compile``) only look plans
-        up."""
+        """Plan and build for inference and for training, with and without a bias table, for
+        contiguous and strided inputs, on ``device`` with these sizes, so that traced calls
+        (``torch.compile``) only look plans up."""
+        import itertools
+
         import torch
 
         device = torch.device(device)
         dtype = str(dtype or self.plan.dtype).rsplit(".", 1)[-1]
-        for grad in (False, True):
-            for bias in (False, True):
-                key = self._plan(device.type, dtype, head_dim or self.plan.head_dim,
-                                 heads or self.plan.heads, self.plan.batch, grad, bias=bias)
-                self._runs[key].prepare(device, dtype, head_dim, heads)
+        for grad, bias, contiguous in itertools.product((False, True), repeat=3):
+            key = self._plan(device.type, dtype, head_dim or self.plan.head_dim,
+                             heads or self.plan.heads, self.plan.batch, grad, bias=bias,
+                             contiguous=contiguous)
+            self._runs[key].prepare(device, dtype, head_dim, heads)
 
     @property
     def plans(self) -> list:
@@ -869,18 +935,17 @@ class PlannedBackend(Backend):
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         if qf.shape[-1] < 1:
             raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
-        extra = self.check_extra_keys(additional_keys, additional_values, qf)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, rel_bias,
+                                      kf.shape[1])
         inputs = (q, k, v, *(extra or ()), *([rel_bias] * isinstance(rel_bias, torch.Tensor)))
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
-        if extra is not None and (rel_bias is not None or self.softcap is not None):
-            raise PatternError("auto: additional_keys with rel_bias or softcap is not "
-                               "supported yet; pass one or the other.")
         # extra keys are one more part of a term-wise plan: its gather group then runs the
         # pattern's own terms
         key = self._plan(*wanted, strategy="terms" if extra is not None else None,
-                         bias=rel_bias is not None)
+                         bias=rel_bias is not None,
+                         contiguous=all(t.is_contiguous() for t in (qf, kf, vf)))
         plan, run = self._plans[key], self._runs[key]
         if plan.strategy != "terms":
             options = {} if rel_bias is None else {"rel_bias": rel_bias}

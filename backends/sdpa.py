@@ -34,7 +34,7 @@ import numpy as np
 
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
-from patterngen.backends._inputs import non_finite
+from patterngen.backends._inputs import kv_heads_of, non_finite, take_heads, unit_stride
 from patterngen.layout import HeadsLayout, aligned_tiles, layout
 from patterngen.reference import materialize
 
@@ -299,7 +299,8 @@ class SdpaBackend(Backend):
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
-        extra = self.check_extra_keys(additional_keys, additional_values, qf, table)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, table,
+                                      kf.shape[1])
         scale = scale if scale is not None else self.scale
         scale = scale if scale is not None else qf.shape[-1] ** -0.5
         perm, plans, outs = self._device(qf.device)
@@ -310,15 +311,18 @@ class SdpaBackend(Backend):
         results = []
         for p, (plan, out_index) in enumerate(zip(plans, outs)):
             ours = (lambda t: t) if npat == 1 else (lambda t: t[:, p::npat])
-            qp, kp, vp = (ours(t) for t in (qf, kf, vf))
+            kv = kv_heads_of(p, npat, qf.shape[1], kf.shape[1])
+            qp, kp, vp = ours(qf), take_heads(kf, kv), take_heads(vf, kv)
             scores = None
             if table is not None or self.softcap is not None:
                 tp = table if table is None or table.shape[0] == 1 else table[p::npat]
                 scores = _Scores(self.softcap, tp, plan, self._perm, self.shape, self.reach)
-            ep = None if extra is None else tuple(ours(t) for t in extra)
+            ep = None if extra is None else tuple(take_heads(t, kv) for t in extra)
             out = _run_plan(plan, out_index, qp, kp, vp, scale, torch, F, scores, ep)
             if ep is not None and plan.uncovered is not None:
-                alone = _attention(ours(rows_q), *ep, scale, self.softcap, None, torch, F)
+                group = qp.shape[1] // kp.shape[1]
+                alone = _attention(ours(rows_q), *(t.repeat_interleave(group, 1) for t in ep),
+                                   scale, self.softcap, None, torch, F)
                 out = torch.where(plan.uncovered, alone, out)
             results.append(out)
         if npat == 1:
@@ -362,6 +366,7 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None
     """The pattern's output in row-major token order; ``extra`` ``(keys, values)`` are
     appended to every call's keys (tokens in no call are the caller's to fill)."""
     b, h, _, d = q.shape
+    hk = k.shape[1]  # key/value heads: h // hk query heads read each
     if not plan.calls:  # no pair at all: zeros that still take part in autograd
         return q * 0.0
     single = len(plan.calls) == 1 and plan.zero_row is None
@@ -387,19 +392,21 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None
             qg = _gather(q, call["q_index"]).view(b * h, g, plan.bq, d)
         if call["k_band"] is not None and nk == 1:  # one key block each: a plain slice
             first = call["k_band"] * plan.bk
-            kg, vg = (t[:, :, first:first + g * plan.bk].reshape(b * h, g, plan.bk, d)
+            kg, vg = (t[:, :, first:first + g * plan.bk].reshape(b * hk, g, plan.bk, d)
                       for t in (k, v))
         elif call["k_band"] is not None:
             # overlapping windows of consecutive key blocks: a strided view, no copy
             first, span = call["k_band"], nk * plan.bk
             kg, vg = (t.unfold(2, span, plan.bk)[:, :, first:first + g].transpose(-1, -2)
-                      .reshape(b * h, g, span, d) for t in (k, v))
+                      .reshape(b * hk, g, span, d) for t in (k, v))
         else:
-            kg = _gather(k, call["k_index"]).view(b * h, g, nk * plan.bk, d)
-            vg = _gather(v, call["k_index"]).view(b * h, g, nk * plan.bk, d)
+            kg = _gather(k, call["k_index"]).view(b * hk, g, nk * plan.bk, d)
+            vg = _gather(v, call["k_index"]).view(b * hk, g, nk * plan.bk, d)
         if extra is not None:
-            kg, vg = (torch.cat([t, e.reshape(b * h, 1, -1, d).expand(-1, g, -1, -1)], 2)
+            kg, vg = (torch.cat([t, e.reshape(b * hk, 1, -1, d).expand(-1, g, -1, -1)], 2)
                       for t, e in zip((kg, vg), extra))
+        kg, vg = (_per_query_head(t, h // hk) for t in (kg, vg))
+        if extra is not None:
             add = _additive_mask(call, q.dtype, torch, extra[0].shape[2])
         elif scores is None:
             add = _additive_mask(call, q.dtype, torch)
@@ -424,6 +431,16 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None
     if out_index is None:
         return out
     return out_index(out) if callable(out_index) else _gather(out, out_index)
+
+
+def _per_query_head(t, group: int):
+    """Gathered key or value blocks ``(batch * kv_heads, ...)`` as ``(batch * heads, ...)``
+    (query head ``h`` reads kv head ``h // group``): the blocks are gathered once per kv head,
+    then expanded into the per-head batch the fused kernels take."""
+    if group == 1:
+        return t
+    lead, rest = t.shape[0], t.shape[1:]
+    return t.unsqueeze(1).expand(lead, group, *rest).reshape(lead * group, *rest)
 
 
 def _attention(q, k, v, scale, softcap, add, torch, F):
@@ -514,6 +531,7 @@ def _flash_with_bias_grad(torch):
         class FlashBias(torch.autograd.Function):
             @staticmethod
             def forward(ctx, q, k, v, bias, scale):
+                q, k, v = unit_stride(q, k, v)
                 out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
                     q, k, v, 0.0, False, attn_mask=bias, scale=scale)
                 ctx.save_for_backward(q, k, v, bias, out, lse)

@@ -36,7 +36,7 @@ from .grid import Grid, as_size, is_number, symbol
 from .spec import as_ir
 
 __all__ = ["cost", "CostReport", "register_formula", "axis_formula", "mean_over_heads",
-           "DTYPE_BYTES"]
+           "check_kv_heads", "DTYPE_BYTES"]
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 SOFTMAX_OPS_PER_PAIR = 5
@@ -384,7 +384,7 @@ class CostReport:
         flops: ``4 * head_dim * heads * batch * pairs`` (``Q K^T`` and ``P V``).
         macs: ``flops / 2``.
         softmax_ops: ``5 * heads * batch * pairs``, not included in ``flops``.
-        bytes: Q, K, V read and O written once.
+        bytes: Q, K, V read and O written once (K and V per key/value head).
         dense_pairs, dense_flops: full attention on the same grid.
         density: ``pairs / dense_pairs``; speedup: ``dense_flops / flops``.
         assumptions: relations the closed forms need.
@@ -396,6 +396,7 @@ class CostReport:
         executed_by_order: executed pairs per head of each order considered.
         halo: with ``ranks``, a :class:`patterngen.distributed.HaloCost`: K/V halo tokens,
             lines and bytes per rank and step, and communication over compute.
+        kv_heads: key/value heads (grouped-query attention); ``None``: ``heads``.
     """
 
     label: str
@@ -415,6 +416,7 @@ class CostReport:
     executed_pairs: int | None = None
     executed_by_order: dict = field(default_factory=dict, compare=False)
     halo: object = None
+    kv_heads: object = None
 
     @property
     def tokens(self):
@@ -438,7 +440,8 @@ class CostReport:
 
     @property
     def bytes(self):
-        return sympy.expand(4 * self.batch * self.heads * self.tokens * self.head_dim
+        kv = self.heads if self.kv_heads is None else self.kv_heads
+        return sympy.expand(2 * self.batch * (self.heads + kv) * self.tokens * self.head_dim
                             * self.dtype_bytes)
 
     @property
@@ -522,8 +525,9 @@ class CostReport:
         ]
 
     def __repr__(self) -> str:
+        kv = "" if self.kv_heads is None else f", kv_heads={self.kv_heads}"
         lines = [f"Cost of {self.label} on grid {self.grid} (head_dim={self.head_dim}, "
-                 f"heads={self.heads}, batch={self.batch})"]
+                 f"heads={self.heads}{kv}, batch={self.batch})"]
         rows = self.rows()
         width = max(len(name) for name, _ in rows)
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
@@ -536,7 +540,7 @@ class CostReport:
 
 
 def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", block=None,
-         order="auto", tile=None, ranks=None) -> CostReport:
+         order="auto", tile=None, ranks=None, kv_heads=None) -> CostReport:
     """The exact cost of ``pattern`` on ``grid``; sizes may be ints, symbols or names.
 
     Args:
@@ -550,6 +554,8 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
             tiled) and tile shape.
         ranks: processes sharing axis 0 (an int or a name): adds :attr:`CostReport.halo`
             (see :mod:`patterngen.distributed`).
+        kv_heads: key/value heads, a divisor of ``heads`` (grouped-query attention; an int
+            or a symbol): K and V bytes count per key/value head. Default ``heads``.
 
     Example:
         >>> import patterngen as pg
@@ -559,6 +565,10 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
     lowered = as_ir(pattern, grid)
     head_dim, heads, batch = (as_size(v, name) for v, name in
                               ((head_dim, "head_dim"), (heads, "heads"), (batch, "batch")))
+    if kv_heads is not None:
+        kv_heads = as_size(kv_heads, "kv_heads")
+        if is_number(heads) and is_number(kv_heads):
+            check_kv_heads(int(heads), int(kv_heads), "cost")
     per_head = [_head_cost(h) for h in lowered.per_head]
     pairs = mean_over_heads([c.pairs for c in per_head], heads)
     if len(per_head) == 1:
@@ -588,13 +598,30 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
     report = CostReport(lowered.label, lowered.grid, head_dim, heads, batch, _dtype_bytes(dtype),
                         pairs, tuple(c.pairs for c in per_head), kmin, kmax, assumptions,
                         notes, block if executed is not None else None,
-                        order if executed is not None else None, executed, by_order)
+                        order if executed is not None else None, executed, by_order,
+                        kv_heads=kv_heads)
     if ranks is None:
         return report
     from .distributed.halo_cost import halo_cost
 
     return replace(report, halo=halo_cost(lowered, ranks, head_dim, heads, batch,
                                           report.dtype_bytes, report.flops))
+
+
+def check_kv_heads(heads: int, kv_heads: int, where: str) -> int:
+    """The number of query heads per key/value head (torch's ``enable_gqa`` convention:
+    query head ``h`` reads key/value head ``h // group``).
+
+    Raises:
+        PatternError: when ``kv_heads`` does not divide ``heads``.
+    """
+    if kv_heads < 1 or heads % kv_heads:
+        raise PatternError(
+            f"{where}: k and v have {kv_heads} heads and q has {heads}; grouped key/value "
+            f"heads need the kv head count to divide the query heads (query head h reads kv "
+            f"head h // (heads // kv_heads)), so expected one of "
+            f"{[n for n in range(1, heads + 1) if heads % n == 0]}.")
+    return heads // kv_heads
 
 
 def mean_over_heads(values, heads):

@@ -131,12 +131,19 @@ def _op_backward(q, k, v, rel_bias, dout, decl, grid, scale):
     with _autograd_on(), torch.enable_grad():
         out = _run(*inputs[:3], inputs[3] if rel_bias is not None else None, decl, grid, scale)
         grads = torch.autograd.grad(out, inputs, dout, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    grads = [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if g is None
+             else g.contiguous() for g, t in zip(grads, inputs)]
     return (*grads[:3], grads[3] if rel_bias is not None else q.new_empty(0))
 
 
+def _run_contiguous(q, k, v, rel_bias, decl, grid, scale):
+    # the operators' outputs are contiguous whatever the inputs' strides (views of a fused qkv
+    # projection), so that their fake kernels can say so
+    return _run(q, k, v, rel_bias, decl, grid, scale).contiguous()
+
+
 _attention_op = torch.library.custom_op(
-    "patterngen::attention", _run, mutates_args=(),
+    "patterngen::attention", _run_contiguous, mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor v, Tensor? rel_bias, str decl, SymInt[] grid, "
            "float? scale) -> Tensor")
 _attention_bwd = torch.library.custom_op(
@@ -147,13 +154,13 @@ _attention_bwd = torch.library.custom_op(
 
 @_attention_op.register_fake
 def _(q, k, v, rel_bias, decl, grid, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 @_attention_bwd.register_fake
 def _(q, k, v, rel_bias, dout, decl, grid, scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(0) if rel_bias is None else torch.empty_like(rel_bias))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty(0) if rel_bias is None else rel_bias.new_empty(rel_bias.shape))
 
 
 def _setup(ctx, inputs, output):
@@ -210,6 +217,9 @@ class LocalSelfAttention(nn.Module):
         softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)``.
         channels_first: inputs are ``(batch, dim, *grid)`` (a conv feature map) instead of
             ``(batch, *grid, dim)``. The layout is never guessed from the shape.
+        kv_heads: key/value heads (grouped-query attention; 1: multi-query), a divisor of
+            ``heads``; query head ``h`` reads key/value head ``h // (heads // kv_heads)``.
+            Default ``heads``.
 
     Attributes:
         reach: per axis, the pattern's largest ``|key - query|`` on ``grid`` (with
@@ -228,7 +238,7 @@ class LocalSelfAttention(nn.Module):
 
     def __init__(self, dim: int, heads: int, pattern, grid=None, backend: str = "auto",
                  qkv_bias: bool = True, rel_pos_bias: bool = False, softcap=None,
-                 channels_first: bool = False):
+                 channels_first: bool = False, kv_heads: int | None = None):
         super().__init__()
         if isinstance(pattern, str):
             pattern = parse(pattern)
@@ -242,12 +252,17 @@ class LocalSelfAttention(nn.Module):
         if not isinstance(channels_first, bool):
             raise PatternError(f"Invalid channels_first={channels_first!r}; expected True "
                                f"(inputs (batch, dim, *grid)) or False ((batch, *grid, dim)).")
+        if kv_heads is not None and (isinstance(kv_heads, bool) or not isinstance(kv_heads, int)
+                                     or kv_heads < 1 or heads % kv_heads):
+            raise PatternError(f"Invalid {kv_heads=}; expected a divisor of {heads=} (query "
+                               f"head h reads key/value head h // (heads // kv_heads)).")
+        self.kv_heads = kv_heads or heads
         self.dim, self.heads, self.pattern, self.backend = dim, heads, pattern, backend
         self.grid = None if grid is None else as_grid(grid).require_numeric("LocalSelfAttention")
         self.rel_pos_bias, self.softcap = rel_pos_bias, bias.check_softcap(softcap)
         self.channels_first = channels_first
         self.decl = declaration(pattern, backend, softcap)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim + 2 * self.kv_heads * (dim // heads), bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.register_parameter("rel_pos_bias_table", None)
         if not rel_pos_bias:
@@ -327,12 +342,13 @@ class LocalSelfAttention(nn.Module):
         shape = x.shape
         batch, tokens, head_dim = x.shape[0], math.prod(grid), self.dim // self.heads
         qkv = self.qkv(x.reshape(batch, tokens, self.dim))
-        q, k, v = qkv.reshape(batch, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        qkv = qkv.reshape(batch, tokens, self.heads + 2 * self.kv_heads, head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], 1)
         table = self.rel_pos_bias_table
         # under autocast q is in the compute dtype and the table, a weight, is cast to it
         table = None if table is None else table.to(q.dtype)
-        # (batch, heads, tokens, head_dim)
-        out = attend(q.contiguous(), k.contiguous(), v.contiguous(), table, self.decl, grid)
+        # (batch, heads or kv_heads, tokens, head_dim) views: the executors copy what they must
+        out = attend(q, k, v, table, self.decl, grid)
         out = self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim)).reshape(shape)
         return out.movedim(-1, 1) if self.channels_first else out
 
@@ -340,8 +356,9 @@ class LocalSelfAttention(nn.Module):
         extra = "".join(f", {name}={value!r}" for name, value in (
             ("rel_pos_bias", self.rel_pos_bias), ("softcap", self.softcap),
             ("channels_first", self.channels_first)) if value)
+        kv = f", kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
         return (f"dim={self.dim}, heads={self.heads}, pattern={self.pattern!r}, "
-                f"grid={self.grid}, backend={self.backend!r}{extra}")
+                f"grid={self.grid}, backend={self.backend!r}{extra}{kv}")
 
 
 class DropPath(nn.Module):

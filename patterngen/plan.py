@@ -47,6 +47,10 @@ __all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", 
 
 #: what a plan may be: term by term, or the whole pattern on one backend
 STRATEGIES = ("terms", "numba", "sdpa", "flex")
+#: executors that copy q, k, v that are not contiguous (numba's kernels read C-contiguous
+#: arrays; the fused kernels of dense terms read unit-stride rows; compiled FlexAttention
+#: would compile again for every new layout); sdpa gathers blocks from any layout
+COPYING = ("numba", "gather", "dense", "flex")
 #: largest dense mask (batch x queries x keys booleans) a dense term may build; beyond it the
 #: term's pairs are too many for a dense batch to be the cheap primitive anyway
 MAX_DENSE_MASK = 1 << 24
@@ -323,6 +327,8 @@ class Plan:
         gather_backend: the backend that runs gather terms (``"numba"``), or ``None``.
         predicted_ms: the chosen strategy's predicted time.
         options: every strategy considered: ``{name: predicted ms or the reason it cannot run}``.
+        contiguous: whether the inputs were contiguous; if not, the executors that copy them
+            (``COPYING``) carry the copies in their predictions.
     """
 
     label: str
@@ -338,6 +344,7 @@ class Plan:
     gather_backend: str | None
     predicted_ms: float
     options: dict = field(default_factory=dict)
+    contiguous: bool = True
 
     def __str__(self):
         pass_ = "forward+backward" if self.backward else "forward"
@@ -345,6 +352,9 @@ class Plan:
                  f"(batch={self.batch}, heads={self.heads}, head_dim={self.head_dim}, "
                  f"{self.dtype} on {self.device}, {pass_})",
                  f"  chosen: {self.strategy}, predicted {self.predicted_ms:.3g} ms"]
+        if not self.contiguous:
+            lines.append(f"  inputs not contiguous: {', '.join(COPYING)} priced with a copy "
+                         f"of q, k, v")
         for p, terms in enumerate(self.patterns):
             if len(self.patterns) > 1:
                 lines.append(f"  pattern {p} (heads h with h % {len(self.patterns)} == {p}):")
@@ -384,7 +394,7 @@ def _new_pairs(terms, shape) -> list[int]:
 
 def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
          device: str = "cpu", dtype="float32", backward: bool = False, rates=None,
-         executors=None, terms: str | None = None) -> Plan:
+         executors=None, terms: str | None = None, contiguous: bool = True) -> Plan:
     """Choose how ``pattern`` runs on ``grid``: term by term or whole, by predicted time.
 
     Args:
@@ -400,6 +410,8 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
             ``"sdpa"``, ``"flex"``); default all.
         terms: in the term-wise strategy, run every term that has a dense form ``"dense"``
             or every term ``"gather"``; default: each by predicted time.
+        contiguous: whether q, k, v are contiguous; if not, each executor in ``COPYING``
+            is charged a copy of them (one pass, at the merge's rate per element) per pass.
 
     Returns:
         A :class:`Plan`; ``print(plan)`` explains it.
@@ -436,6 +448,9 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
     per_pattern_work = [batch * sum(ir.pattern_of_head(h, npat) == p for h in range(heads))
                         for p in range(npat)]
 
+    # a copy of q, k and v per (batch, head), forward and again in the backward
+    copy_ms = 0.0 if contiguous else (1 + backward) * rates.predict(
+        "merge", 0, head_dim, calls=0, tokens=3 * math.prod(shape) * batch * heads)
     options: dict = {}
     whole: dict = {}
     for name in ("numba", "sdpa", "flex"):
@@ -453,6 +468,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         executed = _whole_executed(name, lowered, shape)
         ms = rates.predict(name, sum(e * w for e, w in zip(executed, per_pattern_work)),
                            head_dim, calls=npat, backward=backward)
+        ms += copy_ms * (name in COPYING)
         whole[name] = ms
         options[name] = ms
 
@@ -460,7 +476,8 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
     term_plans = None
     if "terms" in wanted:
         term_plans, total, reason = _plan_terms(lowered, shape, head_dim, per_pattern_work,
-                                                rates, gather_backend, backward, terms)
+                                                rates, gather_backend, backward, terms,
+                                                copy_ms)
         options["terms"] = total if reason is None else reason
         if reason is None:
             whole["terms"] = total
@@ -474,7 +491,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         gather_backend = None
     return Plan(lowered.label, tuple(int(n) for n in shape), str(device), dtype, backward,
                 head_dim, heads, batch, strategy, term_plans, gather_backend, whole[strategy],
-                options)
+                options, contiguous)
 
 
 def _gather_backend(lowered, device_type: str, dtype: str, backward: bool) -> str | None:
@@ -526,12 +543,14 @@ def _gather_note(term, head, shape) -> tuple:
 
 
 def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backend, backward,
-                force):
+                force, copy_ms=0.0):
     """Per listed pattern, each dense-able term on the cheaper of dense and gather (``force``:
-    always one of them); the rest gathered. Returns ``(term plans, predicted ms, None)`` or
-    ``(None, None, reason)``."""
+    always one of them); the rest gathered. ``copy_ms``: the copy of the inputs, paid once by
+    each executor kind that makes one (see ``COPYING``). Returns ``(term plans, predicted
+    ms, None)`` or ``(None, None, reason)``."""
     plans, total = [], 0.0
     for head, work in zip(lowered.per_head, per_pattern_work):
+        copy = copy_ms * work / sum(per_pattern_work)  # this pattern's heads
         gather, dense = gather_first(head, shape)
         if force == "gather":
             gather, dense = list(head.terms), []
@@ -541,14 +560,14 @@ def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backen
         chosen_dense, notes = [], {}
         for term, ds in dense:
             dense_ms = rates.predict("dense", ds.executed_pairs * work, head_dim, calls=1,
-                                     backward=backward)
+                                     backward=backward) + copy
             if gather_backend is None or force == "dense":
                 chosen_dense.append((term, ds, dense_ms))
                 continue
             pairs = math.prod(int(c.sum()) for c in term.counts(shape))
             # the gather group's call is paid once, by the first term that opens it
             gather_ms = rates.predict("gather", pairs * work, head_dim, calls=int(not gather),
-                                      backward=backward)
+                                      backward=backward) + copy * (not gather)
             if dense_ms <= gather_ms:
                 chosen_dense.append((term, ds, dense_ms))
                 notes[term] = (f"gather: {gather_ms:.3g} ms predicted",)
@@ -565,7 +584,7 @@ def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backen
         tps = []
         gather_pairs = sum(pairs[:len(gather)])
         gather_ms = (rates.predict("gather", gather_pairs * work, head_dim, calls=1,
-                                   backward=backward) if gather else 0.0)
+                                   backward=backward) + copy if gather else 0.0)
         for t, term in enumerate(gather):
             tps.append(TermPlan(term, "gather", pairs[t], pairs[t], None,
                                 gather_ms * pairs[t] / max(gather_pairs, 1),

@@ -343,15 +343,6 @@ def test_numba_reads_a_larger_table_around_its_centre():
     assert got[3].shape == big.shape and not rim.any()
 
 
-def test_numba_refuses_extra_keys_with_a_table_or_softcap():
-    q = torch.randn(1, 2, 36, 8)
-    extra = torch.randn(1, 2, 3, 8)
-    for softcap, table in ((None, torch.zeros(2, 5, 5)), (2.0, None)):
-        attn = pg.compile(pg.window(3), (6, 6), backend="numba", softcap=softcap)
-        with pytest.raises(pg.PatternError, match="additional_keys with rel_bias or softcap"):
-            attn(q, q, q, rel_bias=table, additional_keys=extra, additional_values=extra)
-
-
 def test_numba_layer_with_rel_pos_bias_trains_as_the_sdpa_one():
     from patterngen import nn
 

@@ -59,6 +59,10 @@ CASES = [
     ("axis 1 sharded", pg.window(3) | pg.axis(0), (4, 9), {"axis": 1}),
 ]
 WORLDS = (4, 3, 2)
+#: cases run with one key/value head for the 3 query heads (MQA): the halo moves kv heads only;
+#: the re-sharded and global-query parts repeat them
+GQA = [c for c in CASES if c[0] in ("window clamp", "auto local", "numba local, line tables",
+                                     "criss-cross | global, re-shard")]
 #: cases also run on one rank alone: nothing moves, but the global queries are still merged
 SOLO = [c for c in CASES if "global" in c[0]]
 #: the cases sharded along axis 0 (the plan's own frame; the spawned ranks also move axes)
@@ -66,10 +70,11 @@ LOCAL = [c for c in CASES if not c[3].get("axis")]
 
 
 def _oracle(pattern, grid, q, k, v, cotangent):
-    """Dense float64 output and q, k, v gradients on the whole grid (one process)."""
+    """Dense float64 output and q, k, v gradients on the whole grid (one process); k and v
+    may have fewer heads (each repeated for its group of query heads)."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
-    flat = [x.reshape(b, h, -1, d) for x in (q, k, v)]
+    flat = [x.repeat_interleave(h // x.shape[1], 1).reshape(b, h, -1, d) for x in (q, k, v)]
     out = pg.dense_attention(*flat, pg.materialize(pattern, grid)).reshape(q.shape)
     (out * cotangent).sum().backward()
     return out.detach(), q.grad, k.grad, v.grad
@@ -322,8 +327,10 @@ def _counting(calls):
     torch.distributed.all_to_all_single = counted
 
 
-def _run_case(name, pattern, grid, options, group, world, rank, calls):
+def _run_case(name, pattern, grid, options, group, world, rank, calls, kv_heads=None):
     q, k, v, cot = _inputs(grid, seed=len(name))
+    if kv_heads:
+        k, v = k[:, :kv_heads], v[:, :kv_heads]
     want = _oracle(pattern, grid, q, k, v, cot)
     # sdpa with one block size: it skips its layout search (time, not exactness)
     local = {} if options.get("backend") else dict(backend="sdpa", block=16, order="row-major")
@@ -399,6 +406,9 @@ def _worker(rank, world, init, results):
         for name, pattern, grid, options in CASES:
             report[f"{size}/{name}"] = _run_case(name, pattern, grid, options, group, size,
                                                  rank, calls)
+        for name, pattern, grid, options in GQA:
+            report[f"{size}/gqa {name}"] = _run_case(name, pattern, grid, options, group, size,
+                                                     rank, calls, kv_heads=1)
         report[f"{size}/errors"] = _error_cases(group, size, rank)
     solo = dist.new_group([0])
     for name, pattern, grid, options in SOLO if rank == 0 else ():
@@ -487,6 +497,20 @@ def test_sharded_ranks_equal_one_process(spawned, world, name, pattern, grid, op
     for step in range(len(spawned[0][f"{world}/{name}"]["calls"])):
         calls = [spawned[rank][f"{world}/{name}"]["calls"][step] for rank in range(world)]
         assert sum(c[0] for c in calls) == sum(c[1] for c in calls)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("name,pattern,grid,options", GQA, ids=[c[0] for c in GQA])
+def test_grouped_kv_heads_on_ranks_equal_one_process(spawned, world, name, pattern, grid,
+                                                     options):
+    merged = len(global_queries(_axis_first_ir(pattern, grid, options.get("axis", 0)))) > 0
+    for rank in range(world):
+        r = spawned[rank][f"{world}/gqa {name}"]
+        assert max(r["errors"]) < 1e-12, (rank, r["errors"])
+        # the halo's packed rows: K and V x batch 2 x kv heads (1, or 3 where the re-sharded
+        # and global-query parts need them repeated) x head_dim 4
+        kv = 3 if r["resharded"] or merged else 1
+        assert r["calls"][0][2] == 2 * 2 * kv * 4
 
 
 @pytest.mark.parametrize("name,pattern,grid,options", SOLO, ids=[c[0] for c in SOLO])

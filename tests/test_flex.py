@@ -4,6 +4,10 @@ torch.compile on CPU is slow (tens of seconds a compile), so a single compiled c
 CPU outputs; everything else runs without compiling.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +117,45 @@ def test_bad_inputs_are_refused():
         attn(q, q, q)
     with pytest.raises(pg.PatternError, match=r"Invalid block=\(0, 128\)"):
         pg.compile(pg.window(3), (8, 8), backend="flex", block=(0, 128))
+
+
+def test_block_sizes_the_compiled_cpu_kernel_gets_wrong_are_refused(monkeypatch):
+    # measured: on AVX2, key blocks of 8 with head_dim 8 or 16 differ from the reference by
+    # up to 4; exact on AVX-512 (see flex.WRONG_CPU_BLOCKS)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    attn = pg.compile(pg.window(3), (8, 8), backend="flex", block=8)
+    q, k, v = qkv((8, 8))
+    with torch.no_grad(), pytest.raises(
+            pg.PatternError, match=rf"flex: block=\(8, 8\) with head_dim={q.shape[-1]} on this "
+                                   r"CPU \(capability AVX2\): torch's compiled CPU FlexAttention "
+                                   r"computes key blocks of 8 wrongly there for head_dim 1 to "
+                                   r"31 .*; use a key block of 16, 32, 64, 128"):
+        attn(q, k, v)
+    with pytest.raises(pg.PatternError, match=r"capability AVX2"):
+        attn.prepare("cpu", head_dim=16, heads=2)
+    for block, head_dim in (((8, 16), 8), ((8, 8), 32), ((16, 8), 64)):
+        flex_module.check_cpu_block(block, head_dim)  # exact there: no error
+    flex_module.check_cpu_block((8, 8), 8, "AVX512")
+    with pytest.raises(pg.PatternError, match=r"compiled CPU FlexAttention needs AVX2 or "
+                                              r"AVX-512 .* capability DEFAULT"):
+        flex_module.check_cpu_block((128, 128), 64, "DEFAULT")
+    # the eager kernel is not affected
+    eager = pg.compile(pg.window(3), (8, 8), backend="flex", block=8, compile=False)
+    with torch.no_grad():
+        eager(q, k, v)
+
+
+def test_the_capability_follows_aten_cpu_capability():
+    # ATEN_CPU_CAPABILITY=avx2 (what an AVX2-only machine reports) reaches the check; refused
+    # before anything compiles, so no AVX2 kernel enters the shared inductor cache
+    code = ("import torch, patterngen as pg\n"
+            "attn = pg.compile(pg.window(3), (8, 8), backend='flex', block=8)\n"
+            "q = torch.randn(1, 2, 64, 8)\n"
+            "try:\n    attn(q, q, q)\nexcept pg.PatternError as e:\n    print(e)\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "capability AVX2" in got.stdout, got.stderr
 
 
 def test_missing_flex_attention_is_a_clear_error(monkeypatch):

@@ -14,7 +14,11 @@ def plain_attention(layer, x, pattern, grid):
     b, tokens, dim = x.shape[0], int(torch.tensor(grid).prod()), layer.dim
     heads, hd = layer.heads, dim // layer.heads
     qkv = torch.nn.functional.linear(x.reshape(b, tokens, dim), layer.qkv.weight, layer.qkv.bias)
-    q, k, v = qkv.reshape(b, tokens, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    kv = layer.kv_heads
+    q, k, v = qkv.split([heads * hd, kv * hd, kv * hd], -1)
+    q, k, v = (t.reshape(b, tokens, -1, hd).transpose(1, 2) for t in (q, k, v))
+    # grouped key/value heads as torch's enable_gqa defines them: each repeated for its group
+    k, v = (t.repeat_interleave(heads // kv, 1) for t in (k, v))
     out = pg.dense_attention(q, k, v, torch.as_tensor(pg.materialize(pattern, grid)),
                              rel_bias=layer.rel_pos_bias_table, grid=grid)
     out = out.transpose(1, 2).reshape(b, tokens, dim)
@@ -22,11 +26,12 @@ def plain_attention(layer, x, pattern, grid):
 
 
 def check_against_plain(backend, pattern, grid, x_shape, dtype=torch.float64, tol=1e-9,
-                        backward=True, rel_pos_bias=False):
+                        backward=True, rel_pos_bias=False, heads=2, kv_heads=None):
     torch.manual_seed(0)
-    layer = nn.LocalSelfAttention(dim=x_shape[-1], heads=2, pattern=pattern,
+    layer = nn.LocalSelfAttention(dim=x_shape[-1], heads=heads, pattern=pattern,
                                   grid=grid if len(x_shape) == 3 or rel_pos_bias else None,
-                                  backend=backend, rel_pos_bias=rel_pos_bias).to(dtype)
+                                  backend=backend, rel_pos_bias=rel_pos_bias,
+                                  kv_heads=kv_heads).to(dtype)
     x = torch.randn(*x_shape, dtype=dtype, requires_grad=backward)
     x_ref = x.detach().clone().requires_grad_(backward)
     with torch.set_grad_enabled(backward):
@@ -151,3 +156,19 @@ def test_bad_shapes_and_arguments():
         layer(torch.randn(1, 15, 8))
     with pytest.raises(PatternError, match=r"expects \(batch, \*grid, 8\)"):
         layer(torch.randn(1, 16, 9))
+
+
+@pytest.mark.parametrize("backend", ["auto", "numba", "sdpa"])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_kv_heads(backend, kv_heads):
+    # 4 query heads over kv_heads key/value heads (MQA with 1): the projection makes
+    # heads + 2 * kv_heads heads, and the attention reads each kv head for its group
+    layer = check_against_plain(backend, pg.window(3) | pg.axis(0), (5, 6), (2, 5, 6, 16),
+                                heads=4, kv_heads=kv_heads, rel_pos_bias=True)
+    assert layer.qkv.out_features == 16 + 2 * kv_heads * 4
+    assert f"kv_heads={kv_heads}" in layer.extra_repr()
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(PatternError, match=r"Invalid kv_heads=3; expected a divisor of heads=4"):
+        nn.LocalSelfAttention(16, 4, pg.window(3), kv_heads=3)

@@ -84,7 +84,7 @@ def test_a_biased_layer_runs_on_every_grid_its_table_covers():
         reach = pg.bias.reach(pg.lower(pattern, grid))
         centre = nn.fit_table(layer.rel_pos_bias_table, reach, grid)
         assert centre.shape[1:] == tuple(2 * r + 1 for r in reach)
-        view = SimpleNamespace(dim=8, heads=2, qkv=layer.qkv, proj=layer.proj,
+        view = SimpleNamespace(dim=8, heads=2, kv_heads=2, qkv=layer.qkv, proj=layer.proj,
                                rel_pos_bias_table=centre)
         want = plain_attention(view, x, pattern, grid)
         torch.testing.assert_close(layer(x), want, atol=1e-10, rtol=0)

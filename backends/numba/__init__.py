@@ -102,7 +102,8 @@ class NumbaBackend(Backend):
         """The pattern as one gather group of these kernels, merged with extra keys."""
         from patterngen.backends.planned import PlannedBackend
 
-        return PlannedBackend(self.ir, strategy="terms", terms="gather", scale=self.scale)
+        return PlannedBackend(self.ir, strategy="terms", terms="gather", scale=self.scale,
+                              softcap=self.softcap)
 
     @property
     def source(self) -> str:
@@ -152,15 +153,13 @@ class NumbaBackend(Backend):
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values;
-                for additional keys with a bias table or a softcap.
+                for additional keys with a bias table (they have no grid offset in it).
         """
         if additional_keys is not None or additional_values is not None:
-            if rel_bias is not None or self.softcap is not None:
-                raise PatternError("numba: additional_keys with rel_bias or softcap is not "
-                                   "supported; the extra keys have no position in the table.")
-            # checked here too, so that bad extra keys are named as numba's, not auto's
-            self.check_extra_keys(additional_keys, additional_values,
-                                  self.flatten_inputs(q, k, v)[0])
+            # checked here too, so that bad extra keys (or extra keys with a bias table) are
+            # named as numba's, not auto's
+            qf, kf = self.flatten_inputs(q, k, v)[:2]
+            self.check_extra_keys(additional_keys, additional_values, qf, rel_bias, kf.shape[1])
             return self._with_extra_keys(q, k, v, scale=scale, additional_keys=additional_keys,
                                          additional_values=additional_values)
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
@@ -214,8 +213,10 @@ class NumbaBackend(Backend):
 
     def forward_numpy(self, q, k, v, shape, scale, table=None, softcap=None):
         """``(out, lse)`` for C-contiguous ``(batch, heads, tokens, head_dim)`` float32 or
-        float64 arrays: ``lse`` is the natural log-sum-exp of each query's scores, ``-inf``
-        for a query without keys (whose output is 0), NaN for a NaN output row.
+        float64 arrays (``k``, ``v``: ``heads / group`` key/value heads, query head ``h``
+        reading head ``h // group``): ``lse`` is the natural log-sum-exp of each query's
+        scores, ``-inf`` for a query without keys (whose output is 0), NaN for a NaN output
+        row.
 
         ``table``: ``None`` or a C-contiguous bias table of q's dtype, ``(heads or 1,
         2 * R[0] + 1, ...)`` for any ``R`` at least :attr:`reach` on every axis: a larger one
@@ -241,7 +242,8 @@ class NumbaBackend(Backend):
     def backward_numpy(self, q, k, v, out, dout, lse, shape, scale, table=None, softcap=None):
         """``(dq, dk, dv)`` from :meth:`forward_numpy`'s ``out`` and ``lse`` (or, for a
         pattern split into terms, the merged ones: each term's share of the gradient);
-        dk and dv are summed over query splits when heads are few. With a ``table`` (as in
+        dk and dv are summed over query splits when heads are few, and over the query heads
+        of each key/value head when ``k`` has fewer heads than ``q``. With a ``table`` (as in
         :meth:`forward_numpy`), ``(dq, dk, dv, dtable)``: ``dtable`` of the table's shape,
         summed over batch (and over heads for a table of one row)."""
         import numba
@@ -283,6 +285,9 @@ class NumbaBackend(Backend):
             dk.sum(axis=0, out=grads[1])
             dv.sum(axis=0, out=grads[2])
         grads = tuple(grads)
+        if k.shape[1] != heads:  # dk, dv per query head, summed over each kv head's group
+            group = (batch, k.shape[1], heads // k.shape[1], *q.shape[2:])
+            grads = (dq, *(g.reshape(group).sum(axis=2) for g in grads[1:]))
         if table is None:
             return grads
         return (*grads, dtable.sum(axis=0).reshape(table.shape))

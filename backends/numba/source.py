@@ -343,6 +343,7 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em(f"tokens = {tokens}")
         em("tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE")
         em("nh = heads.shape[0]")
+        em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
         em("qs = scratch(dim, ACC)")
         em("acc = scratch(dim, ACC)")
         em("scores = scratch(KEY_CHUNK, ACC)")
@@ -354,7 +355,8 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             em("h = heads[(w // tiles) % nh]")
             em("r = brows[(w // tiles) % nh]")
             em("first = (w % tiles) * QUERY_TILE")
-            em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
+            em("hk = h // group")
+            em("qb, kb, vb, ob = q[b, h], k[b, hk], v[b, hk], out[b, h]")
             _emit_bias_row(em, ctx, False)
             with em.block("for iq in range(first, min(first + QUERY_TILE, tokens)):"):
                 _unflatten(em, ndim)
@@ -415,6 +417,7 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em("splits = dk.shape[0]")
         em(f"tokens = {tokens}")
         em("nh = heads.shape[0]")
+        em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
         em("dqa = scratch(dim, ACC)")
         em("qs = scratch(dim, ACC)")
         em("dos = scratch(dim, ACC)")
@@ -428,7 +431,8 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             em("h = heads[(w // splits) % nh]")
             em("r = brows[(w // splits) % nh]")
             em("split = w % splits")
-            em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
+            em("hk = h // group")
+            em("qb, kb, vb, ob, dob = q[b, h], k[b, hk], v[b, hk], out[b, h], dout[b, h]")
             em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
             _emit_bias_row(em, ctx, True)
             with em.block("for iq in range(split * tokens // splits, "
@@ -513,6 +517,7 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             "lane, except in terms run lane by lane on each lane's own keys."]):
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
+        em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
         _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
                            ("lscores",), False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
@@ -521,7 +526,8 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             em("r = brows[(w // tiles) % nh]")
             em("row = (w % tiles) // per_row")
             em("first = (w % tiles) % per_row * LANES")
-            em("qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]")
+            em("hk = h // group")
+            em("qb, kb, vb, ob = q[b, h], k[b, hk], v[b, hk], out[b, h]")
             _emit_bias_row(em, ctx, False)
 
             def per_lane(em):
@@ -554,6 +560,7 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em("splits = dk.shape[0]")
         _emit_tile_header(em, ctx)
         em("nh = heads.shape[0]")
+        em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
         _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"), ("scores", "dps", "mask"),
                            ("lse_t", "delta"), ("lscores", "ldps"), True)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
@@ -561,7 +568,8 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             em("h = heads[(w // splits) % nh]")
             em("r = brows[(w // splits) % nh]")
             em("split = w % splits")
-            em("qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]")
+            em("hk = h // group")
+            em("qb, kb, vb, ob, dob = q[b, h], k[b, hk], v[b, hk], out[b, h], dout[b, h]")
             em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
             _emit_bias_row(em, ctx, True)
             with em.block("for tile in range(split * tiles // splits, "

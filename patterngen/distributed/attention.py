@@ -209,11 +209,11 @@ class DistributedAttention:
                                    f"{_DTYPES}.")
         except PatternError as e:
             message, flat = str(e), None
-        b, h, d = (q.shape[0], q.shape[1], q.shape[-1]) if flat else (0, 0, 0)
+        b, h, hk, d = (q.shape[0], q.shape[1], k.shape[1], q.shape[-1]) if flat else (0,) * 4
         grad = torch.is_grad_enabled() and flat is not None and (k.requires_grad
                                                                  or v.requires_grad)
         mine = torch.tensor([message is not None, b, h, d,
-                             _DTYPES.index(q.dtype) if flat else -1, grad],
+                             _DTYPES.index(q.dtype) if flat else -1, grad, hk],
                             dtype=torch.int64, device=_device(self.group))
         table = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(table, mine, group=self.group)
@@ -226,9 +226,9 @@ class DistributedAttention:
         if len({tuple(row[1:]) for row in table}) > 1:
             raise PatternError(
                 "distributed attention: the ranks' inputs disagree; every rank needs the same "
-                "batch, heads, head_dim, dtype and whether K/V need gradients: "
-                + "; ".join(f"rank {r}: batch={row[1]}, heads={row[2]}, head_dim={row[3]}, "
-                            f"dtype={_DTYPES[row[4]]}, grad={bool(row[5])}"
+                "batch, heads, kv heads, head_dim, dtype and whether K/V need gradients: "
+                + "; ".join(f"rank {r}: batch={row[1]}, heads={row[2]}, kv_heads={row[6]}, "
+                            f"head_dim={row[3]}, dtype={_DTYPES[row[4]]}, grad={bool(row[5])}"
                             for r, row in enumerate(table)))
         return flat
 
@@ -362,14 +362,19 @@ class DistributedAttention:
         """
         qf, kf, vf, restore = self._check(q, k, v)
         b, h, tokens, d = qf.shape
-        qf, kf, vf = (self._axis_first(x, b, h, d) for x in (qf, kf, vf))
+        if kf.shape[1] != h and (self.resharded or len(self.plan.queries)):
+            # the re-sharded and global-query parts pair each query head with its own keys:
+            # grouped key/value heads are repeated for them (the halo of the others is not)
+            kf, vf = (x.repeat_interleave(h // kf.shape[1], 1) for x in (kf, vf))
+        hk = kf.shape[1]
+        qf, kf, vf = (self._axis_first(x, b, x.shape[1], d) for x in (qf, kf, vf))
         send, recv = self._index(qf.device)
-        # one packed row per sent token: (K, V) x batch x heads x head_dim
+        # one packed row per sent token: (K, V) x batch x kv heads x head_dim
         rows = torch.stack([kf.index_select(2, send), vf.index_select(2, send)])
-        got = _Exchange.apply(rows.permute(3, 0, 1, 2, 4).reshape(len(send), 2 * b * h * d),
+        got = _Exchange.apply(rows.permute(3, 0, 1, 2, 4).reshape(len(send), 2 * b * hk * d),
                               [len(s) for s in self.plan.send],
                               [len(r) for r in self.plan.recv], self.group)
-        got_k, got_v = got.reshape(len(recv), 2, b, h, d).permute(1, 2, 3, 0, 4)
+        got_k, got_v = got.reshape(len(recv), 2, b, hk, d).permute(1, 2, 3, 0, 4)
         own0, own1 = (x * self._rest for x in self.plan.own)
         local_tokens = self.plan.local_lines * self._rest
         if self._tiles:

@@ -55,6 +55,7 @@ def forward_0(a):
     per_row = (n1 + LANES - 1) // LANES
     tiles = rows * per_row
     nh = heads.shape[0]
+    group = q.shape[1] // k.shape[1]  # query heads per key/value head
     qt = scratch((LANES, dim), ACC)
     acc = scratch((LANES, dim), ACC)
     scores = scratch((LANES, KEY_CHUNK), ACC)
@@ -79,7 +80,8 @@ def forward_0(a):
             r = brows[(w // tiles) % nh]
             row = (w % tiles) // per_row
             first = (w % tiles) % per_row * LANES
-            qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]
+            hk = h // group
+            qb, kb, vb, ob = q[b, h], k[b, hk], v[b, hk], out[b, h]
             bt = table[h % table.shape[0]]
             for u in range(LANES):
                 iq = row * n1 + min(first + u, n1 - 1)
@@ -207,6 +209,7 @@ def backward_0(a):
     per_row = (n1 + LANES - 1) // LANES
     tiles = rows * per_row
     nh = heads.shape[0]
+    group = q.shape[1] // k.shape[1]  # query heads per key/value head
     qt = scratch((LANES, dim), ACC)
     dot = scratch((LANES, dim), ACC)
     dqa = scratch((LANES, dim), ACC)
@@ -232,7 +235,8 @@ def backward_0(a):
             h = heads[(w // splits) % nh]
             r = brows[(w // splits) % nh]
             split = w % splits
-            qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]
+            hk = h // group
+            qb, kb, vb, ob, dob = q[b, h], k[b, hk], v[b, hk], out[b, h], dout[b, h]
             dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]
             bt = table[h % table.shape[0]]
             dbt = dtable[slot, h % table.shape[0]]

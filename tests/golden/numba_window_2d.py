@@ -47,6 +47,7 @@ def forward_0(a):
     tokens = n0 * n1
     tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE
     nh = heads.shape[0]
+    group = q.shape[1] // k.shape[1]  # query heads per key/value head
     qs = scratch(dim, ACC)
     acc = scratch(dim, ACC)
     scores = scratch(KEY_CHUNK, ACC)
@@ -60,7 +61,8 @@ def forward_0(a):
             h = heads[(w // tiles) % nh]
             r = brows[(w // tiles) % nh]
             first = (w % tiles) * QUERY_TILE
-            qb, kb, vb, ob = q[b, h], k[b, h], v[b, h], out[b, h]
+            hk = h // group
+            qb, kb, vb, ob = q[b, h], k[b, hk], v[b, hk], out[b, h]
             for iq in range(first, min(first + QUERY_TILE, tokens)):
                 i0 = iq // (n1)
                 i1 = iq - i0 * (n1)
@@ -127,6 +129,7 @@ def backward_0(a):
     splits = dk.shape[0]
     tokens = n0 * n1
     nh = heads.shape[0]
+    group = q.shape[1] // k.shape[1]  # query heads per key/value head
     dqa = scratch(dim, ACC)
     qs = scratch(dim, ACC)
     dos = scratch(dim, ACC)
@@ -142,7 +145,8 @@ def backward_0(a):
             h = heads[(w // splits) % nh]
             r = brows[(w // splits) % nh]
             split = w % splits
-            qb, kb, vb, ob, dob = q[b, h], k[b, h], v[b, h], out[b, h], dout[b, h]
+            hk = h // group
+            qb, kb, vb, ob, dob = q[b, h], k[b, hk], v[b, hk], out[b, h], dout[b, h]
             dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]
             for iq in range(split * tokens // splits, (split + 1) * tokens // splits):
                 lse_q = lse[b, h, iq]
