@@ -419,6 +419,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         raise BackendUnavailable(f"plan: device={device!r}; expected 'cpu' or 'cuda' "
                                  f"(optionally with an index, e.g. 'cuda:0').")
     dtype = _dtype_name(dtype)
+    calibrate.check_dtype(dtype, "plan")
     wanted = tuple(executors) if executors is not None else STRATEGIES
     unknown = [e for e in wanted if e not in STRATEGIES]
     if unknown:
