@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import sympy
 
-from . import ir
+from . import ir, limits
 from .errors import PatternError
 from .grid import Grid, as_size, is_number, symbol
 from .spec import as_ir
@@ -328,7 +328,13 @@ def _head_cost(head: ir.IR) -> _HeadCost:
     assumptions, notes = [], []
     pairs = sympy.Integer(0)
     constant = sympy.Integer(0)  # keys per query, while every piece gives each query the same
-    for sign, term in head.pieces():
+    pieces = head.pieces()
+    if len(pieces) > 1 and _free((*shape, *(a for t in head.terms for r in t.rels
+                                             for a in r.atoms))):
+        limits.check("PATTERNGEN_MAX_SYMBOLIC_PIECES", len(pieces),
+                     f"cost: the number of inclusion-exclusion pieces of a symbolic union of "
+                     f"{len(head.terms)} terms (numbers for its sizes give the exact count)")
+    for sign, term in pieces:
         prod = sympy.Integer(1)
         formulas = []
         for a, (rel, n) in enumerate(zip(term.rels, shape)):

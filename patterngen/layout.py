@@ -35,6 +35,7 @@ import numpy as np
 
 from . import ir as _ir
 from .errors import PatternError
+from .grid import MAX_SIZE
 from .spec import as_ir
 
 __all__ = ["layout", "Layout", "HeadsLayout", "aligned_tiles", "ORDERS", "TABLE_MAX_AXIS"]
@@ -56,11 +57,12 @@ _MAX_TILE_CANDIDATES = 4
 def _check_block(block) -> tuple[int, int]:
     values = block if isinstance(block, (tuple, list)) else (block, block)
     if len(values) != 2 or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE
             for v in values):
         raise PatternError(
-            f"Invalid block={block!r}; block sizes must be positive integers, given as one "
-            f"integer or (query_block, key_block), e.g. block=(128, 128).")
+            f"Invalid block={block!r}; block sizes must be positive integers up to "
+            f"{MAX_SIZE}, given as one integer or (query_block, key_block), e.g. "
+            f"block=(128, 128).")
     return int(values[0]), int(values[1])
 
 

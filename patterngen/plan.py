@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ir
+from . import ir, limits
 from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .spec import as_ir
@@ -414,6 +414,8 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
 
     lowered = as_ir(pattern, grid)
     shape = lowered.grid.require_numeric("plan")
+    limits.check("PATTERNGEN_MAX_PLAN_TOKENS", math.prod(shape),
+                 f"plan: grid {lowered.grid}'s tokens (a named backend is not planned)")
     device_type = str(device).split(":")[0]
     if device_type not in ("cpu", "cuda"):
         raise BackendUnavailable(f"plan: device={device!r}; expected 'cpu' or 'cuda' "

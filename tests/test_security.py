@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
 
 import patterngen as pg
@@ -244,3 +245,128 @@ def test_an_unknown_dtype_is_a_pattern_error():
         pg.plan(pg.window(3), grid=(8, 8), dtype="nonexistent")
     with pytest.raises(pg.PatternError, match=r"rates: dtype='Tensor' is not a torch dtype"):
         calibrate.rates("cpu", "Tensor")
+
+
+# --------------------------------------------------------------------------------------------
+# bounded work: the size bombs, each in one subprocess under a memory and a time limit
+
+_UNION = " | ".join(f"window({i})" for i in range(1, 1000))
+_BOMBS = [
+    # (argv, exit status, what stderr or stdout says)
+    (["show", "window(7)", "--grid", "100000x100000"], 2,
+     r"show: grid 100000x100000's tokens is 10000000000, more than PATTERNGEN_MAX_TOKENS="),
+    (["reach", "window(3)", "--grid", "8x8", "--layers", "100000000"], 0,
+     r"after 100000000 layers \[window\(3\) x 100000000\] on grid 8x8: 64 of 64 tokens"),
+    (["cost", " | ".join(f"block(M{i})" for i in range(10)), "--grid", "H,W"], 2,
+     r"symbolic union of 10 terms .* is 1023, more than PATTERNGEN_MAX_SYMBOLIC_PIECES=64"),
+    (["plan", "window(7)", "--grid", "2000x2000"], 2,
+     r"plan: grid 2000x2000's tokens .* is 4000000, more than PATTERNGEN_MAX_PLAN_TOKENS="),
+    (["show", "heads(" + ", ".join(f"window({i})" for i in range(1, 501)) + ")", "--grid",
+      "8x8"], 2, r"patterns in heads\(\.\.\.\) is 500, more than PATTERNGEN_MAX_HEAD_PATTERNS"),
+    (["show", _UNION, "--grid", "8x8"], 2,
+     r"one chain of '\|' and '&' is 999, more than PATTERNGEN_MAX_TERMS=256"),
+    (["show", " & ".join(f"(window({i}) | block({i}))" for i in range(2, 12)), "--grid",
+      "64x64"], 2, r"product of terms \(256 x 2\) is 512, more than PATTERNGEN_MAX_TERMS"),
+    (["show", "window(" * 300 + "3" + ")" * 300, "--grid", "8x8"], 2,
+     r"too many nested parentheses|nested too deeply"),
+    (["show", "block(9223372036854775808)", "--grid", "8x8"], 2,
+     r"Invalid size size=9223372036854775808; expected an integer <= 2147483647"),
+    (["show", "window(3)", "--grid", "99999999999999999999x4"], 2,
+     r"Invalid size grid\[0\]=99999999999999999999; expected an integer <= 2147483647"),
+    (["show", "window(3)", "--grid", "20000000x2"], 2,
+     r"longest axis of grid=20000000x2 is 20000000, more than PATTERNGEN_MAX_AXIS"),
+    (["cost", "window(3)", "--grid", "8x8", "--block", "99999999999999999999"], 2,
+     r"Invalid block=99999999999999999999; block sizes must be positive integers up to 2147483647"),
+    (["show", "window(3)", "--grid", "²x4"], 2, r"part '²' is neither a number nor a name"),
+    (["cost", "window(3)", "--grid", "8x8", "--subs", "H=²"], 2, r"invalid size 'H=²'"),
+    (["plan", "window(3)", "--grid", "8x8", "--dtype", "nonexistent"], 2,
+     r"plan: dtype='nonexistent' is not a torch dtype"),
+]
+
+_RUN_BOMBS = r"""
+import contextlib, io, json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from patterngen.cli import main
+out = []
+for argv in json.loads(sys.stdin.read()):
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+        try:
+            status = main(argv)
+        except SystemExit as e:
+            status = e.code
+    out.append((status, text.getvalue()))
+print(json.dumps(out))
+"""
+
+
+def test_size_bombs_are_refused_within_time_and_memory_limits(tmp_path):
+    import re
+    import subprocess
+
+    env = {**os.environ, "PATTERNGEN_CACHE": str(tmp_path), "PATTERNGEN_CALIBRATION": "default"}
+    done = subprocess.run([sys.executable, "-c", _RUN_BOMBS], input=json.dumps(
+        [argv for argv, _, _ in _BOMBS]), capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for (argv, status, says), (got, text) in zip(_BOMBS, json.loads(done.stdout)):
+        assert got == status and re.search(says, text), (argv[:2], got, text[-500:])
+        assert "Traceback" not in text
+        if status == 2:  # one error line (after argparse's usage, for its own checks)
+            lines = text.strip().splitlines()
+            assert [line for line in lines if "error:" in line] == lines[-1:], text
+            assert len(lines) == 1 or lines[0].startswith("usage:"), text
+
+
+def test_a_limit_is_raised_by_its_variable(monkeypatch):
+    monkeypatch.setenv("PATTERNGEN_MAX_TOKENS", "15")
+    with pytest.raises(pg.PatternError, match=r"grid 4x4's tokens is 16, more than "
+                                              r"PATTERNGEN_MAX_TOKENS=15, the limit on"):
+        pg.show(pg.window(3), grid=(4, 4))
+    monkeypatch.setenv("PATTERNGEN_MAX_TOKENS", "16")
+    assert "16 of 16" in str(pg.receptive_field(pg.window(3), grid=(4, 4), layers=3))
+    monkeypatch.setenv("PATTERNGEN_MAX_TOKENS", "²")
+    with pytest.raises(pg.PatternError, match=r"PATTERNGEN_MAX_TOKENS='²'; expected a "
+                                              r"positive integer \(default 16777216\)"):
+        pg.show(pg.window(3), grid=(4, 4))
+
+
+def test_the_reach_work_limit_stops_a_slowly_growing_field(monkeypatch):
+    monkeypatch.setenv("PATTERNGEN_MAX_REACH_WORK", str(64 * 10))
+    assert pg.receptive_field(pg.window(3), grid=64, query=32, layers=10).size == 21
+    with pytest.raises(pg.PatternError, match=r"receptive_field: the tokens x terms of the "
+                                              r"layers applied .* is 704, more than "
+                                              r"PATTERNGEN_MAX_REACH_WORK=640"):
+        pg.receptive_field(pg.window(3), grid=64, query=32, layers=100)
+
+
+def _naive_field(cycle, grid, query, layers, residual):
+    """Every layer applied, the last one first: what receptive_field skips must not matter."""
+    from patterngen import analysis
+
+    shape, stack = analysis._stack(cycle, grid, "test")
+    reached = np.zeros(shape, dtype=bool)
+    reached[query] = True
+    for i in reversed(range(layers)):
+        keys = analysis._keys_of(reached, stack[i % len(stack)])
+        reached = reached | keys if residual else keys
+    return reached
+
+
+@pytest.mark.parametrize("cycle, residual", [
+    ([pg.window(3), pg.block(4, offset=2)], True),
+    ([pg.block(4), pg.block(4, offset=2), pg.axis(1)], True),
+    ([pg.stripe(0, 3) & pg.causal(), pg.global_tokens([5])], False),  # the field moves
+    ([pg.window(3, causal=True), pg.axis(0)], False),
+])
+def test_a_deep_stack_skips_only_layers_that_repeat_the_field(cycle, residual):
+    grid, query = (7, 6), (3, 2)
+    for layers in (*range(1, 40), 500, 501):
+        got = pg.receptive_field(cycle, grid=grid, query=query, layers=layers,
+                                 residual=residual).mask
+        naive = _naive_field(cycle, grid, query, layers, residual)
+        np.testing.assert_array_equal(got, naive, err_msg=f"layers={layers}")
+    if residual:  # a growing field settles within tokens cycles: a deeper stack of the same
+        # phase ends where it does
+        got = pg.receptive_field(cycle, grid=grid, query=query, layers=10 ** 9).mask
+        same_phase = 42 * len(cycle) + 10 ** 9 % len(cycle)
+        np.testing.assert_array_equal(got, _naive_field(cycle, grid, query, same_phase, True))
