@@ -332,7 +332,9 @@ def layers_to_global(patterns, grid=None, residual=True) -> int | None:
 
     Raises:
         PatternError: when a bitset would cover more than ``MAX_BITSET_TOKENS`` tokens (the
-            grid's tokens, or the longest axis on the separable path).
+            grid's tokens, or the longest axis on the separable path), or the layers before
+            the answer would take more than ``PATTERNGEN_MAX_GLOBAL_WORK`` word operations
+            (:mod:`patterngen.limits`).
 
     Example:
         >>> import patterngen as pg
@@ -365,10 +367,14 @@ def layers_to_global(patterns, grid=None, residual=True) -> int | None:
     if done():
         return 0
     seen = set()
-    layer = 0
+    layer = work = 0
     while True:
         for i in range(len(stack)):
             layer += 1
+            work += sum(s.size * len(terms[i]) * len(shape) for s, (shape, terms)
+                        in zip(states, systems))
+            limits.check("PATTERNGEN_MAX_GLOBAL_WORK", work, f"layers_to_global: the bitset "
+                         f"words x terms x axes of {layer} layers")
             states = [_advance(s, terms[i], residual) for s, (_, terms) in zip(states, systems)]
             if done():
                 return layer

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import ir as _ir
+from . import limits
 from .errors import PatternError
 from .grid import MAX_SIZE
 from .spec import as_ir
@@ -777,6 +778,8 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
     """
     lowered = as_ir(pattern, grid)
     shape = lowered.grid.require_numeric("layout")
+    limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape),
+                 f"layout: grid {lowered.grid}'s tokens")
     block = _check_block(block)
     if order not in ORDERS:
         raise PatternError(f"Unknown order={order!r}; expected one of {ORDERS}.")

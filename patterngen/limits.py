@@ -22,11 +22,16 @@ __all__ = ["LIMITS", "limit", "check"]
 LIMITS = {
     "PATTERNGEN_MAX_AXIS": (1 << 24, "tokens along one axis of a numeric grid (lowering "
                                      "builds arrays of each axis)"),
-    "PATTERNGEN_MAX_TOKENS": (1 << 24, "tokens of a grid-sized array (show, receptive_field)"),
+    "PATTERNGEN_MAX_TOKENS": (1 << 24, "tokens of a grid-sized array (compile, layout, show, "
+                                       "key_counts, receptive_field)"),
+    "PATTERNGEN_MAX_PROFILE_ELEMENTS": (1 << 28, "elements of each input profile makes "
+                                                 "(1 GiB in float32)"),
     "PATTERNGEN_MAX_PLAN_TOKENS": (1 << 20, "tokens the planner lays out (about 4 s per "
                                             "million tokens on a laptop core)"),
     "PATTERNGEN_MAX_REACH_WORK": (1 << 32, "tokens x terms x layers receptive_field applies "
                                            "before the field stops changing"),
+    "PATTERNGEN_MAX_GLOBAL_WORK": (1 << 28, "64-bit words x terms x axes layers_to_global "
+                                            "ORs (about 17 ns each on a laptop core)"),
     "PATTERNGEN_MAX_TERMS": (256, "separable terms of one pattern (unions, and intersections "
                                   "of unions, which multiply)"),
     "PATTERNGEN_MAX_HEAD_PATTERNS": (64, "patterns in one heads(...) (each distinct one "

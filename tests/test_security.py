@@ -277,6 +277,18 @@ _BOMBS = [
      r"longest axis of grid=20000000x2 is 20000000, more than PATTERNGEN_MAX_AXIS"),
     (["cost", "window(3)", "--grid", "8x8", "--block", "99999999999999999999"], 2,
      r"Invalid block=99999999999999999999; block sizes must be positive integers up to 2147483647"),
+    (["cost", "window(3)", "--grid", "5000x5000", "--block", "64"], 2,
+     r"layout: grid 5000x5000.s tokens is 25000000, more than "
+     r"PATTERNGEN_MAX_TOKENS"),
+    (["profile", "window(3)", "--grid", "4000x4000", "--heads", "64", "--backend", "sdpa"], 2,
+     r"profile: the elements of each of q, k and v is 32768000000, more than "
+     r"PATTERNGEN_MAX_PROFILE_ELEMENTS"),
+    (["codegen", "window(3)", "--grid", "16000000x1000"], 2,
+     r"compile: grid 16000000x1000's tokens is 16000000000, more than PATTERNGEN_MAX_TOKENS"),
+    # the test lowers this limit (2**28 word operations take about 5 s here)
+    (["reach", "window(3) | axis(0)", "--grid", "128x128"], 2,
+     r"layers_to_global: the bitset words x terms x axes of 2 layers is 33554432, more than "
+     r"PATTERNGEN_MAX_GLOBAL_WORK=16777216"),
     (["show", "window(3)", "--grid", "²x4"], 2, r"part '²' is neither a number nor a name"),
     (["cost", "window(3)", "--grid", "8x8", "--subs", "H=²"], 2, r"invalid size 'H=²'"),
     (["plan", "window(3)", "--grid", "8x8", "--dtype", "nonexistent"], 2,
@@ -304,7 +316,8 @@ def test_size_bombs_are_refused_within_time_and_memory_limits(tmp_path):
     import re
     import subprocess
 
-    env = {**os.environ, "PATTERNGEN_CACHE": str(tmp_path), "PATTERNGEN_CALIBRATION": "default"}
+    env = {**os.environ, "PATTERNGEN_CACHE": str(tmp_path), "PATTERNGEN_CALIBRATION": "default",
+           "PATTERNGEN_MAX_GLOBAL_WORK": str(1 << 24)}
     done = subprocess.run([sys.executable, "-c", _RUN_BOMBS], input=json.dumps(
         [argv for argv, _, _ in _BOMBS]), capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
