@@ -15,7 +15,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["UnsafeDirectory", "private_dir", "usable_dir", "write_private"]
+__all__ = ["UnsafeDirectory", "check_private", "private_dir", "usable_dir", "write_private"]
 
 
 class UnsafeDirectory(OSError):
@@ -50,6 +50,14 @@ def _probe(path: Path) -> None:
         pass
 
 
+def check_private(path: Path) -> None:
+    """Raise :class:`UnsafeDirectory` unless only this user (or root) can change the existing
+    directory ``path`` and the directories above it."""
+    why = _problem(path)
+    if why:
+        raise UnsafeDirectory(why)
+
+
 def private_dir(path: Path) -> Path:
     """Create ``path`` (mode 0700) if needed and check that only this user can change it.
 
@@ -58,9 +66,7 @@ def private_dir(path: Path) -> Path:
         OSError: it cannot be created or written.
     """
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    why = _problem(path)
-    if why:
-        raise UnsafeDirectory(why)
+    check_private(path)
     _probe(path)
     return path
 

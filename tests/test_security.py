@@ -134,6 +134,21 @@ def test_an_open_numba_cache_dir_is_refused(cache, tmp_path, monkeypatch):
         module.load.__wrapped__(_source(tmp_path))
 
 
+def test_an_open_cache_of_the_runtime_helpers_is_refused(cache, tmp_path, monkeypatch):
+    # numba's user-wide cache, where the helpers' caches go when the installation is read-only
+    from types import SimpleNamespace
+
+    from patterngen.backends.numba import runtime
+
+    shared = tmp_path / "numba-user-wide"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(runtime.dots, "_cache", SimpleNamespace(cache_path=str(shared)))
+    with pytest.raises(pg.PatternError, match=r"runtime helpers' cache '.*numba-user-wide' "
+                                              r"cannot be used \(.*mode 777.*\); numba loads"):
+        module.load.__wrapped__(_source(tmp_path))
+
+
 def test_a_damaged_module_file_is_rewritten_or_named(cache, tmp_path):
     source = _source(tmp_path)
     path = Path(module.load.__wrapped__(source).__file__)

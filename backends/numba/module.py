@@ -72,7 +72,7 @@ def load(source: str):
             not private to the user.
         SyntaxError, ImportError: with the generated source attached as a note.
     """
-    _check_numba_cache_dir()
+    _check_numba_caches()
     name = module_name(source, runtime_digest())
     path = cache_dir() / f"{name}.py"
     text = source.encode()
@@ -98,20 +98,32 @@ def load(source: str):
     return module
 
 
-def _check_numba_cache_dir() -> None:
-    """Refuse a ``NUMBA_CACHE_DIR`` that others could write to: numba unpickles the kernels'
-    and the runtime helpers' caches from it."""
+def _check_numba_caches() -> None:
+    """Refuse numba cache directories others could write to: ``NUMBA_CACHE_DIR``, and where
+    the runtime helpers' caches are when not beside ``runtime.py`` (numba's user-wide cache,
+    when the installation is read-only). numba unpickles code from them; the installation's
+    own ``__pycache__`` is trusted as the installation is."""
     import numba
 
-    if not numba.config.CACHE_DIR:
-        return
-    try:
-        trust.private_dir(Path(numba.config.CACHE_DIR))
-    except OSError as e:
-        raise PatternError(f"numba: NUMBA_CACHE_DIR={numba.config.CACHE_DIR!r} cannot be "
-                           f"used ({e}); numba loads pickled code from it, so it must be a "
-                           f"directory only you can write. Point it elsewhere or unset it.") \
-            from None
+    if numba.config.CACHE_DIR:
+        try:
+            trust.private_dir(Path(numba.config.CACHE_DIR))
+        except OSError as e:
+            raise PatternError(f"numba: NUMBA_CACHE_DIR={numba.config.CACHE_DIR!r} cannot be "
+                               f"used ({e}); numba loads pickled code from it, so it must be "
+                               f"a directory only you can write. Point it elsewhere or unset "
+                               f"it.") from None
+    installed = Path(runtime.__file__).parent / "__pycache__"
+    paths = {getattr(getattr(helper, "_cache", None), "cache_path", None)
+             for helper in vars(runtime).values()}
+    for path in sorted(Path(p) for p in paths - {None} if Path(p) != installed):
+        try:
+            trust.check_private(path)
+        except OSError as e:
+            raise PatternError(f"numba: the runtime helpers' cache {str(path)!r} cannot be "
+                               f"used ({e}); numba loads pickled code from it. Make it "
+                               f"private (chmod 700) or set NUMBA_CACHE_DIR to a directory "
+                               f"only you can write.") from None
 
 
 @functools.cache
