@@ -494,14 +494,18 @@ class CostReport:
             x = sympy.sympify(x).xreplace(mapping)
             return int(x) if x.is_Integer else x
 
+        grid = self.grid.subs(mapping)
+        if grid.numeric:  # exact counts build arrays of each axis
+            limits.check("PATTERNGEN_MAX_AXIS", max(grid.shape),
+                         f"subs: the longest axis of grid={grid}")
         assumptions = tuple(a for a in (sympy.sympify(a).xreplace(mapping)
                                         for a in self.assumptions) if a is not sympy.true)
         for a in assumptions:
             if a is sympy.false:
                 raise PatternError(
-                    f"The sizes {sizes} break an assumption of the closed forms; check the "
-                    f"report's assumptions {self.assumptions}.")
-        return replace(self, grid=self.grid.subs(mapping), head_dim=s(self.head_dim),
+                    f"The sizes {dict(values or {}, **sizes)} break an assumption of the "
+                    f"closed forms; check the report's assumptions {self.assumptions}.")
+        return replace(self, grid=grid, head_dim=s(self.head_dim),
                        heads=s(self.heads), batch=s(self.batch), pairs=s(self.pairs),
                        pairs_per_head=tuple(s(p) for p in self.pairs_per_head),
                        keys_min=s(self.keys_min), keys_max=s(self.keys_max),

@@ -304,6 +304,9 @@ _BOMBS = [
     (["reach", "window(3) | axis(0)", "--grid", "128x128"], 2,
      r"layers_to_global: the bitset words x terms x axes of 2 layers is 33554432, more than "
      r"PATTERNGEN_MAX_GLOBAL_WORK=16777216"),
+    (["cost", "window(3) | block(5, offset=2)", "--grid", "H,W", "--subs", "H=2147483647",
+      "W=5"], 2, r"subs: the longest axis of grid=2147483647x5 is 2147483647, more than "
+                 r"PATTERNGEN_MAX_AXIS"),
     (["show", "window(3)", "--grid", "²x4"], 2, r"part '²' is neither a number nor a name"),
     (["cost", "window(3)", "--grid", "8x8", "--subs", "H=²"], 2, r"invalid size 'H=²'"),
     (["plan", "window(3)", "--grid", "8x8", "--dtype", "nonexistent"], 2,
@@ -316,13 +319,13 @@ resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 from patterngen.cli import main
 out = []
 for argv in json.loads(sys.stdin.read()):
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             status = main(argv)
         except SystemExit as e:
             status = e.code
-    out.append((status, text.getvalue()))
+    out.append((status, stdout.getvalue(), stderr.getvalue()))
 print(json.dumps(out))
 """
 
@@ -336,13 +339,14 @@ def test_size_bombs_are_refused_within_time_and_memory_limits(tmp_path):
     done = subprocess.run([sys.executable, "-c", _RUN_BOMBS], input=json.dumps(
         [argv for argv, _, _ in _BOMBS]), capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    for (argv, status, says), (got, text) in zip(_BOMBS, json.loads(done.stdout)):
+    for (argv, status, says), (got, out, err) in zip(_BOMBS, json.loads(done.stdout)):
+        text = out + err
         assert got == status and re.search(says, text), (argv[:2], got, text[-500:])
         assert "Traceback" not in text
         if status == 2:  # one error line (after argparse's usage, for its own checks)
-            lines = text.strip().splitlines()
-            assert [line for line in lines if "error:" in line] == lines[-1:], text
-            assert len(lines) == 1 or lines[0].startswith("usage:"), text
+            lines = err.strip().splitlines()
+            assert [line for line in lines if "error:" in line] == lines[-1:], err
+            assert len(lines) == 1 or lines[0].startswith("usage:"), err
 
 
 def test_a_limit_is_raised_by_its_variable(monkeypatch):
