@@ -435,9 +435,9 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
             raise PatternError(f"plan: {name}={value!r}; expected a positive int.")
     rates = rates if rates is not None else calibrate.rates(device_type, dtype)
     npat = len(lowered.per_head)
-    # (batch, head) pairs per listed pattern
-    per_pattern_work = [batch * sum(ir.pattern_of_head(h, npat) == p for h in range(heads))
-                        for p in range(npat)]
+    # (batch, head) pairs per listed pattern: pattern_of_head cycles, so pattern p serves the
+    # heads p, p + npat, ... below heads (counted, not enumerated: heads may be 2**31 - 1)
+    per_pattern_work = [batch * len(range(p, heads, npat)) for p in range(npat)]
 
     options: dict = {}
     whole: dict = {}

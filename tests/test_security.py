@@ -309,6 +309,8 @@ _BOMBS = [
                  r"PATTERNGEN_MAX_AXIS"),
     (["show", "window(3)", "--grid", "²x4"], 2, r"part '²' is neither a number nor a name"),
     (["cost", "window(3)", "--grid", "8x8", "--subs", "H=²"], 2, r"invalid size 'H=²'"),
+    (["plan", "heads(window(3), axis(0), block(2))", "--grid", "8x8", "--heads", "2147483647"],
+     0, r"heads=2147483647"),
     (["plan", "window(3)", "--grid", "8x8", "--dtype", "nonexistent"], 2,
      r"plan: dtype='nonexistent' is not a torch dtype"),
 ]
