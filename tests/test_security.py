@@ -8,7 +8,9 @@ import math
 import os
 import pickle
 import py_compile
+import re
 import stat
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -291,7 +293,8 @@ _BOMBS = [
     (["show", "window(3)", "--grid", "20000000x2"], 2,
      r"longest axis of grid=20000000x2 is 20000000, more than PATTERNGEN_MAX_AXIS"),
     (["cost", "window(3)", "--grid", "8x8", "--block", "99999999999999999999"], 2,
-     r"Invalid block=99999999999999999999; block sizes must be positive integers up to 2147483647"),
+     r"Invalid block=99999999999999999999; block sizes must be positive integers up to "
+     r"2147483647"),
     (["cost", "window(3)", "--grid", "5000x5000", "--block", "64"], 2,
      r"layout: grid 5000x5000.s tokens is 25000000, more than "
      r"PATTERNGEN_MAX_TOKENS"),
@@ -333,9 +336,6 @@ print(json.dumps(out))
 
 
 def test_size_bombs_are_refused_within_time_and_memory_limits(tmp_path):
-    import re
-    import subprocess
-
     env = {**os.environ, "PATTERNGEN_CACHE": str(tmp_path), "PATTERNGEN_CALIBRATION": "default",
            "PATTERNGEN_MAX_GLOBAL_WORK": str(1 << 24)}
     done = subprocess.run([sys.executable, "-c", _RUN_BOMBS], input=json.dumps(
