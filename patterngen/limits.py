@@ -36,9 +36,9 @@ LIMITS = {
                                   "of unions, which multiply)"),
     "PATTERNGEN_MAX_HEAD_PATTERNS": (64, "patterns in one heads(...) (each distinct one "
                                          "compiles its own kernels)"),
-    "PATTERNGEN_MAX_SYMBOLIC_PIECES": (64, "inclusion-exclusion pieces of a union cost "
-                                           "symbolically (64 pieces, a 6-term union, take "
-                                           "about 2 s of sympy; each more term doubles it)"),
+    "PATTERNGEN_MAX_SYMBOLIC_TERMS": (128, "distinct terms of a symbolic pair count (sympy "
+                                           "takes about 2-4 s on a report of 120-150; each "
+                                           "more union term doubles them)"),
 }
 
 
