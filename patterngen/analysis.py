@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ir
+from . import ir, limits
 from .errors import PatternError
 from .reference import draw
 from .spec import as_ir
@@ -49,6 +49,8 @@ __all__ = ["ReceptiveField", "receptive_field", "layers_to_global", "MAX_BITSET_
 MAX_BITSET_TOKENS = 16384
 #: longest axis drawn in a :class:`ReceptiveField` picture (longer 1-D grids list ranges)
 PICTURE_MAX_AXIS = 96
+#: most layer labels a :class:`ReceptiveField` lists (a deeper stack names its cycle)
+PICTURE_MAX_LABELS = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,11 +137,12 @@ class ReceptiveField:
     """The tokens whose input reaches one query's output through a stack of layers.
 
     Attributes:
-        labels: each layer's pattern, layer 1 first.
+        labels: the patterns given, layer 1 first, cycled to ``layers``.
         grid: the numeric grid.
         query: the query's coordinates.
         mask: boolean array of shape ``grid``; ``True`` where the token reaches the query.
         residual: whether each layer keeps its own input (see the module docstring).
+        layers: the stack's depth.
     """
 
     labels: tuple
@@ -147,6 +150,7 @@ class ReceptiveField:
     query: tuple
     mask: np.ndarray
     residual: bool
+    layers: int
 
     @property
     def size(self) -> int:
@@ -154,17 +158,17 @@ class ReceptiveField:
         return int(self.mask.sum())
 
     @property
-    def layers(self) -> int:
-        return len(self.labels)
-
-    @property
     def is_global(self) -> bool:
         return bool(self.mask.all())
 
     def __repr__(self) -> str:
         tokens = self.mask.size
-        stack = ", ".join(self.labels) if len(set(self.labels)) > 1 else (
-            f"{self.labels[0]} x {self.layers}")
+        if len(set(self.labels)) == 1:
+            stack = f"{self.labels[0]} x {self.layers}"
+        elif self.layers > PICTURE_MAX_LABELS:
+            stack = ", ".join(self.labels) + " cycled"
+        else:
+            stack = ", ".join(self.labels[i % len(self.labels)] for i in range(self.layers))
         lines = [f"Receptive field of query {self.query} after {self.layers} layers [{stack}] "
                  f"on grid {'x'.join(map(str, self.grid))}"
                  f"{'' if self.residual else ' (no residual)'}: {self.size} of {tokens} tokens "
@@ -206,7 +210,14 @@ def receptive_field(patterns, grid=None, query=None, layers=None,
             attention.
 
     Returns:
-        A :class:`ReceptiveField`; ``.mask`` is a boolean array of shape ``grid``.
+        A :class:`ReceptiveField`; ``.mask`` is a boolean array of shape ``grid``. Once a whole
+        cycle of layers leaves the field as it was before, the remaining layers are skipped
+        (they would repeat it), so a deep stack costs what its distinct fields cost.
+
+    Raises:
+        PatternError: for bad arguments, a grid over ``PATTERNGEN_MAX_TOKENS`` tokens, or
+            more than ``PATTERNGEN_MAX_REACH_WORK`` tokens x terms applied before the field
+            stops changing (:mod:`patterngen.limits`).
 
     Example:
         >>> import patterngen as pg
@@ -214,18 +225,36 @@ def receptive_field(patterns, grid=None, query=None, layers=None,
         >>> rf.size  # the shifted corner tile is 2x2, and block(4) widens it to one 4x4 tile
         16
     """
-    shape, stack = _stack(patterns, grid, "receptive_field")
-    if layers is not None:
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-            raise PatternError(f"Invalid layers={layers!r}; expected an integer >= 1.")
-        stack = [stack[i % len(stack)] for i in range(layers)]
+    shape, cycle = _stack(patterns, grid, "receptive_field")
+    if layers is None:
+        layers = len(cycle)
+    elif isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise PatternError(f"Invalid layers={layers!r}; expected an integer >= 1.")
     q = _query_coords(query, shape)
+    tokens = math.prod(shape)
+    limits.check("PATTERNGEN_MAX_TOKENS", tokens,
+                 f"receptive_field: grid {'x'.join(map(str, shape))}'s tokens")
     reached = np.zeros(shape, dtype=bool)
     reached[q] = True
-    for layer in reversed(stack):  # the last layer sees the query's keys first
+    # layers left to apply, the last layer first; before each whole cycle the field is
+    # remembered: once it repeats, the layers between repeat it forever, so they are skipped
+    left, seen, work = layers, {}, 0
+    while left:
+        if left % len(cycle) == 0 and seen is not None:
+            digest = hashlib.blake2b(reached.tobytes(), digest_size=16).digest()
+            if digest in seen:
+                left %= seen[digest] - left
+                seen = None
+                continue
+            seen[digest] = left
+        layer = cycle[(left - 1) % len(cycle)]
+        work += tokens * len(layer.terms)
+        limits.check("PATTERNGEN_MAX_REACH_WORK", work, "receptive_field: the tokens x terms "
+                     "of the layers applied before the field stopped changing")
         keys = _keys_of(reached, layer)
         reached = reached | keys if residual else keys
-    return ReceptiveField(tuple(lay.label for lay in stack), shape, q, reached, residual)
+        left -= 1
+    return ReceptiveField(tuple(lay.label for lay in cycle), shape, q, reached, residual, layers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +332,9 @@ def layers_to_global(patterns, grid=None, residual=True) -> int | None:
 
     Raises:
         PatternError: when a bitset would cover more than ``MAX_BITSET_TOKENS`` tokens (the
-            grid's tokens, or the longest axis on the separable path).
+            grid's tokens, or the longest axis on the separable path), or the layers before
+            the answer would take more than ``PATTERNGEN_MAX_GLOBAL_WORK`` word operations
+            (:mod:`patterngen.limits`).
 
     Example:
         >>> import patterngen as pg
@@ -336,10 +367,14 @@ def layers_to_global(patterns, grid=None, residual=True) -> int | None:
     if done():
         return 0
     seen = set()
-    layer = 0
+    layer = work = 0
     while True:
         for i in range(len(stack)):
             layer += 1
+            work += sum(s.size * len(terms[i]) * len(shape) for s, (shape, terms)
+                        in zip(states, systems))
+            limits.check("PATTERNGEN_MAX_GLOBAL_WORK", work, f"layers_to_global: the bitset "
+                         f"words x terms x axes of {layer} layers")
             states = [_advance(s, terms[i], residual) for s, (_, terms) in zip(states, systems)]
             if done():
                 return layer

@@ -9,7 +9,8 @@ computes (padding and masked pairs included). :func:`measure` fits ``call_ms`` a
 from two problem sizes per executor (a few seconds, with a progress line on stderr) and
 :func:`rates` caches the result in ``calibration.json`` under the patterngen cache directory,
 keyed by device, dtype, torch version and thread count. It never runs at import; a stale,
-corrupt or foreign file is measured again with a warning. ``PATTERNGEN_CALIBRATION=default``
+corrupt or foreign file, or one that lacks an executor or holds a rate that is not a finite
+number in its range, is measured again with a warning. ``PATTERNGEN_CALIBRATION=default``
 skips measuring and uses :meth:`Rates.default` (one calibration of the project's 2-core
 machine), which the test suite does.
 """
@@ -18,15 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import trust
 from .errors import PatternError
 
 __all__ = ["Rates", "rates", "measure", "calibration_path"]
@@ -40,11 +42,25 @@ VERSION = 1
 @dataclass(frozen=True)
 class Rate:
     """One executor's cost: ``call_ms`` per call, ``pair_ns`` per pair and head_dim element
-    (forward), ``backward_factor`` = forward+backward time / forward time."""
+    (forward), ``backward_factor`` = forward+backward time / forward time.
+
+    Raises:
+        PatternError: a value that is not a finite number in its range (``call_ms`` and
+            ``pair_ns`` at least 0, ``backward_factor`` at least 1), so that no prediction
+            is NaN or negative.
+    """
 
     call_ms: float
     pair_ns: float
     backward_factor: float
+
+    def __post_init__(self):
+        for name, low in (("call_ms", 0.0), ("pair_ns", 0.0), ("backward_factor", 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not low <= value < math.inf:
+                raise PatternError(f"Rate: {name}={value!r}; expected a finite number "
+                                   f">= {low}.")
 
 
 @dataclass(frozen=True)
@@ -93,19 +109,46 @@ class Rates:
 
 
 def calibration_path() -> Path:
-    """``$PATTERNGEN_CACHE/calibration.json`` (or ``~/.cache/patterngen``), else a temporary
-    directory when that one is not writable."""
+    """``$PATTERNGEN_CACHE/calibration.json`` (or ``~/.cache/patterngen``), the directory
+    private to the user; when it cannot be written or others could write to it, a private
+    temporary directory for this process, with a warning (:mod:`patterngen.trust`)."""
     root = os.environ.get("PATTERNGEN_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "patterngen"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        probe = base / f".probe.{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError:
-        base = Path(tempfile.gettempdir()) / "patterngen"
-        base.mkdir(parents=True, exist_ok=True)
-    return base / "calibration.json"
+    return trust.usable_dir(base, "patterngen: the calibration directory",
+                            "set PATTERNGEN_CACHE to a directory only you can write") \
+        / "calibration.json"
+
+
+def _stored_rates(entry, device: str) -> dict:
+    """The ``{name: Rate}`` of one stored calibration, every executor of
+    :meth:`Rates.default` present and every rate valid.
+
+    Raises:
+        ValueError: naming what is missing or wrong.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(f"expected an object of executors, got {entry!r}")
+    missing = sorted(set(Rates.default(device).executors) - set(entry))
+    if missing:
+        raise ValueError(f"no rate for executors {missing}")
+    table = {}
+    for name, r in entry.items():
+        if not isinstance(r, dict):
+            raise ValueError(f"rate of {name!r} is {r!r}, not an object")
+        try:
+            table[name] = Rate(**r)
+        except (TypeError, PatternError) as e:
+            raise ValueError(f"rate of {name!r}: {e}") from None
+    return table
+
+
+def check_dtype(dtype: str, where: str) -> None:
+    """Raise ``PatternError`` unless ``dtype`` names a torch dtype (``"float32"``)."""
+    import torch
+
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise PatternError(f"{where}: dtype={dtype!r} is not a torch dtype; expected a name "
+                           f"such as 'float32', 'float64', 'bfloat16' or 'float16'.")
 
 
 def _key(device: str, dtype: str) -> str:
@@ -120,7 +163,12 @@ _MEMO: dict = {}
 
 def rates(device: str = "cpu", dtype: str = "float32", refresh: bool = False) -> Rates:
     """This machine's rates for ``device`` and ``dtype``: from the cache file, else measured
-    (:func:`measure`) and stored. ``refresh`` measures again."""
+    (:func:`measure`) and stored. ``refresh`` measures again.
+
+    Raises:
+        PatternError: ``dtype`` is not a torch dtype.
+    """
+    check_dtype(dtype, "rates")
     if os.environ.get("PATTERNGEN_CALIBRATION") == "default":
         return Rates.default(device)
     key = _key(device, dtype)
@@ -134,19 +182,17 @@ def rates(device: str = "cpu", dtype: str = "float32", refresh: bool = False) ->
             if not isinstance(stored, dict):
                 raise ValueError(f"expected a JSON object, got {type(stored).__name__}")
             if key in stored and not refresh:
-                table = {name: Rate(**r) for name, r in stored[key].items()}
+                table = _stored_rates(stored[key], device)
                 _MEMO[key] = Rates(table, "measured")
                 return _MEMO[key]
-        except (ValueError, TypeError, OSError) as e:
+        except (ValueError, TypeError, OSError, RecursionError) as e:
             warnings.warn(f"patterngen: calibration file {path} is unreadable ({e}); "
                           f"measuring again.", stacklevel=2)
             stored = {}
     measured = measure(device, dtype)
     stored[key] = {name: asdict(r) for name, r in measured.executors.items()}
     try:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stored, indent=1))
-        os.replace(tmp, path)
+        trust.write_private(path, json.dumps(stored, indent=1).encode())
     except OSError as e:
         warnings.warn(f"patterngen: cannot write calibration file {path} ({e}); the rates "
                       f"hold for this process only.", stacklevel=2)

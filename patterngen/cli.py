@@ -19,7 +19,7 @@ import os
 import sys
 
 from .errors import BackendUnavailable, PatternError
-from .parse import parse, parse_grid
+from .parse import ascii_digits, parse, parse_grid
 
 __all__ = ["main", "build_parser"]
 
@@ -60,14 +60,14 @@ def _grid(text: str) -> tuple:
 
 def _assignment(text: str) -> tuple:
     name, sep, value = text.partition("=")
-    if not sep or not name.isidentifier() or not value.isdigit():
+    if not sep or not name.isidentifier() or not ascii_digits(value):
         raise argparse.ArgumentTypeError(f"invalid size {text!r}; expected NAME=INTEGER, "
                                          f"e.g. H=56")
     return name, int(value)
 
 
 def _size(text: str):
-    return int(text) if text.isdigit() else text
+    return int(text) if ascii_digits(text) else text
 
 
 def _add_shape_options(p, head_dim, heads, symbolic=False):

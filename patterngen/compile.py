@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+from . import limits
 from .errors import BackendUnavailable
 from .spec import as_ir
 
@@ -30,6 +33,9 @@ def compile(pattern, grid=None, backend="auto", device="cpu", dtype="float32", *
     from patterngen import backends
 
     lowered = as_ir(pattern, grid)
+    if lowered.grid.numeric:
+        limits.check("PATTERNGEN_MAX_TOKENS", math.prod(lowered.grid.shape),
+                     f"compile: grid {lowered.grid}'s tokens")
     cls = backends.get_backend(backend)
     if backend == "auto":
         return cls(lowered, device=device, dtype=dtype, **options)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import sympy
 
-from . import ir
+from . import ir, limits
 from .errors import PatternError
 from .grid import Grid, as_size, is_number, symbol
 from .spec import as_ir
@@ -328,7 +328,8 @@ def _head_cost(head: ir.IR) -> _HeadCost:
     assumptions, notes = [], []
     pairs = sympy.Integer(0)
     constant = sympy.Integer(0)  # keys per query, while every piece gives each query the same
-    for sign, term in head.pieces():
+    pieces = head.pieces()
+    for done, (sign, term) in enumerate(pieces, 1):
         prod = sympy.Integer(1)
         formulas = []
         for a, (rel, n) in enumerate(zip(term.rels, shape)):
@@ -340,6 +341,12 @@ def _head_cost(head: ir.IR) -> _HeadCost:
             prod *= f.pairs
             formulas.append(f)
         pairs += sign * prod
+        # sympy's work on the report grows with the distinct terms of the count (numbers
+        # collapse to one), far faster than with the pieces, many of which merge
+        limits.check("PATTERNGEN_MAX_SYMBOLIC_TERMS", len(sympy.Add.make_args(pairs)),
+                     f"cost: the distinct terms of the symbolic pair count of a union of "
+                     f"{len(head.terms)} terms, after {done} of its {len(pieces)} "
+                     f"inclusion-exclusion pieces (numbers for its sizes give the exact count),")
         if constant is not None and all(f.kmin == f.kmax for f in formulas):
             constant += sign * sympy.Mul(*(f.kmin for f in formulas))
         else:
@@ -491,14 +498,18 @@ class CostReport:
             x = sympy.sympify(x).xreplace(mapping)
             return int(x) if x.is_Integer else x
 
+        grid = self.grid.subs(mapping)
+        if grid.numeric:  # exact counts build arrays of each axis
+            limits.check("PATTERNGEN_MAX_AXIS", max(grid.shape),
+                         f"subs: the longest axis of grid={grid}")
         assumptions = tuple(a for a in (sympy.sympify(a).xreplace(mapping)
                                         for a in self.assumptions) if a is not sympy.true)
         for a in assumptions:
             if a is sympy.false:
                 raise PatternError(
-                    f"The sizes {sizes} break an assumption of the closed forms; check the "
-                    f"report's assumptions {self.assumptions}.")
-        return replace(self, grid=self.grid.subs(mapping), head_dim=s(self.head_dim),
+                    f"The sizes {dict(values or {}, **sizes)} break an assumption of the "
+                    f"closed forms; check the report's assumptions {self.assumptions}.")
+        return replace(self, grid=grid, head_dim=s(self.head_dim),
                        heads=s(self.heads), batch=s(self.batch), pairs=s(self.pairs),
                        pairs_per_head=tuple(s(p) for p in self.pairs_per_head),
                        keys_min=s(self.keys_min), keys_max=s(self.keys_max),

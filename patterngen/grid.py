@@ -23,6 +23,10 @@ from .errors import PatternError
 __all__ = ["Grid", "as_grid", "symbol", "as_size", "is_number"]
 
 
+#: the largest number a size may be (the product of two fits an int64)
+MAX_SIZE = 2 ** 31 - 1
+
+
 @functools.lru_cache(maxsize=None)
 def symbol(name: str) -> sympy.Symbol:
     """The one positive-integer sympy symbol of this name (same name, same symbol)."""
@@ -40,7 +44,8 @@ def as_size(value, name: str, minimum: int = 1):
     """Normalise one size: an int, a sympy expression, or a name string (becomes a symbol).
 
     Raises:
-        PatternError: for bools, floats, other types, or a number below ``minimum``.
+        PatternError: for bools, floats, other types, or a number below ``minimum`` or
+            above :data:`MAX_SIZE`.
     """
     if isinstance(value, str):
         if not value.isidentifier():
@@ -64,6 +69,10 @@ def as_size(value, name: str, minimum: int = 1):
     value = int(value)
     if value < minimum:
         raise PatternError(f"Invalid size {name}={value}; expected an integer >= {minimum}.")
+    if value > MAX_SIZE:
+        # beyond this, products of sizes overflow the int64 arithmetic of counts and kernels
+        raise PatternError(f"Invalid size {name}={value}; expected an integer <= "
+                           f"{MAX_SIZE} (2**31 - 1).")
     return value
 
 

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import sympy
 
+from . import limits
 from .errors import PatternError
 from .grid import Grid, is_number
 
@@ -494,6 +495,8 @@ class IR:
     def key_counts(self) -> np.ndarray:
         """Exact keys per query, row-major, without any tokens x tokens array."""
         shape = self.grid.require_numeric("key_counts")
+        limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape),
+                     f"key_counts: grid {self.grid}'s tokens")
         total = np.zeros(shape, dtype=np.int64)
         for sign, t in self.pieces():
             c = t.counts(shape)

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ir
+from . import ir, limits
 from .orders import TokenOrder, block_boxes
 from .tilecount import TABLE_MAX_AXIS, AxisCount, candidate_tiles, count_tiles
 from .tilechoice import aligned_tiles, tile_candidates
 from .errors import PatternError
+from .grid import MAX_SIZE
 from .spec import as_ir
 
 __all__ = ["layout", "Layout", "HeadsLayout", "aligned_tiles", "ORDERS", "TABLE_MAX_AXIS"]
@@ -53,11 +54,12 @@ ORDERS = ("row-major", "tiled", "auto")
 def _check_block(block) -> tuple[int, int]:
     values = block if isinstance(block, (tuple, list)) else (block, block)
     if len(values) != 2 or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE
             for v in values):
         raise PatternError(
-            f"Invalid block={block!r}; block sizes must be positive integers, given as one "
-            f"integer or (query_block, key_block), e.g. block=(128, 128).")
+            f"Invalid block={block!r}; block sizes must be positive integers up to "
+            f"{MAX_SIZE}, given as one integer or (query_block, key_block), e.g. "
+            f"block=(128, 128).")
     return int(values[0]), int(values[1])
 
 
@@ -383,6 +385,8 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
     """
     lowered = as_ir(pattern, grid)
     shape = lowered.grid.require_numeric("layout")
+    limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape),
+                 f"layout: grid {lowered.grid}'s tokens")
     block = _check_block(block)
     if order not in ORDERS:
         raise PatternError(f"Unknown order={order!r}; expected one of {ORDERS}.")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ast
 
-from . import spec
+from . import limits, spec
 from .errors import PatternError
 
 __all__ = ["parse", "parse_grid", "CONSTRUCTORS"]
@@ -52,12 +52,8 @@ def _value(node, text: str):
     if isinstance(node, (ast.Tuple, ast.List)):
         values = [_value(e, text) for e in node.elts]
         return tuple(values) if isinstance(node, ast.Tuple) else values
-    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
-        left, right = _value(node.left, text), _value(node.right, text)
-        for side, v in ((node.left, left), (node.right, right)):
-            if not isinstance(v, spec.Pattern):
-                raise _error(text, side, f"'|' and '&' combine patterns, not {v!r}")
-        return left | right if isinstance(node.op, ast.BitOr) else left & right
+    if _combines(node):
+        return _chain(node, text)
     if isinstance(node, ast.Call):
         if not isinstance(node.func, ast.Name) or node.func.id not in CONSTRUCTORS:
             name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
@@ -89,6 +85,33 @@ def _value(node, text: str):
                              f"arguments, '|' and '&'", col)
 
 
+def _combines(node) -> bool:
+    return isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd))
+
+
+def _chain(node, text: str) -> spec.Pattern:
+    """``a | b | ...`` (and ``&``), walked down its left spine in a loop: a union of a
+    thousand terms is a tree a thousand deep."""
+    spine = []
+    while _combines(node):
+        spine.append(node)
+        node = node.left
+    limits.check("PATTERNGEN_MAX_TERMS", len(spine) + 1,
+                 "The number of patterns combined by one chain of '|' and '&'")
+
+    def operand(side):
+        v = _value(side, text)
+        if not isinstance(v, spec.Pattern):
+            raise _error(text, side, f"'|' and '&' combine patterns, not {v!r}")
+        return v
+
+    value = operand(node)
+    for op in reversed(spine):
+        right = operand(op.right)
+        value = value | right if isinstance(op.op, ast.BitOr) else value & right
+    return value
+
+
 def parse(text: str) -> spec.Pattern:
     """A pattern from its expression, e.g. ``"window(7) | global_tokens([0])"``.
 
@@ -107,13 +130,22 @@ def parse(text: str) -> spec.Pattern:
     text = text.strip()
     try:
         tree = ast.parse(text, mode="eval")
+        value = _value(tree.body, text)
     except SyntaxError as e:
         raise PatternError(f"Syntax error: {e.msg} (column {e.offset or 1} of "
                            f"{text!r}).") from None
-    value = _value(tree.body, text)
+    except (RecursionError, MemoryError):
+        raise PatternError(f"Pattern expression nested too deeply ({len(text)} characters "
+                           f"starting {text[:40]!r}); write long unions as a flat chain "
+                           f"a | b | c.") from None
     if not isinstance(value, spec.Pattern):
         raise _error(text, tree.body, f"Expected a pattern such as window(7), got {value!r}")
     return value
+
+
+def ascii_digits(text: str) -> bool:
+    """Only ASCII digits: ``str.isdigit`` also accepts ``"²"``, which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_grid(text: str) -> tuple:
@@ -131,7 +163,7 @@ def parse_grid(text: str) -> tuple:
     parts = str(text).replace(" ", "").split("," if "," in str(text) else "x")
     out = []
     for part in parts:
-        if part.isdigit():
+        if ascii_digits(part):
             out.append(int(part))
         elif part.isidentifier():
             out.append(part)

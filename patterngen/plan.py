@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ir
+from . import ir, limits
 from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .spec import as_ir
@@ -426,11 +426,14 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
 
     lowered = as_ir(pattern, grid)
     shape = lowered.grid.require_numeric("plan")
+    limits.check("PATTERNGEN_MAX_PLAN_TOKENS", math.prod(shape),
+                 f"plan: grid {lowered.grid}'s tokens (a named backend is not planned)")
     device_type = str(device).split(":")[0]
     if device_type not in ("cpu", "cuda"):
         raise BackendUnavailable(f"plan: device={device!r}; expected 'cpu' or 'cuda' "
                                  f"(optionally with an index, e.g. 'cuda:0').")
     dtype = _dtype_name(dtype)
+    calibrate.check_dtype(dtype, "plan")
     wanted = tuple(executors) if executors is not None else STRATEGIES
     unknown = [e for e in wanted if e not in STRATEGIES]
     if unknown:
@@ -444,9 +447,9 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
             raise PatternError(f"plan: {name}={value!r}; expected a positive int.")
     rates = rates if rates is not None else calibrate.rates(device_type, dtype)
     npat = len(lowered.per_head)
-    # (batch, head) pairs per listed pattern
-    per_pattern_work = [batch * sum(ir.pattern_of_head(h, npat) == p for h in range(heads))
-                        for p in range(npat)]
+    # (batch, head) pairs per listed pattern: pattern_of_head cycles, so pattern p serves the
+    # heads p, p + npat, ... below heads (counted, not enumerated: heads may be 2**31 - 1)
+    per_pattern_work = [batch * len(range(p, heads, npat)) for p in range(npat)]
 
     # a copy of q, k and v per (batch, head), forward and again in the backward
     copy_ms = 0.0 if contiguous else (1 + backward) * rates.predict(

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from . import ir
+from . import ir, limits
 from .compile import compile as compile_pattern
 from .cost import CostReport, cost, mean_over_heads
 from .errors import PatternError
@@ -202,6 +202,8 @@ def _measure(pattern, grid, symbolic, backend, device, dtype, head_dim, heads, b
     if not isinstance(torch_dtype, torch.dtype):
         raise PatternError(f"Unknown dtype={dtype!r}; expected a torch dtype name such as "
                            f"'float32'.")
+    limits.check("PATTERNGEN_MAX_PROFILE_ELEMENTS", batch * heads * math.prod(shape) * head_dim,
+                 "profile: the elements of each of q, k and v")
     q, k, v = (torch.randn(batch, heads, *shape, head_dim, device=device, dtype=torch_dtype)
                for _ in range(3))
     with torch.no_grad():

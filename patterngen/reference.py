@@ -6,9 +6,11 @@ against :func:`materialize` + :func:`dense_attention`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from . import ir
+from . import ir, limits
 from .errors import PatternError
 from .spec import as_ir
 
@@ -92,6 +94,7 @@ def show(pattern, grid=None, query=None, head: int = 0) -> str:
     if len(query) != len(shape) or not all(0 <= q < n for q, n in zip(query, shape)):
         raise PatternError(f"Invalid query={query} for grid {one.grid}; expected coordinates "
                            f"0 <= q < n on each of the {len(shape)} axes.")
+    limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape), f"show: grid {one.grid}'s tokens")
     keys = np.zeros(shape, dtype=bool)
     for term in one.terms:
         per_axis = []

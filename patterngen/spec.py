@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from . import ir
+from . import ir, limits
 from .errors import PatternError
 from .grid import Grid, as_grid, as_size, is_number
 
@@ -462,7 +462,11 @@ class Intersection(Pattern):
     def terms(self, grid):
         out = self.parts[0].terms(grid)
         for p in self.parts[1:]:
-            out = [t & u for t in out for u in p.terms(grid)]
+            right = p.terms(grid)
+            # intersecting unions multiplies their terms: refuse before building the product
+            limits.check("PATTERNGEN_MAX_TERMS", len(out) * len(right),
+                         f"The intersection's product of terms ({len(out)} x {len(right)})")
+            out = [t & u for t in out for u in right]
             out = [t for t in out if not t.is_empty]
         return out
 
@@ -479,6 +483,8 @@ class Heads(Pattern):
     def __post_init__(self):
         if not self.patterns:
             raise PatternError("heads() needs at least one pattern.")
+        limits.check("PATTERNGEN_MAX_HEAD_PATTERNS", len(self.patterns),
+                     "The number of patterns in heads(...)")
         for p in self.patterns:
             _check(p, "heads")
 
@@ -605,7 +611,11 @@ def heads(*patterns) -> Heads:
 def _lower(spec: Pattern, grid: Grid):
     if isinstance(spec, Heads):
         return ir.HeadsIR(grid, tuple(_lower(p, grid) for p in spec.patterns), repr(spec))
-    result = ir.make_ir(grid, spec.terms(grid), repr(spec))
+    if grid.numeric:
+        limits.check("PATTERNGEN_MAX_AXIS", max(grid.shape), f"The longest axis of grid={grid}")
+    terms = spec.terms(grid)
+    limits.check("PATTERNGEN_MAX_TERMS", len(terms), "The number of separable terms")
+    result = ir.make_ir(grid, terms, repr(spec))
     ir.verify(result)
     return result
 

@@ -375,6 +375,10 @@ def _error_cases(group, world, rank):
                                                        q if rank else q[:, :, :2]),
         "flex refused": lambda: pg.distributed.compile(pg.window(3), (3 * world, 4),
                                                        group=group, backend="flex"),
+        "scale differs": lambda: pg.distributed.compile(
+            pg.window(3), (3 * world, 4), group=group, backend="sdpa", scale=0.5 + (rank > 0)),
+        "backend differs": lambda: pg.distributed.compile(
+            pg.window(3), (3 * world, 4), group=group, backend="sdpa" if rank else "numba"),
         "batch differs": lambda: pg.distributed.compile(
             pg.window(3), (3 * world, 4), group=group)(*(q[:, :1 + rank % 2],) * 3),
     }
@@ -533,9 +537,12 @@ def test_every_rank_raises_the_same_clear_error(spawned, world):
     expected = {"disagree": "disagree", "grid smaller than ranks": "needs at least one line",
                 "empty shard": r"shards\[0\]=0", "bad shape on one rank": "bad inputs on rank 0",
                 "flex refused": "backend='flex'",
+                "scale differs": r"same pattern, grid, axis, shards, backend and options: "
+                                 r"rank 0: .*options \{'scale': 0.5\}.*rank 1: .*'scale': 1.5",
+                "backend differs": r"rank 0: .*backend='numba'.*rank 1: .*backend='sdpa'",
                 "batch differs": "inputs disagree"}
     for name, match in expected.items():
-        if name == "batch differs" and world == 1:
+        if name in ("batch differs", "scale differs", "backend differs") and world == 1:
             continue
         got = [m[name] for m in messages]
         assert got[0] is not None, name

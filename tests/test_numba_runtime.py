@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import patterngen as pg
+from patterngen import trust
 from patterngen.backends.numba import module, runtime
 
 
@@ -194,14 +195,14 @@ def _run_small(spec=pg.window(3) | pg.axis(0), grid=(4, 5)):
 
 @pytest.mark.parametrize("how", ["a file in its place", "read-only"])
 def test_an_unusable_cache_directory_moves_to_a_temporary_one(how, tmp_path, monkeypatch):
-    monkeypatch.setattr(module, "_moved", {})
+    monkeypatch.setattr(trust, "_moved", {})
     if how == "read-only":
         target = tmp_path / "cache"
         target.mkdir()
 
         def refuse(path):  # as a read-only directory does for a user other than root
             raise PermissionError(13, "Permission denied", str(path))
-        monkeypatch.setattr(module, "_probe", refuse)
+        monkeypatch.setattr(trust, "_probe", refuse)
     else:
         (tmp_path / "file").write_text("")
         target = tmp_path / "file" / "cache"

@@ -2,61 +2,48 @@
 
 :func:`load` writes the text to the cache directory under a name made of its hash and of the
 runtime's (so a changed helper in ``runtime.py`` or ``launch.py`` gives every kernel a new file
-and numba, whose cache only watches the kernel's own file, compiles it again), imports it with
-``importlib`` into a fresh module, and compiles nothing. :func:`kernel` compiles one kernel, on
-first use, as a ``cfunc`` with ``cache=True``: a forward compiles its forward kernels only, the
-backward its own when gradients are first asked for, and a later process loads both from disk.
+and numba, whose cache only watches the kernel's own file, compiles it again), runs that
+text (never bytecode read back from the disk) in a fresh module, and compiles nothing.
+:func:`kernel` compiles one kernel, on first use, as a ``cfunc`` with ``cache=True``: a
+forward compiles its forward kernels only, the backward its own when gradients are first asked
+for, and a later process loads both from disk. What is trusted on disk: docs/security.md.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import logging
 import os
 import sys
-import tempfile
 import traceback
+import types
 import warnings
 from pathlib import Path
+
+from patterngen import trust
+from patterngen.errors import PatternError
 
 from . import launch, runtime
 
 log = logging.getLogger(__name__)
 
-_moved: dict[str, Path] = {}
-
 
 def cache_dir() -> Path:
     """Where generated modules (and numba's caches, in their ``__pycache__``) are kept.
 
-    ``$PATTERNGEN_CACHE`` when set, else ``~/.cache/patterngen/numba``. A directory that
-    cannot be created or written (read-only, or a file in its place) is replaced, with one
-    warning, by a temporary directory.
+    ``$PATTERNGEN_CACHE`` when set, else ``~/.cache/patterngen/numba``, created private to the
+    user (0700). A directory that cannot be created or written (read-only, or a file in its
+    place), or that others could write to (:mod:`patterngen.trust`), is replaced, with one
+    warning, by a private temporary directory.
     """
     root = os.environ.get("PATTERNGEN_CACHE")
     path = Path(root) if root else Path.home() / ".cache" / "patterngen" / "numba"
-    if str(path) in _moved:
-        return _moved[str(path)]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        _probe(path)
-        return path
-    except OSError as e:
-        fallback = Path(tempfile.mkdtemp(prefix="patterngen-numba-"))
-        warnings.warn(f"numba: the kernel cache directory {str(path)!r} cannot be used ({e}); "
-                      f"compiled kernels go to {str(fallback)!r} for this process instead "
-                      f"(set PATTERNGEN_CACHE to a writable directory).", RuntimeWarning,
-                      stacklevel=2)
-        _moved[str(path)] = fallback
-        return fallback
-
-
-def _probe(path: Path) -> None:
-    """Raise ``OSError`` unless a file can be written in ``path``."""
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-        pass
+    # numba keeps its pickled index and data in __pycache__: private too, made before numba
+    # would make it 0755
+    return trust.usable_dir(path, "numba: the kernel cache directory",
+                            "set PATTERNGEN_CACHE to a directory only you can write",
+                            subdirs=("__pycache__",))
 
 
 @functools.cache
@@ -73,31 +60,70 @@ def module_name(source: str, digest: str) -> str:
 
 @functools.cache
 def load(source: str):
-    """Import the module that ``source`` defines, compiling nothing yet.
+    """Run the module that ``source`` defines, compiling no kernel yet.
 
-    The file is written once (atomically); a file of that name with other text (a torn
-    write) is rewritten.
+    The module runs from ``source`` itself, compiled with the cache file's path as its file
+    name: numba's ``cache=True`` finds its cache beside that file, and no bytecode or text read
+    back from the disk is ever run. The file is written once (exclusively, then renamed into
+    place); a file of that name with other bytes (a torn write, other text) is rewritten.
 
     Raises:
+        PatternError: a directory stands where the file belongs, or ``NUMBA_CACHE_DIR`` is
+            not private to the user.
         SyntaxError, ImportError: with the generated source attached as a note.
     """
+    _check_numba_caches()
     name = module_name(source, runtime_digest())
     path = cache_dir() / f"{name}.py"
-    if not path.exists() or path.read_text() != source:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(source)
-        os.replace(tmp, path)
+    text = source.encode()
+    try:
+        current = path.read_bytes()
+    except FileNotFoundError:
+        current = None
+    except IsADirectoryError:
+        raise PatternError(f"numba: {str(path)!r} is a directory where the generated module "
+                           f"belongs; remove it.") from None
+    if current != text:
+        trust.write_private(path, text)
     log.debug("numba kernel module %s:\n%s", path, source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
     sys.modules[name] = module  # as an import would: numba's cache finds functions by module
     try:
-        spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)
     except Exception as e:
         del sys.modules[name]
         attach_source(e, f"while importing generated module {path}:\n{source}")
         raise
     return module
+
+
+def _check_numba_caches() -> None:
+    """Refuse numba cache directories others could write to: ``NUMBA_CACHE_DIR``, and where
+    the runtime helpers' caches are when not beside ``runtime.py`` (numba's user-wide cache,
+    when the installation is read-only). numba unpickles code from them; the installation's
+    own ``__pycache__`` is trusted as the installation is."""
+    import numba
+
+    if numba.config.CACHE_DIR:
+        try:
+            trust.private_dir(Path(numba.config.CACHE_DIR))
+        except OSError as e:
+            raise PatternError(f"numba: NUMBA_CACHE_DIR={numba.config.CACHE_DIR!r} cannot be "
+                               f"used ({e}); numba loads pickled code from it, so it must be "
+                               f"a directory only you can write. Point it elsewhere or unset "
+                               f"it.") from None
+    installed = Path(runtime.__file__).parent / "__pycache__"
+    paths = {getattr(getattr(helper, "_cache", None), "cache_path", None)
+             for helper in vars(runtime).values()}
+    for path in sorted(Path(p) for p in paths - {None} if Path(p) != installed):
+        try:
+            trust.check_private(path)
+        except OSError as e:
+            raise PatternError(f"numba: the runtime helpers' cache {str(path)!r} cannot be "
+                               f"used ({e}); numba loads pickled code from it. Make it "
+                               f"private (chmod 700) or set NUMBA_CACHE_DIR to a directory "
+                               f"only you can write.") from None
 
 
 @functools.cache

@@ -94,6 +94,21 @@ def _device(group):
     return torch.device("cpu")
 
 
+def _canonical(value) -> str:
+    """Text equal on two ranks exactly when the option values are: tensors (a bias table) by
+    their dtype, shape and a hash of their bytes, since their repr elides elements."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().to("cpu").contiguous().reshape(-1)
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        return (f"tensor({flat.dtype}, {tuple(value.shape)}, "
+                f"{hashlib.sha256(data).hexdigest()[:16]})")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_canonical(v)}" for k, v in sorted(value.items())) + "}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(map(_canonical, value)) + ")"
+    return repr(value)
+
+
 class DistributedAttention:
     """Attention of one rank's shard; build it with :func:`patterngen.distributed.compile`.
 
@@ -136,10 +151,11 @@ class DistributedAttention:
             self.shards = split_lines(shape[self.axis], self.world, shards)
             moved = _axis_first(lowered, self.axis)
             key = (tuple(tuple(map(repr, h.terms)) for h in moved.per_head), shape, self.axis,
-                   self.shards, self.world)
+                   self.shards, self.world, backend, _canonical(options))
             digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
             summary = (f"{lowered.label} on grid {lowered.grid}, axis={self.axis}, "
-                       f"shards={list(self.shards)}")
+                       f"shards={list(self.shards)}, backend={backend!r}, options "
+                       f"{_canonical(options)}")
             self.resharded = reshard(moved, self.shards)
             self.plan = rank_plan(moved, self.shards, self.rank, self.resharded)
             if self.resharded:
@@ -182,7 +198,10 @@ class DistributedAttention:
                 f"{self.shards[self.rank]} of axis {self.axis}, {self.local!r})")
 
     def _agree(self, payload):
-        """All-gather ``(digest, summary, error)``; raise the same error on every rank."""
+        """All-gather ``(digest, summary, error)``; raise the same error on every rank.
+
+        ``all_gather_object`` unpickles what every peer sends: the ranks of one job trust
+        each other (docs/security.md)."""
         gathered = [None] * self.world
         dist.all_gather_object(gathered, payload, group=self.group)
         failed = [(r, e) for r, (_, _, e) in enumerate(gathered) if e]
@@ -192,7 +211,8 @@ class DistributedAttention:
         if len({d for d, _, _ in gathered}) > 1:
             raise PatternError(
                 "The ranks disagree on the sharded pattern (checked before any exchange); "
-                "every rank must compile the same pattern, grid, axis and shards: "
+                "every rank must compile the same pattern, grid, axis, shards, backend and "
+                "options: "
                 + "; ".join(f"rank {r}: {s} [{d}]" for r, (d, s, _) in enumerate(gathered)))
 
     def _check(self, q, k, v):
