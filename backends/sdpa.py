@@ -36,7 +36,6 @@ from patterngen import bias
 from patterngen.backends import Backend, register_backend
 from patterngen.backends._inputs import kv_heads_of, non_finite, take_heads, unit_stride
 from patterngen.layout import HeadsLayout, aligned_tiles, layout
-from patterngen.reference import materialize
 
 __all__ = ["SdpaBackend", "Group"]
 
@@ -218,16 +217,6 @@ class SdpaBackend(Backend):
 
     def __repr__(self):
         return f"SdpaBackend({self.ir.label or self.ir!r} on grid {self.ir.grid})"
-
-    def attn_mask(self):
-        """Dense boolean ``(tokens, tokens)`` mask (``(patterns, ..)`` for heads), row-major.
-
-        Raises:
-            PatternError: when the grid has more tokens than a dense mask may hold.
-        """
-        import torch
-
-        return torch.as_tensor(materialize(self.ir))
 
     def block_sparse(self) -> list[dict]:
         """The block-sparse form executed, per listed pattern: layout, permutation, groups.

@@ -19,7 +19,8 @@ from .plan import Plan, plan
 from .profile import profile
 from .ir import IR, HeadsIR
 from .layout import Layout, layout
-from .reference import dense_attention, materialize, show
+from .pictures import show
+from .reference import dense_attention, materialize
 from .spec import (Pattern, area, axis, block, causal, criss_cross, full, global_tokens, heads,
                    lower, stripe, window)
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import ir, limits
 from .errors import PatternError
-from .reference import draw
+from .pictures import draw
 from .spec import as_ir
 from .spec import Pattern
 

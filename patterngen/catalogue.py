@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import spec as pg
 from .cost import cost
-from .reference import show
+from .pictures import show
 
 __all__ = ["Entry", "CATALOGUE", "demo_text"]
 

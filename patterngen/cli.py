@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show(args):
-    from .reference import show
+    from .pictures import show
 
     print(show(parse(args.pattern), grid=args.grid, query=args.query, head=args.head))
 

@@ -201,7 +201,7 @@ def test_flex_score_mod_is_the_oracle_s_bias():
     perm = torch.as_tensor(attn.layout.permutation)
     i = torch.arange(42)
     mask = pg.materialize(pattern, grid)
-    dense = pg.reference._dense_bias(table, grid, torch.as_tensor(mask))[:, perm][:, :, perm]
+    dense = pg.reference.dense_bias(table, grid, torch.as_tensor(mask))[:, perm][:, :, perm]
     keep = torch.as_tensor(mask)[perm][:, perm]
     for h in range(2):
         got = mod(torch.zeros(42, 42, dtype=torch.float64), 0, h, i[:, None], i[None, :])
@@ -385,7 +385,7 @@ def test_from_swin_reproduces_timm_s_bias_inside_a_window():
     wh, ww, heads = 4, 3, 2
     swin = torch.randn((2 * wh - 1) * (2 * ww - 1), heads)
     timm_bias = swin[timm_index(wh, ww).view(-1)].view(wh * ww, wh * ww, heads).permute(2, 0, 1)
-    ours = pg.reference._dense_bias(bias.from_swin(swin, (wh, ww)), (wh, ww),
+    ours = pg.reference.dense_bias(bias.from_swin(swin, (wh, ww)), (wh, ww),
                                     torch.ones(wh * ww, wh * ww, dtype=torch.bool))
     torch.testing.assert_close(ours, timm_bias, atol=0, rtol=0)
     cropped = bias.from_swin(swin, (wh, ww), reach_=(1, 2))
