@@ -63,7 +63,8 @@ def materialize(pattern, grid=None) -> np.ndarray:
     return _materialize_one(lowered)
 
 
-def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid=None):
+def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid=None,
+                    additional_keys=None, additional_values=None):
     """Masked softmax attention on ``(batch, heads, tokens, dim)`` torch tensors.
 
     ``mask`` is ``(tokens, tokens)`` or ``(patterns, tokens, tokens)`` (head ``h`` uses
@@ -71,10 +72,14 @@ def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid
     The score of a pair is ``scale * q.k``, passed through ``softcap * tanh(s / softcap)`` when
     ``softcap`` is given, plus ``rel_bias[h, key - query + reach]`` (see
     :mod:`patterngen.bias`; the reach is read from the table's shape, ``grid`` gives the
-    coordinates).
+    coordinates). ``k`` and ``v`` may have fewer heads than ``q`` (grouped key/value heads):
+    query head ``h`` reads head ``h // (q heads // kv heads)``, torch's ``enable_gqa`` rule.
+    ``additional_keys``/``additional_values`` (``(batch, kv heads, extra, dim)``) are keys
+    every query sees besides its pattern, in the same softmax, softcapped alike, unbiased.
 
     Raises:
-        PatternError: when an attended pair's offset lies outside the table.
+        PatternError: when an attended pair's offset lies outside the table, or the kv heads
+            do not divide the query heads.
     """
     import torch
 
@@ -82,12 +87,26 @@ def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid
     if mask.dim() == 3:
         idx = ir.pattern_of_head(torch.arange(q.shape[1], device=q.device), mask.shape[0])
         mask = mask[idx]
+    if q.shape[1] % k.shape[1]:
+        raise PatternError(f"dense_attention: k has {k.shape[1]} heads, q {q.shape[1]}; "
+                           f"expected kv heads that divide the query heads.")
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, 1) for t in (k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
+    bias_ = None if rel_bias is None else dense_bias(rel_bias, grid, mask)
+    if additional_keys is not None:
+        ak, av = (t.repeat_interleave(group, 1) for t in (additional_keys, additional_values))
+        extra = ak.shape[2]
+        scores = torch.cat([scores, (q @ ak.transpose(-1, -2)) * scale], -1)
+        mask = torch.cat([mask.expand(*scores.shape[:-1], mask.shape[-1]),
+                          mask.new_ones(*scores.shape[:-1], extra)], -1)
+        v = torch.cat([v, av], 2)
+        bias_ = None if bias_ is None else torch.nn.functional.pad(bias_, (0, extra))
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    if rel_bias is not None:
-        scores = scores + dense_bias(rel_bias, grid, mask)
+    if bias_ is not None:
+        scores = scores + bias_
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return probs @ v

@@ -73,8 +73,8 @@ def _oracle(pattern, grid, q, k, v, cotangent):
     """Dense float64 output and q, k, v gradients on the whole grid (one process); k and v
     may have fewer heads (each repeated for its group of query heads)."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
-    flat = [x.repeat_interleave(h // x.shape[1], 1).reshape(b, h, -1, d) for x in (q, k, v)]
+    b, d = q.shape[0], q.shape[-1]
+    flat = [x.reshape(b, x.shape[1], -1, d) for x in (q, k, v)]
     out = pg.dense_attention(*flat, pg.materialize(pattern, grid)).reshape(q.shape)
     (out * cotangent).sum().backward()
     return out.detach(), q.grad, k.grad, v.grad

@@ -28,23 +28,11 @@ HEADS = [(4, 2), (6, 2), (3, 1)]
 
 
 def oracle(pattern, grid, q, k, v, scale=None, ak=None, av=None, softcap=None):
-    """Dense float64 attention with k and v repeated for each group of query heads."""
-    group = q.shape[1] // k.shape[1]
-    k, v = (t.repeat_interleave(group, 1) for t in (k, v))
-    b, h, d = q.shape[0], q.shape[1], q.shape[-1]
-    mask = torch.as_tensor(pg.materialize(pattern, grid))
-    mask = mask.expand(h // mask.shape[0] + 1, *mask.shape[-2:])[:1] if mask.dim() == 2 \
-        else mask[torch.arange(h) % mask.shape[0]]
-    q, k, v = (t.reshape(b, h, -1, d) for t in (q, k, v))
-    if ak is not None:
-        ak, av = (t.repeat_interleave(group, 1) for t in (ak, av))
-        k, v = torch.cat([k, ak], 2), torch.cat([v, av], 2)
-        mask = torch.cat([mask, mask.new_ones(*mask.shape[:-1], ak.shape[2])], -1)
-    scores = q @ k.transpose(-1, -2) * (d ** -0.5 if scale is None else scale)
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
-    return probs @ v
+    """The dense oracle on flattened tokens (it repeats k and v for each group of heads)."""
+    b, d = q.shape[0], q.shape[-1]
+    q, k, v = (t.reshape(b, t.shape[1], -1, d) for t in (q, k, v))
+    return pg.dense_attention(q, k, v, pg.materialize(pattern, grid), scale=scale,
+                              softcap=softcap, additional_keys=ak, additional_values=av)
 
 
 @functools.cache

@@ -17,8 +17,6 @@ def plain_attention(layer, x, pattern, grid):
     kv = layer.kv_heads
     q, k, v = qkv.split([heads * hd, kv * hd, kv * hd], -1)
     q, k, v = (t.reshape(b, tokens, -1, hd).transpose(1, 2) for t in (q, k, v))
-    # grouped key/value heads as torch's enable_gqa defines them: each repeated for its group
-    k, v = (t.repeat_interleave(heads // kv, 1) for t in (k, v))
     out = pg.dense_attention(q, k, v, torch.as_tensor(pg.materialize(pattern, grid)),
                              rel_bias=layer.rel_pos_bias_table, grid=grid)
     out = out.transpose(1, 2).reshape(b, tokens, dim)

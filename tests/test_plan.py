@@ -172,17 +172,6 @@ def test_a_corrupt_calibration_file_is_measured_again(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-def _extra_reference(q, k, v, ak, av, mask):
-    """The oracle over grid keys and extra keys in one softmax (the extra ones always seen)."""
-    b, h, n, d = q.shape
-    if mask.ndim == 3:  # heads(...): head h uses pattern h % len(patterns)
-        mask = mask[pg.ir.pattern_of_head(np.arange(h), len(mask))]
-    full = np.concatenate([mask, np.ones((*mask.shape[:-1], ak.shape[2]), dtype=bool)], -1)
-    scores = (q @ torch.cat([k, ak], 2).transpose(-1, -2)) * d ** -0.5
-    scores = scores.masked_fill(~torch.as_tensor(full), float("-inf"))
-    return torch.softmax(scores, -1) @ torch.cat([v, av], 2)
-
-
 @pytest.mark.parametrize("backend, pattern, grid, extra, options", [
     ("auto", pg.criss_cross(), (5, 6), 3, {}),
     ("auto", pg.window(3) | pg.global_tokens([0]), (6, 5), 2, {}),
@@ -204,7 +193,8 @@ def test_additional_keys_share_the_softmax(backend, pattern, grid, extra, option
                for _ in range(3))
     ak, av = (torch.randn(2, 4, extra, 8, generator=gen, dtype=torch.float64,
                           requires_grad=True) for _ in range(2))
-    ref = _extra_reference(q, k, v, ak, av, pg.materialize(pattern, grid))
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), additional_keys=ak,
+                             additional_values=av)
     out = attn(q, k, v, additional_keys=ak, additional_values=av)
     torch.testing.assert_close(out, ref)
     with torch.no_grad():
@@ -230,10 +220,8 @@ def test_additional_keys_with_a_softcap(backend, options):
                        for n in (30, 30, 30, 3, 3))
     with torch.set_grad_enabled(grad):
         out = attn(q, k, v, additional_keys=ak, additional_values=av)
-    seen = np.concatenate([pg.materialize(pattern, grid), np.ones((30, 3), dtype=bool)], 1)
-    scores = 2.0 * torch.tanh((q @ torch.cat([k, ak], 2).transpose(-1, -2)) * 8 ** -0.5 / 2.0)
-    ref = torch.softmax(scores.masked_fill(~torch.as_tensor(seen), float("-inf")), -1) @ \
-        torch.cat([v, av], 2)
+    ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid), softcap=2.0,
+                             additional_keys=ak, additional_values=av)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     if grad:
         dout = torch.randn(ref.shape, generator=gen, dtype=dtype)
@@ -269,8 +257,9 @@ def test_additional_keys_on_compiled_flex(pattern, grid, extra, options):
     gen = torch.Generator().manual_seed(extra)
     q, k, v = (torch.randn(2, 4, int(np.prod(grid)), 8, generator=gen) for _ in range(3))
     ak, av = (torch.randn(2, 4, extra, 8, generator=gen) for _ in range(2))
-    ref = _extra_reference(*(t.double() for t in (q, k, v, ak, av)),
-                           pg.materialize(pattern, grid))
+    q64, k64, v64, ak64, av64 = (t.double() for t in (q, k, v, ak, av))
+    ref = pg.dense_attention(q64, k64, v64, pg.materialize(pattern, grid),
+                             additional_keys=ak64, additional_values=av64)
     with torch.no_grad():
         out = attn(q, k, v, additional_keys=ak, additional_values=av)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
