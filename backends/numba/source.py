@@ -325,6 +325,26 @@ def _emit_bias_row(em: _Emitter, ctx: dict, backward: bool) -> None:
             em("dbt = dtable[slot, h % table.shape[0]]")
 
 
+def _emit_item_head(em: _Emitter, per: str) -> None:
+    """A work item's batch ``b``, head ``h`` and bounds-table row ``r``; items run over
+    batch, then head, then ``per`` items of one head."""
+    em(f"b = w // (nh * {per})")
+    em(f"h = heads[(w // {per}) % nh]")
+    em(f"r = brows[(w // {per}) % nh]")
+
+
+def _emit_item_rows(em: _Emitter, ctx: dict, backward: bool) -> None:
+    """The item's rows of the inputs and outputs (k and v of its key/value head) and of the
+    bias table."""
+    em("hk = h // group")
+    if backward:
+        em("qb, kb, vb, ob, dob = q[b, h], k[b, hk], v[b, hk], out[b, h], dout[b, h]")
+        em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
+    else:
+        em("qb, kb, vb, ob = q[b, h], k[b, hk], v[b, hk], out[b, h]")
+    _emit_bias_row(em, ctx, backward)
+
+
 def _emit_bias_base(em: _Emitter, ctx: dict, last: str) -> None:
     """``e{a} = reach - query`` per axis (``last``: the query's last coordinate), so that a
     key's flat table position is ``o = (...(p0 + e0) * span1 + p1 + e1)...``."""
@@ -351,13 +371,9 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em("bits = scratch(KEY_CHUNK, BITS)")
         _emit_bias_scratch(em, ctx, False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
-            em("b = w // (nh * tiles)")
-            em("h = heads[(w // tiles) % nh]")
-            em("r = brows[(w // tiles) % nh]")
+            _emit_item_head(em, "tiles")
             em("first = (w % tiles) * QUERY_TILE")
-            em("hk = h // group")
-            em("qb, kb, vb, ob = q[b, h], k[b, hk], v[b, hk], out[b, h]")
-            _emit_bias_row(em, ctx, False)
+            _emit_item_rows(em, ctx, False)
             with em.block("for iq in range(first, min(first + QUERY_TILE, tokens)):"):
                 _unflatten(em, ndim)
                 _emit_bias_base(em, ctx, f"i{ndim - 1}")
@@ -427,14 +443,9 @@ def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         em("bits = scratch(KEY_CHUNK, BITS)")
         _emit_bias_scratch(em, ctx, True)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
-            em("b = w // (nh * splits)")
-            em("h = heads[(w // splits) % nh]")
-            em("r = brows[(w // splits) % nh]")
+            _emit_item_head(em, "splits")
             em("split = w % splits")
-            em("hk = h // group")
-            em("qb, kb, vb, ob, dob = q[b, h], k[b, hk], v[b, hk], out[b, h], dout[b, h]")
-            em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
-            _emit_bias_row(em, ctx, True)
+            _emit_item_rows(em, ctx, True)
             with em.block("for iq in range(split * tokens // splits, "
                           "(split + 1) * tokens // splits):"):
                 em("lse_q = lse[b, h, iq]")
@@ -521,14 +532,10 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
                            ("lscores",), False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
-            em("b = w // (nh * tiles)")
-            em("h = heads[(w // tiles) % nh]")
-            em("r = brows[(w // tiles) % nh]")
+            _emit_item_head(em, "tiles")
             em("row = (w % tiles) // per_row")
             em("first = (w % tiles) % per_row * LANES")
-            em("hk = h // group")
-            em("qb, kb, vb, ob = q[b, h], k[b, hk], v[b, hk], out[b, h]")
-            _emit_bias_row(em, ctx, False)
+            _emit_item_rows(em, ctx, False)
 
             def per_lane(em):
                 with em.block("for d in range(dim):"):
@@ -564,14 +571,9 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
         _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"), ("scores", "dps", "mask"),
                            ("lse_t", "delta"), ("lscores", "ldps"), True)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
-            em("b = w // (nh * splits)")
-            em("h = heads[(w // splits) % nh]")
-            em("r = brows[(w // splits) % nh]")
+            _emit_item_head(em, "splits")
             em("split = w % splits")
-            em("hk = h // group")
-            em("qb, kb, vb, ob, dob = q[b, h], k[b, hk], v[b, hk], out[b, h], dout[b, h]")
-            em("dqb, dkb, dvb = dq[b, h], dk[split, b, h], dv[split, b, h]")
-            _emit_bias_row(em, ctx, True)
+            _emit_item_rows(em, ctx, True)
             with em.block("for tile in range(split * tiles // splits, "
                           "(split + 1) * tiles // splits):"):
                 em("row = tile // per_row")
