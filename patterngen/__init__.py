@@ -35,13 +35,54 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-if "torch" in sys.modules:
-    # registers the patterngen operators, which a loaded exported program calls
+def _register_operators() -> None:
+    """Import the modules that define the patterngen operators, which a loaded exported
+    program or a saved model calls."""
     import importlib
 
-    for _module in (".nn", ".backends.numba", ".backends.planned"):
-        importlib.import_module(_module, __name__)
-    del _module, importlib
+    for module in (".nn", ".backends.numba", ".backends.planned"):
+        importlib.import_module(module, __name__)
+
+
+class _AfterTorch:
+    """A meta path finder that lets torch import as usual, then registers the operators:
+    ``import patterngen`` itself does not import torch, and a program may import it first."""
+
+    searching = False
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch" or self.searching:
+            return None
+        import importlib.util
+
+        self.searching = True  # the search below walks the meta path again
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.searching = False
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader, self)
+        return spec
+
+
+class _RegisteringLoader:
+    def __init__(self, inner, finder):
+        self.inner, self.finder = inner, finder
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
+        self.inner.exec_module(module)
+        _register_operators()
+
+
+if "torch" in sys.modules:
+    _register_operators()
+else:
+    sys.meta_path.insert(0, _AfterTorch())
 
 
 def __getattr__(name):

@@ -108,7 +108,7 @@ def two_blocks(backend="auto"):
 
 
 FRESH = """
-import sys, torch, patterngen
+import sys, {first}, {second}
 x, want = torch.load(sys.argv[1])
 program = torch.export.load(sys.argv[2])
 torch.testing.assert_close(program.module()(x), want, atol=1e-5, rtol=0)
@@ -118,7 +118,8 @@ print("ok")
 """
 
 
-def test_saved_and_exported_models_run_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("first, second", [("torch", "patterngen"), ("patterngen", "torch")])
+def test_saved_and_exported_models_run_in_a_fresh_process(tmp_path, first, second):
     model = two_blocks("numba")
     size = len(pickle.dumps(model))
     x = torch.randn(2, 8, 8, 8)
@@ -127,7 +128,8 @@ def test_saved_and_exported_models_run_in_a_fresh_process(tmp_path):
     torch.save((x, want), tmp_path / "io.pt")
     torch.save(model, tmp_path / "model.pt")
     torch.export.save(torch.export.export(model, (x,)), tmp_path / "model.pt2")
-    run = subprocess.run([sys.executable, "-c", FRESH, *(str(tmp_path / n) for n in (
+    code = FRESH.format(first=first, second=second)
+    run = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / n) for n in (
         "io.pt", "model.pt2", "model.pt"))], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["ok"]
