@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 
+import patterngen
 from patterngen import bias
 from patterngen.errors import BackendUnavailable, PatternError, UnknownBackend
 
@@ -226,6 +227,7 @@ def get_backend(name: str) -> type:
     """
     if name not in _REGISTRY and name in _BUILTIN:
         importlib.import_module(f"{__name__}.{_BUILTIN[name]}")
+        patterngen._register_pending(__name__)  # when that import brought torch in
     if name not in _REGISTRY:
         raise UnknownBackend(f"Unknown backend {name!r}; valid backends are {available()}.")
     return _REGISTRY[name]

@@ -35,13 +35,34 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def _register_operators() -> None:
+_pending = False
+
+
+def _register_operators(caller: str | None = None) -> None:
     """Import the modules that define the patterngen operators, which a loaded exported
-    program or a saved model calls."""
+    program or a saved model calls.
+
+    While a patterngen module other than ``caller`` is still being imported (torch was
+    imported from inside it), importing the others could meet it half-built: the
+    registration waits, and the end of that import (``caller``) runs it."""
+    global _pending
     import importlib
 
+    busy = [name for name, module in list(sys.modules.items())
+            if (name == __name__ or name.startswith(__name__ + ".")) and name != caller
+            and getattr(getattr(module, "__spec__", None), "_initializing", False)]
+    if busy:
+        _pending = True
+        return
+    _pending = False
     for module in (".nn", ".backends.numba", ".backends.planned"):
         importlib.import_module(module, __name__)
+
+
+def _register_pending(caller: str) -> None:
+    """Run a registration that waited for ``caller``'s import to end."""
+    if _pending:
+        _register_operators(caller)
 
 
 class _AfterTorch:
@@ -80,7 +101,7 @@ class _RegisteringLoader:
 
 
 if "torch" in sys.modules:
-    _register_operators()
+    _register_operators(__name__)
 else:
     sys.meta_path.insert(0, _AfterTorch())
 

@@ -9,7 +9,7 @@ device without planning or calibrating, and runs on any grid.
 ``torch.compile`` and ``torch.export`` see one operator, ``patterngen::attention``, whose
 arguments are the tensors, the declaration and the grid: compiling and planning happen inside
 it, outside the traced region, on first use (in another process too: importing
-``patterngen.nn``, or ``patterngen`` after torch, registers it). Its backward runs the
+``patterngen`` registers it once torch has loaded). Its backward runs the
 attention's forward again and then its backward (about one forward more than eager mode).
 
 Example:
@@ -28,7 +28,7 @@ import threading
 import torch
 from torch import nn
 
-from . import bias
+from . import _register_pending, bias
 from .compile import compile as compile_pattern
 from .errors import PatternError
 from .grid import as_grid
@@ -500,3 +500,7 @@ def from_timm_swin(state_dict: dict, window) -> dict:
             key, value = key[:-len(name)] + "rel_pos_bias_table", bias.from_swin(value, window)
         out[key] = value
     return out
+
+
+# when importing this module brought torch in, the other operators register now that it is built
+_register_pending(__name__)
