@@ -170,12 +170,12 @@ class Backend:
 
     def flatten_inputs(self, q, k, v):
         """Check ``q, k, v`` against the compiled grid (``self.shape``) and this backend's
-        devices and dtypes, and flatten them (see :func:`_inputs.flatten_qkv`).
+        devices and dtypes, and flatten them (see :func:`inputs.flatten_qkv`).
 
         Raises:
             PatternError: naming the device or dtype received and what this backend runs on.
         """
-        from ._inputs import flatten_qkv
+        from .inputs import flatten_qkv
 
         qf, kf, vf, restore = flatten_qkv(q, k, v, self.shape, self.name)
         if qf.device.type not in self.SUPPORTED_DEVICES:

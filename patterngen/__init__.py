@@ -14,14 +14,14 @@ from .compile import compile
 from .cost import CostReport, cost
 from .errors import BackendUnavailable, PatternError, UnknownBackend
 from .grid import Grid, as_grid, symbol
-from .parse import parse
+from .parse import lower, parse
 from .plan import Plan, plan
 from .profile import profile
 from .ir import IR, HeadsIR
 from .layout import Layout, layout
 from .reference import dense_attention, materialize, show
 from .spec import (Pattern, area, axis, block, causal, criss_cross, full, global_tokens, heads,
-                   lower, stripe, window)
+                   stripe, window)
 
 __all__ = [
     "Pattern", "window", "block", "area", "axis", "stripe", "criss_cross", "global_tokens",

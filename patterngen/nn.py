@@ -32,8 +32,8 @@ from . import bias
 from .compile import compile as compile_pattern
 from .errors import PatternError
 from .grid import as_grid
-from .parse import parse
-from .spec import Pattern, as_ir, block
+from .parse import as_ir, parse
+from .spec import Pattern, block
 
 __all__ = ["LocalSelfAttention", "SwinBlock", "from_timm_swin", "DropPath", "declaration",
            "attention", "attend", "fit_table"]

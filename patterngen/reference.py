@@ -12,7 +12,7 @@ import numpy as np
 
 from . import ir, limits
 from .errors import PatternError
-from .spec import as_ir
+from .parse import as_ir
 
 __all__ = ["materialize", "show", "draw", "dense_attention"]
 
