@@ -205,6 +205,14 @@ def attention(q, k, v, scale, softcap=None, add=None):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
 
 
+def _autograd_scores(q, k, scale, softcap):
+    """``scale * q k^T``, capped when ``softcap`` is set, in :func:`acc_dtype` (half precision
+    rounded only after the softmax, as the fused kernels do), with autograd."""
+    work = acc_dtype(q.dtype)
+    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+    return scores if softcap is None else cap(scores, softcap)
+
+
 def masked_attention(q, k, v, scale, softcap, add):
     """Attention of a partial block where keys or values are not all finite, by the rule of
     SDPA run on each query's attended keys alone.
@@ -216,9 +224,7 @@ def masked_attention(q, k, v, scale, softcap, add):
     key, ``P_ij * v_jc`` (so ``0 * inf`` stays NaN as in SDPA): they are few, and this path
     runs only when there are some."""
     work = acc_dtype(q.dtype)
-    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = cap(scores, softcap)
+    scores = _autograd_scores(q, k, scale, softcap)
     seen = (add > float("-inf")).expand(scores.shape)
     scores = torch.where(seen, scores + add, float("-inf"))
     probs = torch.where(scores.amax(-1, keepdim=True) == float("-inf"), 0.0,
@@ -303,9 +309,7 @@ class FlashBias(torch.autograd.Function):
 def softcapped_attention(q, k, v, scale, softcap, add):
     """``softmax(c * tanh(scale * q.k / c) + add) @ v`` with autograd; half precision computes
     the scores in float32 (the fused kernels' accuracy)."""
-    work = acc_dtype(q.dtype)
-    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
-    scores = cap(scores, softcap)
+    scores = _autograd_scores(q, k, scale, softcap)
     if add is not None:
         scores = scores + add
     return torch.matmul(scores.softmax(-1).to(v.dtype), v)
