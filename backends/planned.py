@@ -235,13 +235,13 @@ class DenseTerm:
         # that are not finite, the exact path
         if self._matmul(q, table) or non_finite(k, v):
             out, lse = dense.softmax_attention(qp, kp, vp,
-                                          self._matmul_mask(q.dtype, q.device, group), scale,
-                                          need_lse, self._mod(table, h, group))
+                                               self._matmul_mask(q.dtype, q.device, group),
+                                               scale, need_lse, self._mod(table, h, group))
             if lse is None:
                 return self._unview(_unfold(out, group), b, h, 0.0), None
         else:
             out, lse = dense.fused_forward(qp, kp, vp,
-                                      self._additive_mask(q.dtype, q.device, group), scale)
+                                           self._additive_mask(q.dtype, q.device, group), scale)
             lse = lse.unsqueeze(-1)
         out = self._unview(_unfold(out, group), b, h, 0.0)
         if not need_lse:
@@ -266,9 +266,9 @@ class DenseTerm:
                           for t in (q, out, lse.unsqueeze(-1), dout))
         dtable = None
         if self._matmul(q, table):
-            dq, dk, dv, dtile = dense.matmul_backward(qp, kp, vp, op, lp, dp,
-                                                 self._matmul_mask(q.dtype, q.device, group),
-                                                 scale, self._mod(table, h, group))
+            dq, dk, dv, dtile = dense.matmul_backward(
+                qp, kp, vp, op, lp, dp, self._matmul_mask(q.dtype, q.device, group), scale,
+                self._mod(table, h, group))
             if table is not None:  # each pair's score gradient lands on its table entry
                 dtile = (_unfold(dtile, group) if table.shape[0] > 1 else
                          dtile.unflatten(2, (group, -1)).sum(2))
@@ -279,7 +279,8 @@ class DenseTerm:
                 dtable = flat.view(table.shape).to(table.dtype)
         else:
             dq, dk, dv = dense.fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
-                                         self._additive_mask(q.dtype, q.device, group), scale)
+                                              self._additive_mask(q.dtype, q.device, group),
+                                              scale)
         return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
                 self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
 
@@ -339,8 +340,8 @@ class ExtraKeys:
         q, out, dout = (t.reshape(shape[0], kv, -1, shape[3]) for t in (q, out, dout))
         lse = lse.reshape(shape[0], kv, -1)
         if self._matmul(q, ak.shape[2]):
-            dq, dak, dav = dense.matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale,
-                                            self._mod(kv))[:3]
+            dq, dak, dav = dense.matmul_backward(q, ak, av, out, lse[..., None], dout, None,
+                                                 scale, self._mod(kv))[:3]
         else:
             dq, dak, dav = dense.fused_backward(q, ak, av, out, lse, dout, None, scale)
         return dq.reshape(shape), dak, dav
