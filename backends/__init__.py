@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 
-import patterngen
+from patterngen.operators import register_pending
 from patterngen import bias
 from patterngen.errors import BackendUnavailable, PatternError, UnknownBackend
 
@@ -171,12 +171,12 @@ class Backend:
 
     def flatten_inputs(self, q, k, v):
         """Check ``q, k, v`` against the compiled grid (``self.shape``) and this backend's
-        devices and dtypes, and flatten them (see :func:`_inputs.flatten_qkv`).
+        devices and dtypes, and flatten them (see :func:`inputs.flatten_qkv`).
 
         Raises:
             PatternError: naming the device or dtype received and what this backend runs on.
         """
-        from ._inputs import flatten_qkv
+        from .inputs import flatten_qkv
 
         qf, kf, vf, restore = flatten_qkv(q, k, v, self.shape, self.name)
         if qf.device.type not in self.SUPPORTED_DEVICES:
@@ -227,7 +227,7 @@ def get_backend(name: str) -> type:
     """
     if name not in _REGISTRY and name in _BUILTIN:
         importlib.import_module(f"{__name__}.{_BUILTIN[name]}")
-        patterngen._register_pending(__name__)  # when that import brought torch in
+        register_pending(__name__)  # when that import brought torch in
     if name not in _REGISTRY:
         raise UnknownBackend(f"Unknown backend {name!r}; valid backends are {available()}.")
     return _REGISTRY[name]

@@ -31,7 +31,7 @@ import numpy as np
 from patterngen import bias
 from patterngen import ir as _ir
 from patterngen.backends import Backend, register_backend
-from patterngen.backends._inputs import non_finite
+from patterngen.backends.inputs import non_finite
 from patterngen.errors import BackendUnavailable, PatternError
 from patterngen.layout import HeadsLayout, layout
 
@@ -184,7 +184,7 @@ def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, dev
         >>> mod(torch.zeros(5, 5), 0, 0, i[:, None], i[None, :])[1, :3]
         tensor([-1.,  0.,  2.])
     """
-    import torch
+    from patterngen.backends.dense import cap
 
     coords = _coordinates(tuple(int(n) for n in shape), permutation, device, padded)
     ops = _ir.torch_ops()
@@ -192,7 +192,7 @@ def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, dev
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if softcap is not None:
-            score = softcap * torch.tanh(score / softcap)
+            score = cap(score, softcap)
         if table is None:
             return score
         # the user's table itself is captured (a leaf that FlexAttention's backward reaches)

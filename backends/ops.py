@@ -41,8 +41,8 @@ from torch import Tensor
 
 from patterngen.errors import PatternError
 
-__all__ = ["register", "lookup", "widened", "lse_dtype", "eager_function", "traced_or_eager",
-           "NAMESPACE"]
+__all__ = ["register", "register_rebuild", "lookup", "widened", "eager_function",
+           "traced_or_eager", "NAMESPACE"]
 
 NAMESPACE = "patterngen"
 _COMPILED: dict = {}
@@ -103,33 +103,16 @@ def register(backend, *options) -> str:
     return key
 
 
-def _rebuild_numba(lowered, options):
-    from patterngen.backends.numba import NumbaBackend
-
-    NumbaBackend(lowered, lanes=options[0])
-
-
-def _rebuild_planned(lowered, options):
-    """A term-wise plan's runner from its key's options: device, dtype, softcap, and per listed
-    pattern its ``(term, executor)`` list (dense terms get their dense shape back)."""
-    from types import SimpleNamespace
-
-    from patterngen.backends import planned
-    from patterngen.plan import TermPlan, dense_form
-
-    device, dtype, softcap, patterns = options
-    shape = lowered.grid.shape
-    plan = SimpleNamespace(device=device, dtype=dtype, patterns=tuple(
-        tuple(TermPlan(term, executor, 0, 0, dense_form(
-            term, shape, [u for u in head.terms if u is not term])
-            if executor == "dense" else None, 0.0) for term, executor in tps)
-        for head, tps in zip(lowered.per_head, patterns)))
-    runner = planned._Runner(lowered, plan, softcap)
-    runner.op_key = planned._register_runner(runner, plan)
+#: how each backend that registers keys is rebuilt from the IR and options in its key, set by
+#: the backend's module (:func:`register_rebuild`) where it defines its operators: a key
+#: reaches :func:`lookup` only through those operators, so its backend's module is loaded
+_REBUILD: dict = {}
 
 
-#: how each backend that registers keys is rebuilt from the IR and options in its key
-_REBUILD = {"numba": _rebuild_numba, "planned": _rebuild_planned}
+def register_rebuild(name: str, rebuild) -> None:
+    """``rebuild(lowered, options)`` compiles again, in this process, the ``name`` backend
+    whose key carries ``lowered`` and ``options`` (which registers it under that key)."""
+    _REBUILD[name] = rebuild
 
 
 def lookup(key: str):
@@ -171,11 +154,6 @@ def widened(t: Tensor):
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
     return t.contiguous().numpy()
-
-
-def lse_dtype(dtype):
-    """The log-sum-exp's dtype for inputs of ``dtype`` (float32 below float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def eager_function(name: str, forward, setup_context, backward) -> type:

@@ -37,24 +37,19 @@ import numpy as np
 
 from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
-from patterngen.backends._inputs import kv_heads_of, non_finite, take_heads, unit_stride
+from patterngen.backends import dense, ops
+from patterngen.backends.dense import Holes, ScoreMod
+from patterngen.backends.inputs import kv_heads_of, non_finite, take_heads
+from patterngen.backends.merge import acc_dtype, merge
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
-from patterngen.plan import dense_mask, plan as make_plan
+from patterngen.plan import TermPlan, dense_form, dense_mask, plan as make_plan
 
 __all__ = ["PlannedBackend", "DenseTerm", "GatherGroup"]
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
 #: instead of adding a dense mask (CCNet's diagonal: 1/64 of a 64 x 64 problem)
 HOLES = 1 / 16
-#: most keys per problem for which float32/float64 dense terms run as matmul-exp-matmul on
-#: CPU rather than the fused kernel (the sdpa backend measured 0.45-0.8x the fused kernel's
-#: forward time up to 128 keys, even at 256)
-MATMUL_KEYS = 128
-
-
-def _acc_dtype(torch, dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class DenseTerm:
@@ -177,7 +172,7 @@ class DenseTerm:
             holes = None
             if excluded.sum() <= HOLES * excluded.size:
                 index = torch.as_tensor(np.flatnonzero(excluded), device=device)
-                holes = _Holes(index, shared=self.mask.shape[0] == 1)
+                holes = Holes(index, shared=self.mask.shape[0] == 1)
             self._cache[key] = holes
         return self._cache[key] or self._additive_mask(dtype, device, group)
 
@@ -192,11 +187,8 @@ class DenseTerm:
     def _matmul(self, q, table=None) -> bool:
         """Matmul-softmax-matmul rather than the fused kernel: small float32/float64 problems
         on CPU, and always with a softcap or bias (the fused kernels give no score gradient)."""
-        import torch
-
         return (table is not None or self.softcap is not None
-                or q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-                and self.shape.keys <= MATMUL_KEYS)
+                or dense.matmul_is_faster(q, self.shape.keys))
 
     def _offsets(self, device):
         """``(problems, rows, keys)`` flat positions in a bias table of each pair (key minus
@@ -228,15 +220,13 @@ class DenseTerm:
         if table is not None:
             tile = table.reshape(table.shape[0], -1)[:, self._offsets(table.device)]
             tile = tile.repeat(1, 1, group, 1) if tile.shape[0] == 1 else _fold(tile, group)
-        return _ScoreMod(self.softcap, tile, heads // group)
+        return ScoreMod(self.softcap, tile, heads // group)
 
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
         for float64), ``lse_t = -inf`` for queries this term adds no key to; ``lse_t`` is
         ``None`` when not ``need_lse`` (a lone part without gradients). ``table``: a relative
         position bias table for these heads."""
-        import torch
-
         b, h = q.shape[:2]
         group = h // k.shape[1]
         qp = _fold(self._view(q, "q"), group)
@@ -244,19 +234,19 @@ class DenseTerm:
         # the fused kernels give a row whose keys all score -inf lse 0, not -inf: with keys
         # that are not finite, the exact path
         if self._matmul(q, table) or non_finite(k, v):
-            out, lse = _softmax_attention(qp, kp, vp,
-                                          self._matmul_mask(q.dtype, q.device, group), scale,
-                                          need_lse, self._mod(table, h, group))
+            out, lse = dense.softmax_attention(qp, kp, vp,
+                                               self._matmul_mask(q.dtype, q.device, group),
+                                               scale, need_lse, self._mod(table, h, group))
             if lse is None:
                 return self._unview(_unfold(out, group), b, h, 0.0), None
         else:
-            out, lse = _fused_forward(qp, kp, vp,
-                                      self._additive_mask(q.dtype, q.device, group), scale)
+            out, lse = dense.fused_forward(qp, kp, vp,
+                                           self._additive_mask(q.dtype, q.device, group), scale)
             lse = lse.unsqueeze(-1)
         out = self._unview(_unfold(out, group), b, h, 0.0)
         if not need_lse:
             return out, None
-        lse = self._unview(_unfold(lse.to(_acc_dtype(torch, q.dtype)), group), b, h,
+        lse = self._unview(_unfold(lse.to(acc_dtype(q.dtype)), group), b, h,
                            float("-inf")).squeeze(-1)
         if self.rows.all():
             return out, lse
@@ -276,9 +266,9 @@ class DenseTerm:
                           for t in (q, out, lse.unsqueeze(-1), dout))
         dtable = None
         if self._matmul(q, table):
-            dq, dk, dv, dtile = _matmul_backward(qp, kp, vp, op, lp, dp,
-                                                 self._matmul_mask(q.dtype, q.device, group),
-                                                 scale, self._mod(table, h, group))
+            dq, dk, dv, dtile = dense.matmul_backward(
+                qp, kp, vp, op, lp, dp, self._matmul_mask(q.dtype, q.device, group), scale,
+                self._mod(table, h, group))
             if table is not None:  # each pair's score gradient lands on its table entry
                 dtile = (_unfold(dtile, group) if table.shape[0] > 1 else
                          dtile.unflatten(2, (group, -1)).sum(2))
@@ -288,8 +278,9 @@ class DenseTerm:
                                 dtile.reshape(table.shape[0], -1))
                 dtable = flat.view(table.shape).to(table.dtype)
         else:
-            dq, dk, dv = _fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
-                                         self._additive_mask(q.dtype, q.device, group), scale)
+            dq, dk, dv = dense.fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
+                                              self._additive_mask(q.dtype, q.device, group),
+                                              scale)
         return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
                 self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
 
@@ -315,142 +306,6 @@ def _unfold(y, group: int):
         b * group, p, rows // group, e)
 
 
-class _Holes:
-    """A mask given by its few excluded entries (CCNet's diagonal): flat indices into each
-    problem's scores (``shared``) or into all problems', filled with ``-inf`` after the GEMM,
-    where adding a dense mask would take one more pass over every score."""
-
-    def __init__(self, index, shared: bool):
-        self.index, self.shared = index, shared
-
-
-class _ScoreMod:
-    """Softcap (``c * tanh(s / c)``) then a bias ``(heads or 1, problems, rows, keys)`` added
-    to the scores of ``(batch * heads, problems, rows, keys)``."""
-
-    def __init__(self, softcap, bias, heads: int):
-        self.softcap, self.bias, self.heads = softcap, bias, heads
-
-    def apply(self, scores, keep_tanh: bool = False):
-        """Modify ``scores`` in place; returns ``tanh(s / c)`` when ``keep_tanh`` (the
-        backward's chain rule needs it), else ``None``."""
-        tanh = None
-        if self.softcap is not None:
-            scores.div_(self.softcap).tanh_()
-            tanh = scores.clone() if keep_tanh else None
-            scores.mul_(self.softcap)
-        if self.bias is not None:
-            scores.view(-1, self.heads, *scores.shape[1:]).add_(self.bias.to(scores.dtype))
-        return tanh
-
-
-def _scores(q, k, mask, scale, mod=None, keep_tanh: bool = False):
-    """``scale * q k^T`` (``(..., rows, keys)``), modified by ``mod`` (a :class:`_ScoreMod`),
-    with ``mask`` added: an additive tensor, a :class:`_Holes`, or ``None``. With
-    ``keep_tanh``, returns ``(scores, tanh)``."""
-    import torch
-
-    b, p, n, d = q.shape
-    scores = torch.empty(b * p, n, k.shape[2], dtype=q.dtype, device=q.device)
-    scores.baddbmm_(q.reshape(b * p, n, d), k.reshape(b * p, -1, d).transpose(1, 2), beta=0,
-                    alpha=scale)
-    scores = scores.view(b, p, n, -1)
-    tanh = mod.apply(scores, keep_tanh) if mod is not None else None
-    if isinstance(mask, _Holes):
-        rows = scores.view(b * p, -1) if mask.shared else scores.view(b, -1)
-        rows.index_fill_(1, mask.index, float("-inf"))
-    elif mask is not None:
-        scores += mask
-    return (scores, tanh) if keep_tanh else scores
-
-
-def _softmax_attention(q, k, v, mask, scale, need_lse: bool, mod=None):
-    """``(out, lse (..., rows, 1))`` by baddbmm, softmax, bmm (``lse`` ``None`` unless
-    ``need_lse``). The log-sum-exp comes from two row maxima, ``max S - log(max P)``: one
-    fused softmax and two reads of the scores, where ``logsumexp`` then exp would take six
-    passes. A row whose scores are all ``-inf`` (no key, or keys of ``-inf`` score) attends
-    nothing: output 0, ``lse = -inf``, as SDPA on that query's keys alone."""
-    import torch
-
-    scores = _scores(q, k, mask, scale, mod)
-    probs = torch.softmax(scores, dim=-1)
-    out = probs @ v
-    top = scores.amax(dim=-1, keepdim=True)
-    dead = top == float("-inf")
-    if bool(dead.any()):
-        out = out.masked_fill(dead, 0.0)
-    if not need_lse:
-        return out, None
-    return out, (top - probs.amax(dim=-1, keepdim=True).log()).masked_fill(dead, float("-inf"))
-
-
-def _matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None):
-    """FlashAttention-2's backward by batched matmuls: ``P = exp(S - lse)``,
-    ``dS = P (dout v^T - rowsum(dout * out))``; through a softcap,
-    ``dS_raw = dS (1 - tanh^2)``. Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
-    gradient summed to the bias's ``(heads or 1, problems, rows, keys)`` (``None`` without)."""
-    p, tanh = _scores(q, k, mask, scale, mod, keep_tanh=True)
-    p.sub_(lse.to(p.dtype)).exp_()
-    delta = (dout * out).sum(-1, keepdim=True)
-    ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
-    dbias = None
-    if mod is not None and mod.bias is not None:
-        per_head = ds.view(-1, mod.heads, *ds.shape[1:]).sum(0)
-        dbias = per_head.sum(0, keepdim=True) if mod.bias.shape[0] == 1 else per_head
-    if tanh is not None:
-        ds = ds.mul_(tanh.mul_(tanh).neg_().add_(1.0))
-    dq = _scaled_bmm(ds, k, scale)
-    dk = _scaled_bmm(ds.transpose(-1, -2), q, scale)
-    dv = p.transpose(-1, -2) @ dout
-    return dq, dk, dv, dbias
-
-
-def _scaled_bmm(a, b, alpha):
-    """``alpha * a @ b`` for ``(..., n, m) @ (..., m, d)``, the scale as the GEMM's alpha (no
-    pass of its own)."""
-    import torch
-
-    lead = a.shape[:-2]
-    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-    out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=a.dtype, device=a.device)
-    return out.baddbmm_(a3, b3, beta=0, alpha=alpha).view(*lead, *out.shape[1:])
-
-
-def _fused_forward(q, k, v, mask, scale):
-    """The fused kernel that returns the log-sum-exp: ``(out, lse (B, P, rows))``."""
-    import torch
-
-    q, k, v = unit_stride(q, k, v)
-    if q.device.type == "cuda":
-        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None,
-            True, 0.0, False, scale=scale)
-        return out, lse[..., :q.shape[2]]  # padded to a multiple of 32 rows
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-    return out, lse
-
-
-def _fused_backward(q, k, v, out, lse, dout, mask, scale):
-    import torch
-
-    lse = lse.to(_acc_dtype(torch, q.dtype)).contiguous()
-    q, k, v = unit_stride(q, k, v)
-    if q.device.type == "cuda":
-        # the forward returned the log-sum-exp padded to a multiple of 32 rows; the backward
-        # reads it with that length
-        lse = torch.nn.functional.pad(lse.float(), (0, -q.shape[2] % 32)).contiguous()
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        bias = mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None
-        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout.contiguous(), q, k, v, bias, out.contiguous(), lse, seed, seed, 0.0,
-            [True, True, True, False], False, scale=scale)
-        return dq, dk, dv
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, False, attn_mask=mask,
-        scale=scale)
-
-
 class ExtraKeys:
     """Keys outside the grid that every query attends besides its pattern (NATTEN's
     ``additional_keys``/``additional_values``: text tokens, registers): one dense problem of
@@ -463,38 +318,32 @@ class ExtraKeys:
     def _matmul(self, q, keys: int) -> bool:
         """The matmul path: small float32/float64 problems on CPU, and always with a softcap
         (the fused kernels have none)."""
-        import torch
-
-        return self.softcap is not None or (
-            q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and keys <= MATMUL_KEYS)
+        return self.softcap is not None or dense.matmul_is_faster(q, keys)
 
     def _mod(self, heads: int):
-        return None if self.softcap is None else _ScoreMod(self.softcap, None, heads)
+        return None if self.softcap is None else ScoreMod(self.softcap, None, heads)
 
     def forward(self, q, ak, av, scale):
         """``(out, lse)``; ``ak, av`` may have fewer heads than ``q`` (each key/value head's
         query heads run as more rows of its one problem)."""
-        import torch
-
         shape, kv = q.shape, ak.shape[1]
         q = q.reshape(shape[0], kv, -1, shape[3])
         if self._matmul(q, ak.shape[2]):
-            out, lse = _softmax_attention(q, ak, av, None, scale, True, self._mod(kv))
+            out, lse = dense.softmax_attention(q, ak, av, None, scale, True, self._mod(kv))
             lse = lse.squeeze(-1)
         else:
-            out, lse = _fused_forward(q, ak, av, None, scale)
-        return out.reshape(shape), lse.to(_acc_dtype(torch, q.dtype)).reshape(shape[:3])
+            out, lse = dense.fused_forward(q, ak, av, None, scale)
+        return out.reshape(shape), lse.to(acc_dtype(q.dtype)).reshape(shape[:3])
 
     def backward(self, q, ak, av, out, lse, dout, scale):
         shape, kv = q.shape, ak.shape[1]
         q, out, dout = (t.reshape(shape[0], kv, -1, shape[3]) for t in (q, out, dout))
         lse = lse.reshape(shape[0], kv, -1)
         if self._matmul(q, ak.shape[2]):
-            dq, dak, dav = _matmul_backward(q, ak, av, out, lse[..., None], dout, None, scale,
-                                            self._mod(kv))[:3]
+            dq, dak, dav = dense.matmul_backward(q, ak, av, out, lse[..., None], dout, None,
+                                                 scale, self._mod(kv))[:3]
         else:
-            dq, dak, dav = _fused_backward(q, ak, av, out, lse, dout, None, scale)
+            dq, dak, dav = dense.fused_backward(q, ak, av, out, lse, dout, None, scale)
         return dq.reshape(shape), dak, dav
 
 
@@ -519,8 +368,8 @@ class GatherGroup:
         import torch
 
         out, lse = self.backend.forward_numpy(
-            *(_numpy(t) for t in (q, k, v)), self.shape, scale,
-            table=None if table is None else _numpy(table), softcap=self.softcap)
+            *(ops.widened(t) for t in (q, k, v)), self.shape, scale,
+            table=None if table is None else ops.widened(table), softcap=self.softcap)
         return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
 
     def backward(self, q, k, v, out, lse, dout, scale, table=None):
@@ -528,25 +377,15 @@ class GatherGroup:
         table)."""
         import torch
 
-        arrays = [_numpy(t) for t in (q, k, v, out, dout)]
-        lse = _numpy(lse.to(_acc_dtype(torch, q.dtype)))
+        arrays = [ops.widened(t) for t in (q, k, v, out, dout)]
+        lse = ops.widened(lse.to(acc_dtype(q.dtype)))
         grads = self.backend.backward_numpy(
-            *arrays, lse, self.shape, scale, table=None if table is None else _numpy(table),
+            *arrays, lse, self.shape, scale, table=None if table is None else ops.widened(table),
             softcap=self.softcap)
         dq, dk, dv = (torch.from_numpy(np.ascontiguousarray(g)).to(q.dtype)
                       for g in grads[:3])
         return dq, dk, dv, (None if table is None else
                             torch.from_numpy(grads[3]).to(table.dtype))
-
-
-def _numpy(t):
-    """A C-contiguous float32/float64 array of ``t`` (half precision runs in float32, as the
-    numba backend does)."""
-    import torch
-
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t.detach().contiguous().numpy()
 
 
 class _Runner:
@@ -591,8 +430,6 @@ class _Runner:
 
 
 def _register_runner(runner, plan) -> str:
-    from patterngen.backends import ops
-
     return ops.register(runner, plan.device, plan.dtype, runner.softcap, tuple(
         tuple((tp.term, tp.executor) for tp in tps) for tps in plan.patterns))
 
@@ -608,20 +445,16 @@ def _forward_impl(q, k, v, ak, av, rel_bias, key, scale, need_lse):
     """``(out, lse)`` of the plan registered as ``key`` (``lse`` empty unless ``need_lse``);
     ``ak, av``: keys and values every query attends besides the grid; ``rel_bias``: a
     relative position bias table (key minus query)."""
-    from patterngen.backends.ops import lookup, lse_dtype
-
     extra = None if ak is None else (ak, av)
-    out, lse = _merged_forward(lookup(key), q, k, v, scale, need_lse, extra, rel_bias)
-    return out, (lse if lse is not None else q.new_empty(0, dtype=lse_dtype(q.dtype)))
+    out, lse = _merged_forward(ops.lookup(key), q, k, v, scale, need_lse, extra, rel_bias)
+    return out, (lse if lse is not None else q.new_empty(0, dtype=acc_dtype(q.dtype)))
 
 
 def _backward_impl(q, k, v, ak, av, rel_bias, out, lse, dout, key, scale):
     """``(dq, dk, dv, dak, dav, drel_bias)`` from the merged ``out`` and ``lse`` (the last
     three empty without extra keys or a table)."""
-    from patterngen.backends.ops import lookup
-
     extra = None if ak is None else (ak, av)
-    grads = list(_merged_backward(lookup(key), q, k, v, out, lse, dout.contiguous(), scale,
+    grads = list(_merged_backward(ops.lookup(key), q, k, v, out, lse, dout.contiguous(), scale,
                                   extra, rel_bias))
     if extra is None:
         grads[3:3] = [q.new_empty(0), q.new_empty(0)]
@@ -659,11 +492,9 @@ def _define_ops():
     same formula as an ``autograd.Function`` for eager calls."""
     import torch
 
-    from patterngen.backends.ops import NAMESPACE, eager_function, lse_dtype, traced_or_eager
-
     # explicit schemas: this module's annotations are strings (from __future__)
     planned_fwd = torch.library.custom_op(
-        f"{NAMESPACE}::planned_fwd", _forward_impl, mutates_args=(),
+        f"{ops.NAMESPACE}::planned_fwd", _forward_impl, mutates_args=(),
         device_types=("cpu", "cuda"),
         schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, Tensor? rel_bias, "
                "str key, float scale, bool need_lse) -> (Tensor, Tensor)")
@@ -671,10 +502,10 @@ def _define_ops():
     @planned_fwd.register_fake
     def _(q, k, v, ak, av, rel_bias, key, scale, need_lse):
         return torch.empty_like(q), q.new_empty(q.shape[:3] if need_lse else (0,),
-                                                dtype=lse_dtype(q.dtype))
+                                                dtype=acc_dtype(q.dtype))
 
     planned_bwd = torch.library.custom_op(
-        f"{NAMESPACE}::planned_bwd", _backward_impl, mutates_args=(),
+        f"{ops.NAMESPACE}::planned_bwd", _backward_impl, mutates_args=(),
         device_types=("cpu", "cuda"),
         schema="(Tensor q, Tensor k, Tensor v, Tensor? ak, Tensor? av, Tensor? rel_bias, "
                "Tensor out, Tensor lse, Tensor dout, str key, float scale) -> (Tensor, Tensor, "
@@ -689,14 +520,32 @@ def _define_ops():
 
     planned_fwd.register_autograd(_backward_with(planned_fwd, planned_bwd),
                                   setup_context=_setup)
-    eager = eager_function("PlannedFunction", _forward_impl, _setup,
+    eager = ops.eager_function("PlannedFunction", _forward_impl, _setup,
                            _backward_with(_forward_impl, _backward_impl))
-    return traced_or_eager(planned_fwd, eager)
+    return ops.traced_or_eager(planned_fwd, eager)
+
+
+def _rebuild(lowered, options):
+    """A term-wise plan's runner from its op key's options (``ops.lookup`` of a loaded
+    exported program): device, dtype, softcap, and per listed pattern its ``(term,
+    executor)`` list (dense terms get their dense shape back)."""
+    from types import SimpleNamespace
+
+    device, dtype, softcap, patterns = options
+    shape = lowered.grid.shape
+    plan = SimpleNamespace(device=device, dtype=dtype, patterns=tuple(
+        tuple(TermPlan(term, executor, 0, 0, dense_form(
+            term, shape, [u for u in head.terms if u is not term])
+            if executor == "dense" else None, 0.0) for term, executor in tps)
+        for head, tps in zip(lowered.per_head, patterns)))
+    runner = _Runner(lowered, plan, softcap)
+    runner.op_key = _register_runner(runner, plan)
 
 
 # defined when the backend module loads (get_backend("auto")), so a graph or exported program
 # that calls them finds them once the pattern is compiled
 _planned_fwd = _define_ops()
+ops.register_rebuild("planned", _rebuild)
 
 
 def _heads_of(p: int, npat: int, heads: int):
@@ -717,11 +566,10 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, t
     ``table``: a relative position bias table, added by the dense parts."""
     import torch
 
-    acc = _acc_dtype(torch, q.dtype)
     b, h, n, d = q.shape
     npat = len(runner.patterns)
     out = q.new_zeros(b, h, n, d) if npat > 1 else None
-    lse_all = torch.zeros(b, h, n, dtype=acc, device=q.device) if need_lse else None
+    lse_all = torch.zeros(b, h, n, dtype=acc_dtype(q.dtype), device=q.device) if need_lse else None
     for p, (parts, empty) in enumerate(zip(runner.patterns, runner.empty)):
         sel, kv = _heads_of(p, npat, h), kv_heads_of(p, npat, h, k.shape[1])
         qs, ks, vs = (q, k, v) if npat == 1 else (q[:, sel], *(take_heads(t, kv) for t in (k, v)))
@@ -740,10 +588,9 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, t
             if extra is not None:
                 results.append(ExtraKeys(runner.softcap).forward(
                     qs, *(take_heads(t, kv) for t in extra), scale))
-            lse = torch.logsumexp(torch.stack([lse for _, lse in results]), dim=0)
+            mine, lse = merge(results)
             if need_lse:
                 lse_all[:, sel] = lse
-            mine = sum(torch.exp(l - lse)[..., None] * o.to(acc) for o, l in results)
             mine = mine.to(q.dtype)
         if empty is not None:
             mine = mine.masked_fill(torch.as_tensor(empty, device=q.device)[:, None], 0.0)
@@ -809,9 +656,10 @@ class PlannedBackend(Backend):
     """``backend="auto"``: the pattern run as :func:`patterngen.plan.plan` chooses.
 
     The plan is made at compile time for ``device``, ``dtype`` and the sizes given (or
-    ``head_dim=32, heads=4, batch=1``); a call whose inputs have another device, dtype or
-    sizes, or that needs gradients when the plan was for inference, is planned again for
-    them (cached), so e.g. bfloat16 inputs on CPU run on an executor that takes them.
+    ``head_dim=32, heads=4, batch=1``): declare the sizes the calls will have and the first
+    call does not plan. A call whose inputs have another device, dtype or sizes, or that
+    needs gradients when the plan was for inference, is planned again for them (once per
+    kind of call, kept), so e.g. bfloat16 inputs on CPU run on an executor that takes them.
 
     Args:
         ir: the lowered pattern.
@@ -824,7 +672,8 @@ class PlannedBackend(Backend):
         rates: planner rates (:class:`patterngen.calibrate.Rates`); default this machine's.
 
     Attributes:
-        plan: the compile-time :class:`~patterngen.plan.Plan`.
+        plan: the :class:`~patterngen.plan.Plan` the last call ran (before any call, the
+            compile-time one); :attr:`plans` lists every plan made.
     """
 
     name = "auto"
@@ -947,6 +796,7 @@ class PlannedBackend(Backend):
                          bias=rel_bias is not None,
                          contiguous=all(t.is_contiguous() for t in (qf, kf, vf)))
         plan, run = self._plans[key], self._runs[key]
+        self.plan = plan
         if plan.strategy != "terms":
             options = {} if rel_bias is None else {"rel_bias": rel_bias}
             return run(q, k, v, scale=scale if scale is not None else self.scale, **options)

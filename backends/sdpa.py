@@ -34,16 +34,12 @@ import numpy as np
 
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
-from patterngen.backends._inputs import kv_heads_of, non_finite, take_heads, unit_stride
-from patterngen.layout import HeadsLayout, aligned_tiles, layout
+from patterngen.backends import dense
+from patterngen.backends.inputs import kv_heads_of, non_finite, take_heads
+from patterngen.layout import HeadsLayout, choose_layout
 
 __all__ = ["SdpaBackend", "Group"]
 
-#: block sizes tried when ``block`` is not given (besides the pattern's own partition)
-BLOCK_CHOICES = (64, 128)
-#: most keys per query for which a mask-free group runs as matmul-softmax-matmul on CPU
-#: without autograd (see :func:`_matmul_attention`)
-MATMUL_KEYS = 128
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,7 +121,7 @@ class _DevicePlan:
             self.calls.append(dict(
                 g=g, nk=nk, blocks=(grp.q_blocks, grp.kv_blocks),
                 matmul=(torch.device(device).type == "cpu" and grp.mask is None
-                        and nk * self.bk <= MATMUL_KEYS),
+                        and nk * self.bk <= dense.MATMUL_KEYS),
                 q_slice=(int(grp.q_blocks[0]) * self.bq, g) if q_view else None,
                 k_band=int(grp.q_blocks[0]) + offset if band else None,
                 q_index=None if q_view else _tensor(np.minimum(pos_q, self.tokens - 1), device,
@@ -185,7 +181,8 @@ class SdpaBackend(Backend):
         ir: the lowered pattern (numeric grid).
         block: ``(Bq, Bk)`` or one integer; ``None`` picks the layout executing the fewest
             pairs among the pattern's own aligned partition (Swin windows, areas: every tile
-            full, no mask) and blocks of :data:`BLOCK_CHOICES` in the best order.
+            full, no mask) and blocks of ``BLOCK_CHOICES`` in the best order
+            (:func:`patterngen.layout.choose_layout`).
         order: ``"row-major"``, ``"tiled"`` or ``"auto"`` (see :func:`patterngen.layout`).
         tile: tile shape for the tiled order.
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
@@ -208,7 +205,7 @@ class SdpaBackend(Backend):
         self.shape = ir_.grid.require_numeric("the sdpa backend")
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
-        self.layout = _choose_layout(ir_, self.shape, block, order, tile)
+        self.layout = choose_layout(ir_, block, order, tile)
         heads = self.layout.heads if isinstance(self.layout, HeadsLayout) else (self.layout,)
         self.groups = [_plan(h) for h in heads]
         self._perm = self.layout.permutation
@@ -284,7 +281,6 @@ class SdpaBackend(Backend):
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
         """
         import torch
-        import torch.nn.functional as F
 
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
@@ -307,11 +303,12 @@ class SdpaBackend(Backend):
                 tp = table if table is None or table.shape[0] == 1 else table[p::npat]
                 scores = _Scores(self.softcap, tp, plan, self._perm, self.shape, self.reach)
             ep = None if extra is None else tuple(take_heads(t, kv) for t in extra)
-            out = _run_plan(plan, out_index, qp, kp, vp, scale, torch, F, scores, ep)
+            out = _run_plan(plan, out_index, qp, kp, vp, scale, torch, scores, ep)
             if ep is not None and plan.uncovered is not None:
                 group = qp.shape[1] // kp.shape[1]
-                alone = _attention(ours(rows_q), *(t.repeat_interleave(group, 1) for t in ep),
-                                   scale, self.softcap, None, torch, F)
+                alone = dense.attention(ours(rows_q),
+                                        *(t.repeat_interleave(group, 1) for t in ep), scale,
+                                        self.softcap)
                 out = torch.where(plan.uncovered, alone, out)
             results.append(out)
         if npat == 1:
@@ -351,7 +348,7 @@ class _Scores:
         return tiles
 
 
-def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None):
+def _run_plan(plan, out_index, q, k, v, scale, torch, scores=None, extra=None):
     """The pattern's output in row-major token order; ``extra`` ``(keys, values)`` are
     appended to every call's keys (tokens in no call are the caller's to fill)."""
     b, h, _, d = q.shape
@@ -403,13 +400,13 @@ def _run_plan(plan, out_index, q, k, v, scale, torch, F, scores=None, extra=None
             add = scores.additive(call, b, q.dtype, torch)
         softcap = None if scores is None else scores.softcap
         if dirty and add is not None:
-            res = _masked_attention(qg, kg, vg, scale, softcap, add, torch)
-        elif softcap is None and extra is None and _flash_bias_grad_ok(qg, add, torch):
-            res = _flash_with_bias_grad(torch).apply(qg, kg, vg, add, scale)
+            res = dense.masked_attention(qg, kg, vg, scale, softcap, add)
+        elif softcap is None and extra is None and dense.flash_bias_grad_ok(qg, add):
+            res = dense.FlashBias.apply(qg, kg, vg, add, scale)
         elif softcap is None and call["matmul"] and matmul_ok:
-            res = _matmul_attention(qg, kg, vg, scale, torch, add)
+            res = dense.matmul_attention(qg, kg, vg, scale, add)
         else:
-            res = _attention(qg, kg, vg, scale, softcap, add, torch, F)
+            res = dense.attention(qg, kg, vg, scale, softcap, add)
         if call["empty"] is not None and extra is None:
             res = res.masked_fill(call["empty"], 0.0)
         if single:
@@ -430,128 +427,6 @@ def _per_query_head(t, group: int):
         return t
     lead, rest = t.shape[0], t.shape[1:]
     return t.unsqueeze(1).expand(lead, group, *rest).reshape(lead * group, *rest)
-
-
-def _attention(q, k, v, scale, softcap, add, torch, F):
-    """Attention with an optional softcap and additive mask/bias ``add``."""
-    if softcap is not None:
-        return _softcapped_attention(q, k, v, scale, softcap, add, torch)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
-
-
-def _masked_attention(q, k, v, scale, softcap, add, torch):
-    """Attention of a partial block where keys or values are not all finite, by the rule of
-    SDPA run on each query's attended keys alone.
-
-    The fused kernels add ``-inf`` to a masked key's score and multiply its value by a zero
-    probability, so a NaN there poisons every query of the block. Here masked scores are
-    replaced (not added to), a query whose attended scores are all ``-inf`` gets zeros, and
-    the values' non-finite entries are applied entry by entry to the queries that attend their
-    key, ``P_ij * v_jc`` (so ``0 * inf`` stays NaN as in SDPA): they are few, and this path
-    runs only when there are some."""
-    work = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    seen = (add > float("-inf")).expand(scores.shape)
-    scores = torch.where(seen, scores + add, float("-inf"))
-    probs = torch.where(scores.amax(-1, keepdim=True) == float("-inf"), 0.0,
-                        scores.softmax(-1))
-    finite = torch.isfinite(v)
-    out = torch.matmul(probs, torch.where(finite, v, 0).to(work))
-    rows, blocks, keys, dims = (~finite).nonzero(as_tuple=True)
-    if len(rows):
-        term = torch.where(seen[rows, blocks, :, keys], probs[rows, blocks, :, keys]
-                           * v[rows, blocks, keys, dims].to(work)[:, None], 0.0)
-        queries = torch.arange(q.shape[-2], device=q.device)
-        out = out.index_put((rows[:, None], blocks[:, None], queries, dims[:, None]), term,
-                            accumulate=True)
-    return out.to(q.dtype)
-
-
-def _matmul_attention(q, k, v, scale, torch, add=None):
-    """Mask-free attention of ``(batch * heads, blocks, rows, dim)`` blocks as baddbmm, softmax
-    and bmm.
-
-    For small blocks on CPU this beats the fused kernel, which works through each block in
-    chunks of 32 queries with two small GEMM calls each: 0.45-0.8x its time up to 128 keys
-    (Swin's 49-token windows: 0.55-0.6x), about even at 256, slower beyond (float32, head_dim
-    32 and 64, 2 threads). Its backward is not: autograd through these ops took 1.5x the fused
-    kernel's forward+backward on Swin windows, so it only runs without autograd. The scale is
-    the GEMM's ``alpha`` rather than one more op: each op is a parallel region, and on shared
-    cores every region can wait out another process's time slice. ``baddbmm_`` fills the
-    scores in place; ``baddbmm`` would allocate a second scores buffer, and the extra 2.4 MB
-    per Swin call showed up as page faults and a slow tail. A bias ``add`` (broadcasting to
-    the scores) is copied into the buffer first and accumulated onto (``beta=1``).
-    """
-    shape = q.shape
-    scores = q.new_empty(*shape[:-1], k.shape[-2])
-    if add is not None:
-        scores.copy_(add)
-    q, k, v = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
-    scores = scores.view(q.shape[0], q.shape[1], k.shape[1])
-    scores.baddbmm_(q, k.transpose(1, 2), beta=0 if add is None else 1, alpha=scale)
-    return torch.bmm(scores.softmax(-1), v).view(shape)
-
-
-def _flash_bias_grad_ok(q, add, torch) -> bool:
-    """Whether a CPU call whose bias needs a gradient can run the fused kernel both ways."""
-    return (add is not None and add.requires_grad and torch.is_grad_enabled()
-            and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
-
-
-_FLASH_BIAS = []
-
-
-def _flash_with_bias_grad(torch):
-    """The fused CPU kernel, forward and backward, plus the gradient of its additive mask.
-
-    SDPA falls back to its unfused math path on CPU when the mask needs a gradient (measured
-    3x the time of the fused kernel with a 7x7 window's bias table, ``bench_bias.py``). Here
-    the fused kernel computes q, k, v and their gradients, and the mask's gradient is the
-    scores' gradient rebuilt from the saved log-sum-exp: ``P * (dO V^T - rowsum(dO * O))``
-    with ``P = exp(scale q k^T + mask - lse)`` (zero where the mask is ``-inf``), summed over
-    the dimensions the mask broadcasts over.
-    """
-    if not _FLASH_BIAS:
-        aten = torch.ops.aten
-
-        class FlashBias(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, q, k, v, bias, scale):
-                q, k, v = unit_stride(q, k, v)
-                out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-                ctx.save_for_backward(q, k, v, bias, out, lse)
-                ctx.scale = scale
-                return out
-
-            @staticmethod
-            def backward(ctx, grad):
-                q, k, v, bias, out, lse = ctx.saved_tensors
-                grad = grad.contiguous()
-                dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scale)
-                scores = torch.matmul(q, k.transpose(-1, -2)).mul_(ctx.scale).add_(bias)
-                probs = scores.sub_(lse.to(q.dtype)[..., None]).exp_()
-                dp = torch.matmul(grad, v.transpose(-1, -2))
-                dbias = probs.mul_(dp.sub_((grad * out).sum(-1, keepdim=True)))
-                return dq, dk, dv, dbias.sum_to_size(bias.shape), None
-
-        _FLASH_BIAS.append(FlashBias)
-    return _FLASH_BIAS[0]
-
-
-def _softcapped_attention(q, k, v, scale, softcap, add, torch):
-    """``softmax(c * tanh(scale * q.k / c) + add) @ v`` with autograd; half precision computes
-    the scores in float32 (the fused kernels' accuracy)."""
-    work = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
-    scores = softcap * torch.tanh(scores / softcap)
-    if add is not None:
-        scores = scores + add
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 class _TileOrder:
@@ -641,19 +516,6 @@ def _additive_mask(call, dtype, torch, extra: int = 0):
         call[key] = torch.zeros(bool_mask.shape, dtype=dtype, device=bool_mask.device
                                 ).masked_fill(~bool_mask, float("-inf"))
     return call[key]
-
-
-def _choose_layout(ir_, shape, block, order, tile):
-    if block is not None:
-        return layout(ir_, block=block, order=order, tile=tile)
-    options = []
-    for t in aligned_tiles(ir_.per_head, shape):
-        vol = math.prod(t)
-        options.append(layout(ir_, block=(vol, vol), order="tiled", tile=t))
-    for b in BLOCK_CHOICES:
-        options.append(layout(ir_, block=(b, b), order=order, tile=tile))
-    # fewest executed pairs; on a tie the larger block (fewer, bigger SDPA calls)
-    return min(options, key=lambda lay: (lay.executed_pairs, -lay.block[0]))
 
 
 register_backend("sdpa", SdpaBackend)

@@ -6,15 +6,13 @@ Example:
     49*H*W
 """
 
-import sys
-
-from . import bias
+from . import bias, operators
 from .analysis import layers_to_global, receptive_field
 from .compile import compile
 from .cost import CostReport, cost
 from .errors import BackendUnavailable, PatternError, UnknownBackend
 from .grid import Grid, as_grid, symbol
-from .parse import parse
+from .parse import lower, parse
 from .plan import Plan, plan
 from .profile import profile
 from .ir import IR, HeadsIR
@@ -22,7 +20,7 @@ from .layout import Layout, layout
 from .pictures import show
 from .reference import dense_attention, materialize
 from .spec import (Pattern, area, axis, block, causal, criss_cross, full, global_tokens, heads,
-                   lower, stripe, window)
+                   stripe, window)
 
 __all__ = [
     "Pattern", "window", "block", "area", "axis", "stripe", "criss_cross", "global_tokens",
@@ -35,75 +33,8 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-_pending = False
-
-
-def _register_operators(caller: str | None = None) -> None:
-    """Import the modules that define the patterngen operators, which a loaded exported
-    program or a saved model calls.
-
-    While a patterngen module other than ``caller`` is still being imported (torch was
-    imported from inside it), importing the others could meet it half-built: the
-    registration waits, and the end of that import (``caller``) runs it."""
-    global _pending
-    import importlib
-
-    busy = [name for name, module in list(sys.modules.items())
-            if (name == __name__ or name.startswith(__name__ + ".")) and name != caller
-            and getattr(getattr(module, "__spec__", None), "_initializing", False)]
-    if busy:
-        _pending = True
-        return
-    _pending = False
-    for module in (".nn", ".backends.numba", ".backends.planned"):
-        importlib.import_module(module, __name__)
-
-
-def _register_pending(caller: str) -> None:
-    """Run a registration that waited for ``caller``'s import to end."""
-    if _pending:
-        _register_operators(caller)
-
-
-class _AfterTorch:
-    """A meta path finder that lets torch import as usual, then registers the operators:
-    ``import patterngen`` itself does not import torch, and a program may import it first."""
-
-    searching = False
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "torch" or self.searching:
-            return None
-        import importlib.util
-
-        self.searching = True  # the search below walks the meta path again
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            self.searching = False
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RegisteringLoader(spec.loader, self)
-        return spec
-
-
-class _RegisteringLoader:
-    def __init__(self, inner, finder):
-        self.inner, self.finder = inner, finder
-
-    def create_module(self, spec):
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module):
-        if self.finder in sys.meta_path:
-            sys.meta_path.remove(self.finder)
-        self.inner.exec_module(module)
-        _register_operators()
-
-
-if "torch" in sys.modules:
-    _register_operators(__name__)
-else:
-    sys.meta_path.insert(0, _AfterTorch())
+# the operators register once torch has loaded, whichever of the two is imported first
+operators.install()
 
 
 def __getattr__(name):

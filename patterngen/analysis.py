@@ -40,7 +40,7 @@ import numpy as np
 from . import ir, limits
 from .errors import PatternError
 from .pictures import draw
-from .spec import as_ir
+from .parse import as_ir
 from .spec import Pattern
 
 __all__ = ["ReceptiveField", "receptive_field", "layers_to_global", "MAX_BITSET_TOKENS"]

@@ -229,9 +229,7 @@ def measure(device: str = "cpu", dtype: str = "float32") -> Rates:
     import torch
 
     from . import spec
-    from .backends.planned import PlannedBackend
     from .compile import compile as compile_pattern
-    from .plan import _whole_executed
 
     defaults = Rates.default(device).executors
     dt = getattr(torch, dtype)
@@ -255,9 +253,9 @@ def measure(device: str = "cpu", dtype: str = "float32") -> Rates:
             try:
                 if name == "dense":
                     # the default rates only plan this run: measuring must not recurse
-                    attn = PlannedBackend(spec.lower(pattern, grid), strategy="terms",
-                                          terms="dense", device=device, dtype=dtype,
-                                          rates=Rates.default(device))
+                    attn = compile_pattern(pattern, grid, backend="auto", device=device,
+                                           dtype=dtype, strategy="terms", terms="dense",
+                                           rates=Rates.default(device))
                 else:
                     attn = compile_pattern(pattern, grid, backend=backend, device=device,
                                            dtype=dtype)
@@ -270,10 +268,12 @@ def measure(device: str = "cpu", dtype: str = "float32") -> Rates:
                 fwd = _best_ms(lambda: attn(q, k, v))
             with torch.enable_grad():  # rates may be wanted inside no_grad (pg.profile)
                 both = _best_ms(lambda: attn(q, k, v).sum().backward())
-            # the pairs the planner prices: what each executor computes (padding and a
-            # block layout's masked pairs included)
-            pairs = sum(_whole_executed(name if name != "gather" else "numba",
-                                        spec.lower(pattern, grid), grid))
+            # the pairs the planner prices: what each executor computes (a dense batch's
+            # padding and a block layout's masked pairs included; the attended ones for the
+            # numba kernels, whose tiles add little)
+            pairs = (spec.lower(pattern, grid).pairs() if name == "gather"
+                     else attn.layout.executed_pairs if name == "sdpa"
+                     else sum(attn.executed_pairs))
             points.append((pairs * heads * head_dim, fwd))
             factors.append(both / max(fwd, 1e-6))
         if len(points) == 2:

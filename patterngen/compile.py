@@ -6,7 +6,7 @@ import math
 
 from . import limits
 from .errors import BackendUnavailable
-from .spec import as_ir
+from .parse import as_ir
 
 __all__ = ["compile"]
 

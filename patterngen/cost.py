@@ -33,7 +33,7 @@ import sympy
 from . import ir, limits
 from .errors import PatternError
 from .grid import Grid, as_size, is_number, symbol
-from .spec import as_ir
+from .parse import as_ir
 
 __all__ = ["cost", "CostReport", "register_formula", "axis_formula", "mean_over_heads",
            "check_kv_heads", "DTYPE_BYTES"]

@@ -39,12 +39,15 @@ from .tilecount import TABLE_MAX_AXIS, AxisCount, candidate_tiles, count_tiles
 from .tilechoice import aligned_tiles, tile_candidates
 from .errors import PatternError
 from .grid import MAX_SIZE
-from .spec import as_ir
+from .parse import as_ir
 
-__all__ = ["layout", "Layout", "HeadsLayout", "aligned_tiles", "ORDERS", "TABLE_MAX_AXIS"]
+__all__ = ["layout", "choose_layout", "Layout", "HeadsLayout", "aligned_tiles", "ORDERS",
+           "BLOCK_CHOICES", "TABLE_MAX_AXIS"]
 
 #: token orders :func:`layout` accepts
 ORDERS = ("row-major", "tiled", "auto")
+#: square block sizes :func:`choose_layout` tries besides the pattern's own partition
+BLOCK_CHOICES = (64, 128)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,3 +410,23 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
             f"with every side dividing its axis.")
     options = ([build(None)] if order == "auto" else []) + [build(t) for t in tiles]
     return min(options, key=lambda lay: lay.executed_pairs)
+
+
+def choose_layout(lowered, block=None, order="auto", tile=None):
+    """The layout the block-sparse backends execute for ``lowered`` (numeric grid).
+
+    With ``block``, :func:`layout` with these arguments. Without, the one executing the fewest
+    pairs among the pattern's own aligned partition (Swin windows, areas: every tile full, no
+    mask) and square blocks of :data:`BLOCK_CHOICES` in ``order``; on a tie the larger block
+    (fewer, bigger calls). The planner prices the ``sdpa`` backend with the same choice.
+    """
+    if block is not None:
+        return layout(lowered, block=block, order=order, tile=tile)
+    shape = lowered.grid.require_numeric("choose_layout")
+    options = []
+    for t in aligned_tiles(lowered.per_head, shape):
+        vol = math.prod(t)
+        options.append(layout(lowered, block=(vol, vol), order="tiled", tile=t))
+    for b in BLOCK_CHOICES:
+        options.append(layout(lowered, block=(b, b), order=order, tile=tile))
+    return min(options, key=lambda lay: (lay.executed_pairs, -lay.block[0]))

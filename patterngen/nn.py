@@ -28,12 +28,13 @@ import threading
 import torch
 from torch import nn
 
-from . import _register_pending, bias
+from . import bias
+from .operators import register_pending
 from .compile import compile as compile_pattern
 from .errors import PatternError
 from .grid import as_grid
-from .parse import parse
-from .spec import Pattern, as_ir, block
+from .parse import as_ir, parse
+from .spec import Pattern, block
 
 __all__ = ["LocalSelfAttention", "SwinBlock", "from_timm_swin", "DropPath", "declaration",
            "attention", "attend", "fit_table"]
@@ -503,4 +504,4 @@ def from_timm_swin(state_dict: dict, window) -> dict:
 
 
 # when importing this module brought torch in, the other operators register now that it is built
-_register_pending(__name__)
+register_pending(__name__)

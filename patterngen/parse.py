@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import ast
 
-from . import limits, spec
+from . import ir, limits, spec
 from .errors import PatternError
+from .grid import as_grid
 
-__all__ = ["parse", "parse_grid", "CONSTRUCTORS"]
+__all__ = ["parse", "parse_grid", "lower", "as_ir", "CONSTRUCTORS"]
 
 #: the callable names an expression may use
 CONSTRUCTORS = {name: getattr(spec, name) for name in (
@@ -171,3 +172,23 @@ def parse_grid(text: str) -> tuple:
             raise PatternError(f"Invalid grid {text!r}: part {part!r} is neither a number nor "
                                f"a name; write sizes as 64x64, 56,56 or H,W.")
     return tuple(out)
+
+
+def lower(pattern, grid) -> ir.IR | ir.HeadsIR:
+    """:func:`patterngen.spec.lower` of a spec or of its expression text (:func:`parse`).
+
+    Raises:
+        PatternError: with the spec and grid added to the message.
+    """
+    return spec.lower(parse(pattern) if isinstance(pattern, str) else pattern, grid)
+
+
+def as_ir(pattern, grid=None):
+    """Accept a spec or its expression text (lowered on ``grid``), or an already lowered IR."""
+    if isinstance(pattern, (ir.IR, ir.HeadsIR)):
+        if grid is not None and as_grid(grid) != pattern.grid:
+            raise PatternError(f"IR lowered for grid {pattern.grid} used with grid={grid}.")
+        return pattern
+    if grid is None:
+        raise PatternError(f"{pattern!r} needs a grid, e.g. grid=(64, 64).")
+    return lower(pattern, grid)

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import ir, limits
 from .errors import PatternError
-from .spec import as_ir
+from .parse import as_ir
 
 __all__ = ["show", "draw"]
 

@@ -40,7 +40,7 @@ import numpy as np
 from . import ir, limits
 from .errors import BackendUnavailable, PatternError
 from .grid import is_number
-from .spec import as_ir
+from .parse import as_ir
 
 __all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "STRATEGIES",
            "gather_first"]
@@ -518,12 +518,10 @@ def _whole_executed(name: str, lowered, shape) -> list[int]:
     if name == "dense":
         return [sum(ds.executed_pairs for _, ds in gather_first(head, shape)[1])
                 for head in lowered.per_head]
-    from .layout import layout
+    from .layout import choose_layout, layout
 
     if name == "sdpa":
-        from .backends.sdpa import _choose_layout
-
-        lay = _choose_layout(lowered, shape, None, "auto", None)
+        lay = choose_layout(lowered)
     else:
         lay = layout(lowered, block=128)
     heads = getattr(lay, "heads", (lay,))

@@ -32,7 +32,7 @@ from .compile import compile as compile_pattern
 from .cost import CostReport, cost, mean_over_heads
 from .errors import PatternError
 from .grid import as_grid
-from .spec import as_ir
+from .parse import as_ir
 
 __all__ = ["profile", "Profile", "Measurement", "measured_peak", "SYMBOLIC_AXES"]
 

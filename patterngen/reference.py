@@ -10,7 +10,7 @@ import numpy as np
 
 from . import ir
 from .errors import PatternError
-from .spec import as_ir
+from .parse import as_ir
 
 __all__ = ["materialize", "dense_attention", "dense_bias"]
 

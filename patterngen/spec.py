@@ -27,7 +27,7 @@ from .grid import Grid, as_grid, as_size, is_number
 __all__ = [
     "Pattern", "Window", "Block", "Area", "Stripe", "CrissCross", "GlobalTokens", "Causal",
     "Full", "Union", "Intersection", "Heads", "window", "block", "area", "axis", "stripe",
-    "criss_cross", "global_tokens", "causal", "full", "heads", "lower", "as_ir", "BORDERS",
+    "criss_cross", "global_tokens", "causal", "full", "heads", "lower", "BORDERS",
 ]
 
 BORDERS = ("clamp", "pad")
@@ -623,15 +623,11 @@ def _lower(spec: Pattern, grid: Grid):
 def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
     """Lower a spec on a grid to its exact IR (cached on the hashable spec and grid).
 
-    ``spec`` may be its expression text (:func:`patterngen.parse`).
+    :func:`patterngen.parse.lower` takes the spec's expression text too.
 
     Raises:
         PatternError: with the spec and grid added to the message.
     """
-    if isinstance(spec, str):
-        from .parse import parse
-
-        spec = parse(spec)
     if not isinstance(spec, Pattern):
         raise PatternError(f"Expected a pattern such as pg.window(7), got {spec!r}.")
     grid = as_grid(grid)
@@ -639,14 +635,3 @@ def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
         return _lower(spec, grid)
     except PatternError as e:
         raise PatternError(f"{e} [pattern {spec!r} on grid {grid}]") from None
-
-
-def as_ir(pattern, grid=None):
-    """Accept a spec or its expression text (lowered on ``grid``), or an already lowered IR."""
-    if isinstance(pattern, (ir.IR, ir.HeadsIR)):
-        if grid is not None and as_grid(grid) != pattern.grid:
-            raise PatternError(f"IR lowered for grid {pattern.grid} used with grid={grid}.")
-        return pattern
-    if grid is None:
-        raise PatternError(f"{pattern!r} needs a grid, e.g. grid=(64, 64).")
-    return lower(pattern, grid)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import bias
-from patterngen.spec import as_ir
+from patterngen.parse import as_ir
 from strategies import cases, random_spec
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

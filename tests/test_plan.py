@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import calibrate
-from patterngen.backends import planned
+from patterngen.backends import dense
 from patterngen.backends.flex import flex_available
 from patterngen.plan import dense_mask, dense_shape
 from fakes import register_fake_backend
@@ -56,9 +56,9 @@ def test_dense_terms_equal_the_oracle(case, fused):
     pattern, grid = case
     assume(_all_dense(pattern, grid) and pg.lower(pattern, grid).per_head[0].terms)
     # the fused kernel with a mask, or matmul-exp-matmul: both paths of every dense term
-    keys = 0 if fused else planned.MATMUL_KEYS
+    keys = 0 if fused else dense.MATMUL_KEYS
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(planned, "MATMUL_KEYS", keys)
+        mp.setattr(dense, "MATMUL_KEYS", keys)
         attn = _check(pattern, grid, strategy="terms", terms="dense")
     assert {tp.executor for tps in attn.plan.patterns for tp in tps} <= {"dense"}
 
@@ -101,8 +101,8 @@ def test_rows_without_keys_output_zero_and_get_zero_gradients():
 def test_bfloat16_on_cpu_runs_and_falls_back_per_call():
     pattern, grid = pg.criss_cross() | pg.window(3), (6, 6)
     attn = _check(pattern, grid, dtype=torch.bfloat16, tol=5e-2)
-    plans = {p.dtype: p.strategy for p in attn.plans}
-    assert attn.plan.dtype == "float32" and "bfloat16" in plans
+    # the compile-time plan is for float32; the last call's, attn.plan, for bfloat16
+    assert attn.plans[0].dtype == "float32" and attn.plan.dtype == "bfloat16"
 
 
 def test_w3_and_w4_plan_dense_batches():
@@ -147,6 +147,32 @@ def test_dense_mask_excludes_earlier_terms_exactly():
 def test_bad_plan_requests(kwargs, match):
     with pytest.raises(pg.PatternError, match=match):
         pg.plan(pg.window(3), grid=(8, 8), **kwargs)
+
+
+def test_bad_strategies_and_calls_no_executor_can_run():
+    with pytest.raises(pg.PatternError, match=r"unknown executors \['bogus'\]; valid "
+                       r"executors are \['terms', 'numba', 'sdpa', 'flex'\]"):
+        pg.compile(pg.window(3), (8, 8), backend="auto", strategy="bogus")
+    with pytest.raises(pg.BackendUnavailable, match=(
+            r"nothing can run \(window\(3\) \| axis\(0\)\) on device='cuda' with "
+            r"dtype='float64':\n  numba: device='cuda' not in \('cpu',\)\n  flex: dtype="
+            r"'float64' not in .*\n  terms: gather terms .* need the numba backend")):
+        pg.compile(pg.window(3) | pg.axis(0), (8, 8), backend="auto", device="cuda",
+                   dtype="float64", strategy=("numba", "terms", "flex"))
+
+
+def test_the_plan_is_the_last_calls_and_declared_sizes_plan_up_front():
+    attn = pg.compile(pg.criss_cross(), (6, 6), backend="auto", head_dim=8, heads=2,
+                      backward=True)
+    q, k, v = (torch.randn(1, 2, 6, 6, 8, requires_grad=True) for _ in range(3))
+    attn(q, k, v).sum().backward()
+    assert len(attn.plans) == 1 and attn.plan is attn.plans[0]  # declared: no planning
+    with torch.no_grad():
+        attn(*(t[:, :1, ..., :4] for t in (q, k, v)))
+    assert (attn.plan.heads, attn.plan.head_dim, attn.plan.backward) == (1, 4, False)
+    assert attn.plans[1] is attn.plan and len(attn.plans) == 2
+    attn(q, k, v)
+    assert attn.plan is attn.plans[0] and len(attn.plans) == 2
 
 
 def test_a_corrupt_calibration_file_is_measured_again(tmp_path, monkeypatch):

@@ -99,11 +99,12 @@ class NumbaBackend(Backend):
 
     @functools.cached_property
     def _with_extra_keys(self):
-        """The pattern as one gather group of these kernels, merged with extra keys."""
-        from patterngen.backends.planned import PlannedBackend
+        """The pattern as one gather group of these kernels, merged with extra keys: the
+        ``auto`` backend, found through the registry (it runs these kernels itself)."""
+        from patterngen.backends import get_backend
 
-        return PlannedBackend(self.ir, strategy="terms", terms="gather", scale=self.scale,
-                              softcap=self.softcap)
+        return get_backend("auto")(self.ir, strategy="terms", terms="gather", scale=self.scale,
+                                   softcap=self.softcap)
 
     @property
     def source(self) -> str:
@@ -300,3 +301,5 @@ def _generate_cached(node, dtype: str, lanes: int, shared, head_dim: int, rel_bi
 
 
 register_backend("numba", NumbaBackend)
+# a loaded exported program's op key compiles its pattern again (``ops.lookup``)
+ops.register_rebuild("numba", lambda lowered, options: NumbaBackend(lowered, lanes=options[0]))

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from patterngen.backends.ops import (NAMESPACE, eager_function, lookup, lse_dtype,
+from patterngen.backends.merge import acc_dtype
+from patterngen.backends.ops import (NAMESPACE, eager_function, lookup,
                                      traced_or_eager, widened)
 
 __all__ = ["numba_fwd", "numba_bwd", "WIDENED"]
@@ -66,7 +67,7 @@ numba_bwd = torch.library.custom_op(f"{NAMESPACE}::numba_bwd", _backward_impl,
 
 @_forward_op.register_fake
 def _(q, k, v, key, scale, rel_bias, softcap):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
 
 
 @numba_bwd.register_fake

@@ -10,9 +10,11 @@ import torch
 import torch.distributed as dist
 
 from .. import ir
+from ..backends import dense
+from ..backends.merge import acc_dtype, finite_lse, merge
 from ..errors import PatternError
 from ..grid import Grid
-from ..spec import as_ir
+from ..parse import as_ir
 from .halo import split_lines
 from .local import ordinary_local, rank_plan
 from .reshard import reshard, reshard_mask
@@ -76,16 +78,10 @@ def _partial(q, k, v, mask, scale):
     """``(out, lse)`` of ``q`` over the keys ``mask`` allows, in float32 (float64 for float64),
     with autograd; ``lse = -inf`` for a row without a key (decided from the mask, not from a
     kernel), whose output is 0."""
-    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q.to(wide) @ k.to(wide).transpose(-1, -2) * scale).masked_fill(~mask, -math.inf)
-    top = scores.amax(-1, keepdim=True).detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weights = torch.exp(scores - top)
-    total = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(wide).tiny)
-    part = (weights @ v.to(wide)) / total
-    lse = torch.where(mask.any(-1), (torch.log(total) + top).squeeze(-1),
-                      torch.full_like(top.squeeze(-1), -math.inf))
-    return part, lse
+    wide = acc_dtype(q.dtype)
+    add = torch.zeros(mask.shape, dtype=wide, device=q.device).masked_fill(~mask, -math.inf)
+    part, lse = dense.softmax_attention(q.to(wide), k.to(wide), v.to(wide), add, scale, True)
+    return part, lse.squeeze(-1).masked_fill(~mask.any(-1), -math.inf)
 
 
 def _device(group):
@@ -217,7 +213,7 @@ class DistributedAttention:
 
     def _check(self, q, k, v):
         """Check every rank's inputs together; the same error on every rank when any is bad."""
-        from patterngen.backends._inputs import flatten_qkv
+        from patterngen.backends.inputs import flatten_qkv
 
         message, flat = None, None
         try:
@@ -272,7 +268,7 @@ class DistributedAttention:
 
         Their q rows go to every rank (one exchange), each rank attends them to its own keys
         and returns the partial ``(out, lse)`` to the holder (another), which merges them by
-        log-sum-exp in float32/64: ``out = sum_r exp(lse_r - logsumexp(lse)) * out_r``. Autograd
+        log-sum-exp in float32/64 (:func:`~patterngen.backends.merge.merge`). Autograd
         runs through both exchanges (transposed) and the merge; no key row moves.
         """
         plan, world, me = self.plan, self.world, self.rank
@@ -299,11 +295,7 @@ class DistributedAttention:
                                others, [0 if r == me else len(mine) for r in range(world)],
                                self.group)
         parts = torch.cat([blocks[me], back]).reshape(world, len(mine), b, h, d + 1)
-        lse_all = parts[..., d]
-        merged_lse = torch.logsumexp(lse_all, 0)
-        merged_lse = torch.where(torch.isfinite(merged_lse), merged_lse,
-                                 torch.zeros_like(merged_lse))
-        merged = (torch.exp(lse_all - merged_lse)[..., None] * parts[..., :d]).sum(0)
+        merged, _ = merge(list(zip(parts[..., :d].unbind(0), parts[..., d].unbind(0))))
         return out.index_copy(2, mine, merged.permute(1, 2, 0, 3).to(out.dtype))
 
     def _pencils(self, qf, kf, vf, scale):
@@ -362,7 +354,7 @@ class DistributedAttention:
         """
         b, h, _, d = q.shape
         own = part.shape[2]
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(q.dtype)
+        lse = finite_lse(lse).to(q.dtype)
 
         def column(x, value):
             return torch.cat([x, x.new_full((*x.shape[:-1], 1), value)], -1)

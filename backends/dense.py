@@ -1,0 +1,315 @@
+"""Dense attention kernels: one batch of small problems, a mask, and the log-sum-exp.
+
+Every executor that computes attention over an explicit set of keys per problem calls these:
+the dense terms and extra keys of the term-wise planner (``backends/planned.py``), the query
+blocks of the block-sparse backend (``backends/sdpa.py``) and the distributed partials
+(``patterngen/distributed/attention.py``). Inputs are ``(batch, problems, rows, head_dim)``
+(queries) against ``(batch, problems, keys, head_dim)``.
+
+- :func:`softmax_attention` / :func:`matmul_backward`: matmul, softmax, matmul returning the
+  log-sum-exp, and FlashAttention-2's backward from a merged ``out`` and ``lse``, with a mask
+  (additive, or :class:`Holes`) and a :class:`ScoreMod` (softcap, bias); the exact path for a
+  row whose scores are all ``-inf``.
+- :func:`fused_forward` / :func:`fused_backward`: the fused kernels that return the
+  log-sum-exp (CPU flash, CUDA memory-efficient) and take it back.
+- :func:`attention`, :func:`matmul_attention`, :func:`masked_attention`,
+  :func:`softcapped_attention`, :class:`FlashBias`: output only, with torch's
+  autograd, for the block-sparse backend's groups (fast paths measured there, see each).
+- :func:`cap` / :func:`cap_` / :func:`cap_grad_`: the softcap ``c * tanh(s / c)`` and its
+  gradient factor ``1 - tanh^2``, once (the numba kernels have their own, generated; the oracle
+  ``patterngen.reference`` stays independent on purpose).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from patterngen.backends.inputs import unit_stride
+from patterngen.backends.merge import acc_dtype
+
+__all__ = ["MATMUL_KEYS", "matmul_is_faster", "Holes", "ScoreMod", "cap", "cap_", "cap_grad_",
+           "score_matrix", "softmax_attention", "matmul_backward", "fused_forward",
+           "fused_backward", "attention", "masked_attention", "matmul_attention",
+           "flash_bias_grad_ok", "FlashBias", "softcapped_attention"]
+
+#: most keys per problem for which float32/float64 problems on CPU run as
+#: matmul-softmax-matmul rather than the fused kernel: 0.45-0.8x its forward time up to 128
+#: keys, about even at 256 (see :func:`matmul_attention`)
+MATMUL_KEYS = 128
+
+
+def matmul_is_faster(q, keys: int) -> bool:
+    """Whether problems of ``keys`` keys with queries like ``q`` run faster as
+    matmul-softmax-matmul than in the fused kernel: float32/float64 on CPU, at most
+    :data:`MATMUL_KEYS` keys (read at call time, so a test can move it)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and keys <= MATMUL_KEYS)
+
+
+def cap(scores, softcap):
+    """The softcap ``softcap * tanh(scores / softcap)``, with autograd."""
+    return softcap * torch.tanh(scores / softcap)
+
+
+def cap_(scores, softcap, keep_tanh: bool = False):
+    """:func:`cap` in place; returns ``tanh(scores / softcap)`` when ``keep_tanh`` (what
+    :func:`cap_grad_` needs), else ``None``."""
+    scores.div_(softcap).tanh_()
+    tanh = scores.clone() if keep_tanh else None
+    scores.mul_(softcap)
+    return tanh
+
+
+def cap_grad_(grad, tanh):
+    """The gradient of capped scores taken back through the cap, in place:
+    ``grad * (1 - tanh^2)`` (``tanh`` is overwritten)."""
+    return grad.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+
+
+class Holes:
+    """A mask given by its few excluded entries (CCNet's diagonal): flat indices into each
+    problem's scores (``shared``) or into all problems', filled with ``-inf`` after the GEMM,
+    where adding a dense mask would take one more pass over every score."""
+
+    def __init__(self, index, shared: bool):
+        self.index, self.shared = index, shared
+
+
+class ScoreMod:
+    """Softcap (``c * tanh(s / c)``) then a bias ``(heads or 1, problems, rows, keys)`` added
+    to the scores of ``(batch * heads, problems, rows, keys)``."""
+
+    def __init__(self, softcap, bias, heads: int):
+        self.softcap, self.bias, self.heads = softcap, bias, heads
+
+    def apply(self, scores, keep_tanh: bool = False):
+        """Modify ``scores`` in place; returns ``tanh(s / c)`` when ``keep_tanh`` (the
+        backward's chain rule needs it), else ``None``."""
+        tanh = None
+        if self.softcap is not None:
+            tanh = cap_(scores, self.softcap, keep_tanh)
+        if self.bias is not None:
+            scores.view(-1, self.heads, *scores.shape[1:]).add_(self.bias.to(scores.dtype))
+        return tanh
+
+
+def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False):
+    """``scale * q k^T`` (``(..., rows, keys)``, a problem per leading index), modified by
+    ``mod`` (a :class:`ScoreMod`), with ``mask`` added: an additive tensor, a :class:`Holes`,
+    or ``None``. With ``keep_tanh``, returns ``(scores, tanh)``."""
+    *lead, n, d = q.shape  # (batch, problems) or more leading dimensions
+    keys = k.shape[-2]
+    scores = torch.empty(math.prod(lead), n, keys, dtype=q.dtype, device=q.device)
+    scores.baddbmm_(q.reshape(-1, n, d), k.reshape(-1, keys, d).transpose(1, 2), beta=0,
+                    alpha=scale)
+    scores = scores.view(*lead, n, keys)
+    tanh = mod.apply(scores, keep_tanh) if mod is not None else None
+    if isinstance(mask, Holes):
+        rows = scores.view(-1, n * keys) if mask.shared else scores.view(lead[0], -1)
+        rows.index_fill_(1, mask.index, float("-inf"))
+    elif mask is not None:
+        scores += mask
+    return (scores, tanh) if keep_tanh else scores
+
+
+def softmax_attention(q, k, v, mask, scale, need_lse: bool, mod=None):
+    """``(out, lse (..., rows, 1))`` by baddbmm, softmax, bmm (``lse`` ``None`` unless
+    ``need_lse``). The log-sum-exp comes from two row maxima, ``max S - log(max P)``: one
+    fused softmax and two reads of the scores, where ``logsumexp`` then exp would take six
+    passes. A row whose scores are all ``-inf`` (no key, or keys of ``-inf`` score) attends
+    nothing: output 0, ``lse = -inf``, as SDPA on that query's keys alone. With autograd
+    (the distributed partials) such a row's scores are zeroed first, so that its softmax's
+    ``0 / 0`` puts no NaN into the gradients; the executors' own backwards never see it."""
+    scores = score_matrix(q, k, mask, scale, mod)
+    top = scores.amax(dim=-1, keepdim=True)
+    dead = top == float("-inf")
+    any_dead = bool(dead.any())
+    if any_dead and scores.requires_grad:
+        scores = scores.masked_fill(dead, 0.0)
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ v
+    if any_dead:
+        out = out.masked_fill(dead, 0.0)
+    if not need_lse:
+        return out, None
+    return out, (top - probs.amax(dim=-1, keepdim=True).log()).masked_fill(dead, float("-inf"))
+
+
+def matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None):
+    """FlashAttention-2's backward by batched matmuls: ``P = exp(S - lse)``,
+    ``dS = P (dout v^T - rowsum(dout * out))``; through a softcap,
+    ``dS_raw = dS (1 - tanh^2)``. Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
+    gradient summed to the bias's ``(heads or 1, problems, rows, keys)`` (``None`` without)."""
+    p, tanh = score_matrix(q, k, mask, scale, mod, keep_tanh=True)
+    p.sub_(lse.to(p.dtype)).exp_()
+    delta = (dout * out).sum(-1, keepdim=True)
+    ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
+    dbias = None
+    if mod is not None and mod.bias is not None:
+        per_head = ds.view(-1, mod.heads, *ds.shape[1:]).sum(0)
+        dbias = per_head.sum(0, keepdim=True) if mod.bias.shape[0] == 1 else per_head
+    if tanh is not None:
+        ds = cap_grad_(ds, tanh)
+    dq = _scaled_bmm(ds, k, scale)
+    dk = _scaled_bmm(ds.transpose(-1, -2), q, scale)
+    dv = p.transpose(-1, -2) @ dout
+    return dq, dk, dv, dbias
+
+
+def _scaled_bmm(a, b, alpha):
+    """``alpha * a @ b`` for ``(..., n, m) @ (..., m, d)``, the scale as the GEMM's alpha (no
+    pass of its own)."""
+    lead = a.shape[:-2]
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=a.dtype, device=a.device)
+    return out.baddbmm_(a3, b3, beta=0, alpha=alpha).view(*lead, *out.shape[1:])
+
+
+def fused_forward(q, k, v, mask, scale):
+    """The fused kernel that returns the log-sum-exp: ``(out, lse (B, P, rows))``."""
+    q, k, v = unit_stride(q, k, v)
+    if q.device.type == "cuda":
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None,
+            True, 0.0, False, scale=scale)
+        return out, lse[..., :q.shape[2]]  # padded to a multiple of 32 rows
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def fused_backward(q, k, v, out, lse, dout, mask, scale):
+    lse = lse.to(acc_dtype(q.dtype)).contiguous()
+    q, k, v = unit_stride(q, k, v)
+    if q.device.type == "cuda":
+        # the forward returned the log-sum-exp padded to a multiple of 32 rows; the backward
+        # reads it with that length
+        lse = torch.nn.functional.pad(lse.float(), (0, -q.shape[2] % 32)).contiguous()
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        bias = mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout.contiguous(), q, k, v, bias, out.contiguous(), lse, seed, seed, 0.0,
+            [True, True, True, False], False, scale=scale)
+        return dq, dk, dv
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, False, attn_mask=mask,
+        scale=scale)
+
+
+def attention(q, k, v, scale, softcap=None, add=None):
+    """Attention with an optional softcap and additive mask/bias ``add``."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, scale, softcap, add)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
+
+
+def _autograd_scores(q, k, scale, softcap):
+    """``scale * q k^T``, capped when ``softcap`` is set, in :func:`acc_dtype` (half precision
+    rounded only after the softmax, as the fused kernels do), with autograd."""
+    work = acc_dtype(q.dtype)
+    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * scale
+    return scores if softcap is None else cap(scores, softcap)
+
+
+def masked_attention(q, k, v, scale, softcap, add):
+    """Attention of a partial block where keys or values are not all finite, by the rule of
+    SDPA run on each query's attended keys alone.
+
+    The fused kernels add ``-inf`` to a masked key's score and multiply its value by a zero
+    probability, so a NaN there poisons every query of the block. Here masked scores are
+    replaced (not added to), a query whose attended scores are all ``-inf`` gets zeros, and
+    the values' non-finite entries are applied entry by entry to the queries that attend their
+    key, ``P_ij * v_jc`` (so ``0 * inf`` stays NaN as in SDPA): they are few, and this path
+    runs only when there are some."""
+    work = acc_dtype(q.dtype)
+    scores = _autograd_scores(q, k, scale, softcap)
+    seen = (add > float("-inf")).expand(scores.shape)
+    scores = torch.where(seen, scores + add, float("-inf"))
+    probs = torch.where(scores.amax(-1, keepdim=True) == float("-inf"), 0.0,
+                        scores.softmax(-1))
+    finite = torch.isfinite(v)
+    out = torch.matmul(probs, torch.where(finite, v, 0).to(work))
+    rows, blocks, keys, dims = (~finite).nonzero(as_tuple=True)
+    if len(rows):
+        term = torch.where(seen[rows, blocks, :, keys], probs[rows, blocks, :, keys]
+                           * v[rows, blocks, keys, dims].to(work)[:, None], 0.0)
+        queries = torch.arange(q.shape[-2], device=q.device)
+        out = out.index_put((rows[:, None], blocks[:, None], queries, dims[:, None]), term,
+                            accumulate=True)
+    return out.to(q.dtype)
+
+
+def matmul_attention(q, k, v, scale, add=None):
+    """Mask-free attention of ``(batch * heads, blocks, rows, dim)`` blocks as baddbmm, softmax
+    and bmm.
+
+    For small blocks on CPU this beats the fused kernel, which works through each block in
+    chunks of 32 queries with two small GEMM calls each: 0.45-0.8x its time up to 128 keys
+    (Swin's 49-token windows: 0.55-0.6x), about even at 256, slower beyond (float32, head_dim
+    32 and 64, 2 threads). Its backward is not: autograd through these ops took 1.5x the fused
+    kernel's forward+backward on Swin windows, so it only runs without autograd. The scale is
+    the GEMM's ``alpha`` rather than one more op: each op is a parallel region, and on shared
+    cores every region can wait out another process's time slice. ``baddbmm_`` fills the
+    scores in place; ``baddbmm`` would allocate a second scores buffer, and the extra 2.4 MB
+    per Swin call showed up as page faults and a slow tail. A bias ``add`` (broadcasting to
+    the scores) is copied into the buffer first and accumulated onto (``beta=1``).
+    """
+    shape = q.shape
+    scores = q.new_empty(*shape[:-1], k.shape[-2])
+    if add is not None:
+        scores.copy_(add)
+    q, k, v = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
+    scores = scores.view(q.shape[0], q.shape[1], k.shape[1])
+    scores.baddbmm_(q, k.transpose(1, 2), beta=0 if add is None else 1, alpha=scale)
+    return torch.bmm(scores.softmax(-1), v).view(shape)
+
+
+def flash_bias_grad_ok(q, add) -> bool:
+    """Whether a CPU call whose bias needs a gradient can run the fused kernel both ways."""
+    return (add is not None and add.requires_grad and torch.is_grad_enabled()
+            and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+
+
+class FlashBias(torch.autograd.Function):
+    """The fused CPU kernel, forward and backward, plus the gradient of its additive mask:
+    ``FlashBias.apply(q, k, v, bias, scale)`` (where :func:`flash_bias_grad_ok`).
+
+    SDPA falls back to its unfused math path on CPU when the mask needs a gradient (measured
+    3x the time of the fused kernel with a 7x7 window's bias table, ``bench_bias.py``). Here
+    the fused kernel computes q, k, v and their gradients (:func:`fused_forward`,
+    :func:`fused_backward`), and the mask's gradient is the scores' gradient rebuilt from the
+    saved log-sum-exp: ``P * (dO V^T - rowsum(dO * O))`` with
+    ``P = exp(scale q k^T + mask - lse)`` (zero where the mask is ``-inf``), summed over the
+    dimensions the mask broadcasts over.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        q, k, v = unit_stride(q, k, v)
+        out, lse = fused_forward(q, k, v, bias, scale)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq, dk, dv = fused_backward(q, k, v, out, lse, grad, bias, ctx.scale)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(ctx.scale).add_(bias)
+        probs = scores.sub_(lse.to(q.dtype)[..., None]).exp_()
+        dp = torch.matmul(grad, v.transpose(-1, -2))
+        dbias = probs.mul_(dp.sub_((grad * out).sum(-1, keepdim=True)))
+        return dq, dk, dv, dbias.sum_to_size(bias.shape), None
+
+
+def softcapped_attention(q, k, v, scale, softcap, add):
+    """``softmax(c * tanh(scale * q.k / c) + add) @ v`` with autograd; half precision computes
+    the scores in float32 (the fused kernels' accuracy)."""
+    scores = _autograd_scores(q, k, scale, softcap)
+    if add is not None:
+        scores = scores + add
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
