@@ -749,6 +749,13 @@ class PlannedBackend(Backend):
     def executed_pairs(self) -> tuple[int, ...]:
         return tuple(sum(tp.executed for tp in tps) for tps in self.plan.patterns)
 
+    @property
+    def op_key(self) -> str | None:
+        """The operator key that runs :attr:`plan` (``patterngen::planned_fwd`` for a term-wise
+        plan, the whole-pattern backend's own otherwise); ``None`` when it has none."""
+        key = next(k for k, p in self._plans.items() if p is self.plan)
+        return getattr(self._runs[key], "op_key", None)
+
     def __repr__(self):
         return f"PlannedBackend({self.ir.label} on grid {self.ir.grid}: {self.plan.strategy})"
 

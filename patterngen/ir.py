@@ -36,6 +36,7 @@ __all__ = [
     "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn",
     "Rel", "Term", "IR", "HeadsIR", "NUMPY_OPS", "torch_ops",
     "inclusion_exclusion", "verify", "check_stride", "WINDOW_MODES", "pattern_of_head",
+    "axis_first",
 ]
 
 WINDOW_MODES = ("clamp", "pad", "causal")
@@ -677,3 +678,19 @@ class LineTable(Atom):
             return starts[i], stops[i]
         return (np.asarray(self.starts, dtype=np.int64)[i],
                 np.asarray(self.stops, dtype=np.int64)[i])
+
+
+def axis_first(lowered, axis: int):
+    """The same pattern with ``axis`` as axis 0 (queries and keys permuted alike)."""
+    if axis == 0:
+        return lowered
+    perm = (axis, *(a for a in range(lowered.ndim) if a != axis))
+    grid = Grid(tuple(lowered.grid.shape[a] for a in perm))
+
+    def move(head):
+        return IR(grid, tuple(Term(tuple(t.rels[a] for a in perm)) for t in head.terms),
+                     head.label)
+
+    if isinstance(lowered, IR):
+        return move(lowered)
+    return HeadsIR(grid, tuple(move(h) for h in lowered.heads), lowered.label)

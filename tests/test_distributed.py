@@ -354,9 +354,7 @@ def _run_case(name, pattern, grid, options, group, world, rank, calls, kv_heads=
 
 
 def _axis_first_ir(pattern, grid, axis):
-    from patterngen.distributed.attention import _axis_first
-
-    return _axis_first(pg.lower(pattern, grid), axis)
+    return pg.ir.axis_first(pg.lower(pattern, grid), axis)
 
 
 def _error_cases(group, world, rank):

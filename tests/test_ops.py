@@ -37,7 +37,7 @@ def test_numba_ops_pass_opcheck():
 def test_planned_ops_pass_opcheck():
     attn = pg.compile(pg.criss_cross() | pg.window(3), (6, 6), backend="auto",
                       strategy="terms", terms="dense")
-    key = attn._runs[next(iter(attn._runs))].op_key
+    key = attn.op_key
     q, k, v = _qkv(grad=True)
     ak, av = (torch.randn(2, 2, 3, 8, requires_grad=True) for _ in range(2))
     for extra in ((None, None), (ak, av)):
@@ -56,7 +56,7 @@ def test_planned_ops_with_a_bias_table_pass_opcheck():
     q, k, v = _qkv(grad=True)
     table = torch.randn(2, *(2 * r + 1 for r in attn.reach), requires_grad=True)
     attn(q, k, v, rel_bias=table)  # plans and registers the runner with a table
-    key = next(run.op_key for run in attn._runs.values() if hasattr(run, "op_key"))
+    key = attn.op_key
     torch.library.opcheck(torch.ops.patterngen.planned_fwd.default,
                           (q, k, v, None, None, table, key, 0.3, True))
     q, k, v, table = (t.detach() for t in (q, k, v, table))

@@ -13,7 +13,6 @@ from .. import ir
 from ..backends import dense
 from ..backends.merge import acc_dtype, finite_lse, merge
 from ..errors import PatternError
-from ..grid import Grid
 from ..parse import as_ir
 from .halo import split_lines
 from .local import ordinary_local, rank_plan
@@ -50,22 +49,6 @@ class _Exchange(torch.autograd.Function):
         dist.all_to_all_single(out, grad.contiguous(), send_splits, recv_splits,
                                group=ctx.group)
         return out, None, None, None
-
-
-def _axis_first(lowered, axis: int):
-    """The same pattern with ``axis`` as axis 0 (queries and keys permuted alike)."""
-    if axis == 0:
-        return lowered
-    perm = (axis, *(a for a in range(lowered.ndim) if a != axis))
-    grid = Grid(tuple(lowered.grid.shape[a] for a in perm))
-
-    def move(head):
-        return ir.IR(grid, tuple(ir.Term(tuple(t.rels[a] for a in perm)) for t in head.terms),
-                     head.label)
-
-    if isinstance(lowered, ir.IR):
-        return move(lowered)
-    return ir.HeadsIR(grid, tuple(move(h) for h in lowered.heads), lowered.label)
 
 
 def _head_mask(mask, heads: int, device):
@@ -145,7 +128,7 @@ class DistributedAttention:
                                    f"rank's line tables yet.")
             self.axis = axis % len(shape)
             self.shards = split_lines(shape[self.axis], self.world, shards)
-            moved = _axis_first(lowered, self.axis)
+            moved = ir.axis_first(lowered, self.axis)
             key = (tuple(tuple(map(repr, h.terms)) for h in moved.per_head), shape, self.axis,
                    self.shards, self.world, backend, _canonical(options))
             digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
