@@ -93,8 +93,10 @@ class DenseTerm:
                 if ax.kind == "tiles":
                     if ax.pad_left or ax.pad_right:
                         cuts.append((2 + a, ax.pad_left, ax.n, (ax.pad_left, ax.pad_right)))
-                    split += [ax.batch, ax.size]
-                    batch_dims.append(here)
+                    # (tiles, positions, residue): the residue is a batch dim beside the
+                    # tile (a strided view; size 1 for Swin's contiguous tiles)
+                    split += [ax.tiles, ax.size, ax.dilation]
+                    batch_dims += [here, here + 2]
                     prob_dims.append(here + 1)
                     whole.append(ax.batch * ax.size)
                     continue
