@@ -274,13 +274,14 @@ class DenseTerm:
         b, h = q.shape[:2]
         kv, group = k.shape[1], h // k.shape[1]
         kp, vp = self._view(k, "k"), self._view(v, "k")
-        qp, op, lp, dp = (_fold(self._view(t, "q"), group)
-                          for t in (q, out, lse.unsqueeze(-1), dout))
+        qp, lp, dp = (_fold(self._view(t, "q"), group) for t in (q, lse.unsqueeze(-1), dout))
         dtable = None
         if self._matmul(q, table):
-            dq, dk, dv, dtile = _matmul_backward(qp, kp, vp, op, lp, dp,
+            # rowsum(dout * out) on the grid and viewed, rather than a view of all of out
+            delta = _fold(self._view((dout * out).sum(-1, keepdim=True), "q"), group)
+            dq, dk, dv, dtile = _matmul_backward(qp, kp, vp, None, lp, dp,
                                                  self._matmul_mask(q.dtype, q.device, group),
-                                                 scale, self._mod(table, h, group))
+                                                 scale, self._mod(table, h, group), delta)
             if table is not None:  # each pair's score gradient lands on its table entry
                 dtile = (_unfold(dtile, group) if table.shape[0] > 1 else
                          dtile.unflatten(2, (group, -1)).sum(2))
@@ -290,6 +291,7 @@ class DenseTerm:
                                 dtile.reshape(table.shape[0], -1))
                 dtable = flat.view(table.shape).to(table.dtype)
         else:
+            op = _fold(self._view(out, "q"), group)
             dq, dk, dv = _fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
                                          self._additive_mask(q.dtype, q.device, group), scale)
         return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
@@ -386,14 +388,16 @@ def _softmax_attention(q, k, v, mask, scale, need_lse: bool, mod=None):
     return out, (top - probs.amax(dim=-1, keepdim=True).log()).masked_fill(dead, float("-inf"))
 
 
-def _matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None):
+def _matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None, delta=None):
     """FlashAttention-2's backward by batched matmuls: ``P = exp(S - lse)``,
     ``dS = P (dout v^T - rowsum(dout * out))``; through a softcap,
-    ``dS_raw = dS (1 - tanh^2)``. Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
+    ``dS_raw = dS (1 - tanh^2)``. ``delta``: ``rowsum(dout * out)`` when the caller has it
+    (``out`` is then not read). Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
     gradient summed to the bias's ``(heads or 1, problems, rows, keys)`` (``None`` without)."""
     p, tanh = _scores(q, k, mask, scale, mod, keep_tanh=True)
     p.sub_(lse.to(p.dtype)).exp_()
-    delta = (dout * out).sum(-1, keepdim=True)
+    if delta is None:
+        delta = (dout * out).sum(-1, keepdim=True)
     ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
     dbias = None
     if mod is not None and mod.bias is not None:
