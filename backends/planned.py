@@ -232,6 +232,33 @@ class DenseTerm:
             tile = tile.repeat(1, 1, group, 1) if tile.shape[0] == 1 else _fold(tile, group)
         return _ScoreMod(self.softcap, tile, heads // group)
 
+    def autograd_forward(self, q, k, v, scale):
+        """The output ``(B, H, N, d)`` through torch's autograd, as a model's partitioned
+        attention runs it (views, bmm, softmax, bmm; its backward keeps the probabilities
+        instead of recomputing them from the log-sum-exp: one batched matmul and one exp
+        less), or ``None`` where that does not apply. It applies to a term that runs alone
+        on the matmul path with no mask and a key for every query, in eager mode, with
+        finite q and k (a row whose scores are all ``-inf`` would give NaN where the merge
+        gives 0)."""
+        import torch
+
+        if (self.mask is not None or not self.rows.all() or not self._matmul(q)
+                or self.softcap is not None or torch.compiler.is_compiling()):
+            return None
+        # one sum each: a NaN or infinity makes it non-finite (a sum that overflows only
+        # sends the call to the merge, which is exact for any input)
+        if not math.isfinite(float(q.detach().sum()) + float(k.detach().sum())):
+            return None
+        b, h = q.shape[:2]
+        qp = _fold(self._view(q, "q"), group := h // k.shape[1])
+        kp, vp = self._view(k, "k"), self._view(v, "k")
+        bp, p, n, d = qp.shape
+        # bmm then an in-place scale: measured faster through autograd than baddbmm's
+        # alpha or a scaled q (whose backwards copy the problems one by one)
+        scores = torch.bmm(qp.reshape(bp * p, n, d), kp.reshape(bp * p, -1, d).transpose(1, 2))
+        out = torch.softmax(scores.mul_(scale), dim=-1) @ vp.reshape(bp * p, -1, d)
+        return self._unview(_unfold(out.view(bp, p, n, d), group), b, h, 0.0)
+
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
         for float64), ``lse_t = -inf`` for queries this term adds no key to; ``lse_t`` is
@@ -594,6 +621,10 @@ class _Runner:
                 done.append(tp.term)
                 before = after
             self.patterns.append(parts)
+        #: the one dense term of a plan that is nothing else (see
+        #: :meth:`DenseTerm.autograd_forward`), or ``None``
+        only = self.patterns[0] if len(self.patterns) == 1 else ()
+        self.alone = only[0] if len(only) == 1 and isinstance(only[0], DenseTerm) else None
 
 
 def _register_runner(runner, plan) -> str:
@@ -960,6 +991,10 @@ class PlannedBackend(Backend):
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
         ak, av = extra or (None, None)
+        if run.alone is not None and extra is None and rel_bias is None:
+            out = run.alone.autograd_forward(qf, kf, vf, scale)
+            if out is not None:
+                return restore(out)
         return restore(_planned_fwd(qf, kf, vf, ak, av, rel_bias, run.op_key, scale,
                                     grad)[0])
 

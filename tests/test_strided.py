@@ -195,3 +195,22 @@ def test_recognition_reads_bounds_not_names():
     rel = ir.Rel.of(ir.Window(7, 8), ir.Block(56))
     [axis] = dense_shape(ir.Term((rel,)), (56,)).axes
     assert (axis.size, axis.dilation, axis.batch) == (7, 8, 8)
+
+
+def test_a_lone_dense_term_runs_through_autograd_unless_keys_are_not_finite(monkeypatch):
+    # one dense term without a mask: views, bmm, softmax, bmm under torch's autograd (no
+    # recomputation in the backward); an infinite key sends the call to the exact merge
+    calls = []
+    forward = planned.DenseTerm.forward
+    monkeypatch.setattr(planned.DenseTerm, "forward",
+                        lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    spec, grid = pg.window(7, dilation=2), (14, 14)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, *grid, 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    check_against_oracle("auto", spec, grid, q, k, v, **DENSE)
+    assert not calls
+    k = k.detach().clone()
+    k[0, 0, 0, 0, 0] = float("-inf")
+    pg.compile(spec, grid, backend="auto", **DENSE)(q, k, v)
+    assert calls
