@@ -237,17 +237,13 @@ class DenseTerm:
         attention runs it (views, bmm, softmax, bmm; its backward keeps the probabilities
         instead of recomputing them from the log-sum-exp: one batched matmul and one exp
         less), or ``None`` where that does not apply. It applies to a term that runs alone
-        on the matmul path with no mask and a key for every query, in eager mode, with
-        finite q and k (a row whose scores are all ``-inf`` would give NaN where the merge
-        gives 0)."""
+        on the matmul path with no mask and a key for every query, in eager mode, when its
+        output is finite (a row whose scores are all ``-inf`` gives NaN here where the merge
+        gives 0; the caller then runs the merge)."""
         import torch
 
         if (self.mask is not None or not self.rows.all() or not self._matmul(q)
                 or self.softcap is not None or torch.compiler.is_compiling()):
-            return None
-        # one sum each: a NaN or infinity makes it non-finite (a sum that overflows only
-        # sends the call to the merge, which is exact for any input)
-        if not math.isfinite(float(q.detach().sum()) + float(k.detach().sum())):
             return None
         b, h = q.shape[:2]
         qp = _fold(self._view(q, "q"), group := h // k.shape[1])
@@ -257,6 +253,10 @@ class DenseTerm:
         # alpha or a scaled q (whose backwards copy the problems one by one)
         scores = torch.bmm(qp.reshape(bp * p, n, d), kp.reshape(bp * p, -1, d).transpose(1, 2))
         out = torch.softmax(scores.mul_(scale), dim=-1) @ vp.reshape(bp * p, -1, d)
+        # one sum: a NaN or an infinity anywhere makes it non-finite (a sum that merely
+        # overflows only sends the call to the merge, which is exact for any input)
+        if not math.isfinite(float(out.detach().sum())):
+            return None
         return self._unview(_unfold(out.view(bp, p, n, d), group), b, h, 0.0)
 
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):

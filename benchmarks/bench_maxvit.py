@@ -20,7 +20,7 @@ patterngen is slower). ``pred`` is the planner's predicted time for ``auto``'s c
 
 Run:
     python benchmarks/bench_maxvit.py                          # 56, 28, 14; batch 2 and 8
-    python benchmarks/bench_maxvit.py --sizes 56 --batches 2 --rounds 9
+    python benchmarks/bench_maxvit.py --sizes 56 --batches 2 --rounds 9 --threads 1
 """
 
 from __future__ import annotations
@@ -162,9 +162,10 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--forward-only", action="store_true")
     args = ap.parse_args(argv)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; G={args.g}, heads={args.heads}, "
           f"head_dim={args.head_dim}, float32, median of {args.rounds} interleaved rounds")
