@@ -15,7 +15,9 @@ and no part keeps probabilities.
   fused kernel is ``aten._scaled_dot_product_flash_attention_for_cpu`` (returns the
   log-sum-exp; its backward op takes the merged out and lse); small float32/float64 problems
   run as matmul, exp, matmul instead (faster below ``MATMUL_KEYS`` keys, measured); on CUDA
-  ``aten._scaled_dot_product_efficient_attention`` with ``compute_log_sumexp``.
+  ``aten._scaled_dot_product_efficient_attention`` with ``compute_log_sumexp``. A plan that
+  is one such term without a mask runs, in eager mode, through torch's own autograd instead
+  (:meth:`DenseTerm.autograd_forward`).
 - :class:`GatherGroup` runs a pattern's gather terms (windows) by the numba kernels, which
   already return the log-sum-exp and take it back in their backward.
 

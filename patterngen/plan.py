@@ -1,14 +1,16 @@
 """Term-wise lowering and a cost-model planner: each term of a union on its cheapest executor.
 
 A pattern is a union of separable terms (:mod:`patterngen.ir`). A term whose relation on every
-axis is ``All``, ``Eq``, ``Block`` (any offset), a causal ``Lt``/``Le``, a fixed key range
-(``KeyIn``: global keys) or a fixed query range (``QueryIn``: global queries) is a *batch of
-small dense problems* after a view/permute of q, k and v: ``Eq`` axes become batch dimensions,
-``Block`` axes split into tiles (a batch index and a position in the tile), the others stay
-whole problem axes. Swin's windows are 64 problems of 49 x 49 on a 56 x 56 grid, CCNet's row
-and column are 64 problems of 64 x 64 each. Such a term runs as one fused attention call
-(:class:`DenseShape` says how); windows and other relations stay *gather* terms, run by a
-kernel that visits each query's keys (numba on CPU).
+axis is ``All``, ``Eq``, a causal ``Lt``/``Le``, a fixed key range (``KeyIn``: global keys),
+a fixed query range (``QueryIn``: global queries) or *strided tiles* (read from the relation's
+bounds: every query's keys are its residue class modulo the step inside its tile, as for
+``Block`` at any offset and MaxViT's grid ``Window(G, dilation=H // G)``) is a *batch of small
+dense problems* after a view/permute of q, k and v: ``Eq`` axes become batch dimensions, tiled
+axes split into a tile index and a residue (batch dimensions) and a position (a problem
+dimension), the others stay whole problem axes. Swin's windows and MaxViT's grid are 64
+problems of 49 x 49 on a 56 x 56 grid, CCNet's row and column are 64 problems of 64 x 64 each.
+Such a term runs as one fused attention call (:class:`DenseShape` says how); windows and other
+relations stay *gather* terms, run by a kernel that visits each query's keys (numba on CPU).
 
 The terms of a union overlap (criss-cross's row and column share the query itself). The plan
 runs the gather terms first, as one group whose kernel already visits each key once, then each
