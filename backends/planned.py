@@ -77,6 +77,9 @@ class DenseTerm:
         self.softcap, self.reach = softcap, reach
         self.mask = dense_mask(shape, term, earlier)
         self.rows = rows
+        self.problems = shape.batch
+        #: no mask and a key for every query: :meth:`autograd_forward` may run it
+        self.plain = self.mask is None and bool(rows.all()) and softcap is None
         self._cache = {}
 
     def _recipe(self, side: str) -> tuple:
@@ -119,14 +122,15 @@ class DenseTerm:
 
         cuts, split, order, rows, _, _, _ = self._recipe(side)
         b, h, _, d = x.shape
-        t = x.reshape(b, h, *self.grid, d)
+        # the split refines the grid's row-major axes: without cuts, one reshape does both
+        t = x.reshape(b, h, *self.grid, d) if cuts else x
         for dim, start, length, pad in cuts:
             if pad is None:
                 t = t.narrow(dim, start, length)
             else:
                 t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + list(pad))
         t = t.reshape(b, h, *split, d).permute(order)
-        return t.reshape(b * h, self.shape.batch, rows, d)
+        return t.reshape(b * h, self.problems, rows, d)
 
     def _unview(self, y, b: int, h: int, fill: float, side: str = "q"):
         """Inverse of :meth:`_view`: ``(B * H, problems, rows, e)`` -> ``(B, H, N, e)``.
@@ -137,7 +141,10 @@ class DenseTerm:
 
         cuts, _, _, _, inverse, ordered, whole = self._recipe(side)
         e = y.shape[-1]
-        t = y.reshape(b, h, *ordered, e).permute(inverse).reshape(b, h, *whole, e)
+        t = y.reshape(b, h, *ordered, e).permute(inverse)
+        if not cuts:
+            return t.reshape(b, h, math.prod(self.grid), e)
+        t = t.reshape(b, h, *whole, e)
         for dim, start, length, pad in cuts:
             if pad is not None:
                 t = t.narrow(dim, start, length)
@@ -244,8 +251,7 @@ class DenseTerm:
         gives 0; the caller then runs the merge)."""
         import torch
 
-        if (self.mask is not None or not self.rows.all() or not self._matmul(q)
-                or self.softcap is not None or torch.compiler.is_compiling()):
+        if not self.plain or not self._matmul(q) or torch.compiler.is_compiling():
             return None
         b, h = q.shape[:2]
         qp = _fold(self._view(q, "q"), group := h // k.shape[1])
