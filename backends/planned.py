@@ -257,10 +257,14 @@ class DenseTerm:
         qp = _fold(self._view(q, "q"), group := h // k.shape[1])
         kp, vp = self._view(k, "k"), self._view(v, "k")
         bp, p, n, d = qp.shape
-        # bmm then an in-place scale: measured faster through autograd than baddbmm's
-        # alpha or a scaled q (whose backwards copy the problems one by one)
-        scores = torch.bmm(qp.reshape(bp * p, n, d), kp.reshape(bp * p, -1, d).transpose(1, 2))
-        out = torch.softmax(scores.mul_(scale), dim=-1) @ vp.reshape(bp * p, -1, d)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            # bmm then an in-place scale: measured faster through autograd than baddbmm's
+            # alpha or a scaled q (whose backwards copy the problems one by one)
+            scores = torch.bmm(qp.reshape(bp * p, n, d),
+                               kp.reshape(bp * p, -1, d).transpose(1, 2)).mul_(scale)
+        else:  # the scale as the GEMM's alpha, no pass of its own
+            scores = _scores(qp, kp, None, scale).view(bp * p, n, -1)
+        out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
         # one sum: a NaN or an infinity anywhere makes it non-finite (a sum that merely
         # overflows only sends the call to the merge, which is exact for any input)
         if not math.isfinite(float(out.detach().sum())):
