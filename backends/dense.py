@@ -137,14 +137,16 @@ def softmax_attention(q, k, v, mask, scale, need_lse: bool, mod=None):
     return out, (top - probs.amax(dim=-1, keepdim=True).log()).masked_fill(dead, float("-inf"))
 
 
-def matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None):
+def matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None, delta=None):
     """FlashAttention-2's backward by batched matmuls: ``P = exp(S - lse)``,
     ``dS = P (dout v^T - rowsum(dout * out))``; through a softcap,
-    ``dS_raw = dS (1 - tanh^2)``. Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
+    ``dS_raw = dS (1 - tanh^2)``. ``delta``: ``rowsum(dout * out)`` when the caller has it
+    (``out`` is then not read). Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
     gradient summed to the bias's ``(heads or 1, problems, rows, keys)`` (``None`` without)."""
     p, tanh = score_matrix(q, k, mask, scale, mod, keep_tanh=True)
     p.sub_(lse.to(p.dtype)).exp_()
-    delta = (dout * out).sum(-1, keepdim=True)
+    if delta is None:
+        delta = (dout * out).sum(-1, keepdim=True)
     ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
     dbias = None
     if mod is not None and mod.bias is not None:

@@ -15,7 +15,9 @@ and no part keeps probabilities.
   fused kernel is ``aten._scaled_dot_product_flash_attention_for_cpu`` (returns the
   log-sum-exp; its backward op takes the merged out and lse); small float32/float64 problems
   run as matmul, exp, matmul instead (faster below ``MATMUL_KEYS`` keys, measured); on CUDA
-  ``aten._scaled_dot_product_efficient_attention`` with ``compute_log_sumexp``.
+  ``aten._scaled_dot_product_efficient_attention`` with ``compute_log_sumexp``. A plan that
+  is one such term without a mask runs, in eager mode, through torch's own autograd instead
+  (:meth:`DenseTerm.autograd_forward`).
 - :class:`GatherGroup` runs a pattern's gather terms (windows) by the numba kernels, which
   already return the log-sum-exp and take it back in their backward.
 
@@ -70,6 +72,9 @@ class DenseTerm:
         self.softcap, self.reach = softcap, reach
         self.mask = dense_mask(shape, term, earlier)
         self.rows = rows
+        self.problems = shape.batch
+        #: no mask and a key for every query: :meth:`autograd_forward` may run it
+        self.plain = self.mask is None and bool(rows.all()) and softcap is None
         self._cache = {}
 
     def _recipe(self, side: str) -> tuple:
@@ -88,8 +93,10 @@ class DenseTerm:
                 if ax.kind == "tiles":
                     if ax.pad_left or ax.pad_right:
                         cuts.append((2 + a, ax.pad_left, ax.n, (ax.pad_left, ax.pad_right)))
-                    split += [ax.batch, ax.size]
-                    batch_dims.append(here)
+                    # (tiles, positions, residue): the residue is a batch dim beside the
+                    # tile (a strided view; size 1 for Swin's contiguous tiles)
+                    split += [ax.tiles, ax.size, ax.dilation]
+                    batch_dims += [here, here + 2]
                     prob_dims.append(here + 1)
                     whole.append(ax.batch * ax.size)
                     continue
@@ -110,14 +117,15 @@ class DenseTerm:
 
         cuts, split, order, rows, _, _, _ = self._recipe(side)
         b, h, _, d = x.shape
-        t = x.reshape(b, h, *self.grid, d)
+        # the split refines the grid's row-major axes: without cuts, one reshape does both
+        t = x.reshape(b, h, *self.grid, d) if cuts else x
         for dim, start, length, pad in cuts:
             if pad is None:
                 t = t.narrow(dim, start, length)
             else:
                 t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + list(pad))
         t = t.reshape(b, h, *split, d).permute(order)
-        return t.reshape(b * h, self.shape.batch, rows, d)
+        return t.reshape(b * h, self.problems, rows, d)
 
     def _unview(self, y, b: int, h: int, fill: float, side: str = "q"):
         """Inverse of :meth:`_view`: ``(B * H, problems, rows, e)`` -> ``(B, H, N, e)``.
@@ -128,7 +136,10 @@ class DenseTerm:
 
         cuts, _, _, _, inverse, ordered, whole = self._recipe(side)
         e = y.shape[-1]
-        t = y.reshape(b, h, *ordered, e).permute(inverse).reshape(b, h, *whole, e)
+        t = y.reshape(b, h, *ordered, e).permute(inverse)
+        if not cuts:
+            return t.reshape(b, h, math.prod(self.grid), e)
+        t = t.reshape(b, h, *whole, e)
         for dim, start, length, pad in cuts:
             if pad is not None:
                 t = t.narrow(dim, start, length)
@@ -222,6 +233,36 @@ class DenseTerm:
             tile = tile.repeat(1, 1, group, 1) if tile.shape[0] == 1 else _fold(tile, group)
         return ScoreMod(self.softcap, tile, heads // group)
 
+    def autograd_forward(self, q, k, v, scale):
+        """The output ``(B, H, N, d)`` through torch's autograd, as a model's partitioned
+        attention runs it (views, bmm, softmax, bmm; its backward keeps the probabilities
+        instead of recomputing them from the log-sum-exp: one batched matmul and one exp
+        less), or ``None`` where that does not apply. It applies to a term that runs alone
+        on the matmul path with no mask and a key for every query, in eager mode, when its
+        output is finite (a row whose scores are all ``-inf`` gives NaN here where the merge
+        gives 0; the caller then runs the merge)."""
+        import torch
+
+        if not self.plain or not self._matmul(q) or torch.compiler.is_compiling():
+            return None
+        b, h = q.shape[:2]
+        qp = _fold(self._view(q, "q"), group := h // k.shape[1])
+        kp, vp = self._view(k, "k"), self._view(v, "k")
+        bp, p, n, d = qp.shape
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            # bmm then an in-place scale: measured faster through autograd than baddbmm's
+            # alpha or a scaled q (whose backwards copy the problems one by one)
+            scores = torch.bmm(qp.reshape(bp * p, n, d),
+                               kp.reshape(bp * p, -1, d).transpose(1, 2)).mul_(scale)
+        else:  # the scale as the GEMM's alpha, no pass of its own
+            scores = dense.score_matrix(qp, kp, None, scale).view(bp * p, n, -1)
+        out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
+        # one sum: a NaN or an infinity anywhere makes it non-finite (a sum that merely
+        # overflows only sends the call to the merge, which is exact for any input)
+        if not math.isfinite(float(out.detach().sum())):
+            return None
+        return self._unview(_unfold(out.view(bp, p, n, d), group), b, h, 0.0)
+
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
         for float64), ``lse_t = -inf`` for queries this term adds no key to; ``lse_t`` is
@@ -262,13 +303,14 @@ class DenseTerm:
         b, h = q.shape[:2]
         kv, group = k.shape[1], h // k.shape[1]
         kp, vp = self._view(k, "k"), self._view(v, "k")
-        qp, op, lp, dp = (_fold(self._view(t, "q"), group)
-                          for t in (q, out, lse.unsqueeze(-1), dout))
+        qp, lp, dp = (_fold(self._view(t, "q"), group) for t in (q, lse.unsqueeze(-1), dout))
         dtable = None
         if self._matmul(q, table):
+            # rowsum(dout * out) on the grid and viewed, rather than a view of all of out
+            delta = _fold(self._view((dout * out).sum(-1, keepdim=True), "q"), group)
             dq, dk, dv, dtile = dense.matmul_backward(
-                qp, kp, vp, op, lp, dp, self._matmul_mask(q.dtype, q.device, group), scale,
-                self._mod(table, h, group))
+                qp, kp, vp, None, lp, dp, self._matmul_mask(q.dtype, q.device, group), scale,
+                self._mod(table, h, group), delta)
             if table is not None:  # each pair's score gradient lands on its table entry
                 dtile = (_unfold(dtile, group) if table.shape[0] > 1 else
                          dtile.unflatten(2, (group, -1)).sum(2))
@@ -278,6 +320,7 @@ class DenseTerm:
                                 dtile.reshape(table.shape[0], -1))
                 dtable = flat.view(table.shape).to(table.dtype)
         else:
+            op = _fold(self._view(out, "q"), group)
             dq, dk, dv = dense.fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
                                               self._additive_mask(q.dtype, q.device, group),
                                               scale)
@@ -427,6 +470,10 @@ class _Runner:
                 done.append(tp.term)
                 before = after
             self.patterns.append(parts)
+        #: the one dense term of a plan that is nothing else (see
+        #: :meth:`DenseTerm.autograd_forward`), or ``None``
+        only = self.patterns[0] if len(self.patterns) == 1 else ()
+        self.alone = only[0] if len(only) == 1 and isinstance(only[0], DenseTerm) else None
 
 
 def _register_runner(runner, plan) -> str:
@@ -811,6 +858,10 @@ class PlannedBackend(Backend):
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
         ak, av = extra or (None, None)
+        if run.alone is not None and extra is None and rel_bias is None:
+            out = run.alone.autograd_forward(qf, kf, vf, scale)
+            if out is not None:
+                return restore(out)
         return restore(_planned_fwd(qf, kf, vf, ak, av, rel_bias, run.op_key, scale,
                                     grad)[0])
 

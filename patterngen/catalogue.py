@@ -54,6 +54,10 @@ CATALOGUE = [
     Entry("swin", "Swin W-MSA: non-overlapping 7x7 windows", pg.block(7), (56, 56), (14, 14), _2D),
     Entry("swin-shifted", "Swin SW-MSA: shifted windows", pg.block(7, offset=3),
           (56, 56), (14, 14), _2D),
+    # checked equal to timm's grid_partition (maxxvit.py) in tests/test_strided.py
+    Entry("maxvit-grid", "MaxViT grid attention, G=7 on its 14x14 stage: each token with its "
+          "residue class modulo H/G (timm's grid_partition)", pg.window(7, dilation=2),
+          (14, 14), (14, 14), _2D),
     Entry("area", "YOLOv12 area attention, 4 areas", pg.area(4), (64, 64), (16, 16), _2D),
     Entry("axial", "axial attention along axis 0 (the column)", pg.axis(0),
           (56, 56), (14, 14), _2D),

@@ -1,14 +1,16 @@
 """Term-wise lowering and a cost-model planner: each term of a union on its cheapest executor.
 
 A pattern is a union of separable terms (:mod:`patterngen.ir`). A term whose relation on every
-axis is ``All``, ``Eq``, ``Block`` (any offset), a causal ``Lt``/``Le``, a fixed key range
-(``KeyIn``: global keys) or a fixed query range (``QueryIn``: global queries) is a *batch of
-small dense problems* after a view/permute of q, k and v: ``Eq`` axes become batch dimensions,
-``Block`` axes split into tiles (a batch index and a position in the tile), the others stay
-whole problem axes. Swin's windows are 64 problems of 49 x 49 on a 56 x 56 grid, CCNet's row
-and column are 64 problems of 64 x 64 each. Such a term runs as one fused attention call
-(:class:`DenseShape` says how); windows and other relations stay *gather* terms, run by a
-kernel that visits each query's keys (numba on CPU).
+axis is ``All``, ``Eq``, a causal ``Lt``/``Le``, a fixed key range (``KeyIn``: global keys),
+a fixed query range (``QueryIn``: global queries) or *strided tiles* (read from the relation's
+bounds: every query's keys are its residue class modulo the step inside its tile, as for
+``Block`` at any offset and MaxViT's grid ``Window(G, dilation=H // G)``) is a *batch of small
+dense problems* after a view/permute of q, k and v: ``Eq`` axes become batch dimensions, tiled
+axes split into a tile index and a residue (batch dimensions) and a position (a problem
+dimension), the others stay whole problem axes. Swin's windows and MaxViT's grid are 64
+problems of 49 x 49 on a 56 x 56 grid, CCNet's row and column are 64 problems of 64 x 64 each.
+Such a term runs as one fused attention call (:class:`DenseShape` says how); windows and other
+relations stay *gather* terms, run by a kernel that visits each query's keys (numba on CPU).
 
 The terms of a union overlap (criss-cross's row and column share the query itself). The plan
 runs the gather terms first, as one group whose kernel already visits each key once, then each
@@ -65,12 +67,16 @@ class AxisPlan:
     """How one grid axis enters a dense term's problems.
 
     Attributes:
-        kind: ``batch`` (``Eq``: one problem per coordinate), ``tiles`` (``Block``: one problem
-            per tile, positions in the tile), ``full`` (every query and key of the axis),
-            ``keys`` (every query, keys in ``[lo, hi)``) or ``queries`` (queries in
+        kind: ``batch`` (``Eq``: one problem per coordinate), ``tiles`` (one problem per tile
+            and residue class, positions in the class), ``full`` (every query and key of the
+            axis), ``keys`` (every query, keys in ``[lo, hi)``) or ``queries`` (queries in
             ``[lo, hi)``, every key).
         n: the axis length.
-        size: tile length (``tiles``).
+        size: positions per problem (``tiles``): a tile spans ``size * dilation`` positions
+            of the padded axis and holds ``dilation`` problems, its residue classes modulo
+            ``dilation`` (Swin's windows: ``dilation`` 1; MaxViT's grid: one tile of the whole
+            axis, ``dilation = H // G`` classes of ``G`` tokens).
+        dilation: the distance between a problem's neighbouring positions (``tiles``).
         pad_left, pad_right: padding that makes the tiles whole (``tiles`` with an offset or a
             length the tile does not divide); padded positions are masked keys and dropped
             queries.
@@ -84,13 +90,19 @@ class AxisPlan:
     pad_right: int = 0
     lo: int = 0
     hi: int = 0
+    dilation: int = 1
+
+    @property
+    def tiles(self) -> int:
+        """Tiles of ``size * dilation`` positions (``tiles``)."""
+        return (self.pad_left + self.n + self.pad_right) // (self.size * self.dilation)
 
     @property
     def batch(self) -> int:
         if self.kind == "batch":
             return self.n
         if self.kind == "tiles":
-            return (self.pad_left + self.n + self.pad_right) // self.size
+            return self.tiles * self.dilation
         return 1
 
     @property
@@ -104,21 +116,26 @@ class AxisPlan:
 
     def coords(self, side: str) -> np.ndarray:
         """``(batch, positions)`` grid coordinates of the problems' queries or keys (``side``
-        ``"q"`` or ``"k"``); ``-1`` marks padding."""
+        ``"q"`` or ``"k"``); ``-1`` marks padding. A tile's problems are its residue classes
+        in order: problem ``t * dilation + r`` holds the positions ``r, r + dilation, ...`` of
+        tile ``t``."""
         if self.kind == "batch":
             return np.arange(self.n, dtype=np.int64)[:, None]
         if self.kind == "tiles":
             c = np.arange(self.batch * self.size, dtype=np.int64) - self.pad_left
-            return np.where((c >= 0) & (c < self.n), c, -1).reshape(self.batch, self.size)
+            c = np.where((c >= 0) & (c < self.n), c, -1)
+            return c.reshape(self.tiles, self.size, self.dilation).transpose(0, 2, 1).reshape(
+                self.batch, self.size)
         ranged = (self.kind == "keys") == (side == "k") and self.kind in ("keys", "queries")
         start, stop = (self.lo, self.hi) if ranged else (0, self.n)
         return np.arange(start, stop, dtype=np.int64)[None]
 
     def __repr__(self):
         if self.kind == "tiles":
+            dil = f", dilation {self.dilation}" if self.dilation != 1 else ""
             pad = f", pad {self.pad_left}+{self.pad_right}" if self.pad_left or self.pad_right \
                 else ""
-            return f"tiles({self.size}{pad})"
+            return f"tiles({self.size}{dil}{pad})"
         if self.kind in ("keys", "queries"):
             return f"{self.kind}[{self.lo}:{self.hi}]"
         return self.kind
@@ -128,25 +145,78 @@ def _axis_plan(rel: ir.Rel, n: int) -> AxisPlan | str:
     """The dense form of one relation on an axis of ``n``, or why it has none."""
     if not rel.atoms:
         return AxisPlan("full", n)
-    if len(rel.atoms) > 1:
-        return f"{rel!r} meets several atoms"
-    atom = rel.atoms[0]
-    if not all(is_number(v) for v in atom.params()):
-        return f"{atom!r} has symbolic sizes"
-    match atom:
-        case ir.Eq():
+    for atom in rel.atoms:
+        if not all(is_number(v) for v in atom.params()):
+            return f"{atom!r} has symbolic sizes"
+    match rel.atoms:
+        case (ir.Eq(),):
             return AxisPlan("batch", n)
-        case ir.Lt() | ir.Le():
+        case (ir.Lt() | ir.Le(),):
             return AxisPlan("full", n)
-        case ir.Block(size=m, offset=s):
-            m, s = int(m), int(s)
-            left = (m - s) % m
-            return AxisPlan("tiles", n, m, left, -(left + n) % m)
-        case ir.KeyIn(start=a, stop=b):
+        case (ir.KeyIn(start=a, stop=b),):
             return AxisPlan("keys", n, lo=max(int(a), 0), hi=min(int(b), n))
-        case ir.QueryIn(start=a, stop=b):
+        case (ir.QueryIn(start=a, stop=b),):
             return AxisPlan("queries", n, lo=max(int(a), 0), hi=min(int(b), n))
-    return f"{atom!r} is a gather (each query has its own keys)"
+    tiles = _strided_tiles(rel, n)
+    if tiles is not None:
+        return tiles
+    return f"{rel!r} is a gather (each query has its own keys)"
+
+
+def _strided_tiles(rel: ir.Rel, n: int) -> AxisPlan | None:
+    """The relation as ``tiles`` after one strided view, read from its per-query bounds (so
+    every spelling of the same relation qualifies: ``Block``, a dilated window whose span
+    covers its residue class, a strided window whose runs are tiles, a meet of them), or
+    ``None``.
+
+    It qualifies when its queries fall into *classes*, each the positions ``s, s + D, ...``
+    of a residue modulo the relation's step ``D`` within one tile of ``size * D`` positions
+    (the axis padded on the left by ``pad_left``, and on the right to whole tiles), and every
+    query's keys are its whole class, or its class up to itself (a causal cut, masked).
+    Classes of unequal length (``D`` does not divide the tile's span on the axis) are padded
+    to ``size`` and the padding masked."""
+    step = int(rel.step)
+    i = np.arange(n, dtype=np.int64)
+    start, stop = (np.broadcast_to(np.asarray(b, dtype=np.int64), (n,))
+                   for b in rel.bounds(i, n, ir.NUMPY_OPS))
+    count = np.maximum(stop - start + step - 1, 0) // step
+    last = start + step * (count - 1)
+    # every query in its own keys, which start at its class's first position
+    if not ((count > 0) & (start <= i) & (i <= last) & ((i - start) % step == 0)).all():
+        return None
+    # the queries that share a first key, as many as the positions from it to the last of
+    # them, all on its residue: exactly that class's positions
+    members = np.bincount(start, minlength=n)
+    end = start + step * (members[start] - 1)
+    if not (i <= end).all():
+        return None
+    if not ((last == end).all() or (last == i).all()):
+        return None
+    size = int(members.max())
+    span = size * step
+    # where the first tile ends: after its classes, which start at 0 .. step - 1 when it
+    # holds a step of positions; when shorter, at its first position whose class reaches
+    # past the first step (the second tile's)
+    head = end[:min(step, n)]
+    ends = [int(head.max()) + 1] + [int(r) + 1 for r in np.flatnonzero(head[1:] >= step)[:1]]
+    for first_end in ends:
+        pad_left = 0 if first_end >= n else span - first_end
+        if 0 <= pad_left < span and _tiles_classes(start, end, step, span, pad_left):
+            return AxisPlan("tiles", n, size, pad_left, -(pad_left + n) % span,
+                            dilation=step)
+    return None
+
+
+def _tiles_classes(start, end, step: int, span: int, pad_left: int) -> bool:
+    """Whether the classes ``[start, end]`` (per query, step ``step``) are the residue
+    classes of the tiles of ``span`` positions that begin at ``-pad_left``."""
+    n = len(start)
+    i = np.arange(n, dtype=np.int64)
+    lo = i + pad_left
+    lo = lo - lo % span - pad_left  # the query's tile
+    want_start = i - step * ((i - np.maximum(lo, 0)) // step)
+    want_end = i + step * ((np.minimum(lo + span, n) - 1 - i) // step)
+    return bool((want_start == start).all() and (want_end == end).all())
 
 
 @dataclass(frozen=True)

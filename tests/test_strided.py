@@ -1,0 +1,216 @@
+"""Relations that are dense after a strided view (MaxViT's grid attention, dilated windows that
+cover their residue class, blocks of dilated tiles, strided windows whose runs are tiles): the
+planner's recogniser against brute force, and the dense terms against the float64 oracle
+(forward and every gradient), with ragged classes, unions, grouped kv heads, a bias table, a
+softcap and extra keys; and against timm's ``grid_partition`` written out here."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patterngen as pg
+from patterngen import ir
+from patterngen.backends import dense, planned
+from patterngen.plan import _axis_membership, dense_shape
+from oracle import check_against_oracle
+from test_bias import check as check_with_table
+from test_gqa import oracle as gqa_oracle
+
+DENSE = dict(strategy="terms", terms="dense")
+
+
+@st.composite
+def axis_relations(draw):
+    """An axis length and one relation on it, spelled as a window (any dilation, border,
+    causality, stride) possibly met with a block: most are gathers, some strided tiles."""
+    n = draw(st.integers(1, 40))
+    d = draw(st.integers(1, max(1, min(6, n))))
+    k = draw(st.integers(1, max(1, n // d)))
+    window = pg.window(k, dilation=d, border=draw(st.sampled_from(["clamp", "pad"])),
+                       causal=draw(st.booleans()), stride=draw(st.integers(1, k)))
+    if draw(st.booleans()):
+        m = draw(st.integers(1, n + 3))
+        window = window & pg.block(m, offset=draw(st.integers(0, m - 1)))
+    return n, window
+
+
+@settings(max_examples=300, deadline=None)
+@given(axis_relations())
+def test_a_recognised_relation_lies_inside_its_problems(case):
+    # sound: every pair of the relation lies in one problem of the view (the mask then keeps
+    # exactly the relation's pairs); each position appears once in the view
+    n, spec = case
+    [term] = pg.lower(spec, (n,)).terms
+    shape = dense_shape(term, (n,))
+    if isinstance(shape, str):
+        return
+    [axis] = shape.axes
+    for side in "qk":
+        c = axis.coords(side)
+        assert sorted(c[c >= 0].tolist()) == list(range(n))
+    inside = _axis_membership(term.rels[0], axis).sum()
+    assert inside == int(term.rels[0].counts(n).sum())
+
+
+@pytest.mark.parametrize("n, spec, want", [
+    # MaxViT's grid: G = 7 tokens of each residue class modulo H // G
+    (56, pg.window(7, dilation=8), "tiles(7, dilation 8)"),
+    (14, pg.window(7, dilation=2), "tiles(7, dilation 2)"),
+    # the same relation spelled as a dilated window met with a block covering the axis
+    (14, pg.window(7, dilation=2) & pg.block(14), "tiles(7, dilation 2)"),
+    # blocks of dilated tiles, ragged: 50 = 28 + 22, the last tile's classes 4 or 3 long
+    (50, pg.window(7, dilation=7) & pg.block(28), "tiles(4, dilation 7, pad 0+6)"),
+    (20, pg.window(6, dilation=3) & pg.block(12, offset=4), "tiles(4, dilation 3, pad 8+8)"),
+    # a strided dilated window whose runs are tiles; a causal one (Sparse Transformer's
+    # strided pattern, causal pairs masked)
+    (16, pg.window(4, dilation=2, stride=4), "tiles(4, dilation 2)"),
+    (32, pg.window(8, dilation=4, causal=True), "tiles(8, dilation 4)"),
+    # Swin's tiles are the contiguous case; a clamped window over the whole axis is one tile
+    (56, pg.block(7, offset=3), "tiles(7, pad 4+3)"),
+    (9, pg.window(9), "tiles(9)"),
+])
+def test_strided_relations_are_dense(n, spec, want):
+    [term] = pg.lower(spec, (n,)).terms
+    assert repr(dense_shape(term, (n,)).axes[0]) == want
+
+
+def test_windows_that_miss_part_of_their_class_stay_gathers():
+    # a clamped window of 7 on classes of 8: each query has its own keys
+    for n, spec in [(64, pg.window(7, dilation=8)), (15, pg.window(7, dilation=2)),
+                    (11, pg.window(3, dilation=3) & pg.block(9, offset=4))]:
+        [term] = pg.lower(spec, (n,)).terms
+        assert "gather" in dense_shape(term, (n,))
+
+
+CASES = [
+    (pg.window(7, dilation=2), (14, 14)),                          # MaxViT grid, G=7, 14x14
+    (pg.window((3, 2), dilation=(3, 4)), (9, 8)),
+    (pg.window(4, dilation=3) & pg.block(6, offset=2), (17, 13)),   # ragged, padded, offset
+    (pg.window((2, 2, 3), dilation=(2, 3, 1)) & pg.block((4, 6, 2)), (5, 7, 4)),  # 3-D
+    (pg.window(8, dilation=4, causal=True), (32,)),
+    (pg.window(3, dilation=3) | pg.window(3) | pg.axis(0), (9, 9)),   # with gather and dense
+    (pg.window(4, dilation=2, stride=4) | pg.global_tokens([3]), (16,)),
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["matmul", "fused"])
+@pytest.mark.parametrize("spec, grid", CASES, ids=[repr(s) for s, _ in CASES])
+def test_strided_terms_equal_the_oracle(spec, grid, fused, monkeypatch):
+    monkeypatch.setattr(dense, "MATMUL_KEYS", 0 if fused else dense.MATMUL_KEYS)
+    gen = torch.Generator().manual_seed(sum(grid))
+    q, k, v = (torch.randn(2, 3, *grid, 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    attn = check_against_oracle("auto", spec, grid, q, k, v, **DENSE)
+    dilated = [tp for tp in attn.plan.patterns[0] if tp.executor == "dense"
+               and any(ax.kind == "tiles" and ax.dilation > 1 for ax in tp.dense.axes)]
+    assert dilated
+
+
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_strided_terms_add_a_bias_table(softcap):
+    spec, grid = pg.window(4, dilation=3) & pg.block(6, offset=2), (13, 12)
+    attn = check_with_table("auto", spec, grid, softcap=softcap, **DENSE)
+    assert attn.plan.patterns[0][0].dense.axes[0].dilation == 3
+
+
+def test_strided_terms_with_grouped_kv_heads_extra_keys_and_a_softcap():
+    spec, grid = pg.window((3, 2), dilation=3) | pg.axis(1), (9, 6)
+    attn = pg.compile(spec, grid, backend="auto", softcap=2.0, **DENSE)
+    assert attn.plan.patterns[0][0].dense.axes[0].dilation == 3
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, ak, av = (torch.randn(2, n, *shape, 8, generator=gen, dtype=torch.float64,
+                                   requires_grad=True)
+                       for n, shape in ((6, grid), (2, grid), (2, grid), (2, (3,)), (2, (3,))))
+    out = attn(q, k, v, additional_keys=ak, additional_values=av)
+    want = gqa_oracle(spec, grid, q, k, v, ak=ak, av=av, softcap=2.0).reshape(out.shape)
+    torch.testing.assert_close(out, want)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for name, g, w in zip(["q", "k", "v", "ak", "av"],
+                          torch.autograd.grad(out, (q, k, v, ak, av), dout),
+                          torch.autograd.grad(want, (q, k, v, ak, av), dout)):
+        torch.testing.assert_close(g, w, msg=f"d{name}")
+
+
+def test_maxvit_grid_attention_plans_one_dense_batch():
+    # 56x56, G=7: 64 classes of 7x7 tokens, as many problems as Swin's 7x7 windows
+    plan = pg.plan(pg.window(7, dilation=56 // 7), grid=(56, 56), head_dim=32, heads=4,
+                   backward=True, executors=("terms", "numba"))
+    [[term]] = plan.patterns
+    assert plan.strategy == "terms" and term.executor == "dense"
+    assert (term.dense.batch, term.dense.queries, term.dense.keys) == (64, 49, 49)
+    assert term.executed == term.pairs == 56 * 56 * 49
+    # the IR and its exact count are those of the window: only the execution changed
+    assert pg.lower(pg.window(7, dilation=8), (56, 56)).pairs() == 56 * 56 * 49
+
+
+def grid_partition(x, g):
+    """timm's ``grid_partition`` (maxxvit.py), written from its definition:
+    ``(B, H, W, C)`` -> ``(B * H/g * W/g, g, g, C)``, window ``(i, j)`` holding the tokens
+    ``(a * H/g + i, b * W/g + j)``."""
+    b, h, w, c = x.shape
+    x = x.view(b, g, h // g, g, w // g, c).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(-1, g, g, c)
+
+
+def grid_reverse(windows, g, h, w):
+    """timm's ``grid_reverse``: the inverse of :func:`grid_partition`."""
+    c = windows.shape[-1]
+    x = windows.view(-1, h // g, w // g, g, g, c).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(-1, h, w, c)
+
+
+@pytest.mark.parametrize("h, w, g", [(14, 14, 7), (12, 8, 4)])
+def test_grid_attention_equals_timm_s_grid_partition(h, w, g):
+    gen = torch.Generator().manual_seed(h + w)
+    heads, dim = 2, 8
+    q, k, v = (torch.randn(2, heads, h, w, dim, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+
+    def timm(q, k, v):  # per head: partition, softmax attention in each window, reverse
+        parts = [grid_partition(t.flatten(0, 1), g).flatten(1, 2) for t in (q, k, v)]
+        attn = torch.softmax(parts[0] @ parts[1].transpose(-1, -2) * dim ** -0.5, -1)
+        return grid_reverse(attn @ parts[2], g, h, w).view(2, heads, h, w, dim)
+
+    spec = pg.window(g, dilation=(h // g, w // g))
+    attn = pg.compile(spec, (h, w), backend="auto", **DENSE)
+    assert attn.plan.patterns[0][0].executor == "dense"
+    out, want = attn(q, k, v), timm(q, k, v)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), dout),
+                          torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=f"d{name}")
+    # and the relation itself: a query sees exactly the tokens of its timm window
+    index = grid_partition(torch.arange(h * w).view(1, h, w, 1), g).reshape(-1, g * g)
+    window_of = torch.empty(h * w, dtype=torch.long)
+    window_of[index.reshape(-1)] = torch.arange(index.shape[0]).repeat_interleave(g * g)
+    same = (window_of[:, None] == window_of[None, :]).numpy()
+    np.testing.assert_array_equal(pg.materialize(spec, (h, w)), same)
+
+
+def test_recognition_reads_bounds_not_names():
+    # a relation built from atoms directly (as distributed's tables or a meet would give)
+    rel = ir.Rel.of(ir.Window(7, 8), ir.Block(56))
+    [axis] = dense_shape(ir.Term((rel,)), (56,)).axes
+    assert (axis.size, axis.dilation, axis.batch) == (7, 8, 8)
+
+
+def test_a_lone_dense_term_runs_through_autograd_unless_keys_are_not_finite(monkeypatch):
+    # one dense term without a mask: views, bmm, softmax, bmm under torch's autograd (no
+    # recomputation in the backward); an infinite key sends the call to the exact merge
+    calls = []
+    forward = planned.DenseTerm.forward
+    monkeypatch.setattr(planned.DenseTerm, "forward",
+                        lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    spec, grid = pg.window(7, dilation=2), (14, 14)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, *grid, 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    check_against_oracle("auto", spec, grid, q, k, v, **DENSE)
+    assert not calls
+    k = k.detach().clone()
+    k[0, 0, 0, 0, 0] = float("-inf")
+    pg.compile(spec, grid, backend="auto", **DENSE)(q, k, v)
+    assert calls
