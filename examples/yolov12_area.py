@@ -1,7 +1,8 @@
 """YOLOv12's area attention (A2) in an attention block.
 
-A2 cuts the feature map into ``l`` equal areas of whole rows and attends inside each, written
-in YOLOv12 as a reshape of ``(B, N, C)`` to ``(B * l, N / l, C)``. patterngen states it as
+A2 cuts the row-major token sequence into ``l`` equal areas and attends inside each (whole rows
+when ``l`` divides the height, else runs of tokens), written in YOLOv12 as a reshape of
+``(B, N, C)`` to ``(B * l, N / l, C)``. patterngen states it as
 ``area(l)``; its cost is ``N^2 / l`` pairs per head, a quarter of global attention for ``l = 4``
 (the paper's ``n^2 h d / 2`` against ``2 n^2 h d``). This script checks the pattern against the
 reshape, runs it in a ``LocalSelfAttention`` block, and checks the kernel against the oracle.
