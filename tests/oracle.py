@@ -30,3 +30,13 @@ def check_against_oracle(backend, spec, grid, q, k, v, scale=None, atol=1e-10, *
         torch.testing.assert_close(g.double().reshape(w.shape), w, atol=atol, rtol=atol,
                                    msg=lambda m, name=name: f"d{name}: {m}")
     return attn
+
+
+def assert_gradients_equal(out, want, inputs, generator, names="q k v ak av".split()):
+    """The gradients of ``inputs`` through ``out`` and through the oracle's ``want`` equal,
+    for one random cotangent drawn from ``generator``."""
+    dout = torch.randn(want.shape, generator=generator, dtype=want.dtype)
+    for name, g, w in zip(names, torch.autograd.grad(out, inputs, dout.reshape(out.shape)),
+                          torch.autograd.grad(want, inputs, dout)):
+        torch.testing.assert_close(g, w, msg=lambda m, name=name: f"d{name}: {m}")
+
