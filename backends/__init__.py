@@ -15,9 +15,12 @@ from patterngen.operators import register_pending
 from patterngen import bias
 from patterngen.errors import BackendUnavailable, PatternError, UnknownBackend
 
-__all__ = ["Backend", "register_backend", "get_backend", "available", "select", "PRIORITY"]
+__all__ = ["Backend", "register_backend", "get_backend", "available", "select", "PRIORITY",
+           "executors", "register_executor"]
 
 _REGISTRY: dict[str, type] = {}
+#: executors registered besides the built-in ones (:mod:`.executor`)
+_EXECUTORS: dict = {}
 #: module that defines each built-in backend (imported on first use)
 _BUILTIN = {"numba": "numba", "sdpa": "sdpa", "flex": "flex", "auto": "planned"}
 #: the order :func:`select` tries, per device type
@@ -212,6 +215,20 @@ def register_backend(name: str, cls: type) -> None:
     if name in _REGISTRY:
         raise PatternError(f"A backend named {name!r} is already registered.")
     _REGISTRY[name] = cls
+
+
+def register_executor(executor) -> None:
+    """Register an :class:`.executor.Executor` instance under its ``name``, once."""
+    if executor.name in executors():
+        raise PatternError(f"An executor named {executor.name!r} is already registered.")
+    _EXECUTORS[executor.name] = executor
+
+
+def executors() -> dict:
+    """Every executor by name (:mod:`.executor`): the whole-pattern ones (``whole``), each a
+    strategy of the planner, then the parts of a term-wise plan, then registered ones."""
+    module = importlib.import_module(f"{__name__}.executor")
+    return {**module.WHOLE, **module.PARTS, **_EXECUTORS}
 
 
 def available() -> list[str]:

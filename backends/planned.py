@@ -747,26 +747,22 @@ class PlannedBackend(Backend):
                                            batch, backward)]
 
     def _plan(self, device, dtype, head_dim, heads, batch, backward, strategy=None,
-              bias=False, contiguous=True):
+              bias=False, contiguous=True, kv_heads=None, extra_keys=0):
         """The key of the plan for these inputs, planned (for the first ``batch`` seen: the
         costs scale with it alike) and built on first use; ``strategy`` (a name or a tuple
-        of names) restricts the strategies beyond the constructor's. With a softcap or
-        ``bias``, the whole-pattern strategies are the backends that add them; inputs that
-        are not ``contiguous`` price the executors' copies of them."""
+        of names) restricts the strategies beyond the constructor's. The call's softcap,
+        ``bias``, extra keys and layout go to the planner, whose executors say whether they
+        take them and what they cost."""
         strategy = strategy or self._strategy
-        key = (device, dtype, head_dim, heads, backward, strategy, bias, contiguous)
+        key = (device, dtype, head_dim, heads, backward, strategy, bias, contiguous,
+               kv_heads or heads, extra_keys)
         if key not in self._plans:
             allowed = (strategy,) if isinstance(strategy, str) else strategy
-            flags = ["SUPPORTS_SOFTCAP"] * (self.softcap is not None)
-            flags += ["SUPPORTS_REL_POS_BIAS"] * bias
-            sizes = dict(head_dim=head_dim, heads=heads, batch=batch, device=device,
-                         dtype=dtype, backward=backward, rates=self._rates,
-                         contiguous=contiguous)
-            if flags:  # whole-pattern backends that add them (every part of "terms" does)
-                allowed = allowed or ("terms", *(
-                    name for name in ("numba", "sdpa", "flex")
-                    if all(getattr(get_backend(name), f, False) for f in flags)))
-            plan = make_plan(self.ir, None, executors=allowed, terms=self._terms, **sizes)
+            plan = make_plan(self.ir, None, executors=allowed, terms=self._terms,
+                             head_dim=head_dim, heads=heads, batch=batch, device=device,
+                             dtype=dtype, backward=backward, rates=self._rates,
+                             contiguous=contiguous, kv_heads=kv_heads, bias=bias,
+                             softcap=self.softcap is not None, extra_keys=extra_keys)
             self._runs[key] = self._build(plan)
             self._plans[key] = plan
         return key
@@ -844,15 +840,17 @@ class PlannedBackend(Backend):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
-        # extra keys are one more part of a term-wise plan: its gather group then runs the
-        # pattern's own terms
-        key = self._plan(*wanted, strategy="terms" if extra is not None else None,
-                         bias=rel_bias is not None,
-                         contiguous=all(t.is_contiguous() for t in (qf, kf, vf)))
+        key = self._plan(*wanted, bias=rel_bias is not None,
+                         contiguous=all(t.is_contiguous() for t in (qf, kf, vf)),
+                         kv_heads=kf.shape[1], extra_keys=0 if extra is None else
+                         extra[0].shape[2])
         plan, run = self._plans[key], self._runs[key]
         self.plan = plan
         if plan.strategy != "terms":
             options = {} if rel_bias is None else {"rel_bias": rel_bias}
+            if extra is not None:
+                options.update(additional_keys=additional_keys,
+                               additional_values=additional_values)
             return run(q, k, v, scale=scale if scale is not None else self.scale, **options)
         rel_bias = self.check_rel_bias(rel_bias, qf)
         scale = scale if scale is not None else self.scale

@@ -36,7 +36,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,58 @@ class Rate:
                                    f">= {low}.")
 
 
+#: the shape classes the calibration measures: dense attention problems of rows x keys at a
+#: head_dim, on each kernel (``matmul``: baddbmm, softmax, bmm, FlashAttention-2's backward as
+#: matmuls; ``fused``: the fused kernel that returns the log-sum-exp), and the numba kernels
+#: one query at a time (``one``) or in tiles of queries that share keys (``tiles``)
+ATTEND_ROWS = (16, 64, 256, 1024)
+ATTEND_KEYS = {"matmul": (16, 64, 128), "fused": (16, 64, 256, 1024)}
+ATTEND_DIMS = (16, 64)
+NUMBA_LANES = ("one", "tiles")
+NUMBA_DIMS = (16, 32, 64)
+#: fixed costs per call of each path: a whole-pattern backend's Python, the term-wise path's
+#: own (its operator, the merge's bookkeeping), and one torch kernel launch
+LAUNCHES = ("numba", "sdpa", "terms", "kernel")
+
+
+def attend_name(kernel: str, rows: int, keys: int, head_dim: int) -> str:
+    return f"attend/{kernel}/{rows}x{keys}/d{head_dim}"
+
+
+def numba_name(lanes: str, head_dim: int) -> str:
+    return f"numba/{lanes}/d{head_dim}"
+
+
+def _names() -> list[str]:
+    """Every primitive a calibration holds a rate for."""
+    names = [attend_name(kernel, m, n, d) for kernel, keys in ATTEND_KEYS.items()
+             for m in ATTEND_ROWS for n in keys for d in ATTEND_DIMS]
+    names += [numba_name(lanes, d) for lanes in NUMBA_LANES for d in NUMBA_DIMS]
+    return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "merge"]
+
+
+def _bracket(axis: tuple, x: float, log: bool = True):
+    """``(i, j, w)``: ``x`` between ``axis[i]`` and ``axis[j]`` at weight ``w`` of ``j``
+    (interpolated in log2, clamped to the measured range)."""
+    f = math.log2 if log else float
+    if x <= axis[0]:
+        return 0, 0, 0.0
+    if x >= axis[-1]:
+        return len(axis) - 1, len(axis) - 1, 0.0
+    j = next(i for i, a in enumerate(axis) if a >= x)
+    return j - 1, j, (f(x) - f(axis[j - 1])) / (f(axis[j]) - f(axis[j - 1]))
+
+
 @dataclass(frozen=True)
 class Rates:
-    """Rates of every executor on one device and dtype.
+    """Rates of the primitives the executors launch, on one device and dtype.
 
     Attributes:
-        executors: ``{name: Rate}`` for ``dense``, ``gather``, ``numba``, ``sdpa``, ``flex``
-            and ``merge`` (whose ``pair_ns`` is per token and head_dim element merged).
+        executors: ``{primitive: Rate}`` (the names of :func:`_names`): ``attend/...`` per
+            kernel and shape class (``pair_ns`` per pair and head_dim element), ``numba/...``
+            per lane plan and head_dim (the same unit), ``launch/...`` (``call_ms`` per call),
+            ``copy`` (``pair_ns`` per byte copied) and ``merge`` (per token and head_dim
+            element of each part merged).
         source: ``"measured"`` or ``"default"``.
     """
 
@@ -78,34 +123,116 @@ class Rates:
 
     def predict(self, name: str, pairs: int, head_dim: int, calls: int = 1,
                 backward: bool = False, tokens: int = 0) -> float:
-        """Predicted milliseconds of ``calls`` calls of executor ``name`` computing ``pairs``
-        pairs (``tokens`` merged rows for ``merge``)."""
+        """Predicted milliseconds of ``calls`` calls of primitive ``name`` over ``pairs``
+        pairs (``tokens`` merged rows for ``merge``) of ``head_dim`` elements."""
         if name not in self.executors:
-            raise PatternError(f"No rate for executor {name!r}; known: {sorted(self.executors)}.")
+            raise PatternError(f"No rate for {name!r}; known: {sorted(self.executors)}.")
         r = self.executors[name]
         work = (tokens if name == "merge" else pairs) * head_dim
         ms = calls * r.call_ms + work * r.pair_ns / 1e6
         return ms * (r.backward_factor if backward else 1.0)
 
+    def _interp(self, names, weights):
+        """``(pair_ns, backward_factor)`` interpolated over named grid points."""
+        got = [(self.executors[n], w) for n, w in zip(names, weights) if w]
+        return (sum(r.pair_ns * w for r, w in got), sum(r.backward_factor * w for r, w in got))
+
+    def unit_rate(self, op) -> tuple[float, float, float]:
+        """``(units, ns per unit, backward factor)`` of one :class:`~patterngen.call.Op`."""
+        if op.kind == "attend":
+            m, n, d = op.shape
+            axes = (ATTEND_ROWS, ATTEND_KEYS[op.kernel], ATTEND_DIMS)
+            br = [_bracket(a, x) for a, x in zip(axes, (m, n, d))]
+            names, weights = [], []
+            for corner in range(8):
+                pick = [(b[1], b[2]) if corner >> i & 1 else (b[0], 1 - b[2])
+                        for i, b in enumerate(br)]
+                names.append(attend_name(op.kernel, *(a[i] for a, (i, _) in zip(axes, pick))))
+                weights.append(math.prod(w for _, w in pick))
+            ns, factor = self._interp(names, weights)
+            return op.count * m * n * d, ns, factor
+        if op.kind == "numba":
+            (d,) = op.shape
+            i, j, w = _bracket(NUMBA_DIMS, d)
+            ns, factor = self._interp([numba_name(op.kernel, NUMBA_DIMS[i]),
+                                       numba_name(op.kernel, NUMBA_DIMS[j])], [1 - w, w])
+            return op.count * d, ns, factor
+        if op.kind == "restride":  # one pass over the inputs, and again in the backward
+            return op.count, self.executors["merge"].pair_ns, 2.0
+        if op.kind == "launch":
+            r = self.executors[f"launch/{op.kernel}"]
+            return op.count, 1e6 * r.call_ms, r.backward_factor
+        r = self.executors[op.kind]
+        return op.count, r.pair_ns, r.backward_factor
+
+    def price(self, work, backward: bool) -> tuple[float, list[str]]:
+        """Predicted milliseconds of ``work`` (:class:`~patterngen.call.Op` list), forward or
+        forward + backward, and one line per op: its count and the rate it was priced at."""
+        total, lines = 0.0, []
+        for op in work:
+            units, ns, factor = self.unit_rate(op)
+            ms = units * ns / 1e6 * (factor if backward else 1.0)
+            total += ms
+            bwd = f" x {factor:.2f} bwd" if backward else ""
+            lines.append(f"{op!r}: {units:.4g} units x {ns:.3g} ns{bwd} = {ms:.3g} ms")
+        return total, lines
+
     @staticmethod
     def default(device: str = "cpu") -> "Rates":
         """On CPU, a calibration of the project's 2-core machine (float32, torch 2.13, two
-        threads; ``benchmarks/bench_plan.py --recalibrate``, rounded); on CUDA, placeholders
-        that only order the executors (dense fused kernels first) until :func:`measure`
-        runs there."""
-        if device == "cuda":
-            table = {"dense": Rate(0.02, 0.0005, 3.0), "gather": Rate(1e9, 1.0, 3.0),
-                     "numba": Rate(1e9, 1.0, 3.0), "sdpa": Rate(0.05, 0.001, 3.0),
-                     "flex": Rate(0.03, 0.0008, 3.0), "merge": Rate(0.0, 0.0005, 3.0)}
-        else:
-            # no flex: FlexAttention on CPU compiles for seconds, is forward-only, and its
-            # time follows its block layout in ways one rate does not fit (bench_cpu.py: 1.1x
-            # numba on a 1-D window, 10x on a 7x7 neighbourhood), so the planner leaves it
-            # to an explicit backend="flex"
-            table = {"dense": Rate(0.14, 0.064, 4.6), "gather": Rate(0.13, 0.23, 4.8),
-                     "numba": Rate(0.13, 0.23, 4.8), "sdpa": Rate(0.12, 0.042, 4.7),
-                     "merge": Rate(0.0, 0.004, 3.0)}
+        threads, rounded); on CUDA, placeholders that only order the executors (dense fused
+        kernels first) until :func:`measure` runs there."""
+        table = {}
+        for name in _names():
+            table[name] = _default_cuda(name) if device == "cuda" else _default_cpu(name)
         return Rates(table, "default")
+
+
+def _default_cuda(name: str) -> Rate:
+    if name.startswith("launch/"):
+        return Rate(1e9 if name == "launch/numba" else 0.02, 0.0, 3.0)
+    if name.startswith("numba/"):
+        return Rate(0.0, 1.0, 3.0)
+    return Rate(0.0, 0.0005, 3.0)
+
+
+#: the CPU default (the project's 2-core machine, float32, one thread, the least disturbed of
+#: two calibrations, rounded): per kernel ``{(rows, keys): (ns per pair and head_dim element at
+#: head_dim 16, at 64, backward factor)}``; the numba kernels' ``{(lanes, head_dim): (ns,
+#: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
+_CPU_ATTEND = {
+    "matmul": {
+        (16, 16): (0.26, 0.12, 2.9), (16, 64): (0.142, 0.073, 3.0), (16, 128): (0.146, 0.068, 3.0),
+        (64, 16): (0.228, 0.102, 2.4), (64, 64): (0.12, 0.074, 2.7), (64, 128): (0.109, 0.064, 2.8),
+        (256, 16): (0.203, 0.1, 2.4), (256, 64): (0.113, 0.073, 2.6), (256, 128): (0.112, 0.05, 2.7),
+        (1024, 16): (0.2, 0.103, 2.5), (1024, 64): (0.12, 0.046, 2.9), (1024, 128): (0.09, 0.037, 3.0),
+    },
+    "fused": {
+        (16, 16): (0.151, 0.063, 2.8), (16, 64): (0.064, 0.054, 4.0), (16, 256): (0.048, 0.035, 4.0),
+        (16, 1024): (0.042, 0.042, 4.0), (64, 16): (0.104, 0.063, 4.0), (64, 64): (0.072, 0.057, 2.8),
+        (64, 256): (0.044, 0.041, 3.4), (64, 1024): (0.041, 0.032, 3.8), (256, 16): (0.121, 0.045, 3.7),
+        (256, 64): (0.065, 0.048, 2.6), (256, 256): (0.042, 0.019, 4.6), (256, 1024): (0.03, 0.017, 5.2),
+        (1024, 16): (0.08, 0.041, 3.5), (1024, 64): (0.049, 0.037, 3.1), (1024, 256): (0.029, 0.016, 5.6),
+        (1024, 1024): (0.025, 0.028, 6.2),
+    },
+}
+_CPU_NUMBA = {("one", 16): (0.3, 3.9), ("one", 32): (0.26, 3.3), ("one", 64): (0.11, 4.0),
+              ("tiles", 16): (0.24, 4.0), ("tiles", 32): (0.13, 4.0), ("tiles", 64): (0.084, 4.0)}
+_CPU_OTHER = {"launch/numba": (0.13, 0.0, 2.6), "launch/sdpa": (0.09, 0.0, 2.6),
+              "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
+              "copy": (0.0, 0.14, 2.0), "merge": (0.0, 0.57, 3.2)}
+
+
+def _default_cpu(name: str) -> Rate:
+    parts = name.split("/")
+    if parts[0] == "attend":
+        m, n = map(int, parts[2].split("x"))
+        ns16, ns64, factor = _CPU_ATTEND[parts[1]][m, n]
+        return Rate(0.0, ns16 if parts[3] == "d16" else ns64, factor)
+    if parts[0] == "numba":
+        ns, factor = _CPU_NUMBA[parts[1], int(parts[2][1:])]
+        return Rate(0.0, ns, factor)
+    return Rate(*_CPU_OTHER[name])
 
 
 def calibration_path() -> Path:
@@ -130,7 +257,8 @@ def _stored_rates(entry, device: str) -> dict:
         raise ValueError(f"expected an object of executors, got {entry!r}")
     missing = sorted(set(Rates.default(device).executors) - set(entry))
     if missing:
-        raise ValueError(f"no rate for executors {missing}")
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise ValueError(f"no rate for primitives {missing[:4]}{more}")
     table = {}
     for name, r in entry.items():
         if not isinstance(r, dict):
@@ -185,6 +313,14 @@ def rates(device: str = "cpu", dtype: str = "float32", refresh: bool = False) ->
                 table = _stored_rates(stored[key], device)
                 _MEMO[key] = Rates(table, "measured")
                 return _MEMO[key]
+            same = key.split("|", 1)[1]
+            stale = [k for k in stored if isinstance(k, str) and k != key
+                     and k.split("|", 1)[-1] == same]
+            if stale:
+                warnings.warn(f"patterngen: calibration file {path} holds rates of another "
+                              f"version of the cost model ({stale[0].split('|')[0]}, this is "
+                              f"v{VERSION}); measuring again.", stacklevel=2)
+                stored = {k: v for k, v in stored.items() if k not in stale}
         except (ValueError, TypeError, OSError, RecursionError) as e:
             warnings.warn(f"patterngen: calibration file {path} is unreadable ({e}); "
                           f"measuring again.", stacklevel=2)
@@ -212,74 +348,201 @@ def _best_ms(fn, repeats: int = 7) -> float:
     return 1e3 * min(times)
 
 
-def _fit(small: tuple, large: tuple) -> tuple[float, float]:
-    """``(call_ms, pair_ns)`` of the line through ``(work, ms)`` points (clamped at 0)."""
-    (w1, t1), (w2, t2) = small, large
-    slope = max((t2 - t1) / max(w2 - w1, 1), 1e-9)
-    return max(t1 - slope * w1, 0.0), slope * 1e6
+#: units (pairs x head_dim) of one attention micro-benchmark: about a millisecond
+_ATTEND_UNITS = 1 << 20
+#: sweeps over every micro-benchmark; each keeps its least disturbed run (on shared cores a
+#: neighbour's burst spoils one sweep's point, rarely both)
+_SWEEPS = 2
 
 
-def measure(device: str = "cpu", dtype: str = "float32") -> Rates:
-    """Measure every executor that runs on ``device`` with ``dtype`` on two problem sizes.
+class _Progress:
+    def __init__(self, device: str, dtype: str):
+        self.where, self.start = f"{device}/{dtype}", time.perf_counter()
 
-    Each executor runs a pattern that is its natural case (blocks for the dense batch, a
-    neighbourhood for the gather kernel and the block-sparse backend), forward and
-    forward+backward, best of 7 after a warm-up.
-    """
+    def __call__(self, what: str):
+        if sys.stderr.isatty():  # one line, rewritten; a log gets the summary only
+            print(f"\rpatterngen: calibrating {self.where}: {what:<44}", end="",
+                  file=sys.stderr, flush=True)
+
+    def done(self):
+        print(f"\rpatterngen: calibrated {self.where} in "
+              f"{time.perf_counter() - self.start:.1f} s" + " " * 44, file=sys.stderr)
+
+
+@dataclass
+class _Bench:
+    """One micro-benchmark: ``forward()`` and ``both()`` (forward and backward), and how
+    many units of work they do; ``best`` keeps the fastest ``(forward, both)`` ms seen."""
+
+    name: str
+    forward: object
+    both: object
+    units: int
+    best: list = field(default_factory=lambda: [math.inf, math.inf])
+
+    def run(self, repeats: int) -> None:
+        self.best[0] = min(self.best[0], _best_ms(self.forward, repeats))
+        self.best[1] = min(self.best[1], _best_ms(self.both, repeats))
+
+
+def _attend_benches(device, dt) -> list:
     import torch
 
+    from .backends import dense
+
+    out = []
+    for kernel, keys in ATTEND_KEYS.items():
+        if kernel == "matmul" and device != "cpu":
+            continue  # the matmul path runs on CPU only
+        for m in ATTEND_ROWS:
+            for n in keys:
+                for d in ATTEND_DIMS:
+                    p = max(1, _ATTEND_UNITS // (m * n * d))
+                    q, dout = (torch.randn(1, p, m, d, device=device, dtype=dt) for _ in "qo")
+                    k, v = (torch.randn(1, p, n, d, device=device, dtype=dt) for _ in "kv")
+                    if kernel == "matmul":
+                        def fwd(q=q, k=k, v=v):
+                            return dense.softmax_attention(q, k, v, None, 0.1, True)
+
+                        def both(q=q, k=k, v=v, dout=dout, fwd=fwd):
+                            dense.matmul_backward(q, k, v, *fwd(), dout, None, 0.1)
+                    else:
+                        def fwd(q=q, k=k, v=v):
+                            return dense.fused_forward(q, k, v, None, 0.1)
+
+                        def both(q=q, k=k, v=v, dout=dout, fwd=fwd):
+                            out, lse = fwd()
+                            dense.fused_backward(q, k, v, out, lse, dout, None, 0.1)
+                    out.append(_Bench(attend_name(kernel, m, n, d), fwd, both, p * m * n * d))
+    return out
+
+
+def _pattern_bench(name, attn, grid, d, device, dt, units=None) -> _Bench:
+    """A compiled attention on ``(1, 2, *grid, d)`` inputs, inference and training."""
+    import torch
+
+    q, k, v = (torch.randn(1, 2, *grid, d, device=device, dtype=dt).requires_grad_()
+               for _ in range(3))
+
+    def fwd():
+        with torch.no_grad():
+            return attn(q, k, v)
+
+    def both():
+        with torch.enable_grad():  # rates may be wanted inside no_grad (pg.profile)
+            attn(q, k, v).sum().backward()
+
+    return _Bench(name, fwd, both, units or 1)
+
+
+def _numba_benches(device, dtype, dt) -> list:
+    """The numba kernels one query at a time (a 5x5 neighbourhood) and in tiles (a 64-wide
+    1-D window), and their call on a grid too small for anything else to count."""
     from . import spec
     from .compile import compile as compile_pattern
 
-    defaults = Rates.default(device).executors
+    out = []
+    for lanes, pattern, grid in (("one", spec.window(5), (48, 48)),
+                                 ("tiles", spec.window(64), (4096,))):
+        attn = compile_pattern(pattern, grid, backend="numba", device=device, dtype=dtype)
+        for d in NUMBA_DIMS:
+            out.append(_pattern_bench(numba_name(lanes, d), attn, grid, d, device, dt,
+                                      2 * sum(attn.executed_pairs) * d))
+    tiny = compile_pattern(spec.window(3), (4, 4), backend="numba", device=device, dtype=dtype)
+    out.append(_pattern_bench("launch/numba", tiny, (4, 4), 16, device, dt))
+    return out
+
+
+def _overhead_benches(device, dtype, dt) -> list:
+    """The fixed cost of a call of each path, on a grid so small that nothing else counts;
+    one kernel launch; a copy's rate per byte and the merge's per element."""
+    import torch
+
+    from . import spec
+    from .backends import dense
+    from .backends.merge import merge
+    from .compile import compile as compile_pattern
+
+    q1 = torch.randn(1, 1, 4, 16, device=device, dtype=dt)
+    out = [_Bench("launch/kernel", lambda: dense.fused_forward(q1, q1, q1, None, 0.1),
+                  lambda: dense.fused_backward(q1, q1, q1, *dense.fused_forward(
+                      q1, q1, q1, None, 0.1), q1, None, 0.1), 1)]
+    for path, options in (("sdpa", dict(backend="sdpa")),
+                          ("terms", dict(backend="auto", strategy="terms", terms="dense",
+                                         rates=Rates.default(device)))):
+        try:
+            attn = compile_pattern(spec.block(2), (4, 4), device=device, dtype=dtype,
+                                   **options)
+        except PatternError as e:
+            log.info("calibration: %s cannot run (%s); keeping its default", path, e)
+            continue
+        out.append(_pattern_bench(f"launch/{path}", attn, (4, 4), 16, device, dt))
+    x = torch.randn(16, 256, 256, device=device, dtype=dt)
+    copy = _Bench("copy", lambda: x.permute(0, 2, 1).contiguous(), lambda: None,
+                  x.numel() * x.element_size())
+    parts = [(torch.randn(1, 4, 4096, 32, device=device, dtype=dt).requires_grad_(),
+              torch.randn(1, 4, 4096, device=device)) for _ in range(2)]
+
+    def merged():
+        with torch.no_grad():
+            merge(parts)
+
+    def merged_both():
+        with torch.enable_grad():
+            merge(parts)[0].sum().backward()
+
+    return out + [copy, _Bench("merge", merged, merged_both, 2 * 4 * 4096 * 32)]
+
+
+def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Rates:
+    """Measure the primitives on ``device`` with ``dtype``: dense attention at each shape
+    class on each kernel, the numba kernels per lane plan and head_dim, each path's call
+    overhead, copies and the merge; each the best of a few runs after a warm-up, in
+    ``_SWEEPS`` sweeps. What cannot run there keeps its default rate.
+
+    Args:
+        only: measure just the primitives whose names start with one of these (``"launch/"``);
+            the others keep their defaults.
+    """
+    import torch
+
+    table = dict(Rates.default(device).executors)
     dt = getattr(torch, dtype)
-    head_dim, heads = 32, 2
-    # sizes where the per-pair cost, not the call, dominates the larger point: the rates are
-    # used for whole workloads (16x16 and 40x40 neighbourhoods overstated numba's pair cost
-    # 2-4x on the CPU benchmark's workloads)
-    cases = {
-        "dense": (spec.block(8), ((16, 16), (48, 48))),
-        "gather": (spec.window(5), ((24, 24), (64, 64))),
-        "sdpa": (spec.window(5), ((24, 24), (64, 64))),
-    }
-    table = dict(defaults)
-    start = time.perf_counter()
-    for name, (pattern, grids) in cases.items():
-        points, factors = [], []
-        backend = "numba" if name == "gather" else name
-        for grid in grids:
-            print(f"\rpatterngen: calibrating {name} on {device}/{dtype} grid "
-                  f"{'x'.join(map(str, grid))} ...", end="", file=sys.stderr, flush=True)
+    progress = _Progress(device, dtype)
+    # each group of benchmarks, and the names it measures (built only when one is wanted)
+    groups = ((("attend/",), lambda: _attend_benches(device, dt)),
+              (("numba/", "launch/numba"), lambda: _numba_benches(device, dtype, dt)),
+              (("launch/kernel", "launch/sdpa", "launch/terms", "copy", "merge"),
+               lambda: _overhead_benches(device, dtype, dt)))
+    benches = []
+    with torch.no_grad():
+        for names, make in groups:
+            if only and not any(n.startswith(o) or o.startswith(n) for n in names
+                                for o in only):
+                continue
             try:
-                if name == "dense":
-                    # the default rates only plan this run: measuring must not recurse
-                    attn = compile_pattern(pattern, grid, backend="auto", device=device,
-                                           dtype=dtype, strategy="terms", terms="dense",
-                                           rates=Rates.default(device))
-                else:
-                    attn = compile_pattern(pattern, grid, backend=backend, device=device,
-                                           dtype=dtype)
+                benches += make()
             except PatternError as e:
-                log.info("calibration: %s cannot run (%s); keeping its default rate", name, e)
-                break
-            q, k, v = (torch.randn(1, heads, *grid, head_dim, device=device, dtype=dt)
-                       .requires_grad_() for _ in range(3))
-            with torch.no_grad():
-                fwd = _best_ms(lambda: attn(q, k, v))
-            with torch.enable_grad():  # rates may be wanted inside no_grad (pg.profile)
-                both = _best_ms(lambda: attn(q, k, v).sum().backward())
-            # the pairs the planner prices: what each executor computes (a dense batch's
-            # padding and a block layout's masked pairs included; the attended ones for the
-            # numba kernels, whose tiles add little)
-            pairs = (spec.lower(pattern, grid).pairs() if name == "gather"
-                     else attn.layout.executed_pairs if name == "sdpa"
-                     else sum(attn.executed_pairs))
-            points.append((pairs * heads * head_dim, fwd))
-            factors.append(both / max(fwd, 1e-6))
-        if len(points) == 2:
-            call_ms, pair_ns = _fit(*points)
-            table[name] = Rate(call_ms, pair_ns, max(statistics.median(factors), 1.0))
-    table["numba"] = table["gather"]
-    print(f"\rpatterngen: calibrated {device}/{dtype} in {time.perf_counter() - start:.1f} s"
-          + " " * 30, file=sys.stderr)
+                log.info("calibration: %s cannot run (%s); keeping the defaults", names, e)
+        benches = [b for b in benches if not only or b.name.startswith(tuple(only))]
+        for sweep in range(_SWEEPS):
+            for b in benches:
+                progress(f"{b.name} ({sweep + 1}/{_SWEEPS})")
+                b.run(3)
+    best = {b.name: b.best for b in benches}
+    for name, (fwd, both) in best.items():
+        factor = max(both / fwd, 1.0)
+        if name.startswith("launch/"):
+            table[name] = Rate(fwd, 0.0, factor)
+        elif name.startswith("numba/"):
+            # less the call, measured on its own
+            calls = best["launch/numba"]
+            work = next(b.units for b in benches if b.name == name)
+            fwd_ns = max(fwd - calls[0], 0.1 * fwd) * 1e6 / work
+            both_ns = max(both - calls[1], 0.1 * both) * 1e6 / work
+            table[name] = Rate(0.0, fwd_ns, max(both_ns / fwd_ns, 1.0))
+        else:
+            work = next(b.units for b in benches if b.name == name)
+            table[name] = Rate(0.0, fwd * 1e6 / work, 2.0 if name == "copy" else factor)
+    progress.done()
     return Rates(table, "measured")

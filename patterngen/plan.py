@@ -35,11 +35,12 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from . import ir, limits
+from .call import Call, Op
 from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .parse import as_ir
@@ -246,6 +247,15 @@ class DenseShape:
         """Pairs the dense calls compute (padding and masked pairs included), per head."""
         return self.batch * self.queries * self.keys
 
+    @property
+    def copied(self) -> bool:
+        """Whether the views of q, k, v (and the output's inverse) copy: unless every batch
+        axis comes before every whole axis (CCNet's row), the permute or the padding does."""
+        kinds = [a.kind for a in self.axes]
+        if any(k not in ("batch", "full") for k in kinds):
+            return True
+        return "batch" in kinds[kinds.index("full"):] if "full" in kinds else False
+
     def coords(self, side: str) -> list[np.ndarray]:
         return [a.coords(side) for a in self.axes]
 
@@ -369,6 +379,7 @@ class TermPlan:
         dense: the :class:`DenseShape` when the term has one.
         predicted_ms: the predicted time of this term's share.
         notes: why the other executors were not chosen.
+        work: how its prediction was priced: one line per op, its count and rate.
     """
 
     term: ir.Term
@@ -378,6 +389,7 @@ class TermPlan:
     dense: DenseShape | None
     predicted_ms: float
     notes: tuple = ()
+    work: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -399,6 +411,9 @@ class Plan:
         options: every strategy considered: ``{name: predicted ms or the reason it cannot run}``.
         contiguous: whether the inputs were contiguous; if not, the executors that copy them
             (``COPYING``) carry the copies in their predictions.
+        call: the :class:`patterngen.call.Call` planned for.
+        work: per strategy that can run, the lines its prediction was priced from (one per
+            op: count, rate); the term-wise strategy's shared costs (its call, the merge).
     """
 
     label: str
@@ -415,6 +430,8 @@ class Plan:
     predicted_ms: float
     options: dict = field(default_factory=dict)
     contiguous: bool = True
+    call: Call | None = None
+    work: dict = field(default_factory=dict)
 
     def __str__(self):
         pass_ = "forward+backward" if self.backward else "forward"
@@ -437,11 +454,14 @@ class Plan:
                          if tp.executor == "dense" else f"{self.gather_backend} kernel")
                 lines.append(f"  term {tp.term!r}: {tp.executor} ({shape}), {tp.pairs} new "
                              f"pairs, {tp.executed} executed, {tp.predicted_ms:.3g} ms")
-                for note in tp.notes:
-                    lines.append(f"      {note}")
+                lines += [f"      {note}" for note in tp.notes]
+                lines += [f"      {w}" for w in tp.work]
         lines.append("  strategies: " + "; ".join(
             f"{k} {v:.3g} ms" if isinstance(v, float) else f"{k}: {v}"
             for k, v in self.options.items()))
+        for name, work in self.work.items():
+            lines.append(f"  {name} priced from:")
+            lines += [f"      {w}" for w in work]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -464,24 +484,33 @@ def _new_pairs(terms, shape) -> list[int]:
 
 def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
          device: str = "cpu", dtype="float32", backward: bool = False, rates=None,
-         executors=None, terms: str | None = None, contiguous: bool = True) -> Plan:
+         executors=None, terms: str | None = None, contiguous: bool = True,
+         kv_heads: int | None = None, bias: bool = False, softcap: bool = False,
+         extra_keys: int = 0) -> Plan:
     """Choose how ``pattern`` runs on ``grid``: term by term or whole, by predicted time.
+
+    Every executor is asked through the registry (:func:`patterngen.backends.executors`)
+    whether it can run the call and what work it would launch; the work is priced by
+    ``rates``.
 
     Args:
         pattern: a spec or a lowered IR (numeric grid).
         grid: the grid, e.g. ``(64, 64)``.
-        head_dim, heads, batch: the input sizes to predict for.
+        head_dim, heads, batch: the input sizes to predict for; ``kv_heads``: k's and v's
+            heads (default ``heads``).
         device: ``"cpu"`` or ``"cuda"`` (an index is allowed: ``"cuda:1"``).
         dtype: a torch dtype or its name.
         backward: predict forward + backward (training) instead of forward only.
         rates: a :class:`patterngen.calibrate.Rates` (default: this machine's, measured once
             and cached; see :func:`patterngen.calibrate.rates`).
-        executors: restrict the strategies to these names (``"terms"``, ``"numba"``,
-            ``"sdpa"``, ``"flex"``); default all.
+        executors: restrict the strategies to these names (``"terms"`` and the whole-pattern
+            executors: ``"numba"``, ``"sdpa"``, ``"flex"``); default all.
         terms: in the term-wise strategy, run every term that has a dense form ``"dense"``
             or every term ``"gather"``; default: each by predicted time.
         contiguous: whether q, k, v are contiguous; if not, each executor in ``COPYING``
             is charged a copy of them (one pass, at the merge's rate per element) per pass.
+        bias, softcap, extra_keys: the call passes a bias table, has a softcap, attends so
+            many extra keys: only executors that take them can run it.
 
     Returns:
         A :class:`Plan`; ``print(plan)`` explains it.
@@ -492,7 +521,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
             pattern (listing every strategy's reasons).
     """
     from . import calibrate
-    from .backends import get_backend
+    from .backends import executors as registered
 
     lowered = as_ir(pattern, grid)
     shape = lowered.grid.require_numeric("plan")
@@ -504,98 +533,53 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
                                  f"(optionally with an index, e.g. 'cuda:0').")
     dtype = _dtype_name(dtype)
     calibrate.check_dtype(dtype, "plan")
-    wanted = tuple(executors) if executors is not None else STRATEGIES
-    unknown = [e for e in wanted if e not in STRATEGIES]
+    table = registered()
+    strategies = ("terms", *(name for name, ex in table.items() if ex.whole))
+    wanted = tuple(executors) if executors is not None else strategies
+    unknown = [e for e in wanted if e not in strategies]
     if unknown:
         raise PatternError(f"plan: unknown executors {unknown}; valid executors are "
-                           f"{list(STRATEGIES)}.")
+                           f"{list(strategies)}.")
     if terms not in (None, "dense", "gather"):
         raise PatternError(f"plan: terms={terms!r}; expected None (by cost), 'dense' or "
                            f"'gather'.")
-    for name, value in (("head_dim", head_dim), ("heads", heads), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PatternError(f"plan: {name}={value!r}; expected a positive int.")
+    call = Call(device_type, dtype, batch, heads, head_dim, kv_heads or 0, bool(backward),
+                bool(bias), bool(softcap), int(extra_keys), bool(contiguous))
     rates = rates if rates is not None else calibrate.rates(device_type, dtype)
-    npat = len(lowered.per_head)
-    # (batch, head) pairs per listed pattern: pattern_of_head cycles, so pattern p serves the
-    # heads p, p + npat, ... below heads (counted, not enumerated: heads may be 2**31 - 1)
-    per_pattern_work = [batch * len(range(p, heads, npat)) for p in range(npat)]
 
-    # a copy of q, k and v per (batch, head), forward and again in the backward
-    copy_ms = 0.0 if contiguous else (1 + backward) * rates.predict(
-        "merge", 0, head_dim, calls=0, tokens=3 * math.prod(shape) * batch * heads)
-    options: dict = {}
-    whole: dict = {}
-    for name in ("numba", "sdpa", "flex"):
+    options, whole, work = {}, {}, {}
+    for name in strategies[1:]:
         if name not in wanted:
             continue
-        cls = get_backend(name)
-        reasons = cls.not_supported_reasons(lowered, device_type, dtype)
-        if backward and device_type not in cls.BACKWARD_DEVICES:
-            reasons.append(f"no backward on {device_type}")
-        if name not in rates.executors:
-            reasons.append(f"no rate on {device_type} (use backend={name!r} explicitly)")
-        if reasons:
-            options[name] = "; ".join(reasons)
+        ex = table[name]
+        reason = ex.can_run(lowered, call)
+        if reason is not None:
+            options[name] = reason
             continue
-        executed = _whole_executed(name, lowered, shape)
-        ms = rates.predict(name, sum(e * w for e, w in zip(executed, per_pattern_work)),
-                           head_dim, calls=npat, backward=backward)
-        ms += copy_ms * (name in COPYING)
-        whole[name] = ms
-        options[name] = ms
+        whole[name], work[name] = rates.price(ex.work(lowered, call), call.backward)
+        options[name] = whole[name]
 
-    gather_backend = _gather_backend(lowered, device_type, dtype, backward)
     term_plans = None
     if "terms" in wanted:
-        term_plans, total, reason = _plan_terms(lowered, shape, head_dim, per_pattern_work,
-                                                rates, gather_backend, backward, terms,
-                                                copy_ms)
+        term_plans, total, reason, shared = _plan_terms(lowered, shape, call, rates, table,
+                                                        terms)
         options["terms"] = total if reason is None else reason
         if reason is None:
             whole["terms"] = total
+            work["terms"] = shared
     if not whole:
         raise BackendUnavailable(
             f"plan: nothing can run {lowered.label} on device={device!r} with dtype={dtype!r}:"
             + "".join(f"\n  {k}: {v}" for k, v in options.items()))
     strategy = min(whole, key=whole.get)
+    gather_backend = None
     if strategy != "terms":
         term_plans = _whole_term_plans(lowered, shape, strategy)
-        gather_backend = None
+    elif any(tp.executor == "gather" for tps in term_plans for tp in tps):
+        gather_backend = table["gather"].backend
     return Plan(lowered.label, tuple(int(n) for n in shape), str(device), dtype, backward,
                 head_dim, heads, batch, strategy, term_plans, gather_backend, whole[strategy],
-                options, contiguous)
-
-
-def _gather_backend(lowered, device_type: str, dtype: str, backward: bool) -> str | None:
-    """The backend that runs a plan's gather terms with their log-sum-exp, if any can."""
-    from .backends import get_backend
-
-    cls = get_backend("numba")
-    if cls.not_supported_reasons(lowered, device_type, dtype):
-        return None
-    if backward and device_type not in cls.BACKWARD_DEVICES:
-        return None
-    return "numba"
-
-
-def _whole_executed(name: str, lowered, shape) -> list[int]:
-    """Pairs an executor computes per listed pattern: its own layout's count for the
-    block-sparse backends, problems x rows x keys for a dense batch, attended pairs for numba
-    (whose tiles add little)."""
-    if name == "numba":
-        return [head.pairs() for head in lowered.per_head]
-    if name == "dense":
-        return [sum(ds.executed_pairs for _, ds in gather_first(head, shape)[1])
-                for head in lowered.per_head]
-    from .layout import choose_layout, layout
-
-    if name == "sdpa":
-        lay = choose_layout(lowered)
-    else:
-        lay = layout(lowered, block=128)
-    heads = getattr(lay, "heads", (lay,))
-    return [h.executed_pairs for h in heads]
+                options, contiguous, call, work)
 
 
 def _whole_term_plans(lowered, shape, strategy: str) -> tuple:
@@ -613,58 +597,89 @@ def _gather_note(term, head, shape) -> tuple:
     return ("no dense form: " + why,) if isinstance(why, str) else ()
 
 
-def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backend, backward,
-                force, copy_ms=0.0):
+def _pattern_call(call: Call, heads: int) -> Call:
+    """``call`` for the ``heads`` heads one listed pattern serves (kv heads folded alike)."""
+    group = call.heads // call.kv_heads
+    kv = heads // group if heads % group == 0 and heads >= group else heads
+    return replace(call, heads=heads, kv_heads=kv)
+
+
+def _plan_terms(lowered, shape, call, rates, table, force):
     """Per listed pattern, each dense-able term on the cheaper of dense and gather (``force``:
-    always one of them); the rest gathered. ``copy_ms``: the copy of the inputs, paid once by
-    each executor kind that makes one (see ``COPYING``). Returns ``(term plans, predicted
-    ms, None)`` or ``(None, None, reason)``."""
-    plans, total = [], 0.0
-    for head, work in zip(lowered.per_head, per_pattern_work):
-        copy = copy_ms * work / sum(per_pattern_work)  # this pattern's heads
+    always one of them); the rest gathered. Returns ``(term plans, predicted ms, None,
+    shared cost lines)`` or ``(None, None, reason, None)``."""
+    dense_ex, gather_ex = table["dense"], table["gather"]
+    gather_reason = gather_ex.can_run(lowered, call)
+    grid = lowered.grid
+    tokens = math.prod(shape)
+    npat = len(lowered.per_head)
+    plans, total, parts = [], 0.0, 0
+    shared = [Op("launch", 1, kernel="terms")]
+    if call.extra_keys:
+        reason = table["extra"].can_run(lowered, call)
+        if reason is not None:
+            return None, None, reason, None
+        shared += table["extra"].work(lowered, call)
+        parts += 1
+
+    def gather_ms(terms, pc):
+        if not terms:
+            return 0.0, ()
+        sub = ir.IR(grid, tuple(terms), lowered.label)
+        ms, lines = rates.price(gather_ex.work(sub, pc), call.backward)
+        return ms, tuple(lines)
+
+    def dense_ms(ds, pc):
+        ops = dense_ex.work(ds, pc, tokens) + (
+            [] if pc.contiguous else [Op("restride", 3 * tokens * pc.batch * pc.heads
+                                         * pc.head_dim)])
+        ms, lines = rates.price(ops, call.backward)
+        return ms, tuple(lines)
+
+    for p, head in enumerate(lowered.per_head):
+        pc = _pattern_call(call, len(range(p, call.heads, npat)))
         gather, dense = gather_first(head, shape)
         if force == "gather":
             gather, dense = list(head.terms), []
-        if gather and gather_backend is None:
-            return None, None, (f"gather terms {gather} need the numba backend, which cannot "
-                                f"run these inputs")
+        if gather and gather_reason is not None:
+            return None, None, (f"gather terms {gather} need the {gather_ex.backend} backend, "
+                                f"which cannot run these inputs ({gather_reason})"), None
         chosen_dense, notes = [], {}
         for term, ds in dense:
-            dense_ms = rates.predict("dense", ds.executed_pairs * work, head_dim, calls=1,
-                                     backward=backward) + copy
-            if gather_backend is None or force == "dense":
-                chosen_dense.append((term, ds, dense_ms))
+            d_ms, d_lines = dense_ms(ds, pc)
+            if gather_reason is not None or force == "dense":
+                chosen_dense.append((term, ds, d_ms, d_lines))
                 continue
-            pairs = math.prod(int(c.sum()) for c in term.counts(shape))
-            # the gather group's call is paid once, by the first term that opens it
-            gather_ms = rates.predict("gather", pairs * work, head_dim, calls=int(not gather),
-                                      backward=backward) + copy * (not gather)
-            if dense_ms <= gather_ms:
-                chosen_dense.append((term, ds, dense_ms))
-                notes[term] = (f"gather: {gather_ms:.3g} ms predicted",)
+            # what the gather group would cost more with this term in it
+            g_ms = gather_ms(gather + [term], pc)[0] - gather_ms(gather, pc)[0]
+            if d_ms <= g_ms:
+                chosen_dense.append((term, ds, d_ms, d_lines))
+                notes[term] = (f"gather: {g_ms:.3g} ms predicted",)
             else:
                 gather.append(term)
-                notes[term] = (f"dense: {dense_ms:.3g} ms predicted for "
+                notes[term] = (f"dense: {d_ms:.3g} ms predicted for "
                                f"{ds.executed_pairs} executed pairs",)
         gather = [t for t in head.terms if t in gather]  # union order within the group
-        order = gather + [t for t, _, _ in chosen_dense]
+        order = gather + [t for t, _, _, _ in chosen_dense]
         if not order:
             plans.append(())
             continue
         pairs = _new_pairs(order, shape)
         tps = []
         gather_pairs = sum(pairs[:len(gather)])
-        gather_ms = (rates.predict("gather", gather_pairs * work, head_dim, calls=1,
-                                   backward=backward) + copy if gather else 0.0)
+        g_ms, g_lines = gather_ms(gather, pc)
         for t, term in enumerate(gather):
             tps.append(TermPlan(term, "gather", pairs[t], pairs[t], None,
-                                gather_ms * pairs[t] / max(gather_pairs, 1),
-                                notes.get(term, _gather_note(term, head, shape))))
-        for (term, ds, ms), p in zip(chosen_dense, pairs[len(gather):]):
-            tps.append(TermPlan(term, "dense", p, ds.executed_pairs, ds, ms,
-                                notes.get(term, ())))
-        merge_ms = rates.predict("merge", 0, head_dim, calls=0, backward=backward,
-                                 tokens=math.prod(shape) * work * (len(tps) > 1))
-        total += gather_ms + sum(ms for _, _, ms in chosen_dense) + merge_ms
+                                g_ms * pairs[t] / max(gather_pairs, 1),
+                                notes.get(term, _gather_note(term, head, shape)),
+                                g_lines if t == 0 else ()))
+        for (term, ds, ms, lines), n in zip(chosen_dense, pairs[len(gather):]):
+            tps.append(TermPlan(term, "dense", n, ds.executed_pairs, ds, ms,
+                                notes.get(term, ()), lines))
+        parts += bool(gather) + len(chosen_dense)
+        total += g_ms + sum(ms for _, _, ms, _ in chosen_dense)
         plans.append(tuple(tps))
-    return tuple(plans), total, None
+    if parts > 1:
+        shared.append(Op("merge", parts * tokens * call.batch * call.heads * call.head_dim))
+    ms, lines = rates.price(shared, call.backward)
+    return tuple(plans), total + ms, None, tuple(lines)

@@ -216,24 +216,25 @@ _GOOD = {"call_ms": 0.1, "pair_ns": 0.2, "backward_factor": 3.0}
 
 @pytest.mark.parametrize("entry, why", [
     (5, r"expected an object of executors, got 5"),
-    ({"dense": _GOOD}, r"no rate for executors \['gather', 'merge', 'numba', 'sdpa'\]"),
-    ("nan", r"rate of 'dense': Rate: call_ms=nan; expected a finite number >= 0.0"),
-    ("-1", r"rate of 'dense': Rate: call_ms=-1.0; expected a finite number >= 0.0"),
-    ("'x'", r"rate of 'dense': Rate: call_ms='x'; expected a finite number"),
-    ("null", r"rate of 'dense': Rate: call_ms=None; expected a finite number"),
-    ("Infinity", r"rate of 'dense': Rate: call_ms=inf"),
-    ("extra", r"rate of 'dense': .*unexpected keyword argument 'extra'"),
-    ("list", r"rate of 'dense' is \[1, 2, 3\], not an object"),
+    ({"copy": _GOOD}, r"no rate for primitives \['attend/fused/1024x1024/d16', .*\] and "
+                      r"\d+ more"),
+    ("nan", r"rate of 'copy': Rate: call_ms=nan; expected a finite number >= 0.0"),
+    ("-1", r"rate of 'copy': Rate: call_ms=-1.0; expected a finite number >= 0.0"),
+    ("'x'", r"rate of 'copy': Rate: call_ms='x'; expected a finite number"),
+    ("null", r"rate of 'copy': Rate: call_ms=None; expected a finite number"),
+    ("Infinity", r"rate of 'copy': Rate: call_ms=inf"),
+    ("extra", r"rate of 'copy': .*unexpected keyword argument 'extra'"),
+    ("list", r"rate of 'copy' is \[1, 2, 3\], not an object"),
 ])
 def test_invalid_stored_rates_are_measured_again(entry, why, cache, monkeypatch):
     if isinstance(entry, str):
         table = {name: dict(_GOOD) for name in calibrate.Rates.default().executors}
         if entry == "extra":
-            table["dense"]["extra"] = 1
+            table["copy"]["extra"] = 1
         elif entry == "list":
-            table["dense"] = [1, 2, 3]
+            table["copy"] = [1, 2, 3]
         else:
-            table["dense"]["call_ms"] = {"nan": math.nan, "-1": -1.0, "'x'": "x", "null": None,
+            table["copy"]["call_ms"] = {"nan": math.nan, "-1": -1.0, "'x'": "x", "null": None,
                                          "Infinity": math.inf}[entry]
         entry = table
     monkeypatch.delenv("PATTERNGEN_CALIBRATION", raising=False)

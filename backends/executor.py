@@ -1,0 +1,253 @@
+"""Executors: every way patterngen runs attention, behind one protocol the planner asks.
+
+An executor answers, for a lowered pattern (or the part of it it would run) and a frozen
+:class:`patterngen.call.Call`:
+
+- :meth:`Executor.can_run`: ``None``, or why not, in words;
+- :meth:`Executor.work`: the exact work it would launch, as :class:`patterngen.call.Op` s
+  (dense problems and their shapes on their kernel, numba pairs with the lane plan, copies in
+  bytes, launches), which :meth:`patterngen.calibrate.Rates.price` turns into milliseconds;
+- :meth:`Executor.compile`: an ``attn(q, k, v, ...)`` that runs the pattern on it (the
+  conformance test runs every executor through this).
+
+*Whole* executors (``numba``, ``sdpa``, ``flex``) run a pattern alone: each is one strategy of
+:func:`patterngen.plan.plan`. *Parts* (``dense``: one term as a batch of dense problems;
+``gather``: the window terms, by the numba kernels; ``extra``: keys outside the grid) are
+merged by log-sum-exp in the term-wise strategy (``terms``, :mod:`.planned`), whose
+``forward -> (out, lse)`` and ``backward`` from the merged ``out``/``lse`` they implement
+there. :data:`TOLERANCES` are what each executor is held to against the dense oracle, by dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+from patterngen.call import Call, Op
+from patterngen.plan import DenseShape, gather_first
+
+__all__ = ["Executor", "TOLERANCES", "WHOLE", "PARTS", "numba_work", "dense_work"]
+
+#: ``{dtype: (atol, rtol)}`` against the float64 oracle, outputs and gradients
+TOLERANCES = {"float64": (1e-9, 1e-7), "float32": (1e-4, 1e-4), "bfloat16": (4e-2, 4e-2),
+              "float16": (4e-3, 4e-3)}
+
+
+class Executor:
+    """The protocol. Subclasses set :attr:`name`, :attr:`backend` (the registry name of the
+    backend that runs them) and implement :meth:`work`."""
+
+    name = "?"
+    backend = "?"
+    whole = True
+    tolerances = TOLERANCES
+
+    def _backend(self):
+        from . import get_backend
+
+        return get_backend(self.backend)
+
+    def can_run(self, lowered, call: Call) -> str | None:
+        """``None`` when this executor can run ``lowered`` for ``call``, else why not."""
+        cls = self._backend()
+        reasons = cls.not_supported_reasons(lowered, call.device, call.dtype)
+        if call.backward and call.device not in cls.BACKWARD_DEVICES:
+            reasons.append(f"no backward on {call.device}")
+        for wanted, flag, what in ((call.bias, "SUPPORTS_REL_POS_BIAS", "a bias table"),
+                                   (call.softcap, "SUPPORTS_SOFTCAP", "a softcap"),
+                                   (call.extra_keys, "SUPPORTS_ADDITIONAL_KEYS", "extra keys")):
+            if wanted and not getattr(cls, flag, False):
+                reasons.append(f"no {what}")
+        return "; ".join(reasons) or None
+
+    def work(self, lowered, call: Call) -> list:
+        """The ops this executor launches for ``call`` (see :class:`patterngen.call.Op`)."""
+        raise NotImplementedError
+
+    def compile(self, lowered, **options):
+        """``attn(q, k, v, ...)`` running ``lowered`` on this executor."""
+        return self._backend()(lowered, **options)
+
+    def __repr__(self):
+        return f"<executor {self.name}>"
+
+
+def _restride(lowered, call: Call) -> list:
+    """A copy of q, k and v when they are not contiguous (an executor in ``COPYING``)."""
+    if call.contiguous:
+        return []
+    tokens = math.prod(lowered.grid.shape)
+    return [Op("restride", 3 * tokens * call.batch * call.heads * call.head_dim)]
+
+
+def _heads_per_pattern(lowered, call: Call) -> list[int]:
+    """(batch, head) pairs each listed pattern serves (heads cycle over the patterns)."""
+    npat = len(lowered.per_head)
+    return [call.batch * len(range(p, call.heads, npat)) for p in range(npat)]
+
+
+def numba_work(lowered, call: Call, launch: str) -> list:
+    """The numba kernels on ``lowered``: the pairs they compute with their lane plan (tiles of
+    queries that share keys compute each tile's union), and one call of the ``launch``
+    path."""
+    from .numba import lane_pairs, plan_lanes
+
+    shape = lowered.grid.shape
+    lanes, shared = plan_lanes(lowered, shape)
+    distinct = []
+    for head in lowered.per_head:
+        if head.terms not in distinct:
+            distinct.append(head.terms)
+    pairs = 0
+    for head, work in zip(lowered.per_head, _heads_per_pattern(lowered, call)):
+        got = (lane_pairs(head, shape, lanes, shared[distinct.index(head.terms)]) if lanes
+               else head.pairs())
+        pairs += got * work
+    return [Op("launch", 1, kernel=launch),
+            Op("numba", pairs, (call.head_dim,), "tiles" if lanes else "one")]
+
+
+def attend_kernel(call: Call, keys: int, autograd: bool = False) -> str:
+    """The kernel a batch of dense problems runs on: the matmul path for small float32/float64
+    problems on CPU and for a bias or softcap (the fused kernels give no score gradient), the
+    fused kernel otherwise (``autograd``: torch's own backward through it)."""
+    from .dense import MATMUL_KEYS
+
+    small = (call.device == "cpu" and call.dtype in ("float32", "float64")
+             and keys <= MATMUL_KEYS and not autograd)
+    return "matmul" if small or call.bias or call.softcap else "fused"
+
+
+def dense_work(shape: DenseShape, tokens: int, call: Call) -> list:
+    """A term as ``shape``'s problems for every (batch, kv head), the query heads of a kv head
+    folded into rows; the views of q, k, v and the output's inverse view copy unless they
+    are pure views."""
+    group = call.heads // call.kv_heads
+    rows = shape.queries * group
+    ops = [Op("launch", 1, kernel="kernel"),
+           Op("attend", shape.batch * call.batch * call.kv_heads,
+              (rows, shape.keys, call.head_dim), attend_kernel(call, shape.keys))]
+    if shape.copied:
+        per = call.batch * call.kv_heads * call.head_dim * call.itemsize
+        elements = shape.batch * (rows + 2 * shape.keys) + tokens * group
+        ops.append(Op("copy", elements * per))
+    return ops
+
+
+class NumbaExecutor(Executor):
+    name = backend = "numba"
+
+    def work(self, lowered, call):
+        return numba_work(lowered, call, "numba") + _restride(lowered, call)
+
+
+class SdpaExecutor(Executor):
+    """Block-sparse: each group of query blocks with the same number of key blocks is one
+    batch of dense problems (``Bq`` rows against ``nk * Bk`` keys), its key and value blocks
+    gathered (a copy) and its output copied into place."""
+
+    name = backend = "sdpa"
+
+    def work(self, lowered, call):
+        backend = self._backend()(lowered)
+        ops = [Op("launch", 1, kernel="sdpa")]
+        per = call.head_dim * call.itemsize
+        for blocks, work in zip(backend.block_sparse(), _heads_per_pattern(lowered, call)):
+            bq, bk = blocks["layout"].block
+            for group in blocks["groups"]:
+                g, nk = group.kv_blocks.shape
+                keys = nk * bk
+                ops += [Op("launch", 1, kernel="kernel"),
+                        Op("attend", g * work, (bq, keys, call.head_dim),
+                           attend_kernel(call, keys, autograd=call.backward
+                                         or group.mask is not None)),
+                        Op("copy", g * work * (2 * keys + 2 * bq) * per)]
+        return ops
+
+
+class FlexExecutor(Executor):
+    """FlexAttention: run only when named on CPU (it compiles for seconds there and has no
+    backward); on CUDA priced as the block-sparse batch of its 128-blocks."""
+
+    name = backend = "flex"
+
+    def can_run(self, lowered, call):
+        reason = super().can_run(lowered, call)
+        if call.device == "cpu":
+            cpu = "no rate on cpu (use backend='flex' explicitly)"
+            return f"{reason}; {cpu}" if reason else cpu
+        return reason
+
+    def work(self, lowered, call):
+        from patterngen.layout import layout
+
+        lay = layout(lowered, block=128)
+        pairs = sum(h.executed_pairs * w for h, w in zip(getattr(lay, "heads", (lay,)),
+                                                         _heads_per_pattern(lowered, call)))
+        return [Op("launch", 1, kernel="sdpa"),
+                Op("attend", max(pairs // (128 * 128), 1), (128, 128, call.head_dim), "fused"),
+                *_restride(lowered, call)]
+
+
+class DenseExecutor(Executor):
+    """One term as a batch of dense problems (:class:`patterngen.plan.DenseShape`); runs a
+    pattern whole by putting every term that has a dense form there."""
+
+    name = "dense"
+    backend = "auto"
+    whole = False
+
+    def can_run(self, lowered, call):
+        gather, _ = gather_first(lowered.per_head[0], lowered.grid.shape)
+        if gather:
+            return f"no dense form for {gather[0]!r}"
+        return None
+
+    def work(self, shape: DenseShape, call, tokens: int = 0) -> list:
+        return dense_work(shape, tokens, call)
+
+    def compile(self, lowered, **options):
+        return self._backend()(lowered, strategy="terms", terms="dense", **options)
+
+
+class GatherExecutor(Executor):
+    """The gather terms of a pattern as one group, by the numba kernels, which return the
+    log-sum-exp and take the merged one back."""
+
+    name = "gather"
+    backend = "numba"
+    whole = False
+
+    def work(self, lowered, call):
+        return numba_work(lowered, call, "kernel") + _restride(lowered, call)
+
+    def compile(self, lowered, **options):
+        from . import get_backend
+
+        return get_backend("auto")(lowered, strategy="terms", terms="gather", **options)
+
+
+class ExtraKeysExecutor(Executor):
+    """Keys outside the grid: every query against them, one dense problem per (batch, kv
+    head), merged like a term."""
+
+    name = "extra"
+    backend = "auto"
+    whole = False
+
+    def can_run(self, lowered, call):
+        return None if call.extra_keys else "no extra keys in this call"
+
+    def work(self, lowered, call):
+        tokens = math.prod(lowered.grid.shape) * call.heads // call.kv_heads
+        return [Op("launch", 1, kernel="kernel"),
+                Op("attend", call.batch * call.kv_heads, (tokens, call.extra_keys,
+                                                          call.head_dim),
+                   attend_kernel(call, call.extra_keys))]
+
+    def compile(self, lowered, **options):
+        return self._backend()(lowered, strategy="terms", **options)
+
+
+#: the whole-pattern executors (strategies beside ``terms``) and the parts, by name
+WHOLE = {e.name: e for e in (NumbaExecutor(), SdpaExecutor(), FlexExecutor())}
+PARTS = {e.name: e for e in (DenseExecutor(), GatherExecutor(), ExtraKeysExecutor())}

@@ -1,0 +1,100 @@
+"""What a call of compiled attention is, and the work an executor does for it.
+
+A :class:`Call` describes one kind of call (device, dtype, sizes, gradients, bias, softcap,
+extra keys, input layout): every executor is asked about it alone, whether it can run it
+(``can_run``) and what it would launch (``work``), so the planner never branches on an
+executor's name. The work is a list of :class:`Op`: each op a primitive the calibration
+measures (a batch of dense attention problems at one shape, a numba kernel over so many pairs,
+a copy of so many bytes, a launch), priced by :meth:`patterngen.calibrate.Rates.price`.
+
+Example:
+    >>> from patterngen.call import Call, Op
+    >>> Call(device="cpu", dtype="float32", head_dim=32, heads=4).kv_heads
+    4
+    >>> Op("copy", 4096)
+    Op(copy x 4096)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import PatternError
+
+__all__ = ["Call", "Op", "ITEMSIZE"]
+
+#: bytes per element of each dtype the executors take
+ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One kind of call: what every executor is asked about.
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"`` (the device type).
+        dtype: the inputs' dtype name (``"float32"``).
+        batch, heads, head_dim: q's sizes; ``kv_heads``: k's and v's heads (default q's).
+        backward: gradients are needed (forward + backward).
+        bias: a relative position bias table is passed.
+        softcap: a softcap is set.
+        extra_keys: tokens outside the grid every query attends (0: none).
+        contiguous: q, k and v are contiguous.
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch: int = 1
+    heads: int = 4
+    head_dim: int = 32
+    kv_heads: int = 0
+    backward: bool = False
+    bias: bool = False
+    softcap: bool = False
+    extra_keys: int = 0
+    contiguous: bool = True
+
+    def __post_init__(self):
+        for name in ("batch", "heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PatternError(f"plan: {name}={value!r}; expected a positive int.")
+        if not self.kv_heads:
+            object.__setattr__(self, "kv_heads", self.heads)
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE.get(self.dtype, 4)
+
+    @property
+    def pass_name(self) -> str:
+        return "forward+backward" if self.backward else "forward"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One primitive an executor launches.
+
+    Attributes:
+        kind: what the calibration measured for it: ``attend`` (``count`` problems of
+            ``shape`` on ``kernel``), ``numba`` (the kernels: ``count`` pairs), ``copy``
+            (``count`` bytes), ``launch`` (``count``
+            calls of the path ``kernel``), ``merge`` (``count`` elements merged), ``restride``
+            (``count`` elements of inputs that are not contiguous, copied).
+        count: how many.
+        shape: the shape class: ``(rows, keys, head_dim)`` (``attend``), ``(head_dim,)``
+            (``numba``).
+        kernel: which kernel (``matmul``, ``fused``; the lane plan of ``numba``: ``one`` or
+            ``tiles``) or path (``launch``).
+    """
+
+    kind: str
+    count: int
+    shape: tuple = field(default=())
+    kernel: str = ""
+
+    def __repr__(self):
+        what = f"{self.kind}{'/' + self.kernel if self.kernel else ''}"
+        shape = ("x".join(map(str, self.shape[:-1])) + " " if len(self.shape) > 1 else "") + \
+            (f"d{self.shape[-1]} " if self.shape else "")
+        return f"Op({what} {shape}x {self.count})"
