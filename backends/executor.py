@@ -40,6 +40,8 @@ class Executor:
     backend = "?"
     whole = True
     tolerances = TOLERANCES
+    #: devices where the planner considers it unasked (it can run elsewhere when named)
+    planned_devices = ("cpu", "cuda")
 
     def _backend(self):
         from . import get_backend
@@ -63,8 +65,9 @@ class Executor:
         """The ops this executor launches for ``call`` (see :class:`patterngen.call.Op`)."""
         raise NotImplementedError
 
-    def compile(self, lowered, **options):
-        """``attn(q, k, v, ...)`` running ``lowered`` on this executor."""
+    def compile(self, lowered, call: Call, **options):
+        """``attn(q, k, v, ...)`` running ``lowered`` on this executor for calls like
+        ``call``."""
         return self._backend()(lowered, **options)
 
     def __repr__(self):
@@ -165,17 +168,15 @@ class SdpaExecutor(Executor):
 
 
 class FlexExecutor(Executor):
-    """FlexAttention: run only when named on CPU (it compiles for seconds there and has no
-    backward); on CUDA priced as the block-sparse batch of its 128-blocks."""
+    """FlexAttention, priced as the block-sparse batch of its 128-blocks. Planned on CUDA
+    only: on CPU it compiles for seconds and has no backward (it runs there when named; eager
+    here, which materialises every score)."""
 
     name = backend = "flex"
+    planned_devices = ("cuda",)
 
-    def can_run(self, lowered, call):
-        reason = super().can_run(lowered, call)
-        if call.device == "cpu":
-            cpu = "no rate on cpu (use backend='flex' explicitly)"
-            return f"{reason}; {cpu}" if reason else cpu
-        return reason
+    def compile(self, lowered, call, **options):
+        return self._backend()(lowered, compile=call.device != "cpu", **options)
 
     def work(self, lowered, call):
         from patterngen.layout import layout
@@ -205,7 +206,7 @@ class DenseExecutor(Executor):
     def work(self, shape: DenseShape, call, tokens: int = 0) -> list:
         return dense_work(shape, tokens, call)
 
-    def compile(self, lowered, **options):
+    def compile(self, lowered, call, **options):
         return self._backend()(lowered, strategy="terms", terms="dense", **options)
 
 
@@ -220,7 +221,7 @@ class GatherExecutor(Executor):
     def work(self, lowered, call):
         return numba_work(lowered, call, "kernel") + _restride(lowered, call)
 
-    def compile(self, lowered, **options):
+    def compile(self, lowered, call, **options):
         from . import get_backend
 
         return get_backend("auto")(lowered, strategy="terms", terms="gather", **options)
@@ -244,7 +245,7 @@ class ExtraKeysExecutor(Executor):
                                                           call.head_dim),
                    attend_kernel(call, call.extra_keys))]
 
-    def compile(self, lowered, **options):
+    def compile(self, lowered, call, **options):
         return self._backend()(lowered, strategy="terms", **options)
 
 

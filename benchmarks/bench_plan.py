@@ -198,11 +198,13 @@ def main(argv=None) -> int:
                         help="restrict to these strategies (terms,numba,sdpa,flex)")
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--recalibrate", action="store_true", help="measure the rates again")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help="torch threads (rates are calibrated per thread count)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--budget", type=float, default=15.0,
                         help="seconds of timing per workload and pass, at most (about)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     rates = calibrate.rates("cpu", "float32", refresh=args.recalibrate)
     wanted = None if args.workloads is None else set(args.workloads.split(","))
     unknown = (wanted or set()) - {w.name for w in FIXED}
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
     allowed = None if args.strategies is None else set(args.strategies.split(","))
     suites = [("fixed", [w for w in FIXED if wanted is None or w.name in wanted]),
               ("random", random_workloads(args.random, args.seed))]
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {THREADS} threads, "
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
           f"torch {torch.__version__}; rates: {rates.source}")
     print("| suite | workload | pattern | pass | strategy | auto's | predicted ms | measured ms |"
           " measured / predicted |")

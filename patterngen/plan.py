@@ -553,6 +553,9 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
             continue
         ex = table[name]
         reason = ex.can_run(lowered, call)
+        if device_type not in ex.planned_devices:
+            unasked = f"not planned on {device_type} (use backend={name!r} explicitly)"
+            reason = f"{reason}; {unasked}" if reason else unasked
         if reason is not None:
             options[name] = reason
             continue
