@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from patterngen.call import Call, Op
-from patterngen.plan import DenseShape, gather_first
+from patterngen.plan import COPYING, DenseShape, gather_first
 
 __all__ = ["Executor", "TOLERANCES", "WHOLE", "PARTS", "numba_work", "dense_work"]
 
@@ -74,11 +74,11 @@ class Executor:
         return f"<executor {self.name}>"
 
 
-def _restride(lowered, call: Call) -> list:
-    """A copy of q, k and v when they are not contiguous (an executor in ``COPYING``)."""
-    if call.contiguous:
+def _restride(name: str, tokens: int, call: Call) -> list:
+    """A copy of q, k and v when they are not contiguous and executor ``name`` copies them
+    (``COPYING``)."""
+    if call.contiguous or name not in COPYING:
         return []
-    tokens = math.prod(lowered.grid.shape)
     return [Op("restride", 3 * tokens * call.batch * call.heads * call.head_dim)]
 
 
@@ -89,10 +89,10 @@ def _heads_per_pattern(lowered, call: Call) -> list[int]:
 
 
 def numba_work(lowered, call: Call, launch: str) -> list:
-    """The numba kernels on ``lowered``: the pairs they compute with their lane plan (tiles of
-    queries that share keys compute each tile's union), and one call of the ``launch``
-    path."""
-    from .numba import lane_pairs, plan_lanes
+    """The numba kernels on ``lowered``: the pairs they compute and the key rows they visit
+    with their lane plan (tiles of queries that share keys compute each tile's union), and one
+    call of the ``launch`` path."""
+    from .numba import lane_pairs, lane_rows, plan_lanes
 
     shape = lowered.grid.shape
     lanes, shared = plan_lanes(lowered, shape)
@@ -100,13 +100,14 @@ def numba_work(lowered, call: Call, launch: str) -> list:
     for head in lowered.per_head:
         if head.terms not in distinct:
             distinct.append(head.terms)
-    pairs = 0
+    pairs = rows = 0
     for head, work in zip(lowered.per_head, _heads_per_pattern(lowered, call)):
-        got = (lane_pairs(head, shape, lanes, shared[distinct.index(head.terms)]) if lanes
-               else head.pairs())
-        pairs += got * work
-    return [Op("launch", 1, kernel=launch),
-            Op("numba", pairs, (call.head_dim,), "tiles" if lanes else "one")]
+        share = shared[distinct.index(head.terms)] if lanes else None
+        pairs += (lane_pairs(head, shape, lanes, share) if lanes else head.pairs()) * work
+        rows += lane_rows(head, shape, lanes, share) * work
+    kind = "tiles" if lanes else "one"
+    return [Op("launch", 1, kernel=launch), Op("numba", pairs, (call.head_dim,), kind),
+            Op("rows", rows, (call.head_dim,), kind)]
 
 
 def attend_kernel(call: Call, keys: int, autograd: bool = False) -> str:
@@ -133,37 +134,61 @@ def dense_work(shape: DenseShape, tokens: int, call: Call) -> list:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
         elements = shape.batch * (rows + 2 * shape.keys) + tokens * group
         ops.append(Op("copy", elements * per))
-    return ops
+    return ops + _restride("dense", tokens, call)
 
 
 class NumbaExecutor(Executor):
     name = backend = "numba"
 
     def work(self, lowered, call):
-        return numba_work(lowered, call, "numba") + _restride(lowered, call)
+        return numba_work(lowered, call, "numba") + _restride(
+            self.name, math.prod(lowered.grid.shape), call)
 
 
 class SdpaExecutor(Executor):
     """Block-sparse: each group of query blocks with the same number of key blocks is one
-    batch of dense problems (``Bq`` rows against ``nk * Bk`` keys), its key and value blocks
-    gathered (a copy) and its output copied into place."""
+    batch of dense problems (``Bq`` rows against ``nk * Bk`` keys) on its kernel; its queries
+    and key blocks are views where they are runs or bands and index gathers elsewhere (a band
+    of several blocks is copied once), its output copied into place; a layout with partial
+    blocks scans k and v for non-finite values once, and a token order other than row-major
+    copies q, k, v into it and the output back."""
 
     name = backend = "sdpa"
 
     def work(self, lowered, call):
+        import numpy as np
+        import torch
+
+        from .sdpa.calls import DeviceCalls
+
         backend = self._backend()(lowered)
         ops = [Op("launch", 1, kernel="sdpa")]
-        per = call.head_dim * call.itemsize
+        d, per = call.head_dim, call.head_dim * call.itemsize
+        tokens = math.prod(lowered.grid.shape)
         for blocks, work in zip(backend.block_sparse(), _heads_per_pattern(lowered, call)):
-            bq, bk = blocks["layout"].block
-            for group in blocks["groups"]:
-                g, nk = group.kv_blocks.shape
-                keys = nk * bk
+            calls = DeviceCalls(blocks["layout"], blocks["groups"], "cpu", torch)
+            kv = work * call.kv_heads // call.heads
+            for c in calls.calls:
+                keys = c.nk * calls.bk
+                rows = c.count * calls.bq
+                autograd = call.backward or c.mask is not None
                 ops += [Op("launch", 1, kernel="kernel"),
-                        Op("attend", g * work, (bq, keys, call.head_dim),
-                           attend_kernel(call, keys, autograd=call.backward
-                                         or group.mask is not None)),
-                        Op("copy", g * work * (2 * keys + 2 * bq) * per)]
+                        Op("attend", c.count * work, (calls.bq, keys, d),
+                           "matmul" if c.matmul and not call.backward and not call.softcap
+                           else attend_kernel(call, keys, autograd=autograd))]
+                if c.q_slice is None:
+                    ops.append(Op("gather", rows * work * per))
+                if c.k_band is None:
+                    ops.append(Op("gather", 2 * c.count * keys * kv * per))
+                elif c.nk > 1:
+                    ops.append(Op("copy", 2 * c.count * keys * kv * per))
+                if len(calls.calls) > 1 or calls.zero_row is not None:
+                    ops.append(Op("copy", rows * work * per))
+            if any(c.mask is not None for c in calls.calls):
+                ops.append(Op("scan", 2 * tokens * kv * d))
+            if not (blocks["permutation"] == np.arange(len(blocks["permutation"]))).all():
+                # q, k, v into the layout's token order, the output back
+                ops.append(Op("copy", tokens * (2 * work + 2 * kv) * per))
         return ops
 
 
@@ -186,7 +211,7 @@ class FlexExecutor(Executor):
                                                          _heads_per_pattern(lowered, call)))
         return [Op("launch", 1, kernel="sdpa"),
                 Op("attend", max(pairs // (128 * 128), 1), (128, 128, call.head_dim), "fused"),
-                *_restride(lowered, call)]
+                *_restride(self.name, math.prod(lowered.grid.shape), call)]
 
 
 class DenseExecutor(Executor):
@@ -219,7 +244,8 @@ class GatherExecutor(Executor):
     whole = False
 
     def work(self, lowered, call):
-        return numba_work(lowered, call, "kernel") + _restride(lowered, call)
+        return numba_work(lowered, call, "kernel") + _restride(
+            self.name, math.prod(lowered.grid.shape), call)
 
     def compile(self, lowered, call, **options):
         from . import get_backend

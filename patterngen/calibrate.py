@@ -81,16 +81,17 @@ def attend_name(kernel: str, rows: int, keys: int, head_dim: int) -> str:
     return f"attend/{kernel}/{rows}x{keys}/d{head_dim}"
 
 
-def numba_name(lanes: str, head_dim: int) -> str:
-    return f"numba/{lanes}/d{head_dim}"
+def numba_name(lanes: str, head_dim: int, what: str = "numba") -> str:
+    return f"{what}/{lanes}/d{head_dim}"
 
 
 def _names() -> list[str]:
     """Every primitive a calibration holds a rate for."""
     names = [attend_name(kernel, m, n, d) for kernel, keys in ATTEND_KEYS.items()
              for m in ATTEND_ROWS for n in keys for d in ATTEND_DIMS]
-    names += [numba_name(lanes, d) for lanes in NUMBA_LANES for d in NUMBA_DIMS]
-    return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "merge"]
+    names += [numba_name(lanes, d, what) for what in ("numba", "rows") for lanes in NUMBA_LANES
+              for d in NUMBA_DIMS]
+    return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "scan", "merge"]
 
 
 def _bracket(axis: tuple, x: float, log: bool = True):
@@ -113,8 +114,9 @@ class Rates:
         executors: ``{primitive: Rate}`` (the names of :func:`_names`): ``attend/...`` per
             kernel and shape class (``pair_ns`` per pair and head_dim element), ``numba/...``
             per lane plan and head_dim (the same unit), ``launch/...`` (``call_ms`` per call),
-            ``copy`` (``pair_ns`` per byte copied) and ``merge`` (per token and head_dim
-            element of each part merged).
+            ``copy`` (``pair_ns`` per byte copied), ``gather`` (per byte gathered by an
+            index), ``scan`` (per element checked for non-finite values) and ``merge`` (per
+            token and head_dim element of each part merged).
         source: ``"measured"`` or ``"default"``.
     """
 
@@ -151,12 +153,13 @@ class Rates:
                 weights.append(math.prod(w for _, w in pick))
             ns, factor = self._interp(names, weights)
             return op.count * m * n * d, ns, factor
-        if op.kind == "numba":
+        if op.kind in ("numba", "rows"):
             (d,) = op.shape
             i, j, w = _bracket(NUMBA_DIMS, d)
-            ns, factor = self._interp([numba_name(op.kernel, NUMBA_DIMS[i]),
-                                       numba_name(op.kernel, NUMBA_DIMS[j])], [1 - w, w])
-            return op.count * d, ns, factor
+            ns, factor = self._interp([numba_name(op.kernel, NUMBA_DIMS[i], op.kind),
+                                       numba_name(op.kernel, NUMBA_DIMS[j], op.kind)],
+                                      [1 - w, w])
+            return op.count * (d if op.kind == "numba" else 1), ns, factor
         if op.kind == "restride":  # one pass over the inputs, and again in the backward
             return op.count, self.executors["merge"].pair_ns, 2.0
         if op.kind == "launch":
@@ -191,13 +194,14 @@ class Rates:
 def _default_cuda(name: str) -> Rate:
     if name.startswith("launch/"):
         return Rate(1e9 if name == "launch/numba" else 0.02, 0.0, 3.0)
-    if name.startswith("numba/"):
+    if name.startswith(("numba/", "rows/")):
         return Rate(0.0, 1.0, 3.0)
     return Rate(0.0, 0.0005, 3.0)
 
 
 #: the CPU default (the project's 2-core machine, float32, one thread, the least disturbed of
-#: two calibrations, rounded): per kernel ``{(rows, keys): (ns per pair and head_dim element at
+#: two calibrations, rounded; the numba kernels' backward factor from a quiet run of the CPU
+#: benchmark, W2's 22.0 / 5.69 ms): per kernel ``{(rows, keys): (ns per pair and head_dim element at
 #: head_dim 16, at 64, backward factor)}``; the numba kernels' ``{(lanes, head_dim): (ns,
 #: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
 _CPU_ATTEND = {
@@ -216,11 +220,16 @@ _CPU_ATTEND = {
         (1024, 1024): (0.025, 0.028, 6.2),
     },
 }
-_CPU_NUMBA = {("one", 16): (0.3, 3.9), ("one", 32): (0.26, 3.3), ("one", 64): (0.11, 4.0),
-              ("tiles", 16): (0.24, 4.0), ("tiles", 32): (0.13, 4.0), ("tiles", 64): (0.084, 4.0)}
+_CPU_NUMBA = {("numba", "one", 16): (0.22, 3.9), ("numba", "one", 32): (0.136, 3.9),
+              ("numba", "one", 64): (0.066, 3.9), ("numba", "tiles", 16): (0.26, 3.9),
+              ("numba", "tiles", 32): (0.145, 3.9), ("numba", "tiles", 64): (0.053, 3.9),
+              ("rows", "one", 16): (8.4, 1.0), ("rows", "one", 32): (4.6, 1.0),
+              ("rows", "one", 64): (4.6, 1.0), ("rows", "tiles", 16): (0.0, 1.0),
+              ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.13, 0.0, 2.6), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
-              "copy": (0.0, 0.14, 2.0), "merge": (0.0, 0.57, 3.2)}
+              "copy": (0.0, 0.27, 2.0), "gather": (0.0, 0.061, 4.8), "scan": (0.0, 2.5, 1.0),
+              "merge": (0.0, 0.97, 2.4)}
 
 
 def _default_cpu(name: str) -> Rate:
@@ -229,8 +238,8 @@ def _default_cpu(name: str) -> Rate:
         m, n = map(int, parts[2].split("x"))
         ns16, ns64, factor = _CPU_ATTEND[parts[1]][m, n]
         return Rate(0.0, ns16 if parts[3] == "d16" else ns64, factor)
-    if parts[0] == "numba":
-        ns, factor = _CPU_NUMBA[parts[1], int(parts[2][1:])]
+    if parts[0] in ("numba", "rows"):
+        ns, factor = _CPU_NUMBA[parts[0], parts[1], int(parts[2][1:])]
         return Rate(0.0, ns, factor)
     return Rate(*_CPU_OTHER[name])
 
@@ -379,6 +388,7 @@ class _Bench:
     both: object
     units: int
     best: list = field(default_factory=lambda: [math.inf, math.inf])
+    rows: int = 0
 
     def run(self, repeats: int) -> None:
         self.best[0] = min(self.best[0], _best_ms(self.forward, repeats))
@@ -436,21 +446,55 @@ def _pattern_bench(name, attn, grid, d, device, dt, units=None) -> _Bench:
 
 
 def _numba_benches(device, dtype, dt) -> list:
-    """The numba kernels one query at a time (a 5x5 neighbourhood) and in tiles (a 64-wide
-    1-D window), and their call on a grid too small for anything else to count."""
+    """The numba kernels one query at a time and in tiles, each on a pattern of short key
+    rows and one of long rows, and their call on a grid too small for anything else to
+    count."""
     from . import spec
     from .compile import compile as compile_pattern
 
+    # per lane plan, a pattern whose key rows are short and one whose rows are long: the two
+    # points separate the cost per pair from the cost per row
+    cases = {"one": ((spec.window(5), (48, 48)), (spec.window(64), (4096,))),
+             "tiles": ((spec.block(7), (56, 56)), (spec.window(64), (4096,)))}
     out = []
-    for lanes, pattern, grid in (("one", spec.window(5), (48, 48)),
-                                 ("tiles", spec.window(64), (4096,))):
-        attn = compile_pattern(pattern, grid, backend="numba", device=device, dtype=dtype)
-        for d in NUMBA_DIMS:
-            out.append(_pattern_bench(numba_name(lanes, d), attn, grid, d, device, dt,
-                                      2 * sum(attn.executed_pairs) * d))
+    for lanes, points in cases.items():
+        for i, (pattern, grid) in enumerate(points):
+            options = {"lanes": 0} if lanes == "one" else {}
+            attn = compile_pattern(pattern, grid, backend="numba", device=device,
+                                   dtype=dtype, **options)
+            for d in NUMBA_DIMS:
+                bench = _pattern_bench(f"{numba_name(lanes, d)}#{i}", attn, grid, d, device, dt,
+                                       2 * sum(attn.executed_pairs) * d)
+                bench.rows = 2 * sum(attn.executed_rows)
+                out.append(bench)
     tiny = compile_pattern(spec.window(3), (4, 4), backend="numba", device=device, dtype=dtype)
     out.append(_pattern_bench("launch/numba", tiny, (4, 4), 16, device, dt))
     return out
+
+
+def _solve_numba(table, benches, best) -> None:
+    """Per lane plan and head_dim, ns per pair and head_dim element and ns per row, from the
+    short-row and long-row points less the call: ``t = units * a + rows * b``, both at least
+    0."""
+    calls = best["launch/numba"]
+    for lanes in NUMBA_LANES:
+        for d in NUMBA_DIMS:
+            points = [b for b in benches if b.name.startswith(numba_name(lanes, d) + "#")]
+            rates = []
+            for p in (0, 1):  # forward, forward + backward
+                (u1, r1, t1), (u2, r2, t2) = ((b.units, b.rows, max(best[b.name][p] - calls[p],
+                                                                  0.1 * best[b.name][p]))
+                                              for b in points)
+                det = u1 * r2 - u2 * r1
+                a = (t1 * r2 - t2 * r1) / det if det else 0.0
+                b = (u1 * t2 - u2 * t1) / det if det else 0.0
+                if a <= 0 or b < 0:  # no row cost to separate: one rate per pair
+                    a, b = (t1 + t2) / (u1 + u2), 0.0
+                rates.append((a * 1e6, b * 1e6))
+            (fa, fb), (ba, bb) = rates
+            table[numba_name(lanes, d)] = Rate(0.0, fa, max(ba / fa, 1.0))
+            table[numba_name(lanes, d, "rows")] = Rate(0.0, fb, max(bb / fb, 1.0) if fb else
+                                                       max(ba / fa, 1.0))
 
 
 def _overhead_benches(device, dtype, dt) -> list:
@@ -460,6 +504,7 @@ def _overhead_benches(device, dtype, dt) -> list:
 
     from . import spec
     from .backends import dense
+    from .backends.inputs import non_finite
     from .backends.merge import merge
     from .compile import compile as compile_pattern
 
@@ -480,6 +525,22 @@ def _overhead_benches(device, dtype, dt) -> list:
     x = torch.randn(16, 256, 256, device=device, dtype=dt)
     copy = _Bench("copy", lambda: x.permute(0, 2, 1).contiguous(), lambda: None,
                   x.numel() * x.element_size())
+    # sdpa's gathers: rows of a (heads, tokens, head_dim) tensor by token index, overlapping
+    # windows of them; their backward adds the rows back
+    rows = torch.randn(4, 4096, 32, device=device, dtype=dt, requires_grad=True)
+    index = (torch.arange(64, device=device)[:, None] * 64
+             + torch.arange(448, device=device)).clamp(max=4095).reshape(-1)
+
+    def gathered():
+        return rows.index_select(1, index)
+
+    def gathered_both():
+        with torch.enable_grad():
+            gathered().sum().backward()
+
+    gather = _Bench("gather", gathered, gathered_both,
+                    4 * index.numel() * 32 * rows.element_size())
+    scan = _Bench("scan", lambda: non_finite(x, x), lambda: None, 2 * x.numel())
     parts = [(torch.randn(1, 4, 4096, 32, device=device, dtype=dt).requires_grad_(),
               torch.randn(1, 4, 4096, device=device)) for _ in range(2)]
 
@@ -491,7 +552,7 @@ def _overhead_benches(device, dtype, dt) -> list:
         with torch.enable_grad():
             merge(parts)[0].sum().backward()
 
-    return out + [copy, _Bench("merge", merged, merged_both, 2 * 4 * 4096 * 32)]
+    return out + [copy, gather, scan, _Bench("merge", merged, merged_both, 2 * 4 * 4096 * 32)]
 
 
 def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Rates:
@@ -501,7 +562,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     ``_SWEEPS`` sweeps. What cannot run there keeps its default rate.
 
     Args:
-        only: measure just the primitives whose names start with one of these (``"launch/"``);
+        only: measure just the groups of primitives (attention; the numba kernels; calls,
+            copies and merges) that hold a name starting with one of these (``"launch/sdpa"``);
             the others keep their defaults.
     """
     import torch
@@ -511,8 +573,9 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     progress = _Progress(device, dtype)
     # each group of benchmarks, and the names it measures (built only when one is wanted)
     groups = ((("attend/",), lambda: _attend_benches(device, dt)),
-              (("numba/", "launch/numba"), lambda: _numba_benches(device, dtype, dt)),
-              (("launch/kernel", "launch/sdpa", "launch/terms", "copy", "merge"),
+              (("numba/", "rows/", "launch/numba"), lambda: _numba_benches(device, dtype, dt)),
+              (("launch/kernel", "launch/sdpa", "launch/terms", "copy", "gather", "scan",
+                "merge"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -524,7 +587,6 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
                 benches += make()
             except PatternError as e:
                 log.info("calibration: %s cannot run (%s); keeping the defaults", names, e)
-        benches = [b for b in benches if not only or b.name.startswith(tuple(only))]
         for sweep in range(_SWEEPS):
             for b in benches:
                 progress(f"{b.name} ({sweep + 1}/{_SWEEPS})")
@@ -535,14 +597,13 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
         if name.startswith("launch/"):
             table[name] = Rate(fwd, 0.0, factor)
         elif name.startswith("numba/"):
-            # less the call, measured on its own
-            calls = best["launch/numba"]
-            work = next(b.units for b in benches if b.name == name)
-            fwd_ns = max(fwd - calls[0], 0.1 * fwd) * 1e6 / work
-            both_ns = max(both - calls[1], 0.1 * both) * 1e6 / work
-            table[name] = Rate(0.0, fwd_ns, max(both_ns / fwd_ns, 1.0))
+            continue  # solved together (_solve_numba)
         else:
             work = next(b.units for b in benches if b.name == name)
-            table[name] = Rate(0.0, fwd * 1e6 / work, 2.0 if name == "copy" else factor)
+            # a copy's backward copies the gradient back; a scan has none
+            fixed = {"copy": 2.0, "scan": 1.0}
+            table[name] = Rate(0.0, fwd * 1e6 / work, fixed.get(name, factor))
+    if any(name.startswith("numba/") for name in best):
+        _solve_numba(table, benches, best)
     progress.done()
     return Rates(table, "measured")

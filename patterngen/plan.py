@@ -19,10 +19,12 @@ diagonal). Every pair is then counted once, and the parts merge exactly by log-s
 ``out = sum_t exp(lse_t - lse) out_t`` with ``lse = logsumexp_t lse_t``
 (``backends/planned.py``).
 
-:func:`plan` scores, for each term, the executors that can run it from exact counts (pairs,
-executed pairs of each dense batch shape) and per-executor rates measured once per machine
-(:mod:`patterngen.calibrate`), and compares the term-wise plan with running the whole pattern
-on one backend. It prints like a query planner's EXPLAIN.
+:func:`plan` asks every executor through the registry (:mod:`patterngen.backends.executor`)
+whether it can run the call (:class:`patterngen.call.Call`) and what it would launch, prices
+that work with rates of its primitives measured once per machine
+(:mod:`patterngen.calibrate`), puts each term on the cheaper of a dense batch and the gather
+group, and compares the term-wise plan with running the whole pattern on one executor. It
+prints like a query planner's EXPLAIN, every op with its count and rate.
 
 Example:
     >>> import patterngen as pg
@@ -45,11 +47,9 @@ from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .parse import as_ir
 
-__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "STRATEGIES",
+__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape",
            "gather_first"]
 
-#: what a plan may be: term by term, or the whole pattern on one backend
-STRATEGIES = ("terms", "numba", "sdpa", "flex")
 #: executors that copy q, k, v that are not contiguous (numba's kernels read C-contiguous
 #: arrays; the fused kernels of dense terms read unit-stride rows; compiled FlexAttention
 #: would compile again for every new layout); sdpa gathers blocks from any layout
@@ -633,10 +633,7 @@ def _plan_terms(lowered, shape, call, rates, table, force):
         return ms, tuple(lines)
 
     def dense_ms(ds, pc):
-        ops = dense_ex.work(ds, pc, tokens) + (
-            [] if pc.contiguous else [Op("restride", 3 * tokens * pc.batch * pc.heads
-                                         * pc.head_dim)])
-        ms, lines = rates.price(ops, call.backward)
+        ms, lines = rates.price(dense_ex.work(ds, pc, tokens), call.backward)
         return ms, tuple(lines)
 
     for p, head in enumerate(lowered.per_head):

@@ -387,7 +387,7 @@ def test_calibration_measures_inside_no_grad():
     for name, rate in rates.executors.items():
         if name in ("launch/sdpa", "launch/terms"):
             assert rate.call_ms > 0 and rate.backward_factor > 1 and rate != default[name]
-        else:
+        elif name.startswith(("attend/", "numba/", "rows/")):
             assert rate == default[name]
 
 

@@ -39,11 +39,11 @@ from patterngen.errors import PatternError
 from . import launch, plan
 from .autograd import WIDENED, numba_fwd
 from .module import cache_dir, kernel, load
-from .plan import lane_pairs, plan_lanes
+from .plan import lane_pairs, lane_rows, plan_lanes
 from .source import DTYPES, SPECIALISED_HEAD_DIM, bounds_table, generate, kernels
 
 __all__ = ["NumbaBackend", "generate", "load", "cache_dir", "plan_lanes", "lane_pairs",
-           "SPECIALISED_HEAD_DIM"]
+           "lane_rows", "SPECIALISED_HEAD_DIM"]
 
 
 class NumbaBackend(Backend):
@@ -123,6 +123,13 @@ class NumbaBackend(Backend):
             return tuple(lane_pairs(head, self.shape, self.lanes, shared[head.terms])
                          for head in self.ir.per_head)
         return tuple(head.pairs() for head in self.ir.per_head)
+
+    @property
+    def executed_rows(self) -> tuple[int, ...]:
+        """Key rows visited per listed pattern (:func:`lane_rows`)."""
+        shared = dict(zip((h.terms for h in plan.distinct_heads(self.ir)), self.shared or ()))
+        return tuple(lane_rows(head, self.shape, self.lanes, shared.get(head.terms))
+                     for head in self.ir.per_head)
 
     def source_for(self, dtype: str, head_dim: int = 0, rel_bias: bool = False,
                    softcap: bool = False) -> str:

@@ -81,6 +81,25 @@ def lane_pairs(head: ir.IR, shape, lanes: int, shared=None) -> int:
     return sum(pairs for _, pairs in _lane_terms(head, shape, lanes, shared))
 
 
+def lane_rows(head: ir.IR, shape, lanes: int, shared=None) -> int:
+    """Key rows a kernel with ``lanes`` (0: one query at a time) visits for one head pattern
+    on ``shape``: per query, or per tile for a term its lanes share, one row per combination
+    of the term's keys on every axis but the last (a dilated last axis: one per key). What a
+    row costs beyond its pairs (the loop's setup, a short run's poor vector use) is priced on
+    these."""
+    n = int(shape[-1])
+    terms = _lane_terms(head, shape, lanes, shared) if lanes else [(False, 0)] * len(head.terms)
+    rows = 0
+    for term, (share, _) in zip(head.terms, terms):
+        counts = term.counts(shape)
+        outer = math.prod(int(c.sum()) for c in counts[:-1])
+        if int(term.rels[-1].step) != 1:
+            rows += outer * int(counts[-1].sum())
+        else:
+            rows += outer * (-(-n // lanes) if share else n)
+    return rows
+
+
 def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
     """``(lanes, shared)``: queries per tile, and per distinct head pattern which terms the
     lanes share (the others run lane by lane on their own keys); ``(0, None)`` for one query
