@@ -717,6 +717,8 @@ class PlannedBackend(Backend):
         strategy: force a strategy (``"terms"``, ``"numba"``, ``"sdpa"``, ``"flex"``).
         terms: in the term-wise strategy, force ``"dense"`` or ``"gather"`` terms.
         rates: planner rates (:class:`patterngen.calibrate.Rates`); default this machine's.
+        autotune: time the strategies predicted close to the chosen one on a call's own
+            inputs, once per kind of call, and run the fastest (:mod:`patterngen.autotune`).
 
     Attributes:
         plan: the :class:`~patterngen.plan.Plan` the last call ran (before any call, the
@@ -732,7 +734,7 @@ class PlannedBackend(Backend):
 
     def __init__(self, ir_, device="cpu", dtype="float32", head_dim=32, heads=4, batch=1,
                  backward=False, scale=None, strategy=None, rates=None, terms=None,
-                 softcap=None):
+                 softcap=None, autotune=False):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the auto backend")
         self.scale = scale
@@ -740,6 +742,8 @@ class PlannedBackend(Backend):
         self._strategy = strategy
         self._rates = rates
         self._terms = terms
+        self._autotune = bool(autotune)
+        self._tuned = {}
         self._plans = {}
         self._runs = {}
         self.plan = self._plans[self._plan(str(device).split(":")[0],
@@ -840,17 +844,69 @@ class PlannedBackend(Backend):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
-        key = self._plan(*wanted, bias=rel_bias is not None,
-                         contiguous=all(t.is_contiguous() for t in (qf, kf, vf)),
-                         kv_heads=kf.shape[1], extra_keys=0 if extra is None else
-                         extra[0].shape[2])
+        sizes = dict(bias=rel_bias is not None,
+                     contiguous=all(t.is_contiguous() for t in (qf, kf, vf)),
+                     kv_heads=kf.shape[1], extra_keys=0 if extra is None else extra[0].shape[2])
+        key = self._plan(*wanted, **sizes)
+        if self._autotune and self._strategy is None and not torch.compiler.is_compiling():
+            key = self._tune(key, wanted, sizes, grad, (q, k, v, scale, additional_keys,
+                                                         additional_values, rel_bias))
+        return self._run(key, q, k, v, qf, kf, vf, restore, scale, extra, rel_bias, grad)
+
+    def _tune(self, key, wanted, sizes, grad, args):
+        """The key of the fastest of the strategies predicted close to ``key``'s, timed once
+        on copies of the call's inputs (or read from the autotune file)."""
+        import torch
+
+        from patterngen import autotune
+
+        if key in self._tuned:
+            return self._tuned[key]
+        plan = self._plans[key]
+        names = autotune.candidates(plan)
+        if len(names) < 2:
+            self._tuned[key] = key
+            return key
+        entry = autotune.key(self.ir.label, self.shape, plan.call)
+        winner = autotune.cached(entry, names)
+        keys = {name: self._plan(*wanted, strategy=name, **sizes) for name in names}
+        if winner is None:
+            q, k, v, scale, ak, av, table = args
+            tensors = [t for t in (q, k, v, ak, av, table) if t is not None]
+
+            def step(name):
+                copies = [t.detach().clone().requires_grad_(grad and t.requires_grad)
+                          for t in tensors]
+                it = iter(copies)
+                cq, ck, cv = next(it), next(it), next(it)
+                cak, cav = (next(it), next(it)) if ak is not None else (None, None)
+                ctable = next(it) if table is not None else None
+
+                def call():
+                    with torch.set_grad_enabled(grad):
+                        qf, kf, vf, restore = self.flatten_inputs(cq, ck, cv)
+                        extra = None if cak is None else (cak, cav)
+                        out = self._run(keys[name], cq, ck, cv, qf, kf, vf, restore, scale,
+                                        extra, ctable, grad)
+                        if grad:
+                            torch.autograd.grad(out, [t for t in copies if t.requires_grad],
+                                                torch.ones_like(out))
+                return call
+
+            times = {name: autotune.time_ms(name, step(name)) for name in names}
+            winner = min(times, key=times.get)
+            autotune.store(entry, winner, times)
+        self._tuned[key] = keys[winner]
+        return keys[winner]
+
+    def _run(self, key, q, k, v, qf, kf, vf, restore, scale, extra, rel_bias, grad):
+        """Run the plan of ``key`` on the checked inputs."""
         plan, run = self._plans[key], self._runs[key]
         self.plan = plan
         if plan.strategy != "terms":
             options = {} if rel_bias is None else {"rel_bias": rel_bias}
             if extra is not None:
-                options.update(additional_keys=additional_keys,
-                               additional_values=additional_values)
+                options.update(additional_keys=extra[0], additional_values=extra[1])
             return run(q, k, v, scale=scale if scale is not None else self.scale, **options)
         rel_bias = self.check_rel_bias(rel_bias, qf)
         scale = scale if scale is not None else self.scale

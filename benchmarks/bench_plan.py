@@ -17,6 +17,7 @@ Run:
     python benchmarks/bench_plan.py                       # fixed suite + 20 random workloads
     python benchmarks/bench_plan.py --random 0 --workloads W2,W3-shift --strategies terms,numba
     python benchmarks/bench_plan.py --forward-only --seed 1
+    python benchmarks/bench_plan.py --threads 1 --autotune       # auto measures close calls
 """
 
 from __future__ import annotations
@@ -162,11 +163,15 @@ def _candidates(w: Workload, backward: bool, rates, allowed) -> dict:
             if isinstance(p, float) and (allowed is None or s in allowed)]
 
 
-def run_workload(w: Workload, backward: bool, rates, allowed, rounds: int, budget_s: float):
-    """Rows ``(strategy, predicted ms, measured ms)`` and the strategy ``auto`` chose."""
+def run_workload(w: Workload, backward: bool, rates, allowed, rounds: int, budget_s: float,
+                 autotune: bool = False):
+    """Rows ``(strategy, predicted ms, measured ms)`` and the strategy ``auto`` chose
+    (``autotune``: with ``pg.compile(..., autotune=True)``, which times its close candidates
+    on the warm-up call)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v, table = _inputs(w, gen)
-    compiled = {"auto": pg.compile(w.spec, w.grid, backend="auto", rates=rates)}
+    compiled = {"auto": pg.compile(w.spec, w.grid, backend="auto", rates=rates,
+                                   autotune=autotune)}
     for s in _candidates(w, backward, rates, allowed):
         compiled[s] = pg.compile(w.spec, w.grid, backend="auto", strategy=s, rates=rates)
     steps = {}
@@ -198,6 +203,8 @@ def main(argv=None) -> int:
                         help="restrict to these strategies (terms,numba,sdpa,flex)")
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--recalibrate", action="store_true", help="measure the rates again")
+    parser.add_argument("--autotune", action="store_true",
+                        help="auto times the strategies predicted close (patterngen.autotune)")
     parser.add_argument("--threads", type=int, default=THREADS,
                         help="torch threads (rates are calibrated per thread count)")
     parser.add_argument("--rounds", type=int, default=9)
@@ -214,7 +221,8 @@ def main(argv=None) -> int:
     suites = [("fixed", [w for w in FIXED if wanted is None or w.name in wanted]),
               ("random", random_workloads(args.random, args.seed))]
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
-          f"torch {torch.__version__}; rates: {rates.source}")
+          f"torch {torch.__version__}; rates: {rates.source}"
+          + ("; auto autotuned" if args.autotune else ""))
     print("| suite | workload | pattern | pass | strategy | auto's | predicted ms | measured ms |"
           " measured / predicted |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -224,7 +232,7 @@ def main(argv=None) -> int:
             for backward in ([False] if args.forward_only else [False, True]):
                 pass_ = "fwd+bwd" if backward else "fwd"
                 rows, chosen = run_workload(w, backward, rates, allowed, args.rounds,
-                                            args.budget)
+                                            args.budget, args.autotune)
                 for name, predicted, ms in rows:
                     ratio = ms / predicted
                     if name != "auto":

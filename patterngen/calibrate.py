@@ -31,7 +31,7 @@ from pathlib import Path
 from . import trust
 from .errors import PatternError
 
-__all__ = ["Rates", "rates", "measure", "calibration_path"]
+__all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 
 log = logging.getLogger(__name__)
 
@@ -345,16 +345,21 @@ def rates(device: str = "cpu", dtype: str = "float32", refresh: bool = False) ->
     return measured
 
 
-def _best_ms(fn, repeats: int = 7) -> float:
-    """Best of ``repeats`` after a warm-up: on shared cores the fastest run is the one least
-    disturbed by other tenants, and the rates are meant to compare executors, not tenants."""
+def run_times(fn, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` after a warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _best_ms(fn, repeats: int = 7) -> float:
+    """Best of ``repeats`` after a warm-up: on shared cores the fastest run is the one least
+    disturbed by other tenants, and the rates are meant to compare executors, not tenants."""
+    return 1e3 * min(run_times(fn, repeats))
 
 
 #: units (pairs x head_dim) of one attention micro-benchmark: about a millisecond

@@ -414,3 +414,37 @@ def test_a_stale_calibration_is_measured_again_with_a_warning(tmp_path, monkeypa
         assert calibrate.rates("cpu", "float32") is measured
     stored = json.loads(calibrate.calibration_path().read_text())
     assert [k.split("|")[0] for k in stored] == [f"v{calibrate.VERSION}"]
+
+
+def test_autotune_times_the_close_strategies_once_and_keeps_the_winner(tmp_path, monkeypatch):
+    from patterngen import autotune
+
+    monkeypatch.setenv("PATTERNGEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "WITHIN", 1e9)  # every strategy that can run is close
+    timed = []
+
+    def fake(name, fn):  # no clock in the unit suite: sdpa "measures" fastest
+        fn()
+        timed.append(name)
+        return 1.0 if name == "sdpa" else 5.0
+
+    monkeypatch.setattr(autotune, "time_ms", fake)
+    pattern, grid = pg.window(3) | pg.axis(0), (6, 6)
+    q, k, v = (torch.randn(1, 2, 6, 6, 8, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    attn = pg.compile(pattern, grid, backend="auto", autotune=True, dtype="float64")
+    out = attn(q, k, v)
+    planned = pg.plan(pattern, grid, head_dim=8, heads=2, dtype="float64", backward=True)
+    assert sorted(timed) == sorted(autotune.candidates(planned)) and len(timed) > 1
+    assert attn.plan.strategy == "sdpa"
+    flat = [t.detach().reshape(1, 2, 36, 8) for t in (q, k, v)]
+    torch.testing.assert_close(out.reshape(1, 2, 36, 8),
+                               pg.dense_attention(*flat, pg.materialize(pattern, grid)))
+    out.sum().backward()
+    # the winner is kept on disk: a new compiled attention times nothing
+    timed.clear()
+    again = pg.compile(pattern, grid, backend="auto", autotune=True, dtype="float64")
+    again(q, k, v)
+    assert timed == [] and again.plan.strategy == "sdpa"
+    [entry] = json.loads(autotune.path().read_text()).values()
+    assert entry["winner"] == "sdpa" and set(entry["ms"]) == set(autotune.candidates(planned))
