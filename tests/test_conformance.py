@@ -1,10 +1,11 @@
 """Every registered executor against the dense oracle, on the same randomised cases.
 
 Each executor (:func:`patterngen.backends.executors`) is asked, for each kind of call (float64
-and float32 with gradients, bfloat16 on CPU, a bias table, a softcap, extra keys), whether it can run each
-case (its own ``can_run``); where it can, its output and every gradient must match the float64
-oracle within the tolerance it declares for the dtype (``executor.tolerances``). Where it
-cannot, its reason must be words, and the planner must not pick it.
+and float32 with gradients, bfloat16 on CPU, a bias table, a softcap, extra keys), whether it
+can run each case (its own ``can_run``); where it can, its output and every gradient must
+match the float64 oracle within the tolerance it declares for the dtype
+(``executor.tolerances``). Where it cannot, its reason must be words, and the planner must not
+pick it.
 """
 
 import random
