@@ -14,7 +14,7 @@ import patterngen as pg
 from patterngen import calibrate
 from patterngen.backends import dense
 from patterngen.backends.flex import flex_available
-from patterngen.plan import dense_mask, dense_shape
+from patterngen.plan import dense_mask, dense_shape, gather_first
 from oracle import assert_gradients_equal
 from fakes import register_fake_backend
 from strategies import cases
@@ -448,3 +448,57 @@ def test_autotune_times_the_close_strategies_once_and_keeps_the_winner(tmp_path,
     assert timed == [] and again.plan.strategy == "sdpa"
     [entry] = json.loads(autotune.path().read_text()).values()
     assert entry["winner"] == "sdpa" and set(entry["ms"]) == set(autotune.candidates(planned))
+    # a corrupt file is timed again, with a warning
+    autotune.path().write_text("{not json")
+    with pytest.warns(UserWarning, match=r"autotune file .* is unreadable .*; timing again"):
+        pg.compile(pattern, grid, backend="auto", autotune=True, dtype="float64")(q, k, v)
+    assert sorted(timed) == sorted(autotune.candidates(planned))
+
+
+@pytest.mark.parametrize("pattern, grid", [(pg.window(3) | pg.axis(0), (6, 7)),
+                                           (pg.block(4, offset=1), (9, 8)),
+                                           (pg.window(16, causal=True), (100,))])
+def test_each_executor_reports_the_pairs_it_computes(pattern, grid):
+    from patterngen.backends import executors, get_backend
+    from patterngen.call import Call
+
+    lowered = pg.lower(pattern, grid)
+    call = Call(batch=2, heads=3, head_dim=8)
+    table = executors()
+
+    def attended(ops):  # pairs the attention ops compute
+        return sum(op.count * op.shape[0] * op.shape[1] for op in ops if op.kind == "attend")
+
+    numba = get_backend("numba")(lowered)
+    [computed] = [op.count for op in table["numba"].work(lowered, call) if op.kind == "numba"]
+    assert computed == sum(numba.executed_pairs) * 2 * 3
+    # sdpa computes every group's whole tiles, padding past the last token included
+    sdpa = get_backend("sdpa")(lowered)
+    tiles = sum(g.kv_blocks.size * b["layout"].block[0] * b["layout"].block[1]
+                for b in sdpa.block_sparse() for g in b["groups"])
+    assert attended(table["sdpa"].work(lowered, call)) == tiles * 2 * 3 >= \
+        sdpa.layout.executed_pairs * 2 * 3
+    for _, shape in gather_first(lowered, grid)[1]:
+        assert attended(table["dense"].work(shape, call, 0)) == shape.executed_pairs * 2 * 3
+
+
+def test_a_price_is_the_sum_of_its_ops_at_their_rates():
+    from patterngen.call import Op
+
+    rates = calibrate.Rates.default()
+    r = rates.executors
+    ops = [Op("launch", 2, kernel="sdpa"), Op("copy", 1000),
+           Op("attend", 5, (64, 64, 64), "fused"), Op("attend", 5, (64, 64, 16), "fused")]
+    fwd, lines = rates.price(ops, backward=False)
+    want = (2 * r["launch/sdpa"].call_ms + 1000 * r["copy"].pair_ns / 1e6
+            + 5 * 64 * 64 * 64 * r["attend/fused/64x64/d64"].pair_ns / 1e6
+            + 5 * 64 * 64 * 16 * r["attend/fused/64x64/d16"].pair_ns / 1e6)
+    assert fwd == pytest.approx(want) and len(lines) == 4
+    both, _ = rates.price(ops[1:2], backward=True)
+    assert both == pytest.approx(1000 * r["copy"].pair_ns / 1e6 * r["copy"].backward_factor)
+    # between measured shapes, the rate lies between its neighbours'; beyond them, the edge's
+    low, high = (rates.unit_rate(Op("attend", 1, (64, n, 16), "fused"))[1] for n in (64, 256))
+    mid = rates.unit_rate(Op("attend", 1, (64, 128, 16), "fused"))[1]
+    assert min(low, high) <= mid <= max(low, high)
+    edge = rates.unit_rate(Op("attend", 1, (4096, 4096, 256), "fused"))[1]
+    assert edge == pytest.approx(r["attend/fused/1024x1024/d64"].pair_ns)
