@@ -333,6 +333,12 @@ class FlexBackend(Backend):
         """The ``BlockMask`` (CPU) with one head per listed pattern."""
         return self.block_mask_for(len(self.layout.patterns), "cpu")
 
+    @property
+    def executed_pairs(self) -> tuple[int, ...]:
+        """Pairs computed per listed pattern: the block mask's tiles
+        (:attr:`patterngen.layout.Layout.executed_pairs`)."""
+        return tuple(lay.executed_pairs for lay in self.layout.patterns)
+
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
         if head_dim is not None and self.compile and str(device).startswith("cpu"):
             check_cpu_block(self.layout.block, head_dim)

@@ -100,6 +100,12 @@ class SdpaBackend(Backend):
         return [dict(layout=lay, permutation=self._perm, groups=groups)
                 for lay, groups in zip(self.layout.patterns, self.groups)]
 
+    @property
+    def executed_pairs(self) -> tuple[int, ...]:
+        """Pairs computed per listed pattern: the layout's tiles
+        (:attr:`patterngen.layout.Layout.executed_pairs`)."""
+        return tuple(lay.executed_pairs for lay in self.layout.patterns)
+
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
         import torch
 
