@@ -104,7 +104,7 @@ def test_swin_windows_in_a_tiled_order_are_all_full_and_block_diagonal():
     lay = layout(pg.block(7), (56, 56), block=(49, 49), order="tiled", tile=(7, 7))
     assert lay.num_partial == 0 and lay.num_full == 64 and lay.waste == 1.0
     assert all(list(f) == [i] for i, f in enumerate(lay.full))
-    assert aligned_tiles(pg.lower(pg.block(7), (56, 56)).per_head, (56, 56)) == [(7, 7)]
+    assert aligned_tiles(pg.lower(pg.block(7), (56, 56)).patterns, (56, 56)) == [(7, 7)]
 
 
 def test_permutation_keeps_each_tile_contiguous():

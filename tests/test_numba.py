@@ -302,7 +302,7 @@ def test_executed_pairs_are_the_attended_pairs_or_the_tiles_unions():
     assert attn.executed_pairs == tuple(int(m.sum()) for m in pg.materialize(spec, (6, 7)))
     tiled = pg.compile(spec, (6, 7), backend="numba", lanes=3)
     assert tiled.executed_pairs == tuple(nb.lane_pairs(h, (6, 7), 3, shared)
-                                         for h, shared in zip(tiled.ir.per_head, tiled.shared))
+                                         for h, shared in zip(tiled.ir.patterns, tiled.shared))
 
 
 def test_terms_with_one_key_on_the_last_axis_run_last():
