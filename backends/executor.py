@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from patterngen import ir
 from patterngen.call import Call, Op
 from patterngen.plan import COPYING, DenseShape, gather_first
 
@@ -84,8 +85,8 @@ def _restride(name: str, tokens: int, call: Call) -> list:
 
 def _heads_per_pattern(lowered, call: Call) -> list[int]:
     """(batch, head) pairs each listed pattern serves (heads cycle over the patterns)."""
-    npat = len(lowered.per_head)
-    return [call.batch * len(range(p, call.heads, npat)) for p in range(npat)]
+    npat = len(lowered.patterns)
+    return [call.batch * len(ir.heads_of(p, npat, call.heads)) for p in range(npat)]
 
 
 def numba_work(lowered, call: Call, launch: str) -> list:
@@ -97,11 +98,11 @@ def numba_work(lowered, call: Call, launch: str) -> list:
     shape = lowered.grid.shape
     lanes, shared = plan_lanes(lowered, shape)
     distinct = []
-    for head in lowered.per_head:
+    for head in lowered.patterns:
         if head.terms not in distinct:
             distinct.append(head.terms)
     pairs = rows = 0
-    for head, work in zip(lowered.per_head, _heads_per_pattern(lowered, call)):
+    for head, work in zip(lowered.patterns, _heads_per_pattern(lowered, call)):
         share = shared[distinct.index(head.terms)] if lanes else None
         pairs += (lane_pairs(head, shape, lanes, share) if lanes else head.pairs()) * work
         rows += lane_rows(head, shape, lanes, share) * work
@@ -223,7 +224,7 @@ class DenseExecutor(Executor):
     whole = False
 
     def can_run(self, lowered, call):
-        gather, _ = gather_first(lowered.per_head[0], lowered.grid.shape)
+        gather, _ = gather_first(lowered.patterns[0], lowered.grid.shape)
         if gather:
             return f"no dense form for {gather[0]!r}"
         return None

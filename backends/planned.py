@@ -45,7 +45,7 @@ from patterngen.backends.inputs import kv_heads_of, non_finite, take_heads
 from patterngen.backends.merge import acc_dtype, merge
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
-from patterngen.plan import TermPlan, dense_form, dense_mask, plan as make_plan
+from patterngen.plan import TermPlan, dense_form, dense_mask, plan
 
 __all__ = ["PlannedBackend", "DenseTerm", "GatherGroup"]
 
@@ -762,13 +762,13 @@ class PlannedBackend(Backend):
                kv_heads or heads, extra_keys)
         if key not in self._plans:
             allowed = (strategy,) if isinstance(strategy, str) else strategy
-            plan = make_plan(self.ir, None, executors=allowed, terms=self._terms,
-                             head_dim=head_dim, heads=heads, batch=batch, device=device,
-                             dtype=dtype, backward=backward, rates=self._rates,
-                             contiguous=contiguous, kv_heads=kv_heads, bias=bias,
-                             softcap=self.softcap is not None, extra_keys=extra_keys)
-            self._runs[key] = self._build(plan)
-            self._plans[key] = plan
+            chosen = plan(self.ir, None, executors=allowed, terms=self._terms,
+                          head_dim=head_dim, heads=heads, batch=batch, device=device,
+                          dtype=dtype, backward=backward, rates=self._rates,
+                          contiguous=contiguous, kv_heads=kv_heads, bias=bias,
+                          softcap=self.softcap is not None, extra_keys=extra_keys)
+            self._runs[key] = self._build(chosen)
+            self._plans[key] = chosen
         return key
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
@@ -862,12 +862,11 @@ class PlannedBackend(Backend):
 
         if key in self._tuned:
             return self._tuned[key]
-        plan = self._plans[key]
-        names = autotune.candidates(plan)
+        names = autotune.candidates(self._plans[key])
         if len(names) < 2:
             self._tuned[key] = key
             return key
-        entry = autotune.key(self.ir.label, self.shape, plan.call)
+        entry = autotune.key(self.ir.label, self.shape, self._plans[key].call)
         winner = autotune.cached(entry, names)
         keys = {name: self._plan(*wanted, strategy=name, **sizes) for name in names}
         if winner is None:
@@ -901,9 +900,9 @@ class PlannedBackend(Backend):
 
     def _run(self, key, q, k, v, qf, kf, vf, restore, scale, extra, rel_bias, grad):
         """Run the plan of ``key`` on the checked inputs."""
-        plan, run = self._plans[key], self._runs[key]
-        self.plan = plan
-        if plan.strategy != "terms":
+        run = self._runs[key]
+        self.plan = self._plans[key]
+        if self.plan.strategy != "terms":
             options = {} if rel_bias is None else {"rel_bias": rel_bias}
             if extra is not None:
                 options.update(additional_keys=extra[0], additional_values=extra[1])

@@ -587,7 +587,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
 
 def _whole_term_plans(lowered, shape, strategy: str) -> tuple:
     out = []
-    for head in lowered.per_head:
+    for head in lowered.patterns:
         pairs = _new_pairs(head.terms, shape)
         out.append(tuple(TermPlan(t, strategy, p, p, None, 0.0) for t, p in
                          zip(head.terms, pairs)))
@@ -615,7 +615,7 @@ def _plan_terms(lowered, shape, call, rates, table, force):
     gather_reason = gather_ex.can_run(lowered, call)
     grid = lowered.grid
     tokens = math.prod(shape)
-    npat = len(lowered.per_head)
+    npat = len(lowered.patterns)
     plans, total, parts = [], 0.0, 0
     shared = [Op("launch", 1, kernel="terms")]
     if call.extra_keys:
@@ -636,8 +636,8 @@ def _plan_terms(lowered, shape, call, rates, table, force):
         ms, lines = rates.price(dense_ex.work(ds, pc, tokens), call.backward)
         return ms, tuple(lines)
 
-    for p, head in enumerate(lowered.per_head):
-        pc = _pattern_call(call, len(range(p, call.heads, npat)))
+    for p, head in enumerate(lowered.patterns):
+        pc = _pattern_call(call, len(ir.heads_of(p, npat, call.heads)))
         gather, dense = gather_first(head, shape)
         if force == "gather":
             gather, dense = list(head.terms), []
