@@ -183,9 +183,9 @@ def run_workload(w: Workload, backward: bool, rates, allowed, rounds: int, budge
             print(f"  {w.name} {name}: {e}", file=sys.stderr)
             steps.pop(name, None)
     measured = _interleaved(steps, rounds, budget_s)
-    # the plan each compiled attention made for this call is the last one it holds
-    rows = [(name, compiled[name].plans[-1].predicted_ms, ms) for name, ms in measured.items()]
-    return rows, compiled["auto"].plans[-1].strategy
+    # each compiled attention's plan is its last call's (with autotune, the winner's)
+    rows = [(name, compiled[name].plan.predicted_ms, ms) for name, ms in measured.items()]
+    return rows, compiled["auto"].plan.strategy
 
 
 def _ratio_ok(ratio, bounds) -> bool:
