@@ -150,7 +150,9 @@ class SdpaExecutor(Executor):
     """Block-sparse: each group of query blocks with the same number of key blocks is one
     batch of dense problems (``Bq`` rows against ``nk * Bk`` keys) on its kernel; its queries
     and key blocks are views where they are runs or bands and index gathers elsewhere (a band
-    of several blocks is copied once), its output copied into place; a layout with partial
+    of several blocks is copied once, and its backward is ``unfold_backward``), its output
+    copied into place, and in the backward every view's gradient is a zero-filled whole
+    tensor, added up over the groups; a layout with partial
     blocks scans k and v for non-finite values once, and a token order other than row-major
     copies q, k, v into it and the output back."""
 
@@ -181,10 +183,14 @@ class SdpaExecutor(Executor):
                     ops.append(Op("gather", rows * work * per))
                 if c.k_band is None:
                     ops.append(Op("gather", 2 * c.count * keys * kv * per))
-                elif c.nk > 1:
-                    ops.append(Op("copy", 2 * c.count * keys * kv * per))
+                elif c.nk > 1 and call.backward:  # a view; its backward is unfold_backward
+                    ops.append(Op("band", 2 * c.count * keys * kv * per))
                 if len(calls.calls) > 1 or calls.zero_row is not None:
                     ops.append(Op("copy", rows * work * per))
+                if call.backward:
+                    # each view's backward fills a gradient of the whole q, k or v with zeros,
+                    # and the groups' gradients are added up
+                    ops.append(Op("fill", 2 * tokens * (work + 2 * kv) * per))
             if any(c.mask is not None for c in calls.calls):
                 ops.append(Op("scan", 2 * tokens * kv * d))
             if not (blocks["permutation"] == np.arange(len(blocks["permutation"]))).all():

@@ -90,7 +90,8 @@ def _names() -> list[str]:
              for m in ATTEND_ROWS for n in keys for d in ATTEND_DIMS]
     names += [numba_name(lanes, d, what) for what in ("numba", "rows") for lanes in NUMBA_LANES
               for d in NUMBA_DIMS]
-    return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "scan", "merge"]
+    return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "band", "fill", "scan",
+                                                        "merge"]
 
 
 def _bracket(axis: tuple, x: float, log: bool = True):
@@ -114,8 +115,11 @@ class Rates:
             kernel and shape class (``pair_ns`` per pair and head_dim element), ``numba/...``
             per lane plan and head_dim (the same unit), ``launch/...`` (``call_ms`` per call),
             ``copy`` (``pair_ns`` per byte copied), ``gather`` (per byte gathered by an
-            index), ``scan`` (per element checked for non-finite values) and ``merge`` (per
-            token and head_dim element of each part merged).
+            index), ``band`` (per byte of overlapping windows of key blocks, the
+            ``unfold_backward`` of their view, in a backward only), ``fill`` (per byte of
+            gradient zero-filled and added, in a backward only), ``scan`` (per element
+            checked for non-finite values) and ``merge`` (per token and head_dim element of
+            each part merged).
         source: ``"measured"`` or ``"default"``.
     """
 
@@ -231,8 +235,8 @@ _CPU_NUMBA = {("numba", "one", 16): (0.22, 3.9), ("numba", "one", 32): (0.136, 3
               ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.13, 0.0, 2.6), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
-              "copy": (0.0, 0.27, 2.0), "gather": (0.0, 0.061, 4.8), "scan": (0.0, 2.5, 1.0),
-              "merge": (0.0, 0.97, 2.4)}
+              "copy": (0.0, 0.27, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
+              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
 
 
 def _default_cpu(name: str) -> Rate:
@@ -549,6 +553,20 @@ def _overhead_benches(device, dtype, dt) -> list:
     gather = _Bench("gather", gathered, gathered_both,
                     4 * index.numel() * 32 * rows.element_size())
     scan = _Bench("scan", lambda: non_finite(x, x), lambda: None, 2 * x.numel())
+    # a gradient of a whole input, new (its pages are touched for the first time) and added
+    grad = torch.randn(1 << 22, device=device, dtype=dt)
+    fill = _Bench("fill", lambda: torch.zeros_like(grad).add_(grad), lambda: None,
+                  2 * grad.numel() * grad.element_size())
+    # the backward of sdpa's bands (60 windows of 4 key blocks of 64, one block apart: a view,
+    # free forward); the sum's backward is a small share of it
+    keys = torch.randn(4, 4096, 32, device=device, dtype=dt, requires_grad=True)
+
+    def banded():
+        with torch.enable_grad():
+            keys.unfold(1, 256, 64)[:, :60].transpose(-1, -2).reshape(
+                4, 60, 256, 32).sum().backward()
+
+    band = _Bench("band", banded, lambda: None, 4 * 60 * 256 * 32 * keys.element_size())
     parts = [(torch.randn(1, 4, 4096, 32, device=device, dtype=dt).requires_grad_(),
               torch.randn(1, 4, 4096, device=device)) for _ in range(2)]
 
@@ -560,7 +578,8 @@ def _overhead_benches(device, dtype, dt) -> list:
         with torch.enable_grad():
             merge(parts)[0].sum().backward()
 
-    return out + [copy, gather, scan, _Bench("merge", merged, merged_both, 2 * 4 * 4096 * 32)]
+    return out + [copy, gather, band, fill, scan,
+                  _Bench("merge", merged, merged_both, 2 * 4 * 4096 * 32)]
 
 
 def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Rates:
@@ -582,8 +601,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     # each group of benchmarks, and the names it measures (built only when one is wanted)
     groups = ((("attend/",), lambda: _attend_benches(device, dt)),
               (("numba/", "rows/", "launch/numba"), lambda: _numba_benches(device, dtype, dt)),
-              (("launch/kernel", "launch/sdpa", "launch/terms", "copy", "gather", "scan",
-                "merge"),
+              (("launch/kernel", "launch/sdpa", "launch/terms", "copy", "gather", "band", "fill",
+                "scan", "merge"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -608,8 +627,9 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
             continue  # solved together (_solve_numba)
         else:
             work = next(b.units for b in benches if b.name == name)
-            # a copy's backward copies the gradient back; a scan has none
-            fixed = {"copy": 2.0, "scan": 1.0}
+            # a copy's backward copies the gradient back; a scan has none; a fill and a band
+            # are backward work already
+            fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0}
             table[name] = Rate(0.0, fwd * 1e6 / work, fixed.get(name, factor))
     if any(name.startswith("numba/") for name in best):
         _solve_numba(table, benches, best)
