@@ -111,14 +111,14 @@ def numba_work(lowered, call: Call, launch: str) -> list:
             Op("rows", rows, (call.head_dim,), kind)]
 
 
-def attend_kernel(call: Call, keys: int, autograd: bool = False) -> str:
-    """The kernel a batch of dense problems runs on: the matmul path for small float32/float64
-    problems on CPU and for a bias or softcap (the fused kernels give no score gradient), the
-    fused kernel otherwise (``autograd``: torch's own backward through it)."""
+def attend_kernel(call: Call, keys: int) -> str:
+    """The kernel a dense term's or the extra keys' problems run on: the matmul path for small
+    float32/float64 problems on CPU and for a bias or softcap (the fused kernels give no score
+    gradient), the fused kernel otherwise."""
     from .dense import MATMUL_KEYS
 
     small = (call.device == "cpu" and call.dtype in ("float32", "float64")
-             and keys <= MATMUL_KEYS and not autograd)
+             and keys <= MATMUL_KEYS)
     return "matmul" if small or call.bias or call.softcap else "fused"
 
 
@@ -174,11 +174,14 @@ class SdpaExecutor(Executor):
             for c in calls.calls:
                 keys = c.nk * calls.bk
                 rows = c.count * calls.bq
-                autograd = call.backward or c.mask is not None
+                # the matmul path for small mask-free groups without autograd, and with a
+                # softcap; the fused kernel otherwise, a bias table added as its mask
+                plain = c.matmul and not call.backward and not call.bias
                 ops += [Op("launch", 1, kernel="kernel"),
                         Op("attend", c.count * work, (calls.bq, keys, d),
-                           "matmul" if c.matmul and not call.backward and not call.softcap
-                           else attend_kernel(call, keys, autograd=autograd))]
+                           "matmul" if plain or call.softcap else "fused")]
+                if call.bias:  # the table gathered into the group's tiles
+                    ops.append(Op("gather", c.count * work * calls.bq * keys * call.itemsize))
                 if c.q_slice is None:
                     ops.append(Op("gather", rows * work * per))
                 if c.k_band is None:
