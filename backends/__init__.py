@@ -46,6 +46,8 @@ class Backend:
     #: ``__call__`` takes ``additional_keys``/``additional_values``: tokens outside the grid
     #: that every query attends besides its pattern (NATTEN's)
     SUPPORTS_ADDITIONAL_KEYS: bool = False
+    #: runs an IR whose keys live on another grid (``ir.key_grid``, see patterngen.lower)
+    SUPPORTS_KEY_GRID: bool = False
     #: the compiled softcap; ``None``: off
     softcap = None
 
@@ -161,6 +163,11 @@ class Backend:
             reasons.append(f"dtype={dtype!r} not in {cls.SUPPORTED_DTYPES}")
         if not ir.grid.numeric:
             reasons.append(f"grid={ir.grid} is symbolic; substitute its sizes first")
+        if getattr(ir, "key_grid", None) is not None and not cls.SUPPORTS_KEY_GRID:
+            able = [n for n in sorted(_BUILTIN) if getattr(get_backend(n), "SUPPORTS_KEY_GRID",
+                                                           False)]
+            reasons.append(f"keys on another grid (key_grid={ir.key_grid}, queries on "
+                           f"{ir.grid}) are not supported; backends that run them: {able}")
         return reasons
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:

@@ -27,26 +27,31 @@ def _kron_bool(mats):
 
 def _materialize_one(head: ir.IR) -> np.ndarray:
     shape = head.grid.require_numeric("materialize")
-    tokens = int(np.prod(shape))
-    if tokens > MAX_DENSE_TOKENS:
+    key_shape = head.keys.require_numeric("materialize")
+    tokens, keys = int(np.prod(shape)), int(np.prod(key_shape))
+    if max(tokens, keys) > MAX_DENSE_TOKENS:
         raise PatternError(
-            f"materialize builds a tokens x tokens array: tokens={tokens} exceeds "
-            f"{MAX_DENSE_TOKENS}; use layout() or key_counts() for large grids."
+            f"materialize builds a queries x keys array ({tokens} x {keys}): "
+            f"tokens={max(tokens, keys)} exceeds {MAX_DENSE_TOKENS}; use layout() or "
+            f"key_counts() for large grids."
         )
-    mask = np.zeros((tokens, tokens), dtype=bool)
+    mask = np.zeros((tokens, keys), dtype=bool)
     for term in head.terms:
         per_axis = []
-        for rel, n in zip(term.rels, shape):
-            i = np.arange(n, dtype=np.int64)
-            per_axis.append(np.asarray(rel.contains(i[:, None], i[None, :], n, ir.NUMPY_OPS)))
+        for rel, n, nk in zip(term.rels, shape, key_shape):
+            i, p = np.arange(n, dtype=np.int64), np.arange(nk, dtype=np.int64)
+            per_axis.append(np.asarray(rel.contains(i[:, None], p[None, :], nk, ir.NUMPY_OPS,
+                                                    n)))
         mask |= _kron_bool(per_axis)
     return mask
 
 
-def materialize(pattern, grid=None) -> np.ndarray:
+def materialize(pattern, grid=None, key_grid=None) -> np.ndarray:
     """Dense boolean mask ``[query, key]`` in row-major token order (for tests and debugging).
 
-    Returns ``(tokens, tokens)``, or ``(len(patterns), tokens, tokens)`` for :func:`heads`.
+    Returns ``(tokens, tokens)``, or ``(len(patterns), tokens, tokens)`` for :func:`heads`;
+    with ``key_grid`` (keys on another grid, see :func:`patterngen.lower`) the key side has
+    the key grid's tokens.
 
     Example:
         >>> import patterngen as pg
@@ -57,7 +62,7 @@ def materialize(pattern, grid=None) -> np.ndarray:
                [0, 0, 1, 1, 1],
                [0, 0, 1, 1, 1]])
     """
-    lowered = as_ir(pattern, grid)
+    lowered = as_ir(pattern, grid, key_grid)
     if isinstance(lowered, ir.HeadsIR):
         return np.stack([_materialize_one(h) for h in lowered.heads])
     return _materialize_one(lowered)

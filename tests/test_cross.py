@@ -1,0 +1,191 @@
+"""Queries on one grid, keys on another: every layer against the rule's oracle.
+
+The rule: per axis the query at ``x`` sits over ``c(x) = floor((x + 0.5) * n_k / n_q)``
+(torch's ``interpolate(mode="nearest-exact")``) and sees exactly the keys the same pattern
+gives the query ``c(x)`` on the key grid. The oracle is therefore row ``c(x)`` of the
+self-attention mask on the key grid, and ``c`` is read from torch itself.
+"""
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import patterngen as pg
+from patterngen import spec as pgspec
+from patterngen.errors import PatternError
+from patterngen.parse import parse
+from strategies import grids, patterns
+
+
+def centres(n_q, n_k):
+    """``c(x)`` for every query coordinate, from torch's nearest-exact interpolation."""
+    keys = torch.arange(n_k, dtype=torch.float64).reshape(1, 1, n_k)
+    return torch.nn.functional.interpolate(keys, size=n_q, mode="nearest-exact")[0, 0].long()
+
+
+def centre_rows(q_shape, k_shape):
+    """The flat key-grid token each query token sits over, row-major."""
+    per_axis = [centres(n, m).numpy() for n, m in zip(q_shape, k_shape)]
+    grids_ = np.meshgrid(*per_axis, indexing="ij")
+    return np.ravel_multi_index([g.ravel() for g in grids_], k_shape)
+
+
+def oracle(pattern, q_shape, k_shape):
+    """Row ``c(x)`` of the self-attention mask on the key grid, for every query ``x``."""
+    return pg.materialize(pattern, k_shape)[centre_rows(q_shape, k_shape)]
+
+
+def key_grid_version(pattern, k_shape):
+    """The same pattern made valid on the key grid: global tokens as key tokens, blocks no
+    larger than the key grid."""
+    if isinstance(pattern, (pgspec.Union, pgspec.Intersection)):
+        return type(pattern)(tuple(key_grid_version(p, k_shape) for p in pattern.parts))
+    if isinstance(pattern, pgspec.GlobalTokens):
+        return pg.global_tokens(keys=list(pattern.tokens))
+    if isinstance(pattern, pgspec.Block):
+        sizes = pattern.size if isinstance(pattern.size, tuple) else (pattern.size,) * len(
+            k_shape)
+        offsets = pattern.offset if isinstance(pattern.offset, tuple) else (
+            pattern.offset,) * len(k_shape)
+        sizes = tuple(min(m, n) for m, n in zip(sizes, k_shape))
+        return pg.block(sizes, offset=tuple(s % m for s, m in zip(offsets, sizes)))
+    return pattern
+
+
+@st.composite
+def cross_cases(draw, max_tokens=120):
+    """``(pattern, query shape, key shape)``: ratios up, down and not integers."""
+    k_shape = draw(grids(max_tokens))
+    limit = {1: 40, 2: 12, 3: 6}[len(k_shape)]
+    q_shape = tuple(draw(st.integers(1, limit)) for _ in k_shape)
+    return key_grid_version(draw(patterns(k_shape)), k_shape), q_shape, k_shape
+
+
+def test_centre_is_nearest_exact():
+    for n_q, n_k in itertools.product(range(1, 20), range(1, 20)):
+        x = np.arange(n_q)
+        np.testing.assert_array_equal(pg.ir.center(x, n_q, n_k), centres(n_q, n_k).numpy())
+
+
+@given(cross_cases())
+def test_materialize_is_the_key_grid_row_of_each_query(case):
+    pattern, q_shape, k_shape = case
+    mask = pg.materialize(pattern, q_shape, key_grid=k_shape)
+    np.testing.assert_array_equal(mask, oracle(pattern, q_shape, k_shape))
+    lowered = pg.lower(pattern, q_shape, key_grid=k_shape)
+    np.testing.assert_array_equal(lowered.key_counts(), mask.sum(1))
+    assert lowered.pairs() == mask.sum()
+
+
+@pytest.mark.parametrize("pattern", [
+    pg.window(3), pg.window(2, border="pad"), pg.window(3, dilation=2),
+    pg.window(3, causal=True), pg.window(4, stride=2), pg.block(3, offset=1), pg.area(2),
+    pg.axis(0), pg.stripe(1, width=2), pg.criss_cross(), pg.causal(),
+    pg.window(3) | pg.axis(1), pg.window(5) & pg.block(4),
+])
+@pytest.mark.parametrize("q_shape, k_shape", [
+    ((12, 8), (6, 8)), ((4, 6), (8, 12)), ((10, 7), (6, 9)), ((7, 7), (7, 6))])
+def test_every_primitive_follows_the_rule(pattern, q_shape, k_shape):
+    np.testing.assert_array_equal(pg.materialize(pattern, q_shape, key_grid=k_shape),
+                                  oracle(pattern, q_shape, k_shape))
+
+
+@pytest.mark.parametrize("q_shape, k_shape", [((9,), (4,)), ((5, 3, 4), (2, 3, 8))])
+def test_one_and_three_axes(q_shape, k_shape):
+    pattern = pg.window(2, border="pad") | pg.block(2)
+    np.testing.assert_array_equal(pg.materialize(pattern, q_shape, key_grid=k_shape),
+                                  oracle(pattern, q_shape, k_shape))
+
+
+def test_key_grid_equal_to_grid_is_self_attention():
+    pattern = pg.window(3) | pg.global_tokens([0, 5])
+    assert pg.lower(pattern, (6, 6), key_grid=(6, 6)) == pg.lower(pattern, (6, 6))
+    assert pg.lower(pattern, (6, 6), key_grid=(6, 6)).key_grid is None
+
+
+def test_global_tokens_name_keys_and_queries_on_their_own_grids():
+    pattern = pg.window(3) | pg.global_tokens(keys=[(1, 2)], queries=[(0, 0), 7])
+    q_shape, k_shape = (3, 5), (4, 4)
+    mask = pg.materialize(pattern, q_shape, key_grid=k_shape)
+    want = oracle(pg.window(3), q_shape, k_shape)
+    want[:, 1 * 4 + 2] = True  # key token (1, 2) of the 4x4 key grid
+    want[[0, 7]] = True  # query tokens (0, 0) and 7 = (1, 2) of the 3x5 query grid
+    np.testing.assert_array_equal(mask, want)
+    assert pg.lower(pattern, q_shape, key_grid=k_shape).pairs() == want.sum()
+
+
+def test_global_tokens_roles_on_one_grid():
+    both = pg.materialize(pg.global_tokens([3]), 6)
+    apart = pg.materialize(pg.global_tokens(keys=[3]) | pg.global_tokens(queries=[3]), 6)
+    np.testing.assert_array_equal(both, apart)
+    assert parse(repr(pg.global_tokens(keys=[1], queries=[(0, 2)]))) == \
+        pg.global_tokens(keys=[1], queries=[(0, 2)])
+
+
+def test_show_draws_the_key_grid_with_the_centre():
+    text = pg.show(pg.window(3), grid=(8, 8), key_grid=(4, 4), query=(5, 2))
+    assert text.splitlines() == [
+        "window(3) on grid 8x8, keys on 4x4, query (5, 2) over key (2, 1): 9 keys; "
+        "pattern density 56.2%",
+        ". . . .",
+        "# # # .",
+        "# C # .",
+        "# # # .",
+    ]
+    # 4x downsampled keys, a block tile: query (1,) sits over key 0 of 3, tile [0, 2)
+    assert pg.show(pg.block(2), grid=12, key_grid=3, query=1).splitlines()[1] == "C # ."
+    # the centre is marked even where the query does not see it (global query tokens only)
+    assert pg.show(pg.global_tokens(keys=[2]), grid=4, key_grid=8, query=1).splitlines()[
+        1] == ". . # C . . . ."
+
+
+def test_ir_repr_and_verify():
+    lowered = pg.lower(pg.window(3), (8, 8), key_grid=(4, 4))
+    assert "over keys on 4x4" in repr(lowered)
+    bad = dataclasses.replace(lowered, key_grid=pg.grid.as_grid((4, 4, 4)))
+    with pytest.raises(PatternError, match=r"key grid 4x4x4 \(rank 3\)"):
+        pg.ir.verify(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_key_grid_of_another_rank():
+    with pytest.raises(PatternError, match=r"key_grid=4x4x4 has rank 3 and grid=8x8 rank 2"):
+        pg.lower(pg.window(3), (8, 8), key_grid=(4, 4, 4))
+    with pytest.raises(PatternError, match=r"key_grid=16 has rank 1"):
+        pg.materialize(pg.window(3), (8, 8), key_grid=16)
+
+
+def test_block_larger_than_the_key_grid():
+    with pytest.raises(PatternError, match=r"block\(size=8\) tiles the key grid, in key units: "
+                                           r"no tile of 8 exists on key_grid\[0\]=4 "
+                                           r"\(queries on grid\[0\]=32\)"):
+        pg.lower(pg.block(8), (32, 32), key_grid=(4, 4))
+
+
+def test_area_whose_chunks_do_not_exist_on_the_key_grid():
+    with pytest.raises(PatternError, match=r"area\(areas=4\).*grid\[1\]=6.*key grid 6x6"):
+        pg.lower(pg.area(4, axis=1), (12, 12), key_grid=(6, 6))
+
+
+def test_window_larger_than_the_key_grid():
+    with pytest.raises(PatternError, match=r"size=5.*grid\[0\]=4.*over key grid 4x4"):
+        pg.lower(pg.window(5), (16, 16), key_grid=(4, 4))
+
+
+def test_global_tokens_without_roles_on_two_grids():
+    with pytest.raises(PatternError, match=r"global_tokens\(\[0\]\) names tokens of one grid.*"
+                                           r"expected global_tokens\(keys=\[...\], queries="):
+        pg.lower(pg.global_tokens([0]), (8, 8), key_grid=(4, 4))
+    with pytest.raises(PatternError, match=r"Global token index 20 is out of range for grid \(4, 4\); "
+                                           r"expected 0 <= index < 16"):
+        pg.lower(pg.global_tokens(keys=[20]), (8, 8), key_grid=(4, 4))
+    with pytest.raises(PatternError, match=r"also given keys= or queries="):
+        pg.global_tokens([0], keys=[1])
