@@ -189,3 +189,79 @@ def test_global_tokens_without_roles_on_two_grids():
         pg.lower(pg.global_tokens(keys=[20]), (8, 8), key_grid=(4, 4))
     with pytest.raises(PatternError, match=r"also given keys= or queries="):
         pg.global_tokens([0], keys=[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# exact cost
+
+
+SYMBOLIC = [
+    (pg.window(5), ("H", "W"), ("h", "w")),
+    (pg.window(4, border="pad"), ("H", "W"), ("h", "w")),
+    (pg.window(3, causal=True), ("N",), ("n",)),
+    (pg.window(3, dilation=2, border="pad"), ("N",), ("n",)),
+    (pg.block(3, offset=1), ("H", "W"), ("h", "w")),
+    (pg.block((2, 4)) | pg.axis(1), ("H", "W"), ("h", "w")),
+    (pg.window(3, border="pad") | pg.global_tokens(keys=[(0, 1)], queries=[(1, 0)]),
+     ("H", "W"), ("h", "w")),
+    (pg.window(3) & pg.causal(), ("T", "H", "W"), ("t", "h", "w")),
+]
+
+
+@pytest.mark.parametrize("pattern, grid, key_grid", SYMBOLIC)
+def test_symbolic_cost_equals_enumeration(pattern, grid, key_grid):
+    report = pg.cost(pattern, grid=grid, key_grid=key_grid, head_dim="d", heads=2, kv_heads=1)
+    rng = np.random.default_rng(len(repr(pattern)))
+    limit = {1: 40, 2: 11, 3: 6}[len(grid)]
+    for _ in range(6):  # ratios up, down and not integers
+        q_shape = tuple(int(v) for v in rng.integers(6, limit + 1, len(grid)))
+        k_shape = tuple(int(v) for v in rng.integers(6, limit + 1, len(grid)))
+        sizes = dict(zip(grid + key_grid, q_shape + k_shape), d=8)
+        got = report.subs(**sizes)
+        mask = oracle_with_queries(pattern, q_shape, k_shape)
+        assert got.pairs == mask.sum(), sizes
+        assert (got.keys_min, got.keys_max) == (mask.sum(1).min(), mask.sum(1).max()), sizes
+        tq, tk = mask.shape
+        assert got.flops == 4 * 8 * 2 * mask.sum()
+        assert got.bytes == 2 * 8 * 4 * (2 * tq + 1 * tk)  # Q, O on the queries; K, V on keys
+        assert got.dense_pairs == tq * tk
+
+
+def oracle_with_queries(pattern, q_shape, k_shape):
+    """:func:`oracle`, with the query-grid tokens of ``global_tokens(queries=...)`` set."""
+    parts = pattern.parts if isinstance(pattern, pgspec.Union) else (pattern,)
+    rows = [p for p in parts if isinstance(p, pgspec.GlobalTokens) and p.queries]
+    rest = [p for p in parts if p not in rows]
+    for p in rows:
+        if p.keys:
+            rest.append(pg.global_tokens(keys=list(p.keys)))
+    mask = oracle(pgspec.Union(tuple(rest)) if len(rest) > 1 else rest[0], q_shape, k_shape)
+    for p in rows:
+        for t in p.queries:
+            flat = np.ravel_multi_index(t, q_shape) if isinstance(t, tuple) else t
+            mask[flat] = True
+    return mask
+
+
+def test_closed_forms_are_differences_of_ceilings():
+    report = pg.cost(pg.window(5, border="pad"), grid=("H", "W"), key_grid=("h", "w"))
+    assert report.closed_form and "ceiling" in str(report.pairs)
+    assert pg.cost(pg.window(5), grid=("H", "W"), key_grid=("h", "w"),
+                   head_dim="d").flops == 100 * pg.grid.symbol("H") * pg.grid.symbol(
+        "W") * pg.grid.symbol("d")
+    assert "over keys on hxw" in str(report)
+
+
+@given(cross_cases())
+def test_numeric_cost_equals_enumeration(case):
+    pattern, q_shape, k_shape = case
+    mask = oracle(pattern, q_shape, k_shape)
+    report = pg.cost(pattern, grid=q_shape, key_grid=k_shape)
+    assert report.pairs == mask.sum()
+    assert report.keys_min == mask.sum(1).min() and report.keys_max == mask.sum(1).max()
+
+
+def test_cost_refuses_layouts_and_ranks_with_a_key_grid():
+    with pytest.raises(PatternError, match=r"block= and ranks= are not supported with keys on "
+                                           r"another grid \(key_grid=4x4\)"):
+        pg.cost(pg.window(3), grid=(8, 8), key_grid=(4, 4), block=(16, 16))
