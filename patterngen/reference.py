@@ -69,7 +69,7 @@ def materialize(pattern, grid=None, key_grid=None) -> np.ndarray:
 
 
 def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid=None,
-                    additional_keys=None, additional_values=None):
+                    additional_keys=None, additional_values=None, key_grid=None):
     """Masked softmax attention on ``(batch, heads, tokens, dim)`` torch tensors.
 
     ``mask`` is ``(tokens, tokens)`` or ``(patterns, tokens, tokens)`` (head ``h`` uses
@@ -77,7 +77,8 @@ def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid
     The score of a pair is ``scale * q.k``, passed through ``softcap * tanh(s / softcap)`` when
     ``softcap`` is given, plus ``rel_bias[h, key - query + reach]`` (see
     :mod:`patterngen.bias`; the reach is read from the table's shape, ``grid`` gives the
-    coordinates). ``k`` and ``v`` may have fewer heads than ``q`` (grouped key/value heads):
+    coordinates; with ``key_grid``, ``k`` and ``v`` hold its tokens and the offset is
+    ``key - c(query)``, :func:`patterngen.ir.center`). ``k`` and ``v`` may have fewer heads than ``q`` (grouped key/value heads):
     query head ``h`` reads head ``h // (q heads // kv heads)``, torch's ``enable_gqa`` rule.
     ``additional_keys``/``additional_values`` (``(batch, kv heads, extra, dim)``) are keys
     every query sees besides its pattern, in the same softmax, softcapped alike, unbiased.
@@ -99,7 +100,7 @@ def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid
     k, v = (t.repeat_interleave(group, 1) for t in (k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
-    bias_ = None if rel_bias is None else dense_bias(rel_bias, grid, mask)
+    bias_ = None if rel_bias is None else dense_bias(rel_bias, grid, mask, key_grid)
     if additional_keys is not None:
         ak, av = (t.repeat_interleave(group, 1) for t in (additional_keys, additional_values))
         extra = ak.shape[2]
@@ -117,8 +118,8 @@ def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid
     return probs @ v
 
 
-def dense_bias(table, grid, mask):
-    """``(heads or 1, tokens, tokens)``: ``table`` gathered by key-minus-query offset, the
+def dense_bias(table, grid, mask, key_grid=None):
+    """``(heads or 1, tokens, keys)``: ``table`` gathered by key-minus-query offset, the
     bias :func:`dense_attention` adds (checked to cover every pair ``mask`` attends)."""
     import torch
 
@@ -126,13 +127,17 @@ def dense_bias(table, grid, mask):
     from .grid import as_grid
 
     shape = [int(n) for n in as_grid(grid).require_numeric("dense_attention")]
+    keys = shape if key_grid is None else [
+        int(n) for n in as_grid(key_grid).require_numeric("dense_attention")]
     reach = tuple((s - 1) // 2 for s in table.shape[1:])
     if table.dim() != 1 + len(shape) or any(s % 2 == 0 for s in table.shape[1:]):
         raise PatternError(f"rel_bias has shape {tuple(table.shape)}; expected (heads, "
                            f"2 * reach + 1 per axis) for the {len(shape)} axes of grid={grid}.")
     tokens = np.arange(int(np.prod(shape)), dtype=np.int64)
-    qc = [c[:, None] for c in bias.coordinates(tokens, shape)]
-    kc = [c[None, :] for c in bias.coordinates(tokens, shape)]
+    qc = [ir.center(c, n, nk)[:, None]
+          for c, n, nk in zip(bias.coordinates(tokens, shape), shape, keys)]
+    kc = [c[None, :] for c in bias.coordinates(np.arange(int(np.prod(keys)), dtype=np.int64),
+                                                keys)]
     attended = mask.reshape(-1, *mask.shape[-2:]).any(0).cpu().numpy()
     for a, (qa, ka, r) in enumerate(zip(qc, kc, reach)):
         far = (np.abs(ka - qa) > r) & attended
