@@ -185,7 +185,8 @@ class Backend:
         """
         from .inputs import flatten_qkv
 
-        qf, kf, vf, restore = flatten_qkv(q, k, v, self.shape, self.name)
+        qf, kf, vf, restore = flatten_qkv(q, k, v, self.shape, self.name,
+                                          getattr(self, "key_shape", None))
         if qf.device.type not in self.SUPPORTED_DEVICES:
             raise PatternError(
                 f"{self.name}: q is on device={str(qf.device)!r}; the {self.name} backend runs on "

@@ -397,10 +397,11 @@ class GatherGroup:
         terms: the gather terms, in union order.
         grid: the numeric grid (an :class:`~patterngen.ir.Grid`).
         label: for the kernels' headers.
+        key_grid: the keys' grid, when it is another.
     """
 
-    def __init__(self, terms, grid, label: str, softcap=None):
-        sub = ir.IR(grid, tuple(terms), label)
+    def __init__(self, terms, grid, label: str, softcap=None, key_grid=None):
+        sub = ir.IR(grid, tuple(terms), label, key_grid)
         self.backend = get_backend("numba")(sub, softcap=softcap)
         self.shape = self.backend.shape
         self.softcap = softcap
@@ -458,13 +459,13 @@ class _Runner:
             done = []
             if gather:
                 parts.append(GatherGroup(gather, lowered.grid, head.label or lowered.label,
-                                         softcap))
+                                         softcap, lowered.key_grid))
                 done = list(gather)
-            before = _covered(lowered.grid, done)
+            before = _covered(lowered.grid, done, lowered.key_grid)
             for tp in tps:
                 if tp.executor != "dense":
                     continue
-                after = _covered(lowered.grid, done + [tp.term])
+                after = _covered(lowered.grid, done + [tp.term], lowered.key_grid)
                 parts.append(DenseTerm(tp.term, tp.dense, done, shape, after > before,
                                        softcap, self.reach))
                 done.append(tp.term)
@@ -481,11 +482,11 @@ def _register_runner(runner, plan) -> str:
         tuple((tp.term, tp.executor) for tp in tps) for tps in plan.patterns))
 
 
-def _covered(grid, terms) -> np.ndarray:
+def _covered(grid, terms, key_grid=None) -> np.ndarray:
     """Keys per query of the union of ``terms`` (row-major; zeros for none)."""
     if not terms:
         return np.zeros(math.prod(int(n) for n in grid.shape), dtype=np.int64)
-    return ir.IR(grid, tuple(terms)).key_counts()
+    return ir.IR(grid, tuple(terms), key_grid=key_grid).key_counts()
 
 
 def _forward_impl(q, k, v, ak, av, rel_bias, key, scale, need_lse):
@@ -729,12 +730,15 @@ class PlannedBackend(Backend):
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
     SUPPORTS_ADDITIONAL_KEYS = True
+    SUPPORTS_KEY_GRID = True
 
     def __init__(self, ir_, device="cpu", dtype="float32", head_dim=32, heads=4, batch=1,
                  backward=False, scale=None, strategy=None, rates=None, terms=None,
                  softcap=None):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the auto backend")
+        self.key_shape = None if ir_.key_grid is None else ir_.key_grid.require_numeric(
+            "the auto backend")
         self.scale = scale
         self.softcap = check_softcap(softcap)
         self._strategy = strategy

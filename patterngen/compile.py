@@ -42,9 +42,6 @@ def compile(pattern, grid=None, backend="auto", device="cpu", dtype="float32", k
             limits.check("PATTERNGEN_MAX_TOKENS", math.prod(g.shape),
                          f"compile: grid {g}'s tokens")
     cls = backends.get_backend(backend)
-    if backend == "auto" and lowered.key_grid is not None:
-        raise BackendUnavailable(f"Backend 'auto' cannot run {lowered.label} with keys on "
-                                 f"another grid (key_grid={lowered.key_grid}) yet.")
     if backend == "auto":
         return cls(lowered, device=device, dtype=dtype, **options)
     reasons = cls.not_supported_reasons(lowered, device, dtype)

@@ -399,6 +399,7 @@ class Plan:
         options: every strategy considered: ``{name: predicted ms or the reason it cannot run}``.
         contiguous: whether the inputs were contiguous; if not, the executors that copy them
             (``COPYING``) carry the copies in their predictions.
+        key_grid: the keys' grid when it is another (then every term is a gather term).
     """
 
     label: str
@@ -415,10 +416,13 @@ class Plan:
     predicted_ms: float
     options: dict = field(default_factory=dict)
     contiguous: bool = True
+    key_grid: tuple | None = None
 
     def __str__(self):
         pass_ = "forward+backward" if self.backward else "forward"
-        lines = [f"Plan for {self.label} on grid {'x'.join(map(str, self.grid))} "
+        over = ("" if self.key_grid is None else
+                f" over keys on {'x'.join(map(str, self.key_grid))} (all terms gathered)")
+        lines = [f"Plan for {self.label} on grid {'x'.join(map(str, self.grid))}{over} "
                  f"(batch={self.batch}, heads={self.heads}, head_dim={self.head_dim}, "
                  f"{self.dtype} on {self.device}, {pass_})",
                  f"  chosen: {self.strategy}, predicted {self.predicted_ms:.3g} ms"]
@@ -451,12 +455,13 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def _new_pairs(terms, shape) -> list[int]:
-    """Pairs each term adds to the union of the terms before it (exact, separable counts)."""
+def _new_pairs(terms, shape, key_grid=None) -> list[int]:
+    """Pairs each term adds to the union of the terms before it (exact, separable counts);
+    ``key_grid``: the keys' grid, when it is another."""
     grid = ir.Grid(tuple(shape)) if not isinstance(shape, ir.Grid) else shape
     out, before = [], 0
     for t in range(len(terms)):
-        total = ir.IR(grid, tuple(terms[:t + 1])).pairs()
+        total = ir.IR(grid, tuple(terms[:t + 1]), key_grid=key_grid).pairs()
         out.append(total - before)
         before = total
     return out
@@ -564,7 +569,8 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         gather_backend = None
     return Plan(lowered.label, tuple(int(n) for n in shape), str(device), dtype, backward,
                 head_dim, heads, batch, strategy, term_plans, gather_backend, whole[strategy],
-                options, contiguous)
+                options, contiguous, key_grid=None if lowered.key_grid is None else tuple(
+                    int(n) for n in lowered.key_grid.shape))
 
 
 def _gather_backend(lowered, device_type: str, dtype: str, backward: bool) -> str | None:
@@ -601,7 +607,7 @@ def _whole_executed(name: str, lowered, shape) -> list[int]:
 def _whole_term_plans(lowered, shape, strategy: str) -> tuple:
     out = []
     for head in lowered.per_head:
-        pairs = _new_pairs(head.terms, shape)
+        pairs = _new_pairs(head.terms, shape, lowered.key_grid)
         out.append(tuple(TermPlan(t, strategy, p, p, None, 0.0) for t, p in
                          zip(head.terms, pairs)))
     return tuple(out)
@@ -623,7 +629,8 @@ def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backen
     for head, work in zip(lowered.per_head, per_pattern_work):
         copy = copy_ms * work / sum(per_pattern_work)  # this pattern's heads
         gather, dense = gather_first(head, shape)
-        if force == "gather":
+        if force == "gather" or lowered.key_grid is not None:
+            # keys on another grid: no dense form (rows_q x keys problems) yet, all gathered
             gather, dense = list(head.terms), []
         if gather and gather_backend is None:
             return None, None, (f"gather terms {gather} need the numba backend, which cannot "
@@ -651,7 +658,7 @@ def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backen
         if not order:
             plans.append(())
             continue
-        pairs = _new_pairs(order, shape)
+        pairs = _new_pairs(order, shape, lowered.key_grid)
         tps = []
         gather_pairs = sum(pairs[:len(gather)])
         gather_ms = (rates.predict("gather", gather_pairs * work, head_dim, calls=1,

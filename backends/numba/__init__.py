@@ -60,7 +60,9 @@ class NumbaBackend(Backend):
         ir: the lowered pattern (numeric grid).
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
         lanes: queries per tile along the last axis (0: one query at a time); ``None`` lets
-            :func:`plan_lanes` pick from the pattern's waste on this grid.
+            :func:`plan_lanes` pick from the pattern's waste on this grid (one query at a
+            time when the keys live on another grid, ``ir.key_grid``: k and v then have its
+            tokens, and each query's keys are those of the key coordinate it sits over).
         softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
 
     Attributes:
@@ -79,20 +81,28 @@ class NumbaBackend(Backend):
     SUPPORTS_ADDITIONAL_KEYS = True
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
+    SUPPORTS_KEY_GRID = True
 
     def __init__(self, ir_, scale=None, lanes=None, softcap=None):
         self.ir = ir_ = plan.runs_first(ir_)
         self.shape = ir_.grid.require_numeric("the numba backend")
+        #: the key grid's extents, ``None`` when the keys share the queries' grid
+        self.key_shape = None if ir_.key_grid is None else ir_.key_grid.require_numeric(
+            "the numba backend")
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
         plan.check_lanes(lanes, allow_none=True)
-        self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
+        if self.key_shape is not None and lanes:
+            raise PatternError(f"numba: lanes={lanes} with keys on another grid "
+                               f"(key_grid={ir_.key_grid}); such kernels run one query at a "
+                               f"time, so expected lanes=0 or None.")
+        self.lanes, self.shared = plan_lanes(ir_, self.shape, 0 if self.key_shape else lanes)
         self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
         #: the kernel of each distinct head pattern: one per distinct shape
         self._kernel_of = kernels(ir_, self.shared if self.lanes else None)[1]
         #: each query's key bounds per kernel, term and axis: what the kernels know of the
         #: pattern beyond its shape (:func:`~.source.bounds_table`)
-        self.bounds = bounds_table(ir_, self.shape)
+        self.bounds = bounds_table(ir_, self.shape, self.key_shape)
         #: this compiled pattern's key for the ``patterngen::numba_*`` operators (set here,
         #: not on first call: a traced call must only read it)
         self.op_key = ops.register(self, self.lanes, self.shared)
@@ -131,7 +141,7 @@ class NumbaBackend(Backend):
         (``head_dim=0``); with ``rel_bias`` and ``softcap``, the kernels that add them."""
         head_dim = head_dim if head_dim >= SPECIALISED_HEAD_DIM else 0
         return _generate_cached(self.ir, dtype, self.lanes, self.shared, head_dim, rel_bias,
-                                softcap)
+                                softcap, self.key_shape is not None)
 
     def __repr__(self):
         return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
@@ -187,7 +197,7 @@ class NumbaBackend(Backend):
         caps = () if softcap is None else (real(softcap),)
         reach = () if table is None else tuple((n - 1) // 2 for n in table.shape[1:])
         tables = () if table is None else (table.reshape(table.shape[0], -1),)
-        return (real(scale), *caps, *shape, *reach), tables
+        return (real(scale), *caps, *shape, *(self.key_shape or ()), *reach), tables
 
     def _poisoned_lanes(self, v) -> bool:
         """Whether tile lanes would spread a non-finite value: lanes that share a term's keys
@@ -264,14 +274,17 @@ class NumbaBackend(Backend):
         # are fresh memory in every training step (glibc hands freed memory back to the OS),
         # whose page faults, taken by the kernel's threads at once, cost a 7x7 neighbourhood's
         # step on 64x64 a quarter of its time (docs/backends-numba.md)
-        grads = np.empty((3, *q.shape), dtype=q.dtype)
+        # (dk, dv per query head: the key grid's tokens)
+        kv_shape = (*q.shape[:2], k.shape[2], q.shape[3])
+        grads = np.empty((3, *q.shape), dtype=q.dtype) if kv_shape == q.shape else (
+            np.empty(q.shape, dtype=q.dtype), *np.empty((2, *kv_shape), dtype=q.dtype))
         dq = grads[0]
         if splits == 1:
-            grads[1:] = 0
-            dk, dv = grads[1:2], grads[2:3]
+            dk, dv = grads[1][None], grads[2][None]
+            dk[:] = dv[:] = 0
         else:
-            dk = np.zeros((splits, *q.shape), dtype=q.dtype)
-            dv = np.zeros((splits, *q.shape), dtype=q.dtype)
+            dk = np.zeros((splits, *kv_shape), dtype=q.dtype)
+            dv = np.zeros((splits, *kv_shape), dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
         # the table's gradient: a copy per call of the kernel (one per thread), each call
         # taking its own from a counter, summed after the launch: no race, no atomics
@@ -287,7 +300,7 @@ class NumbaBackend(Backend):
             dv.sum(axis=0, out=grads[2])
         grads = tuple(grads)
         if k.shape[1] != heads:  # dk, dv per query head, summed over each kv head's group
-            group = (batch, k.shape[1], heads // k.shape[1], *q.shape[2:])
+            group = (batch, k.shape[1], heads // k.shape[1], *kv_shape[2:])
             grads = (dq, *(g.reshape(group).sum(axis=2) for g in grads[1:]))
         if table is None:
             return grads
@@ -296,8 +309,8 @@ class NumbaBackend(Backend):
 
 @functools.lru_cache(maxsize=256)
 def _generate_cached(node, dtype: str, lanes: int, shared, head_dim: int, rel_bias: bool,
-                     softcap: bool) -> str:
-    return generate(node, dtype, lanes, shared, head_dim, rel_bias, softcap)
+                     softcap: bool, cross: bool = False) -> str:
+    return generate(node, dtype, lanes, shared, head_dim, rel_bias, softcap, cross)
 
 
 register_backend("numba", NumbaBackend)
