@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import spec as pgspec
-from patterngen.errors import PatternError
+from patterngen.calibrate import Rates
+from patterngen.errors import BackendUnavailable, PatternError
 from patterngen.parse import parse
+from oracle import assert_gradients_equal
 from strategies import grids, patterns
 
 
@@ -265,3 +267,116 @@ def test_cost_refuses_layouts_and_ranks_with_a_key_grid():
     with pytest.raises(PatternError, match=r"block= and ranks= are not supported with keys on "
                                            r"another grid \(key_grid=4x4\)"):
         pg.cost(pg.window(3), grid=(8, 8), key_grid=(4, 4), block=(16, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# backends against the float64 oracle
+
+
+BACKEND_CASES = [  # (pattern, query grid, key grid, q heads, kv heads)
+    (pg.window(3), (16, 16), (4, 4), 2, 2),  # 4x upsampling
+    (pg.window(3, border="pad") | pg.axis(1), (7, 5), (6, 9), 4, 2),  # up and down, not integer
+    (pg.window(4, dilation=2, causal=True), (11,), (25,), 2, 1),  # keys larger than queries
+    (pg.block(2, offset=1) | pg.global_tokens(keys=[3], queries=[(0, 1, 2)]), (3, 4, 5),
+     (2, 6, 3), 2, 2),
+]
+
+
+def random_qkv(q_shape, k_shape, heads, kv_heads, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, *q_shape, dim, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, *k_shape, dim, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def check_backend(attn, pattern, q_shape, k_shape, inputs, atol=1e-10, **call):
+    """Output and every gradient of ``attn`` against the dense oracle on the rule's mask."""
+    q, k, v = inputs[:3]
+    out = attn(q, k, v, **call)
+    assert out.shape == q.shape
+    flat = [t.reshape(2, t.shape[1], -1, t.shape[-1]) for t in (q, k, v)]
+    mask = torch.as_tensor(oracle_with_queries(pattern, q_shape, k_shape))
+    extra = {name: call[name] for name in ("additional_keys", "additional_values")
+             if name in call}
+    want = pg.dense_attention(*flat, mask, softcap=getattr(attn, "softcap", None),
+                              rel_bias=call.get("rel_bias"), grid=q_shape, key_grid=k_shape,
+                              **extra)
+    torch.testing.assert_close(out.reshape(want.shape), want, atol=atol, rtol=atol)
+    assert_gradients_equal(out, want, inputs, torch.Generator().manual_seed(1),
+                           names="q k v".split() + [n for n in call if call[n] is not None])
+
+
+@pytest.mark.parametrize("pattern, q_shape, k_shape, heads, kv_heads", BACKEND_CASES)
+def test_numba_forward_and_backward_equal_the_oracle(pattern, q_shape, k_shape, heads,
+                                                     kv_heads):
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba")
+    inputs = random_qkv(q_shape, k_shape, heads, kv_heads)
+    check_backend(attn, pattern, q_shape, k_shape, inputs)
+
+
+def test_numba_bias_table_is_indexed_by_key_minus_the_centre():
+    pattern, q_shape, k_shape = pg.window(3), (16, 16), (4, 4)
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba", softcap=3.0)
+    assert attn.reach == (2, 2)  # clamped at the borders: key - c(x) reaches 2
+    table = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    inputs = random_qkv(q_shape, k_shape, 2, 2)
+    check_backend(attn, pattern, q_shape, k_shape, inputs + [table], rel_bias=table)
+
+
+def test_numba_bfloat16_and_extra_keys():
+    pattern, q_shape, k_shape = BACKEND_CASES[1][:3]
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba")
+    q, k, v = (t.detach() for t in random_qkv(q_shape, k_shape, 4, 2))
+    out = attn(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    want = pg.dense_attention(*(t.reshape(2, t.shape[1], -1, 8) for t in (q, k, v)),
+                              torch.as_tensor(oracle(pattern, q_shape, k_shape)))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double().reshape(want.shape), want, atol=3e-2, rtol=3e-2)
+    g = torch.Generator().manual_seed(2)
+    extra = [torch.randn(2, 2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+             for _ in range(2)]
+    inputs = random_qkv(q_shape, k_shape, 4, 2)
+    check_backend(attn, pattern, q_shape, k_shape, inputs + extra,
+                  additional_keys=extra[0], additional_values=extra[1])
+
+
+def test_auto_runs_a_key_grid_on_numba_and_says_so():
+    pattern, q_shape, k_shape, heads, kv_heads = BACKEND_CASES[0]
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, rates=Rates.default(),
+                      dtype="float64", backward=True)
+    check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, heads,
+                                                               kv_heads))
+    text = str(attn.plan)
+    assert "over keys on 4x4 (all terms gathered)" in text
+    assert "sdpa: keys on another grid (key_grid=4x4, queries on 16x16) are not supported" in text
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_block_sparse_backends_refuse_a_key_grid(backend):
+    with pytest.raises(BackendUnavailable, match=r"keys on another grid \(key_grid=4x4, queries "
+                                                 r"on 8x8\) are not supported; backends that "
+                                                 r"run them: \['auto', 'numba'\]"):
+        pg.compile(pg.window(3), (8, 8), key_grid=(4, 4), backend=backend)
+
+
+def test_distributed_refuses_a_key_grid():
+    import patterngen.distributed as dist
+
+    with pytest.raises(PatternError, match=r"patterngen.distributed.compile: keys on another "
+                                           r"grid \(key_grid=4x4"):
+        dist.compile(pg.window(3), grid=(8, 8), key_grid=(4, 4))
+
+
+def test_k_and_v_must_have_the_key_grid():
+    attn = pg.compile(pg.window(3), (8, 8), key_grid=(4, 4), backend="numba")
+    q = torch.randn(1, 2, 8, 8, 4)
+    with pytest.raises(PatternError, match=r"numba: k has shape \(1, 2, 8, 8, 4\); the key grid "
+                                           r"is 4x4 \(16 tokens\), so expected \(batch, heads, "
+                                           r"4, 4, head_dim\) or \(batch, heads, 16, head_dim\)"):
+        attn(q, q, q)
+    k = torch.randn(1, 2, 16, 4)
+    with pytest.raises(PatternError, match=r"numba: q has shape \(1, 2, 16, 4\); the query grid "
+                                           r"is 8x8 \(64 tokens\)"):
+        attn(k, k, k)
+    assert attn(q, k, k).shape == q.shape
