@@ -184,6 +184,17 @@ class Window(Pattern):
                 rels.append(ir.Rel.of(ir.Window(k, d, "causal" if c else b, s)))
         return [ir.Term(tuple(rels))]
 
+    def cross_terms(self, grid, key_grid):
+        for a, (k, d, n) in enumerate(zip(per_axis(self.size, key_grid, "size"),
+                                          per_axis(self.dilation, key_grid, "dilation"),
+                                          key_grid.shape)):
+            if all(is_number(v) for v in (n, k, d)) and k * d > n:
+                raise PatternError(
+                    f"window(size={k}, dilation={d}) counts keys of the key grid: it does not "
+                    f"fit key_grid[{a}]={n} (queries on grid[{a}]={grid.shape[a]}); expected "
+                    f"size * dilation <= {n}, as on a grid of its own.")
+        return self.terms(key_grid)
+
     def __repr__(self):
         args = [_arg(self.size)]
         if self.dilation != 1:

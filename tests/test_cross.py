@@ -178,7 +178,9 @@ def test_area_whose_chunks_do_not_exist_on_the_key_grid():
 
 
 def test_window_larger_than_the_key_grid():
-    with pytest.raises(PatternError, match=r"size=5.*grid\[0\]=4.*over key grid 4x4"):
+    with pytest.raises(PatternError, match=r"window\(size=5, dilation=1\) counts keys of the key "
+                                           r"grid: it does not fit key_grid\[0\]=4 \(queries on "
+                                           r"grid\[0\]=16\); expected size \* dilation <= 4"):
         pg.lower(pg.window(5), (16, 16), key_grid=(4, 4))
 
 
