@@ -265,6 +265,11 @@ def test_numeric_cost_equals_enumeration(case):
     assert report.keys_min == mask.sum(1).min() and report.keys_max == mask.sum(1).max()
 
 
+def test_layout_refuses_a_key_grid():
+    with pytest.raises(PatternError, match=r"layout: keys on another grid \(key_grid=4x4\)"):
+        pg.layout(pg.lower(pg.window(3), (8, 8), key_grid=(4, 4)), block=16)
+
+
 def test_cost_refuses_layouts_and_ranks_with_a_key_grid():
     with pytest.raises(PatternError, match=r"block= and ranks= are not supported with keys on "
                                            r"another grid \(key_grid=4x4\)"):
@@ -382,3 +387,14 @@ def test_k_and_v_must_have_the_key_grid():
                                            r"is 8x8 \(64 tokens\)"):
         attn(k, k, k)
     assert attn(q, k, k).shape == q.shape
+
+
+@pytest.mark.parametrize("lanes", [0, 4])
+@pytest.mark.parametrize("case", [0, 1])
+def test_numba_tiles_of_queries_with_a_key_grid(case, lanes):
+    """Lanes share each loaded key among consecutive queries (4x upsampling: four queries
+    over one key coordinate); one query at a time gives the same result."""
+    pattern, q_shape, k_shape, heads, kv_heads = BACKEND_CASES[case]
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba", lanes=lanes)
+    assert attn.lanes == lanes
+    check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, heads, kv_heads))

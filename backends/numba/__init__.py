@@ -60,9 +60,10 @@ class NumbaBackend(Backend):
         ir: the lowered pattern (numeric grid).
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
         lanes: queries per tile along the last axis (0: one query at a time); ``None`` lets
-            :func:`plan_lanes` pick from the pattern's waste on this grid (one query at a
-            time when the keys live on another grid, ``ir.key_grid``: k and v then have its
-            tokens, and each query's keys are those of the key coordinate it sits over).
+            :func:`plan_lanes` pick from the pattern's waste on this grid. With keys on
+            another grid (``ir.key_grid``: k and v have its tokens, and each query's keys are
+            those of the key coordinate it sits over) a call with a bias table runs one query
+            at a time: the tiles' table offsets assume lanes one key apart.
         softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
 
     Attributes:
@@ -92,11 +93,7 @@ class NumbaBackend(Backend):
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
         plan.check_lanes(lanes, allow_none=True)
-        if self.key_shape is not None and lanes:
-            raise PatternError(f"numba: lanes={lanes} with keys on another grid "
-                               f"(key_grid={ir_.key_grid}); such kernels run one query at a "
-                               f"time, so expected lanes=0 or None.")
-        self.lanes, self.shared = plan_lanes(ir_, self.shape, 0 if self.key_shape else lanes)
+        self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
         self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
         #: the kernel of each distinct head pattern: one per distinct shape
         self._kernel_of = kernels(ir_, self.shared if self.lanes else None)[1]
@@ -207,6 +204,11 @@ class NumbaBackend(Backend):
 
         return bool(self.shared and any(map(any, self.shared)) and not np.isfinite(v).all())
 
+    def _lanes_off_table(self, table) -> bool:
+        """Whether tiles would misread a bias table: a tile's lanes read it one offset apart,
+        which holds for self-attention only (with a key grid, ``key - c(query)`` is not)."""
+        return bool(self.lanes and self.key_shape is not None and table is not None)
+
     @functools.cached_property
     def _one_query(self):
         """The same pattern one query at a time (for values that are not all finite)."""
@@ -237,7 +239,7 @@ class NumbaBackend(Backend):
         """
         import numpy as np
 
-        if self._poisoned_lanes(v):
+        if self._poisoned_lanes(v) or self._lanes_off_table(table):
             return self._one_query.forward_numpy(q, k, v, shape, scale, table, softcap)
         groups = self._head_groups(q.shape[1])
         kernels = self._kernels(q.dtype.name, q.shape[3], "forward", groups, table, softcap)
@@ -260,7 +262,7 @@ class NumbaBackend(Backend):
         import numba
         import numpy as np
 
-        if self._poisoned_lanes(v):
+        if self._poisoned_lanes(v) or self._lanes_off_table(table):
             return self._one_query.backward_numpy(q, k, v, out, dout, lse, shape, scale, table,
                                                   softcap)
         groups = self._head_groups(q.shape[1])
