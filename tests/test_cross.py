@@ -389,8 +389,7 @@ def test_k_and_v_must_have_the_key_grid():
     assert attn(q, k, k).shape == q.shape
 
 
-@pytest.mark.parametrize("lanes", [0, 4])
-@pytest.mark.parametrize("case", [0, 1])
+@pytest.mark.parametrize("case, lanes", [(0, 0), (1, 4)])  # case 0 alone takes 8 lanes
 def test_numba_tiles_of_queries_with_a_key_grid(case, lanes):
     """Lanes share each loaded key among consecutive queries (4x upsampling: four queries
     over one key coordinate); one query at a time gives the same result."""
@@ -398,3 +397,37 @@ def test_numba_tiles_of_queries_with_a_key_grid(case, lanes):
     attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba", lanes=lanes)
     assert attn.lanes == lanes
     check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, heads, kv_heads))
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
+
+
+def test_local_cross_attention_equals_its_projections_around_the_oracle():
+    torch.manual_seed(0)
+    layer = pg.nn.LocalCrossAttention(16, 4, pg.window(3), grid=(8, 8), key_grid=(4, 4),
+                                      context_dim=8, backend="numba", kv_heads=2).double()
+    x = torch.randn(2, 8, 8, 16, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(2, 16, 8, dtype=torch.float64, requires_grad=True)  # flat key grid
+    out = layer(x, context)
+    q = layer.q(x.reshape(2, 64, 16)).reshape(2, 64, 4, 4).transpose(1, 2)
+    k, v = layer.kv(context).reshape(2, 16, 4, 4).transpose(1, 2).split(2, 1)
+    mask = torch.as_tensor(oracle(pg.window(3), (8, 8), (4, 4)))
+    att = pg.dense_attention(q, k, v, mask)
+    want = layer.proj(att.transpose(1, 2).reshape(2, 64, 16)).reshape(x.shape)
+    torch.testing.assert_close(out, want)
+    assert_gradients_equal(out, want, [x, context], torch.Generator().manual_seed(0),
+                           names=["x", "context"])
+    assert "key_grid=(4, 4), context_dim=8" in repr(layer)
+
+
+def test_local_cross_attention_bad_input():
+    layer = pg.nn.LocalCrossAttention(16, 4, pg.window(3), grid=(8, 8), key_grid=(4, 4))
+    with pytest.raises(PatternError, match=r"context.shape=\(1, 5, 5, 16\) does not match its "
+                                           r"grid \(4, 4\)"):
+        layer(torch.randn(1, 8, 8, 16), torch.randn(1, 5, 5, 16))
+    with pytest.raises(PatternError, match=r"x has batch 2 and context 1"):
+        layer(torch.randn(2, 8, 8, 16), torch.randn(1, 4, 4, 16))
+    with pytest.raises(PatternError, match=r"dim must be a multiple of heads and heads of "
+                                           r"kv_heads: dim=16, heads=4, kv_heads=3"):
+        pg.nn.LocalCrossAttention(16, 4, pg.window(3), kv_heads=3)
