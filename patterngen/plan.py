@@ -469,7 +469,8 @@ def _new_pairs(terms, shape, key_grid=None) -> list[int]:
 
 def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
          device: str = "cpu", dtype="float32", backward: bool = False, rates=None,
-         executors=None, terms: str | None = None, contiguous: bool = True) -> Plan:
+         executors=None, terms: str | None = None, contiguous: bool = True,
+         key_grid=None) -> Plan:
     """Choose how ``pattern`` runs on ``grid``: term by term or whole, by predicted time.
 
     Args:
@@ -487,6 +488,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
             or every term ``"gather"``; default: each by predicted time.
         contiguous: whether q, k, v are contiguous; if not, each executor in ``COPYING``
             is charged a copy of them (one pass, at the merge's rate per element) per pass.
+        key_grid: the keys' grid when it is another (docs/cross.md): every term gathers.
 
     Returns:
         A :class:`Plan`; ``print(plan)`` explains it.
@@ -499,7 +501,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
     from . import calibrate
     from .backends import get_backend
 
-    lowered = as_ir(pattern, grid)
+    lowered = as_ir(pattern, grid, key_grid)
     shape = lowered.grid.require_numeric("plan")
     limits.check("PATTERNGEN_MAX_PLAN_TOKENS", math.prod(shape),
                  f"plan: grid {lowered.grid}'s tokens (a named backend is not planned)")

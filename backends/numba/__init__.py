@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 
 from patterngen import bias, ir
 from patterngen.backends import Backend, ops, register_backend
@@ -272,14 +273,15 @@ class NumbaBackend(Backend):
         # pairs fewer than the threads still keep every thread busy without atomics
         splits = max(1, -(-2 * numba.get_num_threads() // (batch * heads)))
         splits = min(splits, plan.work_items(shape, self.lanes) if self.lanes else q.shape[2])
-        # dq, dk, dv in one block: numpy advises huge pages from 4 MiB on, and the gradients
-        # are fresh memory in every training step (glibc hands freed memory back to the OS),
-        # whose page faults, taken by the kernel's threads at once, cost a 7x7 neighbourhood's
-        # step on 64x64 a quarter of its time (docs/backends-numba.md)
-        # (dk, dv per query head: the key grid's tokens)
+        # dq, dk, dv in one block (dk, dv per query head, of the key grid's tokens): numpy
+        # advises huge pages from 4 MiB on, and the gradients are fresh memory in every
+        # training step (glibc hands freed memory back to the OS), whose page faults, taken by
+        # the kernel's threads at once, cost a 7x7 neighbourhood's step on 64x64 a quarter of
+        # its time (docs/backends-numba.md)
         kv_shape = (*q.shape[:2], k.shape[2], q.shape[3])
-        grads = np.empty((3, *q.shape), dtype=q.dtype) if kv_shape == q.shape else (
-            np.empty(q.shape, dtype=q.dtype), *np.empty((2, *kv_shape), dtype=q.dtype))
+        block = np.empty(q.size + 2 * math.prod(kv_shape), dtype=q.dtype)
+        grads = [block[:q.size].reshape(q.shape),
+                 *block[q.size:].reshape(2, *kv_shape)]
         dq = grads[0]
         if splits == 1:
             dk, dv = grads[1][None], grads[2][None]
