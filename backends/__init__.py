@@ -164,10 +164,9 @@ class Backend:
         if not ir.grid.numeric:
             reasons.append(f"grid={ir.grid} is symbolic; substitute its sizes first")
         if getattr(ir, "key_grid", None) is not None and not cls.SUPPORTS_KEY_GRID:
-            able = [n for n in sorted(_BUILTIN) if getattr(get_backend(n), "SUPPORTS_KEY_GRID",
-                                                           False)]
             reasons.append(f"keys on another grid (key_grid={ir.key_grid}, queries on "
-                           f"{ir.grid}) are not supported; backends that run them: {able}")
+                           f"{ir.grid}) are not supported; backends that run them: "
+                           f"{_supporting('SUPPORTS_KEY_GRID')}")
         return reasons
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
@@ -199,17 +198,28 @@ class Backend:
         return qf, kf, vf, restore
 
 
+def _supporting(flag: str) -> list[str]:
+    """The built-in backends that set ``flag`` (those whose module imports)."""
+    out = []
+    for name in sorted(_BUILTIN):
+        try:
+            if getattr(get_backend(name), flag, False):
+                out.append(name)
+        except ImportError:  # the backend's own dependency is missing
+            continue
+    return out
+
+
 def _refusing(method, cls, option: str, flag: str):
     """``method`` that raises when given ``option`` other than ``None``, and drops it."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if kwargs.pop(option, None) is not None:
-            able = [n for n in sorted(_BUILTIN) if getattr(get_backend(n), flag, False)]
             raise PatternError(
                 f"{cls.name}: {option}= is not supported by the {cls.name} backend ({flag} is "
-                f"not set); use a backend that sets it ({', '.join(able)}) or leave "
-                f"{option}=None.")
+                f"not set); use a backend that sets it ({', '.join(_supporting(flag))}) or "
+                f"leave {option}=None.")
         return method(self, *args, **kwargs)
 
     return wrapper
