@@ -8,6 +8,8 @@ self-attention mask on the key grid, and ``c`` is read from torch itself.
 
 import dataclasses
 import itertools
+import os
+import random
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from patterngen.calibrate import Rates
 from patterngen.errors import BackendUnavailable, PatternError
 from patterngen.parse import parse
 from oracle import assert_gradients_equal
-from strategies import grids, patterns
+from strategies import grids, patterns, random_spec
 
 
 def centres(n_q, n_k):
@@ -431,3 +433,21 @@ def test_local_cross_attention_bad_input():
     with pytest.raises(PatternError, match=r"dim must be a multiple of heads and heads of "
                                            r"kv_heads: dim=16, heads=4, kv_heads=3"):
         pg.nn.LocalCrossAttention(16, 4, pg.window(3), kv_heads=3)
+
+
+@pytest.mark.skipif(os.environ.get("PATTERNGEN_LONG") != "1",
+                    reason="long random sweep: set PATTERNGEN_LONG=1")
+@pytest.mark.parametrize("seed", range(30))
+def test_random_sweep_numba_with_a_key_grid(seed):
+    """Random specs (valid on axes of 7 and more) on random grid pairs, in tiles or not."""
+    rng = random.Random(seed)
+    ndim = rng.randint(1, 3)
+    top = 20 if ndim == 1 else 9
+    q_shape, k_shape = ([rng.randint(7, top) for _ in range(ndim)] for _ in range(2))
+    q_shape[-1] = rng.choice([q_shape[-1], 2 * k_shape[-1], 4 * k_shape[-1]])  # tiles share
+    pattern = key_grid_version(random_spec(rng, ndim), k_shape)
+    lanes = rng.choice([0, 2, 4]) if seed % 2 else None
+    attn = pg.compile(pattern, tuple(q_shape), key_grid=tuple(k_shape), backend="numba",
+                      lanes=lanes)
+    inputs = random_qkv(tuple(q_shape), tuple(k_shape), 2, rng.choice([1, 2]), seed=seed)
+    check_backend(attn, pattern, tuple(q_shape), tuple(k_shape), inputs)
