@@ -110,7 +110,7 @@ def _check(kind, g, grid, timm_fns):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def _interleaved(steps: dict, rounds: int) -> dict:
+def interleaved(steps: dict, rounds: int) -> dict:
     """Median ms per candidate, the candidates alternating call by call."""
     for step in steps.values():  # warm-up: compile, plan, first allocations
         step()
@@ -145,7 +145,7 @@ def run(size: int, batch: int, kind: str, backward: bool, g: int, heads: int, he
                     out.sum().backward()
         return step
 
-    ms = _interleaved({"auto": step_of(attn), **{n: step_of(f) for n, f in timm_fns.items()}},
+    ms = interleaved({"auto": step_of(attn), **{n: step_of(f) for n, f in timm_fns.items()}},
                       rounds)
     plan = attn.plans[-1]
     executor = plan.strategy if plan.strategy != "terms" else "+".join(
