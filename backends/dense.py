@@ -78,8 +78,8 @@ class Holes:
 
 
 class ScoreMod:
-    """Softcap (``c * tanh(s / c)``) then a bias ``(heads or 1, problems, rows, keys)`` added
-    to the scores of ``(batch * heads, problems, rows, keys)``."""
+    """Softcap (``c * tanh(s / c)``) then a bias ``(heads or 1, problems or 1, rows, keys)``
+    added to the scores of ``(batch * heads, problems, rows, keys)``."""
 
     def __init__(self, softcap, bias, heads: int):
         self.softcap, self.bias, self.heads = softcap, bias, heads
@@ -95,22 +95,29 @@ class ScoreMod:
         return tanh
 
 
-def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False):
+def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False,
+                 autograd: bool = False):
     """``scale * q k^T`` (``(..., rows, keys)``, a problem per leading index), modified by
     ``mod`` (a :class:`ScoreMod`), with ``mask`` added: an additive tensor, a :class:`Holes`,
-    or ``None``. With ``keep_tanh``, returns ``(scores, tanh)``."""
+    or ``None``. With ``keep_tanh``, returns ``(scores, tanh)``. With ``autograd``, the GEMM
+    is a bmm scaled in place: measured faster through autograd than baddbmm's alpha or a
+    scaled q (whose backwards copy the problems one by one); without, the scale is the
+    GEMM's alpha, no pass of its own."""
     *lead, n, d = q.shape  # (batch, problems) or more leading dimensions
     keys = k.shape[-2]
-    scores = torch.empty(math.prod(lead), n, keys, dtype=q.dtype, device=q.device)
-    scores.baddbmm_(q.reshape(-1, n, d), k.reshape(-1, keys, d).transpose(1, 2), beta=0,
-                    alpha=scale)
+    q3, k3 = q.reshape(-1, n, d), k.reshape(-1, keys, d).transpose(1, 2)
+    if autograd:
+        scores = torch.bmm(q3, k3).mul_(scale)
+    else:
+        scores = torch.empty(math.prod(lead), n, keys, dtype=q.dtype, device=q.device)
+        scores.baddbmm_(q3, k3, beta=0, alpha=scale)
     scores = scores.view(*lead, n, keys)
     tanh = mod.apply(scores, keep_tanh) if mod is not None else None
     if isinstance(mask, Holes):
         rows = scores.view(-1, n * keys) if mask.shared else scores.view(lead[0], -1)
         rows.index_fill_(1, mask.index, float("-inf"))
     elif mask is not None:
-        scores += mask
+        scores.add_(mask)
     return (scores, tanh) if keep_tanh else scores
 
 
@@ -119,15 +126,18 @@ def softmax_attention(q, k, v, mask, scale, need_lse: bool, mod=None):
     ``need_lse``). The log-sum-exp comes from two row maxima, ``max S - log(max P)``: one
     fused softmax and two reads of the scores, where ``logsumexp`` then exp would take six
     passes. A row whose scores are all ``-inf`` (no key, or keys of ``-inf`` score) attends
-    nothing: output 0, ``lse = -inf``, as SDPA on that query's keys alone. With autograd
-    (the distributed partials) such a row's scores are zeroed first, so that its softmax's
-    ``0 / 0`` puts no NaN into the gradients; the executors' own backwards never see it."""
+    nothing: output 0, ``lse = -inf``, as SDPA on that query's keys alone. Such a row's
+    scores are zeroed first, so that its softmax's ``0 / 0`` puts no NaN into the output:
+    CPU's bfloat16 GEMM carries a NaN row of the probabilities into other rows (measured:
+    a padded tile's dead rows turned its live rows NaN), and with autograd (the distributed
+    partials) into the gradients."""
     scores = score_matrix(q, k, mask, scale, mod)
     top = scores.amax(dim=-1, keepdim=True)
     dead = top == float("-inf")
     any_dead = bool(dead.any())
-    if any_dead and scores.requires_grad:
-        scores = scores.masked_fill(dead, 0.0)
+    if any_dead:
+        scores = (scores.masked_fill(dead, 0.0) if scores.requires_grad
+                  else scores.masked_fill_(dead, 0.0))
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v
     if any_dead:
@@ -142,16 +152,16 @@ def matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None, delta=None):
     ``dS = P (dout v^T - rowsum(dout * out))``; through a softcap,
     ``dS_raw = dS (1 - tanh^2)``. ``delta``: ``rowsum(dout * out)`` when the caller has it
     (``out`` is then not read). Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
-    gradient summed to the bias's ``(heads or 1, problems, rows, keys)`` (``None`` without)."""
+    gradient summed to the bias's ``(heads or 1, problems or 1, rows, keys)`` (``None``
+    without)."""
     p, tanh = score_matrix(q, k, mask, scale, mod, keep_tanh=True)
     p.sub_(lse.to(p.dtype)).exp_()
     if delta is None:
         delta = (dout * out).sum(-1, keepdim=True)
     ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
     dbias = None
-    if mod is not None and mod.bias is not None:
-        per_head = ds.view(-1, mod.heads, *ds.shape[1:]).sum(0)
-        dbias = per_head.sum(0, keepdim=True) if mod.bias.shape[0] == 1 else per_head
+    if mod is not None and mod.bias is not None:  # one reduction over what it broadcasts over
+        dbias = ds.view(-1, mod.heads, *ds.shape[1:]).sum_to_size(mod.bias.shape)
     if tanh is not None:
         ds = cap_grad_(ds, tanh)
     dq = _scaled_bmm(ds, k, scale)
