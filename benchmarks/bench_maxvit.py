@@ -128,8 +128,10 @@ def run(size: int, batch: int, kind: str, backward: bool, g: int, heads: int, he
         rounds: int) -> dict:
     grid = (size, size)
     spec = spec_of(kind, g, *grid)
+    threads = torch.get_num_threads()
     attn = pg.compile(spec, grid, backend="auto", head_dim=head_dim, heads=heads,
                       batch=batch, backward=backward)
+    torch.set_num_threads(threads)  # a first calibration for this thread count resets it
     timm_fns = {"timm-matmul": timm_attention(kind, g, False),
                 "timm-sdpa": timm_attention(kind, g, True)}
     _check(kind, g, grid, timm_fns)

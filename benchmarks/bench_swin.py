@@ -201,7 +201,9 @@ def check(size, dim, heads, shift, batch=2, tol=1e-9):
 
 def run(size, batch, shift, backward, rounds) -> dict:
     dim, heads = STAGES[size]
+    threads = torch.get_num_threads()
     ours, swin, _ = make_steps(size, dim, heads, shift, batch, backward)
+    torch.set_num_threads(threads)  # a first calibration for this thread count resets it
     x = torch.randn(batch, size, size, dim, requires_grad=backward)
 
     def step_of(fn):
@@ -240,6 +242,7 @@ def main(argv=None) -> int:
             if shift and size <= WINDOW:
                 continue
             check(min(size, 14), 16, 2, shift)
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; window {WINDOW}, float32, median of "
           f"{args.rounds} interleaved rounds; checked equal to Swin's step in float64 (output, "
