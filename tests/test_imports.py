@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 #: source folder of each package (pyproject.toml's package-dir)
 PACKAGES = {"patterngen": "patterngen", "patterngen.distributed": "patterngen/distributed",
-            "patterngen.backends": "backends", "patterngen.backends.numba": "backends/numba"}
+            "patterngen.backends": "backends", "patterngen.backends.numba": "backends/numba",
+            "patterngen.backends.sdpa": "backends/sdpa"}
 
 
 def _modules() -> dict[str, Path]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -64,6 +65,42 @@ class _Emitter:
         return "\n".join(self.lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Context:
+    """What the emitters share: the module's options, then where the walk is.
+
+    A step into a kernel, a term or an axis passes on a copy with its fields replaced
+    (:func:`dataclasses.replace`), so no emitter sees another's state.
+
+    Attributes:
+        lanes: 0, or the queries of a tile (:func:`generate`'s ``lanes``).
+        shared: with lanes, each distinct head's terms' sharing (:func:`generate`'s).
+        head_dim: 0, or the one head_dim the kernels take.
+        bias, softcap: the kernels add a bias table, cap the scores.
+        ndim: the grid's rank.
+        kernel: the kernel being written; shares: its terms' sharing (lanes).
+        runs: runs of keys are buffered in one loop (:func:`_emit_run`; forward only).
+        terms: the head's terms; term, axis: the term and axis being written.
+        flush: the statement that processes a full key buffer; lane_flush: the same for a term
+            run lane by lane.
+    """
+
+    lanes: int
+    shared: tuple
+    head_dim: int
+    bias: bool
+    softcap: bool
+    ndim: int = 0
+    kernel: int = 0
+    shares: tuple = ()
+    runs: bool = False
+    terms: tuple = ()
+    term: int = 0
+    axis: int = 0
+    flush: str = ""
+    lane_flush: str = ""
+
+
 def _unflatten(em: _Emitter, ndim: int) -> None:
     """Query coordinates ``i0..`` from the flat row-major index ``iq``."""
     rest = "iq"
@@ -79,29 +116,25 @@ def _unflatten(em: _Emitter, ndim: int) -> None:
         em("i0 = iq")
 
 
-def _visit(node, em: _Emitter, ctx: dict) -> None:
+def _visit(node, em: _Emitter, ctx: Context) -> None:
     """Emit ``node``: the structural walk of the generator (one case per IR node)."""
     match node:
         case ir.HeadsIR() | ir.IR():
-            ctx["ndim"] = node.grid.ndim
-            forward, backward = ((_emit_lane_forward, _emit_lane_backward) if ctx["lanes"]
+            forward, backward = ((_emit_lane_forward, _emit_lane_backward) if ctx.lanes
                                  else (_emit_forward, _emit_backward))
-            ctx["kernels"] = kernels(node, ctx["shared"] if ctx["lanes"] else None)[0]
-            for index, (head, shares) in enumerate(ctx["kernels"]):
-                ctx["kernel"] = index
-                ctx["shares"] = shares
-                ctx["runs"] = True  # see _emit_run
-                forward(head, em, ctx)
+            reps = kernels(node, ctx.shared if ctx.lanes else None)[0]
+            for index, (head, shares) in enumerate(reps):
+                kernel = replace(ctx, ndim=node.grid.ndim, kernel=index, shares=shares)
+                forward(head, em, replace(kernel, runs=True))  # see _emit_run
                 em()
                 em()
-                ctx["runs"] = False
-                backward(head, em, ctx)
+                backward(head, em, kernel)
                 em()
                 em()
         case ir.Term():
             _emit_term_loops(node, em, ctx)
         case ir.Rel():
-            a, t = ctx["axis"], ctx["term"]
+            a, t = ctx.axis, ctx.term
             lane = _lane(ctx, a)
             em(f"lo{t}_{a}{lane} = bounds[r, {t}, {a}, 0, i{a}]")
             em(f"hi{t}_{a}{lane} = bounds[r, {t}, {a}, 1, i{a}]")
@@ -152,17 +185,16 @@ def bounds_table(node, shape) -> np.ndarray:
     return table
 
 
-def _emit_bounds(head: ir.IR, em: _Emitter, ctx: dict) -> None:
+def _emit_bounds(head: ir.IR, em: _Emitter, ctx: Context) -> None:
     """Per query, every term's per-axis ``[lo, hi)``: loops and membership tests read them."""
     for t, term in enumerate(head.terms):
         for a, rel in enumerate(term.rels):
-            ctx["axis"], ctx["term"] = a, t
-            _visit(rel, em, ctx)
+            _visit(rel, em, replace(ctx, axis=a, term=t))
 
 
-def _lane(ctx: dict, a: int) -> str:
+def _lane(ctx: Context, a: int) -> str:
     """``[u]`` where axis ``a``'s bounds are held per query lane (the last axis of a tile)."""
-    return "[u]" if ctx.get("lanes") and a == ctx["ndim"] - 1 else ""
+    return "[u]" if ctx.lanes and a == ctx.ndim - 1 else ""
 
 
 def _member(t: int, a: int, rel: ir.Rel, lane: str = "") -> str:
@@ -172,17 +204,16 @@ def _member(t: int, a: int, rel: ir.Rel, lane: str = "") -> str:
     return test if step == 1 else f"{test} and (p{a} - {lo}) % {step} == 0"
 
 
-def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
-    """One loop per axis over term ``ctx['term']``'s keys, each key buffered.
+def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: Context) -> None:
+    """One loop per axis over term ``ctx.term``'s keys, each key buffered.
 
     Keys held by an earlier term are skipped: the earlier term's membership on axis ``a`` is
     known once ``p0..pa`` are, so it is computed at that loop depth and tested at the last.
     """
-    t, earlier, last = ctx["term"], ctx["terms"][:ctx["term"]], len(term.rels) - 1
-    lanes = ctx.get("lanes")
-    shared = lanes and ctx["shares"][t]
-    keys, cnt, flush = ("lkeys", "cnt1", ctx["lane_flush"]) if lanes else ("keys", "cnt",
-                                                                           ctx["flush"])
+    t, earlier, last = ctx.term, ctx.terms[:ctx.term], len(term.rels) - 1
+    lanes = ctx.lanes
+    shared = lanes and ctx.shares[t]
+    keys, cnt, flush = ("lkeys", "cnt1", ctx.lane_flush) if lanes else ("keys", "cnt", ctx.flush)
     with contextlib.ExitStack() as scopes:
         if lanes and not shared:  # lane by lane, each on its own keys, flushed on its own
             scopes.enter_context(em.block("for u in range(LANES):"))
@@ -195,12 +226,12 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
             else:
                 step = f", {rel.step}" if rel.step != 1 else ""
                 header = f"for p{a} in range(lo{t}_{a}{lane}, hi{t}_{a}{lane}{step}):"
-            if a == last and ctx["runs"] and not shared and not earlier and rel.step == 1:
+            if a == last and ctx.runs and not shared and not earlier and rel.step == 1:
                 _emit_run(em, ctx, a, f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}", keys, cnt)
                 scopes.enter_context(em.block("else:"))
             scopes.enter_context(em.block(header))
             em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * n{a} + p{a}")
-            if ctx["bias"]:
+            if ctx.bias:
                 em(f"o{a} = p{a} + e{a}" if a == 0 else f"o{a} = o{a - 1} * span{a} + p{a} + e{a}")
             tests = []
             for u, other in enumerate(earlier):
@@ -210,7 +241,7 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
                     em(f"c{u}_{a} = {tests[-1]}")
             if a == last and shared:
                 em(f"keys[cnt] = k{last}")
-                if ctx["bias"]:
+                if ctx.bias:
                     em(f"offs[cnt] = o{last}")
                 with em.block("for u in range(LANES):"):
                     held = _member(t, a, rel, "[u]")
@@ -219,7 +250,7 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
                     em(f"mask[u, cnt] = 0.0 if {held} else -np.inf")
                 em("cnt += 1")
                 with em.block("if cnt == KEY_CHUNK:"):
-                    em(ctx["flush"])
+                    em(ctx.flush)
                     em("cnt = 0")
             elif a == last and tests:
                 with em.block("if " + " or ".join(f"({x})" for x in tests) + ":"):
@@ -228,7 +259,7 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: dict) -> None:
             _emit_collect(em, ctx, last, flush, keys, cnt)
 
 
-def _emit_run(em: _Emitter, ctx: dict, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
+def _emit_run(em: _Emitter, ctx: Context, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
     """A run of consecutive keys on the last axis, buffered in one loop that LLVM vectorises
     when the buffer has room for all of it; else key by key. Forward only: interleaved, medians
     of 12, forward 0.96x the time on a 7x7 neighbourhood, 0.88x on criss-cross, 0.96x on a
@@ -240,33 +271,32 @@ def _emit_run(em: _Emitter, ctx: dict, a: int, lo: str, hi: str, keys: str, cnt:
     with em.block(f"if run > 0 and {cnt} + run <= KEY_CHUNK:"):
         start = f"k{a - 1} * n{a} + {lo}" if a else lo
         em(f"first_key = {start} - {cnt}")
-        if ctx["bias"]:
+        if ctx.bias:
             outer = f"o{a - 1} * span{a} + " if a else ""
             em(f"first_off = {outer}{lo} + e{a} - {cnt}")
         with em.block(f"for p{a} in range({cnt}, {cnt} + run):"):
             em(f"{keys}[p{a}] = first_key + p{a}")
-            if ctx["bias"]:
+            if ctx.bias:
                 em(f"{_offs(keys)}[p{a}] = first_off + p{a}")
         em(f"{cnt} += run")
 
 
-def _emit_lane_flush(em: _Emitter, ctx: dict) -> None:
+def _emit_lane_flush(em: _Emitter, ctx: Context) -> None:
     """After a lane-by-lane term's loops, still inside the loop over lanes."""
     with em.block("if cnt1 > 0:"):
-        em(ctx["lane_flush"])
+        em(ctx.lane_flush)
 
 
-def _emit_keys(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    ctx["terms"] = head.terms
+def _emit_keys(head: ir.IR, em: _Emitter, ctx: Context) -> None:
+    ctx = replace(ctx, terms=head.terms)
     for t, term in enumerate(head.terms):
-        ctx["term"] = t
-        alone = " lane by lane," if ctx.get("lanes") and not ctx["shares"][t] else ""
+        alone = " lane by lane," if ctx.lanes and not ctx.shares[t] else ""
         em(f"# term {t}:{alone} steps {steps(head)[t]}"
            + (" (keys of earlier terms skipped)" if t else ""))
-        _visit(term, em, ctx)
+        _visit(term, em, replace(ctx, term=t))
 
 
-def _emit_collect(em: _Emitter, ctx: dict, last: int, flush: str, keys="keys",
+def _emit_collect(em: _Emitter, ctx: Context, last: int, flush: str, keys="keys",
                   cnt="cnt") -> None:
     """The innermost statement of every term: process the buffer if it is full (a run may
     have filled it, :func:`_emit_run`), then buffer the key (and its table position).
@@ -278,7 +308,7 @@ def _emit_collect(em: _Emitter, ctx: dict, last: int, flush: str, keys="keys",
         em(flush)
         em(f"{cnt} = 0")
     em(f"{keys}[{cnt}] = k{last}")
-    if ctx["bias"]:
+    if ctx.bias:
         em(f"{_offs(keys)}[{cnt}] = o{last}")
     em(f"{cnt} += 1")
 
@@ -288,12 +318,12 @@ def _offs(keys: str) -> str:
     return keys[:-4] + "offs"
 
 
-def _score_args(ctx: dict, offs: str, shift: str | None, backward: bool,
+def _score_args(ctx: Context, offs: str, shift: str | None, backward: bool,
                 slopes: str = "slopes") -> str:
     """The chunk helpers' trailing arguments for a bias table and a softcap (``table, offs,
     shift, cap`` and, backward, ``slopes, dtable``; tiles pass no ``shift``): ``""`` without
     either, so that those kernels call the helpers exactly as before."""
-    bias, cap = ctx["bias"], ctx["softcap"]
+    bias, cap = ctx.bias, ctx.softcap
     if not (bias or cap):
         return ""
     args = ["bt" if bias else "None", offs if bias else "None",
@@ -303,23 +333,23 @@ def _score_args(ctx: dict, offs: str, shift: str | None, backward: bool,
     return ", " + ", ".join(args)
 
 
-def _emit_bias_scratch(em: _Emitter, ctx: dict, backward: bool, lanes: bool = False,
+def _emit_bias_scratch(em: _Emitter, ctx: Context, backward: bool, lanes: bool = False,
                        alone: bool = False) -> None:
     """Table positions beside each key buffer; for the backward with a softcap, its slopes
     (per lane in a tile)."""
-    if ctx["bias"]:
+    if ctx.bias:
         for offs in ("offs", "loffs")[:1 + alone]:
             em(f"{offs} = scratch(KEY_CHUNK, np.int64)")
-    if backward and ctx["softcap"]:
+    if backward and ctx.softcap:
         em("slopes = scratch((LANES, KEY_CHUNK), ACC)" if lanes
            else "slopes = scratch(KEY_CHUNK, ACC)")
         if alone:
             em("lslopes = scratch(KEY_CHUNK, ACC)")
 
 
-def _emit_bias_row(em: _Emitter, ctx: dict, backward: bool) -> None:
+def _emit_bias_row(em: _Emitter, ctx: Context, backward: bool) -> None:
     """Head ``h``'s table row (row 0 of a table shared by every head) and its gradient copy."""
-    if ctx["bias"]:
+    if ctx.bias:
         em("bt = table[h % table.shape[0]]")
         if backward:
             em("dbt = dtable[slot, h % table.shape[0]]")
@@ -333,7 +363,7 @@ def _emit_item_head(em: _Emitter, per: str) -> None:
     em(f"r = brows[(w // {per}) % nh]")
 
 
-def _emit_item_rows(em: _Emitter, ctx: dict, backward: bool) -> None:
+def _emit_item_rows(em: _Emitter, ctx: Context, backward: bool) -> None:
     """The item's rows of the inputs and outputs (k and v of its key/value head) and of the
     bias table."""
     em("hk = h // group")
@@ -345,31 +375,59 @@ def _emit_item_rows(em: _Emitter, ctx: dict, backward: bool) -> None:
     _emit_bias_row(em, ctx, backward)
 
 
-def _emit_bias_base(em: _Emitter, ctx: dict, last: str) -> None:
+def _emit_bias_base(em: _Emitter, ctx: Context, last: str) -> None:
     """``e{a} = reach - query`` per axis (``last``: the query's last coordinate), so that a
     key's flat table position is ``o = (...(p0 + e0) * span1 + p1 + e1)...``."""
-    if ctx["bias"]:
-        ndim = ctx["ndim"]
+    if ctx.bias:
+        ndim = ctx.ndim
         for a in range(ndim):
             em(f"e{a} = reach{a} - {last if a == ndim - 1 else f'i{a}'}")
 
 
-def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    ndim = ctx["ndim"]
+def _emit_heads(em: _Emitter) -> None:
+    """The item's heads: ``nh`` listed, ``group`` query heads per key/value head."""
+    em("nh = heads.shape[0]")
+    em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
+
+
+def _emit_scratch(em: _Emitter, ctx: Context, rows, chunks, backward: bool) -> None:
+    """Per-thread scratch of a one-query kernel: a head_dim row each of ``rows``, a key chunk
+    each of ``chunks``, the key buffer and the bias's."""
+    for names, shape in ((rows, "dim"), (chunks, "KEY_CHUNK")):
+        for name in names:
+            em(f"{name} = scratch({shape}, ACC)")
+    em("keys = scratch(KEY_CHUNK, np.int64)")
+    em("bits = scratch(KEY_CHUNK, BITS)")
+    _emit_bias_scratch(em, ctx, backward)
+
+
+@contextlib.contextmanager
+def _backward_kernel(em: _Emitter, ctx: Context, doc: list[str], extents, scratch):
+    """A backward kernel up to the rows of its item ``w``: the header, ``splits``, the grid's
+    extents (``extents(em)``), the heads, the scratch (``scratch(em)``), then per item its
+    batch, head, split and rows; the body goes inside."""
+    with _kernel_header(em, ctx, True, doc):
+        em("splits = dk.shape[0]")
+        extents(em)
+        _emit_heads(em)
+        scratch(em)
+        with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
+            _emit_item_head(em, "splits")
+            em("split = w % splits")
+            _emit_item_rows(em, ctx, True)
+            yield
+
+
+def _emit_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
+    ndim = ctx.ndim
     tokens = " * ".join(f"n{a}" for a in range(ndim))
     with _kernel_header(em, ctx, False, [
             "Item ``w`` is a tile of QUERY_TILE queries of batch ``w // (nh * tiles)`` and head",
             "``heads[w // tiles % nh]``."]):
         em(f"tokens = {tokens}")
         em("tiles = (tokens + QUERY_TILE - 1) // QUERY_TILE")
-        em("nh = heads.shape[0]")
-        em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
-        em("qs = scratch(dim, ACC)")
-        em("acc = scratch(dim, ACC)")
-        em("scores = scratch(KEY_CHUNK, ACC)")
-        em("keys = scratch(KEY_CHUNK, np.int64)")
-        em("bits = scratch(KEY_CHUNK, BITS)")
-        _emit_bias_scratch(em, ctx, False)
+        _emit_heads(em)
+        _emit_scratch(em, ctx, ("qs", "acc"), ("scores",), False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             _emit_item_head(em, "tiles")
             em("first = (w % tiles) * QUERY_TILE")
@@ -387,24 +445,23 @@ def _emit_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
 
                 flush = ("m, l = softmax_chunk(qs, kb, vb, keys, scores, bits, cnt, m, l, acc, "
                          f"dim{_score_args(ctx, 'offs', '0', False)})")
-                ctx["flush"] = flush
-                _emit_keys(head, em, ctx)
+                _emit_keys(head, em, replace(ctx, flush=flush))
                 with em.block("if cnt > 0:"):
                     em(flush)
                 em("finish_row(ob, lse, b, h, iq, acc, m, l, dim)")
 
 
 @contextlib.contextmanager
-def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
+def _kernel_header(em: _Emitter, ctx: Context, backward: bool, doc: list[str]):
     """A kernel's signature and docstring (its summary, then ``doc``); the body goes inside."""
-    ndim, idx = ctx["ndim"], ctx["kernel"]
+    ndim, idx = ctx.ndim, ctx.kernel
     if backward:
         name = "backward"
         summary = "dq, and dk, dv per split ``dk[s]`` (zero on entry)."
     else:
         name = "forward"
         summary = "out and the log-sum-exp ``lse``."
-    args = launch.kernel_args(ndim, backward, ctx["bias"], ctx["softcap"])
+    args = launch.kernel_args(ndim, backward, ctx.bias, ctx.softcap)
     with em.block(f"def {name}_{idx}(a):"):
         em(f'"""Kernel {idx}: {summary}')
         em()
@@ -414,8 +471,8 @@ def _kernel_header(em: _Emitter, ctx: dict, backward: bool, doc: list[str]):
         em("by ``launch.pack``; each thread takes ranges of items until none is left.")
         em('"""')
         launch.emit_unpack(em, args)
-        em("dim = HEAD_DIM" if ctx["head_dim"] else "dim = q.shape[3]")
-        for a in range(ndim * ctx["bias"]):
+        em("dim = HEAD_DIM" if ctx.head_dim else "dim = q.shape[3]")
+        for a in range(ndim * ctx.bias):
             em(f"span{a} = 2 * reach{a} + 1")
         yield
 
@@ -426,58 +483,44 @@ def _backward_doc(unit: str) -> list[str]:
             "head ``heads[w // splits % nh]``: it alone writes its dk and dv copy."]
 
 
-def _emit_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    ndim = ctx["ndim"]
+def _emit_backward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
+    ndim = ctx.ndim
     tokens = " * ".join(f"n{a}" for a in range(ndim))
-    with _kernel_header(em, ctx, True, _backward_doc("queries")):
-        em("splits = dk.shape[0]")
-        em(f"tokens = {tokens}")
-        em("nh = heads.shape[0]")
-        em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
-        em("dqa = scratch(dim, ACC)")
-        em("qs = scratch(dim, ACC)")
-        em("dos = scratch(dim, ACC)")
-        em("scores = scratch(KEY_CHUNK, ACC)")
-        em("dps = scratch(KEY_CHUNK, ACC)")
-        em("keys = scratch(KEY_CHUNK, np.int64)")
-        em("bits = scratch(KEY_CHUNK, BITS)")
-        _emit_bias_scratch(em, ctx, True)
-        with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
-            _emit_item_head(em, "splits")
-            em("split = w % splits")
-            _emit_item_rows(em, ctx, True)
-            with em.block("for iq in range(split * tokens // splits, "
-                          "(split + 1) * tokens // splits):"):
-                em("lse_q = lse[b, h, iq]")
-                with em.block("if lse_q == -np.inf:  # no keys, or every score -inf"):
-                    em("dqb[iq, :] = 0.0")
-                    em("continue")
-                em("delta = ACC(0.0)")
-                with em.block("for d in range(dim):"):
-                    em("delta += dob[iq, d] * ob[iq, d]")
-                    em("qs[d] = qb[iq, d] * scale")
-                    em("dos[d] = dob[iq, d]")
-                    em("dqa[d] = 0.0")
-                _unflatten(em, ndim)
-                _emit_bias_base(em, ctx, f"i{ndim - 1}")
-                _emit_bounds(head, em, ctx)
-                em("cnt = np.int64(0)")
-                flush = ("backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, "
-                         f"delta, dqa, dkb, dvb, dim{_score_args(ctx, 'offs', '0', True)})")
-                ctx["flush"] = flush
-                _emit_keys(head, em, ctx)
-                em(flush)
-                with em.block("for d in range(dim):"):
-                    em("dqb[iq, d] = dqa[d] * scale")
+    with _backward_kernel(em, ctx, _backward_doc("queries"),
+                          lambda em: em(f"tokens = {tokens}"),
+                          lambda em: _emit_scratch(em, ctx, ("dqa", "qs", "dos"),
+                                                   ("scores", "dps"), True)):
+        with em.block("for iq in range(split * tokens // splits, "
+                      "(split + 1) * tokens // splits):"):
+            em("lse_q = lse[b, h, iq]")
+            with em.block("if lse_q == -np.inf:  # no keys, or every score -inf"):
+                em("dqb[iq, :] = 0.0")
+                em("continue")
+            em("delta = ACC(0.0)")
+            with em.block("for d in range(dim):"):
+                em("delta += dob[iq, d] * ob[iq, d]")
+                em("qs[d] = qb[iq, d] * scale")
+                em("dos[d] = dob[iq, d]")
+                em("dqa[d] = 0.0")
+            _unflatten(em, ndim)
+            _emit_bias_base(em, ctx, f"i{ndim - 1}")
+            _emit_bounds(head, em, ctx)
+            em("cnt = np.int64(0)")
+            flush = ("backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, "
+                     f"delta, dqa, dkb, dvb, dim{_score_args(ctx, 'offs', '0', True)})")
+            _emit_keys(head, em, replace(ctx, flush=flush))
+            em(flush)
+            with em.block("for d in range(dim):"):
+                em("dqb[iq, d] = dqa[d] * scale")
 
 
-def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: dict, per_lane) -> None:
+def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: Context, per_lane) -> None:
     """A tile's lanes: query coordinates, every term's bounds (the last axis per lane), and
     each term's union ``ulo, uhi`` on the last axis; ``per_lane(em)`` loads lane ``u``.
 
     Lanes past the row's end repeat its last query with empty bounds: they attend nothing.
     """
-    ndim, last = ctx["ndim"], ctx["ndim"] - 1
+    ndim, last = ctx.ndim, ctx.ndim - 1
     with em.block("for u in range(LANES):"):
         em(f"iq = row * n{last} + min(first + u, n{last} - 1)")
         _unflatten(em, ndim)
@@ -490,11 +533,11 @@ def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: dict, per_lane) -> None:
         em(f"ulo{t}, uhi{t} = union(lo{t}_{last}, hi{t}_{last}, n{last})")
 
 
-def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scalars,
+def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: Context, rows, chunks, scalars,
                        alone, backward: bool) -> None:
     """Per-thread scratch: a head_dim row, a key chunk or a value per lane, one chunk for a
     lane-by-lane term (``alone``, when there is one), and the lanes' last-axis bounds."""
-    alone = alone if not all(ctx["shares"]) else ()
+    alone = alone if not all(ctx.shares) else ()
     for names, shape in ((rows, "(LANES, dim)"), (chunks, "(LANES, KEY_CHUNK)"),
                          (scalars, "LANES"), (alone, "KEY_CHUNK")):
         for name in names:
@@ -504,31 +547,30 @@ def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: dict, rows, chunks, scala
         em("lkeys = scratch(KEY_CHUNK, np.int64)")
     em("bits = scratch(KEY_CHUNK, BITS)")
     _emit_bias_scratch(em, ctx, backward, lanes=True, alone=bool(alone))
-    last = ctx["ndim"] - 1
+    last = ctx.ndim - 1
     for t in range(len(head.terms)):
         em(f"lo{t}_{last} = scratch(LANES, np.int64)")
         em(f"hi{t}_{last} = scratch(LANES, np.int64)")
 
 
-def _emit_tile_header(em: _Emitter, ctx: dict) -> None:
+def _emit_tile_header(em: _Emitter, ctx: Context) -> None:
     """``row`` (flat index of the outer coordinates) and ``first`` (last-axis start)."""
-    ndim = ctx["ndim"]
+    ndim = ctx.ndim
     rows = " * ".join(f"n{a}" for a in range(ndim - 1)) or "1"
     em(f"rows = {rows}")
     em(f"per_row = (n{ndim - 1} + LANES - 1) // LANES")
     em("tiles = rows * per_row")
 
 
-def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    last = ctx["ndim"] - 1
+def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
+    last = ctx.ndim - 1
     with _kernel_header(em, ctx, False, [
             "Item ``w`` is a tile of LANES consecutive queries along the last axis (one",
             "``row`` of the others) of batch ``w // (nh * tiles)`` and head",
             "``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per",
             "lane, except in terms run lane by lane on each lane's own keys."]):
         _emit_tile_header(em, ctx)
-        em("nh = heads.shape[0]")
-        em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
+        _emit_heads(em)
         _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
                            ("lscores",), False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
@@ -547,62 +589,58 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
             _emit_tile_setup(head, em, ctx, per_lane)
             _emit_bias_base(em, ctx, "first")
             em("cnt = np.int64(0)")
-            ctx["flush"] = ("tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, "
-                            f"acc, dim{_score_args(ctx, 'offs', None, False)})")
-            ctx["lane_flush"] = ("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, bits, "
-                                 f"cnt1, m[u], l[u], acc[u], dim"
-                                 f"{_score_args(ctx, 'loffs', 'u', False)})")
+            ctx = replace(
+                ctx, flush=("tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, "
+                            f"acc, dim{_score_args(ctx, 'offs', None, False)})"),
+                lane_flush=("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, bits, "
+                            f"cnt1, m[u], l[u], acc[u], dim"
+                            f"{_score_args(ctx, 'loffs', 'u', False)})"))
             _emit_keys(head, em, ctx)
             with em.block("if cnt > 0:"):
-                em(ctx["flush"])
+                em(ctx.flush)
             with em.block(f"for u in range(min(LANES, n{last} - first)):"):
                 em(f"finish_row(ob, lse, b, h, row * n{last} + first + u, acc[u], m[u], l[u], "
                    f"dim)")
 
 
-def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: dict) -> None:
-    last = ctx["ndim"] - 1
-    with _kernel_header(em, ctx, True, _backward_doc("tiles") + [
-            "A key's dk and dv rows are updated once per chunk for all the lanes that hold it."]):
-        em("splits = dk.shape[0]")
-        _emit_tile_header(em, ctx)
-        em("nh = heads.shape[0]")
-        em("group = q.shape[1] // k.shape[1]  # query heads per key/value head")
-        _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"), ("scores", "dps", "mask"),
-                           ("lse_t", "delta"), ("lscores", "ldps"), True)
-        with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
-            _emit_item_head(em, "splits")
-            em("split = w % splits")
-            _emit_item_rows(em, ctx, True)
-            with em.block("for tile in range(split * tiles // splits, "
-                          "(split + 1) * tiles // splits):"):
-                em("row = tile // per_row")
-                em("first = tile % per_row * LANES")
+def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
+    last = ctx.ndim - 1
+    with _backward_kernel(em, ctx, _backward_doc("tiles") + [
+            "A key's dk and dv rows are updated once per chunk for all the lanes that hold it."],
+            lambda em: _emit_tile_header(em, ctx),
+            lambda em: _emit_lane_scratch(head, em, ctx, ("qt", "dot", "dqa"),
+                                          ("scores", "dps", "mask"), ("lse_t", "delta"),
+                                          ("lscores", "ldps"), True)):
+        with em.block("for tile in range(split * tiles // splits, "
+                      "(split + 1) * tiles // splits):"):
+            em("row = tile // per_row")
+            em("first = tile % per_row * LANES")
 
-                def per_lane(em):
-                    em("lse_t[u] = lse[b, h, iq]")
-                    em("total = ACC(0.0)")
-                    with em.block("for d in range(dim):"):
-                        em("total += dob[iq, d] * ob[iq, d]")
-                        em("qt[u, d] = qb[iq, d] * scale")
-                        em("dot[u, d] = dob[iq, d]")
-                        em("dqa[u, d] = 0.0")
-                    em("delta[u] = total")
+            def per_lane(em):
+                em("lse_t[u] = lse[b, h, iq]")
+                em("total = ACC(0.0)")
+                with em.block("for d in range(dim):"):
+                    em("total += dob[iq, d] * ob[iq, d]")
+                    em("qt[u, d] = qb[iq, d] * scale")
+                    em("dot[u, d] = dob[iq, d]")
+                    em("dqa[u, d] = 0.0")
+                em("delta[u] = total")
 
-                _emit_tile_setup(head, em, ctx, per_lane)
-                _emit_bias_base(em, ctx, "first")
-                em("cnt = np.int64(0)")
-                ctx["flush"] = ("tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, "
-                                "bits, cnt, lse_t, delta, dqa, dkb, dvb, dim"
-                                f"{_score_args(ctx, 'offs', None, True)})")
-                ctx["lane_flush"] = ("backward_chunk(qt[u], dot[u], kb, vb, lkeys, lscores, ldps, "
-                                     "bits, cnt1, lse_t[u], delta[u], dqa[u], dkb, dvb, dim"
-                                     f"{_score_args(ctx, 'loffs', 'u', True, 'lslopes')})")
-                _emit_keys(head, em, ctx)
-                em(ctx["flush"])
-                with em.block(f"for u in range(min(LANES, n{last} - first)):"):
-                    with em.block("for d in range(dim):"):
-                        em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
+            _emit_tile_setup(head, em, ctx, per_lane)
+            _emit_bias_base(em, ctx, "first")
+            em("cnt = np.int64(0)")
+            ctx = replace(
+                ctx, flush=("tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, "
+                            "bits, cnt, lse_t, delta, dqa, dkb, dvb, dim"
+                            f"{_score_args(ctx, 'offs', None, True)})"),
+                lane_flush=("backward_chunk(qt[u], dot[u], kb, vb, lkeys, lscores, ldps, "
+                            "bits, cnt1, lse_t[u], delta[u], dqa[u], dkb, dvb, dim"
+                            f"{_score_args(ctx, 'loffs', 'u', True, 'lslopes')})"))
+            _emit_keys(head, em, ctx)
+            em(ctx.flush)
+            with em.block(f"for u in range(min(LANES, n{last} - first)):"):
+                with em.block("for d in range(dim):"):
+                    em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
 
 
 def _header(dtype: str, bias: bool, softcap: bool, reps) -> str:
@@ -669,17 +707,16 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                            f"each of the {len(heads)} distinct head patterns, with "
                            f"{[len(h.terms) for h in heads]} terms.")
     em = _Emitter()
-    ctx = {"lanes": lanes, "shared": shared, "head_dim": head_dim, "bias": bias,
-           "softcap": softcap}
-    _visit(node, em, ctx)
+    _visit(node, em, Context(lanes=lanes, shared=shared, head_dim=head_dim, bias=bias,
+                             softcap=softcap))
     body = em.text().rstrip()
     constants = [f"ACC = {DTYPES[dtype]}",
                  f"QUERY_TILE = {plan.QUERY_TILE}" if not lanes else f"LANES = {lanes}",
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]
-    return "\n".join([_header(dtype, bias, softcap, ctx["kernels"]), "", *_imports(body), "",
-                      *constants, "", "", body, ""])
+    header = _header(dtype, bias, softcap, kernels(node, shared if lanes else None)[0])
+    return "\n".join([header, "", *_imports(body), "", *constants, "", "", body, ""])
 
 
 def _imports(body: str) -> list[str]:

@@ -1,0 +1,180 @@
+"""Block-sparse attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+The compiled pattern's :func:`~patterngen.layout.layout` lists, per query block, the key blocks
+it touches. Query blocks with the same number of key blocks form a *group*; each group is one
+batched SDPA call on 4-D ``(batch * heads, blocks, Bq, dim)`` queries against the concatenation
+of their key blocks, ``(batch * heads, blocks, nk * Bk, dim)`` (4-D inputs reach the fused CPU
+and GPU kernels). A group whose tiles are all full (and not ragged) runs without a mask, so the
+flash kernel can run (on CPU without autograd, small ones run as matmul-softmax-matmul,
+faster there); the others get one compact mask ``(1, blocks, Bq, nk * Bk)``, stored once
+when every block's mask is the same (translation-invariant windows) and made additive once per
+dtype. A relative position bias table (``rel_bias``) is gathered by key-minus-query offset into
+each group's ``(Bq, nk * Bk)`` tiles and added to that mask, so the bias never needs a
+tokens x tokens array and its gradient flows back through the gather; a softcap runs the group
+as matmul, ``tanh``, softmax, matmul. Gathers are views where the blocks are consecutive (a
+band of key blocks is an ``unfold`` view), and the token order (row-major or tiled) is applied
+once on the way in and out, as a gather whose backward is the inverse gather.
+
+The jobs live in this package's modules: ``groups`` (query blocks grouped into calls),
+``calls`` (each call's views, indices and masks on one device), ``scores`` (mask, bias tiles,
+softcap), ``run`` (one pattern's calls through the dense kernels) and ``permute`` (token
+orders in and out).
+
+Autograd, devices (CPU, CUDA) and dtypes come from torch; queries without keys output zeros.
+
+Example:
+    >>> import torch, patterngen as pg
+    >>> attn = pg.compile(pg.window(3), grid=(8, 8), backend="sdpa")
+    >>> q = k = v = torch.randn(1, 2, 8, 8, 16)
+    >>> attn(q, k, v).shape
+    torch.Size([1, 2, 8, 8, 16])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from patterngen import bias
+from patterngen.backends import Backend, register_backend
+from patterngen.backends import dense
+from patterngen.backends.inputs import kv_heads_of, take_heads
+from patterngen.layout import HeadsLayout, choose_layout
+
+from .calls import DeviceCalls
+from .groups import Group, group_blocks
+from .permute import token_orders
+from .run import run_calls
+from .scores import Scores
+
+__all__ = ["SdpaBackend", "Group"]
+
+
+class SdpaBackend(Backend):
+    """Block-sparse attention as batched ``scaled_dot_product_attention`` calls.
+
+    Call with ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens, head_dim)``
+    tensors on CPU or CUDA, float32/float64/float16/bfloat16; gradients come from torch.
+
+    Args:
+        ir: the lowered pattern (numeric grid).
+        block: ``(Bq, Bk)`` or one integer; ``None`` picks the layout executing the fewest
+            pairs among the pattern's own aligned partition (Swin windows, areas: every tile
+            full, no mask) and blocks of ``BLOCK_CHOICES`` in the best order
+            (:func:`patterngen.layout.choose_layout`).
+        order: ``"row-major"``, ``"tiled"`` or ``"auto"`` (see :func:`patterngen.layout`).
+        tile: tile shape for the tiled order.
+        scale: default score scale; ``None`` means ``head_dim ** -0.5``.
+        softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
+
+    Attributes:
+        layout: the :class:`~patterngen.layout.Layout` (or ``HeadsLayout``) executed.
+        groups: per listed pattern, the list of :class:`Group` SDPA calls.
+    """
+
+    name = "sdpa"
+    SUPPORTED_DEVICES = ("cpu", "cuda")
+    SUPPORTED_DTYPES = ("float32", "float64", "float16", "bfloat16")
+    SUPPORTS_REL_POS_BIAS = True
+    SUPPORTS_SOFTCAP = True
+    SUPPORTS_ADDITIONAL_KEYS = True
+
+    def __init__(self, ir_, block=None, order="auto", tile=None, scale=None, softcap=None):
+        self.ir = ir_
+        self.shape = ir_.grid.require_numeric("the sdpa backend")
+        self.scale = scale
+        self.softcap = bias.check_softcap(softcap)
+        self.layout = choose_layout(ir_, block, order, tile)
+        heads = self.layout.heads if isinstance(self.layout, HeadsLayout) else (self.layout,)
+        self.groups = [group_blocks(h) for h in heads]
+        self._perm = self.layout.permutation
+        self._devices = {}
+
+    def __repr__(self):
+        return f"SdpaBackend({self.ir.label or self.ir!r} on grid {self.ir.grid})"
+
+    def block_sparse(self) -> list[dict]:
+        """The block-sparse form executed, per listed pattern: layout, permutation, groups.
+
+        Each group gives ``q_blocks``, ``kv_blocks`` and ``mask`` (``None`` when all full).
+        """
+        heads = self.layout.heads if isinstance(self.layout, HeadsLayout) else (self.layout,)
+        return [dict(layout=lay, permutation=self._perm, groups=groups)
+                for lay, groups in zip(heads, self.groups)]
+
+    def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
+        import torch
+
+        self._device(torch.device(device))
+
+    def _device(self, device):
+        key = str(device)
+        if key not in self._devices:
+            import torch
+
+            heads = (self.layout.heads if isinstance(self.layout, HeadsLayout)
+                     else (self.layout,))
+            per_pattern = [DeviceCalls(lay, grp, device, torch)
+                           for lay, grp in zip(heads, self.groups)]
+            perm, outs = token_orders(self._perm, self.shape, self.layout.tile, per_pattern,
+                                      device, torch)
+            self._devices[key] = (perm, per_pattern, outs)
+        return self._devices[key]
+
+    def __call__(self, q, k, v, scale=None, rel_bias=None, additional_keys=None,
+                 additional_values=None):
+        """Attention of ``q`` over ``k, v`` under the compiled pattern.
+
+        Args:
+            q, k, v: ``(batch, heads, *grid, head_dim)`` or ``(batch, heads, tokens,
+                head_dim)`` tensors of one dtype on one CPU or CUDA device.
+            scale: score scale; default the constructor's, else ``head_dim ** -0.5``.
+            rel_bias: ``None`` or a table ``(heads or 1, 2 * reach[0] + 1, ...)`` added to
+                the score of each pair by its key-minus-query offset (:mod:`patterngen.bias`).
+            additional_keys, additional_values: ``(batch, heads, n_extra, head_dim)`` tokens
+                outside the grid that every query attends besides its pattern, in the same
+                softmax (NATTEN's): appended to every query block's keys.
+
+        Raises:
+            PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
+        """
+        import torch
+
+        qf, kf, vf, restore = self.flatten_inputs(q, k, v)
+        table = self.check_rel_bias(rel_bias, qf)
+        extra = self.check_extra_keys(additional_keys, additional_values, qf, table,
+                                      kf.shape[1])
+        scale = scale if scale is not None else self.scale
+        scale = scale if scale is not None else qf.shape[-1] ** -0.5
+        perm, per_pattern, outs = self._device(qf.device)
+        rows_q = qf  # row-major: extra keys alone for the tokens no query block holds
+        if perm is not None:
+            qf, kf, vf = (perm(t) for t in (qf, kf, vf))
+        npat = len(per_pattern)
+        results = []
+        for p, (calls, out_index) in enumerate(zip(per_pattern, outs)):
+            ours = (lambda t: t) if npat == 1 else (lambda t: t[:, p::npat])
+            kv = kv_heads_of(p, npat, qf.shape[1], kf.shape[1])
+            qp, kp, vp = ours(qf), take_heads(kf, kv), take_heads(vf, kv)
+            scores = None
+            if table is not None or self.softcap is not None:
+                tp = table if table is None or table.shape[0] == 1 else table[p::npat]
+                scores = Scores(self.softcap, tp, calls, self._perm, self.shape, self.reach)
+            ep = None if extra is None else tuple(take_heads(t, kv) for t in extra)
+            out = run_calls(calls, out_index, qp, kp, vp, scale, torch, scores, ep)
+            if ep is not None and calls.uncovered is not None:
+                group = qp.shape[1] // kp.shape[1]
+                alone = dense.attention(ours(rows_q),
+                                        *(t.repeat_interleave(group, 1) for t in ep), scale,
+                                        self.softcap)
+                out = torch.where(calls.uncovered, alone, out)
+            results.append(out)
+        if npat == 1:
+            out = results[0]
+        else:
+            heads = qf.shape[1]
+            order = np.concatenate([np.arange(p, heads, npat) for p in range(npat)])
+            out = torch.cat(results, dim=1)[:, torch.as_tensor(np.argsort(order))]
+        return restore(out)
+
+
+register_backend("sdpa", SdpaBackend)

@@ -1,0 +1,100 @@
+"""The attention kernels: each call's blocks gathered (views where they can be) and attended."""
+
+from __future__ import annotations
+
+from patterngen.backends import dense
+from patterngen.backends.inputs import non_finite
+
+from .permute import gather
+from .scores import additive_mask
+
+__all__ = ["run_calls"]
+
+
+def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None):
+    """The pattern's output in row-major token order; ``extra`` ``(keys, values)`` are
+    appended to every call's keys (tokens in no call are the caller's to fill).
+
+    Args:
+        calls: the pattern's :class:`~.calls.DeviceCalls`.
+        out_index: its output rows to row-major tokens (:func:`~.permute.token_orders`).
+        q, k, v: ``(batch, heads or kv heads, tokens, dim)`` in the layout's token order.
+        scores: ``None`` or the :class:`~.scores.Scores` that add a softcap or bias.
+    """
+    b, h, _, d = q.shape
+    hk = k.shape[1]  # key/value heads: h // hk query heads read each
+    if not calls.calls:  # no pair at all: zeros that still take part in autograd
+        return q * 0.0
+    single = len(calls.calls) == 1 and calls.zero_row is None
+    # half-precision scores would be rounded before the softmax, which the fused kernel avoids
+    table = None if scores is None else scores.table
+    matmul_ok = (q.dtype in (torch.float32, torch.float64)
+                 and not (torch.is_grad_enabled()
+                          and any(t is not None and t.requires_grad for t in (q, k, v, table))))
+    # a non-finite key or value in a partial block must reach only the queries that attend it
+    dirty = any(call.mask is not None for call in calls.calls) and non_finite(k, v)
+    bq, bk = calls.bq, calls.bk
+    if not single:
+        # each group's output is copied once, straight into its rows (no reshape + cat)
+        out = q.new_empty(b, h, calls.rows + (calls.zero_row is not None), d)
+        out[:, :, calls.rows:].zero_()
+    row = 0
+    for call in calls.calls:
+        g, nk = call.count, call.nk
+        # (batch * heads, blocks, rows, dim): 4-D inputs reach the fused CPU/GPU kernels
+        if call.q_slice is not None:
+            start, count = call.q_slice
+            qg = q[:, :, start:start + count * bq].reshape(b * h, g, bq, d)
+        else:
+            qg = gather(q, call.q_index).view(b * h, g, bq, d)
+        if call.k_band is not None and nk == 1:  # one key block each: a plain slice
+            first = call.k_band * bk
+            kg, vg = (t[:, :, first:first + g * bk].reshape(b * hk, g, bk, d)
+                      for t in (k, v))
+        elif call.k_band is not None:
+            # overlapping windows of consecutive key blocks: a strided view, no copy
+            first, span = call.k_band, nk * bk
+            kg, vg = (t.unfold(2, span, bk)[:, :, first:first + g].transpose(-1, -2)
+                      .reshape(b * hk, g, span, d) for t in (k, v))
+        else:
+            kg = gather(k, call.k_index).view(b * hk, g, nk * bk, d)
+            vg = gather(v, call.k_index).view(b * hk, g, nk * bk, d)
+        if extra is not None:
+            kg, vg = (torch.cat([t, e.reshape(b * hk, 1, -1, d).expand(-1, g, -1, -1)], 2)
+                      for t, e in zip((kg, vg), extra))
+        kg, vg = (_per_query_head(t, h // hk) for t in (kg, vg))
+        if extra is not None:
+            add = additive_mask(call, q.dtype, torch, extra[0].shape[2])
+        elif scores is None:
+            add = additive_mask(call, q.dtype, torch)
+        else:
+            add = scores.additive(call, b, q.dtype, torch)
+        softcap = None if scores is None else scores.softcap
+        if dirty and add is not None:
+            res = dense.masked_attention(qg, kg, vg, scale, softcap, add)
+        elif softcap is None and extra is None and dense.flash_bias_grad_ok(qg, add):
+            res = dense.FlashBias.apply(qg, kg, vg, add, scale)
+        elif softcap is None and call.matmul and matmul_ok:
+            res = dense.matmul_attention(qg, kg, vg, scale, add)
+        else:
+            res = dense.attention(qg, kg, vg, scale, softcap, add)
+        if call.empty is not None and extra is None:
+            res = res.masked_fill(call.empty, 0.0)
+        if single:
+            out = res.reshape(b, h, g * bq, d)
+        else:
+            out[:, :, row:row + g * bq].view(b * h, g, bq, d).copy_(res)
+        row += g * bq
+    if out_index is None:
+        return out
+    return out_index(out) if callable(out_index) else gather(out, out_index)
+
+
+def _per_query_head(t, group: int):
+    """Gathered key or value blocks ``(batch * kv_heads, ...)`` as ``(batch * heads, ...)``
+    (query head ``h`` reads kv head ``h // group``): the blocks are gathered once per kv head,
+    then expanded into the per-head batch the fused kernels take."""
+    if group == 1:
+        return t
+    lead, rest = t.shape[0], t.shape[1:]
+    return t.unsqueeze(1).expand(lead, group, *rest).reshape(lead * group, *rest)
