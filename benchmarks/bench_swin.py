@@ -25,12 +25,14 @@ Run:
     python benchmarks/bench_swin.py                 # the four Swin-T stages, batch 2 and 8
     python benchmarks/bench_swin.py --quick         # 5 rounds, batch 2
     python benchmarks/bench_swin.py --stages 56 --batches 2 --rounds 9 --threads 1
+    python benchmarks/bench_swin.py --threads 1 --cpu-time    # on a machine others load
+    python benchmarks/bench_swin.py --flush-denormal          # Swin without its subnormals
+    python benchmarks/bench_swin.py --storage       # keep the probabilities or recompute
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -199,7 +201,7 @@ def check(size, dim, heads, shift, batch=2, tol=1e-9):
     return worst
 
 
-def run(size, batch, shift, backward, rounds) -> dict:
+def run(size, batch, shift, backward, rounds, clock=time.perf_counter) -> dict:
     dim, heads = STAGES[size]
     threads = torch.get_num_threads()
     ours, swin, _ = make_steps(size, dim, heads, shift, batch, backward)
@@ -215,11 +217,39 @@ def run(size, batch, shift, backward, rounds) -> dict:
         return step
 
     ms = interleaved({"pg": step_of(ours), **{n: step_of(f) for n, f in swin.items()}},
-                      rounds)
+                     rounds, clock)
     plan = ours.attn.plans[-1]
     shape = plan.strategy if plan.strategy != "terms" else "+".join(
         repr(tp.dense) if tp.dense is not None else tp.executor for tp in plan.patterns[0])
     return dict(ms, plan=shape)
+
+
+def storage(size, shift, batch, rounds, clock=time.perf_counter) -> dict:
+    """A lone dense term's training step at the attention call, ms: keeping the probabilities
+    (torch autograd through bmm-softmax-bmm, what ``auto`` runs) against recomputing them
+    from the log-sum-exp (the merged parts' backward, which every union runs)."""
+    from patterngen.backends import planned
+
+    heads = STAGES[size][1]
+    threads = torch.get_num_threads()
+    attn = pg.compile(pg.block(WINDOW, offset=shift), (size, size), backend="auto",
+                      heads=heads, batch=batch, backward=True)
+    torch.set_num_threads(threads)
+    q, k, v = (torch.randn(batch, heads, size, size, 32, requires_grad=True) for _ in range(3))
+    table = torch.randn(heads, *(2 * r + 1 for r in attn.reach), requires_grad=True)
+    keep = planned.DenseTerm.autograd_forward
+
+    def step_with(forward):
+        def step():
+            planned.DenseTerm.autograd_forward = forward
+            try:
+                attn(q, k, v, rel_bias=table).sum().backward()
+            finally:
+                planned.DenseTerm.autograd_forward = keep
+        return step
+
+    return interleaved({"keep": step_with(keep),
+                        "recompute": step_with(lambda *args, **kwargs: None)}, rounds, clock)
 
 
 def main(argv=None) -> int:
@@ -231,12 +261,37 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--forward-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="5 rounds, batch 2")
+    ap.add_argument("--flush-denormal", action="store_true",
+                    help="torch.set_flush_denormal(True): Swin's -100 region mask gives "
+                         "probabilities of about exp(-100), subnormal in float32, which slow "
+                         "its shifted step's matmuls on CPU by about 3x")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the process's CPU time, not the wall clock: with --threads 1 "
+                         "it holds on a machine that other jobs load")
+    ap.add_argument("--storage", action="store_true",
+                    help="time a training step keeping the probabilities against recomputing "
+                         "them, at the attention call (head_dim 32), instead")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.batches = 5, "2"
     torch.set_num_threads(args.threads)
     stages = [int(s) for s in args.stages.split(",")]
     shifts = [int(s) for s in args.shifts.split(",")]
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    torch.set_flush_denormal(args.flush_denormal)
+    if args.storage:
+        print("| grid | heads | batch | shift | keep ms | recompute ms | keep / recompute |")
+        print("|---|---|---|---|---|---|---|")
+        for size in stages:
+            for batch in map(int, args.batches.split(",")):
+                for shift in shifts:
+                    if shift and size <= WINDOW:
+                        continue
+                    ms = storage(size, shift, batch, args.rounds, clock)
+                    print(f"| {size}x{size} | {STAGES[size][1]} | {batch} | {shift} | "
+                          f"{ms['keep']:.2f} | {ms['recompute']:.2f} | "
+                          f"{ms['keep'] / ms['recompute']:.2f} |", flush=True)
+        return 0
     for size in stages:
         for shift in shifts:
             if shift and size <= WINDOW:
@@ -245,8 +300,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; window {WINDOW}, float32, median of "
-          f"{args.rounds} interleaved rounds; checked equal to Swin's step in float64 (output, "
-          f"dq, dk, dv, dtable, dx)")
+          f"{args.rounds} interleaved rounds ({'CPU time' if args.cpu_time else 'wall clock'}"
+          f"{', subnormals flushed' if args.flush_denormal else ''}); "
+          f"checked equal to Swin's step in float64 (output, dq, dk, dv, dtable, dx)")
     print("| grid | dim/heads | batch | shift | pass | pg plan | pg ms | swin matmul ms "
           "| swin sdpa ms | pg / swin |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -259,7 +315,7 @@ def main(argv=None) -> int:
                 for shift in shifts:
                     if shift and size <= WINDOW:
                         continue
-                    r = run(size, batch, shift, backward, args.rounds)
+                    r = run(size, batch, shift, backward, args.rounds, clock)
                     best = min(r["swin-matmul"], r["swin-sdpa"])
                     got[shift] = (r["pg"], best)
                     dim, heads = STAGES[size]
