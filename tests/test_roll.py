@@ -123,3 +123,20 @@ def test_cut_tiles_in_bfloat16(grid):
     attn = check("auto", pg.block(7, offset=3), grid, heads=2, dtype=torch.bfloat16, atol=0.15,
                  **DENSE)
     assert any(ax.roll for ax in attn.plan.patterns[0][0].dense.axes) == (grid == (12, 12))
+
+
+@pytest.mark.parametrize("pattern, grid, kv_heads", [
+    (pg.block(7, offset=3), (14, 14), 4), (pg.block(7), (14, 14), 2),
+    (pg.block(7, offset=3), (12, 12), 2)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_inference_with_a_table_equals_the_oracle(pattern, grid, kv_heads, shared):
+    # without gradients a lone biased term runs the fused kernel, bias (and mask) broadcast
+    attn = pg.compile(pattern, grid, backend="auto", **DENSE)
+    q, k, v, table = (t.detach() for t in inputs(grid, 4, attn.reach, shared))
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
+    with torch.no_grad():
+        out = attn(q, k, v, rel_bias=table)
+    group = 4 // kv_heads
+    want = oracle(pattern, grid, q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                  table, None)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
