@@ -307,7 +307,8 @@ class DenseTerm:
         or ``None`` where that does not apply. It applies to a term that runs alone on the
         matmul path with a key for every query and no softcap, in eager mode, when its output
         is finite (a row whose scores are all ``-inf`` gives NaN here where the merge gives 0;
-        the caller then runs the merge). ``table``: a relative position bias table."""
+        the caller then runs the merge). ``table``: a relative position bias table; without
+        gradients, it runs in the fused kernel (:meth:`_fused_with_bias`)."""
         import torch
 
         if not self.plain or not self._matmul(q) or torch.compiler.is_compiling():
