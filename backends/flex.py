@@ -33,7 +33,7 @@ from patterngen import ir as _ir
 from patterngen.backends import Backend, register_backend
 from patterngen.backends.inputs import non_finite
 from patterngen.errors import BackendUnavailable, PatternError
-from patterngen.layout import HeadsLayout, layout
+from patterngen.layout import layout
 
 __all__ = ["FlexBackend", "make_mask_mod", "make_score_mod", "flex_available",
            "check_cpu_block"]
@@ -301,8 +301,6 @@ class FlexBackend(Backend):
         self.softcap = bias.check_softcap(softcap)
         self.compile = compile
         self.layout = layout(ir_, block=block, order=order, tile=tile)
-        self._heads = (self.layout.heads if isinstance(self.layout, HeadsLayout)
-                       else (self.layout,))
         perm = self.layout.permutation
         self._identity = bool((perm == np.arange(len(perm))).all())
         self._perm = perm
@@ -333,7 +331,13 @@ class FlexBackend(Backend):
     @property
     def block_mask(self):
         """The ``BlockMask`` (CPU) with one head per listed pattern."""
-        return self.block_mask_for(len(self._heads), "cpu")
+        return self.block_mask_for(len(self.layout.patterns), "cpu")
+
+    @property
+    def executed_pairs(self) -> tuple[int, ...]:
+        """Pairs computed per listed pattern: the block mask's tiles
+        (:attr:`patterngen.layout.Layout.executed_pairs`)."""
+        return tuple(lay.executed_pairs for lay in self.layout.patterns)
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
         if head_dim is not None and self.compile and str(device).startswith("cpu"):
@@ -350,7 +354,7 @@ class FlexBackend(Backend):
             import torch
             from torch.nn.attention.flex_attention import BlockMask
 
-            parts = [_kv_blocks(lay, torch, device) for lay in self._heads]
+            parts = [_kv_blocks(lay, torch, device) for lay in self.layout.patterns]
             pick = [_ir.pattern_of_head(h, len(parts)) for h in range(heads)]
             stacked = [torch.stack([parts[p][i] for p in pick])[None] for i in range(4)]
             tokens = self.layout.tokens
@@ -467,7 +471,7 @@ class FlexBackend(Backend):
     @functools.cached_property
     def _partial(self) -> bool:
         """Whether some block of the layout is partial (ragged edge tiles count)."""
-        return any(not lay.tiles(pad_ragged=True)[2].all() for lay in self._heads)
+        return any(not lay.tiles(pad_ragged=True)[2].all() for lay in self.layout.patterns)
 
     def _permutation(self, device):
         key = ("perm", str(device))

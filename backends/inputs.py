@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from patterngen import ir
 from patterngen.cost import check_kv_heads
 from patterngen.errors import PatternError
 
@@ -87,7 +88,7 @@ def kv_heads_of(p: int, npat: int, heads: int, kv_heads: int):
         return slice(p // group, None, npat // group)
     import torch
 
-    return torch.tensor([h // group for h in range(p, heads, npat)])
+    return torch.tensor([h // group for h in ir.heads_of(p, npat, heads)])
 
 
 def take_heads(t, sel):

@@ -45,7 +45,7 @@ from patterngen.backends.inputs import kv_heads_of, non_finite, take_heads
 from patterngen.backends.merge import acc_dtype, merge
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
-from patterngen.plan import TermPlan, dense_form, dense_mask, plan as make_plan
+from patterngen.plan import TermPlan, dense_form, dense_mask, plan
 
 __all__ = ["PlannedBackend", "DenseTerm", "GatherGroup"]
 
@@ -876,9 +876,9 @@ class PlannedBackend(Backend):
                 allowed = allowed or ("terms", *(
                     name for name in ("numba", "sdpa", "flex")
                     if all(getattr(get_backend(name), f, False) for f in flags)))
-            plan = make_plan(self.ir, None, executors=allowed, terms=self._terms, **sizes)
-            self._runs[key] = self._build(plan)
-            self._plans[key] = plan
+            chosen = plan(self.ir, None, executors=allowed, terms=self._terms, **sizes)
+            self._runs[key] = self._build(chosen)
+            self._plans[key] = chosen
         return key
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:

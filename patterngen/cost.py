@@ -378,15 +378,19 @@ def _dtype_bytes(dtype) -> int:
     return DTYPE_BYTES[name]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CostReport:
     """The cost of a pattern on a grid; symbolic where sizes are symbols.
+
+    Built by :func:`cost`; its fields are keyword-only.
 
     Attributes:
         label: the pattern's expression.
         grid: the grid.
         pairs: attended (query, key) pairs for one head (the mean over heads for ``heads()``).
-        pairs_per_head: pairs of each pattern of a ``heads()`` spec (one entry otherwise).
+        pairs_per_pattern: pairs of each pattern of a ``heads()`` spec (one entry otherwise);
+            ``pairs_per_head`` is its former name.
+        head_dim, heads, batch: the sizes; dtype_bytes: bytes per element.
         keys_min, keys_mean, keys_max: keys per query.
         flops: ``4 * head_dim * heads * batch * pairs`` (``Q K^T`` and ``P V``).
         macs: ``flops / 2``.
@@ -413,7 +417,7 @@ class CostReport:
     batch: object
     dtype_bytes: int
     pairs: sympy.Expr
-    pairs_per_head: tuple
+    pairs_per_pattern: tuple
     keys_min: sympy.Expr
     keys_max: sympy.Expr
     assumptions: tuple
@@ -424,6 +428,11 @@ class CostReport:
     executed_by_order: dict = field(default_factory=dict, compare=False)
     halo: object = None
     kv_heads: object = None
+
+    @property
+    def pairs_per_head(self) -> tuple:
+        """:attr:`pairs_per_pattern` under its former name."""
+        return self.pairs_per_pattern
 
     @property
     def tokens(self):
@@ -511,7 +520,7 @@ class CostReport:
                     f"closed forms; check the report's assumptions {self.assumptions}.")
         return replace(self, grid=grid, head_dim=s(self.head_dim),
                        heads=s(self.heads), batch=s(self.batch), pairs=s(self.pairs),
-                       pairs_per_head=tuple(s(p) for p in self.pairs_per_head),
+                       pairs_per_pattern=tuple(s(p) for p in self.pairs_per_pattern),
                        keys_min=s(self.keys_min), keys_max=s(self.keys_max),
                        assumptions=assumptions,
                        halo=None if self.halo is None else self.halo.subs(mapping))
@@ -599,18 +608,20 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
                 if order == "auto" and name == "tiled" and by_order:
                     continue  # no tile divides this grid: row-major only
                 raise
-            per_layout = getattr(lay, "heads", (lay,))
+            per_layout = lay.patterns
             by_order[lay.order] = mean_over_heads([h.executed_pairs for h in per_layout], heads)
             block = per_layout[0].block
         order = min(by_order, key=by_order.get)
         executed = by_order[order]
     assumptions = tuple(dict.fromkeys(a for c in per_head for a in c.assumptions))
     notes = tuple(dict.fromkeys(n for c in per_head for n in c.notes))
-    report = CostReport(lowered.label, lowered.grid, head_dim, heads, batch, _dtype_bytes(dtype),
-                        pairs, tuple(c.pairs for c in per_head), kmin, kmax, assumptions,
-                        notes, block if executed is not None else None,
-                        order if executed is not None else None, executed, by_order,
-                        kv_heads=kv_heads)
+    report = CostReport(
+        label=lowered.label, grid=lowered.grid, head_dim=head_dim, heads=heads, batch=batch,
+        dtype_bytes=_dtype_bytes(dtype), pairs=pairs,
+        pairs_per_pattern=tuple(c.pairs for c in per_head), keys_min=kmin, keys_max=kmax,
+        assumptions=assumptions, notes=notes, block=block if executed is not None else None,
+        order=order if executed is not None else None, executed_pairs=executed,
+        executed_by_order=by_order, kv_heads=kv_heads)
     if ranks is None:
         return report
     from .distributed.halo_cost import halo_cost

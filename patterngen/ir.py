@@ -36,7 +36,7 @@ __all__ = [
     "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn",
     "Rel", "Term", "IR", "HeadsIR", "NUMPY_OPS", "torch_ops",
     "inclusion_exclusion", "verify", "check_stride", "WINDOW_MODES", "pattern_of_head",
-    "axis_first",
+    "heads_of", "axis_first",
 ]
 
 WINDOW_MODES = ("clamp", "pad", "causal")
@@ -475,8 +475,14 @@ class IR:
     label: str = field(default="", compare=False)
 
     @property
-    def per_head(self) -> tuple["IR", ...]:
+    def patterns(self) -> tuple["IR", ...]:
+        """The listed patterns: this one (a :class:`HeadsIR` lists one per head class)."""
         return (self,)
+
+    @property
+    def per_head(self) -> tuple["IR", ...]:
+        """:attr:`patterns` under its former name."""
+        return self.patterns
 
     @property
     def ndim(self) -> int:
@@ -517,35 +523,54 @@ class IR:
 def pattern_of_head(head, patterns: int):
     """Index of the listed pattern that head ``head`` uses: heads cycle through the list.
 
-    The one place the rule is written; ``head`` may be an int or an integer array/tensor.
+    The one place the rule is written (:func:`heads_of` is its inverse); ``head`` may be an
+    int or an integer array/tensor.
     """
     return head % patterns
 
 
+def heads_of(pattern: int, patterns: int, heads: int) -> range:
+    """The heads, below ``heads``, that use listed pattern ``pattern`` of ``patterns``: those
+    :func:`pattern_of_head` maps to it, in order.
+
+    Example:
+        >>> list(heads_of(1, 3, 8))
+        [1, 4, 7]
+    """
+    return range(pattern, heads, patterns)
+
+
 @dataclass(frozen=True)
 class HeadsIR:
-    """A different pattern per head: head ``h`` uses ``heads[pattern_of_head(h, len(heads))]``.
+    """A different pattern per head: head ``h`` uses
+    ``patterns[pattern_of_head(h, len(patterns))]``.
 
     Attributes:
         grid: the grid.
-        heads: one :class:`IR` per listed pattern.
+        patterns: one :class:`IR` per listed pattern.
         label: the spec's expression.
     """
 
     grid: Grid
-    heads: tuple
+    patterns: tuple
     label: str = field(default="", compare=False)
 
     @property
+    def heads(self) -> tuple[IR, ...]:
+        """:attr:`patterns` under its former name."""
+        return self.patterns
+
+    @property
     def per_head(self) -> tuple[IR, ...]:
-        return self.heads
+        """:attr:`patterns` under its former name."""
+        return self.patterns
 
     @property
     def ndim(self) -> int:
         return self.grid.ndim
 
     def subs(self, mapping) -> "HeadsIR":
-        return HeadsIR(self.grid.subs(mapping), tuple(h.subs(mapping) for h in self.heads),
+        return HeadsIR(self.grid.subs(mapping), tuple(h.subs(mapping) for h in self.patterns),
                        self.label)
 
 
@@ -693,4 +718,4 @@ def axis_first(lowered, axis: int):
 
     if isinstance(lowered, IR):
         return move(lowered)
-    return HeadsIR(grid, tuple(move(h) for h in lowered.heads), lowered.label)
+    return HeadsIR(grid, tuple(move(h) for h in lowered.patterns), lowered.label)

@@ -41,8 +41,8 @@ from .errors import PatternError
 from .grid import MAX_SIZE
 from .parse import as_ir
 
-__all__ = ["layout", "choose_layout", "Layout", "HeadsLayout", "aligned_tiles", "ORDERS",
-           "BLOCK_CHOICES", "TABLE_MAX_AXIS"]
+__all__ = ["layout", "choose_layout", "Layout", "PatternLayouts", "HeadsLayout", "aligned_tiles",
+           "ORDERS", "BLOCK_CHOICES", "TABLE_MAX_AXIS"]
 
 #: token orders :func:`layout` accepts
 ORDERS = ("row-major", "tiled", "auto")
@@ -170,6 +170,11 @@ class Layout:
     partial_idx: np.ndarray = field(repr=False)
     partial_pairs: np.ndarray = field(repr=False)
     attended_pairs: int = 0
+
+    @property
+    def patterns(self) -> tuple["Layout", ...]:
+        """The layouts of the listed patterns: this one (see :class:`PatternLayouts`)."""
+        return (self,)
 
     @property
     def order(self) -> str:
@@ -305,21 +310,43 @@ class Layout:
         return self.summary() + "\n" + self.picture()
 
 
-@dataclass(frozen=True, eq=False)
-class HeadsLayout:
-    """Layouts of a :func:`heads` pattern: one :class:`Layout` per listed pattern.
+def _first_pattern(name: str):
+    return property(lambda self: getattr(self.patterns[0], name),
+                    doc=f"``{name}``, the same in every listed pattern's layout.")
 
-    Head ``h`` uses ``heads[h % len(heads)]``; pair counts add up over the listed patterns
-    (one head each).
+
+@dataclass(frozen=True, eq=False)
+class PatternLayouts:
+    """Layouts of a :func:`heads` pattern along a pattern axis: one :class:`Layout` per listed
+    pattern, all with the same blocks and token order (as a ``BlockMask`` keeps heads as a
+    dimension).
+
+    Head ``h`` uses ``patterns[pattern_of_head(h, len(patterns))]``; pair counts add up over
+    the listed patterns (one head each). A :class:`Layout` answers :attr:`patterns` too (with
+    itself), so code that takes either reads ``lay.patterns``.
 
     Attributes:
-        heads: one layout per listed pattern, all with the same block size and order.
+        patterns: one layout per listed pattern.
     """
 
-    heads: tuple
+    patterns: tuple
+
+    block = _first_pattern("block")
+    tile = _first_pattern("tile")
+    order = _first_pattern("order")
+    shape = _first_pattern("shape")
+    tokens = _first_pattern("tokens")
+    q_blocks = _first_pattern("q_blocks")
+    kv_blocks = _first_pattern("kv_blocks")
+    permutation = _first_pattern("permutation")
+
+    @property
+    def heads(self) -> tuple:
+        """:attr:`patterns` under its former name."""
+        return self.patterns
 
     def _sum(self, name):
-        return sum(getattr(h, name) for h in self.heads)
+        return sum(getattr(lay, name) for lay in self.patterns)
 
     @property
     def executed_pairs(self) -> int:
@@ -335,28 +362,22 @@ class HeadsLayout:
 
     @property
     def full(self) -> tuple:
-        return tuple(h.full for h in self.heads)
+        return tuple(lay.full for lay in self.patterns)
 
     @property
     def partial(self) -> tuple:
-        return tuple(h.partial for h in self.heads)
-
-    @property
-    def permutation(self) -> np.ndarray:
-        return self.heads[0].permutation
-
-    def __getattr__(self, name):
-        # shared geometry (block, tile, order, shape, q_blocks, ...) comes from the first head
-        if name in ("block", "tile", "order", "shape", "tokens", "q_blocks", "kv_blocks"):
-            return getattr(self.heads[0], name)
-        raise AttributeError(name)
+        return tuple(lay.partial for lay in self.patterns)
 
     def to_dense(self) -> np.ndarray:
         """``(patterns, q_blocks, kv_blocks)``: 0 empty, 1 partial, 2 full."""
-        return np.stack([h.to_dense() for h in self.heads])
+        return np.stack([lay.to_dense() for lay in self.patterns])
 
     def __str__(self) -> str:
-        return "\n".join(f"head {i}: {h}" for i, h in enumerate(self.heads))
+        return "\n".join(f"pattern {i}: {lay}" for i, lay in enumerate(self.patterns))
+
+
+#: :class:`PatternLayouts` under its former name
+HeadsLayout = PatternLayouts
 
 
 def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
@@ -374,7 +395,7 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
             near-cubic tiles of about ``Bq`` tokens.
 
     Returns:
-        :class:`Layout`, or :class:`HeadsLayout` for :func:`heads` patterns.
+        :class:`Layout`, or :class:`PatternLayouts` for :func:`heads` patterns.
 
     Raises:
         PatternError: for non-positive block sizes, an unknown order, a tile that does not
@@ -395,15 +416,15 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
         raise PatternError(f"Unknown order={order!r}; expected one of {ORDERS}.")
     if tile is not None:
         tile = _check_tile(tile, shape)
-    heads = lowered.per_head
+    patterns = lowered.patterns
 
     def build(t):
-        built = tuple(_build(h, shape, block, t) for h in heads)
-        return built[0] if isinstance(lowered, ir.IR) else HeadsLayout(built)
+        built = tuple(_build(p, shape, block, t) for p in patterns)
+        return built[0] if isinstance(lowered, ir.IR) else PatternLayouts(built)
 
     if order == "row-major":
         return build(None)
-    tiles = [tile] if tile is not None else tile_candidates(heads, shape, block[0])
+    tiles = [tile] if tile is not None else tile_candidates(patterns, shape, block[0])
     if order == "tiled" and not tiles:
         raise PatternError(
             f"order='tiled' found no tile for grid {'x'.join(map(str, shape))}; pass tile=..., "
@@ -424,7 +445,7 @@ def choose_layout(lowered, block=None, order="auto", tile=None):
         return layout(lowered, block=block, order=order, tile=tile)
     shape = lowered.grid.require_numeric("choose_layout")
     options = []
-    for t in aligned_tiles(lowered.per_head, shape):
+    for t in aligned_tiles(lowered.patterns, shape):
         vol = math.prod(t)
         options.append(layout(lowered, block=(vol, vol), order="tiled", tile=t))
     for b in BLOCK_CHOICES:

@@ -569,7 +569,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
     npat = len(lowered.per_head)
     # (batch, head) pairs per listed pattern: pattern_of_head cycles, so pattern p serves the
     # heads p, p + npat, ... below heads (counted, not enumerated: heads may be 2**31 - 1)
-    per_pattern_work = [batch * len(range(p, heads, npat)) for p in range(npat)]
+    per_pattern_work = [batch * len(ir.heads_of(p, npat, heads)) for p in range(npat)]
 
     # a copy of q, k and v per (batch, head), forward and again in the backward
     copy_ms = 0.0 if contiguous else (1 + backward) * rates.predict(
@@ -644,8 +644,7 @@ def _whole_executed(name: str, lowered, shape) -> list[int]:
         lay = choose_layout(lowered)
     else:
         lay = layout(lowered, block=128)
-    heads = getattr(lay, "heads", (lay,))
-    return [h.executed_pairs for h in heads]
+    return [one.executed_pairs for one in lay.patterns]
 
 
 def _whole_term_plans(lowered, shape, strategy: str) -> tuple:

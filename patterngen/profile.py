@@ -173,18 +173,15 @@ def _mean_over_heads(per_pattern: list[int], heads: int) -> int:
 
 
 def _executed_pairs(attn, lowered, heads: int) -> tuple[int, str]:
-    """Executed pairs (per head) and where they come from: the backend's own count, its
-    layout, else :func:`patterngen.layout.layout` with its default blocks."""
+    """Executed pairs (per head) and where they come from: the backend's own count
+    (:class:`~patterngen.backends.Backend`'s ``executed_pairs``), else
+    :func:`patterngen.layout.layout` with its default blocks."""
     counted = getattr(attn, "executed_pairs", None)
     if counted is not None:
         return _mean_over_heads(list(counted), heads), "the backend's own count"
-    own = getattr(attn, "layout", None)
-    if own is not None and hasattr(own, "executed_pairs"):
-        per_pattern = [int(h.executed_pairs) for h in getattr(own, "heads", (own,))]
-        return _mean_over_heads(per_pattern, heads), "the backend's layout"
     from .layout import layout
 
-    per_pattern = [int(layout(h).executed_pairs) for h in lowered.per_head]
+    per_pattern = [int(layout(h).executed_pairs) for h in lowered.patterns]
     return _mean_over_heads(per_pattern, heads), "patterngen.layout, default blocks, row-major"
 
 
@@ -197,7 +194,7 @@ def _measure(pattern, grid, symbolic, backend, device, dtype, head_dim, heads, b
     sizes = dict(zip(SYMBOLIC_AXES[len(shape)], shape))
     numeric = (symbolic.subs(**sizes) if symbolic is not None
                else cost(lowered, head_dim=head_dim, heads=heads, batch=batch))
-    counted = _mean_over_heads([h.pairs() for h in lowered.per_head], heads)
+    counted = _mean_over_heads([h.pairs() for h in lowered.patterns], heads)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise PatternError(f"Unknown dtype={dtype!r}; expected a torch dtype name such as "

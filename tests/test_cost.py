@@ -168,6 +168,18 @@ def test_heads_cost_is_the_mean_over_heads():
         assert rep.flops == 4 * 4 * total
     symbolic = pg.cost(pattern, grid=(6, 7), heads="h").subs(h=5)
     assert symbolic.pairs * 5 == sum(int(masks[h % 3].sum()) for h in range(5))
+    assert rep.pairs_per_pattern == tuple(int(m.sum()) for m in masks)
+    assert symbolic.pairs_per_pattern == rep.pairs_per_pattern == rep.pairs_per_head
+
+
+def test_cost_report_fields_are_keyword_only():
+    rep = pg.cost(pg.window(3), grid=(6, 7))
+    fields = {f: getattr(rep, f) for f in ("label", "grid", "head_dim", "heads", "batch",
+                                           "dtype_bytes", "pairs", "pairs_per_pattern",
+                                           "keys_min", "keys_max", "assumptions", "notes")}
+    assert pg.CostReport(**fields) == rep
+    with pytest.raises(TypeError, match="positional"):
+        pg.CostReport(*fields.values())
 
 
 # --- published formulas, from the same functions --------------------------------------------

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import patterngen as pg
-from patterngen.layout import HeadsLayout, Layout, aligned_tiles, layout
+from patterngen.layout import HeadsLayout, Layout, PatternLayouts, aligned_tiles, layout
 from strategies import cases
 
 # the module, not ``pg.layout`` (the package exports the function under the same name)
@@ -104,7 +104,7 @@ def test_swin_windows_in_a_tiled_order_are_all_full_and_block_diagonal():
     lay = layout(pg.block(7), (56, 56), block=(49, 49), order="tiled", tile=(7, 7))
     assert lay.num_partial == 0 and lay.num_full == 64 and lay.waste == 1.0
     assert all(list(f) == [i] for i, f in enumerate(lay.full))
-    assert aligned_tiles(pg.lower(pg.block(7), (56, 56)).per_head, (56, 56)) == [(7, 7)]
+    assert aligned_tiles(pg.lower(pg.block(7), (56, 56)).patterns, (56, 56)) == [(7, 7)]
 
 
 def test_permutation_keeps_each_tile_contiguous():
@@ -153,12 +153,37 @@ def test_auto_order_picks_the_fewest_executed_pairs():
     check(pg.window(7), grid, block=block, order="auto")
 
 
-def test_heads_layout_adds_up_over_patterns():
-    lay = layout(pg.heads(pg.window(3), pg.axis(0)), (8, 8), block=16)
-    assert isinstance(lay, HeadsLayout) and len(lay.heads) == 2
-    assert lay.executed_pairs == sum(h.executed_pairs for h in lay.heads)
-    assert lay.to_dense().shape == (2, 4, 4) and lay.block == (16, 16)
-    assert len(lay.full) == 2
+def test_pattern_layouts_add_up_over_patterns():
+    lay = layout(pg.heads(pg.window(3), pg.axis(0)), (8, 8), block=16, order="tiled", tile=(4, 4))
+    assert isinstance(lay, PatternLayouts) and len(lay.patterns) == 2
+    first, second = (layout(p, (8, 8), block=16, order="tiled", tile=(4, 4))
+                     for p in (pg.window(3), pg.axis(0)))
+    assert [p.executed_pairs for p in lay.patterns] == [first.executed_pairs,
+                                                        second.executed_pairs]
+    assert lay.executed_pairs == first.executed_pairs + second.executed_pairs
+    assert lay.attended_pairs == first.attended_pairs + second.attended_pairs
+    assert (lay.to_dense() == np.stack([first.to_dense(), second.to_dense()])).all()
+    assert (lay.block, lay.tile, lay.order, lay.q_blocks) == ((16, 16), (4, 4), "tiled", 4)
+    assert (lay.permutation == first.permutation).all() and len(lay.full) == 2
+    # the former names give the same objects
+    assert HeadsLayout is PatternLayouts and lay.heads is lay.patterns
+    with pytest.raises(AttributeError):
+        lay.masks  # per pattern only: no hidden fallback to the first pattern
+
+
+def test_a_single_layout_lists_itself_as_its_patterns():
+    lay = layout(pg.window(3), (8, 8), block=16)
+    assert lay.patterns == (lay,)
+
+
+@pytest.mark.parametrize("patterns", [1, 2, 3, 5])
+def test_heads_of_inverts_pattern_of_head(patterns):
+    heads = 11
+    for p in range(patterns):
+        assert list(pg.ir.heads_of(p, patterns, heads)) == [
+            h for h in range(heads) if pg.ir.pattern_of_head(h, patterns) == p]
+    lowered = pg.lower(pg.heads(pg.window(3), pg.axis(0)), (4, 4))
+    assert lowered.patterns == lowered.heads == lowered.per_head and len(lowered.patterns) == 2
 
 
 def test_picture_and_summary():

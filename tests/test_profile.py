@@ -66,15 +66,22 @@ def test_executed_pairs_come_from_the_layout(fake):
     assert "executed pairs: patterngen.layout, default blocks" in repr(prof)
 
 
-def test_executed_pairs_prefer_the_backends_own_layout(fake, monkeypatch):
-    class Blocks:
-        executed_pairs = 12345
+def test_executed_pairs_prefer_the_backends_own_count(fake, monkeypatch):
+    monkeypatch.setattr(FakeDense, "executed_pairs", (12345, 100), raising=False)
+    prof = profile(pg.heads(pg.window(3), pg.axis(0)), grid=(8, 8), head_dim=4, heads=3,
+                   backend=fake, repeats=1, warmup=0)
+    assert prof.rows[0].executed_pairs == round((2 * 12345 + 100) / 3)  # heads 0, 2; head 1
+    assert "executed pairs: the backend's own count" in repr(prof)
 
-    monkeypatch.setattr(FakeDense, "layout", Blocks(), raising=False)
-    prof = profile(pg.window(3), grid=(8, 8), head_dim=4, heads=1, backend=fake, repeats=1,
-                   warmup=0)
-    assert prof.rows[0].executed_pairs == 12345
-    assert "executed pairs: the backend's layout" in repr(prof)
+
+@pytest.mark.parametrize("name", ["sdpa", "flex"])
+def test_block_sparse_backends_count_their_layouts_tiles(name):
+    pattern = pg.heads(pg.window(3), pg.axis(0))
+    attn = pg.compile(pattern, grid=(8, 8), backend=name, block=16)
+    lay = pg.layout(pattern, (8, 8), block=16, order=attn.layout.order, tile=attn.layout.tile)
+    assert attn.executed_pairs == (lay.patterns[0].executed_pairs,
+                                   lay.patterns[1].executed_pairs)
+    assert sum(attn.executed_pairs) == lay.executed_pairs > lay.attended_pairs
 
 
 def test_peak_is_measured_once():

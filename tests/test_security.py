@@ -190,11 +190,24 @@ def _measured() -> calibrate.Rates:
     return calibrate.Rates(calibrate.Rates.default().executors, "measured")
 
 
+def _stored_key(tmp_path, monkeypatch) -> str:
+    """The key ``rates`` files CPU float32 rates under, read back from the file it writes in
+    a cache directory of its own (the test's ``PATTERNGEN_CACHE`` is left as it was)."""
+    before = os.environ["PATTERNGEN_CACHE"]
+    monkeypatch.delenv("PATTERNGEN_CALIBRATION", raising=False)
+    monkeypatch.setenv("PATTERNGEN_CACHE", str(tmp_path / "probe"))
+    monkeypatch.setattr(calibrate, "measure", lambda *a: _measured())
+    calibrate.rates("cpu", "float32", refresh=True)
+    (key,) = json.loads(calibrate.calibration_path().read_text())
+    monkeypatch.setenv("PATTERNGEN_CACHE", before)
+    return key
+
+
 def test_no_shared_fallback_for_calibration(cache, tmp_path, monkeypatch):
     # an unusable cache once fell back to $TMPDIR/patterngen, where anyone could plant rates
     planted = tmp_path / "tmp" / "patterngen"
     planted.mkdir(parents=True)
-    key = calibrate._key("cpu", "float32")
+    key = _stored_key(tmp_path, monkeypatch)
     negative = {name: {"call_ms": -1e6, "pair_ns": 0.0, "backward_factor": 1.0}
                 for name in calibrate.Rates.default().executors}
     (planted / "calibration.json").write_text(json.dumps({key: negative}))
@@ -225,7 +238,8 @@ _GOOD = {"call_ms": 0.1, "pair_ns": 0.2, "backward_factor": 3.0}
     ("extra", r"rate of 'dense': .*unexpected keyword argument 'extra'"),
     ("list", r"rate of 'dense' is \[1, 2, 3\], not an object"),
 ])
-def test_invalid_stored_rates_are_measured_again(entry, why, cache, monkeypatch):
+def test_invalid_stored_rates_are_measured_again(entry, why, cache, tmp_path, monkeypatch):
+    key = _stored_key(tmp_path, monkeypatch)
     if isinstance(entry, str):
         table = {name: dict(_GOOD) for name in calibrate.Rates.default().executors}
         if entry == "extra":
@@ -241,7 +255,7 @@ def test_invalid_stored_rates_are_measured_again(entry, why, cache, monkeypatch)
     calls = []
     monkeypatch.setattr(calibrate, "measure", lambda *a: calls.append(a) or _measured())
     path = calibrate.calibration_path()
-    path.write_text(json.dumps({calibrate._key("cpu", "float32"): entry}))
+    path.write_text(json.dumps({key: entry}))
     with pytest.warns(UserWarning, match=r"is unreadable \(" + why):
         got = calibrate.rates("cpu", "float32")
     assert len(calls) == 1 and got.source == "measured"
@@ -375,16 +389,17 @@ def test_the_reach_work_limit_stops_a_slowly_growing_field(monkeypatch):
 
 
 def _naive_field(cycle, grid, query, layers, residual):
-    """Every layer applied, the last one first: what receptive_field skips must not matter."""
-    from patterngen import analysis
-
-    shape, stack = analysis._stack(cycle, grid, "test")
-    reached = np.zeros(shape, dtype=bool)
-    reached[query] = True
+    """Every layer applied, the last one first, on the oracle's dense masks: what
+    receptive_field skips must not matter."""
+    masks = [pg.materialize(p, grid) for p in cycle]
+    # a token's output concatenates all of its heads: a listed pattern's keys are any head's
+    masks = [m.any(0) if m.ndim == 3 else m for m in masks]
+    reached = np.zeros(math.prod(grid), dtype=bool)
+    reached[np.ravel_multi_index(query, grid)] = True
     for i in reversed(range(layers)):
-        keys = analysis._keys_of(reached, stack[i % len(stack)])
+        keys = masks[i % len(masks)][reached].any(0)
         reached = reached | keys if residual else keys
-    return reached
+    return reached.reshape(grid)
 
 
 @pytest.mark.parametrize("cycle, residual", [

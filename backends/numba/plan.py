@@ -155,5 +155,5 @@ def runs_first(node):
             head.terms, key=lambda term: any(isinstance(a, ir.Eq) for a in term.rels[-1].atoms))))
 
     if isinstance(node, ir.HeadsIR):
-        return dataclasses.replace(node, heads=tuple(order(h) for h in node.heads))
+        return dataclasses.replace(node, patterns=tuple(order(h) for h in node.patterns))
     return order(node)

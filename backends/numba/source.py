@@ -261,9 +261,8 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: Context) -> None:
 
 def _emit_run(em: _Emitter, ctx: Context, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
     """A run of consecutive keys on the last axis, buffered in one loop that LLVM vectorises
-    when the buffer has room for all of it; else key by key. Forward only: interleaved, medians
-    of 12, forward 0.96x the time on a 7x7 neighbourhood, 0.88x on criss-cross, 0.96x on a
-    3x7x7 one; backward 1.05x on the 7x7 one, so it keeps the key-by-key loop.
+    when the buffer has room for all of it; else key by key. Forward only: it shortened the
+    forward and lengthened the backward (figures in docs/backends-numba.md).
 
     A run may fill the buffer: the next key processes it before it is buffered
     (:func:`_emit_collect`), or the end of the query does."""

@@ -38,7 +38,8 @@ from patterngen import bias
 from patterngen.backends import Backend, register_backend
 from patterngen.backends import dense
 from patterngen.backends.inputs import kv_heads_of, take_heads
-from patterngen.layout import HeadsLayout, choose_layout
+from patterngen import ir
+from patterngen.layout import choose_layout
 
 from .calls import DeviceCalls
 from .groups import Group, group_blocks
@@ -67,7 +68,7 @@ class SdpaBackend(Backend):
         softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
 
     Attributes:
-        layout: the :class:`~patterngen.layout.Layout` (or ``HeadsLayout``) executed.
+        layout: the :class:`~patterngen.layout.Layout` (or ``PatternLayouts``) executed.
         groups: per listed pattern, the list of :class:`Group` SDPA calls.
     """
 
@@ -84,8 +85,7 @@ class SdpaBackend(Backend):
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
         self.layout = choose_layout(ir_, block, order, tile)
-        heads = self.layout.heads if isinstance(self.layout, HeadsLayout) else (self.layout,)
-        self.groups = [group_blocks(h) for h in heads]
+        self.groups = [group_blocks(lay) for lay in self.layout.patterns]
         self._perm = self.layout.permutation
         self._devices = {}
 
@@ -97,9 +97,14 @@ class SdpaBackend(Backend):
 
         Each group gives ``q_blocks``, ``kv_blocks`` and ``mask`` (``None`` when all full).
         """
-        heads = self.layout.heads if isinstance(self.layout, HeadsLayout) else (self.layout,)
         return [dict(layout=lay, permutation=self._perm, groups=groups)
-                for lay, groups in zip(heads, self.groups)]
+                for lay, groups in zip(self.layout.patterns, self.groups)]
+
+    @property
+    def executed_pairs(self) -> tuple[int, ...]:
+        """Pairs computed per listed pattern: the layout's tiles
+        (:attr:`patterngen.layout.Layout.executed_pairs`)."""
+        return tuple(lay.executed_pairs for lay in self.layout.patterns)
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
         import torch
@@ -111,10 +116,8 @@ class SdpaBackend(Backend):
         if key not in self._devices:
             import torch
 
-            heads = (self.layout.heads if isinstance(self.layout, HeadsLayout)
-                     else (self.layout,))
             per_pattern = [DeviceCalls(lay, grp, device, torch)
-                           for lay, grp in zip(heads, self.groups)]
+                           for lay, grp in zip(self.layout.patterns, self.groups)]
             perm, outs = token_orders(self._perm, self.shape, self.layout.tile, per_pattern,
                                       device, torch)
             self._devices[key] = (perm, per_pattern, outs)
@@ -149,15 +152,17 @@ class SdpaBackend(Backend):
         rows_q = qf  # row-major: extra keys alone for the tokens no query block holds
         if perm is not None:
             qf, kf, vf = (perm(t) for t in (qf, kf, vf))
-        npat = len(per_pattern)
+        npat, heads = len(per_pattern), qf.shape[1]
         results = []
         for p, (calls, out_index) in enumerate(zip(per_pattern, outs)):
-            ours = (lambda t: t) if npat == 1 else (lambda t: t[:, p::npat])
-            kv = kv_heads_of(p, npat, qf.shape[1], kf.shape[1])
+            mine = ir.heads_of(p, npat, heads)
+            mine = slice(mine.start, mine.stop, mine.step)
+            ours = (lambda t: t) if npat == 1 else (lambda t: t[:, mine])
+            kv = kv_heads_of(p, npat, heads, kf.shape[1])
             qp, kp, vp = ours(qf), take_heads(kf, kv), take_heads(vf, kv)
             scores = None
             if table is not None or self.softcap is not None:
-                tp = table if table is None or table.shape[0] == 1 else table[p::npat]
+                tp = table if table is None or table.shape[0] == 1 else table[mine]
                 scores = Scores(self.softcap, tp, calls, self._perm, self.shape, self.reach)
             ep = None if extra is None else tuple(take_heads(t, kv) for t in extra)
             out = run_calls(calls, out_index, qp, kp, vp, scale, torch, scores, ep)
@@ -171,8 +176,7 @@ class SdpaBackend(Backend):
         if npat == 1:
             out = results[0]
         else:
-            heads = qf.shape[1]
-            order = np.concatenate([np.arange(p, heads, npat) for p in range(npat)])
+            order = np.concatenate([ir.heads_of(p, npat, heads) for p in range(npat)])
             out = torch.cat(results, dim=1)[:, torch.as_tensor(np.argsort(order))]
         return restore(out)
 

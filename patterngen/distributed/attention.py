@@ -125,7 +125,7 @@ class DistributedAttention:
             if backend not in LOCAL_BACKENDS:
                 raise PatternError(f"backend={backend!r}: the local part runs on one of "
                                    f"{LOCAL_BACKENDS}; flex traces its mask and cannot read a "
-                                   f"rank's line tables yet.")
+                                   f"rank's line tables.")
             self.axis = axis % len(shape)
             self.shards = split_lines(shape[self.axis], self.world, shards)
             moved = ir.axis_first(lowered, self.axis)
