@@ -92,6 +92,9 @@ def test_swin_shift_rolls_into_aligned_windows():
     (pg.block(4) | pg.block(4, offset=(1, 3)), (10, 12)),  # the earlier term masked
     (pg.block((3, 4, 4), offset=(1, 2, 3)), (5, 10, 8)),
     (pg.block(5, offset=2), (23,)),
+    # tiles that divide the grid: rolled with no padding, one axis of three not rolled
+    (pg.block(4, offset=2) | pg.axis(0), (12, 12)),
+    (pg.block((2, 4, 4), offset=(1, 0, 3)), (4, 8, 8)),
 ])
 @pytest.mark.parametrize("shared", [True, False])
 def test_rolled_terms_in_auto_equal_the_oracle(pattern, grid, shared):
