@@ -44,8 +44,8 @@ from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .parse import as_ir
 
-__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "STRATEGIES",
-           "gather_first"]
+__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "dense_shapes",
+           "LOWERINGS", "STRATEGIES", "gather_first"]
 
 #: what a plan may be: term by term, or the whole pattern on one backend
 STRATEGIES = ("terms", "numba", "sdpa", "flex")
@@ -81,6 +81,9 @@ class AxisPlan:
             length the tile does not divide); padded positions are masked keys and dropped
             queries.
         lo, hi: the key (``keys``) or query (``queries``) range.
+        roll: Swin's cyclic shift (``tiles``): position ``j < n`` of the view holds token
+            ``(j + roll) % n``, so tiles that an offset cuts at both ends of the axis share
+            one tile, their pairs apart by the mask (``pad_left`` is then 0).
     """
 
     kind: str
@@ -91,6 +94,7 @@ class AxisPlan:
     lo: int = 0
     hi: int = 0
     dilation: int = 1
+    roll: int = 0
 
     @property
     def tiles(self) -> int:
@@ -114,16 +118,21 @@ class AxisPlan:
     def keys(self) -> int:
         return {"batch": 1, "tiles": self.size, "keys": self.hi - self.lo}.get(self.kind, self.n)
 
-    def coords(self, side: str) -> np.ndarray:
+    def coords(self, side: str, unrolled: bool = False) -> np.ndarray:
         """``(batch, positions)`` grid coordinates of the problems' queries or keys (``side``
         ``"q"`` or ``"k"``); ``-1`` marks padding. A tile's problems are its residue classes
         in order: problem ``t * dilation + r`` holds the positions ``r, r + dilation, ...`` of
-        tile ``t``."""
+        tile ``t``. With ``unrolled``, positions on the padded axis before the roll's wrap
+        (padding and wrapped tokens get coordinates outside ``[0, n)``): ``key - query`` of
+        every attended pair is the same, and is the same for every problem."""
         if self.kind == "batch":
             return np.arange(self.n, dtype=np.int64)[:, None]
         if self.kind == "tiles":
             c = np.arange(self.batch * self.size, dtype=np.int64) - self.pad_left
-            c = np.where((c >= 0) & (c < self.n), c, -1)
+            if unrolled:
+                c = c + self.roll
+            else:
+                c = np.where((c >= 0) & (c < self.n), (c + self.roll) % self.n, -1)
             return c.reshape(self.tiles, self.size, self.dilation).transpose(0, 2, 1).reshape(
                 self.batch, self.size)
         ranged = (self.kind == "keys") == (side == "k") and self.kind in ("keys", "queries")
@@ -135,13 +144,20 @@ class AxisPlan:
             dil = f", dilation {self.dilation}" if self.dilation != 1 else ""
             pad = f", pad {self.pad_left}+{self.pad_right}" if self.pad_left or self.pad_right \
                 else ""
-            return f"tiles({self.size}{dil}{pad})"
+            roll = f", roll {self.roll}" if self.roll else ""
+            return f"tiles({self.size}{dil}{roll}{pad})"
         if self.kind in ("keys", "queries"):
             return f"{self.kind}[{self.lo}:{self.hi}]"
         return self.kind
 
 
-def _axis_plan(rel: ir.Rel, n: int) -> AxisPlan | str:
+#: how a dense term's tiles that an offset cuts at the axis's ends are lowered: ``roll`` as
+#: Swin does (:attr:`AxisPlan.roll`: fewer tiles, a region mask on the wrapped ones) where
+#: that covers the relation and saves a tile, else ``pad`` (the axis padded to whole tiles)
+LOWERINGS = ("auto", "pad", "roll")
+
+
+def _axis_plan(rel: ir.Rel, n: int, lowering: str = "auto") -> AxisPlan | str:
     """The dense form of one relation on an axis of ``n``, or why it has none."""
     if not rel.atoms:
         return AxisPlan("full", n)
@@ -158,9 +174,29 @@ def _axis_plan(rel: ir.Rel, n: int) -> AxisPlan | str:
         case (ir.QueryIn(start=a, stop=b),):
             return AxisPlan("queries", n, lo=max(int(a), 0), hi=min(int(b), n))
     tiles = _strided_tiles(rel, n)
-    if tiles is not None:
-        return tiles
-    return f"{rel!r} is a gather (each query has its own keys)"
+    if tiles is None:
+        return f"{rel!r} is a gather (each query has its own keys)"
+    if lowering != "pad":
+        return _rolled(rel, tiles, fewer=lowering == "auto") or tiles
+    return tiles
+
+
+def _rolled(rel: ir.Rel, tiles: AxisPlan, fewer: bool) -> AxisPlan | None:
+    """``tiles`` (padded on the left) rolled as Swin rolls: by the first tile's padding, so
+    that a tile starts at 0, the tiles cut at both ends sharing one; ``None`` where that
+    leaves a pair of the relation across two problems, or (``fewer``) saves no tile."""
+    if not tiles.pad_left:
+        return None
+    span = tiles.size * tiles.dilation
+    rolled = AxisPlan("tiles", tiles.n, tiles.size, 0, -tiles.n % span,
+                      dilation=tiles.dilation, roll=span - tiles.pad_left)
+    if fewer and rolled.tiles >= tiles.tiles:
+        return None
+    # each token appears once per side, so the relation's pairs inside the problems are all
+    # of them exactly when the counts agree
+    if int(_axis_membership(rel, rolled).sum()) != int(rel.counts(tiles.n).sum()):
+        return None
+    return rolled
 
 
 def _strided_tiles(rel: ir.Rel, n: int) -> AxisPlan | None:
@@ -255,16 +291,30 @@ class DenseShape:
                f"axes={axes})"
 
 
-def dense_shape(term: ir.Term, shape) -> DenseShape | str:
+def dense_shape(term: ir.Term, shape, lowering: str = "auto") -> DenseShape | str:
     """``term`` on the numeric grid ``shape`` as a batch of dense problems, or the reason it is
-    not one (a window, a meet of several atoms, a symbolic size)."""
+    not one (a window, a meet of several atoms, a symbolic size). ``lowering``: one of
+    :data:`LOWERINGS` (``"roll"`` rolls every axis where that covers the relation, even
+    when it saves no tile)."""
+    if lowering not in LOWERINGS:
+        raise PatternError(f"Invalid lowering={lowering!r}; expected one of {LOWERINGS}.")
     axes = []
     for a, (rel, n) in enumerate(zip(term.rels, shape)):
-        got = _axis_plan(rel, int(n))
+        got = _axis_plan(rel, int(n), lowering)
         if isinstance(got, str):
             return f"axis {a}: {got}"
         axes.append(got)
     return DenseShape(tuple(axes))
+
+
+def dense_shapes(term: ir.Term, shape) -> dict:
+    """The lowerings of ``term`` as dense problems, ``{"pad": ..., "roll": ...}`` (only
+    ``"pad"`` where no roll saves a tile; empty when the term is no dense batch), for pricing
+    each by what it computes (:attr:`DenseShape.executed_pairs`)."""
+    got = {"pad": dense_shape(term, shape, "pad"), "roll": dense_shape(term, shape)}
+    if isinstance(got["pad"], str):
+        return {}
+    return got if got["roll"] != got["pad"] else {"pad": got["pad"]}
 
 
 def _axis_membership(rel: ir.Rel, axis: AxisPlan) -> np.ndarray:
