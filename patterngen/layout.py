@@ -410,7 +410,7 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
     lowered = as_ir(pattern, grid)
     if lowered.key_grid is not None:  # query blocks against key blocks of another grid
         raise PatternError(f"layout: keys on another grid (key_grid={lowered.key_grid}) have "
-                           f"no block-sparse layout yet; run them on numba or auto.")
+                           f"no block-sparse layout; run them on numba or auto.")
     shape = lowered.grid.require_numeric("layout")
     limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape),
                  f"layout: grid {lowered.grid}'s tokens")

@@ -679,10 +679,11 @@ def _plan_terms(lowered, shape, head_dim, per_pattern_work, rates, gather_backen
     plans, total = [], 0.0
     for head, work in zip(lowered.per_head, per_pattern_work):
         copy = copy_ms * work / sum(per_pattern_work)  # this pattern's heads
-        gather, dense = gather_first(head, shape)
         if force == "gather" or lowered.key_grid is not None:
-            # keys on another grid: no dense form (rows_q x keys problems) yet, all gathered
+            # keys on another grid: every term gathers (the dense forms are of one grid)
             gather, dense = list(head.terms), []
+        else:
+            gather, dense = gather_first(head, shape)
         if gather and gather_backend is None:
             return None, None, (f"gather terms {gather} need the numba backend, which cannot "
                                 f"run these inputs")

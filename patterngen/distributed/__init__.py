@@ -47,7 +47,7 @@ def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None,
             needs line tables, among ``terms``, ``numba`` and ``sdpa``), ``"sdpa"`` or
             ``"numba"`` (CPU), which read any rank's line tables (see ``docs/distributed.md``).
         shards: lines per rank; ``None`` splits as evenly as possible.
-        key_grid: keys on another grid are not sharded yet: anything but ``None`` or
+        key_grid: keys on another grid are not sharded: anything but ``None`` or
             ``grid`` is refused.
         **options: options of the local backend (with ``"auto"``, the planner's).
 
