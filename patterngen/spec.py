@@ -392,9 +392,10 @@ class GlobalTokens(Pattern):
             return self.tokens, self.tokens
         return self.keys or (), self.queries or ()
 
-    def coords(self, grid: Grid, tokens=None) -> list[tuple]:
+    def coords(self, grid: Grid, tokens: tuple) -> list[tuple]:
+        """Coordinates on ``grid`` of ``tokens`` (flat indices or coordinate tuples)."""
         out = []
-        for t in self.tokens if tokens is None else tokens:
+        for t in tokens:
             if isinstance(t, tuple):
                 if len(t) != grid.ndim:
                     raise PatternError(
