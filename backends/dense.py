@@ -30,8 +30,8 @@ from patterngen.backends.inputs import unit_stride
 from patterngen.backends.merge import acc_dtype
 
 __all__ = ["MATMUL_KEYS", "matmul_is_faster", "Holes", "ScoreMod", "cap", "cap_", "cap_grad_",
-           "bias_grad", "BiasAdd", "score_matrix", "softmax_attention", "matmul_backward", "fused_forward",
-           "fused_backward", "attention", "masked_attention", "matmul_attention",
+           "bias_grad", "BiasAdd", "score_matrix", "softmax_attention", "matmul_backward",
+           "fused_forward", "fused_backward", "attention", "masked_attention", "matmul_attention",
            "flash_bias_grad_ok", "FlashBias", "softcapped_attention"]
 
 #: most keys per problem for which float32/float64 problems on CPU run as

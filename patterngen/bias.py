@@ -2,7 +2,8 @@
 
 A pattern's *reach* on axis ``a`` is the largest ``|key[a] - query[a]|`` over its attended
 pairs (with keys on another grid, ``|key[a] - c(query)[a]|``, the key coordinate the query
-sits over: :func:`patterngen.ir.center`). A bias table for it has shape ``(heads or 1, 2 * reach[0] + 1, 2 * reach[1] + 1, ...)``
+sits over: :func:`patterngen.ir.center`). A bias table for it has shape
+``(heads or 1, 2 * reach[0] + 1, 2 * reach[1] + 1, ...)``
 and the score of the pair ``(query, key)`` under head ``h`` gains
 ``table[h, key[0] - query[0] + reach[0], key[1] - query[1] + reach[1], ...]`` (row 0 for every
 head when the first dimension is 1). With ``softcap=c`` the scaled score ``s`` becomes

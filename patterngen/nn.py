@@ -36,8 +36,8 @@ from .grid import as_grid
 from .parse import as_ir, parse
 from .spec import Pattern, block
 
-__all__ = ["LocalSelfAttention", "LocalCrossAttention", "SwinBlock", "from_timm_swin", "DropPath", "declaration",
-           "attention", "attend", "fit_table"]
+__all__ = ["LocalSelfAttention", "LocalCrossAttention", "SwinBlock", "from_timm_swin", "DropPath",
+           "declaration", "attention", "attend", "fit_table"]
 
 #: compiled attention per (declaration, grid, device, dtype)
 _COMPILED: dict = {}

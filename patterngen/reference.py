@@ -78,7 +78,8 @@ def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid
     ``softcap`` is given, plus ``rel_bias[h, key - query + reach]`` (see
     :mod:`patterngen.bias`; the reach is read from the table's shape, ``grid`` gives the
     coordinates; with ``key_grid``, ``k`` and ``v`` hold its tokens and the offset is
-    ``key - c(query)``, :func:`patterngen.ir.center`). ``k`` and ``v`` may have fewer heads than ``q`` (grouped key/value heads):
+    ``key - c(query)``, :func:`patterngen.ir.center`). ``k`` and ``v`` may have fewer heads
+    than ``q`` (grouped key/value heads):
     query head ``h`` reads head ``h // (q heads // kv heads)``, torch's ``enable_gqa`` rule.
     ``additional_keys``/``additional_values`` (``(batch, kv heads, extra, dim)``) are keys
     every query sees besides its pattern, in the same softmax, softcapped alike, unbiased.

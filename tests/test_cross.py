@@ -190,8 +190,9 @@ def test_global_tokens_without_roles_on_two_grids():
     with pytest.raises(PatternError, match=r"global_tokens\(\[0\]\) names tokens of one grid.*"
                                            r"expected global_tokens\(keys=\[...\], queries="):
         pg.lower(pg.global_tokens([0]), (8, 8), key_grid=(4, 4))
-    with pytest.raises(PatternError, match=r"Global token index 20 is out of range for grid \(4, 4\); "
-                                           r"expected 0 <= index < 16"):
+    with pytest.raises(PatternError,
+                       match=r"Global token index 20 is out of range for grid \(4, 4\); "
+                             r"expected 0 <= index < 16"):
         pg.lower(pg.global_tokens(keys=[20]), (8, 8), key_grid=(4, 4))
     with pytest.raises(PatternError, match=r"also given keys= or queries="):
         pg.global_tokens([0], keys=[1])
