@@ -69,7 +69,7 @@ def reach(ir_) -> tuple[int, ...]:
     shape = [int(n) for n in ir_.grid.require_numeric("reach")]
     keys = [int(n) for n in ir_.keys.require_numeric("reach")]
     out = [0] * len(shape)
-    for head in ir_.per_head:
+    for head in ir_.patterns:
         for term in head.terms:
             if not all(c.any() for c in term.counts(shape, keys)):
                 continue  # no pair on this grid

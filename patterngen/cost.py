@@ -615,12 +615,13 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
         kv_heads = as_size(kv_heads, "kv_heads")
         if is_number(heads) and is_number(kv_heads):
             check_kv_heads(int(heads), int(kv_heads), "cost")
-    per_head = [_head_cost(h) for h in lowered.per_head]
-    pairs = mean_over_heads([c.pairs for c in per_head], heads)
-    if len(per_head) == 1:
-        kmin, kmax = per_head[0].kmin, per_head[0].kmax
+    per_pattern = [_head_cost(h) for h in lowered.patterns]
+    pairs = mean_over_heads([c.pairs for c in per_pattern], heads)
+    if len(per_pattern) == 1:
+        kmin, kmax = per_pattern[0].kmin, per_pattern[0].kmax
     else:
-        used = per_head[: min(len(per_head), heads) if is_number(heads) else len(per_head)]
+        n = len(per_pattern)
+        used = per_pattern[: min(n, heads) if is_number(heads) else n]
         kmin = sympy.Min(*(c.kmin for c in used))
         kmax = sympy.Max(*(c.kmax for c in used))
     executed, by_order = None, {}
@@ -639,12 +640,12 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
             block = per_layout[0].block
         order = min(by_order, key=by_order.get)
         executed = by_order[order]
-    assumptions = tuple(dict.fromkeys(a for c in per_head for a in c.assumptions))
-    notes = tuple(dict.fromkeys(n for c in per_head for n in c.notes))
+    assumptions = tuple(dict.fromkeys(a for c in per_pattern for a in c.assumptions))
+    notes = tuple(dict.fromkeys(n for c in per_pattern for n in c.notes))
     report = CostReport(
         label=lowered.label, grid=lowered.grid, head_dim=head_dim, heads=heads, batch=batch,
         dtype_bytes=_dtype_bytes(dtype), pairs=pairs,
-        pairs_per_pattern=tuple(c.pairs for c in per_head), keys_min=kmin, keys_max=kmax,
+        pairs_per_pattern=tuple(c.pairs for c in per_pattern), keys_min=kmin, keys_max=kmax,
         assumptions=assumptions, notes=notes, block=block if executed is not None else None,
         order=order if executed is not None else None, executed_pairs=executed,
         executed_by_order=by_order, kv_heads=kv_heads, key_grid=lowered.key_grid)

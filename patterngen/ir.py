@@ -708,7 +708,7 @@ def verify(ir) -> None:
     Every term has one relation per axis; atoms are known and their sizes are integers >= 1
     (or symbols); a relation that meets several dilated atoms has numeric steps.
     """
-    for head in ir.per_head:
+    for head in ir.patterns:
         keys = head.key_grid
         if keys is not None and keys.ndim != head.grid.ndim:
             raise PatternError(f"IR with query grid {head.grid} (rank {head.grid.ndim}) and key "

@@ -44,7 +44,7 @@ def show(pattern, grid=None, query=None, head: int = 0, key_grid=None) -> str:
         . # C #
     """
     lowered = as_ir(pattern, grid, key_grid)
-    one = lowered.per_head[ir.pattern_of_head(head, len(lowered.per_head))]
+    one = lowered.patterns[ir.pattern_of_head(head, len(lowered.patterns))]
     shape = one.grid.require_numeric("show")
     key_shape = one.keys.require_numeric("show")
     if query is None:

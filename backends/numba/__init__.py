@@ -129,8 +129,8 @@ class NumbaBackend(Backend):
         if self.lanes:
             shared = dict(zip((h.terms for h in plan.distinct_heads(self.ir)), self.shared))
             return tuple(lane_pairs(head, self.shape, self.lanes, shared[head.terms])
-                         for head in self.ir.per_head)
-        return tuple(head.pairs() for head in self.ir.per_head)
+                         for head in self.ir.patterns)
+        return tuple(head.pairs() for head in self.ir.patterns)
 
     def source_for(self, dtype: str, head_dim: int = 0, rel_bias: bool = False,
                    softcap: bool = False) -> str:

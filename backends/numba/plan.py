@@ -103,12 +103,12 @@ def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
     widths = [lanes] if lanes is not None else sorted(set(LANE_CHOICES) | {
         int(a.size) for head in heads for term in head.terms for a in term.rels[-1].atoms
         if isinstance(a, ir.Block) and is_number(a.size) and 2 <= a.size <= 16}, reverse=True)
-    alone = sum(head.pairs() for head in node.per_head)
+    alone = sum(head.pairs() for head in node.patterns)
     for width in widths:
         terms = {h.terms: _lane_terms(h, shape, width) for h in heads}
         shared = tuple(tuple(share for share, _ in terms[h.terms]) for h in heads)
         cost = sum(LANE_PAIR_COST * pairs if share else pairs
-                   for head in node.per_head for share, pairs in terms[head.terms])
+                   for head in node.patterns for share, pairs in terms[head.terms])
         if lanes is not None or (any(map(any, shared)) and cost <= 0.85 * alone):
             return width, shared
     return 0, None
@@ -118,7 +118,7 @@ def distinct_heads(node) -> list:
     """The distinct patterns of ``node``'s heads, in first-use order: one row of the bounds
     table each (``source.kernels`` gives the kernels, one per distinct shape)."""
     out = []
-    for head in node.per_head:
+    for head in node.patterns:
         if head.terms not in [h.terms for h in out]:
             out.append(head)
     return out
@@ -128,7 +128,7 @@ def head_map(node) -> list[int]:
     """Index of each listed head's pattern in :func:`distinct_heads` (its rows of the bounds
     table)."""
     distinct = [h.terms for h in distinct_heads(node)]
-    return [distinct.index(h.terms) for h in node.per_head]
+    return [distinct.index(h.terms) for h in node.patterns]
 
 
 def check_lanes(lanes, allow_none: bool = False) -> None:
