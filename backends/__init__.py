@@ -49,6 +49,8 @@ class Backend:
     #: ``__call__`` takes ``additional_keys``/``additional_values``: tokens outside the grid
     #: that every query attends besides its pattern (NATTEN's)
     SUPPORTS_ADDITIONAL_KEYS: bool = False
+    #: runs an IR whose keys live on another grid (``ir.key_grid``, see patterngen.lower)
+    SUPPORTS_KEY_GRID: bool = False
     #: the compiled softcap; ``None``: off
     softcap = None
 
@@ -164,6 +166,10 @@ class Backend:
             reasons.append(f"dtype={dtype!r} not in {cls.SUPPORTED_DTYPES}")
         if not ir.grid.numeric:
             reasons.append(f"grid={ir.grid} is symbolic; substitute its sizes first")
+        if getattr(ir, "key_grid", None) is not None and not cls.SUPPORTS_KEY_GRID:
+            reasons.append(f"keys on another grid (key_grid={ir.key_grid}, queries on "
+                           f"{ir.grid}) are not supported; backends that run them: "
+                           f"{_supporting('SUPPORTS_KEY_GRID')}")
         return reasons
 
     def prepare(self, device, dtype=None, head_dim=None, heads=None) -> None:
@@ -181,7 +187,8 @@ class Backend:
         """
         from .inputs import flatten_qkv
 
-        qf, kf, vf, restore = flatten_qkv(q, k, v, self.shape, self.name)
+        qf, kf, vf, restore = flatten_qkv(q, k, v, self.shape, self.name,
+                                          getattr(self, "key_shape", None))
         if qf.device.type not in self.SUPPORTED_DEVICES:
             raise PatternError(
                 f"{self.name}: q is on device={str(qf.device)!r}; the {self.name} backend runs on "
@@ -194,17 +201,28 @@ class Backend:
         return qf, kf, vf, restore
 
 
+def _supporting(flag: str) -> list[str]:
+    """The built-in backends that set ``flag`` (those whose module imports)."""
+    out = []
+    for name in sorted(_BUILTIN):
+        try:
+            if getattr(get_backend(name), flag, False):
+                out.append(name)
+        except ImportError:  # the backend's own dependency is missing
+            continue
+    return out
+
+
 def _refusing(method, cls, option: str, flag: str):
     """``method`` that raises when given ``option`` other than ``None``, and drops it."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         if kwargs.pop(option, None) is not None:
-            able = [n for n in sorted(_BUILTIN) if getattr(get_backend(n), flag, False)]
             raise PatternError(
                 f"{cls.name}: {option}= is not supported by the {cls.name} backend ({flag} is "
-                f"not set); use a backend that sets it ({', '.join(able)}) or leave "
-                f"{option}=None.")
+                f"not set); use a backend that sets it ({', '.join(_supporting(flag))}) or "
+                f"leave {option}=None.")
         return method(self, *args, **kwargs)
 
     return wrapper

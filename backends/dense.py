@@ -30,8 +30,8 @@ from patterngen.backends.inputs import unit_stride
 from patterngen.backends.merge import acc_dtype
 
 __all__ = ["MATMUL_KEYS", "matmul_is_faster", "Holes", "ScoreMod", "cap", "cap_", "cap_grad_",
-           "score_matrix", "softmax_attention", "matmul_backward", "fused_forward",
-           "fused_backward", "attention", "masked_attention", "matmul_attention",
+           "bias_grad", "BiasAdd", "score_matrix", "softmax_attention", "matmul_backward",
+           "fused_forward", "fused_backward", "attention", "masked_attention", "matmul_attention",
            "flash_bias_grad_ok", "FlashBias", "softcapped_attention"]
 
 #: most keys per problem for which float32/float64 problems on CPU run as
@@ -78,8 +78,8 @@ class Holes:
 
 
 class ScoreMod:
-    """Softcap (``c * tanh(s / c)``) then a bias ``(heads or 1, problems, rows, keys)`` added
-    to the scores of ``(batch * heads, problems, rows, keys)``."""
+    """Softcap (``c * tanh(s / c)``) then a bias ``(heads or 1, problems or 1, rows, keys)``
+    added to the scores of ``(batch * heads, problems, rows, keys)``."""
 
     def __init__(self, softcap, bias, heads: int):
         self.softcap, self.bias, self.heads = softcap, bias, heads
@@ -95,22 +95,62 @@ class ScoreMod:
         return tanh
 
 
-def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False):
+def bias_grad(grad, shape):
+    """``grad`` (``(batch, heads, problems, rows, keys)``) summed to a bias of ``shape``
+    ``(heads or 1, problems or 1, rows, keys)``. Over problems it is a GEMV with ones (torch's
+    reduction over a middle dimension took 3x as long on Swin's 64 windows), then over the
+    batch."""
+    b, h, p, n, k = grad.shape
+    if shape[1] == 1 and p > 1:
+        grad = torch.matmul(grad.new_ones(1, p), grad.view(b, h, p, n * k)).view(b, h, 1, n, k)
+    return grad.sum(0).sum_to_size(shape)
+
+
+class BiasAdd(torch.autograd.Function):
+    """``scores + bias`` (broadcast over batch, and problems where the bias has one), then an
+    additive ``mask`` (no gradient) in place; its backward sums the bias's gradient with
+    :func:`bias_grad`. Out of place on purpose: an in-place add on a view of the scores made
+    autograd copy the whole score tensor back (``CopySlices``) in the backward."""
+
+    @staticmethod
+    def forward(ctx, scores, bias, mask):
+        ctx.shape = bias.shape
+        out = scores + bias
+        return out.add_(mask) if mask is not None else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, bias_grad(grad, ctx.shape), None
+
+
+def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False,
+                 autograd: bool = False):
     """``scale * q k^T`` (``(..., rows, keys)``, a problem per leading index), modified by
     ``mod`` (a :class:`ScoreMod`), with ``mask`` added: an additive tensor, a :class:`Holes`,
-    or ``None``. With ``keep_tanh``, returns ``(scores, tanh)``."""
+    or ``None``. With ``keep_tanh``, returns ``(scores, tanh)``.
+
+    With ``autograd`` (no softcap, no holes), the GEMM is a bmm scaled in place (measured
+    faster through autograd than baddbmm's alpha or a scaled q, whose backwards copy the
+    problems one by one) and the bias and mask are added by :class:`BiasAdd`; without, the
+    scale is the GEMM's alpha, no pass of its own, and the rest is in place."""
     *lead, n, d = q.shape  # (batch, problems) or more leading dimensions
     keys = k.shape[-2]
+    q3, k3 = q.reshape(-1, n, d), k.reshape(-1, keys, d).transpose(1, 2)
+    if autograd:
+        scores = torch.bmm(q3, k3).mul_(scale).view(*lead, n, keys)
+        if mod is not None and mod.bias is not None:
+            return BiasAdd.apply(scores.view(-1, mod.heads, *scores.shape[1:]),
+                                 mod.bias.to(scores.dtype), mask).view(scores.shape)
+        return scores if mask is None else scores + mask
     scores = torch.empty(math.prod(lead), n, keys, dtype=q.dtype, device=q.device)
-    scores.baddbmm_(q.reshape(-1, n, d), k.reshape(-1, keys, d).transpose(1, 2), beta=0,
-                    alpha=scale)
+    scores.baddbmm_(q3, k3, beta=0, alpha=scale)
     scores = scores.view(*lead, n, keys)
     tanh = mod.apply(scores, keep_tanh) if mod is not None else None
     if isinstance(mask, Holes):
         rows = scores.view(-1, n * keys) if mask.shared else scores.view(lead[0], -1)
         rows.index_fill_(1, mask.index, float("-inf"))
     elif mask is not None:
-        scores += mask
+        scores.add_(mask)
     return (scores, tanh) if keep_tanh else scores
 
 
@@ -119,15 +159,18 @@ def softmax_attention(q, k, v, mask, scale, need_lse: bool, mod=None):
     ``need_lse``). The log-sum-exp comes from two row maxima, ``max S - log(max P)``: one
     fused softmax and two reads of the scores, where ``logsumexp`` then exp would take six
     passes. A row whose scores are all ``-inf`` (no key, or keys of ``-inf`` score) attends
-    nothing: output 0, ``lse = -inf``, as SDPA on that query's keys alone. With autograd
-    (the distributed partials) such a row's scores are zeroed first, so that its softmax's
-    ``0 / 0`` puts no NaN into the gradients; the executors' own backwards never see it."""
+    nothing: output 0, ``lse = -inf``, as SDPA on that query's keys alone. Such a row's
+    scores are zeroed first, so that its softmax's ``0 / 0`` puts no NaN into the output:
+    CPU's bfloat16 GEMM carries a NaN row of the probabilities into other rows (measured:
+    a padded tile's dead rows turned its live rows NaN), and with autograd (the distributed
+    partials) into the gradients."""
     scores = score_matrix(q, k, mask, scale, mod)
     top = scores.amax(dim=-1, keepdim=True)
     dead = top == float("-inf")
     any_dead = bool(dead.any())
-    if any_dead and scores.requires_grad:
-        scores = scores.masked_fill(dead, 0.0)
+    if any_dead:
+        scores = (scores.masked_fill(dead, 0.0) if scores.requires_grad
+                  else scores.masked_fill_(dead, 0.0))
     probs = torch.softmax(scores, dim=-1)
     out = probs @ v
     if any_dead:
@@ -142,7 +185,8 @@ def matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None, delta=None):
     ``dS = P (dout v^T - rowsum(dout * out))``; through a softcap,
     ``dS_raw = dS (1 - tanh^2)``. ``delta``: ``rowsum(dout * out)`` when the caller has it
     (``out`` is then not read). Returns ``(dq, dk, dv, dbias)``, ``dbias`` the score
-    gradient summed to the bias's ``(heads or 1, problems, rows, keys)`` (``None`` without)."""
+    gradient summed to the bias's ``(heads or 1, problems or 1, rows, keys)`` (``None``
+    without)."""
     p, tanh = score_matrix(q, k, mask, scale, mod, keep_tanh=True)
     p.sub_(lse.to(p.dtype)).exp_()
     if delta is None:
@@ -150,8 +194,7 @@ def matmul_backward(q, k, v, out, lse, dout, mask, scale, mod=None, delta=None):
     ds = (dout @ v.transpose(-1, -2)).sub_(delta).mul_(p)
     dbias = None
     if mod is not None and mod.bias is not None:
-        per_head = ds.view(-1, mod.heads, *ds.shape[1:]).sum(0)
-        dbias = per_head.sum(0, keepdim=True) if mod.bias.shape[0] == 1 else per_head
+        dbias = bias_grad(ds.view(-1, mod.heads, *ds.shape[1:]), mod.bias.shape)
     if tanh is not None:
         ds = cap_grad_(ds, tanh)
     dq = _scaled_bmm(ds, k, scale)

@@ -118,7 +118,7 @@ def make_mask_mod(ir_, permutation=None, device="cpu", padded=True):
 
     shape = ir_.grid.require_numeric("mask_mod")
     tokens = int(np.prod(shape))
-    heads = ir_.per_head
+    heads = ir_.patterns
     ops = _ir.torch_ops()
     coords = _coordinates(shape, permutation, device, padded)
 

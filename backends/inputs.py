@@ -9,11 +9,12 @@ from patterngen.cost import check_kv_heads
 from patterngen.errors import PatternError
 
 
-def flatten_qkv(q, k, v, shape: tuple, backend: str):
+def flatten_qkv(q, k, v, shape: tuple, backend: str, key_shape: tuple | None = None):
     """Check ``q, k, v`` against a compiled grid and flatten them to ``(batch, heads, N, dim)``.
 
     Accepts ``(batch, heads, *grid, dim)`` or ``(batch, heads, tokens, dim)``; ``k`` and ``v``
-    may have fewer heads than ``q``, a divisor of them (grouped key/value heads).
+    may have fewer heads than ``q``, a divisor of them (grouped key/value heads). With
+    ``key_shape`` (keys on another grid) ``k`` and ``v`` have that grid or its tokens.
 
     Returns:
         ``(q, k, v, restore)``: flattened views and a function that reshapes an output like
@@ -34,6 +35,8 @@ def flatten_qkv(q, k, v, shape: tuple, backend: str):
     if not (q.device == k.device == v.device):
         raise PatternError(
             f"{backend}: q, k, v devices differ: {q.device}, {k.device}, {v.device}.")
+    if key_shape is not None:
+        return _flatten_cross(q, k, v, shape, key_shape, backend)
     if not (k.shape == v.shape and q.dim() == k.dim() >= 2 and q.shape[0] == k.shape[0]
             and q.shape[2:] == k.shape[2:]):
         raise PatternError(
@@ -51,6 +54,38 @@ def flatten_qkv(q, k, v, shape: tuple, backend: str):
     out_shape = q.shape
     b, d = q.shape[0], q.shape[-1]
     q, k, v = (t.reshape(b, t.shape[1], tokens, d) for t in (q, k, v))
+    return q, k, v, (lambda out: out.reshape(out_shape))
+
+
+def _layout_of(t, shape: tuple, name: str, backend: str, role: str) -> bool:
+    """Whether ``t`` is gridded (``(batch, heads, *shape, dim)``) rather than flat; raises
+    for neither."""
+    tokens = math.prod(shape)
+    if t.dim() == len(shape) + 3 and tuple(t.shape[2:-1]) == tuple(shape):
+        return True
+    if t.dim() == 4 and t.shape[2] == tokens:
+        return False
+    sizes = ", ".join(map(str, shape))
+    raise PatternError(
+        f"{backend}: {name} has shape {tuple(t.shape)}; the {role} grid is "
+        f"{'x'.join(map(str, shape))} ({tokens} tokens), so expected (batch, heads, {sizes}, "
+        f"head_dim) or (batch, heads, {tokens}, head_dim).")
+
+
+def _flatten_cross(q, k, v, shape: tuple, key_shape: tuple, backend: str):
+    """:func:`flatten_qkv` when ``k`` and ``v`` live on the grid ``key_shape``."""
+    if not (k.shape == v.shape and q.dim() >= 3 and k.dim() >= 3 and q.shape[0] == k.shape[0]
+            and q.shape[-1] == k.shape[-1]):
+        raise PatternError(
+            f"{backend}: q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}; expected "
+            f"k and v of one shape, and q, k, v of one batch and head_dim.")
+    check_kv_heads(q.shape[1], k.shape[1], backend)
+    _layout_of(q, shape, "q", backend, "query")
+    _layout_of(k, key_shape, "k", backend, "key")
+    out_shape = q.shape
+    b, d = q.shape[0], q.shape[-1]
+    q = q.reshape(b, q.shape[1], math.prod(shape), d)
+    k, v = (t.reshape(b, t.shape[1], math.prod(key_shape), d) for t in (k, v))
     return q, k, v, (lambda out: out.reshape(out_shape))
 
 

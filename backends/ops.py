@@ -5,10 +5,10 @@ and NATTEN register their kernels as operators for the same reason. The numba ke
 (``backends/numba/autograd.py``) and the term-wise planner's runs (``backends/planned.py``)
 are custom ops in the ``patterngen`` namespace, each with a fake (meta) implementation that
 gives the output shapes and an autograd formula that calls the matching backward op; this
-module holds what they share. The ops take tensors and plain values only: the compiled pattern is found
-by a *key* (:func:`register`), the backend's name, a stable digest, and the IR and options
-themselves as JSON, so a compiled or exported graph holds a string, not a Python object. A
-process that meets a key it has not registered (a loaded exported program) rebuilds the
+module holds what they share. The ops take tensors and plain values only: the compiled
+pattern is found by a *key* (:func:`register`), the backend's name, a stable digest, and the
+IR and options themselves as JSON, so a compiled or exported graph holds a string, not a
+Python object. A process that meets a key it has not registered (a loaded exported program) rebuilds the
 compiled pattern from the key on first use (:func:`lookup`).
 
 The schemas carry the relative position bias table and the softcap (``Tensor? rel_bias,

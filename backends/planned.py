@@ -72,9 +72,12 @@ class DenseTerm:
         self.softcap, self.reach = softcap, reach
         self.mask = dense_mask(shape, term, earlier)
         self.rows = rows
-        self.problems = shape.batch
-        #: no mask and a key for every query: :meth:`autograd_forward` may run it
-        self.plain = self.mask is None and bool(rows.all()) and softcap is None
+        self.problems, self.keys = shape.batch, shape.keys
+        #: a key for every query and no softcap: :meth:`autograd_forward` may run it
+        self.plain = bool(rows.all()) and softcap is None
+        #: an axis rolled as Swin rolls (:attr:`patterngen.plan.AxisPlan.roll`): the views
+        #: are one gather each (:meth:`_gather`)
+        self.rolled = any(ax.roll for ax in shape.axes)
         self._cache = {}
 
     def _recipe(self, side: str) -> tuple:
@@ -111,10 +114,62 @@ class DenseTerm:
             self._cache[key] = (cuts, tuple(split), order, rows, inverse, ordered, tuple(whole))
         return self._cache[key]
 
+    def _gather(self, side: str, device):
+        """For a shape with a rolled axis, one gather in place of roll, pad and permute:
+        ``(index, padded, inverse, missing)``, ``index`` the token of each view position
+        (``N``, a zero row appended when ``padded``, for padding) and ``inverse`` the view
+        position of each token (one past the last, a ``fill`` row, when ``missing``)."""
+        key = ("gather", side, str(device))
+        if key not in self._cache:
+            import torch
+
+            index = np.zeros((1, 1), dtype=np.int64)
+            for ax, n in zip(self.shape.axes, self.grid):
+                c = ax.coords(side)
+                b, r = index.shape
+                index = np.where((index[:, None, :, None] < 0) | (c[None, :, None, :] < 0), -1,
+                                 index[:, None, :, None] * n + c[None, :, None, :]
+                                 ).reshape(b * c.shape[0], r * c.shape[1])
+            index = index.reshape(-1)
+            tokens = math.prod(self.grid)
+            inverse = np.full(tokens, index.size, dtype=np.int64)
+            inverse[index[index >= 0]] = np.flatnonzero(index >= 0)
+            padded, missing = bool((index < 0).any()), bool((inverse == index.size).any())
+            index = np.where(index < 0, tokens, index)
+            self._cache[key] = (torch.as_tensor(index, device=device), padded,
+                                torch.as_tensor(inverse, device=device), missing)
+        return self._cache[key]
+
+    def _gathered(self, x, side: str):
+        """:meth:`_view` of a rolled shape: ``(B, H, N, d)`` -> ``(B * H, problems, rows,
+        d)`` by one gather (padding reads an appended zero row)."""
+        import torch.nn.functional as F
+
+        index, padded, _, _ = self._gather(side, x.device)
+        if padded:
+            x = F.pad(x, (0, 0, 0, 1))
+        b, h, _, d = x.shape
+        return x.index_select(2, index).view(b * h, self.problems, -1, d)
+
+    def _scattered(self, y, b: int, h: int, fill: float, side: str):
+        """:meth:`_unview` of a rolled shape, by the inverse gather (tokens the view lacks
+        read an appended ``fill`` row)."""
+        import torch.nn.functional as F
+
+        _, _, inverse, missing = self._gather(side, y.device)
+        y = y.reshape(b, h, -1, y.shape[-1])
+        if missing:
+            y = F.pad(y, (0, 0, 0, 1), value=fill)
+        return y.index_select(2, inverse)
+
     def _view(self, x, side: str):
         """``(B, H, N, d)`` -> ``(B * H, problems, rows, d)`` in the problems' order."""
         import torch.nn.functional as F
 
+        if self.rolled:
+            b, h = x.shape[:2]
+            return _Moved.apply(x, lambda t: self._gathered(t, side),
+                                lambda g: self._scattered(g, b, h, 0.0, side))
         cuts, split, order, rows, _, _, _ = self._recipe(side)
         b, h, _, d = x.shape
         # the split refines the grid's row-major axes: without cuts, one reshape does both
@@ -134,8 +189,11 @@ class DenseTerm:
         (``fill=0``) this is also the view's adjoint."""
         import torch.nn.functional as F
 
-        cuts, _, _, _, inverse, ordered, whole = self._recipe(side)
         e = y.shape[-1]
+        if self.rolled:
+            return _Moved.apply(y, lambda t: self._scattered(t, b, h, fill, side),
+                                lambda g: self._gathered(g, side))
+        cuts, _, _, _, inverse, ordered, whole = self._recipe(side)
         t = y.reshape(b, h, *ordered, e).permute(inverse)
         if not cuts:
             return t.reshape(b, h, math.prod(self.grid), e)
@@ -199,20 +257,24 @@ class DenseTerm:
         """Matmul-softmax-matmul rather than the fused kernel: small float32/float64 problems
         on CPU, and always with a softcap or bias (the fused kernels give no score gradient)."""
         return (table is not None or self.softcap is not None
-                or dense.matmul_is_faster(q, self.shape.keys))
+                or dense.matmul_is_faster(q, self.keys))
 
     def _offsets(self, device):
-        """``(problems, rows, keys)`` flat positions in a bias table of each pair (key minus
-        query plus reach per axis; padding and pairs beyond the reach clipped into the table,
-        the mask removes them)."""
+        """``(1, rows, keys)`` flat positions in a bias table of each pair (key minus query
+        plus reach per axis), the same for every problem: read from the positions before
+        padding and the roll's wrap (:meth:`patterngen.plan.AxisPlan.coords`), so that the
+        table is gathered once per call and broadcast over problems, batch and heads, and
+        its gradient is summed over them before one scatter. Pairs beyond the reach (padding,
+        the roll's wrapped pairs) are clipped into the table; the mask removes them."""
         key = ("offsets", str(device))
         if key not in self._cache:
             import torch
 
             parts = []
             for ax, r in zip(self.shape.axes, self.reach):
-                qc, kc = ax.coords("q"), ax.coords("k")
-                parts.append(np.clip(kc[:, None, :] - qc[:, :, None] + r, 0, 2 * r))
+                qc, kc = ax.coords("q", unrolled=True), ax.coords("k", unrolled=True)
+                part = np.clip(kc[:, None, :] - qc[:, :, None] + r, 0, 2 * r)
+                parts.append(part[:1] if (part == part[:1]).all() else part)
             index = parts[0]
             for part, r in zip(parts[1:], self.reach[1:]):
                 b, q, k = index.shape
@@ -229,18 +291,24 @@ class DenseTerm:
             return None
         tile = None
         if table is not None:
-            tile = table.reshape(table.shape[0], -1)[:, self._offsets(table.device)]
+            # index_select, not advanced indexing: 40 us against 270 us for Swin-T's last
+            # stage (24 heads), about half of that call's time
+            index = self._offsets(table.device)
+            tile = table.reshape(table.shape[0], -1).index_select(1, index.view(-1)).view(
+                table.shape[0], *index.shape)
             tile = tile.repeat(1, 1, group, 1) if tile.shape[0] == 1 else _fold(tile, group)
         return ScoreMod(self.softcap, tile, heads // group)
 
-    def autograd_forward(self, q, k, v, scale):
+    def autograd_forward(self, q, k, v, scale, table=None):
         """The output ``(B, H, N, d)`` through torch's autograd, as a model's partitioned
-        attention runs it (views, bmm, softmax, bmm; its backward keeps the probabilities
-        instead of recomputing them from the log-sum-exp: one batched matmul and one exp
-        less), or ``None`` where that does not apply. It applies to a term that runs alone
-        on the matmul path with no mask and a key for every query, in eager mode, when its
-        output is finite (a row whose scores are all ``-inf`` gives NaN here where the merge
-        gives 0; the caller then runs the merge)."""
+        attention runs it (views, bmm, the bias and mask added, softmax, bmm; its backward
+        keeps the probabilities instead of recomputing them from the log-sum-exp: one batched
+        matmul and one exp less, and the bias's gradient is the kept score gradient summed),
+        or ``None`` where that does not apply. It applies to a term that runs alone on the
+        matmul path with a key for every query and no softcap, in eager mode, when its output
+        is finite (a row whose scores are all ``-inf`` gives NaN here where the merge gives 0;
+        the caller then runs the merge). ``table``: a relative position bias table; without
+        gradients, it runs in the fused kernel (:meth:`_fused_with_bias`)."""
         import torch
 
         if not self.plain or not self._matmul(q) or torch.compiler.is_compiling():
@@ -249,19 +317,38 @@ class DenseTerm:
         qp = _fold(self._view(q, "q"), group := h // k.shape[1])
         kp, vp = self._view(k, "k"), self._view(v, "k")
         bp, p, n, d = qp.shape
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            # bmm then an in-place scale: measured faster through autograd than baddbmm's
-            # alpha or a scaled q (whose backwards copy the problems one by one)
-            scores = torch.bmm(qp.reshape(bp * p, n, d),
-                               kp.reshape(bp * p, -1, d).transpose(1, 2)).mul_(scale)
-        else:  # the scale as the GEMM's alpha, no pass of its own
-            scores = dense.score_matrix(qp, kp, None, scale).view(bp * p, n, -1)
-        out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, table))
+        if table is not None and not grad:
+            out = self._fused_with_bias(qp, kp, vp, scale, self._mod(table, h, group).bias,
+                                        self._additive_mask(q.dtype, q.device, group))
+        else:
+            mask = (self._additive_mask(q.dtype, q.device, group) if grad
+                    else self._matmul_mask(q.dtype, q.device, group))
+            scores = dense.score_matrix(qp, kp, mask, scale, self._mod(table, h, group),
+                                        autograd=grad).view(bp * p, n, -1)
+            out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
         # one sum: a NaN or an infinity anywhere makes it non-finite (a sum that merely
         # overflows only sends the call to the merge, which is exact for any input)
         if not math.isfinite(float(out.detach().sum())):
             return None
         return self._unview(_unfold(out.view(bp, p, n, d), group), b, h, 0.0)
+
+    @staticmethod
+    def _fused_with_bias(qp, kp, vp, scale, bias, mask):
+        """Inference with a bias ``(heads, 1, rows, keys)`` (and a mask ``(1, problems, rows,
+        keys)``) in the fused kernel, the bias broadcast over batch (the mask's problems
+        over heads) by the kernel: in the call, 0.84-0.93x the matmul path's time on Swin-T's
+        stages (its scores never leave the cache), where without a bias the matmul path is
+        the faster (:data:`dense.MATMUL_KEYS`)."""
+        bp, p, n, d = qp.shape
+        heads = bias.shape[0]
+        if mask is None:
+            add = bias.expand(bp // heads, heads, 1, n, -1).reshape(bp, 1, n, -1)
+        else:  # the heads' problems become one axis, so that one tensor holds both
+            add = (bias + mask).view(1, heads * p, n, -1)
+            qp, kp, vp = (t.view(bp // heads, heads * p, -1, d) for t in (qp, kp, vp))
+        return dense.fused_forward(qp, kp, vp, add.to(qp.dtype), scale)[0].reshape(bp, p, n, d)
 
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
@@ -314,10 +401,11 @@ class DenseTerm:
             if table is not None:  # each pair's score gradient lands on its table entry
                 dtile = (_unfold(dtile, group) if table.shape[0] > 1 else
                          dtile.unflatten(2, (group, -1)).sum(2))
-                flat = torch.zeros(table.shape[0], table[0].numel(), dtype=dtile.dtype,
-                                   device=dtile.device)
+                # accumulated in float32 at least: each entry sums many pairs' gradients
+                flat = torch.zeros(table.shape[0], table[0].numel(),
+                                   dtype=acc_dtype(dtile.dtype), device=dtile.device)
                 flat.index_add_(1, self._offsets(table.device).reshape(-1),
-                                dtile.reshape(table.shape[0], -1))
+                                dtile.reshape(table.shape[0], -1).to(flat.dtype))
                 dtable = flat.view(table.shape).to(table.dtype)
         else:
             op = _fold(self._view(out, "q"), group)
@@ -326,6 +414,27 @@ class DenseTerm:
                                               scale)
         return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
                 self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
+
+
+def _moved_class():
+    import torch
+
+    class Moved(torch.autograd.Function):
+        """``there(x)``, a gather that moves each token to at most one place, whose adjoint
+        is the inverse gather ``back``: index_select's own backward would fill a zero
+        tensor and scatter-add into it (measured: a third of the backward's copies on
+        Swin's shifted windows)."""
+
+        @staticmethod
+        def forward(ctx, x, there, back):
+            ctx.back = back
+            return there(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return ctx.back(grad), None, None
+
+    return Moved
 
 
 def _fold(x, group: int):
@@ -397,10 +506,11 @@ class GatherGroup:
         terms: the gather terms, in union order.
         grid: the numeric grid (an :class:`~patterngen.ir.Grid`).
         label: for the kernels' headers.
+        key_grid: the keys' grid, when it is another.
     """
 
-    def __init__(self, terms, grid, label: str, softcap=None):
-        sub = ir.IR(grid, tuple(terms), label)
+    def __init__(self, terms, grid, label: str, softcap=None, key_grid=None):
+        sub = ir.IR(grid, tuple(terms), label, key_grid)
         self.backend = get_backend("numba")(sub, softcap=softcap)
         self.shape = self.backend.shape
         self.softcap = softcap
@@ -458,13 +568,13 @@ class _Runner:
             done = []
             if gather:
                 parts.append(GatherGroup(gather, lowered.grid, head.label or lowered.label,
-                                         softcap))
+                                         softcap, lowered.key_grid))
                 done = list(gather)
-            before = _covered(lowered.grid, done)
+            before = _covered(lowered.grid, done, lowered.key_grid)
             for tp in tps:
                 if tp.executor != "dense":
                     continue
-                after = _covered(lowered.grid, done + [tp.term])
+                after = _covered(lowered.grid, done + [tp.term], lowered.key_grid)
                 parts.append(DenseTerm(tp.term, tp.dense, done, shape, after > before,
                                        softcap, self.reach))
                 done.append(tp.term)
@@ -481,11 +591,11 @@ def _register_runner(runner, plan) -> str:
         tuple((tp.term, tp.executor) for tp in tps) for tps in plan.patterns))
 
 
-def _covered(grid, terms) -> np.ndarray:
+def _covered(grid, terms, key_grid=None) -> np.ndarray:
     """Keys per query of the union of ``terms`` (row-major; zeros for none)."""
     if not terms:
         return np.zeros(math.prod(int(n) for n in grid.shape), dtype=np.int64)
-    return ir.IR(grid, tuple(terms)).key_counts()
+    return ir.IR(grid, tuple(terms), key_grid=key_grid).key_counts()
 
 
 def _forward_impl(q, k, v, ak, av, rel_bias, key, scale, need_lse):
@@ -593,6 +703,7 @@ def _rebuild(lowered, options):
 # that calls them finds them once the pattern is compiled
 _planned_fwd = _define_ops()
 ops.register_rebuild("planned", _rebuild)
+_Moved = _moved_class()
 
 
 def _heads_of(p: int, npat: int, heads: int):
@@ -731,12 +842,15 @@ class PlannedBackend(Backend):
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
     SUPPORTS_ADDITIONAL_KEYS = True
+    SUPPORTS_KEY_GRID = True
 
     def __init__(self, ir_, device="cpu", dtype="float32", head_dim=32, heads=4, batch=1,
                  backward=False, scale=None, strategy=None, rates=None, terms=None,
                  softcap=None, autotune=False):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the auto backend")
+        self.key_shape = None if ir_.key_grid is None else ir_.key_grid.require_numeric(
+            "the auto backend")
         self.scale = scale
         self.softcap = check_softcap(softcap)
         self._strategy = strategy
@@ -911,8 +1025,8 @@ class PlannedBackend(Backend):
         scale = scale if scale is not None else self.scale
         scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
         ak, av = extra or (None, None)
-        if run.alone is not None and extra is None and rel_bias is None:
-            out = run.alone.autograd_forward(qf, kf, vf, scale)
+        if run.alone is not None and extra is None:
+            out = run.alone.autograd_forward(qf, kf, vf, scale, rel_bias)
             if out is not None:
                 return restore(out)
         return restore(_planned_fwd(qf, kf, vf, ak, av, rel_bias, run.op_key, scale,

@@ -21,6 +21,7 @@ patterngen is slower). ``pred`` is the planner's predicted time for ``auto``'s c
 Run:
     python benchmarks/bench_maxvit.py                          # 56, 28, 14; batch 2 and 8
     python benchmarks/bench_maxvit.py --sizes 56 --batches 2 --rounds 9 --threads 1
+    python benchmarks/bench_maxvit.py --threads 1 --cpu-time   # on a machine others load
 """
 
 from __future__ import annotations
@@ -110,26 +111,28 @@ def _check(kind, g, grid, timm_fns):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def _interleaved(steps: dict, rounds: int) -> dict:
-    """Median ms per candidate, the candidates alternating call by call."""
+def interleaved(steps: dict, rounds: int, clock=time.perf_counter) -> dict:
+    """Median ms per candidate, the candidates alternating call by call, by ``clock``."""
     for step in steps.values():  # warm-up: compile, plan, first allocations
         step()
         step()
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            t = time.perf_counter()
+            t = clock()
             step()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(clock() - t)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def run(size: int, batch: int, kind: str, backward: bool, g: int, heads: int, head_dim: int,
-        rounds: int) -> dict:
+        rounds: int, clock=time.perf_counter) -> dict:
     grid = (size, size)
     spec = spec_of(kind, g, *grid)
+    threads = torch.get_num_threads()
     attn = pg.compile(spec, grid, backend="auto", head_dim=head_dim, heads=heads,
                       batch=batch, backward=backward)
+    torch.set_num_threads(threads)  # a first calibration for this thread count resets it
     timm_fns = {"timm-matmul": timm_attention(kind, g, False),
                 "timm-sdpa": timm_attention(kind, g, True)}
     _check(kind, g, grid, timm_fns)
@@ -145,8 +148,8 @@ def run(size: int, batch: int, kind: str, backward: bool, g: int, heads: int, he
                     out.sum().backward()
         return step
 
-    ms = _interleaved({"auto": step_of(attn), **{n: step_of(f) for n, f in timm_fns.items()}},
-                      rounds)
+    ms = interleaved({"auto": step_of(attn), **{n: step_of(f) for n, f in timm_fns.items()}},
+                     rounds, clock)
     plan = attn.plans[-1]
     executor = plan.strategy if plan.strategy != "terms" else "+".join(
         sorted({tp.executor for tp in plan.patterns[0]}))
@@ -164,11 +167,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the process's CPU time, not the wall clock: with --threads 1 "
+                         "it holds on a machine that other jobs load")
     args = ap.parse_args(argv)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; G={args.g}, heads={args.heads}, "
-          f"head_dim={args.head_dim}, float32, median of {args.rounds} interleaved rounds")
+          f"head_dim={args.head_dim}, float32, median of {args.rounds} interleaved rounds "
+          f"({'CPU time' if args.cpu_time else 'wall clock'})")
     print("| grid | batch | attention | pass | auto plan | auto ms (pred) | timm matmul ms "
           "| timm sdpa ms | auto / timm |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
             for kind in args.kinds.split(","):
                 for backward in passes:
                     r = run(size, batch, kind, backward, args.g, args.heads, args.head_dim,
-                            args.rounds)
+                            args.rounds, clock)
                     best = min(r["timm-matmul"], r["timm-sdpa"])
                     print(f"| {size}x{size} | {batch} | {kind} | "
                           f"{'fwd+bwd' if backward else 'fwd'} | {r['plan']} | "

@@ -76,7 +76,8 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         kernel(*arrays, out, ones, lse, attn.shape, scale)
         alone.append(time.perf_counter() - t)
-    print(f"backward kernel called directly: {median_ms(alone):.2f} ms; inside out.sum().backward(): "
+    print(f"backward kernel called directly: {median_ms(alone):.2f} ms; "
+          f"inside out.sum().backward(): "
           f"{median_ms(inner[0::2]):.2f} ms; inside out.backward(ones): "
           f"{median_ms(inner[1::2]):.2f} ms")
 

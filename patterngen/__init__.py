@@ -27,7 +27,8 @@ __all__ = [
     "causal", "full", "heads", "lower", "compile", "materialize", "show", "dense_attention",
     "cost",
     "CostReport", "IR", "HeadsIR", "Grid", "as_grid", "symbol", "PatternError",
-    "BackendUnavailable", "UnknownBackend", "receptive_field", "layers_to_global", "profile", "parse", "nn",
+    "BackendUnavailable", "UnknownBackend", "receptive_field", "layers_to_global", "profile",
+    "parse", "nn",
     "layout", "Layout", "plan", "Plan", "bias", "distributed",
 ]
 __version__ = "0.1.0"

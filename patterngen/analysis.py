@@ -77,7 +77,7 @@ def _stack(patterns, grid, what: str) -> tuple[tuple[int, ...], list[_Layer]]:
                 f"{what}: every layer needs the same grid; {lowered.label} is on "
                 f"{lowered.grid}, the layers before on {'x'.join(map(str, shape))}.")
         shape = lowered.grid.require_numeric(what)
-        terms = tuple(dict.fromkeys(t for head in lowered.per_head for t in head.terms))
+        terms = tuple(dict.fromkeys(t for head in lowered.patterns for t in head.terms))
         layers.append(_Layer(lowered.label, terms))
     return shape, layers
 

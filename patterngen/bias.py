@@ -1,7 +1,9 @@
 """Relative position bias: a table indexed by key minus query on every axis, and softcap.
 
 A pattern's *reach* on axis ``a`` is the largest ``|key[a] - query[a]|`` over its attended
-pairs. A bias table for it has shape ``(heads or 1, 2 * reach[0] + 1, 2 * reach[1] + 1, ...)``
+pairs (with keys on another grid, ``|key[a] - c(query)[a]|``, the key coordinate the query
+sits over: :func:`patterngen.ir.center`). A bias table for it has shape
+``(heads or 1, 2 * reach[0] + 1, 2 * reach[1] + 1, ...)``
 and the score of the pair ``(query, key)`` under head ``h`` gains
 ``table[h, key[0] - query[0] + reach[0], key[1] - query[1] + reach[1], ...]`` (row 0 for every
 head when the first dimension is 1). With ``softcap=c`` the scaled score ``s`` becomes
@@ -32,10 +34,13 @@ __all__ = ["reach", "table_shape", "axis_offsets", "offset_index", "coordinates"
            "from_swin", "alibi"]
 
 
-def _axis_reach(rel: _ir.Rel, n: int) -> int:
-    """Largest ``|key - query|`` on one axis of length ``n`` over queries that have keys."""
-    i = np.arange(n, dtype=np.int64)
-    start, stop = rel.bounds(i, n, _ir.NUMPY_OPS)
+def _axis_reach(rel: _ir.Rel, n: int, nq: int | None = None) -> int:
+    """Largest ``|key - query|`` on one axis of length ``n`` over queries that have keys; with
+    ``nq`` queries over the keys, ``|key - c(query)|`` (:func:`patterngen.ir.center`)."""
+    nq = n if nq is None else nq
+    i = np.arange(nq, dtype=np.int64)
+    start, stop = rel.bounds(i, n, _ir.NUMPY_OPS, nq)
+    i = _ir.center(i, nq, n)
     start, stop = np.broadcast_to(start, i.shape), np.broadcast_to(stop, i.shape)
     step = int(rel.step)
     has = stop > start
@@ -62,13 +67,14 @@ def reach(ir_) -> tuple[int, ...]:
         PatternError: for a symbolic grid.
     """
     shape = [int(n) for n in ir_.grid.require_numeric("reach")]
+    keys = [int(n) for n in ir_.keys.require_numeric("reach")]
     out = [0] * len(shape)
-    for head in ir_.per_head:
+    for head in ir_.patterns:
         for term in head.terms:
-            if not all(c.any() for c in term.counts(shape)):
+            if not all(c.any() for c in term.counts(shape, keys)):
                 continue  # no pair on this grid
-            for a, (rel, n) in enumerate(zip(term.rels, shape)):
-                out[a] = max(out[a], _axis_reach(rel, n))
+            for a, (rel, n, nk) in enumerate(zip(term.rels, shape, keys)):
+                out[a] = max(out[a], _axis_reach(rel, nk, n))
     return tuple(out)
 
 

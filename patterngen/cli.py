@@ -24,10 +24,12 @@ from .parse import ascii_digits, parse, parse_grid
 __all__ = ["main", "build_parser"]
 
 EXAMPLES = {
-    "show": ['patterngen show "window(7) | axis(0)" --grid 14x14 --query 0,0'],
+    "show": ['patterngen show "window(7) | axis(0)" --grid 14x14 --query 0,0',
+             'patterngen show "window(3)" --grid 16x16 --key-grid 4x4 --query 9,2'],
     "cost": ['patterngen cost "block(M)" --grid H,W --head-dim C',
              'patterngen cost "window(7)" --grid H,W --subs H=56 W=56',
-             'patterngen cost "window(24, stride=8)" --grid 64x64 --block 64'],
+             'patterngen cost "window(24, stride=8)" --grid 64x64 --block 64',
+             'patterngen cost "window(5)" --grid H,W --key-grid h,w --head-dim d'],
     "plan": ['patterngen plan "criss_cross() | window(3)" --grid 64x64 --backward',
              'patterngen plan "block(7)" --grid 56x56 --heads 4 --dtype bfloat16'],
     "profile": ['patterngen profile "window(7)" --grid 64x64 --backend numba',
@@ -107,11 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=_grid, required=True, help="numeric grid, e.g. 14x14")
     p.add_argument("--query", type=_coords, help="query coordinates, e.g. 0,0 (default centre)")
     p.add_argument("--head", type=int, default=0, help="head to draw for heads(...) patterns")
+    p.add_argument("--key-grid", type=_grid, help="the keys' grid when it is another, e.g. 4x4 "
+                                                  "(docs/cross.md)")
 
     p = command("cost", "print the exact symbolic cost report")
     p.add_argument("pattern", help='pattern expression, e.g. "block(M)"')
     p.add_argument("--grid", type=_grid, required=True, help="grid, e.g. H,W or 56x56")
     _add_shape_options(p, 1, 1, symbolic=True)
+    p.add_argument("--key-grid", type=_grid, help="the keys' grid when it is another, e.g. h,w "
+                                                  "(docs/cross.md)")
     p.add_argument("--subs", type=_assignment, nargs="+", default=[], metavar="NAME=N",
                    help="substitute sizes after the symbolic report, e.g. H=56 W=56")
     p.add_argument("--block", type=_grid, metavar="BQxBK",
@@ -165,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _show(args):
     from .pictures import show
 
-    print(show(parse(args.pattern), grid=args.grid, query=args.query, head=args.head))
+    print(show(parse(args.pattern), grid=args.grid, query=args.query, head=args.head,
+               key_grid=args.key_grid))
 
 
 def _cost(args):
@@ -173,7 +180,7 @@ def _cost(args):
 
     block = args.block if args.block is None or len(args.block) != 1 else args.block[0]
     report = cost(parse(args.pattern), grid=args.grid, head_dim=args.head_dim, heads=args.heads,
-                  batch=args.batch, dtype=args.dtype, block=block)
+                  batch=args.batch, dtype=args.dtype, block=block, key_grid=args.key_grid)
     print(report)
     if args.subs:
         print()

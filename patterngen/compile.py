@@ -11,12 +11,16 @@ from .parse import as_ir
 __all__ = ["compile"]
 
 
-def compile(pattern, grid=None, backend="auto", device="cpu", dtype="float32", **options):
+def compile(pattern, grid=None, backend="auto", device="cpu", dtype="float32", key_grid=None,
+            **options):
     """Compile ``pattern`` on ``grid`` into a callable ``attn(q, k, v) -> out`` with autograd.
 
     Args:
         pattern: a spec or a lowered IR.
         grid: the token grid, e.g. ``(64, 64)``.
+        key_grid: the keys' grid when k and v live on another grid than q (same rank): the
+            query at ``x`` attends the keys the pattern gives the key coordinate
+            ``floor((x + 0.5) * n_k / n_q)`` per axis (docs/cross.md).
         backend: a registered name (``"numba"``, ``"sdpa"``, ``"flex"``) or ``"auto"``, which
             follows :func:`patterngen.plan.plan`: each term of the union on its cheapest
             executor, or the whole pattern on one backend, by predicted time (``attn.plan``).
@@ -32,10 +36,11 @@ def compile(pattern, grid=None, backend="auto", device="cpu", dtype="float32", *
     """
     from patterngen import backends
 
-    lowered = as_ir(pattern, grid)
-    if lowered.grid.numeric:
-        limits.check("PATTERNGEN_MAX_TOKENS", math.prod(lowered.grid.shape),
-                     f"compile: grid {lowered.grid}'s tokens")
+    lowered = as_ir(pattern, grid, key_grid)
+    for g in (lowered.grid, lowered.keys):
+        if g.numeric:
+            limits.check("PATTERNGEN_MAX_TOKENS", math.prod(g.shape),
+                         f"compile: grid {g}'s tokens")
     cls = backends.get_backend(backend)
     if backend == "auto":
         return cls(lowered, device=device, dtype=dtype, **options)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import sympy
 
-from . import ir, limits
+from . import cross, ir, limits
 from .errors import PatternError
 from .grid import Grid, as_size, is_number, symbol
 from .parse import as_ir
@@ -300,7 +300,7 @@ def axis_formula(rel: ir.Rel, n) -> tuple[AxisFormula, bool]:
 @functools.lru_cache(maxsize=None)
 def _exact_union_function(head: ir.IR, quantity: str):
     """Exact min/max keys per query of a union, evaluated once every size is a number."""
-    free = sorted(set(_free(head.grid.shape))
+    free = sorted(set(_free(head.grid.shape)) | set(_free(head.keys.shape))
                   | {s for t in head.terms for r in t.rels for s in _free(r.atoms)}, key=str)
 
     def _eval(cls, *values):
@@ -332,8 +332,12 @@ def _head_cost(head: ir.IR) -> _HeadCost:
     for done, (sign, term) in enumerate(pieces, 1):
         prod = sympy.Integer(1)
         formulas = []
-        for a, (rel, n) in enumerate(zip(term.rels, shape)):
-            f, closed = axis_formula(rel, n)
+        for a, (rel, n, nk) in enumerate(zip(term.rels, shape, head.keys.shape)):
+            if head.key_grid is None:
+                f, closed = axis_formula(rel, n)
+            else:  # queries over a key grid of another size
+                *sums, closed = cross.axis_sum(rel, n, nk)
+                f = AxisFormula(*sums)
             if not closed:
                 notes.append(f"no closed form for {rel!r} on axis {a}: counted exactly once "
                              f"sizes are numbers")
@@ -408,6 +412,8 @@ class CostReport:
         halo: with ``ranks``, a :class:`patterngen.distributed.HaloCost`: K/V halo tokens,
             lines and bytes per rank and step, and communication over compute.
         kv_heads: key/value heads (grouped-query attention); ``None``: ``heads``.
+        key_grid: the keys' grid when it differs from :attr:`grid` (queries, outputs): K and
+            V bytes and dense pairs count its tokens.
     """
 
     label: str
@@ -428,6 +434,7 @@ class CostReport:
     executed_by_order: dict = field(default_factory=dict, compare=False)
     halo: object = None
     kv_heads: object = None
+    key_grid: Grid | None = None
 
     @property
     def pairs_per_head(self) -> tuple:
@@ -437,6 +444,11 @@ class CostReport:
     @property
     def tokens(self):
         return sympy.sympify(self.grid.tokens)
+
+    @property
+    def key_tokens(self):
+        """Tokens of the key grid (:attr:`tokens` for self-attention)."""
+        return self.tokens if self.key_grid is None else sympy.sympify(self.key_grid.tokens)
 
     @property
     def keys_mean(self):
@@ -457,16 +469,16 @@ class CostReport:
     @property
     def bytes(self):
         kv = self.heads if self.kv_heads is None else self.kv_heads
-        return sympy.expand(2 * self.batch * (self.heads + kv) * self.tokens * self.head_dim
-                            * self.dtype_bytes)
+        return sympy.expand(2 * self.batch * (self.heads * self.tokens + kv * self.key_tokens)
+                            * self.head_dim * self.dtype_bytes)
 
     @property
     def dense_pairs(self):
-        return sympy.expand(self.tokens ** 2)
+        return sympy.expand(self.tokens * self.key_tokens)
 
     @property
     def dense_flops(self):
-        return sympy.expand(4 * self.head_dim * self.heads * self.batch * self.tokens ** 2)
+        return sympy.expand(4 * self.head_dim * self.heads * self.batch * self.dense_pairs)
 
     @property
     def density(self):
@@ -484,7 +496,8 @@ class CostReport:
 
     @property
     def symbols(self) -> dict:
-        exprs = [self.pairs, self.flops, self.bytes, *self.grid.shape]
+        exprs = [self.pairs, self.flops, self.bytes, *self.grid.shape,
+                 *(() if self.key_grid is None else self.key_grid.shape)]
         syms = set()
         for e in exprs:
             if isinstance(e, sympy.Basic):
@@ -518,7 +531,11 @@ class CostReport:
                 raise PatternError(
                     f"The sizes {dict(values or {}, **sizes)} break an assumption of the "
                     f"closed forms; check the report's assumptions {self.assumptions}.")
-        return replace(self, grid=grid, head_dim=s(self.head_dim),
+        key_grid = None if self.key_grid is None else self.key_grid.subs(mapping)
+        if key_grid is not None and key_grid.numeric:
+            limits.check("PATTERNGEN_MAX_AXIS", max(key_grid.shape),
+                         f"subs: the longest axis of key_grid={key_grid}")
+        return replace(self, grid=grid, key_grid=key_grid, head_dim=s(self.head_dim),
                        heads=s(self.heads), batch=s(self.batch), pairs=s(self.pairs),
                        pairs_per_pattern=tuple(s(p) for p in self.pairs_per_pattern),
                        keys_min=s(self.keys_min), keys_max=s(self.keys_max),
@@ -528,6 +545,7 @@ class CostReport:
     def rows(self) -> list[tuple[str, object]]:
         return [
             ("tokens", self.tokens),
+            *([] if self.key_grid is None else [("key tokens", self.key_tokens)]),
             ("attended pairs (per head)", self.pairs),
             ("keys per query min/mean/max",
              f"{self.keys_min} / {self.keys_mean} / {self.keys_max}"),
@@ -546,7 +564,8 @@ class CostReport:
 
     def __repr__(self) -> str:
         kv = "" if self.kv_heads is None else f", kv_heads={self.kv_heads}"
-        lines = [f"Cost of {self.label} on grid {self.grid} (head_dim={self.head_dim}, "
+        over = "" if self.key_grid is None else f" over keys on {self.key_grid}"
+        lines = [f"Cost of {self.label} on grid {self.grid}{over} (head_dim={self.head_dim}, "
                  f"heads={self.heads}{kv}, batch={self.batch})"]
         rows = self.rows()
         width = max(len(name) for name, _ in rows)
@@ -560,7 +579,7 @@ class CostReport:
 
 
 def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", block=None,
-         order="auto", tile=None, ranks=None, kv_heads=None) -> CostReport:
+         order="auto", tile=None, ranks=None, kv_heads=None, key_grid=None) -> CostReport:
     """The exact cost of ``pattern`` on ``grid``; sizes may be ints, symbols or names.
 
     Args:
@@ -576,25 +595,33 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
             (see :mod:`patterngen.distributed`).
         kv_heads: key/value heads, a divisor of ``heads`` (grouped-query attention; an int
             or a symbol): K and V bytes count per key/value head. Default ``heads``.
+        key_grid: the keys' grid when k and v live on another grid than q (sizes may be
+            symbols too): pairs count each query over its key neighbourhood
+            (:mod:`patterngen.cross`), Q and O bytes on ``grid``, K and V on ``key_grid``.
 
     Example:
         >>> import patterngen as pg
         >>> pg.cost(pg.criss_cross(), grid=("H", "W")).pairs
         H**2*W + H*W**2 - H*W
     """
-    lowered = as_ir(pattern, grid)
+    lowered = as_ir(pattern, grid, key_grid)
+    if lowered.key_grid is not None and (block is not None or ranks is not None):
+        raise PatternError(f"cost: block= and ranks= are not supported with keys on another "
+                           f"grid (key_grid={lowered.key_grid}); got block={block}, "
+                           f"ranks={ranks}.")
     head_dim, heads, batch = (as_size(v, name) for v, name in
                               ((head_dim, "head_dim"), (heads, "heads"), (batch, "batch")))
     if kv_heads is not None:
         kv_heads = as_size(kv_heads, "kv_heads")
         if is_number(heads) and is_number(kv_heads):
             check_kv_heads(int(heads), int(kv_heads), "cost")
-    per_head = [_head_cost(h) for h in lowered.per_head]
-    pairs = mean_over_heads([c.pairs for c in per_head], heads)
-    if len(per_head) == 1:
-        kmin, kmax = per_head[0].kmin, per_head[0].kmax
+    per_pattern = [_head_cost(h) for h in lowered.patterns]
+    pairs = mean_over_heads([c.pairs for c in per_pattern], heads)
+    if len(per_pattern) == 1:
+        kmin, kmax = per_pattern[0].kmin, per_pattern[0].kmax
     else:
-        used = per_head[: min(len(per_head), heads) if is_number(heads) else len(per_head)]
+        n = len(per_pattern)
+        used = per_pattern[: min(n, heads) if is_number(heads) else n]
         kmin = sympy.Min(*(c.kmin for c in used))
         kmax = sympy.Max(*(c.kmax for c in used))
     executed, by_order = None, {}
@@ -613,15 +640,15 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
             block = per_layout[0].block
         order = min(by_order, key=by_order.get)
         executed = by_order[order]
-    assumptions = tuple(dict.fromkeys(a for c in per_head for a in c.assumptions))
-    notes = tuple(dict.fromkeys(n for c in per_head for n in c.notes))
+    assumptions = tuple(dict.fromkeys(a for c in per_pattern for a in c.assumptions))
+    notes = tuple(dict.fromkeys(n for c in per_pattern for n in c.notes))
     report = CostReport(
         label=lowered.label, grid=lowered.grid, head_dim=head_dim, heads=heads, batch=batch,
         dtype_bytes=_dtype_bytes(dtype), pairs=pairs,
-        pairs_per_pattern=tuple(c.pairs for c in per_head), keys_min=kmin, keys_max=kmax,
+        pairs_per_pattern=tuple(c.pairs for c in per_pattern), keys_min=kmin, keys_max=kmax,
         assumptions=assumptions, notes=notes, block=block if executed is not None else None,
         order=order if executed is not None else None, executed_pairs=executed,
-        executed_by_order=by_order, kv_heads=kv_heads)
+        executed_by_order=by_order, kv_heads=kv_heads, key_grid=lowered.key_grid)
     if ranks is None:
         return report
     from .distributed.halo_cost import halo_cost

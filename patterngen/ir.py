@@ -33,10 +33,10 @@ from .errors import PatternError
 from .grid import Grid, is_number
 
 __all__ = [
-    "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn",
+    "Atom", "All", "Eq", "Lt", "Le", "Window", "Block", "KeyIn", "QueryIn", "QueryTokens",
     "Rel", "Term", "IR", "HeadsIR", "NUMPY_OPS", "torch_ops",
     "inclusion_exclusion", "verify", "check_stride", "WINDOW_MODES", "pattern_of_head",
-    "heads_of", "axis_first",
+    "heads_of", "axis_first", "center",
 ]
 
 WINDOW_MODES = ("clamp", "pad", "causal")
@@ -76,6 +76,14 @@ def torch_ops():
                            full=lambda i, v: torch.full_like(i, v))
 
 
+def center(i, nq, nk):
+    """The key coordinate ``c(i) = floor((i + 0.5) * nk / nq)`` a query sits over when the
+    query axis has ``nq`` positions and the key axis ``nk`` (torch's ``interpolate`` mapping
+    ``"nearest-exact"``); ``i`` itself when ``nk == nq``. Integer arithmetic, so the same
+    expression serves ints, numpy and torch arrays."""
+    return ((2 * i + 1) * nk) // (2 * nq)
+
+
 # --------------------------------------------------------------------------------------------
 # atoms
 
@@ -85,6 +93,9 @@ class Atom:
 
     #: ``True`` when every query sees itself (so ``Eq & atom == Eq``).
     reflexive = True
+    #: ``True`` for an atom that reads the query's own coordinate even when the keys live on
+    #: another grid (every other atom reads the key coordinate the query sits over).
+    on_query_grid = False
 
     @property
     def step(self):
@@ -281,6 +292,15 @@ class QueryIn(Atom):
         return ops.full(i, 0), ops.where((i >= self.start) & (i < self.stop), n, 0)
 
 
+@dataclass(frozen=True, repr=False)
+class QueryTokens(QueryIn):
+    """Every key, for queries whose own coordinate is in ``[start, stop)``: the global query
+    tokens of a pattern whose keys live on another grid (:func:`patterngen.lower` with
+    ``key_grid``), where :class:`QueryIn` would read the key coordinate the query sits over."""
+
+    on_query_grid = True
+
+
 # --------------------------------------------------------------------------------------------
 # relations: intersections of atoms on one axis
 
@@ -335,7 +355,8 @@ class Rel:
         if Eq() in kinds and Lt() in kinds:
             return True
         for cls in (KeyIn, QueryIn):
-            ranges = [(a.start, a.stop) for a in self.atoms if isinstance(a, cls)]
+            # type, not isinstance: QueryTokens reads other coordinates than QueryIn
+            ranges = [(a.start, a.stop) for a in self.atoms if type(a) is cls]
             if len(ranges) > 1 and all(is_number(v) for r in ranges for v in r):
                 if max(r[0] for r in ranges) >= min(r[1] for r in ranges):
                     return True
@@ -350,25 +371,36 @@ class Rel:
             return steps[0]
         return math.lcm(*(int(s) for s in steps))
 
-    def bounds(self, i, n, ops):
-        """``(start, stop)`` of the keys of query ``i``; their step is :attr:`step`."""
+    def bounds(self, i, n, ops, nq=None):
+        """``(start, stop)`` of the keys of query ``i``; their step is :attr:`step`.
+
+        ``n`` is the key axis's length; ``nq``, when given and not ``n``, the query axis's:
+        the atoms then give the keys of :func:`center` ``(i)`` on the key axis (those with
+        :attr:`Atom.on_query_grid` still read ``i``).
+        """
+        c = i if nq is None or nq is n or nq == n else center(i, nq, n)
+
+        def one(atom):
+            return (*atom.bounds(i if atom.on_query_grid else c, n, ops), atom.step)
+
         if not self.atoms:
             return All().bounds(i, n, ops)
-        start, stop = self.atoms[0].bounds(i, n, ops)
-        prog = (start, stop, self.atoms[0].step)
+        prog = one(self.atoms[0])
         for atom in self.atoms[1:]:
-            prog = _meet_progressions(prog, (*atom.bounds(i, n, ops), atom.step), ops)
+            prog = _meet_progressions(prog, one(atom), ops)
         return prog[0], prog[1]
 
-    def counts(self, n: int) -> np.ndarray:
-        """Keys per query for every coordinate ``0..n-1`` of a numeric axis."""
-        start, stop = self.bounds(np.arange(n, dtype=np.int64), n, NUMPY_OPS)
+    def counts(self, n: int, nq: int | None = None) -> np.ndarray:
+        """Keys per query for every query coordinate ``0..nq-1`` (default ``n``) of a
+        numeric axis; keys on an axis of ``n``."""
+        queries = np.arange(n if nq is None else nq, dtype=np.int64)
+        start, stop = self.bounds(queries, n, NUMPY_OPS, nq)
         step = int(self.step)
         return np.maximum(stop - start + step - 1, 0) // step
 
-    def contains(self, i, p, n, ops):
+    def contains(self, i, p, n, ops, nq=None):
         """Whether key coordinate ``p`` is in query ``i``'s keys (vectorised, broadcasting)."""
-        start, stop = self.bounds(i, n, ops)
+        start, stop = self.bounds(i, n, ops, nq)
         inside = (p >= start) & (p < stop)
         step = self.step
         return inside if step == 1 else inside & ((p - start) % step < 1)
@@ -407,17 +439,22 @@ class Term:
     def __and__(self, other: "Term") -> "Term":
         return Term(tuple(a & b for a, b in zip(self.rels, other.rels)))
 
-    def contains(self, q, p, shape, ops):
-        """Membership of key coordinates ``p[a]`` for query coordinates ``q[a]`` (per axis)."""
+    def contains(self, q, p, shape, ops, key_shape=None):
+        """Membership of key coordinates ``p[a]`` for query coordinates ``q[a]`` (per axis);
+        ``shape`` is the query grid's, ``key_shape`` the key grid's (default the same)."""
+        key_shape = shape if key_shape is None else key_shape
         out = None
         for a, rel in enumerate(self.rels):
-            part = rel.contains(q[a], p[a], shape[a], ops)
+            part = rel.contains(q[a], p[a], key_shape[a], ops, shape[a])
             out = part if out is None else out & part
         return out
 
-    def counts(self, shape) -> list[np.ndarray]:
-        """Per-axis keys-per-query vectors (their outer product is the term's per-query count)."""
-        return [rel.counts(int(n)) for rel, n in zip(self.rels, shape)]
+    def counts(self, shape, key_shape=None) -> list[np.ndarray]:
+        """Per-axis keys-per-query vectors (their outer product is the term's per-query count);
+        ``key_shape``: the key grid's, when the keys live on another grid."""
+        if key_shape is None:
+            return [rel.counts(int(n)) for rel, n in zip(self.rels, shape)]
+        return [rel.counts(int(nk), int(n)) for rel, n, nk in zip(self.rels, shape, key_shape)]
 
     def subs(self, mapping) -> "Term":
         return Term(tuple(r.subs(mapping) for r in self.rels))
@@ -464,15 +501,21 @@ def inclusion_exclusion(terms, nonempty=None) -> list[tuple[int, Term]]:
 class IR:
     """A pattern on a grid: the union of :attr:`terms`.
 
+    With :attr:`key_grid` the queries live on :attr:`grid` and the keys on the key grid: the
+    query at ``x`` sees the keys each term gives the key coordinate :func:`center` ``(x)``
+    (per axis), except atoms that read the query's own coordinate (:class:`QueryTokens`).
+
     Attributes:
-        grid: the grid the pattern was lowered for.
+        grid: the grid the pattern was lowered for (the queries' grid).
         terms: separable terms, none structurally empty, no duplicates.
         label: the spec's expression, for headers and reports.
+        key_grid: the keys' grid when it differs from :attr:`grid`, else ``None``.
     """
 
     grid: Grid
     terms: tuple
     label: str = field(default="", compare=False)
+    key_grid: Grid | None = None
 
     @property
     def patterns(self) -> tuple["IR", ...]:
@@ -488,36 +531,54 @@ class IR:
     def ndim(self) -> int:
         return self.grid.ndim
 
+    @property
+    def keys(self) -> Grid:
+        """The grid the keys live on (:attr:`grid` for self-attention)."""
+        return self.grid if self.key_grid is None else self.key_grid
+
+    @property
+    def numeric(self) -> bool:
+        return self.grid.numeric and self.keys.numeric
+
+    def _key_shape(self):
+        return None if self.key_grid is None else self.key_grid.shape
+
     def subs(self, mapping) -> "IR":
-        return make_ir(self.grid.subs(mapping), [t.subs(mapping) for t in self.terms], self.label)
+        return make_ir(self.grid.subs(mapping), [t.subs(mapping) for t in self.terms], self.label,
+                       None if self.key_grid is None else self.key_grid.subs(mapping))
 
     def pieces(self) -> list[tuple[int, Term]]:
         """Inclusion-exclusion expansion; numeric grids also prune numerically empty pieces."""
-        if self.grid.numeric:
-            shape = self.grid.shape
+        if self.numeric:
+            shape, keys = self.grid.shape, self._key_shape()
             return inclusion_exclusion(
-                self.terms, lambda t: not t.is_empty and all(c.any() for c in t.counts(shape)))
+                self.terms,
+                lambda t: not t.is_empty and all(c.any() for c in t.counts(shape, keys)))
         return inclusion_exclusion(self.terms)
 
     def key_counts(self) -> np.ndarray:
         """Exact keys per query, row-major, without any tokens x tokens array."""
         shape = self.grid.require_numeric("key_counts")
+        self.keys.require_numeric("key_counts")
         limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape),
                      f"key_counts: grid {self.grid}'s tokens")
         total = np.zeros(shape, dtype=np.int64)
         for sign, t in self.pieces():
-            c = t.counts(shape)
+            c = t.counts(shape, self._key_shape())
             total += sign * _outer(c)
         return total.reshape(-1)
 
     def pairs(self) -> int:
         """Exact number of attended (query, key) pairs on a numeric grid."""
         shape = self.grid.require_numeric("pairs")
-        return int(sum(sign * math.prod(int(c.sum()) for c in t.counts(shape))
+        self.keys.require_numeric("pairs")
+        return int(sum(sign * math.prod(int(c.sum()) for c in t.counts(shape, self._key_shape()))
                        for sign, t in self.pieces()))
 
     def __repr__(self):
-        return f"IR({self.label or '?'} on {self.grid}: " + " | ".join(map(repr, self.terms)) + ")"
+        over = "" if self.key_grid is None else f" over keys on {self.key_grid}"
+        return (f"IR({self.label or '?'} on {self.grid}{over}: "
+                + " | ".join(map(repr, self.terms)) + ")")
 
 
 def pattern_of_head(head, patterns: int):
@@ -549,11 +610,13 @@ class HeadsIR:
         grid: the grid.
         patterns: one :class:`IR` per listed pattern.
         label: the spec's expression.
+        key_grid: the keys' grid when it differs from :attr:`grid` (see :class:`IR`).
     """
 
     grid: Grid
     patterns: tuple
     label: str = field(default="", compare=False)
+    key_grid: Grid | None = None
 
     @property
     def heads(self) -> tuple[IR, ...]:
@@ -569,9 +632,14 @@ class HeadsIR:
     def ndim(self) -> int:
         return self.grid.ndim
 
+    @property
+    def keys(self) -> Grid:
+        """The grid the keys live on (:attr:`grid` for self-attention)."""
+        return self.grid if self.key_grid is None else self.key_grid
+
     def subs(self, mapping) -> "HeadsIR":
         return HeadsIR(self.grid.subs(mapping), tuple(h.subs(mapping) for h in self.patterns),
-                       self.label)
+                       self.label, None if self.key_grid is None else self.key_grid.subs(mapping))
 
 
 def _outer(vectors):
@@ -581,32 +649,36 @@ def _outer(vectors):
     return out
 
 
-def _contained(t: Term, u: Term, shape) -> bool:
+def _contained(t: Term, u: Term, shape, key_shape=None) -> bool:
     """Whether term ``t`` is a subset of ``u`` on a numeric grid, exactly, in O(sum of axes).
 
     Per axis, ``R <= U`` iff ``|R & U|(i) == |R|(i)`` for every query coordinate ``i``.
     """
-    return all(np.array_equal((r & v).counts(n), r.counts(n))
-               for r, v, n in zip(t.rels, u.rels, shape))
+    key_shape = shape if key_shape is None else key_shape
+    return all(np.array_equal((r & v).counts(nk, n), r.counts(nk, n))
+               for r, v, n, nk in zip(t.rels, u.rels, shape, key_shape))
 
 
-def make_ir(grid: Grid, terms, label: str = "") -> IR:
+def make_ir(grid: Grid, terms, label: str = "", key_grid: Grid | None = None) -> IR:
     """Build an :class:`IR`, dropping empty, duplicate and (numeric grids) subsumed terms.
 
     Dropping a term contained in another keeps the union and keeps inclusion-exclusion small
     for unions of intersections, which distribute into many overlapping terms. Order is kept.
+    ``key_grid``: the keys' grid, when it differs from ``grid``.
     """
+    key_grid = None if key_grid is None or key_grid == grid else key_grid
     kept = []
     for t in terms:
         if not t.is_empty and t not in kept:
             kept.append(t)
     within = Term.within
-    if grid.numeric:
+    if grid.numeric and (key_grid is None or key_grid.numeric):
         shape = [int(n) for n in grid.shape]
-        kept = [t for t in kept if all(c.any() for c in t.counts(shape))]
+        keys = None if key_grid is None else [int(n) for n in key_grid.shape]
+        kept = [t for t in kept if all(c.any() for c in t.counts(shape, keys))]
 
         def within(t, u):
-            return t.within(u) or _contained(t, u, shape)
+            return t.within(u) or _contained(t, u, shape, keys)
 
     pruned = []
     for idx, t in enumerate(kept):
@@ -615,7 +687,7 @@ def make_ir(grid: Grid, terms, label: str = "") -> IR:
                for j, u in enumerate(kept) if j != idx):
             continue
         pruned.append(t)
-    return IR(grid, tuple(pruned), label)
+    return IR(grid, tuple(pruned), label, key_grid)
 
 
 def check_stride(size, stride, where: str = "") -> None:
@@ -636,7 +708,11 @@ def verify(ir) -> None:
     Every term has one relation per axis; atoms are known and their sizes are integers >= 1
     (or symbols); a relation that meets several dilated atoms has numeric steps.
     """
-    for head in ir.per_head:
+    for head in ir.patterns:
+        keys = head.key_grid
+        if keys is not None and keys.ndim != head.grid.ndim:
+            raise PatternError(f"IR with query grid {head.grid} (rank {head.grid.ndim}) and key "
+                               f"grid {keys} (rank {keys.ndim}); expected the same rank.")
         for t in head.terms:
             if not isinstance(t, Term) or len(t.rels) != head.grid.ndim:
                 raise PatternError(f"IR term {t!r} does not have {head.grid.ndim} relations.")
@@ -711,11 +787,13 @@ def axis_first(lowered, axis: int):
         return lowered
     perm = (axis, *(a for a in range(lowered.ndim) if a != axis))
     grid = Grid(tuple(lowered.grid.shape[a] for a in perm))
+    keys = None if lowered.key_grid is None else Grid(
+        tuple(lowered.key_grid.shape[a] for a in perm))
 
     def move(head):
         return IR(grid, tuple(Term(tuple(t.rels[a] for a in perm)) for t in head.terms),
-                     head.label)
+                  head.label, keys)
 
     if isinstance(lowered, IR):
         return move(lowered)
-    return HeadsIR(grid, tuple(move(h) for h in lowered.patterns), lowered.label)
+    return HeadsIR(grid, tuple(move(h) for h in lowered.patterns), lowered.label, keys)

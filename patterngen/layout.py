@@ -399,7 +399,7 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
 
     Raises:
         PatternError: for non-positive block sizes, an unknown order, a tile that does not
-            divide the grid, or a symbolic grid.
+            divide the grid, a symbolic grid, or an IR whose keys live on another grid.
 
     Example:
         >>> import patterngen as pg
@@ -408,6 +408,9 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
         (512, 36.57)
     """
     lowered = as_ir(pattern, grid)
+    if lowered.key_grid is not None:  # query blocks against key blocks of another grid
+        raise PatternError(f"layout: keys on another grid (key_grid={lowered.key_grid}) have "
+                           f"no block-sparse layout; run them on numba or auto.")
     shape = lowered.grid.require_numeric("layout")
     limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape),
                  f"layout: grid {lowered.grid}'s tokens")

@@ -36,8 +36,8 @@ from .grid import as_grid
 from .parse import as_ir, parse
 from .spec import Pattern, block
 
-__all__ = ["LocalSelfAttention", "SwinBlock", "from_timm_swin", "DropPath", "declaration",
-           "attention", "attend", "fit_table"]
+__all__ = ["LocalSelfAttention", "LocalCrossAttention", "SwinBlock", "from_timm_swin", "DropPath",
+           "declaration", "attention", "attend", "fit_table"]
 
 #: compiled attention per (declaration, grid, device, dtype)
 _COMPILED: dict = {}
@@ -64,11 +64,14 @@ def declaration(pattern, backend: str = "auto", softcap=None, end_cuts=None) -> 
     return json.dumps(d, sort_keys=True)
 
 
-def attention(decl: str, grid: tuple, device, dtype):
+def attention(decl: str, grid: tuple, device, dtype, key_grid=None):
     """The attention compiled for declaration ``decl`` on ``grid``, ``device`` and ``dtype``
-    (compiled on first use, then cached for the process)."""
+    (compiled on first use, then cached for the process); ``key_grid``: the keys' grid when
+    it is another (:class:`LocalCrossAttention`)."""
     device = torch.device(device)
     key = (decl, tuple(int(n) for n in grid), str(device), dtype)
+    if key_grid is not None:
+        key += (tuple(int(n) for n in key_grid),)
     found = _COMPILED.get(key)
     if found is not None:
         return found
@@ -80,7 +83,8 @@ def attention(decl: str, grid: tuple, device, dtype):
         pattern = pattern & block(key[1], offset=tuple(
             (n - c) % n for n, c in zip(key[1], d["end_cuts"])))
     attn = compile_pattern(pattern, key[1], backend=d["backend"], device=device.type,
-                           dtype=str(dtype).removeprefix("torch."), **options)
+                           dtype=str(dtype).removeprefix("torch."), key_grid=key_grid,
+                           **options)
     with _LOCK:
         return _COMPILED.setdefault(key, attn)
 
@@ -360,6 +364,98 @@ class LocalSelfAttention(nn.Module):
         kv = f", kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
         return (f"dim={self.dim}, heads={self.heads}, pattern={self.pattern!r}, "
                 f"grid={self.grid}, backend={self.backend!r}{extra}{kv}")
+
+
+class LocalCrossAttention(nn.Module):
+    """Multi-head local cross-attention: queries from ``x`` on one grid, keys and values from
+    ``context`` on another grid of the same rank (docs/cross.md).
+
+    The query at ``x`` attends the keys the pattern gives the key coordinate
+    ``floor((x + 0.5) * n_k / n_q)`` per axis (:func:`patterngen.lower` with ``key_grid``):
+    ``window(5)`` from a 64x64 map over a 16x16 one is a learned 4x upsampling.
+
+    Args:
+        dim: channels of ``x`` and of the output; a multiple of ``heads``.
+        heads: attention heads.
+        pattern: a spec such as ``pg.window(5)``, or its expression text, in key-grid units.
+        grid, key_grid: the grids of flat ``(batch, tokens, channels)`` inputs (gridded
+            inputs carry their own).
+        context_dim: channels of ``context`` (default ``dim``).
+        backend: a backend that runs key grids (``"auto"`` or ``"numba"``).
+        qkv_bias: bias in the q and kv projections.
+        softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)``.
+        kv_heads: key/value heads, a divisor of ``heads`` (default ``heads``).
+
+    Shapes:
+        ``x``: ``(batch, *grid, dim)`` or ``(batch, tokens, dim)``; ``context``:
+        ``(batch, *key_grid, context_dim)`` or ``(batch, key tokens, context_dim)``; the
+        output has ``x``'s shape.
+    """
+
+    def __init__(self, dim: int, heads: int, pattern, grid=None, key_grid=None,
+                 context_dim: int | None = None, backend: str = "auto", qkv_bias: bool = True,
+                 softcap=None, kv_heads: int | None = None):
+        super().__init__()
+        if isinstance(pattern, str):
+            pattern = parse(pattern)
+        if not isinstance(pattern, Pattern):
+            raise PatternError(f"Expected a pattern such as pg.window(5), got {pattern!r}.")
+        context_dim = dim if context_dim is None else context_dim
+        kv_heads = heads if kv_heads is None else kv_heads
+        for name, value in (("dim", dim), ("heads", heads), ("context_dim", context_dim),
+                            ("kv_heads", kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PatternError(f"Invalid {name}={value!r}; expected an integer >= 1.")
+        if dim % heads or heads % kv_heads:
+            raise PatternError(f"dim must be a multiple of heads and heads of kv_heads: {dim=}, "
+                               f"{heads=}, {kv_heads=}.")
+        self.dim, self.heads, self.kv_heads, self.context_dim = dim, heads, kv_heads, context_dim
+        self.pattern, self.backend, self.softcap = pattern, backend, bias.check_softcap(softcap)
+        self.grid, self.key_grid = (None if g is None else as_grid(g).require_numeric(
+            "LocalCrossAttention") for g in (grid, key_grid))
+        self.decl = declaration(pattern, backend, softcap)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, 2 * kv_heads * (dim // heads), bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    @staticmethod
+    def _grid(t: torch.Tensor, grid, channels: int, name: str) -> tuple:
+        inner = tuple(t.shape[1:-1])
+        if t.dim() < 3 or t.shape[-1] != channels or len(inner) > 3:
+            raise PatternError(f"LocalCrossAttention: {name}.shape={tuple(t.shape)}; expected "
+                               f"(batch, *grid, {channels}) with 1 to 3 grid axes, or (batch, "
+                               f"tokens, {channels}).")
+        if grid is None or inner == grid:
+            return inner
+        if inner == (math.prod(grid),):
+            return grid
+        raise PatternError(f"LocalCrossAttention: {name}.shape={tuple(t.shape)} does not match "
+                           f"its grid {grid}: expected (batch, {', '.join(map(str, grid))}, "
+                           f"{channels}) or (batch, {math.prod(grid)}, {channels}).")
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        grid = self._grid(x, self.grid, self.dim, "x")
+        key_grid = self._grid(context, self.key_grid, self.context_dim, "context")
+        if x.shape[0] != context.shape[0]:
+            raise PatternError(f"LocalCrossAttention: x has batch {x.shape[0]} and context "
+                               f"{context.shape[0]}; expected the same.")
+        batch, tokens, keys = x.shape[0], math.prod(grid), math.prod(key_grid)
+        head_dim = self.dim // self.heads
+        q = self.q(x.reshape(batch, tokens, self.dim)).reshape(
+            batch, tokens, self.heads, head_dim).transpose(1, 2)
+        kv = self.kv(context.reshape(batch, keys, self.context_dim)).reshape(
+            batch, keys, 2 * self.kv_heads, head_dim).transpose(1, 2)
+        k, v = kv.split([self.kv_heads, self.kv_heads], 1)
+        attn = attention(self.decl, grid, x.device, q.dtype, key_grid)
+        out = attn(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim)).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        kv = f", kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
+        ctx = f", context_dim={self.context_dim}" if self.context_dim != self.dim else ""
+        return (f"dim={self.dim}, heads={self.heads}, pattern={self.pattern!r}, "
+                f"grid={self.grid}, key_grid={self.key_grid}{ctx}, "
+                f"backend={self.backend!r}{kv}")
 
 
 class DropPath(nn.Module):

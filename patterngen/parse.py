@@ -174,21 +174,25 @@ def parse_grid(text: str) -> tuple:
     return tuple(out)
 
 
-def lower(pattern, grid) -> ir.IR | ir.HeadsIR:
+def lower(pattern, grid, key_grid=None) -> ir.IR | ir.HeadsIR:
     """:func:`patterngen.spec.lower` of a spec or of its expression text (:func:`parse`).
 
     Raises:
         PatternError: with the spec and grid added to the message.
     """
-    return spec.lower(parse(pattern) if isinstance(pattern, str) else pattern, grid)
+    return spec.lower(parse(pattern) if isinstance(pattern, str) else pattern, grid, key_grid)
 
 
-def as_ir(pattern, grid=None):
-    """Accept a spec or its expression text (lowered on ``grid``), or an already lowered IR."""
+def as_ir(pattern, grid=None, key_grid=None):
+    """Accept a spec or its expression text (lowered on ``grid``, keys on ``key_grid`` when
+    given), or an already lowered IR."""
     if isinstance(pattern, (ir.IR, ir.HeadsIR)):
         if grid is not None and as_grid(grid) != pattern.grid:
             raise PatternError(f"IR lowered for grid {pattern.grid} used with grid={grid}.")
+        if key_grid is not None and as_grid(key_grid) != pattern.keys:
+            raise PatternError(f"IR lowered with keys on {pattern.keys} used with "
+                               f"key_grid={key_grid}.")
         return pattern
     if grid is None:
         raise PatternError(f"{pattern!r} needs a grid, e.g. grid=(64, 64).")
-    return lower(pattern, grid)
+    return lower(pattern, grid, key_grid)

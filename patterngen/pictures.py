@@ -18,14 +18,18 @@ MAX_LINE_TOKENS = 96
 BAR_CELLS = 64
 
 
-def show(pattern, grid=None, query=None, head: int = 0) -> str:
+def show(pattern, grid=None, query=None, head: int = 0, key_grid=None) -> str:
     """A text picture of the keys one query sees (``Q`` query, ``#`` key, ``.`` not seen).
+
+    With ``key_grid`` the picture is the key grid, ``C`` marking the key the query sits over
+    (:func:`patterngen.ir.center`), whether or not it is one of its keys.
 
     Args:
         pattern: a spec or IR.
-        grid: numeric grid.
+        grid: numeric grid (the queries').
         query: coordinates of the query (default: the grid's centre).
         head: for :func:`heads` patterns, which head to draw.
+        key_grid: the keys' grid, when they live on another grid.
 
     Example:
         >>> import patterngen as pg
@@ -35,41 +39,52 @@ def show(pattern, grid=None, query=None, head: int = 0) -> str:
         # # # . .
         # # # . .
         . . . . .
+        >>> print(pg.show(pg.window(3), grid=8, key_grid=4, query=5))
+        window(3) on grid 8, keys on 4, query (5,) over key (2,): 3 keys; pattern density 75.0%
+        . # C #
     """
-    lowered = as_ir(pattern, grid)
-    one = lowered.per_head[ir.pattern_of_head(head, len(lowered.per_head))]
+    lowered = as_ir(pattern, grid, key_grid)
+    one = lowered.patterns[ir.pattern_of_head(head, len(lowered.patterns))]
     shape = one.grid.require_numeric("show")
+    key_shape = one.keys.require_numeric("show")
     if query is None:
         query = tuple(n // 2 for n in shape)
     query = tuple(query) if isinstance(query, (tuple, list)) else (query,)
     if len(query) != len(shape) or not all(0 <= q < n for q, n in zip(query, shape)):
         raise PatternError(f"Invalid query={query} for grid {one.grid}; expected coordinates "
                            f"0 <= q < n on each of the {len(shape)} axes.")
-    limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape), f"show: grid {one.grid}'s tokens")
-    keys = np.zeros(shape, dtype=bool)
+    for g in (one.grid, one.keys):
+        limits.check("PATTERNGEN_MAX_TOKENS", math.prod(g.shape), f"show: grid {g}'s tokens")
+    keys = np.zeros(key_shape, dtype=bool)
     for term in one.terms:
         per_axis = []
-        for rel, n, q in zip(term.rels, shape, query):
-            p = np.arange(n, dtype=np.int64)
-            per_axis.append(np.asarray(rel.contains(np.int64(q), p, n, ir.NUMPY_OPS)))
+        for rel, n, nk, q in zip(term.rels, shape, key_shape, query):
+            p = np.arange(nk, dtype=np.int64)
+            per_axis.append(np.asarray(rel.contains(np.int64(q), p, nk, ir.NUMPY_OPS, n)))
         keys |= _outer_bool(per_axis)
-    tokens = int(np.prod(shape))
-    density = one.pairs() / tokens ** 2
-    lines = [f"{lowered.label} on grid {one.grid}, query {query}: {int(keys.sum())} keys; "
+    density = one.pairs() / (math.prod(shape) * math.prod(key_shape))
+    if one.key_grid is None:
+        where, mark, at = f"grid {one.grid}, query {query}", "Q", query
+    else:
+        at = tuple(int(ir.center(q, n, nk)) for q, n, nk in zip(query, shape, key_shape))
+        where = f"grid {one.grid}, keys on {one.key_grid}, query {query} over key {at}"
+        mark = "C"
+    lines = [f"{lowered.label} on {where}: {int(keys.sum())} keys; "
              f"pattern density {100 * density:.1f}%"]
-    lines += draw(keys, query)
+    lines += draw(keys, at, mark)
     return "\n".join(lines)
 
 
-def draw(keys: np.ndarray, query: tuple) -> list[str]:
-    """Text lines of a boolean grid: ``Q`` the query, ``#`` set, ``.`` unset (3-D: per frame).
+def draw(keys: np.ndarray, query: tuple, mark: str = "Q") -> list[str]:
+    """Text lines of a boolean grid: ``mark`` at the query, ``#`` set, ``.`` unset (3-D: per
+    frame).
 
     A 1-D axis longer than ``MAX_LINE_TOKENS`` becomes key ranges and a 64-cell bar.
     """
     if keys.ndim == 1 and keys.size > MAX_LINE_TOKENS:
         return _long_line(keys, query[0])
     chars = np.where(keys, "#", ".").astype(object)
-    chars[tuple(query)] = "Q"
+    chars[tuple(query)] = mark
     if keys.ndim == 1:
         return [" ".join(chars)]
     if keys.ndim == 2:

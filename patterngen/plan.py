@@ -47,8 +47,8 @@ from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .parse import as_ir
 
-__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape",
-           "gather_first"]
+__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "dense_shapes",
+           "LOWERINGS", "gather_first"]
 
 #: executors that copy q, k, v that are not contiguous (numba's kernels read C-contiguous
 #: arrays; the fused kernels of dense terms read unit-stride rows; compiled FlexAttention
@@ -82,6 +82,9 @@ class AxisPlan:
             length the tile does not divide); padded positions are masked keys and dropped
             queries.
         lo, hi: the key (``keys``) or query (``queries``) range.
+        roll: Swin's cyclic shift (``tiles``): position ``j < n`` of the view holds token
+            ``(j + roll) % n``, so tiles that an offset cuts at both ends of the axis share
+            one tile, their pairs apart by the mask (``pad_left`` is then 0).
     """
 
     kind: str
@@ -92,6 +95,7 @@ class AxisPlan:
     lo: int = 0
     hi: int = 0
     dilation: int = 1
+    roll: int = 0
 
     @property
     def tiles(self) -> int:
@@ -115,16 +119,21 @@ class AxisPlan:
     def keys(self) -> int:
         return {"batch": 1, "tiles": self.size, "keys": self.hi - self.lo}.get(self.kind, self.n)
 
-    def coords(self, side: str) -> np.ndarray:
+    def coords(self, side: str, unrolled: bool = False) -> np.ndarray:
         """``(batch, positions)`` grid coordinates of the problems' queries or keys (``side``
         ``"q"`` or ``"k"``); ``-1`` marks padding. A tile's problems are its residue classes
         in order: problem ``t * dilation + r`` holds the positions ``r, r + dilation, ...`` of
-        tile ``t``."""
+        tile ``t``. With ``unrolled``, positions on the padded axis before the roll's wrap
+        (padding and wrapped tokens get coordinates outside ``[0, n)``): ``key - query`` of
+        every attended pair is the same, and is the same for every problem."""
         if self.kind == "batch":
             return np.arange(self.n, dtype=np.int64)[:, None]
         if self.kind == "tiles":
             c = np.arange(self.batch * self.size, dtype=np.int64) - self.pad_left
-            c = np.where((c >= 0) & (c < self.n), c, -1)
+            if unrolled:
+                c = c + self.roll
+            else:
+                c = np.where((c >= 0) & (c < self.n), (c + self.roll) % self.n, -1)
             return c.reshape(self.tiles, self.size, self.dilation).transpose(0, 2, 1).reshape(
                 self.batch, self.size)
         ranged = (self.kind == "keys") == (side == "k") and self.kind in ("keys", "queries")
@@ -136,13 +145,20 @@ class AxisPlan:
             dil = f", dilation {self.dilation}" if self.dilation != 1 else ""
             pad = f", pad {self.pad_left}+{self.pad_right}" if self.pad_left or self.pad_right \
                 else ""
-            return f"tiles({self.size}{dil}{pad})"
+            roll = f", roll {self.roll}" if self.roll else ""
+            return f"tiles({self.size}{dil}{roll}{pad})"
         if self.kind in ("keys", "queries"):
             return f"{self.kind}[{self.lo}:{self.hi}]"
         return self.kind
 
 
-def _axis_plan(rel: ir.Rel, n: int) -> AxisPlan | str:
+#: how a dense term's tiles that an offset cuts at the axis's ends are lowered: ``roll`` as
+#: Swin does (:attr:`AxisPlan.roll`: fewer tiles, a region mask on the wrapped ones) where
+#: that covers the relation and saves a tile, else ``pad`` (the axis padded to whole tiles)
+LOWERINGS = ("auto", "pad", "roll")
+
+
+def _axis_plan(rel: ir.Rel, n: int, lowering: str = "auto") -> AxisPlan | str:
     """The dense form of one relation on an axis of ``n``, or why it has none."""
     if not rel.atoms:
         return AxisPlan("full", n)
@@ -159,9 +175,29 @@ def _axis_plan(rel: ir.Rel, n: int) -> AxisPlan | str:
         case (ir.QueryIn(start=a, stop=b),):
             return AxisPlan("queries", n, lo=max(int(a), 0), hi=min(int(b), n))
     tiles = _strided_tiles(rel, n)
-    if tiles is not None:
-        return tiles
-    return f"{rel!r} is a gather (each query has its own keys)"
+    if tiles is None:
+        return f"{rel!r} is a gather (each query has its own keys)"
+    if lowering != "pad":
+        return _rolled(rel, tiles, fewer=lowering == "auto") or tiles
+    return tiles
+
+
+def _rolled(rel: ir.Rel, tiles: AxisPlan, fewer: bool) -> AxisPlan | None:
+    """``tiles`` (padded on the left) rolled as Swin rolls: by the first tile's padding, so
+    that a tile starts at 0, the tiles cut at both ends sharing one; ``None`` where that
+    leaves a pair of the relation across two problems, or (``fewer``) saves no tile."""
+    if not tiles.pad_left:
+        return None
+    span = tiles.size * tiles.dilation
+    rolled = AxisPlan("tiles", tiles.n, tiles.size, 0, -tiles.n % span,
+                      dilation=tiles.dilation, roll=span - tiles.pad_left)
+    if fewer and rolled.tiles >= tiles.tiles:
+        return None
+    # each token appears once per side, so the relation's pairs inside the problems are all
+    # of them exactly when the counts agree
+    if int(_axis_membership(rel, rolled).sum()) != int(rel.counts(tiles.n).sum()):
+        return None
+    return rolled
 
 
 def _strided_tiles(rel: ir.Rel, n: int) -> AxisPlan | None:
@@ -265,16 +301,30 @@ class DenseShape:
                f"axes={axes})"
 
 
-def dense_shape(term: ir.Term, shape) -> DenseShape | str:
+def dense_shape(term: ir.Term, shape, lowering: str = "auto") -> DenseShape | str:
     """``term`` on the numeric grid ``shape`` as a batch of dense problems, or the reason it is
-    not one (a window, a meet of several atoms, a symbolic size)."""
+    not one (a window, a meet of several atoms, a symbolic size). ``lowering``: one of
+    :data:`LOWERINGS` (``"roll"`` rolls every axis where that covers the relation, even
+    when it saves no tile)."""
+    if lowering not in LOWERINGS:
+        raise PatternError(f"Invalid lowering={lowering!r}; expected one of {LOWERINGS}.")
     axes = []
     for a, (rel, n) in enumerate(zip(term.rels, shape)):
-        got = _axis_plan(rel, int(n))
+        got = _axis_plan(rel, int(n), lowering)
         if isinstance(got, str):
             return f"axis {a}: {got}"
         axes.append(got)
     return DenseShape(tuple(axes))
+
+
+def dense_shapes(term: ir.Term, shape) -> dict:
+    """The lowerings of ``term`` as dense problems, ``{"pad": ..., "roll": ...}`` (only
+    ``"pad"`` where no roll saves a tile; empty when the term is no dense batch), for pricing
+    each by what it computes (:attr:`DenseShape.executed_pairs`)."""
+    got = {"pad": dense_shape(term, shape, "pad"), "roll": dense_shape(term, shape)}
+    if isinstance(got["pad"], str):
+        return {}
+    return got if got["roll"] != got["pad"] else {"pad": got["pad"]}
 
 
 def _axis_membership(rel: ir.Rel, axis: AxisPlan) -> np.ndarray:
@@ -414,6 +464,7 @@ class Plan:
         call: the :class:`patterngen.call.Call` planned for.
         work: per strategy that can run, the lines its prediction was priced from (one per
             op: count, rate); the term-wise strategy's shared costs (its call, the merge).
+        key_grid: the keys' grid when it is another (then every term is a gather term).
     """
 
     label: str
@@ -432,10 +483,13 @@ class Plan:
     contiguous: bool = True
     call: Call | None = None
     work: dict = field(default_factory=dict)
+    key_grid: tuple | None = None
 
     def __str__(self):
         pass_ = "forward+backward" if self.backward else "forward"
-        lines = [f"Plan for {self.label} on grid {'x'.join(map(str, self.grid))} "
+        over = ("" if self.key_grid is None else
+                f" over keys on {'x'.join(map(str, self.key_grid))} (all terms gathered)")
+        lines = [f"Plan for {self.label} on grid {'x'.join(map(str, self.grid))}{over} "
                  f"(batch={self.batch}, heads={self.heads}, head_dim={self.head_dim}, "
                  f"{self.dtype} on {self.device}, {pass_})",
                  f"  chosen: {self.strategy}, predicted {self.predicted_ms:.3g} ms"]
@@ -471,12 +525,13 @@ def _dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def _new_pairs(terms, shape) -> list[int]:
-    """Pairs each term adds to the union of the terms before it (exact, separable counts)."""
+def _new_pairs(terms, shape, key_grid=None) -> list[int]:
+    """Pairs each term adds to the union of the terms before it (exact, separable counts);
+    ``key_grid``: the keys' grid, when it is another."""
     grid = ir.Grid(tuple(shape)) if not isinstance(shape, ir.Grid) else shape
     out, before = [], 0
     for t in range(len(terms)):
-        total = ir.IR(grid, tuple(terms[:t + 1])).pairs()
+        total = ir.IR(grid, tuple(terms[:t + 1]), key_grid=key_grid).pairs()
         out.append(total - before)
         before = total
     return out
@@ -486,7 +541,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
          device: str = "cpu", dtype="float32", backward: bool = False, rates=None,
          executors=None, terms: str | None = None, contiguous: bool = True,
          kv_heads: int | None = None, bias: bool = False, softcap: bool = False,
-         extra_keys: int = 0) -> Plan:
+         extra_keys: int = 0, key_grid=None) -> Plan:
     """Choose how ``pattern`` runs on ``grid``: term by term or whole, by predicted time.
 
     Every executor is asked through the registry (:func:`patterngen.backends.executors`)
@@ -511,6 +566,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
             is charged a copy of them (one pass, at the merge's rate per element) per pass.
         bias, softcap, extra_keys: the call passes a bias table, has a softcap, attends so
             many extra keys: only executors that take them can run it.
+        key_grid: the keys' grid when it is another (docs/cross.md): every term gathers.
 
     Returns:
         A :class:`Plan`; ``print(plan)`` explains it.
@@ -523,7 +579,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
     from . import calibrate
     from .backends import executors as registered
 
-    lowered = as_ir(pattern, grid)
+    lowered = as_ir(pattern, grid, key_grid)
     shape = lowered.grid.require_numeric("plan")
     limits.check("PATTERNGEN_MAX_PLAN_TOKENS", math.prod(shape),
                  f"plan: grid {lowered.grid}'s tokens (a named backend is not planned)")
@@ -582,13 +638,14 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         gather_backend = table["gather"].backend
     return Plan(lowered.label, tuple(int(n) for n in shape), str(device), dtype, backward,
                 head_dim, heads, batch, strategy, term_plans, gather_backend, whole[strategy],
-                options, contiguous, call, work)
+                options, contiguous, call, work, key_grid=None if lowered.key_grid is None
+                else tuple(int(n) for n in lowered.key_grid.shape))
 
 
 def _whole_term_plans(lowered, shape, strategy: str) -> tuple:
     out = []
     for head in lowered.patterns:
-        pairs = _new_pairs(head.terms, shape)
+        pairs = _new_pairs(head.terms, shape, lowered.key_grid)
         out.append(tuple(TermPlan(t, strategy, p, p, None, 0.0) for t, p in
                          zip(head.terms, pairs)))
     return tuple(out)
@@ -628,7 +685,7 @@ def _plan_terms(lowered, shape, call, rates, table, force):
     def gather_ms(terms, pc):
         if not terms:
             return 0.0, ()
-        sub = ir.IR(grid, tuple(terms), lowered.label)
+        sub = ir.IR(grid, tuple(terms), lowered.label, key_grid=lowered.key_grid)
         ms, lines = rates.price(gather_ex.work(sub, pc), call.backward)
         return ms, tuple(lines)
 
@@ -638,9 +695,11 @@ def _plan_terms(lowered, shape, call, rates, table, force):
 
     for p, head in enumerate(lowered.patterns):
         pc = _pattern_call(call, len(ir.heads_of(p, npat, call.heads)))
-        gather, dense = gather_first(head, shape)
-        if force == "gather":
+        if force == "gather" or lowered.key_grid is not None:
+            # keys on another grid: every term gathers (the dense forms are of one grid)
             gather, dense = list(head.terms), []
+        else:
+            gather, dense = gather_first(head, shape)
         if gather and gather_reason is not None:
             return None, None, (f"gather terms {gather} need the {gather_ex.backend} backend, "
                                 f"which cannot run these inputs ({gather_reason})"), None
@@ -664,7 +723,7 @@ def _plan_terms(lowered, shape, call, rates, table, force):
         if not order:
             plans.append(())
             continue
-        pairs = _new_pairs(order, shape)
+        pairs = _new_pairs(order, shape, lowered.key_grid)
         tps = []
         gather_pairs = sum(pairs[:len(gather)])
         g_ms, g_lines = gather_ms(gather, pc)

@@ -96,6 +96,11 @@ class Pattern:
         """The separable terms of this spec on ``grid`` (used by :func:`lower`)."""
         raise NotImplementedError
 
+    def cross_terms(self, grid: Grid, key_grid: Grid) -> list:
+        """The terms when queries on ``grid`` attend keys on ``key_grid``: the spec's terms on
+        the key grid, which the IR evaluates at the key coordinate each query sits over."""
+        return self.terms(key_grid)
+
 
 def _check(other, op):
     if not isinstance(other, Pattern):
@@ -179,6 +184,17 @@ class Window(Pattern):
                 rels.append(ir.Rel.of(ir.Window(k, d, "causal" if c else b, s)))
         return [ir.Term(tuple(rels))]
 
+    def cross_terms(self, grid, key_grid):
+        for a, (k, d, n) in enumerate(zip(per_axis(self.size, key_grid, "size"),
+                                          per_axis(self.dilation, key_grid, "dilation"),
+                                          key_grid.shape)):
+            if all(is_number(v) for v in (n, k, d)) and k * d > n:
+                raise PatternError(
+                    f"window(size={k}, dilation={d}) counts keys of the key grid: it does not "
+                    f"fit key_grid[{a}]={n} (queries on grid[{a}]={grid.shape[a]}); expected "
+                    f"size * dilation <= {n}, as on a grid of its own.")
+        return self.terms(key_grid)
+
     def __repr__(self):
         args = [_arg(self.size)]
         if self.dilation != 1:
@@ -210,6 +226,16 @@ class Block(Pattern):
                 s = s % m
             rels.append(ir.Rel.of(ir.Eq() if m == 1 else ir.Block(m, s)))
         return [ir.Term(tuple(rels))]
+
+    def cross_terms(self, grid, key_grid):
+        for a, (m, n) in enumerate(zip(per_axis(self.size, key_grid, "size"), key_grid.shape)):
+            if is_number(m) and is_number(n) and m > n:
+                raise PatternError(
+                    f"block(size={m}) tiles the key grid, in key units: no tile of {m} exists "
+                    f"on key_grid[{a}]={n} (queries on grid[{a}]={grid.shape[a]}); expected "
+                    f"size <= {n} (a tile stated in query units is size * {n} // "
+                    f"{grid.shape[a]} keys).")
+        return self.terms(key_grid)
 
     def __repr__(self):
         off = f", offset={_arg(self.offset)}" if self.offset != 0 else ""
@@ -337,23 +363,39 @@ class CrissCross(Pattern):
 class GlobalTokens(Pattern):
     """Global tokens: each sees every key and every query sees it (Longformer/BigBird).
 
-    Tokens are flat row-major indices or coordinate tuples.
+    Tokens are flat row-major indices or coordinate tuples. ``keys`` and ``queries`` name the
+    two roles apart: key tokens every query sees, query tokens that see every key. With keys
+    on another grid only these name tokens (``keys`` on the key grid, ``queries`` on the
+    query grid); ``tokens`` is both roles on one grid.
     """
 
-    tokens: tuple
+    tokens: tuple = ()
+    keys: tuple | None = None
+    queries: tuple | None = None
 
     def __post_init__(self):
-        tokens = tuple(tuple(t) if isinstance(t, (tuple, list)) else t for t in self.tokens)
-        if not tokens:
+        if self.tokens and (self.keys is not None or self.queries is not None):
+            raise PatternError(
+                f"global_tokens({list(self.tokens)}) also given keys= or queries=; expected "
+                f"either tokens (both roles) or keys=/queries= (each role apart).")
+        for name in ("tokens", "keys", "queries"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _token_list(value, name))
+        if not self.tokens and not self.keys and not self.queries:
             raise PatternError("global_tokens() needs at least one token index.")
-        for t in tokens:
-            for v in t if isinstance(t, tuple) else (t,):
-                as_size(v, "token index", minimum=0)
-        object.__setattr__(self, "tokens", tokens)
 
-    def coords(self, grid: Grid) -> list[tuple]:
+    @property
+    def roles(self) -> tuple[tuple, tuple]:
+        """``(key tokens, query tokens)``."""
+        if self.tokens:
+            return self.tokens, self.tokens
+        return self.keys or (), self.queries or ()
+
+    def coords(self, grid: Grid, tokens: tuple) -> list[tuple]:
+        """Coordinates on ``grid`` of ``tokens`` (flat indices or coordinate tuples)."""
         out = []
-        for t in self.tokens:
+        for t in tokens:
             if isinstance(t, tuple):
                 if len(t) != grid.ndim:
                     raise PatternError(
@@ -376,29 +418,59 @@ class GlobalTokens(Pattern):
         return out
 
     def terms(self, grid):
-        coords = sorted(set(self.coords(grid)))
-        if grid.ndim == 1:
-            runs = _runs([c[0] for c in coords])
-            ranges = [((lo,), (hi,)) for lo, hi in runs]
-        else:
-            ranges = [(c, tuple(v + 1 for v in c)) for c in coords]
-        keys = [ir.Term(tuple(ir.Rel.of(ir.KeyIn(lo, hi)) for lo, hi in zip(*r)))
-                for r in ranges]
-        queries = [ir.Term(tuple(ir.Rel.of(ir.QueryIn(lo, hi)) for lo, hi in zip(*r)))
-                   for r in ranges]
-        return keys + queries
+        keys, queries = self.roles
+        return (_token_terms(self.coords(grid, keys), grid.ndim, ir.KeyIn)
+                + _token_terms(self.coords(grid, queries), grid.ndim, ir.QueryIn))
+
+    def cross_terms(self, grid, key_grid):
+        if self.tokens:
+            raise PatternError(
+                f"global_tokens({list(self.tokens)}) names tokens of one grid, but the queries "
+                f"(grid={grid}) and keys (key_grid={key_grid}) live on two; expected "
+                f"global_tokens(keys=[...], queries=[...]): key-grid tokens every query sees, "
+                f"query-grid tokens that see every key.")
+        keys, queries = self.roles
+        return (_token_terms(self.coords(key_grid, keys), grid.ndim, ir.KeyIn)
+                + _token_terms(self.coords(grid, queries), grid.ndim, ir.QueryTokens))
 
     def __repr__(self):
-        return f"global_tokens({list(self.tokens)})"
+        if self.tokens:
+            return f"global_tokens({list(self.tokens)})"
+        roles = [f"{name}={list(getattr(self, name))}" for name in ("keys", "queries")
+                 if getattr(self, name) is not None]
+        return f"global_tokens({', '.join(roles)})"
+
+
+def _token_list(tokens, name: str) -> tuple:
+    tokens = [tokens] if isinstance(tokens, int) else tokens
+    if not isinstance(tokens, (tuple, list)):
+        raise PatternError(f"Invalid global_tokens {name}={tokens!r}; expected a list of flat "
+                           f"indices or coordinate tuples.")
+    tokens = tuple(tuple(t) if isinstance(t, (tuple, list)) else t for t in tokens)
+    for t in tokens:
+        for v in t if isinstance(t, tuple) else (t,):
+            as_size(v, "token index", minimum=0)
+    return tokens
+
+
+def _token_terms(coords: list, ndim: int, atom) -> list:
+    """One term per token (runs of tokens merged on a 1-D grid), each axis ``atom(lo, hi)``."""
+    coords = sorted(set(coords))
+    if ndim == 1:
+        ranges = [((lo,), (hi,)) for lo, hi in _runs([c[0] for c in coords])]
+    else:
+        ranges = [(c, tuple(v + 1 for v in c)) for c in coords]
+    return [ir.Term(tuple(ir.Rel.of(atom(lo, hi)) for lo, hi in zip(*r))) for r in ranges]
 
 
 def _unravel(index, shape):
+    if not 0 <= index < math.prod(shape):
+        raise PatternError(f"Global token index {index} is out of range for grid {shape}; "
+                           f"expected 0 <= index < {math.prod(shape)}.")
     out = []
     for n in reversed(shape):
         out.append(index % n)
         index //= n
-    if index:
-        raise PatternError(f"Global token index out of range for grid {shape}.")
     return tuple(reversed(out))
 
 
@@ -449,6 +521,9 @@ class Union(Pattern):
     def terms(self, grid):
         return [t for p in self.parts for t in p.terms(grid)]
 
+    def cross_terms(self, grid, key_grid):
+        return [t for p in self.parts for t in p.cross_terms(grid, key_grid)]
+
     def __repr__(self):
         return "(" + " | ".join(map(repr, self.parts)) + ")"
 
@@ -460,9 +535,15 @@ class Intersection(Pattern):
     parts: tuple
 
     def terms(self, grid):
-        out = self.parts[0].terms(grid)
-        for p in self.parts[1:]:
-            right = p.terms(grid)
+        return self._meet([p.terms(grid) for p in self.parts])
+
+    def cross_terms(self, grid, key_grid):
+        return self._meet([p.cross_terms(grid, key_grid) for p in self.parts])
+
+    @staticmethod
+    def _meet(parts: list) -> list:
+        out = parts[0]
+        for right in parts[1:]:
             # intersecting unions multiplies their terms: refuse before building the product
             limits.check("PATTERNGEN_MAX_TERMS", len(out) * len(right),
                          f"The intersection's product of terms ({len(out)} x {len(right)})")
@@ -575,16 +656,23 @@ def criss_cross() -> CrissCross:
     return CrissCross()
 
 
-def global_tokens(tokens) -> GlobalTokens:
+def global_tokens(tokens=None, *, keys=None, queries=None) -> GlobalTokens:
     """Tokens that see every key and are seen by every query (flat indices or coordinates).
+
+    Args:
+        tokens: tokens in both roles, on a pattern's one grid.
+        keys: key tokens every query sees (on the key grid, with ``key_grid``).
+        queries: query tokens that see every key (on the query grid).
 
     Example:
         >>> window(512) | global_tokens([0])
         (window(512) | global_tokens([0]))
+        >>> global_tokens(keys=[0], queries=[(3, 3)])
+        global_tokens(keys=[0], queries=[(3, 3)])
     """
-    if isinstance(tokens, int):
-        tokens = [tokens]
-    return GlobalTokens(tuple(tokens))
+    if tokens is None and keys is None and queries is None:
+        raise PatternError("global_tokens() needs at least one token index.")
+    return GlobalTokens(() if tokens is None else _token_list(tokens, "tokens"), keys, queries)
 
 
 def causal() -> Causal:
@@ -608,22 +696,32 @@ def heads(*patterns) -> Heads:
 
 
 @functools.lru_cache(maxsize=512)
-def _lower(spec: Pattern, grid: Grid):
+def _lower(spec: Pattern, grid: Grid, key_grid: Grid | None = None):
     if isinstance(spec, Heads):
-        return ir.HeadsIR(grid, tuple(_lower(p, grid) for p in spec.patterns), repr(spec))
-    if grid.numeric:
-        limits.check("PATTERNGEN_MAX_AXIS", max(grid.shape), f"The longest axis of grid={grid}")
-    terms = spec.terms(grid)
+        return ir.HeadsIR(grid, tuple(_lower(p, grid, key_grid) for p in spec.patterns),
+                          repr(spec), key_grid)
+    for g in (grid, key_grid or grid):
+        if g.numeric:
+            limits.check("PATTERNGEN_MAX_AXIS", max(g.shape), f"The longest axis of grid={g}")
+    terms = spec.terms(grid) if key_grid is None else spec.cross_terms(grid, key_grid)
     limits.check("PATTERNGEN_MAX_TERMS", len(terms), "The number of separable terms")
-    result = ir.make_ir(grid, terms, repr(spec))
+    result = ir.make_ir(grid, terms, repr(spec), key_grid)
     ir.verify(result)
     return result
 
 
-def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
+def lower(spec: Pattern, grid, key_grid=None) -> ir.IR | ir.HeadsIR:
     """Lower a spec on a grid to its exact IR (cached on the hashable spec and grid).
 
     :func:`patterngen.parse.lower` takes the spec's expression text too.
+
+    Args:
+        spec: the pattern.
+        grid: the queries' grid.
+        key_grid: the keys' grid, of the same rank, when they live on another grid: the query
+            at ``x`` sees the keys the pattern gives the key-grid query at
+            ``floor((x + 0.5) * n_k / n_q)`` per axis (:func:`patterngen.ir.center`). Omitted
+            or equal to ``grid``: self-attention.
 
     Raises:
         PatternError: with the spec and grid added to the message.
@@ -631,7 +729,13 @@ def lower(spec: Pattern, grid) -> ir.IR | ir.HeadsIR:
     if not isinstance(spec, Pattern):
         raise PatternError(f"Expected a pattern such as pg.window(7), got {spec!r}.")
     grid = as_grid(grid)
+    keys = None if key_grid is None else as_grid(key_grid)
+    where = f"grid {grid}" if keys is None else f"grid {grid} over key grid {keys}"
+    if keys is not None and keys.ndim != grid.ndim:
+        raise PatternError(f"key_grid={keys} has rank {keys.ndim} and grid={grid} rank "
+                           f"{grid.ndim}; expected a key grid of the same rank [pattern "
+                           f"{spec!r} on {where}].")
     try:
-        return _lower(spec, grid)
+        return _lower(spec, grid, None if keys == grid else keys)
     except PatternError as e:
-        raise PatternError(f"{e} [pattern {spec!r} on grid {grid}]") from None
+        raise PatternError(f"{e} [pattern {spec!r} on {where}]") from None

@@ -55,7 +55,7 @@ def aligned_tiles(heads, shape) -> list[tuple]:
 
     Example:
         >>> import patterngen as pg
-        >>> aligned_tiles(pg.lower(pg.block(7), (56, 56)).per_head, (56, 56))
+        >>> aligned_tiles(pg.lower(pg.block(7), (56, 56)).patterns, (56, 56))
         [(7, 7)]
     """
     return _term_tiles(heads, shape, strided=False)
@@ -70,7 +70,7 @@ def group_tiles(heads, shape) -> list[tuple]:
     Example:
         >>> import patterngen as pg
         >>> group_tiles(pg.lower(pg.window((3, 24, 24), stride=(1, 8, 8)), (6, 48, 48))
-        ...              .per_head, (6, 48, 48))
+        ...              .patterns, (6, 48, 48))
         [(1, 8, 8)]
     """
     return _term_tiles(heads, shape, strided=True)

@@ -25,7 +25,7 @@ def run(script, *options):
 
 def test_the_documented_examples_exist():
     assert {"swin_block.py", "ccnet.py", "axial.py", "yolov12_area.py", "natten_dilated.py",
-            "lm_window.py", "video_3d.py"} <= set(SCRIPTS)
+            "lm_window.py", "video_3d.py", "upsample_attention.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

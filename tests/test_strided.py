@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import patterngen as pg
 from patterngen import ir
 from patterngen.backends import dense, planned
-from patterngen.plan import dense_mask, dense_shape
+from patterngen.errors import PatternError
+from patterngen.plan import dense_mask, dense_shape, dense_shapes
 from oracle import assert_gradients_equal, check_against_oracle
 from test_bias import check as check_with_table
 from test_gqa import oracle as gqa_oracle
@@ -43,19 +44,20 @@ def test_a_recognised_relation_lies_inside_its_problems(case):
     # exactly the relation's pairs); each position appears once in the view
     n, spec = case
     [term] = pg.lower(spec, (n,)).terms
-    shape = dense_shape(term, (n,))
-    if isinstance(shape, str):
-        return
-    [axis] = shape.axes
-    for side in "qk":
-        c = axis.coords(side)
-        assert sorted(c[c >= 0].tolist()) == list(range(n))
-    # and the mask the dense term runs with keeps exactly the relation's pairs
-    mask = dense_mask(shape, term, ())
-    problems = len(axis.coords("q"))
-    inside = shape.executed_pairs if mask is None else int(mask.sum()) * (
-        problems if len(mask) == 1 else 1)
-    assert inside == int(term.rels[0].counts(n).sum())
+    for lowering in ("pad", "roll"):
+        shape = dense_shape(term, (n,), lowering)
+        if isinstance(shape, str):
+            return
+        [axis] = shape.axes
+        for side in "qk":
+            c = axis.coords(side)
+            assert sorted(c[c >= 0].tolist()) == list(range(n))
+        # and the mask the dense term runs with keeps exactly the relation's pairs
+        mask = dense_mask(shape, term, ())
+        problems = len(axis.coords("q"))
+        inside = shape.executed_pairs if mask is None else int(mask.sum()) * (
+            problems if len(mask) == 1 else 1)
+        assert inside == int(term.rels[0].counts(n).sum())
 
 
 @pytest.mark.parametrize("n, spec, want", [
@@ -66,18 +68,43 @@ def test_a_recognised_relation_lies_inside_its_problems(case):
     (14, pg.window(7, dilation=2) & pg.block(14), "tiles(7, dilation 2)"),
     # blocks of dilated tiles, ragged: 50 = 28 + 22, the last tile's classes 4 or 3 long
     (50, pg.window(7, dilation=7) & pg.block(28), "tiles(4, dilation 7, pad 0+6)"),
-    (20, pg.window(6, dilation=3) & pg.block(12, offset=4), "tiles(4, dilation 3, pad 8+8)"),
+    (20, pg.window(6, dilation=3) & pg.block(12, offset=4),
+     "tiles(4, dilation 3, roll 4, pad 0+4)"),
     # a strided dilated window whose runs are tiles; a causal one (Sparse Transformer's
     # strided pattern, causal pairs masked)
     (16, pg.window(4, dilation=2, stride=4), "tiles(4, dilation 2)"),
     (32, pg.window(8, dilation=4, causal=True), "tiles(8, dilation 4)"),
-    # Swin's tiles are the contiguous case; a clamped window over the whole axis is one tile
-    (56, pg.block(7, offset=3), "tiles(7, pad 4+3)"),
+    # Swin's tiles are the contiguous case, rolled as Swin rolls them (8 tiles, not 9); a
+    # clamped window over the whole axis is one tile
+    (56, pg.block(7, offset=3), "tiles(7, roll 3)"),
     (9, pg.window(9), "tiles(9)"),
 ])
 def test_strided_relations_are_dense(n, spec, want):
     [term] = pg.lower(spec, (n,)).terms
     assert repr(dense_shape(term, (n,)).axes[0]) == want
+
+
+@pytest.mark.parametrize("n, spec, pad, roll", [
+    (56, pg.block(7, offset=3), "tiles(7, pad 4+3)", "tiles(7, roll 3)"),
+    # the tiles cut at both ends fit one tile with room to spare: padded after the roll
+    (12, pg.block(7, offset=3), "tiles(7, pad 4+5)", "tiles(7, roll 3, pad 0+2)"),
+    (20, pg.window(6, dilation=3) & pg.block(12, offset=4), "tiles(4, dilation 3, pad 8+8)",
+     "tiles(4, dilation 3, roll 4, pad 0+4)"),
+    # the cut tiles (5 + 4 positions) do not fit one tile: no roll offered
+    (16, pg.block(7, offset=5), "tiles(7, pad 2+3)", None),
+    # no tile saved: rolled only when asked for
+    (10, pg.block(7, offset=3), "tiles(7, pad 4+0)", None),
+])
+def test_both_lowerings_of_cut_tiles_are_offered(n, spec, pad, roll):
+    [term] = pg.lower(spec, (n,)).terms
+    got = {name: repr(shape.axes[0]) for name, shape in dense_shapes(term, (n,)).items()}
+    assert got == {"pad": pad, **({"roll": roll} if roll else {})}
+    assert repr(dense_shape(term, (n,), "pad").axes[0]) == pad
+    assert repr(dense_shape(term, (n,)).axes[0]) == (roll or pad)
+    if n == 10:
+        assert repr(dense_shape(term, (n,), "roll").axes[0]) == "tiles(7, roll 3, pad 0+4)"
+    with pytest.raises(PatternError, match=r"Invalid lowering='wrap'; expected one of"):
+        dense_shape(term, (n,), "wrap")
 
 
 def test_windows_that_miss_part_of_their_class_stay_gathers():

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 
 from patterngen import bias, ir
 from patterngen.backends import Backend, ops, register_backend
@@ -60,7 +61,10 @@ class NumbaBackend(Backend):
         ir: the lowered pattern (numeric grid).
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
         lanes: queries per tile along the last axis (0: one query at a time); ``None`` lets
-            :func:`plan_lanes` pick from the pattern's waste on this grid.
+            :func:`plan_lanes` pick from the pattern's waste on this grid. With keys on
+            another grid (``ir.key_grid``: k and v have its tokens, and each query's keys are
+            those of the key coordinate it sits over) a call with a bias table runs one query
+            at a time: the tiles' table offsets assume lanes one key apart.
         softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
 
     Attributes:
@@ -79,10 +83,14 @@ class NumbaBackend(Backend):
     SUPPORTS_ADDITIONAL_KEYS = True
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
+    SUPPORTS_KEY_GRID = True
 
     def __init__(self, ir_, scale=None, lanes=None, softcap=None):
         self.ir = ir_ = plan.runs_first(ir_)
         self.shape = ir_.grid.require_numeric("the numba backend")
+        #: the key grid's extents, ``None`` when the keys share the queries' grid
+        self.key_shape = None if ir_.key_grid is None else ir_.key_grid.require_numeric(
+            "the numba backend")
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
         plan.check_lanes(lanes, allow_none=True)
@@ -92,7 +100,7 @@ class NumbaBackend(Backend):
         self._kernel_of = kernels(ir_, self.shared if self.lanes else None)[1]
         #: each query's key bounds per kernel, term and axis: what the kernels know of the
         #: pattern beyond its shape (:func:`~.source.bounds_table`)
-        self.bounds = bounds_table(ir_, self.shape)
+        self.bounds = bounds_table(ir_, self.shape, self.key_shape)
         #: this compiled pattern's key for the ``patterngen::numba_*`` operators (set here,
         #: not on first call: a traced call must only read it)
         self.op_key = ops.register(self, self.lanes, self.shared)
@@ -121,8 +129,8 @@ class NumbaBackend(Backend):
         if self.lanes:
             shared = dict(zip((h.terms for h in plan.distinct_heads(self.ir)), self.shared))
             return tuple(lane_pairs(head, self.shape, self.lanes, shared[head.terms])
-                         for head in self.ir.per_head)
-        return tuple(head.pairs() for head in self.ir.per_head)
+                         for head in self.ir.patterns)
+        return tuple(head.pairs() for head in self.ir.patterns)
 
     @property
     def executed_rows(self) -> tuple[int, ...]:
@@ -138,7 +146,7 @@ class NumbaBackend(Backend):
         (``head_dim=0``); with ``rel_bias`` and ``softcap``, the kernels that add them."""
         head_dim = head_dim if head_dim >= SPECIALISED_HEAD_DIM else 0
         return _generate_cached(self.ir, dtype, self.lanes, self.shared, head_dim, rel_bias,
-                                softcap)
+                                softcap, self.key_shape is not None)
 
     def __repr__(self):
         return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
@@ -194,7 +202,7 @@ class NumbaBackend(Backend):
         caps = () if softcap is None else (real(softcap),)
         reach = () if table is None else tuple((n - 1) // 2 for n in table.shape[1:])
         tables = () if table is None else (table.reshape(table.shape[0], -1),)
-        return (real(scale), *caps, *shape, *reach), tables
+        return (real(scale), *caps, *shape, *(self.key_shape or ()), *reach), tables
 
     def _poisoned_lanes(self, v) -> bool:
         """Whether tile lanes would spread a non-finite value: lanes that share a term's keys
@@ -203,6 +211,11 @@ class NumbaBackend(Backend):
         import numpy as np
 
         return bool(self.shared and any(map(any, self.shared)) and not np.isfinite(v).all())
+
+    def _lanes_off_table(self, table) -> bool:
+        """Whether tiles would misread a bias table: a tile's lanes read it one offset apart,
+        which holds for self-attention only (with a key grid, ``key - c(query)`` is not)."""
+        return bool(self.lanes and self.key_shape is not None and table is not None)
 
     @functools.cached_property
     def _one_query(self):
@@ -234,7 +247,7 @@ class NumbaBackend(Backend):
         """
         import numpy as np
 
-        if self._poisoned_lanes(v):
+        if self._poisoned_lanes(v) or self._lanes_off_table(table):
             return self._one_query.forward_numpy(q, k, v, shape, scale, table, softcap)
         groups = self._head_groups(q.shape[1])
         kernels = self._kernels(q.dtype.name, q.shape[3], "forward", groups, table, softcap)
@@ -257,7 +270,7 @@ class NumbaBackend(Backend):
         import numba
         import numpy as np
 
-        if self._poisoned_lanes(v):
+        if self._poisoned_lanes(v) or self._lanes_off_table(table):
             return self._one_query.backward_numpy(q, k, v, out, dout, lse, shape, scale, table,
                                                   softcap)
         groups = self._head_groups(q.shape[1])
@@ -267,18 +280,22 @@ class NumbaBackend(Backend):
         # pairs fewer than the threads still keep every thread busy without atomics
         splits = max(1, -(-2 * numba.get_num_threads() // (batch * heads)))
         splits = min(splits, plan.work_items(shape, self.lanes) if self.lanes else q.shape[2])
-        # dq, dk, dv in one block: numpy advises huge pages from 4 MiB on, and the gradients
-        # are fresh memory in every training step (glibc hands freed memory back to the OS),
-        # whose page faults, taken by the kernel's threads at once, cost a 7x7 neighbourhood's
-        # step on 64x64 a quarter of its time (docs/backends-numba.md)
-        grads = np.empty((3, *q.shape), dtype=q.dtype)
+        # dq, dk, dv in one block (dk, dv per query head, of the key grid's tokens): numpy
+        # advises huge pages from 4 MiB on, and the gradients are fresh memory in every
+        # training step (glibc hands freed memory back to the OS), whose page faults, taken by
+        # the kernel's threads at once, cost a 7x7 neighbourhood's step on 64x64 a quarter of
+        # its time (docs/backends-numba.md)
+        kv_shape = (*q.shape[:2], k.shape[2], q.shape[3])
+        block = np.empty(q.size + 2 * math.prod(kv_shape), dtype=q.dtype)
+        grads = [block[:q.size].reshape(q.shape),
+                 *block[q.size:].reshape(2, *kv_shape)]
         dq = grads[0]
         if splits == 1:
-            grads[1:] = 0
-            dk, dv = grads[1:2], grads[2:3]
+            dk, dv = grads[1][None], grads[2][None]
+            dk[:] = dv[:] = 0
         else:
-            dk = np.zeros((splits, *q.shape), dtype=q.dtype)
-            dv = np.zeros((splits, *q.shape), dtype=q.dtype)
+            dk = np.zeros((splits, *kv_shape), dtype=q.dtype)
+            dv = np.zeros((splits, *kv_shape), dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
         # the table's gradient: a copy per call of the kernel (one per thread), each call
         # taking its own from a counter, summed after the launch: no race, no atomics
@@ -294,7 +311,7 @@ class NumbaBackend(Backend):
             dv.sum(axis=0, out=grads[2])
         grads = tuple(grads)
         if k.shape[1] != heads:  # dk, dv per query head, summed over each kv head's group
-            group = (batch, k.shape[1], heads // k.shape[1], *q.shape[2:])
+            group = (batch, k.shape[1], heads // k.shape[1], *kv_shape[2:])
             grads = (dq, *(g.reshape(group).sum(axis=2) for g in grads[1:]))
         if table is None:
             return grads
@@ -303,8 +320,8 @@ class NumbaBackend(Backend):
 
 @functools.lru_cache(maxsize=256)
 def _generate_cached(node, dtype: str, lanes: int, shared, head_dim: int, rel_bias: bool,
-                     softcap: bool) -> str:
-    return generate(node, dtype, lanes, shared, head_dim, rel_bias, softcap)
+                     softcap: bool, cross: bool = False) -> str:
+    return generate(node, dtype, lanes, shared, head_dim, rel_bias, softcap, cross)
 
 
 register_backend("numba", NumbaBackend)

@@ -75,7 +75,7 @@ def _arrays(names, rank: int, dtype: str = "ACC") -> list[Arg]:
 
 
 def kernel_args(ndim: int, backward: bool, bias: bool = False,
-                softcap: bool = False) -> list[Arg]:
+                softcap: bool = False, cross: bool = False) -> list[Arg]:
     """A kernel's arguments in packing order: the C-contiguous arrays of the kernel's dtype
     (``ACC``) but ``heads`` (the heads a launch runs), ``brows`` (each one's row of
     ``bounds``) and ``bounds`` (the table of each query's key bounds), which are int64; then
@@ -84,11 +84,13 @@ def kernel_args(ndim: int, backward: bool, bias: bool = False,
     With ``bias``: the reach ``reach0..`` per axis, the flat ``table`` (rows, offsets) and, for
     the backward, ``dtable`` (one copy per call of the kernel, see :func:`threads`) and the
     ``slot`` counter that picks the copy. With ``softcap``: the cap, a real after the scale.
+    With ``cross``: the key grid's extents ``m0..`` after the query grid's ``n0..``.
     """
     inputs = ["q", "k", "v", "out", "dout"] if backward else ["q", "k", "v"]
     return (_arrays(inputs, 4) + _arrays(["lse"] * backward, 3) + [Arg("scale", "real")]
             + [Arg("softcap", "real")] * softcap
             + [Arg(f"n{a}", "int") for a in range(ndim)]
+            + [Arg(f"m{a}", "int") for a in range(ndim) if cross]
             + [Arg(f"reach{a}", "int") for a in range(ndim) if bias]
             + _arrays(["heads", "brows"], 1, "np.int64") + _arrays(["bounds"], 5, "np.int64")
             + _arrays(["table"] * bias, 2)

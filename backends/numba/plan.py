@@ -29,33 +29,35 @@ LANE_MIN_EFFICIENCY = 0.8
 LANE_PAIR_COST = 0.8
 
 
-def _shared_pairs(term: ir.Term, shape, lanes: int) -> int:
-    """Pairs that tiles of ``lanes`` queries compute for ``term`` when the lanes share it.
+def _shared_pairs(term: ir.Term, shape, lanes: int, key_shape) -> int:
+    """Pairs that tiles of ``lanes`` queries compute for ``term`` when the lanes share it
+    (keys on a grid of ``key_shape``).
 
     Separable, never tokens x tokens: a tile shares its other coordinates, so for each of
     its lanes it computes every key of the lanes' union on the last axis.
     """
     import numpy as np
 
-    n = int(shape[-1])
+    n, nk = int(shape[-1]), int(key_shape[-1])
     coords = np.arange(-(-n // lanes) * lanes, dtype=np.int64)
-    outer = math.prod(int(rel.counts(int(m)).sum()) for rel, m in zip(term.rels[:-1], shape[:-1]))
-    lo, hi = term.rels[-1].bounds(np.minimum(coords, n - 1), n, ir.NUMPY_OPS)
+    outer = math.prod(int(rel.counts(int(mk), int(m)).sum())
+                      for rel, m, mk in zip(term.rels[:-1], shape[:-1], key_shape[:-1]))
+    lo, hi = term.rels[-1].bounds(np.minimum(coords, n - 1), nk, ir.NUMPY_OPS, n)
     lo, hi = np.broadcast_to(lo, coords.shape), np.broadcast_to(hi, coords.shape)
     held = (lo < hi) & (coords < n)
-    lo = np.where(held, lo, n).reshape(-1, lanes).min(axis=1)
+    lo = np.where(held, lo, nk).reshape(-1, lanes).min(axis=1)
     hi = np.where(held, hi, 0).reshape(-1, lanes).max(axis=1)
     return outer * lanes * int(np.maximum(hi - lo, 0).sum())
 
 
-def _term_pairs(term: ir.Term, shape) -> int:
-    return math.prod(int(c.sum()) for c in term.counts(shape))
+def _term_pairs(term: ir.Term, shape, key_shape) -> int:
+    return math.prod(int(c.sum()) for c in term.counts(shape, key_shape))
 
 
 def _new_pairs(head: ir.IR, t: int) -> int:
     """Pairs of term ``t`` that no earlier term holds (what the kernels visit for it)."""
     def union(terms):
-        return ir.IR(head.grid, tuple(terms)).pairs() if terms else 0
+        return ir.IR(head.grid, tuple(terms), key_grid=head.key_grid).pairs() if terms else 0
     return union(head.terms[:t + 1]) - union(head.terms[:t])
 
 
@@ -67,9 +69,10 @@ def _lane_terms(head: ir.IR, shape, lanes: int, shared=None) -> list[tuple[bool,
     the tile would compute for it are attended.
     """
     out = []
+    keys = shape if head.key_grid is None else head.key_grid.shape
     for t, term in enumerate(head.terms):
-        tile = _shared_pairs(term, shape, lanes)
-        share = (_term_pairs(term, shape) >= LANE_MIN_EFFICIENCY * tile if shared is None
+        tile = _shared_pairs(term, shape, lanes, keys)
+        share = (_term_pairs(term, shape, keys) >= LANE_MIN_EFFICIENCY * tile if shared is None
                  else shared[t])
         out.append((share, tile if share else _new_pairs(head, t)))
     return out
@@ -119,12 +122,12 @@ def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
     widths = [lanes] if lanes is not None else sorted(set(LANE_CHOICES) | {
         int(a.size) for head in heads for term in head.terms for a in term.rels[-1].atoms
         if isinstance(a, ir.Block) and is_number(a.size) and 2 <= a.size <= 16}, reverse=True)
-    alone = sum(head.pairs() for head in node.per_head)
+    alone = sum(head.pairs() for head in node.patterns)
     for width in widths:
         terms = {h.terms: _lane_terms(h, shape, width) for h in heads}
         shared = tuple(tuple(share for share, _ in terms[h.terms]) for h in heads)
         cost = sum(LANE_PAIR_COST * pairs if share else pairs
-                   for head in node.per_head for share, pairs in terms[head.terms])
+                   for head in node.patterns for share, pairs in terms[head.terms])
         if lanes is not None or (any(map(any, shared)) and cost <= 0.85 * alone):
             return width, shared
     return 0, None
@@ -134,7 +137,7 @@ def distinct_heads(node) -> list:
     """The distinct patterns of ``node``'s heads, in first-use order: one row of the bounds
     table each (``source.kernels`` gives the kernels, one per distinct shape)."""
     out = []
-    for head in node.per_head:
+    for head in node.patterns:
         if head.terms not in [h.terms for h in out]:
             out.append(head)
     return out
@@ -144,7 +147,7 @@ def head_map(node) -> list[int]:
     """Index of each listed head's pattern in :func:`distinct_heads` (its rows of the bounds
     table)."""
     distinct = [h.terms for h in distinct_heads(node)]
-    return [distinct.index(h.terms) for h in node.per_head]
+    return [distinct.index(h.terms) for h in node.patterns]
 
 
 def check_lanes(lanes, allow_none: bool = False) -> None:

@@ -77,6 +77,8 @@ class Context:
         shared: with lanes, each distinct head's terms' sharing (:func:`generate`'s).
         head_dim: 0, or the one head_dim the kernels take.
         bias, softcap: the kernels add a bias table, cap the scores.
+        cross: the keys live on another grid, of extents ``m0, m1, ...`` (arguments after
+            the query grid's ``n0, n1, ...``).
         ndim: the grid's rank.
         kernel: the kernel being written; shares: its terms' sharing (lanes).
         runs: runs of keys are buffered in one loop (:func:`_emit_run`; forward only).
@@ -90,6 +92,7 @@ class Context:
     head_dim: int
     bias: bool
     softcap: bool
+    cross: bool = False
     ndim: int = 0
     kernel: int = 0
     shares: tuple = ()
@@ -99,6 +102,11 @@ class Context:
     axis: int = 0
     flush: str = ""
     lane_flush: str = ""
+
+
+def _key_extent(ctx: Context, a: int) -> str:
+    """The name of the key grid's extent on axis ``a`` (the query grid's without a key grid)."""
+    return f"m{a}" if ctx.cross else f"n{a}"
 
 
 def _unflatten(em: _Emitter, ndim: int) -> None:
@@ -165,22 +173,24 @@ def kernels(node, shared=None) -> tuple[list, list[int]]:
     return reps, of
 
 
-def bounds_table(node, shape) -> np.ndarray:
+def bounds_table(node, shape, key_shape=None) -> np.ndarray:
     """The kernels' argument ``bounds``: ``[row, term, axis, 0, i]`` is the first key and
     ``[..., 1, i]`` the end of the keys of query coordinate ``i`` on that axis (empty when the
     end is not above the first), one row per distinct head pattern of ``node`` on the grid
     ``shape`` (a kernel reads the row of each head it runs, ``brows``). Evaluated by numpy
     from :meth:`~patterngen.ir.Rel.bounds`: a term's bounds on one axis depend on the query's
     coordinate on that axis only, so the table holds ``rows x terms x axes x max(shape)``
-    pairs, never tokens."""
+    pairs, never tokens. With ``key_shape`` (keys on another grid) the bounds are on the key
+    grid, those of the key coordinate each query sits over."""
     heads = plan.distinct_heads(node)
     table = np.zeros((len(heads), max(len(h.terms) for h in heads), len(shape), 2, max(shape)),
                      dtype=np.int64)
     for k, head in enumerate(heads):
         for t, term in enumerate(head.terms):
-            for a, (rel, n) in enumerate(zip(term.rels, shape)):
+            for a, (rel, n, nk) in enumerate(zip(term.rels, shape, key_shape or shape)):
                 coords = np.arange(int(n), dtype=np.int64)
-                for side, value in enumerate(rel.bounds(coords, int(n), ir.NUMPY_OPS)):
+                for side, value in enumerate(rel.bounds(coords, int(nk), ir.NUMPY_OPS,
+                                                        int(n))):
                     table[k, t, a, side, :n] = np.broadcast_to(value, coords.shape)
     return table
 
@@ -230,7 +240,7 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: Context) -> None:
                 _emit_run(em, ctx, a, f"lo{t}_{a}{lane}", f"hi{t}_{a}{lane}", keys, cnt)
                 scopes.enter_context(em.block("else:"))
             scopes.enter_context(em.block(header))
-            em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * n{a} + p{a}")
+            em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * {_key_extent(ctx, a)} + p{a}")
             if ctx.bias:
                 em(f"o{a} = p{a} + e{a}" if a == 0 else f"o{a} = o{a - 1} * span{a} + p{a} + e{a}")
             tests = []
@@ -268,7 +278,7 @@ def _emit_run(em: _Emitter, ctx: Context, a: int, lo: str, hi: str, keys: str, c
     (:func:`_emit_collect`), or the end of the query does."""
     em(f"run = {hi} - {lo}")
     with em.block(f"if run > 0 and {cnt} + run <= KEY_CHUNK:"):
-        start = f"k{a - 1} * n{a} + {lo}" if a else lo
+        start = f"k{a - 1} * {_key_extent(ctx, a)} + {lo}" if a else lo
         em(f"first_key = {start} - {cnt}")
         if ctx.bias:
             outer = f"o{a - 1} * span{a} + " if a else ""
@@ -376,11 +386,15 @@ def _emit_item_rows(em: _Emitter, ctx: Context, backward: bool) -> None:
 
 def _emit_bias_base(em: _Emitter, ctx: Context, last: str) -> None:
     """``e{a} = reach - query`` per axis (``last``: the query's last coordinate), so that a
-    key's flat table position is ``o = (...(p0 + e0) * span1 + p1 + e1)...``."""
+    key's flat table position is ``o = (...(p0 + e0) * span1 + p1 + e1)...``; with keys on
+    another grid, ``reach - c(query)`` (:func:`patterngen.ir.center`)."""
     if ctx.bias:
         ndim = ctx.ndim
         for a in range(ndim):
-            em(f"e{a} = reach{a} - {last if a == ndim - 1 else f'i{a}'}")
+            query = last if a == ndim - 1 else f"i{a}"
+            if ctx.cross:
+                query = f"((2 * {query} + 1) * m{a}) // (2 * n{a})"
+            em(f"e{a} = reach{a} - {query}")
 
 
 def _emit_heads(em: _Emitter) -> None:
@@ -460,7 +474,7 @@ def _kernel_header(em: _Emitter, ctx: Context, backward: bool, doc: list[str]):
     else:
         name = "forward"
         summary = "out and the log-sum-exp ``lse``."
-    args = launch.kernel_args(ndim, backward, ctx.bias, ctx.softcap)
+    args = launch.kernel_args(ndim, backward, ctx.bias, ctx.softcap, ctx.cross)
     with em.block(f"def {name}_{idx}(a):"):
         em(f'"""Kernel {idx}: {summary}')
         em()
@@ -529,7 +543,7 @@ def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: Context, per_lane) -> None:
                 em(f"lo{t}_{last}[u] = hi{t}_{last}[u] = 0")
         per_lane(em)
     for t in range(len(head.terms)):
-        em(f"ulo{t}, uhi{t} = union(lo{t}_{last}, hi{t}_{last}, n{last})")
+        em(f"ulo{t}, uhi{t} = union(lo{t}_{last}, hi{t}_{last}, {_key_extent(ctx, last)})")
 
 
 def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: Context, rows, chunks, scalars,
@@ -642,8 +656,9 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
                     em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
 
 
-def _header(dtype: str, bias: bool, softcap: bool, reps) -> str:
-    adds = " and ".join(["a relative position bias table"] * bias + ["a softcap"] * softcap)
+def _header(dtype: str, bias: bool, softcap: bool, reps, cross: bool = False) -> str:
+    adds = " and ".join(["a relative position bias table"] * bias + ["a softcap"] * softcap
+                        + ["keys on another grid (extents m0..)"] * cross)
     adds = f", with {adds}" if adds else ""
     lines = [f'"""patterngen numba kernels ({dtype}{adds}).', ""]
     lines.append("Generated by patterngen.backends.numba.source.generate; do not edit. Each")
@@ -659,7 +674,7 @@ def _header(dtype: str, bias: bool, softcap: bool, reps) -> str:
 
 
 def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim: int = 0,
-             bias: bool = False, softcap: bool = False) -> str:
+             bias: bool = False, softcap: bool = False, cross: bool = False) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
     Pure and deterministic: the text depends on the pattern's shape (the grid's rank, the
@@ -681,6 +696,8 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
         bias: kernels that add a relative position bias table (:mod:`patterngen.bias`) to
             each score by the key's flat table position, and the backward its gradient.
         softcap: kernels that cap scores as ``softcap * tanh(s / softcap)`` before the bias.
+        cross: kernels whose keys live on another grid: they take its extents ``m0, m1,
+            ...`` after ``n0, n1, ...`` and flatten key coordinates with them.
 
     Raises:
         PatternError: for an unsupported dtype or an unrecognised IR node.
@@ -707,14 +724,14 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                            f"{[len(h.terms) for h in heads]} terms.")
     em = _Emitter()
     _visit(node, em, Context(lanes=lanes, shared=shared, head_dim=head_dim, bias=bias,
-                             softcap=softcap))
+                             softcap=softcap, cross=cross))
     body = em.text().rstrip()
     constants = [f"ACC = {DTYPES[dtype]}",
                  f"QUERY_TILE = {plan.QUERY_TILE}" if not lanes else f"LANES = {lanes}",
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]
-    header = _header(dtype, bias, softcap, kernels(node, shared if lanes else None)[0])
+    header = _header(dtype, bias, softcap, kernels(node, shared if lanes else None)[0], cross)
     return "\n".join([header, "", *_imports(body), "", *constants, "", "", body, ""])
 
 

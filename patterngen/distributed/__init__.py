@@ -18,6 +18,9 @@ Example (every rank runs it, after ``torch.distributed.init_process_group``)::
 ``import patterngen.distributed`` does not import torch; :func:`compile` does.
 """
 
+from .. import ir
+from ..errors import PatternError
+from ..parse import as_ir
 from .halo import exchange_rows, split_lines
 from .halo_cost import HaloCost, halo_cost
 from .local import RankPlan, rank_plan
@@ -28,7 +31,8 @@ __all__ = ["compile", "DistributedAttention", "HaloCost", "RankPlan", "Reshard",
            "exchange_rows", "halo_cost", "rank_plan", "reshard", "schemes", "split_lines"]
 
 
-def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None, **options):
+def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None, key_grid=None,
+            **options):
     """Compile ``pattern`` for a grid sharded along ``axis`` over the ranks of ``group``.
 
     Every rank of ``group`` must call it with the same arguments: the ranks check that they
@@ -43,6 +47,8 @@ def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None,
             needs line tables, among ``terms``, ``numba`` and ``sdpa``), ``"sdpa"`` or
             ``"numba"`` (CPU), which read any rank's line tables (see ``docs/distributed.md``).
         shards: lines per rank; ``None`` splits as evenly as possible.
+        key_grid: keys on another grid are not sharded: anything but ``None`` or
+            ``grid`` is refused.
         **options: options of the local backend (with ``"auto"``, the planner's).
 
     Returns:
@@ -50,9 +56,18 @@ def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None,
 
     Raises:
         PatternError: on every rank, with the same message, when any rank's arguments are
-            invalid or the ranks disagree; or when no process group is initialised.
+            invalid or the ranks disagree; or when no process group is initialised; for keys
+            on another grid.
     """
     from .attention import DistributedAttention
+
+    if key_grid is not None or isinstance(pattern, (ir.IR, ir.HeadsIR)):
+        keys = as_ir(pattern, grid, key_grid).key_grid
+        if keys is not None:  # the halo would need key units on the sharded axis
+            raise PatternError(
+                f"patterngen.distributed.compile: keys on another grid (key_grid={keys}, "
+                f"grid={grid}) are not supported; shard a self-attention pattern, or run the "
+                f"cross-attention on one process with pg.compile(..., key_grid=...).")
 
     return DistributedAttention(pattern, grid, axis, group, backend, shards, options)
 

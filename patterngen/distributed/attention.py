@@ -129,7 +129,7 @@ class DistributedAttention:
             self.axis = axis % len(shape)
             self.shards = split_lines(shape[self.axis], self.world, shards)
             moved = ir.axis_first(lowered, self.axis)
-            key = (tuple(tuple(map(repr, h.terms)) for h in moved.per_head), shape, self.axis,
+            key = (tuple(tuple(map(repr, h.terms)) for h in moved.patterns), shape, self.axis,
                    self.shards, self.world, backend, _canonical(options))
             digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
             summary = (f"{lowered.label} on grid {lowered.grid}, axis={self.axis}, "

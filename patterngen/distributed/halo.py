@@ -127,7 +127,7 @@ def _terms(lowered) -> tuple[TermKeys, ...]:
     """The terms whose keys move to the queries (every term but the merged ones)."""
     shape = lowered.grid.require_numeric("a sharded pattern")
     out = []
-    for h, head in enumerate(lowered.per_head):
+    for h, head in enumerate(lowered.patterns):
         for term in head.terms:
             if is_merged(term):
                 continue
@@ -149,7 +149,7 @@ def global_queries(lowered) -> np.ndarray:
     """
     shape = lowered.grid.require_numeric("a sharded pattern")
     found = np.zeros(shape, dtype=bool)
-    for head in lowered.per_head:
+    for head in lowered.patterns:
         for term in head.terms:
             if is_merged(term):
                 rows = np.ones((), dtype=bool)

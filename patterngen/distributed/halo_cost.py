@@ -149,7 +149,7 @@ def _closed_tokens(lowered, ranks, rank):
     s, e = rank * size, (rank + 1) * size
     lefts, rights, assumptions, keys = [], [], [sympy.Eq(sympy.Mod(n, ranks), 0)], []
     gather_all = before = False
-    for head in lowered.per_head:
+    for head in lowered.patterns:
         for term in head.terms:
             if is_merged(term):
                 continue  # no key moves (see _closed_queries)
@@ -196,7 +196,7 @@ def _closed_queries(lowered, ranks, rank):
     shape = lowered.grid.shape
     size = shape[0] / ranks
     s, e = rank * size, (rank + 1) * size
-    merged = {t for head in lowered.per_head for t in head.terms if is_merged(t)}
+    merged = {t for head in lowered.patterns for t in head.terms if is_merged(t)}
     if not merged:
         return sympy.Integer(0), sympy.Integer(0)
     if len(merged) > 1:
@@ -274,7 +274,7 @@ def halo_cost(lowered, ranks, head_dim, heads, batch, dtype_bytes, flops) -> Hal
     if closed is None or closed_queries is None:
         tokens, queries, partials = (_exact_function(lowered, q)(ranks, rank)
                                      for q in ("tokens", "queries", "partials"))
-        if any(not is_merged(t) and is_reshardable(t) for head in lowered.per_head
+        if any(not is_merged(t) and is_reshardable(t) for head in lowered.patterns
                for t in head.terms):
             pencil, returned = (_exact_function(lowered, q)(ranks, rank)
                                 for q in ("pencil", "returned"))

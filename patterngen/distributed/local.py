@@ -110,7 +110,7 @@ def rank_plan(lowered, shards, rank: int, resharded=None) -> RankPlan:
     lines = np.concatenate([np.arange(a, b) for a, b in intervals])
     no_key = [0] * virtual
     heads = []
-    for h, head in enumerate(lowered.per_head):
+    for h, head in enumerate(lowered.patterns):
         local_terms = []
         for t, hull in zip(terms, hulls):
             if t.head != h or hull is None:
@@ -139,8 +139,8 @@ def rank_plan(lowered, shards, rank: int, resharded=None) -> RankPlan:
     # the partial of every global query over this rank's keys, from every term of its pattern
     q = np.unravel_index(queries, shape)
     p = np.unravel_index(np.arange(lo * rest, hi * rest), shape)
-    query_mask = np.zeros((len(lowered.per_head), len(queries), (hi - lo) * rest), dtype=bool)
-    for h, head in enumerate(lowered.per_head):
+    query_mask = np.zeros((len(lowered.patterns), len(queries), (hi - lo) * rest), dtype=bool)
+    for h, head in enumerate(lowered.patterns):
         for term in head.terms:
             query_mask[h] |= term.contains([c[:, None] for c in q], [c[None, :] for c in p],
                                            shape, ir.NUMPY_OPS)
@@ -178,7 +178,7 @@ def ordinary_local(lowered, plan: RankPlan):
     own = np.arange(plan.own[0], plan.own[1])[:, None]
     keys = np.arange(size)[None, :]
     heads = []
-    for head in lowered.per_head:
+    for head in lowered.patterns:
         terms = []
         for term in head.terms:
             if is_merged(term):

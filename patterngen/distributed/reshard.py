@@ -66,7 +66,7 @@ def reshard(lowered, shards) -> Reshard | None:
     has no finite gradient.
     """
     shape = lowered.grid.require_numeric("a sharded pattern")
-    terms = frozenset((h, t) for h, head in enumerate(lowered.per_head) for t in head.terms
+    terms = frozenset((h, t) for h, head in enumerate(lowered.patterns) for t in head.terms
                       if not is_merged(t) and is_reshardable(t))
     if not terms:
         return None
@@ -84,7 +84,7 @@ def reshard(lowered, shards) -> Reshard | None:
         return None
     local = np.ones(math.prod(shape), dtype=bool)
     local[global_queries(lowered)] = False
-    for h, head in enumerate(lowered.per_head):
+    for h, head in enumerate(lowered.patterns):
         mine = [t for t in head.terms if (h, t) in terms]
         if not mine:
             continue
@@ -106,8 +106,8 @@ def reshard_mask(lowered, resharded: Reshard, rank: int) -> np.ndarray:
     col = np.arange(a, b)[:, None, None]
     q = [line[:, None], col, *(x[:, None] for x in deep)]
     p = [line[None, :], col, *(x[None, :] for x in deep)]
-    out = np.zeros((len(lowered.per_head), b - a, tokens, tokens), dtype=bool)
-    for h, head in enumerate(lowered.per_head):
+    out = np.zeros((len(lowered.patterns), b - a, tokens, tokens), dtype=bool)
+    for h, head in enumerate(lowered.patterns):
         other = np.zeros_like(out[h])
         for term in head.terms:
             hit = np.broadcast_to(term.contains(q, p, shape, ir.NUMPY_OPS), out[h].shape)

@@ -57,6 +57,6 @@ def schemes(lowered, resharded=None) -> list[tuple[str, str]]:
     undecided = resharded is None and not lowered.grid.numeric
     return [(repr(t), RESHARD if (h, t) in chosen else EITHER
              if undecided and not is_merged(t) and is_reshardable(t) else scheme_of(t.rels[0]))
-            for h, head in enumerate(lowered.per_head) for t in head.terms]
+            for h, head in enumerate(lowered.patterns) for t in head.terms]
 
 

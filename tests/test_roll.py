@@ -1,0 +1,144 @@
+"""Dense terms whose tiles an offset cuts at the axis's ends, lowered both ways: padded to whole
+tiles, and rolled as Swin rolls (the cut tiles share one, apart by the mask). Each lowering of
+a term alone against the float64 oracle, output and the gradients of q, k, v and a bias table
+(shared and per head), on grids the tiles do not divide, offsets 0..M-1, 1-D/2-D/3-D; then
+through ``auto``: unions with other terms, grouped kv heads, bfloat16."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patterngen as pg
+from patterngen.backends import planned
+from patterngen.bias import reach
+from patterngen.plan import dense_shape
+from test_bias import check, inputs, oracle
+
+DENSE = dict(strategy="terms", terms="dense")
+
+
+def run_term(pattern, grid, lowering, shared, heads=2, seed=0):
+    """One term as a :class:`planned.DenseTerm` under ``lowering``, forward and backward
+    against the oracle in float64; returns the dense shape it ran."""
+    lowered = pg.lower(pattern, grid)
+    [term] = lowered.terms
+    shape = dense_shape(term, grid, lowering)
+    counts = lowered.key_counts()
+    part = planned.DenseTerm(term, shape, [], grid, counts > 0, reach=reach(lowered))
+    torch.manual_seed(seed)
+    q, k, v, table = inputs(grid, heads, reach(lowered), shared)
+    flat = [t.detach() for t in (q, k, v)]
+    scale = q.shape[-1] ** -0.5
+    out, lse = part.forward(*flat, scale, True, table.detach())
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    ref = oracle(pattern, grid, *wide, None)
+    torch.testing.assert_close(out.reshape(ref.shape), ref, atol=1e-10, rtol=0)
+    dout = torch.randn(ref.shape, dtype=torch.float64)
+    got = part.backward(*flat, out, lse, dout.reshape(out.shape), scale, table.detach())
+    want = torch.autograd.grad(ref, wide, dout)
+    for name, g, w in zip(("q", "k", "v", "table"), got, want):
+        torch.testing.assert_close(g.reshape(w.shape), w, atol=1e-10, rtol=0,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+    return shape
+
+
+@st.composite
+def cut_blocks(draw):
+    ndim = draw(st.integers(1, 3))
+    sizes = [draw(st.integers(1, 5)) for _ in range(ndim)]
+    offsets = [draw(st.integers(0, m - 1)) for m in sizes]
+    grid = tuple(draw(st.integers(1, 3 * m + 2)) for m in sizes)
+    return pg.block(tuple(sizes), offset=tuple(offsets)), grid
+
+
+@settings(max_examples=10, deadline=None)
+@given(cut_blocks(), st.booleans())
+def test_both_lowerings_equal_the_oracle(case, shared):
+    pattern, grid = case
+    shapes = {lowering: run_term(pattern, grid, lowering, shared)
+              for lowering in ("pad", "roll")}
+    assert not any(ax.roll for ax in shapes["pad"].axes)
+
+
+@pytest.mark.parametrize("offset", range(7))
+def test_every_offset_of_a_swin_window_rolls_exactly(offset):
+    # 16 = 2 * 7 + 2: the tiles never divide the axis; it rolls where the two cut tiles (the
+    # first of `offset` positions, the last of the rest) fit one, the first whole tile then
+    # starting the view
+    shape = run_term(pg.block(7, offset=offset), (16, 9), "roll", shared=offset % 2 == 0)
+    fits = offset + (16 - offset) % 7 <= 7
+    assert shape.axes[0].roll == (offset if fits else 0)
+    auto = dense_shape(pg.lower(pg.block(7, offset=offset), (16, 9)).terms[0], (16, 9))
+    assert auto.batch <= dense_shape(pg.lower(pg.block(7, offset=offset), (16, 9)).terms[0],
+                                     (16, 9), "pad").batch
+
+
+def test_swin_shift_rolls_into_aligned_windows():
+    # Swin-T's first stage: 64 windows as Swin has them (not 81 padded), the region mask on
+    # the wrapped windows only
+    term = pg.lower(pg.block(7, offset=3), (56, 56)).terms[0]
+    shape = dense_shape(term, (56, 56))
+    assert shape.batch == 64 and repr(shape.axes[0]) == "tiles(7, roll 3)"
+    part = planned.DenseTerm(term, shape, [], (56, 56), np.ones(56 * 56, bool), reach=(6, 6))
+    masked = ~part.mask.reshape(8, 8, 49, 49).all(axis=(2, 3))
+    assert masked[:7, :7].sum() == 0 and masked[7].all() and masked[:, 7].all()
+
+
+@pytest.mark.parametrize("pattern, grid, shared", [
+    (pg.block(7, offset=3) | pg.axis(0), (12, 12), True),     # rolled after an axis term
+    (pg.block(4, offset=2) | pg.window(3), (10, 11), False),  # after a gather group
+    (pg.block(4) | pg.block(4, offset=(1, 3)), (10, 12), True),  # the earlier term masked
+    (pg.block((3, 4, 4), offset=(1, 2, 3)), (5, 10, 8), False),
+    (pg.block(5, offset=2), (23,), True),
+    # tiles that divide the grid: rolled with no padding, one axis of three not rolled
+    (pg.block(4, offset=2) | pg.axis(0), (12, 12), False),
+    (pg.block((2, 4, 4), offset=(1, 0, 3)), (4, 8, 8), True),
+])
+def test_rolled_terms_in_auto_equal_the_oracle(pattern, grid, shared):
+    attn = check("auto", pattern, grid, shared=shared, **DENSE)
+    assert any(ax.roll for tp in attn.plan.patterns[0] if tp.dense is not None
+               for ax in tp.dense.axes)
+
+
+def test_rolled_term_with_grouped_kv_heads():
+    pattern, grid = pg.block(7, offset=3), (12, 12)
+    attn = pg.compile(pattern, grid, backend="auto", **DENSE)
+    q, k, v, table = inputs(grid, 4, attn.reach, False)
+    k, v = (t[:, :2].detach().requires_grad_() for t in (k, v))
+    out = attn(q, k, v, rel_bias=table)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    want = oracle(pattern, grid, wide[0], *(t.repeat_interleave(2, 1) for t in wide[1:3]),
+                  wide[3], None)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+    dout = torch.randn(want.shape, dtype=torch.float64)
+    for name, g, w in zip("q k v table".split(), torch.autograd.grad(out, (q, k, v, table), dout),
+                          torch.autograd.grad(want, wide, dout)):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=0,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("grid", [(12, 12), (10, 10)])  # rolled; padded
+def test_cut_tiles_in_bfloat16(grid):
+    # the padded tiles' dead query rows once turned live rows NaN in bfloat16
+    attn = check("auto", pg.block(7, offset=3), grid, heads=2, dtype=torch.bfloat16, atol=0.15,
+                 **DENSE)
+    assert any(ax.roll for ax in attn.plan.patterns[0][0].dense.axes) == (grid == (12, 12))
+
+
+@pytest.mark.parametrize("pattern, grid, kv_heads", [
+    (pg.block(7, offset=3), (14, 14), 4), (pg.block(7), (14, 14), 2),
+    (pg.block(7, offset=3), (12, 12), 2)])
+@pytest.mark.parametrize("shared", [True, False])
+def test_inference_with_a_table_equals_the_oracle(pattern, grid, kv_heads, shared):
+    # without gradients a lone biased term runs the fused kernel, bias (and mask) broadcast
+    attn = pg.compile(pattern, grid, backend="auto", **DENSE)
+    q, k, v, table = (t.detach() for t in inputs(grid, 4, attn.reach, shared))
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
+    with torch.no_grad():
+        out = attn(q, k, v, rel_bias=table)
+    group = 4 // kv_heads
+    want = oracle(pattern, grid, q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                  table, None)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
