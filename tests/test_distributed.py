@@ -25,7 +25,7 @@ import torch
 import patterngen as pg
 from patterngen import ir
 from patterngen.distributed.halo import exchange_rows, global_queries, query_rows, split_lines
-from patterngen.distributed.local import ordinary_local, rank_plan
+from patterngen.distributed.local import ordinary_local, rank_share
 from patterngen.distributed.reshard import column_slices, reshard
 from patterngen.errors import PatternError
 
@@ -133,17 +133,17 @@ def test_local_attention_of_every_rank_equals_the_oracle(name, pattern, grid, op
     rest = int(np.prod(lowered.grid.shape[1:]))
     for world in WORLDS:
         shards = split_lines(lowered.grid.shape[0], world)
-        plans = [rank_plan(lowered, shards, rank) for rank in range(world)]
-        for plan, (lo, hi) in zip(plans, shards):
-            rank = plan.rank
-            kv = torch.zeros(2, b, h, plan.local_lines * rest, d, dtype=torch.float64)
-            own = slice(plan.own[0] * rest, plan.own[1] * rest)
+        shares = [rank_share(lowered, shards, rank) for rank in range(world)]
+        for share, (lo, hi) in zip(shares, shards):
+            rank = share.rank
+            kv = torch.zeros(2, b, h, share.local_lines * rest, d, dtype=torch.float64)
+            own = slice(share.own[0] * rest, share.own[1] * rest)
             for x, dst in ((k, kv[0]), (v, kv[1])):
                 flat = x.reshape(b, h, -1, d)
                 dst[:, :, own] = flat[:, :, lo * rest:hi * rest]
                 for src, (c, _) in enumerate(shards):
-                    theirs = plans[src].send[rank]
-                    dst[:, :, plan.recv[src]] = flat[:, :, c * rest + theirs]
+                    theirs = shares[src].send[rank]
+                    dst[:, :, share.recv[src]] = flat[:, :, c * rest + theirs]
             ql = torch.zeros_like(kv[0])
             ql[:, :, own] = q.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest]
             local = np.ones(hi * rest - lo * rest, dtype=bool)  # global queries: merged
@@ -151,8 +151,8 @@ def test_local_attention_of_every_rank_equals_the_oracle(name, pattern, grid, op
             local[mine[(mine >= lo * rest) & (mine < hi * rest)] - lo * rest] = False
             want_rows = want.reshape(b, h, -1, d)[:, :, lo * rest:hi * rest]
             # the line tables, and the pattern's own atoms on the local grid where they fit
-            ordinary = ordinary_local(lowered, plan)
-            for form in (plan.local, ordinary):
+            ordinary = ordinary_local(lowered, share)
+            for form in (share.local, ordinary):
                 if form is None:
                     continue
                 attn = pg.compile(form, backend="sdpa", block=16, order="row-major")

@@ -23,12 +23,12 @@ from ..errors import PatternError
 from ..parse import as_ir
 from .halo import exchange_rows, split_lines
 from .halo_cost import HaloCost, halo_cost
-from .local import RankPlan, rank_plan
+from .local import RankShare, rank_share
 from .reshard import Reshard, reshard
 from .schemes import schemes
 
-__all__ = ["compile", "DistributedAttention", "HaloCost", "RankPlan", "Reshard",
-           "exchange_rows", "halo_cost", "rank_plan", "reshard", "schemes", "split_lines"]
+__all__ = ["compile", "DistributedAttention", "HaloCost", "RankShare", "Reshard",
+           "exchange_rows", "halo_cost", "rank_share", "reshard", "schemes", "split_lines"]
 
 
 def compile(pattern, grid=None, axis=0, group=None, backend="auto", shards=None, key_grid=None,

@@ -15,7 +15,7 @@ from ..backends.merge import acc_dtype, finite_lse, merge
 from ..errors import PatternError
 from ..parse import as_ir
 from .halo import split_lines
-from .local import ordinary_local, rank_plan
+from .local import ordinary_local, rank_share
 from .reshard import reshard, reshard_mask
 from .schemes import schemes
 
@@ -98,7 +98,7 @@ class DistributedAttention:
     Attributes:
         shards: ``(start, stop)`` of every rank's lines of the sharded axis.
         rank, world: this rank and the group's size.
-        plan: this rank's :class:`~patterngen.distributed.local.RankPlan`.
+        share: this rank's :class:`~patterngen.distributed.local.RankShare`.
         local: the compiled local backend; ``local_backend`` its name.
         schemes: ``(term, scheme)`` per term (see :func:`~patterngen.distributed.schemes`).
         sent_rows, received_rows: K/V tokens this rank sends and receives per forward step.
@@ -136,17 +136,17 @@ class DistributedAttention:
                        f"shards={list(self.shards)}, backend={backend!r}, options "
                        f"{_canonical(options)}")
             self.resharded = reshard(moved, self.shards)
-            self.plan = rank_plan(moved, self.shards, self.rank, self.resharded)
+            self.share = rank_share(moved, self.shards, self.rank, self.resharded)
             if self.resharded:
                 self._pencil_mask = reshard_mask(moved, self.resharded, self.rank)
             self._moved_shape = moved.grid.shape
             from ..compile import compile as compile_local
 
-            ordinary = ordinary_local(moved, self.plan) if backend == "auto" else None
+            ordinary = ordinary_local(moved, self.share) if backend == "auto" else None
             if backend == "auto" and ordinary is None:
                 options = {"strategy": LINE_TABLE_STRATEGIES, **options}
             self.local_backend = backend
-            self.local = compile_local(self.plan.local if ordinary is None else ordinary,
+            self.local = compile_local(self.share.local if ordinary is None else ordinary,
                                        backend=backend, **options)
             self.schemes = schemes(moved, self.resharded)
             self._shape = shape
@@ -159,15 +159,15 @@ class DistributedAttention:
         self._shard_shape = tuple(hi - lo if a == self.axis else n
                                   for a, n in enumerate(self._shape))
         self._rest = math.prod(n for a, n in enumerate(self._shape) if a != self.axis)
-        self.sent_rows = sum(len(s) for s in self.plan.send)
-        self.received_rows = sum(len(r) for r in self.plan.recv)
+        self.sent_rows = sum(len(s) for s in self.share.send)
+        self.received_rows = sum(len(r) for r in self.share.recv)
         rs = self.resharded
         self.pencil_rows = int(rs.pencil[self.rank]) if rs else 0
         self.returned_rows = int(rs.returned[self.rank]) if rs else 0
         # whether the received rows and the own shard tile the local grid exactly
-        recv = np.concatenate(self.plan.recv)
-        own0, own1 = (x * self._rest for x in self.plan.own)
-        self._tiles = (len(recv) + own1 - own0 == self.plan.local_lines * self._rest
+        recv = np.concatenate(self.share.recv)
+        own0, own1 = (x * self._rest for x in self.share.own)
+        self._tiles = (len(recv) + own1 - own0 == self.share.local_lines * self._rest
                        and bool((np.diff(recv) > 0).all()))
         self._before = int((recv < own0).sum())
         self._indices = {}
@@ -236,7 +236,7 @@ class DistributedAttention:
             def cat(parts):
                 return torch.cat([torch.as_tensor(p, dtype=torch.int64) for p in parts]).to(device)
 
-            self._indices[device] = (cat(self.plan.send), cat(self.plan.recv))
+            self._indices[device] = (cat(self.share.send), cat(self.share.recv))
         return self._indices[device]
 
     def _axis_first(self, x, b, h, d):
@@ -254,10 +254,10 @@ class DistributedAttention:
         log-sum-exp in float32/64 (:func:`~patterngen.backends.merge.merge`). Autograd
         runs through both exchanges (transposed) and the merge; no key row moves.
         """
-        plan, world, me = self.plan, self.world, self.rank
+        share, world, me = self.share, self.world, self.rank
         b, h, t, d = q.shape
-        held = [int((plan.holder == r).sum()) for r in range(world)]
-        mine = torch.as_tensor(plan.queries[plan.holder == me]
+        held = [int((share.holder == r).sum()) for r in range(world)]
+        mine = torch.as_tensor(share.queries[share.holder == me]
                                - self.shards[me][0] * self._rest, device=q.device)
         rows = q.permute(2, 0, 1, 3).reshape(t, b * h * d).index_select(0, mine)
         others = [n if r != me else 0 for r, n in enumerate(held)]
@@ -268,7 +268,7 @@ class DistributedAttention:
         blocks = list(got.split(others))
         blocks[me] = rows
         qg = torch.cat(blocks).reshape(-1, b, h, d).permute(1, 2, 0, 3)
-        part, lse = _partial(qg, k, v, _head_mask(plan.query_mask, h, q.device), scale)
+        part, lse = _partial(qg, k, v, _head_mask(share.query_mask, h, q.device), scale)
         # (queries, b, h, d + 1) rows: each block goes to the query's holder
         partial = torch.cat([part, lse[..., None]], -1).permute(2, 0, 1, 3)
         partial = partial.reshape(-1, b * h * (d + 1))
@@ -357,7 +357,7 @@ class DistributedAttention:
         """
         qf, kf, vf, restore = self._check(q, k, v)
         b, h, tokens, d = qf.shape
-        if kf.shape[1] != h and (self.resharded or len(self.plan.queries)):
+        if kf.shape[1] != h and (self.resharded or len(self.share.queries)):
             # the re-sharded and global-query parts pair each query head with its own keys:
             # grouped key/value heads are repeated for them (the halo of the others is not)
             kf, vf = (x.repeat_interleave(h // kf.shape[1], 1) for x in (kf, vf))
@@ -367,11 +367,11 @@ class DistributedAttention:
         # one packed row per sent token: (K, V) x batch x kv heads x head_dim
         rows = torch.stack([kf.index_select(2, send), vf.index_select(2, send)])
         got = _Exchange.apply(rows.permute(3, 0, 1, 2, 4).reshape(len(send), 2 * b * hk * d),
-                              [len(s) for s in self.plan.send],
-                              [len(r) for r in self.plan.recv], self.group)
+                              [len(s) for s in self.share.send],
+                              [len(r) for r in self.share.recv], self.group)
         got_k, got_v = got.reshape(len(recv), 2, b, hk, d).permute(1, 2, 3, 0, 4)
-        own0, own1 = (x * self._rest for x in self.plan.own)
-        local_tokens = self.plan.local_lines * self._rest
+        own0, own1 = (x * self._rest for x in self.share.own)
+        local_tokens = self.share.local_lines * self._rest
         if self._tiles:
             # the received rows arrive in local order (ranks in line order, each in token
             # order) and fill the local grid around the own shard: one copy, no scatter. Even
@@ -390,7 +390,7 @@ class DistributedAttention:
             q_loc, k_loc, v_loc = self._virtual_keys(q_loc, k_loc, v_loc,
                                                      *self._pencils(qf, kf, vf, scale), scale)
         out = self.local(q_loc, k_loc, v_loc, scale=scale)[:, :, own0:own1, :d]
-        if len(self.plan.queries):
+        if len(self.share.queries):
             out = self._global_queries(qf, kf, vf, out, scale)
         if self.axis:
             moved = (self._shard_shape[self.axis],

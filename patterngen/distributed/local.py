@@ -24,11 +24,11 @@ from .halo import global_queries, halo_terms, needed_tokens
 from .reshard import Reshard
 from .schemes import is_merged
 
-__all__ = ["RankPlan", "rank_plan", "ordinary_local"]
+__all__ = ["RankShare", "rank_share", "ordinary_local"]
 
 
 @dataclass(frozen=True, eq=False)
-class RankPlan:
+class RankShare:
     """What one rank holds, sends, receives and computes.
 
     Attributes:
@@ -73,7 +73,7 @@ def _merge(intervals) -> tuple:
     return tuple(out)
 
 
-def rank_plan(lowered, shards, rank: int, resharded=None) -> RankPlan:
+def rank_share(lowered, shards, rank: int, resharded=None) -> RankShare:
     """The exchange and the local pattern of ``rank`` (every rank computes its own).
 
     ``resharded``: a :class:`Reshard` whose terms are computed on pencils instead; their keys
@@ -144,7 +144,7 @@ def rank_plan(lowered, shards, rank: int, resharded=None) -> RankPlan:
         for term in head.terms:
             query_mask[h] |= term.contains([c[:, None] for c in q], [c[None, :] for c in p],
                                            shape, ir.NUMPY_OPS)
-    return RankPlan(rank, tuple(shards), intervals, own, local, tuple(send), tuple(recv),
+    return RankShare(rank, tuple(shards), intervals, own, local, tuple(send), tuple(recv),
                     queries, holder, query_mask, resharded)
 
 
@@ -158,10 +158,10 @@ def _shifted(atom, start: int):
     return atom
 
 
-def ordinary_local(lowered, plan: RankPlan):
+def ordinary_local(lowered, share: RankShare):
     """The rank's local problem as the pattern's own atoms on its local grid, or ``None``.
 
-    The line tables of :attr:`RankPlan.local` are exact for any term, but flex cannot read
+    The line tables of :attr:`RankShare.local` are exact for any term, but flex cannot read
     them: the pattern's own atoms keep every backend among ``backend="auto"``'s choices.
     Where the local grid is one interval (no far global key lines, no re-shard), each term's
     axis-0 relation shifted to the interval's start (:func:`_shifted`) is tried, and kept
@@ -170,12 +170,12 @@ def ordinary_local(lowered, plan: RankPlan):
     ``None`` where any term differs: a clamped window or a dilation whose border or residue
     the interval's start moves.
     """
-    if len(plan.intervals) != 1 or plan.resharded is not None:
+    if len(share.intervals) != 1 or share.resharded is not None:
         return None
-    ((start, stop),) = plan.intervals
+    ((start, stop),) = share.intervals
     shape = lowered.grid.shape
     size = stop - start
-    own = np.arange(plan.own[0], plan.own[1])[:, None]
+    own = np.arange(share.own[0], share.own[1])[:, None]
     keys = np.arange(size)[None, :]
     heads = []
     for head in lowered.patterns:
@@ -196,7 +196,7 @@ def ordinary_local(lowered, plan: RankPlan):
                 return None
             terms.append(ir.Term((rel, *term.rels[1:])))
         heads.append(ir.make_ir(Grid((size, *shape[1:])), terms,
-                                f"{head.label} (rank {plan.rank} of {len(plan.shards)})"))
+                                f"{head.label} (rank {share.rank} of {len(share.shards)})"))
     if isinstance(lowered, ir.IR):
         return heads[0]
     return ir.HeadsIR(heads[0].grid, tuple(heads), lowered.label)

@@ -4,7 +4,7 @@ a slice of axis 1, one transpose) where that moves less than gathering every lin
 Axis terms along the sharded axis (every line, equal along axis 1: an axial or criss-cross
 term) are attended on the pencils, only their pairs that no other term has, and the partial
 ``(out, lse)`` comes back as one virtual key per query of the local grid, merged by the local
-softmax (:func:`patterngen.distributed.local.rank_plan`).
+softmax (:func:`patterngen.distributed.local.rank_share`).
 """
 
 from __future__ import annotations
