@@ -93,19 +93,13 @@ def numba_work(lowered, call: Call, launch: str) -> list:
     """The numba kernels on ``lowered``: the pairs they compute and the key rows they visit
     with their lane plan (tiles of queries that share keys compute each tile's union), and one
     call of the ``launch`` path."""
-    from .numba import lane_pairs, lane_rows, plan_lanes
+    from .numba import executed, plan_lanes
 
     shape = lowered.grid.shape
     lanes, shared = plan_lanes(lowered, shape)
-    distinct = []
-    for head in lowered.patterns:
-        if head.terms not in distinct:
-            distinct.append(head.terms)
-    pairs = rows = 0
-    for head, work in zip(lowered.patterns, _heads_per_pattern(lowered, call)):
-        share = shared[distinct.index(head.terms)] if lanes else None
-        pairs += (lane_pairs(head, shape, lanes, share) if lanes else head.pairs()) * work
-        rows += lane_rows(head, shape, lanes, share) * work
+    work = _heads_per_pattern(lowered, call)
+    pairs, rows = (sum(n * w for n, w in zip(counts, work))
+                   for counts in executed(lowered, shape, lanes, shared))
     kind = "tiles" if lanes else "one"
     return [Op("launch", 1, kernel=launch), Op("numba", pairs, (call.head_dim,), kind),
             Op("rows", rows, (call.head_dim,), kind)]
@@ -214,13 +208,12 @@ class FlexExecutor(Executor):
         return self._backend()(lowered, compile=call.device != "cpu", **options)
 
     def work(self, lowered, call):
-        from patterngen.layout import layout
-
-        lay = layout(lowered, block=128)
-        pairs = sum(h.executed_pairs * w for h, w in zip(getattr(lay, "heads", (lay,)),
-                                                         _heads_per_pattern(lowered, call)))
+        backend = self._backend()(lowered, compile=False)
+        pairs = sum(n * w for n, w in zip(backend.executed_pairs,
+                                          _heads_per_pattern(lowered, call)))
+        bq, bk = backend.layout.block
         return [Op("launch", 1, kernel="sdpa"),
-                Op("attend", max(pairs // (128 * 128), 1), (128, 128, call.head_dim), "fused"),
+                Op("attend", max(pairs // (bq * bk), 1), (bq, bk, call.head_dim), "fused"),
                 *_restride(self.name, math.prod(lowered.grid.shape), call)]
 
 

@@ -2,7 +2,7 @@
 
 The stages, one module each:
 
-- :mod:`.plan`: lanes (tiles of queries that share keys), work items, the order of terms;
+- :mod:`.tiling`: lanes (tiles of queries that share keys), work items, the order of terms;
 - :mod:`.source`: IR -> the text of one module (pure and deterministic), only what is
   specific to the pattern: loops over each term's key progression, bounds, skip tests;
 - :mod:`.runtime`: the helpers every kernel calls (scores, online softmax, backward chunk),
@@ -37,14 +37,14 @@ from patterngen import bias, ir
 from patterngen.backends import Backend, ops, register_backend
 from patterngen.errors import PatternError
 
-from . import launch, plan
+from . import launch, tiling
 from .autograd import WIDENED, numba_fwd
 from .module import cache_dir, kernel, load
-from .plan import lane_pairs, lane_rows, plan_lanes
+from .tiling import executed, lane_pairs, plan_lanes
 from .source import DTYPES, SPECIALISED_HEAD_DIM, bounds_table, generate, kernels
 
-__all__ = ["NumbaBackend", "generate", "load", "cache_dir", "plan_lanes", "lane_pairs",
-           "lane_rows", "SPECIALISED_HEAD_DIM"]
+__all__ = ["NumbaBackend", "generate", "load", "cache_dir", "plan_lanes", "lane_pairs", "executed",
+           "SPECIALISED_HEAD_DIM"]
 
 
 class NumbaBackend(Backend):
@@ -86,16 +86,16 @@ class NumbaBackend(Backend):
     SUPPORTS_KEY_GRID = True
 
     def __init__(self, ir_, scale=None, lanes=None, softcap=None):
-        self.ir = ir_ = plan.runs_first(ir_)
+        self.ir = ir_ = tiling.runs_first(ir_)
         self.shape = ir_.grid.require_numeric("the numba backend")
         #: the key grid's extents, ``None`` when the keys share the queries' grid
         self.key_shape = None if ir_.key_grid is None else ir_.key_grid.require_numeric(
             "the numba backend")
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
-        plan.check_lanes(lanes, allow_none=True)
+        tiling.check_lanes(lanes, allow_none=True)
         self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
-        self._head_map = plan.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
+        self._head_map = tiling.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
         #: the kernel of each distinct head pattern: one per distinct shape
         self._kernel_of = kernels(ir_, self.shared if self.lanes else None)[1]
         #: each query's key bounds per kernel, term and axis: what the kernels know of the
@@ -117,7 +117,7 @@ class NumbaBackend(Backend):
     @property
     def source(self) -> str:
         terms = [f"#   pattern {k}, term {t}: {term!r}"
-                 for k, head in enumerate(plan.distinct_heads(self.ir))
+                 for k, head in enumerate(tiling.distinct_heads(self.ir))
                  for t, term in enumerate(head.terms)]
         return "\n".join([f"# {self.ir.label or '?'} runs this module, its table `bounds` "
                           f"evaluated from", *terms, self.source_for("float32")])
@@ -125,19 +125,13 @@ class NumbaBackend(Backend):
     @property
     def executed_pairs(self) -> tuple[int, ...]:
         """Pairs computed per listed pattern: exactly the attended ones (unions deduplicated)
-        one query at a time; with lanes, each tile's union (:func:`lane_pairs`)."""
-        if self.lanes:
-            shared = dict(zip((h.terms for h in plan.distinct_heads(self.ir)), self.shared))
-            return tuple(lane_pairs(head, self.shape, self.lanes, shared[head.terms])
-                         for head in self.ir.patterns)
-        return tuple(head.pairs() for head in self.ir.patterns)
+        one query at a time; with lanes, each tile's union (:func:`tiling.executed`)."""
+        return tiling.executed(self.ir, self.shape, self.lanes, self.shared)[0]
 
     @property
     def executed_rows(self) -> tuple[int, ...]:
-        """Key rows visited per listed pattern (:func:`lane_rows`)."""
-        shared = dict(zip((h.terms for h in plan.distinct_heads(self.ir)), self.shared or ()))
-        return tuple(lane_rows(head, self.shape, self.lanes, shared.get(head.terms))
-                     for head in self.ir.per_head)
+        """Key rows visited per listed pattern (:func:`tiling.executed`)."""
+        return tiling.executed(self.ir, self.shape, self.lanes, self.shared)[1]
 
     def source_for(self, dtype: str, head_dim: int = 0, rel_bias: bool = False,
                    softcap: bool = False) -> str:
@@ -254,7 +248,7 @@ class NumbaBackend(Backend):
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
-        tiles = plan.work_items(shape, self.lanes)
+        tiles = tiling.work_items(shape, self.lanes)
         for i, group, rows in groups:
             launch.run(kernels[i], q.shape[0] * len(group) * tiles,
                        (q, k, v, *scalars, group, rows, self.bounds, *tables, out, lse))
@@ -279,7 +273,7 @@ class NumbaBackend(Backend):
         # dk/dv are scattered from every query: each split owns a copy, so that (batch, head)
         # pairs fewer than the threads still keep every thread busy without atomics
         splits = max(1, -(-2 * numba.get_num_threads() // (batch * heads)))
-        splits = min(splits, plan.work_items(shape, self.lanes) if self.lanes else q.shape[2])
+        splits = min(splits, tiling.work_items(shape, self.lanes) if self.lanes else q.shape[2])
         # dq, dk, dv in one block (dk, dv per query head, of the key grid's tokens): numpy
         # advises huge pages from 4 MiB on, and the gradients are fresh memory in every
         # training step (glibc hands freed memory back to the OS), whose page faults, taken by

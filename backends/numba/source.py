@@ -25,7 +25,7 @@ import numpy as np
 from patterngen import ir
 from patterngen.errors import PatternError
 
-from . import launch, plan
+from . import launch, tiling
 
 #: scores held before an online-softmax rescale; bounds the per-thread scratch
 KEY_CHUNK = 128
@@ -162,7 +162,7 @@ def kernels(node, shared=None) -> tuple[list, list[int]]:
     patterns (:func:`steps`, and with lanes their terms' sharing, ``shared`` per distinct head),
     as ``(a head of that shape, its sharing)``; and each distinct head's kernel. Heads of one
     shape run one kernel on their own rows of :func:`bounds_table`."""
-    heads = plan.distinct_heads(node)
+    heads = tiling.distinct_heads(node)
     keys, reps, of = [], [], []
     for head, shares in zip(heads, shared if shared is not None else [()] * len(heads)):
         key = (steps(head), tuple(shares))
@@ -182,7 +182,7 @@ def bounds_table(node, shape, key_shape=None) -> np.ndarray:
     coordinate on that axis only, so the table holds ``rows x terms x axes x max(shape)``
     pairs, never tokens. With ``key_shape`` (keys on another grid) the bounds are on the key
     grid, those of the key coordinate each query sits over."""
-    heads = plan.distinct_heads(node)
+    heads = tiling.distinct_heads(node)
     table = np.zeros((len(heads), max(len(h.terms) for h in heads), len(shape), 2, max(shape)),
                      dtype=np.int64)
     for k, head in enumerate(heads):
@@ -687,7 +687,7 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
         node: an :class:`~patterngen.ir.IR` or :class:`~patterngen.ir.HeadsIR`.
         dtype: ``"float32"`` or ``"float64"``; scores, softmax and accumulators use it.
         lanes: 0 for one query at a time; ``L >= 2`` for tiles of ``L`` consecutive queries
-            along the last axis (:func:`~.plan.plan_lanes` picks it from the pattern's waste).
+            along the last axis (:func:`~.tiling.plan_lanes` picks it from the pattern's waste).
         shared: with lanes, per distinct head pattern a bool per term: the lanes share its
             keys (every key of their union, masked per lane) or run it lane by lane on their
             own keys. ``None``: every term shared.
@@ -711,11 +711,11 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
     if dtype not in DTYPES:
         raise PatternError(f"Unsupported dtype={dtype!r} for the numba backend; supported "
                            f"dtypes are {tuple(DTYPES)}.")
-    plan.check_lanes(lanes)
+    tiling.check_lanes(lanes)
     if not isinstance(head_dim, int) or head_dim < 0:
         raise PatternError(f"numba: head_dim={head_dim!r}; expected 0 (any head_dim) or a "
                            f"positive int.")
-    heads = plan.distinct_heads(node) if lanes else []
+    heads = tiling.distinct_heads(node) if lanes else []
     if shared is None:
         shared = tuple((True,) * len(h.terms) for h in heads)
     if lanes and [len(f) for f in shared] != [len(h.terms) for h in heads]:
@@ -727,7 +727,7 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
                              softcap=softcap, cross=cross))
     body = em.text().rstrip()
     constants = [f"ACC = {DTYPES[dtype]}",
-                 f"QUERY_TILE = {plan.QUERY_TILE}" if not lanes else f"LANES = {lanes}",
+                 f"QUERY_TILE = {tiling.QUERY_TILE}" if not lanes else f"LANES = {lanes}",
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]

@@ -1,4 +1,4 @@
-"""Lane planning: which patterns run in tiles of queries that share keys, and how work is cut.
+"""Lanes: which patterns run in tiles of queries that share keys, and how work is cut.
 
 A work item is a tile of ``QUERY_TILE`` consecutive queries (one query at a time), or of
 ``lanes`` consecutive queries along the last axis that share each loaded key (:func:`plan_lanes`
@@ -101,6 +101,17 @@ def lane_rows(head: ir.IR, shape, lanes: int, shared=None) -> int:
         else:
             rows += outer * (-(-n // lanes) if share else n)
     return rows
+
+
+def executed(node, shape, lanes: int, shared) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per listed pattern of ``node``, the pairs a kernel with ``lanes`` (0: one query at a
+    time; ``shared`` from :func:`plan_lanes`) computes and the key rows it visits: the one
+    count the backend reports, the planner prices and the profile reads."""
+    share_of = dict(zip((h.terms for h in distinct_heads(node)), shared or ()))
+    pairs = tuple(lane_pairs(h, shape, lanes, share_of[h.terms]) if lanes else h.pairs()
+                  for h in node.patterns)
+    rows = tuple(lane_rows(h, shape, lanes, share_of.get(h.terms)) for h in node.patterns)
+    return pairs, rows
 
 
 def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
