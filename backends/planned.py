@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -54,6 +55,25 @@ __all__ = ["PlannedBackend", "DenseTerm", "GatherGroup"]
 HOLES = 1 / 16
 
 
+class _ViewRecipe(NamedTuple):
+    """How a :class:`DenseTerm` views ``(B, H, N, d)`` as its problems, for one side."""
+
+    #: ``(dim, start, length, pad)``: a narrow to the term's query or key range (``pad``
+    #: ``None``), or the padding ``(left, right)`` that makes tiles whole
+    cuts: list
+    #: the grid's axes split into (tiles, positions, residue) or kept whole
+    split: tuple
+    #: the permutation that puts batch dimensions before problem dimensions
+    order: tuple
+    #: rows of one problem (its queries or keys)
+    rows: int
+    #: the permutation back, and the split sizes in the permuted order
+    inverse: tuple
+    ordered: tuple
+    #: the padded sizes of the grid's axes
+    whole: tuple
+
+
 class DenseTerm:
     """One term as a batch of dense problems (see :class:`patterngen.plan.DenseShape`).
 
@@ -62,29 +82,28 @@ class DenseTerm:
         shape: its :class:`~patterngen.plan.DenseShape`.
         earlier: the terms executed before it (their pairs are masked out here).
         grid: the numeric grid.
-        rows: booleans over the grid's tokens (row-major): queries this term adds keys to.
+        adds_keys: booleans over the grid's tokens (row-major): queries this term adds
+            keys to.
         softcap: scores become ``softcap * tanh(s / softcap)`` (``None``: off).
         reach: the pattern's reach, which indexes a relative position bias table.
     """
 
-    def __init__(self, term, shape, earlier, grid, rows, softcap=None, reach=None):
+    def __init__(self, term, shape, earlier, grid, adds_keys, softcap=None, reach=None):
         self.term, self.shape, self.grid = term, shape, tuple(int(n) for n in grid)
         self.softcap, self.reach = softcap, reach
         self.mask = dense_mask(shape, term, earlier)
-        self.rows = rows
+        self.adds_keys = adds_keys
         self.problems, self.keys = shape.batch, shape.keys
         #: a key for every query and no softcap: :meth:`autograd_forward` may run it
-        self.plain = bool(rows.all()) and softcap is None
-        #: an axis rolled as Swin rolls (:attr:`patterngen.plan.AxisPlan.roll`): the views
+        self.plain = bool(adds_keys.all()) and softcap is None
+        #: an axis rolled as Swin rolls (:attr:`patterngen.plan.DenseAxis.roll`): the views
         #: are one gather each (:meth:`_gather`)
         self.rolled = any(ax.roll for ax in shape.axes)
         self._cache = {}
 
-    def _recipe(self, side: str) -> tuple:
+    def _recipe(self, side: str) -> "_ViewRecipe":
         """How :meth:`_view` and :meth:`_unview` reshape for ``side`` ``"q"`` or ``"k"``,
-        worked out once: ``(cuts, split, order, rows, inverse, ordered, whole)``. ``cuts``
-        are ``(dim, start, length, pad)``: a narrow to the term's query or key range, or the
-        padding that makes tiles whole."""
+        worked out once."""
         key = ("recipe", side)
         if key not in self._cache:
             ranged = "queries" if side == "q" else "keys"
@@ -111,7 +130,8 @@ class DenseTerm:
             rows = self.shape.queries if side == "q" else self.shape.keys
             inverse = tuple(int(i) for i in np.argsort(order))
             ordered = tuple(split[i - 2] for i in order[2:-1])
-            self._cache[key] = (cuts, tuple(split), order, rows, inverse, ordered, tuple(whole))
+            self._cache[key] = _ViewRecipe(cuts, tuple(split), order, rows, inverse, ordered,
+                                           tuple(whole))
         return self._cache[key]
 
     def _gather(self, side: str, device):
@@ -170,7 +190,8 @@ class DenseTerm:
             b, h = x.shape[:2]
             return _Moved.apply(x, lambda t: self._gathered(t, side),
                                 lambda g: self._scattered(g, b, h, 0.0, side))
-        cuts, split, order, rows, _, _, _ = self._recipe(side)
+        recipe = self._recipe(side)
+        cuts, split, order, rows = recipe.cuts, recipe.split, recipe.order, recipe.rows
         b, h, _, d = x.shape
         # the split refines the grid's row-major axes: without cuts, one reshape does both
         t = x.reshape(b, h, *self.grid, d) if cuts else x
@@ -193,7 +214,9 @@ class DenseTerm:
         if self.rolled:
             return _Moved.apply(y, lambda t: self._scattered(t, b, h, fill, side),
                                 lambda g: self._gathered(g, side))
-        cuts, _, _, _, inverse, ordered, whole = self._recipe(side)
+        recipe = self._recipe(side)
+        cuts, inverse, ordered, whole = (recipe.cuts, recipe.inverse, recipe.ordered,
+                                         recipe.whole)
         t = y.reshape(b, h, *ordered, e).permute(inverse)
         if not cuts:
             return t.reshape(b, h, math.prod(self.grid), e)
@@ -245,12 +268,12 @@ class DenseTerm:
             self._cache[key] = holes
         return self._cache[key] or self._additive_mask(dtype, device, group)
 
-    def _rows(self, device):
-        key = ("rows", str(device))
+    def _adds_keys(self, device):
+        key = ("adds_keys", str(device))
         if key not in self._cache:
             import torch
 
-            self._cache[key] = torch.as_tensor(self.rows, device=device)
+            self._cache[key] = torch.as_tensor(self.adds_keys, device=device)
         return self._cache[key]
 
     def _matmul(self, q, table=None) -> bool:
@@ -262,7 +285,7 @@ class DenseTerm:
     def _offsets(self, device):
         """``(1, rows, keys)`` flat positions in a bias table of each pair (key minus query
         plus reach per axis), the same for every problem: read from the positions before
-        padding and the roll's wrap (:meth:`patterngen.plan.AxisPlan.coords`), so that the
+        padding and the roll's wrap (:meth:`patterngen.plan.DenseAxis.coords`), so that the
         table is gathered once per call and broadcast over problems, batch and heads, and
         its gradient is summed over them before one scatter. Pairs beyond the reach (padding,
         the roll's wrapped pairs) are clipped into the table; the mask removes them."""
@@ -376,10 +399,10 @@ class DenseTerm:
             return out, None
         lse = self._unview(_unfold(lse.to(acc_dtype(q.dtype)), group), b, h,
                            float("-inf")).squeeze(-1)
-        if self.rows.all():
+        if self.adds_keys.all():
             return out, lse
         # queries this term adds no key to: their rows were fully masked (NaN or 0 by kernel)
-        none = ~self._rows(q.device)
+        none = ~self._adds_keys(q.device)
         return out.masked_fill(none[:, None], 0.0), lse.masked_fill(none, float("-inf"))
 
     def backward(self, q, k, v, out, lse, dout, scale, table=None):
@@ -541,7 +564,7 @@ class GatherGroup:
                             torch.from_numpy(grads[3]).to(table.dtype))
 
 
-class _Runner:
+class _TermWise:
     """A term-wise plan's parts for each listed pattern, built for one device; registered for
     the ``patterngen::planned_*`` operators under :attr:`op_key`."""
 
@@ -560,7 +583,7 @@ class _Runner:
         self.patterns = []
         #: per listed pattern, the queries without any key (``None`` when every query has one)
         self.empty = []
-        for head, tps in zip(lowered.per_head, plan.patterns):
+        for head, tps in zip(lowered.patterns, plan.patterns):
             counts = head.key_counts()
             self.empty.append(None if counts.all() else counts == 0)
             gather = [tp.term for tp in tps if tp.executor == "gather"]
@@ -694,8 +717,8 @@ def _rebuild(lowered, options):
         tuple(TermPlan(term, executor, 0, 0, dense_form(
             term, shape, [u for u in head.terms if u is not term])
             if executor == "dense" else None, 0.0) for term, executor in tps)
-        for head, tps in zip(lowered.per_head, patterns)))
-    runner = _Runner(lowered, plan, softcap)
+        for head, tps in zip(lowered.patterns, patterns)))
+    runner = _TermWise(lowered, plan, softcap)
     runner.op_key = _register_runner(runner, plan)
 
 
@@ -924,7 +947,7 @@ class PlannedBackend(Backend):
         """What runs ``plan``: a term-wise runner (registered for the operators) or the
         whole-pattern backend."""
         if plan.strategy == "terms":
-            runner = _Runner(self.ir, plan, self.softcap)
+            runner = _TermWise(self.ir, plan, self.softcap)
             runner.op_key = _register_runner(runner, plan)
             return runner
         options = {} if self.softcap is None else {"softcap": self.softcap}

@@ -47,7 +47,7 @@ from .errors import BackendUnavailable, PatternError
 from .grid import is_number
 from .parse import as_ir
 
-__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "AxisPlan", "dense_shape", "dense_shapes",
+__all__ = ["plan", "Plan", "TermPlan", "DenseShape", "DenseAxis", "dense_shape", "dense_shapes",
            "LOWERINGS", "gather_first"]
 
 #: executors that copy q, k, v that are not contiguous (numba's kernels read C-contiguous
@@ -64,7 +64,7 @@ MAX_DENSE_MASK = 1 << 24
 
 
 @dataclass(frozen=True)
-class AxisPlan:
+class DenseAxis:
     """How one grid axis enters a dense term's problems.
 
     Attributes:
@@ -153,27 +153,27 @@ class AxisPlan:
 
 
 #: how a dense term's tiles that an offset cuts at the axis's ends are lowered: ``roll`` as
-#: Swin does (:attr:`AxisPlan.roll`: fewer tiles, a region mask on the wrapped ones) where
+#: Swin does (:attr:`DenseAxis.roll`: fewer tiles, a region mask on the wrapped ones) where
 #: that covers the relation and saves a tile, else ``pad`` (the axis padded to whole tiles)
 LOWERINGS = ("auto", "pad", "roll")
 
 
-def _axis_plan(rel: ir.Rel, n: int, lowering: str = "auto") -> AxisPlan | str:
+def _axis_plan(rel: ir.Rel, n: int, lowering: str = "auto") -> DenseAxis | str:
     """The dense form of one relation on an axis of ``n``, or why it has none."""
     if not rel.atoms:
-        return AxisPlan("full", n)
+        return DenseAxis("full", n)
     for atom in rel.atoms:
         if not all(is_number(v) for v in atom.params()):
             return f"{atom!r} has symbolic sizes"
     match rel.atoms:
         case (ir.Eq(),):
-            return AxisPlan("batch", n)
+            return DenseAxis("batch", n)
         case (ir.Lt() | ir.Le(),):
-            return AxisPlan("full", n)
+            return DenseAxis("full", n)
         case (ir.KeyIn(start=a, stop=b),):
-            return AxisPlan("keys", n, lo=max(int(a), 0), hi=min(int(b), n))
+            return DenseAxis("keys", n, lo=max(int(a), 0), hi=min(int(b), n))
         case (ir.QueryIn(start=a, stop=b),):
-            return AxisPlan("queries", n, lo=max(int(a), 0), hi=min(int(b), n))
+            return DenseAxis("queries", n, lo=max(int(a), 0), hi=min(int(b), n))
     tiles = _strided_tiles(rel, n)
     if tiles is None:
         return f"{rel!r} is a gather (each query has its own keys)"
@@ -182,14 +182,14 @@ def _axis_plan(rel: ir.Rel, n: int, lowering: str = "auto") -> AxisPlan | str:
     return tiles
 
 
-def _rolled(rel: ir.Rel, tiles: AxisPlan, fewer: bool) -> AxisPlan | None:
+def _rolled(rel: ir.Rel, tiles: DenseAxis, fewer: bool) -> DenseAxis | None:
     """``tiles`` (padded on the left) rolled as Swin rolls: by the first tile's padding, so
     that a tile starts at 0, the tiles cut at both ends sharing one; ``None`` where that
     leaves a pair of the relation across two problems, or (``fewer``) saves no tile."""
     if not tiles.pad_left:
         return None
     span = tiles.size * tiles.dilation
-    rolled = AxisPlan("tiles", tiles.n, tiles.size, 0, -tiles.n % span,
+    rolled = DenseAxis("tiles", tiles.n, tiles.size, 0, -tiles.n % span,
                       dilation=tiles.dilation, roll=span - tiles.pad_left)
     if fewer and rolled.tiles >= tiles.tiles:
         return None
@@ -200,7 +200,7 @@ def _rolled(rel: ir.Rel, tiles: AxisPlan, fewer: bool) -> AxisPlan | None:
     return rolled
 
 
-def _strided_tiles(rel: ir.Rel, n: int) -> AxisPlan | None:
+def _strided_tiles(rel: ir.Rel, n: int) -> DenseAxis | None:
     """The relation as ``tiles`` after one strided view, read from its per-query bounds (so
     every spelling of the same relation qualifies: ``Block``, a dilated window whose span
     covers its residue class, a strided window whose runs are tiles, a meet of them), or
@@ -239,7 +239,7 @@ def _strided_tiles(rel: ir.Rel, n: int) -> AxisPlan | None:
     for first_end in ends:
         pad_left = 0 if first_end >= n else span - first_end
         if 0 <= pad_left < span and _tiles_classes(start, end, step, span, pad_left):
-            return AxisPlan("tiles", n, size, pad_left, -(pad_left + n) % span,
+            return DenseAxis("tiles", n, size, pad_left, -(pad_left + n) % span,
                             dilation=step)
     return None
 
@@ -261,7 +261,7 @@ class DenseShape:
     """A term as ``batch`` dense problems of ``queries`` x ``keys`` (per batch and head).
 
     Attributes:
-        axes: one :class:`AxisPlan` per grid axis.
+        axes: one :class:`DenseAxis` per grid axis.
     """
 
     axes: tuple
@@ -327,7 +327,7 @@ def dense_shapes(term: ir.Term, shape) -> dict:
     return got if got["roll"] != got["pad"] else {"pad": got["pad"]}
 
 
-def _axis_membership(rel: ir.Rel, axis: AxisPlan) -> np.ndarray:
+def _axis_membership(rel: ir.Rel, axis: DenseAxis) -> np.ndarray:
     """``(batch, queries, keys)`` booleans: the relation's pairs among one axis's problems."""
     qc, kc = axis.coords("q"), axis.coords("k")
     inside = rel.contains(qc[:, :, None], kc[:, None, :], axis.n, ir.NUMPY_OPS)
