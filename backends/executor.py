@@ -43,6 +43,9 @@ class Executor:
     tolerances = TOLERANCES
     #: devices where the planner considers it unasked (it can run elsewhere when named)
     planned_devices = ("cpu", "cuda")
+    #: the planner compares predictions times this: an executor whose predictions spread
+    #: wider is chosen over another only when predicted that much cheaper
+    margin = 1.0
 
     def _backend(self):
         from . import get_backend
@@ -132,8 +135,15 @@ def dense_work(shape: DenseShape, tokens: int, call: Call) -> list:
     return ops + _restride("dense", tokens, call)
 
 
+#: the numba kernels' margin: their measured / predicted spread far wider than the torch
+#: kernels' (bench_plan.py: 0.44-2.17 against 0.49-1.30 for sdpa), and aligned 7x7 blocks,
+#: predicted 2% from a dense batch, measured 1.4-2.7x slower than it
+NUMBA_MARGIN = 1.1
+
+
 class NumbaExecutor(Executor):
     name = backend = "numba"
+    margin = NUMBA_MARGIN
 
     def work(self, lowered, call):
         return numba_work(lowered, call, "numba") + _restride(
@@ -245,6 +255,7 @@ class GatherExecutor(Executor):
     name = "gather"
     backend = "numba"
     whole = False
+    margin = NUMBA_MARGIN
 
     def work(self, lowered, call):
         return numba_work(lowered, call, "kernel") + _restride(

@@ -630,7 +630,9 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         raise BackendUnavailable(
             f"plan: nothing can run {lowered.label} on device={device!r} with dtype={dtype!r}:"
             + "".join(f"\n  {k}: {v}" for k, v in options.items()))
-    strategy = min(whole, key=whole.get)
+    # each by its prediction times its executor's margin (the terms' own: its gather group
+    # against its dense batches was weighed inside)
+    strategy = min(whole, key=lambda n: whole[n] * (table[n].margin if n in table else 1.0))
     gather_backend = None
     if strategy != "terms":
         term_plans = _whole_term_plans(lowered, shape, strategy)
@@ -711,7 +713,7 @@ def _plan_terms(lowered, shape, call, rates, table, force):
                 continue
             # what the gather group would cost more with this term in it
             g_ms = gather_ms(gather + [term], pc)[0] - gather_ms(gather, pc)[0]
-            if d_ms <= g_ms:
+            if d_ms * dense_ex.margin <= g_ms * gather_ex.margin:
                 chosen_dense.append((term, ds, d_ms, d_lines))
                 notes[term] = (f"gather: {g_ms:.3g} ms predicted",)
             else:

@@ -121,6 +121,19 @@ def test_w3_and_w4_plan_dense_batches():
     assert [tp.pairs for tp in cc.patterns[0]] == [64 * 64 * 64, 64 * 64 * 63]
 
 
+@pytest.mark.parametrize("margin, wanted", [(100.0, ("terms", "dense")), (0.01, ("numba", None))])
+def test_the_planner_weighs_predictions_by_each_executors_margin(monkeypatch, margin, wanted):
+    # an executor whose predictions spread wider must be predicted cheaper by its margin
+    from patterngen.backends import executor
+
+    for cls in (executor.NumbaExecutor, executor.GatherExecutor):
+        monkeypatch.setattr(cls, "margin", margin)
+    chosen = pg.plan(pg.block(7), grid=(14, 14), head_dim=32, heads=4,
+                     executors=("terms", "numba"))
+    [[term]] = chosen.patterns
+    assert (chosen.strategy, term.executor if chosen.strategy == "terms" else None) == wanted
+
+
 def test_plan_explains_itself():
     plan = pg.plan(pg.criss_cross() | pg.window(3), grid=(64, 64), head_dim=32, heads=4,
                    device="cpu", dtype=torch.float32, backward=True)
