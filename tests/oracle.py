@@ -6,6 +6,17 @@ import torch
 import patterngen as pg
 
 
+def reference(pattern, grid, q, k, v, **options):
+    """The dense oracle (``pg.materialize`` + ``pg.dense_attention``) of ``pattern`` on
+    ``grid``; ``q, k, v`` as ``(batch, heads, *grid, dim)`` or ``(batch, heads, tokens, dim)``
+    (k and v may have fewer heads), the output in ``q``'s layout. ``options`` go to
+    ``pg.dense_attention`` (scale, softcap, rel_bias, additional keys and values)."""
+    b, d = q.shape[0], q.shape[-1]
+    flat = [t.reshape(b, t.shape[1], -1, d) for t in (q, k, v)]
+    out = pg.dense_attention(*flat, pg.materialize(pattern, grid), grid=grid, **options)
+    return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
 def check_against_oracle(backend, spec, grid, q, k, v, scale=None, atol=1e-10, **options):
     """Compile ``spec`` on ``grid`` with ``backend`` and assert its output, and the gradients of
     ``q, k, v`` (when they require grad), equal the oracle's within ``atol`` (also rtol),
@@ -18,7 +29,7 @@ def check_against_oracle(backend, spec, grid, q, k, v, scale=None, atol=1e-10, *
     assert out.shape == q.shape and out.dtype == q.dtype
     b, h, d = q.shape[0], q.shape[1], q.shape[-1]
     flat = [t.detach().double().reshape(b, h, -1, d).requires_grad_() for t in (q, k, v)]
-    ref = pg.dense_attention(*flat, pg.materialize(spec, grid), scale=scale)
+    ref = reference(spec, grid, *flat, scale=scale)
     torch.testing.assert_close(out.double().reshape(ref.shape), ref, atol=atol, rtol=atol)
     if not q.requires_grad:
         return attn

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import patterngen as pg
 from patterngen import bias
 from patterngen.parse import as_ir
+from oracle import reference
 from strategies import cases, random_spec
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -78,8 +79,7 @@ def inputs(grid, heads, reach, shared, dtype=torch.float64, seed=0):
 
 
 def oracle(pattern, grid, q, k, v, table, softcap):
-    return pg.dense_attention(q, k, v, pg.materialize(pattern, grid), softcap=softcap,
-                              rel_bias=table, grid=grid)
+    return reference(pattern, grid, q, k, v, softcap=softcap, rel_bias=table)
 
 
 def check(backend, pattern, grid, softcap=None, shared=False, heads=3, dtype=torch.float64,

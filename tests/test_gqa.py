@@ -10,7 +10,7 @@ import torch
 
 import patterngen as pg
 from patterngen import backends
-from oracle import assert_gradients_equal
+from oracle import assert_gradients_equal, reference
 
 GRID = (6, 5)
 CASES = [
@@ -26,14 +26,6 @@ EXECUTORS = [(name, {"compile": False} if name == "flex" else {})
 EXECUTORS += [("auto", {"strategy": "terms", "terms": "dense"}),
               ("auto", {"strategy": "terms", "terms": "gather"})]
 HEADS = [(4, 2), (6, 2), (3, 1)]
-
-
-def oracle(pattern, grid, q, k, v, scale=None, ak=None, av=None, softcap=None):
-    """The dense oracle on flattened tokens (it repeats k and v for each group of heads)."""
-    b, d = q.shape[0], q.shape[-1]
-    q, k, v = (t.reshape(b, t.shape[1], -1, d) for t in (q, k, v))
-    return pg.dense_attention(q, k, v, pg.materialize(pattern, grid), scale=scale,
-                              softcap=softcap, additional_keys=ak, additional_values=av)
 
 
 @functools.cache
@@ -60,7 +52,7 @@ def test_grouped_kv_heads_match_the_oracle(name, options, heads, kv_heads):
                             requires_grad=grad) for _ in range(2))
         with torch.set_grad_enabled(grad):
             out = attn(q, k, v)
-            want = oracle(pattern, GRID, q, k, v).reshape(out.shape)
+            want = reference(pattern, GRID, q, k, v).reshape(out.shape)
         torch.testing.assert_close(out, want, atol=tol, rtol=tol)
         if grad:
             dout = torch.randn(out.shape, generator=gen, dtype=dtype)
@@ -81,7 +73,8 @@ def test_grouped_kv_heads_with_extra_keys_and_a_softcap(name, options):
                                    requires_grad=True)
                        for n, t in ((6, 30), (2, 30), (2, 30), (2, 3), (2, 3)))
     out = attn(q, k, v, additional_keys=ak, additional_values=av)
-    want = oracle(pattern, grid, q, k, v, ak=ak, av=av, softcap=2.5)
+    want = reference(pattern, grid, q, k, v, additional_keys=ak, additional_values=av,
+                     softcap=2.5)
     torch.testing.assert_close(out, want)
     assert_gradients_equal(out, want, (q, k, v, ak, av), gen)
 

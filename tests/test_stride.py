@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from patterngen import ir
-from oracle import check_against_oracle
+from oracle import check_against_oracle, reference
 from strategies import primitives
 
 
@@ -217,10 +217,6 @@ def _qkv(grid, seed, heads=2, dim=4):
             .requires_grad_() for _ in range(3)]
 
 
-def _oracle(pattern, grid, q, k, v):
-    return pg.dense_attention(q, k, v, pg.materialize(pattern, grid))
-
-
 @pytest.mark.parametrize("backend, index", [
     *(("numba", i) for i, s in enumerate(STRUCTURES) if s[2]),
     *(("sdpa", i) for i in range(len(STRUCTURES))),
@@ -266,7 +262,7 @@ def test_flex_mask_and_cpu_forward(index):
     q, k, v = (t.detach().float() for t in _qkv(grid, 1))
     with torch.no_grad():
         out = attn(q, k, v)
-    torch.testing.assert_close(out, _oracle(pattern, grid, q, k, v), atol=2e-6, rtol=0)
+    torch.testing.assert_close(out, reference(pattern, grid, q, k, v), atol=2e-6, rtol=0)
 
 
 def test_command_line_reads_strides(capsys):
