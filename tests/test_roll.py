@@ -14,7 +14,8 @@ import patterngen as pg
 from patterngen.backends import planned
 from patterngen.bias import reach
 from patterngen.plan import dense_shape
-from test_bias import check, inputs, oracle
+from oracle import reference
+from test_bias import check, inputs
 
 DENSE = dict(strategy="terms", terms="dense")
 
@@ -33,7 +34,7 @@ def run_term(pattern, grid, lowering, shared, heads=2, seed=0):
     scale = q.shape[-1] ** -0.5
     out, lse = part.forward(*flat, scale, True, table.detach())
     wide = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
-    ref = oracle(pattern, grid, *wide, None)
+    ref = reference(pattern, grid, *wide[:3], rel_bias=wide[3])
     torch.testing.assert_close(out.reshape(ref.shape), ref, atol=1e-10, rtol=0)
     dout = torch.randn(ref.shape, dtype=torch.float64)
     got = part.backward(*flat, out, lse, dout.reshape(out.shape), scale, table.detach())
@@ -109,8 +110,7 @@ def test_rolled_term_with_grouped_kv_heads():
     k, v = (t[:, :2].detach().requires_grad_() for t in (k, v))
     out = attn(q, k, v, rel_bias=table)
     wide = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
-    want = oracle(pattern, grid, wide[0], *(t.repeat_interleave(2, 1) for t in wide[1:3]),
-                  wide[3], None)
+    want = reference(pattern, grid, *wide[:3], rel_bias=wide[3])
     torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
     dout = torch.randn(want.shape, dtype=torch.float64)
     for name, g, w in zip("q k v table".split(), torch.autograd.grad(out, (q, k, v, table), dout),
@@ -138,7 +138,5 @@ def test_inference_with_a_table_equals_the_oracle(pattern, grid, kv_heads, share
     k, v = k[:, :kv_heads], v[:, :kv_heads]
     with torch.no_grad():
         out = attn(q, k, v, rel_bias=table)
-    group = 4 // kv_heads
-    want = oracle(pattern, grid, q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
-                  table, None)
+    want = reference(pattern, grid, q, k, v, rel_bias=table)
     torch.testing.assert_close(out, want, atol=1e-10, rtol=0)

@@ -15,9 +15,8 @@ from patterngen import ir
 from patterngen.backends import dense, planned
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, dense_shape, dense_shapes
-from oracle import assert_gradients_equal, check_against_oracle
+from oracle import assert_gradients_equal, check_against_oracle, reference
 from test_bias import check as check_with_table
-from test_gqa import oracle as gqa_oracle
 
 DENSE = dict(strategy="terms", terms="dense")
 
@@ -155,7 +154,8 @@ def test_strided_terms_with_grouped_kv_heads_extra_keys_and_a_softcap():
                                    requires_grad=True)
                        for n, shape in ((6, grid), (2, grid), (2, grid), (2, (3,)), (2, (3,))))
     out = attn(q, k, v, additional_keys=ak, additional_values=av)
-    want = gqa_oracle(spec, grid, q, k, v, ak=ak, av=av, softcap=2.0).reshape(out.shape)
+    want = reference(spec, grid, q, k, v, additional_keys=ak, additional_values=av,
+                     softcap=2.0).reshape(out.shape)
     torch.testing.assert_close(out, want)
     assert_gradients_equal(out, want, (q, k, v, ak, av), gen)
 
