@@ -37,6 +37,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
@@ -439,25 +440,20 @@ class DenseTerm:
                 self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
 
 
-def _moved_class():
-    import torch
+class _Moved(torch.autograd.Function):
+    """``there(x)``, a gather that moves each token to at most one place, whose adjoint is
+    the inverse gather ``back``: index_select's own backward would fill a zero tensor and
+    scatter-add into it (measured: a third of the backward's copies on Swin's shifted
+    windows)."""
 
-    class Moved(torch.autograd.Function):
-        """``there(x)``, a gather that moves each token to at most one place, whose adjoint
-        is the inverse gather ``back``: index_select's own backward would fill a zero
-        tensor and scatter-add into it (measured: a third of the backward's copies on
-        Swin's shifted windows)."""
+    @staticmethod
+    def forward(ctx, x, there, back):
+        ctx.back = back
+        return there(x)
 
-        @staticmethod
-        def forward(ctx, x, there, back):
-            ctx.back = back
-            return there(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return ctx.back(grad), None, None
-
-    return Moved
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.back(grad), None, None
 
 
 def _fold(x, group: int):
@@ -726,7 +722,6 @@ def _rebuild(lowered, options):
 # that calls them finds them once the pattern is compiled
 _planned_fwd = _define_ops()
 ops.register_rebuild("planned", _rebuild)
-_Moved = _moved_class()
 
 
 def _heads_of(p: int, npat: int, heads: int):

@@ -619,6 +619,10 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
                 progress(f"{b.name} ({sweep + 1}/{_SWEEPS})")
                 b.run(3)
     best = {b.name: b.best for b in benches}
+    units = {b.name: b.units for b in benches}
+    # a copy's backward copies the gradient back; a scan has none; a fill and a band are
+    # backward work already
+    fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0}
     for name, (fwd, both) in best.items():
         factor = max(both / fwd, 1.0)
         if name.startswith("launch/"):
@@ -626,11 +630,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
         elif name.startswith("numba/"):
             continue  # solved together (_solve_numba)
         else:
-            work = next(b.units for b in benches if b.name == name)
-            # a copy's backward copies the gradient back; a scan has none; a fill and a band
-            # are backward work already
-            fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0}
-            table[name] = Rate(0.0, fwd * 1e6 / work, fixed.get(name, factor))
+            table[name] = Rate(0.0, fwd * 1e6 / units[name], fixed.get(name, factor))
     if any(name.startswith("numba/") for name in best):
         _solve_numba(table, benches, best)
     progress.done()
