@@ -36,7 +36,7 @@ import numpy as np
 from . import ir, limits
 from .orders import TokenOrder, block_boxes
 from .tilecount import TABLE_MAX_AXIS, AxisCount, candidate_tiles, count_tiles
-from .tilechoice import aligned_tiles, tile_candidates
+from .tilechoice import aligned_tiles, cross_tiles, tile_candidates
 from .errors import PatternError
 from .grid import MAX_SIZE
 from .parse import as_ir
@@ -83,35 +83,38 @@ def _check_tile(tile, shape: tuple) -> tuple:
     return tuple(int(v) for v in values)
 
 
-def _build(head: ir.IR, shape, block, tile) -> "Layout":
+def _build(head: ir.IR, shape, block, tile, key_shape=None, key_tile=None) -> "Layout":
     bq, bk = block
-    tokens = math.prod(shape)
-    order = TokenOrder(shape, tile)
+    if key_shape is None:  # self-attention: the keys are the queries, in one order
+        key_shape, key_tile = shape, tile
+    tokens, key_tokens = math.prod(shape), math.prod(key_shape)
+    order, key_order = TokenOrder(shape, tile), TokenOrder(key_shape, key_tile)
     cache = {}
 
-    def counters(rel, n):
-        key = (rel, n)
+    def counters(rel, a):
+        key = (rel, a)
         if key not in cache:
-            cache[key] = AxisCount(rel, n)
+            cache[key] = AxisCount(rel, key_shape[a], shape[a])
         return cache[key]
 
     qptr, qlo, qhi = block_boxes(order, tokens, bq)
-    kptr, klo, khi = block_boxes(order, tokens, bk)
+    kptr, klo, khi = block_boxes(key_order, key_tokens, bk)
     nkb = len(kptr) - 1
-    codes = candidate_tiles(head, shape, order, qptr, qlo, qhi, bk, counters)
-    counts = count_tiles(head, shape, codes, nkb, qptr, qlo, qhi, kptr, klo, khi, counters)
+    codes = candidate_tiles(head, key_order, qptr, qlo, qhi, bk, counters)
+    counts = count_tiles(head, codes, nkb, qptr, qlo, qhi, kptr, klo, khi, counters)
     qb, kb = codes // nkb, codes % nkb
-    area = np.minimum(bq, tokens - qb * bq) * np.minimum(bk, tokens - kb * bk)
+    area = np.minimum(bq, tokens - qb * bq) * np.minimum(bk, key_tokens - kb * bk)
     if (counts > area).any() or (counts < 0).any():  # an internal invariant, not user input
         raise PatternError(f"Layout counting failed for {head.label} on {shape}; please report.")
     full = counts == area
     partial = (counts > 0) & ~full
     nqb = len(qptr) - 1
+    cross = {} if head.key_grid is None else dict(key_shape=tuple(key_shape), key_tile=key_tile)
     return Layout(
         ir=head, shape=tuple(shape), block=(bq, bk), tile=tile,
         full_ptr=_ptr(qb[full], nqb), full_idx=kb[full],
         partial_ptr=_ptr(qb[partial], nqb), partial_idx=kb[partial],
-        partial_pairs=counts[partial], attended_pairs=int(counts.sum()))
+        partial_pairs=counts[partial], attended_pairs=int(counts.sum()), **cross)
 
 
 def _ptr(rows, nrows):
@@ -152,6 +155,9 @@ class Layout:
         tile: tile shape for the tiled order, ``None`` for row-major.
         full_ptr, full_idx, partial_ptr, partial_idx, partial_pairs: the CSR arrays above.
         attended_pairs: exact attended (query, key) pairs.
+        key_shape: the keys' grid when they live on another grid (``ir.key_grid``), else
+            ``None``; key blocks then cut the key grid's tokens, in the order of
+        key_tile: the keys' tile for the tiled order, ``None`` for row-major.
 
     Example:
         >>> import patterngen as pg
@@ -170,6 +176,8 @@ class Layout:
     partial_idx: np.ndarray = field(repr=False)
     partial_pairs: np.ndarray = field(repr=False)
     attended_pairs: int = 0
+    key_shape: tuple | None = None
+    key_tile: tuple | None = None
 
     @property
     def patterns(self) -> tuple["Layout", ...]:
@@ -185,17 +193,33 @@ class Layout:
         return math.prod(self.shape)
 
     @property
+    def keys(self) -> tuple:
+        """The keys' grid (:attr:`shape` unless they live on another grid)."""
+        return self.shape if self.key_shape is None else self.key_shape
+
+    @property
+    def key_tokens(self) -> int:
+        return math.prod(self.keys)
+
+    @property
     def q_blocks(self) -> int:
         return len(self.full_ptr) - 1
 
     @property
     def kv_blocks(self) -> int:
-        return -(-self.tokens // self.block[1])
+        return -(-self.key_tokens // self.block[1])
 
     @property
     def permutation(self) -> np.ndarray:
         """Row-major token index at each layout position (``arange`` for row-major)."""
         return TokenOrder(self.shape, self.tile).permutation()
+
+    @property
+    def key_permutation(self) -> np.ndarray:
+        """Row-major key token at each key position (:attr:`permutation` for self-attention)."""
+        if self.key_shape is None:
+            return self.permutation
+        return TokenOrder(self.key_shape, self.key_tile).permutation()
 
     @property
     def full(self) -> list[np.ndarray]:
@@ -213,7 +237,7 @@ class Layout:
     def _area(self, rows, cols):
         bq, bk = self.block
         return (np.minimum(bq, self.tokens - rows * bq).astype(np.int64)
-                * np.minimum(bk, self.tokens - cols * bk))
+                * np.minimum(bk, self.key_tokens - cols * bk))
 
     @property
     def executed_pairs(self) -> int:
@@ -253,7 +277,7 @@ class Layout:
         is_full = np.arange(len(rows)) < self.num_full
         if pad_ragged:
             bq, bk = self.block
-            is_full &= ((rows + 1) * bq <= self.tokens) & ((cols + 1) * bk <= self.tokens)
+            is_full &= ((rows + 1) * bq <= self.tokens) & ((cols + 1) * bk <= self.key_tokens)
         order = np.lexsort((cols, rows))
         return rows[order], cols[order], is_full[order]
 
@@ -263,26 +287,29 @@ class Layout:
         Evaluated from the IR on the tiles' own tokens: memory is per requested tile.
         """
         bq, bk = self.block
-        perm = self.permutation
-        tokens = self.tokens
+        tokens, key_tokens = self.tokens, self.key_tokens
         qpos = np.asarray(rows, dtype=np.int64)[:, None] * bq + np.arange(bq)
         kpos = np.asarray(cols, dtype=np.int64)[:, None] * bk + np.arange(bk)
-        qtok = perm[np.minimum(qpos, tokens - 1)]
-        ktok = perm[np.minimum(kpos, tokens - 1)]
+        qtok = self.permutation[np.minimum(qpos, tokens - 1)]
+        ktok = self.key_permutation[np.minimum(kpos, key_tokens - 1)]
         qc = np.unravel_index(qtok, self.shape)
-        kc = np.unravel_index(ktok, self.shape)
+        kc = np.unravel_index(ktok, self.keys)
         out = np.zeros((len(qpos), bq, bk), dtype=bool)
         for term in self.ir.terms:
             out |= term.contains([c[:, :, None] for c in qc], [c[:, None, :] for c in kc],
-                                 self.shape, ir.NUMPY_OPS)
-        out &= (qpos < tokens)[:, :, None] & (kpos < tokens)[:, None, :]
+                                 self.shape, ir.NUMPY_OPS, self.keys)
+        out &= (qpos < tokens)[:, :, None] & (kpos < key_tokens)[:, None, :]
         return out
 
     def summary(self) -> str:
         """One line: blocks, full / partial counts, executed vs attended pairs, waste."""
         order = self.order + (f" {'x'.join(map(str, self.tile))}" if self.tile else "")
+        over = ""
+        if self.key_shape is not None:
+            over = f" over keys on {'x'.join(map(str, self.key_shape))}" + (
+                f" (tiled {'x'.join(map(str, self.key_tile))})" if self.key_tile else "")
         cells = self.q_blocks * self.kv_blocks
-        return (f"{self.ir.label or 'pattern'} on {'x'.join(map(str, self.shape))}, "
+        return (f"{self.ir.label or 'pattern'} on {'x'.join(map(str, self.shape))}{over}, "
                 f"block={self.block}, order={order}: {self.q_blocks}x{self.kv_blocks} blocks, "
                 f"{self.num_full} full, {self.num_partial} partial "
                 f"(block density {100 * (self.num_full + self.num_partial) / cells:.2f}%); "
@@ -339,6 +366,11 @@ class PatternLayouts:
     q_blocks = _first_pattern("q_blocks")
     kv_blocks = _first_pattern("kv_blocks")
     permutation = _first_pattern("permutation")
+    key_shape = _first_pattern("key_shape")
+    key_tile = _first_pattern("key_tile")
+    keys = _first_pattern("keys")
+    key_tokens = _first_pattern("key_tokens")
+    key_permutation = _first_pattern("key_permutation")
 
     @property
     def heads(self) -> tuple:
@@ -380,8 +412,14 @@ class PatternLayouts:
 HeadsLayout = PatternLayouts
 
 
-def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
+def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None, key_grid=None,
+           key_tile=None):
     """Block-sparse layout of ``pattern`` on ``grid``: full and partial tiles per query block.
+
+    With keys on another grid (``key_grid``, or an IR lowered with one) query blocks cut the
+    query grid and key blocks the key grid; a tile is live when a query of its query block
+    sees a key of its key block (the keys of the key coordinate it sits over), counted per
+    axis as for self-attention.
 
     Args:
         pattern: a spec or a lowered IR (numeric grid).
@@ -392,14 +430,18 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
             keeps whichever of row-major and a few tiled orders executes the fewest pairs.
         tile: tile shape for ``"tiled"``/``"auto"`` (checked, then unused by ``"row-major"``);
             ``None`` tries the pattern's own aligned partitions (e.g. Swin's windows) and
-            near-cubic tiles of about ``Bq`` tokens.
+            near-cubic tiles of about ``Bq`` tokens (with a key grid: the tiles that line the
+            two grids up, :func:`~patterngen.tilechoice.cross_tiles`).
+        key_grid: the keys' grid, when they live on another grid.
+        key_tile: the keys' tile in the tiled order (key grid only; ``None``: keys row-major,
+            or with ``tile=None`` the key tile of each candidate).
 
     Returns:
         :class:`Layout`, or :class:`PatternLayouts` for :func:`heads` patterns.
 
     Raises:
         PatternError: for non-positive block sizes, an unknown order, a tile that does not
-            divide the grid, a symbolic grid, or an IR whose keys live on another grid.
+            divide the grid, a symbolic grid, or a key tile without a key grid.
 
     Example:
         >>> import patterngen as pg
@@ -407,50 +449,65 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None):
         >>> lay.q_blocks, round(lay.waste, 2)
         (512, 36.57)
     """
-    lowered = as_ir(pattern, grid)
-    if lowered.key_grid is not None:  # query blocks against key blocks of another grid
-        raise PatternError(f"layout: keys on another grid (key_grid={lowered.key_grid}) have "
-                           f"no block-sparse layout; run them on numba or auto.")
+    lowered = as_ir(pattern, grid, key_grid)
     shape = lowered.grid.require_numeric("layout")
-    limits.check("PATTERNGEN_MAX_TOKENS", math.prod(shape),
-                 f"layout: grid {lowered.grid}'s tokens")
+    key_shape = None if lowered.key_grid is None else lowered.key_grid.require_numeric("layout")
+    for n, what in ((math.prod(shape), "tokens"), (math.prod(key_shape or ()), "key tokens")):
+        limits.check("PATTERNGEN_MAX_TOKENS", n, f"layout: grid {lowered.grid}'s {what}")
     block = _check_block(block)
     if order not in ORDERS:
         raise PatternError(f"Unknown order={order!r}; expected one of {ORDERS}.")
     if tile is not None:
         tile = _check_tile(tile, shape)
+    if key_tile is not None:
+        if key_shape is None:
+            raise PatternError(f"layout: key_tile={key_tile!r} without keys on another grid; "
+                               f"expected key_tile=None or a key_grid.")
+        key_tile = _check_tile(key_tile, key_shape)
     patterns = lowered.patterns
 
-    def build(t):
-        built = tuple(_build(p, shape, block, t) for p in patterns)
+    def build(t, kt=None):
+        built = tuple(_build(p, shape, block, t, key_shape, kt) for p in patterns)
         return built[0] if isinstance(lowered, ir.IR) else PatternLayouts(built)
 
     if order == "row-major":
         return build(None)
-    tiles = [tile] if tile is not None else tile_candidates(patterns, shape, block[0])
+    if key_shape is not None:
+        tiles = ([(tile, key_tile)] if tile is not None or key_tile is not None
+                 else cross_tiles(shape, key_shape))
+    else:
+        tiles = [(t, None) for t in ([tile] if tile is not None
+                                     else tile_candidates(patterns, shape, block[0]))]
     if order == "tiled" and not tiles:
         raise PatternError(
             f"order='tiled' found no tile for grid {'x'.join(map(str, shape))}; pass tile=..., "
             f"with every side dividing its axis.")
-    options = ([build(None)] if order == "auto" else []) + [build(t) for t in tiles]
+    options = ([build(None)] if order == "auto" else []) + [build(*t) for t in tiles]
     return min(options, key=lambda lay: lay.executed_pairs)
 
 
-def choose_layout(lowered, block=None, order="auto", tile=None):
+def choose_layout(lowered, block=None, order="auto", tile=None, key_tile=None):
     """The layout the block-sparse backends execute for ``lowered`` (numeric grid).
 
     With ``block``, :func:`layout` with these arguments. Without, the one executing the fewest
     pairs among the pattern's own aligned partition (Swin windows, areas: every tile full, no
-    mask) and square blocks of :data:`BLOCK_CHOICES` in ``order``; on a tie the larger block
-    (fewer, bigger calls). The planner prices the ``sdpa`` backend with the same choice.
+    mask), with keys on another grid the tiles that line the two grids up (a query tile
+    against its key tile, :func:`~patterngen.tilechoice.cross_tiles`), and square blocks of
+    :data:`BLOCK_CHOICES` in ``order``; on a tie the larger block (fewer, bigger calls). The
+    planner prices the ``sdpa`` backend with the same choice.
     """
     if block is not None:
-        return layout(lowered, block=block, order=order, tile=tile)
+        return layout(lowered, block=block, order=order, tile=tile, key_tile=key_tile)
     shape = lowered.grid.require_numeric("choose_layout")
     options = []
-    for t in aligned_tiles(lowered.patterns, shape):
-        vol = math.prod(t)
-        options.append(layout(lowered, block=(vol, vol), order="tiled", tile=t))
+    if lowered.key_grid is None:
+        for t in aligned_tiles(lowered.patterns, shape):
+            vol = math.prod(t)
+            options.append(layout(lowered, block=(vol, vol), order="tiled", tile=t))
+    else:
+        for t, kt in cross_tiles(shape, lowered.key_grid.require_numeric("choose_layout")):
+            options.append(layout(lowered, block=(math.prod(t), math.prod(kt)), order="tiled",
+                                  tile=t, key_tile=kt))
     for b in BLOCK_CHOICES:
-        options.append(layout(lowered, block=(b, b), order=order, tile=tile))
+        options.append(layout(lowered, block=(b, b), order=order, tile=tile, key_tile=key_tile))
     return min(options, key=lambda lay: (lay.executed_pairs, -lay.block[0]))

@@ -9,10 +9,12 @@ import numpy as np
 
 from . import ir
 
-__all__ = ["aligned_tiles", "group_tiles", "tile_candidates"]
+__all__ = ["aligned_tiles", "group_tiles", "tile_candidates", "cross_tiles"]
 
 #: tiled candidates tried by ``order="auto"`` (and ``"tiled"`` without a tile)
 _MAX_TILE_CANDIDATES = 4
+#: key tile sides :func:`cross_tiles` tries on every axis
+_CROSS_KEY_SIDES = (1, 2, 4)
 
 
 def _partition_side(rel: ir.Rel, n: int, strided: bool):
@@ -97,3 +99,36 @@ def tile_candidates(heads, shape, bq) -> list[tuple]:
         if t not in out and tuple(t) != tuple(shape):
             out.append(t)
     return out[:_MAX_TILE_CANDIDATES]
+
+
+def cross_tiles(shape, key_shape) -> list[tuple[tuple, tuple]]:
+    """``(query tile, key tile)`` pairs that line the two grids up, for keys on another grid.
+
+    On an axis whose sizes divide (``nq = r * nk`` or ``nk = s * nq``) the queries over a key
+    tile of ``t`` are exactly a query tile of ``r * t`` (or a query tile of ``t`` sits over a
+    key tile of ``s * t``), so every query of a tile has its keys around the same key tile:
+    4x upsampling's 4x4 queries over one key share all their keys. Axes whose sizes do not
+    divide give no pair. Tried with key tile sides ``1, 2, 4`` (query sides ``1, 2, 4`` when
+    the keys are the larger grid).
+
+    Example:
+        >>> cross_tiles((64, 64), (16, 16))[:2]
+        [((4, 4), (1, 1)), ((8, 8), (2, 2))]
+    """
+    out = []
+    for side in _CROSS_KEY_SIDES:
+        qt, kt = [], []
+        for nq, nk in zip(shape, key_shape):
+            if nq % nk == 0 and nk % side == 0:
+                qt.append(side * nq // nk)
+                kt.append(side)
+            elif nk % nq == 0 and nq % side == 0:
+                qt.append(side)
+                kt.append(side * nk // nq)
+            else:
+                break
+        else:
+            pair = (tuple(qt), tuple(kt))
+            if pair not in out:
+                out.append(pair)
+    return out

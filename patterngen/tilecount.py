@@ -19,13 +19,18 @@ _CHUNK = 1 << 22
 
 
 class AxisCount:
-    """``G(a, b, c, d) = sum over q in [a, b) of |keys(q) & [c, d)|`` for one relation."""
+    """``G(a, b, c, d) = sum over q in [a, b) of |keys(q) & [c, d)|`` for one relation.
 
-    def __init__(self, rel: ir.Rel, n: int):
-        q = np.arange(n, dtype=np.int64)
-        start, stop = rel.bounds(q, n, ir.NUMPY_OPS)
-        start = np.broadcast_to(np.asarray(start, dtype=np.int64), (n,))
-        stop = np.broadcast_to(np.asarray(stop, dtype=np.int64), (n,))
+    Keys lie on an axis of ``n``; the queries on one of ``nq`` (default ``n``), each with the
+    keys of the key coordinate it sits over (:func:`patterngen.ir.center`).
+    """
+
+    def __init__(self, rel: ir.Rel, n: int, nq: int | None = None):
+        nq = n if nq is None else nq
+        q = np.arange(nq, dtype=np.int64)
+        start, stop = rel.bounds(q, n, ir.NUMPY_OPS, nq)
+        start = np.broadcast_to(np.asarray(start, dtype=np.int64), (nq,))
+        stop = np.broadcast_to(np.asarray(stop, dtype=np.int64), (nq,))
         self.step = int(rel.step)
         self.n = n
         self.start = start
@@ -34,11 +39,11 @@ class AxisCount:
         nonempty = self.length > 0
         self.reach_lo = np.where(nonempty, start, n)   # for reachable-key bounding boxes
         self.reach_hi = np.where(nonempty, stop, 0)
-        if n <= TABLE_MAX_AXIS:
+        if max(n, nq) <= TABLE_MAX_AXIS:
             c = np.arange(n + 1, dtype=np.int64)
             below = np.clip(-(-(c[None, :] - start[:, None]) // self.step), 0,
                             self.length[:, None])
-            self.table = np.zeros((n + 1, n + 1), dtype=np.int64)
+            self.table = np.zeros((nq + 1, n + 1), dtype=np.int64)
             np.cumsum(below, axis=0, out=self.table[1:])
             self.mode = "table"
         elif self.step == 1 and (np.diff(start) >= 0).all() and (np.diff(self.stop) >= 0).all():
@@ -98,17 +103,21 @@ def _range_reduce(ufunc, x, lo, hi):
 # the layout of one pattern
 
 
-def candidate_tiles(head: ir.IR, shape, order: TokenOrder, qptr, qlo, qhi, bk: int, counters):
-    """Sorted unique ``qblock * kv_blocks + kblock`` codes of tiles that may be non-empty."""
-    tokens = math.prod(shape)
+def candidate_tiles(head: ir.IR, order: TokenOrder, qptr, qlo, qhi, bk: int, counters):
+    """Sorted unique ``qblock * kv_blocks + kblock`` codes of tiles that may be non-empty.
+
+    ``order`` is the keys' token order; ``counters(rel, a)`` the :class:`AxisCount` of
+    ``rel`` on axis ``a``.
+    """
+    tokens = math.prod(order.shape)
     nkb = -(-tokens // bk)
     qowner = np.repeat(np.arange(len(qptr) - 1), np.diff(qptr))
     codes = []
     for term in head.terms:
         klo = np.empty_like(qlo)
         khi = np.empty_like(qhi)
-        for a, (rel, n) in enumerate(zip(term.rels, shape)):
-            cnt = counters(rel, n)
+        for a, rel in enumerate(term.rels):
+            cnt = counters(rel, a)
             klo[:, a] = _range_reduce(np.minimum, cnt.reach_lo, qlo[:, a], qhi[:, a])
             khi[:, a] = _range_reduce(np.maximum, cnt.reach_hi, qlo[:, a], qhi[:, a])
         ok = (khi > klo).all(1)
@@ -157,7 +166,7 @@ def _touched_blocks(vshape, owner, vlo, vhi, bk, nkb):
     return base + np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span)
 
 
-def count_tiles(head, shape, codes, nkb, qptr, qlo, qhi, kptr, klo, khi, counters):
+def count_tiles(head, codes, nkb, qptr, qlo, qhi, kptr, klo, khi, counters):
     """Exact attended pairs in each candidate tile (inclusion-exclusion over box pairs)."""
     qb, kb = codes // nkb, codes % nkb
     nq = qptr[qb + 1] - qptr[qb]
@@ -170,7 +179,7 @@ def count_tiles(head, shape, codes, nkb, qptr, qlo, qhi, kptr, klo, khi, counter
     pairs = np.zeros(len(owner), dtype=np.int64)
     for sign, term in head.pieces():
         prod = np.ones(len(owner), dtype=np.int64)
-        for a, (rel, n) in enumerate(zip(term.rels, shape)):
-            prod *= counters(rel, n)(qlo[qi, a], qhi[qi, a], klo[ki, a], khi[ki, a])
+        for a, rel in enumerate(term.rels):
+            prod *= counters(rel, a)(qlo[qi, a], qhi[qi, a], klo[ki, a], khi[ki, a])
         pairs += sign * prod
     return np.bincount(owner, pairs, len(codes)).astype(np.int64) if len(codes) else pairs

@@ -43,7 +43,7 @@ from patterngen.layout import choose_layout
 
 from .calls import DeviceCalls
 from .groups import Group, group_blocks
-from .permute import token_orders
+from .permute import into_order, token_orders
 from .run import run_calls
 from .scores import Scores
 
@@ -78,10 +78,13 @@ class SdpaBackend(Backend):
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
     SUPPORTS_ADDITIONAL_KEYS = True
+    SUPPORTS_KEY_GRID = True
 
     def __init__(self, ir_, block=None, order="auto", tile=None, scale=None, softcap=None):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the sdpa backend")
+        self.key_shape = None if ir_.key_grid is None else ir_.key_grid.require_numeric(
+            "the sdpa backend")
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
         self.layout = choose_layout(ir_, block, order, tile)
@@ -120,7 +123,9 @@ class SdpaBackend(Backend):
                            for lay, grp in zip(self.layout.patterns, self.groups)]
             perm, outs = token_orders(self._perm, self.shape, self.layout.tile, per_pattern,
                                       device, torch)
-            self._devices[key] = (perm, per_pattern, outs)
+            kperm = perm if self.key_shape is None else into_order(
+                self.layout.key_permutation, self.key_shape, self.layout.key_tile, device, torch)
+            self._devices[key] = (perm, kperm, per_pattern, outs)
         return self._devices[key]
 
     def __call__(self, q, k, v, scale=None, rel_bias=None, additional_keys=None,
@@ -148,10 +153,12 @@ class SdpaBackend(Backend):
                                       kf.shape[1])
         scale = scale if scale is not None else self.scale
         scale = scale if scale is not None else qf.shape[-1] ** -0.5
-        perm, per_pattern, outs = self._device(qf.device)
+        perm, kperm, per_pattern, outs = self._device(qf.device)
         rows_q = qf  # row-major: extra keys alone for the tokens no query block holds
         if perm is not None:
-            qf, kf, vf = (perm(t) for t in (qf, kf, vf))
+            qf = perm(qf)
+        if kperm is not None:
+            kf, vf = kperm(kf), kperm(vf)
         npat, heads = len(per_pattern), qf.shape[1]
         results = []
         for p, (calls, out_index) in enumerate(zip(per_pattern, outs)):
@@ -163,7 +170,7 @@ class SdpaBackend(Backend):
             scores = None
             if table is not None or self.softcap is not None:
                 tp = table if table is None or table.shape[0] == 1 else table[mine]
-                scores = Scores(self.softcap, tp, calls, self._perm, self.shape, self.reach)
+                scores = Scores(self.softcap, tp, calls, self.layout, self.reach)
             ep = None if extra is None else tuple(take_heads(t, kv) for t in extra)
             out = run_calls(calls, out_index, qp, kp, vp, scale, torch, scores, ep)
             if ep is not None and calls.uncovered is not None:

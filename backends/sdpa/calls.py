@@ -55,7 +55,7 @@ class DeviceCalls:
 
     def __init__(self, lay, groups, device, torch):
         self.bq, self.bk = lay.block
-        self.tokens = lay.tokens
+        self.tokens, self.key_tokens = lay.tokens, lay.key_tokens
         self.calls = []
         rows_before = 0
         row_of_pos = np.full(lay.q_blocks * self.bq, -1, dtype=np.int64)
@@ -67,7 +67,7 @@ class DeviceCalls:
             offset = int(grp.kv_blocks[0, 0] - grp.q_blocks[0])
             band = (_is_run(grp.q_blocks)
                     and (grp.kv_blocks == grp.q_blocks[:, None] + offset + np.arange(nk)).all()
-                    and (last_k + 1) * self.bk <= self.tokens)
+                    and (last_k + 1) * self.bk <= self.key_tokens)
             pos_q = grp.q_blocks[:, None] * self.bq + np.arange(self.bq)
             pos_k = (grp.kv_blocks[:, :, None] * self.bk + np.arange(self.bk)).reshape(g, -1)
             row_of_pos[pos_q.ravel()] = rows_before + np.arange(g * self.bq)
@@ -80,8 +80,8 @@ class DeviceCalls:
                 k_band=int(grp.q_blocks[0]) + offset if band else None,
                 q_index=None if q_view else _tensor(np.minimum(pos_q, self.tokens - 1), device,
                                                     torch),
-                k_index=None if band else _tensor(np.minimum(pos_k, self.tokens - 1), device,
-                                                    torch),
+                k_index=None if band else _tensor(np.minimum(pos_k, self.key_tokens - 1),
+                                                    device, torch),
                 # 4-D (1, blocks or 1, Bq, nk * Bk): what the fused CPU kernel accepts
                 mask=None if grp.mask is None else torch.as_tensor(grp.mask[None], device=device),
                 empty=None if grp.empty_rows is None else torch.as_tensor(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TileOrder", "Permutation", "gather", "token_orders"]
+__all__ = ["TileOrder", "Permutation", "gather", "into_order", "token_orders"]
 
 
 class TileOrder:
@@ -77,6 +77,16 @@ def gather(x, index):
     return x.reshape(b * h, n, d).index_select(1, index).view(b, h, len(index), d)
 
 
+def into_order(permutation, shape, tile, device, torch):
+    """``None`` (row-major already) or a callable putting ``(batch, heads, tokens, dim)``
+    row-major tokens into the order ``permutation`` (layout position -> row-major token)."""
+    if (permutation == np.arange(len(permutation))).all():
+        return None
+    if tile is not None:
+        return TileOrder(shape, tile)
+    return Permutation(permutation, device, torch)
+
+
 def token_orders(permutation, shape, tile, per_pattern, device, torch):
     """How tokens reach the layout's order and each pattern's output rows come back.
 
@@ -92,12 +102,7 @@ def token_orders(permutation, shape, tile, per_pattern, device, torch):
         ``(batch, heads, tokens, dim)``; per pattern, its output rows to row-major tokens:
         ``None``, a callable, or an index tensor to :func:`gather` with.
     """
-    if (permutation == np.arange(len(permutation))).all():
-        into = None
-    elif tile is not None:
-        into = TileOrder(shape, tile)
-    else:
-        into = Permutation(permutation, device, torch)
+    into = into_order(permutation, shape, tile, device, torch)
     inverse = np.argsort(permutation)
     outs = []
     for calls in per_pattern:

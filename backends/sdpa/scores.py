@@ -6,17 +6,21 @@ import math
 
 import numpy as np
 
-from patterngen import bias
+from patterngen import bias, ir
 
 __all__ = ["Scores", "additive_mask"]
 
 
 class Scores:
-    """What a call adds to the plain scores: a softcap and a bias table's tiles."""
+    """What a call adds to the plain scores: a softcap and a bias table's tiles.
 
-    def __init__(self, softcap, table, calls, permutation, shape, reach):
+    ``lay`` is the layout the calls run (its token orders and grids: with keys on another
+    grid the table is indexed by key minus the key coordinate the query sits over).
+    """
+
+    def __init__(self, softcap, table, calls, lay, reach):
         self.softcap, self.table = softcap, table
-        self.calls, self.permutation, self.shape, self.reach = calls, permutation, shape, reach
+        self.calls, self.lay, self.reach = calls, lay, reach
         if table is not None:
             import torch
 
@@ -48,16 +52,17 @@ class Scores:
         if call.bias_index is None:
             import torch
 
-            calls = self.calls
+            calls, lay = self.calls, self.lay
             q_blocks, kv_blocks = call.blocks
             g, bq = len(q_blocks), calls.bq
             pos_q = q_blocks[:, None] * bq + np.arange(bq)
             pos_k = (kv_blocks[:, :, None] * calls.bk + np.arange(calls.bk)).reshape(g, -1)
-            tokens = self.permutation[np.minimum(np.concatenate([pos_q, pos_k], 1),
-                                                 calls.tokens - 1)]
-            coords = bias.coordinates(tokens, self.shape)
-            index = bias.offset_index([c[:, :bq, None] for c in coords],
-                                      [c[:, None, bq:] for c in coords], self.reach)
+            qc = bias.coordinates(lay.permutation[np.minimum(pos_q, calls.tokens - 1)], lay.shape)
+            kc = bias.coordinates(lay.key_permutation[np.minimum(pos_k, calls.key_tokens - 1)],
+                                  lay.keys)
+            qc = [ir.center(c, n, m) for c, n, m in zip(qc, lay.shape, lay.keys)]
+            index = bias.offset_index([c[:, :, None] for c in qc],
+                                      [c[:, None, :] for c in kc], self.reach)
             if call.mask is not None:
                 index = np.where(call.mask[0].cpu().numpy(), index,
                                  math.prod(2 * r + 1 for r in self.reach))

@@ -1,0 +1,155 @@
+"""Keys on another grid, block-sparse: layouts of query blocks against key blocks counted
+exactly (against a brute-force sweep of the rule's mask), and the sdpa and flex backends
+against the float64 oracle (outputs and the gradients of q, k, v)."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import patterngen as pg
+from patterngen.calibrate import Rates
+from patterngen.errors import PatternError
+from patterngen.layout import choose_layout
+from patterngen.tilechoice import cross_tiles
+from strategies import random_spec
+from test_cross import (BACKEND_CASES, check_backend, cross_cases, key_grid_version,
+                        oracle_with_queries, random_qkv)
+
+LONG = os.environ.get("PATTERNGEN_LONG") == "1"
+
+
+def brute_tiles(lay, mask):
+    """``(q_blocks, kv_blocks)`` 0 empty / 1 partial / 2 full, from the whole mask."""
+    bq, bk = lay.block
+    m = mask[lay.permutation][:, lay.key_permutation]
+    out = np.zeros((lay.q_blocks, lay.kv_blocks), dtype=np.int8)
+    for i in range(lay.q_blocks):
+        for j in range(lay.kv_blocks):
+            tile = m[i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+            out[i, j] = 2 if tile.all() else int(tile.any())
+    return out
+
+
+@settings(max_examples=200 if LONG else 25, deadline=None)
+@given(cross_cases(max_tokens=60), st.integers(1, 9), st.integers(1, 9), st.booleans())
+def test_layout_counts_tiles_exactly(case, bq, bk, tiled):
+    pattern, q_shape, k_shape = case
+    mask = pg.materialize(pattern, q_shape, key_grid=k_shape)
+    options = dict(block=(bq, bk))
+    pairs = cross_tiles(q_shape, k_shape)
+    if tiled and pairs and q_shape != k_shape:  # equal grids are self-attention
+        options.update(order="tiled", tile=pairs[-1][0], key_tile=pairs[-1][1])
+    lay = pg.layout(pattern, q_shape, key_grid=k_shape, **options)
+    np.testing.assert_array_equal(lay.to_dense(), brute_tiles(lay, mask))
+    assert lay.attended_pairs == mask.sum()
+    rows, cols, _ = lay.tiles()
+    masks = lay.masks(rows, cols)
+    assert masks.sum() == mask.sum()
+    assert (lay.q_blocks, lay.kv_blocks) == (-(-mask.shape[0] // bq), -(-mask.shape[1] // bk))
+
+
+def test_upsampling_tiles_line_the_grids_up():
+    """4x upsampling: a 4x4 query tile sits over one key, so its 16 queries share their 25
+    keys and every tile of the layout is full (no mask, no waste)."""
+    assert cross_tiles((64, 64), (16, 16))[:2] == [((4, 4), (1, 1)), ((8, 8), (2, 2))]
+    assert cross_tiles((8, 12), (16, 24))[0] == ((1, 1), (2, 2))
+    assert cross_tiles((10, 7), (6, 9)) == []
+    lay = choose_layout(pg.lower(pg.window(5), (64, 64), key_grid=(16, 16)))
+    assert (lay.block, lay.tile, lay.key_tile) == ((16, 1), (4, 4), (1, 1))
+    assert lay.num_partial == 0 and lay.executed_pairs == lay.attended_pairs == 4096 * 25
+    assert "over keys on 16x16 (tiled 1x1)" in lay.summary()
+
+
+def test_layout_key_tile_needs_a_key_grid():
+    with pytest.raises(PatternError, match=r"layout: key_tile=\(2, 2\) without keys on another "
+                                           r"grid"):
+        pg.layout(pg.window(3), (8, 8), block=4, order="tiled", tile=(2, 2), key_tile=(2, 2))
+    with pytest.raises(PatternError, match=r"tile\[0\]=3 does not divide grid\[0\]=4"):
+        pg.layout(pg.window(3), (8, 8), key_grid=(4, 4), block=4, order="tiled",
+                  key_tile=(3, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# sdpa
+
+
+@pytest.mark.parametrize("block", [None, (4, 4), (5, 3)])
+@pytest.mark.parametrize("pattern, q_shape, k_shape, heads, kv_heads", BACKEND_CASES)
+def test_sdpa_forward_and_backward_equal_the_oracle(pattern, q_shape, k_shape, heads,
+                                                    kv_heads, block):
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="sdpa", block=block)
+    check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, heads,
+                                                               kv_heads))
+    assert attn.executed_pairs == (attn.layout.executed_pairs,)
+
+
+def test_sdpa_bias_table_is_indexed_by_key_minus_the_centre():
+    pattern, q_shape, k_shape = pg.window(3), (16, 16), (4, 4)
+    for block in (None, (8, 8)):  # every tile full / masked tiles
+        attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="sdpa", softcap=3.0,
+                          block=block)
+        table = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+        check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, 2, 2)
+                      + [table], rel_bias=table)
+
+
+def test_sdpa_bfloat16_and_extra_keys():
+    pattern, q_shape, k_shape = BACKEND_CASES[1][:3]
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="sdpa", block=(4, 4))
+    q, k, v = (t.detach() for t in random_qkv(q_shape, k_shape, 4, 2))
+    out = attn(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    mask = torch.as_tensor(oracle_with_queries(pattern, q_shape, k_shape))
+    want = pg.dense_attention(*(t.reshape(2, t.shape[1], -1, 8) for t in (q, k, v)), mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double().reshape(want.shape), want, atol=3e-2, rtol=3e-2)
+    g = torch.Generator().manual_seed(2)
+    extra = [torch.randn(2, 2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+             for _ in range(2)]
+    check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, 4, 2) + extra,
+                  additional_keys=extra[0], additional_values=extra[1])
+
+
+def test_sdpa_k_and_v_must_have_the_key_grid():
+    attn = pg.compile(pg.window(3), (8, 8), key_grid=(4, 4), backend="sdpa")
+    q = torch.randn(1, 2, 8, 8, 4)
+    with pytest.raises(PatternError, match=r"sdpa: k has shape \(1, 2, 8, 8, 4\); the key grid "
+                                           r"is 4x4 \(16 tokens\)"):
+        attn(q, q, q)
+
+
+def test_auto_prices_sdpa_for_a_key_grid():
+    pattern, q_shape, k_shape = BACKEND_CASES[0][:3]
+    plan = pg.plan(pattern, q_shape, key_grid=k_shape, rates=Rates.default())
+    assert isinstance(plan.options["sdpa"], float)  # priced, not refused
+    plan = pg.plan(pattern, q_shape, key_grid=k_shape, executors=["sdpa"],
+                   rates=Rates.default())
+    assert plan.strategy == "sdpa" and "over keys on 4x4" in str(plan)
+
+
+def random_case(seed):
+    """A random spec (valid on axes of 7 and more) on a random grid pair, often one whose
+    sizes divide (so the tiles that line the grids up are tried)."""
+    rng = random.Random(seed)
+    ndim = rng.randint(1, 3)
+    top = 20 if ndim == 1 else 9
+    q_shape, k_shape = ([rng.randint(7, top) for _ in range(ndim)] for _ in range(2))
+    if seed % 3 == 0:
+        q_shape = [rng.choice([2, 4]) * n for n in k_shape] if ndim < 3 else k_shape
+    elif seed % 3 == 1:
+        k_shape = [2 * n for n in q_shape]
+    pattern = key_grid_version(random_spec(rng, ndim), k_shape)
+    return rng, pattern, tuple(q_shape), tuple(k_shape)
+
+
+@pytest.mark.parametrize("seed", range(30 if LONG else 4))
+def test_random_sweep_sdpa_with_a_key_grid(seed):
+    rng, pattern, q_shape, k_shape = random_case(seed)
+    block = rng.choice([None, (rng.randint(1, 16), rng.randint(1, 16))])
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="sdpa", block=block)
+    inputs = random_qkv(q_shape, k_shape, 2, rng.choice([1, 2]), seed=seed)
+    check_backend(attn, pattern, q_shape, k_shape, inputs)
