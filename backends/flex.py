@@ -8,6 +8,12 @@ The ``BlockMask`` is built with ``BlockMask.from_kv_blocks`` straight from
 a tiled order the tokens are permuted in and out around ``flex_attention`` and the ``mask_mod``
 reads layout positions through the permutation.
 
+With keys on another grid (``ir.key_grid``) the ``mask_mod`` reads ``q_idx`` as a query-grid
+token and ``kv_idx`` as a key-grid token (each through its own order), maps the query's
+coordinates through :func:`patterngen.ir.center` and applies the pattern on the key grid; the
+block mask's key blocks cut the key grid (the same :func:`patterngen.layout.layout`), and the
+key length is the key grid's token count.
+
 A relative position bias table and a softcap become a ``score_mod`` generated beside the
 ``mask_mod`` (:func:`make_score_mod`): the pair's key-minus-query offset is computed from the
 same coordinates and gathers one table entry; FlexAttention differentiates through the captured
@@ -95,7 +101,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def make_mask_mod(ir_, permutation=None, device="cpu", padded=True):
+def make_mask_mod(ir_, permutation=None, device="cpu", padded=True, key_permutation=None):
     """FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` of an IR, over layout positions.
 
     Args:
@@ -106,6 +112,8 @@ def make_mask_mod(ir_, permutation=None, device="cpu", padded=True):
         padded: guard positions at or beyond the token count (FlexAttention's padding of a
             ragged last block): they are masked out. ``False`` drops the guard, for block sizes
             that divide the token count.
+        key_permutation: with keys on another grid, the row-major key token at each key
+            position (``None``: row-major).
 
     Example:
         >>> import torch, patterngen as pg
@@ -117,24 +125,27 @@ def make_mask_mod(ir_, permutation=None, device="cpu", padded=True):
     import torch
 
     shape = ir_.grid.require_numeric("mask_mod")
-    tokens = int(np.prod(shape))
+    key_shape = ir_.keys.require_numeric("mask_mod")
+    tokens, key_tokens = int(np.prod(shape)), int(np.prod(key_shape))
     heads = ir_.patterns
     ops = _ir.torch_ops()
     coords = _coordinates(shape, permutation, device, padded)
+    key_coords = coords if ir_.key_grid is None else _coordinates(key_shape, key_permutation,
+                                                                  device, padded)
 
     def one(head, qc, kc):
         out = None
         for term in head.terms:
-            m = term.contains(qc, kc, shape, ops)
+            m = term.contains(qc, kc, shape, ops, key_shape)
             out = m if out is None else out | m
         return out if out is not None else qc[0] < 0
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qc, kc = coords(q_idx), coords(kv_idx)
+        qc, kc = coords(q_idx), key_coords(kv_idx)
         out = one(heads[-1], qc, kc)
         for p in range(len(heads) - 2, -1, -1):
             out = torch.where(_ir.pattern_of_head(h, len(heads)) == p, one(heads[p], qc, kc), out)
-        return out & (q_idx < tokens) & (kv_idx < tokens) if padded else out
+        return out & (q_idx < tokens) & (kv_idx < key_tokens) if padded else out
 
     mask_mod.__name__ = f"patterngen_{ir_.label or 'pattern'}"
     return mask_mod
@@ -160,7 +171,7 @@ def _coordinates(shape, permutation, device, padded):
 
 
 def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, device="cpu",
-                   padded=True):
+                   padded=True, key_shape=None, key_permutation=None):
     """FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)``: softcap, then the bias table.
 
     ``score`` arrives scaled; with ``softcap=c`` it becomes ``c * tanh(score / c)``, then the
@@ -175,7 +186,9 @@ def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, dev
         reach: the pattern's reach (the table has ``2 * reach + 1`` entries per axis).
         table: ``None`` or ``(heads or 1, 2 * reach[0] + 1, ...)`` torch tensor.
         softcap: ``None`` or a float ``> 0``.
-        permutation, device, padded: as for :func:`make_mask_mod`.
+        permutation, device, padded, key_permutation: as for :func:`make_mask_mod`.
+        key_shape: the keys' grid when it is another: the offset is then key minus the key
+            coordinate the query sits over (:func:`patterngen.ir.center`).
 
     Example:
         >>> import torch
@@ -186,7 +199,16 @@ def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, dev
     """
     from patterngen.backends.dense import cap
 
-    coords = _coordinates(tuple(int(n) for n in shape), permutation, device, padded)
+    shape = tuple(int(n) for n in shape)
+    coords = key_coords = _coordinates(shape, permutation, device, padded)
+    if key_shape is not None:
+        key_shape = tuple(int(n) for n in key_shape)
+        key_coords = _coordinates(key_shape, key_permutation, device, padded)
+        on_keys = coords
+
+        def coords(idx):
+            return [_ir.center(c, n, m) for c, n, m in zip(on_keys(idx), shape, key_shape)]
+
     ops = _ir.torch_ops()
     shared = table is not None and table.shape[0] == 1
 
@@ -196,7 +218,7 @@ def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, dev
         if table is None:
             return score
         # the user's table itself is captured (a leaf that FlexAttention's backward reaches)
-        offsets = bias.axis_offsets(coords(q_idx), coords(kv_idx), reach, ops)
+        offsets = bias.axis_offsets(coords(q_idx), key_coords(kv_idx), reach, ops)
         return score + table[(h * 0 if shared else h, *offsets)]
 
     score_mod.__name__ = "patterngen_score_mod"
@@ -280,6 +302,7 @@ class FlexBackend(Backend):
     SUPPORTS_REL_POS_BIAS = True
     SUPPORTS_SOFTCAP = True
     SUPPORTS_ADDITIONAL_KEYS = True
+    SUPPORTS_KEY_GRID = True
 
     @classmethod
     def not_supported_reasons(cls, ir_, device="cpu", dtype="float32") -> list[str]:
@@ -297,13 +320,16 @@ class FlexBackend(Backend):
                                      f"backend='sdpa'.")
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the flex backend")
+        self.key_shape = None if ir_.key_grid is None else ir_.key_grid.require_numeric(
+            "the flex backend")
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
         self.compile = compile
         self.layout = layout(ir_, block=block, order=order, tile=tile)
-        perm = self.layout.permutation
-        self._identity = bool((perm == np.arange(len(perm))).all())
-        self._perm = perm
+        perm, kperm = self.layout.permutation, self.layout.key_permutation
+        self._identity = bool((perm == np.arange(len(perm))).all()
+                              and (kperm == np.arange(len(kperm))).all())
+        self._perm, self._kperm = perm, kperm
         self._cache = {}  # block masks and permutation tensors, by heads and device
         self._mask_mods = {}
         self._score_mod = None  # (table, device, score_mod) of the last call
@@ -311,7 +337,7 @@ class FlexBackend(Backend):
     @property
     def _padded(self) -> bool:
         bq, bk = self.layout.block
-        return bool(self.layout.tokens % bq or self.layout.tokens % bk)
+        return bool(self.layout.tokens % bq or self.layout.key_tokens % bk)
 
     @property
     def mask_mod(self):
@@ -322,7 +348,8 @@ class FlexBackend(Backend):
         padded = self._padded if padded is None else padded
         if (device, padded) not in self._mask_mods:
             self._mask_mods[device, padded] = make_mask_mod(
-                self.ir, None if self._identity else self._perm, device, padded=padded)
+                self.ir, None if self._identity else self._perm, device, padded=padded,
+                key_permutation=None if self._identity else self._kperm)
         return self._mask_mods[device, padded]
 
     def __repr__(self):
@@ -358,7 +385,7 @@ class FlexBackend(Backend):
             pick = [_ir.pattern_of_head(h, len(parts)) for h in range(heads)]
             stacked = [torch.stack([parts[p][i] for p in pick])[None] for i in range(4)]
             tokens = self.layout.tokens
-            mask_mod, keys = self._mask_mod(str(device)), tokens
+            mask_mod, keys = self._mask_mod(str(device)), self.layout.key_tokens
             if extra:
                 stacked, mask_mod, keys = self._with_extra(stacked, extra, torch)
             self._cache[key] = BlockMask.from_kv_blocks(
@@ -400,7 +427,8 @@ class FlexBackend(Backend):
         if last is None or last[0] is not table or last[1] != str(device):
             fn = make_score_mod(self.shape, self.reach, table, self.softcap,
                                 None if self._identity else self._perm, str(device),
-                                padded=self._padded)
+                                padded=self._padded, key_shape=self.key_shape,
+                                key_permutation=None if self._identity else self._kperm)
             self._score_mod = last = (table, str(device), fn)
         return last[2]
 
@@ -438,8 +466,8 @@ class FlexBackend(Backend):
         block_mask = self.block_mask_for(qf.shape[1], device, 0 if extra is None
                                          else extra[0].shape[2])
         if not self._identity:
-            perm, inverse = self._permutation(device)
-            qf, kf, vf = (t[:, :, perm] for t in (qf, kf, vf))
+            perm, inverse, kperm = self._permutation(device)
+            qf, kf, vf = qf[:, :, perm], kf[:, :, kperm], vf[:, :, kperm]
         elif self.compile:  # the compiled kernel is specialised to strides: one layout
             qf, kf, vf = (t.contiguous() for t in (qf, kf, vf))
         if extra is not None:
@@ -479,7 +507,8 @@ class FlexBackend(Backend):
             import torch
 
             self._cache[key] = (torch.as_tensor(self._perm, device=device),
-                                torch.as_tensor(np.argsort(self._perm), device=device))
+                                torch.as_tensor(np.argsort(self._perm), device=device),
+                                torch.as_tensor(self._kperm, device=device))
         return self._cache[key]
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import patterngen as pg
 from patterngen import spec as pgspec
 from patterngen.calibrate import Rates
-from patterngen.errors import BackendUnavailable, PatternError
+from patterngen.errors import PatternError
 from patterngen.parse import parse
 from oracle import assert_gradients_equal
 from strategies import grids, patterns, random_spec
@@ -354,14 +354,6 @@ def test_auto_runs_a_key_grid_on_numba_and_says_so():
                                                                kv_heads))
     text = str(attn.plan)
     assert "over keys on 4x4 (all terms gathered)" in text
-
-
-@pytest.mark.parametrize("backend", ["flex"])
-def test_block_sparse_backends_refuse_a_key_grid(backend):
-    with pytest.raises(BackendUnavailable, match=r"keys on another grid \(key_grid=4x4, queries "
-                                                 r"on 8x8\) are not supported; backends that "
-                                                 r"run them: \['auto', 'numba', 'sdpa'\]"):
-        pg.compile(pg.window(3), (8, 8), key_grid=(4, 4), backend=backend)
 
 
 def test_distributed_refuses_a_key_grid():

@@ -153,3 +153,81 @@ def test_random_sweep_sdpa_with_a_key_grid(seed):
     attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="sdpa", block=block)
     inputs = random_qkv(q_shape, k_shape, 2, rng.choice([1, 2]), seed=seed)
     check_backend(attn, pattern, q_shape, k_shape, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# flex (CPU: forward only, eager except one compiled case; the CUDA test runs where there is one)
+
+FLEX_OPTIONS = [dict(block=(16, 16), order="auto"), dict(block=(5, 3))]
+
+
+@pytest.mark.parametrize("options", FLEX_OPTIONS)
+@pytest.mark.parametrize("pattern, q_shape, k_shape, heads, kv_heads", BACKEND_CASES)
+def test_flex_mask_mod_and_block_mask_follow_the_rule(pattern, q_shape, k_shape, heads,
+                                                      kv_heads, options):
+    from torch.nn.attention import flex_attention
+
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="flex", compile=False,
+                      **options)
+    lay = attn.layout
+    want = oracle_with_queries(pattern, q_shape, k_shape)[lay.permutation][:, lay.key_permutation]
+    qi, ki = torch.arange(lay.tokens)[:, None], torch.arange(lay.key_tokens)[None, :]
+    np.testing.assert_array_equal(attn.mask_mod(0, 0, qi, ki).numpy(), want)
+    ours = attn.block_mask
+    ref = flex_attention.create_block_mask(attn.mask_mod, 1, 1, lay.tokens, lay.key_tokens,
+                                           device="cpu", BLOCK_SIZE=lay.block)
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    assert ours.seq_lengths == (lay.tokens, lay.key_tokens)
+
+
+def flex_check(attn, pattern, q_shape, k_shape, heads, kv_heads, atol=2e-5, **call):
+    """Forward of ``attn`` in float32 against the float64 oracle (no gradients on CPU)."""
+    q, k, v = (t.detach() for t in random_qkv(q_shape, k_shape, heads, kv_heads))
+    with torch.no_grad():
+        out = attn(q.float(), k.float(), v.float(),
+                   **{n: t.float() for n, t in call.items()})
+    mask = torch.as_tensor(oracle_with_queries(pattern, q_shape, k_shape))
+    want = pg.dense_attention(*(t.reshape(2, t.shape[1], -1, 8) for t in (q, k, v)), mask,
+                              softcap=attn.softcap, grid=q_shape, key_grid=k_shape, **call)
+    torch.testing.assert_close(out.double().reshape(want.shape), want, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("pattern, q_shape, k_shape, heads, kv_heads", BACKEND_CASES)
+def test_flex_eager_forward_equals_the_oracle(pattern, q_shape, k_shape, heads, kv_heads):
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="flex", compile=False,
+                      block=(4, 4))
+    flex_check(attn, pattern, q_shape, k_shape, heads, kv_heads)
+
+
+def test_flex_bias_softcap_and_extra_keys():
+    pattern, q_shape, k_shape = pg.window(3), (16, 16), (4, 4)
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="flex", compile=False,
+                      block=(16, 4), order="tiled", softcap=3.0)
+    assert attn.layout.key_tile == (1, 1)  # keys permuted in their own order
+    table = torch.randn(2, 5, 5, dtype=torch.float64)
+    flex_check(attn, pattern, q_shape, k_shape, 2, 2, rel_bias=table)
+    extra = [torch.randn(2, 2, 3, 8, dtype=torch.float64) for _ in range(2)]
+    flex_check(attn, pattern, q_shape, k_shape, 2, 2, additional_keys=extra[0],
+               additional_values=extra[1])
+
+
+def test_flex_compiled_cpu_forward_equals_the_oracle():
+    pattern, q_shape, k_shape, heads, kv_heads = BACKEND_CASES[0]
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="flex", block=(16, 16))
+    flex_check(attn, pattern, q_shape, k_shape, heads, kv_heads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flex_cuda_forward_and_backward_with_a_key_grid():
+    pattern, q_shape, k_shape = pg.window(5) | pg.global_tokens(keys=[0]), (64, 64), (16, 16)
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="flex", device="cuda",
+                      block=64, order="auto")
+    q, k, v = (t.float().cuda().requires_grad_()
+               for t in (t.detach() for t in random_qkv(q_shape, k_shape, 2, 2)))
+    out = attn(q, k, v)
+    mask = torch.as_tensor(oracle_with_queries(pattern, q_shape, k_shape), device="cuda")
+    want = pg.dense_attention(*(t.reshape(2, 2, -1, 8) for t in (q, k, v)), mask)
+    torch.testing.assert_close(out.reshape(want.shape), want, atol=1e-4, rtol=0)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)),
+                    torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
