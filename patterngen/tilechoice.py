@@ -13,7 +13,7 @@ __all__ = ["aligned_tiles", "group_tiles", "tile_candidates", "cross_tiles"]
 
 #: tiled candidates tried by ``order="auto"`` (and ``"tiled"`` without a tile)
 _MAX_TILE_CANDIDATES = 4
-#: key tile sides :func:`cross_tiles` tries on every axis
+#: tile sides :func:`cross_tiles` tries on every axis (on the smaller grid)
 _CROSS_KEY_SIDES = (1, 2, 4)
 
 
@@ -101,34 +101,42 @@ def tile_candidates(heads, shape, bq) -> list[tuple]:
     return out[:_MAX_TILE_CANDIDATES]
 
 
+def _aligned_sides(nq: int, nk: int, side: int):
+    """``(query side, key side)`` lining one axis up, or ``None`` when its sizes do not divide:
+    with ``nq = r * nk`` the queries over a key tile of ``side`` are a query tile of
+    ``r * side``; with ``nk = s * nq`` a query tile of ``side`` sits over a key tile of
+    ``s * side``."""
+    if nq % nk == 0 and nk % side == 0:
+        return side * nq // nk, side
+    if nk % nq == 0 and nq % side == 0:
+        return side, side * nk // nq
+    return None
+
+
 def cross_tiles(shape, key_shape) -> list[tuple[tuple, tuple]]:
     """``(query tile, key tile)`` pairs that line the two grids up, for keys on another grid.
 
-    On an axis whose sizes divide (``nq = r * nk`` or ``nk = s * nq``) the queries over a key
-    tile of ``t`` are exactly a query tile of ``r * t`` (or a query tile of ``t`` sits over a
-    key tile of ``s * t``), so every query of a tile has its keys around the same key tile:
-    4x upsampling's 4x4 queries over one key share all their keys. Axes whose sizes do not
-    divide give no pair. Tried with key tile sides ``1, 2, 4`` (query sides ``1, 2, 4`` when
-    the keys are the larger grid).
+    On an axis whose sizes divide, a query tile sits over exactly one key tile
+    (:func:`_aligned_sides`), so every query of the tile has its keys around the same key tile:
+    4x upsampling's 4x4 queries over one key share all their keys. Tried with sides ``1, 2,
+    4`` on every axis, and as *bands*: the last axis whole on both grids (row-major order
+    cut into whole rows), which needs only the other axes to line up and gives fewer, larger
+    problems. Grids with an axis that lines up nowhere give no pair.
 
     Example:
         >>> cross_tiles((64, 64), (16, 16))[:2]
-        [((4, 4), (1, 1)), ((8, 8), (2, 2))]
+        [((4, 4), (1, 1)), ((4, 64), (1, 16))]
     """
     out = []
     for side in _CROSS_KEY_SIDES:
-        qt, kt = [], []
-        for nq, nk in zip(shape, key_shape):
-            if nq % nk == 0 and nk % side == 0:
-                qt.append(side * nq // nk)
-                kt.append(side)
-            elif nk % nq == 0 and nq % side == 0:
-                qt.append(side)
-                kt.append(side * nk // nq)
-            else:
-                break
-        else:
-            pair = (tuple(qt), tuple(kt))
+        sides = [_aligned_sides(nq, nk, side) for nq, nk in zip(shape, key_shape)]
+        options = []
+        if None not in sides:
+            options.append(sides)
+        if len(shape) > 1 and None not in sides[:-1]:  # a band of whole last-axis rows
+            options.append(sides[:-1] + [(shape[-1], key_shape[-1])])
+        for option in options:
+            pair = tuple(tuple(int(t[i]) for t in option) for i in (0, 1))
             if pair not in out:
                 out.append(pair)
     return out

@@ -55,14 +55,19 @@ def test_layout_counts_tiles_exactly(case, bq, bk, tiled):
 
 def test_upsampling_tiles_line_the_grids_up():
     """4x upsampling: a 4x4 query tile sits over one key, so its 16 queries share their 25
-    keys and every tile of the layout is full (no mask, no waste)."""
-    assert cross_tiles((64, 64), (16, 16))[:2] == [((4, 4), (1, 1)), ((8, 8), (2, 2))]
+    keys and every tile of that layout is full (no mask, no waste); sdpa's default is the
+    band of 4 query rows over one key row (256 queries: fewer, larger problems)."""
+    assert cross_tiles((64, 64), (16, 16))[:2] == [((4, 4), (1, 1)), ((4, 64), (1, 16))]
     assert cross_tiles((8, 12), (16, 24))[0] == ((1, 1), (2, 2))
     assert cross_tiles((10, 7), (6, 9)) == []
-    lay = choose_layout(pg.lower(pg.window(5), (64, 64), key_grid=(16, 16)))
-    assert (lay.block, lay.tile, lay.key_tile) == ((16, 1), (4, 4), (1, 1))
-    assert lay.num_partial == 0 and lay.executed_pairs == lay.attended_pairs == 4096 * 25
-    assert "over keys on 16x16 (tiled 1x1)" in lay.summary()
+    assert cross_tiles((10, 7), (5, 9)) == [((2, 7), (1, 9))]  # a band: axis 1 whole
+    lowered = pg.lower(pg.window(5), (64, 64), key_grid=(16, 16))
+    exact = pg.layout(lowered, block=(16, 1), order="tiled", tile=(4, 4), key_tile=(1, 1))
+    assert exact.num_partial == 0 and exact.executed_pairs == exact.attended_pairs == 4096 * 25
+    assert "over keys on 16x16 (tiled 1x1)" in exact.summary()
+    lay = choose_layout(lowered)
+    assert (lay.block, lay.tile, lay.key_tile) == ((256, 16), (4, 64), (1, 16))
+    assert (lay.permutation == np.arange(4096)).all()  # whole rows: row-major, no copy
 
 
 def test_layout_key_tile_needs_a_key_grid():

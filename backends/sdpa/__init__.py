@@ -64,6 +64,7 @@ class SdpaBackend(Backend):
             (:func:`patterngen.layout.choose_layout`).
         order: ``"row-major"``, ``"tiled"`` or ``"auto"`` (see :func:`patterngen.layout`).
         tile: tile shape for the tiled order.
+        key_tile: with keys on another grid, the keys' tile for the tiled order.
         scale: default score scale; ``None`` means ``head_dim ** -0.5``.
         softcap: ``None``, or ``c > 0``: scores become ``c * tanh(s / c)`` before the bias.
 
@@ -80,14 +81,15 @@ class SdpaBackend(Backend):
     SUPPORTS_ADDITIONAL_KEYS = True
     SUPPORTS_KEY_GRID = True
 
-    def __init__(self, ir_, block=None, order="auto", tile=None, scale=None, softcap=None):
+    def __init__(self, ir_, block=None, order="auto", tile=None, scale=None, softcap=None,
+                 key_tile=None):
         self.ir = ir_
         self.shape = ir_.grid.require_numeric("the sdpa backend")
         self.key_shape = None if ir_.key_grid is None else ir_.key_grid.require_numeric(
             "the sdpa backend")
         self.scale = scale
         self.softcap = bias.check_softcap(softcap)
-        self.layout = choose_layout(ir_, block, order, tile)
+        self.layout = choose_layout(ir_, block, order, tile, key_tile)
         self.groups = [group_blocks(lay) for lay in self.layout.patterns]
         self._perm = self.layout.permutation
         self._devices = {}
