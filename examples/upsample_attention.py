@@ -22,10 +22,12 @@ GRID, KEY_GRID, DIM, HEADS, STEPS = (32, 32), (8, 8), 32, 2, 40
 
 
 def backend_for(name: str) -> str:
-    """``name``, or ``numba`` for a backend that does not run key grids (said on stdout)."""
-    if getattr(backends.get_backend(name), "SUPPORTS_KEY_GRID", False):
+    """``name``, or ``numba`` for a backend that does not run key grids or has no backward on
+    CPU, where this example trains (said on stdout)."""
+    cls = backends.get_backend(name)
+    if getattr(cls, "SUPPORTS_KEY_GRID", False) and "cpu" in cls.BACKWARD_DEVICES:
         return name
-    print(f"backend {name!r} does not run keys on another grid; using 'numba'")
+    print(f"backend {name!r} does not train keys on another grid on CPU; using 'numba'")
     return "numba"
 
 
