@@ -8,8 +8,8 @@ Two workloads, float32, batch 1, 4 heads, head_dim 64:
 
 Methods, each checked once against the dense float64 oracle:
 
-- ``patterngen``: ``pg.compile(pattern, grid, key_grid=..., backend=...)`` (``--backend``,
-  default ``numba``);
+- ``pg <backend>``: ``pg.compile(pattern, grid, key_grid=..., backend=...)`` for each of
+  ``--backends`` (default ``auto,numba,sdpa``; ``auto`` prints the strategy it chose);
 - ``gather``: each query's key neighbourhood gathered by an index table (``k[:, :, idx]``, the
   ``F.unfold`` of the key map read at ``c(x)``) and a batched matmul softmax: memory
   ``queries x window x head_dim`` per head;
@@ -17,11 +17,12 @@ Methods, each checked once against the dense float64 oracle:
 
 Forward (under ``no_grad``) and forward+backward (``out.sum().backward()``) run interleaved, one
 call of each method per round, so a busy machine slows them alike; the table gives medians
-(ms), each method's ratio to patterngen's (above 1: patterngen faster) and the largest
-intermediate each method holds (MiB), which is O(tokens) only for patterngen.
+(ms), each method's ratio to the first backend's (above 1: that backend faster) and the
+largest intermediate each method holds (MiB): numba's ``out`` and log-sum-exp, sdpa's scores
+of its executed pairs (an upper bound: the fused kernel works in chunks).
 
 Usage:
-    python benchmarks/bench_cross.py [--rounds 15] [--threads 2] [--backend numba]
+    python benchmarks/bench_cross.py [--rounds 15] [--threads 2] [--backends auto,numba,sdpa]
 """
 
 from __future__ import annotations
@@ -59,23 +60,36 @@ def gather_attention(q, k, v, idx, valid):
     return torch.einsum("bhqw,bhqwd->bhqd", probs, vg)
 
 
-def methods(name: str, backend: str):
-    """``[(method, forward, forward+backward, largest intermediate in bytes)]``."""
+def held_by(attn, tokens: int) -> int:
+    """Bytes of the largest intermediate of a compiled pattern: sdpa's executed scores, else
+    the output and log-sum-exp (float32)."""
+    if attn.name == "sdpa":
+        return 4 * HEADS * sum(attn.executed_pairs)
+    return 4 * HEADS * tokens * (HEAD_DIM + 1)
+
+
+def methods(name: str, backends: list[str]):
+    """``([(method, forward, forward+backward, largest intermediate in bytes)], {method:
+    compiled pattern})``."""
     pattern, grid, key_grid = WORKLOADS[name]
     tq, tk = grid[0] * grid[1], key_grid[0] * key_grid[1]
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, HEADS, tq, HEAD_DIM, generator=gen)
     k, v = (torch.randn(1, HEADS, tk, HEAD_DIM, generator=gen) for _ in range(2))
-    attn = pg.compile(pattern, grid, key_grid=key_grid, backend=backend)
     idx, valid = neighbourhoods(pattern, grid, key_grid)
     mask = torch.as_tensor(pg.materialize(pattern, grid, key_grid=key_grid))
-    runs = {
-        "patterngen": (lambda q, k, v: attn(q, k, v), 4 * HEADS * tq * (HEAD_DIM + 1)),
+    runs, compiled = {}, {}
+    for backend in backends:
+        sizes = dict(head_dim=HEAD_DIM, heads=HEADS) if backend == "auto" else {}
+        attn = pg.compile(pattern, grid, key_grid=key_grid, backend=backend, **sizes)
+        runs[f"pg {backend}"] = (attn, held_by(attn, tq))
+        compiled[f"pg {backend}"] = attn
+    runs.update({
         "gather": (lambda q, k, v: gather_attention(q, k, v, idx, valid),
                    4 * HEADS * tq * idx.shape[1] * HEAD_DIM),
         "dense": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
                   4 * HEADS * tq * tk),
-    }
+    })
     want = pg.dense_attention(q.double(), k.double(), v.double(), mask)
     out = []
     for method, (fn, held) in runs.items():
@@ -93,10 +107,10 @@ def methods(name: str, backend: str):
             fn(*grads).sum().backward()
 
         out.append((method, forward, training, held))
-    return out
+    return out, compiled
 
 
-def main(rounds: int = 15, threads: int = 2, backend: str = "numba") -> None:
+def main(rounds: int = 15, threads: int = 2, backends: str = "auto,numba,sdpa") -> None:
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}, float32, batch 1, heads {HEADS}, "
@@ -104,7 +118,8 @@ def main(rounds: int = 15, threads: int = 2, backend: str = "numba") -> None:
     print(f"{'workload':<8} {'method':<11} {'fwd ms':>8} {'x':>6} {'fwd+bwd ms':>11} {'x':>6} "
           f"{'held MiB':>9}")
     for name in WORKLOADS:
-        runs = methods(name, backend)
+        runs, compiled = methods(name, backends.split(","))
+        first = runs[0][0]
         times = {(m, kind): [] for m, *_ in runs for kind in ("fwd", "train")}
         for _, fwd, train, _ in runs:  # warm-up: kernels, plans, first allocations
             fwd(), train()
@@ -115,16 +130,22 @@ def main(rounds: int = 15, threads: int = 2, backend: str = "numba") -> None:
                     fn()
                     times[method, kind].append(1e3 * (time.perf_counter() - start))
         med = {key: statistics.median(v) for key, v in times.items()}
+        for method, attn in compiled.items():
+            if hasattr(attn, "plans"):  # auto: the strategy it planned for each call it saw
+                print(f"{name} {method}: " + ", ".join(
+                    f"{'fwd+bwd' if p.backward else 'fwd'} -> {p.strategy}"
+                    for p in attn.plans))
         for method, _, _, held in runs:
             f, t = med[method, "fwd"], med[method, "train"]
-            print(f"{name:<8} {method:<11} {f:8.2f} {f / med['patterngen', 'fwd']:6.2f} "
-                  f"{t:11.2f} {t / med['patterngen', 'train']:6.2f} {held / 2 ** 20:9.2f}")
+            print(f"{name:<8} {method:<11} {f:8.2f} {f / med[first, 'fwd']:6.2f} "
+                  f"{t:11.2f} {t / med[first, 'train']:6.2f} {held / 2 ** 20:9.2f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--backend", default="numba")
+    parser.add_argument("--backends", default="auto,numba,sdpa",
+                        help="comma-separated patterngen backends; ratios are to the first")
     args = parser.parse_args()
-    main(args.rounds, args.threads, args.backend)
+    main(args.rounds, args.threads, args.backends)
