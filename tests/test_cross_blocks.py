@@ -16,6 +16,7 @@ from patterngen.calibrate import Rates
 from patterngen.errors import PatternError
 from patterngen.layout import choose_layout
 from patterngen.tilechoice import cross_tiles
+from oracle import assert_gradients_equal
 from strategies import random_spec
 from test_cross import (BACKEND_CASES, check_backend, cross_cases, key_grid_version,
                         oracle_with_queries, random_qkv)
@@ -91,6 +92,24 @@ def test_sdpa_forward_and_backward_equal_the_oracle(pattern, q_shape, k_shape, h
     check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, heads,
                                                                kv_heads))
     assert attn.executed_pairs == (attn.layout.executed_pairs,)
+
+
+def test_sdpa_and_flex_run_a_pattern_per_head_over_a_key_grid():
+    pattern = pg.heads(pg.window(3), pg.axis(1) | pg.window(3, border="pad"))
+    q_shape, k_shape = (12, 8), (6, 8)
+    mask = torch.as_tensor(pg.materialize(pattern, q_shape, key_grid=k_shape))
+    assert mask.shape == (2, 96, 48)
+    inputs = random_qkv(q_shape, k_shape, 4, 2)
+    want = pg.dense_attention(*(t.reshape(2, t.shape[1], -1, 8) for t in inputs), mask)
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="sdpa", block=(8, 4))
+    out = attn(*inputs)
+    torch.testing.assert_close(out.reshape(want.shape), want)
+    assert_gradients_equal(out, want, inputs, torch.Generator().manual_seed(1))
+    flex = pg.compile(pattern, q_shape, key_grid=k_shape, backend="flex", compile=False,
+                      block=(8, 4))
+    with torch.no_grad():
+        out = flex(*(t.float() for t in inputs))
+    torch.testing.assert_close(out.double().reshape(want.shape), want, atol=2e-5, rtol=2e-5)
 
 
 def test_sdpa_bias_table_is_indexed_by_key_minus_the_centre():
