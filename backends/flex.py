@@ -170,6 +170,11 @@ def _coordinates(shape, permutation, device, padded):
     return coords
 
 
+def _centres(coords, shape, key_shape, idx):
+    """The key coordinates :func:`patterngen.ir.center` the query positions ``idx`` sit over."""
+    return [_ir.center(c, n, m) for c, n, m in zip(coords(idx), shape, key_shape)]
+
+
 def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, device="cpu",
                    padded=True, key_shape=None, key_permutation=None):
     """FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)``: softcap, then the bias table.
@@ -204,11 +209,7 @@ def make_score_mod(shape, reach, table=None, softcap=None, permutation=None, dev
     if key_shape is not None:
         key_shape = tuple(int(n) for n in key_shape)
         key_coords = _coordinates(key_shape, key_permutation, device, padded)
-        on_keys = coords
-
-        def coords(idx):
-            return [_ir.center(c, n, m) for c, n, m in zip(on_keys(idx), shape, key_shape)]
-
+        coords = functools.partial(_centres, coords, shape, key_shape)
     ops = _ir.torch_ops()
     shared = table is not None and table.shape[0] == 1
 
