@@ -44,7 +44,8 @@ def test_layout_counts_tiles_exactly(case, bq, bk, tiled):
     options = dict(block=(bq, bk))
     pairs = cross_tiles(q_shape, k_shape)
     if tiled and pairs and q_shape != k_shape:  # equal grids are self-attention
-        options.update(order="tiled", tile=pairs[-1][0], key_tile=pairs[-1][1])
+        tile, key_tile = pairs[bq % len(pairs)]
+        options.update(order="tiled", tile=tile, key_tile=key_tile)
     lay = pg.layout(pattern, q_shape, key_grid=k_shape, **options)
     np.testing.assert_array_equal(lay.to_dense(), brute_tiles(lay, mask))
     assert lay.attended_pairs == mask.sum()
@@ -69,6 +70,15 @@ def test_upsampling_tiles_line_the_grids_up():
     lay = choose_layout(lowered)
     assert (lay.block, lay.tile, lay.key_tile) == ((256, 16), (4, 64), (1, 16))
     assert (lay.permutation == np.arange(4096)).all()  # whole rows: row-major, no copy
+
+
+def test_layout_of_a_large_grid_pair_counts_without_the_pair_matrix():
+    """A million queries over 65536 keys (an n_q x n_k mask would be 64 GiB): counted per
+    axis, exactly (a clamped 5x5 window: 25 keys for every query)."""
+    lay = pg.layout(pg.window(5), (1024, 1024), key_grid=(256, 256), block=(4096, 256))
+    assert lay.attended_pairs == 25 * 1024 * 1024
+    assert lay.q_blocks == lay.kv_blocks == 256
+    assert lay.num_full + lay.num_partial == 256 * 5  # 4 query rows over 5 key rows
 
 
 def test_layout_key_tile_needs_a_key_grid():
