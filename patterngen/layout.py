@@ -160,7 +160,7 @@ class Layout:
         full_ptr, full_idx, partial_ptr, partial_idx, partial_pairs: the CSR arrays above.
         attended_pairs: exact attended (query, key) pairs.
         key_shape: the keys' grid when they live on another grid (``ir.key_grid``), else
-            ``None``; key blocks then cut the key grid's tokens, in the order of
+            ``None``; key blocks then cut the key grid's tokens, in their own order:
         key_tile: the keys' tile for the tiled order, ``None`` for row-major.
 
     Example:
@@ -456,8 +456,9 @@ def layout(pattern, grid=None, block=(128, 128), order="row-major", tile=None, k
     lowered = as_ir(pattern, grid, key_grid)
     shape = lowered.grid.require_numeric("layout")
     key_shape = None if lowered.key_grid is None else lowered.key_grid.require_numeric("layout")
-    for n, what in ((math.prod(shape), "tokens"), (math.prod(key_shape or ()), "key tokens")):
-        limits.check("PATTERNGEN_MAX_TOKENS", n, f"layout: grid {lowered.grid}'s {what}")
+    for g in dict.fromkeys((lowered.grid, lowered.keys)):  # each grid once
+        limits.check("PATTERNGEN_MAX_TOKENS", math.prod(g.require_numeric("layout")),
+                     f"layout: grid {g}'s tokens")
     block = _check_block(block)
     if order not in ORDERS:
         raise PatternError(f"Unknown order={order!r}; expected one of {ORDERS}.")
