@@ -507,6 +507,12 @@ class TokenOrder:
         b, c = y.shape[0], y.shape[-1]
         return self.on_grid(y.reshape(b, 1, self.positions, c)).reshape(b, *self.grid, c)
 
+    def direct(self, x) -> bool:
+        """Whether an ordered call with inputs of ``x``'s device and dtype runs the term on
+        them as they are (no padding, and :meth:`DenseTerm.autograd_forward` applies):
+        otherwise it puts the tokens back on the grid, and ordering gains nothing."""
+        return not self.padded and self.term.autograd_applies(x)
+
     def check(self, t, name: str, where: str, layout: str) -> None:
         """Raise unless ``t`` is a tensor with :attr:`positions` in its second last
         dimension (``layout`` names the expected shape)."""
@@ -1057,7 +1063,12 @@ class PlannedBackend(Backend):
                 keys are viewed in different orders.
         """
         if self._order is None:
-            self._order = self._order_of()
+            try:
+                self._order = self._order_of()
+            except PatternError as refusal:  # kept: layers ask on every call
+                self._order = str(refusal)
+        if isinstance(self._order, str):
+            raise PatternError(self._order)
         return self._order
 
     def _order_of(self) -> TokenOrder:
