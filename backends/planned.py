@@ -370,6 +370,29 @@ class DenseTerm:
             return None
         return _unfold(out.view(bp, p, n, d), group)
 
+    def ordered_with_bias(self, q, k, v, scale, table):
+        """Inference on q, k, v ``(B, H, positions, d)`` in the token order with a bias
+        ``table`` and no mask, in the fused kernel on ``(B * problems, H, rows, d)`` views:
+        the layout a projection of ordered tokens gives, so q, k, v are read where they are
+        (Swin's fused path; 0.65x the time of copying them into ``(B * H, problems, ...)``
+        at 28x28, 6 heads, measured), the bias ``(1, H, rows, keys)`` broadcast over
+        windows. ``None`` where that does not apply (a mask, grouped key/value heads, a bias
+        that differs per problem, a softcap, gradients, CUDA, a non-finite output)."""
+        b, h, t, d = q.shape
+        if (self.mask is not None or self.softcap is not None or k.shape[1] != h
+                or q.device.type != "cpu" or table is None or torch.is_grad_enabled() and any(
+                    x.requires_grad for x in (q, k, v, table))):
+            return None
+        tile = self._mod(table, h).bias
+        if tile.shape[1] != 1:
+            return None
+        qv, kv, vv = (x.unflatten(2, (self.problems, -1)).transpose(1, 2).flatten(0, 1)
+                      for x in (q, k, v))
+        out = dense.fused_forward(qv, kv, vv, tile.transpose(0, 1).to(q.dtype), scale)[0]
+        if not math.isfinite(float(out.sum())):
+            return None
+        return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
+
     @staticmethod
     def _fused_with_bias(qp, kp, vp, scale, bias, mask):
         """Inference with a bias ``(heads, 1, rows, keys)`` (and a mask ``(1, problems, rows,
@@ -1113,6 +1136,9 @@ class PlannedBackend(Backend):
             scale = scale if scale is not None else self.scale
             scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
             b, h, t, d = qf.shape
+            out = term.ordered_with_bias(qf, kf, vf, scale, table)
+            if out is not None:
+                return out
             out = term.problems_forward(*(x.reshape(x.shape[0] * x.shape[1], term.problems,
                                                     -1, d) for x in (qf, kf, vf)),
                                         h, scale, table)

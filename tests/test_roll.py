@@ -172,6 +172,11 @@ def test_ordered_calls_equal_the_oracle(pattern, grid, kv_heads, table_heads):
     for g, w in zip(torch.autograd.grad(got, (q, k, v, table), dout),
                     torch.autograd.grad(want, (q, k, v, table), dout)):
         torch.testing.assert_close(g, w)
+    with torch.no_grad():  # inference with a table: in the fused kernel where no mask is
+        out = attn(*ordered, rel_bias=table, ordered=True)
+        fused = order.term.ordered_with_bias(*ordered, 0.5, table) is not None
+    torch.testing.assert_close(order.on_grid(out).reshape(q.shape), want)
+    assert fused == (kv_heads == 2 and order.term.mask is None and not order.padded)
     x = torch.randn(3, *grid, 5, generator=gen, dtype=torch.float64)
     assert order.to_order(x).shape == (3, order.positions, 5)
     torch.testing.assert_close(order.from_order(order.to_order(x)), x)
