@@ -548,7 +548,10 @@ class SwinBlock(nn.Module):
     dynamic_mask=True``; for grids of at least one window timm's defaults give the same). The
     region mask is exact where timm adds -100 to the scores. With ``input_resolution`` the
     window and shift are clamped as timm's default ``always_partition=False`` clamps them: an
-    axis no longer than the window gets a window of its length and no shift.
+    axis no longer than the window gets a window of its length and no shift. On maps the
+    windows tile, ``backend="auto"`` runs ``block(window, offset=shift)`` in its token order
+    instead (:func:`ordered_attention`): the roll and window partition one gather of ``x``
+    before ``qkv``, their reverse one after ``proj``, as timm orders them.
 
     Parameter names are timm's, except ``attn.rel_pos_bias_table`` (key minus query,
     :func:`from_timm_swin` converts a timm state dict).
