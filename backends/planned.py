@@ -374,7 +374,7 @@ class DenseTerm:
         """Inference on q, k, v ``(B, H, positions, d)`` in the token order with a bias
         ``table`` and no mask, in the fused kernel on ``(B * problems, H, rows, d)`` views:
         the layout a projection of ordered tokens gives, so q, k, v are read where they are
-        (Swin's fused path; 0.65x the time of copying them into ``(B * H, problems, ...)``
+        (Swin's fused path; 0.7x the time of copying them into ``(B * H, problems, ...)``
         at 28x28, 6 heads, measured), the bias ``(1, H, rows, keys)`` broadcast over
         windows. ``None`` where that does not apply (a mask, grouped key/value heads, a bias
         that differs per problem, a softcap, gradients, CUDA, a non-finite output)."""

@@ -150,7 +150,7 @@ ORDERED = [(pg.block(7), (14, 14)), (pg.block(7, offset=3), (14, 14)),
 
 
 @pytest.mark.parametrize("pattern, grid", ORDERED)
-@pytest.mark.parametrize("kv_heads, table_heads", [(2, 2), (1, 1)])
+@pytest.mark.parametrize("kv_heads, table_heads", [(2, 2), (1, 1), (2, 1)])
 def test_ordered_calls_equal_the_oracle(pattern, grid, kv_heads, table_heads):
     # in order: the output and the gradients of q, k, v and the table (shared or per head)
     # equal the oracle's on the grid; padded orders (9 x 10, 7) run through the grid
