@@ -38,22 +38,27 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from patterngen import ir
 from patterngen.backends import Backend, get_backend, register_backend
 from patterngen.backends import dense, ops
 from patterngen.backends.dense import Holes, ScoreMod
-from patterngen.backends.inputs import kv_heads_of, non_finite, take_heads
+from patterngen.backends.inputs import flatten_qkv, kv_heads_of, non_finite, take_heads
 from patterngen.backends.merge import acc_dtype, merge
 from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
 from patterngen.plan import TermPlan, dense_form, dense_mask, plan
 
-__all__ = ["PlannedBackend", "DenseTerm", "GatherGroup"]
+__all__ = ["PlannedBackend", "DenseTerm", "GatherGroup", "TokenOrder"]
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
 #: instead of adding a dense mask (CCNet's diagonal: 1/64 of a 64 x 64 problem)
 HOLES = 1 / 16
+
+#: call signatures :class:`PlannedBackend` keeps checked (cleared when full: a model calls
+#: with a few kinds of input)
+CHECKED_CALLS = 64
 
 
 class _ViewRecipe(NamedTuple):
@@ -127,7 +132,12 @@ class DenseTerm:
                 split.append(size)
                 whole.append(size)
                 (batch_dims if ax.kind == "batch" else prob_dims).append(here)
-            order = (0, 1, *batch_dims, *prob_dims, len(split) + 2)
+            # dimensions of size 1 (one tile, residue 1) dropped: a permute of fewer
+            # dimensions copies faster (measured: 1 us of 5 on a 14x14 grid's views)
+            kept = [i + 2 for i, n in enumerate(split) if n != 1]
+            split = [split[i - 2] for i in kept]
+            order = (0, 1, *(kept.index(i) + 2 for i in batch_dims + prob_dims if i in kept),
+                     len(split) + 2)
             rows = self.shape.queries if side == "q" else self.shape.keys
             inverse = tuple(int(i) for i in np.argsort(order))
             ordered = tuple(split[i - 2] for i in order[2:-1])
@@ -164,8 +174,6 @@ class DenseTerm:
     def _gathered(self, x, side: str):
         """:meth:`_view` of a rolled shape: ``(B, H, N, d)`` -> ``(B * H, problems, rows,
         d)`` by one gather (padding reads an appended zero row)."""
-        import torch.nn.functional as F
-
         index, padded, _, _ = self._gather(side, x.device)
         if padded:
             x = F.pad(x, (0, 0, 0, 1))
@@ -175,8 +183,6 @@ class DenseTerm:
     def _scattered(self, y, b: int, h: int, fill: float, side: str):
         """:meth:`_unview` of a rolled shape, by the inverse gather (tokens the view lacks
         read an appended ``fill`` row)."""
-        import torch.nn.functional as F
-
         _, _, inverse, missing = self._gather(side, y.device)
         y = y.reshape(b, h, -1, y.shape[-1])
         if missing:
@@ -185,8 +191,6 @@ class DenseTerm:
 
     def _view(self, x, side: str):
         """``(B, H, N, d)`` -> ``(B * H, problems, rows, d)`` in the problems' order."""
-        import torch.nn.functional as F
-
         if self.rolled:
             b, h = x.shape[:2]
             return _Moved.apply(x, lambda t: self._gathered(t, side),
@@ -209,8 +213,6 @@ class DenseTerm:
         Tokens outside the term's query (``side="q"``) or key (``"k"``) range get ``fill``;
         padding is dropped. Every token appears at most once in a view, so for gradients
         (``fill=0``) this is also the view's adjoint."""
-        import torch.nn.functional as F
-
         e = y.shape[-1]
         if self.rolled:
             return _Moved.apply(y, lambda t: self._scattered(t, b, h, fill, side),
@@ -333,30 +335,63 @@ class DenseTerm:
         is finite (a row whose scores are all ``-inf`` gives NaN here where the merge gives 0;
         the caller then runs the merge). ``table``: a relative position bias table; without
         gradients, it runs in the fused kernel (:meth:`_fused_with_bias`)."""
-        import torch
-
-        if not self.plain or not self._matmul(q) or torch.compiler.is_compiling():
+        if not self.autograd_applies(q):
             return None
         b, h = q.shape[:2]
-        qp = _fold(self._view(q, "q"), group := h // k.shape[1])
-        kp, vp = self._view(k, "k"), self._view(v, "k")
+        out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
+                                    h, scale, table)
+        return None if out is None else self._unview(out, b, h, 0.0)
+
+    def autograd_applies(self, q) -> bool:
+        """Whether :meth:`autograd_forward` may run for queries like ``q``."""
+        return self.plain and self._matmul(q) and not torch.compiler.is_compiling()
+
+    def problems_forward(self, qp, kp, vp, heads: int, scale, table=None):
+        """The core of :meth:`autograd_forward` on the problems ``(B * H, problems, rows,
+        d)`` (``kp, vp`` of the key/value heads): the output in their shape, or ``None``
+        where it is not finite."""
+        group = qp.shape[0] // kp.shape[0]
+        qp = _fold(qp, group)
         bp, p, n, d = qp.shape
         grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, table))
+            t is not None and t.requires_grad for t in (qp, kp, vp, table))
         if table is not None and not grad:
-            out = self._fused_with_bias(qp, kp, vp, scale, self._mod(table, h, group).bias,
-                                        self._additive_mask(q.dtype, q.device, group))
+            out = self._fused_with_bias(qp, kp, vp, scale, self._mod(table, heads, group).bias,
+                                        self._additive_mask(qp.dtype, qp.device, group))
         else:
-            mask = (self._additive_mask(q.dtype, q.device, group) if grad
-                    else self._matmul_mask(q.dtype, q.device, group))
-            scores = dense.score_matrix(qp, kp, mask, scale, self._mod(table, h, group),
+            mask = (self._additive_mask(qp.dtype, qp.device, group) if grad
+                    else self._matmul_mask(qp.dtype, qp.device, group))
+            scores = dense.score_matrix(qp, kp, mask, scale, self._mod(table, heads, group),
                                         autograd=grad).view(bp * p, n, -1)
             out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
         # one sum: a NaN or an infinity anywhere makes it non-finite (a sum that merely
         # overflows only sends the call to the merge, which is exact for any input)
-        if not math.isfinite(float(out.detach().sum())):
+        if not math.isfinite(float((out.detach() if grad else out).sum())):
             return None
-        return self._unview(_unfold(out.view(bp, p, n, d), group), b, h, 0.0)
+        return _unfold(out.view(bp, p, n, d), group)
+
+    def ordered_with_bias(self, q, k, v, scale, table):
+        """Inference on q, k, v ``(B, H, positions, d)`` in the token order with a bias
+        ``table`` and no mask, in the fused kernel on ``(B * problems, H, rows, d)`` views:
+        the layout a projection of ordered tokens gives, so q, k, v are read where they are
+        (Swin's fused path; 0.7x the time of copying them into ``(B * H, problems, ...)``
+        at 28x28, 6 heads, measured), the bias ``(1, H, rows, keys)`` broadcast over
+        windows. ``None`` where that does not apply (a mask, grouped key/value heads, a bias
+        that differs per problem, a softcap, gradients, CUDA, a non-finite output)."""
+        b, h, t, d = q.shape
+        if (self.mask is not None or self.softcap is not None or k.shape[1] != h
+                or q.device.type != "cpu" or table is None or torch.is_grad_enabled() and any(
+                    x.requires_grad for x in (q, k, v, table))):
+            return None
+        tile = self._mod(table, h).bias
+        if tile.shape[1] != 1:
+            return None
+        qv, kv, vv = (x.unflatten(2, (self.problems, -1)).transpose(1, 2).flatten(0, 1)
+                      for x in (q, k, v))
+        out = dense.fused_forward(qv, kv, vv, tile.transpose(0, 1).to(q.dtype), scale)[0]
+        if not math.isfinite(float(out.sum())):
+            return None
+        return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
 
     @staticmethod
     def _fused_with_bias(qp, kp, vp, scale, bias, mask):
@@ -438,6 +473,94 @@ class DenseTerm:
                                               scale)
         return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
                 self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
+
+
+class TokenOrder:
+    """The order of a pattern's dense problems (one term, :class:`DenseTerm`): problem by
+    problem, each problem's rows in order, padding included. A caller that partitions its
+    tokens into this order once before the q, k, v projection (:meth:`to_order`, a linear
+    layer commutes with it) and calls ``attn(q, k, v, ordered=True)`` runs the attention on
+    its inputs as they are, and reverses the order once after the output projection
+    (:meth:`from_order`): Swin's ``window_partition`` (with its roll) and
+    ``window_reverse``, MaxViT's ``grid_partition``.
+
+    Attributes:
+        grid: the grid's sizes.
+        positions: length of the order (the grid's tokens, plus padding where tiles do not
+            divide an axis).
+        padded: whether some positions are padding (zero in :meth:`to_order`, dropped by
+            :meth:`from_order`).
+        index: ``(positions,)`` int64: the grid token (row-major) at each position, the
+            number of tokens for padding.
+    """
+
+    def __init__(self, term: DenseTerm):
+        self.term, self.grid = term, term.grid
+        index, self.padded, _, _ = term._gather("q", "cpu")
+        self.index = index.clone()
+        self.positions = int(index.numel())
+
+    def __repr__(self):
+        return (f"TokenOrder({self.term.shape!r} on grid {self.grid}, {self.positions} "
+                f"positions)")
+
+    def to_order(self, x):
+        """``(batch, *grid, C)`` or ``(batch, tokens, C)`` -> ``(batch, positions, C)``.
+
+        Raises:
+            PatternError: for a tensor of another shape.
+        """
+        tokens = math.prod(self.grid)
+        if not (isinstance(x, torch.Tensor) and x.dim() >= 3 and (
+                tuple(x.shape[1:-1]) == self.grid or tuple(x.shape[1:-1]) == (tokens,))):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise PatternError(
+                f"to_order: x has shape {got}; the order is of grid {self.grid}, so expected "
+                f"(batch, {', '.join(map(str, self.grid))}, C) or (batch, {tokens}, C).")
+        b, c = x.shape[0], x.shape[-1]
+        return self.in_order(x.reshape(b, 1, tokens, c)).reshape(b, self.positions, c)
+
+    def from_order(self, y):
+        """``(batch, positions, C)`` -> ``(batch, *grid, C)`` (padding dropped).
+
+        Raises:
+            PatternError: for a tensor of another shape.
+        """
+        self.check(y, "y", "from_order", "(batch, {positions}, C)")
+        b, c = y.shape[0], y.shape[-1]
+        return self.on_grid(y.reshape(b, 1, self.positions, c)).reshape(b, *self.grid, c)
+
+    def direct(self, x) -> bool:
+        """Whether an ordered call with inputs of ``x``'s device and dtype runs the term on
+        them as they are (no padding, and :meth:`DenseTerm.autograd_forward` applies):
+        otherwise it puts the tokens back on the grid, and ordering gains nothing."""
+        return not self.padded and self.term.autograd_applies(x)
+
+    def check(self, t, name: str, where: str, layout: str) -> None:
+        """Raise unless ``t`` is a tensor with :attr:`positions` in its second last
+        dimension (``layout`` names the expected shape)."""
+        if not (isinstance(t, torch.Tensor) and t.dim() == layout.count(",") + 1
+                and t.shape[-2] == self.positions):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise PatternError(
+                f"{where}: {name} has shape {got}; the token order has {self.positions} "
+                f"positions (attn.token_order.positions), so expected "
+                f"{layout.format(positions=self.positions)}.")
+
+    def in_order(self, x):
+        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)``, with autograd (the inverse
+        gather as its adjoint)."""
+        b, h = x.shape[:2]
+        term = self.term
+        return _Moved.apply(x, lambda t: term._gathered(t, "q").reshape(b, h, -1, t.shape[-1]),
+                            lambda g: term._scattered(g, b, h, 0.0, "q"))
+
+    def on_grid(self, y):
+        """Inverse of :meth:`in_order`: ``(B, H, positions, C)`` -> ``(B, H, tokens, C)``."""
+        b, h = y.shape[:2]
+        term = self.term
+        return _Moved.apply(y, lambda t: term._scattered(t, b, h, 0.0, "q"),
+                            lambda g: term._gathered(g, "q").reshape(b, h, -1, g.shape[-1]))
 
 
 class _Moved(torch.autograd.Function):
@@ -878,6 +1001,10 @@ class PlannedBackend(Backend):
         self._tuned = {}
         self._plans = {}
         self._runs = {}
+        #: call signatures (:func:`_signature`) that passed the input checks: their flat
+        #: shapes and plan key, so that a repeated kind of call skips the checks
+        self._checked = {}
+        self._order = None
         self.plan = self._plans[self._plan(str(device).split(":")[0],
                                            str(dtype).rsplit(".", 1)[-1], head_dim, heads,
                                            batch, backward)]
@@ -948,8 +1075,81 @@ class PlannedBackend(Backend):
         options = {} if self.softcap is None else {"softcap": self.softcap}
         return get_backend(plan.strategy)(self.ir, scale=self.scale, **options)
 
+    @property
+    def token_order(self) -> TokenOrder:
+        """The order of this pattern's dense problems (:class:`TokenOrder`), in which
+        ``ordered=True`` calls take q, k, v and return the output.
+
+        Raises:
+            PatternError: for a pattern that is not one term dense after a view (a union, a
+                window, listed head patterns, keys on another grid), or whose queries and
+                keys are viewed in different orders.
+        """
+        if self._order is None:
+            try:
+                self._order = self._order_of()
+            except PatternError as refusal:  # kept: layers ask on every call
+                self._order = str(refusal)
+        if isinstance(self._order, str):
+            raise PatternError(self._order)
+        return self._order
+
+    def _order_of(self) -> TokenOrder:
+        why = None
+        if len(self.ir.patterns) != 1 or self.ir.key_grid is not None:
+            why = "listed head patterns or keys on another grid"
+        elif len(self.ir.terms) != 1:
+            why = f"a union of {len(self.ir.terms)} terms"
+        else:
+            [term] = self.ir.terms
+            shape = dense_form(term, self.shape)
+            if isinstance(shape, str):
+                why = shape
+            elif any((ax.coords("q").shape != ax.coords("k").shape)
+                     or (ax.coords("q") != ax.coords("k")).any() for ax in shape.axes):
+                why = "its queries and keys are viewed in different orders"
+        if why is not None:
+            raise PatternError(
+                f"auto: {self.ir.label} on grid {self.shape} has no token order: it is not one "
+                f"term that is dense after a view ({why}). ordered=True needs such a pattern "
+                f"(pg.block, a grid window as pg.window(G, dilation=n // G), pg.axis).")
+        from patterngen.bias import reach
+
+        adds = self.ir.patterns[0].key_counts() > 0
+        return TokenOrder(DenseTerm(term, shape, (), self.shape, adds, self.softcap,
+                                    reach(self.ir)))
+
+    def _ordered(self, q, k, v, scale, additional_keys, additional_values, rel_bias):
+        """A call with q, k, v ``(batch, heads, positions, head_dim)`` in
+        :attr:`token_order`: the dense term on them as they are where
+        :meth:`DenseTerm.autograd_forward` applies and nothing is padding, else the tokens
+        put back on the grid, the call as planned, and its output put in order (exact, one
+        copy each way)."""
+        order = self.token_order
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            order.check(t, name, "auto (ordered=True)", "(batch, heads, {positions}, head_dim)")
+        term = order.term
+        if (additional_keys is None and additional_values is None and not order.padded
+                and term.autograd_applies(q)):
+            qf, kf, vf, _ = flatten_qkv(q, k, v, (order.positions,), "auto (ordered=True)")
+            table = self.check_rel_bias(rel_bias, qf)
+            scale = scale if scale is not None else self.scale
+            scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
+            b, h, t, d = qf.shape
+            out = term.ordered_with_bias(qf, kf, vf, scale, table)
+            if out is not None:
+                return out
+            out = term.problems_forward(*(x.reshape(x.shape[0] * x.shape[1], term.problems,
+                                                    -1, d) for x in (qf, kf, vf)),
+                                        h, scale, table)
+            if out is not None:
+                return out.reshape(b, h, t, d)
+        out = self(order.on_grid(q), order.on_grid(k), order.on_grid(v), scale,
+                   additional_keys, additional_values, rel_bias)
+        return order.in_order(out)
+
     def __call__(self, q, k, v, scale=None, additional_keys=None, additional_values=None,
-                 rel_bias=None):
+                 rel_bias=None, ordered: bool = False):
         """Attention of ``q`` over ``k, v`` under the compiled pattern, as planned.
 
         Args:
@@ -961,25 +1161,43 @@ class PlannedBackend(Backend):
                 softmax (NATTEN's ``additional_keys``); they get gradients too.
             rel_bias: a relative position bias table (:mod:`patterngen.bias`), added by
                 every part (the gather group's numba kernels read it around its centre).
+            ordered: q, k, v are ``(batch, heads, positions, head_dim)`` in
+                :attr:`token_order`, and so is the output.
 
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
         """
-        import torch
-
+        if ordered:
+            return self._ordered(q, k, v, scale, additional_keys, additional_values, rel_bias)
+        grad = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad
+            for t in (q, k, v, additional_keys, additional_values, rel_bias))
+        seen = None
+        if (additional_keys is None and additional_values is None
+                and not torch.compiler.is_compiling()):
+            seen = _signature(q, k, v, grad, rel_bias is not None)
+            hit = self._checked.get(seen)
+            if hit is not None:  # these shapes, strides, dtypes and devices passed the checks
+                flat_q, flat_kv, key = hit
+                out_shape = q.shape
+                return self._run(key, q, k, v, q.reshape(flat_q), k.reshape(flat_kv),
+                                 v.reshape(flat_kv), lambda out: out.reshape(out_shape),
+                                 scale, None, rel_bias, grad)
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         if qf.shape[-1] < 1:
             raise PatternError(f"auto: q has shape {tuple(q.shape)}; expected head_dim >= 1.")
         extra = self.check_extra_keys(additional_keys, additional_values, qf, rel_bias,
                                       kf.shape[1])
-        inputs = (q, k, v, *(extra or ()), *([rel_bias] * isinstance(rel_bias, torch.Tensor)))
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
         sizes = dict(bias=rel_bias is not None,
                      contiguous=all(t.is_contiguous() for t in (qf, kf, vf)),
                      kv_heads=kf.shape[1], extra_keys=0 if extra is None else extra[0].shape[2])
         key = self._plan(*wanted, **sizes)
+        if seen is not None and not self._autotune:
+            if len(self._checked) >= CHECKED_CALLS:
+                self._checked.clear()
+            self._checked[seen] = (qf.shape, kf.shape, key)
         if self._autotune and self._strategy is None and not torch.compiler.is_compiling():
             key = self._tune(key, wanted, sizes, grad, (q, k, v, scale, additional_keys,
                                                          additional_values, rel_bias))
@@ -1049,6 +1267,18 @@ class PlannedBackend(Backend):
                 return restore(out)
         return restore(_planned_fwd(qf, kf, vf, ak, av, rel_bias, run.op_key, scale,
                                     grad)[0])
+
+
+def _signature(q, k, v, grad: bool, bias: bool):
+    """What the input checks and the plan key of a call read from ``q, k, v`` (types,
+    shapes, strides, dtypes, devices), whether it needs gradients and has a bias table:
+    a call with the same signature passes the same checks and runs the same plan."""
+    import torch
+
+    if not (type(q) is type(k) is type(v) is torch.Tensor):
+        return None
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
+            v.dtype, q.device, k.device, v.device, grad, bias)
 
 
 register_backend("auto", PlannedBackend)

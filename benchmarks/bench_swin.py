@@ -17,6 +17,12 @@ backend="auto")`` called with ``rel_bias=`` (the table in patterngen's layout,
 are checked equal in float64: outputs, and the gradients of q, k, v (kept on both sides and
 brought to the grid), of the table and of the input.
 
+A second patterngen row, ``pg ordered``, is the step as Swin orders its tokens: ``x`` put in
+the attention's token order once before the ``qkv`` linear (``attn.token_order.to_order``, the
+roll and window partition in one gather), the attention called with ``ordered=True`` on the
+projected tokens as they are, and the order reversed once after ``proj`` (``from_order``):
+what ``pg.nn.SwinBlock`` runs on maps its windows tile.
+
 Every configuration times its candidates interleaved, call by call, median of the rounds;
 ``pg / swin`` is patterngen's time over the faster of Swin's two kernels (above 1: patterngen
 is slower). ``shift / none`` (last rows) is each side's shifted time over its unshifted time.
@@ -157,9 +163,35 @@ class PatterngenStep:
         return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c))
 
 
+class OrderedStep(PatterngenStep):
+    """The same step in patterngen's token order, as Swin orders its tokens: ``x`` put in
+    ``attn.token_order`` once (the roll and the window partition in one gather), the ``qkv``
+    linear on the ordered tokens, the attention called with ``ordered=True``, the ``proj``
+    linear, and the order reversed once (``from_order``: the window reverse and the roll
+    back)."""
+
+    def __call__(self, x, keep=None):
+        b, c = x.shape[0], x.shape[-1]
+        order = self.attn.token_order
+        n = order.positions
+        q, k, v = self.qkv(order.to_order(x)).view(b, n, 3, self.heads, -1).permute(
+            2, 0, 3, 1, 4)
+        if keep is not None:
+            for name, t in zip("qkv", (q, k, v)):
+                t.retain_grad()
+                keep[name] = t
+        out = self.attn(q, k, v, rel_bias=self.table, ordered=True)
+        return order.from_order(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+    def to_grid(self, t, b, h, w):
+        """``(B, heads, positions, d)`` in the token order -> ``(B, heads, H, W, d)``."""
+        return self.attn.token_order.on_grid(t).view(b, self.heads, h, w, -1)
+
+
 def make_steps(size, dim, heads, shift, batch, backward, dtype=torch.float32, seed=0):
-    """``(patterngen step, {"swin-matmul": ..., "swin-sdpa": ...}, swin table)`` sharing one
-    set of weights; the patterngen table is Swin's converted (a leaf of its own)."""
+    """``(patterngen step, {"swin-matmul": ..., "swin-sdpa": ..., "pg-ordered": ...}, swin
+    table)`` sharing one set of weights; the patterngen table is Swin's converted (a leaf of
+    its own, shared by the two patterngen steps)."""
     torch.manual_seed(seed)
     qkv = torch.nn.Linear(dim, 3 * dim).to(dtype)
     proj = torch.nn.Linear(dim, dim).to(dtype)
@@ -170,12 +202,14 @@ def make_steps(size, dim, heads, shift, batch, backward, dtype=torch.float32, se
     ours = PatterngenStep(qkv, proj, table, heads, grid, shift, batch, backward)
     swin = {f"swin-{kind}": SwinStep(qkv, proj, swin_table, heads, grid, shift, kind == "sdpa")
             for kind in ("matmul", "sdpa")}
+    swin["pg-ordered"] = OrderedStep(qkv, proj, table, heads, grid, shift, batch, backward)
     return ours, swin, swin_table
 
 
 def check(size, dim, heads, shift, batch=2, tol=1e-9):
-    """Swin's two kernels equal patterngen's step in float64: outputs, and the gradients of
-    q, k, v, the table and the input. Returns the largest difference seen."""
+    """Swin's two kernels and patterngen's ordered step equal patterngen's step in float64:
+    outputs, and the gradients of q, k, v, the table and the input. Returns the largest
+    difference seen."""
     ours, swin, swin_table = make_steps(size, dim, heads, shift, batch, True, torch.float64)
     x = torch.randn(batch, size, size, dim, dtype=torch.float64, requires_grad=True)
     keep = {}
@@ -184,14 +218,16 @@ def check(size, dim, heads, shift, batch=2, tol=1e-9):
     want.backward(dout)
     wants = [want, *(keep[n].grad for n in "qkv"), ours.table.grad, x.grad]
     worst = 0.0
+    wants[4] = wants[4].clone()
     for step in swin.values():
-        x.grad = swin_table.grad = None
+        x.grad = swin_table.grad = ours.table.grad = None
         kept = {}
         got = step(x, kept)
         got.backward(dout)
         b = x.shape[0]
-        gots = [got, *(step.to_grid(kept[n].grad, b, size, size) for n in "qkv"),
-                pg.bias.from_swin(swin_table.grad, WINDOW, pg.bias.reach(ours.attn.ir)),
+        dtable = (ours.table.grad if isinstance(step, OrderedStep) else
+                  pg.bias.from_swin(swin_table.grad, WINDOW, pg.bias.reach(ours.attn.ir)))
+        gots = [got, *(step.to_grid(kept[n].grad, b, size, size) for n in "qkv"), dtable,
                 x.grad]
         for name, a, w in zip(("out", "dq", "dk", "dv", "dtable", "dx"), gots, wants):
             err = (a - w).abs().max().item()
@@ -303,9 +339,9 @@ def main(argv=None) -> int:
           f"{args.rounds} interleaved rounds ({'CPU time' if args.cpu_time else 'wall clock'}"
           f"{', subnormals flushed' if args.flush_denormal else ''}); "
           f"checked equal to Swin's step in float64 (output, dq, dk, dv, dtable, dx)")
-    print("| grid | dim/heads | batch | shift | pass | pg plan | pg ms | swin matmul ms "
-          "| swin sdpa ms | pg / swin |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| grid | dim/heads | batch | shift | pass | pg plan | pg ms | pg ordered ms "
+          "| swin matmul ms | swin sdpa ms | pg / swin | pg ordered / swin |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     passes = [False] if args.forward_only else [False, True]
     shifted = []
     for size in stages:
@@ -317,21 +353,23 @@ def main(argv=None) -> int:
                         continue
                     r = run(size, batch, shift, backward, args.rounds, clock)
                     best = min(r["swin-matmul"], r["swin-sdpa"])
-                    got[shift] = (r["pg"], best)
+                    got[shift] = (r["pg"], best, r["pg-ordered"])
                     dim, heads = STAGES[size]
                     print(f"| {size}x{size} | {dim}/{heads} | {batch} | {shift} | "
                           f"{'fwd+bwd' if backward else 'fwd'} | {r['plan']} | {r['pg']:.2f} | "
-                          f"{r['swin-matmul']:.2f} | {r['swin-sdpa']:.2f} | "
-                          f"{r['pg'] / best:.2f} |", flush=True)
+                          f"{r['pg-ordered']:.2f} | {r['swin-matmul']:.2f} | "
+                          f"{r['swin-sdpa']:.2f} | {r['pg'] / best:.2f} | "
+                          f"{r['pg-ordered'] / best:.2f} |", flush=True)
                 if len(got) == 2:
-                    (p0, s0), (p1, s1) = got[shifts[0]], got[shifts[1]]
-                    shifted.append((size, batch, backward, p1 / p0, s1 / s0))
+                    (p0, s0, o0), (p1, s1, o1) = got[shifts[0]], got[shifts[1]]
+                    shifted.append((size, batch, backward, p1 / p0, o1 / o0, s1 / s0))
     if shifted:
-        print("\n| grid | batch | pass | pg shift / none | swin shift / none |")
-        print("|---|---|---|---|---|")
-        for size, batch, backward, ours, theirs in shifted:
+        print("\n| grid | batch | pass | pg shift / none | pg ordered shift / none "
+              "| swin shift / none |")
+        print("|---|---|---|---|---|---|")
+        for size, batch, backward, ours, ordered, theirs in shifted:
             print(f"| {size}x{size} | {batch} | {'fwd+bwd' if backward else 'fwd'} | "
-                  f"{ours:.2f} | {theirs:.2f} |")
+                  f"{ours:.2f} | {ordered:.2f} | {theirs:.2f} |")
     return 0
 
 

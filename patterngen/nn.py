@@ -37,7 +37,7 @@ from .parse import as_ir, parse
 from .spec import Pattern, block
 
 __all__ = ["LocalSelfAttention", "LocalCrossAttention", "SwinBlock", "from_timm_swin", "DropPath",
-           "declaration", "attention", "attend", "fit_table"]
+           "declaration", "attention", "attend", "fit_table", "ordered_attention"]
 
 #: compiled attention per (declaration, grid, device, dtype)
 _COMPILED: dict = {}
@@ -108,6 +108,24 @@ def fit_table(table, reach: tuple, grid: tuple):
     if tuple(reach) == have:
         return table
     return table[(slice(None), *(slice(h - r, h + r + 1) for h, r in zip(have, reach)))]
+
+
+def ordered_attention(decl: str, grid: tuple, x):
+    """The attention of ``decl`` on ``grid`` for inputs like ``x`` where a layer calls it in
+    its token order (``attn.token_order``, ``backends/planned.py``'s ``TokenOrder``): a
+    ``backend="auto"`` pattern that is one dense term, which then runs on the ordered inputs
+    as they are; ``None`` otherwise, and under ``torch.compile`` (the layer calls its
+    operator)."""
+    if torch.compiler.is_compiling():
+        return None
+    attn = attention(decl, grid, x.device, x.dtype)
+    if not hasattr(type(attn), "token_order"):
+        return None
+    try:
+        order = attn.token_order
+    except PatternError:
+        return None
+    return attn if order.direct(x) else None
 
 
 def _run(q, k, v, rel_bias, decl, grid, scale):
@@ -344,6 +362,10 @@ class LocalSelfAttention(nn.Module):
         grid = self._grid_of(x)
         if self.channels_first:
             x = x.movedim(1, -1)
+        attn = ordered_attention(self.decl, grid, x)
+        if attn is not None:
+            out = self.in_order(x, attn).reshape(x.shape)
+            return out.movedim(-1, 1) if self.channels_first else out
         shape = x.shape
         batch, tokens, head_dim = x.shape[0], math.prod(grid), self.dim // self.heads
         qkv = self.qkv(x.reshape(batch, tokens, self.dim))
@@ -356,6 +378,23 @@ class LocalSelfAttention(nn.Module):
         out = attend(q, k, v, table, self.decl, grid)
         out = self.proj(out.transpose(1, 2).reshape(batch, tokens, self.dim)).reshape(shape)
         return out.movedim(-1, 1) if self.channels_first else out
+
+    def in_order(self, x: torch.Tensor, attn) -> torch.Tensor:
+        """The layer on ``x`` ``(batch, *grid, dim)`` with the compiled attention ``attn``
+        called in its token order (:func:`ordered_attention`): ``x`` partitioned once before the
+        qkv projection, the output put back once after the output projection, as Swin and
+        MaxViT do."""
+        order = attn.token_order
+        batch, positions, head_dim = x.shape[0], order.positions, self.dim // self.heads
+        qkv = self.qkv(order.to_order(x)).reshape(
+            batch, positions, self.heads + 2 * self.kv_heads, head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], 1)
+        table = self.rel_pos_bias_table
+        extra = {} if table is None else {
+            "rel_bias": fit_table(table.to(q.dtype), attn.reach, order.grid)}
+        out = attn(q, k, v, ordered=True, **extra)
+        out = self.proj(out.transpose(1, 2).reshape(batch, positions, self.dim))
+        return order.from_order(out)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {name}={value!r}" for name, value in (
@@ -509,7 +548,10 @@ class SwinBlock(nn.Module):
     dynamic_mask=True``; for grids of at least one window timm's defaults give the same). The
     region mask is exact where timm adds -100 to the scores. With ``input_resolution`` the
     window and shift are clamped as timm's default ``always_partition=False`` clamps them: an
-    axis no longer than the window gets a window of its length and no shift.
+    axis no longer than the window gets a window of its length and no shift. On maps the
+    windows tile, ``backend="auto"`` runs ``block(window, offset=shift)`` in its token order
+    instead (:func:`ordered_attention`): the roll and window partition one gather of ``x``
+    before ``qkv``, their reverse one after ``proj``, as timm orders them.
 
     Parameter names are timm's, except ``attn.rel_pos_bias_table`` (key minus query,
     :func:`from_timm_swin` converts a timm state dict).
@@ -552,12 +594,20 @@ class SwinBlock(nn.Module):
                                        backend=backend, qkv_bias=qkv_bias, rel_pos_bias=True)
         if any(self.shift):
             self.attn.decl = declaration(block(self.window), backend, end_cuts=self.shift)
+        # on maps the windows tile, timm's roll and region mask are exactly
+        # block(window, offset=shift) (docs/swin.md), whose token order is the roll and the
+        # window partition in one gather, done once on x
+        self.tiled_decl = declaration(block(self.window, offset=self.shift), backend)
         self.proj_drop = nn.Dropout(proj_drop)
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
         self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)
 
     def _attn(self, x):
         h, w = x.shape[1], x.shape[2]
+        if self.attn.backend == "auto" and not (h % self.window[0] or w % self.window[1]):
+            attn = ordered_attention(self.tiled_decl, (h, w), x)
+            if attn is not None:
+                return self.proj_drop(self.attn.in_order(x, attn))
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         pad_h, pad_w = (-h) % self.window[0], (-w) % self.window[1]

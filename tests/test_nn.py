@@ -179,3 +179,17 @@ def test_grouped_kv_heads(backend, kv_heads):
 def test_kv_heads_must_divide_heads():
     with pytest.raises(PatternError, match=r"Invalid kv_heads=3; expected a divisor of heads=4"):
         nn.LocalSelfAttention(16, 4, pg.window(3), kv_heads=3)
+
+
+@pytest.mark.parametrize("pattern, grid, x_shape, heads, kv_heads", [
+    (pg.window(3, dilation=2), (6, 6), (2, 6, 6, 8), 2, None),
+    (pg.block(3, offset=1), (6, 6), (1, 36, 16), 4, 2),
+])
+def test_a_dense_pattern_runs_in_its_token_order(pattern, grid, x_shape, heads, kv_heads):
+    # auto on one dense term: x put in the token order before the qkv projection and back
+    # after the output projection, exact to the plain layer (outputs and every gradient)
+    layer = check_against_plain("auto", pattern, grid, x_shape, rel_pos_bias=True,
+                                heads=heads, kv_heads=kv_heads)
+    assert nn.ordered_attention(layer.decl, grid, torch.zeros(1, dtype=torch.float64))
+    assert nn.ordered_attention(nn.declaration(pg.window(3)), grid,
+                                torch.zeros(1, dtype=torch.float64)) is None

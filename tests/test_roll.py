@@ -140,3 +140,89 @@ def test_inference_with_a_table_equals_the_oracle(pattern, grid, kv_heads, share
         out = attn(q, k, v, rel_bias=table)
     want = reference(pattern, grid, q, k, v, rel_bias=table)
     torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+
+
+# the token order: q, k, v handed in the dense term's order, the output taken in it
+
+ORDERED = [(pg.block(7), (14, 14)), (pg.block(7, offset=3), (14, 14)),
+           (pg.window(7, dilation=2), (14, 14)), (pg.block(4, offset=1), (9, 10)),
+           (pg.block(3, offset=2), (7,)), (pg.block(2, offset=1) & pg.axis(2), (4, 3, 5))]
+
+
+@pytest.mark.parametrize("pattern, grid", ORDERED)
+@pytest.mark.parametrize("kv_heads, table_heads", [(2, 2), (1, 1), (2, 1)])
+def test_ordered_calls_equal_the_oracle(pattern, grid, kv_heads, table_heads):
+    # in order: the output and the gradients of q, k, v and the table (shared or per head)
+    # equal the oracle's on the grid; padded orders (9 x 10, 7) run through the grid
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 2, *grid, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, *grid, 4, generator=gen, dtype=torch.float64,
+                        requires_grad=True) for _ in range(2))
+    table = torch.randn(table_heads, *(2 * r + 1 for r in attn.reach), generator=gen,
+                        dtype=torch.float64, requires_grad=True)
+    ordered = [order.in_order(t.flatten(2, -2)) for t in (q, k, v)]
+    assert ordered[0].shape == (2, 2, order.positions, 4)
+    out = attn(*ordered, rel_bias=table, ordered=True)
+    got = order.on_grid(out).reshape(q.shape)
+    want = reference(pattern, grid, q, k, v, rel_bias=table)
+    torch.testing.assert_close(got, want)
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v, table), dout),
+                    torch.autograd.grad(want, (q, k, v, table), dout)):
+        torch.testing.assert_close(g, w)
+    with torch.no_grad():  # inference with a table: in the fused kernel where no mask is
+        out = attn(*ordered, rel_bias=table, ordered=True)
+        fused = order.term.ordered_with_bias(*ordered, 0.5, table) is not None
+    torch.testing.assert_close(order.on_grid(out).reshape(q.shape), want)
+    assert fused == (kv_heads == 2 and order.term.mask is None and not order.padded)
+    x = torch.randn(3, *grid, 5, generator=gen, dtype=torch.float64)
+    assert order.to_order(x).shape == (3, order.positions, 5)
+    torch.testing.assert_close(order.from_order(order.to_order(x)), x)
+    torch.testing.assert_close(order.to_order(x), order.in_order(x.flatten(1, -2)[:, None])[:, 0])
+
+
+def test_an_unpadded_order_runs_the_term_on_the_inputs_as_they_are(monkeypatch):
+    # Swin's shifted windows in order: no token goes back to the grid, in training too
+    grid, pattern = (14, 14), pg.block(7, offset=3)
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 3, *grid, 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    ordered = [order.in_order(t.flatten(2, 3)) for t in (q, k, v)]
+    monkeypatch.setattr(planned.TokenOrder, "on_grid", None)
+    out = attn(*ordered, ordered=True)
+    monkeypatch.undo()
+    got = order.on_grid(out).reshape(q.shape)
+    want = reference(pattern, grid, q, k, v)
+    torch.testing.assert_close(got, want)
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(got, (q, k, v), dout),
+                    torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(g, w)
+
+
+def test_ordered_bfloat16_and_token_order_refusals():
+    grid = (14, 14)
+    attn = pg.compile(pg.block(7, offset=3), grid, backend="auto", dtype="bfloat16")
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, *grid, 8, generator=gen) for _ in range(3))
+    got = attn(*(order.in_order(t.flatten(2, 3)).bfloat16() for t in (q, k, v)), ordered=True)
+    want = reference(pg.block(7, offset=3), grid, q, k, v)
+    torch.testing.assert_close(order.on_grid(got).float().reshape(want.shape), want,
+                               atol=3e-2, rtol=3e-2)
+    with pytest.raises(pg.PatternError, match=r"token order has 196 positions .*expected "
+                                               r"\(batch, heads, 196, head_dim\)"):
+        attn(q, k, v, ordered=True)
+    with pytest.raises(pg.PatternError, match=r"to_order: x has shape \(2, 13, 14, 8\)"):
+        order.to_order(torch.randn(2, 13, 14, 8))
+    with pytest.raises(pg.PatternError, match=r"from_order: y has shape \(2, 195, 8\)"):
+        order.from_order(torch.randn(2, 195, 8))
+    for pattern, why in [(pg.block(7) | pg.axis(0), "a union of 2 terms"),
+                         (pg.window(3), "is a gather"),
+                         (pg.global_tokens(keys=[0]), "viewed in different orders")]:
+        with pytest.raises(pg.PatternError, match=rf"has no token order: .*\(.*{why}"):
+            pg.compile(pattern, grid, backend="auto").token_order

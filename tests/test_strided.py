@@ -241,3 +241,26 @@ def test_a_lone_dense_term_runs_through_autograd_unless_keys_are_not_finite(monk
     k[0, 0, 0, 0, 0] = float("-inf")
     pg.compile(spec, grid, backend="auto", **DENSE)(q, k, v)
     assert calls
+
+
+def test_a_repeated_kind_of_call_is_still_checked_and_exact():
+    # the checks of a call are kept by its signature: a later call that differs in dtype,
+    # shape, device-independent layout or gradients is checked and planned again
+    grid, spec = (14, 14), pg.window(7, dilation=2)
+    attn = pg.compile(spec, grid, backend="auto", dtype="float64", **DENSE)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, *grid, 8, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    for _ in range(2):
+        torch.testing.assert_close(attn(q, k, v), reference(spec, grid, q, k, v))
+    with pytest.raises(PatternError, match=r"dtypes differ: torch.float64, torch.float32"):
+        attn(q, k.float(), v)
+    with pytest.raises(PatternError, match=r"q has shape \(2, 4, 13, 14, 8\)"):
+        attn(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:])
+    with pytest.raises(PatternError, match="must be a torch.Tensor, got ndarray"):
+        attn(q, k, v.numpy())
+    strided = q.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, other strides
+    torch.testing.assert_close(attn(strided, k, v), reference(spec, grid, q, k, v))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attn(*leaves)
+    assert_gradients_equal(out, reference(spec, grid, *leaves), leaves, gen)

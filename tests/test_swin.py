@@ -104,18 +104,24 @@ def timm_state_dict(dim, heads, ws, seed=0):
     return sd
 
 
-@pytest.mark.parametrize("grid", [(8, 12), (10, 13), (3, 5)])
+@pytest.mark.parametrize("grid, backend", [((8, 12), "numba"), ((10, 13), "numba"),
+                                           ((3, 5), "numba"), ((8, 12), "auto"),
+                                           ((4, 4), "auto"), ((10, 13), "auto")])
 @pytest.mark.parametrize("shift", [0, 2])
-def test_swin_block_equals_timm(grid, shift):
+def test_swin_block_equals_timm(grid, backend, shift):
+    # auto on maps the windows tile: the attention in its token order (roll and partition
+    # once on x, before the qkv projection)
     dim, heads, ws, ss = 8, 2, (4, 4), (shift, shift)
     sd = timm_state_dict(dim, heads, ws)
-    block = nn.SwinBlock(dim, heads, window=4, shift=shift, backend="numba").double().eval()
+    block = nn.SwinBlock(dim, heads, window=4, shift=shift, backend=backend).double().eval()
     block.load_state_dict(nn.from_timm_swin(sd, 4))
     x = torch.randn(2, *grid, dim, dtype=torch.float64)
     table = sd["attn.relative_position_bias_table"].requires_grad_()
     want = timm_block(sd, x, heads, ws, ss)
     got = block(x)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    tiled = backend == "auto" and not (grid[0] % 4 or grid[1] % 4)
+    assert (nn.ordered_attention(block.tiled_decl, grid, x) is not None) == tiled
     grad = torch.randn_like(got)
     want.backward(grad)
     got.backward(grad)
