@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import threading
@@ -594,13 +595,17 @@ class SwinBlock(nn.Module):
                                        backend=backend, qkv_bias=qkv_bias, rel_pos_bias=True)
         if any(self.shift):
             self.attn.decl = declaration(block(self.window), backend, end_cuts=self.shift)
-        # on maps the windows tile, timm's roll and region mask are exactly
-        # block(window, offset=shift) (docs/swin.md), whose token order is the roll and the
-        # window partition in one gather, done once on x
-        self.tiled_decl = declaration(block(self.window, offset=self.shift), backend)
         self.proj_drop = nn.Dropout(proj_drop)
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), act_layer, proj_drop)
         self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)
+
+    @functools.cached_property
+    def tiled_decl(self) -> str:
+        """On maps the windows tile, timm's roll and region mask are exactly
+        ``block(window, offset=shift)`` (docs/swin.md), whose token order is the roll and the
+        window partition in one gather, done once on ``x``. Derived, not stored by
+        ``__init__``, so a block pickled before it existed still runs."""
+        return declaration(block(self.window, offset=self.shift), self.attn.backend)
 
     def _attn(self, x):
         h, w = x.shape[1], x.shape[2]
