@@ -215,10 +215,12 @@ def _default_cuda(name: str) -> Rate:
 
 #: the CPU default (the project's 2-core machine, float32, one thread, the least disturbed of
 #: two calibrations, rounded; the numba kernels' backward factor from a quiet run of the CPU
-#: benchmark, W2's 22.0 / 5.69 ms; ``kept`` measured beside ``matmul`` in one calibration and
-#: scaled by the two ``matmul`` figures, shape by shape). Per kernel ``{(rows, keys): (ns per pair and head_dim
-#: element at head_dim 16, at 64, backward factor)}``; the numba kernels' ``{(what, lanes,
-#: head_dim): (ns, backward factor)}``; the rest ``(call_ms, ns, backward factor)``
+#: benchmark, W2's 22.0 / 5.69 ms; ``copy`` scaled by rows of head_dim against a transpose of
+#: single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept`` measured beside
+#: ``matmul`` in one calibration and scaled by the two ``matmul`` figures, shape by shape). Per
+#: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim 16, at 64, backward
+#: factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns, backward factor)}``; the
+#: rest ``(call_ms, ns, backward factor)``
 _CPU_ATTEND = {
     "matmul": {
         (16, 16): (0.26, 0.12, 2.9), (16, 64): (0.142, 0.073, 3.0),
@@ -250,7 +252,7 @@ _CPU_NUMBA = {("numba", "one", 16): (0.22, 3.9), ("numba", "one", 32): (0.136, 3
               ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.13, 0.0, 2.6), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
-              "copy": (0.0, 0.27, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
+              "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
 
 
@@ -588,8 +590,11 @@ def _overhead_benches(device, dtype, dt) -> list:
             continue
         out.append(_pattern_bench(f"launch/{path}", attn, (4, 4), 16, device, dt))
     x = torch.randn(16, 256, 256, device=device, dtype=dt)
-    copy = _Bench("copy", lambda: x.permute(0, 2, 1).contiguous(), lambda: None,
-                  x.numel() * x.element_size())
+    # what the executors copy: rows of head_dim elements moved whole (a dense term's view of
+    # Swin's windows here), 3-4x faster per byte than a transpose of single elements
+    windows = torch.randn(8, 4, 8, 7, 8, 7, 32, device=device, dtype=dt)
+    copy = _Bench("copy", lambda: windows.permute(0, 1, 2, 4, 3, 5, 6).contiguous(),
+                  lambda: None, windows.numel() * windows.element_size())
     # sdpa's gathers: rows of a (heads, tokens, head_dim) tensor by token index, overlapping
     # windows of them; their backward adds the rows back
     rows = torch.randn(4, 4096, 32, device=device, dtype=dt, requires_grad=True)
