@@ -85,9 +85,10 @@ class Op:
         count: how many.
         shape: the shape class: ``(rows, keys, head_dim)`` (``attend``), ``(head_dim,)``
             (``numba``).
-        kernel: which kernel (``matmul``, ``fused``, ``kept``; the lane plan of ``numba``: ``one`` or
-            ``tiles``) or path (``launch``). ``kept`` is the matmul path through torch's
-            autograd, which keeps the probabilities: a dense term that is the whole plan.
+        kernel: which kernel (``matmul``, ``fused``, ``kept``; the lane plan of ``numba``:
+            ``one`` or ``tiles``) or path (``launch``). ``kept`` is the matmul path through
+            torch's autograd, which keeps the probabilities: a dense term that is the whole
+            plan.
     """
 
     kind: str

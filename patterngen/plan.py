@@ -702,8 +702,9 @@ def _plan_terms(lowered, shape, call, rates, table, force):
     for p, head in enumerate(lowered.patterns):
         # a term that would be the whole plan (one listed pattern, one term, a key for every
         # query, no softcap, no extra keys) runs through torch's autograd when dense
-        alone = (npat == 1 and len(head.terms) == 1 and not call.softcap and lowered.key_grid is None
-                 and not call.extra_keys and _every_query_has_a_key(head.terms[0], shape))
+        alone = (npat == 1 and len(head.terms) == 1 and not call.softcap
+                 and not call.extra_keys and lowered.key_grid is None
+                 and _every_query_has_a_key(head.terms[0], shape))
         pc = _pattern_call(call, len(ir.heads_of(p, npat, call.heads)))
         if force == "gather" or lowered.key_grid is not None:
             # keys on another grid: every term gathers (the dense forms are of one grid)

@@ -414,6 +414,28 @@ def test_calibration_measures_inside_no_grad(monkeypatch):
             assert rate == default[name]
 
 
+def test_calibration_times_every_dense_kernel(monkeypatch):
+    # each dense micro-benchmark (the kept path's autograd ones included) runs once, forward
+    # and forward+backward, on a fixed clock, here on the smallest shape class only; each
+    # gets its measured rate
+    runs = []
+
+    def once(fn, repeats=7):
+        fn()
+        runs.append(fn)
+        return 1.0 if len(runs) % 2 else 2.0
+
+    monkeypatch.setattr(calibrate, "_best_ms", once)
+    monkeypatch.setattr(calibrate, "ATTEND_ROWS", {k: (16,) for k in calibrate.ATTEND_ROWS})
+    monkeypatch.setattr(calibrate, "ATTEND_KEYS", {k: (16,) for k in calibrate.ATTEND_KEYS})
+    with torch.no_grad():
+        rates = calibrate.measure("cpu", "float32", only=("attend/",))
+    names = [n for n in rates.executors if n.startswith("attend/")]
+    assert len(runs) == 2 * len(names) == 2 * 3 * len(calibrate.ATTEND_DIMS)
+    for name in names:
+        assert rates.executors[name].backward_factor == pytest.approx(2.0)
+
+
 def test_a_dense_term_whose_mask_would_be_too_large_is_gathered():
     # causal on 8192 tokens: one problem of 8192 x 8192 with a triangular mask
     plan = pg.plan(pg.causal(), grid=(8192,), head_dim=16, heads=1, executors=("terms",),
