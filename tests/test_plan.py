@@ -390,10 +390,10 @@ def test_additional_keys_with_rel_bias_or_on_a_backend_without_them_are_refused(
         fake(q, k, v, additional_keys=ak, additional_values=ak)
 
 
-def test_calibration_measures_inside_no_grad(monkeypatch):
-    # pg.profile compiles under no_grad: measuring the rates there must still run a backward.
-    # Every benchmark runs once for real; its time is a fixed clock (the unit suite times
-    # nothing), the forward+backward twice the forward
+@pytest.fixture
+def fixed_clock(monkeypatch) -> list:
+    """Every micro-benchmark of a calibration runs once for real; its time is a fixed clock
+    (the unit suite times nothing), the forward+backward twice the forward. Returns the runs."""
     runs = []
 
     def once(fn, repeats=7):
@@ -402,6 +402,12 @@ def test_calibration_measures_inside_no_grad(monkeypatch):
         return 1.0 if len(runs) % 2 else 2.0
 
     monkeypatch.setattr(calibrate, "_best_ms", once)
+    return runs
+
+
+def test_calibration_measures_inside_no_grad(fixed_clock):
+    # pg.profile compiles under no_grad: measuring the rates there must still run a backward
+    runs = fixed_clock
     with torch.no_grad():
         rates = calibrate.measure("cpu", "float64", only=("launch/sdpa", "launch/terms"))
     assert runs
@@ -414,18 +420,10 @@ def test_calibration_measures_inside_no_grad(monkeypatch):
             assert rate == default[name]
 
 
-def test_calibration_times_every_dense_kernel(monkeypatch):
-    # each dense micro-benchmark (the kept path's autograd ones included) runs once, forward
-    # and forward+backward, on a fixed clock, here on the smallest shape class only; each
-    # gets its measured rate
-    runs = []
-
-    def once(fn, repeats=7):
-        fn()
-        runs.append(fn)
-        return 1.0 if len(runs) % 2 else 2.0
-
-    monkeypatch.setattr(calibrate, "_best_ms", once)
+def test_calibration_times_every_dense_kernel(fixed_clock, monkeypatch):
+    # each dense micro-benchmark (the kept path's autograd ones included) runs, here on the
+    # smallest shape class only, and gets its measured rate
+    runs = fixed_clock
     monkeypatch.setattr(calibrate, "ATTEND_ROWS", {k: (16,) for k in calibrate.ATTEND_ROWS})
     monkeypatch.setattr(calibrate, "ATTEND_KEYS", {k: (16,) for k in calibrate.ATTEND_KEYS})
     with torch.no_grad():
