@@ -119,19 +119,35 @@ def attend_kernel(call: Call, keys: int) -> str:
     return "matmul" if small or call.bias or call.softcap else "fused"
 
 
-def dense_work(shape: DenseShape, tokens: int, call: Call) -> list:
+def alone_kernel(call: Call, keys: int) -> str:
+    """The kernel of a dense term that is the whole plan and runs through torch's autograd
+    (``DenseTerm.autograd_forward``, taken on the matmul path only): ``kept`` (the
+    probabilities kept for the backward, none of the merge's log-sum-exp), or without
+    gradients and with a bias table the fused kernel, which adds the table as its mask."""
+    kernel = attend_kernel(call, keys)
+    if kernel != "matmul":
+        return kernel
+    return "fused" if call.bias and not call.backward else "kept"
+
+
+def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False) -> list:
     """A term as ``shape``'s problems for every (batch, kv head), the query heads of a kv head
     folded into rows; the views of q, k, v and the output's inverse view copy unless they
-    are pure views."""
+    are pure views. ``alone``: the term is the whole plan and gives every query a key, so it
+    runs through torch's autograd where it takes the matmul path (:func:`alone_kernel`)."""
     group = call.heads // call.kv_heads
     rows = shape.queries * group
+    kernel = (alone_kernel if alone else attend_kernel)(call, shape.keys)
     ops = [Op("launch", 1, kernel="kernel"),
            Op("attend", shape.batch * call.batch * call.kv_heads,
-              (rows, shape.keys, call.head_dim), attend_kernel(call, shape.keys))]
+              (rows, shape.keys, call.head_dim), kernel)]
     if shape.copied:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
         elements = shape.batch * (rows + 2 * shape.keys) + tokens * group
         ops.append(Op("copy", elements * per))
+        if call.backward and not (alone and kernel == "kept"):
+            # the merge's backward views q, k and v again (autograd keeps the forward's)
+            ops.append(Op("recopy", shape.batch * (rows + 2 * shape.keys) * per))
     return ops + _restride("dense", tokens, call)
 
 
@@ -241,8 +257,8 @@ class DenseExecutor(Executor):
             return f"no dense form for {gather[0]!r}"
         return None
 
-    def work(self, shape: DenseShape, call, tokens: int = 0) -> list:
-        return dense_work(shape, tokens, call)
+    def work(self, shape: DenseShape, call, tokens: int = 0, alone: bool = False) -> list:
+        return dense_work(shape, tokens, call, alone)
 
     def compile(self, lowered, call, **options):
         return self._backend()(lowered, strategy="terms", terms="dense", **options)

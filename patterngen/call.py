@@ -80,12 +80,15 @@ class Op:
             ``shape`` on ``kernel``), ``numba`` (the kernels: ``count`` pairs), ``copy``
             (``count`` bytes), ``launch`` (``count``
             calls of the path ``kernel``), ``merge`` (``count`` elements merged), ``restride``
-            (``count`` elements of inputs that are not contiguous, copied).
+            (``count`` elements of inputs that are not contiguous, copied), ``recopy``
+            (``count`` bytes copied again in a backward: the merge's views of q, k, v).
         count: how many.
         shape: the shape class: ``(rows, keys, head_dim)`` (``attend``), ``(head_dim,)``
             (``numba``).
-        kernel: which kernel (``matmul``, ``fused``; the lane plan of ``numba``: ``one`` or
-            ``tiles``) or path (``launch``).
+        kernel: which kernel (``matmul``, ``fused``, ``kept``; the lane plan of ``numba``:
+            ``one`` or ``tiles``) or path (``launch``). ``kept`` is the matmul path through
+            torch's autograd, which keeps the probabilities: a dense term that is the whole
+            plan.
     """
 
     kind: str

@@ -659,6 +659,10 @@ def _gather_note(term, head, shape) -> tuple:
     return ("no dense form: " + why,) if isinstance(why, str) else ()
 
 
+def _every_query_has_a_key(term: ir.Term, shape) -> bool:
+    return all(bool((counts > 0).all()) for counts in term.counts(shape))
+
+
 def _pattern_call(call: Call, heads: int) -> Call:
     """``call`` for the ``heads`` heads one listed pattern serves (kv heads folded alike)."""
     group = call.heads // call.kv_heads
@@ -691,11 +695,16 @@ def _plan_terms(lowered, shape, call, rates, table, force):
         ms, lines = rates.price(gather_ex.work(sub, pc), call.backward)
         return ms, tuple(lines)
 
-    def dense_ms(ds, pc):
-        ms, lines = rates.price(dense_ex.work(ds, pc, tokens), call.backward)
+    def dense_ms(ds, pc, alone=False):
+        ms, lines = rates.price(dense_ex.work(ds, pc, tokens, alone), call.backward)
         return ms, tuple(lines)
 
     for p, head in enumerate(lowered.patterns):
+        # a term that would be the whole plan (one listed pattern, one term, a key for every
+        # query, no softcap, no extra keys) runs through torch's autograd when dense
+        alone = (npat == 1 and len(head.terms) == 1 and not call.softcap
+                 and not call.extra_keys and lowered.key_grid is None
+                 and _every_query_has_a_key(head.terms[0], shape))
         pc = _pattern_call(call, len(ir.heads_of(p, npat, call.heads)))
         if force == "gather" or lowered.key_grid is not None:
             # keys on another grid: every term gathers (the dense forms are of one grid)
@@ -707,7 +716,7 @@ def _plan_terms(lowered, shape, call, rates, table, force):
                                 f"which cannot run these inputs ({gather_reason})"), None
         chosen_dense, notes = [], {}
         for term, ds in dense:
-            d_ms, d_lines = dense_ms(ds, pc)
+            d_ms, d_lines = dense_ms(ds, pc, alone)
             if gather_reason is not None or force == "dense":
                 chosen_dense.append((term, ds, d_ms, d_lines))
                 continue

@@ -390,10 +390,10 @@ def test_additional_keys_with_rel_bias_or_on_a_backend_without_them_are_refused(
         fake(q, k, v, additional_keys=ak, additional_values=ak)
 
 
-def test_calibration_measures_inside_no_grad(monkeypatch):
-    # pg.profile compiles under no_grad: measuring the rates there must still run a backward.
-    # Every benchmark runs once for real; its time is a fixed clock (the unit suite times
-    # nothing), the forward+backward twice the forward
+@pytest.fixture
+def fixed_clock(monkeypatch) -> list:
+    """Every micro-benchmark of a calibration runs once for real; its time is a fixed clock
+    (the unit suite times nothing), the forward+backward twice the forward. Returns the runs."""
     runs = []
 
     def once(fn, repeats=7):
@@ -402,6 +402,12 @@ def test_calibration_measures_inside_no_grad(monkeypatch):
         return 1.0 if len(runs) % 2 else 2.0
 
     monkeypatch.setattr(calibrate, "_best_ms", once)
+    return runs
+
+
+def test_calibration_measures_inside_no_grad(fixed_clock):
+    # pg.profile compiles under no_grad: measuring the rates there must still run a backward
+    runs = fixed_clock
     with torch.no_grad():
         rates = calibrate.measure("cpu", "float64", only=("launch/sdpa", "launch/terms"))
     assert runs
@@ -412,6 +418,20 @@ def test_calibration_measures_inside_no_grad(monkeypatch):
             assert rate.call_ms > 0 and rate.backward_factor > 1 and rate != default[name]
         elif name.startswith(("attend/", "numba/", "rows/")):
             assert rate == default[name]
+
+
+def test_calibration_times_every_dense_kernel(fixed_clock, monkeypatch):
+    # each dense micro-benchmark (the kept path's autograd ones included) runs, here on the
+    # smallest shape class only, and gets its measured rate
+    runs = fixed_clock
+    monkeypatch.setattr(calibrate, "ATTEND_ROWS", {k: (16,) for k in calibrate.ATTEND_ROWS})
+    monkeypatch.setattr(calibrate, "ATTEND_KEYS", {k: (16,) for k in calibrate.ATTEND_KEYS})
+    with torch.no_grad():
+        rates = calibrate.measure("cpu", "float32", only=("attend/",))
+    names = [n for n in rates.executors if n.startswith("attend/")]
+    assert len(runs) == 2 * len(names) == 2 * 3 * len(calibrate.ATTEND_DIMS)
+    for name in names:
+        assert rates.executors[name].backward_factor == pytest.approx(2.0)
 
 
 def test_a_dense_term_whose_mask_would_be_too_large_is_gathered():
@@ -524,4 +544,54 @@ def test_a_price_is_the_sum_of_its_ops_at_their_rates():
     mid = rates.unit_rate(Op("attend", 1, (64, 128, 16), "fused"))[1]
     assert min(low, high) <= mid <= max(low, high)
     edge = rates.unit_rate(Op("attend", 1, (4096, 4096, 256), "fused"))[1]
-    assert edge == pytest.approx(r["attend/fused/1024x1024/d64"].pair_ns)
+    assert edge == pytest.approx(r["attend/fused/256x1024/d64"].pair_ns)
+    # in log2 of the shape, the logarithm of the rate (a cost per problem falls off as
+    # 1 / pairs between the points); the backward factors likewise, of the two products
+    ns, factor = rates.unit_rate(Op("attend", 1, (32, 16, 16), "matmul"))[1:]
+    a, b = r["attend/matmul/16x16/d16"], r["attend/matmul/64x16/d16"]
+    assert ns == pytest.approx((a.pair_ns * b.pair_ns) ** 0.5)
+    assert ns * factor == pytest.approx((a.pair_ns * a.backward_factor * b.pair_ns
+                                         * b.backward_factor) ** 0.5)
+
+
+def _autograd_nodes(t) -> set:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            stack += [g for g, _ in f.next_functions]
+    return {type(f).__name__ for f in seen}
+
+
+@pytest.mark.parametrize("pattern, grid, options, extra, kept", [
+    (pg.block(7), (14, 14), {}, False, True),           # Swin's windows: alone, matmul path
+    (pg.axis(0), (12, 6), {}, False, True),
+    (pg.block(7), (14, 14), {"softcap": 5.0}, False, False),
+    (pg.block(7), (14, 14), {}, True, False),           # extra keys: a second part
+    (pg.criss_cross(), (8, 8), {"terms": "dense"}, False, False),  # two dense terms
+    (pg.axis(0), (200, 2), {}, False, False),           # 200 keys: the fused kernel
+    (pg.global_tokens(queries=[(0, 0)]), (6, 6), {}, False, False),  # keyless queries
+])
+def test_a_lone_dense_term_is_priced_on_the_path_it_runs(pattern, grid, options, extra, kept):
+    # the plan prices the probabilities-keeping autograd path (attend/kept) exactly where the
+    # call takes it: its backward then runs through torch's softmax node
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", **options)
+    q, k, v = (torch.randn(1, 2, *grid, 16, requires_grad=True) for _ in range(3))
+    more = {}
+    if extra:
+        more = dict(additional_keys=torch.randn(1, 2, 3, 16), additional_values=torch.randn(
+            1, 2, 3, 16))
+    out = attn(q, k, v, **more)
+    lines = [line for tps in attn.plan.patterns for tp in tps for line in tp.work]
+    assert any("attend/kept" in line for line in lines) == kept
+    assert ("SoftmaxBackward0" in _autograd_nodes(out)) == kept
+    if not kept and attn.plan.patterns[0][0].dense is not None \
+            and attn.plan.patterns[0][0].dense.copied:
+        # the merge's backward views q, k, v again
+        assert any("recopy" in line for line in lines)
+    with torch.no_grad():
+        attn(q, k, v, **more)
+    forward = [line for tps in attn.plan.patterns for tp in tps for line in tp.work]
+    assert any("attend/kept" in line for line in forward) == kept
+    assert not any("recopy" in line for line in forward)

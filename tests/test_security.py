@@ -229,7 +229,7 @@ _GOOD = {"call_ms": 0.1, "pair_ns": 0.2, "backward_factor": 3.0}
 
 @pytest.mark.parametrize("entry, why", [
     (5, r"expected an object of executors, got 5"),
-    ({"copy": _GOOD}, r"no rate for primitives \['attend/fused/1024x1024/d16', .*\] and "
+    ({"copy": _GOOD}, r"no rate for primitives \['attend/fused/16x1024/d16', .*\] and "
                       r"\d+ more"),
     ("nan", r"rate of 'copy': Rate: call_ms=nan; expected a finite number >= 0.0"),
     ("-1", r"rate of 'copy': Rate: call_ms=-1.0; expected a finite number >= 0.0"),
