@@ -189,8 +189,10 @@ class SdpaExecutor(Executor):
         d, per = call.head_dim, call.head_dim * call.itemsize
         tokens = math.prod(lowered.grid.shape)
         for blocks, work in zip(backend.block_sparse(), _heads_per_pattern(lowered, call)):
-            calls = DeviceCalls(blocks["layout"], blocks["groups"], "cpu", torch)
+            layout = blocks["layout"]
+            calls = DeviceCalls(layout, blocks["groups"], "cpu", torch)
             kv = work * call.kv_heads // call.heads
+            key_tokens = layout.key_tokens  # the key grid's, where keys live on another
             for c in calls.calls:
                 keys = c.nk * calls.bk
                 rows = c.count * calls.bq
@@ -213,12 +215,13 @@ class SdpaExecutor(Executor):
                 if call.backward:
                     # each view's backward fills a gradient of the whole q, k or v with zeros,
                     # and the groups' gradients are added up
-                    ops.append(Op("fill", 2 * tokens * (work + 2 * kv) * per))
+                    ops.append(Op("fill", 2 * (tokens * work + 2 * key_tokens * kv) * per))
             if any(c.mask is not None for c in calls.calls):
-                ops.append(Op("scan", 2 * tokens * kv * d))
-            if not (blocks["permutation"] == np.arange(len(blocks["permutation"]))).all():
+                ops.append(Op("scan", 2 * key_tokens * kv * d))
+            if not all((order == np.arange(len(order))).all()
+                       for order in (blocks["permutation"], layout.key_permutation)):
                 # q, k, v into the layout's token order, the output back
-                ops.append(Op("copy", tokens * (2 * work + 2 * kv) * per))
+                ops.append(Op("copy", 2 * (tokens * work + key_tokens * kv) * per))
         return ops
 
 

@@ -165,6 +165,19 @@ def test_auto_prices_sdpa_for_a_key_grid():
     assert plan.strategy == "sdpa" and "over keys on 4x4" in str(plan)
 
 
+def test_sdpa_prices_k_and_v_on_the_key_grid():
+    """Zero-filled gradients, the scan for non-finite keys and the reorder copies count q and
+    the output on the query grid, k and v on the key grid (here 16 times smaller)."""
+    from patterngen.backends import executors
+    from patterngen.call import Call
+
+    call = Call(batch=2, heads=4, head_dim=8, backward=True)
+    per = call.head_dim * call.itemsize
+    ops = executors()["sdpa"].work(pg.lower(pg.window(5), (32, 32), key_grid=(8, 8)), call)
+    fills = [op.count for op in ops if op.kind == "fill"]
+    assert fills and all(n == 2 * (32 * 32 + 2 * 8 * 8) * 2 * 4 * per for n in fills)
+
+
 def random_case(seed):
     """A random spec (valid on axes of 7 and more) on a random grid pair, often one whose
     sizes divide (so the tiles that line the grids up are tried)."""
