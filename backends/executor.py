@@ -93,19 +93,24 @@ def _heads_per_pattern(lowered, call: Call) -> list[int]:
 
 
 def numba_work(lowered, call: Call, launch: str) -> list:
-    """The numba kernels on ``lowered``: the pairs they compute and the key rows they visit
-    with their lane plan (tiles of queries that share keys compute each tile's union), and one
-    call of the ``launch`` path."""
+    """The numba kernels on ``lowered``: the pairs they compute with their lane plan (tiles of
+    queries that share keys compute each tile's union), their queries, the key rows they visit
+    and the keys their forward buffers one at a time (:mod:`.numba.counts`), and one call of
+    the ``launch`` path."""
     from .numba import executed, plan_lanes
+    from .numba.counts import kernel_counts
+    from .numba.tiling import runs_first
 
+    lowered = runs_first(lowered)  # the kernels' order of terms, as the backend runs them
     shape = lowered.grid.shape
     lanes, shared = plan_lanes(lowered, shape)
     work = _heads_per_pattern(lowered, call)
-    pairs, rows = (sum(n * w for n, w in zip(counts, work))
-                   for counts in executed(lowered, shape, lanes, shared))
-    kind = "tiles" if lanes else "one"
-    return [Op("launch", 1, kernel=launch), Op("numba", pairs, (call.head_dim,), kind),
-            Op("rows", rows, (call.head_dim,), kind)]
+    pairs = sum(n * w for n, w in zip(executed(lowered, shape, lanes, shared)[0], work))
+    counts = kernel_counts(lowered, shape, lanes, shared)
+    kind, d = "tiles" if lanes else "one", (call.head_dim,)
+    return [Op("launch", 1, kernel=launch), Op("numba", pairs, d, kind),
+            *(Op(what, sum(getattr(c, what) * w for c, w in zip(counts, work)), d, kind)
+              for what in ("queries", "rows", "loose"))]
 
 
 def attend_kernel(call: Call, keys: int) -> str:

@@ -35,7 +35,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 3
+VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,17 @@ class Rate:
 #: matmuls; ``fused``: the fused kernel that returns the log-sum-exp; ``kept``: bmm, softmax,
 #: bmm through torch's autograd, which keeps the probabilities for its backward, as a dense
 #: term that runs alone does), and the numba kernels one query at a time (``one``) or in tiles
-#: of queries that share keys (``tiles``). Beyond the largest rows the rate per pair is flat
-#: (the edge's is used)
+#: of queries that share keys (``tiles``), their counts (``NUMBA_COUNTS``,
+#: :mod:`patterngen.backends.numba.counts`) at each head_dim. Beyond the largest rows the rate
+#: per pair is flat (the edge's is used)
 ATTEND_ROWS = {"matmul": (16, 64, 256), "fused": (16, 64, 256), "kept": (16, 64, 256)}
 ATTEND_KEYS = {"matmul": (16, 64, 128), "fused": (16, 64, 256, 1024), "kept": (16, 64, 128)}
 ATTEND_DIMS = (16, 64)
 NUMBA_LANES = ("one", "tiles")
 NUMBA_DIMS = (16, 32, 64)
+#: what the numba kernels are priced on: pairs (times head_dim), queries, key rows visited and
+#: keys their forward buffers one at a time
+NUMBA_COUNTS = ("numba", "queries", "rows", "loose")
 #: fixed costs per call of each path: a whole-pattern backend's Python, the term-wise path's
 #: own (its operator, the merge's bookkeeping), and one torch kernel launch
 LAUNCHES = ("numba", "sdpa", "terms", "kernel")
@@ -91,7 +95,7 @@ def _names() -> list[str]:
     """Every primitive a calibration holds a rate for."""
     names = [attend_name(kernel, m, n, d) for kernel, keys in ATTEND_KEYS.items()
              for m in ATTEND_ROWS[kernel] for n in keys for d in ATTEND_DIMS]
-    names += [numba_name(lanes, d, what) for what in ("numba", "rows") for lanes in NUMBA_LANES
+    names += [numba_name(lanes, d, what) for what in NUMBA_COUNTS for lanes in NUMBA_LANES
               for d in NUMBA_DIMS]
     return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "band", "fill", "scan",
                                                         "merge"]
@@ -116,9 +120,10 @@ class Rates:
     Attributes:
         executors: ``{primitive: Rate}`` (the names of :func:`_names`): ``attend/...`` per
             kernel and shape class (``pair_ns`` per pair and head_dim element), ``numba/...``
-            per lane plan and head_dim (the same unit), ``launch/...`` (``call_ms`` per call),
-            ``copy`` (``pair_ns`` per byte copied), ``gather`` (per byte gathered by an
-            index), ``band`` (per byte of overlapping windows of key blocks, the
+            per lane plan and head_dim (the same unit), ``queries/...``, ``rows/...`` and
+            ``loose/...`` (ns per query, key row, key buffered alone), ``launch/...``
+            (``call_ms`` per call), ``copy`` (``pair_ns`` per byte copied), ``gather`` (per
+            byte gathered by an index), ``band`` (per byte of overlapping windows of key blocks, the
             ``unfold_backward`` of their view, in a backward only), ``fill`` (per byte of
             gradient zero-filled and added, in a backward only), ``scan`` (per element
             checked for non-finite values) and ``merge`` (per token and head_dim element of
@@ -165,7 +170,7 @@ class Rates:
                 weights.append(math.prod(w for _, w in pick))
             ns, factor = self._interp(names, weights, geometric=True)
             return op.count * m * n * d, ns, factor
-        if op.kind in ("numba", "rows"):
+        if op.kind in NUMBA_COUNTS:
             (d,) = op.shape
             i, j, w = _bracket(NUMBA_DIMS, d)
             ns, factor = self._interp([numba_name(op.kernel, NUMBA_DIMS[i], op.kind),
@@ -208,8 +213,8 @@ class Rates:
 def _default_cuda(name: str) -> Rate:
     if name.startswith("launch/"):
         return Rate(1e9 if name == "launch/numba" else 0.02, 0.0, 3.0)
-    if name.startswith(("numba/", "rows/")):
-        return Rate(0.0, 1.0, 3.0)
+    if name.split("/")[0] in NUMBA_COUNTS:
+        return Rate(0.0, 1.0 if name.startswith("numba/") else 0.0, 3.0)
     return Rate(0.0, 0.0005, 3.0)
 
 
@@ -249,7 +254,13 @@ _CPU_NUMBA = {("numba", "one", 16): (0.22, 3.9), ("numba", "one", 32): (0.136, 3
               ("numba", "tiles", 32): (0.145, 3.9), ("numba", "tiles", 64): (0.053, 3.9),
               ("rows", "one", 16): (8.4, 1.0), ("rows", "one", 32): (4.6, 1.0),
               ("rows", "one", 64): (4.6, 1.0), ("rows", "tiles", 16): (0.0, 1.0),
-              ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0)}
+              ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0),
+              ("queries", "one", 16): (0.0, 1.0), ("queries", "one", 32): (0.0, 1.0),
+              ("queries", "one", 64): (0.0, 1.0), ("queries", "tiles", 16): (0.0, 1.0),
+              ("queries", "tiles", 32): (0.0, 1.0), ("queries", "tiles", 64): (0.0, 1.0),
+              ("loose", "one", 16): (0.0, 1.0), ("loose", "one", 32): (0.0, 1.0),
+              ("loose", "one", 64): (0.0, 1.0), ("loose", "tiles", 16): (0.0, 1.0),
+              ("loose", "tiles", 32): (0.0, 1.0), ("loose", "tiles", 64): (0.0, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.13, 0.0, 2.6), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
@@ -262,7 +273,7 @@ def _default_cpu(name: str) -> Rate:
         m, n = map(int, parts[2].split("x"))
         ns16, ns64, factor = (_CPU_ATTEND.get(parts[1]) or _CPU_ATTEND["matmul"])[m, n]
         return Rate(0.0, ns16 if parts[3] == "d16" else ns64, factor)
-    if parts[0] in ("numba", "rows"):
+    if parts[0] in NUMBA_COUNTS:
         ns, factor = _CPU_NUMBA[parts[0], parts[1], int(parts[2][1:])]
         return Rate(0.0, ns, factor)
     return Rate(*_CPU_OTHER[name])
@@ -417,7 +428,8 @@ class _Bench:
     both: object
     units: int
     best: list = field(default_factory=lambda: [math.inf, math.inf])
-    rows: int = 0
+    #: a numba bench's units, queries, key rows and loose keys (:data:`NUMBA_COUNTS`)
+    counts: tuple = ()
 
     def run(self, repeats: int) -> None:
         self.best[0] = min(self.best[0], _best_ms(self.forward, repeats))
@@ -500,68 +512,99 @@ def _pattern_bench(name, attn, grid, d, device, dt, units=None) -> _Bench:
     return _Bench(name, fwd, both, units or 1)
 
 
+#: the numba calibration's patterns: ``(lanes, pattern, grid, head_dims)``. One query at a
+#: time, long and short 1-D rows separate the cost per pair from the cost per query, a 2-D
+#: neighbourhood (five rows per query) the cost per row, a dilated window (its keys one at a
+#: time) the cost per loose key; tiles take long and short 1-D rows and 8x8 blocks (eight rows
+#: per tile). Patterns of one shape share a compiled module (the grid and the extents are the
+#: kernels' arguments), and the specialised kernel (head_dim 64) takes the 1-D windows only,
+#: so a calibration compiles seven modules.
+NUMBA_CASES = (
+    (0, ("window", 64), (2048,), NUMBA_DIMS), (0, ("window", 9), (8192,), NUMBA_DIMS),
+    (0, ("window", 5), (64, 64), NUMBA_DIMS[:2]),
+    (0, ("window", 9, 2), (8192,), NUMBA_DIMS[:2]),
+    (8, ("window", 64), (2048,), NUMBA_DIMS), (8, ("window", 32), (4096,), NUMBA_DIMS),
+    (8, ("block", 8), (64, 64), NUMBA_DIMS[:2]),
+)
+
+
 def _numba_benches(device, dtype, dt) -> list:
-    """The numba kernels one query at a time on a pattern of short key rows (generic kernel:
-    head_dims 16 and 32) and one of long rows, in tiles on the long rows, and their call on a
-    grid too small for anything else to count. Each pattern and kernel is one compile, most
-    of a calibration's time, so the points are few: five modules."""
+    """The numba kernels on :data:`NUMBA_CASES`, each bench with its counts (two heads), and
+    their call on a grid too small for anything else to count."""
     from . import spec
+    from .backends.numba.counts import kernel_counts
     from .compile import compile as compile_pattern
 
-    # one query at a time, short and long rows: the two points separate the cost per pair
-    # from the cost per row; the specialised kernel (head_dim 64) and the tiles take the
-    # long rows only
-    cases = (("one", 0, spec.window(5), (32, 32), NUMBA_DIMS[:2]),
-             ("one", 1, spec.window(64), (2048,), NUMBA_DIMS),
-             ("tiles", 1, spec.window(64), (2048,), NUMBA_DIMS))
     out = []
-    for lanes, i, pattern, grid, dims in cases:
-        options = {"lanes": 0} if lanes == "one" else {}
-        attn = compile_pattern(pattern, grid, backend="numba", device=device, dtype=dtype,
-                               **options)
+    for i, (lanes, (kind, *args), grid, dims) in enumerate(NUMBA_CASES):
+        attn = compile_pattern(getattr(spec, kind)(*args), grid, backend="numba",
+                               device=device, dtype=dtype, lanes=lanes)
+        (counts,) = kernel_counts(attn.ir, attn.shape, attn.lanes, attn.shared)
         for d in dims:
-            bench = _pattern_bench(f"{numba_name(lanes, d)}#{i}", attn, grid, d, device, dt,
-                                   2 * sum(attn.executed_pairs) * d)
-            bench.rows = 2 * sum(attn.executed_rows)
+            bench = _pattern_bench(f"{numba_name(_lane_plan(lanes), d)}#{i}", attn, grid, d,
+                                   device, dt, 2 * sum(attn.executed_pairs) * d)
+            bench.counts = (bench.units, 2 * counts.queries, 2 * counts.rows, 2 * counts.loose)
             out.append(bench)
     tiny = compile_pattern(spec.window(5), (5, 5), backend="numba", device=device, dtype=dtype,
-                           lanes=0)  # the short rows' module: no compile of its own
+                           lanes=0)  # the 2-D neighbourhood's module: no compile of its own
     out.append(_pattern_bench("launch/numba", tiny, (5, 5), 16, device, dt))
     return out
 
 
+def _lane_plan(lanes: int) -> str:
+    return NUMBA_LANES[bool(lanes)]
+
+
+def _nonnegative_fit(rows: list, times: list, fixed: dict) -> list:
+    """Least squares ``times ~ rows @ x`` with ``x >= 0``: a column whose coefficient comes out
+    negative (or that no row exercises) is set to 0 and the rest fitted again; ``fixed``
+    ``{column: value}`` holds those columns at a value taken elsewhere."""
+    import numpy as np
+
+    a, t = np.array(rows, dtype=float), np.array(times, dtype=float)
+    x = np.zeros(a.shape[1])
+    for c, value in fixed.items():
+        x[c] = value
+    t = t - a @ x
+    free = [c for c in range(a.shape[1]) if c not in fixed and a[:, c].any()]
+    while free:
+        sol = np.linalg.lstsq(a[:, free], t, rcond=None)[0]
+        if (sol >= 0).all():
+            x[free] = sol
+            break
+        free = [c for c, v in zip(free, sol) if v > 0]
+    return list(x)
+
+
 def _solve_numba(table, benches, best) -> None:
-    """Per lane plan and head_dim, ns per pair and head_dim element and ns per row, from the
-    points less the call: ``t = units * a + rows * b``, both at least 0. With two points
-    (short and long rows), both; with one, ``b`` of the nearest head_dim solved for this lane
-    plan (the cost of a row is its loop's, not its keys'), else 0."""
+    """Per lane plan and head_dim, ns per pair and head_dim element, per query, per row and per
+    loose key, fitted to the points less the call (forward, then forward + backward, where the
+    loose keys keep their forward cost: the backward buffers every key alone, a cost its pairs
+    carry). Where a head_dim's points cannot separate a count (the specialised kernel's), the
+    nearest head_dim's rate of it is kept; tiles take the loose keys' rate of the one-query
+    kernels (their lane-by-lane terms run the same loops)."""
     calls = best["launch/numba"]
+    solved = {}
     for lanes in NUMBA_LANES:
-        rows_ns = None
         for d in NUMBA_DIMS:
-            points = [(b.units, b.rows, [max(best[b.name][p] - calls[p], 0.1 * best[b.name][p])
-                                         for p in (0, 1)])
-                      for b in benches if b.name.startswith(numba_name(lanes, d) + "#")]
-            rates = []
-            for p in (0, 1):  # forward, forward + backward
-                if len(points) == 2:
-                    (u1, r1, t1), (u2, r2, t2) = ((u, r, t[p]) for u, r, t in points)
-                    det = u1 * r2 - u2 * r1
-                    a = (t1 * r2 - t2 * r1) / det if det else 0.0
-                    b = (u1 * t2 - u2 * t1) / det if det else 0.0
-                    if a <= 0 or b < 0:  # no row cost to separate: one rate per pair
-                        a, b = (t1 + t2) / (u1 + u2), 0.0
-                else:
-                    ((u, r, t),) = points
-                    b = rows_ns[p] / 1e6 if rows_ns else 0.0
-                    a = max(t[p] - r * b, 0.1 * t[p]) / u
-                rates.append((a * 1e6, b * 1e6))
-            if len(points) == 2:
-                rows_ns = (rates[0][1], rates[1][1])
-            (fa, fb), (ba, bb) = rates
-            table[numba_name(lanes, d)] = Rate(0.0, fa, max(ba / fa, 1.0))
-            table[numba_name(lanes, d, "rows")] = Rate(0.0, fb, max(bb / fb, 1.0) if fb else
-                                                       max(ba / fa, 1.0))
+            points = [b for b in benches if b.name.startswith(numba_name(lanes, d) + "#")]
+            times = [[max(best[b.name][p] - calls[p], 0.1 * best[b.name][p]) * 1e6
+                      for b in points] for p in (0, 1)]
+            rows = [b.counts for b in points]
+            near = solved.get((lanes, NUMBA_DIMS[1]))
+            fixed = {}
+            if near and len(points) < sum(any(r[c] for r in rows) for c in range(4)):
+                fixed = {c: near for c in (2, 3)}  # rows and loose keys: their loops
+            if lanes == "tiles":
+                fixed[3] = solved["one", d]
+            fwd = _nonnegative_fit(rows, times[0], {c: s[0][c] for c, s in fixed.items()})
+            # the backward buffers every key alone: the loose keys cost their forward only
+            both = _nonnegative_fit(rows, times[1], {c: s[1][c] for c, s in fixed.items()}
+                                    | {3: fwd[3]})
+            solved[lanes, d] = fwd, both
+            for what, f, w in zip(NUMBA_COUNTS, fwd, both):
+                f = f or w / 1000  # a cost of the backward alone, as a factor of the forward's
+                table[numba_name(lanes, d, what)] = Rate(0.0, f, max(w / f, 1.0) if f else 1.0)
 
 
 def _overhead_benches(device, dtype, dt) -> list:
@@ -658,7 +701,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     progress = _Progress(device, dtype)
     # each group of benchmarks, and the names it measures (built only when one is wanted)
     groups = ((("attend/",), lambda: _attend_benches(device, dt)),
-              (("numba/", "rows/", "launch/numba"), lambda: _numba_benches(device, dtype, dt)),
+              (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
+               lambda: _numba_benches(device, dtype, dt)),
               (("launch/kernel", "launch/sdpa", "launch/terms", "copy", "gather", "band", "fill",
                 "scan", "merge"),
                lambda: _overhead_benches(device, dtype, dt)))
@@ -684,11 +728,11 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
         factor = max(both / fwd, 1.0)
         if name.startswith("launch/"):
             table[name] = Rate(fwd, 0.0, factor)
-        elif name.startswith("numba/"):
-            continue  # solved together (_solve_numba)
+        elif "#" in name:
+            continue  # a numba point, solved together (_solve_numba)
         else:
             table[name] = Rate(0.0, fwd * 1e6 / units[name], fixed.get(name, factor))
-    if any(name.startswith("numba/") for name in best):
+    if "launch/numba" in best:
         _solve_numba(table, benches, best)
     progress.done()
     return Rates(table, "measured")

@@ -525,6 +525,73 @@ def test_each_executor_reports_the_pairs_it_computes(pattern, grid):
         assert attended(table["dense"].work(shape, call, 0)) == shape.executed_pairs * 2 * 3
 
 
+def _keys_per_axis(term, shape, i):
+    from patterngen import ir
+
+    keys = []
+    for rel, n, c in zip(term.rels, shape, i):
+        lo, hi = (int(np.asarray(x).reshape(-1)[0])
+                  for x in rel.bounds(np.array([c]), n, ir.NUMPY_OPS, n))
+        keys.append(len(range(lo, max(hi, lo), int(rel.step))))
+    return int(np.prod(keys[:-1])), keys[-1]
+
+
+def _walk_forward_loops(lowered, chunk, lanes=0):
+    """Queries, key rows and keys buffered one at a time by the forward, walking its loops
+    (source.py). One query at a time: per term, the outer axes' keys, then the last axis's as
+    one run (the first term on a contiguous axis, when the run fits the buffer's room) or key
+    by key (every key of a later term, held earlier or not). In tiles whose lanes share every
+    term: per tile and term, the outer axes' keys of the tile's row, the union key by key."""
+    shape = lowered.grid.shape
+    rows = loose = 0
+    if lanes:
+        for i in np.ndindex(*shape[:-1], -(-shape[-1] // lanes)):
+            rows += sum(_keys_per_axis(term, shape, (*i[:-1], i[-1] * lanes))[0]
+                        for term in lowered.terms)
+        return int(np.prod(shape)), rows, 0
+    for i in np.ndindex(*shape):
+        cnt = 0
+        for t, term in enumerate(lowered.terms):
+            outer, last = _keys_per_axis(term, shape, i)
+            rows += outer
+            for _ in range(outer):
+                if t == 0 and int(term.rels[-1].step) == 1 and 0 < last <= chunk - cnt:
+                    cnt += last
+                    continue
+                for _ in range(last):
+                    cnt = (cnt if cnt < chunk else 0) + 1
+                    loose += 1
+    return int(np.prod(shape)), rows, loose
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.window(5), (9, 9)), (pg.window(13), (16, 16)), (pg.window(4, dilation=2), (11, 10)),
+    (pg.window((3, 7, 7)), (4, 9, 9)), (pg.window(200), (300,)), (pg.window(9), (20,)),
+    (pg.window(3) | pg.axis(0), (6, 7)), (pg.criss_cross(), (8, 8)),
+    (pg.block(4, offset=1), (9, 8)), (pg.window(7, stride=2), (12, 12))])
+def test_the_numba_counts_are_the_forward_loops(pattern, grid):
+    # the planner prices the kernels on these counts; a walk of the loops gives them exactly,
+    # one query at a time for every pattern and in the tiles the planner picks
+    from patterngen.backends import executors
+    from patterngen.backends.numba import source
+    from patterngen.backends.numba.counts import kernel_counts
+    from patterngen.backends.numba.tiling import plan_lanes, runs_first
+    from patterngen.call import Call
+
+    lowered = runs_first(pg.lower(pattern, grid))
+    [one] = kernel_counts(lowered, grid, 0, None)
+    assert (one.queries, one.rows, one.loose) == _walk_forward_loops(lowered, source.KEY_CHUNK)
+    lanes, shared = plan_lanes(lowered, grid)
+    ops = {op.kind: op for op in executors()["numba"].work(
+        lowered, Call(batch=2, heads=3, head_dim=8)) if op.kind != "launch"}
+    assert {op.kernel for op in ops.values()} == {"tiles" if lanes else "one"}
+    assert all(op.shape == (8,) for op in ops.values())
+    if lanes:
+        assert all(map(all, shared))  # every term shared: what the tile walk knows
+    assert [ops[k].count for k in ("queries", "rows", "loose")] == [
+        6 * n for n in _walk_forward_loops(lowered, source.KEY_CHUNK, lanes)]
+
+
 def test_a_price_is_the_sum_of_its_ops_at_their_rates():
     from patterngen.call import Op
 
