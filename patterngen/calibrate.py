@@ -120,10 +120,10 @@ class Rates:
     Attributes:
         executors: ``{primitive: Rate}`` (the names of :func:`_names`): ``attend/...`` per
             kernel and shape class (``pair_ns`` per pair and head_dim element), ``numba/...``
-            per lane plan and head_dim (the same unit), ``queries/...``, ``rows/...`` and
-            ``loose/...`` (ns per query, key row, key buffered alone), ``launch/...``
-            (``call_ms`` per call), ``copy`` (``pair_ns`` per byte copied), ``gather`` (per
-            byte gathered by an index), ``band`` (per byte of overlapping windows of key blocks, the
+            per lane plan and head_dim (the same unit), ``queries/...``, ``rows/...``,
+            ``loose/...`` (ns per query, key row, loose key), ``launch/...`` (ms per call),
+            ``copy`` (``pair_ns`` per byte copied), ``gather`` (per byte gathered by an
+            index), ``band`` (per byte of overlapping windows of key blocks, the
             ``unfold_backward`` of their view, in a backward only), ``fill`` (per byte of
             gradient zero-filled and added, in a backward only), ``scan`` (per element
             checked for non-finite values) and ``merge`` (per token and head_dim element of
