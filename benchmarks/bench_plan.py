@@ -18,6 +18,7 @@ Run:
     python benchmarks/bench_plan.py --random 0 --workloads W2,W3-shift --strategies terms,numba
     python benchmarks/bench_plan.py --forward-only --seed 1
     python benchmarks/bench_plan.py --threads 1 --autotune       # auto measures close calls
+    python benchmarks/bench_plan.py --random 0 --numba-only      # the numba kernels' rows
 """
 
 from __future__ import annotations
@@ -164,10 +165,10 @@ def _candidates(w: Workload, backward: bool, rates, allowed) -> dict:
 
 
 def run_workload(w: Workload, backward: bool, rates, allowed, rounds: int, budget_s: float,
-                 autotune: bool = False):
+                 autotune: bool = False, numba_only: bool = False):
     """Rows ``(strategy, predicted ms, measured ms)`` and the strategy ``auto`` chose
     (``autotune``: with ``pg.compile(..., autotune=True)``, which times its close candidates
-    on the warm-up call)."""
+    on the warm-up call; ``numba_only``: the rows whose plan runs the numba kernels)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v, table = _inputs(w, gen)
     compiled = {"auto": pg.compile(w.spec, w.grid, backend="auto", rates=rates,
@@ -184,8 +185,14 @@ def run_workload(w: Workload, backward: bool, rates, allowed, rounds: int, budge
             steps.pop(name, None)
     measured = _interleaved(steps, rounds, budget_s)
     # each compiled attention's plan is its last call's (with autotune, the winner's)
-    rows = [(name, compiled[name].plan.predicted_ms, ms) for name, ms in measured.items()]
+    rows = [(name, compiled[name].plan.predicted_ms, ms) for name, ms in measured.items()
+            if not numba_only or _runs_numba(compiled[name].plan)]
     return rows, compiled["auto"].plan.strategy
+
+
+def _runs_numba(plan) -> bool:
+    """Whether ``plan`` runs the numba kernels: the whole pattern, or a gather group."""
+    return any(term.executor in ("numba", "gather") for head in plan.patterns for term in head)
 
 
 def _ratio_ok(ratio, bounds) -> bool:
@@ -202,6 +209,9 @@ def main(argv=None) -> int:
     parser.add_argument("--strategies", default=None,
                         help="restrict to these strategies (terms,numba,sdpa,flex)")
     parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--numba-only", action="store_true",
+                        help="only the rows whose plan runs the numba kernels (the numba "
+                             "strategy, term-wise plans with a gather group); no auto verdicts")
     parser.add_argument("--recalibrate", action="store_true", help="measure the rates again")
     parser.add_argument("--autotune", action="store_true",
                         help="auto times the strategies predicted close (patterngen.autotune)")
@@ -232,7 +242,7 @@ def main(argv=None) -> int:
             for backward in ([False] if args.forward_only else [False, True]):
                 pass_ = "fwd+bwd" if backward else "fwd"
                 rows, chosen = run_workload(w, backward, rates, allowed, args.rounds,
-                                            args.budget, args.autotune)
+                                            args.budget, args.autotune, args.numba_only)
                 for name, predicted, ms in rows:
                     ratio = ms / predicted
                     if name != "auto":
@@ -241,6 +251,8 @@ def main(argv=None) -> int:
                           f"{pass_} | {name} | {'yes' if name == chosen else ''} | "
                           f"{predicted:.3g} | {ms:.3g} | {ratio:.2f} |", flush=True)
                 forced = {name: ms for name, _, ms in rows if name != "auto"}
+                if args.numba_only:
+                    continue
                 auto_ms = dict((n, ms) for n, _, ms in rows)["auto"]
                 fastest = min(forced, key=forced.get)
                 verdicts[suite].append(auto_ms / forced[fastest])
