@@ -494,11 +494,11 @@ def _kept_bench(q, k, v, dout):
     return fwd, both
 
 
-def _pattern_bench(name, attn, grid, d, device, dt, units=None) -> _Bench:
-    """A compiled attention on ``(1, 2, *grid, d)`` inputs, inference and training."""
+def _pattern_bench(name, attn, grid, d, device, dt, units=None, heads=2) -> _Bench:
+    """A compiled attention on ``(1, heads, *grid, d)`` inputs, inference and training."""
     import torch
 
-    q, k, v = (torch.randn(1, 2, *grid, d, device=device, dtype=dt).requires_grad_()
+    q, k, v = (torch.randn(1, heads, *grid, d, device=device, dtype=dt).requires_grad_()
                for _ in range(3))
 
     def fwd():
@@ -513,24 +513,26 @@ def _pattern_bench(name, attn, grid, d, device, dt, units=None) -> _Bench:
 
 
 #: the numba calibration's patterns: ``(lanes, pattern, grid, head_dims)``. One query at a
-#: time, long and short 1-D rows separate the cost per pair from the cost per query, a 2-D
-#: neighbourhood (five rows per query) the cost per row, a dilated window (its keys one at a
-#: time) the cost per loose key; tiles take long and short 1-D rows and 8x8 blocks (eight rows
+#: time, 1-D windows of 9, 64 and 200 keys separate the cost per pair, per query and per loose
+#: key (a row longer than the key buffer goes key by key), a 2-D neighbourhood (five rows per
+#: query) the cost per row; tiles take 1-D windows of 32 and 64 keys and 8x8 blocks (eight rows
 #: per tile). Patterns of one shape share a compiled module (the grid and the extents are the
 #: kernels' arguments), and the specialised kernel (head_dim 64) takes the 1-D windows only,
-#: so a calibration compiles seven modules.
+#: so a calibration compiles six modules.
 NUMBA_CASES = (
     (0, ("window", 64), (2048,), NUMBA_DIMS), (0, ("window", 9), (8192,), NUMBA_DIMS),
-    (0, ("window", 5), (64, 64), NUMBA_DIMS[:2]),
-    (0, ("window", 9, 2), (8192,), NUMBA_DIMS[:2]),
+    (0, ("window", 200), (1024,), NUMBA_DIMS), (0, ("window", 5), (64, 64), NUMBA_DIMS[:2]),
     (8, ("window", 64), (2048,), NUMBA_DIMS), (8, ("window", 32), (4096,), NUMBA_DIMS),
     (8, ("block", 8), (64, 64), NUMBA_DIMS[:2]),
 )
+#: heads of the numba calibration's inputs: the backward's dk and dv need no copy per split
+#: at two threads (``NumbaBackend.backward_numpy``), as in most calls
+NUMBA_HEADS = 4
 
 
 def _numba_benches(device, dtype, dt) -> list:
-    """The numba kernels on :data:`NUMBA_CASES`, each bench with its counts (two heads), and
-    their call on a grid too small for anything else to count."""
+    """The numba kernels on :data:`NUMBA_CASES`, each bench with its counts, and their call on
+    a grid too small for anything else to count."""
     from . import spec
     from .backends.numba.counts import kernel_counts
     from .compile import compile as compile_pattern
@@ -542,12 +544,14 @@ def _numba_benches(device, dtype, dt) -> list:
         (counts,) = kernel_counts(attn.ir, attn.shape, attn.lanes, attn.shared)
         for d in dims:
             bench = _pattern_bench(f"{numba_name(_lane_plan(lanes), d)}#{i}", attn, grid, d,
-                                   device, dt, 2 * sum(attn.executed_pairs) * d)
-            bench.counts = (bench.units, 2 * counts.queries, 2 * counts.rows, 2 * counts.loose)
+                                   device, dt, NUMBA_HEADS * sum(attn.executed_pairs) * d,
+                                   NUMBA_HEADS)
+            bench.counts = (bench.units, *(NUMBA_HEADS * n for n in (
+                counts.queries, counts.rows, counts.loose)))
             out.append(bench)
     tiny = compile_pattern(spec.window(5), (5, 5), backend="numba", device=device, dtype=dtype,
                            lanes=0)  # the 2-D neighbourhood's module: no compile of its own
-    out.append(_pattern_bench("launch/numba", tiny, (5, 5), 16, device, dt))
+    out.append(_pattern_bench("launch/numba", tiny, (5, 5), 16, device, dt, heads=NUMBA_HEADS))
     return out
 
 
@@ -580,9 +584,9 @@ def _solve_numba(table, benches, best) -> None:
     """Per lane plan and head_dim, ns per pair and head_dim element, per query, per row and per
     loose key, fitted to the points less the call (forward, then forward + backward, where the
     loose keys keep their forward cost: the backward buffers every key alone, a cost its pairs
-    carry). Where a head_dim's points cannot separate a count (the specialised kernel's), the
-    nearest head_dim's rate of it is kept; tiles take the loose keys' rate of the one-query
-    kernels (their lane-by-lane terms run the same loops)."""
+    carry). Where a head_dim's points cannot separate the rows (the specialised kernel's, on
+    1-D windows only), head_dim 32's rate of them is kept; tiles take the loose keys' rate of
+    the one-query kernels (their lane-by-lane terms run the same loops)."""
     calls = best["launch/numba"]
     solved = {}
     for lanes in NUMBA_LANES:
@@ -594,7 +598,7 @@ def _solve_numba(table, benches, best) -> None:
             near = solved.get((lanes, NUMBA_DIMS[1]))
             fixed = {}
             if near and len(points) < sum(any(r[c] for r in rows) for c in range(4)):
-                fixed = {c: near for c in (2, 3)}  # rows and loose keys: their loops
+                fixed = {2: near}  # the rows' loop, the same at every head_dim
             if lanes == "tiles":
                 fixed[3] = solved["one", d]
             fwd = _nonnegative_fit(rows, times[0], {c: s[0][c] for c, s in fixed.items()})
