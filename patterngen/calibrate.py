@@ -559,7 +559,7 @@ def _lane_plan(lanes: int) -> str:
     return NUMBA_LANES[bool(lanes)]
 
 
-def _nonnegative_fit(rows: list, times: list, fixed: dict) -> list:
+def nonnegative_fit(rows: list, times: list, fixed: dict) -> list:
     """Least squares ``times ~ rows @ x`` with ``x >= 0``: a column whose coefficient comes out
     negative (or that no row exercises) is set to 0 and the rest fitted again; ``fixed``
     ``{column: value}`` holds those columns at a value taken elsewhere."""
@@ -601,9 +601,9 @@ def _solve_numba(table, benches, best) -> None:
                 fixed = {2: near}  # the rows' loop, the same at every head_dim
             if lanes == "tiles":
                 fixed[3] = solved["one", d]
-            fwd = _nonnegative_fit(rows, times[0], {c: s[0][c] for c, s in fixed.items()})
+            fwd = nonnegative_fit(rows, times[0], {c: s[0][c] for c, s in fixed.items()})
             # the backward buffers every key alone: the loose keys cost their forward only
-            both = _nonnegative_fit(rows, times[1], {c: s[1][c] for c, s in fixed.items()}
+            both = nonnegative_fit(rows, times[1], {c: s[1][c] for c, s in fixed.items()}
                                     | {3: fwd[3]})
             solved[lanes, d] = fwd, both
             for what, f, w in zip(NUMBA_COUNTS, fwd, both):

@@ -592,6 +592,23 @@ def test_the_numba_counts_are_the_forward_loops(pattern, grid):
         6 * n for n in _walk_forward_loops(lowered, source.KEY_CHUNK, lanes)]
 
 
+def test_the_numba_rates_are_a_nonnegative_least_squares_fit():
+    # the calibration's points as (units, queries, rows, loose keys) -> ns; exact data gives
+    # the rates back, a rate the points make negative is 0, a fixed one is held
+    rates = np.array([0.1, 40.0, 6.0, 2.0])
+    points = [(64 * 32 * 2048, 2048, 2048, 0), (9 * 32 * 8192, 8192, 8192, 0),
+              (200 * 32 * 1024, 1024, 1024, 200 * 1024), (25 * 32 * 4096, 4096, 5 * 4096, 0)]
+    times = [float(np.dot(p, rates)) for p in points]
+    assert calibrate.nonnegative_fit(points, times, {}) == pytest.approx(list(rates))
+    assert calibrate.nonnegative_fit(points, times, {2: 6.0}) == pytest.approx(list(rates))
+    noisy = calibrate.nonnegative_fit(points[:3], [t * 0.5 for t in times[:3]], {2: 30.0})
+    assert noisy[2] == 30.0 and min(noisy) >= 0.0
+    # a count no point exercises gets no rate
+    assert calibrate.nonnegative_fit([p[:3] + (0,) for p in points],
+                                     [float(np.dot(p[:3], rates[:3])) for p in points],
+                                     {})[3] == 0.0
+
+
 def test_a_price_is_the_sum_of_its_ops_at_their_rates():
     from patterngen.call import Op
 
