@@ -513,17 +513,19 @@ def _pattern_bench(name, attn, grid, d, device, dt, units=None, heads=2) -> _Ben
 
 
 #: the numba calibration's patterns: ``(lanes, pattern, grid, head_dims)``. One query at a
-#: time, 1-D windows of 9, 64 and 200 keys separate the cost per pair, per query and per loose
-#: key (a row longer than the key buffer goes key by key), a 2-D neighbourhood (five rows per
-#: query) the cost per row; tiles take 1-D windows of 32 and 64 keys and 8x8 blocks (eight rows
-#: per tile). Patterns of one shape share a compiled module (the grid and the extents are the
-#: kernels' arguments), and the specialised kernel (head_dim 64) takes the 1-D windows only,
-#: so a calibration compiles six modules.
+#: time, 1-D windows of 9 to 200 keys separate the cost per pair, per query and per loose key
+#: (a row longer than the key buffer goes key by key), 2-D neighbourhoods (five and nine rows
+#: per query) the cost per row; tiles take 1-D windows of 32 to 128 keys and 8x8 and 16x16
+#: blocks (8 and 16 rows per tile). Patterns of one shape share a compiled module (the grid
+#: and the extents are the kernels' arguments), and the specialised kernel (head_dim 64) takes
+#: the 1-D windows only, so a calibration compiles six modules.
 NUMBA_CASES = (
-    (0, ("window", 64), (2048,), NUMBA_DIMS), (0, ("window", 9), (8192,), NUMBA_DIMS),
-    (0, ("window", 200), (1024,), NUMBA_DIMS), (0, ("window", 5), (64, 64), NUMBA_DIMS[:2]),
-    (8, ("window", 64), (2048,), NUMBA_DIMS), (8, ("window", 32), (4096,), NUMBA_DIMS),
-    (8, ("block", 8), (64, 64), NUMBA_DIMS[:2]),
+    (0, ("window", 9), (8192,), NUMBA_DIMS), (0, ("window", 33), (4096,), NUMBA_DIMS),
+    (0, ("window", 64), (2048,), NUMBA_DIMS), (0, ("window", 200), (1024,), NUMBA_DIMS),
+    (0, ("window", 5), (64, 64), NUMBA_DIMS[:2]), (0, ("window", 9), (48, 48), NUMBA_DIMS[:2]),
+    (8, ("window", 32), (4096,), NUMBA_DIMS), (8, ("window", 64), (2048,), NUMBA_DIMS),
+    (8, ("window", 128), (2048,), NUMBA_DIMS), (8, ("block", 8), (64, 64), NUMBA_DIMS[:2]),
+    (8, ("block", 16), (64, 64), NUMBA_DIMS[:2]),
 )
 #: heads of the numba calibration's inputs: the backward's dk and dv need no copy per split
 #: at two threads (``NumbaBackend.backward_numpy``), as in most calls
