@@ -4,8 +4,10 @@ Each executor (:func:`patterngen.backends.executors`) is asked, for each kind of
 and float32 with gradients, bfloat16 on CPU, a bias table, a softcap, extra keys), whether it
 can run each case (its own ``can_run``); where it can, its output and every gradient must
 match the float64 oracle within the tolerance it declares for the dtype
-(``executor.tolerances``). Where it cannot, its reason must be words, and the planner must not
-pick it.
+(``executor.tolerances``), both through ``compile`` and through the protocol's parts
+(``prepare``: ``forward -> (out, lse)`` against the oracle's log-sum-exp, ``backward`` from
+the out/lse merged with the extra keys' part). Where it cannot, its reason must be words,
+and the planner must not pick it.
 """
 
 import random
@@ -14,7 +16,10 @@ import pytest
 import torch
 
 import patterngen as pg
+from patterngen import ir
 from patterngen.backends import executors
+from patterngen.backends.merge import finite_lse, merge
+from patterngen.bias import reach
 from patterngen.call import Call
 
 from strategies import random_spec
@@ -69,6 +74,59 @@ def _run(ex, lowered, call: Call, gen):
     return pairs
 
 
+def _parts(ex, lowered, call: Call):
+    """The executor's parts covering the pattern: one, or for ``dense`` one per term (each
+    less the earlier terms' pairs); the ``extra`` executor covers the extra keys only, so the
+    pattern is the ``gather`` executor's there."""
+    softcap = SOFTCAP if call.softcap else None
+    if ex.name == "extra":
+        ex = executors()["gather"]
+    if ex.name != "dense":
+        return [ex.prepare(lowered, call, softcap)]
+    terms = lowered.terms
+    return [ex.prepare(ir.IR(lowered.grid, (t,)), call, softcap, earlier=terms[:i],
+                       reach=reach(lowered)) for i, t in enumerate(terms)]
+
+
+def _run_parts(ex, lowered, call: Call, gen):
+    """Output, log-sum-exp and gradients of the executor's parts merged with the extra keys'
+    part, and of the oracle, in float64."""
+    (q, k, v), extra = _inputs(lowered, call, gen)
+    dt, scale = getattr(torch, call.dtype), call.head_dim ** -0.5
+    flat = [t.reshape(call.batch, call.heads, -1, call.head_dim) for t in (q, k, v)]
+    table = extra.pop("rel_bias", None)
+    ak, av = extra.get("additional_keys"), extra.get("additional_values")
+    runs = [(part, flat[1:], table) for part in _parts(ex, lowered, call)]
+    if ak is not None:
+        runs.append((executors()["extra"].prepare(lowered, call, SOFTCAP if call.softcap
+                                                  else None), [ak, av], None))
+    qd = flat[0].to(dt)
+    results = [part.forward(qd, *(t.to(dt) for t in kv), scale, True,
+                            None if tab is None else tab.to(dt)) for part, kv, tab in runs]
+    out, lse = merge(results)
+    want_in = [t.clone().requires_grad_() for t in (*flat, *extra.values(),
+                                                    *([table] if table is not None else []))]
+    named = dict(zip(extra, want_in[3:]))
+    want, want_lse = pg.dense_attention(
+        *want_in[:3], pg.materialize(lowered), softcap=SOFTCAP if call.softcap else None,
+        grid=lowered.grid.shape, return_lse=True,
+        rel_bias=want_in[-1] if table is not None else None, **named)
+    pairs = [("out", out.double(), want), ("lse", lse.double(), finite_lse(want_lse))]
+    if call.backward:
+        dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+        got = [torch.zeros_like(t) for t in want_in]
+        for part, kv, tab in runs:
+            grads = part.backward(qd, *(t.to(dt) for t in kv), out.to(dt), lse, dout.to(dt),
+                                  scale, None if tab is None else tab.to(dt))
+            at = [0, 1, 2] if kv[0] is flat[1] else [0, 3, 4]
+            for i, g in zip(at + [len(want_in) - 1] * (tab is not None), grads):
+                got[i] += g.double()
+        ref = torch.autograd.grad(want, want_in, dout)
+        names = ["dq", "dk", "dv", *(f"d{n}" for n in extra), *["dtable"] * (table is not None)]
+        pairs += [(n, g, w) for n, g, w in zip(names, got, ref)]
+    return pairs
+
+
 @pytest.mark.parametrize("kind", list(CALLS))
 @pytest.mark.parametrize("name", list(executors()))
 def test_every_executor_matches_the_oracle(name, kind):
@@ -86,9 +144,11 @@ def test_every_executor_matches_the_oracle(name, kind):
             assert isinstance(reason, str) and reason
             continue
         atol, rtol = ex.tolerances[call.dtype]
-        for what, got, want in _run(ex, lowered, call, gen):
-            torch.testing.assert_close(got, want, atol=atol, rtol=rtol,
-                                       msg=lambda m, what=what: f"{spec!r} {what}: {m}")
+        for how, run in (("compiled", _run), ("parts", _run_parts)):
+            for what, got, want in run(ex, lowered, call, gen):
+                torch.testing.assert_close(
+                    got, want, atol=atol, rtol=rtol,
+                    msg=lambda m, what=what, how=how: f"{spec!r} {how} {what}: {m}")
         ran.append(spec)
     if not ran:
         pytest.skip(f"{name} can run none of the cases for {kind} calls")

@@ -180,5 +180,32 @@ class SdpaBackend(Backend):
             out = torch.cat(results, dim=1)[:, torch.as_tensor(np.argsort(order))]
         return restore(out)
 
+    def forward_lse(self, q, k, v, scale, table=None):
+        """``(out, lse)`` for checked, flattened ``(batch, heads, tokens, head_dim)`` inputs
+        (``k``, ``v`` may have fewer heads) and a checked bias ``table``: the same calls as
+        :meth:`__call__`, each by :func:`dense.softmax_attention` in float32 (float64 for
+        float64), differentiable in ``out`` and ``lse`` (``-inf`` for a query without keys);
+        the executor protocol's part (:mod:`patterngen.backends.executor`)."""
+        import torch
+
+        perm, per_pattern, outs = self._device(q.device)
+        qf, kf, vf = (q, k, v) if perm is None else (perm(t) for t in (q, k, v))
+        npat, heads = len(per_pattern), qf.shape[1]
+        results = []
+        for p, (calls, out_index) in enumerate(zip(per_pattern, outs)):
+            mine = slice(p, heads, npat)
+            kv = kv_heads_of(p, npat, heads, kf.shape[1])
+            scores = None
+            if table is not None or self.softcap is not None:
+                tp = table if table is None or table.shape[0] == 1 else table[mine]
+                scores = Scores(self.softcap, tp, calls, self._perm, self.shape, self.reach)
+            results.append(run_calls(calls, out_index, qf[:, mine], take_heads(kf, kv),
+                                     take_heads(vf, kv), scale, torch, scores, need_lse=True))
+        if npat == 1:
+            return results[0]
+        order = torch.as_tensor(np.argsort(np.concatenate(
+            [ir.heads_of(p, npat, heads) for p in range(npat)])), device=q.device)
+        return tuple(torch.cat(parts, dim=1)[:, order] for parts in zip(*results))
+
 
 register_backend("sdpa", SdpaBackend)
