@@ -151,12 +151,12 @@ class AutogradPart(Part):
         return (*grads[:3], grads[3] if table is not None else None)
 
 
-def _numba_part(lowered, softcap):
-    """The numba kernels on ``lowered`` as a part: they return the log-sum-exp and take the
-    merged one back."""
+def _numba_part(lowered, softcap, **options):
+    """The numba kernels on ``lowered`` as a part (``options``: the backend's): they return
+    the log-sum-exp and take the merged one back."""
     from .planned import GatherGroup
 
-    return GatherGroup(lowered, softcap)
+    return GatherGroup(lowered, softcap, **options)
 
 
 def _restride(name: str, tokens: int, call: Call) -> list:
@@ -226,8 +226,8 @@ class NumbaExecutor(Executor):
     name = backend = "numba"
     margin = NUMBA_MARGIN
 
-    def prepare(self, lowered, call, softcap=None, **part):
-        return _numba_part(lowered, softcap)
+    def prepare(self, lowered, call, softcap=None, **options):
+        return _numba_part(lowered, softcap, **options)
 
     def work(self, lowered, call):
         return numba_work(lowered, call, "numba") + _restride(
@@ -246,11 +246,11 @@ class SdpaExecutor(Executor):
 
     name = backend = "sdpa"
 
-    def prepare(self, lowered, call, softcap=None, **part):
+    def prepare(self, lowered, call, softcap=None, **options):
         """The block-sparse calls returning the log-sum-exp (``SdpaBackend.forward_lse``),
         backward through autograd (:class:`AutogradPart`): no fused kernel takes a merged
-        log-sum-exp of gathered blocks back."""
-        backend = self._backend()(lowered, softcap=softcap)
+        log-sum-exp of gathered blocks back. ``options``: the backend's (block, order)."""
+        backend = self._backend()(lowered, softcap=softcap, **options)
         return AutogradPart(backend.forward_lse, self.name)
 
     def work(self, lowered, call):
@@ -436,6 +436,80 @@ class _ExtraPart(Part):
         return (*self.keys.backward(q, k, v, out, lse, dout, scale), None)
 
 
+class LocalExecutor(Executor):
+    """A distributed rank's local problem (:class:`patterngen.distributed.local.LocalProblem`):
+    the K/V halo it exchanges and its queries over its local keys, run on its local backend
+    (``auto``: the planner, among its strategies; ``sdpa``; ``numba``) as that executor's
+    part. Not a strategy of the planner: ``patterngen.distributed`` asks it."""
+
+    name = "local"
+    backend = "auto"
+    whole = False
+    #: the local backends that read a rank's line tables (flex makes them inside its traced
+    #: ``mask_mod``, where inductor fails on them)
+    BACKENDS = ("auto", "sdpa", "numba")
+
+    def can_run(self, problem, call):
+        if problem.backend not in self.BACKENDS:
+            return (f"backend={problem.backend!r}: the local part runs on one of "
+                    f"{self.BACKENDS}; flex traces its mask and cannot read a rank's line "
+                    f"tables")
+        reasons = [f"no {what} on a rank's local problem" for wanted, what in (
+            (call.bias, "bias table"), (call.softcap, "softcap"), (call.extra_keys, "extra keys"))
+            if wanted]
+        if problem.backend != "auto":
+            reasons.append(WHOLE[problem.backend].can_run(problem.lowered, call))
+        return "; ".join(r for r in reasons if r) or None
+
+    def _plan(self, problem, call):
+        """``auto``'s plan of the local problem for ``call``."""
+        from patterngen.plan import plan
+
+        options = problem.options
+        return plan(problem.lowered, executors=options.get("strategy", problem.strategies),
+                    terms=options.get("terms"), rates=options.get("rates"),
+                    head_dim=call.head_dim, heads=call.heads, batch=call.batch,
+                    device=call.device, dtype=call.dtype, backward=call.backward,
+                    kv_heads=call.kv_heads)
+
+    def work(self, problem, call):
+        """The halo's K and V rows packed and unpacked (priced as copies; the transfer itself
+        is not calibrated), then the local backend's work (``auto``: its plan's executors)."""
+        lowered = problem.lowered
+        ops = [Op("copy", 2 * problem.exchanged_rows * call.batch * call.kv_heads
+                  * call.head_dim * call.itemsize)]
+        if problem.backend != "auto":
+            return ops + WHOLE[problem.backend].work(lowered, call)
+        chosen = self._plan(problem, call)
+        if chosen.strategy != "terms":
+            return ops + WHOLE[chosen.strategy].work(lowered, call)
+        tokens = math.prod(lowered.grid.shape)
+        for tps in chosen.patterns:
+            gather = tuple(tp.term for tp in tps if tp.executor == "gather")
+            if gather:
+                ops += PARTS["gather"].work(ir.IR(lowered.grid, gather), call)
+            ops += [op for tp in tps if tp.executor == "dense"
+                    for op in dense_work(tp.dense, tokens, call)]
+        return ops
+
+    def prepare(self, problem, call, softcap=None, **part):
+        """The local backend's part for ``call`` (``auto``: planned for it; a term-wise plan
+        is one part, :class:`.planned.TermsPart`); its ``plan`` attribute is the plan."""
+        from .planned import TermsPart
+
+        if problem.backend != "auto":
+            return WHOLE[problem.backend].prepare(problem.lowered, call, softcap,
+                                                  **problem.options)
+        chosen = self._plan(problem, call)
+        if chosen.strategy == "terms":
+            prepared = TermsPart(problem.lowered, chosen, softcap)
+        else:
+            prepared = WHOLE[chosen.strategy].prepare(problem.lowered, call, softcap)
+        prepared.plan = chosen
+        return prepared
+
+
 #: the whole-pattern executors (strategies beside ``terms``) and the parts, by name
 WHOLE = {e.name: e for e in (NumbaExecutor(), SdpaExecutor(), FlexExecutor())}
-PARTS = {e.name: e for e in (DenseExecutor(), GatherExecutor(), ExtraKeysExecutor())}
+PARTS = {e.name: e for e in (DenseExecutor(), GatherExecutor(), ExtraKeysExecutor(),
+                             LocalExecutor())}

@@ -49,7 +49,7 @@ from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
 from patterngen.plan import TermPlan, dense_form, dense_mask, plan
 
-__all__ = ["PlannedBackend", "DenseTerm", "GatherGroup", "ExtraKeys", "covered"]
+__all__ = ["PlannedBackend", "DenseTerm", "GatherGroup", "ExtraKeys", "TermsPart", "covered"]
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
 #: instead of adding a dense mask (CCNet's diagonal: 1/64 of a 64 x 64 problem)
@@ -526,10 +526,11 @@ class GatherGroup:
     Args:
         lowered: the terms it runs, as an IR (its label heads the kernels' source).
         softcap: scores become ``softcap * tanh(s / softcap)`` (``None``: off).
+        options: the numba backend's (``lanes``).
     """
 
-    def __init__(self, lowered, softcap=None):
-        self.backend = get_backend("numba")(lowered, softcap=softcap)
+    def __init__(self, lowered, softcap=None, **options):
+        self.backend = get_backend("numba")(lowered, softcap=softcap, **options)
         self.shape = self.backend.shape
         self.softcap = softcap
 
@@ -605,6 +606,23 @@ class _TermWise:
         #: :meth:`DenseTerm.autograd_forward`), or ``None``
         only = self.patterns[0] if len(self.patterns) == 1 else ()
         self.alone = only[0] if len(only) == 1 and isinstance(only[0], DenseTerm) else None
+
+
+class TermsPart:
+    """A term-wise plan as one part of the executor protocol
+    (:meth:`patterngen.backends.executor.Executor.prepare`): its parts run and merged by
+    :func:`_merged_forward`, their backward from the merged out and lse
+    (:func:`_merged_backward`); ``lse`` is 0 (finite) where no part gives a query a key."""
+
+    def __init__(self, lowered, plan, softcap=None):
+        self.runner = _TermWise(lowered, plan, softcap)
+
+    def forward(self, q, k, v, scale, need_lse=True, table=None):
+        return _merged_forward(self.runner, q, k, v, scale, True, None, table)
+
+    def backward(self, q, k, v, out, lse, dout, scale, table=None):
+        grads = _merged_backward(self.runner, q, k, v, out, lse, dout, scale, None, table)
+        return (*grads[:3], grads[3] if table is not None else None)
 
 
 def _register_runner(runner, plan) -> str:
