@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 
 from patterngen import ir
+from patterngen.backends import get_backend
 from patterngen.backends.merge import acc_dtype
 from patterngen.call import Call, Op
 from patterngen.errors import PatternError
@@ -460,6 +461,12 @@ class LocalExecutor(Executor):
         if problem.backend != "auto":
             reasons.append(WHOLE[problem.backend].can_run(problem.lowered, call))
         return "; ".join(r for r in reasons if r) or None
+
+    def compile(self, problem, call, **options):
+        """The local backend on the local problem (``attn(q, k, v)`` on the local grid)."""
+        if problem.strategies is not None:
+            options = {"strategy": problem.strategies, **options}
+        return get_backend(problem.backend)(problem.lowered, **problem.options, **options)
 
     def _plan(self, problem, call):
         """``auto``'s plan of the local problem for ``call``."""

@@ -21,6 +21,9 @@ from patterngen.backends import executors
 from patterngen.backends.merge import finite_lse, merge
 from patterngen.bias import reach
 from patterngen.call import Call
+from patterngen.distributed.attention import LINE_TABLE_STRATEGIES
+from patterngen.distributed.local import LocalProblem, rank_share
+from patterngen.distributed.reshard import reshard
 
 from strategies import random_spec
 
@@ -50,9 +53,22 @@ def _inputs(lowered, call: Call, gen):
     return [q, k, v], extra
 
 
-def _run(ex, lowered, call: Call, gen):
+def _subject(ex, lowered, case: int):
+    """What ``ex`` is asked about for ``lowered``: the pattern, or for the ``local`` executor
+    the local problem of one rank holding the whole grid (line tables on the local grid), on
+    a local backend that changes with the case."""
+    if ex.name != "local":
+        return lowered
+    shards = ((0, lowered.grid.shape[0]),)
+    share = rank_share(lowered, shards, 0, reshard(lowered, shards))
+    backend = ex.BACKENDS[case % len(ex.BACKENDS)]
+    return LocalProblem(share, backend, share.local,
+                        LINE_TABLE_STRATEGIES if backend == "auto" else None)
+
+
+def _run(ex, lowered, call: Call, gen, subject):
     """Output and gradients of the executor and of the oracle, in float64."""
-    attn = ex.compile(lowered, call, **({"softcap": SOFTCAP} if call.softcap else {}))
+    attn = ex.compile(subject, call, **({"softcap": SOFTCAP} if call.softcap else {}))
     (q, k, v), extra = _inputs(lowered, call, gen)
     want_in = [t.clone().requires_grad_() for t in (q, k, v, *extra.values())]
     dt = getattr(torch, call.dtype)
@@ -74,7 +90,7 @@ def _run(ex, lowered, call: Call, gen):
     return pairs
 
 
-def _parts(ex, lowered, call: Call):
+def _parts(ex, lowered, call: Call, subject):
     """The executor's parts covering the pattern: one, or for ``dense`` one per term (each
     less the earlier terms' pairs); the ``extra`` executor covers the extra keys only, so the
     pattern is the ``gather`` executor's there."""
@@ -82,13 +98,13 @@ def _parts(ex, lowered, call: Call):
     if ex.name == "extra":
         ex = executors()["gather"]
     if ex.name != "dense":
-        return [ex.prepare(lowered, call, softcap)]
+        return [ex.prepare(subject, call, softcap)]
     terms = lowered.terms
     return [ex.prepare(ir.IR(lowered.grid, (t,)), call, softcap, earlier=terms[:i],
                        reach=reach(lowered)) for i, t in enumerate(terms)]
 
 
-def _run_parts(ex, lowered, call: Call, gen):
+def _run_parts(ex, lowered, call: Call, gen, subject):
     """Output, log-sum-exp and gradients of the executor's parts merged with the extra keys'
     part, and of the oracle, in float64."""
     (q, k, v), extra = _inputs(lowered, call, gen)
@@ -96,7 +112,7 @@ def _run_parts(ex, lowered, call: Call, gen):
     flat = [t.reshape(call.batch, call.heads, -1, call.head_dim) for t in (q, k, v)]
     table = extra.pop("rel_bias", None)
     ak, av = extra.get("additional_keys"), extra.get("additional_values")
-    runs = [(part, flat[1:], table) for part in _parts(ex, lowered, call)]
+    runs = [(part, flat[1:], table) for part in _parts(ex, lowered, call, subject)]
     if ak is not None:
         runs.append((executors()["extra"].prepare(lowered, call, SOFTCAP if call.softcap
                                                   else None), [ak, av], None))
@@ -133,19 +149,20 @@ def test_every_executor_matches_the_oracle(name, kind):
     ex = executors()[name]
     gen = torch.Generator().manual_seed(0)
     ran = []
-    for spec, grid in CASES:
+    for case, (spec, grid) in enumerate(CASES):
         lowered = pg.lower(spec, grid)
+        subject = _subject(ex, lowered, case)
         options = {"dtype": "float64", "heads": 2, "head_dim": 8, **CALLS[kind]}
         call = Call(backward=True, **options)
-        if ex.can_run(lowered, call) is not None:
+        if ex.can_run(subject, call) is not None:
             call = Call(backward=False, **options)  # forward only, where that is all it has
-        reason = ex.can_run(lowered, call)
+        reason = ex.can_run(subject, call)
         if reason is not None:
             assert isinstance(reason, str) and reason
             continue
         atol, rtol = ex.tolerances[call.dtype]
         for how, run in (("compiled", _run), ("parts", _run_parts)):
-            for what, got, want in run(ex, lowered, call, gen):
+            for what, got, want in run(ex, lowered, call, gen, subject):
                 torch.testing.assert_close(
                     got, want, atol=atol, rtol=rtol,
                     msg=lambda m, what=what, how=how: f"{spec!r} {how} {what}: {m}")
