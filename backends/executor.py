@@ -310,9 +310,18 @@ class FlexExecutor(Executor):
         return self._backend()(lowered, compile=call.device != "cpu", **options)
 
     def prepare(self, lowered, call, softcap=None, **part):
-        """FlexAttention with ``return_lse``; its backward through autograd
+        """FlexAttention returning the log-sum-exp; its backward through autograd
         (:class:`AutogradPart`: flex has no backward that takes a log-sum-exp), on devices
-        with a FlexAttention backward (not CPU)."""
+        with a FlexAttention backward (not CPU).
+
+        Raises:
+            PatternError: for a call its :meth:`can_run` refuses (gradients on CPU), rather
+                than torch's error inside the backward.
+        """
+        reason = self.can_run(lowered, call)
+        if reason is not None:
+            raise PatternError(f"flex: cannot prepare {lowered.label} for this call: "
+                               f"{reason}.")
         options = {} if softcap is None else {"softcap": softcap}
         backend = self._backend()(lowered, compile=call.device != "cpu", **options)
         return AutogradPart(backend.forward_lse, self.name)

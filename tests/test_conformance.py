@@ -24,6 +24,7 @@ from patterngen.call import Call
 from patterngen.distributed.attention import LINE_TABLE_STRATEGIES
 from patterngen.distributed.local import LocalProblem, rank_share
 from patterngen.distributed.reshard import reshard
+from patterngen.errors import PatternError
 
 from strategies import random_spec
 
@@ -178,3 +179,18 @@ def test_the_planner_picks_only_executors_that_can_run_the_call():
     for name, ex in executors().items():
         if ex.whole and ex.can_run(lowered, call) is not None:
             assert isinstance(plan.options[name], str) and name != plan.strategy
+
+
+def test_a_part_is_refused_where_its_executor_cannot_run_the_call():
+    lowered = pg.lower(pg.window(3), (6, 6))
+    with pytest.raises(PatternError, match=r"flex: cannot prepare .* no backward on cpu"):
+        executors()["flex"].prepare(lowered, Call(backward=True))
+    with pytest.raises(PatternError, match=r"dense: .* has 2 terms; expected one"):
+        executors()["dense"].prepare(pg.lower(pg.block(3) | pg.axis(0), (6, 6)), Call())
+    q = torch.randn(1, 2, 36, 8)
+    k = q.clone()
+    k[0, 0, 5, 0] = float("nan")
+    part = executors()["sdpa"].prepare(lowered, Call())
+    with pytest.raises(PatternError, match=r"sdpa: forward_lse got keys or values that are not "
+                                           r"all finite"):
+        part.forward(q, k, q, 0.5)

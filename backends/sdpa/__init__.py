@@ -37,8 +37,9 @@ import numpy as np
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
 from patterngen.backends import dense
-from patterngen.backends.inputs import kv_heads_of, take_heads
+from patterngen.backends.inputs import kv_heads_of, non_finite, take_heads
 from patterngen import ir
+from patterngen.errors import PatternError
 from patterngen.layout import choose_layout
 
 from .calls import DeviceCalls
@@ -185,10 +186,22 @@ class SdpaBackend(Backend):
         (``k``, ``v`` may have fewer heads) and a checked bias ``table``: the same calls as
         :meth:`__call__`, each by :func:`dense.softmax_attention` in float32 (float64 for
         float64), differentiable in ``out`` and ``lse`` (``-inf`` for a query without keys);
-        the executor protocol's part (:mod:`patterngen.backends.executor`)."""
+        the executor protocol's part (:mod:`patterngen.backends.executor`).
+
+        Raises:
+            PatternError: for keys or values that are not all finite with partial blocks
+                (:meth:`__call__` applies SDPA's rule to them, by a path without the
+                log-sum-exp).
+        """
         import torch
 
         perm, per_pattern, outs = self._device(q.device)
+        if any(c.mask is not None for calls in per_pattern for c in calls.calls) and \
+                non_finite(k, v):
+            raise PatternError(
+                "sdpa: forward_lse got keys or values that are not all finite and the layout "
+                "has partial blocks; expected finite k and v (call the backend itself for "
+                "SDPA's rule on them).")
         qf, kf, vf = (q, k, v) if perm is None else (perm(t) for t in (q, k, v))
         npat, heads = len(per_pattern), qf.shape[1]
         results = []

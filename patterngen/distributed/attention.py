@@ -371,7 +371,7 @@ class DistributedAttention:
         change; the virtual key ``(0, ..., 0, lse / scale)`` scores ``lse`` and carries the
         value ``part``: the local softmax over the halo terms' keys and it is exactly the
         log-sum-exp merge of the two parts, and autograd reaches ``part`` and ``lse`` through
-        the local backend's own backward. Queries whose re-sharded part is empty (only global
+        the local part's backward. Queries whose re-sharded part is empty (only global
         queries, replaced later; :func:`~patterngen.distributed.reshard.reshard` refuses
         others) get a finite stand-in.
         """
