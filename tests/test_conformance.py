@@ -194,3 +194,25 @@ def test_a_part_is_refused_where_its_executor_cannot_run_the_call():
     with pytest.raises(PatternError, match=r"sdpa: forward_lse got keys or values that are not "
                                            r"all finite"):
         part.forward(q, k, q, 0.5)
+
+
+@pytest.mark.parametrize("name", ["numba", "sdpa"])
+def test_a_whole_executors_part_takes_listed_patterns_and_grouped_kv_heads(name):
+    """Heads cycling over two patterns, two kv heads for four query heads: the part's out and
+    lse, and its backward from its own out/lse, equal the oracle's."""
+    lowered = pg.lower(pg.heads(pg.window(3), pg.axis(0)), (5, 6))
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 30, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 30, 8, generator=gen, dtype=torch.float64) for _ in "kv")
+    part = executors()[name].prepare(lowered, Call(dtype="float64", batch=2, kv_heads=2,
+                                                   head_dim=8, backward=True))
+    out, lse = part.forward(q, k, v, 0.3)
+    want_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    want, want_lse = pg.dense_attention(*want_in, pg.materialize(lowered), scale=0.3,
+                                        return_lse=True)
+    torch.testing.assert_close(out, want.detach())
+    torch.testing.assert_close(lse, want_lse.detach())
+    dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for g, w in zip(part.backward(q, k, v, out, lse, dout, 0.3)[:3],
+                    torch.autograd.grad(want, want_in, dout)):
+        torch.testing.assert_close(g, w)
