@@ -473,16 +473,18 @@ class LocalExecutor(Executor):
 
     def compile(self, problem, call, **options):
         """The local backend on the local problem (``attn(q, k, v)`` on the local grid)."""
-        if problem.strategies is not None:
-            options = {"strategy": problem.strategies, **options}
-        return get_backend(problem.backend)(problem.lowered, **problem.options, **options)
+        first = {} if problem.strategies is None else {"strategy": problem.strategies}
+        return get_backend(problem.backend)(problem.lowered,
+                                            **{**first, **problem.options, **options})
 
     def _plan(self, problem, call):
         """``auto``'s plan of the local problem for ``call``."""
         from patterngen.plan import plan
 
         options = problem.options
-        return plan(problem.lowered, executors=options.get("strategy", problem.strategies),
+        allowed = options.get("strategy", problem.strategies)
+        return plan(problem.lowered,
+                    executors=(allowed,) if isinstance(allowed, str) else allowed,
                     terms=options.get("terms"), rates=options.get("rates"),
                     head_dim=call.head_dim, heads=call.heads, batch=call.batch,
                     device=call.device, dtype=call.dtype, backward=call.backward,

@@ -186,6 +186,9 @@ def test_the_local_executor_answers_for_a_ranks_problem():
     flat = [t.reshape(2, 3, -1, 4)[:, :, :20] for t in (q, k, v)]  # own lines and the halo
     out, _ = ex.prepare(problem, call).forward(*flat, 4 ** -0.5)
     torch.testing.assert_close(out[:, :, :16], want, rtol=1e-12, atol=1e-12)
+    # auto plans the call; a strategy named in the options (one name) is the planner's choice
+    forced = LocalProblem(share, "auto", share.local, None, {"strategy": "sdpa"})
+    assert ex.prepare(forced, call).plan.strategy == "sdpa"
 
 
 def test_global_queries_are_the_query_in_terms():
