@@ -86,8 +86,9 @@ class Executor:
 
     def prepare(self, lowered, call: Call, softcap=None, **part) -> "Part":
         """The :class:`Part` that runs ``lowered`` on this executor for calls like ``call``,
-        scores capped at ``softcap`` (``None``: off). ``part``: what a part of a term-wise
-        plan needs besides its terms (``dense``: ``earlier``, ``reach``)."""
+        scores capped at ``softcap`` (``None``: off). ``part``: what it needs besides
+        (``dense``: ``earlier``, ``reach``, ``dense``; ``numba``, ``sdpa``: their backend's
+        options)."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -122,8 +123,8 @@ class AutogradPart(Part):
     over the parts is exactly ``dS = P (dout v^T - rowsum(dout * out))`` of the merged
     softmax."""
 
-    def __init__(self, run, name: str):
-        self.run, self.name = run, name
+    def __init__(self, run):
+        self.run = run
 
     def forward(self, q, k, v, scale, need_lse=True, table=None):
         import torch
@@ -252,7 +253,7 @@ class SdpaExecutor(Executor):
         backward through autograd (:class:`AutogradPart`): no fused kernel takes a merged
         log-sum-exp of gathered blocks back. ``options``: the backend's (block, order)."""
         backend = self._backend()(lowered, softcap=softcap, **options)
-        return AutogradPart(backend.forward_lse, self.name)
+        return AutogradPart(backend.forward_lse)
 
     def work(self, lowered, call):
         import numpy as np
@@ -324,7 +325,7 @@ class FlexExecutor(Executor):
                                f"{reason}.")
         options = {} if softcap is None else {"softcap": softcap}
         backend = self._backend()(lowered, compile=call.device != "cpu", **options)
-        return AutogradPart(backend.forward_lse, self.name)
+        return AutogradPart(backend.forward_lse)
 
     def work(self, lowered, call):
         backend = self._backend()(lowered, compile=False)
