@@ -113,6 +113,12 @@ class Part:
         ``out`` and ``lse`` of every part (``dtable`` ``None`` without a table)."""
         raise NotImplementedError
 
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """For a part that runs alone (its out is the merged one): its output through torch's
+        autograd where its executor has a faster path so, else ``None`` (then
+        :meth:`forward` and :meth:`backward` run it)."""
+        return None
+
 
 class AutogradPart(Part):
     """A part whose forward ``run(q, k, v, scale, table) -> (out, lse)`` is differentiable by
@@ -123,8 +129,16 @@ class AutogradPart(Part):
     over the parts is exactly ``dS = P (dout v^T - rowsum(dout * out))`` of the merged
     softmax."""
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, run, alone=None):
+        self.run, self.alone = run, alone
+
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """``alone(q, k, v, scale=, rel_bias=)``: the backend's own call (its fused kernels,
+        torch's autograd), where given."""
+        if self.alone is None:
+            return None
+        return self.alone(q, k, v, scale=scale, **({} if table is None else
+                                                   {"rel_bias": table}))
 
     def forward(self, q, k, v, scale, need_lse=True, table=None):
         import torch
@@ -253,7 +267,7 @@ class SdpaExecutor(Executor):
         backward through autograd (:class:`AutogradPart`): no fused kernel takes a merged
         log-sum-exp of gathered blocks back. ``options``: the backend's (block, order)."""
         backend = self._backend()(lowered, softcap=softcap, **options)
-        return AutogradPart(backend.forward_lse)
+        return AutogradPart(backend.forward_lse, backend)
 
     def work(self, lowered, call):
         import numpy as np
@@ -325,7 +339,7 @@ class FlexExecutor(Executor):
                                f"{reason}.")
         options = {} if softcap is None else {"softcap": softcap}
         backend = self._backend()(lowered, compile=call.device != "cpu", **options)
-        return AutogradPart(backend.forward_lse)
+        return AutogradPart(backend.forward_lse, backend)
 
     def work(self, lowered, call):
         backend = self._backend()(lowered, compile=False)

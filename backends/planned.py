@@ -559,6 +559,10 @@ class GatherGroup:
         return dq, dk, dv, (None if table is None else
                             torch.from_numpy(grads[3]).to(table.dtype))
 
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """``None``: alone, the group runs by :meth:`forward` and :meth:`backward` as well."""
+        return None
+
 
 class _TermWise:
     """A term-wise plan's parts for each listed pattern, built for one device; registered for
@@ -623,6 +627,11 @@ class TermsPart:
     def backward(self, q, k, v, out, lse, dout, scale, table=None):
         grads = _merged_backward(self.runner, q, k, v, out, lse, dout, scale, None, table)
         return (*grads[:3], grads[3] if table is not None else None)
+
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """A plan that is one dense term: :meth:`DenseTerm.autograd_forward`, else ``None``."""
+        alone = self.runner.alone
+        return None if alone is None else alone.autograd_forward(q, k, v, scale, table)
 
 
 def _register_runner(runner, plan) -> str:

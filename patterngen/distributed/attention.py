@@ -429,7 +429,10 @@ class DistributedAttention:
         if self.resharded:
             q_loc, k_loc, v_loc = self._virtual_keys(q_loc, k_loc, v_loc,
                                                      *self._pencils(qf, kf, vf, scale), scale)
-        out = _Local.apply(q_loc, k_loc, v_loc, self._part(q_loc, k_loc, v_loc), scale)
+        part = self._part(q_loc, k_loc, v_loc)
+        out = part.autograd_forward(q_loc, k_loc, v_loc, scale)
+        if out is None:
+            out = _Local.apply(q_loc, k_loc, v_loc, part, scale)
         out = out[:, :, own0:own1, :d]
         if len(self.share.queries):
             out = self._global_queries(qf, kf, vf, out, scale)
