@@ -88,7 +88,11 @@ class ScoreMod:
         """Modify ``scores`` in place; returns ``tanh(s / c)`` when ``keep_tanh`` (the
         backward's chain rule needs it), else ``None``."""
         tanh = None
-        if self.softcap is not None:
+        if self.softcap is not None and scores.requires_grad:
+            # autograd (the protocol's parts): in place, the mask's add would overwrite the
+            # output tanh saved for its backward
+            scores.copy_(cap(scores, self.softcap))
+        elif self.softcap is not None:
             tanh = cap_(scores, self.softcap, keep_tanh)
         if self.bias is not None:
             scores.view(-1, self.heads, *scores.shape[1:]).add_(self.bias.to(scores.dtype))

@@ -50,7 +50,8 @@ from patterngen.bias import check_softcap
 from patterngen.errors import PatternError
 from patterngen.plan import TermPlan, dense_form, dense_mask, plan
 
-__all__ = ["PlannedBackend", "DenseTerm", "GatherGroup", "TokenOrder"]
+__all__ = ["PlannedBackend", "DenseTerm", "GatherGroup", "ExtraKeys", "TermsPart", "TokenOrder",
+           "covered"]
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
 #: instead of adding a dense mask (CCNet's diagonal: 1/64 of a 64 x 64 problem)
@@ -642,18 +643,18 @@ class ExtraKeys:
 
 
 class GatherGroup:
-    """A pattern's gather terms, run by the numba kernels, which return the log-sum-exp.
+    """A pattern's gather terms (or a whole pattern), run by the numba kernels, which return
+    the log-sum-exp and take the merged one back: the ``numba`` and ``gather`` executors'
+    part (:meth:`patterngen.backends.executor.Executor.prepare`).
 
     Args:
-        terms: the gather terms, in union order.
-        grid: the numeric grid (an :class:`~patterngen.ir.Grid`).
-        label: for the kernels' headers.
-        key_grid: the keys' grid, when it is another.
+        lowered: the terms it runs, as an IR (its label heads the kernels' source).
+        softcap: scores become ``softcap * tanh(s / softcap)`` (``None``: off).
+        options: the numba backend's (``lanes``).
     """
 
-    def __init__(self, terms, grid, label: str, softcap=None, key_grid=None):
-        sub = ir.IR(grid, tuple(terms), label, key_grid)
-        self.backend = get_backend("numba")(sub, softcap=softcap)
+    def __init__(self, lowered, softcap=None, **options):
+        self.backend = get_backend("numba")(lowered, softcap=softcap, **options)
         self.shape = self.backend.shape
         self.softcap = softcap
 
@@ -682,6 +683,10 @@ class GatherGroup:
         return dq, dk, dv, (None if table is None else
                             torch.from_numpy(grads[3]).to(table.dtype))
 
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """``None``: alone, the group runs by :meth:`forward` and :meth:`backward` as well."""
+        return None
+
 
 class _TermWise:
     """A term-wise plan's parts for each listed pattern, built for one device; registered for
@@ -693,39 +698,64 @@ class _TermWise:
         """Nothing: masks and rows are built per device on the first call, inside the op."""
 
     def __init__(self, lowered, plan, softcap=None):
+        from patterngen.backends import executors
         from patterngen.bias import reach
+        from patterngen.call import Call
 
         self.ir = lowered
-        shape = lowered.grid.shape
         self.softcap = softcap
         self.reach = reach(lowered)
+        table = executors()
+        call = getattr(plan, "call", None) or Call(plan.device, plan.dtype)
         self.patterns = []
         #: per listed pattern, the queries without any key (``None`` when every query has one)
         self.empty = []
         for head, tps in zip(lowered.patterns, plan.patterns):
             counts = head.key_counts()
             self.empty.append(None if counts.all() else counts == 0)
-            gather = [tp.term for tp in tps if tp.executor == "gather"]
+            gather = tuple(tp.term for tp in tps if tp.executor == "gather")
             parts = []
-            done = []
+            done = list(gather)
             if gather:
-                parts.append(GatherGroup(gather, lowered.grid, head.label or lowered.label,
-                                         softcap, lowered.key_grid))
-                done = list(gather)
-            before = _covered(lowered.grid, done, lowered.key_grid)
+                parts.append(table["gather"].prepare(
+                    ir.IR(lowered.grid, gather, head.label or lowered.label, lowered.key_grid),
+                    call, softcap))
             for tp in tps:
                 if tp.executor != "dense":
                     continue
-                after = _covered(lowered.grid, done + [tp.term], lowered.key_grid)
-                parts.append(DenseTerm(tp.term, tp.dense, done, shape, after > before,
-                                       softcap, self.reach))
+                parts.append(table["dense"].prepare(
+                    ir.IR(lowered.grid, (tp.term,), key_grid=lowered.key_grid), call, softcap,
+                    earlier=tuple(done), reach=self.reach, dense=tp.dense))
                 done.append(tp.term)
-                before = after
             self.patterns.append(parts)
+        #: the keys outside the grid, merged like a part
+        self.extra = table["extra"].prepare(lowered, call, softcap)
         #: the one dense term of a plan that is nothing else (see
         #: :meth:`DenseTerm.autograd_forward`), or ``None``
         only = self.patterns[0] if len(self.patterns) == 1 else ()
         self.alone = only[0] if len(only) == 1 and isinstance(only[0], DenseTerm) else None
+
+
+class TermsPart:
+    """A term-wise plan as one part of the executor protocol
+    (:meth:`patterngen.backends.executor.Executor.prepare`): its parts run and merged by
+    :func:`_merged_forward`, their backward from the merged out and lse
+    (:func:`_merged_backward`); ``lse`` is 0 (finite) where no part gives a query a key."""
+
+    def __init__(self, lowered, plan, softcap=None):
+        self.runner = _TermWise(lowered, plan, softcap)
+
+    def forward(self, q, k, v, scale, need_lse=True, table=None):
+        return _merged_forward(self.runner, q, k, v, scale, True, None, table)
+
+    def backward(self, q, k, v, out, lse, dout, scale, table=None):
+        grads = _merged_backward(self.runner, q, k, v, out, lse, dout, scale, None, table)
+        return (*grads[:3], grads[3] if table is not None else None)
+
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """A plan that is one dense term: :meth:`DenseTerm.autograd_forward`, else ``None``."""
+        alone = self.runner.alone
+        return None if alone is None else alone.autograd_forward(q, k, v, scale, table)
 
 
 def _register_runner(runner, plan) -> str:
@@ -733,7 +763,7 @@ def _register_runner(runner, plan) -> str:
         tuple((tp.term, tp.executor) for tp in tps) for tps in plan.patterns))
 
 
-def _covered(grid, terms, key_grid=None) -> np.ndarray:
+def covered(grid, terms, key_grid=None) -> np.ndarray:
     """Keys per query of the union of ``terms`` (row-major; zeros for none)."""
     if not terms:
         return np.zeros(math.prod(int(n) for n in grid.shape), dtype=np.int64)
@@ -885,8 +915,8 @@ def _merged_forward(runner, q, k, v, scale, need_lse: bool = True, extra=None, t
             results = [part.forward(qs, ks, vs, scale, True, _table_of(table, sel, npat))
                        for part in parts]
             if extra is not None:
-                results.append(ExtraKeys(runner.softcap).forward(
-                    qs, *(take_heads(t, kv) for t in extra), scale))
+                results.append(runner.extra.forward(qs, *(take_heads(t, kv) for t in extra),
+                                                    scale))
             mine, lse = merge(results)
             if need_lse:
                 lse_all[:, sel] = lse
@@ -943,7 +973,7 @@ def _merged_backward(runner, q, k, v, out, lse, dout, scale, extra=None, table=N
                 add(at_table, sel, dtable)
         if extra is not None:
             ak, av = (take_heads(t, kv) for t in extra)
-            grads_extra = ExtraKeys(runner.softcap).backward(args[0], ak, av, *args[3:], scale)
+            grads_extra = runner.extra.backward(args[0], ak, av, *args[3:], scale)[:3]
             for i, g in zip((0, 3, 4), grads_extra):
                 add(i, sel if i == 0 else kv, g)
     if table is not None and grads[at_table] is None:

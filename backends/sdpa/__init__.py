@@ -37,8 +37,9 @@ import numpy as np
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
 from patterngen.backends import dense
-from patterngen.backends.inputs import kv_heads_of, take_heads
+from patterngen.backends.inputs import kv_heads_of, non_finite, take_heads
 from patterngen import ir
+from patterngen.errors import PatternError
 from patterngen.layout import choose_layout
 
 from .calls import DeviceCalls
@@ -188,6 +189,45 @@ class SdpaBackend(Backend):
             order = np.concatenate([ir.heads_of(p, npat, heads) for p in range(npat)])
             out = torch.cat(results, dim=1)[:, torch.as_tensor(np.argsort(order))]
         return restore(out)
+
+    def forward_lse(self, q, k, v, scale, table=None):
+        """``(out, lse)`` for checked, flattened ``(batch, heads, tokens, head_dim)`` inputs
+        (``k``, ``v`` may have fewer heads) and a checked bias ``table``: the same calls as
+        :meth:`__call__`, each by :func:`dense.softmax_attention` in float32 (float64 for
+        float64), differentiable in ``out`` and ``lse`` (``-inf`` for a query without keys);
+        the executor protocol's part (:mod:`patterngen.backends.executor`).
+
+        Raises:
+            PatternError: for keys or values that are not all finite with partial blocks
+                (:meth:`__call__` applies SDPA's rule to them, by a path without the
+                log-sum-exp).
+        """
+        import torch
+
+        perm, per_pattern, outs = self._device(q.device)
+        if any(c.mask is not None for calls in per_pattern for c in calls.calls) and \
+                non_finite(k, v):
+            raise PatternError(
+                "sdpa: forward_lse got keys or values that are not all finite and the layout "
+                "has partial blocks; expected finite k and v (call the backend itself for "
+                "SDPA's rule on them).")
+        qf, kf, vf = (q, k, v) if perm is None else (perm(t) for t in (q, k, v))
+        npat, heads = len(per_pattern), qf.shape[1]
+        results = []
+        for p, (calls, out_index) in enumerate(zip(per_pattern, outs)):
+            mine = slice(p, heads, npat)
+            kv = kv_heads_of(p, npat, heads, kf.shape[1])
+            scores = None
+            if table is not None or self.softcap is not None:
+                tp = table if table is None or table.shape[0] == 1 else table[mine]
+                scores = Scores(self.softcap, tp, calls, self._perm, self.shape, self.reach)
+            results.append(run_calls(calls, out_index, qf[:, mine], take_heads(kf, kv),
+                                     take_heads(vf, kv), scale, torch, scores, need_lse=True))
+        if npat == 1:
+            return results[0]
+        order = torch.as_tensor(np.argsort(np.concatenate(
+            [ir.heads_of(p, npat, heads) for p in range(npat)])), device=q.device)
+        return tuple(torch.cat(parts, dim=1)[:, order] for parts in zip(*results))
 
 
 register_backend("sdpa", SdpaBackend)
