@@ -1,7 +1,7 @@
 """Dense attention kernels: one batch of small problems, a mask, and the log-sum-exp.
 
 Every executor that computes attention over an explicit set of keys per problem calls these:
-the dense terms and extra keys of the term-wise planner (``backends/planned.py``), the query
+the dense terms and extra keys of the term-wise planner (``backends/planned/``), the query
 blocks of the block-sparse backend (``backends/sdpa.py``) and the distributed partials
 (``patterngen/distributed/attention.py``). Inputs are ``(batch, problems, rows, head_dim)``
 (queries) against ``(batch, problems, keys, head_dim)``.
