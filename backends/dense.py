@@ -1,7 +1,7 @@
 """Dense attention kernels: one batch of small problems, a mask, and the log-sum-exp.
 
 Every executor that computes attention over an explicit set of keys per problem calls these:
-the dense terms and extra keys of the term-wise planner (``backends/planned.py``), the query
+the dense terms and extra keys of the term-wise planner (``backends/planned/``), the query
 blocks of the block-sparse backend (``backends/sdpa.py``) and the distributed partials
 (``patterngen/distributed/attention.py``). Inputs are ``(batch, problems, rows, head_dim)``
 (queries) against ``(batch, problems, keys, head_dim)``.
@@ -88,7 +88,11 @@ class ScoreMod:
         """Modify ``scores`` in place; returns ``tanh(s / c)`` when ``keep_tanh`` (the
         backward's chain rule needs it), else ``None``."""
         tanh = None
-        if self.softcap is not None:
+        if self.softcap is not None and scores.requires_grad:
+            # autograd (the protocol's parts): in place, the mask's add would overwrite the
+            # output tanh saved for its backward
+            scores.copy_(cap(scores, self.softcap))
+        elif self.softcap is not None:
             tanh = cap_(scores, self.softcap, keep_tanh)
         if self.bias is not None:
             scores.view(-1, self.heads, *scores.shape[1:]).add_(self.bias.to(scores.dtype))

@@ -7,15 +7,21 @@ An executor answers, for a lowered pattern (or the part of it it would run) and 
 - :meth:`Executor.work`: the exact work it would launch, as :class:`patterngen.call.Op` s
   (dense problems and their shapes on their kernel, numba pairs with the lane plan, copies in
   bytes, launches), which :meth:`patterngen.calibrate.Rates.price` turns into milliseconds;
+- :meth:`Executor.prepare`: the executor's run of ``lowered`` (a pattern, or the terms of it
+  a part runs) for calls like ``call``, one object per (executor, part, call), as xformers
+  prepares an op for its ``Inputs``: ``forward(q, k, v, scale, need_lse=True, table=None) ->
+  (out, lse)`` and ``backward(q, k, v, out, lse, dout, scale, table=None) -> (dq, dk, dv,
+  dtable)`` from the *merged* ``out``/``lse`` (:mod:`.merge`), so that any executor's run
+  merges with any other's (:class:`Part`);
 - :meth:`Executor.compile`: an ``attn(q, k, v, ...)`` that runs the pattern on it (the
-  conformance test runs every executor through this).
+  conformance test runs every executor through this and through :meth:`Executor.prepare`).
 
 *Whole* executors (``numba``, ``sdpa``, ``flex``) run a pattern alone: each is one strategy of
 :func:`patterngen.plan.plan`. *Parts* (``dense``: one term as a batch of dense problems;
 ``gather``: the window terms, by the numba kernels; ``extra``: keys outside the grid) are
-merged by log-sum-exp in the term-wise strategy (``terms``, :mod:`.planned`), whose
-``forward -> (out, lse)`` and ``backward`` from the merged ``out``/``lse`` they implement
-there. :data:`TOLERANCES` are what each executor is held to against the dense oracle, by dtype.
+merged by log-sum-exp in the term-wise strategy (``terms``, :mod:`.planned`), which runs each
+through :meth:`Executor.prepare`. :data:`TOLERANCES` are what each executor is held to against
+the dense oracle, by dtype.
 """
 
 from __future__ import annotations
@@ -23,10 +29,14 @@ from __future__ import annotations
 import math
 
 from patterngen import ir
+from patterngen.backends import get_backend
+from patterngen.backends.merge import acc_dtype
 from patterngen.call import Call, Op
+from patterngen.errors import PatternError
 from patterngen.plan import COPYING, DenseShape, gather_first
 
-__all__ = ["Executor", "TOLERANCES", "WHOLE", "PARTS", "numba_work", "dense_work"]
+__all__ = ["Executor", "Part", "AutogradPart", "TOLERANCES", "WHOLE", "PARTS", "numba_work",
+           "dense_work"]
 
 #: ``{dtype: (atol, rtol)}`` against the float64 oracle, outputs and gradients
 TOLERANCES = {"float64": (1e-9, 1e-7), "float32": (1e-4, 1e-4), "bfloat16": (4e-2, 4e-2),
@@ -74,8 +84,95 @@ class Executor:
         ``call``."""
         return self._backend()(lowered, **options)
 
+    def prepare(self, lowered, call: Call, softcap=None, **part) -> "Part":
+        """The :class:`Part` that runs ``lowered`` on this executor for calls like ``call``,
+        scores capped at ``softcap`` (``None``: off). ``part``: what it needs besides
+        (``dense``: ``earlier``, ``reach``, ``dense``; ``numba``, ``sdpa``: their backend's
+        options)."""
+        raise NotImplementedError
+
     def __repr__(self):
         return f"<executor {self.name}>"
+
+
+class Part:
+    """What :meth:`Executor.prepare` returns: one executor's run of one lowered pattern or
+    part, on flattened, checked inputs ``q`` ``(batch, heads, tokens, head_dim)``, ``k``,
+    ``v`` ``(batch, kv heads, keys, head_dim)``, a checked bias ``table`` for these heads (or
+    ``None``) and a float ``scale``."""
+
+    def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
+        """``(out, lse)``: ``out`` in q's dtype, ``lse`` ``(batch, heads, tokens)`` in
+        :func:`.merge.acc_dtype`, the natural log-sum-exp of each query's scores, ``-inf``
+        where this part gives it no key (``None`` when not ``need_lse``, where a part may
+        skip it)."""
+        raise NotImplementedError
+
+    def backward(self, q, k, v, out, lse, dout, scale, table=None):
+        """``(dq, dk, dv, dtable)``: this part's share of the gradients, from the *merged*
+        ``out`` and ``lse`` of every part (``dtable`` ``None`` without a table)."""
+        raise NotImplementedError
+
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """For a part that runs alone (its out is the merged one): its output through torch's
+        autograd where its executor has a faster path so, else ``None`` (then
+        :meth:`forward` and :meth:`backward` run it)."""
+        return None
+
+
+class AutogradPart(Part):
+    """A part whose forward ``run(q, k, v, scale, table) -> (out, lse)`` is differentiable by
+    torch in both outputs (block-sparse sdpa, FlexAttention), and which has no kernel that
+    takes a merged log-sum-exp back. Its backward runs the forward again under autograd and
+    back-propagates the merged gradient's share: with ``w = exp(lse_t - lse)``, ``out``'s
+    cotangent ``w * dout`` and ``lse_t``'s ``w * rowsum(dout * (out_t - out))``, whose sum
+    over the parts is exactly ``dS = P (dout v^T - rowsum(dout * out))`` of the merged
+    softmax."""
+
+    def __init__(self, run, alone=None):
+        self.run, self.alone = run, alone
+
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """``alone(q, k, v, scale=, rel_bias=)``: the backend's own call (its fused kernels,
+        torch's autograd), where given."""
+        if self.alone is None:
+            return None
+        return self.alone(q, k, v, scale=scale, **({} if table is None else
+                                                   {"rel_bias": table}))
+
+    def forward(self, q, k, v, scale, need_lse=True, table=None):
+        import torch
+
+        with torch.no_grad():
+            out, lse = self.run(q, k, v, scale, table)
+        return out, lse.to(acc_dtype(q.dtype))
+
+    def backward(self, q, k, v, out, lse, dout, scale, table=None):
+        import torch
+
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        if table is not None:
+            leaves.append(table.detach().requires_grad_())
+        with torch.enable_grad():
+            out_t, lse_t = self.run(*leaves[:3], scale, None if table is None else leaves[3])
+        acc = acc_dtype(q.dtype)
+        part = lse_t.detach().to(acc)
+        w = torch.where(part > float("-inf"), torch.exp(part - lse.to(acc)), 0.0)
+        spread = (dout.to(acc) * (out_t.detach().to(acc) - out.to(acc))).sum(-1)
+        grads = torch.autograd.grad(
+            (out_t, lse_t), leaves,
+            ((w[..., None] * dout.to(acc)).to(out_t.dtype),
+             torch.where(w > 0, w * spread, 0.0).to(lse_t.dtype)), allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+        return (*grads[:3], grads[3] if table is not None else None)
+
+
+def _numba_part(lowered, softcap, **options):
+    """The numba kernels on ``lowered`` as a part (``options``: the backend's): they return
+    the log-sum-exp and take the merged one back."""
+    from .planned import GatherGroup
+
+    return GatherGroup(lowered, softcap, **options)
 
 
 def _restride(name: str, tokens: int, call: Call) -> list:
@@ -166,6 +263,9 @@ class NumbaExecutor(Executor):
     name = backend = "numba"
     margin = NUMBA_MARGIN
 
+    def prepare(self, lowered, call, softcap=None, **options):
+        return _numba_part(lowered, softcap, **options)
+
     def work(self, lowered, call):
         return numba_work(lowered, call, "numba") + _restride(
             self.name, math.prod(lowered.grid.shape), call)
@@ -182,6 +282,13 @@ class SdpaExecutor(Executor):
     copies q, k, v into it and the output back."""
 
     name = backend = "sdpa"
+
+    def prepare(self, lowered, call, softcap=None, **options):
+        """The block-sparse calls returning the log-sum-exp (``SdpaBackend.forward_lse``),
+        backward through autograd (:class:`AutogradPart`): no fused kernel takes a merged
+        log-sum-exp of gathered blocks back. ``options``: the backend's (block, order)."""
+        backend = self._backend()(lowered, softcap=softcap, **options)
+        return AutogradPart(backend.forward_lse, backend)
 
     def work(self, lowered, call):
         import numpy as np
@@ -241,6 +348,23 @@ class FlexExecutor(Executor):
     def compile(self, lowered, call, **options):
         return self._backend()(lowered, compile=call.device != "cpu", **options)
 
+    def prepare(self, lowered, call, softcap=None, **part):
+        """FlexAttention returning the log-sum-exp; its backward through autograd
+        (:class:`AutogradPart`: flex has no backward that takes a log-sum-exp), on devices
+        with a FlexAttention backward (not CPU).
+
+        Raises:
+            PatternError: for a call its :meth:`can_run` refuses (gradients on CPU), rather
+                than torch's error inside the backward.
+        """
+        reason = self.can_run(lowered, call)
+        if reason is not None:
+            raise PatternError(f"flex: cannot prepare {lowered.label} for this call: "
+                               f"{reason}.")
+        options = {} if softcap is None else {"softcap": softcap}
+        backend = self._backend()(lowered, compile=call.device != "cpu", **options)
+        return AutogradPart(backend.forward_lse, backend)
+
     def work(self, lowered, call):
         backend = self._backend()(lowered, compile=False)
         pairs = sum(n * w for n, w in zip(backend.executed_pairs,
@@ -271,6 +395,31 @@ class DenseExecutor(Executor):
     def compile(self, lowered, call, **options):
         return self._backend()(lowered, strategy="terms", terms="dense", **options)
 
+    def prepare(self, lowered, call, softcap=None, earlier=(), reach=None, dense=None):
+        """:class:`.planned.DenseTerm` of ``lowered``'s one term, the pairs of the
+        ``earlier`` terms masked out, a bias table indexed by ``reach`` (default the term's
+        own); ``dense``: its :class:`~patterngen.plan.DenseShape` when the caller has it.
+
+        Raises:
+            PatternError: for more than one term, or a term without a dense form.
+        """
+        from patterngen.bias import reach as reach_of
+        from patterngen.plan import dense_form
+
+        from .planned import DenseTerm, covered
+
+        if len(lowered.terms) != 1:
+            raise PatternError(f"dense: {lowered.label} has {len(lowered.terms)} terms; "
+                               f"expected one (each term is its own dense part).")
+        term, grid = lowered.terms[0], lowered.grid
+        shape = dense if dense is not None else dense_form(term, grid.shape, earlier)
+        if isinstance(shape, str):
+            raise PatternError(f"dense: {term!r} has no dense form ({shape}).")
+        adds = (covered(grid, [*earlier, term], lowered.key_grid)
+                > covered(grid, list(earlier), lowered.key_grid))
+        return DenseTerm(term, shape, list(earlier), grid.shape, adds, softcap,
+                         reach if reach is not None else reach_of(lowered))
+
 
 class GatherExecutor(Executor):
     """The gather terms of a pattern as one group, by the numba kernels, which return the
@@ -289,6 +438,9 @@ class GatherExecutor(Executor):
         from . import get_backend
 
         return get_backend("auto")(lowered, strategy="terms", terms="gather", **options)
+
+    def prepare(self, lowered, call, softcap=None, **part):
+        return _numba_part(lowered, softcap)
 
 
 class ExtraKeysExecutor(Executor):
@@ -312,7 +464,109 @@ class ExtraKeysExecutor(Executor):
     def compile(self, lowered, call, **options):
         return self._backend()(lowered, strategy="terms", **options)
 
+    def prepare(self, lowered, call, softcap=None, **part):
+        """Every query against the keys and values passed as ``k`` and ``v`` (the extra
+        ones), whatever ``lowered`` is; takes no bias table (they have no grid offset)."""
+        from .planned import ExtraKeys
+
+        return _ExtraPart(ExtraKeys(softcap))
+
+
+class _ExtraPart(Part):
+    """:class:`.planned.ExtraKeys` on the protocol's signature."""
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def forward(self, q, k, v, scale, need_lse=True, table=None):
+        return self.keys.forward(q, k, v, scale)
+
+    def backward(self, q, k, v, out, lse, dout, scale, table=None):
+        return (*self.keys.backward(q, k, v, out, lse, dout, scale), None)
+
+
+class LocalExecutor(Executor):
+    """A distributed rank's local problem (:class:`patterngen.distributed.local.LocalProblem`):
+    the K/V halo it exchanges and its queries over its local keys, run on its local backend
+    (``auto``: the planner, among its strategies; ``sdpa``; ``numba``) as that executor's
+    part. Not a strategy of the planner: ``patterngen.distributed`` asks it."""
+
+    name = "local"
+    backend = "auto"
+    whole = False
+    #: the local backends that read a rank's line tables (flex makes them inside its traced
+    #: ``mask_mod``, where inductor fails on them)
+    BACKENDS = ("auto", "sdpa", "numba")
+
+    def can_run(self, problem, call):
+        if problem.backend not in self.BACKENDS:
+            return (f"backend={problem.backend!r}: the local part runs on one of "
+                    f"{self.BACKENDS}; flex traces its mask and cannot read a rank's line "
+                    f"tables")
+        reasons = [f"no {what} on a rank's local problem" for wanted, what in (
+            (call.bias, "bias table"), (call.softcap, "softcap"), (call.extra_keys, "extra keys"))
+            if wanted]
+        if problem.backend != "auto":
+            reasons.append(WHOLE[problem.backend].can_run(problem.lowered, call))
+        return "; ".join(r for r in reasons if r) or None
+
+    def compile(self, problem, call, **options):
+        """The local backend on the local problem (``attn(q, k, v)`` on the local grid)."""
+        first = {} if problem.strategies is None else {"strategy": problem.strategies}
+        return get_backend(problem.backend)(problem.lowered,
+                                            **{**first, **problem.options, **options})
+
+    def _plan(self, problem, call):
+        """``auto``'s plan of the local problem for ``call``."""
+        from patterngen.plan import plan
+
+        options = problem.options
+        allowed = options.get("strategy", problem.strategies)
+        return plan(problem.lowered,
+                    executors=(allowed,) if isinstance(allowed, str) else allowed,
+                    terms=options.get("terms"), rates=options.get("rates"),
+                    head_dim=call.head_dim, heads=call.heads, batch=call.batch,
+                    device=call.device, dtype=call.dtype, backward=call.backward,
+                    kv_heads=call.kv_heads)
+
+    def work(self, problem, call):
+        """The halo's K and V rows packed and unpacked (priced as copies; the transfer itself
+        is not calibrated), then the local backend's work (``auto``: its plan's executors)."""
+        lowered = problem.lowered
+        ops = [Op("copy", 2 * problem.exchanged_rows * call.batch * call.kv_heads
+                  * call.head_dim * call.itemsize)]
+        if problem.backend != "auto":
+            return ops + WHOLE[problem.backend].work(lowered, call)
+        chosen = self._plan(problem, call)
+        if chosen.strategy != "terms":
+            return ops + WHOLE[chosen.strategy].work(lowered, call)
+        tokens = math.prod(lowered.grid.shape)
+        for tps in chosen.patterns:
+            gather = tuple(tp.term for tp in tps if tp.executor == "gather")
+            if gather:
+                ops += PARTS["gather"].work(ir.IR(lowered.grid, gather), call)
+            ops += [op for tp in tps if tp.executor == "dense"
+                    for op in dense_work(tp.dense, tokens, call)]
+        return ops
+
+    def prepare(self, problem, call, softcap=None, **part):
+        """The local backend's part for ``call`` (``auto``: planned for it; a term-wise plan
+        is one part, :class:`.planned.TermsPart`); its ``plan`` attribute is the plan."""
+        from .planned import TermsPart
+
+        if problem.backend != "auto":
+            return WHOLE[problem.backend].prepare(problem.lowered, call, softcap,
+                                                  **problem.options)
+        chosen = self._plan(problem, call)
+        if chosen.strategy == "terms":
+            prepared = TermsPart(problem.lowered, chosen, softcap)
+        else:
+            prepared = WHOLE[chosen.strategy].prepare(problem.lowered, call, softcap)
+        prepared.plan = chosen
+        return prepared
+
 
 #: the whole-pattern executors (strategies beside ``terms``) and the parts, by name
 WHOLE = {e.name: e for e in (NumbaExecutor(), SdpaExecutor(), FlexExecutor())}
-PARTS = {e.name: e for e in (DenseExecutor(), GatherExecutor(), ExtraKeysExecutor())}
+PARTS = {e.name: e for e in (DenseExecutor(), GatherExecutor(), ExtraKeysExecutor(),
+                             LocalExecutor())}

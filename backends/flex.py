@@ -497,6 +497,39 @@ class FlexBackend(Backend):
             out = out[:, :, inverse]
         return restore(out)
 
+    def forward_lse(self, q, k, v, scale, table=None):
+        """``(out, lse)`` for checked, flattened ``(batch, heads, tokens, head_dim)`` inputs
+        (``k``, ``v`` may have fewer heads) and a checked bias ``table``: FlexAttention with
+        the log-sum-exp (gradients flow through both, on devices with a FlexAttention
+        backward); the executor protocol's part (:mod:`patterngen.backends.executor`).
+
+        Raises:
+            PatternError: for keys or values that are not all finite with partial blocks
+                (the rule :meth:`__call__` applies to them returns no log-sum-exp).
+        """
+        if self._partial and non_finite(k, v):
+            raise PatternError(
+                "flex: forward_lse got keys or values that are not all finite and the layout "
+                "has partial blocks; expected finite k and v (call the backend itself for "
+                "SDPA's rule on them).")
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        if self.compile:
+            fn = _compiled_flex()
+        else:
+            from torch.nn.attention.flex_attention import flex_attention as fn
+        block_mask = self.block_mask_for(q.shape[1], q.device)
+        if not self._identity:
+            perm, inverse = self._permutation(q.device)
+            q, k, v = (t[:, :, perm] for t in (q, k, v))
+        out, aux = fn(q, k, v, score_mod=self.score_mod(table, q.device), block_mask=block_mask,
+                      scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                      return_aux=AuxRequest(lse=True))
+        lse = aux.lse
+        if not self._identity:
+            out, lse = out[:, :, inverse], lse[:, :, inverse]
+        return out, lse
+
     @functools.cached_property
     def _partial(self) -> bool:
         """Whether some block of the layout is partial (ragged edge tiles count)."""

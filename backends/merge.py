@@ -2,7 +2,7 @@
 
 Parts over disjoint key sets of the same queries, each ``(out_t, lse_t)``, merge as
 ``lse = logsumexp_t lse_t`` and ``out = sum_t exp(lse_t - lse) out_t``
-(shared/notes/lse-merge.md). The term-wise planner (``backends/planned.py``) and the
+(shared/notes/lse-merge.md). The term-wise planner (``backends/planned/``) and the
 distributed global queries (``patterngen/distributed/attention.py``) merge through
 :func:`merge`; every part's backward is then run from the *merged* ``out`` and ``lse``
 (FlashAttention-2's ``D = rowsum(dO * out)``, ``P = exp(S - lse)``), or, for parts with

@@ -2,7 +2,7 @@
 
 ``torch.compile`` and ``torch.export`` cannot trace numpy arrays and numba kernels; FlexAttention
 and NATTEN register their kernels as operators for the same reason. The numba kernels
-(``backends/numba/autograd.py``) and the term-wise planner's runs (``backends/planned.py``)
+(``backends/numba/autograd.py``) and the term-wise planner's runs (``backends/planned/``)
 are custom ops in the ``patterngen`` namespace, each with a fake (meta) implementation that
 gives the output shapes and an autograd formula that calls the matching backward op; this
 module holds what they share. The ops take tensors and plain values only: the compiled

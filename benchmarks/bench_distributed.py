@@ -113,7 +113,7 @@ def _worker(rank, world, init, repeats, threads, results, names):
                    received_rows=attn.received_rows,
                    local=attn.local_backend + "".join(
                        f" ({'/'.join(sorted({p.strategy for p in plans}))})"
-                       for plans in [getattr(attn.local, "plans", [])] if plans))
+                       for plans in [attn.plans] if plans))
         if world == 1 and local == LOCALS[-1]:
             single = pg.compile(pattern, grid, backend="sdpa")
             row["single_forward_ms"] = 1e3 * _timed(

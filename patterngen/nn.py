@@ -113,7 +113,7 @@ def fit_table(table, reach: tuple, grid: tuple):
 
 def ordered_attention(decl: str, grid: tuple, x):
     """The attention of ``decl`` on ``grid`` for inputs like ``x`` where a layer calls it in
-    its token order (``attn.token_order``, ``backends/planned.py``'s ``TokenOrder``): a
+    its token order (``attn.token_order``, ``backends/planned/``'s ``TokenOrder``): a
     ``backend="auto"`` pattern that is one dense term, which then runs on the ordered inputs
     as they are; ``None`` otherwise, and under ``torch.compile`` (the layer calls its
     operator)."""

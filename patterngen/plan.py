@@ -17,7 +17,7 @@ runs the gather terms first, as one group whose kernel already visits each key o
 dense term with a mask that excludes the pairs of every earlier term (CCNet masks the
 diagonal). Every pair is then counted once, and the parts merge exactly by log-sum-exp:
 ``out = sum_t exp(lse_t - lse) out_t`` with ``lse = logsumexp_t lse_t``
-(``backends/planned.py``).
+(``backends/planned/``).
 
 :func:`plan` asks every executor through the registry (:mod:`patterngen.backends.executor`)
 whether it can run the call (:class:`patterngen.call.Call`) and what it would launch, prices

@@ -69,7 +69,8 @@ def materialize(pattern, grid=None, key_grid=None) -> np.ndarray:
 
 
 def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid=None,
-                    additional_keys=None, additional_values=None, key_grid=None):
+                    additional_keys=None, additional_values=None, key_grid=None,
+                    return_lse=False):
     """Masked softmax attention on ``(batch, heads, tokens, dim)`` torch tensors.
 
     ``mask`` is ``(tokens, tokens)`` or ``(patterns, tokens, tokens)`` (head ``h`` uses
@@ -83,6 +84,8 @@ def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid
     query head ``h`` reads head ``h // (q heads // kv heads)``, torch's ``enable_gqa`` rule.
     ``additional_keys``/``additional_values`` (``(batch, kv heads, extra, dim)``) are keys
     every query sees besides its pattern, in the same softmax, softcapped alike, unbiased.
+    With ``return_lse``, ``(out, lse)``: ``lse`` the natural log-sum-exp of each query's
+    masked scores, ``-inf`` for a query without keys.
 
     Raises:
         PatternError: when an attended pair's offset lies outside the table, or the kv heads
@@ -116,6 +119,8 @@ def dense_attention(q, k, v, mask, scale=None, softcap=None, rel_bias=None, grid
         scores = scores + bias_
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if return_lse:
+        return probs @ v, torch.logsumexp(scores, dim=-1)
     return probs @ v
 
 

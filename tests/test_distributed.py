@@ -25,7 +25,9 @@ import torch
 import patterngen as pg
 from patterngen import ir
 from patterngen.distributed.halo import exchange_rows, global_queries, query_rows, split_lines
-from patterngen.distributed.local import ordinary_local, rank_share
+from patterngen.backends import executors
+from patterngen.call import Call
+from patterngen.distributed.local import LocalProblem, ordinary_local, rank_share
 from patterngen.distributed.reshard import column_slices, reshard
 from patterngen.errors import PatternError
 from oracle import reference
@@ -160,6 +162,33 @@ def test_local_attention_of_every_rank_equals_the_oracle(name, pattern, grid, op
                                            rtol=1e-12, atol=1e-12)
             if name.startswith("window") or name.startswith("1-D"):
                 assert ordinary is not None  # a window's local problem is a window
+
+
+def test_the_local_executor_answers_for_a_ranks_problem():
+    """Asked about rank 0's local problem of a 3x3 window on 8 x 4 lines split in two, the
+    ``local`` executor says why flex and a bias table cannot run in words, prices the halo (line
+    3 sent, line 4 received: 8 K/V rows) as copies, and its part gives the oracle's own rows."""
+    lowered = pg.lower(pg.window(3), (8, 4))
+    shards = ((0, 4), (4, 8))
+    share = rank_share(lowered, shards, 0, reshard(lowered, shards))
+    ex = executors()["local"]
+    call = Call(dtype="float64", batch=2, heads=3, head_dim=4)
+    problem = LocalProblem(share, "numba", share.local)
+    assert ex.can_run(problem, call) is None
+    assert "cannot read a rank's line tables" in ex.can_run(
+        LocalProblem(share, "flex", share.local), call)
+    assert "no bias table" in ex.can_run(problem, Call(bias=True))
+    copy, *local = ex.work(problem, call)
+    assert (copy.kind, copy.count) == ("copy", 2 * 8 * 2 * 3 * 4 * 8)
+    assert local == executors()["numba"].work(share.local, call)
+    q, k, v, _ = _inputs((8, 4))
+    want = reference(pg.window(3), (8, 4), q, k, v).reshape(2, 3, -1, 4)[:, :, :16]
+    flat = [t.reshape(2, 3, -1, 4)[:, :, :20] for t in (q, k, v)]  # own lines and the halo
+    out, _ = ex.prepare(problem, call).forward(*flat, 4 ** -0.5)
+    torch.testing.assert_close(out[:, :, :16], want, rtol=1e-12, atol=1e-12)
+    # auto plans the call; a strategy named in the options (one name) is the planner's choice
+    forced = LocalProblem(share, "auto", share.local, None, {"strategy": "sdpa"})
+    assert ex.prepare(forced, call).plan.strategy == "sdpa"
 
 
 def test_global_queries_are_the_query_in_terms():

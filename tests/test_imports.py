@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: source folder of each package (pyproject.toml's package-dir)
 PACKAGES = {"patterngen": "patterngen", "patterngen.distributed": "patterngen/distributed",
             "patterngen.backends": "backends", "patterngen.backends.numba": "backends/numba",
-            "patterngen.backends.sdpa": "backends/sdpa"}
+            "patterngen.backends.sdpa": "backends/sdpa",
+            "patterngen.backends.planned": "backends/planned"}
 
 
 def _modules() -> dict[str, Path]:
@@ -139,6 +140,12 @@ def _cycles(graph) -> list[list[str]]:
         if v not in index:
             visit(v)
     return comps
+
+
+def test_the_walk_sees_every_package():
+    folders = {str(p.parent.relative_to(ROOT)) for top in ("patterngen", "backends")
+               for p in (ROOT / top).rglob("__init__.py")}
+    assert folders == set(PACKAGES.values())
 
 
 def test_the_walk_sees_every_module_and_lazy_imports():

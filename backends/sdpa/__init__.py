@@ -37,8 +37,9 @@ import numpy as np
 from patterngen import bias
 from patterngen.backends import Backend, register_backend
 from patterngen.backends import dense
-from patterngen.backends.inputs import kv_heads_of, take_heads
+from patterngen.backends.inputs import kv_heads_of, non_finite, take_heads
 from patterngen import ir
+from patterngen.errors import PatternError
 from patterngen.layout import choose_layout
 
 from .calls import DeviceCalls
@@ -147,14 +148,45 @@ class SdpaBackend(Backend):
         Raises:
             PatternError: for a wrong type, shape, grid, device or dtype, naming the values.
         """
-        import torch
-
         qf, kf, vf, restore = self.flatten_inputs(q, k, v)
         table = self.check_rel_bias(rel_bias, qf)
         extra = self.check_extra_keys(additional_keys, additional_values, qf, table,
                                       kf.shape[1])
         scale = scale if scale is not None else self.scale
         scale = scale if scale is not None else qf.shape[-1] ** -0.5
+        results = self._per_pattern(qf, kf, vf, scale, table, extra)
+        return restore(results[0] if len(results) == 1 else self._heads_back(results,
+                                                                              qf.device))
+
+    def forward_lse(self, q, k, v, scale, table=None):
+        """``(out, lse)`` for checked, flattened ``(batch, heads, tokens, head_dim)`` inputs
+        (``k``, ``v`` may have fewer heads) and a checked bias ``table``: the same calls as
+        :meth:`__call__`, each by :func:`dense.softmax_attention` in float32 (float64 for
+        float64), differentiable in ``out`` and ``lse`` (``-inf`` for a query without keys);
+        the executor protocol's part (:mod:`patterngen.backends.executor`).
+
+        Raises:
+            PatternError: for keys or values that are not all finite with partial blocks
+                (:meth:`__call__` applies SDPA's rule to them, by a path without the
+                log-sum-exp).
+        """
+        per_pattern = self._device(q.device)[2]
+        if any(c.mask is not None for calls in per_pattern for c in calls.calls) and \
+                non_finite(k, v):
+            raise PatternError(
+                "sdpa: forward_lse got keys or values that are not all finite and the layout "
+                "has partial blocks; expected finite k and v (call the backend itself for "
+                "SDPA's rule on them).")
+        results = self._per_pattern(q, k, v, scale, table, need_lse=True)
+        if len(results) == 1:
+            return results[0]
+        return tuple(self._heads_back(parts, q.device) for parts in zip(*results))
+
+    def _per_pattern(self, qf, kf, vf, scale, table, extra=None, need_lse=False) -> list:
+        """Each listed pattern's calls on its heads of the flat, checked inputs: its output
+        (``(out, lse)`` with ``need_lse``), in the order of :func:`ir.heads_of`."""
+        import torch
+
         perm, kperm, per_pattern, outs = self._device(qf.device)
         rows_q = qf  # row-major: extra keys alone for the tokens no query block holds
         if perm is not None:
@@ -173,6 +205,10 @@ class SdpaBackend(Backend):
             if table is not None or self.softcap is not None:
                 tp = table if table is None or table.shape[0] == 1 else table[mine]
                 scores = Scores(self.softcap, tp, calls, self.layout, self.reach)
+            if need_lse:
+                results.append(run_calls(calls, out_index, qp, kp, vp, scale, torch, scores,
+                                         need_lse=True))
+                continue
             ep = None if extra is None else tuple(take_heads(t, kv) for t in extra)
             out = run_calls(calls, out_index, qp, kp, vp, scale, torch, scores, ep)
             if ep is not None and calls.uncovered is not None:
@@ -182,12 +218,14 @@ class SdpaBackend(Backend):
                                         self.softcap)
                 out = torch.where(calls.uncovered, alone, out)
             results.append(out)
-        if npat == 1:
-            out = results[0]
-        else:
-            order = np.concatenate([ir.heads_of(p, npat, heads) for p in range(npat)])
-            out = torch.cat(results, dim=1)[:, torch.as_tensor(np.argsort(order))]
-        return restore(out)
+        return results
 
+    def _heads_back(self, parts, device):
+        """The listed patterns' head slices (:meth:`_per_pattern`) back in head order."""
+        import torch
+
+        npat, heads = len(parts), sum(t.shape[1] for t in parts)
+        order = np.concatenate([ir.heads_of(p, npat, heads) for p in range(npat)])
+        return torch.cat(parts, dim=1)[:, torch.as_tensor(np.argsort(order), device=device)]
 
 register_backend("sdpa", SdpaBackend)

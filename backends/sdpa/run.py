@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from patterngen.backends import dense
 from patterngen.backends.inputs import non_finite
+from patterngen.backends.merge import acc_dtype
 
 from .permute import gather
 from .scores import additive_mask
@@ -11,9 +12,13 @@ from .scores import additive_mask
 __all__ = ["run_calls"]
 
 
-def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None):
+def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
+              need_lse=False):
     """The pattern's output in row-major token order; ``extra`` ``(keys, values)`` are
-    appended to every call's keys (tokens in no call are the caller's to fill).
+    appended to every call's keys (tokens in no call are the caller's to fill). With
+    ``need_lse``, ``(out, lse)``: every call by :func:`dense.softmax_attention` in
+    :func:`~patterngen.backends.merge.acc_dtype`, differentiable in both, ``lse``
+    ``(batch, heads, tokens)`` and ``-inf`` for a query without keys.
 
     Args:
         calls: the pattern's :class:`~.calls.DeviceCalls`.
@@ -24,7 +29,8 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None):
     b, h, _, d = q.shape
     hk = k.shape[1]  # key/value heads: h // hk query heads read each
     if not calls.calls:  # no pair at all: zeros that still take part in autograd
-        return q * 0.0
+        return (q * 0.0, q.new_full(q.shape[:3], float("-inf"), dtype=acc_dtype(q.dtype))
+                ) if need_lse else q * 0.0
     single = len(calls.calls) == 1 and calls.zero_row is None
     # half-precision scores would be rounded before the softmax, which the fused kernel avoids
     table = None if scores is None else scores.table
@@ -38,6 +44,8 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None):
         # each group's output is copied once, straight into its rows (no reshape + cat)
         out = q.new_empty(b, h, calls.rows + (calls.zero_row is not None), d)
         out[:, :, calls.rows:].zero_()
+        if need_lse:
+            lse = q.new_full((b, h, out.shape[2], 1), float("-inf"), dtype=acc_dtype(q.dtype))
     row = 0
     for call in calls.calls:
         g, nk = call.count, call.nk
@@ -70,7 +78,13 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None):
         else:
             add = scores.additive(call, b, q.dtype, torch)
         softcap = None if scores is None else scores.softcap
-        if dirty and add is not None:
+        if need_lse:
+            acc = acc_dtype(q.dtype)
+            res, lse_g = dense.softmax_attention(
+                qg.to(acc), kg.to(acc), vg.to(acc), None if add is None else add.to(acc),
+                scale, True, None if softcap is None else dense.ScoreMod(softcap, None, h))
+            res = res.to(q.dtype)
+        elif dirty and add is not None:
             res = dense.masked_attention(qg, kg, vg, scale, softcap, add)
         elif softcap is None and extra is None and dense.flash_bias_grad_ok(qg, add):
             res = dense.FlashBias.apply(qg, kg, vg, add, scale)
@@ -82,12 +96,23 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None):
             res = res.masked_fill(call.empty, 0.0)
         if single:
             out = res.reshape(b, h, g * bq, d)
+            if need_lse:
+                lse = lse_g.reshape(b, h, g * bq, 1)
         else:
             out[:, :, row:row + g * bq].view(b * h, g, bq, d).copy_(res)
+            if need_lse:
+                lse[:, :, row:row + g * bq].view(b * h, g, bq, 1).copy_(lse_g)
         row += g * bq
+    if not need_lse:
+        return _in_token_order(out, out_index)
+    return _in_token_order(out, out_index), _in_token_order(lse, out_index).squeeze(-1)
+
+
+def _in_token_order(x, out_index):
+    """The rows of ``x`` ``(batch, heads, rows, e)`` as row-major tokens."""
     if out_index is None:
-        return out
-    return out_index(out) if callable(out_index) else gather(out, out_index)
+        return x
+    return out_index(x) if callable(out_index) else gather(x, out_index)
 
 
 def _per_query_head(t, group: int):

@@ -10,24 +10,23 @@ import torch
 import torch.distributed as dist
 
 from .. import ir
-from ..backends import dense
+from ..backends import dense, executors
 from ..backends.merge import acc_dtype, finite_lse, merge
+from ..call import Call
 from ..errors import PatternError
 from ..parse import as_ir
 from .halo import split_lines
-from .local import ordinary_local, rank_share
+from .local import LocalProblem, ordinary_local, rank_share
 from .reshard import reshard, reshard_mask
 from .schemes import schemes
 
 __all__ = ["DistributedAttention"]
 
-#: local executors: ``sdpa`` and ``numba`` (CPU) read the :class:`~patterngen.ir.LineTable`
-#: of any rank's local problem (numba's kernels take their bounds from numpy's evaluation);
-#: ``auto`` plans the pattern's own atoms on the local grid where they are exact
-#: (:func:`~patterngen.distributed.local.ordinary_local`) and the line tables elsewhere, among
-#: ``LINE_TABLE_STRATEGIES``: flex fails in inductor on the tables made inside its traced
-#: ``mask_mod``
-LOCAL_BACKENDS = ("auto", "sdpa", "numba")
+#: ``auto``'s strategies on a rank's :class:`~patterngen.ir.LineTable` s: ``sdpa`` and
+#: ``numba`` (CPU) read them (numba's kernels take their bounds from numpy's evaluation), flex
+#: fails in inductor on the tables made inside its traced ``mask_mod``; where the pattern's own
+#: atoms are exact on the local grid (:func:`~patterngen.distributed.local.ordinary_local`),
+#: ``auto`` plans those among every strategy
 LINE_TABLE_STRATEGIES = ("terms", "numba", "sdpa")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -67,6 +66,26 @@ def _partial(q, k, v, mask, scale):
     return part, lse.squeeze(-1).masked_fill(~mask.any(-1), -math.inf)
 
 
+class _Local(torch.autograd.Function):
+    """A rank's local problem through its ``local`` executor part: the part's ``(out, lse)``
+    is the whole softmax of these rows (the re-sharded terms enter as virtual keys), so its
+    backward from its own out and lse is exact."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, part, scale):
+        out, lse = part.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.part, ctx.scale = part, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv, _ = ctx.part.backward(q, k, v, out, finite_lse(lse), dout.contiguous(),
+                                          ctx.scale)
+        return dq, dk, dv, None, None
+
+
 def _device(group):
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -99,7 +118,10 @@ class DistributedAttention:
         shards: ``(start, stop)`` of every rank's lines of the sharded axis.
         rank, world: this rank and the group's size.
         share: this rank's :class:`~patterngen.distributed.local.RankShare`.
-        local: the compiled local backend; ``local_backend`` its name.
+        local: this rank's :class:`~patterngen.distributed.local.LocalProblem`, run by the
+            ``local`` executor (:class:`patterngen.backends.executor.LocalExecutor`), one part
+            per kind of call; ``local_backend`` its backend's name; ``plans``: with ``auto``,
+            its plans.
         schemes: ``(term, scheme)`` per term (see :func:`~patterngen.distributed.schemes`).
         sent_rows, received_rows: K/V tokens this rank sends and receives per forward step.
         resharded: the :class:`~patterngen.distributed.reshard.Reshard` of the axis terms, or
@@ -122,10 +144,6 @@ class DistributedAttention:
                     -len(shape) <= axis < len(shape)):
                 raise PatternError(f"axis={axis!r}: expected an axis of the {len(shape)}-D grid "
                                    f"{lowered.grid}, an int in [{-len(shape)}, {len(shape)}).")
-            if backend not in LOCAL_BACKENDS:
-                raise PatternError(f"backend={backend!r}: the local part runs on one of "
-                                   f"{LOCAL_BACKENDS}; flex traces its mask and cannot read a "
-                                   f"rank's line tables.")
             self.axis = axis % len(shape)
             self.shards = split_lines(shape[self.axis], self.world, shards)
             moved = ir.axis_first(lowered, self.axis)
@@ -140,14 +158,17 @@ class DistributedAttention:
             if self.resharded:
                 self._pencil_mask = reshard_mask(moved, self.resharded, self.rank)
             self._moved_shape = moved.grid.shape
-            from ..compile import compile as compile_local
-
             ordinary = ordinary_local(moved, self.share) if backend == "auto" else None
-            if backend == "auto" and ordinary is None:
-                options = {"strategy": LINE_TABLE_STRATEGIES, **options}
             self.local_backend = backend
-            self.local = compile_local(self.share.local if ordinary is None else ordinary,
-                                       backend=backend, **options)
+            self.local = LocalProblem(
+                self.share, backend, self.share.local if ordinary is None else ordinary,
+                LINE_TABLE_STRATEGIES if backend == "auto" and ordinary is None else None,
+                {k: v for k, v in options.items() if k != "scale"})
+            self._executor = executors()["local"]
+            reason = self._executor.can_run(self.local, Call())
+            if reason is not None:
+                raise PatternError(f"{reason}.")
+            self._parts = {}
             self.schemes = schemes(moved, self.resharded)
             self._shape = shape
         except PatternError as e:
@@ -174,7 +195,26 @@ class DistributedAttention:
 
     def __repr__(self):
         return (f"DistributedAttention(rank {self.rank} of {self.world}, lines "
-                f"{self.shards[self.rank]} of axis {self.axis}, {self.local!r})")
+                f"{self.shards[self.rank]} of axis {self.axis}, {self.local.lowered.label} on "
+                f"{self.local_backend})")
+
+    def _part(self, q, k, v):
+        """The ``local`` executor's part for this kind of call, prepared once."""
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        call = Call(q.device.type, str(q.dtype).rsplit(".", 1)[-1], q.shape[0], q.shape[1],
+                    q.shape[-1], k.shape[1], grad)
+        if call not in self._parts:
+            reason = self._executor.can_run(self.local, call)
+            if reason is not None:
+                raise PatternError(f"distributed attention, rank {self.rank}: the local problem "
+                                   f"cannot run this call: {reason}.")
+            self._parts[call] = self._executor.prepare(self.local, call)
+        return self._parts[call]
+
+    @property
+    def plans(self) -> list:
+        """With ``auto``, the plan of the local problem for each kind of call so far."""
+        return [p.plan for p in self._parts.values() if hasattr(p, "plan")]
 
     def _agree(self, payload):
         """All-gather ``(digest, summary, error)``; raise the same error on every rank.
@@ -331,7 +371,7 @@ class DistributedAttention:
         change; the virtual key ``(0, ..., 0, lse / scale)`` scores ``lse`` and carries the
         value ``part``: the local softmax over the halo terms' keys and it is exactly the
         log-sum-exp merge of the two parts, and autograd reaches ``part`` and ``lse`` through
-        the local backend's own backward. Queries whose re-sharded part is empty (only global
+        the local part's backward. Queries whose re-sharded part is empty (only global
         queries, replaced later; :func:`~patterngen.distributed.reshard.reshard` refuses
         others) get a finite stand-in.
         """
@@ -389,7 +429,11 @@ class DistributedAttention:
         if self.resharded:
             q_loc, k_loc, v_loc = self._virtual_keys(q_loc, k_loc, v_loc,
                                                      *self._pencils(qf, kf, vf, scale), scale)
-        out = self.local(q_loc, k_loc, v_loc, scale=scale)[:, :, own0:own1, :d]
+        part = self._part(q_loc, k_loc, v_loc)
+        out = part.autograd_forward(q_loc, k_loc, v_loc, scale)
+        if out is None:
+            out = _Local.apply(q_loc, k_loc, v_loc, part, scale)
+        out = out[:, :, own0:own1, :d]
         if len(self.share.queries):
             out = self._global_queries(qf, kf, vf, out, scale)
         if self.axis:

@@ -24,7 +24,7 @@ from .halo import global_queries, halo_terms, needed_tokens
 from .reshard import Reshard
 from .schemes import is_merged
 
-__all__ = ["RankShare", "rank_share", "ordinary_local"]
+__all__ = ["RankShare", "LocalProblem", "rank_share", "ordinary_local"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +61,32 @@ class RankShare:
     @property
     def local_lines(self) -> int:
         return sum(b - a for a, b in self.intervals)
+
+
+@dataclass(frozen=True, eq=False)
+class LocalProblem:
+    """A rank's local problem as the ``local`` executor
+    (:class:`patterngen.backends.executor.LocalExecutor`) is asked about it.
+
+    Attributes:
+        share: the rank's :class:`RankShare` (what it sends and receives).
+        backend: the local backend named to ``patterngen.distributed.compile``.
+        lowered: the pattern the rank runs on its local grid (the share's line tables, or
+            with ``auto`` the ordinary pattern where :func:`ordinary_local` finds one).
+        strategies: with ``auto``, the planner's strategies for it (``None``: all).
+        options: the local backend's options (with ``auto``, the planner's).
+    """
+
+    share: RankShare
+    backend: str
+    lowered: object
+    strategies: tuple | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def exchanged_rows(self) -> int:
+        """K/V tokens the rank packs to send and unpacks on receipt, per step."""
+        return sum(len(s) for s in self.share.send) + sum(len(r) for r in self.share.recv)
 
 
 def _merge(intervals) -> tuple:

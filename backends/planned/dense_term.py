@@ -1,0 +1,611 @@
+"""Dense problems of a term-wise plan: one term as a batch of dense problems after a view
+(:class:`DenseTerm`), its token order for callers that partition their tokens once
+(:class:`TokenOrder`), and the keys outside the grid (:class:`ExtraKeys`).
+
+Each returns ``(out, lse)`` over the whole grid and takes the merged ``out`` and ``lse`` back
+in its backward (:mod:`.termwise` merges them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from patterngen.backends import dense
+from patterngen.backends.dense import Holes, ScoreMod
+from patterngen.backends.inputs import non_finite
+from patterngen.backends.merge import acc_dtype
+from patterngen.errors import PatternError
+from patterngen.plan import dense_mask
+
+__all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES"]
+
+
+#: largest share of excluded entries for which the matmul path fills them in after the GEMM
+#: instead of adding a dense mask (CCNet's diagonal: 1/64 of a 64 x 64 problem)
+HOLES = 1 / 16
+
+
+class _ViewRecipe(NamedTuple):
+    """How a :class:`DenseTerm` views ``(B, H, N, d)`` as its problems, for one side."""
+
+    #: ``(dim, start, length, pad)``: a narrow to the term's query or key range (``pad``
+    #: ``None``), or the padding ``(left, right)`` that makes tiles whole
+    cuts: list
+    #: the grid's axes split into (tiles, positions, residue) or kept whole
+    split: tuple
+    #: the permutation that puts batch dimensions before problem dimensions
+    order: tuple
+    #: rows of one problem (its queries or keys)
+    rows: int
+    #: the permutation back, and the split sizes in the permuted order
+    inverse: tuple
+    ordered: tuple
+    #: the padded sizes of the grid's axes
+    whole: tuple
+
+
+class DenseTerm:
+    """One term as a batch of dense problems (see :class:`patterngen.plan.DenseShape`).
+
+    Args:
+        term: the IR term.
+        shape: its :class:`~patterngen.plan.DenseShape`.
+        earlier: the terms executed before it (their pairs are masked out here).
+        grid: the numeric grid.
+        adds_keys: booleans over the grid's tokens (row-major): queries this term adds
+            keys to.
+        softcap: scores become ``softcap * tanh(s / softcap)`` (``None``: off).
+        reach: the pattern's reach, which indexes a relative position bias table.
+    """
+
+    def __init__(self, term, shape, earlier, grid, adds_keys, softcap=None, reach=None):
+        self.term, self.shape, self.grid = term, shape, tuple(int(n) for n in grid)
+        self.softcap, self.reach = softcap, reach
+        self.mask = dense_mask(shape, term, earlier)
+        self.adds_keys = adds_keys
+        self.problems, self.keys = shape.batch, shape.keys
+        #: a key for every query and no softcap: :meth:`autograd_forward` may run it
+        self.plain = bool(adds_keys.all()) and softcap is None
+        #: an axis rolled as Swin rolls (:attr:`patterngen.plan.DenseAxis.roll`): the views
+        #: are one gather each (:meth:`_gather`)
+        self.rolled = any(ax.roll for ax in shape.axes)
+        self._cache = {}
+
+    def _recipe(self, side: str) -> "_ViewRecipe":
+        """How :meth:`_view` and :meth:`_unview` reshape for ``side`` ``"q"`` or ``"k"``,
+        worked out once."""
+        key = ("recipe", side)
+        if key not in self._cache:
+            ranged = "queries" if side == "q" else "keys"
+            cuts, split, batch_dims, prob_dims, whole = [], [], [], [], []
+            for a, ax in enumerate(self.shape.axes):
+                here = len(split) + 2
+                if ax.kind == ranged:
+                    cuts.append((2 + a, ax.lo, ax.hi - ax.lo, None))
+                if ax.kind == "tiles":
+                    if ax.pad_left or ax.pad_right:
+                        cuts.append((2 + a, ax.pad_left, ax.n, (ax.pad_left, ax.pad_right)))
+                    # (tiles, positions, residue): the residue is a batch dim beside the
+                    # tile (a strided view; size 1 for Swin's contiguous tiles)
+                    split += [ax.tiles, ax.size, ax.dilation]
+                    batch_dims += [here, here + 2]
+                    prob_dims.append(here + 1)
+                    whole.append(ax.batch * ax.size)
+                    continue
+                size = ax.n if ax.kind == "batch" else (ax.queries if side == "q" else ax.keys)
+                split.append(size)
+                whole.append(size)
+                (batch_dims if ax.kind == "batch" else prob_dims).append(here)
+            # dimensions of size 1 (one tile, residue 1) dropped: a permute of fewer
+            # dimensions copies faster (measured: 1 us of 5 on a 14x14 grid's views)
+            kept = [i + 2 for i, n in enumerate(split) if n != 1]
+            split = [split[i - 2] for i in kept]
+            order = (0, 1, *(kept.index(i) + 2 for i in batch_dims + prob_dims if i in kept),
+                     len(split) + 2)
+            rows = self.shape.queries if side == "q" else self.shape.keys
+            inverse = tuple(int(i) for i in np.argsort(order))
+            ordered = tuple(split[i - 2] for i in order[2:-1])
+            self._cache[key] = _ViewRecipe(cuts, tuple(split), order, rows, inverse, ordered,
+                                           tuple(whole))
+        return self._cache[key]
+
+    def _gather(self, side: str, device):
+        """For a shape with a rolled axis, one gather in place of roll, pad and permute:
+        ``(index, padded, inverse, missing)``, ``index`` the token of each view position
+        (``N``, a zero row appended when ``padded``, for padding) and ``inverse`` the view
+        position of each token (one past the last, a ``fill`` row, when ``missing``)."""
+        key = ("gather", side, str(device))
+        if key not in self._cache:
+            import torch
+
+            index = np.zeros((1, 1), dtype=np.int64)
+            for ax, n in zip(self.shape.axes, self.grid):
+                c = ax.coords(side)
+                b, r = index.shape
+                index = np.where((index[:, None, :, None] < 0) | (c[None, :, None, :] < 0), -1,
+                                 index[:, None, :, None] * n + c[None, :, None, :]
+                                 ).reshape(b * c.shape[0], r * c.shape[1])
+            index = index.reshape(-1)
+            tokens = math.prod(self.grid)
+            inverse = np.full(tokens, index.size, dtype=np.int64)
+            inverse[index[index >= 0]] = np.flatnonzero(index >= 0)
+            padded, missing = bool((index < 0).any()), bool((inverse == index.size).any())
+            index = np.where(index < 0, tokens, index)
+            self._cache[key] = (torch.as_tensor(index, device=device), padded,
+                                torch.as_tensor(inverse, device=device), missing)
+        return self._cache[key]
+
+    def _gathered(self, x, side: str):
+        """:meth:`_view` of a rolled shape: ``(B, H, N, d)`` -> ``(B * H, problems, rows,
+        d)`` by one gather (padding reads an appended zero row)."""
+        index, padded, _, _ = self._gather(side, x.device)
+        if padded:
+            x = F.pad(x, (0, 0, 0, 1))
+        b, h, _, d = x.shape
+        return x.index_select(2, index).view(b * h, self.problems, -1, d)
+
+    def _scattered(self, y, b: int, h: int, fill: float, side: str):
+        """:meth:`_unview` of a rolled shape, by the inverse gather (tokens the view lacks
+        read an appended ``fill`` row)."""
+        _, _, inverse, missing = self._gather(side, y.device)
+        y = y.reshape(b, h, -1, y.shape[-1])
+        if missing:
+            y = F.pad(y, (0, 0, 0, 1), value=fill)
+        return y.index_select(2, inverse)
+
+    def _view(self, x, side: str):
+        """``(B, H, N, d)`` -> ``(B * H, problems, rows, d)`` in the problems' order."""
+        if self.rolled:
+            b, h = x.shape[:2]
+            return _Moved.apply(x, lambda t: self._gathered(t, side),
+                                lambda g: self._scattered(g, b, h, 0.0, side))
+        recipe = self._recipe(side)
+        cuts, split, order, rows = recipe.cuts, recipe.split, recipe.order, recipe.rows
+        b, h, _, d = x.shape
+        # the split refines the grid's row-major axes: without cuts, one reshape does both
+        t = x.reshape(b, h, *self.grid, d) if cuts else x
+        for dim, start, length, pad in cuts:
+            if pad is None:
+                t = t.narrow(dim, start, length)
+            else:
+                t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + list(pad))
+        t = t.reshape(b, h, *split, d).permute(order)
+        return t.reshape(b * h, self.problems, rows, d)
+
+    def _unview(self, y, b: int, h: int, fill: float, side: str = "q"):
+        """Inverse of :meth:`_view`: ``(B * H, problems, rows, e)`` -> ``(B, H, N, e)``.
+        Tokens outside the term's query (``side="q"``) or key (``"k"``) range get ``fill``;
+        padding is dropped. Every token appears at most once in a view, so for gradients
+        (``fill=0``) this is also the view's adjoint."""
+        e = y.shape[-1]
+        if self.rolled:
+            return _Moved.apply(y, lambda t: self._scattered(t, b, h, fill, side),
+                                lambda g: self._gathered(g, side))
+        recipe = self._recipe(side)
+        cuts, inverse, ordered, whole = (recipe.cuts, recipe.inverse, recipe.ordered,
+                                         recipe.whole)
+        t = y.reshape(b, h, *ordered, e).permute(inverse)
+        if not cuts:
+            return t.reshape(b, h, math.prod(self.grid), e)
+        t = t.reshape(b, h, *whole, e)
+        for dim, start, length, pad in cuts:
+            if pad is not None:
+                t = t.narrow(dim, start, length)
+            else:
+                n = self.grid[dim - 2]
+                t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [start, n - start - length],
+                          value=fill)
+        return t.reshape(b, h, math.prod(self.grid), e)
+
+    def _mask(self, group: int):
+        """The mask over folded problems (:func:`_fold`): each problem's rows once per query
+        head of a key/value head."""
+        return self.mask if group == 1 else np.tile(self.mask, (1, group, 1))
+
+    def _additive_mask(self, dtype, device, group: int = 1):
+        if self.mask is None:
+            return None
+        key = (dtype, str(device), group)
+        if key not in self._cache:
+            import torch
+
+            m = torch.as_tensor(self._mask(group), device=device)
+            # CUDA's memory-efficient kernel wants the bias rows 16-element aligned
+            width = m.shape[-1] + (-m.shape[-1] % 16 if torch.device(device).type == "cuda"
+                                   else 0)
+            bias = torch.zeros(*m.shape[:-1], width, dtype=dtype, device=device)
+            bias = bias[..., :m.shape[-1]]
+            self._cache[key] = bias.masked_fill_(~m, float("-inf"))[None]
+        return self._cache[key]
+
+    def _matmul_mask(self, dtype, device, group: int = 1):
+        """The mask for the matmul path: its excluded entries when they are at most
+        ``HOLES`` of it, else the additive tensor."""
+        if self.mask is None:
+            return None
+        key = ("holes", str(device), group)
+        if key not in self._cache:
+            import torch
+
+            excluded = ~self._mask(group)
+            holes = None
+            if excluded.sum() <= HOLES * excluded.size:
+                index = torch.as_tensor(np.flatnonzero(excluded), device=device)
+                holes = Holes(index, shared=self.mask.shape[0] == 1)
+            self._cache[key] = holes
+        return self._cache[key] or self._additive_mask(dtype, device, group)
+
+    def _adds_keys(self, device):
+        key = ("adds_keys", str(device))
+        if key not in self._cache:
+            import torch
+
+            self._cache[key] = torch.as_tensor(self.adds_keys, device=device)
+        return self._cache[key]
+
+    def _matmul(self, q, table=None) -> bool:
+        """Matmul-softmax-matmul rather than the fused kernel: small float32/float64 problems
+        on CPU, and always with a softcap or bias (the fused kernels give no score gradient)."""
+        return (table is not None or self.softcap is not None
+                or dense.matmul_is_faster(q, self.keys))
+
+    def _offsets(self, device):
+        """``(1, rows, keys)`` flat positions in a bias table of each pair (key minus query
+        plus reach per axis), the same for every problem: read from the positions before
+        padding and the roll's wrap (:meth:`patterngen.plan.DenseAxis.coords`), so that the
+        table is gathered once per call and broadcast over problems, batch and heads, and
+        its gradient is summed over them before one scatter. Pairs beyond the reach (padding,
+        the roll's wrapped pairs) are clipped into the table; the mask removes them."""
+        key = ("offsets", str(device))
+        if key not in self._cache:
+            import torch
+
+            parts = []
+            for ax, r in zip(self.shape.axes, self.reach):
+                qc, kc = ax.coords("q", unrolled=True), ax.coords("k", unrolled=True)
+                part = np.clip(kc[:, None, :] - qc[:, :, None] + r, 0, 2 * r)
+                parts.append(part[:1] if (part == part[:1]).all() else part)
+            index = parts[0]
+            for part, r in zip(parts[1:], self.reach[1:]):
+                b, q, k = index.shape
+                c, u, w = part.shape
+                index = (index[:, None, :, None, :, None] * (2 * r + 1)
+                         + part[None, :, None, :, None, :]).reshape(b * c, q * u, k * w)
+            self._cache[key] = torch.as_tensor(np.ascontiguousarray(index), device=device)
+        return self._cache[key]
+
+    def _mod(self, table, heads: int, group: int = 1):
+        """The score modifier of a call: softcap and the table gathered to this term's
+        problems (folded by ``group``, see :func:`_fold`), or ``None``."""
+        if table is None and self.softcap is None:
+            return None
+        tile = None
+        if table is not None:
+            # index_select, not advanced indexing: 40 us against 270 us for Swin-T's last
+            # stage (24 heads), about half of that call's time
+            index = self._offsets(table.device)
+            tile = table.reshape(table.shape[0], -1).index_select(1, index.view(-1)).view(
+                table.shape[0], *index.shape)
+            tile = tile.repeat(1, 1, group, 1) if tile.shape[0] == 1 else _fold(tile, group)
+        return ScoreMod(self.softcap, tile, heads // group)
+
+    def autograd_forward(self, q, k, v, scale, table=None):
+        """The output ``(B, H, N, d)`` through torch's autograd, as a model's partitioned
+        attention runs it (views, bmm, the bias and mask added, softmax, bmm; its backward
+        keeps the probabilities instead of recomputing them from the log-sum-exp: one batched
+        matmul and one exp less, and the bias's gradient is the kept score gradient summed),
+        or ``None`` where that does not apply. It applies to a term that runs alone on the
+        matmul path with a key for every query and no softcap, in eager mode, when its output
+        is finite (a row whose scores are all ``-inf`` gives NaN here where the merge gives 0;
+        the caller then runs the merge). ``table``: a relative position bias table; without
+        gradients, it runs in the fused kernel (:meth:`_fused_with_bias`)."""
+        if not self.autograd_applies(q):
+            return None
+        b, h = q.shape[:2]
+        out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
+                                    h, scale, table)
+        return None if out is None else self._unview(out, b, h, 0.0)
+
+    def autograd_applies(self, q) -> bool:
+        """Whether :meth:`autograd_forward` may run for queries like ``q``."""
+        return self.plain and self._matmul(q) and not torch.compiler.is_compiling()
+
+    def problems_forward(self, qp, kp, vp, heads: int, scale, table=None):
+        """The core of :meth:`autograd_forward` on the problems ``(B * H, problems, rows,
+        d)`` (``kp, vp`` of the key/value heads): the output in their shape, or ``None``
+        where it is not finite."""
+        group = qp.shape[0] // kp.shape[0]
+        qp = _fold(qp, group)
+        bp, p, n, d = qp.shape
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (qp, kp, vp, table))
+        if table is not None and not grad:
+            out = self._fused_with_bias(qp, kp, vp, scale, self._mod(table, heads, group).bias,
+                                        self._additive_mask(qp.dtype, qp.device, group))
+        else:
+            mask = (self._additive_mask(qp.dtype, qp.device, group) if grad
+                    else self._matmul_mask(qp.dtype, qp.device, group))
+            scores = dense.score_matrix(qp, kp, mask, scale, self._mod(table, heads, group),
+                                        autograd=grad).view(bp * p, n, -1)
+            out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
+        # one sum: a NaN or an infinity anywhere makes it non-finite (a sum that merely
+        # overflows only sends the call to the merge, which is exact for any input)
+        if not math.isfinite(float((out.detach() if grad else out).sum())):
+            return None
+        return _unfold(out.view(bp, p, n, d), group)
+
+    def ordered_with_bias(self, q, k, v, scale, table):
+        """Inference on q, k, v ``(B, H, positions, d)`` in the token order with a bias
+        ``table`` and no mask, in the fused kernel on ``(B * problems, H, rows, d)`` views:
+        the layout a projection of ordered tokens gives, so q, k, v are read where they are
+        (Swin's fused path; 0.7x the time of copying them into ``(B * H, problems, ...)``
+        at 28x28, 6 heads, measured), the bias ``(1, H, rows, keys)`` broadcast over
+        windows. ``None`` where that does not apply (a mask, grouped key/value heads, a bias
+        that differs per problem, a softcap, gradients, CUDA, a non-finite output)."""
+        b, h, t, d = q.shape
+        if (self.mask is not None or self.softcap is not None or k.shape[1] != h
+                or q.device.type != "cpu" or table is None or torch.is_grad_enabled() and any(
+                    x.requires_grad for x in (q, k, v, table))):
+            return None
+        tile = self._mod(table, h).bias
+        if tile.shape[1] != 1:
+            return None
+        qv, kv, vv = (x.unflatten(2, (self.problems, -1)).transpose(1, 2).flatten(0, 1)
+                      for x in (q, k, v))
+        out = dense.fused_forward(qv, kv, vv, tile.transpose(0, 1).to(q.dtype), scale)[0]
+        if not math.isfinite(float(out.sum())):
+            return None
+        return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
+
+    @staticmethod
+    def _fused_with_bias(qp, kp, vp, scale, bias, mask):
+        """Inference with a bias ``(heads, 1, rows, keys)`` (and a mask ``(1, problems, rows,
+        keys)``) in the fused kernel, the bias broadcast over batch (the mask's problems
+        over heads) by the kernel: in the call, 0.84-0.93x the matmul path's time on Swin-T's
+        stages (its scores never leave the cache), where without a bias the matmul path is
+        the faster (:data:`dense.MATMUL_KEYS`)."""
+        bp, p, n, d = qp.shape
+        heads = bias.shape[0]
+        if mask is None:
+            add = bias.expand(bp // heads, heads, 1, n, -1).reshape(bp, 1, n, -1)
+        else:  # the heads' problems become one axis, so that one tensor holds both
+            add = (bias + mask).view(1, heads * p, n, -1)
+            qp, kp, vp = (t.view(bp // heads, heads * p, -1, d) for t in (qp, kp, vp))
+        return dense.fused_forward(qp, kp, vp, add.to(qp.dtype), scale)[0].reshape(bp, p, n, d)
+
+    def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
+        """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
+        for float64), ``lse_t = -inf`` for queries this term adds no key to; ``lse_t`` is
+        ``None`` when not ``need_lse`` (a lone part without gradients). ``table``: a relative
+        position bias table for these heads."""
+        b, h = q.shape[:2]
+        group = h // k.shape[1]
+        qp = _fold(self._view(q, "q"), group)
+        kp, vp = self._view(k, "k"), self._view(v, "k")
+        # the fused kernels give a row whose keys all score -inf lse 0, not -inf: with keys
+        # that are not finite, the exact path
+        if self._matmul(q, table) or non_finite(k, v):
+            out, lse = dense.softmax_attention(qp, kp, vp,
+                                               self._matmul_mask(q.dtype, q.device, group),
+                                               scale, need_lse, self._mod(table, h, group))
+            if lse is None:
+                return self._unview(_unfold(out, group), b, h, 0.0), None
+        else:
+            out, lse = dense.fused_forward(qp, kp, vp,
+                                           self._additive_mask(q.dtype, q.device, group), scale)
+            lse = lse.unsqueeze(-1)
+        out = self._unview(_unfold(out, group), b, h, 0.0)
+        if not need_lse:
+            return out, None
+        lse = self._unview(_unfold(lse.to(acc_dtype(q.dtype)), group), b, h,
+                           float("-inf")).squeeze(-1)
+        if self.adds_keys.all():
+            return out, lse
+        # queries this term adds no key to: their rows were fully masked (NaN or 0 by kernel)
+        none = ~self._adds_keys(q.device)
+        return out.masked_fill(none[:, None], 0.0), lse.masked_fill(none, float("-inf"))
+
+    def backward(self, q, k, v, out, lse, dout, scale, table=None):
+        """``(dq, dk, dv, dtable)`` of this term's share, from the merged ``out`` and ``lse``
+        (``dtable`` ``None`` without a table)."""
+        import torch
+
+        b, h = q.shape[:2]
+        kv, group = k.shape[1], h // k.shape[1]
+        kp, vp = self._view(k, "k"), self._view(v, "k")
+        qp, lp, dp = (_fold(self._view(t, "q"), group) for t in (q, lse.unsqueeze(-1), dout))
+        dtable = None
+        if self._matmul(q, table):
+            # rowsum(dout * out) on the grid and viewed, rather than a view of all of out
+            delta = _fold(self._view((dout * out).sum(-1, keepdim=True), "q"), group)
+            dq, dk, dv, dtile = dense.matmul_backward(
+                qp, kp, vp, None, lp, dp, self._matmul_mask(q.dtype, q.device, group), scale,
+                self._mod(table, h, group), delta)
+            if table is not None:  # each pair's score gradient lands on its table entry
+                dtile = (_unfold(dtile, group) if table.shape[0] > 1 else
+                         dtile.unflatten(2, (group, -1)).sum(2))
+                # accumulated in float32 at least: each entry sums many pairs' gradients
+                flat = torch.zeros(table.shape[0], table[0].numel(),
+                                   dtype=acc_dtype(dtile.dtype), device=dtile.device)
+                flat.index_add_(1, self._offsets(table.device).reshape(-1),
+                                dtile.reshape(table.shape[0], -1).to(flat.dtype))
+                dtable = flat.view(table.shape).to(table.dtype)
+        else:
+            op = _fold(self._view(out, "q"), group)
+            dq, dk, dv = dense.fused_backward(qp, kp, vp, op, lp.squeeze(-1), dp,
+                                              self._additive_mask(q.dtype, q.device, group),
+                                              scale)
+        return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
+                self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
+
+
+class TokenOrder:
+    """The order of a pattern's dense problems (one term, :class:`DenseTerm`): problem by
+    problem, each problem's rows in order, padding included. A caller that partitions its
+    tokens into this order once before the q, k, v projection (:meth:`to_order`, a linear
+    layer commutes with it) and calls ``attn(q, k, v, ordered=True)`` runs the attention on
+    its inputs as they are, and reverses the order once after the output projection
+    (:meth:`from_order`): Swin's ``window_partition`` (with its roll) and
+    ``window_reverse``, MaxViT's ``grid_partition``.
+
+    Attributes:
+        grid: the grid's sizes.
+        positions: length of the order (the grid's tokens, plus padding where tiles do not
+            divide an axis).
+        padded: whether some positions are padding (zero in :meth:`to_order`, dropped by
+            :meth:`from_order`).
+        index: ``(positions,)`` int64: the grid token (row-major) at each position, the
+            number of tokens for padding.
+    """
+
+    def __init__(self, term: DenseTerm):
+        self.term, self.grid = term, term.grid
+        index, self.padded, _, _ = term._gather("q", "cpu")
+        self.index = index.clone()
+        self.positions = int(index.numel())
+
+    def __repr__(self):
+        return (f"TokenOrder({self.term.shape!r} on grid {self.grid}, {self.positions} "
+                f"positions)")
+
+    def to_order(self, x):
+        """``(batch, *grid, C)`` or ``(batch, tokens, C)`` -> ``(batch, positions, C)``.
+
+        Raises:
+            PatternError: for a tensor of another shape.
+        """
+        tokens = math.prod(self.grid)
+        if not (isinstance(x, torch.Tensor) and x.dim() >= 3 and (
+                tuple(x.shape[1:-1]) == self.grid or tuple(x.shape[1:-1]) == (tokens,))):
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise PatternError(
+                f"to_order: x has shape {got}; the order is of grid {self.grid}, so expected "
+                f"(batch, {', '.join(map(str, self.grid))}, C) or (batch, {tokens}, C).")
+        b, c = x.shape[0], x.shape[-1]
+        return self.in_order(x.reshape(b, 1, tokens, c)).reshape(b, self.positions, c)
+
+    def from_order(self, y):
+        """``(batch, positions, C)`` -> ``(batch, *grid, C)`` (padding dropped).
+
+        Raises:
+            PatternError: for a tensor of another shape.
+        """
+        self.check(y, "y", "from_order", "(batch, {positions}, C)")
+        b, c = y.shape[0], y.shape[-1]
+        return self.on_grid(y.reshape(b, 1, self.positions, c)).reshape(b, *self.grid, c)
+
+    def direct(self, x) -> bool:
+        """Whether an ordered call with inputs of ``x``'s device and dtype runs the term on
+        them as they are (no padding, and :meth:`DenseTerm.autograd_forward` applies):
+        otherwise it puts the tokens back on the grid, and ordering gains nothing."""
+        return not self.padded and self.term.autograd_applies(x)
+
+    def check(self, t, name: str, where: str, layout: str) -> None:
+        """Raise unless ``t`` is a tensor with :attr:`positions` in its second last
+        dimension (``layout`` names the expected shape)."""
+        if not (isinstance(t, torch.Tensor) and t.dim() == layout.count(",") + 1
+                and t.shape[-2] == self.positions):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise PatternError(
+                f"{where}: {name} has shape {got}; the token order has {self.positions} "
+                f"positions (attn.token_order.positions), so expected "
+                f"{layout.format(positions=self.positions)}.")
+
+    def in_order(self, x):
+        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)``, with autograd (the inverse
+        gather as its adjoint)."""
+        b, h = x.shape[:2]
+        term = self.term
+        return _Moved.apply(x, lambda t: term._gathered(t, "q").reshape(b, h, -1, t.shape[-1]),
+                            lambda g: term._scattered(g, b, h, 0.0, "q"))
+
+    def on_grid(self, y):
+        """Inverse of :meth:`in_order`: ``(B, H, positions, C)`` -> ``(B, H, tokens, C)``."""
+        b, h = y.shape[:2]
+        term = self.term
+        return _Moved.apply(y, lambda t: term._scattered(t, b, h, 0.0, "q"),
+                            lambda g: term._gathered(g, "q").reshape(b, h, -1, g.shape[-1]))
+
+
+class _Moved(torch.autograd.Function):
+    """``there(x)``, a gather that moves each token to at most one place, whose adjoint is
+    the inverse gather ``back``: index_select's own backward would fill a zero tensor and
+    scatter-add into it (measured: a third of the backward's copies on Swin's shifted
+    windows)."""
+
+    @staticmethod
+    def forward(ctx, x, there, back):
+        ctx.back = back
+        return there(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.back(grad), None, None
+
+
+def _fold(x, group: int):
+    """``(batch * heads, P, rows, e)`` -> ``(batch * heads / group, P, group * rows, e)``:
+    the ``group`` query heads that read one key/value head become more rows of its problems
+    (grouped key/value heads without repeating k and v; dk and dv come out summed over the
+    group)."""
+    if group == 1:
+        return x
+    bh, p, rows, e = x.shape
+    return x.view(bh // group, group, p, rows, e).transpose(1, 2).reshape(
+        bh // group, p, group * rows, e)
+
+
+def _unfold(y, group: int):
+    """Inverse of :func:`_fold`."""
+    if group == 1:
+        return y
+    b, p, rows, e = y.shape
+    return y.view(b, p, group, rows // group, e).transpose(1, 2).reshape(
+        b * group, p, rows // group, e)
+
+
+class ExtraKeys:
+    """Keys outside the grid that every query attends besides its pattern (NATTEN's
+    ``additional_keys``/``additional_values``: text tokens, registers): one dense problem of
+    all queries against them, merged with the pattern's parts in the same softmax; with a
+    ``softcap``, their scores are capped like the pattern's."""
+
+    def __init__(self, softcap=None):
+        self.softcap = softcap
+
+    def _matmul(self, q, keys: int) -> bool:
+        """The matmul path: small float32/float64 problems on CPU, and always with a softcap
+        (the fused kernels have none)."""
+        return self.softcap is not None or dense.matmul_is_faster(q, keys)
+
+    def _mod(self, heads: int):
+        return None if self.softcap is None else ScoreMod(self.softcap, None, heads)
+
+    def forward(self, q, ak, av, scale):
+        """``(out, lse)``; ``ak, av`` may have fewer heads than ``q`` (each key/value head's
+        query heads run as more rows of its one problem)."""
+        shape, kv = q.shape, ak.shape[1]
+        q = q.reshape(shape[0], kv, -1, shape[3])
+        if self._matmul(q, ak.shape[2]):
+            out, lse = dense.softmax_attention(q, ak, av, None, scale, True, self._mod(kv))
+            lse = lse.squeeze(-1)
+        else:
+            out, lse = dense.fused_forward(q, ak, av, None, scale)
+        return out.reshape(shape), lse.to(acc_dtype(q.dtype)).reshape(shape[:3])
+
+    def backward(self, q, ak, av, out, lse, dout, scale):
+        shape, kv = q.shape, ak.shape[1]
+        q, out, dout = (t.reshape(shape[0], kv, -1, shape[3]) for t in (q, out, dout))
+        lse = lse.reshape(shape[0], kv, -1)
+        if self._matmul(q, ak.shape[2]):
+            dq, dak, dav = dense.matmul_backward(q, ak, av, out, lse[..., None], dout, None,
+                                                 scale, self._mod(kv))[:3]
+        else:
+            dq, dak, dav = dense.fused_backward(q, ak, av, out, lse, dout, None, scale)
+        return dq.reshape(shape), dak, dav
+
