@@ -219,8 +219,10 @@ def _default_cuda(name: str) -> Rate:
 
 
 #: the CPU default (the project's 2-core machine, float32, one thread, the least disturbed of
-#: two calibrations, rounded; the numba kernels' backward factor from a quiet run of the CPU
-#: benchmark, W2's 22.0 / 5.69 ms; ``copy`` scaled by rows of head_dim against a transpose of
+#: two calibrations, rounded; the numba kernels' rates and their call from one quiet
+#: calibration at one thread, head_dim 64's rows taken from head_dim 32 as ``_solve_numba``
+#: does where 1-D windows alone cannot tell rows from queries; ``copy`` scaled by rows of
+#: head_dim against a transpose of
 #: single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept`` measured beside
 #: ``matmul`` in one calibration and scaled by the two ``matmul`` figures, shape by shape). Per
 #: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim 16, at 64, backward
@@ -249,19 +251,19 @@ _CPU_ATTEND = {
         (256, 64): (0.077, 0.05, 4.3), (256, 128): (0.076, 0.04, 3.6),
     },
 }
-_CPU_NUMBA = {("numba", "one", 16): (0.22, 3.9), ("numba", "one", 32): (0.136, 3.9),
-              ("numba", "one", 64): (0.066, 3.9), ("numba", "tiles", 16): (0.26, 3.9),
-              ("numba", "tiles", 32): (0.145, 3.9), ("numba", "tiles", 64): (0.053, 3.9),
-              ("rows", "one", 16): (8.4, 1.0), ("rows", "one", 32): (4.6, 1.0),
-              ("rows", "one", 64): (4.6, 1.0), ("rows", "tiles", 16): (0.0, 1.0),
+_CPU_NUMBA = {("numba", "one", 16): (0.0511, 12.5), ("numba", "one", 32): (0.0937, 3.64),
+              ("numba", "one", 64): (0.0492, 4.07), ("numba", "tiles", 16): (0.154, 3.0),
+              ("numba", "tiles", 32): (0.0903, 3.22), ("numba", "tiles", 64): (0.0524, 2.04),
+              ("queries", "one", 16): (166.0, 1.06), ("queries", "one", 32): (69.2, 3.31),
+              ("queries", "one", 64): (67.8, 4.72), ("queries", "tiles", 16): (85.6, 3.17),
+              ("queries", "tiles", 32): (104.0, 2.11), ("queries", "tiles", 64): (121.0, 6.97),
+              ("rows", "one", 16): (0.927, 1.25), ("rows", "one", 32): (3.16, 1.82),
+              ("rows", "one", 64): (3.16, 1.82), ("rows", "tiles", 16): (0.0, 1.0),
               ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0),
-              ("queries", "one", 16): (0.0, 1.0), ("queries", "one", 32): (0.0, 1.0),
-              ("queries", "one", 64): (0.0, 1.0), ("queries", "tiles", 16): (0.0, 1.0),
-              ("queries", "tiles", 32): (0.0, 1.0), ("queries", "tiles", 64): (0.0, 1.0),
-              ("loose", "one", 16): (0.0, 1.0), ("loose", "one", 32): (0.0, 1.0),
-              ("loose", "one", 64): (0.0, 1.0), ("loose", "tiles", 16): (0.0, 1.0),
-              ("loose", "tiles", 32): (0.0, 1.0), ("loose", "tiles", 64): (0.0, 1.0)}
-_CPU_OTHER = {"launch/numba": (0.13, 0.0, 2.6), "launch/sdpa": (0.09, 0.0, 2.6),
+              ("loose", "one", 16): (1.74, 1.0), ("loose", "one", 32): (0.561, 1.0),
+              ("loose", "one", 64): (1.17, 1.0), ("loose", "tiles", 16): (1.74, 1.0),
+              ("loose", "tiles", 32): (0.561, 1.0), ("loose", "tiles", 64): (1.17, 1.0)}
+_CPU_OTHER = {"launch/numba": (0.15, 0.0, 2.8), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
@@ -582,6 +584,16 @@ def nonnegative_fit(rows: list, times: list, fixed: dict) -> list:
     return list(x)
 
 
+def _separable(rows: list) -> bool:
+    """Whether the points ``rows`` tell every count they exercise from the others (1-D windows
+    alone visit one row per query: rows and queries go together)."""
+    import numpy as np
+
+    a = np.array(rows, dtype=float)
+    a = a[:, a.any(axis=0)]
+    return np.linalg.matrix_rank(a / a.max(axis=0)) == a.shape[1]
+
+
 def _solve_numba(table, benches, best) -> None:
     """Per lane plan and head_dim, ns per pair and head_dim element, per query, per row and per
     loose key, fitted to the points less the call (forward, then forward + backward, where the
@@ -599,7 +611,7 @@ def _solve_numba(table, benches, best) -> None:
             rows = [b.counts for b in points]
             near = solved.get((lanes, NUMBA_DIMS[1]))
             fixed = {}
-            if near and len(points) < sum(any(r[c] for r in rows) for c in range(4)):
+            if near and not _separable(rows):
                 fixed = {2: near}  # the rows' loop, the same at every head_dim
             if lanes == "tiles":
                 fixed[3] = solved["one", d]
