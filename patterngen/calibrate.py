@@ -220,9 +220,7 @@ def _default_cuda(name: str) -> Rate:
 
 #: the CPU default (the project's 2-core machine, float32, one thread, the least disturbed of
 #: two calibrations, rounded; the numba kernels' rates and their call from one quiet
-#: calibration at one thread, head_dim 64's rows taken from head_dim 32 as ``_solve_numba``
-#: does where 1-D windows alone cannot tell rows from queries; ``copy`` scaled by rows of
-#: head_dim against a transpose of
+#: calibration at one thread; ``copy`` scaled by rows of head_dim against a transpose of
 #: single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept`` measured beside
 #: ``matmul`` in one calibration and scaled by the two ``matmul`` figures, shape by shape). Per
 #: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim 16, at 64, backward
@@ -251,19 +249,19 @@ _CPU_ATTEND = {
         (256, 64): (0.077, 0.05, 4.3), (256, 128): (0.076, 0.04, 3.6),
     },
 }
-_CPU_NUMBA = {("numba", "one", 16): (0.0511, 12.5), ("numba", "one", 32): (0.0937, 3.64),
-              ("numba", "one", 64): (0.0492, 4.07), ("numba", "tiles", 16): (0.154, 3.0),
-              ("numba", "tiles", 32): (0.0903, 3.22), ("numba", "tiles", 64): (0.0524, 2.04),
-              ("queries", "one", 16): (166.0, 1.06), ("queries", "one", 32): (69.2, 3.31),
-              ("queries", "one", 64): (67.8, 4.72), ("queries", "tiles", 16): (85.6, 3.17),
-              ("queries", "tiles", 32): (104.0, 2.11), ("queries", "tiles", 64): (121.0, 6.97),
-              ("rows", "one", 16): (0.927, 1.25), ("rows", "one", 32): (3.16, 1.82),
-              ("rows", "one", 64): (3.16, 1.82), ("rows", "tiles", 16): (0.0, 1.0),
+_CPU_NUMBA = {("numba", "one", 16): (0.0495, 11.2), ("numba", "one", 32): (0.0864, 3.9),
+              ("numba", "one", 64): (0.0392, 5.41), ("numba", "tiles", 16): (0.166, 2.97),
+              ("numba", "tiles", 32): (0.0938, 3.27), ("numba", "tiles", 64): (0.0527, 3.31),
+              ("queries", "one", 16): (161.0, 1.2), ("queries", "one", 32): (68.1, 3.03),
+              ("queries", "one", 64): (81.7, 3.57), ("queries", "tiles", 16): (67.1, 2.34),
+              ("queries", "tiles", 32): (74.0, 2.63), ("queries", "tiles", 64): (127.0, 3.37),
+              ("rows", "one", 16): (0.00315, 1000.0), ("rows", "one", 32): (1.78, 1.71),
+              ("rows", "one", 64): (1.78, 1.71), ("rows", "tiles", 16): (0.0, 1.0),
               ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0),
-              ("loose", "one", 16): (1.74, 1.0), ("loose", "one", 32): (0.561, 1.0),
-              ("loose", "one", 64): (1.17, 1.0), ("loose", "tiles", 16): (1.74, 1.0),
-              ("loose", "tiles", 32): (0.561, 1.0), ("loose", "tiles", 64): (1.17, 1.0)}
-_CPU_OTHER = {"launch/numba": (0.15, 0.0, 2.8), "launch/sdpa": (0.09, 0.0, 2.6),
+              ("loose", "one", 16): (1.53, 1.0), ("loose", "one", 32): (0.621, 1.0),
+              ("loose", "one", 64): (1.21, 1.0), ("loose", "tiles", 16): (1.53, 1.0),
+              ("loose", "tiles", 32): (0.621, 1.0), ("loose", "tiles", 64): (1.21, 1.0)}
+_CPU_OTHER = {"launch/numba": (0.17, 0.0, 2.44), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
