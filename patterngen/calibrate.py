@@ -249,19 +249,19 @@ _CPU_ATTEND = {
         (256, 64): (0.077, 0.05, 4.3), (256, 128): (0.076, 0.04, 3.6),
     },
 }
-_CPU_NUMBA = {("numba", "one", 16): (0.0495, 11.2), ("numba", "one", 32): (0.0864, 3.9),
-              ("numba", "one", 64): (0.0392, 5.41), ("numba", "tiles", 16): (0.166, 2.97),
-              ("numba", "tiles", 32): (0.0938, 3.27), ("numba", "tiles", 64): (0.0527, 3.31),
-              ("queries", "one", 16): (161.0, 1.2), ("queries", "one", 32): (68.1, 3.03),
-              ("queries", "one", 64): (81.7, 3.57), ("queries", "tiles", 16): (67.1, 2.34),
-              ("queries", "tiles", 32): (74.0, 2.63), ("queries", "tiles", 64): (127.0, 3.37),
-              ("rows", "one", 16): (0.00315, 1000.0), ("rows", "one", 32): (1.78, 1.71),
-              ("rows", "one", 64): (1.78, 1.71), ("rows", "tiles", 16): (0.0, 1.0),
+_CPU_NUMBA = {("numba", "one", 16): (0.0515, 10.7), ("numba", "one", 32): (0.0893, 3.72),
+              ("numba", "one", 64): (0.0389, 4.82), ("numba", "tiles", 16): (0.156, 2.95),
+              ("numba", "tiles", 32): (0.0927, 3.08), ("numba", "tiles", 64): (0.0472, 3.46),
+              ("queries", "one", 16): (158.0, 1.08), ("queries", "one", 32): (61.7, 2.88),
+              ("queries", "one", 64): (83.0, 3.65), ("queries", "tiles", 16): (80.3, 2.27),
+              ("queries", "tiles", 32): (76.1, 2.77), ("queries", "tiles", 64): (125.0, 2.85),
+              ("rows", "one", 16): (0.00748, 1000.0), ("rows", "one", 32): (2.43, 4.01),
+              ("rows", "one", 64): (2.43, 4.01), ("rows", "tiles", 16): (0.0, 1.0),
               ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0),
-              ("loose", "one", 16): (1.53, 1.0), ("loose", "one", 32): (0.621, 1.0),
-              ("loose", "one", 64): (1.21, 1.0), ("loose", "tiles", 16): (1.53, 1.0),
-              ("loose", "tiles", 32): (0.621, 1.0), ("loose", "tiles", 64): (1.21, 1.0)}
-_CPU_OTHER = {"launch/numba": (0.17, 0.0, 2.44), "launch/sdpa": (0.09, 0.0, 2.6),
+              ("loose", "one", 16): (1.39, 1.0), ("loose", "one", 32): (0.522, 1.0),
+              ("loose", "one", 64): (1.12, 1.0), ("loose", "tiles", 16): (1.39, 1.0),
+              ("loose", "tiles", 32): (0.522, 1.0), ("loose", "tiles", 64): (1.12, 1.0)}
+_CPU_OTHER = {"launch/numba": (0.16, 0.0, 2.24), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
@@ -512,20 +512,20 @@ def _pattern_bench(name, attn, grid, d, device, dt, units=None, heads=2) -> _Ben
     return _Bench(name, fwd, both, units or 1)
 
 
-#: the numba calibration's patterns: ``(lanes, pattern, grid, head_dims)``. One query at a
-#: time, 1-D windows of 9 to 200 keys separate the cost per pair, per query and per loose key
-#: (a row longer than the key buffer goes key by key), 2-D neighbourhoods (five and nine rows
-#: per query) the cost per row; tiles take 1-D windows of 32 to 128 keys and 8x8 and 16x16
-#: blocks (8 and 16 rows per tile). Patterns of one shape share a compiled module (the grid
-#: and the extents are the kernels' arguments), and the specialised kernel (head_dim 64) takes
-#: the 1-D windows only, so a calibration compiles six modules.
+#: the numba calibration's patterns: ``(lanes, pattern, grid, head_dims)``, each a few
+#: milliseconds. One query at a time, 1-D windows of 9 to 200 keys separate the cost per pair,
+#: per query and per loose key (a row longer than the key buffer goes key by key), 2-D
+#: neighbourhoods (five and nine rows per query) the cost per row; tiles take 1-D windows of 32
+#: to 128 keys, one row per tile (a tile's rows, measured on 8x8 blocks, cost nothing beside
+#: its pairs and queries). Patterns of one shape share a compiled module (the grid and the
+#: extents are the kernels' arguments), and the specialised kernel (head_dim 64) takes the 1-D
+#: windows only, so a calibration compiles five modules.
 NUMBA_CASES = (
     (0, ("window", 9), (8192,), NUMBA_DIMS), (0, ("window", 33), (4096,), NUMBA_DIMS),
     (0, ("window", 64), (2048,), NUMBA_DIMS), (0, ("window", 200), (1024,), NUMBA_DIMS),
     (0, ("window", 5), (64, 64), NUMBA_DIMS[:2]), (0, ("window", 9), (48, 48), NUMBA_DIMS[:2]),
     (8, ("window", 32), (4096,), NUMBA_DIMS), (8, ("window", 64), (2048,), NUMBA_DIMS),
-    (8, ("window", 128), (2048,), NUMBA_DIMS), (8, ("block", 8), (64, 64), NUMBA_DIMS[:2]),
-    (8, ("block", 16), (64, 64), NUMBA_DIMS[:2]),
+    (8, ("window", 128), (2048,), NUMBA_DIMS),
 )
 #: heads of the numba calibration's inputs: the backward's dk and dv need no copy per split
 #: at two threads (``NumbaBackend.backward_numpy``), as in most calls
@@ -597,8 +597,9 @@ def _solve_numba(table, benches, best) -> None:
     loose key, fitted to the points less the call (forward, then forward + backward, where the
     loose keys keep their forward cost: the backward buffers every key alone, a cost its pairs
     carry). Where a head_dim's points cannot separate the rows (the specialised kernel's, on
-    1-D windows only), head_dim 32's rate of them is kept; tiles take the loose keys' rate of
-    the one-query kernels (their lane-by-lane terms run the same loops)."""
+    1-D windows only; the tiles'), head_dim 32's rate of them is kept, else none; tiles take
+    the loose keys' rate of the one-query kernels (their lane-by-lane terms run the same
+    loops)."""
     calls = best["launch/numba"]
     solved = {}
     for lanes in NUMBA_LANES:
@@ -607,10 +608,9 @@ def _solve_numba(table, benches, best) -> None:
             times = [[max(best[b.name][p] - calls[p], 0.1 * best[b.name][p]) * 1e6
                       for b in points] for p in (0, 1)]
             rows = [b.counts for b in points]
-            near = solved.get((lanes, NUMBA_DIMS[1]))
             fixed = {}
-            if near and not _separable(rows):
-                fixed = {2: near}  # the rows' loop, the same at every head_dim
+            if not _separable(rows):  # the rows' loop, the same at every head_dim, or none
+                fixed = {2: solved.get((lanes, NUMBA_DIMS[1]), ([0.0] * 4, [0.0] * 4))}
             if lanes == "tiles":
                 fixed[3] = solved["one", d]
             fwd = nonnegative_fit(rows, times[0], {c: s[0][c] for c, s in fixed.items()})
