@@ -388,6 +388,32 @@ def test_numba_tiles_of_queries_with_a_key_grid(case, lanes):
     check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, heads, kv_heads))
 
 
+@pytest.mark.parametrize("pattern, q_shape, k_shape, lanes, groups", [
+    (pg.window(3), (16, 16), (4, 4), None, (2,)),  # 8 lanes over two key columns, 2 rows
+    (pg.window(5), (32, 24), (8, 6), 4, (4,)),  # 4x upsampling: 4x4 queries over one key
+    (pg.window(3), (8, 6, 10), (4, 3, 5), 2, (4, 2)),
+    (pg.window(3) | pg.axis(1), (16, 16), (8, 8), 2, (2,)),
+    (pg.window(3), (12, 10), (5, 5), 2, ()),  # uneven runs of rows over one key row
+])
+def test_numba_tiles_spanning_rows_over_one_key_row(pattern, q_shape, k_shape, lanes, groups):
+    """A tile spans the rows of every axis but the last whose keys coincide; its queries,
+    read and written through their indices, have exactly the same keys on those axes."""
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba", lanes=lanes)
+    assert attn.groups == groups
+    if groups:
+        mask = oracle_with_queries(pattern, q_shape, k_shape).reshape(*q_shape, -1)
+        runs = mask.reshape(*(x for n, g in zip(q_shape, groups) for x in (n // g, g)),
+                            *mask.shape[len(groups):])
+        for a in range(len(groups)):
+            assert (runs == runs.take([0], axis=2 * a + 1)).all()
+    check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, 2, 1, seed=3))
+
+
+def test_numba_generate_refuses_rows_in_a_tile_without_a_key_grid():
+    with pytest.raises(PatternError, match=r"numba: groups=\(2,\); expected \(\) or, with "
+                                           r"lanes and a key grid and without a bias table"):
+        pg.backends.numba.generate(pg.lower(pg.window(3), (8, 8)), lanes=4, groups=(2,))
+
 # ---------------------------------------------------------------------------------------------
 # the layer
 
