@@ -406,6 +406,15 @@ def test_numba_tiles_spanning_rows_over_one_key_row(pattern, q_shape, k_shape, l
                             *mask.shape[len(groups):])
         for a in range(len(groups)):
             assert (runs == runs.take([0], axis=2 * a + 1)).all()
+    if isinstance(pattern, pgspec.Window):  # one term: a tile visits each key row it holds
+        spans = groups or (1,) * (len(q_shape) - 1)
+        mask = oracle_with_queries(pattern, q_shape, k_shape).reshape(*q_shape, *k_shape)
+        tiles = itertools.product(*(range(0, n, g) for n, g in zip(q_shape, spans)),
+                                  range(0, q_shape[-1], attn.lanes))
+        rows = sum(int(mask[tuple(slice(i, i + g) for i, g in zip(
+            start, (*spans, attn.lanes)))].any(axis=tuple(range(len(q_shape))) + (-1,)).sum())
+                   for start in tiles)
+        assert attn.executed_rows == (rows,)
     check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, 2, 1, seed=3))
 
 

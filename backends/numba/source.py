@@ -630,7 +630,8 @@ def _emit_tile_header(em: _Emitter, ctx: Context) -> None:
 
 
 def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
-    spans = ["(``G0, G1, ...`` of the other axes' rows over the same keys, queries ``iqs``)"]
+    spans = ["A tile spans ``G0, G1, ...`` rows of the other axes, whose keys coincide; lane",
+             "``u`` runs query ``iqs[u]``."]
     with _kernel_header(em, ctx, False, [
             f"Item ``w`` is a tile of {_width(ctx)} consecutive queries along the last axis (one",
             "``row`` of the others) of batch ``w // (nh * tiles)`` and head",

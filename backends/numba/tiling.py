@@ -5,8 +5,9 @@ A work item is a tile of ``QUERY_TILE`` consecutive queries (one query at a time
 chooses the width from the pattern's waste on the grid, counted separably, never tokens x
 tokens). With keys on another grid, a tile also spans ``groups[a]`` queries on each other
 axis ``a`` when their keys coincide there (:func:`plan_groups`: ``r`` rows of a ratio-``r``
-upsampling sit over one key row), so the tile's lanes load each key once. Also the facts about the IR that the generator and the backend share: the distinct
-head patterns, which one each listed head uses, and the order a union's terms run in.
+upsampling sit over one key row), so the tile's lanes load each key once. Also the facts
+about the IR that the generator and the backend share: the distinct head patterns, which one
+each listed head uses, and the order a union's terms run in.
 """
 
 from __future__ import annotations
@@ -97,13 +98,15 @@ def lane_rows(head: ir.IR, shape, lanes: int, shared=None, groups=()) -> int:
     n, spanned = int(shape[-1]), math.prod(groups)
     terms = _lane_terms(head, shape, lanes, shared) if lanes else [(False, 0)] * len(head.terms)
     rows = 0
+    keys = None if head.key_grid is None else head.key_grid.shape
     for term, (share, _) in zip(head.terms, terms):
-        counts = term.counts(shape)
+        counts = term.counts(shape, keys)
         outer = math.prod(int(c.sum()) for c in counts[:-1])
         if int(term.rels[-1].step) != 1:
             rows += outer * int(counts[-1].sum())
         else:
-            rows += outer * (-(-n // lanes) // spanned if share else n)
+            # a run of spanned rows has one count: outer is a multiple of spanned
+            rows += outer // spanned * -(-n // lanes) if share else outer * n
     return rows
 
 
