@@ -467,6 +467,8 @@ def test_random_sweep_numba_with_a_key_grid(seed):
     top = 20 if ndim == 1 else 9
     q_shape, k_shape = ([rng.randint(7, top) for _ in range(ndim)] for _ in range(2))
     q_shape[-1] = rng.choice([q_shape[-1], 2 * k_shape[-1], 4 * k_shape[-1]])  # tiles share
+    if ndim > 1:  # tiles span rows
+        q_shape[0] = rng.choice([q_shape[0], 2 * k_shape[0]])
     pattern = key_grid_version(random_spec(rng, ndim), k_shape)
     lanes = rng.choice([0, 2, 4]) if seed % 2 else None
     attn = pg.compile(pattern, tuple(q_shape), key_grid=tuple(k_shape), backend="numba",
