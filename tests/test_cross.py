@@ -11,6 +11,7 @@ import itertools
 import os
 import random
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -416,6 +417,29 @@ def test_numba_tiles_spanning_rows_over_one_key_row(pattern, q_shape, k_shape, l
                    for start in tiles)
         assert attn.executed_rows == (rows,)
     check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, 2, 1, seed=3))
+
+
+@pytest.mark.parametrize("dtype, bits, rtol", [(np.float32, np.int32, 2e-6),
+                                               (np.float64, np.int64, 1e-15)])
+def test_numba_tile_exponentials_match_numpy(dtype, bits, rtol):
+    """A tile's rows in one call, each shifted by its top (a ``-inf`` top by 0); keys past
+    ``cnt`` untouched."""
+    from patterngen.backends.numba import runtime
+
+    @numba.njit
+    def tile_exp(x, bits, cnt, tops):
+        runtime.tile_exp_shifted(x, bits, cnt, tops)
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-20, 0, (5, 40)).astype(dtype)
+    x[2, :] = -np.inf
+    tops = np.array([0.75, -3.0, -np.inf, 0.0, 1e-30], dtype=dtype)
+    want = np.exp(x.astype(np.float64) - np.where(tops > -np.inf, tops, 0.0)[:, None])
+    got = x.copy()
+    tile_exp(got, np.empty(40, bits), 37, tops)
+    np.testing.assert_allclose(got[:, :37], want[:, :37], rtol=rtol, atol=1e-38)
+    assert (got[2, :37] == 0).all()
+    np.testing.assert_array_equal(got[:, 37:], x[:, 37:])
 
 
 def test_numba_generate_refuses_rows_in_a_tile_without_a_key_grid():
