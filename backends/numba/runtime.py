@@ -487,7 +487,8 @@ def tile_backward_chunk(qt, dot, kb, vb, keys, scores, dps, mask, bits, cnt, lse
             add_bias(scores[u], cnt, table, offs, u, mask[u])
         else:
             _mask_scores(scores, mask, u, cnt)
-        exp_shifted(scores[u], bits, cnt, lse_t[u])
+    tile_exp_shifted(scores, bits, cnt, lse_t)
+    for u in range(qt.shape[0]):
         if lse_t[u] != lse_t[u]:
             scores[u, :cnt] = np.nan
         for c in range(cnt):
