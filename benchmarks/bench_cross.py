@@ -23,6 +23,7 @@ of its executed pairs (an upper bound: the fused kernel works in chunks).
 
 Usage:
     python benchmarks/bench_cross.py [--rounds 15] [--threads 2] [--backends auto,numba,sdpa]
+        [--workloads up4,fpn]
 """
 
 from __future__ import annotations
@@ -110,14 +111,17 @@ def methods(name: str, backends: list[str]):
     return out, compiled
 
 
-def main(rounds: int = 15, threads: int = 2, backends: str = "auto,numba,sdpa") -> None:
+def main(rounds: int = 15, threads: int = 2, backends: str = "auto,numba,sdpa",
+         workloads: str = "up4,fpn") -> None:
     torch.set_num_threads(threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{torch.backends.cpu.get_cpu_capability()}, float32, batch 1, heads {HEADS}, "
           f"head_dim {HEAD_DIM}, medians of {rounds} interleaved rounds")
     print(f"{'workload':<8} {'method':<11} {'fwd ms':>8} {'x':>6} {'fwd+bwd ms':>11} {'x':>6} "
           f"{'held MiB':>9}")
-    for name in WORKLOADS:
+    for name in workloads.split(","):
+        if name not in WORKLOADS:
+            raise SystemExit(f"--workloads: {name!r} is not one of {', '.join(WORKLOADS)}")
         runs, compiled = methods(name, backends.split(","))
         first = runs[0][0]
         times = {(m, kind): [] for m, *_ in runs for kind in ("fwd", "train")}
@@ -147,5 +151,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backends", default="auto,numba,sdpa",
                         help="comma-separated patterngen backends; ratios are to the first")
+    parser.add_argument("--workloads", default="up4,fpn",
+                        help=f"comma-separated, of {', '.join(WORKLOADS)}")
     args = parser.parse_args()
-    main(args.rounds, args.threads, args.backends)
+    main(args.rounds, args.threads, args.backends, args.workloads)

@@ -11,6 +11,7 @@ import itertools
 import os
 import random
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -388,6 +389,64 @@ def test_numba_tiles_of_queries_with_a_key_grid(case, lanes):
     check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, heads, kv_heads))
 
 
+@pytest.mark.parametrize("pattern, q_shape, k_shape, lanes, groups", [
+    (pg.window(3), (16, 16), (4, 4), None, (2,)),  # 8 lanes over two key columns, 2 rows
+    (pg.window(5), (32, 24), (8, 6), 4, (4,)),  # 4x upsampling: 4x4 queries over one key
+    (pg.window(3), (8, 6, 10), (4, 3, 5), 2, (4, 2)),
+    (pg.window(3) | pg.axis(1), (16, 16), (8, 8), 2, (2,)),
+    (pg.window(3), (12, 10), (5, 5), 2, ()),  # uneven runs of rows over one key row
+])
+def test_numba_tiles_spanning_rows_over_one_key_row(pattern, q_shape, k_shape, lanes, groups):
+    """A tile spans the rows of every axis but the last whose keys coincide; its queries,
+    read and written through their indices, have exactly the same keys on those axes."""
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba", lanes=lanes)
+    assert attn.groups == groups
+    if groups:
+        mask = oracle_with_queries(pattern, q_shape, k_shape).reshape(*q_shape, -1)
+        runs = mask.reshape(*(x for n, g in zip(q_shape, groups) for x in (n // g, g)),
+                            *mask.shape[len(groups):])
+        for a in range(len(groups)):
+            assert (runs == runs.take([0], axis=2 * a + 1)).all()
+    if isinstance(pattern, pgspec.Window):  # one term: a tile visits each key row it holds
+        spans = groups or (1,) * (len(q_shape) - 1)
+        mask = oracle_with_queries(pattern, q_shape, k_shape).reshape(*q_shape, *k_shape)
+        tiles = itertools.product(*(range(0, n, g) for n, g in zip(q_shape, spans)),
+                                  range(0, q_shape[-1], attn.lanes))
+        rows = sum(int(mask[tuple(slice(i, i + g) for i, g in zip(
+            start, (*spans, attn.lanes)))].any(axis=tuple(range(len(q_shape))) + (-1,)).sum())
+                   for start in tiles)
+        assert attn.executed_rows == (rows,)
+    check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, 2, 1, seed=3))
+
+
+@pytest.mark.parametrize("dtype, bits, rtol", [(np.float32, np.int32, 2e-6),
+                                               (np.float64, np.int64, 1e-15)])
+def test_numba_tile_exponentials_match_numpy(dtype, bits, rtol):
+    """A tile's rows in one call, each shifted by its top (a ``-inf`` top by 0); keys past
+    ``cnt`` untouched."""
+    from patterngen.backends.numba import runtime
+
+    @numba.njit
+    def tile_exp(x, bits, cnt, tops):
+        runtime.tile_exp_shifted(x, bits, cnt, tops)
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-20, 0, (5, 40)).astype(dtype)
+    x[2, :] = -np.inf
+    tops = np.array([0.75, -3.0, -np.inf, 0.0, 1e-30], dtype=dtype)
+    want = np.exp(x.astype(np.float64) - np.where(tops > -np.inf, tops, 0.0)[:, None])
+    got = x.copy()
+    tile_exp(got, np.empty(40, bits), 37, tops)
+    np.testing.assert_allclose(got[:, :37], want[:, :37], rtol=rtol, atol=1e-38)
+    assert (got[2, :37] == 0).all()
+    np.testing.assert_array_equal(got[:, 37:], x[:, 37:])
+
+
+def test_numba_generate_refuses_rows_in_a_tile_without_a_key_grid():
+    with pytest.raises(PatternError, match=r"numba: groups=\(2,\); expected \(\) or, with "
+                                           r"lanes and a key grid and without a bias table"):
+        pg.backends.numba.generate(pg.lower(pg.window(3), (8, 8)), lanes=4, groups=(2,))
+
 # ---------------------------------------------------------------------------------------------
 # the layer
 
@@ -432,6 +491,8 @@ def test_random_sweep_numba_with_a_key_grid(seed):
     top = 20 if ndim == 1 else 9
     q_shape, k_shape = ([rng.randint(7, top) for _ in range(ndim)] for _ in range(2))
     q_shape[-1] = rng.choice([q_shape[-1], 2 * k_shape[-1], 4 * k_shape[-1]])  # tiles share
+    if ndim > 1:  # tiles span rows
+        q_shape[0] = rng.choice([q_shape[0], 2 * k_shape[0]])
     pattern = key_grid_version(random_spec(rng, ndim), k_shape)
     lanes = rng.choice([0, 2, 4]) if seed % 2 else None
     attn = pg.compile(pattern, tuple(q_shape), key_grid=tuple(k_shape), backend="numba",

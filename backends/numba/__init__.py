@@ -95,6 +95,8 @@ class NumbaBackend(Backend):
         self.softcap = bias.check_softcap(softcap)
         tiling.check_lanes(lanes, allow_none=True)
         self.lanes, self.shared = plan_lanes(ir_, self.shape, lanes)
+        #: rows a tile spans on each axis but the last (:func:`tiling.plan_groups`)
+        self.groups = tiling.plan_groups(ir_, self.shape, self.lanes)
         self._head_map = tiling.head_map(ir_) if isinstance(ir_, ir.HeadsIR) else [0]
         #: the kernel of each distinct head pattern: one per distinct shape
         self._kernel_of = kernels(ir_, self.shared if self.lanes else None)[1]
@@ -140,7 +142,8 @@ class NumbaBackend(Backend):
         (``head_dim=0``); with ``rel_bias`` and ``softcap``, the kernels that add them."""
         head_dim = head_dim if head_dim >= SPECIALISED_HEAD_DIM else 0
         return _generate_cached(self.ir, dtype, self.lanes, self.shared, head_dim, rel_bias,
-                                softcap, self.key_shape is not None)
+                                softcap, self.key_shape is not None,
+                                () if rel_bias else self.groups)
 
     def __repr__(self):
         return f"NumbaBackend({self.ir.label} on grid {self.ir.grid}, lanes={self.lanes})"
@@ -248,7 +251,7 @@ class NumbaBackend(Backend):
         out = np.empty_like(q)
         lse = np.empty(q.shape[:3], dtype=q.dtype)
         scalars, tables = self._score_args(q, scale, softcap, table, shape)
-        tiles = tiling.work_items(shape, self.lanes)
+        tiles = tiling.work_items(shape, self.lanes, self.groups)
         for i, group, rows in groups:
             launch.run(kernels[i], q.shape[0] * len(group) * tiles,
                        (q, k, v, *scalars, group, rows, self.bounds, *tables, out, lse))
@@ -273,7 +276,8 @@ class NumbaBackend(Backend):
         # dk/dv are scattered from every query: each split owns a copy, so that (batch, head)
         # pairs fewer than the threads still keep every thread busy without atomics
         splits = max(1, -(-2 * numba.get_num_threads() // (batch * heads)))
-        splits = min(splits, tiling.work_items(shape, self.lanes) if self.lanes else q.shape[2])
+        splits = min(splits, tiling.work_items(shape, self.lanes, self.groups) if self.lanes
+                     else q.shape[2])
         # dq, dk, dv in one block (dk, dv per query head, of the key grid's tokens): numpy
         # advises huge pages from 4 MiB on, and the gradients are fresh memory in every
         # training step (glibc hands freed memory back to the OS), whose page faults, taken by
@@ -314,8 +318,8 @@ class NumbaBackend(Backend):
 
 @functools.lru_cache(maxsize=256)
 def _generate_cached(node, dtype: str, lanes: int, shared, head_dim: int, rel_bias: bool,
-                     softcap: bool, cross: bool = False) -> str:
-    return generate(node, dtype, lanes, shared, head_dim, rel_bias, softcap, cross)
+                     softcap: bool, cross: bool = False, groups=()) -> str:
+    return generate(node, dtype, lanes, shared, head_dim, rel_bias, softcap, cross, groups)
 
 
 register_backend("numba", NumbaBackend)

@@ -17,6 +17,7 @@ imports. Each kernel is a ``cfunc`` body that unpacks its arguments and takes wo
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -74,6 +75,7 @@ class Context:
 
     Attributes:
         lanes: 0, or the queries of a tile (:func:`generate`'s ``lanes``).
+        groups: with lanes, the rows a tile spans on each axis but the last (``()``: one).
         shared: with lanes, each distinct head's terms' sharing (:func:`generate`'s).
         head_dim: 0, or the one head_dim the kernels take.
         bias, softcap: the kernels add a bias table, cap the scores.
@@ -93,6 +95,7 @@ class Context:
     bias: bool
     softcap: bool
     cross: bool = False
+    groups: tuple = ()
     ndim: int = 0
     kernel: int = 0
     shares: tuple = ()
@@ -535,15 +538,60 @@ def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: Context, per_lane) -> None:
     """
     ndim, last = ctx.ndim, ctx.ndim - 1
     with em.block("for u in range(LANES):"):
-        em(f"iq = row * n{last} + min(first + u, n{last} - 1)")
-        _unflatten(em, ndim)
+        if ctx.groups:
+            _emit_group_query(em, ctx)
+        else:
+            em(f"iq = row * n{last} + min(first + u, n{last} - 1)")
+            _unflatten(em, ndim)
         _emit_bounds(head, em, ctx)
-        with em.block(f"if first + u >= n{last}:"):
+        with em.block(f"if first + {_lane_offset(ctx)} >= n{last}:"):
             for t in range(len(head.terms)):
                 em(f"lo{t}_{last}[u] = hi{t}_{last}[u] = 0")
         per_lane(em)
     for t in range(len(head.terms)):
         em(f"ulo{t}, uhi{t} = union(lo{t}_{last}, hi{t}_{last}, {_key_extent(ctx, last)})")
+
+
+def _width(ctx: Context) -> str:
+    """A tile's queries along the last axis: ``WIDTH`` in a tile spanning rows, else all."""
+    return "WIDTH" if ctx.groups else "LANES"
+
+
+def _lane_offset(ctx: Context) -> str:
+    """Lane ``u``'s offset along the last axis from the tile's ``first``."""
+    return "u % WIDTH" if ctx.groups else "u"
+
+
+def _emit_group_query(em: _Emitter, ctx: Context) -> None:
+    """Lane ``u``'s coordinates ``i0..`` and flat index ``iq`` (kept in ``iqs[u]``) in a tile
+    spanning ``G0, G1, ...`` rows: ``row`` is the flat index of the tile's run of rows,
+    ``u // WIDTH`` the flat index of the lane's row in the run, ``u % WIDTH`` its place
+    along the last axis. The kernel reads q and writes out through ``iqs``, so the queries
+    keep their order in memory."""
+    last = ctx.ndim - 1
+    em("rest, off = row, u // WIDTH")
+    for a in reversed(range(last)):
+        em(f"i{a} = rest % (n{a} // G{a}) * G{a} + off % G{a}")
+        if a:
+            em(f"rest, off = rest // (n{a} // G{a}), off // G{a}")
+    em(f"i{last} = min(first + u % WIDTH, n{last} - 1)")
+    flat = "i0"
+    for a in range(1, ctx.ndim):
+        flat = f"{flat} * n{a} + i{a}" if a == 1 else f"({flat}) * n{a} + i{a}"
+    em(f"iq = {flat}")
+    em("iqs[u] = iq")
+
+
+def _emit_lane_finish(em: _Emitter, ctx: Context, write) -> None:
+    """For each lane inside the grid, ``write(em, index)``: its row's output at the flat
+    query ``index``."""
+    last = ctx.ndim - 1
+    if not ctx.groups:
+        with em.block(f"for u in range(min(LANES, n{last} - first)):"):
+            write(em, f"row * n{last} + first + u")
+        return
+    with em.block("for u in range(LANES):"), em.block(f"if first + u % WIDTH < n{last}:"):
+        write(em, "iqs[u]")
 
 
 def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: Context, rows, chunks, scalars,
@@ -556,6 +604,8 @@ def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: Context, rows, chunks, sc
         for name in names:
             em(f"{name} = scratch({shape}, ACC)")
     em("keys = scratch(KEY_CHUNK, np.int64)")
+    if ctx.groups:
+        em("iqs = scratch(LANES, np.int64)")
     if alone:
         em("lkeys = scratch(KEY_CHUNK, np.int64)")
     em("bits = scratch(KEY_CHUNK, BITS)")
@@ -567,21 +617,27 @@ def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: Context, rows, chunks, sc
 
 
 def _emit_tile_header(em: _Emitter, ctx: Context) -> None:
-    """``row`` (flat index of the outer coordinates) and ``first`` (last-axis start)."""
+    """``rows`` (of the outer coordinates, or of their runs of ``G0, G1, ...`` rows) and
+    ``per_row``, tiles along the last axis."""
     ndim = ctx.ndim
-    rows = " * ".join(f"n{a}" for a in range(ndim - 1)) or "1"
+    if ctx.groups:
+        rows = " * ".join(f"(n{a} // G{a})" for a in range(ndim - 1))
+    else:
+        rows = " * ".join(f"n{a}" for a in range(ndim - 1)) or "1"
     em(f"rows = {rows}")
-    em(f"per_row = (n{ndim - 1} + LANES - 1) // LANES")
+    em(f"per_row = (n{ndim - 1} + {_width(ctx)} - 1) // {_width(ctx)}")
     em("tiles = rows * per_row")
 
 
 def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
-    last = ctx.ndim - 1
+    spans = ["A tile spans ``G0, G1, ...`` rows of the other axes, whose keys coincide; lane",
+             "``u`` runs query ``iqs[u]``."]
     with _kernel_header(em, ctx, False, [
-            "Item ``w`` is a tile of LANES consecutive queries along the last axis (one",
+            f"Item ``w`` is a tile of {_width(ctx)} consecutive queries along the last axis (one",
             "``row`` of the others) of batch ``w // (nh * tiles)`` and head",
             "``heads[w // tiles % nh]``. The lanes share each key of a term's union, masked per",
-            "lane, except in terms run lane by lane on each lane's own keys."]):
+            "lane, except in terms run lane by lane on each lane's own keys.",
+            *spans * bool(ctx.groups)]):
         _emit_tile_header(em, ctx)
         _emit_heads(em)
         _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
@@ -589,7 +645,7 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             _emit_item_head(em, "tiles")
             em("row = (w % tiles) // per_row")
-            em("first = (w % tiles) % per_row * LANES")
+            em(f"first = (w % tiles) % per_row * {_width(ctx)}")
             _emit_item_rows(em, ctx, False)
 
             def per_lane(em):
@@ -611,13 +667,11 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
             _emit_keys(head, em, ctx)
             with em.block("if cnt > 0:"):
                 em(ctx.flush)
-            with em.block(f"for u in range(min(LANES, n{last} - first)):"):
-                em(f"finish_row(ob, lse, b, h, row * n{last} + first + u, acc[u], m[u], l[u], "
-                   f"dim)")
+            _emit_lane_finish(em, ctx, lambda em, iq: em(
+                f"finish_row(ob, lse, b, h, {iq}, acc[u], m[u], l[u], dim)"))
 
 
 def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
-    last = ctx.ndim - 1
     with _backward_kernel(em, ctx, _backward_doc("tiles") + [
             "A key's dk and dv rows are updated once per chunk for all the lanes that hold it."],
             lambda em: _emit_tile_header(em, ctx),
@@ -627,7 +681,7 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
         with em.block("for tile in range(split * tiles // splits, "
                       "(split + 1) * tiles // splits):"):
             em("row = tile // per_row")
-            em("first = tile % per_row * LANES")
+            em(f"first = tile % per_row * {_width(ctx)}")
 
             def per_lane(em):
                 em("lse_t[u] = lse[b, h, iq]")
@@ -651,9 +705,12 @@ def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
                             f"{_score_args(ctx, 'loffs', 'u', True, 'lslopes')})"))
             _emit_keys(head, em, ctx)
             em(ctx.flush)
-            with em.block(f"for u in range(min(LANES, n{last} - first)):"):
+
+            def write(em, iq):
                 with em.block("for d in range(dim):"):
-                    em(f"dqb[row * n{last} + first + u, d] = dqa[u, d] * scale")
+                    em(f"dqb[{iq}, d] = dqa[u, d] * scale")
+
+            _emit_lane_finish(em, ctx, write)
 
 
 def _header(dtype: str, bias: bool, softcap: bool, reps, cross: bool = False) -> str:
@@ -674,7 +731,8 @@ def _header(dtype: str, bias: bool, softcap: bool, reps, cross: bool = False) ->
 
 
 def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim: int = 0,
-             bias: bool = False, softcap: bool = False, cross: bool = False) -> str:
+             bias: bool = False, softcap: bool = False, cross: bool = False,
+             groups: tuple = ()) -> str:
     """The source of the module that computes ``node``'s attention in ``dtype``.
 
     Pure and deterministic: the text depends on the pattern's shape (the grid's rank, the
@@ -698,6 +756,10 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
         softcap: kernels that cap scores as ``softcap * tanh(s / softcap)`` before the bias.
         cross: kernels whose keys live on another grid: they take its extents ``m0, m1,
             ...`` after ``n0, n1, ...`` and flatten key coordinates with them.
+        groups: with lanes and ``cross``, ``()`` or the rows ``G0, G1, ...`` a tile spans on
+            each axis but the last (:func:`~.tiling.plan_groups`; each must divide the grid's
+            extent there and its rows must have the same keys): tiles of ``lanes * G0 * G1
+            ...`` queries, which read q and write out through their flat query indices.
 
     Raises:
         PatternError: for an unsupported dtype or an unrecognised IR node.
@@ -722,12 +784,20 @@ def generate(node, dtype: str = "float32", lanes: int = 0, shared=None, head_dim
         raise PatternError(f"numba: shared={shared!r}; expected a tuple of bools per term for "
                            f"each of the {len(heads)} distinct head patterns, with "
                            f"{[len(h.terms) for h in heads]} terms.")
+    groups = tuple(groups)
+    if groups and not (lanes and cross and not bias and len(groups) == node.grid.ndim - 1):
+        raise PatternError(f"numba: groups={groups!r}; expected () or, with lanes and a key "
+                           f"grid and without a bias table, one row count per axis but the "
+                           f"last ({node.grid.ndim - 1}).")
     em = _Emitter()
     _visit(node, em, Context(lanes=lanes, shared=shared, head_dim=head_dim, bias=bias,
-                             softcap=softcap, cross=cross))
+                             softcap=softcap, cross=cross, groups=groups))
     body = em.text().rstrip()
     constants = [f"ACC = {DTYPES[dtype]}",
-                 f"QUERY_TILE = {tiling.QUERY_TILE}" if not lanes else f"LANES = {lanes}",
+                 f"QUERY_TILE = {tiling.QUERY_TILE}" if not lanes
+                 else f"LANES = {lanes * math.prod(groups)}",
+                 *([f"WIDTH = {lanes}"] if groups else []),
+                 *(f"G{a} = {g}" for a, g in enumerate(groups)),
                  f"BITS = {_BITS[dtype]}",
                  f"HEAD_DIM = {head_dim}  # 0: any head_dim, read from the arrays",
                  f"KEY_CHUNK = {KEY_CHUNK}"]

@@ -3,8 +3,11 @@
 A work item is a tile of ``QUERY_TILE`` consecutive queries (one query at a time), or of
 ``lanes`` consecutive queries along the last axis that share each loaded key (:func:`plan_lanes`
 chooses the width from the pattern's waste on the grid, counted separably, never tokens x
-tokens). Also the facts about the IR that the generator and the backend share: the distinct
-head patterns, which one each listed head uses, and the order a union's terms run in.
+tokens). With keys on another grid, a tile also spans ``groups[a]`` queries on each other
+axis ``a`` when their keys coincide there (:func:`plan_groups`: ``r`` rows of a ratio-``r``
+upsampling sit over one key row), so the tile's lanes load each key once. Also the facts
+about the IR that the generator and the backend share: the distinct head patterns, which one
+each listed head uses, and the order a union's terms run in.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ LANE_MIN_EFFICIENCY = 0.8
 #: forward: a causal 256-wide 1-D window at 8 lanes 0.82, Swin's 7x7 blocks at 7 lanes 0.83, a
 #: 7x7 neighbourhood forced to 8 lanes 0.64)
 LANE_PAIR_COST = 0.8
+#: most queries a tile of :func:`plan_groups` holds (its lanes times the rows it spans)
+GROUP_LANES = 16
 
 
 def _shared_pairs(term: ir.Term, shape, lanes: int, key_shape) -> int:
@@ -84,22 +89,24 @@ def lane_pairs(head: ir.IR, shape, lanes: int, shared=None) -> int:
     return sum(pairs for _, pairs in _lane_terms(head, shape, lanes, shared))
 
 
-def lane_rows(head: ir.IR, shape, lanes: int, shared=None) -> int:
+def lane_rows(head: ir.IR, shape, lanes: int, shared=None, groups=()) -> int:
     """Key rows a kernel with ``lanes`` (0: one query at a time) visits for one head pattern
     on ``shape``: per query, or per tile for a term its lanes share, one row per combination
-    of the term's keys on every axis but the last (a dilated last axis: one per key). What a
-    row costs beyond its pairs (the loop's setup, a short run's poor vector use) is priced on
-    these."""
-    n = int(shape[-1])
+    of the term's keys on every axis but the last (a dilated last axis: one per key; a tile
+    spanning ``groups`` of rows visits them once). What a row costs beyond its pairs (the
+    loop's setup, a short run's poor vector use) is priced on these."""
+    n, spanned = int(shape[-1]), math.prod(groups)
     terms = _lane_terms(head, shape, lanes, shared) if lanes else [(False, 0)] * len(head.terms)
     rows = 0
+    keys = None if head.key_grid is None else head.key_grid.shape
     for term, (share, _) in zip(head.terms, terms):
-        counts = term.counts(shape)
+        counts = term.counts(shape, keys)
         outer = math.prod(int(c.sum()) for c in counts[:-1])
         if int(term.rels[-1].step) != 1:
             rows += outer * int(counts[-1].sum())
         else:
-            rows += outer * (-(-n // lanes) if share else n)
+            # a run of spanned rows has one count: outer is a multiple of spanned
+            rows += outer // spanned * -(-n // lanes) if share else outer * n
     return rows
 
 
@@ -108,9 +115,11 @@ def executed(node, shape, lanes: int, shared) -> tuple[tuple[int, ...], tuple[in
     time; ``shared`` from :func:`plan_lanes`) computes and the key rows it visits: the one
     count the backend reports, the planner prices and the profile reads."""
     share_of = dict(zip((h.terms for h in distinct_heads(node)), shared or ()))
+    groups = plan_groups(node, shape, lanes)
     pairs = tuple(lane_pairs(h, shape, lanes, share_of[h.terms]) if lanes else h.pairs()
                   for h in node.patterns)
-    rows = tuple(lane_rows(h, shape, lanes, share_of.get(h.terms)) for h in node.patterns)
+    rows = tuple(lane_rows(h, shape, lanes, share_of.get(h.terms), groups)
+                 for h in node.patterns)
     return pairs, rows
 
 
@@ -144,6 +153,32 @@ def plan_lanes(node, shape, lanes=None) -> tuple[int, tuple | None]:
     return 0, None
 
 
+def plan_groups(node, shape, lanes: int) -> tuple[int, ...]:
+    """Rows a tile of ``lanes`` spans on each axis but the last: ``()`` for self-attention or
+    one query at a time, else per axis the most rows (up to ``GROUP_LANES`` queries a tile
+    in all) that divide it into aligned runs whose every term of every head has the same key
+    bounds there (a ratio-``r`` upsampling: ``r``). The rows' lanes then read one set of
+    keys on that axis, exactly (an axis without such runs spans 1); the pairs a kernel
+    computes do not change, the key rows it visits and the tiles it runs are fewer.
+    """
+    import numpy as np
+
+    if not lanes or node.key_grid is None or len(shape) < 2:
+        return ()
+    heads, key_shape = distinct_heads(node), node.key_grid.shape
+    groups = []
+    for a, (n, nk) in enumerate(zip(shape[:-1], key_shape[:-1])):
+        n, coords = int(n), np.arange(int(n), dtype=np.int64)
+        sides = np.stack([np.broadcast_to(side, coords.shape) for head in heads
+                          for term in head.terms
+                          for side in term.rels[a].bounds(coords, int(nk), ir.NUMPY_OPS, n)])
+        room = GROUP_LANES // (lanes * math.prod(groups))
+        fits = [g for g in range(2, min(room, n) + 1) if n % g == 0 and (
+            sides.reshape(len(sides), n // g, g) == sides[:, ::g, None]).all()]
+        groups.append(max(fits, default=1))
+    return tuple(groups) if math.prod(groups) > 1 else ()
+
+
 def distinct_heads(node) -> list:
     """The distinct patterns of ``node``'s heads, in first-use order: one row of the bounds
     table each (``source.kernels`` gives the kernels, one per distinct shape)."""
@@ -170,11 +205,12 @@ def check_lanes(lanes, allow_none: bool = False) -> None:
                            f"int >= 2 (queries per tile).")
 
 
-def work_items(shape, lanes: int) -> int:
+def work_items(shape, lanes: int, groups=()) -> int:
     """Work items per (batch, head) of a kernel: tiles of ``lanes`` along the last axis on
-    every row of the outer axes, or ``QUERY_TILE`` consecutive queries without lanes."""
+    every row of the outer axes (every ``groups[a]`` rows of axis ``a``,
+    :func:`plan_groups`), or ``QUERY_TILE`` consecutive queries without lanes."""
     if lanes:
-        return math.prod(shape[:-1]) * -(-shape[-1] // lanes)
+        return math.prod(shape[:-1]) // math.prod(groups) * -(-shape[-1] // lanes)
     return -(-math.prod(shape) // QUERY_TILE)
 
 
