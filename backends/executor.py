@@ -196,14 +196,14 @@ def numba_work(lowered, call: Call, launch: str) -> list:
     the ``launch`` path."""
     from .numba import executed, plan_lanes
     from .numba.counts import kernel_counts
-    from .numba.tiling import runs_first
+    from .numba.tiling import plan_groups, runs_first
 
     lowered = runs_first(lowered)  # the kernels' order of terms, as the backend runs them
     shape = lowered.grid.shape
     lanes, shared = plan_lanes(lowered, shape)
     work = _heads_per_pattern(lowered, call)
     pairs = sum(n * w for n, w in zip(executed(lowered, shape, lanes, shared)[0], work))
-    counts = kernel_counts(lowered, shape, lanes, shared)
+    counts = kernel_counts(lowered, shape, lanes, shared, plan_groups(lowered, shape, lanes))
     kind, d = "tiles" if lanes else "one", (call.head_dim,)
     return [Op("launch", 1, kernel=launch), Op("numba", pairs, d, kind),
             *(Op(what, sum(getattr(c, what) * w for c, w in zip(counts, work)), d, kind)

@@ -592,6 +592,21 @@ def test_the_numba_counts_are_the_forward_loops(pattern, grid):
         6 * n for n in _walk_forward_loops(lowered, source.KEY_CHUNK, lanes)]
 
 
+@pytest.mark.parametrize("pattern, q_shape, k_shape, lanes", [
+    (pg.window(5), (32, 24), (8, 6), 4), (pg.window(3), (8, 6, 10), (4, 3, 5), 2),
+    (pg.window(3), (16, 16), (4, 4), None)])
+def test_numba_tiles_spanning_rows_count_each_key_row_once(pattern, q_shape, k_shape, lanes):
+    # keys on another grid: a tile spans the query rows over one key row and visits it once,
+    # as the backend's own count (checked against the oracle in test_cross.py) says
+    from patterngen.backends.numba.counts import kernel_counts
+
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba", lanes=lanes)
+    assert attn.groups
+    [counts] = kernel_counts(attn.ir, attn.shape, attn.lanes, attn.shared, attn.groups)
+    assert (counts.queries, counts.rows, counts.loose) == (
+        int(np.prod(q_shape)), *attn.executed_rows, 0)
+
+
 def test_the_numba_rates_are_a_nonnegative_least_squares_fit():
     # the calibration's points as (units, queries, rows, loose keys) -> ns; exact data gives
     # the rates back, a rate the points make negative is 0, a fixed one is held

@@ -46,25 +46,28 @@ def _loose_run(outer: np.ndarray, last: np.ndarray) -> int:
     return int(np.minimum(missed, keys).sum())
 
 
-def _term_counts(term, t: int, shape, key_shape, lanes: int, shared: bool) -> tuple[int, int]:
-    """``(rows, loose)`` of term ``t`` (after :func:`.tiling.runs_first`) over every query."""
+def _term_counts(term, t: int, shape, key_shape, lanes: int, shared: bool,
+                 spanned: int) -> tuple[int, int]:
+    """``(rows, loose)`` of term ``t`` (after :func:`.tiling.runs_first`) over every query; a
+    tile spanning ``spanned`` rows of the outer axes visits their keys once."""
     counts = term.counts(shape, key_shape)
     n = int(shape[-1])
     outer = np.ones(1, dtype=np.int64)
     for c in counts[:-1]:
         outer = np.multiply.outer(outer, c).reshape(-1)
     if lanes and shared:  # the tile's union key by key; its masks are in the pairs
-        return int(outer.sum()) * -(-n // lanes), 0
+        return int(outer.sum()) // spanned * -(-n // lanes), 0
     rows = int(outer.sum()) * n
     if t == 0 and int(term.rels[-1].step) == 1:
         return rows, _loose_run(outer, counts[-1])
     return rows, int(outer.sum()) * int(counts[-1].sum())
 
 
-def kernel_counts(node, shape, lanes: int, shared) -> tuple[Counts, ...]:
+def kernel_counts(node, shape, lanes: int, shared, groups=()) -> tuple[Counts, ...]:
     """Per listed pattern of ``node`` (its terms in the kernels' order,
     :func:`.tiling.runs_first`), what a kernel with ``lanes`` (0: one query at a time;
-    ``shared`` per distinct head from :func:`.tiling.plan_lanes`) does besides its pairs."""
+    ``shared`` per distinct head from :func:`.tiling.plan_lanes`; tiles spanning ``groups``
+    rows, :func:`.tiling.plan_groups`) does besides its pairs."""
     share_of = dict(zip((h.terms for h in distinct_heads(node)), shared or ()))
     out = []
     for head in node.patterns:
@@ -72,7 +75,8 @@ def kernel_counts(node, shape, lanes: int, shared) -> tuple[Counts, ...]:
         shares = share_of.get(head.terms) or (False,) * len(head.terms)
         rows = loose = 0
         for t, (term, share) in enumerate(zip(head.terms, shares)):
-            r, k = _term_counts(term, t, shape, key_shape, lanes, share)
+            r, k = _term_counts(term, t, shape, key_shape, lanes, share,
+                                math.prod(groups))
             rows, loose = rows + r, loose + k
         out.append(Counts(math.prod(int(n) for n in shape), rows, loose))
     return tuple(out)
