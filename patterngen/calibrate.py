@@ -219,13 +219,13 @@ def _default_cuda(name: str) -> Rate:
 
 
 #: the CPU default (the project's 2-core machine, float32, one thread, the least disturbed of
-#: two calibrations, rounded; the numba kernels' rates and their call from one quiet
-#: calibration at one thread; ``copy`` scaled by rows of head_dim against a transpose of
-#: single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept`` measured beside
-#: ``matmul`` in one calibration and scaled by the two ``matmul`` figures, shape by shape). Per
-#: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim 16, at 64, backward
-#: factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns, backward factor)}``; the
-#: rest ``(call_ms, ns, backward factor)``
+#: two calibrations, rounded; the numba kernels' rates and their call from the middle one of
+#: three quiet calibrations at one thread; ``copy`` scaled by rows of head_dim against a
+#: transpose of single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept``
+#: measured beside ``matmul`` in one calibration and scaled by the two ``matmul`` figures,
+#: shape by shape). Per kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
+#: 16, at 64, backward factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns,
+#: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
 _CPU_ATTEND = {
     "matmul": {
         (16, 16): (0.26, 0.12, 2.9), (16, 64): (0.142, 0.073, 3.0),
@@ -249,19 +249,19 @@ _CPU_ATTEND = {
         (256, 64): (0.077, 0.05, 4.3), (256, 128): (0.076, 0.04, 3.6),
     },
 }
-_CPU_NUMBA = {("numba", "one", 16): (0.0515, 10.7), ("numba", "one", 32): (0.0893, 3.72),
-              ("numba", "one", 64): (0.0389, 4.82), ("numba", "tiles", 16): (0.156, 2.95),
-              ("numba", "tiles", 32): (0.0927, 3.08), ("numba", "tiles", 64): (0.0472, 3.46),
-              ("queries", "one", 16): (158.0, 1.08), ("queries", "one", 32): (61.7, 2.88),
-              ("queries", "one", 64): (83.0, 3.65), ("queries", "tiles", 16): (80.3, 2.27),
-              ("queries", "tiles", 32): (76.1, 2.77), ("queries", "tiles", 64): (125.0, 2.85),
-              ("rows", "one", 16): (0.00748, 1000.0), ("rows", "one", 32): (2.43, 4.01),
-              ("rows", "one", 64): (2.43, 4.01), ("rows", "tiles", 16): (0.0, 1.0),
+_CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.0852, 3.83),
+              ("numba", "one", 64): (0.0396, 4.28), ("numba", "tiles", 16): (0.173, 2.74),
+              ("numba", "tiles", 32): (0.101, 2.74), ("numba", "tiles", 64): (0.0502, 3.48),
+              ("queries", "one", 16): (158.0, 1.17), ("queries", "one", 32): (65.5, 3.17),
+              ("queries", "one", 64): (75.5, 5.86), ("queries", "tiles", 16): (49.1, 2.77),
+              ("queries", "tiles", 32): (52.5, 3.81), ("queries", "tiles", 64): (99.4, 3.37),
+              ("rows", "one", 16): (0.00863, 1000.0), ("rows", "one", 32): (4.0, 1.4),
+              ("rows", "one", 64): (4.0, 1.4), ("rows", "tiles", 16): (0.0, 1.0),
               ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0),
-              ("loose", "one", 16): (1.39, 1.0), ("loose", "one", 32): (0.522, 1.0),
-              ("loose", "one", 64): (1.12, 1.0), ("loose", "tiles", 16): (1.39, 1.0),
-              ("loose", "tiles", 32): (0.522, 1.0), ("loose", "tiles", 64): (1.12, 1.0)}
-_CPU_OTHER = {"launch/numba": (0.16, 0.0, 2.24), "launch/sdpa": (0.09, 0.0, 2.6),
+              ("loose", "one", 16): (1.57, 1.0), ("loose", "one", 32): (0.431, 1.0),
+              ("loose", "one", 64): (1.42, 1.0), ("loose", "tiles", 16): (1.57, 1.0),
+              ("loose", "tiles", 32): (0.431, 1.0), ("loose", "tiles", 64): (1.42, 1.0)}
+_CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
