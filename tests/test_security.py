@@ -336,8 +336,12 @@ _BOMBS = [
 
 _RUN_BOMBS = r"""
 import contextlib, io, json, resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+import numba, torch
 from patterngen.cli import main
+# 3 GiB beyond what the imports mapped (a CUDA build of torch maps gigabytes of libraries)
+with open("/proc/self/status") as status:
+    mapped = next(int(line.split()[1]) for line in status if line.startswith("VmSize:")) << 10
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (3 << 30), mapped + (3 << 30)))
 out = []
 for argv in json.loads(sys.stdin.read()):
     stdout, stderr = io.StringIO(), io.StringIO()
