@@ -481,15 +481,22 @@ def test_local_cross_attention_bad_input():
         pg.nn.LocalCrossAttention(16, 4, pg.window(3), kv_heads=3)
 
 
+def random_grid_pair(rng) -> tuple[int, list, list]:
+    """``(ndim, query grid, key grid)``: 1-3 axes of 7 or more (up to 20 in 1-D, 9 else),
+    where the random specs of ``strategies.random_spec`` are valid."""
+    ndim = rng.randint(1, 3)
+    top = 20 if ndim == 1 else 9
+    q_shape, k_shape = ([rng.randint(7, top) for _ in range(ndim)] for _ in range(2))
+    return ndim, q_shape, k_shape
+
+
 @pytest.mark.skipif(os.environ.get("PATTERNGEN_LONG") != "1",
                     reason="long random sweep: set PATTERNGEN_LONG=1")
 @pytest.mark.parametrize("seed", range(30))
 def test_random_sweep_numba_with_a_key_grid(seed):
     """Random specs (valid on axes of 7 and more) on random grid pairs, in tiles or not."""
     rng = random.Random(seed)
-    ndim = rng.randint(1, 3)
-    top = 20 if ndim == 1 else 9
-    q_shape, k_shape = ([rng.randint(7, top) for _ in range(ndim)] for _ in range(2))
+    ndim, q_shape, k_shape = random_grid_pair(rng)
     q_shape[-1] = rng.choice([q_shape[-1], 2 * k_shape[-1], 4 * k_shape[-1]])  # tiles share
     if ndim > 1:  # tiles span rows
         q_shape[0] = rng.choice([q_shape[0], 2 * k_shape[0]])

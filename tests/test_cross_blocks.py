@@ -19,7 +19,7 @@ from patterngen.tilechoice import cross_tiles
 from oracle import assert_gradients_equal
 from strategies import random_spec
 from test_cross import (BACKEND_CASES, check_backend, cross_cases, key_grid_version,
-                        oracle_with_queries, random_qkv)
+                        oracle_with_queries, random_grid_pair, random_qkv)
 
 LONG = os.environ.get("PATTERNGEN_LONG") == "1"
 
@@ -182,9 +182,7 @@ def random_case(seed):
     """A random spec (valid on axes of 7 and more) on a random grid pair, often one whose
     sizes divide (so the tiles that line the grids up are tried)."""
     rng = random.Random(seed)
-    ndim = rng.randint(1, 3)
-    top = 20 if ndim == 1 else 9
-    q_shape, k_shape = ([rng.randint(7, top) for _ in range(ndim)] for _ in range(2))
+    ndim, q_shape, k_shape = random_grid_pair(rng)
     if seed % 3 == 0:
         q_shape = [rng.choice([2, 4]) * n for n in k_shape] if ndim < 3 else k_shape
     elif seed % 3 == 1:
