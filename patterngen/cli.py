@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--grid", type=_grid, help="one numeric grid, e.g. 64x64")
     size.add_argument("--sizes", type=_grid, nargs="+", help="several grids to sweep")
+    p.add_argument("--key-grid", type=_grid, help="the keys' grid when it is another, e.g. 16x16 "
+                   "(with --grid)")
     _add_shape_options(p, 32, 4)
     _add_run_options(p)
     p.add_argument("--plot", help="write a log-log PNG of time and symbolic prediction")
@@ -201,7 +203,8 @@ def _profile(args):
     print(profile(parse(args.pattern), grid=args.grid, sizes=args.sizes,
                   head_dim=args.head_dim, heads=args.heads, batch=args.batch,
                   backend=args.backend, device=args.device, dtype=args.dtype,
-                  warmup=args.warmup, repeats=args.repeats, plot=args.plot))
+                  warmup=args.warmup, repeats=args.repeats, plot=args.plot,
+                  key_grid=args.key_grid))
 
 
 def _reach(args):

@@ -588,7 +588,8 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
         head_dim, heads, batch: ints or symbols.
         dtype: element type for :attr:`CostReport.bytes`.
         block: ``(Bq, Bk)`` to add the executed pairs and waste of a block-sparse layout
-            (numeric grids only; see :func:`patterngen.layout.layout`).
+            (numeric grids only; see :func:`patterngen.layout.layout`; with ``key_grid``,
+            query blocks of the query grid against key blocks of the key grid).
         order, tile: the layout's token order (``"auto"`` keeps the cheaper of row-major and
             tiled) and tile shape.
         ranks: processes sharing axis 0 (an int or a name): adds :attr:`CostReport.halo`
@@ -605,10 +606,11 @@ def cost(pattern, grid=None, head_dim=1, heads=1, batch=1, dtype="float32", bloc
         H**2*W + H*W**2 - H*W
     """
     lowered = as_ir(pattern, grid, key_grid)
-    if lowered.key_grid is not None and (block is not None or ranks is not None):
-        raise PatternError(f"cost: block= and ranks= are not supported with keys on another "
-                           f"grid (key_grid={lowered.key_grid}); got block={block}, "
-                           f"ranks={ranks}.")
+    if lowered.key_grid is not None and ranks is not None:
+        raise PatternError(f"cost: ranks= is not supported with keys on another grid "
+                           f"(key_grid={lowered.key_grid}); got ranks={ranks}. Expected "
+                           f"ranks=None: sharded key grids are refused by "
+                           f"pg.distributed.compile too.")
     head_dim, heads, batch = (as_size(v, name) for v, name in
                               ((head_dim, "head_dim"), (heads, "heads"), (batch, "batch")))
     if kv_heads is not None:

@@ -34,10 +34,13 @@ from .errors import PatternError
 from .grid import as_grid
 from .parse import as_ir
 
-__all__ = ["profile", "Profile", "Measurement", "measured_peak", "SYMBOLIC_AXES"]
+__all__ = ["profile", "Profile", "Measurement", "measured_peak", "SYMBOLIC_AXES",
+           "SYMBOLIC_KEY_AXES"]
 
 #: axis names for the symbolic report, by grid rank
 SYMBOLIC_AXES = {1: ("n",), 2: ("H", "W"), 3: ("T", "H", "W")}
+#: the key grid's axis names, when keys live on another grid
+SYMBOLIC_KEY_AXES = {1: ("m",), 2: ("h", "w"), 3: ("t", "h", "w")}
 
 
 def _synchronize(device: str):
@@ -126,6 +129,7 @@ class Profile:
         device, dtype, head_dim, heads, batch: what ran.
         rows: one :class:`Measurement` per size.
         plot: the PNG written, if any.
+        key_grid: the keys' grid, when they live on another grid than the queries.
     """
 
     label: str
@@ -137,12 +141,16 @@ class Profile:
     batch: int
     rows: tuple
     plot: str | None = None
+    key_grid: tuple | None = None
 
     def __repr__(self) -> str:
         backend = ", ".join(dict.fromkeys(r.backend for r in self.rows))
         lines = [f"Profile of {self.label} with {backend} on {self.device} "
                  f"(head_dim={self.head_dim}, heads={self.heads}, batch={self.batch}, "
                  f"{self.dtype})"]
+        if self.key_grid is not None:
+            lines.append(f"  queries on the rows' grid, keys on "
+                         f"{'x'.join(map(str, self.key_grid))}")
         if self.symbolic is not None:
             lines.append(f"  symbolic pairs per head: {self.symbolic.pairs} on grid "
                          f"{self.symbolic.grid}; FLOPs: {self.symbolic.flops}")
@@ -185,13 +193,16 @@ def _executed_pairs(attn, lowered, heads: int) -> tuple[int, str]:
     return _mean_over_heads(per_pattern, heads), "patterngen.layout, default blocks, row-major"
 
 
-def _measure(pattern, grid, symbolic, backend, device, dtype, head_dim, heads, batch,
+def _measure(pattern, grid, key_grid, symbolic, backend, device, dtype, head_dim, heads, batch,
              warmup, repeats) -> Measurement:
     import torch
 
-    lowered = as_ir(pattern, grid)
+    lowered = as_ir(pattern, grid, key_grid)
     shape = lowered.grid.require_numeric("profile")
+    key_shape = lowered.keys.require_numeric("profile")
     sizes = dict(zip(SYMBOLIC_AXES[len(shape)], shape))
+    if lowered.key_grid is not None:
+        sizes.update(zip(SYMBOLIC_KEY_AXES[len(shape)], key_shape))
     numeric = (symbolic.subs(**sizes) if symbolic is not None
                else cost(lowered, head_dim=head_dim, heads=heads, batch=batch))
     counted = _mean_over_heads([h.pairs() for h in lowered.patterns], heads)
@@ -199,10 +210,11 @@ def _measure(pattern, grid, symbolic, backend, device, dtype, head_dim, heads, b
     if not isinstance(torch_dtype, torch.dtype):
         raise PatternError(f"Unknown dtype={dtype!r}; expected a torch dtype name such as "
                            f"'float32'.")
-    limits.check("PATTERNGEN_MAX_PROFILE_ELEMENTS", batch * heads * math.prod(shape) * head_dim,
+    limits.check("PATTERNGEN_MAX_PROFILE_ELEMENTS",
+                 batch * heads * max(math.prod(shape), math.prod(key_shape)) * head_dim,
                  "profile: the elements of each of q, k and v")
-    q, k, v = (torch.randn(batch, heads, *shape, head_dim, device=device, dtype=torch_dtype)
-               for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, *s, head_dim, device=device, dtype=torch_dtype)
+               for s in (shape, key_shape, key_shape))
     with torch.no_grad():
         _synchronize(device)
         t0 = time.perf_counter()
@@ -272,7 +284,7 @@ def _plot(prof: Profile, path: str) -> None:
 
 def profile(pattern, grid=None, head_dim=32, heads=4, batch=1, backend="auto", device="cpu",
             dtype="float32", sizes=None, warmup=2, repeats=7, plot=None,
-            progress=None) -> Profile:
+            progress=None, key_grid=None) -> Profile:
     """Run ``pattern`` through a backend and set measured time beside symbolic cost.
 
     Args:
@@ -286,6 +298,9 @@ def profile(pattern, grid=None, head_dim=32, heads=4, batch=1, backend="auto", d
         plot: a PNG path: time against tokens on log-log axes, with the symbolic FLOPs scaled
             by the fitted rate drawn beside it.
         progress: show the progress bar (default: when sweeping more than one size).
+        key_grid: the keys' grid when k and v live on another grid than q (one ``grid``
+            only, not a sweep); the symbolic report names its axes in lower case
+            (:data:`SYMBOLIC_KEY_AXES`).
 
     Returns:
         A :class:`Profile` whose ``repr`` is a table.
@@ -305,6 +320,9 @@ def profile(pattern, grid=None, head_dim=32, heads=4, batch=1, backend="auto", d
         sizes = [grid]
     elif grid is not None:
         raise PatternError("Pass either grid= or sizes=, not both.")
+    elif key_grid is not None:
+        raise PatternError(f"profile: key_grid={key_grid!r} goes with one grid=..., not a sweep "
+                           f"of sizes={list(sizes)}; profile each (grid, key_grid) pair alone.")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise PatternError(f"Invalid repeats={repeats!r}; expected an integer >= 1.")
     grids = [as_grid(g) for g in sizes]
@@ -315,7 +333,9 @@ def profile(pattern, grid=None, head_dim=32, heads=4, batch=1, backend="auto", d
     if not isinstance(pattern, (ir.IR, ir.HeadsIR)):
         try:
             symbolic = cost(pattern, grid=SYMBOLIC_AXES[grids[0].ndim], head_dim=head_dim,
-                            heads=heads, batch=batch, dtype=dtype)
+                            heads=heads, batch=batch, dtype=dtype,
+                            key_grid=None if key_grid is None
+                            else SYMBOLIC_KEY_AXES[grids[0].ndim])
         except PatternError:
             pass  # e.g. a flat global-token index in 2-D: each size is costed numerically
     if progress is None:
@@ -324,9 +344,10 @@ def profile(pattern, grid=None, head_dim=32, heads=4, batch=1, backend="auto", d
         from tqdm import tqdm
 
         grids = tqdm(grids, desc=f"profile {label}", unit="size", file=sys.stderr)
-    rows = tuple(_measure(pattern, g, symbolic, backend, str(device), str(dtype), head_dim,
-                          heads, batch, warmup, repeats) for g in grids)
-    result = Profile(label, symbolic, str(device), str(dtype), head_dim, heads, batch, rows)
+    rows = tuple(_measure(pattern, g, key_grid, symbolic, backend, str(device), str(dtype),
+                          head_dim, heads, batch, warmup, repeats) for g in grids)
+    result = Profile(label, symbolic, str(device), str(dtype), head_dim, heads, batch, rows,
+                     key_grid=None if key_grid is None else as_grid(key_grid).shape)
     if plot:
         _plot(result, plot)
         result = replace(result, plot=str(plot))

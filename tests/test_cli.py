@@ -148,6 +148,10 @@ def test_profile_command(capsys, tmp_path):
     assert code == 0 and plot.exists()
     assert out.startswith(f"Profile of window(3) with {name} on cpu (head_dim=4, heads=1")
     assert " 6x6 " in out and " 8x8 " in out
+    code, out, _ = run(capsys, "profile", "window(3)", "--grid", "8x8", "--key-grid", "4x4",
+                       "--backend", "sdpa", "--head-dim", "4", "--heads", "1", "--repeats", "1",
+                       "--warmup", "0")
+    assert code == 0 and "keys on 4x4" in out
 
 
 def test_demo_catalogue_measured_and_plotted(capsys, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import random
 import numba
 import numpy as np
 import pytest
+import sympy
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -269,10 +270,23 @@ def test_numeric_cost_equals_enumeration(case):
     assert report.keys_min == mask.sum(1).min() and report.keys_max == mask.sum(1).max()
 
 
-def test_cost_refuses_layouts_and_ranks_with_a_key_grid():
-    with pytest.raises(PatternError, match=r"block= and ranks= are not supported with keys on "
-                                           r"another grid \(key_grid=4x4\)"):
-        pg.cost(pg.window(3), grid=(8, 8), key_grid=(4, 4), block=(16, 16))
+def test_cost_block_counts_the_cross_layouts_tiles():
+    rep = pg.cost(pg.window(3), grid=(8, 8), key_grid=(4, 4), block=(16, 4))
+    for name in ("row-major", "tiled"):
+        lay = pg.layout(pg.window(3), (8, 8), key_grid=(4, 4), block=(16, 4), order=name)
+        assert rep.executed_by_order[lay.order] == lay.executed_pairs
+    # the row-major tiles counted from the materialised mask: 4 query blocks x 4 key blocks
+    mask = pg.materialize(pg.window(3), (8, 8), key_grid=(4, 4))
+    live = mask.reshape(4, 16, 4, 4).any(axis=(1, 3)).sum()
+    assert rep.executed_by_order["row-major"] == live * 16 * 4
+    assert rep.executed_pairs == min(rep.executed_by_order.values())
+    assert rep.waste == sympy.Rational(int(rep.executed_pairs), int(mask.sum()))
+
+
+def test_cost_refuses_ranks_with_a_key_grid():
+    with pytest.raises(PatternError, match=r"ranks= is not supported with keys on another grid "
+                                           r"\(key_grid=4x4\); got ranks=2"):
+        pg.cost(pg.window(3), grid=(8, 8), key_grid=(4, 4), ranks=2)
 
 
 # ---------------------------------------------------------------------------------------------

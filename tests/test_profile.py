@@ -102,6 +102,9 @@ def test_bad_arguments():
         profile(pg.window(3), grid=(8, 8), dtype="float33")
     with pytest.raises(BackendUnavailable, match=r"device='meta'"):
         profile(pg.window(3), grid=(8, 8), device="meta")
+    with pytest.raises(PatternError, match=r"key_grid=\(4, 4\) goes with one grid=\.\.\., not a "
+                                           r"sweep of sizes=\[\(8, 8\)\]"):
+        profile(pg.window(3), sizes=[(8, 8)], key_grid=(4, 4))
 
 
 @pytest.mark.parametrize("name", real_backends())
@@ -109,3 +112,14 @@ def test_every_registered_backend_profiles(name):
     prof = profile(pg.window(3), grid=(8, 8), head_dim=8, heads=2, backend=name, repeats=2,
                    warmup=1)
     assert prof.rows[0].counted_pairs == 8 * 8 * 9
+
+
+@pytest.mark.parametrize("name", ["auto", "sdpa"])
+def test_keys_on_another_grid(name):
+    prof = profile(pg.window(3), grid=(8, 8), key_grid=(4, 4), head_dim=8, heads=2,
+                   backend=name, repeats=2, warmup=1)
+    (row,) = prof.rows
+    pairs = int(pg.materialize(pg.window(3), (8, 8), key_grid=(4, 4)).sum())
+    assert row.symbolic_pairs == row.counted_pairs == pairs
+    assert prof.symbolic.key_grid is not None and prof.key_grid == (4, 4)
+    assert "keys on 4x4" in repr(prof)
