@@ -146,7 +146,8 @@ def test_inference_with_a_table_equals_the_oracle(pattern, grid, kv_heads, share
 
 ORDERED = [(pg.block(7), (14, 14)), (pg.block(7, offset=3), (14, 14)),
            (pg.window(7, dilation=2), (14, 14)), (pg.block(4, offset=1), (9, 10)),
-           (pg.block(3, offset=2), (7,)), (pg.block(2, offset=1) & pg.axis(2), (4, 3, 5))]
+           (pg.block(3, offset=2), (7,)), (pg.block(2, offset=1) & pg.axis(2), (4, 3, 5)),
+           (pg.block(4), (9, 10))]
 
 
 @pytest.mark.parametrize("pattern, grid", ORDERED)
@@ -172,15 +173,18 @@ def test_ordered_calls_equal_the_oracle(pattern, grid, kv_heads, table_heads):
     for g, w in zip(torch.autograd.grad(got, (q, k, v, table), dout),
                     torch.autograd.grad(want, (q, k, v, table), dout)):
         torch.testing.assert_close(g, w)
-    with torch.no_grad():  # inference with a table: in the fused kernel where no mask is
+    with torch.no_grad():  # inference with a table: in the fused kernel, the mask folded in
         out = attn(*ordered, rel_bias=table, ordered=True)
-        fused = order.term.ordered_with_bias(*ordered, 0.5, table) is not None
+        fused = not order.padded and order.term.ordered_fused(*ordered, 0.5, table) is not None
     torch.testing.assert_close(order.on_grid(out).reshape(q.shape), want)
-    assert fused == (kv_heads == 2 and order.term.mask is None and not order.padded)
+    assert fused == (kv_heads == 2 and not order.padded)
     x = torch.randn(3, *grid, 5, generator=gen, dtype=torch.float64)
     assert order.to_order(x).shape == (3, order.positions, 5)
     torch.testing.assert_close(order.from_order(order.to_order(x)), x)
     torch.testing.assert_close(order.to_order(x), order.in_order(x.flatten(1, -2)[:, None])[:, 0])
+    # the order is order.index (the term's view where no axis is rolled, else the gather)
+    padded = torch.nn.functional.pad(x.flatten(1, -2), (0, 0, 0, 1))
+    assert torch.equal(order.to_order(x), padded[:, order.index])
 
 
 def test_an_unpadded_order_runs_the_term_on_the_inputs_as_they_are(monkeypatch):
