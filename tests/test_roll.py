@@ -230,3 +230,31 @@ def test_ordered_bfloat16_and_token_order_refusals():
                          (pg.global_tokens(keys=[0]), "viewed in different orders")]:
         with pytest.raises(pg.PatternError, match=rf"has no token order: .*\(.*{why}"):
             pg.compile(pattern, grid, backend="auto").token_order
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
+    # the fused path keeps the gathered bias (and bias + mask) between calls: a table written
+    # in place, or another table, is read again; a table of -inf masks every row, which
+    # gives zeros as in the oracle, not NaN
+    grid, pattern = (14, 14), pg.block(7, offset=shift)
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64", batch=3)
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 2, *grid, 8, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    ordered = [order.in_order(t.flatten(2, 3)) for t in (q, k, v)]
+    table = torch.randn(2, *(2 * r + 1 for r in attn.reach), generator=gen,
+                        dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        assert order.term.ordered_fused(*ordered, 8 ** -0.5, table) is not None
+        for change in (lambda: None, lambda: table.mul_(-2.0), lambda: table.add_(1.0)):
+            change()
+            got = order.on_grid(attn(*ordered, rel_bias=table, ordered=True))
+            torch.testing.assert_close(got.reshape(q.shape),
+                                       reference(pattern, grid, q, k, v, rel_bias=table))
+        other = torch.full_like(table, float("-inf"))
+        got = order.on_grid(attn(*ordered, rel_bias=other, ordered=True))
+    want = reference(pattern, grid, q, k, v, rel_bias=other)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.reshape(q.shape), want)
