@@ -159,14 +159,16 @@ class DenseTerm:
         return y.index_select(2, inverse)
 
     def _view(self, x, side: str):
-        """``(B, H, N, d)`` -> ``(B * H, problems, rows, d)`` in the problems' order."""
+        """``(B, H, N, d)`` or ``(B, H, *grid, d)`` -> ``(B * H, problems, rows, d)`` in the
+        problems' order."""
         if self.rolled:
             b, h = x.shape[:2]
+            x = x.reshape(b, h, -1, x.shape[-1])
             return _Moved.apply(x, lambda t: self._gathered(t, side),
                                 lambda g: self._scattered(g, b, h, 0.0, side))
         recipe = self._recipe(side)
         cuts, split, order, rows = recipe.cuts, recipe.split, recipe.order, recipe.rows
-        b, h, _, d = x.shape
+        b, h, d = x.shape[0], x.shape[1], x.shape[-1]
         # the split refines the grid's row-major axes: without cuts, one reshape does both
         t = x.reshape(b, h, *self.grid, d) if cuts else x
         for dim, start, length, pad in cuts:
