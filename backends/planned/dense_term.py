@@ -147,7 +147,7 @@ class DenseTerm:
         if padded:
             x = F.pad(x, (0, 0, 0, 1))
         b, h, _, d = x.shape
-        return x.index_select(2, index).view(b * h, self.problems, -1, d)
+        return self._select(x, index, ("view", side)).view(b * h, self.problems, -1, d)
 
     def _scattered(self, y, b: int, h: int, fill: float, side: str):
         """:meth:`_unview` of a rolled shape, by the inverse gather (tokens the view lacks
@@ -156,7 +156,21 @@ class DenseTerm:
         y = y.reshape(b, h, -1, y.shape[-1])
         if missing:
             y = F.pad(y, (0, 0, 0, 1), value=fill)
-        return y.index_select(2, inverse)
+        return self._select(y, inverse, ("unview", side))
+
+    def _select(self, x, index, what):
+        """``x.index_select(2, index)`` for ``x`` ``(B, H, n, e)``; a contiguous ``x`` as one
+        selection of whole rows from ``(B * H * n, e)``, which copies at the speed of a
+        permute (0.20 ms against 0.46 ms at 2 x 3136 tokens of 96 channels); the rows' index
+        is kept per ``B * H``."""
+        b, h, n, e = x.shape
+        if not x.is_contiguous():
+            return x.index_select(2, index)
+        key = ("rows", what, b * h, n, str(x.device))
+        if key not in self._cache:
+            base = torch.arange(b * h, device=x.device)[:, None] * n
+            self._cache[key] = (base + index).reshape(-1)
+        return x.reshape(-1, e).index_select(0, self._cache[key]).view(b, h, -1, e)
 
     def _view(self, x, side: str):
         """``(B, H, N, d)`` or ``(B, H, *grid, d)`` -> ``(B * H, problems, rows, d)`` in the
