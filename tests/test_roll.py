@@ -235,8 +235,8 @@ def test_ordered_bfloat16_and_token_order_refusals():
 @pytest.mark.parametrize("shift", [0, 3])
 def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
     # the fused path keeps the gathered bias (and bias + mask) between calls: a table written
-    # in place, or another table, is read again; a table of -inf masks every row, which
-    # gives zeros as in the oracle, not NaN
+    # in place, or another table, is read again; without a table it runs too; a table of
+    # -inf masks every row, which gives zeros as in the oracle, not NaN
     grid, pattern = (14, 14), pg.block(7, offset=shift)
     attn = pg.compile(pattern, grid, backend="auto", dtype="float64", batch=3)
     order = attn.token_order
@@ -253,6 +253,9 @@ def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
             got = order.on_grid(attn(*ordered, rel_bias=table, ordered=True))
             torch.testing.assert_close(got.reshape(q.shape),
                                        reference(pattern, grid, q, k, v, rel_bias=table))
+        assert order.term.ordered_fused(*ordered, 8 ** -0.5, None) is not None
+        got = order.on_grid(attn(*ordered, ordered=True))
+        torch.testing.assert_close(got.reshape(q.shape), reference(pattern, grid, q, k, v))
         other = torch.full_like(table, float("-inf"))
         got = order.on_grid(attn(*ordered, rel_bias=other, ordered=True))
     want = reference(pattern, grid, q, k, v, rel_bias=other)

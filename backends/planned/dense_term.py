@@ -371,28 +371,27 @@ class DenseTerm:
         return _unfold(out.view(bp, p, n, d), group)
 
     def ordered_fused(self, q, k, v, scale, table):
-        """Inference on q, k, v ``(B, H, positions, d)`` in the token order with a bias
-        ``table`` and/or a mask, in the fused kernel on ``(B * problems, H, rows, d)`` views:
-        the layout a projection of ordered tokens gives, so q, k, v are read where they are
-        (Swin's fused path; 0.7x the time of copying them into ``(B * H, problems, ...)``
-        at 28x28, 6 heads, measured) and the output is a view of the kernel's. The bias
+        """Inference on q, k, v ``(B, H, positions, d)`` in the token order, with or without
+        a bias ``table`` and a mask, in the fused kernel on ``(B * problems, H, rows, d)``
+        views: the layout a projection of ordered tokens gives, so q, k, v are read where
+        they are (Swin's fused path) and the output is a view of the kernel's; copying them
+        into ``(B * H, problems, ...)`` for the matmul path took 1.3-2.8x its time (MaxViT's
+        14x14 to 56x56, 4 heads; 1.4x at 28x28, 6 heads, with a table). The bias
         ``(1, H, rows, keys)`` is broadcast over windows; with a mask (Swin's shifted
         windows) bias and mask are added once into ``(problems, H, rows, keys)``, and the
         kernel runs once per batch element on it: 0.9x the time of one call on the sum
         expanded over the batch (56x56, 3 heads, batch 2 and 8), which copies it ``B``
-        times. ``None`` where that does not apply (neither bias nor mask, grouped
-        key/value heads, a bias that differs per problem, a softcap, gradients, CUDA, a
-        non-finite output)."""
+        times. ``None`` where that does not apply (grouped key/value heads, a bias that
+        differs per problem, a softcap, gradients, CUDA, a non-finite output)."""
         b, h, t, d = q.shape
         if (self.softcap is not None or k.shape[1] != h or q.device.type != "cpu"
-                or table is None and self.mask is None or torch.is_grad_enabled() and any(
+                or table is not None and self._tile(table).shape[1] != 1
+                or torch.is_grad_enabled() and any(
                     x is not None and x.requires_grad for x in (q, k, v, table))):
             return None
         add = self._ordered_add(table, q.dtype, q.device)
-        if add is None:
-            return None
         qv, kv, vv = (_problems_view(x, self.problems) for x in (q, k, v))
-        if add.shape[0] == 1 or b == 1:
+        if add is None or add.shape[0] == 1 or b == 1:
             out = dense.fused_forward(qv, kv, vv, add, scale)[0]
         else:  # the kernel's output is (problems, rows, H, d) in memory: joined so, a view
             p = self.problems
@@ -406,16 +405,14 @@ class DenseTerm:
         return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
 
     def _ordered_add(self, table, dtype, device):
-        """What :meth:`ordered_fused` adds to the scores: the bias ``(1, H, rows, keys)``,
-        or the mask and the bias as one ``(problems, H or 1, rows, keys)`` tensor (kept
-        while the table is unchanged, see :meth:`_tile`); ``None`` for a bias that differs
-        per problem."""
+        """What :meth:`ordered_fused` adds to the scores: nothing (``None``), the mask
+        ``(problems or 1, 1, rows, keys)``, the bias ``(1, H, rows, keys)`` (a ``table`` the
+        same for every problem), or the two as one ``(problems, H or 1, rows, keys)`` tensor
+        (kept while the table is unchanged, see :meth:`_tile`)."""
         mask = None if self.mask is None else self._additive_mask(dtype, device)[0][:, None]
         if table is None:
             return mask
         tile = self._tile(table)
-        if tile.shape[1] != 1:
-            return None
         bias = tile.transpose(0, 1).to(dtype)
         if mask is None:
             return bias
