@@ -269,6 +269,8 @@ def test_a_repeated_kind_of_call_is_still_checked_and_exact(spec):
         attn(q, k, v.numpy())
     strided = q.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, other strides
     torch.testing.assert_close(attn(strided, k, v), reference(spec, grid, q, k, v))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = attn(*leaves)
-    assert_gradients_equal(out, reference(spec, grid, *leaves), leaves, gen)
+    for _ in range(2):  # the second through the kept signature
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+        out = attn(*leaves[:3], rel_bias=leaves[3])
+        assert_gradients_equal(out, reference(spec, grid, *leaves[:3], rel_bias=leaves[3]),
+                               leaves, gen, names=["q", "k", "v", "table"])
