@@ -14,7 +14,8 @@ that shape; each is checked once against the other in float64 before timing. (ti
 ``x`` once before its qkv projection and reverses once after the output projection; here the
 projections are left out on both sides.)
 
-Every configuration times its candidates interleaved, call by call, median of the rounds;
+Every configuration times its candidates interleaved, sample by sample (a sample is as many
+calls as make the fastest candidate's span 2 ms, the same for all), median of the rounds;
 ``auto / timm`` is patterngen's time over the faster of timm's two kernels (above 1:
 patterngen is slower). ``pred`` is the planner's predicted time for ``auto``'s call.
 
@@ -27,6 +28,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -111,17 +113,29 @@ def _check(kind, g, grid, timm_fns):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
+#: shortest time one timed sample spans: a step shorter than this runs several times per
+#: sample (a 0.3 ms call timed alone moved by 10-20% from run to run on the loaded machine)
+SAMPLE_S = 0.002
+
+
 def interleaved(steps: dict, rounds: int, clock=time.perf_counter) -> dict:
-    """Median ms per candidate, the candidates alternating call by call, by ``clock``."""
+    """Median ms per candidate call, the candidates alternating sample by sample, by
+    ``clock``; every candidate runs the same number of calls per sample, enough that the
+    fastest spans :data:`SAMPLE_S`."""
+    fastest = math.inf
     for step in steps.values():  # warm-up: compile, plan, first allocations
         step()
+        t = time.perf_counter()
         step()
+        fastest = min(fastest, time.perf_counter() - t)
+    calls = max(1, math.ceil(SAMPLE_S / fastest))
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             t = clock()
-            step()
-            times[name].append(clock() - t)
+            for _ in range(calls):
+                step()
+            times[name].append((clock() - t) / calls)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 

@@ -23,9 +23,9 @@ roll and window partition in one gather), the attention called with ``ordered=Tr
 projected tokens as they are, and the order reversed once after ``proj`` (``from_order``):
 what ``pg.nn.SwinBlock`` runs on maps its windows tile.
 
-Every configuration times its candidates interleaved, call by call, median of the rounds;
-``pg / swin`` is patterngen's time over the faster of Swin's two kernels (above 1: patterngen
-is slower). ``shift / none`` (last rows) is each side's shifted time over its unshifted time.
+Every configuration times its candidates interleaved, sample by sample (bench_maxvit's
+``interleaved``), median of the rounds; ``pg / swin`` is patterngen's time over the faster of
+Swin's two kernels (above 1: patterngen is slower). ``shift / none`` (last rows) is each side's shifted time over its unshifted time.
 
 Run:
     python benchmarks/bench_swin.py                 # the four Swin-T stages, batch 2 and 8

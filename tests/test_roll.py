@@ -146,7 +146,8 @@ def test_inference_with_a_table_equals_the_oracle(pattern, grid, kv_heads, share
 
 ORDERED = [(pg.block(7), (14, 14)), (pg.block(7, offset=3), (14, 14)),
            (pg.window(7, dilation=2), (14, 14)), (pg.block(4, offset=1), (9, 10)),
-           (pg.block(3, offset=2), (7,)), (pg.block(2, offset=1) & pg.axis(2), (4, 3, 5))]
+           (pg.block(3, offset=2), (7,)), (pg.block(2, offset=1) & pg.axis(2), (4, 3, 5)),
+           (pg.block(4), (9, 10))]
 
 
 @pytest.mark.parametrize("pattern, grid", ORDERED)
@@ -172,15 +173,18 @@ def test_ordered_calls_equal_the_oracle(pattern, grid, kv_heads, table_heads):
     for g, w in zip(torch.autograd.grad(got, (q, k, v, table), dout),
                     torch.autograd.grad(want, (q, k, v, table), dout)):
         torch.testing.assert_close(g, w)
-    with torch.no_grad():  # inference with a table: in the fused kernel where no mask is
+    with torch.no_grad():  # inference with a table: in the fused kernel, the mask folded in
         out = attn(*ordered, rel_bias=table, ordered=True)
-        fused = order.term.ordered_with_bias(*ordered, 0.5, table) is not None
+        fused = not order.padded and order.term.ordered_fused(*ordered, 0.5, table) is not None
     torch.testing.assert_close(order.on_grid(out).reshape(q.shape), want)
-    assert fused == (kv_heads == 2 and order.term.mask is None and not order.padded)
+    assert fused == (kv_heads == 2 and not order.padded)
     x = torch.randn(3, *grid, 5, generator=gen, dtype=torch.float64)
     assert order.to_order(x).shape == (3, order.positions, 5)
     torch.testing.assert_close(order.from_order(order.to_order(x)), x)
     torch.testing.assert_close(order.to_order(x), order.in_order(x.flatten(1, -2)[:, None])[:, 0])
+    # the order is order.index (the term's view where no axis is rolled, else the gather)
+    padded = torch.nn.functional.pad(x.flatten(1, -2), (0, 0, 0, 1))
+    assert torch.equal(order.to_order(x), padded[:, order.index])
 
 
 def test_an_unpadded_order_runs_the_term_on_the_inputs_as_they_are(monkeypatch):
@@ -226,3 +230,34 @@ def test_ordered_bfloat16_and_token_order_refusals():
                          (pg.global_tokens(keys=[0]), "viewed in different orders")]:
         with pytest.raises(pg.PatternError, match=rf"has no token order: .*\(.*{why}"):
             pg.compile(pattern, grid, backend="auto").token_order
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
+    # the fused path keeps the gathered bias (and bias + mask) between calls: a table written
+    # in place, or another table, is read again; without a table it runs too; a table of
+    # -inf masks every row, which gives zeros as in the oracle, not NaN
+    grid, pattern = (14, 14), pg.block(7, offset=shift)
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64", batch=3)
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 2, *grid, 8, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    ordered = [order.in_order(t.flatten(2, 3)) for t in (q, k, v)]
+    table = torch.randn(2, *(2 * r + 1 for r in attn.reach), generator=gen,
+                        dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        assert order.term.ordered_fused(*ordered, 8 ** -0.5, table) is not None
+        for change in (lambda: None, lambda: table.mul_(-2.0), lambda: table.add_(1.0)):
+            change()
+            got = order.on_grid(attn(*ordered, rel_bias=table, ordered=True))
+            torch.testing.assert_close(got.reshape(q.shape),
+                                       reference(pattern, grid, q, k, v, rel_bias=table))
+        assert order.term.ordered_fused(*ordered, 8 ** -0.5, None) is not None
+        got = order.on_grid(attn(*ordered, ordered=True))
+        torch.testing.assert_close(got.reshape(q.shape), reference(pattern, grid, q, k, v))
+        other = torch.full_like(table, float("-inf"))
+        got = order.on_grid(attn(*ordered, rel_bias=other, ordered=True))
+    want = reference(pattern, grid, q, k, v, rel_bias=other)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.reshape(q.shape), want)

@@ -243,16 +243,24 @@ def test_a_lone_dense_term_runs_through_autograd_unless_keys_are_not_finite(monk
     assert calls
 
 
-def test_a_repeated_kind_of_call_is_still_checked_and_exact():
+@pytest.mark.parametrize("spec", [pg.window(7, dilation=2), pg.block(7, offset=3)])
+def test_a_repeated_kind_of_call_is_still_checked_and_exact(spec):
     # the checks of a call are kept by its signature: a later call that differs in dtype,
-    # shape, device-independent layout or gradients is checked and planned again
-    grid, spec = (14, 14), pg.window(7, dilation=2)
+    # shape, device-independent layout or gradients is checked and planned again; a
+    # repeated call hands the lone dense term the caller's tensors, gridded or flat (a
+    # rolled term gathers from the flat tokens), with or without a table
+    grid = (14, 14)
     attn = pg.compile(spec, grid, backend="auto", dtype="float64", **DENSE)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 4, *grid, 8, generator=gen, dtype=torch.float64)
                for _ in range(3))
+    table = torch.randn(4, *(2 * r + 1 for r in attn.reach), generator=gen,
+                        dtype=torch.float64)
     for _ in range(2):
         torch.testing.assert_close(attn(q, k, v), reference(spec, grid, q, k, v))
+        flat = attn(*(t.flatten(2, 3) for t in (q, k, v)), rel_bias=table)
+        torch.testing.assert_close(flat.view(q.shape),
+                                   reference(spec, grid, q, k, v, rel_bias=table))
     with pytest.raises(PatternError, match=r"dtypes differ: torch.float64, torch.float32"):
         attn(q, k.float(), v)
     with pytest.raises(PatternError, match=r"q has shape \(2, 4, 13, 14, 8\)"):
@@ -261,6 +269,8 @@ def test_a_repeated_kind_of_call_is_still_checked_and_exact():
         attn(q, k, v.numpy())
     strided = q.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, other strides
     torch.testing.assert_close(attn(strided, k, v), reference(spec, grid, q, k, v))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = attn(*leaves)
-    assert_gradients_equal(out, reference(spec, grid, *leaves), leaves, gen)
+    for _ in range(2):  # the second through the kept signature
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+        out = attn(*leaves[:3], rel_bias=leaves[3])
+        assert_gradients_equal(out, reference(spec, grid, *leaves[:3], rel_bias=leaves[3]),
+                               leaves, gen, names=["q", "k", "v", "table"])

@@ -228,31 +228,46 @@ class PlannedBackend(Backend):
     def _ordered(self, q, k, v, scale, additional_keys, additional_values, rel_bias):
         """A call with q, k, v ``(batch, heads, positions, head_dim)`` in
         :attr:`token_order`: the dense term on them as they are where
-        :meth:`DenseTerm.autograd_forward` applies and nothing is padding, else the tokens
-        put back on the grid, the call as planned, and its output put in order (exact, one
-        copy each way)."""
+        :meth:`DenseTerm.autograd_forward` applies and nothing is padding (in the fused
+        kernel where :meth:`DenseTerm.ordered_fused` applies), else the tokens put back on
+        the grid, the call as planned, and its output put in order (exact, one copy each
+        way). A repeated kind of call skips the shape checks, as :meth:`__call__` does."""
         order = self.token_order
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            order.check(t, name, "auto (ordered=True)", "(batch, heads, {positions}, head_dim)")
         term = order.term
+        seen = _signature(q, k, v, None, "ordered")
+        if seen is None or seen not in self._checked:
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                order.check(t, name, "auto (ordered=True)", "(batch, heads, {positions}, head_dim)")
+            flatten_qkv(q, k, v, (order.positions,), "auto (ordered=True)")
+            if seen is not None:
+                self._remember(seen, None)
         if (additional_keys is None and additional_values is None and not order.padded
                 and term.autograd_applies(q)):
-            qf, kf, vf, _ = flatten_qkv(q, k, v, (order.positions,), "auto (ordered=True)")
-            table = self.check_rel_bias(rel_bias, qf)
-            scale = scale if scale is not None else self.scale
-            scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
-            b, h, t, d = qf.shape
-            out = term.ordered_with_bias(qf, kf, vf, scale, table)
+            table = self.check_rel_bias(rel_bias, q)
+            scale = self._scale(scale, q)
+            b, h, t, d = q.shape
+            out = term.ordered_fused(q, k, v, scale, table)
             if out is not None:
                 return out
             out = term.problems_forward(*(x.reshape(x.shape[0] * x.shape[1], term.problems,
-                                                    -1, d) for x in (qf, kf, vf)),
+                                                    -1, d) for x in (q, k, v)),
                                         h, scale, table)
             if out is not None:
                 return out.reshape(b, h, t, d)
         out = self(order.on_grid(q), order.on_grid(k), order.on_grid(v), scale,
                    additional_keys, additional_values, rel_bias)
         return order.in_order(out)
+
+    def _scale(self, scale, q) -> float:
+        """The call's score scale: its own, else the constructor's, else ``head_dim ** -0.5``."""
+        scale = scale if scale is not None else self.scale
+        return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+    def _remember(self, seen, checked) -> None:
+        """Keep a call signature that passed the input checks (cleared when full)."""
+        if len(self._checked) >= CHECKED_CALLS:
+            self._checked.clear()
+        self._checked[seen] = checked
 
     def __call__(self, q, k, v, scale=None, additional_keys=None, additional_values=None,
                  rel_bias=None, ordered: bool = False):
@@ -286,6 +301,15 @@ class PlannedBackend(Backend):
             if hit is not None:  # these shapes, strides, dtypes and devices passed the checks
                 flat_q, flat_kv, key = hit
                 out_shape = q.shape
+                alone = self._runs[key].alone if self._plans[key].strategy == "terms" else None
+                if alone is not None:
+                    # the lone dense term views the caller's tensors itself: no flattening,
+                    # no layer between (a third of the Python of a 0.3 ms call)
+                    self.plan = self._plans[key]
+                    out = alone.autograd_forward(q, k, v, self._scale(scale, q),
+                                                 self.check_rel_bias(rel_bias, q))
+                    if out is not None:
+                        return out.reshape(out_shape)
                 return self._run(key, q, k, v, q.reshape(flat_q), k.reshape(flat_kv),
                                  v.reshape(flat_kv), lambda out: out.reshape(out_shape),
                                  scale, None, rel_bias, grad)
@@ -301,9 +325,7 @@ class PlannedBackend(Backend):
                      kv_heads=kf.shape[1], extra_keys=0 if extra is None else extra[0].shape[2])
         key = self._plan(*wanted, **sizes)
         if seen is not None and not self._autotune:
-            if len(self._checked) >= CHECKED_CALLS:
-                self._checked.clear()
-            self._checked[seen] = (qf.shape, kf.shape, key)
+            self._remember(seen, (qf.shape, kf.shape, key))
         if self._autotune and self._strategy is None and not torch.compiler.is_compiling():
             key = self._tune(key, wanted, sizes, grad, (q, k, v, scale, additional_keys,
                                                          additional_values, rel_bias))
@@ -364,8 +386,7 @@ class PlannedBackend(Backend):
                 options.update(additional_keys=extra[0], additional_values=extra[1])
             return run(q, k, v, scale=scale if scale is not None else self.scale, **options)
         rel_bias = self.check_rel_bias(rel_bias, qf)
-        scale = scale if scale is not None else self.scale
-        scale = float(qf.shape[-1] ** -0.5 if scale is None else scale)
+        scale = self._scale(scale, qf)
         ak, av = extra or (None, None)
         if run.alone is not None and extra is None:
             out = run.alone.autograd_forward(qf, kf, vf, scale, rel_bias)
@@ -375,10 +396,11 @@ class PlannedBackend(Backend):
                                     grad)[0])
 
 
-def _signature(q, k, v, grad: bool, bias: bool):
+def _signature(q, k, v, grad, bias):
     """What the input checks and the plan key of a call read from ``q, k, v`` (types,
-    shapes, strides, dtypes, devices), whether it needs gradients and has a bias table:
-    a call with the same signature passes the same checks and runs the same plan."""
+    shapes, strides, dtypes, devices), whether it needs gradients and has a bias table
+    (or what else tells the calls apart): a call with the same signature passes the same
+    checks and runs the same plan."""
     import torch
 
     if not (type(q) is type(k) is type(v) is torch.Tensor):
