@@ -513,47 +513,49 @@ def tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc, dim
     tile_pv(scores, vb, keys, cnt, acc, dim)
 
 
-def cols_exp_shifted(x, bits, cnt, tops, lanes):
-    """``x[c, u] = exp(x[c, u] - tops[u])`` for ``c < cnt`` and every lane ``u < lanes``, in
-    place: :func:`tile_exp_shifted` on a key-major chunk, each pass over the lanes one vector
-    (``lanes`` a constant of the kernel; ``bits`` is scratch of ``x``'s shape)."""
+def cols_exp_shifted(x, bits, cnt, tops):
+    """``x[c, u] = exp(x[c, u] - tops[u])`` for ``c < cnt`` and every lane ``u``, in place:
+    :func:`tile_exp_shifted` on a key-major chunk, each pass over the lanes vectorised
+    (``bits`` is scratch of ``x``'s shape)."""
     for c in range(cnt):
-        for u in range(lanes):
+        for u in range(x.shape[1]):
             x[c, u] = math.exp(x[c, u] - tops[u])
 
 
-@overload(cols_exp_shifted, jit_options=OVERLOAD_JIT, prefer_literal=True)
-def _cols_exp_shifted_by_dtype(x, bits, cnt, tops, lanes):
+@overload(cols_exp_shifted, jit_options=OVERLOAD_JIT)
+def _cols_exp_shifted_by_dtype(x, bits, cnt, tops):
     if x.dtype == numba.types.float32:
-        def cols_exp32(x, bits, cnt, tops, lanes):
+        def cols_exp32(x, bits, cnt, tops):
             scale = bits.view(np.float32)
             for c in range(cnt):
-                for u in range(lanes):
+                for u in range(x.shape[1]):
                     x[c, u], bits[c, u] = _exp32_parts(x[c, u] - tops[u])
             for c in range(cnt):
-                for u in range(lanes):
+                for u in range(x.shape[1]):
                     x[c, u] *= scale[c, u]
         return cols_exp32
 
-    def cols_exp64(x, bits, cnt, tops, lanes):
+    def cols_exp64(x, bits, cnt, tops):
         for c in range(cnt):
-            for u in range(lanes):
+            for u in range(x.shape[1]):
                 x[c, u] = math.exp(x[c, u] - tops[u])
     return cols_exp64
 
 
 @numba.njit(**JIT)
 def cols_softmax_chunk(qt, kb, vb, keys, scores, mask, masked, bits, cnt, m, l, acc, top, check,
-                       dim, lanes, cap=None):
+                       dim, cap=None):
     """:func:`tile_softmax_chunk` with the chunk key-major: ``scores[c, u]`` and, when
     ``masked``, ``mask[c, u]`` (0 where lane ``u`` holds key ``c``, else ``-inf``; not
     ``masked``: every lane holds every key), so that the masking, the max, the exponentials
-    and the sums take a vector of ``lanes`` lanes per key instead of a short row per lane.
-    ``top`` and ``check`` are scratch of ``lanes``.
+    and the sums run over the lanes, in vectors, instead of a short row per lane (loops of
+    the lanes' count as a constant measured slower). ``top`` and ``check`` are scratch of a
+    value per lane.
 
     A lane whose running max does not grow keeps its sums unscaled: on a tile's first chunk
     (every chunk when its keys fit one) no lane is rescaled.
     """
+    lanes = acc.shape[0]
     tile_dots(qt, kb, keys, cnt, scores.T, dim)
     if cap is not None:
         soft_cap(scores.reshape(scores.size), cnt * lanes, cap, None)
@@ -581,7 +583,7 @@ def cols_softmax_chunk(qt, kb, vb, keys, scores, mask, masked, bits, cnt, m, l, 
                 acc[u, d] *= alpha
         m[u] = top[u]
         top[u] = top[u] if top[u] > ninf else zero  # all -inf so far: weights 0
-    cols_exp_shifted(scores, bits, cnt, top, lanes)
+    cols_exp_shifted(scores, bits, cnt, top)
     for u in range(lanes):
         if l[u] != l[u]:  # poisoned: its row of acc is NaN already, its scores add nothing
             scores[:cnt, u] = zero

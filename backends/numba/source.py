@@ -702,15 +702,16 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
             em("cnt = np.int64(0)")
             if ctx.columns:  # groups exclude a bias table
                 flush = ("cols_softmax_chunk(qt, kb, vb, keys, scores, mask, not same, bits, "
-                         "cnt, m, l, acc, top, check, dim, LANES"
+                         "cnt, m, l, acc, top, check, dim"
                          f"{', softcap' if ctx.softcap else ''})")
             else:
                 flush = ("tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, "
                          f"acc, dim{_score_args(ctx, 'offs', None, False)})")
             ctx = replace(
                 ctx, flush=flush,
-                lane_flush=("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, bits, "
-                            f"cnt1, m[u], l[u], acc[u], dim"
+                lane_flush=("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, "
+                            f"{'bits[0]' if ctx.columns else 'bits'}, cnt1, m[u], l[u], acc[u], "
+                            "dim"
                             f"{_score_args(ctx, 'loffs', 'u', False)})"))
             _emit_keys(head, em, ctx)
             with em.block("if cnt > 0:"):
