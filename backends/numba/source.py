@@ -40,8 +40,7 @@ _BITS = {"float32": "np.int32", "float64": "np.int64"}
 SPECIALISED_HEAD_DIM = 48
 #: what a generated module may import from the runtime (see :func:`_imports`)
 _RUNTIME = ("backward_chunk", "cols_softmax_chunk", "finish_lanes", "finish_row", "scratch",
-            "softmax_chunk",
-            "tile_backward_chunk", "tile_softmax_chunk", "uniform", "union")
+            "softmax_chunk", "tile_backward_chunk", "tile_softmax_chunk", "uniform", "union")
 
 
 class _Emitter:
@@ -256,8 +255,8 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: Context) -> None:
                 if ctx.bias:
                     em(f"offs[cnt] = o{last}")
                 if ctx.columns:  # lanes with the same keys hold a key together: no mask
-                    first = _earlier_tests(None, earlier, a, last, "[0]")
-                    with em.block("if same:"), em.block(f"if {_held(t, a, rel, first, '[0]')}:"):
+                    lane0 = _earlier_tests(None, earlier, a, last, "[0]")
+                    with em.block("if same:"), em.block(f"if {_held(t, a, rel, lane0, '[0]')}:"):
                         em("cnt += 1")
                 with contextlib.ExitStack() as masked:
                     if ctx.columns:
@@ -711,8 +710,7 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
                 ctx, flush=flush,
                 lane_flush=("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, "
                             f"{'bits[0]' if ctx.columns else 'bits'}, cnt1, m[u], l[u], acc[u], "
-                            "dim"
-                            f"{_score_args(ctx, 'loffs', 'u', False)})"))
+                            f"dim{_score_args(ctx, 'loffs', 'u', False)})"))
             _emit_keys(head, em, ctx)
             with em.block("if cnt > 0:"):
                 em(ctx.flush)
