@@ -433,6 +433,22 @@ def test_numba_tiles_spanning_rows_over_one_key_row(pattern, q_shape, k_shape, l
     check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, 2, 1, seed=3))
 
 
+@pytest.mark.parametrize("pattern, q_shape, k_shape, lanes, softcap", [
+    (pg.window(5), (32, 24), (8, 6), 4, None),  # 4x upsampling: each tile's lanes, one key set
+    (pg.window(5), (32, 32), (8, 8), 8, 2.5),  # lanes over two key columns: masked, capped
+    (pg.window(3), (16, 16), (8, 8), 8, None),  # the window run lane by lane in such tiles
+])
+def test_numba_tiles_spanning_rows_in_float32(pattern, q_shape, k_shape, lanes, softcap):
+    """The float32 kernels of tiles spanning rows (their chunk key-major, unmasked where the
+    lanes' keys coincide) at a head_dim they are compiled for, against the oracle."""
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba", lanes=lanes,
+                      softcap=softcap)
+    assert attn.groups
+    inputs = [t.detach().float().requires_grad_()
+              for t in random_qkv(q_shape, k_shape, 2, 1, dim=64, seed=5)]
+    check_backend(attn, pattern, q_shape, k_shape, inputs, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype, bits, rtol", [(np.float32, np.int32, 2e-6),
                                                (np.float64, np.int64, 1e-15)])
 def test_numba_tile_exponentials_match_numpy(dtype, bits, rtol):

@@ -254,3 +254,87 @@ def test_boundscheck_mode_checks_the_helpers():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "checked", done.stderr
+
+
+@numba.njit
+def _tile(q, k, v, keys, held, chunk, masked, bits, width, n):
+    """A tile of lanes through cols_softmax_chunk, ``chunk`` keys at a time (lane ``u``
+    holds key ``keys[c]`` where ``held[c, u]``), then finish_lanes over ``n`` of ``width``."""
+    lanes, dim = q.shape
+    acc, out = np.zeros((lanes, dim), q.dtype), np.full((lanes, dim), 7.0, q.dtype)
+    scores, mask = np.empty((chunk, lanes), q.dtype), np.empty((chunk, lanes), q.dtype)
+    top, check = np.empty(lanes, q.dtype), np.empty(lanes, q.dtype)
+    lse = np.full((1, 1, lanes), 7.0, q.dtype)
+    m, l = np.full(lanes, -np.inf, q.dtype), np.zeros(lanes, q.dtype)
+    buffer = np.empty(chunk, np.int64)
+    for first in range(0, keys.shape[0], chunk):
+        cnt = min(chunk, keys.shape[0] - first)
+        buffer[:cnt] = keys[first:first + cnt]
+        for c in range(cnt):
+            for u in range(lanes):
+                mask[c, u] = 0.0 if held[first + c, u] else -np.inf
+        runtime.cols_softmax_chunk(q, k, v, buffer, scores, mask, masked, bits, cnt, m, l, acc,
+                                   top, check, dim)
+    runtime.finish_lanes(out, lse, 0, 0, np.arange(lanes), acc, m, l, 0, width, n, dim)
+    return out, lse[0, 0]
+
+
+def _tile_reference(q, k, v, keys, held):
+    """Per lane, softmax attention over the keys it holds (numpy, float64)."""
+    out, lse = np.zeros(q.shape), np.full(q.shape[0], -np.inf)
+    for u in range(q.shape[0]):
+        mine = keys[held[:, u]]
+        scores = k[mine] @ q[u]
+        if len(mine) and np.isnan(scores).any() | (scores == np.inf).any():
+            out[u], lse[u] = np.nan, np.nan
+        elif len(mine) and scores.max() > -np.inf:
+            p = np.exp(scores - scores.max())
+            out[u], lse[u] = p @ v[mine] / p.sum(), scores.max() + np.log(p.sum())
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-12), (np.float32, 3e-6)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_key_major_tile_chunks_match_numpy(dtype, atol, masked):
+    """A tile's chunk with scores [key, lane]: masked per lane or held by every lane, over
+    chunks of 1, 4 and 16 keys (a lane's max growing between chunks rescales its sums), five
+    lanes (a tail past the 2-lane blocks), the last lane outside the grid left unwritten."""
+    rng = np.random.default_rng(3)
+    q, k, v = rng.normal(size=(5, 6)), rng.normal(size=(40, 6)), rng.normal(size=(40, 6))
+    keys = np.array([3, 7, 8, 9, 20, 21, 22, 30, 31, 39, 0, 5], dtype=np.int64)
+    k[keys[6]] *= 4  # a late key with a large score: the running max grows
+    held = rng.random((len(keys), 5)) < 0.6 if masked else np.ones((len(keys), 5), bool)
+    if masked:
+        held[:, 1] = False  # a lane without keys: zeros, lse -inf
+    want_out, want_lse = _tile_reference(q, k, v, keys, held)
+    bits = np.int32 if dtype == np.float32 else np.int64
+    for chunk in (1, 4, 16):
+        out, lse = _tile(q.astype(dtype), k.astype(dtype), v.astype(dtype), keys, held, chunk,
+                         masked, np.empty((chunk, 5), bits), 5, 4)
+        np.testing.assert_allclose(out[:4], want_out[:4], atol=atol, rtol=0)
+        np.testing.assert_allclose(lse[:4], want_lse[:4], atol=atol, rtol=0)
+        assert (out[4] == 7).all() and lse[4] == 7  # outside the grid: not written
+
+
+def test_key_major_tile_chunks_non_finite_scores():
+    """A NaN or +inf score poisons only the lanes that hold its key; -inf gives probability 0;
+    a lane whose every score is -inf outputs zeros with lse -inf."""
+    rng = np.random.default_rng(4)
+    q, v = np.ones((4, 3)), rng.normal(size=(8, 3))
+    k = rng.normal(size=(8, 3))
+    keys = np.arange(8, dtype=np.int64)
+    held = np.ones((8, 4), bool)
+    held[2, 0] = held[2, 1] = False  # key 2 (bad below) held by lanes 2 and 3 only
+    held[:, 3] = False
+    held[5, 3] = True  # lane 3: key 5 alone, a -inf score
+    k[5] = -np.inf
+    for bad in (np.nan, np.inf):
+        k[2] = bad
+        want_out, want_lse = _tile_reference(q, k, v, keys, held)
+        for chunk in (3, 8):
+            out, lse = _tile(q, k, v, keys, held, chunk, True, np.empty((chunk, 4), np.int64),
+                             4, 4)
+            np.testing.assert_allclose(out[:2], want_out[:2], atol=1e-12)
+            np.testing.assert_allclose(lse[:2], want_lse[:2], atol=1e-12)
+            assert np.isnan(out[2]).all() and np.isnan(lse[2])
+            assert (out[3] == 0).all() and lse[3] == -np.inf

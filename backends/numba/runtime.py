@@ -53,16 +53,23 @@ def exp_shifted(x, bits, cnt, top):
 
 
 @numba.njit(inline="always", **OVERLOAD_JIT)
+def _exp32_parts(x):
+    """``exp(x)`` of a float32 as ``(p, e)``: ``p`` the polynomial and ``e`` the bits of the
+    float32 ``2**n``, so that ``exp(x) = p * e`` once ``e`` is read as a float32."""
+    t = max(x * np.float32(1.4426950408889634), np.float32(-127.0))
+    n = np.floor(t + np.float32(0.5))
+    f = (t - n) * np.float32(0.6931471805599453)
+    p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (
+        np.float32(1.0 / 6) + f * (np.float32(1.0 / 24) + f * (
+            np.float32(1.0 / 120) + f * np.float32(1.0 / 720))))))
+    return p, (np.int32(n) + np.int32(127)) << np.int32(23)
+
+
+@numba.njit(inline="always", **OVERLOAD_JIT)
 def _exp32(x, bits, scale, cnt, top):
     """:func:`exp_shifted`'s float32 polynomial on a row ``x``; ``scale``: ``bits`` as float32."""
     for c in range(cnt):
-        t = max((x[c] - top) * np.float32(1.4426950408889634), np.float32(-127.0))
-        n = np.floor(t + np.float32(0.5))
-        f = (t - n) * np.float32(0.6931471805599453)
-        x[c] = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (
-            np.float32(1.0 / 6) + f * (np.float32(1.0 / 24) + f * (
-                np.float32(1.0 / 120) + f * np.float32(1.0 / 720))))))
-        bits[c] = (np.int32(n) + np.int32(127)) << np.int32(23)
+        x[c], bits[c] = _exp32_parts(x[c] - top)
     for c in range(cnt):
         x[c] *= scale[c]
 
@@ -161,21 +168,47 @@ def pv(p, rows, keys, cnt, acc, dim):
         c += 1
 
 
+@numba.njit(inline="always", **OVERLOAD_JIT)
+def _row_end(m, l, one):
+    """``(one / l, lse)`` of an output row with running max ``m`` and sum ``l`` (in ``one``'s
+    type, returned widened to float64): a query without keys (or with every score ``-inf``)
+    ``(0, -inf)``, its row zeros; a poisoned one (NaN ``l``) ``(NaN, NaN)``, its row NaN.
+    Unless ``l > 0`` the row is filled with the first value."""
+    if l > 0.0:
+        return one / l, m + math.log(l)
+    if l == 0.0:
+        return 0.0, -np.inf
+    return np.nan, np.nan
+
+
 @numba.njit(**JIT)
 def finish_row(ob, lse, b, h, iq, acc, m, l, dim):
-    """Normalise one output row. A query without keys (or with every score ``-inf``) gets
-    zeros and ``lse = -inf``; a poisoned one (NaN ``l``) gets NaN and ``lse = NaN``."""
+    """Normalise one output row (:func:`_row_end`: zeros for a query without keys, NaN for a
+    poisoned one)."""
+    inv, lse[b, h, iq] = _row_end(m, l, acc.dtype.type(1.0))
     if l > 0.0:
-        inv = acc.dtype.type(1.0) / l
+        scale = acc.dtype.type(inv)
         for d in range(dim):
-            ob[iq, d] = acc[d] * inv
-        lse[b, h, iq] = m + math.log(l)
-    elif l == 0.0:
-        ob[iq, :] = 0.0
-        lse[b, h, iq] = -np.inf
+            ob[iq, d] = acc[d] * scale
     else:
-        ob[iq, :] = np.nan
-        lse[b, h, iq] = np.nan
+        ob[iq, :] = inv
+
+
+@numba.njit(**JIT)
+def finish_lanes(ob, lse, b, h, iqs, acc, m, l, first, width, n, dim):
+    """:func:`finish_row` for the lanes ``u`` of a tile spanning rows that lie inside the
+    grid (``first + u % width < n``), query ``iqs[u]``: one call per tile, and no view of a
+    lane's row (a view per lane cost more than the row, in atomic reference counts)."""
+    for u in range(acc.shape[0]):
+        if first + u % width < n:
+            iq = iqs[u]
+            inv, lse[b, h, iq] = _row_end(m[u], l[u], acc.dtype.type(1.0))
+            if l[u] > 0.0:
+                scale = acc.dtype.type(inv)
+                for d in range(dim):
+                    ob[iq, d] = acc[u, d] * scale
+            else:
+                ob[iq, :] = inv
 
 
 @numba.njit(**JIT)
@@ -324,6 +357,15 @@ def backward_chunk(qs, dos, kb, vb, keys, scores, dps, bits, cnt, lse_q, delta, 
 
 
 @numba.njit(**JIT)
+def uniform(lo, hi):
+    """Whether every lane has the same ``[lo, hi)``."""
+    for u in range(1, lo.shape[0]):
+        if lo[u] != lo[0] or hi[u] != hi[0]:
+            return False
+    return True
+
+
+@numba.njit(**JIT)
 def union(lo, hi, n):
     """The smallest range holding every lane's non-empty ``[lo, hi)``; ``(0, 0)`` if none."""
     start, stop = n, 0
@@ -469,6 +511,86 @@ def tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, acc, dim
             total += scores[u, c]
         l[u] = total
     tile_pv(scores, vb, keys, cnt, acc, dim)
+
+
+def cols_exp_shifted(x, bits, cnt, tops):
+    """``x[c, u] = exp(x[c, u] - tops[u])`` for ``c < cnt`` and every lane ``u``, in place:
+    :func:`tile_exp_shifted` on a key-major chunk, each pass over the lanes vectorised
+    (``bits`` is scratch of ``x``'s shape)."""
+    for c in range(cnt):
+        for u in range(x.shape[1]):
+            x[c, u] = math.exp(x[c, u] - tops[u])
+
+
+@overload(cols_exp_shifted, jit_options=OVERLOAD_JIT)
+def _cols_exp_shifted_by_dtype(x, bits, cnt, tops):
+    if x.dtype == numba.types.float32:
+        def cols_exp32(x, bits, cnt, tops):
+            scale = bits.view(np.float32)
+            for c in range(cnt):
+                for u in range(x.shape[1]):
+                    x[c, u], bits[c, u] = _exp32_parts(x[c, u] - tops[u])
+            for c in range(cnt):
+                for u in range(x.shape[1]):
+                    x[c, u] *= scale[c, u]
+        return cols_exp32
+
+    def cols_exp64(x, bits, cnt, tops):
+        for c in range(cnt):
+            for u in range(x.shape[1]):
+                x[c, u] = math.exp(x[c, u] - tops[u])
+    return cols_exp64
+
+
+@numba.njit(**JIT)
+def cols_softmax_chunk(qt, kb, vb, keys, scores, mask, masked, bits, cnt, m, l, acc, top, check,
+                       dim, cap=None):
+    """:func:`tile_softmax_chunk` with the chunk key-major: ``scores[c, u]`` and, when
+    ``masked``, ``mask[c, u]`` (0 where lane ``u`` holds key ``c``, else ``-inf``; not
+    ``masked``: every lane holds every key), so that the masking, the max, the exponentials
+    and the sums run over the lanes, in vectors, instead of a short row per lane (loops of
+    the lanes' count as a constant measured slower). ``top`` and ``check`` are scratch of a
+    value per lane.
+
+    A lane whose running max does not grow keeps its sums unscaled: on a tile's first chunk
+    (every chunk when its keys fit one) no lane is rescaled.
+    """
+    lanes = acc.shape[0]
+    tile_dots(qt, kb, keys, cnt, scores.T, dim)
+    if cap is not None:
+        soft_cap(scores.reshape(scores.size), cnt * lanes, cap, None)
+    zero, ninf = acc.dtype.type(0.0), acc.dtype.type(-np.inf)
+    for u in range(lanes):
+        top[u] = m[u]
+        check[u] = zero
+    if masked:  # a key the lane does not hold scores -inf (not + -inf: no NaN poisons it)
+        for c in range(cnt):
+            for u in range(lanes):
+                scores[c, u] = scores[c, u] if mask[c, u] == zero else ninf
+    for c in range(cnt):
+        for u in range(lanes):
+            x = scores[c, u]
+            top[u] = x if x > top[u] else top[u]
+            check[u] += x * zero  # NaN when a score is not finite
+    for u in range(lanes):
+        if check[u] != check[u] and poisoned(scores[:, u], cnt):
+            l[u] = np.nan
+            acc[u, :] = np.nan
+        elif top[u] > m[u] > ninf:  # a larger max: rescale what the lane has summed
+            alpha = math.exp(m[u] - top[u])
+            l[u] *= alpha
+            for d in range(dim):
+                acc[u, d] *= alpha
+        m[u] = top[u]
+        top[u] = top[u] if top[u] > ninf else zero  # all -inf so far: weights 0
+    cols_exp_shifted(scores, bits, cnt, top)
+    for u in range(lanes):
+        if l[u] != l[u]:  # poisoned: its row of acc is NaN already, its scores add nothing
+            scores[:cnt, u] = zero
+    for c in range(cnt):
+        for u in range(lanes):
+            l[u] += scores[c, u]
+    tile_pv(scores.T, vb, keys, cnt, acc, dim)
 
 
 @numba.njit(**JIT)

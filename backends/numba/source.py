@@ -39,8 +39,8 @@ _BITS = {"float32": "np.int32", "float64": "np.int64"}
 #: at 32 such kernels made the backward twice as slow, so smaller head_dims share generic ones)
 SPECIALISED_HEAD_DIM = 48
 #: what a generated module may import from the runtime (see :func:`_imports`)
-_RUNTIME = ("backward_chunk", "finish_row", "scratch", "softmax_chunk", "tile_backward_chunk",
-            "tile_softmax_chunk", "union")
+_RUNTIME = ("backward_chunk", "cols_softmax_chunk", "finish_lanes", "finish_row", "scratch",
+            "softmax_chunk", "tile_backward_chunk", "tile_softmax_chunk", "uniform", "union")
 
 
 class _Emitter:
@@ -76,6 +76,8 @@ class Context:
     Attributes:
         lanes: 0, or the queries of a tile (:func:`generate`'s ``lanes``).
         groups: with lanes, the rows a tile spans on each axis but the last (``()``: one).
+        columns: a tile's chunk is key-major (``scores[c, u]``, ``mask[c, u]``) and its mask
+            is written only when the lanes' keys differ (the forward of tiles spanning rows).
         shared: with lanes, each distinct head's terms' sharing (:func:`generate`'s).
         head_dim: 0, or the one head_dim the kernels take.
         bias, softcap: the kernels add a bias table, cap the scores.
@@ -96,6 +98,7 @@ class Context:
     softcap: bool
     cross: bool = False
     groups: tuple = ()
+    columns: bool = False
     ndim: int = 0
     kernel: int = 0
     shares: tuple = ()
@@ -246,22 +249,22 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: Context) -> None:
             em(f"k{a} = p{a}" if a == 0 else f"k{a} = k{a - 1} * {_key_extent(ctx, a)} + p{a}")
             if ctx.bias:
                 em(f"o{a} = p{a} + e{a}" if a == 0 else f"o{a} = o{a - 1} * span{a} + p{a} + e{a}")
-            tests = []
-            for u, other in enumerate(earlier):
-                prev = f"c{u}_{a - 1} and " if a else ""
-                tests.append(f"{prev}{_member(u, a, other.rels[a], lane)}")
-                if a < last:
-                    em(f"c{u}_{a} = {tests[-1]}")
+            tests = _earlier_tests(em, earlier, a, last, lane)
             if a == last and shared:
                 em(f"keys[cnt] = k{last}")
                 if ctx.bias:
                     em(f"offs[cnt] = o{last}")
-                with em.block("for u in range(LANES):"):
-                    held = _member(t, a, rel, "[u]")
-                    if tests:
-                        held = f"({held}) and not (" + " or ".join(f"({x})" for x in tests) + ")"
-                    em(f"mask[u, cnt] = 0.0 if {held} else -np.inf")
-                em("cnt += 1")
+                if ctx.columns:  # lanes with the same keys hold a key together: no mask
+                    lane0 = _earlier_tests(None, earlier, a, last, "[0]")
+                    with em.block("if same:"), em.block(f"if {_held(t, a, rel, lane0, '[0]')}:"):
+                        em("cnt += 1")
+                with contextlib.ExitStack() as masked:
+                    if ctx.columns:
+                        masked.enter_context(em.block("else:"))
+                    with em.block("for u in range(LANES):"):
+                        em(f"mask[{'cnt, u' if ctx.columns else 'u, cnt'}] = 0.0 if "
+                           f"{_held(t, a, rel, tests, '[u]')} else -np.inf")
+                    em("cnt += 1")
                 with em.block("if cnt == KEY_CHUNK:"):
                     em(ctx.flush)
                     em("cnt = 0")
@@ -270,6 +273,25 @@ def _emit_term_loops(term: ir.Term, em: _Emitter, ctx: Context) -> None:
                     em("continue")
         if not shared:
             _emit_collect(em, ctx, last, flush, keys, cnt)
+
+
+def _earlier_tests(em: _Emitter | None, earlier, a: int, last: int, lane: str) -> list[str]:
+    """Per earlier term, whether it holds the key at loop depth ``a``; above the last axis
+    each is kept in ``c{u}_{a}`` (written to ``em``) for the loops inside."""
+    tests = []
+    for u, other in enumerate(earlier):
+        prev = f"c{u}_{a - 1} and " if a else ""
+        tests.append(f"{prev}{_member(u, a, other.rels[a], lane)}")
+        if a < last and em is not None:
+            em(f"c{u}_{a} = {tests[-1]}")
+    return tests
+
+
+def _held(t: int, a: int, rel: ir.Rel, tests: list[str], lane: str) -> str:
+    """Whether ``lane`` holds the key (axis ``a``) in term ``t`` and in no earlier term
+    (``tests``)."""
+    held = _member(t, a, rel, lane)
+    return f"({held}) and not (" + " or ".join(f"({x})" for x in tests) + ")" if tests else held
 
 
 def _emit_run(em: _Emitter, ctx: Context, a: int, lo: str, hi: str, keys: str, cnt: str) -> None:
@@ -537,6 +559,8 @@ def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: Context, per_lane) -> None:
     Lanes past the row's end repeat its last query with empty bounds: they attend nothing.
     """
     ndim, last = ctx.ndim, ctx.ndim - 1
+    if ctx.groups:
+        _emit_group_base(em, ctx)
     with em.block("for u in range(LANES):"):
         if ctx.groups:
             _emit_group_query(em, ctx)
@@ -550,6 +574,9 @@ def _emit_tile_setup(head: ir.IR, em: _Emitter, ctx: Context, per_lane) -> None:
         per_lane(em)
     for t in range(len(head.terms)):
         em(f"ulo{t}, uhi{t} = union(lo{t}_{last}, hi{t}_{last}, {_key_extent(ctx, last)})")
+    if ctx.columns:
+        em("same = " + " and ".join(f"uniform(lo{t}_{last}, hi{t}_{last})"
+                                    for t in range(len(head.terms))))
 
 
 def _width(ctx: Context) -> str:
@@ -562,18 +589,29 @@ def _lane_offset(ctx: Context) -> str:
     return "u % WIDTH" if ctx.groups else "u"
 
 
+def _emit_group_base(em: _Emitter, ctx: Context) -> None:
+    """The first coordinates ``t0..`` of a tile spanning ``G0, G1, ...`` rows, on every axis
+    but the last: ``row`` is the flat index of the tile's run of rows. Once per tile, so that
+    the lanes' coordinates need no division by the grid's extents."""
+    em("rest = row")
+    for a in reversed(range(ctx.ndim - 1)):
+        em(f"t{a} = rest % (n{a} // G{a}) * G{a}")
+        if a:
+            em(f"rest = rest // (n{a} // G{a})")
+
+
 def _emit_group_query(em: _Emitter, ctx: Context) -> None:
     """Lane ``u``'s coordinates ``i0..`` and flat index ``iq`` (kept in ``iqs[u]``) in a tile
-    spanning ``G0, G1, ...`` rows: ``row`` is the flat index of the tile's run of rows,
-    ``u // WIDTH`` the flat index of the lane's row in the run, ``u % WIDTH`` its place
-    along the last axis. The kernel reads q and writes out through ``iqs``, so the queries
-    keep their order in memory."""
+    spanning ``G0, G1, ...`` rows from ``t0..`` (:func:`_emit_group_base`): ``u // WIDTH`` is
+    the flat index of the lane's row in the run, ``u % WIDTH`` its place along the last axis.
+    The kernel reads q and writes out through ``iqs``, so the queries keep their order in
+    memory."""
     last = ctx.ndim - 1
-    em("rest, off = row, u // WIDTH")
+    em("off = u // WIDTH")
     for a in reversed(range(last)):
-        em(f"i{a} = rest % (n{a} // G{a}) * G{a} + off % G{a}")
+        em(f"i{a} = t{a} + off % G{a}")
         if a:
-            em(f"rest, off = rest // (n{a} // G{a}), off // G{a}")
+            em(f"off = off // G{a}")
     em(f"i{last} = min(first + u % WIDTH, n{last} - 1)")
     flat = "i0"
     for a in range(1, ctx.ndim):
@@ -599,8 +637,9 @@ def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: Context, rows, chunks, sc
     """Per-thread scratch: a head_dim row, a key chunk or a value per lane, one chunk for a
     lane-by-lane term (``alone``, when there is one), and the lanes' last-axis bounds."""
     alone = alone if not all(ctx.shares) else ()
-    for names, shape in ((rows, "(LANES, dim)"), (chunks, "(LANES, KEY_CHUNK)"),
-                         (scalars, "LANES"), (alone, "KEY_CHUNK")):
+    chunk = "(KEY_CHUNK, LANES)" if ctx.columns else "(LANES, KEY_CHUNK)"
+    for names, shape in ((rows, "(LANES, dim)"), (chunks, chunk), (scalars, "LANES"),
+                         (alone, "KEY_CHUNK")):
         for name in names:
             em(f"{name} = scratch({shape}, ACC)")
     em("keys = scratch(KEY_CHUNK, np.int64)")
@@ -608,7 +647,7 @@ def _emit_lane_scratch(head: ir.IR, em: _Emitter, ctx: Context, rows, chunks, sc
         em("iqs = scratch(LANES, np.int64)")
     if alone:
         em("lkeys = scratch(KEY_CHUNK, np.int64)")
-    em("bits = scratch(KEY_CHUNK, BITS)")
+    em(f"bits = scratch({chunk if ctx.columns else 'KEY_CHUNK'}, BITS)")
     _emit_bias_scratch(em, ctx, backward, lanes=True, alone=bool(alone))
     last = ctx.ndim - 1
     for t in range(len(head.terms)):
@@ -640,8 +679,10 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
             *spans * bool(ctx.groups)]):
         _emit_tile_header(em, ctx)
         _emit_heads(em)
-        _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"), ("m", "l"),
-                           ("lscores",), False)
+        ctx = replace(ctx, columns=bool(ctx.groups))
+        _emit_lane_scratch(head, em, ctx, ("qt", "acc"), ("scores", "mask"),
+                           ("m", "l", "top", "check")[:4 if ctx.columns else 2], ("lscores",),
+                           False)
         with launch.emit_ranges(em), em.block("for w in range(start, stop):"):
             _emit_item_head(em, "tiles")
             em("row = (w % tiles) // per_row")
@@ -658,17 +699,27 @@ def _emit_lane_forward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
             _emit_tile_setup(head, em, ctx, per_lane)
             _emit_bias_base(em, ctx, "first")
             em("cnt = np.int64(0)")
+            if ctx.columns:  # groups exclude a bias table
+                flush = ("cols_softmax_chunk(qt, kb, vb, keys, scores, mask, not same, bits, "
+                         "cnt, m, l, acc, top, check, dim"
+                         f"{', softcap' if ctx.softcap else ''})")
+            else:
+                flush = ("tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, "
+                         f"acc, dim{_score_args(ctx, 'offs', None, False)})")
             ctx = replace(
-                ctx, flush=("tile_softmax_chunk(qt, kb, vb, keys, scores, mask, bits, cnt, m, l, "
-                            f"acc, dim{_score_args(ctx, 'offs', None, False)})"),
-                lane_flush=("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, bits, "
-                            f"cnt1, m[u], l[u], acc[u], dim"
-                            f"{_score_args(ctx, 'loffs', 'u', False)})"))
+                ctx, flush=flush,
+                lane_flush=("m[u], l[u] = softmax_chunk(qt[u], kb, vb, lkeys, lscores, "
+                            f"{'bits[0]' if ctx.columns else 'bits'}, cnt1, m[u], l[u], acc[u], "
+                            f"dim{_score_args(ctx, 'loffs', 'u', False)})"))
             _emit_keys(head, em, ctx)
             with em.block("if cnt > 0:"):
                 em(ctx.flush)
-            _emit_lane_finish(em, ctx, lambda em, iq: em(
-                f"finish_row(ob, lse, b, h, {iq}, acc[u], m[u], l[u], dim)"))
+            if ctx.columns:
+                em(f"finish_lanes(ob, lse, b, h, iqs, acc, m, l, first, WIDTH, n{ctx.ndim - 1}, "
+                   "dim)")
+            else:
+                _emit_lane_finish(em, ctx, lambda em, iq: em(
+                    f"finish_row(ob, lse, b, h, {iq}, acc[u], m[u], l[u], dim)"))
 
 
 def _emit_lane_backward(head: ir.IR, em: _Emitter, ctx: Context) -> None:
