@@ -335,14 +335,14 @@ def _axis_membership(rel: ir.Rel, axis: DenseAxis) -> np.ndarray:
     return np.broadcast_to(np.asarray(inside), valid.shape) & valid
 
 
-def _kron_axes(parts: list[np.ndarray]) -> np.ndarray:
+def _kron_axes(parts: list[np.ndarray], combine=np.logical_and) -> np.ndarray:
     """Combine per-axis ``(batch_a, q_a, k_a)`` arrays into ``(batch, queries, keys)`` with
     batch, query and key positions row-major over the axes (the order of the q/k views)."""
     out = parts[0]
     for p in parts[1:]:
         b, q, k = out.shape
         c, r, s = p.shape
-        out = (out[:, None, :, None, :, None] & p[None, :, None, :, None, :]).reshape(
+        out = combine(out[:, None, :, None, :, None], p[None, :, None, :, None, :]).reshape(
             b * c, q * r, k * s)
     return out
 
@@ -380,9 +380,21 @@ def dense_mask(shape: DenseShape, term: ir.Term, earlier) -> np.ndarray | None:
     mask = _kron_axes(own)
     for other in overlaps:
         mask = mask & ~_kron_axes(other)
-    if (mask == mask[:1]).all():
-        mask = mask[:1]
-    return np.ascontiguousarray(mask)
+    return _collapsed(mask)
+
+
+def open_padding(mask: np.ndarray | None, shape: DenseShape) -> np.ndarray | None:
+    """``mask`` (:func:`dense_mask`) with the rows of padded queries (no token of the grid)
+    all True: for a softmax whose rows must each have a key (their output is dropped)."""
+    rows = _kron_axes([(c < 0)[:, :, None] for c in shape.coords("q")], np.logical_or)
+    if mask is None or not rows.any():
+        return mask
+    return _collapsed(mask | rows)
+
+
+def _collapsed(mask: np.ndarray) -> np.ndarray:
+    """``mask`` as ``(1, queries, keys)`` when every problem's is the same."""
+    return np.ascontiguousarray(mask[:1] if (mask == mask[:1]).all() else mask)
 
 
 def gather_first(head: ir.IR, shape) -> tuple[list[ir.Term], list[tuple[ir.Term, DenseShape]]]:

@@ -15,7 +15,7 @@ from patterngen import calibrate
 from patterngen.backends import dense
 from patterngen.backends.flex import flex_available
 from patterngen.plan import dense_mask, dense_shape, gather_first
-from oracle import assert_gradients_equal
+from oracle import assert_gradients_equal, reference
 from fakes import register_fake_backend
 from strategies import cases
 
@@ -671,6 +671,7 @@ def _autograd_nodes(t) -> set:
     (pg.criss_cross(), (8, 8), {"terms": "dense"}, False, False),  # two dense terms
     (pg.axis(0), (200, 2), {}, False, False),           # 200 keys: the fused kernel
     (pg.global_tokens(queries=[(0, 0)]), (6, 6), {}, False, False),  # keyless queries
+    (pg.block(4, offset=1), (8, 7), {"terms": "dense"}, False, True),  # rolled and padded
 ])
 def test_a_lone_dense_term_is_priced_on_the_path_it_runs(pattern, grid, options, extra, kept):
     # the plan prices the probabilities-keeping autograd path (attend/kept) exactly where the
@@ -694,3 +695,30 @@ def test_a_lone_dense_term_is_priced_on_the_path_it_runs(pattern, grid, options,
     forward = [line for tps in attn.plan.patterns for tp in tps for line in tp.work]
     assert any("attend/kept" in line for line in forward) == kept
     assert not any("recopy" in line for line in forward)
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.block(4, offset=1), (8, 7)),         # rolled on both axes, padded on the second
+    (pg.block(3, offset=2), (7,)),           # rolled and padded
+    (pg.block((2, 3), offset=(1, 1)), (3, 5)),
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_padded_term_alone_runs_through_autograd_exactly(pattern, grid, bias):
+    # padded queries' rows have a key in torch's softmax (their output is dropped), so the
+    # lone term's autograd path runs instead of falling back to the merge after the work
+    gen = torch.Generator().manual_seed(0)
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
+    q, k, v = (torch.randn(1, 2, *grid, 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    more = {}
+    if bias:
+        r = pg.bias.reach(pg.lower(pattern, grid))
+        more["rel_bias"] = torch.randn(2, *(2 * x + 1 for x in r), generator=gen,
+                                       dtype=torch.float64, requires_grad=True)
+    out = attn(q, k, v, **more)
+    assert "SoftmaxBackward0" in _autograd_nodes(out)
+    want = reference(pattern, grid, q, k, v, **more)
+    torch.testing.assert_close(out, want)
+    assert_gradients_equal(out, want, (q, k, v, *more.values()), gen, "q k v table".split())
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q, k, v, **more), want.detach())
