@@ -243,6 +243,10 @@ def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False) 
     ops = [Op("launch", 1, kernel="kernel"),
            Op("attend", shape.batch * call.batch * call.kv_heads,
               (rows, shape.keys, call.head_dim), kernel)]
+    if attend_kernel(call, shape.keys) == "fused":
+        # k and v checked for non-finite values first: the fused kernels give a row whose
+        # keys all score -inf a log-sum-exp of 0
+        ops.append(Op("scan", 2 * tokens * call.batch * call.kv_heads * call.head_dim))
     if shape.copied:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
         elements = shape.batch * (rows + 2 * shape.keys) + tokens * group

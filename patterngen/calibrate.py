@@ -17,9 +17,11 @@ machine), which the test suite does.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import operator
 import os
 import sys
 import time
@@ -35,7 +37,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 4
+VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,9 @@ NUMBA_DIMS = (16, 32, 64)
 #: keys their forward buffers one at a time
 NUMBA_COUNTS = ("numba", "queries", "rows", "loose")
 #: fixed costs per call of each path: a whole-pattern backend's Python, the term-wise path's
-#: own (its operator, the merge's bookkeeping), and one torch kernel launch
-LAUNCHES = ("numba", "sdpa", "terms", "kernel")
+#: own, one torch kernel launch, and each part of a term-wise plan that merges its parts
+#: beyond its kernel launch (its views, masks and calls, its share of the merge's bookkeeping)
+LAUNCHES = ("numba", "sdpa", "terms", "kernel", "part")
 
 
 def attend_name(kernel: str, rows: int, keys: int, head_dim: int) -> str:
@@ -263,6 +266,7 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
               ("loose", "tiles", 32): (0.431, 1.0), ("loose", "tiles", 64): (1.42, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
+              "launch/part": (0.11, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
 
@@ -623,6 +627,22 @@ def _solve_numba(table, benches, best) -> None:
                 table[numba_name(lanes, d, what)] = Rate(0.0, f, max(w / f, 1.0) if f else 1.0)
 
 
+#: the term-wise plans whose difference prices a merged part: ``(dense parts, pattern)`` on
+#: a 4x4 grid (criss-cross's row and column; two axes and a global token's key and query)
+PART_CASES = ((2, (("criss_cross",),)),
+              (4, (("axis", 0), ("axis", 1), ("global_tokens", [(0, 0)]))))
+
+
+def _solve_parts(table, best) -> None:
+    """``launch/part`` from the plans of :data:`PART_CASES`: the difference of their times
+    per part, less a kernel launch (each part's own op), at least 0."""
+    (low, small), (high, large) = ((n, best[f"launch/part#{n}"]) for n, _ in PART_CASES)
+    kernel = table["launch/kernel"]
+    fwd, both = (max((b - a) / (high - low) - kernel.call_ms * f, 0.0) for a, b, f in
+                 zip(small, large, (1.0, kernel.backward_factor)))
+    table["launch/part"] = Rate(fwd, 0.0, max(both / fwd, 1.0) if fwd else 1.0)
+
+
 def _overhead_benches(device, dtype, dt) -> list:
     """The fixed cost of a call of each path, on a grid so small that nothing else counts;
     one kernel launch; a copy's rate per byte and the merge's per element."""
@@ -648,6 +668,13 @@ def _overhead_benches(device, dtype, dt) -> list:
             log.info("calibration: %s cannot run (%s); keeping its default", path, e)
             continue
         out.append(_pattern_bench(f"launch/{path}", attn, (4, 4), 16, device, dt))
+    # plans of two and of four merged dense parts: their difference is two parts' fixed cost
+    for parts, terms in PART_CASES:
+        pattern = functools.reduce(operator.or_, (getattr(spec, kind)(*args)
+                                                  for kind, *args in terms))
+        attn = compile_pattern(pattern, (4, 4), device=device, dtype=dtype, backend="auto",
+                               strategy="terms", terms="dense", rates=Rates.default(device))
+        out.append(_pattern_bench(f"launch/part#{parts}", attn, (4, 4), 16, device, dt))
     x = torch.randn(16, 256, 256, device=device, dtype=dt)
     # what the executors copy: rows of head_dim elements moved whole (a dense term's view of
     # Swin's windows here), 3-4x faster per byte than a transpose of single elements
@@ -719,8 +746,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     groups = ((("attend/",), lambda: _attend_benches(device, dt)),
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
                lambda: _numba_benches(device, dtype, dt)),
-              (("launch/kernel", "launch/sdpa", "launch/terms", "copy", "gather", "band", "fill",
-                "scan", "merge"),
+              (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "gather",
+                "band", "fill", "scan", "merge"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -750,5 +777,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
             table[name] = Rate(0.0, fwd * 1e6 / units[name], fixed.get(name, factor))
     if "launch/numba" in best:
         _solve_numba(table, benches, best)
+    if all(f"launch/part#{n}" in best for n, _ in PART_CASES):
+        _solve_parts(table, best)
     progress.done()
     return Rates(table, "measured")

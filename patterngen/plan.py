@@ -762,6 +762,9 @@ def _plan_terms(lowered, shape, call, rates, table, force):
         total += g_ms + sum(ms for _, _, ms, _ in chosen_dense)
         plans.append(tuple(tps))
     if parts > 1:
-        shared.append(Op("merge", parts * tokens * call.batch * call.heads * call.head_dim))
+        # each part that is merged: its views, masks and calls, its share of the merge's
+        # bookkeeping (measured per part, beyond its kernel launch)
+        shared += [Op("launch", parts, kernel="part"),
+                   Op("merge", parts * tokens * call.batch * call.heads * call.head_dim)]
     ms, lines = rates.price(shared, call.backward)
     return tuple(plans), total + ms, None, tuple(lines)

@@ -722,3 +722,34 @@ def test_a_padded_term_alone_runs_through_autograd_exactly(pattern, grid, bias):
     assert_gradients_equal(out, want, (q, k, v, *more.values()), gen, "q k v table".split())
     with torch.no_grad():
         torch.testing.assert_close(attn(q, k, v, **more), want.detach())
+
+
+@pytest.mark.parametrize("pattern, grid, parts", [
+    (pg.criss_cross(), (8, 8), 2),                          # two dense terms, merged
+    (pg.axis(0) | pg.axis(1) | pg.global_tokens([(0, 0)]), (6, 6), 4),
+    (pg.block(4), (8, 8), 0),                               # one part: nothing merged
+])
+def test_each_merged_part_is_charged_its_fixed_cost(pattern, grid, parts):
+    plan = pg.plan(pattern, grid, executors=("terms",), terms="dense")
+    assert sum(map(len, plan.patterns)) == max(parts, 1)
+    shared = "\n".join(plan.work["terms"])
+    assert (f"Op(launch/part x {parts})" in shared) == bool(parts)
+    assert ("Op(merge" in shared) == bool(parts)
+
+
+def test_the_fixed_cost_of_a_part_is_measured(fixed_clock):
+    # the plans of calibrate.PART_CASES run, and launch/part replaces its default
+    runs = fixed_clock
+    rates = calibrate.measure("cpu", "float32", only=("launch/part",))
+    assert len(runs) >= 2 * len(calibrate.PART_CASES)
+    assert rates.executors["launch/part"] != calibrate.Rates.default().executors["launch/part"]
+
+
+@pytest.mark.parametrize("grid, fused", [((200, 2), True), ((12, 6), False)])
+def test_a_dense_term_on_the_fused_kernel_is_charged_its_scan_of_k_and_v(grid, fused):
+    # DenseTerm.forward checks k and v for non-finite values before a fused kernel
+    plan = pg.plan(pg.axis(0), grid, head_dim=16, heads=2, executors=("terms",))
+    [[term]] = plan.patterns
+    scans = [line for line in term.work if line.startswith("Op(scan")]
+    assert len(scans) == fused
+    assert not fused or scans[0].startswith(f"Op(scan x {2 * grid[0] * grid[1] * 2 * 16})")
