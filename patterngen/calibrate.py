@@ -226,7 +226,8 @@ def _default_cuda(name: str) -> Rate:
 #: three quiet calibrations at one thread; ``copy`` scaled by rows of head_dim against a
 #: transpose of single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept``
 #: measured beside ``matmul`` in one calibration and scaled by the two ``matmul`` figures,
-#: shape by shape). Per kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
+#: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
+#: machine under load, 0.091-0.098 ms and 0.23-0.24 ns). Per kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
 #: 16, at 64, backward factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns,
 #: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
 _CPU_ATTEND = {
@@ -266,9 +267,9 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
               ("loose", "tiles", 32): (0.431, 1.0), ("loose", "tiles", 64): (1.42, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
-              "launch/part": (0.11, 0.0, 2.4),
+              "launch/part": (0.1, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
-              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
+              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4)}
 
 
 def _default_cpu(name: str) -> Rate:
