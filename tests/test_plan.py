@@ -753,3 +753,13 @@ def test_a_dense_term_on_the_fused_kernel_is_charged_its_scan_of_k_and_v(grid, f
     scans = [line for line in term.work if line.startswith("Op(scan")]
     assert len(scans) == fused
     assert not fused or scans[0].startswith(f"Op(scan x {2 * grid[0] * grid[1] * 2 * 16})")
+
+
+@pytest.mark.parametrize("backward, kernel", [(False, "kept"), (True, "fused")])
+def test_sdpa_mask_free_inference_is_priced_on_the_path_without_lse(backward, kernel):
+    # dense.matmul_attention (baddbmm, softmax, bmm, no log-sum-exp) runs the aligned windows
+    # without autograd: the ops of the kept path's forward
+    plan = pg.plan(pg.block(7), (14, 14), executors=("sdpa",), backward=backward)
+    kernels = {line.split()[0].split("/")[1] for line in plan.work["sdpa"]
+               if line.startswith("Op(attend/")}
+    assert kernels == {kernel}
