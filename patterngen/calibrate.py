@@ -71,9 +71,11 @@ class Rate:
 #: term that runs alone does), and the numba kernels one query at a time (``one``) or in tiles
 #: of queries that share keys (``tiles``), their counts (``NUMBA_COUNTS``,
 #: :mod:`patterngen.backends.numba.counts`) at each head_dim. Beyond the largest rows the rate
-#: per pair is flat (the edge's is used)
-ATTEND_ROWS = {"matmul": (16, 64, 256), "fused": (16, 64, 256), "kept": (16, 64, 256)}
-ATTEND_KEYS = {"matmul": (16, 64, 128), "fused": (16, 64, 256, 1024), "kept": (16, 64, 128)}
+#: per pair is flat (the edge's is used). One key per row on the matmul path (global key
+#: tokens) and one row per problem on the fused kernel (global query tokens) cost several
+#: times a pair of 16 (the rows' softmax and log-sum-exp, the problem's launch and scan)
+ATTEND_ROWS = {"matmul": (16, 64, 256), "fused": (1, 16, 64, 256), "kept": (16, 64, 256)}
+ATTEND_KEYS = {"matmul": (1, 16, 64, 128), "fused": (16, 64, 256, 1024), "kept": (16, 64, 128)}
 ATTEND_DIMS = (16, 64)
 NUMBA_LANES = ("one", "tiles")
 NUMBA_DIMS = (16, 32, 64)
@@ -227,11 +229,15 @@ def _default_cuda(name: str) -> Rate:
 #: transpose of single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept``
 #: measured beside ``matmul`` in one calibration and scaled by the two ``matmul`` figures,
 #: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
-#: machine under load, 0.091-0.098 ms and 0.23-0.24 ns). Per kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
+#: machine under load, 0.091-0.098 ms and 0.23-0.24 ns; the matmul path's rows of one key and
+#: the fused kernel's problems of one row from two one-thread calibrations under load, each
+#: scaled by the measured ratio to its neighbouring class of 16, the least of the two). Per
+#: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
 #: 16, at 64, backward factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns,
 #: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
 _CPU_ATTEND = {
     "matmul": {
+        (16, 1): (3.63, 0.98, 4.5), (64, 1): (1.01, 0.84, 5.3), (256, 1): (0.79, 0.745, 5.6),
         (16, 16): (0.26, 0.12, 2.9), (16, 64): (0.142, 0.073, 3.0),
         (16, 128): (0.146, 0.068, 3.0), (64, 16): (0.228, 0.102, 2.4),
         (64, 64): (0.12, 0.074, 2.7), (64, 128): (0.109, 0.064, 2.8),
@@ -239,6 +245,8 @@ _CPU_ATTEND = {
         (256, 128): (0.112, 0.05, 2.7),
     },
     "fused": {
+        (1, 16): (0.79, 0.39, 4.1), (1, 64): (0.39, 0.38, 6.2), (1, 256): (0.29, 0.27, 6.4),
+        (1, 1024): (0.25, 0.35, 7.1),
         (16, 16): (0.151, 0.063, 2.8), (16, 64): (0.064, 0.054, 4.0),
         (16, 256): (0.048, 0.035, 4.0), (16, 1024): (0.042, 0.042, 4.0),
         (64, 16): (0.104, 0.063, 4.0), (64, 64): (0.072, 0.057, 2.8),
