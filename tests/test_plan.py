@@ -763,3 +763,14 @@ def test_sdpa_mask_free_inference_is_priced_on_the_path_without_lse(backward, ke
     kernels = {line.split()[0].split("/")[1] for line in plan.work["sdpa"]
                if line.startswith("Op(attend/")}
     assert kernels == {kernel}
+
+
+def test_a_term_wise_plan_of_gather_terms_only_leaves_the_kernels_to_numba():
+    # gathering every term runs the numba kernels of the whole pattern through the merge's
+    # operator: where the numba strategy can run the call, it runs them without it
+    plan = pg.plan(pg.window(7), (64, 64), head_dim=64, backward=True)
+    assert plan.strategy == "numba" and isinstance(plan.options["terms"], float)
+    forced = pg.plan(pg.window(7), (64, 64), head_dim=64, backward=True,
+                     executors=("terms", "sdpa"))
+    assert forced.strategy == "terms"
+    assert [tp.executor for tp in forced.patterns[0]] == ["gather"]
