@@ -243,6 +243,10 @@ def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False) 
     ops = [Op("launch", 1, kernel="kernel"),
            Op("attend", shape.batch * call.batch * call.kv_heads,
               (rows, shape.keys, call.head_dim), kernel)]
+    if attend_kernel(call, shape.keys) == "fused":
+        # k and v checked for non-finite values first: the fused kernels give a row whose
+        # keys all score -inf a log-sum-exp of 0
+        ops.append(Op("scan", 2 * tokens * call.batch * call.kv_heads * call.head_dim))
     if shape.copied:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
         elements = shape.batch * (rows + 2 * shape.keys) + tokens * group
@@ -308,12 +312,13 @@ class SdpaExecutor(Executor):
             for c in calls.calls:
                 keys = c.nk * calls.bk
                 rows = c.count * calls.bq
-                # the matmul path for small mask-free groups without autograd, and with a
-                # softcap; the fused kernel otherwise, a bias table added as its mask
+                # small mask-free groups without autograd: baddbmm, softmax, bmm and no
+                # log-sum-exp (dense.matmul_attention), kept's forward; with a softcap the
+                # matmul path; the fused kernel otherwise, a bias table added as its mask
                 plain = c.matmul and not call.backward and not call.bias
+                kernel = "matmul" if call.softcap else "kept" if plain else "fused"
                 ops += [Op("launch", 1, kernel="kernel"),
-                        Op("attend", c.count * work, (calls.bq, keys, d),
-                           "matmul" if plain or call.softcap else "fused")]
+                        Op("attend", c.count * work, (calls.bq, keys, d), kernel)]
                 if call.bias:  # the table gathered into the group's tiles
                     ops.append(Op("gather", c.count * work * calls.bq * keys * call.itemsize))
                 if c.q_slice is None:

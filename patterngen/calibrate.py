@@ -17,9 +17,11 @@ machine), which the test suite does.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import operator
 import os
 import sys
 import time
@@ -35,7 +37,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 4
+VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,11 @@ class Rate:
 #: term that runs alone does), and the numba kernels one query at a time (``one``) or in tiles
 #: of queries that share keys (``tiles``), their counts (``NUMBA_COUNTS``,
 #: :mod:`patterngen.backends.numba.counts`) at each head_dim. Beyond the largest rows the rate
-#: per pair is flat (the edge's is used)
-ATTEND_ROWS = {"matmul": (16, 64, 256), "fused": (16, 64, 256), "kept": (16, 64, 256)}
-ATTEND_KEYS = {"matmul": (16, 64, 128), "fused": (16, 64, 256, 1024), "kept": (16, 64, 128)}
+#: per pair is flat (the edge's is used). One key per row on the matmul path (global key
+#: tokens) and one row per problem on the fused kernel (global query tokens) cost several
+#: times a pair of 16 (the rows' softmax and log-sum-exp, the problem's launch and scan)
+ATTEND_ROWS = {"matmul": (16, 64, 256), "fused": (1, 16, 64, 256), "kept": (16, 64, 256)}
+ATTEND_KEYS = {"matmul": (1, 16, 64, 128), "fused": (16, 64, 256, 1024), "kept": (16, 64, 128)}
 ATTEND_DIMS = (16, 64)
 NUMBA_LANES = ("one", "tiles")
 NUMBA_DIMS = (16, 32, 64)
@@ -79,8 +83,9 @@ NUMBA_DIMS = (16, 32, 64)
 #: keys their forward buffers one at a time
 NUMBA_COUNTS = ("numba", "queries", "rows", "loose")
 #: fixed costs per call of each path: a whole-pattern backend's Python, the term-wise path's
-#: own (its operator, the merge's bookkeeping), and one torch kernel launch
-LAUNCHES = ("numba", "sdpa", "terms", "kernel")
+#: own, one torch kernel launch, and each part of a term-wise plan that merges its parts
+#: beyond its kernel launch (its views, masks and calls, its share of the merge's bookkeeping)
+LAUNCHES = ("numba", "sdpa", "terms", "kernel", "part")
 
 
 def attend_name(kernel: str, rows: int, keys: int, head_dim: int) -> str:
@@ -223,11 +228,16 @@ def _default_cuda(name: str) -> Rate:
 #: three quiet calibrations at one thread; ``copy`` scaled by rows of head_dim against a
 #: transpose of single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept``
 #: measured beside ``matmul`` in one calibration and scaled by the two ``matmul`` figures,
-#: shape by shape). Per kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
+#: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
+#: machine under load, 0.091-0.098 ms and 0.23-0.24 ns; the matmul path's rows of one key and
+#: the fused kernel's problems of one row from two one-thread calibrations under load, each
+#: scaled by the measured ratio to its neighbouring class of 16, the least of the two). Per
+#: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
 #: 16, at 64, backward factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns,
 #: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
 _CPU_ATTEND = {
     "matmul": {
+        (16, 1): (3.63, 0.98, 4.5), (64, 1): (1.01, 0.84, 5.3), (256, 1): (0.79, 0.745, 5.6),
         (16, 16): (0.26, 0.12, 2.9), (16, 64): (0.142, 0.073, 3.0),
         (16, 128): (0.146, 0.068, 3.0), (64, 16): (0.228, 0.102, 2.4),
         (64, 64): (0.12, 0.074, 2.7), (64, 128): (0.109, 0.064, 2.8),
@@ -235,6 +245,8 @@ _CPU_ATTEND = {
         (256, 128): (0.112, 0.05, 2.7),
     },
     "fused": {
+        (1, 16): (0.79, 0.39, 4.1), (1, 64): (0.39, 0.38, 6.2), (1, 256): (0.29, 0.27, 6.4),
+        (1, 1024): (0.25, 0.35, 7.1),
         (16, 16): (0.151, 0.063, 2.8), (16, 64): (0.064, 0.054, 4.0),
         (16, 256): (0.048, 0.035, 4.0), (16, 1024): (0.042, 0.042, 4.0),
         (64, 16): (0.104, 0.063, 4.0), (64, 64): (0.072, 0.057, 2.8),
@@ -263,8 +275,9 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
               ("loose", "tiles", 32): (0.431, 1.0), ("loose", "tiles", 64): (1.42, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
+              "launch/part": (0.1, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
-              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 2.5, 1.0), "merge": (0.0, 0.97, 2.4)}
+              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4)}
 
 
 def _default_cpu(name: str) -> Rate:
@@ -448,7 +461,11 @@ def _attend_benches(device, dt) -> list:
         for m in ATTEND_ROWS[kernel]:
             for n in keys:
                 for d in ATTEND_DIMS:
-                    p = max(1, _ATTEND_UNITS // (m * n * d))
+                    # a problem of one row costs several times a unit of 16 rows: a quarter
+                    # of the problems keeps its benchmark near the others' time (the rate
+                    # the same within 10%; rows of one key, measured so, came out 1.3-1.5x
+                    # dearer per unit, their fixed cost per call no longer small beside them)
+                    p = max(1, _ATTEND_UNITS // (max(m, 4) * n * d))
                     q, dout = (torch.randn(1, p, m, d, device=device, dtype=dt) for _ in "qo")
                     k, v = (torch.randn(1, p, n, d, device=device, dtype=dt) for _ in "kv")
                     if kernel == "kept":
@@ -623,6 +640,22 @@ def _solve_numba(table, benches, best) -> None:
                 table[numba_name(lanes, d, what)] = Rate(0.0, f, max(w / f, 1.0) if f else 1.0)
 
 
+#: the term-wise plans whose difference prices a merged part: ``(dense parts, pattern)`` on
+#: a 4x4 grid (criss-cross's row and column; two axes and a global token's key and query)
+PART_CASES = ((2, (("criss_cross",),)),
+              (4, (("axis", 0), ("axis", 1), ("global_tokens", [(0, 0)]))))
+
+
+def _solve_parts(table, best) -> None:
+    """``launch/part`` from the plans of :data:`PART_CASES`: the difference of their times
+    per part, less a kernel launch (each part's own op), at least 0."""
+    (low, small), (high, large) = ((n, best[f"launch/part#{n}"]) for n, _ in PART_CASES)
+    kernel = table["launch/kernel"]
+    fwd, both = (max((b - a) / (high - low) - kernel.call_ms * f, 0.0) for a, b, f in
+                 zip(small, large, (1.0, kernel.backward_factor)))
+    table["launch/part"] = Rate(fwd, 0.0, max(both / fwd, 1.0) if fwd else 1.0)
+
+
 def _overhead_benches(device, dtype, dt) -> list:
     """The fixed cost of a call of each path, on a grid so small that nothing else counts;
     one kernel launch; a copy's rate per byte and the merge's per element."""
@@ -648,6 +681,13 @@ def _overhead_benches(device, dtype, dt) -> list:
             log.info("calibration: %s cannot run (%s); keeping its default", path, e)
             continue
         out.append(_pattern_bench(f"launch/{path}", attn, (4, 4), 16, device, dt))
+    # plans of two and of four merged dense parts: their difference is two parts' fixed cost
+    for parts, terms in PART_CASES:
+        pattern = functools.reduce(operator.or_, (getattr(spec, kind)(*args)
+                                                  for kind, *args in terms))
+        attn = compile_pattern(pattern, (4, 4), device=device, dtype=dtype, backend="auto",
+                               strategy="terms", terms="dense", rates=Rates.default(device))
+        out.append(_pattern_bench(f"launch/part#{parts}", attn, (4, 4), 16, device, dt))
     x = torch.randn(16, 256, 256, device=device, dtype=dt)
     # what the executors copy: rows of head_dim elements moved whole (a dense term's view of
     # Swin's windows here), 3-4x faster per byte than a transpose of single elements
@@ -719,8 +759,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     groups = ((("attend/",), lambda: _attend_benches(device, dt)),
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
                lambda: _numba_benches(device, dtype, dt)),
-              (("launch/kernel", "launch/sdpa", "launch/terms", "copy", "gather", "band", "fill",
-                "scan", "merge"),
+              (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "gather",
+                "band", "fill", "scan", "merge"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -750,5 +790,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
             table[name] = Rate(0.0, fwd * 1e6 / units[name], fixed.get(name, factor))
     if "launch/numba" in best:
         _solve_numba(table, benches, best)
+    if all(f"launch/part#{n}" in best for n, _ in PART_CASES):
+        _solve_parts(table, best)
     progress.done()
     return Rates(table, "measured")

@@ -335,14 +335,14 @@ def _axis_membership(rel: ir.Rel, axis: DenseAxis) -> np.ndarray:
     return np.broadcast_to(np.asarray(inside), valid.shape) & valid
 
 
-def _kron_axes(parts: list[np.ndarray]) -> np.ndarray:
+def _kron_axes(parts: list[np.ndarray], combine=np.logical_and) -> np.ndarray:
     """Combine per-axis ``(batch_a, q_a, k_a)`` arrays into ``(batch, queries, keys)`` with
     batch, query and key positions row-major over the axes (the order of the q/k views)."""
     out = parts[0]
     for p in parts[1:]:
         b, q, k = out.shape
         c, r, s = p.shape
-        out = (out[:, None, :, None, :, None] & p[None, :, None, :, None, :]).reshape(
+        out = combine(out[:, None, :, None, :, None], p[None, :, None, :, None, :]).reshape(
             b * c, q * r, k * s)
     return out
 
@@ -380,9 +380,21 @@ def dense_mask(shape: DenseShape, term: ir.Term, earlier) -> np.ndarray | None:
     mask = _kron_axes(own)
     for other in overlaps:
         mask = mask & ~_kron_axes(other)
-    if (mask == mask[:1]).all():
-        mask = mask[:1]
-    return np.ascontiguousarray(mask)
+    return _collapsed(mask)
+
+
+def open_padding(mask: np.ndarray | None, shape: DenseShape) -> np.ndarray | None:
+    """``mask`` (:func:`dense_mask`) with the rows of padded queries (no token of the grid)
+    all True: for a softmax whose rows must each have a key (their output is dropped)."""
+    rows = _kron_axes([(c < 0)[:, :, None] for c in shape.coords("q")], np.logical_or)
+    if mask is None or not rows.any():
+        return mask
+    return _collapsed(mask | rows)
+
+
+def _collapsed(mask: np.ndarray) -> np.ndarray:
+    """``mask`` as ``(1, queries, keys)`` when every problem's is the same."""
+    return np.ascontiguousarray(mask[:1] if (mask == mask[:1]).all() else mask)
 
 
 def gather_first(head: ir.IR, shape) -> tuple[list[ir.Term], list[tuple[ir.Term, DenseShape]]]:
@@ -632,7 +644,10 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
             + "".join(f"\n  {k}: {v}" for k, v in options.items()))
     # each by its prediction times its executor's margin (the terms' own: its gather group
     # against its dense batches was weighed inside)
-    strategy = min(whole, key=lambda n: whole[n] * (table[n].margin if n in table else 1.0))
+    candidates = [n for n in whole if not (n == "terms" and _numba_again(term_plans, whole,
+                                                                         call))]
+    strategy = min(candidates, key=lambda n: whole[n] * (table[n].margin
+                                                          if n in table else 1.0))
     gather_backend = None
     if strategy != "terms":
         term_plans = _whole_term_plans(lowered, shape, strategy)
@@ -642,6 +657,15 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
                 head_dim, heads, batch, strategy, term_plans, gather_backend, whole[strategy],
                 options, contiguous, call, work, key_grid=None if lowered.key_grid is None
                 else tuple(int(n) for n in lowered.key_grid.shape))
+
+
+def _numba_again(term_plans, whole: dict, call: Call) -> bool:
+    """Whether a term-wise plan gathers every term, so that it runs the numba kernels on the
+    whole pattern through the merge's operator, where the numba strategy, which can run the
+    call, runs the same kernels without it (measured on a 7x7 window, 64x64, head_dim 64,
+    forward+backward: 1.06x the numba strategy's time at one thread, 1.26x at two)."""
+    return ("numba" in whole and not call.extra_keys
+            and all(tp.executor == "gather" for tps in term_plans for tp in tps))
 
 
 def _whole_term_plans(lowered, shape, strategy: str) -> tuple:
@@ -750,6 +774,9 @@ def _plan_terms(lowered, shape, call, rates, table, force):
         total += g_ms + sum(ms for _, _, ms, _ in chosen_dense)
         plans.append(tuple(tps))
     if parts > 1:
-        shared.append(Op("merge", parts * tokens * call.batch * call.heads * call.head_dim))
+        # each part that is merged: its views, masks and calls, its share of the merge's
+        # bookkeeping (measured per part, beyond its kernel launch)
+        shared += [Op("launch", parts, kernel="part"),
+                   Op("merge", parts * tokens * call.batch * call.heads * call.head_dim)]
     ms, lines = rates.price(shared, call.backward)
     return tuple(plans), total + ms, None, tuple(lines)

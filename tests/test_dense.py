@@ -61,3 +61,19 @@ def test_the_softcap_and_its_gradient():
     torch.testing.assert_close(inplace, capped.detach())
     torch.testing.assert_close(dense.cap_grad_(torch.ones(4, 5, dtype=torch.float64), tanh),
                                scores.grad)
+
+
+def test_short_and_long_rows_give_the_oracles_out_and_lse():
+    # rows under dense.SHORT_ROWS keys take softmax_attention's own softmax
+    gen = torch.Generator().manual_seed(1)
+    for keys in (1, 5, dense.SHORT_ROWS - 1, dense.SHORT_ROWS, 20):
+        q = torch.randn(2, 3, 7, 4, dtype=torch.float64, generator=gen)
+        k, v = (torch.randn(2, 3, keys, 4, dtype=torch.float64, generator=gen)
+                for _ in range(2))
+        mask = torch.rand(7, keys, generator=gen) < 0.7
+        mask[0] = False  # no key: output 0, lse -inf
+        add = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, -math.inf)
+        out, lse = dense.softmax_attention(q, k, v, add, 0.5, True)
+        scores = (q @ k.transpose(-1, -2) * 0.5 + add)
+        torch.testing.assert_close(lse.squeeze(-1), torch.logsumexp(scores, -1))
+        torch.testing.assert_close(out, pg.dense_attention(q, k, v, mask, scale=0.5))

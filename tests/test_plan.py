@@ -15,7 +15,7 @@ from patterngen import calibrate
 from patterngen.backends import dense
 from patterngen.backends.flex import flex_available
 from patterngen.plan import dense_mask, dense_shape, gather_first
-from oracle import assert_gradients_equal
+from oracle import assert_gradients_equal, reference
 from fakes import register_fake_backend
 from strategies import cases
 
@@ -671,6 +671,7 @@ def _autograd_nodes(t) -> set:
     (pg.criss_cross(), (8, 8), {"terms": "dense"}, False, False),  # two dense terms
     (pg.axis(0), (200, 2), {}, False, False),           # 200 keys: the fused kernel
     (pg.global_tokens(queries=[(0, 0)]), (6, 6), {}, False, False),  # keyless queries
+    (pg.block(4, offset=1), (8, 7), {"terms": "dense"}, False, True),  # rolled and padded
 ])
 def test_a_lone_dense_term_is_priced_on_the_path_it_runs(pattern, grid, options, extra, kept):
     # the plan prices the probabilities-keeping autograd path (attend/kept) exactly where the
@@ -694,3 +695,82 @@ def test_a_lone_dense_term_is_priced_on_the_path_it_runs(pattern, grid, options,
     forward = [line for tps in attn.plan.patterns for tp in tps for line in tp.work]
     assert any("attend/kept" in line for line in forward) == kept
     assert not any("recopy" in line for line in forward)
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.block(4, offset=1), (8, 7)),         # rolled on both axes, padded on the second
+    (pg.block(3, offset=2), (7,)),           # rolled and padded
+    (pg.block((2, 3), offset=(1, 1)), (3, 5)),
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_padded_term_alone_runs_through_autograd_exactly(pattern, grid, bias):
+    # padded queries' rows have a key in torch's softmax (their output is dropped), so the
+    # lone term's autograd path runs instead of falling back to the merge after the work
+    gen = torch.Generator().manual_seed(0)
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
+    q, k, v = (torch.randn(1, 2, *grid, 8, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    more = {}
+    if bias:
+        r = pg.bias.reach(pg.lower(pattern, grid))
+        more["rel_bias"] = torch.randn(2, *(2 * x + 1 for x in r), generator=gen,
+                                       dtype=torch.float64, requires_grad=True)
+    out = attn(q, k, v, **more)
+    assert "SoftmaxBackward0" in _autograd_nodes(out)
+    want = reference(pattern, grid, q, k, v, **more)
+    torch.testing.assert_close(out, want)
+    assert_gradients_equal(out, want, (q, k, v, *more.values()), gen, "q k v table".split())
+    with torch.no_grad():
+        torch.testing.assert_close(attn(q, k, v, **more), want.detach())
+
+
+@pytest.mark.parametrize("pattern, grid, parts", [
+    (pg.criss_cross(), (8, 8), 2),                          # two dense terms, merged
+    (pg.axis(0) | pg.axis(1) | pg.global_tokens([(0, 0)]), (6, 6), 4),
+    (pg.block(4), (8, 8), 0),                               # one part: nothing merged
+])
+def test_each_merged_part_is_charged_its_fixed_cost(pattern, grid, parts):
+    plan = pg.plan(pattern, grid, executors=("terms",), terms="dense")
+    assert sum(map(len, plan.patterns)) == max(parts, 1)
+    shared = "\n".join(plan.work["terms"])
+    assert (f"Op(launch/part x {parts})" in shared) == bool(parts)
+    assert ("Op(merge" in shared) == bool(parts)
+
+
+def test_the_fixed_cost_of_a_part_is_measured(fixed_clock):
+    # the plans of calibrate.PART_CASES run, and launch/part replaces its default
+    runs = fixed_clock
+    rates = calibrate.measure("cpu", "float32", only=("launch/part",))
+    assert len(runs) >= 2 * len(calibrate.PART_CASES)
+    assert rates.executors["launch/part"] != calibrate.Rates.default().executors["launch/part"]
+
+
+@pytest.mark.parametrize("grid, fused", [((200, 2), True), ((12, 6), False)])
+def test_a_dense_term_on_the_fused_kernel_is_charged_its_scan_of_k_and_v(grid, fused):
+    # DenseTerm.forward checks k and v for non-finite values before a fused kernel
+    plan = pg.plan(pg.axis(0), grid, head_dim=16, heads=2, executors=("terms",))
+    [[term]] = plan.patterns
+    scans = [line for line in term.work if line.startswith("Op(scan")]
+    assert len(scans) == fused
+    assert not fused or scans[0].startswith(f"Op(scan x {2 * grid[0] * grid[1] * 2 * 16})")
+
+
+@pytest.mark.parametrize("backward, kernel", [(False, "kept"), (True, "fused")])
+def test_sdpa_mask_free_inference_is_priced_on_the_path_without_lse(backward, kernel):
+    # dense.matmul_attention (baddbmm, softmax, bmm, no log-sum-exp) runs the aligned windows
+    # without autograd: the ops of the kept path's forward
+    plan = pg.plan(pg.block(7), (14, 14), executors=("sdpa",), backward=backward)
+    kernels = {line.split()[0].split("/")[1] for line in plan.work["sdpa"]
+               if line.startswith("Op(attend/")}
+    assert kernels == {kernel}
+
+
+def test_a_term_wise_plan_of_gather_terms_only_leaves_the_kernels_to_numba():
+    # gathering every term runs the numba kernels of the whole pattern through the merge's
+    # operator: where the numba strategy can run the call, it runs them without it
+    plan = pg.plan(pg.window(7), (64, 64), head_dim=64, backward=True)
+    assert plan.strategy == "numba" and isinstance(plan.options["terms"], float)
+    forced = pg.plan(pg.window(7), (64, 64), head_dim=64, backward=True,
+                     executors=("terms", "sdpa"))
+    assert forced.strategy == "terms"
+    assert [tp.executor for tp in forced.patterns[0]] == ["gather"]
