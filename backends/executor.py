@@ -193,7 +193,8 @@ def numba_work(lowered, call: Call, launch: str) -> list:
     """The numba kernels on ``lowered``: the pairs they compute with their lane plan (tiles of
     queries that share keys compute each tile's union), their queries, the key rows they visit
     and the keys their forward buffers one at a time (:mod:`.numba.counts`), and one call of
-    the ``launch`` path."""
+    the ``launch`` path. Tiles that span rows over a key grid run their own loop (a key-major
+    chunk, one finish for all lanes) and are priced as their own lane plan, ``span``."""
     from .numba import executed, plan_lanes
     from .numba.counts import kernel_counts
     from .numba.tiling import plan_groups, runs_first
@@ -203,8 +204,10 @@ def numba_work(lowered, call: Call, launch: str) -> list:
     lanes, shared = plan_lanes(lowered, shape)
     work = _heads_per_pattern(lowered, call)
     pairs = sum(n * w for n, w in zip(executed(lowered, shape, lanes, shared)[0], work))
-    counts = kernel_counts(lowered, shape, lanes, shared, plan_groups(lowered, shape, lanes))
-    kind, d = "tiles" if lanes else "one", (call.head_dim,)
+    # a bias table runs the tiles one row each (NumbaBackend.source_for)
+    groups = () if call.bias else plan_groups(lowered, shape, lanes)
+    counts = kernel_counts(lowered, shape, lanes, shared, groups)
+    kind, d = "span" if groups else "tiles" if lanes else "one", (call.head_dim,)
     return [Op("launch", 1, kernel=launch), Op("numba", pairs, d, kind),
             *(Op(what, sum(getattr(c, what) * w for c, w in zip(counts, work)), d, kind)
               for what in ("queries", "rows", "loose"))]

@@ -37,7 +37,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 5
+VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -68,16 +68,17 @@ class Rate:
 #: head_dim, on each kernel (``matmul``: baddbmm, softmax, bmm, FlashAttention-2's backward as
 #: matmuls; ``fused``: the fused kernel that returns the log-sum-exp; ``kept``: bmm, softmax,
 #: bmm through torch's autograd, which keeps the probabilities for its backward, as a dense
-#: term that runs alone does), and the numba kernels one query at a time (``one``) or in tiles
-#: of queries that share keys (``tiles``), their counts (``NUMBA_COUNTS``,
-#: :mod:`patterngen.backends.numba.counts`) at each head_dim. Beyond the largest rows the rate
+#: term that runs alone does), and the numba kernels one query at a time (``one``), in tiles
+#: of queries that share keys (``tiles``) or in tiles spanning rows over a key grid (``span``:
+#: a key-major chunk and one finish for all lanes, ``tiling.plan_groups``), their counts
+#: (``NUMBA_COUNTS``, :mod:`patterngen.backends.numba.counts`) at each head_dim. Beyond the largest rows the rate
 #: per pair is flat (the edge's is used). One key per row on the matmul path (global key
 #: tokens) and one row per problem on the fused kernel (global query tokens) cost several
 #: times a pair of 16 (the rows' softmax and log-sum-exp, the problem's launch and scan)
 ATTEND_ROWS = {"matmul": (16, 64, 256), "fused": (1, 16, 64, 256), "kept": (16, 64, 256)}
 ATTEND_KEYS = {"matmul": (1, 16, 64, 128), "fused": (16, 64, 256, 1024), "kept": (16, 64, 128)}
 ATTEND_DIMS = (16, 64)
-NUMBA_LANES = ("one", "tiles")
+NUMBA_LANES = ("one", "tiles", "span")
 NUMBA_DIMS = (16, 32, 64)
 #: what the numba kernels are priced on: pairs (times head_dim), queries, key rows visited and
 #: keys their forward buffers one at a time
@@ -225,7 +226,8 @@ def _default_cuda(name: str) -> Rate:
 
 #: the CPU default (the project's 2-core machine, float32, one thread, the least disturbed of
 #: two calibrations, rounded; the numba kernels' rates and their call from the middle one of
-#: three quiet calibrations at one thread; ``copy`` scaled by rows of head_dim against a
+#: three quiet calibrations at one thread, those of tiles spanning rows (``span``) from one
+#: calibration at one thread under load (loose keys: the one-query kernels'); ``copy`` scaled by rows of head_dim against a
 #: transpose of single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept``
 #: measured beside ``matmul`` in one calibration and scaled by the two ``matmul`` figures,
 #: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
@@ -272,7 +274,13 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
               ("rows", "tiles", 32): (0.0, 1.0), ("rows", "tiles", 64): (0.0, 1.0),
               ("loose", "one", 16): (1.57, 1.0), ("loose", "one", 32): (0.431, 1.0),
               ("loose", "one", 64): (1.42, 1.0), ("loose", "tiles", 16): (1.57, 1.0),
-              ("loose", "tiles", 32): (0.431, 1.0), ("loose", "tiles", 64): (1.42, 1.0)}
+              ("loose", "tiles", 32): (0.431, 1.0), ("loose", "tiles", 64): (1.42, 1.0),
+              ("numba", "span", 16): (0.214, 3.22), ("numba", "span", 32): (0.119, 3.56),
+              ("numba", "span", 64): (0.0777, 3.72), ("queries", "span", 16): (27.5, 7.03),
+              ("queries", "span", 32): (47.7, 4.8), ("queries", "span", 64): (60.9, 5.42),
+              ("rows", "span", 16): (32.0, 2.48), ("rows", "span", 32): (28.4, 2.85),
+              ("rows", "span", 64): (28.4, 2.85), ("loose", "span", 16): (1.57, 1.0),
+              ("loose", "span", 32): (0.431, 1.0), ("loose", "span", 64): (1.42, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "launch/part": (0.1, 0.0, 2.4),
@@ -511,12 +519,14 @@ def _kept_bench(q, k, v, dout):
     return fwd, both
 
 
-def _pattern_bench(name, attn, grid, d, device, dt, units=None, heads=2) -> _Bench:
-    """A compiled attention on ``(1, heads, *grid, d)`` inputs, inference and training."""
+def _pattern_bench(name, attn, grid, d, device, dt, units=None, heads=2,
+                   key_grid=None) -> _Bench:
+    """A compiled attention on ``(1, heads, *grid, d)`` queries (keys on ``key_grid``, default
+    ``grid``), inference and training."""
     import torch
 
-    q, k, v = (torch.randn(1, heads, *grid, d, device=device, dtype=dt).requires_grad_()
-               for _ in range(3))
+    q, k, v = (torch.randn(1, heads, *shape, d, device=device, dtype=dt).requires_grad_()
+               for shape in (grid, key_grid or grid, key_grid or grid))
 
     def fwd():
         with torch.no_grad():
@@ -529,20 +539,30 @@ def _pattern_bench(name, attn, grid, d, device, dt, units=None, heads=2) -> _Ben
     return _Bench(name, fwd, both, units or 1)
 
 
-#: the numba calibration's patterns: ``(lanes, pattern, grid, head_dims)``, each a few
-#: milliseconds. One query at a time, 1-D windows of 9 to 200 keys separate the cost per pair,
-#: per query and per loose key (a row longer than the key buffer goes key by key), 2-D
-#: neighbourhoods (five and nine rows per query) the cost per row; tiles take 1-D windows of 32
-#: to 128 keys, one row per tile (a tile's rows, measured on 8x8 blocks, cost nothing beside
-#: its pairs and queries). Patterns of one shape share a compiled module (the grid and the
-#: extents are the kernels' arguments), and the specialised kernel (head_dim 64) takes the 1-D
-#: windows only, so a calibration compiles five modules.
+#: the numba calibration's patterns: ``(lanes, pattern, grid, key grid, head_dims)``, each a
+#: millisecond or a few. One query at a time, 1-D windows of 9 to 200 keys separate the cost
+#: per pair, per query and per loose key (a row longer than the key buffer goes key by key),
+#: 2-D neighbourhoods (five and nine rows per query) the cost per row; tiles take 1-D windows
+#: of 32 to 128 keys, one row per tile (a tile's rows, measured on 8x8 blocks, cost nothing
+#: beside their pairs and queries); tiles spanning rows take 2-D windows of 3 and 7 keys over
+#: a key grid at upsampling ratio 4 (16 queries over one key, 3 or 7 rows per tile) and of 5
+#: at ratio 2 (8-wide tiles over 4 keys, 2 rows), which separate their pairs, queries and
+#: rows. Patterns of one shape share a compiled module (the grid and the extents are the
+#: kernels' arguments), and the specialised kernel (head_dim 64) takes the 1-D windows and
+#: ratio 4 only, so a calibration compiles eight modules.
 NUMBA_CASES = (
-    (0, ("window", 9), (8192,), NUMBA_DIMS), (0, ("window", 33), (4096,), NUMBA_DIMS),
-    (0, ("window", 64), (2048,), NUMBA_DIMS), (0, ("window", 200), (1024,), NUMBA_DIMS),
-    (0, ("window", 5), (64, 64), NUMBA_DIMS[:2]), (0, ("window", 9), (48, 48), NUMBA_DIMS[:2]),
-    (8, ("window", 32), (4096,), NUMBA_DIMS), (8, ("window", 64), (2048,), NUMBA_DIMS),
-    (8, ("window", 128), (2048,), NUMBA_DIMS),
+    (0, ("window", 9), (8192,), None, NUMBA_DIMS),
+    (0, ("window", 33), (4096,), None, NUMBA_DIMS),
+    (0, ("window", 64), (2048,), None, NUMBA_DIMS),
+    (0, ("window", 200), (1024,), None, NUMBA_DIMS),
+    (0, ("window", 5), (64, 64), None, NUMBA_DIMS[:2]),
+    (0, ("window", 9), (48, 48), None, NUMBA_DIMS[:2]),
+    (8, ("window", 32), (4096,), None, NUMBA_DIMS),
+    (8, ("window", 64), (2048,), None, NUMBA_DIMS),
+    (8, ("window", 128), (2048,), None, NUMBA_DIMS),
+    (4, ("window", 3), (32, 32), (8, 8), NUMBA_DIMS),
+    (4, ("window", 7), (32, 32), (8, 8), NUMBA_DIMS),
+    (8, ("window", 5), (32, 32), (16, 16), NUMBA_DIMS[:2]),
 )
 #: heads of the numba calibration's inputs: the backward's dk and dv need no copy per split
 #: at two threads (``NumbaBackend.backward_numpy``), as in most calls
@@ -557,14 +577,15 @@ def _numba_benches(device, dtype, dt) -> list:
     from .compile import compile as compile_pattern
 
     out = []
-    for i, (lanes, (kind, *args), grid, dims) in enumerate(NUMBA_CASES):
-        attn = compile_pattern(getattr(spec, kind)(*args), grid, backend="numba",
-                               device=device, dtype=dtype, lanes=lanes)
-        (counts,) = kernel_counts(attn.ir, attn.shape, attn.lanes, attn.shared)
+    for i, (lanes, (kind, *args), grid, key_grid, dims) in enumerate(NUMBA_CASES):
+        attn = compile_pattern(getattr(spec, kind)(*args), grid, key_grid=key_grid,
+                               backend="numba", device=device, dtype=dtype, lanes=lanes)
+        (counts,) = kernel_counts(attn.ir, attn.shape, attn.lanes, attn.shared, attn.groups)
+        plan = "span" if attn.groups else NUMBA_LANES[bool(lanes)]
         for d in dims:
-            bench = _pattern_bench(f"{numba_name(_lane_plan(lanes), d)}#{i}", attn, grid, d,
-                                   device, dt, NUMBA_HEADS * sum(attn.executed_pairs) * d,
-                                   NUMBA_HEADS)
+            bench = _pattern_bench(f"{numba_name(plan, d)}#{i}", attn, grid, d, device, dt,
+                                   NUMBA_HEADS * sum(attn.executed_pairs) * d, NUMBA_HEADS,
+                                   key_grid)
             bench.counts = (bench.units, *(NUMBA_HEADS * n for n in (
                 counts.queries, counts.rows, counts.loose)))
             out.append(bench)
@@ -572,10 +593,6 @@ def _numba_benches(device, dtype, dt) -> list:
                            lanes=0)  # the 2-D neighbourhood's module: no compile of its own
     out.append(_pattern_bench("launch/numba", tiny, (5, 5), 16, device, dt, heads=NUMBA_HEADS))
     return out
-
-
-def _lane_plan(lanes: int) -> str:
-    return NUMBA_LANES[bool(lanes)]
 
 
 def nonnegative_fit(rows: list, times: list, fixed: dict) -> list:
@@ -614,9 +631,9 @@ def _solve_numba(table, benches, best) -> None:
     loose key, fitted to the points less the call (forward, then forward + backward, where the
     loose keys keep their forward cost: the backward buffers every key alone, a cost its pairs
     carry). Where a head_dim's points cannot separate the rows (the specialised kernel's, on
-    1-D windows only; the tiles'), head_dim 32's rate of them is kept, else none; tiles take
-    the loose keys' rate of the one-query kernels (their lane-by-lane terms run the same
-    loops)."""
+    1-D windows and ratio 4 only; the tiles'), head_dim 32's rate of them is kept, else none;
+    tiles, spanning rows or not, take the loose keys' rate of the one-query kernels (their
+    lane-by-lane terms run the same loops)."""
     calls = best["launch/numba"]
     solved = {}
     for lanes in NUMBA_LANES:
@@ -628,7 +645,7 @@ def _solve_numba(table, benches, best) -> None:
             fixed = {}
             if not _separable(rows):  # the rows' loop, the same at every head_dim, or none
                 fixed = {2: solved.get((lanes, NUMBA_DIMS[1]), ([0.0] * 4, [0.0] * 4))}
-            if lanes == "tiles":
+            if lanes != "one":
                 fixed[3] = solved["one", d]
             fwd = nonnegative_fit(rows, times[0], {c: s[0][c] for c, s in fixed.items()})
             # the backward buffers every key alone: the loose keys cost their forward only

@@ -433,6 +433,55 @@ def test_numba_tiles_spanning_rows_over_one_key_row(pattern, q_shape, k_shape, l
     check_backend(attn, pattern, q_shape, k_shape, random_qkv(q_shape, k_shape, 2, 1, seed=3))
 
 
+def test_numba_tiles_spanning_rows_are_priced_as_their_own_lane_plan():
+    """4x upsampling: tiles of 4 lanes span 4 rows over one key row. The planner prices them
+    as ``span`` on the pairs each tile computes (every lane over the tile's union of keys),
+    its queries and its key rows, walked off the mask tile by tile; with a bias table the
+    kernels run tiles of one row, priced as ``tiles``."""
+    from patterngen.backends import executors
+    from patterngen.call import Call
+
+    pattern, q_shape, k_shape = pg.window(5), (32, 24), (8, 6)
+    attn = pg.compile(pattern, q_shape, key_grid=k_shape, backend="numba")
+    assert (attn.lanes, attn.groups) == (4, (4,))
+    mask = oracle(pattern, q_shape, k_shape).reshape(*q_shape, *k_shape)
+    pairs = rows = 0
+    for i, j in itertools.product(range(0, 32, 4), range(0, 24, 4)):
+        union = mask[i:i + 4, j:j + 4].any(axis=(0, 1))
+        pairs, rows = pairs + 16 * int(union.sum()), rows + int(union.any(axis=1).sum())
+    lowered = pg.lower(pattern, q_shape, key_grid=k_shape)
+    numba = executors()["numba"]
+    ops = {op.kind: op for op in numba.work(lowered, Call(batch=2, heads=3, head_dim=64))}
+    assert {op.kernel for kind, op in ops.items() if kind != "launch"} == {"span"}
+    assert [ops[k].count for k in ("numba", "queries", "rows", "loose")] == [
+        6 * pairs, 6 * 32 * 24, 6 * rows, 0]
+    biased = numba.work(lowered, Call(batch=2, heads=3, head_dim=64, bias=True))
+    assert {op.kernel for op in biased if op.kind != "launch"} == {"tiles"}
+
+
+def test_auto_runs_4x_upsampling_on_numba_at_the_span_rates():
+    """The numba prediction for 4x upsampling (window(5), 64x64 over 16x16, head_dim 64) is
+    its span counts at the span rates, whatever the other tiles cost; at rates like this
+    machine's the planner runs it on numba."""
+    from patterngen.calibrate import Rate
+
+    table = dict(Rates.default().executors)
+    span = {"numba": 0.05, "queries": 40.0, "rows": 20.0, "loose": 1.0}
+    table.update({f"{what}/span/d64": Rate(0.0, ns, 3.0) for what, ns in span.items()})
+    table["launch/numba"] = Rate(0.1, 0.0, 3.0)
+    heads, tiles = 4, 64 // 4 * 64 // 4
+    want = (0.1 + heads * 1e-6 * (102400 * 64 * span["numba"] + 4096 * span["queries"]
+                                  + 5 * tiles * span["rows"]))
+    plan = pg.plan(pg.window(5), (64, 64), key_grid=(16, 16), head_dim=64, heads=heads,
+                   rates=Rates(table))
+    assert plan.options["numba"] == pytest.approx(want)
+    assert plan.strategy == "numba"
+    dear = {n: Rate(0.0, 1e3, 3.0) for n in table if "/tiles/" in n or "/one/" in n}
+    again = pg.plan(pg.window(5), (64, 64), key_grid=(16, 16), head_dim=64, heads=heads,
+                    rates=Rates(table | dear), executors=("numba",))
+    assert again.options["numba"] == pytest.approx(want)
+
+
 @pytest.mark.parametrize("pattern, q_shape, k_shape, lanes, softcap", [
     (pg.window(5), (32, 24), (8, 6), 4, None),  # 4x upsampling: each tile's lanes, one key set
     (pg.window(5), (32, 32), (8, 8), 8, 2.5),  # lanes over two key columns: masked, capped
