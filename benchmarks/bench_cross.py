@@ -9,14 +9,18 @@ Two workloads, float32, batch 1, 4 heads, head_dim 64:
 Methods, each checked once against the dense float64 oracle:
 
 - ``pg <backend>``: ``pg.compile(pattern, grid, key_grid=..., backend=...)`` for each of
-  ``--backends`` (default ``auto,numba,sdpa``; ``auto`` prints the strategy it chose);
+  ``--backends`` (default ``auto,numba,sdpa``; ``auto`` prints the strategy it chose, its
+  predicted time and the measured median over the predicted);
 - ``gather``: each query's key neighbourhood gathered by an index table (``k[:, :, idx]``, the
   ``F.unfold`` of the key map read at ``c(x)``) and a batched matmul softmax: memory
   ``queries x window x head_dim`` per head;
 - ``dense``: ``F.scaled_dot_product_attention`` with the materialised ``queries x keys`` mask.
 
 Forward (under ``no_grad``) and forward+backward (``out.sum().backward()``) run interleaved, one
-call of each method per round, so a busy machine slows them alike; the table gives medians
+call of each method per round, so a busy machine slows them alike, each round starting one
+method further on: the method that follows dense SDPA's large scores finds q, k and v out of
+cache (FPN, one thread: whichever of ``pg auto`` and ``pg numba`` ran first took 1.07-1.10x
+the other's time, the same kernels); the table gives medians
 (ms), each method's ratio to the first backend's (above 1: that backend faster) and the
 largest intermediate each method holds (MiB): numba's ``out`` and log-sum-exp, sdpa's scores
 of its executed pairs (an upper bound: the fused kernel works in chunks).
@@ -127,8 +131,8 @@ def main(rounds: int = 15, threads: int = 2, backends: str = "auto,numba,sdpa",
         times = {(m, kind): [] for m, *_ in runs for kind in ("fwd", "train")}
         for _, fwd, train, _ in runs:  # warm-up: kernels, plans, first allocations
             fwd(), train()
-        for _ in range(rounds):
-            for method, fwd, train, _ in runs:
+        for r in range(rounds):
+            for method, fwd, train, _ in runs[r % len(runs):] + runs[:r % len(runs)]:
                 for kind, fn in (("fwd", fwd), ("train", train)):
                     start = time.perf_counter()
                     fn()
@@ -137,7 +141,9 @@ def main(rounds: int = 15, threads: int = 2, backends: str = "auto,numba,sdpa",
         for method, attn in compiled.items():
             if hasattr(attn, "plans"):  # auto: the strategy it planned for each call it saw
                 print(f"{name} {method}: " + ", ".join(
-                    f"{'fwd+bwd' if p.backward else 'fwd'} -> {p.strategy}"
+                    f"{'fwd+bwd' if p.backward else 'fwd'} -> {p.strategy} (predicted "
+                    f"{p.predicted_ms:.2f} ms, measured / predicted "
+                    f"{med[method, 'train' if p.backward else 'fwd'] / p.predicted_ms:.2f})"
                     for p in attn.plans))
         for method, _, _, held in runs:
             f, t = med[method, "fwd"], med[method, "train"]
