@@ -226,8 +226,9 @@ def _default_cuda(name: str) -> Rate:
 
 #: the CPU default (the project's 2-core machine, float32, one thread, the least disturbed of
 #: two calibrations, rounded; the numba kernels' rates and their call from the middle one of
-#: three quiet calibrations at one thread, those of tiles spanning rows (``span``) from one
-#: calibration at one thread under load (loose keys: the one-query kernels'); ``copy`` scaled by rows of head_dim against a
+#: three quiet calibrations at one thread, those of tiles spanning rows (``span``) each the
+#: median of three at one thread with another job on the other core (loose keys: the
+#: one-query kernels'); ``copy`` scaled by rows of head_dim against a
 #: transpose of single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept``
 #: measured beside ``matmul`` in one calibration and scaled by the two ``matmul`` figures,
 #: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
@@ -275,11 +276,11 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
               ("loose", "one", 16): (1.57, 1.0), ("loose", "one", 32): (0.431, 1.0),
               ("loose", "one", 64): (1.42, 1.0), ("loose", "tiles", 16): (1.57, 1.0),
               ("loose", "tiles", 32): (0.431, 1.0), ("loose", "tiles", 64): (1.42, 1.0),
-              ("numba", "span", 16): (0.214, 3.22), ("numba", "span", 32): (0.119, 3.56),
-              ("numba", "span", 64): (0.0777, 3.72), ("queries", "span", 16): (27.5, 7.03),
-              ("queries", "span", 32): (47.7, 4.8), ("queries", "span", 64): (60.9, 5.42),
-              ("rows", "span", 16): (32.0, 2.48), ("rows", "span", 32): (28.4, 2.85),
-              ("rows", "span", 64): (28.4, 2.85), ("loose", "span", 16): (1.57, 1.0),
+              ("numba", "span", 16): (0.175, 4.34), ("numba", "span", 32): (0.118, 3.52),
+              ("numba", "span", 64): (0.0717, 3.69), ("queries", "span", 16): (34.9, 3.36),
+              ("queries", "span", 32): (28.3, 7.47), ("queries", "span", 64): (61.0, 4.35),
+              ("rows", "span", 16): (28.6, 2.59), ("rows", "span", 32): (29.0, 2.26),
+              ("rows", "span", 64): (29.0, 2.26), ("loose", "span", 16): (1.57, 1.0),
               ("loose", "span", 32): (0.431, 1.0), ("loose", "span", 64): (1.42, 1.0)}
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
