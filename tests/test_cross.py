@@ -459,6 +459,29 @@ def test_numba_tiles_spanning_rows_are_priced_as_their_own_lane_plan():
     assert {op.kernel for op in biased if op.kind != "launch"} == {"tiles"}
 
 
+def test_the_calibration_measures_tiles_spanning_rows_where_it_says():
+    """The calibration's key-grid patterns run tiles spanning rows (else their times would be
+    fitted as ``span`` rates for another loop), at ratios 4 and 2, and at each head_dim with
+    more than two of them their points tell pairs, queries and key rows apart."""
+    from patterngen import calibrate
+    from patterngen.backends.numba.counts import kernel_counts
+
+    points, ratios = {}, set()
+    for lanes, (kind, *args), grid, key_grid, dims in calibrate.NUMBA_CASES:
+        if key_grid is None:
+            continue
+        attn = pg.compile(getattr(pg, kind)(*args), grid, key_grid=key_grid, backend="numba",
+                          lanes=lanes)
+        assert attn.groups, (kind, args, grid, key_grid)
+        ratios.add(grid[0] // key_grid[0])
+        [c] = kernel_counts(attn.ir, attn.shape, attn.lanes, attn.shared, attn.groups)
+        for d in dims:
+            points.setdefault(d, []).append((sum(attn.executed_pairs) * d, c.queries, c.rows))
+    assert ratios == {2, 4}
+    assert all(np.linalg.matrix_rank(np.array(p) / np.max(p, axis=0)) == 3
+               for p in points.values() if len(p) > 2)
+
+
 def test_auto_runs_4x_upsampling_on_numba_at_the_span_rates():
     """The numba prediction for 4x upsampling (window(5), 64x64 over 16x16, head_dim 64) is
     its span counts at the span rates, whatever the other tiles cost; at rates like this
