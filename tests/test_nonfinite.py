@@ -8,7 +8,8 @@ keys). Keys the query does not attend do not matter. (torch's own masked SDPA ad
 the scores, so there a NaN key poisons every query, and ``0 * inf`` in ``P V`` does too: the
 sdpa and flex backends take an exact path for partial blocks when k or v is not finite, which
 the compiled flex case reaches too; the dense terms of the term-wise plan take the exact
-matmul path then.)
+matmul path then, and a dense term with a mask (a shifted window's region mask)
+``dense.masked_attention``, the sdpa backend's exact path.)
 """
 
 import pytest
