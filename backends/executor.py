@@ -35,8 +35,8 @@ from patterngen.call import Call, Op
 from patterngen.errors import PatternError
 from patterngen.plan import COPYING, DenseShape, gather_first
 
-__all__ = ["Executor", "Part", "AutogradPart", "TOLERANCES", "WHOLE", "PARTS", "numba_work",
-           "dense_work"]
+__all__ = ["Executor", "Part", "AutogradPart", "TOLERANCES", "WHOLE", "PARTS", "RESIDENT",
+           "numba_work", "dense_work"]
 
 #: ``{dtype: (atol, rtol)}`` against the float64 oracle, outputs and gradients
 TOLERANCES = {"float64": (1e-9, 1e-7), "float32": (1e-4, 1e-4), "bfloat16": (4e-2, 4e-2),
