@@ -843,6 +843,9 @@ def test_sdpa_backward_buffers_beyond_the_resident_bytes_are_priced_as_new_pages
     assert fault.count == allocated - RESIDENT > 0
     small = _sdpa_ops(pg.window(16, causal=True), (600,), call)
     assert not any(op.kind == "fault" for op in small)
+    # CUDA's caching allocator keeps its blocks
+    on_cuda = _sdpa_ops(pattern, grid, Call(device="cuda", heads=8, head_dim=64, backward=True))
+    assert not any(op.kind == "fault" for op in on_cuda)
 
 
 def test_the_fault_rate_is_measured(fixed_clock):
