@@ -278,9 +278,10 @@ def _autograd_scores(q, k, scale, softcap):
     return scores if softcap is None else cap(scores, softcap)
 
 
-def masked_attention(q, k, v, scale, softcap, add):
+def masked_attention(q, k, v, scale, softcap, add, need_lse: bool = False):
     """Attention of a partial block where keys or values are not all finite, by the rule of
-    SDPA run on each query's attended keys alone.
+    SDPA run on each query's attended keys alone; ``(out, lse (..., rows, 1))`` with
+    ``need_lse`` (``-inf`` for a query that attends nothing).
 
     The fused kernels add ``-inf`` to a masked key's score and multiply its value by a zero
     probability, so a NaN there poisons every query of the block. Here masked scores are
@@ -303,6 +304,8 @@ def masked_attention(q, k, v, scale, softcap, add):
         queries = torch.arange(q.shape[-2], device=q.device)
         out = out.index_put((rows[:, None], blocks[:, None], queries, dims[:, None]), term,
                             accumulate=True)
+    if need_lse:
+        return out.to(q.dtype), torch.logsumexp(scores, dim=-1, keepdim=True)
     return out.to(q.dtype)
 
 

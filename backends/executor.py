@@ -35,8 +35,8 @@ from patterngen.call import Call, Op
 from patterngen.errors import PatternError
 from patterngen.plan import COPYING, DenseShape, gather_first
 
-__all__ = ["Executor", "Part", "AutogradPart", "TOLERANCES", "WHOLE", "PARTS", "numba_work",
-           "dense_work"]
+__all__ = ["Executor", "Part", "AutogradPart", "TOLERANCES", "WHOLE", "PARTS", "RESIDENT",
+           "numba_work", "dense_work"]
 
 #: ``{dtype: (atol, rtol)}`` against the float64 oracle, outputs and gradients
 TOLERANCES = {"float64": (1e-9, 1e-7), "float32": (1e-4, 1e-4), "bfloat16": (4e-2, 4e-2),
@@ -278,6 +278,14 @@ class NumbaExecutor(Executor):
             self.name, math.prod(lowered.grid.shape), call)
 
 
+#: bytes of freed memory the C allocator keeps for reuse: glibc returns the top of its heap
+#: to the system beyond twice its largest mmap threshold (32 MiB on 64-bit), and maps larger
+#: blocks afresh each time, so a backward's buffers beyond this are on new pages, each
+#: zeroed by the system on first touch (``fault``: W1's whole-input gradients of 16 MiB
+#: zero-filled at 0.31 ns per byte, those of R12, 0.75 MiB, at 0.07)
+RESIDENT = 64 << 20
+
+
 class SdpaExecutor(Executor):
     """Block-sparse: each group of query blocks with the same number of key blocks is one
     batch of dense problems (``Bq`` rows against ``nk * Bk`` keys) on its kernel; its queries
@@ -286,7 +294,11 @@ class SdpaExecutor(Executor):
     copied into place, and in the backward every view's gradient is a zero-filled whole
     tensor, added up over the groups; a layout with partial
     blocks scans k and v for non-finite values once, and a token order other than row-major
-    copies q, k, v into it and the output back."""
+    copies q, k, v into it and the output back. The fused kernel's backward writes the key
+    and value gradients into new buffers whose layout a gathered group's ``index_add``
+    copies first, and rebuilds a bias table's gradient from the saved log-sum-exp
+    (``dense.FlashBias``); what a backward allocates beyond :data:`RESIDENT` is on pages new
+    to the process (``fault``)."""
 
     name = backend = "sdpa"
 
@@ -305,6 +317,7 @@ class SdpaExecutor(Executor):
 
         backend = self._backend()(lowered)
         ops = [Op("launch", 1, kernel="sdpa")]
+        allocated = 0  # bytes of the backward's new gradient buffers
         d, per = call.head_dim, call.head_dim * call.itemsize
         tokens = math.prod(lowered.grid.shape)
         for blocks, work in zip(backend.block_sparse(), _heads_per_pattern(lowered, call)):
@@ -322,12 +335,22 @@ class SdpaExecutor(Executor):
                 kernel = "matmul" if call.softcap else "kept" if plain else "fused"
                 ops += [Op("launch", 1, kernel="kernel"),
                         Op("attend", c.count * work, (calls.bq, keys, d), kernel)]
+                # the fused backward's key and value gradients, per query head
+                kv_grads = 2 * c.count * work * keys * per
+                fused_backward = call.backward and kernel == "fused"
                 if call.bias:  # the table gathered into the group's tiles
                     ops.append(Op("gather", c.count * work * calls.bq * keys * call.itemsize))
+                    if fused_backward:
+                        # the table's gradient: the scores and their gradient rebuilt from
+                        # the log-sum-exp, two batched matmuls and a softmax's elementwise
+                        # work, the matmul path's forward (dense.FlashBias)
+                        ops.append(Op("rebuild", c.count * work, (calls.bq, keys, d), "matmul"))
                 if c.q_slice is None:
                     ops.append(Op("gather", rows * work * per))
                 if c.k_band is None:
                     ops.append(Op("gather", 2 * c.count * keys * kv * per))
+                    if fused_backward:  # made contiguous for index_add
+                        ops.append(Op("recopy", kv_grads))
                 elif c.nk > 1 and call.backward:  # a view; its backward is unfold_backward
                     ops.append(Op("band", 2 * c.count * keys * kv * per))
                 if len(calls.calls) > 1 or calls.zero_row is not None:
@@ -336,12 +359,16 @@ class SdpaExecutor(Executor):
                     # each view's backward fills a gradient of the whole q, k or v with zeros,
                     # and the groups' gradients are added up
                     ops.append(Op("fill", 2 * (tokens * work + 2 * key_tokens * kv) * per))
+                    allocated += (tokens * work + 2 * key_tokens * kv) * per
+                    allocated += kv_grads if fused_backward else 0
             if any(c.mask is not None for c in calls.calls):
                 ops.append(Op("scan", 2 * key_tokens * kv * d))
             if not all((order == np.arange(len(order))).all()
                        for order in (blocks["permutation"], layout.key_permutation)):
                 # q, k, v into the layout's token order, the output back
                 ops.append(Op("copy", 2 * (tokens * work + key_tokens * kv) * per))
+        if call.device == "cpu" and allocated > RESIDENT:  # CUDA's allocator keeps its blocks
+            ops.append(Op("fault", allocated - RESIDENT))
         return ops
 
 

@@ -37,7 +37,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 6
+VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _names() -> list[str]:
     names += [numba_name(lanes, d, what) for what in NUMBA_COUNTS for lanes in NUMBA_LANES
               for d in NUMBA_DIMS]
     return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "band", "fill", "scan",
-                                                        "merge"]
+                                                        "merge", "fault"]
 
 
 def _bracket(axis: tuple, x: float, log: bool = True):
@@ -131,7 +131,9 @@ class Rates:
             ``copy`` (``pair_ns`` per byte copied), ``gather`` (per byte gathered by an
             index), ``band`` (per byte of overlapping windows of key blocks, the
             ``unfold_backward`` of their view, in a backward only), ``fill`` (per byte of
-            gradient zero-filled and added, in a backward only), ``scan`` (per element
+            gradient zero-filled and added, in a backward only), ``fault`` (per byte of
+            memory new to the process, zeroed by the system on first touch), ``scan`` (per
+            element
             checked for non-finite values) and ``merge`` (per token and head_dim element of
             each part merged).
         source: ``"measured"`` or ``"default"``.
@@ -164,7 +166,8 @@ class Rates:
 
     def unit_rate(self, op) -> tuple[float, float, float]:
         """``(units, ns per unit, backward factor)`` of one :class:`~patterngen.call.Op`."""
-        if op.kind == "attend":
+        if op.kind in ("attend", "rebuild"):  # rebuild: a kernel's forward work redone in
+            # a backward (its ops list it then)
             m, n, d = op.shape
             axes = (ATTEND_ROWS[op.kernel], ATTEND_KEYS[op.kernel], ATTEND_DIMS)
             br = [_bracket(a, x) for a, x in zip(axes, (m, n, d))]
@@ -175,7 +178,7 @@ class Rates:
                 names.append(attend_name(op.kernel, *(a[i] for a, (i, _) in zip(axes, pick))))
                 weights.append(math.prod(w for _, w in pick))
             ns, factor = self._interp(names, weights, geometric=True)
-            return op.count * m * n * d, ns, factor
+            return op.count * m * n * d, ns, factor if op.kind == "attend" else 1.0
         if op.kind in NUMBA_COUNTS:
             (d,) = op.shape
             i, j, w = _bracket(NUMBA_DIMS, d)
@@ -228,7 +231,8 @@ def _default_cuda(name: str) -> Rate:
 #: two calibrations, rounded; the numba kernels' rates and their call from the middle one of
 #: three quiet calibrations at one thread, those of tiles spanning rows (``span``) each the
 #: median of three at one thread with another job on the other core (loose keys: the
-#: one-query kernels'); ``copy`` scaled by rows of head_dim against a
+#: one-query kernels'); ``fault`` the least disturbed of 24 runs of its benchmark at one
+#: thread under a load of 3.6; ``copy`` scaled by rows of head_dim against a
 #: transpose of single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept``
 #: measured beside ``matmul`` in one calibration and scaled by the two ``matmul`` figures,
 #: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
@@ -286,7 +290,8 @@ _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6)
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "launch/part": (0.1, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
-              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4)}
+              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4),
+              "fault": (0.0, 0.42, 1.0)}
 
 
 def _default_cpu(name: str) -> Rate:
@@ -742,6 +747,11 @@ def _overhead_benches(device, dtype, dt) -> list:
                 4, 60, 256, 32).sum().backward()
 
     band = _Bench("band", banded, lambda: None, 4 * 60 * 256 * 32 * keys.element_size())
+    # a buffer larger than the C allocator keeps (executor.RESIDENT's reasons), so mapped
+    # afresh on each call: what a large backward's gradients cost beyond a warm fill
+    fresh = 1 << 24
+    fault = _Bench("fault", lambda: torch.zeros(fresh, device=device, dtype=torch.float32),
+                   lambda: None, 4 * fresh)
     parts = [(torch.randn(1, 4, 1024, 32, device=device, dtype=dt).requires_grad_(),
               torch.randn(1, 4, 1024, device=device)) for _ in range(2)]
 
@@ -753,7 +763,7 @@ def _overhead_benches(device, dtype, dt) -> list:
         with torch.enable_grad():
             merge(parts)[0].sum().backward()
 
-    return out + [copy, gather, band, fill, scan,
+    return out + [copy, gather, band, fill, scan, fault,
                   _Bench("merge", merged, merged_both, 2 * 4 * 1024 * 32)]
 
 
@@ -778,7 +788,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
                lambda: _numba_benches(device, dtype, dt)),
               (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "gather",
-                "band", "fill", "scan", "merge"),
+                "band", "fill", "scan", "merge", "fault"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -797,7 +807,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     units = {b.name: b.units for b in benches}
     # a copy's backward copies the gradient back; a scan has none; a fill and a band are
     # backward work already
-    fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0}
+    fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0}
     for name, (fwd, both) in best.items():
         factor = max(both / fwd, 1.0)
         if name.startswith("launch/"):

@@ -81,7 +81,10 @@ class Op:
             (``count`` bytes), ``launch`` (``count``
             calls of the path ``kernel``), ``merge`` (``count`` elements merged), ``restride``
             (``count`` elements of inputs that are not contiguous, copied), ``recopy``
-            (``count`` bytes copied again in a backward: the merge's views of q, k, v).
+            (``count`` bytes copied again in a backward: the merge's views of q, k, v; the
+            fused backward's key gradients before a gather's ``index_add``), ``rebuild``
+            (``count`` problems of ``shape`` whose ``kernel`` forward work a backward redoes),
+            ``fault`` (``count`` bytes of memory new to the process).
         count: how many.
         shape: the shape class: ``(rows, keys, head_dim)`` (``attend``), ``(head_dim,)``
             (``numba``).

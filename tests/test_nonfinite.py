@@ -8,7 +8,8 @@ keys). Keys the query does not attend do not matter. (torch's own masked SDPA ad
 the scores, so there a NaN key poisons every query, and ``0 * inf`` in ``P V`` does too: the
 sdpa and flex backends take an exact path for partial blocks when k or v is not finite, which
 the compiled flex case reaches too; the dense terms of the term-wise plan take the exact
-matmul path then.)
+matmul path then, and a dense term with a mask (a shifted window's region mask)
+``dense.masked_attention``, the sdpa backend's exact path.)
 """
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import patterngen as pg
+from oracle import reference
 
 GRID = (5, 6)
 SPEC = pg.window(3) | pg.global_tokens([(0, 0)])  # a union, some keys shared by all queries
@@ -114,3 +116,40 @@ def test_non_finite_values_in_tiles_that_share_keys(kind):
         attn(q, k, v).sum().backward()
         clean = ~want.isnan().any(-1)
         assert q.grad[clean].isfinite().all() and q.grad[~clean].isnan().any()
+
+
+# inference in the token order runs the fused kernel on the windows as they are: without a
+# mask it checks only the log-sum-exp, so a non-finite value must still reach exactly the
+# queries that attend it
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_finite_values_in_ordered_inference(kind, shift):
+    grid, spec = (8, 8), pg.block(4, offset=shift)
+    # the poisoned key moved to (0, 1): shifted, it lands in a window the region mask cuts,
+    # whose other queries do not attend it
+    q, k, v = (t.roll((-2, -2), (2, 3)) for t in _case(kind, grid))
+    want = _rule(*(_flat(t) for t in (q, k, v)), torch.as_tensor(pg.materialize(spec, grid)))
+    attn = pg.compile(spec, grid, backend="auto", dtype="float64")
+    order = attn.token_order
+    with torch.no_grad():
+        got = order.on_grid(attn(*(order.in_order(_flat(t)) for t in (q, k, v)), ordered=True))
+    assert want.isnan().any() == (kind in ("nan key", "nan value", "+inf score"))
+    torch.testing.assert_close(got.reshape(want.shape), want, atol=1e-10, rtol=1e-10,
+                               equal_nan=True)
+
+
+def test_a_masked_dense_terms_nan_value_with_a_bias_table():
+    # the term-wise path's exact path adds the mask and the bias as one tensor: the queries
+    # that attend the NaN value are NaN, the others equal the oracle with that value zeroed
+    grid, spec = (8, 8), pg.block(4, offset=2)
+    q, k, v = (t.roll((-2, -2), (2, 3)) for t in _case("nan value", grid))
+    attn = pg.compile(spec, grid, backend="auto", dtype="float64", strategy="terms")
+    table = torch.randn(2, 7, 7, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64)
+    with torch.no_grad():
+        got = _flat(attn(q, k, v, rel_bias=table))
+    want = _flat(reference(spec, grid, q, k, v.nan_to_num(0.0), rel_bias=table))
+    mask = torch.as_tensor(pg.materialize(spec, grid))
+    seen = mask[:, (0 * grid[1] + 1)]  # the queries attending the poisoned key, now at (0, 1)
+    assert got[:, :, seen].isnan().any(-1).all() and seen.any() and not seen.all()
+    torch.testing.assert_close(got[:, :, ~seen], want[:, :, ~seen], atol=1e-10, rtol=1e-10)

@@ -774,3 +774,82 @@ def test_a_term_wise_plan_of_gather_terms_only_leaves_the_kernels_to_numba():
                      executors=("terms", "sdpa"))
     assert forced.strategy == "terms"
     assert [tp.executor for tp in forced.patterns[0]] == ["gather"]
+
+
+def _sdpa_ops(pattern, grid, call):
+    from patterngen.backends.executor import WHOLE
+
+    return WHOLE["sdpa"].work(pg.lower(pattern, grid), call)
+
+
+def test_sdpa_prices_the_band_and_gather_backwards_its_autograd_runs():
+    # a causal dilated window: mask-free band groups (unfold views) and a gathered group;
+    # the bytes unfold_backward receives are the band ops', and a gathered group's key
+    # gradients are copied for index_add
+    from torch.profiler import profile
+
+    from patterngen.call import Call
+
+    pattern, grid, heads, d = pg.window(64, dilation=2, causal=True), (1000,), 2, 16
+    attn = pg.compile(pattern, grid, backend="sdpa")
+    q, k, v = (torch.randn(1, heads, *grid, d, requires_grad=True) for _ in range(3))
+    with profile(record_shapes=True) as prof:
+        attn(q, k, v).sum().backward()
+    ran = {}
+    for e in prof.events():
+        if e.name in ("aten::unfold_backward", "aten::index_add_"):
+            ran.setdefault(e.name, []).append(e.input_shapes)
+    ops = _sdpa_ops(pattern, grid, Call(heads=heads, head_dim=d, backward=True))
+    band = sum(op.count for op in ops if op.kind == "band")
+    assert band == sum(4 * np.prod(s[0]) for s in ran["aten::unfold_backward"]) > 0
+    assert "aten::index_add_" in ran and any(op.kind == "recopy" for op in ops)
+    forward = _sdpa_ops(pattern, grid, Call(heads=heads, head_dim=d))
+    assert not any(op.kind in ("band", "recopy", "fill", "fault") for op in forward)
+
+
+def test_flash_bias_rebuilds_the_table_gradient_at_the_matmul_forward_rate():
+    from patterngen.call import Op
+
+    pattern, grid = pg.block(7), (14, 14)
+    attn = pg.compile(pattern, grid, backend="sdpa")
+    q, k, v = (torch.randn(1, 2, *grid, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(2, 13, 13, requires_grad=True)
+    assert "FlashBiasBackward" in _autograd_nodes(attn(q, k, v, rel_bias=table))
+    plan = pg.plan(pattern, grid, head_dim=16, heads=2, backward=True, bias=True,
+                   executors=("sdpa",))
+    [line] = [line for line in plan.work["sdpa"] if line.startswith("Op(rebuild")]
+    assert line.startswith("Op(rebuild/matmul 49x49 d16 x 8)")
+    rates = calibrate.Rates.default()
+    rebuild = rates.unit_rate(Op("rebuild", 8, (49, 49, 16), "matmul"))
+    attend = rates.unit_rate(Op("attend", 8, (49, 49, 16), "matmul"))
+    assert rebuild == (attend[0], attend[1], 1.0)
+    inference = pg.plan(pattern, grid, head_dim=16, heads=2, bias=True, executors=("sdpa",))
+    assert not any(line.startswith("Op(rebuild") for line in inference.work["sdpa"])
+
+
+def test_sdpa_backward_buffers_beyond_the_resident_bytes_are_priced_as_new_pages():
+    from patterngen.backends.executor import RESIDENT
+    from patterngen.call import Call
+
+    pattern, grid = pg.window(256, causal=True), (8192,)
+    call = Call(heads=8, head_dim=64, backward=True)
+    ops = _sdpa_ops(pattern, grid, call)
+    # each group's whole-input gradients (its fill, zero-filled and added: twice their
+    # bytes) and the fused backward's key and value gradients, per query head
+    kv = sum(2 * op.count * op.shape[1] * 64 * 4 for op in ops
+             if op.kind == "attend" and op.kernel == "fused")
+    allocated = sum(op.count for op in ops if op.kind == "fill") // 2 + kv
+    [fault] = [op for op in ops if op.kind == "fault"]
+    assert fault.count == allocated - RESIDENT > 0
+    small = _sdpa_ops(pg.window(16, causal=True), (600,), call)
+    assert not any(op.kind == "fault" for op in small)
+    # CUDA's caching allocator keeps its blocks
+    on_cuda = _sdpa_ops(pattern, grid, Call(device="cuda", heads=8, head_dim=64, backward=True))
+    assert not any(op.kind == "fault" for op in on_cuda)
+
+
+def test_the_fault_rate_is_measured(fixed_clock):
+    rates = calibrate.measure("cpu", "float32", only=("fault",))
+    fault = rates.executors["fault"]
+    assert fault != calibrate.Rates.default().executors["fault"]
+    assert fault.pair_ns > 0 and fault.backward_factor == 1.0

@@ -390,15 +390,18 @@ class DenseTerm:
         add = self._ordered_add(table, q.dtype, q.device)
         qv, kv, vv = (_problems_view(x, self.problems) for x in (q, k, v))
         if add is None or add.shape[0] == 1 or b == 1:
-            out = dense.fused_forward(qv, kv, vv, add, scale)[0]
+            out, lse = dense.fused_forward(qv, kv, vv, add, scale)
         else:  # the kernel's output is (problems, rows, H, d) in memory: joined so, a view
             p = self.problems
             out = torch.cat([dense.fused_forward(*(x[i * p:(i + 1) * p] for x in (qv, kv, vv)),
                                                  add, scale)[0].transpose(1, 2)
                              for i in range(b)]).transpose(1, 2)
         # one sum: a NaN or an infinity anywhere (a fully masked row, a non-finite input)
-        # sends the call to the exact path
-        if not math.isfinite(float(out.sum())):
+        # sends the call to the exact path. Without a mask every key of a problem is one its
+        # queries attend, so the kernel's output already follows the rule of tests/
+        # test_nonfinite.py except where a row's log-sum-exp is not finite (all scores -inf,
+        # a NaN or +inf score): the sum of the log-sum-exp, head_dim times smaller, tells
+        if not math.isfinite(float((out if self.mask is not None else lse).sum())):
             return None
         return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
 
@@ -446,8 +449,13 @@ class DenseTerm:
         qp = _fold(self._view(q, "q"), group)
         kp, vp = self._view(k, "k"), self._view(v, "k")
         # the fused kernels give a row whose keys all score -inf lse 0, not -inf: with keys
-        # that are not finite, the exact path
-        if self._matmul(q, table) or non_finite(k, v):
+        # that are not finite, the exact path; with a mask too, a masked key's NaN or
+        # infinity must not reach the queries of its problem that do not attend it
+        matmul = self._matmul(q, table)
+        dirty = (self.mask is not None or not matmul) and non_finite(k, v)
+        if dirty and self.mask is not None:
+            out, lse = self._masked_exact(qp, kp, vp, scale, table, h, group)
+        elif matmul or dirty:
             out, lse = dense.softmax_attention(qp, kp, vp,
                                                self._matmul_mask(q.dtype, q.device, group),
                                                scale, need_lse, self._mod(table, h, group))
@@ -467,6 +475,19 @@ class DenseTerm:
         # queries this term adds no key to: their rows were fully masked (NaN or 0 by kernel)
         none = ~self._adds_keys(q.device)
         return out.masked_fill(none[:, None], 0.0), lse.masked_fill(none, float("-inf"))
+
+    def _masked_exact(self, qp, kp, vp, scale, table, heads: int, group: int):
+        """``(out, lse)`` of the problems by :func:`dense.masked_attention`, the rule of SDPA on
+        each query's attended keys alone, with the mask and the bias as one additive tensor
+        (the bias broadcast over problems as :class:`~patterngen.backends.dense.ScoreMod`
+        adds it)."""
+        add = self._additive_mask(acc_dtype(qp.dtype), qp.device, group)
+        mod = self._mod(table, heads, group)
+        if mod is not None and mod.bias is not None:
+            shape = (*qp.shape[:-1], kp.shape[-2])
+            add = add.expand(shape).clone()
+            add.view(-1, mod.heads, *shape[1:]).add_(mod.bias.to(add.dtype))
+        return dense.masked_attention(qp, kp, vp, scale, self.softcap, add, need_lse=True)
 
     def backward(self, q, k, v, out, lse, dout, scale, table=None):
         """``(dq, dk, dv, dtable)`` of this term's share, from the merged ``out`` and ``lse``

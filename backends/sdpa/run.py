@@ -60,10 +60,12 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
             kg, vg = (t[:, :, first:first + g * bk].reshape(b * hk, g, bk, d)
                       for t in (k, v))
         elif call.k_band is not None:
-            # overlapping windows of consecutive key blocks: a strided view, no copy
-            first, span = call.k_band, nk * bk
-            kg, vg = (t.unfold(2, span, bk)[:, :, first:first + g].transpose(-1, -2)
-                      .reshape(b * hk, g, span, d) for t in (k, v))
+            # overlapping windows of consecutive key blocks: a strided view, no copy; the
+            # keys sliced to the group's windows first, for unfold's backward zero-fills and
+            # adds up every window it made (all of the keys' for a group of one block)
+            first, span = call.k_band * bk, nk * bk
+            kg, vg = (t[:, :, first:first + (g - 1) * bk + span].unfold(2, span, bk)
+                      .transpose(-1, -2).reshape(b * hk, g, span, d) for t in (k, v))
         else:
             kg = gather(k, call.k_index).view(b * hk, g, nk * bk, d)
             vg = gather(v, call.k_index).view(b * hk, g, nk * bk, d)
