@@ -17,10 +17,11 @@ Methods, each checked once against the dense float64 oracle:
 - ``dense``: ``F.scaled_dot_product_attention`` with the materialised ``queries x keys`` mask.
 
 Forward (under ``no_grad``) and forward+backward (``out.sum().backward()``) run interleaved, one
-call of each method per round, so a busy machine slows them alike, each round starting one
-method further on: the method that follows dense SDPA's large scores finds q, k and v out of
-cache (FPN, one thread: whichever of ``pg auto`` and ``pg numba`` ran first took 1.07-1.10x
-the other's time, the same kernels); the table gives medians
+call of each method per round, so a busy machine slows them alike, in an order drawn afresh
+each round (seeded): the method that follows dense SDPA's large scores finds q, k and v out
+of cache, and in a fixed order the same method always did (FPN, one thread: whichever of
+``pg auto`` and ``pg numba`` ran first took 1.07-1.10x the other's time, the same kernels);
+the table gives medians
 (ms), each method's ratio to the first backend's (above 1: that backend faster) and the
 largest intermediate each method holds (MiB): numba's ``out`` and log-sum-exp, sdpa's scores
 of its executed pairs (an upper bound: the fused kernel works in chunks).
@@ -33,6 +34,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -132,7 +134,7 @@ def main(rounds: int = 15, threads: int = 2, backends: str = "auto,numba,sdpa",
         for _, fwd, train, _ in runs:  # warm-up: kernels, plans, first allocations
             fwd(), train()
         for r in range(rounds):
-            for method, fwd, train, _ in runs[r % len(runs):] + runs[:r % len(runs)]:
+            for method, fwd, train, _ in random.Random(r).sample(runs, len(runs)):
                 for kind, fn in (("fwd", fwd), ("train", train)):
                     start = time.perf_counter()
                     fn()
