@@ -193,3 +193,20 @@ def test_the_planner_prices_the_copies_of_strided_inputs():
         assert strided.options[name] == pytest.approx(plain.options[name] + charged * copy)
     assert "numba" in COPYING and "sdpa" not in COPYING
     assert "inputs not contiguous" in str(strided) and "contiguous" not in str(plain)
+
+
+@pytest.mark.parametrize("pattern, grid, copied", [
+    (pg.block(4), (8, 8), True),  # windows: the view permutes, a copy that reads any strides
+    (pg.axis(0), (6, 8), True),  # columns: the same
+    (pg.axis(1), (6, 8), False),  # rows: a pure view, so strided inputs are copied on their own
+])
+def test_a_dense_terms_own_copy_reads_strided_inputs(pattern, grid, copied):
+    from patterngen.calibrate import Rates
+    from patterngen.plan import plan
+
+    sizes = dict(executors=["terms"], head_dim=16, heads=2, batch=3, rates=Rates.default(),
+                 backward=True)
+    plain, strided = plan(pattern, grid, **sizes), plan(pattern, grid, contiguous=False, **sizes)
+    assert [tp.executor for tp in strided.patterns[0]] == ["dense"]
+    assert (strided.options["terms"] == plain.options["terms"]) == copied
+    assert ("restride" in str(strided)) != copied
