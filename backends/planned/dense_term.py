@@ -175,7 +175,7 @@ class DenseTerm:
         if self.rolled:
             b, h = x.shape[:2]
             x = x.reshape(b, h, -1, x.shape[-1])
-            return _Moved.apply(x, lambda t: self._gathered(t, side),
+            return _moved(x, lambda t: self._gathered(t, side),
                                 lambda g: self._scattered(g, b, h, 0.0, side))
         recipe = self._recipe(side)
         cuts, split, order, rows = recipe.cuts, recipe.split, recipe.order, recipe.rows
@@ -197,7 +197,7 @@ class DenseTerm:
         (``fill=0``) this is also the view's adjoint."""
         e = y.shape[-1]
         if self.rolled:
-            return _Moved.apply(y, lambda t: self._scattered(t, b, h, fill, side),
+            return _moved(y, lambda t: self._scattered(t, b, h, fill, side),
                                 lambda g: self._gathered(g, side))
         recipe = self._recipe(side)
         cuts, inverse, ordered, whole = (recipe.cuts, recipe.inverse, recipe.ordered,
@@ -607,7 +607,7 @@ class TokenOrder:
         term = self.term
         if not term.rolled:
             return term._view(x, "q").reshape(b, h, -1, x.shape[-1])
-        return _Moved.apply(x, lambda t: term._gathered(t, "q").reshape(b, h, -1, t.shape[-1]),
+        return _moved(x, lambda t: term._gathered(t, "q").reshape(b, h, -1, t.shape[-1]),
                             lambda g: term._scattered(g, b, h, 0.0, "q"))
 
     def on_grid(self, y):
@@ -616,8 +616,16 @@ class TokenOrder:
         term = self.term
         if not term.rolled:
             return term._unview(y.reshape(b * h, term.problems, -1, y.shape[-1]), b, h, 0.0)
-        return _Moved.apply(y, lambda t: term._scattered(t, b, h, 0.0, "q"),
+        return _moved(y, lambda t: term._scattered(t, b, h, 0.0, "q"),
                             lambda g: term._gathered(g, "q").reshape(b, h, -1, g.shape[-1]))
+
+
+def _moved(x, there, back):
+    """``there(x)`` with :class:`_Moved`'s adjoint where a gradient is recorded; without one,
+    ``there(x)`` alone (the Function's apply took 60 us of a 4.5 ms Swin step)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Moved.apply(x, there, back)
+    return there(x)
 
 
 class _Moved(torch.autograd.Function):
