@@ -783,6 +783,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     table = dict(Rates.default(device).executors)
     dt = getattr(torch, dtype)
     progress = _Progress(device, dtype)
+    load = _load()
     # each group of benchmarks, and the names it measures (built only when one is wanted)
     groups = ((("attend/",), lambda: _attend_benches(device, dt)),
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
@@ -821,4 +822,27 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     if all(f"launch/part#{n}" in best for n, _ in PART_CASES):
         _solve_parts(table, best)
     progress.done()
+    if device == "cpu":
+        _warn_if_busy(max(load, _load()), torch.get_num_threads())
     return Rates(table, "measured")
+
+
+def _load() -> float:
+    """The 1-minute load average (0 where the system does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def _warn_if_busy(load: float, threads: int) -> None:
+    """Warn when other processes competed for the cores while the rates were measured: with
+    two thread teams on two cores a thread waiting at a barrier loses a whole time slice, and
+    a calibration on the project's machine under load 3-5 priced the numba call 60x its quiet
+    time. The load counts this process's own threads too, hence half a core of slack."""
+    cores = os.cpu_count() or 1
+    if load > cores + 0.5:
+        warnings.warn(f"patterngen: calibrated while the machine was busy (load average "
+                      f"{load:.1f} on {cores} cores, {threads} threads measuring): the rates "
+                      f"may be off by several times; calibrate.rates(refresh=True) on a quiet "
+                      f"machine measures again.", stacklevel=3)

@@ -2,6 +2,7 @@
 dense oracle (float64, forward and every gradient), the plans chosen, calibration files."""
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -853,3 +854,16 @@ def test_the_fault_rate_is_measured(fixed_clock):
     fault = rates.executors["fault"]
     assert fault != calibrate.Rates.default().executors["fault"]
     assert fault.pair_ns > 0 and fault.backward_factor == 1.0
+
+
+def test_a_calibration_on_a_busy_machine_warns(fixed_clock, monkeypatch):
+    cores = os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))
+    with pytest.warns(UserWarning, match=rf"calibrated while the machine was busy \(load "
+                                         rf"average {cores + 3}\.0 on {cores} cores"):
+        calibrate.measure("cpu", "float32", only=("fault",))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        calibrate.measure("cpu", "float32", only=("fault",))
+    assert not any("busy" in str(w.message) for w in seen)
