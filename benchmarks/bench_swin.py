@@ -25,7 +25,8 @@ what ``pg.nn.SwinBlock`` runs on maps its windows tile.
 
 Every configuration times its candidates interleaved, sample by sample (bench_maxvit's
 ``interleaved``), median of the rounds; ``pg / swin`` is patterngen's time over the faster of
-Swin's two kernels (above 1: patterngen is slower). ``shift / none`` (last rows) is each side's shifted time over its unshifted time.
+Swin's two kernels (above 1: patterngen is slower). ``shift / none`` (last rows) is each side's
+shifted time over its unshifted time.
 
 Run:
     python benchmarks/bench_swin.py                 # the four Swin-T stages, batch 2 and 8

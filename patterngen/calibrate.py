@@ -71,10 +71,11 @@ class Rate:
 #: term that runs alone does), and the numba kernels one query at a time (``one``), in tiles
 #: of queries that share keys (``tiles``) or in tiles spanning rows over a key grid (``span``:
 #: a key-major chunk and one finish for all lanes, ``tiling.plan_groups``), their counts
-#: (``NUMBA_COUNTS``, :mod:`patterngen.backends.numba.counts`) at each head_dim. Beyond the largest rows the rate
-#: per pair is flat (the edge's is used). One key per row on the matmul path (global key
-#: tokens) and one row per problem on the fused kernel (global query tokens) cost several
-#: times a pair of 16 (the rows' softmax and log-sum-exp, the problem's launch and scan)
+#: (``NUMBA_COUNTS``, :mod:`patterngen.backends.numba.counts`) at each head_dim. Beyond the
+#: largest rows the rate per pair is flat (the edge's is used). One key per row on the matmul
+#: path (global key tokens) and one row per problem on the fused kernel (global query tokens)
+#: cost several times a pair of 16 (the rows' softmax and log-sum-exp, the problem's launch
+#: and scan)
 ATTEND_ROWS = {"matmul": (16, 64, 256), "fused": (1, 16, 64, 256), "kept": (16, 64, 256)}
 ATTEND_KEYS = {"matmul": (1, 16, 64, 128), "fused": (16, 64, 256, 1024), "kept": (16, 64, 128)}
 ATTEND_DIMS = (16, 64)

@@ -237,7 +237,8 @@ class PlannedBackend(Backend):
         seen = _signature(q, k, v, None, "ordered")
         if seen is None or seen not in self._checked:
             for name, t in (("q", q), ("k", k), ("v", v)):
-                order.check(t, name, "auto (ordered=True)", "(batch, heads, {positions}, head_dim)")
+                order.check(t, name, "auto (ordered=True)",
+                            "(batch, heads, {positions}, head_dim)")
             flatten_qkv(q, k, v, (order.positions,), "auto (ordered=True)")
             if seen is not None:
                 self._remember(seen, None)
