@@ -839,7 +839,7 @@ def _load() -> float:
 def _warn_if_busy(load: float, threads: int) -> None:
     """Warn when other processes competed for the cores while the rates were measured: with
     two thread teams on two cores a thread waiting at a barrier loses a whole time slice, and
-    a calibration on the project's machine under load 3-5 priced the numba call 60x its quiet
+    a calibration on the project's machine under load 2.5-3.5 priced the numba call 60x its quiet
     time. The load counts this process's own threads too, hence half a core of slack."""
     cores = os.cpu_count() or 1
     if load > cores + 0.5:

@@ -396,12 +396,14 @@ class DenseTerm:
             out = torch.cat([dense.fused_forward(*(x[i * p:(i + 1) * p] for x in (qv, kv, vv)),
                                                  add, scale)[0].transpose(1, 2)
                              for i in range(b)]).transpose(1, 2)
+            lse = None
         # one sum: a NaN or an infinity anywhere (a fully masked row, a non-finite input)
         # sends the call to the exact path. Without a mask every key of a problem is one its
         # queries attend, so the kernel's output already follows the rule of tests/
         # test_nonfinite.py except where a row's log-sum-exp is not finite (all scores -inf,
         # a NaN or +inf score): the sum of the log-sum-exp, head_dim times smaller, tells
-        if not math.isfinite(float((out if self.mask is not None else lse).sum())):
+        checked = lse if self.mask is None and lse is not None else out
+        if not math.isfinite(float(checked.sum())):
             return None
         return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
 
