@@ -261,3 +261,34 @@ def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
     want = reference(pattern, grid, q, k, v, rel_bias=other)
     assert not got.isnan().any()
     torch.testing.assert_close(got.reshape(q.shape), want)
+
+
+@pytest.mark.parametrize("with_table", [True, False])
+def test_ordered_inference_in_batch_chunks(monkeypatch, with_table):
+    # shifted windows in order: bias plus mask kept expanded over two batch elements (the
+    # bytes allowed), so batches of 5, 2 and 1 run in chunks of 2, 2, 1 / one call / one call;
+    # a NaN value reaches the queries of its block, not those of the window's other blocks
+    monkeypatch.setattr(planned.dense_term, "ORDERED_ADD_BYTES", 2 * 4 * 2 * 49 * 49 * 8)
+    grid, pattern = (14, 14), pg.block(7, offset=3)
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(5)
+    table = (torch.randn(2, *(2 * r + 1 for r in attn.reach), generator=gen,
+                         dtype=torch.float64) if with_table else None)
+    for batch in (5, 2, 1, 5):
+        q, k, v = (torch.randn(batch, 2, *grid, 8, generator=gen, dtype=torch.float64)
+                   for _ in range(3))
+        want = reference(pattern, grid, q, k, v, rel_bias=table)
+        v[-1, 1, 13, 13] = float("nan")  # block [10, 14)^2: its window holds the corners too
+        want[-1, 1, 10:, 10:] = float("nan")
+        ordered = [order.in_order(t.flatten(2, 3)) for t in (q, k, v)]
+        with torch.no_grad():
+            clean = [t.nan_to_num() for t in ordered]
+            assert order.term.ordered_fused(*clean, 8 ** -0.5, table) is not None
+            assert order.term.ordered_fused(*ordered, 8 ** -0.5, table) is None
+            got = order.on_grid(attn(*ordered, rel_bias=table, ordered=True))
+            fused = order.on_grid(attn(*clean, rel_bias=table, ordered=True))
+        torch.testing.assert_close(got.reshape(q.shape), want, atol=1e-10, rtol=1e-10,
+                                   equal_nan=True)
+        torch.testing.assert_close(fused.reshape(q.shape), reference(
+            pattern, grid, q, k, v.nan_to_num(), rel_bias=table), atol=1e-10, rtol=1e-10)

@@ -29,6 +29,11 @@ __all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES"]
 #: instead of adding a dense mask (CCNet's diagonal: 1/64 of a 64 x 64 problem)
 HOLES = 1 / 16
 
+#: most bytes of the bias plus mask that an ordered call keeps expanded over the batch
+#: (:meth:`DenseTerm._ordered_add`); larger batches run in chunks (Swin's 56x56 stage, 3
+#: heads, batch 8: 14.8 MB)
+ORDERED_ADD_BYTES = 16 << 20
+
 
 class _ViewRecipe(NamedTuple):
     """How a :class:`DenseTerm` views ``(B, H, N, d)`` as its problems, for one side."""
@@ -376,26 +381,27 @@ class DenseTerm:
         into ``(B * H, problems, ...)`` for the matmul path took 1.3-2.8x its time (MaxViT's
         14x14 to 56x56, 4 heads; 1.4x at 28x28, 6 heads, with a table). The bias
         ``(1, H, rows, keys)`` is broadcast over windows; with a mask (Swin's shifted
-        windows) bias and mask are added once into ``(problems, H, rows, keys)``, and the
-        kernel runs once per batch element on it: 0.9x the time of one call on the sum
-        expanded over the batch (56x56, 3 heads, batch 2 and 8), which copies it ``B``
-        times. ``None`` where that does not apply (grouped key/value heads, a bias that
-        differs per problem, a softcap, gradients, CUDA, a non-finite output)."""
+        windows), what the kernel adds is kept expanded over the batch
+        (:meth:`_ordered_add`), so that one call runs it all: a call per batch element joined
+        by a copy took 1.17x the time of the unmasked call (56x56, 3 heads, batch 2, one
+        thread), one call 1.01x. ``None`` where that does not apply (grouped key/value heads,
+        a bias that differs per problem, a softcap, gradients, CUDA, a non-finite output)."""
         b, h, t, d = q.shape
         if (self.softcap is not None or k.shape[1] != h or q.device.type != "cpu"
-                or table is not None and self._tile(table).shape[1] != 1
+                or table is not None and self._offsets(q.device).shape[0] != 1
                 or torch.is_grad_enabled() and any(
                     x is not None and x.requires_grad for x in (q, k, v, table))):
             return None
-        add = self._ordered_add(table, q.dtype, q.device)
+        add, chunk = self._ordered_add(table, q.dtype, q.device, b)
         qv, kv, vv = (_problems_view(x, self.problems) for x in (q, k, v))
-        if add is None or add.shape[0] == 1 or b == 1:
+        if chunk >= b:
             out, lse = dense.fused_forward(qv, kv, vv, add, scale)
         else:  # the kernel's output is (problems, rows, H, d) in memory: joined so, a view
-            p = self.problems
-            out = torch.cat([dense.fused_forward(*(x[i * p:(i + 1) * p] for x in (qv, kv, vv)),
-                                                 add, scale)[0].transpose(1, 2)
-                             for i in range(b)]).transpose(1, 2)
+            n = chunk * self.problems
+            out = torch.cat([dense.fused_forward(*(x[i:i + n] for x in (qv, kv, vv)),
+                                                 add[:min(n, b * self.problems - i)],
+                                                 scale)[0].transpose(1, 2)
+                             for i in range(0, b * self.problems, n)]).transpose(1, 2)
             lse = None
         # one sum: a NaN or an infinity anywhere (a fully masked row, a non-finite input)
         # sends the call to the exact path. Without a mask every key of a problem is one its
@@ -407,23 +413,28 @@ class DenseTerm:
             return None
         return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
 
-    def _ordered_add(self, table, dtype, device):
-        """What :meth:`ordered_fused` adds to the scores: nothing (``None``), the mask
-        ``(problems or 1, 1, rows, keys)``, the bias ``(1, H, rows, keys)`` (a ``table`` the
-        same for every problem), or the two as one ``(problems, H or 1, rows, keys)`` tensor
-        (kept while the table is unchanged, see :meth:`_tile`)."""
-        mask = None if self.mask is None else self._additive_mask(dtype, device)[0][:, None]
-        if table is None:
-            return mask
-        tile = self._tile(table)
-        bias = tile.transpose(0, 1).to(dtype)
-        if mask is None:
-            return bias
+    def _ordered_add(self, table, dtype, device, batch: int):
+        """What :meth:`ordered_fused` adds to the scores of ``batch`` inputs, and in chunks
+        of how many batch elements: nothing (``None``), the bias ``(1, H, rows, keys)`` (a
+        ``table`` the same for every problem) for the whole batch, or the mask, or bias and
+        mask added, ``(problems, H or 1, rows, keys)`` repeated for a chunk of the batch (at
+        most :data:`ORDERED_ADD_BYTES`). Kept while the table is unchanged (see
+        :meth:`_tile`) and the batch the same."""
+        tile = None if table is None else self._tile(table)
         key = ("ordered add", dtype)
         hit = self._cache.get(key)
-        if hit is None or hit[0] is not tile:
-            hit = self._cache[key] = (tile, bias + mask)
-        return hit[1]
+        if hit is not None and hit[0] is tile and hit[1] == batch:
+            return hit[2], hit[3]
+        add, chunk = None, batch
+        if tile is not None:
+            add = tile.transpose(0, 1).to(dtype)
+        if self.mask is not None:
+            mask = self._additive_mask(dtype, device)[0][:, None]
+            add = mask if add is None else add + mask
+            chunk = max(1, min(batch, ORDERED_ADD_BYTES // (add.numel() * add.element_size())))
+            add = add.repeat(chunk, 1, 1, 1)
+        self._cache[key] = (tile, batch, add, chunk)
+        return add, chunk
 
     @staticmethod
     def _fused_with_bias(qp, kp, vp, scale, bias, mask):
