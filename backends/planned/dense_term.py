@@ -398,20 +398,36 @@ class DenseTerm:
             out, lse = dense.fused_forward(qv, kv, vv, add, scale)
         else:  # the kernel's output is (problems, rows, H, d) in memory: joined so, a view
             n = chunk * self.problems
-            out = torch.cat([dense.fused_forward(*(x[i:i + n] for x in (qv, kv, vv)),
-                                                 add[:min(n, b * self.problems - i)],
-                                                 scale)[0].transpose(1, 2)
-                             for i in range(0, b * self.problems, n)]).transpose(1, 2)
-            lse = None
-        # one sum: a NaN or an infinity anywhere (a fully masked row, a non-finite input)
-        # sends the call to the exact path. Without a mask every key of a problem is one its
-        # queries attend, so the kernel's output already follows the rule of tests/
-        # test_nonfinite.py except where a row's log-sum-exp is not finite (all scores -inf,
-        # a NaN or +inf score): the sum of the log-sum-exp, head_dim times smaller, tells
-        checked = lse if self.mask is None and lse is not None else out
-        if not math.isfinite(float(checked.sum())):
+            parts = [dense.fused_forward(*(x[i:i + n] for x in (qv, kv, vv)),
+                                         add[:min(n, b * self.problems - i)], scale)
+                     for i in range(0, b * self.problems, n)]
+            out = torch.cat([o.transpose(1, 2) for o, _ in parts]).transpose(1, 2)
+            lse = torch.cat([part[1] for part in parts])
+        # sums: a NaN or an infinity anywhere (a fully masked row, a non-finite input) sends
+        # the call to the exact path. The log-sum-exp of a row is not finite where its
+        # scores are all -inf, or one is NaN or +inf (a masked key's too); a key the row
+        # attends with a non-finite value makes its output so already (the rule of tests/
+        # test_nonfinite.py), a masked one only where a problem has masked pairs: the
+        # output of those problems is summed too (15 of 64 windows at 56x56)
+        total = lse.sum()
+        if self.mask is not None:
+            rows = out.transpose(1, 2).reshape(b, self.problems, -1)
+            for start, length in self._masked_runs():
+                total = total + rows.narrow(1, start, length).sum()
+        if not math.isfinite(float(total)):
             return None
         return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
+
+    def _masked_runs(self) -> list:
+        """``(start, length)`` runs of the problems whose mask excludes a pair."""
+        key = ("masked runs",)
+        if key not in self._cache:
+            masked = ~self.mask.reshape(self.mask.shape[0], -1).all(1)
+            if masked.shape[0] == 1:
+                masked = np.repeat(masked, self.problems)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], masked.astype(np.int8), [0]])))
+            self._cache[key] = [(int(a), int(z - a)) for a, z in zip(edges[::2], edges[1::2])]
+        return self._cache[key]
 
     def _ordered_add(self, table, dtype, device, batch: int):
         """What :meth:`ordered_fused` adds to the scores of ``batch`` inputs, and in chunks
