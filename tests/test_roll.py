@@ -263,18 +263,19 @@ def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
     torch.testing.assert_close(got.reshape(q.shape), want)
 
 
-@pytest.mark.parametrize("with_table", [True, False])
-def test_ordered_inference_in_batch_chunks(monkeypatch, with_table):
-    # shifted windows in order: bias plus mask kept expanded over two batch elements (the
-    # bytes allowed), so batches of 5, 2 and 1 run in chunks of 2, 2, 1 / one call / one call;
-    # a NaN value reaches the queries of its block, not those of the window's other blocks
+@pytest.mark.parametrize("table_heads", [2, 1, None])
+def test_ordered_inference_in_batch_chunks(monkeypatch, table_heads):
+    # shifted windows in order: bias plus mask kept expanded over as many batch elements as
+    # the bytes allowed hold (2 with a table per head, else 4), so a batch of 5 runs in chunks
+    # and one of 2 or 1 in one call; a NaN value reaches the queries of its block, not those
+    # of the window's other blocks
     monkeypatch.setattr(planned.dense_term, "ORDERED_ADD_BYTES", 2 * 4 * 2 * 49 * 49 * 8)
     grid, pattern = (14, 14), pg.block(7, offset=3)
     attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
     order = attn.token_order
     gen = torch.Generator().manual_seed(5)
-    table = (torch.randn(2, *(2 * r + 1 for r in attn.reach), generator=gen,
-                         dtype=torch.float64) if with_table else None)
+    table = (torch.randn(table_heads, *(2 * r + 1 for r in attn.reach), generator=gen,
+                         dtype=torch.float64) if table_heads else None)
     for batch in (5, 2, 1, 5):
         q, k, v = (torch.randn(batch, 2, *grid, 8, generator=gen, dtype=torch.float64)
                    for _ in range(3))

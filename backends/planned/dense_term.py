@@ -22,7 +22,7 @@ from patterngen.backends.merge import acc_dtype
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, open_padding
 
-__all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES"]
+__all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES", "ORDERED_ADD_BYTES"]
 
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
