@@ -129,17 +129,23 @@ def test_cut_tiles_in_bfloat16(grid):
 
 @pytest.mark.parametrize("pattern, grid, kv_heads", [
     (pg.block(7, offset=3), (14, 14), 4), (pg.block(7), (14, 14), 2),
-    (pg.block(7, offset=3), (12, 12), 2)])
+    (pg.block(7), (14, 14), 4), (pg.block(7, offset=3), (12, 12), 2)])
 @pytest.mark.parametrize("shared", [True, False])
 def test_inference_with_a_table_equals_the_oracle(pattern, grid, kv_heads, shared):
-    # without gradients a lone biased term runs the fused kernel, bias (and mask) broadcast
+    # without gradients a lone biased term runs the fused kernel, bias (and mask) broadcast;
+    # what it adds is kept: a table written in place and another batch are read again
     attn = pg.compile(pattern, grid, backend="auto", **DENSE)
     q, k, v, table = (t.detach() for t in inputs(grid, 4, attn.reach, shared))
     k, v = k[:, :kv_heads], v[:, :kv_heads]
-    with torch.no_grad():
-        out = attn(q, k, v, rel_bias=table)
-    want = reference(pattern, grid, q, k, v, rel_bias=table)
-    torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+    for step in ("first", "table", "batch"):
+        if step == "table":
+            table.mul_(-2.0)
+        if step == "batch":
+            q, k, v = torch.cat([q, torch.randn_like(q)]), torch.cat([k, k]), torch.cat([v, v])
+        with torch.no_grad():
+            out = attn(q, k, v, rel_bias=table)
+        want = reference(pattern, grid, q, k, v, rel_bias=table)
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
 
 
 # the token order: q, k, v handed in the dense term's order, the output taken in it
