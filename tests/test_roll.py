@@ -269,6 +269,30 @@ def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
     torch.testing.assert_close(got.reshape(q.shape), want)
 
 
+@pytest.mark.parametrize("tables_kept", [8, 2])
+def test_ordered_inference_with_tables_in_turn(monkeypatch, tables_kept):
+    # the blocks of a stage share one compiled pattern and call it in turn with their own
+    # tables: each call reads its own, also after one is written in place, and when more
+    # tables come than are kept
+    monkeypatch.setattr(planned.dense_term, "ORDERED_TABLES", tables_kept)
+    grid, pattern = (14, 14), pg.block(7, offset=3)
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, *grid, 8, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    ordered = [order.in_order(t.flatten(2, 3)) for t in (q, k, v)]
+    tables = [torch.randn(2, *(2 * r + 1 for r in attn.reach), generator=gen,
+                          dtype=torch.float64) for _ in range(3)]
+    with torch.no_grad():
+        for i, write in [(0, False), (1, False), (2, False), (0, True), (1, False), (0, False)]:
+            if write:
+                tables[i].mul_(-2.0)
+            got = order.on_grid(attn(*ordered, rel_bias=tables[i], ordered=True))
+            torch.testing.assert_close(got.reshape(q.shape), reference(
+                pattern, grid, q, k, v, rel_bias=tables[i]), atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.parametrize("table_heads", [2, 1, None])
 def test_ordered_inference_in_batch_chunks(monkeypatch, table_heads):
     # shifted windows in order: bias plus mask kept expanded over as many batch elements as

@@ -22,7 +22,8 @@ from patterngen.backends.merge import acc_dtype
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, open_padding
 
-__all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES", "ORDERED_ADD_BYTES"]
+__all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES", "ORDERED_ADD_BYTES",
+           "ORDERED_TABLES"]
 
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
@@ -33,6 +34,10 @@ HOLES = 1 / 16
 #: (:meth:`DenseTerm._ordered_add`); larger batches run in chunks (Swin's 56x56 stage, 3
 #: heads, batch 8: 14.8 MB)
 ORDERED_ADD_BYTES = 16 << 20
+
+#: most tables (and batch sizes) an ordered call keeps what it adds for
+#: (:meth:`DenseTerm._ordered_add`): Swin-T's 14x14 stage has three shifted blocks
+ORDERED_TABLES = 8
 
 
 class _ViewRecipe(NamedTuple):
@@ -435,22 +440,29 @@ class DenseTerm:
         of how many batch elements: nothing (``None``), the bias ``(1, H, rows, keys)`` (a
         ``table`` the same for every problem) for the whole batch, or the mask, or bias and
         mask added, ``(problems, H or 1, rows, keys)`` repeated for a chunk of the batch (at
-        most :data:`ORDERED_ADD_BYTES`). Kept while the table is unchanged (see
-        :meth:`_tile`) and the batch the same."""
-        tile = None if table is None else self._tile(table)
-        key = ("ordered add", dtype)
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] is tile and hit[1] == batch:
+        most :data:`ORDERED_ADD_BYTES`). Kept per table, batch and dtype while the table is
+        unchanged (its version counter, as :meth:`_tile`), for up to
+        :data:`ORDERED_TABLES` of them: the blocks of a model stage that share one compiled
+        pattern each have their own table."""
+        kept = table is None or not table.is_inference()
+        key = ("ordered add", dtype, batch, id(table))
+        hit = self._cache.get(key) if kept else None
+        if hit is not None and hit[0] is table and (table is None or hit[1] == table._version):
             return hit[2], hit[3]
         add, chunk = None, batch
-        if tile is not None:
-            add = tile.transpose(0, 1).to(dtype)
+        if table is not None:
+            add = self._tile(table).transpose(0, 1).to(dtype)
         if self.mask is not None:
             mask = self._additive_mask(dtype, device)[0][:, None]
             add = mask if add is None else add + mask
             chunk = max(1, min(batch, ORDERED_ADD_BYTES // (add.numel() * add.element_size())))
             add = add.repeat(chunk, 1, 1, 1)
-        self._cache[key] = (tile, batch, add, chunk)
+        if kept:
+            adds = [k for k in self._cache if k[0] == "ordered add"]
+            if len(adds) >= ORDERED_TABLES:
+                for k in adds:
+                    del self._cache[k]
+            self._cache[key] = (table, None if table is None else table._version, add, chunk)
         return add, chunk
 
     def _fused_with_bias(self, qp, kp, vp, scale, bias, mask):
