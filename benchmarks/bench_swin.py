@@ -35,11 +35,13 @@ Run:
     python benchmarks/bench_swin.py --threads 1 --cpu-time    # on a machine others load
     python benchmarks/bench_swin.py --flush-denormal          # Swin without its subnormals
     python benchmarks/bench_swin.py --storage       # keep the probabilities or recompute
+    python benchmarks/bench_swin.py --steps --threads 1 --rounds 100   # the ordered forward
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -171,18 +173,27 @@ class OrderedStep(PatterngenStep):
     linear, and the order reversed once (``from_order``: the window reverse and the roll
     back)."""
 
-    def __call__(self, x, keep=None):
+    def __call__(self, x, keep=None, mark=None):
+        """``mark``: called with each step's name as it ends (:func:`steps` times them)."""
+        mark = mark or (lambda name: None)
         b, c = x.shape[0], x.shape[-1]
         order = self.attn.token_order
         n = order.positions
-        q, k, v = self.qkv(order.to_order(x)).view(b, n, 3, self.heads, -1).permute(
-            2, 0, 3, 1, 4)
+        t = order.to_order(x)
+        mark("to_order")
+        q, k, v = self.qkv(t).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        mark("qkv linear")
         if keep is not None:
             for name, t in zip("qkv", (q, k, v)):
                 t.retain_grad()
                 keep[name] = t
         out = self.attn(q, k, v, rel_bias=self.table, ordered=True)
-        return order.from_order(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        mark("attention")
+        y = self.proj(out.transpose(1, 2).reshape(b, n, c))
+        mark("proj linear")
+        y = order.from_order(y)
+        mark("from_order")
+        return y
 
     def to_grid(self, t, b, h, w):
         """``(B, heads, positions, d)`` in the token order -> ``(B, heads, H, W, d)``."""
@@ -289,6 +300,29 @@ def storage(size, shift, batch, rounds, clock=time.perf_counter) -> dict:
                         "recompute": step_with(lambda *args, **kwargs: None)}, rounds, clock)
 
 
+def steps(size, batch, rounds, clock=time.perf_counter) -> dict:
+    """Where the time of the step in the token order goes, forward (``OrderedStep``, no
+    gradients), unshifted against shifted: ``{shift: {step: ms}}``, medians of ``rounds``
+    interleaved rounds, each step timed by ``clock`` as it ends."""
+    dim, heads = STAGES[size]
+    threads = torch.get_num_threads()
+    ordered = {shift: make_steps(size, dim, heads, shift, batch, False)[1]["pg-ordered"]
+               for shift in (0, 3)}
+    torch.set_num_threads(threads)
+    x = torch.randn(batch, size, size, dim)
+    times = {shift: {} for shift in ordered}
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms up
+            for shift, step in ordered.items():
+                ends = [("start", clock())]
+                step(x, mark=lambda name: ends.append((name, clock())))
+                for (_, t0), (name, t1) in zip(ends, ends[1:]):
+                    if r:
+                        times[shift].setdefault(name, []).append(1e3 * (t1 - t0))
+    return {shift: {name: statistics.median(ts) for name, ts in by.items()}
+            for shift, by in times.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stages", default="56,28,14,7")
@@ -305,6 +339,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the process's CPU time, not the wall clock: with --threads 1 "
                          "it holds on a machine that other jobs load")
+    ap.add_argument("--steps", action="store_true",
+                    help="time each step of the forward in the token order (to_order, qkv, "
+                         "attention, proj, from_order), shifted against unshifted, instead")
     ap.add_argument("--storage", action="store_true",
                     help="time a training step keeping the probabilities against recomputing "
                          "them, at the attention call (head_dim 32), instead")
@@ -316,6 +353,20 @@ def main(argv=None) -> int:
     shifts = [int(s) for s in args.shifts.split(",")]
     clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_flush_denormal(args.flush_denormal)
+    if args.steps:
+        print("| grid | batch | step | unshifted ms | shifted ms | shifted - unshifted ms |")
+        print("|---|---|---|---|---|---|")
+        for size in stages:
+            for batch in map(int, args.batches.split(",")):
+                if size <= WINDOW:
+                    continue
+                ms = steps(size, batch, args.rounds, clock)
+                for name in [*ms[0], "sum"]:
+                    a, z = ((sum(ms[s].values()) for s in (0, 3)) if name == "sum"
+                            else (ms[0][name], ms[3][name]))
+                    print(f"| {size}x{size} | {batch} | {name} | {a:.3f} | {z:.3f} | "
+                          f"{z - a:+.3f} |", flush=True)
+        return 0
     if args.storage:
         print("| grid | heads | batch | shift | keep ms | recompute ms | keep / recompute |")
         print("|---|---|---|---|---|---|---|")

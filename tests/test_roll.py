@@ -129,17 +129,23 @@ def test_cut_tiles_in_bfloat16(grid):
 
 @pytest.mark.parametrize("pattern, grid, kv_heads", [
     (pg.block(7, offset=3), (14, 14), 4), (pg.block(7), (14, 14), 2),
-    (pg.block(7, offset=3), (12, 12), 2)])
+    (pg.block(7), (14, 14), 4), (pg.block(7, offset=3), (12, 12), 2)])
 @pytest.mark.parametrize("shared", [True, False])
 def test_inference_with_a_table_equals_the_oracle(pattern, grid, kv_heads, shared):
-    # without gradients a lone biased term runs the fused kernel, bias (and mask) broadcast
+    # without gradients a lone biased term runs the fused kernel, bias (and mask) broadcast;
+    # what it adds is kept: a table written in place and another batch are read again
     attn = pg.compile(pattern, grid, backend="auto", **DENSE)
     q, k, v, table = (t.detach() for t in inputs(grid, 4, attn.reach, shared))
     k, v = k[:, :kv_heads], v[:, :kv_heads]
-    with torch.no_grad():
-        out = attn(q, k, v, rel_bias=table)
-    want = reference(pattern, grid, q, k, v, rel_bias=table)
-    torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
+    for step in ("first", "table", "batch"):
+        if step == "table":
+            table.mul_(-2.0)
+        if step == "batch":
+            q, k, v = torch.cat([q, torch.randn_like(q)]), torch.cat([k, k]), torch.cat([v, v])
+        with torch.no_grad():
+            out = attn(q, k, v, rel_bias=table)
+        want = reference(pattern, grid, q, k, v, rel_bias=table)
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=0)
 
 
 # the token order: q, k, v handed in the dense term's order, the output taken in it
@@ -261,3 +267,59 @@ def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
     want = reference(pattern, grid, q, k, v, rel_bias=other)
     assert not got.isnan().any()
     torch.testing.assert_close(got.reshape(q.shape), want)
+
+
+@pytest.mark.parametrize("tables_kept", [8, 2])
+def test_ordered_inference_with_tables_in_turn(monkeypatch, tables_kept):
+    # the blocks of a stage share one compiled pattern and call it in turn with their own
+    # tables: each call reads its own, also after one is written in place, and when more
+    # tables come than are kept
+    monkeypatch.setattr(planned.dense_term, "ORDERED_TABLES", tables_kept)
+    grid, pattern = (14, 14), pg.block(7, offset=3)
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, *grid, 8, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    ordered = [order.in_order(t.flatten(2, 3)) for t in (q, k, v)]
+    tables = [torch.randn(2, *(2 * r + 1 for r in attn.reach), generator=gen,
+                          dtype=torch.float64) for _ in range(3)]
+    with torch.no_grad():
+        for i, write in [(0, False), (1, False), (2, False), (0, True), (1, False), (0, False)]:
+            if write:
+                tables[i].mul_(-2.0)
+            got = order.on_grid(attn(*ordered, rel_bias=tables[i], ordered=True))
+            torch.testing.assert_close(got.reshape(q.shape), reference(
+                pattern, grid, q, k, v, rel_bias=tables[i]), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("table_heads", [2, 1, None])
+def test_ordered_inference_in_batch_chunks(monkeypatch, table_heads):
+    # shifted windows in order: bias plus mask kept expanded over as many batch elements as
+    # the bytes allowed hold (2 with a table per head, else 4), so a batch of 5 runs in chunks
+    # and one of 2 or 1 in one call; a NaN value reaches the queries of its block, not those
+    # of the window's other blocks
+    monkeypatch.setattr(planned.dense_term, "ORDERED_ADD_BYTES", 2 * 4 * 2 * 49 * 49 * 8)
+    grid, pattern = (14, 14), pg.block(7, offset=3)
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
+    order = attn.token_order
+    gen = torch.Generator().manual_seed(5)
+    table = (torch.randn(table_heads, *(2 * r + 1 for r in attn.reach), generator=gen,
+                         dtype=torch.float64) if table_heads else None)
+    for batch in (5, 2, 1, 5):
+        q, k, v = (torch.randn(batch, 2, *grid, 8, generator=gen, dtype=torch.float64)
+                   for _ in range(3))
+        want = reference(pattern, grid, q, k, v, rel_bias=table)
+        v[-1, 1, 13, 13] = float("nan")  # block [10, 14)^2: its window holds the corners too
+        want[-1, 1, 10:, 10:] = float("nan")
+        ordered = [order.in_order(t.flatten(2, 3)) for t in (q, k, v)]
+        with torch.no_grad():
+            clean = [t.nan_to_num() for t in ordered]
+            assert order.term.ordered_fused(*clean, 8 ** -0.5, table) is not None
+            assert order.term.ordered_fused(*ordered, 8 ** -0.5, table) is None
+            got = order.on_grid(attn(*ordered, rel_bias=table, ordered=True))
+            fused = order.on_grid(attn(*clean, rel_bias=table, ordered=True))
+        torch.testing.assert_close(got.reshape(q.shape), want, atol=1e-10, rtol=1e-10,
+                                   equal_nan=True)
+        torch.testing.assert_close(fused.reshape(q.shape), reference(
+            pattern, grid, q, k, v.nan_to_num(), rel_bias=table), atol=1e-10, rtol=1e-10)

@@ -22,12 +22,22 @@ from patterngen.backends.merge import acc_dtype
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, open_padding
 
-__all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES"]
+__all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES", "ORDERED_ADD_BYTES",
+           "ORDERED_TABLES"]
 
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
 #: instead of adding a dense mask (CCNet's diagonal: 1/64 of a 64 x 64 problem)
 HOLES = 1 / 16
+
+#: most bytes of the bias plus mask that an ordered call keeps expanded over the batch
+#: (:meth:`DenseTerm._ordered_add`); larger batches run in chunks (Swin's 56x56 stage, 3
+#: heads, batch 8: 14.8 MB)
+ORDERED_ADD_BYTES = 16 << 20
+
+#: most tables (and batch sizes) an ordered call keeps what it adds for
+#: (:meth:`DenseTerm._ordered_add`): Swin-T's 14x14 stage has three shifted blocks
+ORDERED_TABLES = 8
 
 
 class _ViewRecipe(NamedTuple):
@@ -376,70 +386,106 @@ class DenseTerm:
         into ``(B * H, problems, ...)`` for the matmul path took 1.3-2.8x its time (MaxViT's
         14x14 to 56x56, 4 heads; 1.4x at 28x28, 6 heads, with a table). The bias
         ``(1, H, rows, keys)`` is broadcast over windows; with a mask (Swin's shifted
-        windows) bias and mask are added once into ``(problems, H, rows, keys)``, and the
-        kernel runs once per batch element on it: 0.9x the time of one call on the sum
-        expanded over the batch (56x56, 3 heads, batch 2 and 8), which copies it ``B``
-        times. ``None`` where that does not apply (grouped key/value heads, a bias that
-        differs per problem, a softcap, gradients, CUDA, a non-finite output)."""
+        windows), what the kernel adds is kept expanded over the batch
+        (:meth:`_ordered_add`), so that one call runs it all: a call per batch element joined
+        by a copy of the output took 1.47x the time of the unmasked call (56x56, 3 heads,
+        batch 2, one thread), one call 1.15x. ``None`` where that does not apply (grouped
+        key/value heads, a bias that differs per problem, a softcap, gradients, CUDA, a
+        non-finite output)."""
         b, h, t, d = q.shape
         if (self.softcap is not None or k.shape[1] != h or q.device.type != "cpu"
-                or table is not None and self._tile(table).shape[1] != 1
+                or table is not None and self._offsets(q.device).shape[0] != 1
                 or torch.is_grad_enabled() and any(
                     x is not None and x.requires_grad for x in (q, k, v, table))):
             return None
-        add = self._ordered_add(table, q.dtype, q.device)
+        add, chunk = self._ordered_add(table, q.dtype, q.device, b)
         qv, kv, vv = (_problems_view(x, self.problems) for x in (q, k, v))
-        if add is None or add.shape[0] == 1 or b == 1:
+        if chunk >= b:
             out, lse = dense.fused_forward(qv, kv, vv, add, scale)
         else:  # the kernel's output is (problems, rows, H, d) in memory: joined so, a view
-            p = self.problems
-            out = torch.cat([dense.fused_forward(*(x[i * p:(i + 1) * p] for x in (qv, kv, vv)),
-                                                 add, scale)[0].transpose(1, 2)
-                             for i in range(b)]).transpose(1, 2)
-            lse = None
-        # one sum: a NaN or an infinity anywhere (a fully masked row, a non-finite input)
-        # sends the call to the exact path. Without a mask every key of a problem is one its
-        # queries attend, so the kernel's output already follows the rule of tests/
-        # test_nonfinite.py except where a row's log-sum-exp is not finite (all scores -inf,
-        # a NaN or +inf score): the sum of the log-sum-exp, head_dim times smaller, tells
-        checked = lse if self.mask is None and lse is not None else out
-        if not math.isfinite(float(checked.sum())):
+            n = chunk * self.problems
+            parts = [dense.fused_forward(*(x[i:i + n] for x in (qv, kv, vv)),
+                                         add[:min(n, b * self.problems - i)], scale)
+                     for i in range(0, b * self.problems, n)]
+            out = torch.cat([o.transpose(1, 2) for o, _ in parts]).transpose(1, 2)
+            lse = torch.cat([part[1] for part in parts])
+        # sums: a NaN or an infinity anywhere (a fully masked row, a non-finite input) sends
+        # the call to the exact path. The log-sum-exp of a row is not finite where its
+        # scores are all -inf, or one is NaN or +inf (a masked key's too); a key the row
+        # attends with a non-finite value makes its output so already (the rule of tests/
+        # test_nonfinite.py), a masked one only where a problem has masked pairs: the
+        # output of those problems is summed too (15 of 64 windows at 56x56)
+        total = lse.sum()
+        if self.mask is not None:
+            rows = out.transpose(1, 2).reshape(b, self.problems, -1)
+            for start, length in self._masked_runs():
+                total = total + rows.narrow(1, start, length).sum()
+        if not math.isfinite(float(total)):
             return None
         return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
 
-    def _ordered_add(self, table, dtype, device):
-        """What :meth:`ordered_fused` adds to the scores: nothing (``None``), the mask
-        ``(problems or 1, 1, rows, keys)``, the bias ``(1, H, rows, keys)`` (a ``table`` the
-        same for every problem), or the two as one ``(problems, H or 1, rows, keys)`` tensor
-        (kept while the table is unchanged, see :meth:`_tile`)."""
-        mask = None if self.mask is None else self._additive_mask(dtype, device)[0][:, None]
-        if table is None:
-            return mask
-        tile = self._tile(table)
-        bias = tile.transpose(0, 1).to(dtype)
-        if mask is None:
-            return bias
-        key = ("ordered add", dtype)
-        hit = self._cache.get(key)
-        if hit is None or hit[0] is not tile:
-            hit = self._cache[key] = (tile, bias + mask)
-        return hit[1]
+    def _masked_runs(self) -> list:
+        """``(start, length)`` runs of the problems whose mask excludes a pair."""
+        key = ("masked runs",)
+        if key not in self._cache:
+            masked = ~self.mask.reshape(self.mask.shape[0], -1).all(1)
+            if masked.shape[0] == 1:
+                masked = np.repeat(masked, self.problems)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], masked.astype(np.int8), [0]])))
+            self._cache[key] = [(int(a), int(z - a)) for a, z in zip(edges[::2], edges[1::2])]
+        return self._cache[key]
 
-    @staticmethod
-    def _fused_with_bias(qp, kp, vp, scale, bias, mask):
+    def _ordered_add(self, table, dtype, device, batch: int):
+        """What :meth:`ordered_fused` adds to the scores of ``batch`` inputs, and in chunks
+        of how many batch elements: nothing (``None``), the bias ``(1, H, rows, keys)`` (a
+        ``table`` the same for every problem) for the whole batch, or the mask, or bias and
+        mask added, ``(problems, H or 1, rows, keys)`` repeated for a chunk of the batch (at
+        most :data:`ORDERED_ADD_BYTES`). Kept per table, batch and dtype while the table is
+        unchanged (its version counter, as :meth:`_tile`), for up to
+        :data:`ORDERED_TABLES` of them: the blocks of a model stage that share one compiled
+        pattern each have their own table."""
+        kept = table is None or not table.is_inference()
+        key = ("ordered add", dtype, batch, id(table))
+        hit = self._cache.get(key) if kept else None
+        if hit is not None and hit[0] is table and (table is None or hit[1] == table._version):
+            return hit[2], hit[3]
+        add, chunk = None, batch
+        if table is not None:
+            add = self._tile(table).transpose(0, 1).to(dtype)
+        if self.mask is not None:
+            mask = self._additive_mask(dtype, device)[0][:, None]
+            add = mask if add is None else add + mask
+            chunk = max(1, min(batch, ORDERED_ADD_BYTES // (add.numel() * add.element_size())))
+            add = add.repeat(chunk, 1, 1, 1)
+        if kept:
+            adds = [k for k in self._cache if k[0] == "ordered add"]
+            if len(adds) >= ORDERED_TABLES:
+                for k in adds:
+                    del self._cache[k]
+            self._cache[key] = (table, None if table is None else table._version, add, chunk)
+        return add, chunk
+
+    def _fused_with_bias(self, qp, kp, vp, scale, bias, mask):
         """Inference with a bias ``(heads, 1, rows, keys)`` (and a mask ``(1, problems, rows,
         keys)``) in the fused kernel, the bias broadcast over batch (the mask's problems
         over heads) by the kernel: in the call, 0.84-0.93x the matmul path's time on Swin-T's
         stages (its scores never leave the cache), where without a bias the matmul path is
-        the faster (:data:`dense.MATMUL_KEYS`)."""
+        the faster (:data:`dense.MATMUL_KEYS`). What the kernel adds is kept while the bias
+        is the same gather (see :meth:`_tile`) and the batch the same: adding it took 0.2 ms
+        of a 4 ms call (56x56, 3 heads, batch 2, shifted, one thread)."""
         bp, p, n, d = qp.shape
         heads = bias.shape[0]
-        if mask is None:
-            add = bias.expand(bp // heads, heads, 1, n, -1).reshape(bp, 1, n, -1)
-        else:  # the heads' problems become one axis, so that one tensor holds both
-            add = (bias + mask).view(1, heads * p, n, -1)
+        key = ("fused add", qp.dtype)
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not bias or hit[1] is not mask or hit[2] != bp:
+            if mask is None:
+                add = bias.expand(bp // heads, heads, 1, n, -1).reshape(bp, 1, n, -1)
+            else:  # the heads' problems become one axis, so that one tensor holds both
+                add = (bias + mask).view(1, heads * p, n, -1)
+            hit = self._cache[key] = (bias, mask, bp, add.to(qp.dtype))
+        if mask is not None:
             qp, kp, vp = (t.view(bp // heads, heads * p, -1, d) for t in (qp, kp, vp))
-        return dense.fused_forward(qp, kp, vp, add.to(qp.dtype), scale)[0].reshape(bp, p, n, d)
+        return dense.fused_forward(qp, kp, vp, hit[3], scale)[0].reshape(bp, p, n, d)
 
     def forward(self, q, k, v, scale, need_lse: bool = True, table=None):
         """``(out_t, lse_t)``: ``(B, H, N, d)`` in q's dtype and ``(B, H, N)`` float32 (float64
