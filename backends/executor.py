@@ -33,7 +33,7 @@ from patterngen.backends import get_backend
 from patterngen.backends.merge import acc_dtype
 from patterngen.call import Call, Op
 from patterngen.errors import PatternError
-from patterngen.plan import COPYING, DenseShape, gather_first
+from patterngen.plan import COPYING, DenseShape, gather_first, has_mask
 
 __all__ = ["Executor", "Part", "AutogradPart", "TOLERANCES", "WHOLE", "PARTS", "RESIDENT",
            "numba_work", "dense_work"]
@@ -235,20 +235,24 @@ def alone_kernel(call: Call, keys: int) -> str:
     return "fused" if call.bias and not call.backward else "kept"
 
 
-def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False) -> list:
+def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
+               masked: bool = False) -> list:
     """A term as ``shape``'s problems for every (batch, kv head), the query heads of a kv head
     folded into rows; the views of q, k, v and the output's inverse view copy unless they
     are pure views. ``alone``: the term is the whole plan and gives every query a key, so it
-    runs through torch's autograd where it takes the matmul path (:func:`alone_kernel`)."""
+    runs through torch's autograd where it takes the matmul path (:func:`alone_kernel`);
+    ``masked``: its problems have a mask (``plan.has_mask``)."""
     group = call.heads // call.kv_heads
     rows = shape.queries * group
     kernel = (alone_kernel if alone else attend_kernel)(call, shape.keys)
     ops = [Op("launch", 1, kernel="kernel"),
            Op("attend", shape.batch * call.batch * call.kv_heads,
               (rows, shape.keys, call.head_dim), kernel)]
-    if attend_kernel(call, shape.keys) == "fused":
+    if attend_kernel(call, shape.keys) == "fused" or masked and kernel != "kept":
         # k and v checked for non-finite values first: the fused kernels give a row whose
-        # keys all score -inf a log-sum-exp of 0
+        # keys all score -inf a log-sum-exp of 0, and a masked key's NaN or infinity must
+        # not reach the queries that do not attend it (DenseTerm.forward); the lone term's
+        # autograd path checks its output instead
         ops.append(Op("scan", 2 * tokens * call.batch * call.kv_heads * call.head_dim))
     if shape.copied:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
@@ -428,8 +432,9 @@ class DenseExecutor(Executor):
             return f"no dense form for {gather[0]!r}"
         return None
 
-    def work(self, shape: DenseShape, call, tokens: int = 0, alone: bool = False) -> list:
-        return dense_work(shape, tokens, call, alone)
+    def work(self, shape: DenseShape, call, tokens: int = 0, alone: bool = False,
+             masked: bool = False) -> list:
+        return dense_work(shape, tokens, call, alone, masked)
 
     def compile(self, lowered, call, **options):
         return self._backend()(lowered, strategy="terms", terms="dense", **options)
@@ -584,8 +589,9 @@ class LocalExecutor(Executor):
             gather = tuple(tp.term for tp in tps if tp.executor == "gather")
             if gather:
                 ops += PARTS["gather"].work(ir.IR(lowered.grid, gather), call)
-            ops += [op for tp in tps if tp.executor == "dense"
-                    for op in dense_work(tp.dense, tokens, call)]
+            ops += [op for i, tp in enumerate(tps) if tp.executor == "dense"
+                    for op in dense_work(tp.dense, tokens, call, masked=has_mask(
+                        tp.dense, tp.term, [u.term for u in tps[:i]]))]
         return ops
 
     def prepare(self, problem, call, softcap=None, **part):

@@ -867,3 +867,54 @@ def test_a_calibration_on_a_busy_machine_warns(fixed_clock, monkeypatch):
         warnings.simplefilter("always")
         calibrate.measure("cpu", "float32", only=("fault",))
     assert not any("busy" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.criss_cross(), (8, 8)),                  # the row masks the column's pairs: one scan
+    (pg.criss_cross() | pg.window(3), (8, 8)),   # both dense terms masked
+    (pg.axis(0), (200, 2)),                      # 200 keys: the fused kernel scans
+    (pg.axis(0), (8, 8)),                        # alone, no mask: nothing scanned
+    (pg.block(4, offset=1), (8, 8)),             # alone and masked: autograd checks its output
+    (pg.axis(0) | pg.global_tokens([(0, 0)]), (6, 6)),
+])
+def test_the_scans_priced_are_the_scans_run(pattern, grid, monkeypatch):
+    # a dense term checks k and v for non-finite values before the fused kernel and before a
+    # masked matmul: the plan's scan ops count exactly the elements the forward scans
+    from patterngen.backends.planned import dense_term
+
+    scanned = []
+
+    def counting(k, v):
+        scanned.append(k.numel() + v.numel())
+        return False
+
+    monkeypatch.setattr(dense_term, "non_finite", counting)
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms")
+    q, k, v = (torch.randn(1, 2, *grid, 16) for _ in range(3))
+    with torch.no_grad():
+        attn(q, k, v)
+    lines = [line for tps in attn.plan.patterns for tp in tps for line in tp.work]
+    priced = [int(line.split(" x ")[1].split(")")[0]) for line in lines
+              if line.startswith("Op(scan x ")]
+    assert sorted(priced) == sorted(scanned)
+
+
+def test_the_choice_weighs_the_numba_kernels_wherever_they_run():
+    # the term-wise plan's gather group is the numba kernels too: its share carries their
+    # margin as the whole pattern on them does, and print(plan) shows what was compared
+    from patterngen.backends import executors
+
+    margin = executors()["gather"].margin
+    plan = pg.plan(pg.criss_cross() | pg.window(3), (32, 32))
+    terms = pg.plan(pg.criss_cross() | pg.window(3), (32, 32), executors=("terms",))
+    executed = [tp.executor for tp in terms.patterns[0]]
+    assert "gather" in executed and "dense" in executed
+    gathered = sum(tp.predicted_ms for tp in terms.patterns[0] if tp.executor == "gather")
+    assert plan.compared["terms"] == pytest.approx(plan.options["terms"]
+                                                   + (margin - 1) * gathered)
+    assert plan.compared["numba"] == pytest.approx(plan.options["numba"]
+                                                   * executors()["numba"].margin)
+    assert plan.compared["sdpa"] == plan.options["sdpa"]
+    assert plan.strategy == min(plan.compared, key=plan.compared.get)
+    assert f"numba {plan.options['numba']:.3g} ms (compared as {plan.compared['numba']:.3g})" \
+        in str(plan)
