@@ -286,11 +286,21 @@ class DenseShape:
     @property
     def copied(self) -> bool:
         """Whether the views of q, k, v (and the output's inverse) copy: unless every batch
-        axis comes before every whole axis (CCNet's row), the permute or the padding does."""
-        kinds = [a.kind for a in self.axes]
-        if any(k not in ("batch", "full") for k in kinds):
-            return True
-        return "batch" in kinds[kinds.index("full"):] if "full" in kinds else False
+        dimension comes before every problem dimension in memory (CCNet's row, a stripe of
+        whole rows: a tile of rows is its tile index, then its rows), the permute does; a
+        roll, padding or a range of queries or keys always does."""
+        dims = []  # (is a batch dimension, size) in memory order
+        for a in self.axes:
+            if a.kind == "tiles":
+                if a.roll or a.pad_left or a.pad_right:
+                    return True
+                dims += [(True, a.tiles), (False, a.size), (True, a.dilation)]
+            elif a.kind in ("batch", "full"):
+                dims.append((a.kind == "batch", a.n))
+            else:
+                return True
+        kinds = [batch for batch, n in dims if n != 1]
+        return False in kinds and True in kinds[kinds.index(False):]
 
     def coords(self, side: str) -> list[np.ndarray]:
         return [a.coords(side) for a in self.axes]

@@ -918,3 +918,31 @@ def test_the_choice_weighs_the_numba_kernels_wherever_they_run():
     assert plan.strategy == min(plan.compared, key=plan.compared.get)
     assert f"numba {plan.options['numba']:.3g} ms (compared as {plan.compared['numba']:.3g})" \
         in str(plan)
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.stripe(1, width=2), (8, 8)),    # tiles of whole rows: a tile index, then its rows
+    (pg.area(2), (8, 6)),
+    (pg.block((2, 6)), (8, 6)),         # one tile across the second axis
+    (pg.axis(1), (8, 6)),               # CCNet's row
+    (pg.axis(0), (8, 6)),               # its column: a transpose
+    (pg.block(4), (8, 8)),
+    (pg.block(3), (8, 6)),              # padded
+    (pg.block(4, offset=2), (8, 8)),    # rolled
+    (pg.window(2, dilation=4), (8, 8)),
+])
+def test_a_dense_term_is_charged_the_copies_its_views_make(pattern, grid):
+    # DenseShape.copied against what the forward runs: a copy of q, k, v into the problems
+    # and of the output back exactly where the plan prices them
+    from torch.profiler import profile
+
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
+    q, k, v = (torch.randn(1, 2, *grid, 16) for _ in range(3))
+    with torch.no_grad():
+        attn(q, k, v)
+        with profile() as prof:
+            attn(q, k, v)
+    copies = {e.key for e in prof.key_averages()} & {"aten::copy_", "aten::index_select"}
+    [[term]] = attn.plan.patterns
+    assert bool(copies) == term.dense.copied
+    assert any(line.startswith("Op(copy x ") for line in term.work) == term.dense.copied
