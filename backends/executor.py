@@ -254,13 +254,22 @@ def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
         # not reach the queries that do not attend it (DenseTerm.forward); the lone term's
         # autograd path checks its output instead
         ops.append(Op("scan", 2 * tokens * call.batch * call.kv_heads * call.head_dim))
+    if masked and kernel in ("matmul", "kept"):
+        # added to the scores after the GEMM (the fused kernel takes it inside); a few holes
+        # are filled in instead, measured no cheaper per problem (48 x 48, 3 of 48 keys)
+        ops.append(Op("mask", shape.batch * call.batch * call.kv_heads * rows * shape.keys,
+                      kernel=kernel))
     if shape.copied:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
         elements = shape.batch * (rows + 2 * shape.keys) + tokens * group
-        ops.append(Op("copy", elements * per))
+        # a rolled view is an index_select each way (DenseTerm._gathered), which torch runs
+        # on one thread where a permuted copy runs on all (1.6 MB at two threads: 101 us
+        # against 30): priced at the gather's rate
+        how = "roll" if shape.rolled else ""
+        ops.append(Op("copy", elements * per, kernel=how))
         if call.backward and not (alone and kernel == "kept"):
             # the merge's backward views q, k and v again (autograd keeps the forward's)
-            ops.append(Op("recopy", shape.batch * (rows + 2 * shape.keys) * per))
+            ops.append(Op("recopy", shape.batch * (rows + 2 * shape.keys) * per, kernel=how))
         # the views' copies read q, k and v where they lie: strided inputs are not copied
         # twice (measured: a projection's strided q, k, v cost a Swin window term 8-12% more
         # time, where a restride priced 30% more)

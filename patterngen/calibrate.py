@@ -37,7 +37,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 7
+VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _names() -> list[str]:
     names += [numba_name(lanes, d, what) for what in NUMBA_COUNTS for lanes in NUMBA_LANES
               for d in NUMBA_DIMS]
     return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "band", "fill", "scan",
-                                                        "merge", "fault"]
+                                                        "merge", "fault", "mask"]
 
 
 def _bracket(axis: tuple, x: float, log: bool = True):
@@ -134,8 +134,8 @@ class Rates:
             ``unfold_backward`` of their view, in a backward only), ``fill`` (per byte of
             gradient zero-filled and added, in a backward only), ``fault`` (per byte of
             memory new to the process, zeroed by the system on first touch), ``scan`` (per
-            element
-            checked for non-finite values) and ``merge`` (per token and head_dim element of
+            element checked for non-finite values), ``mask`` (per score a dense term's mask
+            is added to on the matmul paths) and ``merge`` (per token and head_dim element of
             each part merged).
         source: ``"measured"`` or ``"default"``.
     """
@@ -189,8 +189,16 @@ class Rates:
             return op.count * (d if op.kind == "numba" else 1), ns, factor
         if op.kind == "restride":  # one pass over the inputs, and again in the backward
             return op.count, self.executors["merge"].pair_ns, 2.0
+        # a rolled view's copy is a gather by a token index (kernel "roll"), and so is its
+        # adjoint in the backward
+        moved = self.executors["gather" if op.kernel == "roll" else "copy"].pair_ns
         if op.kind == "recopy":  # a copy that only a backward makes (its ops list it then)
-            return op.count, self.executors["copy"].pair_ns, 1.0
+            return op.count, moved, 1.0
+        if op.kind == "copy" and op.kernel == "roll":
+            return op.count, moved, self.executors["copy"].backward_factor
+        if op.kind == "mask":  # the merge's backward adds it again; autograd's keeps nothing
+            r = self.executors["mask"]
+            return op.count, r.pair_ns, 1.0 if op.kernel == "kept" else r.backward_factor
         if op.kind == "launch":
             r = self.executors[f"launch/{op.kernel}"]
             return op.count, 1e6 * r.call_ms, r.backward_factor
@@ -292,7 +300,7 @@ _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6)
               "launch/part": (0.1, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4),
-              "fault": (0.0, 0.42, 1.0)}
+              "fault": (0.0, 0.42, 1.0), "mask": (0.0, 0.1, 2.0)}
 
 
 def _default_cpu(name: str) -> Rate:
@@ -734,6 +742,11 @@ def _overhead_benches(device, dtype, dt) -> list:
     gather = _Bench("gather", gathered, gathered_both,
                     4 * index.numel() * 32 * rows.element_size())
     scan = _Bench("scan", lambda: non_finite(x[:4], x[:4]), lambda: None, 2 * x[:4].numel())
+    # a dense term's mask added to its scores on the matmul paths: one pass over them
+    scores = torch.zeros_like(x)
+    holes = torch.zeros(1, 256, 256, device=device, dtype=dt)
+    holes[..., ::17] = -math.inf
+    mask = _Bench("mask", lambda: scores.add_(holes), lambda: None, scores.numel())
     # a gradient of a whole input, new (its pages are touched for the first time) and added
     grad = torch.randn(1 << 22, device=device, dtype=dt)
     fill = _Bench("fill", lambda: torch.zeros_like(grad).add_(grad), lambda: None,
@@ -764,7 +777,7 @@ def _overhead_benches(device, dtype, dt) -> list:
         with torch.enable_grad():
             merge(parts)[0].sum().backward()
 
-    return out + [copy, gather, band, fill, scan, fault,
+    return out + [copy, gather, band, fill, scan, fault, mask,
                   _Bench("merge", merged, merged_both, 2 * 4 * 1024 * 32)]
 
 
@@ -790,7 +803,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
                lambda: _numba_benches(device, dtype, dt)),
               (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "gather",
-                "band", "fill", "scan", "merge", "fault"),
+                "band", "fill", "scan", "merge", "fault", "mask"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -809,7 +822,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     units = {b.name: b.units for b in benches}
     # a copy's backward copies the gradient back; a scan has none; a fill and a band are
     # backward work already
-    fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0}
+    fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0, "mask": 2.0}
     for name, (fwd, both) in best.items():
         factor = max(both / fwd, 1.0)
         if name.startswith("launch/"):

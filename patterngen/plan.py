@@ -284,6 +284,12 @@ class DenseShape:
         return self.batch * self.queries * self.keys
 
     @property
+    def rolled(self) -> bool:
+        """Whether an axis is rolled as Swin rolls (:attr:`DenseAxis.roll`): its views are
+        gathers by a token index."""
+        return any(a.roll for a in self.axes)
+
+    @property
     def copied(self) -> bool:
         """Whether the views of q, k, v (and the output's inverse) copy: unless every batch
         dimension comes before every problem dimension in memory (CCNet's row, a stripe of

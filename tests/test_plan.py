@@ -2,6 +2,7 @@
 dense oracle (float64, forward and every gradient), the plans chosen, calibration files."""
 
 import json
+import math
 import os
 import warnings
 
@@ -920,6 +921,20 @@ def test_the_choice_weighs_the_numba_kernels_wherever_they_run():
         in str(plan)
 
 
+def _profiled_forward(pattern, grid):
+    """A term-wise plan of dense terms compiled and run without gradients on (2, 3, *grid,
+    16) inputs: ``(attn, the torch ops of its second call, with their input shapes)``."""
+    from torch.profiler import profile
+
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
+    q, k, v = (torch.randn(2, 3, *grid, 16) for _ in range(3))
+    with torch.no_grad():
+        attn(q, k, v)
+        with profile(record_shapes=True) as prof:
+            attn(q, k, v)
+    return attn, prof.events()
+
+
 @pytest.mark.parametrize("pattern, grid", [
     (pg.stripe(1, width=2), (8, 8)),    # tiles of whole rows: a tile index, then its rows
     (pg.area(2), (8, 6)),
@@ -934,15 +949,51 @@ def test_the_choice_weighs_the_numba_kernels_wherever_they_run():
 def test_a_dense_term_is_charged_the_copies_its_views_make(pattern, grid):
     # DenseShape.copied against what the forward runs: a copy of q, k, v into the problems
     # and of the output back exactly where the plan prices them
-    from torch.profiler import profile
-
-    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
-    q, k, v = (torch.randn(1, 2, *grid, 16) for _ in range(3))
-    with torch.no_grad():
-        attn(q, k, v)
-        with profile() as prof:
-            attn(q, k, v)
-    copies = {e.key for e in prof.key_averages()} & {"aten::copy_", "aten::index_select"}
+    attn, events = _profiled_forward(pattern, grid)
+    copies = {e.name for e in events} & {"aten::copy_", "aten::index_select"}
     [[term]] = attn.plan.patterns
     assert bool(copies) == term.dense.copied
-    assert any(line.startswith("Op(copy x ") for line in term.work) == term.dense.copied
+    assert any(line.startswith("Op(copy") for line in term.work) == term.dense.copied
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.block(4, offset=2), (8, 8)),
+    (pg.block(3, offset=1), (7, 5)),     # rolled on the first axis, padded on the second
+])
+def test_a_rolled_view_is_priced_as_the_gathers_it_runs(pattern, grid):
+    # the views of a rolled term are index_selects (one thread in torch): the plan's copy/roll
+    # bytes are those the forward's index_selects write, at the gather's rate
+    from patterngen.call import Op
+
+    attn, events = _profiled_forward(pattern, grid)
+    written = sum(e.input_shapes[0][0] * e.input_shapes[2][0] * e.input_shapes[0][2] * 4
+                  for e in events if e.name == "aten::index_select")
+    [[term]] = attn.plan.patterns
+    assert term.dense.rolled
+    [priced] = [line for line in term.work if line.startswith("Op(copy")]
+    assert priced.startswith(f"Op(copy/roll x {written})")
+    rates = calibrate.Rates.default()
+    gather, copy = rates.executors["gather"], rates.executors["copy"]
+    assert rates.unit_rate(Op("copy", 10, kernel="roll")) == (10, gather.pair_ns,
+                                                               copy.backward_factor)
+    assert rates.unit_rate(Op("recopy", 10, kernel="roll")) == (10, gather.pair_ns, 1.0)
+    assert rates.unit_rate(Op("copy", 10)) == (10, copy.pair_ns, copy.backward_factor)
+
+
+@pytest.mark.parametrize("pattern, grid, masked", [
+    (pg.block(4, offset=2), (8, 8), True),   # Swin's shifted windows: the roll's mask
+    (pg.block(3), (8, 6), True),             # padded tiles
+    (pg.axis(0), (8, 6), False),
+    (pg.axis(0) | pg.axis(1), (8, 8), True),  # the row's diagonal: holes filled, merged
+])
+def test_a_mask_is_priced_on_the_scores_it_is_added_to(pattern, grid, masked):
+    # the matmul paths add a term's mask to its scores after the GEMM (broadcast over the
+    # batch and heads; or fill its few holes): the plan's mask op counts those scores
+    attn, events = _profiled_forward(pattern, grid)
+    scores = sum(math.prod(e.input_shapes[0]) for e in events
+                 if e.name == "aten::index_fill_"
+                 or e.name == "aten::add_" and e.input_shapes[1] != e.input_shapes[0])
+    priced = [line for tps in attn.plan.patterns for tp in tps for line in tp.work
+              if line.startswith("Op(mask")]
+    assert bool(priced) == masked
+    assert scores == (int(priced[0].split(" x ")[1].split(")")[0]) if masked else 0)
