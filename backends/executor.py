@@ -192,7 +192,8 @@ def _heads_per_pattern(lowered, call: Call) -> list[int]:
 def numba_work(lowered, call: Call, launch: str) -> list:
     """The numba kernels on ``lowered``: the pairs they compute with their lane plan (tiles of
     queries that share keys compute each tile's union), their queries, the key rows they visit
-    and the keys their forward buffers one at a time (:mod:`.numba.counts`), and one call of
+    as vectorised runs, the keys their forward buffers one at a time and their other key rows
+    (:mod:`.numba.counts`), and one call of
     the ``launch`` path. Tiles that span rows over a key grid run their own loop (a key-major
     chunk, one finish for all lanes) and are priced as their own lane plan, ``span``."""
     from .numba import executed, plan_lanes
@@ -210,7 +211,7 @@ def numba_work(lowered, call: Call, launch: str) -> list:
     kind, d = "span" if groups else "tiles" if lanes else "one", (call.head_dim,)
     return [Op("launch", 1, kernel=launch), Op("numba", pairs, d, kind),
             *(Op(what, sum(getattr(c, what) * w for c, w in zip(counts, work)), d, kind)
-              for what in ("queries", "rows", "loose"))]
+              for what in ("queries", "rows", "loose", "plain"))]
 
 
 def attend_kernel(call: Call, keys: int) -> str:

@@ -81,9 +81,10 @@ ATTEND_KEYS = {"matmul": (1, 16, 64, 128), "fused": (16, 64, 256, 1024), "kept":
 ATTEND_DIMS = (16, 64)
 NUMBA_LANES = ("one", "tiles", "span")
 NUMBA_DIMS = (16, 32, 64)
-#: what the numba kernels are priced on: pairs (times head_dim), queries, key rows visited and
-#: keys their forward buffers one at a time
-NUMBA_COUNTS = ("numba", "queries", "rows", "loose")
+#: what the numba kernels are priced on: pairs (times head_dim), queries, key rows visited as
+#: a vectorised run, keys their forward buffers one at a time and the other key rows (one key
+#: or none, or key by key: a column's rows, measured 0.3-0.4x a run's setup)
+NUMBA_COUNTS = ("numba", "queries", "rows", "loose", "plain")
 #: fixed costs per call of each path: a whole-pattern backend's Python, the term-wise path's
 #: own, one torch kernel launch, and each part of a term-wise plan that merges its parts
 #: beyond its kernel launch (its views, masks and calls, its share of the merge's bookkeeping)
@@ -247,7 +248,10 @@ def _default_cuda(name: str) -> Rate:
 #: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
 #: machine under load, 0.091-0.098 ms and 0.23-0.24 ns; the matmul path's rows of one key and
 #: the fused kernel's problems of one row from two one-thread calibrations under load, each
-#: scaled by the measured ratio to its neighbouring class of 16, the least of the two). Per
+#: scaled by the measured ratio to its neighbouring class of 16, the least of the two; the
+#: numba kernels' plain rows 0.35x their run rows, from interleaved one-thread runs of
+#: columns and windows under load, backward factor 4, the least of three such calibrations'
+#: 4.0-6.1; ``mask`` from a one-thread run of Swin's 256 x 49 x 49 scores: 0.08-0.1 ns). Per
 #: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
 #: 16, at 64, backward factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns,
 #: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
@@ -294,7 +298,8 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
               ("queries", "span", 32): (28.3, 7.47), ("queries", "span", 64): (61.0, 4.35),
               ("rows", "span", 16): (28.6, 2.59), ("rows", "span", 32): (29.0, 2.26),
               ("rows", "span", 64): (29.0, 2.26), ("loose", "span", 16): (1.57, 1.0),
-              ("loose", "span", 32): (0.431, 1.0), ("loose", "span", 64): (1.42, 1.0)}
+              ("loose", "span", 32): (0.431, 1.0), ("loose", "span", 64): (1.42, 1.0),
+              **{("plain", lanes, d): (1.4, 4.0) for lanes in NUMBA_LANES for d in NUMBA_DIMS}}
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "launch/part": (0.1, 0.0, 2.4),
@@ -464,7 +469,8 @@ class _Bench:
     both: object
     units: int
     best: list = field(default_factory=lambda: [math.inf, math.inf])
-    #: a numba bench's units, queries, key rows and loose keys (:data:`NUMBA_COUNTS`)
+    #: a numba bench's units, queries, key rows, loose keys and plain rows
+    #: (:data:`NUMBA_COUNTS`)
     counts: tuple = ()
 
     def run(self, repeats: int) -> None:
@@ -557,14 +563,15 @@ def _pattern_bench(name, attn, grid, d, device, dt, units=None, heads=2,
 #: the numba calibration's patterns: ``(lanes, pattern, grid, key grid, head_dims)``, each a
 #: millisecond or a few. One query at a time, 1-D windows of 9 to 200 keys separate the cost
 #: per pair, per query and per loose key (a row longer than the key buffer goes key by key),
-#: 2-D neighbourhoods (five and nine rows per query) the cost per row; tiles take 1-D windows
+#: 2-D neighbourhoods (five and nine rows per query) the cost per row, a column (64 rows of
+#: one key per query) the cost per plain row; tiles take 1-D windows
 #: of 32 to 128 keys, one row per tile (a tile's rows, measured on 8x8 blocks, cost nothing
 #: beside their pairs and queries); tiles spanning rows take 2-D windows of 3 and 7 keys over
 #: a key grid at upsampling ratio 4 (16 queries over one key, 3 or 7 rows per tile) and of 5
 #: at ratio 2 (8-wide tiles over 4 keys, 2 rows), which separate their pairs, queries and
 #: rows. Patterns of one shape share a compiled module (the grid and the extents are the
 #: kernels' arguments), and the specialised kernel (head_dim 64) takes the 1-D windows and
-#: ratio 4 only, so a calibration compiles eight modules.
+#: ratio 4 only, so a calibration compiles nine modules.
 NUMBA_CASES = (
     (0, ("window", 9), (8192,), None, NUMBA_DIMS),
     (0, ("window", 33), (4096,), None, NUMBA_DIMS),
@@ -572,6 +579,7 @@ NUMBA_CASES = (
     (0, ("window", 200), (1024,), None, NUMBA_DIMS),
     (0, ("window", 5), (64, 64), None, NUMBA_DIMS[:2]),
     (0, ("window", 9), (48, 48), None, NUMBA_DIMS[:2]),
+    (0, ("axis", 0), (64, 64), None, NUMBA_DIMS[:2]),
     (8, ("window", 32), (4096,), None, NUMBA_DIMS),
     (8, ("window", 64), (2048,), None, NUMBA_DIMS),
     (8, ("window", 128), (2048,), None, NUMBA_DIMS),
@@ -602,7 +610,7 @@ def _numba_benches(device, dtype, dt) -> list:
                                    NUMBA_HEADS * sum(attn.executed_pairs) * d, NUMBA_HEADS,
                                    key_grid)
             bench.counts = (bench.units, *(NUMBA_HEADS * n for n in (
-                counts.queries, counts.rows, counts.loose)))
+                counts.queries, counts.rows, counts.loose, counts.plain)))
             out.append(bench)
     tiny = compile_pattern(spec.window(5), (5, 5), backend="numba", device=device, dtype=dtype,
                            lanes=0)  # the 2-D neighbourhood's module: no compile of its own
@@ -642,13 +650,14 @@ def _separable(rows: list) -> bool:
 
 
 def _solve_numba(table, benches, best) -> None:
-    """Per lane plan and head_dim, ns per pair and head_dim element, per query, per row and per
-    loose key, fitted to the points less the call (forward, then forward + backward, where the
-    loose keys keep their forward cost: the backward buffers every key alone, a cost its pairs
-    carry). Where a head_dim's points cannot separate the rows (the specialised kernel's, on
-    1-D windows and ratio 4 only; the tiles'), head_dim 32's rate of them is kept, else none;
-    tiles, spanning rows or not, take the loose keys' rate of the one-query kernels (their
-    lane-by-lane terms run the same loops)."""
+    """Per lane plan and head_dim, ns per pair and head_dim element, per query, per run row,
+    per loose key and per plain row, fitted to the points less the call (forward, then
+    forward + backward, where the loose keys keep their forward cost: the backward buffers
+    every key alone, a cost its pairs carry). Where a head_dim's points cannot separate the
+    rows (the specialised kernel's, on 1-D windows and ratio 4 only; the tiles'), head_dim
+    32's rates of them are kept, else none; tiles, spanning rows or not, take the loose keys'
+    and plain rows' rates of the one-query kernels (their lane-by-lane terms run the same
+    loops)."""
     calls = best["launch/numba"]
     solved = {}
     for lanes in NUMBA_LANES:
@@ -658,10 +667,11 @@ def _solve_numba(table, benches, best) -> None:
                       for b in points] for p in (0, 1)]
             rows = [b.counts for b in points]
             fixed = {}
-            if not _separable(rows):  # the rows' loop, the same at every head_dim, or none
-                fixed = {2: solved.get((lanes, NUMBA_DIMS[1]), ([0.0] * 4, [0.0] * 4))}
+            if not _separable(rows):  # the rows' loops, the same at every head_dim, or none
+                other = solved.get((lanes, NUMBA_DIMS[1]), ([0.0] * 5, [0.0] * 5))
+                fixed = {2: other, 4: other}
             if lanes != "one":
-                fixed[3] = solved["one", d]
+                fixed[3] = fixed[4] = solved["one", d]
             fwd = nonnegative_fit(rows, times[0], {c: s[0][c] for c, s in fixed.items()})
             # the backward buffers every key alone: the loose keys cost their forward only
             both = nonnegative_fit(rows, times[1], {c: s[1][c] for c, s in fixed.items()}

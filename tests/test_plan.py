@@ -539,38 +539,41 @@ def _keys_per_axis(term, shape, i):
 
 
 def _walk_forward_loops(lowered, chunk, lanes=0):
-    """Queries, key rows and keys buffered one at a time by the forward, walking its loops
-    (source.py). One query at a time: per term, the outer axes' keys, then the last axis's as
-    one run (the first term on a contiguous axis, when the run fits the buffer's room) or key
-    by key (every key of a later term, held earlier or not). In tiles whose lanes share every
-    term: per tile and term, the outer axes' keys of the tile's row, the union key by key."""
+    """Queries, key rows of two keys or more, keys buffered one at a time and key rows of
+    one key or none, by the forward, walking its loops (source.py). One
+    query at a time: per term, the outer axes' keys, then the last axis's as one run (the
+    first term on a contiguous axis, when the run fits the buffer's room) or key by key
+    (every key of a later term, held earlier or not). In tiles whose lanes share every term:
+    per tile and term, the outer axes' keys of the tile's row, the union key by key."""
     shape = lowered.grid.shape
-    rows = loose = 0
+    rows = loose = plain = 0
     if lanes:
         for i in np.ndindex(*shape[:-1], -(-shape[-1] // lanes)):
             rows += sum(_keys_per_axis(term, shape, (*i[:-1], i[-1] * lanes))[0]
                         for term in lowered.terms)
-        return int(np.prod(shape)), rows, 0
+        return int(np.prod(shape)), rows, 0, 0
     for i in np.ndindex(*shape):
         cnt = 0
         for t, term in enumerate(lowered.terms):
             outer, last = _keys_per_axis(term, shape, i)
-            rows += outer
             for _ in range(outer):
+                rows += last > 1
+                plain += last <= 1
                 if t == 0 and int(term.rels[-1].step) == 1 and 0 < last <= chunk - cnt:
                     cnt += last
                     continue
                 for _ in range(last):
                     cnt = (cnt if cnt < chunk else 0) + 1
                     loose += 1
-    return int(np.prod(shape)), rows, loose
+    return int(np.prod(shape)), rows, loose, plain
 
 
 @pytest.mark.parametrize("pattern, grid", [
     (pg.window(5), (9, 9)), (pg.window(13), (16, 16)), (pg.window(4, dilation=2), (11, 10)),
     (pg.window((3, 7, 7)), (4, 9, 9)), (pg.window(200), (300,)), (pg.window(9), (20,)),
     (pg.window(3) | pg.axis(0), (6, 7)), (pg.criss_cross(), (8, 8)),
-    (pg.block(4, offset=1), (9, 8)), (pg.window(7, stride=2), (12, 12))])
+    (pg.block(4, offset=1), (9, 8)), (pg.window(7, stride=2), (12, 12)),
+    (pg.axis(0), (7, 5)), (pg.criss_cross() | pg.window(3), (9, 9))])
 def test_the_numba_counts_are_the_forward_loops(pattern, grid):
     # the planner prices the kernels on these counts; a walk of the loops gives them exactly,
     # one query at a time for every pattern and in the tiles the planner picks
@@ -582,7 +585,8 @@ def test_the_numba_counts_are_the_forward_loops(pattern, grid):
 
     lowered = runs_first(pg.lower(pattern, grid))
     [one] = kernel_counts(lowered, grid, 0, None)
-    assert (one.queries, one.rows, one.loose) == _walk_forward_loops(lowered, source.KEY_CHUNK)
+    assert (one.queries, one.rows, one.loose, one.plain) == _walk_forward_loops(
+        lowered, source.KEY_CHUNK)
     lanes, shared = plan_lanes(lowered, grid)
     ops = {op.kind: op for op in executors()["numba"].work(
         lowered, Call(batch=2, heads=3, head_dim=8)) if op.kind != "launch"}
@@ -590,7 +594,7 @@ def test_the_numba_counts_are_the_forward_loops(pattern, grid):
     assert all(op.shape == (8,) for op in ops.values())
     if lanes:
         assert all(map(all, shared))  # every term shared: what the tile walk knows
-    assert [ops[k].count for k in ("queries", "rows", "loose")] == [
+    assert [ops[k].count for k in ("queries", "rows", "loose", "plain")] == [
         6 * n for n in _walk_forward_loops(lowered, source.KEY_CHUNK, lanes)]
 
 
@@ -906,8 +910,9 @@ def test_the_choice_weighs_the_numba_kernels_wherever_they_run():
     from patterngen.backends import executors
 
     margin = executors()["gather"].margin
-    plan = pg.plan(pg.criss_cross() | pg.window(3), (32, 32))
-    terms = pg.plan(pg.criss_cross() | pg.window(3), (32, 32), executors=("terms",))
+    plan = pg.plan(pg.criss_cross() | pg.window(3), (32, 32), terms="dense")
+    terms = pg.plan(pg.criss_cross() | pg.window(3), (32, 32), executors=("terms",),
+                    terms="dense")
     executed = [tp.executor for tp in terms.patterns[0]]
     assert "gather" in executed and "dense" in executed
     gathered = sum(tp.predicted_ms for tp in terms.patterns[0] if tp.executor == "gather")
