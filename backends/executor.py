@@ -192,10 +192,10 @@ def _heads_per_pattern(lowered, call: Call) -> list[int]:
 def numba_work(lowered, call: Call, launch: str) -> list:
     """The numba kernels on ``lowered``: the pairs they compute with their lane plan (tiles of
     queries that share keys compute each tile's union), their queries, the key rows they visit
-    as vectorised runs, the keys their forward buffers one at a time and their other key rows
-    (:mod:`.numba.counts`), and one call of
-    the ``launch`` path. Tiles that span rows over a key grid run their own loop (a key-major
-    chunk, one finish for all lanes) and are priced as their own lane plan, ``span``."""
+    (of two keys or more, and of one key or none: ``plain``) and the keys their forward
+    buffers one at a time (:mod:`.numba.counts`), and one call of the ``launch`` path. Tiles
+    that span rows over a key grid run their own loop (a key-major chunk, one finish for all
+    lanes) and are priced as their own lane plan, ``span``."""
     from .numba import executed, plan_lanes
     from .numba.counts import kernel_counts
     from .numba.tiling import plan_groups, runs_first

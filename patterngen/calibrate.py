@@ -81,9 +81,9 @@ ATTEND_KEYS = {"matmul": (1, 16, 64, 128), "fused": (16, 64, 256, 1024), "kept":
 ATTEND_DIMS = (16, 64)
 NUMBA_LANES = ("one", "tiles", "span")
 NUMBA_DIMS = (16, 32, 64)
-#: what the numba kernels are priced on: pairs (times head_dim), queries, key rows visited as
-#: a vectorised run, keys their forward buffers one at a time and the other key rows (one key
-#: or none, or key by key: a column's rows, measured 0.3-0.4x a run's setup)
+#: what the numba kernels are priced on: pairs (times head_dim), queries, key rows of two keys
+#: or more visited, keys their forward buffers one at a time and key rows of one key or none
+#: (a column's: measured 0.3-0.4x a longer row's setup)
 NUMBA_COUNTS = ("numba", "queries", "rows", "loose", "plain")
 #: fixed costs per call of each path: a whole-pattern backend's Python, the term-wise path's
 #: own, one torch kernel launch, and each part of a term-wise plan that merges its parts
@@ -650,8 +650,8 @@ def _separable(rows: list) -> bool:
 
 
 def _solve_numba(table, benches, best) -> None:
-    """Per lane plan and head_dim, ns per pair and head_dim element, per query, per run row,
-    per loose key and per plain row, fitted to the points less the call (forward, then
+    """Per lane plan and head_dim, ns per pair and head_dim element, per query, per row, per
+    loose key and per row of one key (plain), fitted to the points less the call (forward, then
     forward + backward, where the loose keys keep their forward cost: the backward buffers
     every key alone, a cost its pairs carry). Where a head_dim's points cannot separate the
     rows (the specialised kernel's, on 1-D windows and ratio 4 only; the tiles'), head_dim

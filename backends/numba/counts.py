@@ -7,8 +7,8 @@ the last), a loop's setup, dearer for two keys or more than for one key or none 
 term's keys on a contiguous last axis, while the row fits the buffer's room) or a key
 buffered on its own, with a test against every earlier term (a dilated last axis, a later
 term of a union, a row longer than the room left); per pair, the chunk helpers' work over
-head_dim. The backward buffers every key on its own, so its cost per key is
-in its cost per pair.
+head_dim. The backward buffers every key on its own, so its cost per key is in its cost per
+pair.
 """
 
 from __future__ import annotations
