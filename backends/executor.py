@@ -33,7 +33,7 @@ from patterngen.backends import get_backend
 from patterngen.backends.merge import acc_dtype
 from patterngen.call import Call, Op
 from patterngen.errors import PatternError
-from patterngen.plan import COPYING, DenseShape, gather_first
+from patterngen.plan import COPYING, DenseShape, gather_first, has_mask
 
 __all__ = ["Executor", "Part", "AutogradPart", "TOLERANCES", "WHOLE", "PARTS", "RESIDENT",
            "numba_work", "dense_work"]
@@ -192,9 +192,10 @@ def _heads_per_pattern(lowered, call: Call) -> list[int]:
 def numba_work(lowered, call: Call, launch: str) -> list:
     """The numba kernels on ``lowered``: the pairs they compute with their lane plan (tiles of
     queries that share keys compute each tile's union), their queries, the key rows they visit
-    and the keys their forward buffers one at a time (:mod:`.numba.counts`), and one call of
-    the ``launch`` path. Tiles that span rows over a key grid run their own loop (a key-major
-    chunk, one finish for all lanes) and are priced as their own lane plan, ``span``."""
+    (of two keys or more, and of one key or none: ``plain``) and the keys their forward
+    buffers one at a time (:mod:`.numba.counts`), and one call of the ``launch`` path. Tiles
+    that span rows over a key grid run their own loop (a key-major chunk, one finish for all
+    lanes) and are priced as their own lane plan, ``span``."""
     from .numba import executed, plan_lanes
     from .numba.counts import kernel_counts
     from .numba.tiling import plan_groups, runs_first
@@ -210,7 +211,7 @@ def numba_work(lowered, call: Call, launch: str) -> list:
     kind, d = "span" if groups else "tiles" if lanes else "one", (call.head_dim,)
     return [Op("launch", 1, kernel=launch), Op("numba", pairs, d, kind),
             *(Op(what, sum(getattr(c, what) * w for c, w in zip(counts, work)), d, kind)
-              for what in ("queries", "rows", "loose"))]
+              for what in ("queries", "rows", "loose", "plain"))]
 
 
 def attend_kernel(call: Call, keys: int) -> str:
@@ -235,28 +236,41 @@ def alone_kernel(call: Call, keys: int) -> str:
     return "fused" if call.bias and not call.backward else "kept"
 
 
-def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False) -> list:
+def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
+               masked: bool = False) -> list:
     """A term as ``shape``'s problems for every (batch, kv head), the query heads of a kv head
     folded into rows; the views of q, k, v and the output's inverse view copy unless they
     are pure views. ``alone``: the term is the whole plan and gives every query a key, so it
-    runs through torch's autograd where it takes the matmul path (:func:`alone_kernel`)."""
+    runs through torch's autograd where it takes the matmul path (:func:`alone_kernel`);
+    ``masked``: its problems have a mask (``plan.has_mask``)."""
     group = call.heads // call.kv_heads
     rows = shape.queries * group
     kernel = (alone_kernel if alone else attend_kernel)(call, shape.keys)
     ops = [Op("launch", 1, kernel="kernel"),
            Op("attend", shape.batch * call.batch * call.kv_heads,
               (rows, shape.keys, call.head_dim), kernel)]
-    if attend_kernel(call, shape.keys) == "fused":
+    if attend_kernel(call, shape.keys) == "fused" or masked and kernel != "kept":
         # k and v checked for non-finite values first: the fused kernels give a row whose
-        # keys all score -inf a log-sum-exp of 0
+        # keys all score -inf a log-sum-exp of 0, and a masked key's NaN or infinity must
+        # not reach the queries that do not attend it (DenseTerm.forward); the lone term's
+        # autograd path checks its output instead
         ops.append(Op("scan", 2 * tokens * call.batch * call.kv_heads * call.head_dim))
+    if masked and kernel in ("matmul", "kept"):
+        # added to the scores after the GEMM (the fused kernel takes it inside); a few holes
+        # are filled in instead, measured no cheaper per problem (48 x 48, 3 of 48 keys)
+        ops.append(Op("mask", shape.batch * call.batch * call.kv_heads * rows * shape.keys,
+                      kernel=kernel))
     if shape.copied:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
         elements = shape.batch * (rows + 2 * shape.keys) + tokens * group
-        ops.append(Op("copy", elements * per))
+        # a rolled view is an index_select each way (DenseTerm._gathered), which torch runs
+        # on one thread where a permuted copy runs on all (1.6 MB at two threads: 101 us
+        # against 30): priced at the gather's rate
+        how = "roll" if shape.rolled else ""
+        ops.append(Op("copy", elements * per, kernel=how))
         if call.backward and not (alone and kernel == "kept"):
             # the merge's backward views q, k and v again (autograd keeps the forward's)
-            ops.append(Op("recopy", shape.batch * (rows + 2 * shape.keys) * per))
+            ops.append(Op("recopy", shape.batch * (rows + 2 * shape.keys) * per, kernel=how))
         # the views' copies read q, k and v where they lie: strided inputs are not copied
         # twice (measured: a projection's strided q, k, v cost a Swin window term 8-12% more
         # time, where a restride priced 30% more)
@@ -428,8 +442,9 @@ class DenseExecutor(Executor):
             return f"no dense form for {gather[0]!r}"
         return None
 
-    def work(self, shape: DenseShape, call, tokens: int = 0, alone: bool = False) -> list:
-        return dense_work(shape, tokens, call, alone)
+    def work(self, shape: DenseShape, call, tokens: int = 0, alone: bool = False,
+             masked: bool = False) -> list:
+        return dense_work(shape, tokens, call, alone, masked)
 
     def compile(self, lowered, call, **options):
         return self._backend()(lowered, strategy="terms", terms="dense", **options)
@@ -584,8 +599,9 @@ class LocalExecutor(Executor):
             gather = tuple(tp.term for tp in tps if tp.executor == "gather")
             if gather:
                 ops += PARTS["gather"].work(ir.IR(lowered.grid, gather), call)
-            ops += [op for tp in tps if tp.executor == "dense"
-                    for op in dense_work(tp.dense, tokens, call)]
+            ops += [op for i, tp in enumerate(tps) if tp.executor == "dense"
+                    for op in dense_work(tp.dense, tokens, call, masked=has_mask(
+                        tp.dense, tp.term, [u.term for u in tps[:i]]))]
         return ops
 
     def prepare(self, problem, call, softcap=None, **part):

@@ -37,7 +37,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 7
+VERSION = 8
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,10 @@ ATTEND_KEYS = {"matmul": (1, 16, 64, 128), "fused": (16, 64, 256, 1024), "kept":
 ATTEND_DIMS = (16, 64)
 NUMBA_LANES = ("one", "tiles", "span")
 NUMBA_DIMS = (16, 32, 64)
-#: what the numba kernels are priced on: pairs (times head_dim), queries, key rows visited and
-#: keys their forward buffers one at a time
-NUMBA_COUNTS = ("numba", "queries", "rows", "loose")
+#: what the numba kernels are priced on: pairs (times head_dim), queries, key rows of two keys
+#: or more visited, keys their forward buffers one at a time and key rows of one key or none
+#: (a column's: measured 0.3-0.4x a longer row's setup)
+NUMBA_COUNTS = ("numba", "queries", "rows", "loose", "plain")
 #: fixed costs per call of each path: a whole-pattern backend's Python, the term-wise path's
 #: own, one torch kernel launch, and each part of a term-wise plan that merges its parts
 #: beyond its kernel launch (its views, masks and calls, its share of the merge's bookkeeping)
@@ -105,7 +106,7 @@ def _names() -> list[str]:
     names += [numba_name(lanes, d, what) for what in NUMBA_COUNTS for lanes in NUMBA_LANES
               for d in NUMBA_DIMS]
     return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "band", "fill", "scan",
-                                                        "merge", "fault"]
+                                                        "merge", "fault", "mask"]
 
 
 def _bracket(axis: tuple, x: float, log: bool = True):
@@ -134,8 +135,8 @@ class Rates:
             ``unfold_backward`` of their view, in a backward only), ``fill`` (per byte of
             gradient zero-filled and added, in a backward only), ``fault`` (per byte of
             memory new to the process, zeroed by the system on first touch), ``scan`` (per
-            element
-            checked for non-finite values) and ``merge`` (per token and head_dim element of
+            element checked for non-finite values), ``mask`` (per score a dense term's mask
+            is added to on the matmul paths) and ``merge`` (per token and head_dim element of
             each part merged).
         source: ``"measured"`` or ``"default"``.
     """
@@ -189,8 +190,16 @@ class Rates:
             return op.count * (d if op.kind == "numba" else 1), ns, factor
         if op.kind == "restride":  # one pass over the inputs, and again in the backward
             return op.count, self.executors["merge"].pair_ns, 2.0
+        # a rolled view's copy is a gather by a token index (kernel "roll"), and so is its
+        # adjoint in the backward
+        moved = self.executors["gather" if op.kernel == "roll" else "copy"].pair_ns
         if op.kind == "recopy":  # a copy that only a backward makes (its ops list it then)
-            return op.count, self.executors["copy"].pair_ns, 1.0
+            return op.count, moved, 1.0
+        if op.kind == "copy" and op.kernel == "roll":
+            return op.count, moved, self.executors["copy"].backward_factor
+        if op.kind == "mask":  # the merge's backward adds it again; autograd's keeps nothing
+            r = self.executors["mask"]
+            return op.count, r.pair_ns, 1.0 if op.kernel == "kept" else r.backward_factor
         if op.kind == "launch":
             r = self.executors[f"launch/{op.kernel}"]
             return op.count, 1e6 * r.call_ms, r.backward_factor
@@ -239,7 +248,10 @@ def _default_cuda(name: str) -> Rate:
 #: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
 #: machine under load, 0.091-0.098 ms and 0.23-0.24 ns; the matmul path's rows of one key and
 #: the fused kernel's problems of one row from two one-thread calibrations under load, each
-#: scaled by the measured ratio to its neighbouring class of 16, the least of the two). Per
+#: scaled by the measured ratio to its neighbouring class of 16, the least of the two; the
+#: numba kernels' plain rows 0.35x their run rows, from interleaved one-thread runs of
+#: columns and windows under load, backward factor 4, the least of three such calibrations'
+#: 4.0-6.1; ``mask`` from a one-thread run of Swin's 256 x 49 x 49 scores: 0.08-0.1 ns). Per
 #: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
 #: 16, at 64, backward factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns,
 #: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
@@ -286,13 +298,14 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
               ("queries", "span", 32): (28.3, 7.47), ("queries", "span", 64): (61.0, 4.35),
               ("rows", "span", 16): (28.6, 2.59), ("rows", "span", 32): (29.0, 2.26),
               ("rows", "span", 64): (29.0, 2.26), ("loose", "span", 16): (1.57, 1.0),
-              ("loose", "span", 32): (0.431, 1.0), ("loose", "span", 64): (1.42, 1.0)}
+              ("loose", "span", 32): (0.431, 1.0), ("loose", "span", 64): (1.42, 1.0),
+              **{("plain", lanes, d): (1.4, 4.0) for lanes in NUMBA_LANES for d in NUMBA_DIMS}}
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "launch/part": (0.1, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4),
-              "fault": (0.0, 0.42, 1.0)}
+              "fault": (0.0, 0.42, 1.0), "mask": (0.0, 0.1, 2.0)}
 
 
 def _default_cpu(name: str) -> Rate:
@@ -456,7 +469,8 @@ class _Bench:
     both: object
     units: int
     best: list = field(default_factory=lambda: [math.inf, math.inf])
-    #: a numba bench's units, queries, key rows and loose keys (:data:`NUMBA_COUNTS`)
+    #: a numba bench's units, queries, key rows, loose keys and plain rows
+    #: (:data:`NUMBA_COUNTS`)
     counts: tuple = ()
 
     def run(self, repeats: int) -> None:
@@ -549,14 +563,15 @@ def _pattern_bench(name, attn, grid, d, device, dt, units=None, heads=2,
 #: the numba calibration's patterns: ``(lanes, pattern, grid, key grid, head_dims)``, each a
 #: millisecond or a few. One query at a time, 1-D windows of 9 to 200 keys separate the cost
 #: per pair, per query and per loose key (a row longer than the key buffer goes key by key),
-#: 2-D neighbourhoods (five and nine rows per query) the cost per row; tiles take 1-D windows
+#: 2-D neighbourhoods (five and nine rows per query) the cost per row, a column (64 rows of
+#: one key per query) the cost per plain row; tiles take 1-D windows
 #: of 32 to 128 keys, one row per tile (a tile's rows, measured on 8x8 blocks, cost nothing
 #: beside their pairs and queries); tiles spanning rows take 2-D windows of 3 and 7 keys over
 #: a key grid at upsampling ratio 4 (16 queries over one key, 3 or 7 rows per tile) and of 5
 #: at ratio 2 (8-wide tiles over 4 keys, 2 rows), which separate their pairs, queries and
 #: rows. Patterns of one shape share a compiled module (the grid and the extents are the
 #: kernels' arguments), and the specialised kernel (head_dim 64) takes the 1-D windows and
-#: ratio 4 only, so a calibration compiles eight modules.
+#: ratio 4 only, so a calibration compiles nine modules.
 NUMBA_CASES = (
     (0, ("window", 9), (8192,), None, NUMBA_DIMS),
     (0, ("window", 33), (4096,), None, NUMBA_DIMS),
@@ -564,6 +579,7 @@ NUMBA_CASES = (
     (0, ("window", 200), (1024,), None, NUMBA_DIMS),
     (0, ("window", 5), (64, 64), None, NUMBA_DIMS[:2]),
     (0, ("window", 9), (48, 48), None, NUMBA_DIMS[:2]),
+    (0, ("axis", 0), (64, 64), None, NUMBA_DIMS[:2]),
     (8, ("window", 32), (4096,), None, NUMBA_DIMS),
     (8, ("window", 64), (2048,), None, NUMBA_DIMS),
     (8, ("window", 128), (2048,), None, NUMBA_DIMS),
@@ -594,7 +610,7 @@ def _numba_benches(device, dtype, dt) -> list:
                                    NUMBA_HEADS * sum(attn.executed_pairs) * d, NUMBA_HEADS,
                                    key_grid)
             bench.counts = (bench.units, *(NUMBA_HEADS * n for n in (
-                counts.queries, counts.rows, counts.loose)))
+                counts.queries, counts.rows, counts.loose, counts.plain)))
             out.append(bench)
     tiny = compile_pattern(spec.window(5), (5, 5), backend="numba", device=device, dtype=dtype,
                            lanes=0)  # the 2-D neighbourhood's module: no compile of its own
@@ -634,13 +650,14 @@ def _separable(rows: list) -> bool:
 
 
 def _solve_numba(table, benches, best) -> None:
-    """Per lane plan and head_dim, ns per pair and head_dim element, per query, per row and per
-    loose key, fitted to the points less the call (forward, then forward + backward, where the
-    loose keys keep their forward cost: the backward buffers every key alone, a cost its pairs
-    carry). Where a head_dim's points cannot separate the rows (the specialised kernel's, on
-    1-D windows and ratio 4 only; the tiles'), head_dim 32's rate of them is kept, else none;
-    tiles, spanning rows or not, take the loose keys' rate of the one-query kernels (their
-    lane-by-lane terms run the same loops)."""
+    """Per lane plan and head_dim, ns per pair and head_dim element, per query, per row, per
+    loose key and per row of one key (plain), fitted to the points less the call (forward, then
+    forward + backward, where the loose keys keep their forward cost: the backward buffers
+    every key alone, a cost its pairs carry). Where a head_dim's points cannot separate the
+    rows (the specialised kernel's, on 1-D windows and ratio 4 only; the tiles'), head_dim
+    32's rates of them are kept, else none; tiles, spanning rows or not, take the loose keys'
+    and plain rows' rates of the one-query kernels (their lane-by-lane terms run the same
+    loops)."""
     calls = best["launch/numba"]
     solved = {}
     for lanes in NUMBA_LANES:
@@ -650,10 +667,11 @@ def _solve_numba(table, benches, best) -> None:
                       for b in points] for p in (0, 1)]
             rows = [b.counts for b in points]
             fixed = {}
-            if not _separable(rows):  # the rows' loop, the same at every head_dim, or none
-                fixed = {2: solved.get((lanes, NUMBA_DIMS[1]), ([0.0] * 4, [0.0] * 4))}
+            if not _separable(rows):  # the rows' loops, the same at every head_dim, or none
+                other = solved.get((lanes, NUMBA_DIMS[1]), ([0.0] * 5, [0.0] * 5))
+                fixed = {2: other, 4: other}
             if lanes != "one":
-                fixed[3] = solved["one", d]
+                fixed[3] = fixed[4] = solved["one", d]
             fwd = nonnegative_fit(rows, times[0], {c: s[0][c] for c, s in fixed.items()})
             # the backward buffers every key alone: the loose keys cost their forward only
             both = nonnegative_fit(rows, times[1], {c: s[1][c] for c, s in fixed.items()}
@@ -734,6 +752,11 @@ def _overhead_benches(device, dtype, dt) -> list:
     gather = _Bench("gather", gathered, gathered_both,
                     4 * index.numel() * 32 * rows.element_size())
     scan = _Bench("scan", lambda: non_finite(x[:4], x[:4]), lambda: None, 2 * x[:4].numel())
+    # a dense term's mask added to its scores on the matmul paths: one pass over them
+    scores = torch.zeros_like(x)
+    holes = torch.zeros(1, 256, 256, device=device, dtype=dt)
+    holes[..., ::17] = -math.inf
+    mask = _Bench("mask", lambda: scores.add_(holes), lambda: None, scores.numel())
     # a gradient of a whole input, new (its pages are touched for the first time) and added
     grad = torch.randn(1 << 22, device=device, dtype=dt)
     fill = _Bench("fill", lambda: torch.zeros_like(grad).add_(grad), lambda: None,
@@ -764,7 +787,7 @@ def _overhead_benches(device, dtype, dt) -> list:
         with torch.enable_grad():
             merge(parts)[0].sum().backward()
 
-    return out + [copy, gather, band, fill, scan, fault,
+    return out + [copy, gather, band, fill, scan, fault, mask,
                   _Bench("merge", merged, merged_both, 2 * 4 * 1024 * 32)]
 
 
@@ -790,7 +813,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
                lambda: _numba_benches(device, dtype, dt)),
               (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "gather",
-                "band", "fill", "scan", "merge", "fault"),
+                "band", "fill", "scan", "merge", "fault", "mask"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -809,7 +832,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     units = {b.name: b.units for b in benches}
     # a copy's backward copies the gradient back; a scan has none; a fill and a band are
     # backward work already
-    fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0}
+    fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0, "mask": 2.0}
     for name, (fwd, both) in best.items():
         factor = max(both / fwd, 1.0)
         if name.startswith("launch/"):

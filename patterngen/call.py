@@ -91,7 +91,8 @@ class Op:
         kernel: which kernel (``matmul``, ``fused``, ``kept``; the lane plan of ``numba``:
             ``one`` or ``tiles``) or path (``launch``). ``kept`` is the matmul path through
             torch's autograd, which keeps the probabilities: a dense term that is the whole
-            plan.
+            plan. ``roll`` marks a ``copy`` or ``recopy`` that a rolled view makes by gathers
+            (priced at the ``gather`` rate).
     """
 
     kind: str

@@ -284,13 +284,29 @@ class DenseShape:
         return self.batch * self.queries * self.keys
 
     @property
+    def rolled(self) -> bool:
+        """Whether an axis is rolled as Swin rolls (:attr:`DenseAxis.roll`): its views are
+        gathers by a token index."""
+        return any(a.roll for a in self.axes)
+
+    @property
     def copied(self) -> bool:
         """Whether the views of q, k, v (and the output's inverse) copy: unless every batch
-        axis comes before every whole axis (CCNet's row), the permute or the padding does."""
-        kinds = [a.kind for a in self.axes]
-        if any(k not in ("batch", "full") for k in kinds):
-            return True
-        return "batch" in kinds[kinds.index("full"):] if "full" in kinds else False
+        dimension comes before every problem dimension in memory (CCNet's row, a stripe of
+        whole rows: a tile of rows is its tile index, then its rows), the permute does; a
+        roll, padding or a range of queries or keys always does."""
+        dims = []  # (is a batch dimension, size) in memory order
+        for a in self.axes:
+            if a.kind == "tiles":
+                if a.roll or a.pad_left or a.pad_right:
+                    return True
+                dims += [(True, a.tiles), (False, a.size), (True, a.dilation)]
+            elif a.kind in ("batch", "full"):
+                dims.append((a.kind == "batch", a.n))
+            else:
+                return True
+        kinds = [batch for batch, n in dims if n != 1]
+        return False in kinds and True in kinds[kinds.index(False):]
 
     def coords(self, side: str) -> list[np.ndarray]:
         return [a.coords(side) for a in self.axes]
@@ -359,6 +375,12 @@ def _mask_parts(shape: DenseShape, term: ir.Term, earlier):
     if all(p.all() for p in own) and not overlaps:
         return None
     return own, overlaps
+
+
+def has_mask(shape: DenseShape, term: ir.Term, earlier) -> bool:
+    """Whether :func:`dense_mask` is not ``None``: padding, causal pairs, pairs of the term's
+    problems it does not attend, or pairs of an ``earlier`` term, without building it."""
+    return _mask_parts(shape, term, earlier) is not None
 
 
 def dense_mask(shape: DenseShape, term: ir.Term, earlier) -> np.ndarray | None:
@@ -477,6 +499,9 @@ class Plan:
         work: per strategy that can run, the lines its prediction was priced from (one per
             op: count, rate); the term-wise strategy's shared costs (its call, the merge).
         key_grid: the keys' grid when it is another (then every term is a gather term).
+        compared: per strategy that can run, the figure the choice compared: its prediction
+            with the numba kernels' share (the whole pattern, a gather group) times their
+            executor's ``margin``.
     """
 
     label: str
@@ -496,6 +521,7 @@ class Plan:
     call: Call | None = None
     work: dict = field(default_factory=dict)
     key_grid: tuple | None = None
+    compared: dict = field(default_factory=dict)
 
     def __str__(self):
         pass_ = "forward+backward" if self.backward else "forward"
@@ -523,7 +549,9 @@ class Plan:
                 lines += [f"      {note}" for note in tp.notes]
                 lines += [f"      {w}" for w in tp.work]
         lines.append("  strategies: " + "; ".join(
-            f"{k} {v:.3g} ms" if isinstance(v, float) else f"{k}: {v}"
+            (f"{k} {v:.3g} ms" + (f" (compared as {self.compared[k]:.3g})"
+                                  if self.compared.get(k, v) != v else ""))
+            if isinstance(v, float) else f"{k}: {v}"
             for k, v in self.options.items()))
         for name, work in self.work.items():
             lines.append(f"  {name} priced from:")
@@ -642,12 +670,16 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         raise BackendUnavailable(
             f"plan: nothing can run {lowered.label} on device={device!r} with dtype={dtype!r}:"
             + "".join(f"\n  {k}: {v}" for k, v in options.items()))
-    # each by its prediction times its executor's margin (the terms' own: its gather group
-    # against its dense batches was weighed inside)
+    # each by its prediction with its numba kernels' share times their margin: the term-wise
+    # plan's gather group is those kernels too, as uncertain as the whole pattern on them
+    compared = {n: ms * table[n].margin if n in table else
+                ms + (table["gather"].margin - 1.0) * sum(
+                    tp.predicted_ms for tps in term_plans for tp in tps
+                    if tp.executor == "gather")
+                for n, ms in whole.items()}
     candidates = [n for n in whole if not (n == "terms" and _numba_again(term_plans, whole,
                                                                          call))]
-    strategy = min(candidates, key=lambda n: whole[n] * (table[n].margin
-                                                          if n in table else 1.0))
+    strategy = min(candidates, key=compared.get)
     gather_backend = None
     if strategy != "terms":
         term_plans = _whole_term_plans(lowered, shape, strategy)
@@ -656,7 +688,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
     return Plan(lowered.label, tuple(int(n) for n in shape), str(device), dtype, backward,
                 head_dim, heads, batch, strategy, term_plans, gather_backend, whole[strategy],
                 options, contiguous, call, work, key_grid=None if lowered.key_grid is None
-                else tuple(int(n) for n in lowered.key_grid.shape))
+                else tuple(int(n) for n in lowered.key_grid.shape), compared=compared)
 
 
 def _numba_again(term_plans, whole: dict, call: Call) -> bool:
@@ -719,8 +751,8 @@ def _plan_terms(lowered, shape, call, rates, table, force):
         ms, lines = rates.price(gather_ex.work(sub, pc), call.backward)
         return ms, tuple(lines)
 
-    def dense_ms(ds, pc, alone=False):
-        ms, lines = rates.price(dense_ex.work(ds, pc, tokens, alone), call.backward)
+    def dense_ms(ds, pc, alone, masked):
+        ms, lines = rates.price(dense_ex.work(ds, pc, tokens, alone, masked), call.backward)
         return ms, tuple(lines)
 
     for p, head in enumerate(lowered.patterns):
@@ -739,8 +771,10 @@ def _plan_terms(lowered, shape, call, rates, table, force):
             return None, None, (f"gather terms {gather} need the {gather_ex.backend} backend, "
                                 f"which cannot run these inputs ({gather_reason})"), None
         chosen_dense, notes = [], {}
-        for term, ds in dense:
-            d_ms, d_lines = dense_ms(ds, pc, alone)
+        for i, (term, ds) in enumerate(dense):
+            # the gather group and the dense terms listed before it run first
+            earlier = gather + [t for t, _ in dense[:i]]
+            d_ms, d_lines = dense_ms(ds, pc, alone, has_mask(ds, term, earlier))
             if gather_reason is not None or force == "dense":
                 chosen_dense.append((term, ds, d_ms, d_lines))
                 continue

@@ -2,6 +2,7 @@
 dense oracle (float64, forward and every gradient), the plans chosen, calibration files."""
 
 import json
+import math
 import os
 import warnings
 
@@ -538,38 +539,41 @@ def _keys_per_axis(term, shape, i):
 
 
 def _walk_forward_loops(lowered, chunk, lanes=0):
-    """Queries, key rows and keys buffered one at a time by the forward, walking its loops
-    (source.py). One query at a time: per term, the outer axes' keys, then the last axis's as
-    one run (the first term on a contiguous axis, when the run fits the buffer's room) or key
-    by key (every key of a later term, held earlier or not). In tiles whose lanes share every
-    term: per tile and term, the outer axes' keys of the tile's row, the union key by key."""
+    """Queries, key rows of two keys or more, keys buffered one at a time and key rows of
+    one key or none, by the forward, walking its loops (source.py). One
+    query at a time: per term, the outer axes' keys, then the last axis's as one run (the
+    first term on a contiguous axis, when the run fits the buffer's room) or key by key
+    (every key of a later term, held earlier or not). In tiles whose lanes share every term:
+    per tile and term, the outer axes' keys of the tile's row, the union key by key."""
     shape = lowered.grid.shape
-    rows = loose = 0
+    rows = loose = plain = 0
     if lanes:
         for i in np.ndindex(*shape[:-1], -(-shape[-1] // lanes)):
             rows += sum(_keys_per_axis(term, shape, (*i[:-1], i[-1] * lanes))[0]
                         for term in lowered.terms)
-        return int(np.prod(shape)), rows, 0
+        return int(np.prod(shape)), rows, 0, 0
     for i in np.ndindex(*shape):
         cnt = 0
         for t, term in enumerate(lowered.terms):
             outer, last = _keys_per_axis(term, shape, i)
-            rows += outer
             for _ in range(outer):
+                rows += last > 1
+                plain += last <= 1
                 if t == 0 and int(term.rels[-1].step) == 1 and 0 < last <= chunk - cnt:
                     cnt += last
                     continue
                 for _ in range(last):
                     cnt = (cnt if cnt < chunk else 0) + 1
                     loose += 1
-    return int(np.prod(shape)), rows, loose
+    return int(np.prod(shape)), rows, loose, plain
 
 
 @pytest.mark.parametrize("pattern, grid", [
     (pg.window(5), (9, 9)), (pg.window(13), (16, 16)), (pg.window(4, dilation=2), (11, 10)),
     (pg.window((3, 7, 7)), (4, 9, 9)), (pg.window(200), (300,)), (pg.window(9), (20,)),
     (pg.window(3) | pg.axis(0), (6, 7)), (pg.criss_cross(), (8, 8)),
-    (pg.block(4, offset=1), (9, 8)), (pg.window(7, stride=2), (12, 12))])
+    (pg.block(4, offset=1), (9, 8)), (pg.window(7, stride=2), (12, 12)),
+    (pg.axis(0), (7, 5)), (pg.criss_cross() | pg.window(3), (9, 9))])
 def test_the_numba_counts_are_the_forward_loops(pattern, grid):
     # the planner prices the kernels on these counts; a walk of the loops gives them exactly,
     # one query at a time for every pattern and in the tiles the planner picks
@@ -581,7 +585,8 @@ def test_the_numba_counts_are_the_forward_loops(pattern, grid):
 
     lowered = runs_first(pg.lower(pattern, grid))
     [one] = kernel_counts(lowered, grid, 0, None)
-    assert (one.queries, one.rows, one.loose) == _walk_forward_loops(lowered, source.KEY_CHUNK)
+    assert (one.queries, one.rows, one.loose, one.plain) == _walk_forward_loops(
+        lowered, source.KEY_CHUNK)
     lanes, shared = plan_lanes(lowered, grid)
     ops = {op.kind: op for op in executors()["numba"].work(
         lowered, Call(batch=2, heads=3, head_dim=8)) if op.kind != "launch"}
@@ -589,7 +594,7 @@ def test_the_numba_counts_are_the_forward_loops(pattern, grid):
     assert all(op.shape == (8,) for op in ops.values())
     if lanes:
         assert all(map(all, shared))  # every term shared: what the tile walk knows
-    assert [ops[k].count for k in ("queries", "rows", "loose")] == [
+    assert [ops[k].count for k in ("queries", "rows", "loose", "plain")] == [
         6 * n for n in _walk_forward_loops(lowered, source.KEY_CHUNK, lanes)]
 
 
@@ -867,3 +872,133 @@ def test_a_calibration_on_a_busy_machine_warns(fixed_clock, monkeypatch):
         warnings.simplefilter("always")
         calibrate.measure("cpu", "float32", only=("fault",))
     assert not any("busy" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.criss_cross(), (8, 8)),                  # the row masks the column's pairs: one scan
+    (pg.criss_cross() | pg.window(3), (8, 8)),   # both dense terms masked
+    (pg.axis(0), (200, 2)),                      # 200 keys: the fused kernel scans
+    (pg.axis(0), (8, 8)),                        # alone, no mask: nothing scanned
+    (pg.block(4, offset=1), (8, 8)),             # alone and masked: autograd checks its output
+    (pg.axis(0) | pg.global_tokens([(0, 0)]), (6, 6)),
+])
+def test_the_scans_priced_are_the_scans_run(pattern, grid, monkeypatch):
+    # a dense term checks k and v for non-finite values before the fused kernel and before a
+    # masked matmul: the plan's scan ops count exactly the elements the forward scans
+    from patterngen.backends.planned import dense_term
+
+    scanned = []
+
+    def counting(k, v):
+        scanned.append(k.numel() + v.numel())
+        return False
+
+    monkeypatch.setattr(dense_term, "non_finite", counting)
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms")
+    q, k, v = (torch.randn(1, 2, *grid, 16) for _ in range(3))
+    with torch.no_grad():
+        attn(q, k, v)
+    lines = [line for tps in attn.plan.patterns for tp in tps for line in tp.work]
+    priced = [int(line.split(" x ")[1].split(")")[0]) for line in lines
+              if line.startswith("Op(scan x ")]
+    assert sorted(priced) == sorted(scanned)
+
+
+def test_the_choice_weighs_the_numba_kernels_wherever_they_run():
+    # the term-wise plan's gather group is the numba kernels too: its share carries their
+    # margin as the whole pattern on them does, and print(plan) shows what was compared
+    from patterngen.backends import executors
+
+    margin = executors()["gather"].margin
+    plan = pg.plan(pg.criss_cross() | pg.window(3), (32, 32), terms="dense")
+    terms = pg.plan(pg.criss_cross() | pg.window(3), (32, 32), executors=("terms",),
+                    terms="dense")
+    executed = [tp.executor for tp in terms.patterns[0]]
+    assert "gather" in executed and "dense" in executed
+    gathered = sum(tp.predicted_ms for tp in terms.patterns[0] if tp.executor == "gather")
+    assert plan.compared["terms"] == pytest.approx(plan.options["terms"]
+                                                   + (margin - 1) * gathered)
+    assert plan.compared["numba"] == pytest.approx(plan.options["numba"]
+                                                   * executors()["numba"].margin)
+    assert plan.compared["sdpa"] == plan.options["sdpa"]
+    assert plan.strategy == min(plan.compared, key=plan.compared.get)
+    assert f"numba {plan.options['numba']:.3g} ms (compared as {plan.compared['numba']:.3g})" \
+        in str(plan)
+
+
+def _profiled_forward(pattern, grid):
+    """A term-wise plan of dense terms compiled and run without gradients on (2, 3, *grid,
+    16) inputs: ``(attn, the torch ops of its second call, with their input shapes)``."""
+    from torch.profiler import profile
+
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
+    q, k, v = (torch.randn(2, 3, *grid, 16) for _ in range(3))
+    with torch.no_grad():
+        attn(q, k, v)
+        with profile(record_shapes=True) as prof:
+            attn(q, k, v)
+    return attn, prof.events()
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.stripe(1, width=2), (8, 8)),    # tiles of whole rows: a tile index, then its rows
+    (pg.area(2), (8, 6)),
+    (pg.block((2, 6)), (8, 6)),         # one tile across the second axis
+    (pg.axis(1), (8, 6)),               # CCNet's row
+    (pg.axis(0), (8, 6)),               # its column: a transpose
+    (pg.block(4), (8, 8)),
+    (pg.block(3), (8, 6)),              # padded
+    (pg.block(4, offset=2), (8, 8)),    # rolled
+    (pg.window(2, dilation=4), (8, 8)),
+])
+def test_a_dense_term_is_charged_the_copies_its_views_make(pattern, grid):
+    # DenseShape.copied against what the forward runs: a copy of q, k, v into the problems
+    # and of the output back exactly where the plan prices them
+    attn, events = _profiled_forward(pattern, grid)
+    copies = {e.name for e in events} & {"aten::copy_", "aten::index_select"}
+    [[term]] = attn.plan.patterns
+    assert bool(copies) == term.dense.copied
+    assert any(line.startswith("Op(copy") for line in term.work) == term.dense.copied
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.block(4, offset=2), (8, 8)),
+    (pg.block(3, offset=1), (7, 5)),     # rolled on the first axis, padded on the second
+])
+def test_a_rolled_view_is_priced_as_the_gathers_it_runs(pattern, grid):
+    # the views of a rolled term are index_selects (one thread in torch): the plan's copy/roll
+    # bytes are those the forward's index_selects write, at the gather's rate
+    from patterngen.call import Op
+
+    attn, events = _profiled_forward(pattern, grid)
+    written = sum(e.input_shapes[0][0] * e.input_shapes[2][0] * e.input_shapes[0][2] * 4
+                  for e in events if e.name == "aten::index_select")
+    [[term]] = attn.plan.patterns
+    assert term.dense.rolled
+    [priced] = [line for line in term.work if line.startswith("Op(copy")]
+    assert priced.startswith(f"Op(copy/roll x {written})")
+    rates = calibrate.Rates.default()
+    gather, copy = rates.executors["gather"], rates.executors["copy"]
+    assert rates.unit_rate(Op("copy", 10, kernel="roll")) == (10, gather.pair_ns,
+                                                               copy.backward_factor)
+    assert rates.unit_rate(Op("recopy", 10, kernel="roll")) == (10, gather.pair_ns, 1.0)
+    assert rates.unit_rate(Op("copy", 10)) == (10, copy.pair_ns, copy.backward_factor)
+
+
+@pytest.mark.parametrize("pattern, grid, masked", [
+    (pg.block(4, offset=2), (8, 8), True),   # Swin's shifted windows: the roll's mask
+    (pg.block(3), (8, 6), True),             # padded tiles
+    (pg.axis(0), (8, 6), False),
+    (pg.axis(0) | pg.axis(1), (8, 8), True),  # the row's diagonal: holes filled, merged
+])
+def test_a_mask_is_priced_on_the_scores_it_is_added_to(pattern, grid, masked):
+    # the matmul paths add a term's mask to its scores after the GEMM (broadcast over the
+    # batch and heads; or fill its few holes): the plan's mask op counts those scores
+    attn, events = _profiled_forward(pattern, grid)
+    scores = sum(math.prod(e.input_shapes[0]) for e in events
+                 if e.name == "aten::index_fill_"
+                 or e.name == "aten::add_" and e.input_shapes[1] != e.input_shapes[0])
+    priced = [line for tps in attn.plan.patterns for tp in tps for line in tp.work
+              if line.startswith("Op(mask")]
+    assert bool(priced) == masked
+    assert scores == (int(priced[0].split(" x ")[1].split(")")[0]) if masked else 0)
