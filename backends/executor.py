@@ -297,8 +297,10 @@ class SdpaExecutor(Executor):
     of several blocks is copied once, and its backward is ``unfold_backward``), its output
     copied into place, and in the backward every view's gradient is a zero-filled whole
     tensor, added up over the groups; a layout with partial
-    blocks scans k and v for non-finite values once, and a token order other than row-major
-    copies q, k, v into it and the output back. The fused kernel's backward writes the key
+    blocks scans k and v for non-finite values once, a group with a mask per query block has
+    the kernel read it for every batch and head (``mask``), a token order other than
+    row-major copies q, k, v into it and the output back, and groups whose rows are not in
+    token order have their output gathered back. The fused kernel's backward writes the key
     and value gradients into new buffers whose layout a gathered group's ``index_add``
     copies first, and rebuilds a bias table's gradient from the saved log-sum-exp
     (``dense.FlashBias``); what a backward allocates beyond :data:`RESIDENT` is on pages new
@@ -349,6 +351,10 @@ class SdpaExecutor(Executor):
                         # the log-sum-exp, two batched matmuls and a softmax's elementwise
                         # work, the matmul path's forward (dense.FlashBias)
                         ops.append(Op("rebuild", c.count * work, (calls.bq, keys, d), "matmul"))
+                if c.mask is not None and c.mask.shape[1] > 1:
+                    # a mask per query block, read by the kernel for every (batch, head); one
+                    # shared by the blocks stays in cache
+                    ops.append(Op("mask", c.count * work * calls.bq * keys))
                 if c.q_slice is None:
                     ops.append(Op("gather", rows * work * per))
                 if c.k_band is None:
@@ -371,6 +377,9 @@ class SdpaExecutor(Executor):
                        for order in (blocks["permutation"], layout.key_permutation)):
                 # q, k, v into the layout's token order, the output back
                 ops.append(Op("copy", 2 * (tokens * work + key_tokens * kv) * per))
+            elif not (calls.rows == tokens and (calls.row_of_pos == np.arange(tokens)).all()):
+                # the groups' output rows, in group order, gathered back into token order
+                ops.append(Op("gather", tokens * work * per))
         if call.device == "cpu" and allocated > RESIDENT:  # CUDA's allocator keeps its blocks
             ops.append(Op("fault", allocated - RESIDENT))
         return ops
