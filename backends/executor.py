@@ -300,12 +300,12 @@ class SdpaExecutor(Executor):
     blocks scans k and v for non-finite values once, a group with a mask per query block has
     the kernel read it for every batch and head (``mask``), a token order other than
     row-major copies q, k, v into it and the output back, and groups whose rows are not in
-    token order have their output gathered back. Without gradients a gathered group runs in
-    chunks of ``sdpa.calls.CHUNK_BYTES`` of keys, a kernel launch each. The fused kernel's
-    backward writes the key and value gradients into new buffers whose layout a gathered
-    group's ``index_add`` copies first, and rebuilds a bias table's gradient from the saved
-    log-sum-exp (``dense.FlashBias``); what a backward allocates beyond :data:`RESIDENT` is
-    on pages new to the process (``fault``)."""
+    token order have their output gathered back. Without gradients a gathered group runs on
+    CPU in chunks of ``sdpa.calls.CHUNK_BYTES`` of keys, a kernel launch each. The fused
+    kernel's backward writes the key and value gradients into new buffers whose layout a
+    gathered group's ``index_add`` copies first, and rebuilds a bias table's gradient from the
+    saved log-sum-exp (``dense.FlashBias``); what a backward allocates beyond
+    :data:`RESIDENT` is on pages new to the process (``fault``)."""
 
     name = backend = "sdpa"
 
@@ -340,8 +340,9 @@ class SdpaExecutor(Executor):
                 # matmul path; the fused kernel otherwise, a bias table added as its mask
                 plain = c.matmul and not call.backward and not call.bias
                 kernel = "matmul" if call.softcap else "kept" if plain else "fused"
-                # a gathered group without a graph runs in chunks, a launch each
-                runs = spans(c.count, kv * keys * per, c.k_band is None and not call.backward)
+                # a gathered group without a graph runs in chunks on CPU, a launch each
+                runs = spans(c.count, kv * keys * per, c.k_band is None and not call.backward
+                             and call.device == "cpu")
                 ops += [Op("launch", len(runs), kernel="kernel"),
                         Op("attend", c.count * work, (calls.bq, keys, d), kernel)]
                 # the fused backward's key and value gradients, per query head

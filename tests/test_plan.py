@@ -813,14 +813,20 @@ def test_sdpa_prices_the_band_and_gather_backwards_its_autograd_runs():
     (pg.criss_cross(), (12, 12)),                         # one group: a mask per block
     (pg.window(3), (12, 12)),                             # two groups, rows back in order
 ])
-def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, grid):
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, grid, chunk,
+                                                                      monkeypatch):
     # row-major layouts: every index_select of the forward (query and key blocks, the output
     # rows back into token order) is a gather op, byte for byte; every flash call with a mask
-    # per block (not one shared by the blocks) reads it once per (batch, head): the mask ops
+    # per block (not one shared by the blocks) reads it once per (batch, head): the mask ops;
+    # each flash call is a kernel launch (a gathered group in chunks: one per chunk)
     from torch.profiler import profile
 
+    from patterngen.backends.sdpa import calls as sdpa_calls
     from patterngen.call import Call
 
+    if chunk is not None:
+        monkeypatch.setattr(sdpa_calls, "CHUNK_BYTES", chunk)
     heads, d = 2, 16
     attn = pg.compile(pattern, grid, backend="sdpa")
     (blocks,) = attn.block_sparse()
@@ -828,17 +834,26 @@ def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, g
     q, k, v = (torch.randn(1, heads, *grid, d) for _ in range(3))
     with torch.no_grad(), profile(record_shapes=True) as prof:
         attn(q, k, v)
-    gathered = masks = 0
+    gathered = masks = flash = 0
     for e in prof.events():
         shapes = e.input_shapes
         if e.name == "aten::index_select":  # (batch * heads, tokens, d) by an index
             gathered += shapes[0][0] * shapes[2][0] * shapes[0][2] * 4
-        elif e.name == "aten::_scaled_dot_product_flash_attention_for_cpu" and shapes[5] \
-                and shapes[5][1] > 1:
-            masks += shapes[0][0] * int(np.prod(shapes[5]))
+        elif e.name == "aten::_scaled_dot_product_flash_attention_for_cpu":
+            flash += 1
+            if shapes[5] and shapes[5][1] > 1:
+                masks += shapes[0][0] * int(np.prod(shapes[5]))
     ops = _sdpa_ops(pattern, grid, Call(heads=heads, head_dim=d))
     assert gathered == sum(op.count for op in ops if op.kind == "gather") > 0
-    assert masks == sum(op.count for op in ops if op.kind == "mask") > 0
+    if chunk is None:  # a chunk of one block reads its slice of the mask: shaped as shared
+        assert masks == sum(op.count for op in ops if op.kind == "mask") > 0
+    launches = sum(op.count for op in ops if op.kind == "launch" and op.kernel == "kernel")
+    assert flash == launches > (len(attn.groups[0]) if chunk else 0)
+    # with a graph, or on CUDA, every group runs whole: one launch each
+    for call in (Call(heads=heads, head_dim=d, backward=True),
+                 Call(device="cuda", heads=heads, head_dim=d)):
+        assert sum(op.count for op in _sdpa_ops(pattern, grid, call)
+                   if op.kind == "launch" and op.kernel == "kernel") == len(attn.groups[0])
 
 
 def test_the_mask_rate_is_measured_on_a_mask_per_problem(fixed_clock, monkeypatch):

@@ -10,12 +10,12 @@ from patterngen.backends import dense
 
 __all__ = ["Call", "DeviceCalls", "CHUNK_BYTES", "spans"]
 
-#: most bytes of a group's gathered keys (and as many of its values) at once in a call that
-#: builds no autograd graph: a larger group runs in chunks of query blocks, each gathered into
-#: the memory the chunk before freed. Blocks of 32 MiB and more are mapped afresh by glibc on
-#: every call (0.35-0.38 ns per byte gathered against 0.07-0.10 into reused memory, one thread);
-#: W5's main group (96 blocks of 64 x 960, 45 MiB of keys) took 89 ms in one call, 58 in
-#: chunks of 8 blocks
+#: most bytes of a group's gathered keys (and as many of its values) at once in a call on CPU
+#: that builds no autograd graph: a larger group runs in chunks of query blocks, each gathered
+#: into the memory the chunk before freed. Blocks of 32 MiB and more are mapped afresh by glibc
+#: on every call (0.35-0.38 ns per byte gathered against 0.07-0.10 into reused memory, one
+#: thread); W5's forward (its main group 96 blocks of 64 x 960, 45 MiB of keys) took 100 ms of
+#: CPU time whole and 79 in chunks of 4 MiB, 8 and 16 MiB no better
 CHUNK_BYTES = 4 << 20
 
 

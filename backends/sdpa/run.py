@@ -36,9 +36,11 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
     graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                             for t in (q, k, v, table))
     bq, bk = calls.bq, calls.bk
-    # gathered groups without a graph run in chunks (CHUNK_BYTES); bands are views
+    # gathered groups without a graph run in chunks on CPU (CHUNK_BYTES; CUDA's caching
+    # allocator keeps its blocks); bands are views
     runs = [spans(call.count, b * hk * call.nk * bk * d * k.element_size(),
-                  call.k_band is None and not graph) for call in calls.calls]
+                  call.k_band is None and not graph and q.device.type == "cpu")
+            for call in calls.calls]
     single = len(calls.calls) == 1 and calls.zero_row is None and len(runs[0]) == 1
     # half-precision scores would be rounded before the softmax, which the fused kernel avoids
     matmul_ok = q.dtype in (torch.float32, torch.float64) and not graph
