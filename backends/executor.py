@@ -311,12 +311,15 @@ class SdpaExecutor(Executor):
     of several blocks is copied once, and its backward is ``unfold_backward``), its output
     copied into place, and in the backward every view's gradient is a zero-filled whole
     tensor, added up over the groups; a layout with partial
-    blocks scans k and v for non-finite values once, and a token order other than row-major
-    copies q, k, v into it and the output back. The fused kernel's backward writes the key
-    and value gradients into new buffers whose layout a gathered group's ``index_add``
-    copies first, and rebuilds a bias table's gradient from the saved log-sum-exp
-    (``dense.FlashBias``); what a backward allocates beyond :data:`RESIDENT` is on pages new
-    to the process (``fault``)."""
+    blocks scans k and v for non-finite values once, a group with a mask per query block has
+    the kernel read it for every batch and head (``blockmask``), a token order other than
+    row-major copies q, k, v into it and the output back, and groups whose rows are not in
+    token order have their output gathered back. Without gradients a gathered group runs on
+    CPU in chunks of ``sdpa.calls.CHUNK_BYTES`` of keys, a kernel launch each. The fused
+    kernel's backward writes the key and value gradients into new buffers whose layout a
+    gathered group's ``index_add`` copies first, and rebuilds a bias table's gradient from the
+    saved log-sum-exp (``dense.FlashBias``); what a backward allocates beyond
+    :data:`RESIDENT` is on pages new to the process (``fault``)."""
 
     name = backend = "sdpa"
 
@@ -331,7 +334,7 @@ class SdpaExecutor(Executor):
         import numpy as np
         import torch
 
-        from .sdpa.calls import DeviceCalls
+        from .sdpa.calls import DeviceCalls, spans
 
         backend = self._backend()(lowered)
         ops = [Op("launch", 1, kernel="sdpa")]
@@ -351,7 +354,10 @@ class SdpaExecutor(Executor):
                 # matmul path; the fused kernel otherwise, a bias table added as its mask
                 plain = c.matmul and not call.backward and not call.bias
                 kernel = "matmul" if call.softcap else "kept" if plain else "fused"
-                ops += [Op("launch", 1, kernel="kernel"),
+                # a gathered group without a graph runs in chunks on CPU, a launch each
+                runs = spans(c.count, kv * keys * per, c.k_band is None and not call.backward
+                             and call.device == "cpu")
+                ops += [Op("launch", len(runs), kernel="kernel"),
                         Op("attend", c.count * work, (calls.bq, keys, d), kernel)]
                 # the fused backward's key and value gradients, per query head
                 kv_grads = 2 * c.count * work * keys * per
@@ -363,6 +369,10 @@ class SdpaExecutor(Executor):
                         # the log-sum-exp, two batched matmuls and a softmax's elementwise
                         # work, the matmul path's forward (dense.FlashBias)
                         ops.append(Op("rebuild", c.count * work, (calls.bq, keys, d), "matmul"))
+                if c.mask is not None and c.mask.shape[1] > 1:
+                    # a mask per query block, read by the kernel for every (batch, head); one
+                    # shared by the blocks stays in cache
+                    ops.append(Op("blockmask", c.count * work * calls.bq * keys))
                 if c.q_slice is None:
                     ops.append(Op("gather", rows * work * per))
                 if c.k_band is None:
@@ -385,6 +395,9 @@ class SdpaExecutor(Executor):
                        for order in (blocks["permutation"], layout.key_permutation)):
                 # q, k, v into the layout's token order, the output back
                 ops.append(Op("copy", 2 * (tokens * work + key_tokens * kv) * per))
+            elif not (calls.rows == tokens and (calls.row_of_pos == np.arange(tokens)).all()):
+                # the groups' output rows, in group order, gathered back into token order
+                ops.append(Op("gather", tokens * work * per))
         if call.device == "cpu" and allocated > RESIDENT:  # CUDA's allocator keeps its blocks
             ops.append(Op("fault", allocated - RESIDENT))
         return ops

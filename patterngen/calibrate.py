@@ -106,7 +106,8 @@ def _names() -> list[str]:
     names += [numba_name(lanes, d, what) for what in NUMBA_COUNTS for lanes in NUMBA_LANES
               for d in NUMBA_DIMS]
     return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "band", "fill", "scan",
-                                                        "merge", "fault", "mask"]
+                                                        "merge", "fault", "mask",
+                                                        "blockmask"]
 
 
 def _bracket(axis: tuple, x: float, log: bool = True):
@@ -136,8 +137,9 @@ class Rates:
             gradient zero-filled and added, in a backward only), ``fault`` (per byte of
             memory new to the process, zeroed by the system on first touch), ``scan`` (per
             element checked for non-finite values), ``mask`` (per score a dense term's mask
-            is added to on the matmul paths) and ``merge`` (per token and head_dim element of
-            each part merged).
+            is added to on the matmul paths), ``blockmask`` (per element of a per-problem mask
+            the fused kernel reads, for each batch and head) and ``merge`` (per token and
+            head_dim element of each part merged).
         source: ``"measured"`` or ``"default"``.
     """
 
@@ -251,10 +253,12 @@ def _default_cuda(name: str) -> Rate:
 #: scaled by the measured ratio to its neighbouring class of 16, the least of the two; the
 #: numba kernels' plain rows 0.35x their run rows, from interleaved one-thread runs of
 #: columns and windows under load, backward factor 4, the least of three such calibrations'
-#: 4.0-6.1; ``mask`` from a one-thread run of Swin's 256 x 49 x 49 scores: 0.08-0.1 ns). Per
-#: kernel ``{(rows, keys): (ns per pair and head_dim element at head_dim
-#: 16, at 64, backward factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns,
-#: backward factor)}``; the rest ``(call_ms, ns, backward factor)``
+#: 4.0-6.1; ``mask`` from a one-thread run of Swin's 256 x 49 x 49 scores: 0.08-0.1 ns;
+#: ``blockmask`` from CPU-time minima at one thread under load, 0.2-0.4 ns per element and
+#: 2.0-2.4 both ways on BLOCKMASK_CASE and on 16 and 96 blocks of 64 x 960). Per kernel
+#: ``{(rows, keys): (ns per pair and head_dim element at head_dim 16, at 64, backward
+#: factor)}``; the numba kernels' ``{(what, lanes, head_dim): (ns, backward factor)}``; the
+#: rest ``(call_ms, ns, backward factor)``
 _CPU_ATTEND = {
     "matmul": {
         (16, 1): (3.63, 0.98, 4.5), (64, 1): (1.01, 0.84, 5.3), (256, 1): (0.79, 0.745, 5.6),
@@ -305,7 +309,8 @@ _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6)
               "launch/part": (0.1, 0.0, 2.4),
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4),
-              "fault": (0.0, 0.42, 1.0), "mask": (0.0, 0.1, 2.0)}
+              "fault": (0.0, 0.42, 1.0), "mask": (0.0, 0.1, 2.0),
+              "blockmask": (0.0, 0.3, 2.2)}
 
 
 def _default_cpu(name: str) -> Rate:
@@ -440,6 +445,7 @@ def _best_ms(fn, repeats: int = 7) -> float:
 
 #: units (pairs x head_dim) of one attention micro-benchmark: about a millisecond
 _ATTEND_UNITS = 1 << 20
+
 #: runs of each micro-benchmark after its warm-up, forward and forward+backward; the least
 #: disturbed one is kept
 _REPEATS = 3
@@ -776,6 +782,7 @@ def _overhead_benches(device, dtype, dt) -> list:
     fresh = 1 << 24
     fault = _Bench("fault", lambda: torch.zeros(fresh, device=device, dtype=torch.float32),
                    lambda: None, 4 * fresh)
+    masked = _blockmask_benches(device, dt)
     parts = [(torch.randn(1, 4, 1024, 32, device=device, dtype=dt).requires_grad_(),
               torch.randn(1, 4, 1024, device=device)) for _ in range(2)]
 
@@ -787,8 +794,48 @@ def _overhead_benches(device, dtype, dt) -> list:
         with torch.enable_grad():
             merge(parts)[0].sum().backward()
 
-    return out + [copy, gather, band, fill, scan, fault, mask,
+    return out + [copy, gather, band, fill, scan, fault, mask, *masked,
                   _Bench("merge", merged, merged_both, 2 * 4 * 1024 * 32)]
+
+
+#: the fused kernel's problems whose per-problem mask :func:`_solve_blockmask` prices:
+#: ``(problems, rows, keys, head_dim)``, sdpa's query blocks of 64 over four key blocks; the
+#: masks (4 MiB) outgrow a core's L2 cache, as a gathered group's do (4 x 64 blocks of 64 x
+#: 960 read per head on criss-cross's 64x64 grid, 15 MiB)
+BLOCKMASK_CASE = (64, 64, 256, 32)
+
+
+def _blockmask_benches(device, dt) -> list:
+    """The fused kernel on :data:`BLOCKMASK_CASE` without a mask and with one mask per problem
+    (a quarter of each row's keys masked out), forward and backward."""
+    import torch
+
+    from .backends import dense
+
+    p, m, n, d = BLOCKMASK_CASE
+    q, k, v, dout = (torch.randn(1, p, rows, d, device=device, dtype=dt)
+                     for rows in (m, n, n, m))
+    mask = torch.zeros(1, p, m, n, device=device, dtype=dt)
+    mask[..., : n // 4] = float("-inf")
+    out = []
+    for name, add in (("blockmask#plain", None), ("blockmask#masked", mask)):
+        def fwd(add=add):
+            return dense.fused_forward(q, k, v, add, 0.1)
+
+        def both(add=add, fwd=fwd):
+            dense.fused_backward(q, k, v, *fwd(), dout, add, 0.1)
+
+        out.append(_Bench(name, fwd, both, p * m * n))
+    return out
+
+
+def _solve_blockmask(table, best) -> None:
+    """``blockmask``: ns per mask element the fused kernel reads (per problem and head), the
+    masked benchmark's time less the plain one's (at least 0), forward and both ways."""
+    plain, masked = best["blockmask#plain"], best["blockmask#masked"]
+    units = math.prod(BLOCKMASK_CASE[:3])
+    fwd, both = (max(b - a, 0.0) * 1e6 / units for a, b in zip(plain, masked))
+    table["blockmask"] = Rate(0.0, fwd, max(both / fwd, 1.0) if fwd else 1.0)
 
 
 def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Rates:
@@ -813,7 +860,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
                lambda: _numba_benches(device, dtype, dt)),
               (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "gather",
-                "band", "fill", "scan", "merge", "fault", "mask"),
+                "band", "fill", "scan", "merge", "fault", "mask", "blockmask"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -828,6 +875,12 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
         for i, b in enumerate(benches):
             progress(f"{b.name} ({i + 1}/{len(benches)})")
             b.run(_REPEATS)
+        # the block mask's rate is the difference of two benchmarks a few percent apart: two
+        # more passes of the pair, alternating, keep one disturbed run from making it 0 (one
+        # quiet calibration at one thread measured it 0 after one pass, 0.13-0.25 ns alone)
+        pair = [b for b in benches if b.name.startswith("blockmask#")]
+        for b in 2 * pair:
+            b.run(_REPEATS)
     best = {b.name: b.best for b in benches}
     units = {b.name: b.units for b in benches}
     # a copy's backward copies the gradient back; a scan has none; a fill and a band are
@@ -838,13 +891,15 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
         if name.startswith("launch/"):
             table[name] = Rate(fwd, 0.0, factor)
         elif "#" in name:
-            continue  # a numba point, solved together (_solve_numba)
+            continue  # a point solved with others (_solve_numba, _solve_blockmask)
         else:
             table[name] = Rate(0.0, fwd * 1e6 / units[name], fixed.get(name, factor))
     if "launch/numba" in best:
         _solve_numba(table, benches, best)
     if all(f"launch/part#{n}" in best for n, _ in PART_CASES):
         _solve_parts(table, best)
+    if "blockmask#masked" in best:
+        _solve_blockmask(table, best)
     progress.done()
     if device == "cpu":
         _warn_if_busy(max(load, _load()), torch.get_num_threads())

@@ -813,6 +813,70 @@ def test_sdpa_prices_the_band_and_gather_backwards_its_autograd_runs():
     assert not any(op.kind in ("band", "recopy", "fill", "fault") for op in forward)
 
 
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.window(9) | pg.global_tokens([0, 1]), (256,)),  # a shared mask and a per-block one
+    (pg.criss_cross(), (12, 12)),                         # one group: a mask per block
+    (pg.window(3), (12, 12)),                             # two groups, rows back in order
+])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, grid, chunk,
+                                                                      monkeypatch):
+    # row-major layouts: every index_select of the forward (query and key blocks, the output
+    # rows back into token order) is a gather op, byte for byte; every flash call with a mask
+    # per block (not one shared by the blocks) reads it once per (batch, head): the mask ops;
+    # each flash call is a kernel launch (a gathered group in chunks: one per chunk)
+    from torch.profiler import profile
+
+    from patterngen.backends.sdpa import calls as sdpa_calls
+    from patterngen.call import Call
+
+    if chunk is not None:
+        monkeypatch.setattr(sdpa_calls, "CHUNK_BYTES", chunk)
+    heads, d = 2, 16
+    attn = pg.compile(pattern, grid, backend="sdpa")
+    (blocks,) = attn.block_sparse()
+    assert (blocks["permutation"] == np.arange(np.prod(grid))).all()
+    q, k, v = (torch.randn(1, heads, *grid, d) for _ in range(3))
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        attn(q, k, v)
+    gathered = masks = flash = 0
+    for e in prof.events():
+        shapes = e.input_shapes
+        if e.name == "aten::index_select":  # (batch * heads, tokens, d) by an index
+            gathered += shapes[0][0] * shapes[2][0] * shapes[0][2] * 4
+        elif e.name == "aten::_scaled_dot_product_flash_attention_for_cpu":
+            flash += 1
+            if shapes[5] and shapes[5][1] > 1:
+                masks += shapes[0][0] * int(np.prod(shapes[5]))
+    ops = _sdpa_ops(pattern, grid, Call(heads=heads, head_dim=d))
+    assert gathered == sum(op.count for op in ops if op.kind == "gather") > 0
+    if chunk is None:  # a chunk of one block reads its slice of the mask: shaped as shared
+        assert masks == sum(op.count for op in ops if op.kind == "blockmask") > 0
+    launches = sum(op.count for op in ops if op.kind == "launch" and op.kernel == "kernel")
+    assert flash == launches > (len(attn.groups[0]) if chunk else 0)
+    # with a graph, or on CUDA, every group runs whole: one launch each
+    for call in (Call(heads=heads, head_dim=d, backward=True),
+                 Call(device="cuda", heads=heads, head_dim=d)):
+        assert sum(op.count for op in _sdpa_ops(pattern, grid, call)
+                   if op.kind == "launch" and op.kernel == "kernel") == len(attn.groups[0])
+
+
+def test_the_block_mask_rate_is_measured_on_a_mask_per_problem(fixed_clock, monkeypatch):
+    seen = []
+    fused = dense.fused_forward
+
+    def recording(q, k, v, mask, scale):
+        seen.append(None if mask is None else tuple(mask.shape))
+        return fused(q, k, v, mask, scale)
+
+    monkeypatch.setattr(dense, "fused_forward", recording)
+    rates = calibrate.measure("cpu", "float32", only=("blockmask",))
+    problems, rows, keys, _ = calibrate.BLOCKMASK_CASE
+    assert (1, problems, rows, keys) in seen and None in seen
+    mask = rates.executors["blockmask"]
+    assert mask.pair_ns >= 0 and mask.backward_factor >= 1.0
+
+
 def test_flash_bias_rebuilds_the_table_gradient_at_the_matmul_forward_rate():
     from patterngen.call import Op
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patterngen as pg
-from oracle import check_against_oracle
+from oracle import check_against_oracle, reference
 from patterngen.backends.sdpa import SdpaBackend
 from strategies import cases
 
@@ -90,16 +90,22 @@ def count_sdpa_calls(monkeypatch):
     return calls
 
 
-@settings(max_examples=30)
+@settings(max_examples=40, deadline=None)
 @given(case=cases(max_tokens=200), block=st.sampled_from([1, 1, None, 7, (16, 8)]),
-       tiled=st.booleans())
-def test_random_patterns_forward_without_autograd(case, block, tiled):
-    # without autograd, small mask-free groups (every group at block 1) skip the fused kernel
+       tiled=st.booleans(), chunk=st.sampled_from([None, 1]))
+def test_random_patterns_forward_without_autograd(case, block, tiled, chunk):
+    # without autograd, small mask-free groups (every group at block 1) skip the fused kernel,
+    # and gathered groups run in chunks (chunk 1: one query block each, masks per block or
+    # shared, rows without keys, the output rows back into token order); bands stay views
+    from patterngen.backends.sdpa import calls as sdpa_calls
+
     pattern, grid = case
     attn = pg.compile(pattern, grid, backend="sdpa", block=block,
                       order="auto" if tiled else "row-major")
     q, k, v = (t.detach() for t in qkv(grid))
-    with torch.no_grad():
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        if chunk is not None:
+            patch.setattr(sdpa_calls, "CHUNK_BYTES", chunk)
         out = attn(q, k, v)
     ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
@@ -255,3 +261,45 @@ def test_cuda_swin_mask_free():
     attn = pg.compile(pg.block(7), (56, 56), backend="sdpa", device="cuda", dtype="bfloat16")
     q, k, v = qkv((56, 56), heads=2, dtype=torch.bfloat16, device="cuda")
     torch.testing.assert_close(attn(q, k, v), swin_attention(q, k, v, (56, 56), 7))
+
+
+@pytest.mark.parametrize("options, call", [
+    ({}, {}),
+    (dict(softcap=3.0), {}),
+    ({}, dict(rel_bias=True)),
+    ({}, dict(extra=2)),
+    ({}, dict(kv_heads=1)),
+], ids=["plain", "softcap", "bias", "extra-keys", "grouped-kv"])
+def test_chunked_groups_keep_bias_softcap_extra_keys_and_kv_heads(options, call,
+                                                                  monkeypatch):
+    from patterngen.backends.sdpa import calls as sdpa_calls
+
+    pattern, grid, d = pg.window(3) | pg.axis(0), (9, 10), 8
+    attn = pg.compile(pattern, grid, backend="sdpa", block=16, order="row-major", **options)
+    q, k, v = (t.detach() for t in qkv(grid, heads=2, dim=d))
+    if call.get("kv_heads"):
+        k, v = k[:, :1], v[:, :1]
+    kwargs, ref_kwargs = {}, dict(options)
+    if call.get("rel_bias"):
+        table = torch.randn(2, *(2 * r + 1 for r in attn.reach), dtype=q.dtype)
+        kwargs["rel_bias"] = ref_kwargs["rel_bias"] = table
+    if call.get("extra"):
+        ak, av = (torch.randn(2, 2, call["extra"], d, dtype=q.dtype) for _ in "kv")
+        kwargs.update(additional_keys=ak, additional_values=av)
+        ref_kwargs.update(additional_keys=ak, additional_values=av)
+    with torch.no_grad():
+        whole = attn(q, k, v, **kwargs)
+        monkeypatch.setattr(sdpa_calls, "CHUNK_BYTES", 1)
+        calls = count_sdpa_calls(monkeypatch)
+        chunked = attn(q, k, v, **kwargs)
+        _, lse = attn.forward_lse(q, k, v, d ** -0.5, kwargs.get("rel_bias"))
+    assert len(calls) > sum(len(groups) for groups in attn.groups) or options
+    torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(chunked, reference(pattern, grid, q, k, v, **ref_kwargs),
+                               atol=1e-10, rtol=0)
+    scores = (q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) * d ** -0.5
+    if "softcap" in options or kwargs.get("rel_bias") is not None:
+        return  # the log-sum-exp of the plain scores alone is checked below
+    seen = torch.as_tensor(pg.materialize(pattern, grid))
+    want = torch.logsumexp(scores.masked_fill(~seen, float("-inf")), -1)
+    torch.testing.assert_close(lse, want, atol=1e-10, rtol=0)

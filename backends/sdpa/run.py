@@ -6,6 +6,7 @@ from patterngen.backends import dense
 from patterngen.backends.inputs import non_finite
 from patterngen.backends.merge import acc_dtype
 
+from .calls import spans
 from .permute import gather
 from .scores import additive_mask
 
@@ -31,15 +32,20 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
     if not calls.calls:  # no pair at all: zeros that still take part in autograd
         return (q * 0.0, q.new_full(q.shape[:3], float("-inf"), dtype=acc_dtype(q.dtype))
                 ) if need_lse else q * 0.0
-    single = len(calls.calls) == 1 and calls.zero_row is None
-    # half-precision scores would be rounded before the softmax, which the fused kernel avoids
     table = None if scores is None else scores.table
-    matmul_ok = (q.dtype in (torch.float32, torch.float64)
-                 and not (torch.is_grad_enabled()
-                          and any(t is not None and t.requires_grad for t in (q, k, v, table))))
+    graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                            for t in (q, k, v, table))
+    bq, bk = calls.bq, calls.bk
+    # gathered groups without a graph run in chunks on CPU (CHUNK_BYTES; CUDA's caching
+    # allocator keeps its blocks); bands are views
+    runs = [spans(call.count, b * hk * call.nk * bk * d * k.element_size(),
+                  call.k_band is None and not graph and q.device.type == "cpu")
+            for call in calls.calls]
+    single = len(calls.calls) == 1 and calls.zero_row is None and len(runs[0]) == 1
+    # half-precision scores would be rounded before the softmax, which the fused kernel avoids
+    matmul_ok = q.dtype in (torch.float32, torch.float64) and not graph
     # a non-finite key or value in a partial block must reach only the queries that attend it
     dirty = any(call.mask is not None for call in calls.calls) and non_finite(k, v)
-    bq, bk = calls.bq, calls.bk
     if not single:
         # each group's output is copied once, straight into its rows (no reshape + cat)
         out = q.new_empty(b, h, calls.rows + (calls.zero_row is not None), d)
@@ -47,32 +53,8 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
         if need_lse:
             lse = q.new_full((b, h, out.shape[2], 1), float("-inf"), dtype=acc_dtype(q.dtype))
     row = 0
-    for call in calls.calls:
-        g, nk = call.count, call.nk
-        # (batch * heads, blocks, rows, dim): 4-D inputs reach the fused CPU/GPU kernels
-        if call.q_slice is not None:
-            start, count = call.q_slice
-            qg = q[:, :, start:start + count * bq].reshape(b * h, g, bq, d)
-        else:
-            qg = gather(q, call.q_index).view(b * h, g, bq, d)
-        if call.k_band is not None and nk == 1:  # one key block each: a plain slice
-            first = call.k_band * bk
-            kg, vg = (t[:, :, first:first + g * bk].reshape(b * hk, g, bk, d)
-                      for t in (k, v))
-        elif call.k_band is not None:
-            # overlapping windows of consecutive key blocks: a strided view, no copy; the
-            # keys sliced to the group's windows first, for unfold's backward zero-fills and
-            # adds up every window it made (all of the keys' for a group of one block)
-            first, span = call.k_band * bk, nk * bk
-            kg, vg = (t[:, :, first:first + (g - 1) * bk + span].unfold(2, span, bk)
-                      .transpose(-1, -2).reshape(b * hk, g, span, d) for t in (k, v))
-        else:
-            kg = gather(k, call.k_index).view(b * hk, g, nk * bk, d)
-            vg = gather(v, call.k_index).view(b * hk, g, nk * bk, d)
-        if extra is not None:
-            kg, vg = (torch.cat([t, e.reshape(b * hk, 1, -1, d).expand(-1, g, -1, -1)], 2)
-                      for t, e in zip((kg, vg), extra))
-        kg, vg = (_per_query_head(t, h // hk) for t in (kg, vg))
+    for call, run in zip(calls.calls, runs):
+        nk = call.nk
         if extra is not None:
             add = additive_mask(call, q.dtype, torch, extra[0].shape[2])
         elif scores is None:
@@ -80,31 +62,61 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
         else:
             add = scores.additive(call, b, q.dtype, torch)
         softcap = None if scores is None else scores.softcap
-        if need_lse:
-            acc = acc_dtype(q.dtype)
-            res, lse_g = dense.softmax_attention(
-                qg.to(acc), kg.to(acc), vg.to(acc), None if add is None else add.to(acc),
-                scale, True, None if softcap is None else dense.ScoreMod(softcap, None, h))
-            res = res.to(q.dtype)
-        elif dirty and add is not None:
-            res = dense.masked_attention(qg, kg, vg, scale, softcap, add)
-        elif softcap is None and extra is None and dense.flash_bias_grad_ok(qg, add):
-            res = dense.FlashBias.apply(qg, kg, vg, add, scale)
-        elif softcap is None and call.matmul and matmul_ok:
-            res = dense.matmul_attention(qg, kg, vg, scale, add)
-        else:
-            res = dense.attention(qg, kg, vg, scale, softcap, add)
-        if call.empty is not None and extra is None:
-            res = res.masked_fill(call.empty, 0.0)
-        if single:
-            out = res.reshape(b, h, g * bq, d)
+        for first, stop in run:
+            g = stop - first
+            # (batch * heads, blocks, rows, dim): 4-D inputs reach the fused CPU/GPU kernels
+            if call.q_slice is not None:
+                start = call.q_slice[0] + first * bq
+                qg = q[:, :, start:start + g * bq].reshape(b * h, g, bq, d)
+            else:
+                qg = gather(q, call.q_index[first * bq:stop * bq]).view(b * h, g, bq, d)
+            if call.k_band is not None and nk == 1:  # one key block each: a plain slice
+                first_key = call.k_band * bk
+                kg, vg = (t[:, :, first_key:first_key + g * bk].reshape(b * hk, g, bk, d)
+                          for t in (k, v))
+            elif call.k_band is not None:
+                # overlapping windows of consecutive key blocks: a strided view, no copy; the
+                # keys sliced to the group's windows first, for unfold's backward zero-fills
+                # and adds up every window it made (all of the keys' for a group of one block)
+                first_key, span = call.k_band * bk, nk * bk
+                kg, vg = (t[:, :, first_key:first_key + (g - 1) * bk + span]
+                          .unfold(2, span, bk).transpose(-1, -2).reshape(b * hk, g, span, d)
+                          for t in (k, v))
+            else:
+                index = call.k_index[first * nk * bk:stop * nk * bk]
+                kg = gather(k, index).view(b * hk, g, nk * bk, d)
+                vg = gather(v, index).view(b * hk, g, nk * bk, d)
+            if extra is not None:
+                kg, vg = (torch.cat([t, e.reshape(b * hk, 1, -1, d).expand(-1, g, -1, -1)], 2)
+                          for t, e in zip((kg, vg), extra))
+            kg, vg = (_per_query_head(t, h // hk) for t in (kg, vg))
+            part = add if add is None or add.shape[1] == 1 else add[:, first:stop]
             if need_lse:
-                lse = lse_g.reshape(b, h, g * bq, 1)
-        else:
-            out[:, :, row:row + g * bq].view(b * h, g, bq, d).copy_(res)
-            if need_lse:
-                lse[:, :, row:row + g * bq].view(b * h, g, bq, 1).copy_(lse_g)
-        row += g * bq
+                acc = acc_dtype(q.dtype)
+                res, lse_g = dense.softmax_attention(
+                    qg.to(acc), kg.to(acc), vg.to(acc), None if part is None else part.to(acc),
+                    scale, True, None if softcap is None else dense.ScoreMod(softcap, None, h))
+                res = res.to(q.dtype)
+            elif dirty and part is not None:
+                res = dense.masked_attention(qg, kg, vg, scale, softcap, part)
+            elif softcap is None and extra is None and dense.flash_bias_grad_ok(qg, part):
+                res = dense.FlashBias.apply(qg, kg, vg, part, scale)
+            elif softcap is None and call.matmul and matmul_ok:
+                res = dense.matmul_attention(qg, kg, vg, scale, part)
+            else:
+                res = dense.attention(qg, kg, vg, scale, softcap, part)
+            if call.empty is not None and extra is None:
+                res = res.masked_fill(call.empty[first:stop], 0.0)
+            if single:
+                out = res.reshape(b, h, g * bq, d)
+                if need_lse:
+                    lse = lse_g.reshape(b, h, g * bq, 1)
+            else:
+                rows = slice(row + first * bq, row + stop * bq)
+                out[:, :, rows].view(b * h, g, bq, d).copy_(res)
+                if need_lse:
+                    lse[:, :, rows].view(b * h, g, bq, 1).copy_(lse_g)
+        row += call.count * bq
     if not need_lse:
         return _in_token_order(out, out_index)
     return _in_token_order(out, out_index), _in_token_order(lse, out_index).squeeze(-1)
