@@ -341,15 +341,19 @@ class DenseTerm:
         if not self.autograd_applies(q):
             return None
         b, h = q.shape[:2]
-        if (table is None and self.mask is None and not self.rolled and k.shape[1] == h
-                and not (torch.is_grad_enabled()
-                         and (q.requires_grad or k.requires_grad or v.requires_grad))):
-            # inference as a model's partitioned attention writes it and no more: each torch
-            # call, a view included, costs about 1 us of a 0.2 ms call (14x14, batch 2)
+        if table is None and self.mask is None and not self.rolled and k.shape[1] == h:
+            # as a model's partitioned attention writes it and no more: each torch call, a
+            # view included, costs about 1 us of a 0.2 ms call (14x14, batch 2), more with
+            # autograd recording it
+            grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                or v.requires_grad)
             qp, kp, vp = (self._view(x, side, True) for x, side in ((q, "q"), (k, "k"),
                                                                       (v, "k")))
-            out = torch.bmm(torch.softmax(dense.score_matrix(qp, kp, None, scale), -1), vp)
-            return self._unview(out, b, h, 0.0, shape=shape) if _finite(out) else None
+            scores = dense.score_matrix(qp, kp, None, scale, autograd=grad)
+            out = torch.bmm(torch.softmax(scores, -1), vp)
+            if not _finite(out.detach() if grad else out):
+                return None
+            return self._unview(out, b, h, 0.0, shape=shape)
         out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
                                     h, scale, table)
         return None if out is None else self._unview(out, b, h, 0.0, shape=shape)
