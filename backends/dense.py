@@ -43,7 +43,8 @@ MATMUL_KEYS = 128
 def matmul_is_faster(q, keys: int) -> bool:
     """Whether problems of ``keys`` keys with queries like ``q`` run faster as
     matmul-softmax-matmul than in the fused kernel: float32/float64 on CPU, at most
-    :data:`MATMUL_KEYS` keys (read at call time, so a test can move it)."""
+    :data:`MATMUL_KEYS` keys (read at call time, or for a lone dense term's direct path when a
+    kind of call is first seen, so a test can move it)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
             and keys <= MATMUL_KEYS)
 

@@ -338,8 +338,12 @@ class DenseTerm:
         the caller then runs the merge). ``table``: a relative position bias table; without
         gradients, it runs in the fused kernel (:meth:`_fused_with_bias`). ``shape``: the
         output's shape, the caller's gridded one (default ``(B, H, N, d)``)."""
-        if not self.autograd_applies(q):
-            return None
+        return self.applied_forward(q, k, v, scale, table, shape) \
+            if self.autograd_applies(q) else None
+
+    def applied_forward(self, q, k, v, scale, table=None, shape=None):
+        """:meth:`autograd_forward` for inputs that :meth:`autograd_applies` to (a caller
+        that checked a kind of call once)."""
         b, h = q.shape[:2]
         if table is None and self.mask is None and not self.rolled and k.shape[1] == h:
             # as a model's partitioned attention writes it and no more: each torch call, a
