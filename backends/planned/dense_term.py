@@ -351,10 +351,13 @@ class DenseTerm:
             # autograd recording it
             grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                 or v.requires_grad)
-            qp, kp, vp = (self._view(x, side, True) for x, side in ((q, "q"), (k, "k"),
-                                                                      (v, "k")))
-            scores = dense.score_matrix(qp, kp, None, scale, autograd=grad)
-            out = torch.bmm(torch.softmax(scores, -1), vp)
+            # one nested call, no name holding a buffer: each is freed once read (q's and k's
+            # copies after the scores, the scores after softmax, v's copy made then), so the
+            # peak is two score-sized buffers and not every copy at once, memory the C
+            # allocator keeps for the next call rather than handing back to the system
+            out = torch.bmm(torch.softmax(dense.score_matrix(
+                self._view(q, "q", True), self._view(k, "k", True), None, scale, autograd=grad),
+                -1), self._view(v, "k", True))
             if not _finite(out.detach() if grad else out):
                 return None
             return self._unview(out, b, h, 0.0, shape=shape)
