@@ -193,7 +193,7 @@ class DenseTerm:
 
     def _unview(self, y, b: int, h: int, fill: float, side: str = "q", shape=None):
         """Inverse of :meth:`_view`: ``(B * H, problems, rows, e)`` (or flat) -> ``(B, H,
-        N, e)``, or ``shape`` (the caller's gridded shape; a term that is not rolled). Tokens outside the term's query
+        N, e)``, or ``shape`` (the caller's gridded shape). Tokens outside the term's query
         (``side="q"``) or key (``"k"``) range get ``fill``; padding is dropped. Every token
         appears at most once in a view, so for gradients (``fill=0``) this is also the
         view's adjoint."""
