@@ -23,12 +23,14 @@ Run:
     python benchmarks/bench_maxvit.py                          # 56, 28, 14; batch 2 and 8
     python benchmarks/bench_maxvit.py --sizes 56 --batches 2 --rounds 9 --threads 1
     python benchmarks/bench_maxvit.py --threads 1 --cpu-time   # on a machine others load
+    python benchmarks/bench_maxvit.py --faults                 # and the page faults per call
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import time
 
@@ -118,10 +120,17 @@ def _check(kind, g, grid, timm_fns):
 SAMPLE_S = 0.002
 
 
-def interleaved(steps: dict, rounds: int, clock=time.perf_counter) -> dict:
+def minor_faults() -> int:
+    """The process's minor page faults so far: pages the system mapped and zeroed on first
+    touch, which the C allocator asks for again when it has returned freed memory."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def interleaved(steps: dict, rounds: int, clock=time.perf_counter, faults: dict = None) -> dict:
     """Median ms per candidate call, the candidates alternating sample by sample, by
     ``clock``; every candidate runs the same number of calls per sample, enough that the
-    fastest spans :data:`SAMPLE_S`."""
+    fastest spans :data:`SAMPLE_S`. ``faults``: filled with each candidate's median minor
+    page faults per call."""
     fastest = math.inf
     for step in steps.values():  # warm-up: compile, plan, first allocations
         step()
@@ -130,17 +139,23 @@ def interleaved(steps: dict, rounds: int, clock=time.perf_counter) -> dict:
         fastest = min(fastest, time.perf_counter() - t)
     calls = max(1, math.ceil(SAMPLE_S / fastest))
     times = {name: [] for name in steps}
+    touched = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            t = clock()
+            f, t = minor_faults(), clock()
             for _ in range(calls):
                 step()
             times[name].append((clock() - t) / calls)
+            touched[name].append((minor_faults() - f) / calls)
+    if faults is not None:
+        faults.update({name: statistics.median(n) for name, n in touched.items()})
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def run(size: int, batch: int, kind: str, backward: bool, g: int, heads: int, head_dim: int,
         rounds: int, clock=time.perf_counter) -> dict:
+    """One row: each candidate's median ms, ``auto``'s plan and prediction, and each
+    candidate's minor page faults per call (``faults``)."""
     grid = (size, size)
     spec = spec_of(kind, g, *grid)
     threads = torch.get_num_threads()
@@ -162,12 +177,13 @@ def run(size: int, batch: int, kind: str, backward: bool, g: int, heads: int, he
                     out.sum().backward()
         return step
 
+    faults = {}
     ms = interleaved({"auto": step_of(attn), **{n: step_of(f) for n, f in timm_fns.items()}},
-                     rounds, clock)
+                     rounds, clock, faults)
     plan = attn.plans[-1]
     executor = plan.strategy if plan.strategy != "terms" else "+".join(
         sorted({tp.executor for tp in plan.patterns[0]}))
-    return dict(ms, plan=executor, predicted=plan.predicted_ms)
+    return dict(ms, plan=executor, predicted=plan.predicted_ms, faults=faults)
 
 
 def main(argv=None) -> int:
@@ -184,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the process's CPU time, not the wall clock: with --threads 1 "
                          "it holds on a machine that other jobs load")
+    ap.add_argument("--faults", action="store_true",
+                    help="add each candidate's minor page faults per call (median): memory "
+                         "the allocator returned to the system and touched again")
     args = ap.parse_args(argv)
     clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
@@ -191,9 +210,10 @@ def main(argv=None) -> int:
           f"{torch.backends.cpu.get_cpu_capability()}; G={args.g}, heads={args.heads}, "
           f"head_dim={args.head_dim}, float32, median of {args.rounds} interleaved rounds "
           f"({'CPU time' if args.cpu_time else 'wall clock'})")
+    extra = " auto / matmul / sdpa faults per call |" if args.faults else ""
     print("| grid | batch | attention | pass | auto plan | auto ms (pred) | timm matmul ms "
-          "| timm sdpa ms | auto / timm |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| timm sdpa ms | auto / timm |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * bool(args.faults))
     passes = [False] if args.forward_only else [False, True]
     for size in map(int, args.sizes.split(",")):
         for batch in map(int, args.batches.split(",")):
@@ -205,7 +225,9 @@ def main(argv=None) -> int:
                     print(f"| {size}x{size} | {batch} | {kind} | "
                           f"{'fwd+bwd' if backward else 'fwd'} | {r['plan']} | "
                           f"{r['auto']:.2f} ({r['predicted']:.2f}) | {r['timm-matmul']:.2f} | "
-                          f"{r['timm-sdpa']:.2f} | {r['auto'] / best:.2f} |", flush=True)
+                          f"{r['timm-sdpa']:.2f} | {r['auto'] / best:.2f} |"
+                          + (" {auto:.0f} / {timm-matmul:.0f} / {timm-sdpa:.0f} |".format(
+                              **r["faults"]) if args.faults else ""), flush=True)
     return 0
 
 

@@ -153,3 +153,35 @@ def test_a_masked_dense_terms_nan_value_with_a_bias_table():
     seen = mask[:, (0 * grid[1] + 1)]  # the queries attending the poisoned key, now at (0, 1)
     assert got[:, :, seen].isnan().any(-1).all() and seen.any() and not seen.all()
     torch.testing.assert_close(got[:, :, ~seen], want[:, :, ~seen], atol=1e-10, rtol=1e-10)
+
+
+# a lone dense term's inference runs views, bmm, softmax, bmm and one finiteness sum: its output
+# already follows the rule except where every score of a query is -inf (softmax's NaN, where
+# the rule gives zeros), which that sum sends to the exact merge
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS + ["a whole class -inf"])
+def test_non_finite_values_in_a_lone_dense_term(kind, dtype, monkeypatch):
+    from patterngen.backends import planned
+
+    grid, spec = (6, 6), pg.window(3, dilation=2)  # MaxViT's grid attention: 4 classes of 3x3
+    q, k, v = _case(kind, grid)
+    if kind == "a whole class -inf":  # the class of (0, 1): its queries see only -inf scores
+        k[:, :, 0::2, 1::2] = -float("inf")
+    want = _rule(*(_flat(t) for t in (q, k, v)), torch.as_tensor(pg.materialize(spec, grid)))
+    assert want.isnan().any() == (kind in ("nan key", "nan value", "+inf score"))
+    attn = pg.compile(spec, grid, backend="auto", dtype=str(dtype)[6:], strategy="terms",
+                      terms="dense")
+    assert [tp.executor for tp in attn.plan.patterns[0]] == ["dense"]
+    merged = []
+    forward = planned.DenseTerm.forward
+    monkeypatch.setattr(planned.DenseTerm, "forward",
+                        lambda self, *a, **kw: merged.append(1) or forward(self, *a, **kw))
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    with torch.no_grad():
+        for _ in range(2):  # the second call through the kept signature
+            got = _flat(attn(*(t.to(dtype) for t in (q, k, v)))).double()
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+    # float32/float64 run the direct path, which hands the call to the merge only where its
+    # output is not finite; bfloat16 runs the fused kernel through the merge
+    assert bool(merged) == (dtype == torch.bfloat16 or kind in (
+        "nan key", "nan value", "+inf score", "a whole class -inf"))

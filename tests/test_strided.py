@@ -274,3 +274,34 @@ def test_a_repeated_kind_of_call_is_still_checked_and_exact(spec):
         out = attn(*leaves[:3], rel_bias=leaves[3])
         assert_gradients_equal(out, reference(spec, grid, *leaves[:3], rel_bias=leaves[3]),
                                leaves, gen, names=["q", "k", "v", "table"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_lone_dense_term_s_repeated_calls_with_and_without_gradients(dtype):
+    # the kept signature hands MaxViT's grid attention to the term's direct path (views, GEMMs,
+    # softmax and the copy back, no layer between): gridded, flat and transposed-strided
+    # inputs, inference and training, each twice, equal the oracle
+    spec, grid = pg.window(3, dilation=(4, 3)), (12, 9)  # 12 classes of 3 x 3
+    attn = pg.compile(spec, grid, backend="auto", dtype=str(dtype)[6:], **DENSE)
+    gen = torch.Generator().manual_seed(7)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    base = [torch.randn(2, 3, *grid, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    layouts = {"gridded": lambda t: t, "flat": lambda t: t.flatten(2, 3),
+               "strided": lambda t: t.transpose(2, 3).contiguous().transpose(2, 3)}
+    for name, layout in layouts.items():
+        for _ in range(2):
+            with torch.no_grad():
+                out = attn(*(layout(t.to(dtype)) for t in base))
+            want = reference(spec, grid, *base).to(dtype)
+            torch.testing.assert_close(out.reshape(want.shape), want, **tol, msg=name)
+            leaves = [layout(t.to(dtype)).detach().requires_grad_() for t in base]
+            out = attn(*leaves)
+            assert out.shape == leaves[0].shape
+            exact = [t.detach().double().requires_grad_() for t in leaves]
+            want = reference(spec, grid, *exact)
+            torch.testing.assert_close(out.double(), want, **tol, msg=name)
+            dout = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+            for a, b in zip(torch.autograd.grad(out, leaves, dout.to(dtype)),
+                            torch.autograd.grad(want, exact, dout)):
+                torch.testing.assert_close(a.double(), b, **tol, msg=name)
+    assert [tp.executor for tp in attn.plan.patterns[0]] == ["dense"]

@@ -300,17 +300,16 @@ class PlannedBackend(Backend):
             seen = _signature(q, k, v, grad, rel_bias is not None)
             hit = self._checked.get(seen)
             if hit is not None:  # these shapes, strides, dtypes and devices passed the checks
-                flat_q, flat_kv, key = hit
+                flat_q, flat_kv, key, alone = hit
                 out_shape = q.shape
-                alone = self._runs[key].alone if self._plans[key].strategy == "terms" else None
                 if alone is not None:
                     # the lone dense term views the caller's tensors itself: no flattening,
                     # no layer between (a third of the Python of a 0.3 ms call)
                     self.plan = self._plans[key]
-                    out = alone.autograd_forward(q, k, v, self._scale(scale, q),
-                                                 self.check_rel_bias(rel_bias, q))
+                    out = alone.applied_forward(q, k, v, self._scale(scale, q),
+                                                self.check_rel_bias(rel_bias, q), out_shape)
                     if out is not None:
-                        return out.reshape(out_shape)
+                        return out
                 return self._run(key, q, k, v, q.reshape(flat_q), k.reshape(flat_kv),
                                  v.reshape(flat_kv), lambda out: out.reshape(out_shape),
                                  scale, None, rel_bias, grad)
@@ -326,7 +325,11 @@ class PlannedBackend(Backend):
                      kv_heads=kf.shape[1], extra_keys=0 if extra is None else extra[0].shape[2])
         key = self._plan(*wanted, **sizes)
         if seen is not None and not self._autotune:
-            self._remember(seen, (qf.shape, kf.shape, key))
+            # the lone dense term where its direct path applies to these inputs (their dtype
+            # and device are in the signature; a call under torch.compile keeps no signature)
+            alone = self._runs[key].alone if self._plans[key].strategy == "terms" else None
+            self._remember(seen, (qf.shape, kf.shape, key, alone if alone is not None
+                                  and alone.autograd_applies(qf) else None))
         if self._autotune and self._strategy is None and not torch.compiler.is_compiling():
             key = self._tune(key, wanted, sizes, grad, (q, k, v, scale, additional_keys,
                                                          additional_values, rel_bias))

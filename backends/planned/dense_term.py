@@ -179,9 +179,10 @@ class DenseTerm:
             y.index_fill_(1, missing, fill)
         return y.view(b, h, -1, y.shape[-1])
 
-    def _view(self, x, side: str):
+    def _view(self, x, side: str, flat: bool = False):
         """``(B, H, N, d)`` or ``(B, H, *grid, d)`` -> ``(B * H, problems, rows, d)`` in the
-        problems' order."""
+        problems' order (``flat``, a term that is not rolled: ``(B * H * problems, rows, d)``,
+        what a bmm takes)."""
         if self.rolled:
             b, h = x.shape[:2]
             x = x.reshape(b, h, -1, x.shape[-1])
@@ -198,23 +199,26 @@ class DenseTerm:
             else:
                 t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + list(pad))
         t = t.reshape(b, h, *split, d).permute(order)
-        return t.reshape(b * h, self.problems, rows, d)
+        return t.reshape(-1, rows, d) if flat else t.reshape(b * h, self.problems, rows, d)
 
-    def _unview(self, y, b: int, h: int, fill: float, side: str = "q"):
-        """Inverse of :meth:`_view`: ``(B * H, problems, rows, e)`` -> ``(B, H, N, e)``.
-        Tokens outside the term's query (``side="q"``) or key (``"k"``) range get ``fill``;
-        padding is dropped. Every token appears at most once in a view, so for gradients
-        (``fill=0``) this is also the view's adjoint."""
+    def _unview(self, y, b: int, h: int, fill: float, side: str = "q", shape=None):
+        """Inverse of :meth:`_view`: ``(B * H, problems, rows, e)`` (or flat) -> ``(B, H,
+        N, e)``, or ``shape`` (the caller's gridded shape). Tokens outside the term's query
+        (``side="q"``) or key (``"k"``) range get ``fill``; padding is dropped. Every token
+        appears at most once in a view, so for gradients (``fill=0``) this is also the
+        view's adjoint."""
         e = y.shape[-1]
         if self.rolled:
-            return _moved(y, lambda t: self._scattered(t, b, h, fill, side),
+            t = _moved(y, lambda t: self._scattered(t, b, h, fill, side),
                                 lambda g: self._gathered(g, side))
+            return t if shape is None else t.reshape(shape)
+        shape = shape or (b, h, math.prod(self.grid), e)
         recipe = self._recipe(side)
         cuts, inverse, ordered, whole = (recipe.cuts, recipe.inverse, recipe.ordered,
                                          recipe.whole)
         t = y.reshape(b, h, *ordered, e).permute(inverse)
         if not cuts:
-            return t.reshape(b, h, math.prod(self.grid), e)
+            return t.reshape(shape)
         t = t.reshape(b, h, *whole, e)
         for dim, start, length, pad in cuts:
             if pad is not None:
@@ -223,7 +227,7 @@ class DenseTerm:
                 n = self.grid[dim - 2]
                 t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [start, n - start - length],
                           value=fill)
-        return t.reshape(b, h, math.prod(self.grid), e)
+        return t.reshape(shape)
 
     def _mask(self, group: int, open_rows: bool = False):
         """The mask over folded problems (:func:`_fold`): each problem's rows once per query
@@ -333,7 +337,7 @@ class DenseTerm:
             self._cache[key] = (table, table._version, tile)
         return tile
 
-    def autograd_forward(self, q, k, v, scale, table=None):
+    def autograd_forward(self, q, k, v, scale, table=None, shape=None):
         """The output ``(B, H, N, d)`` through torch's autograd, as a model's partitioned
         attention runs it (views, bmm, the bias and mask added, softmax, bmm; its backward
         keeps the probabilities instead of recomputing them from the log-sum-exp: one batched
@@ -342,13 +346,34 @@ class DenseTerm:
         matmul path with a key for every query and no softcap, in eager mode, when its output
         is finite (a row whose scores are all ``-inf`` gives NaN here where the merge gives 0;
         the caller then runs the merge). ``table``: a relative position bias table; without
-        gradients, it runs in the fused kernel (:meth:`_fused_with_bias`)."""
-        if not self.autograd_applies(q):
-            return None
+        gradients, it runs in the fused kernel (:meth:`_fused_with_bias`). ``shape``: the
+        output's shape, the caller's gridded one (default ``(B, H, N, d)``)."""
+        return self.applied_forward(q, k, v, scale, table, shape) \
+            if self.autograd_applies(q) else None
+
+    def applied_forward(self, q, k, v, scale, table=None, shape=None):
+        """:meth:`autograd_forward` for inputs that :meth:`autograd_applies` to (a caller
+        that checked a kind of call once)."""
         b, h = q.shape[:2]
+        if table is None and self.mask is None and not self.rolled and k.shape[1] == h:
+            # as a model's partitioned attention writes it and no more: each torch call, a
+            # view included, costs about 1 us of a 0.2 ms call (14x14, batch 2), more with
+            # autograd recording it
+            grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                or v.requires_grad)
+            # one nested call, no name holding a buffer: each is freed once read (q's and k's
+            # copies after the scores, the scores after softmax, v's copy made then), so the
+            # peak is two score-sized buffers and not every copy at once, memory the C
+            # allocator keeps for the next call rather than handing back to the system
+            out = torch.bmm(torch.softmax(dense.score_matrix(
+                self._view(q, "q", True), self._view(k, "k", True), None, scale, autograd=grad),
+                -1), self._view(v, "k", True))
+            if not _finite(out.detach() if grad else out):
+                return None
+            return self._unview(out, b, h, 0.0, shape=shape)
         out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
                                     h, scale, table)
-        return None if out is None else self._unview(out, b, h, 0.0)
+        return None if out is None else self._unview(out, b, h, 0.0, shape=shape)
 
     def autograd_applies(self, q) -> bool:
         """Whether :meth:`autograd_forward` may run for queries like ``q``."""
@@ -372,9 +397,7 @@ class DenseTerm:
             scores = dense.score_matrix(qp, kp, mask, scale, self._mod(table, heads, group),
                                         autograd=grad).view(bp * p, n, -1)
             out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
-        # one sum: a NaN or an infinity anywhere makes it non-finite (a sum that merely
-        # overflows only sends the call to the merge, which is exact for any input)
-        if not math.isfinite(float((out.detach() if grad else out).sum())):
+        if not _finite(out.detach() if grad else out):
             return None
         return _unfold(out.view(bp, p, n, d), group)
 
@@ -666,6 +689,14 @@ class TokenOrder:
             return term._unview(y.reshape(b * h, term.problems, -1, y.shape[-1]), b, h, 0.0)
         return _moved(y, lambda t: term._scattered(t, b, h, 0.0, "q"),
                             lambda g: term._gathered(g, "q").reshape(b, h, -1, g.shape[-1]))
+
+
+def _finite(out) -> bool:
+    """Whether the matmul path's ``out`` may be returned: a row whose scores are all ``-inf``
+    gives NaN there where the merge gives 0. One sum: a NaN or an infinity anywhere makes it
+    non-finite (a sum that merely overflows only sends the call to the merge, which is exact
+    for any input)."""
+    return math.isfinite(float(out.sum()))
 
 
 def _moved(x, there, back):
