@@ -450,6 +450,12 @@ _ATTEND_UNITS = 1 << 20
 #: disturbed one is kept
 _REPEATS = 3
 
+#: passes over every micro-benchmark, each keeping its best: a machine's state (another
+#: tenant, where the allocator's pages land) changes over seconds, so one pass of 2.5 s gave
+#: rates 1.3-1.8x apart from one calibration to the next on an idle 2-core machine (AVX-512,
+#: two threads; the fused kernel's 64 x 1024 and 64 x 256 problems), three passes 1.03-1.14x
+PASSES = 3
+
 
 class _Progress:
     def __init__(self, device: str, dtype: str):
@@ -872,9 +878,10 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
                 benches += make()
             except PatternError as e:
                 log.info("calibration: %s cannot run (%s); keeping the defaults", names, e)
-        for i, b in enumerate(benches):
-            progress(f"{b.name} ({i + 1}/{len(benches)})")
-            b.run(_REPEATS)
+        for p in range(PASSES):
+            for i, b in enumerate(benches):
+                progress(f"pass {p + 1}/{PASSES}: {b.name} ({i + 1}/{len(benches)})")
+                b.run(_REPEATS)
         # the block mask's rate is the difference of two benchmarks a few percent apart: two
         # more passes of the pair, alternating, keep one disturbed run from making it 0 (one
         # quiet calibration at one thread measured it 0 after one pass, 0.13-0.25 ns alone)
