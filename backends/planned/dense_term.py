@@ -210,7 +210,7 @@ class DenseTerm:
         e = y.shape[-1]
         if self.rolled:
             t = _moved(y, lambda t: self._scattered(t, b, h, fill, side),
-                                lambda g: self._gathered(g, side))
+                       lambda g: self._gathered(g, side))
             return t if shape is None else t.reshape(shape)
         shape = shape or (b, h, math.prod(self.grid), e)
         recipe = self._recipe(side)
