@@ -878,6 +878,60 @@ def test_the_block_mask_rate_is_measured_on_a_mask_per_problem(fixed_clock, monk
     assert mask.pair_ns >= 0 and mask.backward_factor >= 1.0
 
 
+@pytest.mark.parametrize("strategy", ["terms", "sdpa"])
+def test_the_spill_counts_the_bytes_of_scores_beyond_the_caches(strategy, monkeypatch):
+    # every softmax the call runs is over one kernel call's scores: what each holds beyond
+    # the caches (made small here) is the spill ops' count, on the dense term and on sdpa's
+    # mask-free groups alike
+    import re
+
+    from torch.profiler import profile
+
+    from patterngen import call
+
+    monkeypatch.setattr(call, "CACHE_BYTES", 40_000)
+    pattern, grid, batch, heads, d = pg.block(7), (14, 14), 2, 2, 16
+    attn = pg.compile(pattern, grid, backend="auto", strategy=strategy, terms="dense")
+    q, k, v = (torch.randn(batch, heads, *grid, d) for _ in range(3))
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        attn(q, k, v)
+    scores = [4 * math.prod(e.input_shapes[0]) for e in prof.events()
+              if e.name == "aten::_softmax"]
+    plan = pg.plan(pattern, grid, head_dim=d, heads=heads, batch=batch,
+                   executors=(strategy,), terms="dense")
+    counts = re.findall(r"Op\(spill x (\d+)\)", str(plan))
+    assert sum(map(int, counts)) == sum(max(0, s - 40_000) for s in scores) > 0
+    monkeypatch.setattr(call, "CACHE_BYTES", max(scores))
+    plan = pg.plan(pattern, grid, head_dim=d, heads=heads, batch=batch,
+                   executors=(strategy,), terms="dense")
+    assert "Op(spill" not in str(plan)
+
+
+def test_the_spill_rate_is_the_forward_time_the_larger_scores_add(monkeypatch):
+    # a clock that gives each kept forward 1 us per problem, and the problems beyond the
+    # caches 0.5 ms more: the rate is those 0.5 ms over the bytes beyond the caches
+    from patterngen.call import spilled
+
+    seen, score_matrix = [], dense.score_matrix
+
+    def recording(q, k, *args, **kwargs):
+        seen.append(q.shape[1])
+        return score_matrix(q, k, *args, **kwargs)
+
+    def clock(fn, repeats=7):
+        seen.clear()
+        fn()
+        return 0.0 if not seen else seen[-1] * 1e-3 + (0.5 if seen[-1] == many else 0.0)
+
+    monkeypatch.setattr(dense, "score_matrix", recording)
+    monkeypatch.setattr(calibrate, "_best_ms", clock)
+    rows, keys, _, few, many = calibrate.SPILL_CASE
+    assert spilled(few, rows, keys, 4) == 0 < spilled(many, rows, keys, 4)
+    spill = calibrate.measure("cpu", "float32", only=("spill",)).executors["spill"]
+    assert spill.pair_ns == pytest.approx(0.5e6 / spilled(many, rows, keys, 4))
+    assert spill.backward_factor == calibrate.SPILL_BACKWARD
+
+
 def test_flash_bias_rebuilds_the_table_gradient_at_the_matmul_forward_rate():
     from patterngen.call import Op
 
