@@ -531,6 +531,9 @@ def _attend_benches(device, dt) -> list:
                             out, lse = fwd()
                             dense.fused_backward(q, k, v, out, lse, dout, None, 0.1)
                     out.append(_Bench(attend_name(kernel, m, n, d), fwd, both, p * m * n * d))
+    if device == "cpu":  # kept's fixed cost of a call (:func:`_solve_kept`)
+        out.append(_Bench("attend/kept#call", *_kept_bench(*_problems(1, 1, 1, 1, device, dt)),
+                          1))
     return out
 
 
@@ -847,6 +850,19 @@ def _difference(base, more, units: int) -> Rate:
     return Rate(0.0, fwd, max(both / fwd, 1.0) if fwd else 1.0)
 
 
+def _solve_kept(table, best, units) -> None:
+    """The kept path's backward factors less its fixed cost of a backward (what a problem of
+    one row, key and element adds to its forward): autograd's, 0.15-0.2 ms at one thread, a
+    fifth to a half of a class's forward+backward, made the factors 4-6.5 where problems of
+    eight times the units measured 3.3-3.7. That cost is the term-wise path's call
+    (``launch/terms``, measured with it). The forward's, 0.01-0.03 ms, stays in the rates."""
+    fwd0, both0 = best["attend/kept#call"]
+    for name, (fwd, both) in best.items():
+        if name.startswith("attend/kept/"):
+            table[name] = Rate(0.0, table[name].pair_ns,
+                               max(1.0, (both - (both0 - fwd0)) / fwd))
+
+
 def _solve_blockmask(table, best) -> None:
     """``blockmask``: ns per mask element the fused kernel reads (per problem and head), the
     masked benchmark's time less the plain one's, forward and both ways."""
@@ -949,6 +965,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
         _solve_numba(table, benches, best)
     if all(f"launch/part#{n}" in best for n, _ in PART_CASES):
         _solve_parts(table, best)
+    if "attend/kept#call" in best:
+        _solve_kept(table, best, units)
     if "blockmask#masked" in best:
         _solve_blockmask(table, best)
     if "spill#beyond" in best:
