@@ -876,7 +876,8 @@ def _solve_blockmask(table, best) -> None:
 SPILL_CASE = (64, 64, 16, 256, 1024)
 
 #: the spill's backward factor, fixed: whole calls' backward added 1.4-1.7x the forward's
-#: time beyond the prediction (MaxViT's grid, 56x56 batch 8, one and two threads), where
+#: time beyond the prediction (MaxViT's grid, 56x56 batch 8, one and two threads, priced
+#: with the kept path's backward factors that :func:`_solve_kept` now lowers), where
 #: the kept path's own backward on :data:`SPILL_CASE` scattered 1.0-8x from run to run (page
 #: faults of its new buffers among it, priced as ``fault``); the benchmarks run forward only,
 #: 0.2 s instead of 0.75 at one thread
