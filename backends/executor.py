@@ -31,7 +31,7 @@ import math
 from patterngen import ir
 from patterngen.backends import get_backend
 from patterngen.backends.merge import acc_dtype
-from patterngen.call import Call, Op
+from patterngen.call import Call, Op, spilled
 from patterngen.errors import PatternError
 from patterngen.plan import COPYING, DenseShape, gather_first, has_mask
 
@@ -236,6 +236,15 @@ def alone_kernel(call: Call, keys: int) -> str:
     return "fused" if call.bias and not call.backward else "kept"
 
 
+def _spill(kernel: str, problems: int, rows: int, keys: int, call: Call,
+           calls: int = 1) -> list:
+    """The bytes of scores beyond the caches on the paths that hold a call's scores whole
+    (the fused kernel holds a tile of them at a time)."""
+    count = spilled(problems, rows, keys, call.itemsize, calls) \
+        if kernel in ("matmul", "kept") else 0
+    return [Op("spill", count)] if count else []
+
+
 def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
                masked: bool = False) -> list:
     """A term as ``shape``'s problems for every (batch, kv head), the query heads of a kv head
@@ -246,9 +255,10 @@ def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
     group = call.heads // call.kv_heads
     rows = shape.queries * group
     kernel = (alone_kernel if alone else attend_kernel)(call, shape.keys)
+    problems = shape.batch * call.batch * call.kv_heads
     ops = [Op("launch", 1, kernel="kernel"),
-           Op("attend", shape.batch * call.batch * call.kv_heads,
-              (rows, shape.keys, call.head_dim), kernel)]
+           Op("attend", problems, (rows, shape.keys, call.head_dim), kernel),
+           *_spill(kernel, problems, rows, shape.keys, call)]
     if attend_kernel(call, shape.keys) == "fused" or masked and kernel != "kept":
         # k and v checked for non-finite values first: the fused kernels give a row whose
         # keys all score -inf a log-sum-exp of 0, and a masked key's NaN or infinity must
@@ -258,8 +268,7 @@ def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
     if masked and kernel in ("matmul", "kept"):
         # added to the scores after the GEMM (the fused kernel takes it inside); a few holes
         # are filled in instead, measured no cheaper per problem (48 x 48, 3 of 48 keys)
-        ops.append(Op("mask", shape.batch * call.batch * call.kv_heads * rows * shape.keys,
-                      kernel=kernel))
+        ops.append(Op("mask", problems * rows * shape.keys, kernel=kernel))
     if shape.copied:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
         elements = shape.batch * (rows + 2 * shape.keys) + tokens * group
@@ -358,7 +367,8 @@ class SdpaExecutor(Executor):
                 runs = spans(c.count, kv * keys * per, c.k_band is None and not call.backward
                              and call.device == "cpu")
                 ops += [Op("launch", len(runs), kernel="kernel"),
-                        Op("attend", c.count * work, (calls.bq, keys, d), kernel)]
+                        Op("attend", c.count * work, (calls.bq, keys, d), kernel),
+                        *_spill(kernel, c.count * work, calls.bq, keys, call, len(runs))]
                 # the fused backward's key and value gradients, per query head
                 kv_grads = 2 * c.count * work * keys * per
                 fused_backward = call.backward and kernel == "fused"

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import trust
+from .call import ITEMSIZE, spilled
 from .errors import PatternError
 
 __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
@@ -37,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 8
+VERSION = 9
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _names() -> list[str]:
               for d in NUMBA_DIMS]
     return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "band", "fill", "scan",
                                                         "merge", "fault", "mask",
-                                                        "blockmask"]
+                                                        "blockmask", "spill"]
 
 
 def _bracket(axis: tuple, x: float, log: bool = True):
@@ -138,8 +139,9 @@ class Rates:
             memory new to the process, zeroed by the system on first touch), ``scan`` (per
             element checked for non-finite values), ``mask`` (per score a dense term's mask
             is added to on the matmul paths), ``blockmask`` (per element of a per-problem mask
-            the fused kernel reads, for each batch and head) and ``merge`` (per token and
-            head_dim element of each part merged).
+            the fused kernel reads, for each batch and head), ``spill`` (per byte of the
+            matmul paths' scores beyond the caches, :func:`patterngen.call.spilled`) and
+            ``merge`` (per token and head_dim element of each part merged).
         source: ``"measured"`` or ``"default"``.
     """
 
@@ -310,7 +312,7 @@ _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6)
               "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4),
               "fault": (0.0, 0.42, 1.0), "mask": (0.0, 0.1, 2.0),
-              "blockmask": (0.0, 0.3, 2.2)}
+              "blockmask": (0.0, 0.3, 2.2), "spill": (0.0, 0.25, 1.5)}
 
 
 def _default_cpu(name: str) -> Rate:
@@ -490,9 +492,14 @@ class _Bench:
         self.best[1] = min(self.best[1], _best_ms(self.both, repeats))
 
 
-def _attend_benches(device, dt) -> list:
+def _problems(p: int, m: int, n: int, d: int, device, dt) -> tuple:
+    """Random q, k, v and an output gradient of ``p`` problems of ``m`` rows and ``n`` keys."""
     import torch
 
+    return tuple(torch.randn(1, p, rows, d, device=device, dtype=dt) for rows in (m, n, n, m))
+
+
+def _attend_benches(device, dt) -> list:
     from .backends import dense
 
     out = []
@@ -507,8 +514,7 @@ def _attend_benches(device, dt) -> list:
                     # the same within 10%; rows of one key, measured so, came out 1.3-1.5x
                     # dearer per unit, their fixed cost per call no longer small beside them)
                     p = max(1, _ATTEND_UNITS // (max(m, 4) * n * d))
-                    q, dout = (torch.randn(1, p, m, d, device=device, dtype=dt) for _ in "qo")
-                    k, v = (torch.randn(1, p, n, d, device=device, dtype=dt) for _ in "kv")
+                    q, k, v, dout = _problems(p, m, n, d, device, dt)
                     if kernel == "kept":
                         fwd, both = _kept_bench(q, k, v, dout)
                     elif kernel == "matmul":
@@ -525,6 +531,9 @@ def _attend_benches(device, dt) -> list:
                             out, lse = fwd()
                             dense.fused_backward(q, k, v, out, lse, dout, None, 0.1)
                     out.append(_Bench(attend_name(kernel, m, n, d), fwd, both, p * m * n * d))
+    if device == "cpu":  # kept's fixed cost of a call (:func:`_solve_kept`)
+        out.append(_Bench("attend/kept#call", *_kept_bench(*_problems(1, 1, 1, 1, device, dt)),
+                          1))
     return out
 
 
@@ -819,8 +828,7 @@ def _blockmask_benches(device, dt) -> list:
     from .backends import dense
 
     p, m, n, d = BLOCKMASK_CASE
-    q, k, v, dout = (torch.randn(1, p, rows, d, device=device, dtype=dt)
-                     for rows in (m, n, n, m))
+    q, k, v, dout = _problems(p, m, n, d, device, dt)
     mask = torch.zeros(1, p, m, n, device=device, dtype=dt)
     mask[..., : n // 4] = float("-inf")
     out = []
@@ -835,13 +843,64 @@ def _blockmask_benches(device, dt) -> list:
     return out
 
 
+def _difference(base, more, units: int) -> Rate:
+    """ns per unit of the time ``more`` takes beyond ``base`` (``(forward, both)`` ms each),
+    at least 0, and its backward factor."""
+    fwd, both = (max(b - a, 0.0) * 1e6 / units for a, b in zip(base, more))
+    return Rate(0.0, fwd, max(both / fwd, 1.0) if fwd else 1.0)
+
+
+def _solve_kept(table, best, units) -> None:
+    """The kept path's backward factors less its fixed cost of a backward (what a problem of
+    one row, key and element adds to its forward): autograd's, 0.15-0.2 ms at one thread, a
+    fifth to a half of a class's forward+backward, made the factors 4-6.5 where problems of
+    eight times the units measured 3.3-3.7. That cost is the term-wise path's call
+    (``launch/terms``, measured with it). The forward's, 0.01-0.03 ms, stays in the rates."""
+    fwd0, both0 = best["attend/kept#call"]
+    for name, (fwd, both) in best.items():
+        if name.startswith("attend/kept/"):
+            table[name] = Rate(0.0, table[name].pair_ns,
+                               max(1.0, (both - (both0 - fwd0)) / fwd))
+
+
 def _solve_blockmask(table, best) -> None:
     """``blockmask``: ns per mask element the fused kernel reads (per problem and head), the
-    masked benchmark's time less the plain one's (at least 0), forward and both ways."""
-    plain, masked = best["blockmask#plain"], best["blockmask#masked"]
-    units = math.prod(BLOCKMASK_CASE[:3])
-    fwd, both = (max(b - a, 0.0) * 1e6 / units for a, b in zip(plain, masked))
-    table["blockmask"] = Rate(0.0, fwd, max(both / fwd, 1.0) if fwd else 1.0)
+    masked benchmark's time less the plain one's, forward and both ways."""
+    table["blockmask"] = _difference(best["blockmask#plain"], best["blockmask#masked"],
+                                     math.prod(BLOCKMASK_CASE[:3]))
+
+
+#: the kept path's problems whose scores outgrow the caches (:func:`_solve_spill`):
+#: ``(rows, keys, head_dim, problems within, problems beyond)``, 4 and 16 MiB of float32
+#: scores around ``call.CACHE_BYTES``; head_dim 16 keeps the GEMMs' share of the time small
+SPILL_CASE = (64, 64, 16, 256, 1024)
+
+#: the spill's backward factor, fixed: whole calls' backward added 1.4-1.7x the forward's
+#: time beyond the prediction (MaxViT's grid, 56x56 batch 8, one and two threads, priced
+#: with the kept path's backward factors that :func:`_solve_kept` now lowers), where
+#: the kept path's own backward on :data:`SPILL_CASE` scattered 1.0-8x from run to run (page
+#: faults of its new buffers among it, priced as ``fault``); the benchmarks run forward only,
+#: 0.2 s instead of 0.75 at one thread
+SPILL_BACKWARD = 1.5
+
+
+def _spill_benches(device, dt) -> list:
+    """The kept path's forward (:func:`_kept_bench`) on :data:`SPILL_CASE`'s fewer and more
+    problems, on CPU (the matmul paths run there only)."""
+    if device != "cpu":
+        return []
+    m, n, d, *counts = SPILL_CASE
+    return [_Bench(name, _kept_bench(*_problems(p, m, n, d, device, dt))[0], lambda: None,
+                   p * m * n * d) for name, p in zip(("spill#within", "spill#beyond"), counts)]
+
+
+def _solve_spill(table, best, dtype: str) -> None:
+    """``spill``: ns per byte of scores beyond the caches, the forward time of the more
+    problems less the fewer ones' scaled to their count."""
+    m, n, _, few, many = SPILL_CASE
+    within = [t * many / few for t in best["spill#within"]]
+    rate = _difference(within, best["spill#beyond"], spilled(many, m, n, ITEMSIZE.get(dtype, 4)))
+    table["spill"] = Rate(0.0, rate.pair_ns, SPILL_BACKWARD)
 
 
 def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Rates:
@@ -863,6 +922,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     load = _load()
     # each group of benchmarks, and the names it measures (built only when one is wanted)
     groups = ((("attend/",), lambda: _attend_benches(device, dt)),
+              (("spill",), lambda: _spill_benches(device, dt)),
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
                lambda: _numba_benches(device, dtype, dt)),
               (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "gather",
@@ -882,11 +942,12 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
             for i, b in enumerate(benches):
                 progress(f"pass {p + 1}/{PASSES}: {b.name} ({i + 1}/{len(benches)})")
                 b.run(_REPEATS)
-        # the block mask's rate is the difference of two benchmarks a few percent apart: two
-        # more passes of the pair, alternating, keep one disturbed run from making it 0 (one
-        # quiet calibration at one thread measured it 0 after one pass, 0.13-0.25 ns alone)
-        pair = [b for b in benches if b.name.startswith("blockmask#")]
-        for b in 2 * pair:
+        # the block mask's and the spill's rates are differences of two benchmarks a few
+        # percent apart: two more passes of each pair, alternating, keep one disturbed run
+        # from making them 0 (one quiet calibration at one thread measured the block mask's 0
+        # after one pass, 0.13-0.25 ns alone)
+        pairs = [b for b in benches if b.name.startswith(("blockmask#", "spill#"))]
+        for b in 2 * pairs:
             b.run(_REPEATS)
     best = {b.name: b.best for b in benches}
     units = {b.name: b.units for b in benches}
@@ -898,15 +959,19 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
         if name.startswith("launch/"):
             table[name] = Rate(fwd, 0.0, factor)
         elif "#" in name:
-            continue  # a point solved with others (_solve_numba, _solve_blockmask)
+            continue  # a point solved with others (_solve_numba, _solve_blockmask, ...)
         else:
             table[name] = Rate(0.0, fwd * 1e6 / units[name], fixed.get(name, factor))
     if "launch/numba" in best:
         _solve_numba(table, benches, best)
     if all(f"launch/part#{n}" in best for n, _ in PART_CASES):
         _solve_parts(table, best)
+    if "attend/kept#call" in best:
+        _solve_kept(table, best, units)
     if "blockmask#masked" in best:
         _solve_blockmask(table, best)
+    if "spill#beyond" in best:
+        _solve_spill(table, best, dtype)
     progress.done()
     if device == "cpu":
         _warn_if_busy(max(load, _load()), torch.get_num_threads())

@@ -21,10 +21,23 @@ from dataclasses import dataclass, field
 
 from .errors import PatternError
 
-__all__ = ["Call", "Op", "ITEMSIZE"]
+__all__ = ["Call", "Op", "ITEMSIZE", "CACHE_BYTES", "spilled"]
 
 #: bytes per element of each dtype the executors take
 ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+#: bytes of one kernel call's score matrices that the caches keep between the passes over
+#: them (the scores' GEMM, the softmax, the second GEMM, the backward's): on the 2-core
+#: AVX-512 machine, one thread, the kept path's time per unit was flat up to 8-12 MiB of
+#: scores (64 x 64 and 49 x 49 problems, head_dim 32) and 1.1-1.2x that beyond 16 MiB
+CACHE_BYTES = 8 << 20
+
+
+def spilled(problems: int, rows: int, keys: int, itemsize: int, calls: int = 1) -> int:
+    """Bytes of ``problems`` score matrices of ``rows x keys`` beyond :data:`CACHE_BYTES`,
+    the problems split evenly over ``calls`` kernel calls."""
+    scores = problems * rows * keys * itemsize
+    return calls * max(0, -(-scores // calls) - CACHE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,8 @@ class Op:
             fused backward's key gradients before a gather's ``index_add``), ``rebuild``
             (``count`` problems of ``shape`` whose ``kernel`` forward work a backward redoes),
             ``fault`` (``count`` bytes of memory new to the process), ``mask`` (``count``
-            elements of per-problem masks the fused kernel reads).
+            elements of per-problem masks the fused kernel reads), ``spill`` (``count``
+            bytes of the matmul paths' scores beyond the caches, :func:`spilled`).
         count: how many.
         shape: the shape class: ``(rows, keys, head_dim)`` (``attend``), ``(head_dim,)``
             (``numba``).

@@ -432,9 +432,10 @@ def test_calibration_times_every_dense_kernel(fixed_clock, monkeypatch):
         rates = calibrate.measure("cpu", "float32", only=("attend/",))
     names = [n for n in rates.executors if n.startswith("attend/")]
     assert len(names) == 3 * len(calibrate.ATTEND_DIMS)
-    assert len(runs) == 2 * calibrate.PASSES * len(names)
-    for name in names:
-        assert rates.executors[name].backward_factor == pytest.approx(2.0)
+    assert len(runs) == 2 * calibrate.PASSES * (len(names) + 1)  # and the kept path's call
+    for name in names:  # kept's, less its backward's call: test_the_kept_backward_factors_...
+        if "/kept/" not in name:
+            assert rates.executors[name].backward_factor == pytest.approx(2.0)
 
 
 def test_a_dense_term_whose_mask_would_be_too_large_is_gathered():
@@ -876,6 +877,92 @@ def test_the_block_mask_rate_is_measured_on_a_mask_per_problem(fixed_clock, monk
     assert (1, problems, rows, keys) in seen and None in seen
     mask = rates.executors["blockmask"]
     assert mask.pair_ns >= 0 and mask.backward_factor >= 1.0
+
+
+@pytest.mark.parametrize("strategy", ["terms", "sdpa"])
+def test_the_spill_counts_the_bytes_of_scores_beyond_the_caches(strategy, monkeypatch):
+    # every softmax the call runs is over one kernel call's scores: what each holds beyond
+    # the caches (made small here) is the spill ops' count, on the dense term and on sdpa's
+    # mask-free groups alike
+    import re
+
+    from torch.profiler import profile
+
+    from patterngen import call
+
+    monkeypatch.setattr(call, "CACHE_BYTES", 40_000)
+    pattern, grid, batch, heads, d = pg.block(7), (14, 14), 2, 2, 16
+    attn = pg.compile(pattern, grid, backend="auto", strategy=strategy, terms="dense")
+    q, k, v = (torch.randn(batch, heads, *grid, d) for _ in range(3))
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        attn(q, k, v)
+    scores = [4 * math.prod(e.input_shapes[0]) for e in prof.events()
+              if e.name == "aten::_softmax"]
+    plan = pg.plan(pattern, grid, head_dim=d, heads=heads, batch=batch,
+                   executors=(strategy,), terms="dense")
+    counts = re.findall(r"Op\(spill x (\d+)\)", str(plan))
+    assert sum(map(int, counts)) == sum(max(0, s - 40_000) for s in scores) > 0
+    monkeypatch.setattr(call, "CACHE_BYTES", max(scores))
+    plan = pg.plan(pattern, grid, head_dim=d, heads=heads, batch=batch,
+                   executors=(strategy,), terms="dense")
+    assert "Op(spill" not in str(plan)
+
+
+def test_the_spill_rate_is_the_forward_time_the_larger_scores_add(monkeypatch):
+    # a clock that gives each kept forward 1 us per problem, and the problems beyond the
+    # caches 0.5 ms more: the rate is those 0.5 ms over the bytes beyond the caches
+    from patterngen.call import spilled
+
+    seen, score_matrix = [], dense.score_matrix
+
+    def recording(q, k, *args, **kwargs):
+        seen.append(q.shape[1])
+        return score_matrix(q, k, *args, **kwargs)
+
+    def clock(fn, repeats=7):
+        seen.clear()
+        fn()
+        return 0.0 if not seen else seen[-1] * 1e-3 + (0.5 if seen[-1] == many else 0.0)
+
+    monkeypatch.setattr(dense, "score_matrix", recording)
+    monkeypatch.setattr(calibrate, "_best_ms", clock)
+    rows, keys, _, few, many = calibrate.SPILL_CASE
+    assert spilled(few, rows, keys, 4) == 0 < spilled(many, rows, keys, 4)
+    spill = calibrate.measure("cpu", "float32", only=("spill",)).executors["spill"]
+    assert spill.pair_ns == pytest.approx(0.5e6 / spilled(many, rows, keys, 4))
+    assert spill.backward_factor == calibrate.SPILL_BACKWARD
+
+
+def test_the_kept_backward_factors_leave_out_the_fixed_cost_of_a_backward(monkeypatch):
+    # a clock giving the kept path 1 ns per unit forward and 3 both ways, beside 0.01 ms and
+    # 0.2 ms per call: every kept class comes out at a factor of 3, its forward's fixed cost
+    # left in its rate
+    runs, seen, score_matrix = [], [], dense.score_matrix
+
+    def recording(q, k, *args, **kwargs):
+        seen.append(q.shape[-3] * q.shape[-2] * k.shape[-2] * q.shape[-1])
+        return score_matrix(q, k, *args, **kwargs)
+
+    def clock(fn, repeats=7):
+        seen.clear()
+        fn()
+        runs.append(fn)
+        both = len(runs) % 2 == 0  # a bench runs its forward, then both
+        return (3e-6 * seen[0] + 0.2 if both else 1e-6 * seen[0] + 0.01) if seen else 1.0
+
+    monkeypatch.setattr(dense, "score_matrix", recording)
+    monkeypatch.setattr(calibrate, "_best_ms", clock)
+    rates = calibrate.measure("cpu", "float32", only=("attend/",)).executors
+    names = [n for n in rates if n.startswith("attend/kept/")]
+    assert len(names) == len(calibrate.ATTEND_ROWS["kept"]) * len(calibrate.ATTEND_KEYS["kept"]) \
+        * len(calibrate.ATTEND_DIMS)
+    for name in names:
+        (m, n), d = map(int, name.split("/")[2].split("x")), int(name.split("/d")[1])
+        units = max(1, (1 << 20) // (max(m, 4) * n * d)) * m * n * d  # the bench's problems
+        rate = rates[name]
+        assert rate.pair_ns * units == pytest.approx(1e6 * (1e-6 * units + 0.01), rel=1e-9)
+        assert rate.backward_factor == pytest.approx(
+            (3e-6 * units + 0.2 - 0.19) / (1e-6 * units + 0.01), rel=1e-3)
 
 
 def test_flash_bias_rebuilds_the_table_gradient_at_the_matmul_forward_rate():
