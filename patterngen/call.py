@@ -97,9 +97,11 @@ class Op:
             (``count`` bytes copied again in a backward: the merge's views of q, k, v; the
             fused backward's key gradients before a gather's ``index_add``), ``rebuild``
             (``count`` problems of ``shape`` whose ``kernel`` forward work a backward redoes),
-            ``fault`` (``count`` bytes of memory new to the process), ``mask`` (``count``
-            elements of per-problem masks the fused kernel reads), ``spill`` (``count``
-            bytes of the matmul paths' scores beyond the caches, :func:`spilled`).
+            ``fault`` (``count`` bytes of memory new to the process), ``blockmask``
+            (``count`` elements of per-problem masks the fused kernel reads), ``mask``
+            (``count`` scores a dense term's mask is added to on the matmul paths, ``kernel``
+            the path), ``spill`` (``count`` bytes of the matmul paths' scores beyond the
+            caches, :func:`spilled`).
         count: how many.
         shape: the shape class: ``(rows, keys, head_dim)`` (``attend``), ``(head_dim,)``
             (``numba``).
