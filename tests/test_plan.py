@@ -404,6 +404,7 @@ def fixed_clock(monkeypatch) -> list:
         return 1.0 if len(runs) % 2 else 2.0
 
     monkeypatch.setattr(calibrate, "_best_ms", once)
+    monkeypatch.setattr(calibrate, "PASSES", 1)  # a fixed clock gains nothing from passes
     return runs
 
 
@@ -428,11 +429,12 @@ def test_calibration_times_every_dense_kernel(fixed_clock, monkeypatch):
     runs = fixed_clock
     monkeypatch.setattr(calibrate, "ATTEND_ROWS", {k: (16,) for k in calibrate.ATTEND_ROWS})
     monkeypatch.setattr(calibrate, "ATTEND_KEYS", {k: (16,) for k in calibrate.ATTEND_KEYS})
+    monkeypatch.setattr(calibrate, "PASSES", 2)  # each pass runs every micro-benchmark again
     with torch.no_grad():
         rates = calibrate.measure("cpu", "float32", only=("attend/",))
     names = [n for n in rates.executors if n.startswith("attend/")]
     assert len(names) == 3 * len(calibrate.ATTEND_DIMS)
-    assert len(runs) == 2 * calibrate.PASSES * (len(names) + 1)  # and the kept path's call
+    assert len(runs) == 2 * 2 * (len(names) + 1)  # and the kept path's call
     for name in names:  # kept's, less its backward's call: test_the_kept_backward_factors_...
         if "/kept/" not in name:
             assert rates.executors[name].backward_factor == pytest.approx(2.0)
@@ -926,6 +928,7 @@ def test_the_spill_rate_is_the_forward_time_the_larger_scores_add(monkeypatch):
 
     monkeypatch.setattr(dense, "score_matrix", recording)
     monkeypatch.setattr(calibrate, "_best_ms", clock)
+    monkeypatch.setattr(calibrate, "PASSES", 1)
     rows, keys, _, few, many = calibrate.SPILL_CASE
     assert spilled(few, rows, keys, 4) == 0 < spilled(many, rows, keys, 4)
     spill = calibrate.measure("cpu", "float32", only=("spill",)).executors["spill"]
@@ -952,6 +955,7 @@ def test_the_kept_backward_factors_leave_out_the_fixed_cost_of_a_backward(monkey
 
     monkeypatch.setattr(dense, "score_matrix", recording)
     monkeypatch.setattr(calibrate, "_best_ms", clock)
+    monkeypatch.setattr(calibrate, "PASSES", 1)
     rates = calibrate.measure("cpu", "float32", only=("attend/",)).executors
     names = [n for n in rates if n.startswith("attend/kept/")]
     assert len(names) == len(calibrate.ATTEND_ROWS["kept"]) * len(calibrate.ATTEND_KEYS["kept"]) \
