@@ -850,7 +850,7 @@ def _difference(base, more, units: int) -> Rate:
     return Rate(0.0, fwd, max(both / fwd, 1.0) if fwd else 1.0)
 
 
-def _solve_kept(table, best, units) -> None:
+def _solve_kept(table, best) -> None:
     """The kept path's backward factors less its fixed cost of a backward (what a problem of
     one row, key and element adds to its forward): autograd's, 0.15-0.2 ms at one thread, a
     fifth to a half of a class's forward+backward, made the factors 4-6.5 where problems of
@@ -967,7 +967,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     if all(f"launch/part#{n}" in best for n, _ in PART_CASES):
         _solve_parts(table, best)
     if "attend/kept#call" in best:
-        _solve_kept(table, best, units)
+        _solve_kept(table, best)
     if "blockmask#masked" in best:
         _solve_blockmask(table, best)
     if "spill#beyond" in best:

@@ -54,7 +54,6 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
             lse = q.new_full((b, h, out.shape[2], 1), float("-inf"), dtype=acc_dtype(q.dtype))
     row = 0
     for call, run in zip(calls.calls, runs):
-        nk = call.nk
         if extra is not None:
             add = additive_mask(call, q.dtype, torch, extra[0].shape[2])
         elif scores is None:
@@ -64,32 +63,7 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
         softcap = None if scores is None else scores.softcap
         for first, stop in run:
             g = stop - first
-            # (batch * heads, blocks, rows, dim): 4-D inputs reach the fused CPU/GPU kernels
-            if call.q_slice is not None:
-                start = call.q_slice[0] + first * bq
-                qg = q[:, :, start:start + g * bq].reshape(b * h, g, bq, d)
-            else:
-                qg = gather(q, call.q_index[first * bq:stop * bq]).view(b * h, g, bq, d)
-            if call.k_band is not None and nk == 1:  # one key block each: a plain slice
-                first_key = call.k_band * bk
-                kg, vg = (t[:, :, first_key:first_key + g * bk].reshape(b * hk, g, bk, d)
-                          for t in (k, v))
-            elif call.k_band is not None:
-                # overlapping windows of consecutive key blocks: a strided view, no copy; the
-                # keys sliced to the group's windows first, for unfold's backward zero-fills
-                # and adds up every window it made (all of the keys' for a group of one block)
-                first_key, span = call.k_band * bk, nk * bk
-                kg, vg = (t[:, :, first_key:first_key + (g - 1) * bk + span]
-                          .unfold(2, span, bk).transpose(-1, -2).reshape(b * hk, g, span, d)
-                          for t in (k, v))
-            else:
-                index = call.k_index[first * nk * bk:stop * nk * bk]
-                kg = gather(k, index).view(b * hk, g, nk * bk, d)
-                vg = gather(v, index).view(b * hk, g, nk * bk, d)
-            if extra is not None:
-                kg, vg = (torch.cat([t, e.reshape(b * hk, 1, -1, d).expand(-1, g, -1, -1)], 2)
-                          for t, e in zip((kg, vg), extra))
-            kg, vg = (_per_query_head(t, h // hk) for t in (kg, vg))
+            qg, kg, vg = _blocks(call, first, stop, q, k, v, bq, bk, extra, torch)
             part = add if add is None or add.shape[1] == 1 else add[:, first:stop]
             if need_lse:
                 acc = acc_dtype(q.dtype)
@@ -120,6 +94,39 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
     if not need_lse:
         return _in_token_order(out, out_index)
     return _in_token_order(out, out_index), _in_token_order(lse, out_index).squeeze(-1)
+
+
+def _blocks(call, first: int, stop: int, q, k, v, bq: int, bk: int, extra, torch):
+    """Query blocks ``first:stop`` of ``call`` and their keys and values, ``(batch * heads,
+    blocks, rows, dim)``: 4-D inputs reach the fused CPU/GPU kernels."""
+    b, h, _, d = q.shape
+    hk = k.shape[1]
+    g, nk = stop - first, call.nk
+    if call.q_slice is not None:
+        start = call.q_slice[0] + first * bq
+        qg = q[:, :, start:start + g * bq].reshape(b * h, g, bq, d)
+    else:
+        qg = gather(q, call.q_index[first * bq:stop * bq]).view(b * h, g, bq, d)
+    if call.k_band is not None and nk == 1:  # one key block each: a plain slice
+        first_key = call.k_band * bk
+        kg, vg = (t[:, :, first_key:first_key + g * bk].reshape(b * hk, g, bk, d)
+                  for t in (k, v))
+    elif call.k_band is not None:
+        # overlapping windows of consecutive key blocks: a strided view, no copy; the keys
+        # sliced to the group's windows first, for unfold's backward zero-fills and adds up
+        # every window it made (all of the keys' for a group of one block)
+        first_key, span = call.k_band * bk, nk * bk
+        kg, vg = (t[:, :, first_key:first_key + (g - 1) * bk + span]
+                  .unfold(2, span, bk).transpose(-1, -2).reshape(b * hk, g, span, d)
+                  for t in (k, v))
+    else:
+        index = call.k_index[first * nk * bk:stop * nk * bk]
+        kg = gather(k, index).view(b * hk, g, nk * bk, d)
+        vg = gather(v, index).view(b * hk, g, nk * bk, d)
+    if extra is not None:
+        kg, vg = (torch.cat([t, e.reshape(b * hk, 1, -1, d).expand(-1, g, -1, -1)], 2)
+                  for t, e in zip((kg, vg), extra))
+    return (qg, *(_per_query_head(t, h // hk) for t in (kg, vg)))
 
 
 def _in_token_order(x, out_index):
