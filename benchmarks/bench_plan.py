@@ -12,7 +12,11 @@ strategy rows (``auto``'s own rows left out: they repeat a strategy) whose ratio
 20% (random workloads) of the fastest.
 
 The rates are this machine's (``patterngen.calibrate``: measured once and cached, or again
-with ``--recalibrate``). Timings on shared cores are noisy: compare within one run.
+with ``--recalibrate``). Timings on shared cores are noisy: compare within one run. The speed
+of a shared machine also drifts over minutes, and a prediction made from rates measured in a
+fast minute reads every row of a slow one high: ``--drift`` measures the dense-attention rates
+again after the run (about 12 s) and prints the median of their ratios to the rates the
+predictions used.
 
 Run:
     python benchmarks/bench_plan.py                       # fixed suite + 20 random workloads
@@ -20,6 +24,7 @@ Run:
     python benchmarks/bench_plan.py --forward-only --seed 1
     python benchmarks/bench_plan.py --threads 1 --autotune       # auto measures close calls
     python benchmarks/bench_plan.py --random 0 --numba-only      # the numba kernels' rows
+    python benchmarks/bench_plan.py --recalibrate --drift        # and the drift since
 """
 
 from __future__ import annotations
@@ -214,6 +219,9 @@ def main(argv=None) -> int:
                         help="only the rows whose plan runs the numba kernels (the numba "
                              "strategy, term-wise plans with a gather group); no auto verdicts")
     parser.add_argument("--recalibrate", action="store_true", help="measure the rates again")
+    parser.add_argument("--drift", action="store_true",
+                        help="after the run, measure the dense-attention rates again and print "
+                             "them over the rates the predictions used")
     parser.add_argument("--autotune", action="store_true",
                         help="auto times the strategies predicted close (patterngen.autotune)")
     parser.add_argument("--threads", type=int, default=THREADS,
@@ -275,7 +283,20 @@ def main(argv=None) -> int:
             print(f"{suite}: auto within {limit:.2f}x of the fastest strategy on "
                   f"{sum(r <= limit for r in got)} of {len(got)} (workload, pass); "
                   f"worst {max(got):.2f}")
+    if args.drift:
+        print(drift(rates))
     return 0
+
+
+def drift(rates) -> str:
+    """The dense-attention rates (``attend/...``) measured now over ``rates``: above 1, the
+    machine runs slower now than when ``rates`` were measured."""
+    now = calibrate.measure("cpu", "float32", only=("attend/",)).executors
+    got = sorted(now[n].pair_ns / r.pair_ns for n, r in rates.executors.items()
+                 if n.startswith("attend/") and r.pair_ns > 0 and now[n].pair_ns > 0)
+    return (f"drift: the {len(got)} dense-attention rates measured again after the run are "
+            f"{statistics.median(got):.2f}x (median; quartiles {got[len(got) // 4]:.2f} .. "
+            f"{got[3 * len(got) // 4]:.2f}) those the predictions used")
 
 
 if __name__ == "__main__":
