@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 9
+VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -938,6 +938,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
                 benches += make()
             except PatternError as e:
                 log.info("calibration: %s cannot run (%s); keeping the defaults", names, e)
+        _start_numba_threads(benches, torch)
         for p in range(PASSES):
             for i, b in enumerate(benches):
                 progress(f"pass {p + 1}/{PASSES}: {b.name} ({i + 1}/{len(benches)})")
@@ -976,6 +977,22 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     if device == "cpu":
         _warn_if_busy(max(load, _load()), torch.get_num_threads())
     return Rates(table, "measured")
+
+
+def _start_numba_threads(benches, torch) -> None:
+    """Start numba's threading layer before anything is timed, keeping torch's thread count.
+
+    The first numba backward of a process starts numba's OpenMP layer, which sets the team
+    torch shares to ``NUMBA_NUM_THREADS`` (default: every core): a calibration at one thread
+    on a 2-core machine measured every benchmark after it (each pass's dense kernels, the
+    block mask, copies, gathers, scans) at two threads, and the block mask's rate, a
+    difference of two of them, at 0.02 ns per element against 0.19-0.23 at one thread.
+    """
+    threads = torch.get_num_threads()
+    for b in benches:
+        if b.name == "launch/numba":
+            b.both()
+    torch.set_num_threads(threads)
 
 
 def _load() -> float:

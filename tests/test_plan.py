@@ -440,6 +440,38 @@ def test_calibration_times_every_dense_kernel(fixed_clock, monkeypatch):
             assert rates.executors[name].backward_factor == pytest.approx(2.0)
 
 
+def test_the_calibration_runs_at_the_thread_count_it_is_keyed_by(fixed_clock, monkeypatch):
+    # numba's OpenMP layer, started by a process's first numba backward, sets the team torch
+    # shares to NUMBA_NUM_THREADS: a stand-in for the numba call's benchmark does that once
+    threads = torch.get_num_threads()
+    seen, flip = [], [threads + 1]
+
+    class Bench:
+        name, units, counts, best = "launch/numba", 1, (), [1.0, 2.0]
+
+        def forward(self):
+            seen.append(torch.get_num_threads())
+
+        def both(self):
+            self.forward()
+            if flip:
+                torch.set_num_threads(flip.pop())
+
+        def run(self, repeats):
+            self.forward()
+            self.both()
+
+    monkeypatch.setattr(calibrate, "_numba_benches", lambda *args: [Bench()])
+    monkeypatch.setattr(calibrate, "_solve_numba", lambda *args: None)
+    try:
+        with torch.no_grad():
+            calibrate.measure("cpu", "float32", only=("launch/numba", "blockmask"))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+    assert not flip and set(seen) == {threads}
+
+
 def test_a_dense_term_whose_mask_would_be_too_large_is_gathered():
     # causal on 8192 tokens: one problem of 8192 x 8192 with a triangular mask
     plan = pg.plan(pg.causal(), grid=(8192,), head_dim=16, heads=1, executors=("terms",),
