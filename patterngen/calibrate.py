@@ -815,9 +815,11 @@ def _overhead_benches(device, dtype, dt) -> list:
 
 #: the fused kernel's problems whose per-problem mask :func:`_solve_blockmask` prices:
 #: ``(problems, rows, keys, head_dim)``, sdpa's query blocks of 64 over four key blocks; the
-#: masks (4 MiB) outgrow a core's L2 cache, as a gathered group's do (4 x 64 blocks of 64 x
-#: 960 read per head on criss-cross's 64x64 grid, 15 MiB)
-BLOCKMASK_CASE = (64, 64, 256, 32)
+#: masks (8 MiB) outgrow a core's L2 cache, as a gathered group's do (4 x 64 blocks of 64 x
+#: 960 read per head on criss-cross's 64x64 grid, 15 MiB). A mask's cost per element does
+#: not depend on head_dim, the kernel's does: at 16 the mask is a fifth of the time, and four
+#: calibrations at one thread gave 0.16-0.20 ns (0.13-0.22 at head_dim 32)
+BLOCKMASK_CASE = (128, 64, 256, 16)
 
 
 def _blockmask_benches(device, dt) -> list:
