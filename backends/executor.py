@@ -358,10 +358,12 @@ class SdpaExecutor(Executor):
             for c in calls.calls:
                 keys = c.nk * calls.bk
                 rows = c.count * calls.bq
-                # small mask-free groups without autograd: baddbmm, softmax, bmm and no
-                # log-sum-exp (dense.matmul_attention), kept's forward; with a softcap the
-                # matmul path; the fused kernel otherwise, a bias table added as its mask
-                plain = c.matmul and not call.backward and not call.bias
+                # small mask-free float32/float64 groups without autograd: baddbmm, softmax,
+                # bmm and no log-sum-exp (dense.matmul_attention, a bias table copied into
+                # the scores first), kept's forward; with a softcap the matmul path; the fused
+                # kernel otherwise, a bias table added as its mask
+                plain = (c.matmul and not call.backward
+                         and call.dtype in ("float32", "float64"))
                 kernel = "matmul" if call.softcap else "kept" if plain else "fused"
                 # a gathered group without a graph runs in chunks on CPU, a launch each
                 runs = spans(c.count, kv * keys * per, c.k_band is None and not call.backward
@@ -374,6 +376,8 @@ class SdpaExecutor(Executor):
                 fused_backward = call.backward and kernel == "fused"
                 if call.bias:  # the table gathered into the group's tiles
                     ops.append(Op("gather", c.count * work * calls.bq * keys * call.itemsize))
+                    if kernel == "kept":  # and copied into the scores, which the GEMM adds to
+                        ops.append(Op("mask", c.count * work * calls.bq * keys, kernel=kernel))
                     if fused_backward:
                         # the table's gradient: the scores and their gradient rebuilt from
                         # the log-sum-exp, two batched matmuls and a softmax's elementwise

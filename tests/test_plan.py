@@ -897,6 +897,43 @@ def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, g
                    if op.kind == "launch" and op.kernel == "kernel") == len(attn.groups[0])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sdpa_prices_the_kernel_its_inference_with_a_bias_table_runs(dtype):
+    # Swin's windows with a bias table, no graph: in float32 the mask-free small groups run
+    # baddbmm onto the table's tiles copied into the scores, softmax and bmm (the kept
+    # path's forward and one pass over the scores); in bfloat16 the fused kernel, with the
+    # table or without
+    from torch.profiler import profile
+
+    from patterngen.call import Call
+
+    heads, d, grid = 2, 16, (14, 14)
+    attn = pg.compile(pg.block(7), grid, backend="sdpa")
+    table = torch.randn(heads, *(2 * r + 1 for r in attn.reach)).to(getattr(torch, dtype))
+    q, k, v = (torch.randn(1, heads, *grid, d, dtype=getattr(torch, dtype)) for _ in range(3))
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        attn(q, k, v, rel_bias=table)
+    scores = sum(int(np.prod(e.input_shapes[0])) for e in prof.events()
+                 if e.name == "aten::baddbmm_")
+    flash = sum(e.name == "aten::_scaled_dot_product_flash_attention_for_cpu"
+                for e in prof.events())
+    ops = _sdpa_ops(pg.block(7), grid, Call(heads=heads, head_dim=d, bias=True, dtype=dtype))
+    attend = [op for op in ops if op.kind == "attend"]
+    masked = sum(op.count for op in ops if op.kind == "mask")
+    if dtype == "float32":
+        assert flash == 0 and [op.kernel for op in attend] == ["kept"]
+        assert masked == scores == attend[0].count * 7 * 7 * 7 * 7 > 0
+    else:
+        assert flash == 1 and [op.kernel for op in attend] == ["fused"]
+        assert masked == scores == 0
+        with torch.no_grad(), profile() as prof:  # nor without the table
+            attn(q, k, v)
+        assert sum(e.name == "aten::_scaled_dot_product_flash_attention_for_cpu"
+                   for e in prof.events()) == 1
+        assert [op.kernel for op in _sdpa_ops(pg.block(7), grid, Call(
+            heads=heads, head_dim=d, dtype=dtype)) if op.kind == "attend"] == ["fused"]
+
+
 def test_the_block_mask_rate_is_measured_on_a_mask_per_problem(fixed_clock, monkeypatch):
     seen = []
     fused = dense.fused_forward
