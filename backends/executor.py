@@ -344,6 +344,7 @@ class SdpaExecutor(Executor):
         import torch
 
         from .sdpa.calls import DeviceCalls, spans
+        from .sdpa.scores import Scores
 
         backend = self._backend()(lowered)
         ops = [Op("launch", 1, kernel="sdpa")]
@@ -374,8 +375,12 @@ class SdpaExecutor(Executor):
                 # the fused backward's key and value gradients, per query head
                 kv_grads = 2 * c.count * work * keys * per
                 fused_backward = call.backward and kernel == "fused"
-                if call.bias:  # the table gathered into the group's tiles
-                    ops.append(Op("gather", c.count * work * calls.bq * keys * call.itemsize))
+                if call.bias:
+                    # the table gathered into the group's tiles, per head; one block's where
+                    # every block has the same offsets (Swin's windows), broadcast over them
+                    Scores(None, None, calls, layout, backend.reach).bias_index(c)
+                    ops.append(Op("gather", c.bias_blocks * call.heads * calls.bq * keys
+                                  * call.itemsize))
                     if kernel == "kept":  # and copied into the scores, which the GEMM adds to
                         ops.append(Op("mask", c.count * work * calls.bq * keys, kernel=kernel))
                     if fused_backward:

@@ -902,7 +902,7 @@ def test_sdpa_prices_the_kernel_its_inference_with_a_bias_table_runs(dtype):
     # Swin's windows with a bias table, no graph: in float32 the mask-free small groups run
     # baddbmm onto the table's tiles copied into the scores, softmax and bmm (the kept
     # path's forward and one pass over the scores); in bfloat16 the fused kernel, with the
-    # table or without
+    # table or without; the tiles are gathered once for the windows, which share offsets
     from torch.profiler import profile
 
     from patterngen.call import Call
@@ -915,11 +915,16 @@ def test_sdpa_prices_the_kernel_its_inference_with_a_bias_table_runs(dtype):
         attn(q, k, v, rel_bias=table)
     scores = sum(int(np.prod(e.input_shapes[0])) for e in prof.events()
                  if e.name == "aten::baddbmm_")
+    # the table's tiles, one window's offsets for every window: (heads, 49) indices
+    gathered = sum(e.input_shapes[0][0] * e.input_shapes[2][0] * table.element_size()
+                   for e in prof.events() if e.name == "aten::index_select")
     flash = sum(e.name == "aten::_scaled_dot_product_flash_attention_for_cpu"
                 for e in prof.events())
     ops = _sdpa_ops(pg.block(7), grid, Call(heads=heads, head_dim=d, bias=True, dtype=dtype))
     attend = [op for op in ops if op.kind == "attend"]
     masked = sum(op.count for op in ops if op.kind == "mask")
+    assert gathered == sum(op.count for op in ops if op.kind == "gather") == heads * 49 ** 2 * (
+        table.element_size())
     if dtype == "float32":
         assert flash == 0 and [op.kernel for op in attend] == ["kept"]
         assert masked == scores == attend[0].count * 7 * 7 * 7 * 7 > 0
