@@ -157,7 +157,9 @@ def _workspace(elements: int, dtype, torch):
     need = 2 * sdpa_calls.CHUNK_BYTES // dtype.itemsize
     buf = spaces.get(dtype)
     if buf is None or buf.numel() < need:
-        buf = spaces[dtype] = torch.empty(need, dtype=dtype)
+        # a normal tensor, which inference mode may write too (not the reverse)
+        with torch.inference_mode(False):
+            buf = spaces[dtype] = torch.empty(need, dtype=dtype)
     return buf[:elements], buf[need // 2:need // 2 + elements]
 
 
