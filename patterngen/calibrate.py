@@ -985,10 +985,10 @@ def _start_numba_threads(benches, torch) -> None:
     """Start numba's threading layer before anything is timed, keeping torch's thread count.
 
     The first numba backward of a process starts numba's OpenMP layer, which sets the team
-    torch shares to ``NUMBA_NUM_THREADS`` (default: every core): a calibration at one thread
-    on a 2-core machine measured every benchmark after it (each pass's dense kernels, the
-    block mask, copies, gathers, scans) at two threads, and the block mask's rate, a
-    difference of two of them, at 0.02 ns per element against 0.19-0.23 at one thread.
+    torch shares to ``NUMBA_NUM_THREADS`` (default: every core): unless that was 1, a
+    calibration at one thread on a 2-core machine measured every benchmark after it (each
+    pass's dense kernels, the block mask, copies, gathers, scans) at two threads (the block
+    mask's rate 0.09-0.10 ns per element against 0.14-0.23 at one thread).
     """
     threads = torch.get_num_threads()
     for b in benches:
