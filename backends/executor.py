@@ -344,6 +344,7 @@ class SdpaExecutor(Executor):
         import torch
 
         from .sdpa.calls import DeviceCalls, spans
+        from .sdpa.scores import Scores
 
         backend = self._backend()(lowered)
         ops = [Op("launch", 1, kernel="sdpa")]
@@ -358,10 +359,12 @@ class SdpaExecutor(Executor):
             for c in calls.calls:
                 keys = c.nk * calls.bk
                 rows = c.count * calls.bq
-                # small mask-free groups without autograd: baddbmm, softmax, bmm and no
-                # log-sum-exp (dense.matmul_attention), kept's forward; with a softcap the
-                # matmul path; the fused kernel otherwise, a bias table added as its mask
-                plain = c.matmul and not call.backward and not call.bias
+                # small mask-free float32/float64 groups without autograd: baddbmm, softmax,
+                # bmm and no log-sum-exp (dense.matmul_attention, a bias table copied into
+                # the scores first), kept's forward; with a softcap the matmul path; the fused
+                # kernel otherwise, a bias table added as its mask
+                plain = (c.matmul and not call.backward
+                         and call.dtype in ("float32", "float64"))
                 kernel = "matmul" if call.softcap else "kept" if plain else "fused"
                 # a gathered group without a graph runs in chunks on CPU, a launch each
                 runs = spans(c.count, kv * keys * per, c.k_band is None and not call.backward
@@ -372,8 +375,14 @@ class SdpaExecutor(Executor):
                 # the fused backward's key and value gradients, per query head
                 kv_grads = 2 * c.count * work * keys * per
                 fused_backward = call.backward and kernel == "fused"
-                if call.bias:  # the table gathered into the group's tiles
-                    ops.append(Op("gather", c.count * work * calls.bq * keys * call.itemsize))
+                if call.bias:
+                    # the table gathered into the group's tiles, per head; one block's where
+                    # every block has the same offsets (Swin's windows), broadcast over them
+                    Scores(None, None, calls, layout, backend.reach).bias_index(c)
+                    ops.append(Op("gather", c.bias_blocks * call.heads * calls.bq * keys
+                                  * call.itemsize))
+                    if kernel == "kept":  # and copied into the scores, which the GEMM adds to
+                        ops.append(Op("mask", c.count * work * calls.bq * keys, kernel=kernel))
                     if fused_backward:
                         # the table's gradient: the scores and their gradient rebuilt from
                         # the log-sum-exp, two batched matmuls and a softmax's elementwise

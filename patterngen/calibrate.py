@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 9
+VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -815,9 +815,11 @@ def _overhead_benches(device, dtype, dt) -> list:
 
 #: the fused kernel's problems whose per-problem mask :func:`_solve_blockmask` prices:
 #: ``(problems, rows, keys, head_dim)``, sdpa's query blocks of 64 over four key blocks; the
-#: masks (4 MiB) outgrow a core's L2 cache, as a gathered group's do (4 x 64 blocks of 64 x
-#: 960 read per head on criss-cross's 64x64 grid, 15 MiB)
-BLOCKMASK_CASE = (64, 64, 256, 32)
+#: masks (8 MiB) outgrow a core's L2 cache, as a gathered group's do (4 x 64 blocks of 64 x
+#: 960 read per head on criss-cross's 64x64 grid, 15 MiB). A mask's cost per element does
+#: not depend on head_dim, the kernel's does: at 16 the mask is a fifth of the time, and four
+#: calibrations at one thread gave 0.16-0.20 ns (0.13-0.22 at head_dim 32)
+BLOCKMASK_CASE = (128, 64, 256, 16)
 
 
 def _blockmask_benches(device, dt) -> list:
@@ -938,6 +940,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
                 benches += make()
             except PatternError as e:
                 log.info("calibration: %s cannot run (%s); keeping the defaults", names, e)
+        _start_numba_threads(benches, torch)
         for p in range(PASSES):
             for i, b in enumerate(benches):
                 progress(f"pass {p + 1}/{PASSES}: {b.name} ({i + 1}/{len(benches)})")
@@ -976,6 +979,22 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     if device == "cpu":
         _warn_if_busy(max(load, _load()), torch.get_num_threads())
     return Rates(table, "measured")
+
+
+def _start_numba_threads(benches, torch) -> None:
+    """Start numba's threading layer before anything is timed, keeping torch's thread count.
+
+    The first numba backward of a process starts numba's OpenMP layer, which sets the team
+    torch shares to ``NUMBA_NUM_THREADS`` (default: every core): unless that was 1, a
+    calibration at one thread on a 2-core machine measured every benchmark after it (each
+    pass's dense kernels, the block mask, copies, gathers, scans) at two threads (the block
+    mask's rate 0.09-0.10 ns per element against 0.14-0.23 at one thread).
+    """
+    threads = torch.get_num_threads()
+    for b in benches:
+        if b.name == "launch/numba":
+            b.both()
+    torch.set_num_threads(threads)
 
 
 def _load() -> float:

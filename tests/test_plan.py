@@ -440,6 +440,38 @@ def test_calibration_times_every_dense_kernel(fixed_clock, monkeypatch):
             assert rates.executors[name].backward_factor == pytest.approx(2.0)
 
 
+def test_the_calibration_runs_at_the_thread_count_it_is_keyed_by(fixed_clock, monkeypatch):
+    # numba's OpenMP layer, started by a process's first numba backward, sets the team torch
+    # shares to NUMBA_NUM_THREADS: a stand-in for the numba call's benchmark does that once
+    threads = torch.get_num_threads()
+    seen, flip = [], [threads + 1]
+
+    class Bench:
+        name, units, counts, best = "launch/numba", 1, (), [1.0, 2.0]
+
+        def forward(self):
+            seen.append(torch.get_num_threads())
+
+        def both(self):
+            self.forward()
+            if flip:
+                torch.set_num_threads(flip.pop())
+
+        def run(self, repeats):
+            self.forward()
+            self.both()
+
+    monkeypatch.setattr(calibrate, "_numba_benches", lambda *args: [Bench()])
+    monkeypatch.setattr(calibrate, "_solve_numba", lambda *args: None)
+    try:
+        with torch.no_grad():
+            calibrate.measure("cpu", "float32", only=("launch/numba", "blockmask"))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+    assert not flip and set(seen) == {threads}
+
+
 def test_a_dense_term_whose_mask_would_be_too_large_is_gathered():
     # causal on 8192 tokens: one problem of 8192 x 8192 with a triangular mask
     plan = pg.plan(pg.causal(), grid=(8192,), head_dim=16, heads=1, executors=("terms",),
@@ -863,6 +895,48 @@ def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, g
                  Call(device="cuda", heads=heads, head_dim=d)):
         assert sum(op.count for op in _sdpa_ops(pattern, grid, call)
                    if op.kind == "launch" and op.kernel == "kernel") == len(attn.groups[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sdpa_prices_the_kernel_its_inference_with_a_bias_table_runs(dtype):
+    # Swin's windows with a bias table, no graph: in float32 the mask-free small groups run
+    # baddbmm onto the table's tiles copied into the scores, softmax and bmm (the kept
+    # path's forward and one pass over the scores); in bfloat16 the fused kernel, with the
+    # table or without; the tiles are gathered once for the windows, which share offsets
+    from torch.profiler import profile
+
+    from patterngen.call import Call
+
+    heads, d, grid = 2, 16, (14, 14)
+    attn = pg.compile(pg.block(7), grid, backend="sdpa")
+    table = torch.randn(heads, *(2 * r + 1 for r in attn.reach)).to(getattr(torch, dtype))
+    q, k, v = (torch.randn(1, heads, *grid, d, dtype=getattr(torch, dtype)) for _ in range(3))
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        attn(q, k, v, rel_bias=table)
+    scores = sum(int(np.prod(e.input_shapes[0])) for e in prof.events()
+                 if e.name == "aten::baddbmm_")
+    # the table's tiles, one window's offsets for every window: (heads, 49) indices
+    gathered = sum(e.input_shapes[0][0] * e.input_shapes[2][0] * table.element_size()
+                   for e in prof.events() if e.name == "aten::index_select")
+    flash = sum(e.name == "aten::_scaled_dot_product_flash_attention_for_cpu"
+                for e in prof.events())
+    ops = _sdpa_ops(pg.block(7), grid, Call(heads=heads, head_dim=d, bias=True, dtype=dtype))
+    attend = [op for op in ops if op.kind == "attend"]
+    masked = sum(op.count for op in ops if op.kind == "mask")
+    assert gathered == sum(op.count for op in ops if op.kind == "gather") == heads * 49 ** 2 * (
+        table.element_size())
+    if dtype == "float32":
+        assert flash == 0 and [op.kernel for op in attend] == ["kept"]
+        assert masked == scores == attend[0].count * 7 * 7 * 7 * 7 > 0
+    else:
+        assert flash == 1 and [op.kernel for op in attend] == ["fused"]
+        assert masked == scores == 0
+        with torch.no_grad(), profile() as prof:  # nor without the table
+            attn(q, k, v)
+        assert sum(e.name == "aten::_scaled_dot_product_flash_attention_for_cpu"
+                   for e in prof.events()) == 1
+        assert [op.kernel for op in _sdpa_ops(pg.block(7), grid, Call(
+            heads=heads, head_dim=d, dtype=dtype)) if op.kind == "attend"] == ["fused"]
 
 
 def test_the_block_mask_rate_is_measured_on_a_mask_per_problem(fixed_clock, monkeypatch):

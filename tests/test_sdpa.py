@@ -92,11 +92,12 @@ def count_sdpa_calls(monkeypatch):
 
 @settings(max_examples=40, deadline=None)
 @given(case=cases(max_tokens=200), block=st.sampled_from([1, 1, None, 7, (16, 8)]),
-       tiled=st.booleans(), chunk=st.sampled_from([None, 1]))
+       tiled=st.booleans(), chunk=st.sampled_from([None, 1, 1 << 12]))
 def test_random_patterns_forward_without_autograd(case, block, tiled, chunk):
     # without autograd, small mask-free groups (every group at block 1) skip the fused kernel,
     # and gathered groups run in chunks (chunk 1: one query block each, masks per block or
-    # shared, rows without keys, the output rows back into token order); bands stay views
+    # shared, rows without keys, the output rows back into token order; 4 KiB: a few blocks
+    # each, gathered into one reused buffer); bands stay views
     from patterngen.backends.sdpa import calls as sdpa_calls
 
     pattern, grid = case
@@ -109,6 +110,32 @@ def test_random_patterns_forward_without_autograd(case, block, tiled, chunk):
         out = attn(q, k, v)
     ref = pg.dense_attention(q, k, v, pg.materialize(pattern, grid))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
+def test_chunks_gathered_into_one_reused_buffer_never_alias_an_output(monkeypatch):
+    # without autograd a gathered group's chunks are written into one buffer per thread,
+    # reused by the next chunk, group, pattern and call: no output may keep a view of it
+    from patterngen.backends.sdpa import calls as sdpa_calls
+
+    cases = [(pg.window(5), (24, 24)), (pg.criss_cross(), (12, 12))]
+    attns = [pg.compile(p, grid, backend="sdpa", block=16, order="row-major")
+             for p, grid in cases]
+    # two of the largest query block's keys and values (batch 2, 2 heads, float64) a chunk
+    widest = max(grp.kv_blocks.shape[1] for attn in attns for grp in attn.groups[0])
+    monkeypatch.setattr(sdpa_calls, "CHUNK_BYTES", 2 * 2 * 2 * widest * 16 * 16 * 8)
+    calls = count_sdpa_calls(monkeypatch)
+    ins = [qkv(grid, heads=2, dim=16, seed=i) for i, (_, grid) in enumerate(cases)]
+    with torch.inference_mode():  # the buffer may be made here and written outside
+        first = attns[1](*ins[1])
+    with torch.no_grad():
+        outs = [(attn(*x), x) for attn, x in zip(attns, ins)]
+        again = attns[0](*outs[0][1])
+    torch.testing.assert_close(first, outs[1][0], atol=0, rtol=0)
+    assert len(calls) > sum(len(groups) for attn in attns for groups in attn.groups)
+    for (out, x), (pattern, grid) in zip(outs, cases):
+        ref = pg.dense_attention(*(t.detach() for t in x), pg.materialize(pattern, grid))
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(again, outs[0][0], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("pattern, grid, options", [

@@ -67,14 +67,21 @@ def _permute_function(torch):
     return _PERMUTE[0]
 
 
-def gather(x, index):
-    """``x[:, :, index]`` for ``(batch, heads, tokens, dim)``.
+def gather(x, index, out=None):
+    """``x[:, :, index]`` for ``(batch, heads, tokens, dim)``; written into ``out`` (a
+    contiguous tensor of exactly that many elements, no autograd) when given.
 
     ``index_select`` on dim 1 of a 3-D view is much faster on CPU than indexing dim 2 of the
     4-D tensor (measured 0.07 ms against 11 ms for 4 x 3136 x 32 floats).
     """
+    import torch
+
     b, h, n, d = x.shape
-    return x.reshape(b * h, n, d).index_select(1, index).view(b, h, len(index), d)
+    x3 = x.reshape(b * h, n, d)
+    if out is None:
+        return x3.index_select(1, index).view(b, h, len(index), d)
+    return torch.index_select(x3, 1, index, out=out.view(b * h, len(index), d)).view(
+        b, h, len(index), d)
 
 
 def into_order(permutation, shape, tile, device, torch):
