@@ -210,7 +210,7 @@ class DenseTerm:
         e = y.shape[-1]
         if self.rolled:
             t = _moved(y, lambda t: self._scattered(t, b, h, fill, side),
-                       lambda g: self._gathered(g, side))
+                       lambda g: self._gathered(g, side).view(y.shape))
             return t if shape is None else t.reshape(shape)
         shape = shape or (b, h, math.prod(self.grid), e)
         recipe = self._recipe(side)
@@ -355,25 +355,36 @@ class DenseTerm:
         """:meth:`autograd_forward` for inputs that :meth:`autograd_applies` to (a caller
         that checked a kind of call once)."""
         b, h = q.shape[:2]
-        if table is None and self.mask is None and not self.rolled and k.shape[1] == h:
+        if table is None and k.shape[1] == h:
             # as a model's partitioned attention writes it and no more: each torch call, a
             # view included, costs about 1 us of a 0.2 ms call (14x14, batch 2), more with
             # autograd recording it
             grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                 or v.requires_grad)
+            mask = self._lone_mask(q, grad)
+            # a mask is added per problem: (B * H, problems, rows, keys) scores then
+            flat = mask is None and not self.rolled
             # one nested call, no name holding a buffer: each is freed once read (q's and k's
             # copies after the scores, the scores after softmax, v's copy made then), so the
             # peak is two score-sized buffers and not every copy at once, memory the C
-            # allocator keeps for the next call rather than handing back to the system
-            out = torch.bmm(torch.softmax(dense.score_matrix(
-                self._view(q, "q", True), self._view(k, "k", True), None, scale, autograd=grad),
-                -1), self._view(v, "k", True))
+            # allocator keeps for the next call rather than handing back to the system (with
+            # every buffer alive, the rolled W3-shift forward faulted 4.6 MB a call: 1.6x
+            # the time)
+            out = torch.bmm(_batched(torch.softmax(dense.score_matrix(
+                self._view(q, "q", flat), self._view(k, "k", flat), mask, scale,
+                autograd=grad), -1)), _batched(self._view(v, "k", flat)))
             if not _finite(out.detach() if grad else out):
                 return None
             return self._unview(out, b, h, 0.0, shape=shape)
         out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
                                     h, scale, table)
         return None if out is None else self._unview(out, b, h, 0.0, shape=shape)
+
+    def _lone_mask(self, q, grad: bool, group: int = 1):
+        """The mask of a lone term's forward (padded query rows open): additive with a
+        gradient, else the matmul path's (holes where few)."""
+        return (self._additive_mask(q.dtype, q.device, group, True) if grad
+                else self._matmul_mask(q.dtype, q.device, group, True))
 
     def autograd_applies(self, q) -> bool:
         """Whether :meth:`autograd_forward` may run for queries like ``q``."""
@@ -392,8 +403,7 @@ class DenseTerm:
             out = self._fused_with_bias(qp, kp, vp, scale, self._mod(table, heads, group).bias,
                                         self._additive_mask(qp.dtype, qp.device, group, True))
         else:
-            mask = (self._additive_mask(qp.dtype, qp.device, group, True) if grad
-                    else self._matmul_mask(qp.dtype, qp.device, group, True))
+            mask = self._lone_mask(qp, grad, group)
             scores = dense.score_matrix(qp, kp, mask, scale, self._mod(table, heads, group),
                                         autograd=grad).view(bp * p, n, -1)
             out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
@@ -727,6 +737,11 @@ class _Moved(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.back(grad), None, None
+
+
+def _batched(x):
+    """``(..., rows, cols)`` as a bmm's operand ``(batch, rows, cols)`` (a view)."""
+    return x if x.dim() == 3 else x.flatten(0, -3)
 
 
 def _problems_view(x, problems: int):
