@@ -394,3 +394,42 @@ def test_a_rolled_forward_frees_each_buffer_once_read():
         peaks.append(live.peak)
     scores = 4 * 64 * 49 * 49 * 4
     assert peaks[1] <= peaks[0] + 1e5 and peaks[1] < 2 * scores + 2 * q.nbytes, peaks
+
+
+@pytest.mark.parametrize("joint", [True, False])
+@pytest.mark.parametrize("table_heads", [3, 1])
+def test_rolled_inference_on_a_projection_output(monkeypatch, joint, table_heads):
+    # q, k, v as a qkv projection gives them ((B, *grid, 3, H, d) permuted, or each its own
+    # (B, *grid, H, d)): gathered into the token order by rows, the fused kernel in order,
+    # the output a view whose (B, *grid, H, d) permute is contiguous for the output
+    # projection; a NaN value at a key the region mask removes sends the call to the exact
+    # path, the queries of the other regions not reached
+    grid, pattern = (14, 14), pg.block(7, offset=3)
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
+    gen = torch.Generator().manual_seed(7)
+    if joint:
+        qkv = torch.randn(2, *grid, 3, 3, 8, generator=gen, dtype=torch.float64)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)
+    else:
+        q, k, v = (torch.randn(2, *grid, 3, 8, generator=gen, dtype=torch.float64).permute(
+            0, 3, 1, 2, 4) for _ in range(3))
+    table = torch.randn(table_heads, *(2 * r + 1 for r in attn.reach), generator=gen,
+                        dtype=torch.float64)
+    calls = []
+    fused = planned.DenseTerm.ordered_fused
+    monkeypatch.setattr(planned.DenseTerm, "ordered_fused",
+                        lambda *a: calls.append(1) or fused(*a))
+    for _ in range(2):  # the first call, and a repeated kind of call
+        with torch.no_grad():
+            out = attn(q, k, v, rel_bias=table)
+        torch.testing.assert_close(out, reference(pattern, grid, q, k, v, rel_bias=table),
+                                   atol=1e-10, rtol=0)
+        assert out.permute(0, 2, 3, 1, 4).is_contiguous()
+    assert len(calls) == 2
+    want = reference(pattern, grid, q, k, v, rel_bias=table)
+    want[0, 1, 10:, 10:] = float("nan")  # the block [10, 14)^2 of the corner's window
+    v = v.clone()
+    v[0, 1, 13, 13] = float("nan")
+    with torch.no_grad():
+        out = attn(q, k, v, rel_bias=table)
+    torch.testing.assert_close(out, want, atol=1e-10, rtol=0, equal_nan=True)
