@@ -1158,3 +1158,33 @@ def test_a_mask_is_priced_on_the_scores_it_is_added_to(pattern, grid, masked):
               if line.startswith("Op(mask")]
     assert bool(priced) == masked
     assert scores == (int(priced[0].split(" x ")[1].split(")")[0]) if masked else 0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "projection"])
+def test_a_lone_biased_rolled_inference_is_priced_on_what_its_kernel_reads(layout):
+    # without gradients a lone rolled term with a table runs the fused kernel with bias plus
+    # region mask, one per problem, and checks its output: no scan of k and v, and the mask
+    # read for each batch and head (blockmask) as many elements as the kernel's calls read
+    from torch.profiler import profile
+
+    grid, heads = (16, 16), 3
+    attn = pg.compile(pg.block(4, offset=2), grid, backend="auto", strategy="terms",
+                      terms="dense")
+    if layout == "projection":
+        q, k, v = torch.randn(2, *grid, 3, heads, 16).permute(3, 0, 4, 1, 2, 5)
+    else:
+        q, k, v = (torch.randn(2, heads, *grid, 16) for _ in range(3))
+    table = torch.randn(heads, 7, 7)
+    with torch.no_grad():
+        attn(q, k, v, rel_bias=table)
+        with profile(record_shapes=True) as prof:
+            attn(q, k, v, rel_bias=table)
+    [[term]] = attn.plan.patterns
+    assert term.dense.rolled and not any(line.startswith("Op(scan") for line in term.work)
+    read = sum(math.prod(e.input_shapes[0][:3]) * e.input_shapes[1][2]
+               for e in prof.events() if "flash_attention" in e.name and e.input_shapes[0])
+    [priced] = [line for line in term.work if line.startswith("Op(blockmask")]
+    assert priced.startswith(f"Op(blockmask x {read})")
+    assert not any(e.name == "aten::isfinite" or e.name == "aten::mul"
+                   and e.input_shapes[0] in (list(k.shape), [2, heads, 256, 16])
+                   for e in prof.events())
