@@ -229,6 +229,25 @@ class DenseTerm:
                           value=fill)
         return t.reshape(shape)
 
+    def in_order(self, x):
+        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)`` in the problems' order
+        (:class:`TokenOrder`), with autograd (the inverse gather as its adjoint). Without a
+        rolled axis it is the term's own view, one permuting copy: 0.45x the time of the
+        gather at 56x56, 96 channels (Swin's ``window_partition``)."""
+        b, h = x.shape[:2]
+        if not self.rolled:
+            return self._view(x, "q").reshape(b, h, -1, x.shape[-1])
+        return _moved(x, lambda t: self._gathered(t, "q").reshape(b, h, -1, t.shape[-1]),
+                      lambda g: self._scattered(g, b, h, 0.0, "q"))
+
+    def on_grid(self, y):
+        """Inverse of :meth:`in_order`: ``(B, H, positions, C)`` -> ``(B, H, tokens, C)``."""
+        b, h = y.shape[:2]
+        if not self.rolled:
+            return self._unview(y.reshape(b * h, self.problems, -1, y.shape[-1]), b, h, 0.0)
+        return _moved(y, lambda t: self._scattered(t, b, h, 0.0, "q"),
+                      lambda g: self._gathered(g, "q").reshape(b, h, -1, g.shape[-1]))
+
     def _mask(self, group: int, open_rows: bool = False):
         """The mask over folded problems (:func:`_fold`): each problem's rows once per query
         head of a key/value head (``open_rows``: :attr:`open_mask`)."""
@@ -377,7 +396,7 @@ class DenseTerm:
                 return None
             return self._unview(out, b, h, 0.0, shape=shape)
         if self.rolled and table is not None:
-            out = self._rolled_fused(q, k, v, scale, table)
+            out = self._fused_in_order(q, k, v, scale, table)
             if out is not None:
                 return out if shape is None else out.reshape(shape)
         out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
@@ -466,21 +485,23 @@ class DenseTerm:
                     or torch.is_grad_enabled() and any(
                         x is not None and x.requires_grad for x in (q, k, v, table)))
 
-    def _rolled_fused(self, q, k, v, scale, table):
-        """Inference of a rolled term on q, k, v ``(B, H, *grid, d)`` whose heads and
-        head_dim are adjacent in memory (a projection's output, ``(B, *grid, H, d)``
-        permuted), as an ordered call: each gathered into the token order by rows of
-        ``H * d`` elements, :meth:`ordered_fused`, and its output gathered back the same
-        way, a ``(B, H, N, d)`` view of ``(B, N, H, d)`` memory, the layout the output
-        projection reads; q, k and v that are views of one ``qkv`` projection's output are
-        gathered by its whole rows, once. ``index_select`` copies a strided input whole
-        first: gathering q, k and v of a projection's output by ``(B * H, tokens, d)``
-        rows copied each twice, and the caller's projection then copied the output again
-        (56x56, 3 heads, batch 2, one thread: 0.45 ms a tensor, 0.66 ms for the three
-        gathered at once). ``None`` where that does not apply (padding, other layouts,
-        and as :meth:`ordered_fused`)."""
-        index, padding, inverse, _ = self._gather("q", q.device)
-        if padding is not None or not self._fuses_in_order(q, k, v, table):
+    def _fused_in_order(self, q, k, v, scale, table):
+        """Inference on q, k, v ``(B, H, *grid, d)`` whose heads and head_dim are adjacent
+        in memory (a projection's output, ``(B, *grid, H, d)`` permuted), as an ordered
+        call: each put in the token order by rows of ``H * d`` elements (:meth:`in_order`),
+        :meth:`ordered_fused`, and its output put back the same way, a ``(B, H, N, d)`` view
+        of ``(B, N, H, d)`` memory, the layout the output projection reads; q, k and v that
+        are views of one ``qkv`` projection's output move by its whole rows, once. The
+        problems' views by rows of d elements copy each of them (a rolled view twice:
+        ``index_select`` copies a strided input whole first), and the caller's projection
+        then copies the output again (56x56, 3 heads, batch 2, one thread: a rolled view
+        0.45 ms a tensor, 0.66 ms for the three at once). Taken for rolled terms: for
+        Swin's unshifted windows, whose views are one copy each, it measured 0.99-1.08x
+        the time of the problems' views (the kernel reads the ordered layout's strided
+        rows 6% slower). ``None`` where that does not apply (padding, other layouts, and
+        as :meth:`ordered_fused`)."""
+        if self._gather("q", q.device)[1] is not None or not self._fuses_in_order(
+                q, k, v, table):
             return None
         rows = [_token_rows(x) for x in (q, k, v)]
         if any(r is None for r in rows):
@@ -488,14 +509,14 @@ class DenseTerm:
         b, h, d = q.shape[0], q.shape[1], q.shape[-1]
         joint = _joint(rows)
         if joint is not None:
-            t = joint.index_select(1, index).view(b, -1, 3, h, d)
+            t = self.in_order(joint[:, None]).view(b, -1, 3, h, d)
             ins = [t[:, :, i].transpose(1, 2) for i in range(3)]
         else:
-            ins = [r.index_select(1, index).view(b, -1, h, d).transpose(1, 2) for r in rows]
+            ins = [self.in_order(r[:, None]).view(b, -1, h, d).transpose(1, 2) for r in rows]
         out = self.ordered_fused(*ins, scale, table)
         if out is None:
             return None
-        return out.transpose(1, 2).reshape(b, -1, h * d).index_select(1, inverse).view(
+        return self.on_grid(out.transpose(1, 2).reshape(b, 1, -1, h * d)).view(
             b, -1, h, d).transpose(1, 2)
 
     def _masked_runs(self) -> list:
@@ -721,25 +742,12 @@ class TokenOrder:
                 f"{layout.format(positions=self.positions)}.")
 
     def in_order(self, x):
-        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)``, with autograd (the inverse
-        gather as its adjoint). Without a rolled axis it is the term's own view, one
-        permuting copy: 0.45x the time of the gather at 56x56, 96 channels (Swin's
-        ``window_partition``)."""
-        b, h = x.shape[:2]
-        term = self.term
-        if not term.rolled:
-            return term._view(x, "q").reshape(b, h, -1, x.shape[-1])
-        return _moved(x, lambda t: term._gathered(t, "q").reshape(b, h, -1, t.shape[-1]),
-                      lambda g: term._scattered(g, b, h, 0.0, "q"))
+        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)`` (:meth:`DenseTerm.in_order`)."""
+        return self.term.in_order(x)
 
     def on_grid(self, y):
         """Inverse of :meth:`in_order`: ``(B, H, positions, C)`` -> ``(B, H, tokens, C)``."""
-        b, h = y.shape[:2]
-        term = self.term
-        if not term.rolled:
-            return term._unview(y.reshape(b * h, term.problems, -1, y.shape[-1]), b, h, 0.0)
-        return _moved(y, lambda t: term._scattered(t, b, h, 0.0, "q"),
-                      lambda g: term._gathered(g, "q").reshape(b, h, -1, g.shape[-1]))
+        return self.term.on_grid(y)
 
 
 def _current(hit, table) -> bool:
