@@ -963,7 +963,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     units = {b.name: b.units for b in benches}
     # a copy's backward copies the gradient back; a scan has none; a fill and a band are
     # backward work already
-    fixed = {"copy": 2.0, "roll": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0, "mask": 2.0}
+    fixed = {"copy": 2.0, "roll": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0,
+             "mask": 2.0}
     for name, (fwd, both) in best.items():
         factor = max(both / fwd, 1.0)
         if name.startswith("launch/"):

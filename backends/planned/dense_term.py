@@ -500,8 +500,7 @@ class DenseTerm:
         the time of the problems' views (the kernel reads the ordered layout's strided
         rows 6% slower). ``None`` where that does not apply (padding, other layouts, and
         as :meth:`ordered_fused`)."""
-        if self._gather("q", q.device)[1] is not None or not self._fuses_in_order(
-                q, k, v, table):
+        if not self._fuses_in_order(q, k, v, table) or self._gather("q", q.device)[1] is not None:
             return None
         rows = [_token_rows(x) for x in (q, k, v)]
         if any(r is None for r in rows):
