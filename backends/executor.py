@@ -259,12 +259,19 @@ def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
     ops = [Op("launch", 1, kernel="kernel"),
            Op("attend", problems, (rows, shape.keys, call.head_dim), kernel),
            *_spill(kernel, problems, rows, shape.keys, call)]
-    if attend_kernel(call, shape.keys) == "fused" or masked and kernel != "kept":
+    # the lone term with a bias in inference, in the fused kernel, checks its output
+    # instead (DenseTerm.applied_forward), and its mask is one per problem, read for each
+    # batch and head
+    lone_fused = alone and kernel == "fused" and attend_kernel(call, shape.keys) == "matmul"
+    if not lone_fused and (attend_kernel(call, shape.keys) == "fused"
+                           or masked and kernel != "kept"):
         # k and v checked for non-finite values first: the fused kernels give a row whose
         # keys all score -inf a log-sum-exp of 0, and a masked key's NaN or infinity must
         # not reach the queries that do not attend it (DenseTerm.forward); the lone term's
         # autograd path checks its output instead
         ops.append(Op("scan", 2 * tokens * call.batch * call.kv_heads * call.head_dim))
+    if lone_fused and masked:
+        ops.append(Op("blockmask", problems * rows * shape.keys))
     if masked and kernel in ("matmul", "kept"):
         # added to the scores after the GEMM (the fused kernel takes it inside); a few holes
         # are filled in instead, measured no cheaper per problem (48 x 48, 3 of 48 keys)

@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 10
+VERSION = 11
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def _names() -> list[str]:
              for m in ATTEND_ROWS[kernel] for n in keys for d in ATTEND_DIMS]
     names += [numba_name(lanes, d, what) for what in NUMBA_COUNTS for lanes in NUMBA_LANES
               for d in NUMBA_DIMS]
-    return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "gather", "band", "fill", "scan",
-                                                        "merge", "fault", "mask",
+    return names + [f"launch/{p}" for p in LAUNCHES] + ["copy", "roll", "gather", "band", "fill",
+                                                        "scan", "merge", "fault", "mask",
                                                         "blockmask", "spill"]
 
 
@@ -132,7 +132,8 @@ class Rates:
             kernel and shape class (``pair_ns`` per pair and head_dim element), ``numba/...``
             per lane plan and head_dim (the same unit), ``queries/...``, ``rows/...``,
             ``loose/...`` (ns per query, key row, loose key), ``launch/...`` (ms per call),
-            ``copy`` (``pair_ns`` per byte copied), ``gather`` (per byte gathered by an
+            ``copy`` (``pair_ns`` per byte copied), ``roll`` (per byte of a rolled dense
+            term's views, each row gathered once), ``gather`` (per byte gathered by an
             index), ``band`` (per byte of overlapping windows of key blocks, the
             ``unfold_backward`` of their view, in a backward only), ``fill`` (per byte of
             gradient zero-filled and added, in a backward only), ``fault`` (per byte of
@@ -194,13 +195,12 @@ class Rates:
             return op.count * (d if op.kind == "numba" else 1), ns, factor
         if op.kind == "restride":  # one pass over the inputs, and again in the backward
             return op.count, self.executors["merge"].pair_ns, 2.0
-        # a rolled view's copy is a gather by a token index (kernel "roll"), and so is its
-        # adjoint in the backward
-        moved = self.executors["gather" if op.kernel == "roll" else "copy"].pair_ns
-        if op.kind == "recopy":  # a copy that only a backward makes (its ops list it then)
-            return op.count, moved, 1.0
-        if op.kind == "copy" and op.kernel == "roll":
-            return op.count, moved, self.executors["copy"].backward_factor
+        if op.kind in ("copy", "recopy"):
+            # a rolled view's copy is an index_select by a token index (kernel "roll"), and
+            # so is its adjoint in the backward; a recopy is a copy that only a backward
+            # makes (its ops list it then)
+            r = self.executors["roll" if op.kernel == "roll" else "copy"]
+            return op.count, r.pair_ns, 1.0 if op.kind == "recopy" else r.backward_factor
         if op.kind == "mask":  # the merge's backward adds it again; autograd's keeps nothing
             r = self.executors["mask"]
             return op.count, r.pair_ns, 1.0 if op.kernel == "kept" else r.backward_factor
@@ -309,7 +309,8 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "launch/part": (0.1, 0.0, 2.4),
-              "copy": (0.0, 0.074, 2.0), "gather": (0.0, 0.061, 4.8), "band": (0.0, 0.61, 1.0),
+              "copy": (0.0, 0.074, 2.0), "roll": (0.0, 0.096, 2.0), "gather": (0.0, 0.061, 4.8),
+              "band": (0.0, 0.61, 1.0),
               "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4),
               "fault": (0.0, 0.42, 1.0), "mask": (0.0, 0.1, 2.0),
               "blockmask": (0.0, 0.3, 2.2), "spill": (0.0, 0.25, 1.5)}
@@ -757,6 +758,15 @@ def _overhead_benches(device, dtype, dt) -> list:
     windows = torch.randn(8, 4, 8, 7, 8, 7, 32, device=device, dtype=dt)
     copy = _Bench("copy", lambda: windows.permute(0, 1, 2, 4, 3, 5, 6).contiguous(),
                   lambda: None, windows.numel() * windows.element_size())
+    # a rolled dense term's view (DenseTerm._gathered): each row of (heads, tokens,
+    # head_dim) gathered once, by the index of Swin's shifted windows on 56x56 (torch runs
+    # it on one thread; nothing is read twice from cache, as sdpa's overlapping windows
+    # are: 0.096 ns per byte at one thread, the gather's 0.053)
+    shift = (torch.arange(56, device=device) + 3) % 56
+    rolled = (shift[:, None] * 56 + shift).view(8, 7, 8, 7).transpose(1, 2).reshape(-1)
+    tokens = torch.randn(4, 56 * 56, 32, device=device, dtype=dt)
+    roll = _Bench("roll", lambda: tokens.index_select(1, rolled), lambda: None,
+                  tokens.numel() * tokens.element_size())
     # sdpa's gathers: rows of a (heads, tokens, head_dim) tensor by token index, overlapping
     # windows of them; their backward adds the rows back
     rows = torch.randn(4, 4096, 32, device=device, dtype=dt, requires_grad=True)
@@ -809,7 +819,7 @@ def _overhead_benches(device, dtype, dt) -> list:
         with torch.enable_grad():
             merge(parts)[0].sum().backward()
 
-    return out + [copy, gather, band, fill, scan, fault, mask, *masked,
+    return out + [copy, roll, gather, band, fill, scan, fault, mask, *masked,
                   _Bench("merge", merged, merged_both, 2 * 4 * 1024 * 32)]
 
 
@@ -927,8 +937,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
               (("spill",), lambda: _spill_benches(device, dt)),
               (tuple(f"{what}/" for what in NUMBA_COUNTS) + ("launch/numba",),
                lambda: _numba_benches(device, dtype, dt)),
-              (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "gather",
-                "band", "fill", "scan", "merge", "fault", "mask", "blockmask"),
+              (("launch/kernel", "launch/sdpa", "launch/terms", "launch/part", "copy", "roll",
+                "gather", "band", "fill", "scan", "merge", "fault", "mask", "blockmask"),
                lambda: _overhead_benches(device, dtype, dt)))
     benches = []
     with torch.no_grad():
@@ -956,7 +966,8 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
     units = {b.name: b.units for b in benches}
     # a copy's backward copies the gradient back; a scan has none; a fill and a band are
     # backward work already
-    fixed = {"copy": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0, "mask": 2.0}
+    fixed = {"copy": 2.0, "roll": 2.0, "scan": 1.0, "fill": 1.0, "band": 1.0, "fault": 1.0,
+             "mask": 2.0}
     for name, (fwd, both) in best.items():
         factor = max(both / fwd, 1.0)
         if name.startswith("launch/"):

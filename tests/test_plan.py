@@ -1197,7 +1197,8 @@ def test_a_dense_term_is_charged_the_copies_its_views_make(pattern, grid):
 ])
 def test_a_rolled_view_is_priced_as_the_gathers_it_runs(pattern, grid):
     # the views of a rolled term are index_selects (one thread in torch): the plan's copy/roll
-    # bytes are those the forward's index_selects write, at the gather's rate
+    # bytes are those the forward's index_selects write, at the roll's rate (each row
+    # gathered once), and again by the adjoint in the backward
     from patterngen.call import Op
 
     attn, events = _profiled_forward(pattern, grid)
@@ -1208,10 +1209,9 @@ def test_a_rolled_view_is_priced_as_the_gathers_it_runs(pattern, grid):
     [priced] = [line for line in term.work if line.startswith("Op(copy")]
     assert priced.startswith(f"Op(copy/roll x {written})")
     rates = calibrate.Rates.default()
-    gather, copy = rates.executors["gather"], rates.executors["copy"]
-    assert rates.unit_rate(Op("copy", 10, kernel="roll")) == (10, gather.pair_ns,
-                                                               copy.backward_factor)
-    assert rates.unit_rate(Op("recopy", 10, kernel="roll")) == (10, gather.pair_ns, 1.0)
+    roll, copy = rates.executors["roll"], rates.executors["copy"]
+    assert rates.unit_rate(Op("copy", 10, kernel="roll")) == (10, roll.pair_ns, 2.0)
+    assert rates.unit_rate(Op("recopy", 10, kernel="roll")) == (10, roll.pair_ns, 1.0)
     assert rates.unit_rate(Op("copy", 10)) == (10, copy.pair_ns, copy.backward_factor)
 
 
@@ -1232,3 +1232,33 @@ def test_a_mask_is_priced_on_the_scores_it_is_added_to(pattern, grid, masked):
               if line.startswith("Op(mask")]
     assert bool(priced) == masked
     assert scores == (int(priced[0].split(" x ")[1].split(")")[0]) if masked else 0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "projection"])
+def test_a_lone_biased_rolled_inference_is_priced_on_what_its_kernel_reads(layout):
+    # without gradients a lone rolled term with a table runs the fused kernel with bias plus
+    # region mask, one per problem, and checks its output: no scan of k and v, and the mask
+    # read for each batch and head (blockmask) as many elements as the kernel's calls read
+    from torch.profiler import profile
+
+    grid, heads = (16, 16), 3
+    attn = pg.compile(pg.block(4, offset=2), grid, backend="auto", strategy="terms",
+                      terms="dense")
+    if layout == "projection":
+        q, k, v = torch.randn(2, *grid, 3, heads, 16).permute(3, 0, 4, 1, 2, 5)
+    else:
+        q, k, v = (torch.randn(2, heads, *grid, 16) for _ in range(3))
+    table = torch.randn(heads, 7, 7)
+    with torch.no_grad():
+        attn(q, k, v, rel_bias=table)
+        with profile(record_shapes=True) as prof:
+            attn(q, k, v, rel_bias=table)
+    [[term]] = attn.plan.patterns
+    assert term.dense.rolled and not any(line.startswith("Op(scan") for line in term.work)
+    read = sum(math.prod(e.input_shapes[0][:3]) * e.input_shapes[1][2]
+               for e in prof.events() if "flash_attention" in e.name and e.input_shapes[0])
+    [priced] = [line for line in term.work if line.startswith("Op(blockmask")]
+    assert priced.startswith(f"Op(blockmask x {read})")
+    assert not any(e.name == "aten::isfinite" or e.name == "aten::mul"
+                   and e.input_shapes[0] in (list(k.shape), [2, heads, 256, 16])
+                   for e in prof.events())

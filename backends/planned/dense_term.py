@@ -210,7 +210,7 @@ class DenseTerm:
         e = y.shape[-1]
         if self.rolled:
             t = _moved(y, lambda t: self._scattered(t, b, h, fill, side),
-                       lambda g: self._gathered(g, side))
+                       lambda g: self._gathered(g, side).view(y.shape))
             return t if shape is None else t.reshape(shape)
         shape = shape or (b, h, math.prod(self.grid), e)
         recipe = self._recipe(side)
@@ -228,6 +228,25 @@ class DenseTerm:
                 t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + [start, n - start - length],
                           value=fill)
         return t.reshape(shape)
+
+    def in_order(self, x):
+        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)`` in the problems' order
+        (:class:`TokenOrder`), with autograd (the inverse gather as its adjoint). Without a
+        rolled axis it is the term's own view, one permuting copy: 0.45x the time of the
+        gather at 56x56, 96 channels (Swin's ``window_partition``)."""
+        b, h = x.shape[:2]
+        if not self.rolled:
+            return self._view(x, "q").reshape(b, h, -1, x.shape[-1])
+        return _moved(x, lambda t: self._gathered(t, "q").reshape(b, h, -1, t.shape[-1]),
+                      lambda g: self._scattered(g, b, h, 0.0, "q"))
+
+    def on_grid(self, y):
+        """Inverse of :meth:`in_order`: ``(B, H, positions, C)`` -> ``(B, H, tokens, C)``."""
+        b, h = y.shape[:2]
+        if not self.rolled:
+            return self._unview(y.reshape(b * h, self.problems, -1, y.shape[-1]), b, h, 0.0)
+        return _moved(y, lambda t: self._scattered(t, b, h, 0.0, "q"),
+                      lambda g: self._gathered(g, "q").reshape(b, h, -1, g.shape[-1]))
 
     def _mask(self, group: int, open_rows: bool = False):
         """The mask over folded problems (:func:`_fold`): each problem's rows once per query
@@ -355,25 +374,40 @@ class DenseTerm:
         """:meth:`autograd_forward` for inputs that :meth:`autograd_applies` to (a caller
         that checked a kind of call once)."""
         b, h = q.shape[:2]
-        if table is None and self.mask is None and not self.rolled and k.shape[1] == h:
+        if table is None and k.shape[1] == h:
             # as a model's partitioned attention writes it and no more: each torch call, a
             # view included, costs about 1 us of a 0.2 ms call (14x14, batch 2), more with
             # autograd recording it
             grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                 or v.requires_grad)
+            mask = self._lone_mask(q, grad)
+            # a mask is added per problem: (B * H, problems, rows, keys) scores then
+            flat = mask is None and not self.rolled
             # one nested call, no name holding a buffer: each is freed once read (q's and k's
             # copies after the scores, the scores after softmax, v's copy made then), so the
             # peak is two score-sized buffers and not every copy at once, memory the C
-            # allocator keeps for the next call rather than handing back to the system
-            out = torch.bmm(torch.softmax(dense.score_matrix(
-                self._view(q, "q", True), self._view(k, "k", True), None, scale, autograd=grad),
-                -1), self._view(v, "k", True))
+            # allocator keeps for the next call rather than handing back to the system (with
+            # every buffer alive, the rolled W3-shift forward faulted 4.6 MB a call: 1.6x
+            # the time)
+            out = torch.bmm(_batched(torch.softmax(dense.score_matrix(
+                self._view(q, "q", flat), self._view(k, "k", flat), mask, scale,
+                autograd=grad), -1)), _batched(self._view(v, "k", flat)))
             if not _finite(out.detach() if grad else out):
                 return None
             return self._unview(out, b, h, 0.0, shape=shape)
+        if self.rolled and table is not None:
+            out = self._fused_in_order(q, k, v, scale, table)
+            if out is not None:
+                return out if shape is None else out.reshape(shape)
         out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
                                     h, scale, table)
         return None if out is None else self._unview(out, b, h, 0.0, shape=shape)
+
+    def _lone_mask(self, q, grad: bool, group: int = 1):
+        """The mask of a lone term's forward (padded query rows open): additive with a
+        gradient, else the matmul path's (holes where few)."""
+        return (self._additive_mask(q.dtype, q.device, group, True) if grad
+                else self._matmul_mask(q.dtype, q.device, group, True))
 
     def autograd_applies(self, q) -> bool:
         """Whether :meth:`autograd_forward` may run for queries like ``q``."""
@@ -392,8 +426,7 @@ class DenseTerm:
             out = self._fused_with_bias(qp, kp, vp, scale, self._mod(table, heads, group).bias,
                                         self._additive_mask(qp.dtype, qp.device, group, True))
         else:
-            mask = (self._additive_mask(qp.dtype, qp.device, group, True) if grad
-                    else self._matmul_mask(qp.dtype, qp.device, group, True))
+            mask = self._lone_mask(qp, grad, group)
             scores = dense.score_matrix(qp, kp, mask, scale, self._mod(table, heads, group),
                                         autograd=grad).view(bp * p, n, -1)
             out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
@@ -416,10 +449,7 @@ class DenseTerm:
         key/value heads, a bias that differs per problem, a softcap, gradients, CUDA, a
         non-finite output)."""
         b, h, t, d = q.shape
-        if (self.softcap is not None or k.shape[1] != h or q.device.type != "cpu"
-                or table is not None and self._offsets(q.device).shape[0] != 1
-                or torch.is_grad_enabled() and any(
-                    x is not None and x.requires_grad for x in (q, k, v, table))):
+        if not self._fuses_in_order(q, k, v, table):
             return None
         add, chunk = self._ordered_add(table, q.dtype, q.device, b)
         qv, kv, vv = (_problems_view(x, self.problems) for x in (q, k, v))
@@ -446,6 +476,47 @@ class DenseTerm:
         if not math.isfinite(float(total)):
             return None
         return out.view(b, self.problems, h, -1, d).transpose(1, 2).reshape(b, h, t, d)
+
+    def _fuses_in_order(self, q, k, v, table) -> bool:
+        """Whether :meth:`ordered_fused` applies to a call like this one."""
+        return not (self.softcap is not None or k.shape[1] != q.shape[1]
+                    or q.device.type != "cpu"
+                    or table is not None and self._offsets(q.device).shape[0] != 1
+                    or torch.is_grad_enabled() and any(
+                        x is not None and x.requires_grad for x in (q, k, v, table)))
+
+    def _fused_in_order(self, q, k, v, scale, table):
+        """Inference on q, k, v ``(B, H, *grid, d)`` whose heads and head_dim are adjacent
+        in memory (a projection's output, ``(B, *grid, H, d)`` permuted), as an ordered
+        call: each put in the token order by rows of ``H * d`` elements (:meth:`in_order`),
+        :meth:`ordered_fused`, and its output put back the same way, a ``(B, H, N, d)`` view
+        of ``(B, N, H, d)`` memory, the layout the output projection reads; q, k and v that
+        are views of one ``qkv`` projection's output move by its whole rows, once. The
+        problems' views by rows of d elements copy each of them (a rolled view twice:
+        ``index_select`` copies a strided input whole first), and the caller's projection
+        then copies the output again (56x56, 3 heads, batch 2, one thread: a rolled view
+        0.45 ms a tensor, 0.66 ms for the three at once). Taken for rolled terms: for
+        Swin's unshifted windows, whose views are one copy each, it measured 0.99-1.08x
+        the time of the problems' views (the kernel reads the ordered layout's strided
+        rows 6% slower). ``None`` where that does not apply (padding, other layouts, and
+        as :meth:`ordered_fused`)."""
+        if not self._fuses_in_order(q, k, v, table) or self._gather("q", q.device)[1] is not None:
+            return None
+        rows = [_token_rows(x) for x in (q, k, v)]
+        if any(r is None for r in rows):
+            return None
+        b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+        joint = _joint(rows)
+        if joint is not None:
+            t = self.in_order(joint[:, None]).view(b, -1, 3, h, d)
+            ins = [t[:, :, i].transpose(1, 2) for i in range(3)]
+        else:
+            ins = [self.in_order(r[:, None]).view(b, -1, h, d).transpose(1, 2) for r in rows]
+        out = self.ordered_fused(*ins, scale, table)
+        if out is None:
+            return None
+        return self.on_grid(out.transpose(1, 2).reshape(b, 1, -1, h * d)).view(
+            b, -1, h, d).transpose(1, 2)
 
     def _masked_runs(self) -> list:
         """``(start, length)`` runs of the problems whose mask excludes a pair."""
@@ -670,25 +741,12 @@ class TokenOrder:
                 f"{layout.format(positions=self.positions)}.")
 
     def in_order(self, x):
-        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)``, with autograd (the inverse
-        gather as its adjoint). Without a rolled axis it is the term's own view, one
-        permuting copy: 0.45x the time of the gather at 56x56, 96 channels (Swin's
-        ``window_partition``)."""
-        b, h = x.shape[:2]
-        term = self.term
-        if not term.rolled:
-            return term._view(x, "q").reshape(b, h, -1, x.shape[-1])
-        return _moved(x, lambda t: term._gathered(t, "q").reshape(b, h, -1, t.shape[-1]),
-                      lambda g: term._scattered(g, b, h, 0.0, "q"))
+        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)`` (:meth:`DenseTerm.in_order`)."""
+        return self.term.in_order(x)
 
     def on_grid(self, y):
         """Inverse of :meth:`in_order`: ``(B, H, positions, C)`` -> ``(B, H, tokens, C)``."""
-        b, h = y.shape[:2]
-        term = self.term
-        if not term.rolled:
-            return term._unview(y.reshape(b * h, term.problems, -1, y.shape[-1]), b, h, 0.0)
-        return _moved(y, lambda t: term._scattered(t, b, h, 0.0, "q"),
-                      lambda g: term._gathered(g, "q").reshape(b, h, -1, g.shape[-1]))
+        return self.term.on_grid(y)
 
 
 def _current(hit, table) -> bool:
@@ -727,6 +785,36 @@ class _Moved(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.back(grad), None, None
+
+
+def _token_rows(x):
+    """``(B, H, *grid, d)`` -> ``(B, tokens, H * d)``, a view where heads and head_dim are
+    adjacent in memory, else ``None``."""
+    b, h, d = x.shape[0], x.shape[1], x.shape[-1]
+    t = x.reshape(b, h, -1, d)
+    if t.stride(-1) != 1 or h > 1 and t.stride(1) != d:
+        return None
+    return t.transpose(1, 2).reshape(b, -1, h * d)
+
+
+def _joint(rows):
+    """``(B, tokens, 3 * width)``, the rows of :func:`_token_rows` of q, k and v side by
+    side, a contiguous view where they are views of one ``(B, tokens, 3, H, d)`` projection
+    output, else ``None``."""
+    first = rows[0]
+    b, n, width = first.shape
+    step = width * first.element_size()
+    if (any(r.shape != first.shape or r.stride() != first.stride() for r in rows)
+            or rows[1].data_ptr() - first.data_ptr() != step
+            or rows[2].data_ptr() - rows[1].data_ptr() != step
+            or first.stride(1) != 3 * width or b > 1 and first.stride(0) != n * 3 * width):
+        return None
+    return first.as_strided((b, n, 3 * width), (n * 3 * width, 3 * width, 1))
+
+
+def _batched(x):
+    """``(..., rows, cols)`` as a bmm's operand ``(batch, rows, cols)`` (a view)."""
+    return x if x.dim() == 3 else x.flatten(0, -3)
 
 
 def _problems_view(x, problems: int):
