@@ -353,8 +353,11 @@ class DenseTerm:
 
     def applied_forward(self, q, k, v, scale, table=None, shape=None):
         """:meth:`autograd_forward` for inputs that :meth:`autograd_applies` to (a caller
-        that checked a kind of call once)."""
+        that checked a kind of call once); inference on inputs whose heads lie inside each
+        token runs :meth:`_token_major_forward`."""
         b, h = q.shape[:2]
+        if self._heads_inside(q, k, v, table):
+            return self._token_major_forward(q, k, v, scale, table, shape)
         if table is None and self.mask is None and not self.rolled and k.shape[1] == h:
             # as a model's partitioned attention writes it and no more: each torch call, a
             # view included, costs about 1 us of a 0.2 ms call (14x14, batch 2), more with
@@ -374,6 +377,65 @@ class DenseTerm:
         out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
                                     h, scale, table)
         return None if out is None else self._unview(out, b, h, 0.0, shape=shape)
+
+    def _heads_inside(self, q, k, v, table) -> bool:
+        """Whether a call runs :meth:`_token_major_forward`: inference on CPU, q's heads
+        inside each token (q a ``(b, h, *grid, d)`` view of a projection's ``(b, *grid, [3,]
+        h, d)`` output), a term of aligned tiles or whole axes without a mask, queries and
+        keys viewed alike, and a bias the same in every problem."""
+        key = ("heads inside",)
+        if key not in self._cache:
+            rq, rk = self._recipe("q"), self._recipe("k")
+            self._cache[key] = (self.mask is None and not self.rolled and not rq.cuts
+                                and rq == rk and self._offsets("cpu").shape[0] == 1)
+        return (self._cache[key] and 1 < q.shape[1] == k.shape[1]
+                and q.stride(1) < q.stride(-2) and q.device.type == "cpu"
+                and not (torch.is_grad_enabled() and any(
+                    x is not None and x.requires_grad for x in (q, k, v, table))))
+
+    def _token_major_forward(self, q, k, v, scale, table, shape):
+        """Inference on inputs whose heads lie inside each token, in the fused kernel on
+        ``(b * problems, h, rows, d)``: the copies into problems move whole tokens (one copy
+        when q, k, v are views of one projection's output, :func:`_stacked`), the bias
+        ``(1, h, rows, keys)`` is broadcast over problems, and the output is returned in
+        the same layout, ``(b, h, *grid, d)`` over memory ``(b, *grid, h, d)``, so that the
+        output projection reads it without a copy (Swin's and MaxViT's own steps partition
+        ``x`` and reverse the projected output instead). ``None`` where the log-sum-exp is
+        not finite: every row attends all keys of its problem, so a non-finite value of an
+        attended key already gives the rule's output, and the rest shows in the log-sum-exp
+        (a NaN or infinite score, a row whose scores are all ``-inf``)."""
+        b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+        split, ordered, there, back = self._token_recipe()
+        stacked = _stacked(q, k, v)
+        parts = (stacked,) if stacked is not None else (q[None], k[None], v[None])
+        # each token's h x d values move as one run (the heads inside it)
+        rows = [t.reshape(len(t), b, h, *split, d).permute(there).reshape(
+            b * self.problems, self.shape.queries, len(t), h, d) for t in parts]
+        qkv = [r[:, :, i].transpose(1, 2) for r in rows for i in range(r.shape[2])]
+        add = None if table is None else self._tile(table).transpose(0, 1).to(q.dtype)
+        out, lse = dense.fused_forward(*qkv, add, scale)
+        del rows, qkv  # freed before the output's copy, which may take their memory
+        if not math.isfinite(float(lse.sum())):
+            return None
+        out = out.transpose(1, 2).reshape(b, *ordered, h, d).permute(back).contiguous()
+        out = out.view(b, -1, h, d) if shape is None or len(shape) == 4 else out.view(
+            b, *self.grid, h, d)
+        return out.movedim(-2, 1)
+
+    def _token_recipe(self):
+        """For :meth:`_token_major_forward`: the split of the grid's axes, the split sizes
+        in the problems' order, the permutation of ``(3, b, h, *split, d)`` into ``(b,
+        *problems' dims, rows' dims, 3, h, d)``, and the one of the output ``(b, *problems'
+        dims, rows' dims, h, d)`` back to ``(b, *split, h, d)``."""
+        key = ("token recipe",)
+        if key not in self._cache:
+            r = self._recipe("q")
+            inner = [i + 1 for i in r.order[2:-1]]  # the split's dims in (3, b, h, *split, d)
+            there = (1, *inner, 0, 2, len(r.order))
+            back = (0, *(int(i) + 1 for i in np.argsort(inner)), len(inner) + 1,
+                    len(inner) + 2)
+            self._cache[key] = (r.split, r.ordered, there, back)
+        return self._cache[key]
 
     def autograd_applies(self, q) -> bool:
         """Whether :meth:`autograd_forward` may run for queries like ``q``."""
@@ -727,6 +789,19 @@ class _Moved(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return ctx.back(grad), None, None
+
+
+def _stacked(q, k, v):
+    """``(3, *q.shape)``: q, k and v as one view where they are equally strided views of one
+    storage at equal distances (a ``qkv`` projection's output split in three), else
+    ``None``."""
+    step = k.storage_offset() - q.storage_offset()
+    if (step <= 0 or v.storage_offset() - k.storage_offset() != step
+            or not q.shape == k.shape == v.shape or not q.stride() == k.stride() == v.stride()
+            or not q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+            == v.untyped_storage().data_ptr()):
+        return None
+    return q.as_strided((3, *q.shape), (step, *q.stride()))
 
 
 def _problems_view(x, problems: int):
