@@ -353,8 +353,8 @@ class DenseTerm:
 
     def applied_forward(self, q, k, v, scale, table=None, shape=None):
         """:meth:`autograd_forward` for inputs that :meth:`autograd_applies` to (a caller
-        that checked a kind of call once); inference on inputs whose heads lie inside each
-        token runs :meth:`_token_major_forward`."""
+        that checked a kind of call once); inference with a table on inputs whose heads lie
+        inside each token runs :meth:`_token_major_forward`."""
         b, h = q.shape[:2]
         if self._heads_inside(q, k, v, table):
             return self._token_major_forward(q, k, v, scale, table, shape)
@@ -379,11 +379,12 @@ class DenseTerm:
         return None if out is None else self._unview(out, b, h, 0.0, shape=shape)
 
     def _heads_inside(self, q, k, v, table) -> bool:
-        """Whether a call runs :meth:`_token_major_forward`: inference on CPU, q's heads
-        inside each token (q a ``(b, h, *grid, d)`` view of a projection's ``(b, *grid, [3,]
-        h, d)`` output), a term of aligned tiles or whole axes without a mask, queries and
-        keys viewed alike, and a bias the same in every problem."""
-        if not q.stride(1) < q.stride(-2):  # heads outside tokens: the common case first
+        """Whether a call runs :meth:`_token_major_forward`: inference on CPU with a bias
+        table the same in every problem, q's heads inside each token (q a ``(b, h, *grid,
+        d)`` view of a projection's ``(b, *grid, [3,] h, d)`` output), a term of aligned
+        tiles or whole axes without a mask, queries and keys viewed alike. (Without a table
+        the matmul path and its copies measured as fast, MaxViT's 4 heads, 14x14 to 56x56.)"""
+        if table is None or not q.stride(1) < q.stride(-2):  # the common cases first
             return False
         key = ("heads inside",)
         if key not in self._cache:
@@ -392,30 +393,31 @@ class DenseTerm:
                                 and rq == rk and self._offsets("cpu").shape[0] == 1)
         return (self._cache[key] and 1 < q.shape[1] == k.shape[1] and q.device.type == "cpu"
                 and not (torch.is_grad_enabled() and any(
-                    x is not None and x.requires_grad for x in (q, k, v, table))))
+                    x.requires_grad for x in (q, k, v, table))))
 
     def _token_major_forward(self, q, k, v, scale, table, shape):
-        """Inference on inputs whose heads lie inside each token, in the fused kernel on
-        ``(b * problems, h, rows, d)``: one copy into problems when q, k, v are views of one
-        projection's output (:func:`_stacked`), reading whole tokens, the bias
-        ``(1, h, rows, keys)`` is broadcast over problems, and the output is returned in
-        the same layout, ``(b, h, *grid, d)`` over memory ``(b, *grid, h, d)``, so that the
-        output projection reads it without a copy (Swin's and MaxViT's own steps partition
-        ``x`` and reverse the projected output instead). ``None`` where the log-sum-exp is
-        not finite: every row attends all keys of its problem, so a non-finite value of an
-        attended key already gives the rule's output, and the rest shows in the log-sum-exp
-        (a NaN or infinite score, a row whose scores are all ``-inf``)."""
+        """Inference with a bias ``table`` on inputs whose heads lie inside each token, in
+        the fused kernel on ``(b * problems, h, rows, d)`` problems, the bias ``(1, h, rows,
+        keys)`` broadcast over them (Swin's SDPA call): one copy into problems when q, k, v
+        are views of one projection's output (:func:`_stacked`), reading whole tokens, and
+        the output returned in the inputs' layout, ``(b, h, *grid, d)`` over memory ``(b,
+        *grid, h, d)``, so that the output projection reads it without a copy. ``None``
+        where the log-sum-exp is not finite: every row attends all keys of its problem, so a
+        non-finite value of an attended key already gives the rule's output, and the rest (a
+        NaN or infinite score, a row whose scores are all ``-inf``) shows in the
+        log-sum-exp."""
         b, h, d = q.shape[0], q.shape[1], q.shape[-1]
         split, ordered, there, back = self._token_recipe()
         stacked = _stacked(q, k, v)
         parts = (stacked,) if stacked is not None else (q[None], k[None], v[None])
-        # each problem's rows contiguous per head: the kernel reads them 0.9x as long as
-        # rows a token's width apart, more than the copy's scattered writes add
+        n = self.shape.queries
+        # each problem's rows contiguous per head: the fused kernel reads them in 0.9x the
+        # time of rows a token's width apart, more than the copy's scattered writes add
         rows = [t.reshape(len(t), b, h, *split, d).permute(there).reshape(
-            b * self.problems, len(t), h, self.shape.queries, d) for t in parts]
-        qkv = [r[:, i] for r in rows for i in range(r.shape[1])]
-        add = None if table is None else self._tile(table).transpose(0, 1).to(q.dtype)
-        out, lse = dense.fused_forward(*qkv, add, scale)
+            len(t), b * self.problems, h, n, d) for t in parts]
+        qkv = [r[i] for r in rows for i in range(len(r))]
+        out, lse = dense.fused_forward(*qkv, self._tile(table).transpose(0, 1).to(q.dtype),
+                                       scale)
         del rows, qkv  # freed before the output's copy, which may take their memory
         if not math.isfinite(float(lse.sum())):
             return None
@@ -426,8 +428,8 @@ class DenseTerm:
 
     def _token_recipe(self):
         """For :meth:`_token_major_forward`: the split of the grid's axes, the split sizes
-        in the problems' order, the permutation of ``(3, b, h, *split, d)`` into ``(b,
-        *problems' dims, 3, h, rows' dims, d)``, and the one of the output ``(b, *problems'
+        in the problems' order, the permutation of ``(3, b, h, *split, d)`` into ``(3, b,
+        *problems' dims, h, rows' dims, d)``, and the one of the output ``(b, *problems'
         dims, rows' dims, h, d)`` back to ``(b, *split, h, d)``."""
         key = ("token recipe",)
         if key not in self._cache:
@@ -436,7 +438,7 @@ class DenseTerm:
             # the problems' dims lead (sizes above 1: the first prefix whose product is theirs)
             cut = next(i for i in range(len(inner) + 1)
                        if math.prod(r.ordered[:i]) == self.problems)
-            there = (1, *inner[:cut], 0, 2, *inner[cut:], len(r.order))
+            there = (0, 1, *inner[:cut], 2, *inner[cut:], len(r.order))
             back = (0, *(int(i) + 1 for i in np.argsort(inner)), len(inner) + 1,
                     len(inner) + 2)
             self._cache[key] = (r.split, r.ordered, there, back)
