@@ -239,8 +239,15 @@ def _scaled_bmm(a, b, alpha):
 
 
 def fused_forward(q, k, v, mask, scale):
-    """The fused kernel that returns the log-sum-exp: ``(out, lse (B, P, rows))``."""
+    """The fused kernel that returns the log-sum-exp: ``(out, lse (B, P, rows))``.
+
+    On CPU, problems of fewer than :data:`SHORT_ROWS` keys get a zero mask when they have
+    none: without one, the kernel's row maximum over fewer keys than a vector drops a NaN,
+    so a query with a NaN gave zeros and a finite log-sum-exp (with a mask it gives NaN, as
+    SDPA on its keys does)."""
     q, k, v = unit_stride(q, k, v)
+    if mask is None and q.device.type == "cpu" and k.shape[-2] < SHORT_ROWS:
+        mask = q.new_zeros(1, 1, 1, k.shape[-2])
     if q.device.type == "cuda":
         out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, mask.expand(q.shape[0], *mask.shape[1:]) if mask is not None else None,

@@ -48,6 +48,8 @@ def _case(kind, grid=GRID):
         k[:, :, POISONED[0], POISONED[1]] = float("inf")
     elif kind == "-inf score":
         k[:, :, POISONED[0], POISONED[1]] = -float("inf")
+    elif kind == "nan query":
+        q[:, :, POISONED[0], POISONED[1], 2] = float("nan")
     elif kind == "every score -inf":  # the global key too, so its queries see only -inf
         k[:, :, POISONED[0], POISONED[1]] = -float("inf")
         k[:, :, 0, 0] = -float("inf")
@@ -159,7 +161,7 @@ def test_a_masked_dense_terms_nan_value_with_a_bias_table():
 # already follows the rule except where every score of a query is -inf (softmax's NaN, where
 # the rule gives zeros), which that sum sends to the exact merge
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", KINDS + ["a whole class -inf"])
+@pytest.mark.parametrize("kind", KINDS + ["a whole class -inf", "nan query"])
 def test_non_finite_values_in_a_lone_dense_term(kind, dtype, monkeypatch):
     from patterngen.backends import planned
 
@@ -168,7 +170,7 @@ def test_non_finite_values_in_a_lone_dense_term(kind, dtype, monkeypatch):
     if kind == "a whole class -inf":  # the class of (0, 1): its queries see only -inf scores
         k[:, :, 0::2, 1::2] = -float("inf")
     want = _rule(*(_flat(t) for t in (q, k, v)), torch.as_tensor(pg.materialize(spec, grid)))
-    assert want.isnan().any() == (kind in ("nan key", "nan value", "+inf score"))
+    assert want.isnan().any() == (kind in ("nan key", "nan value", "+inf score", "nan query"))
     attn = pg.compile(spec, grid, backend="auto", dtype=str(dtype)[6:], strategy="terms",
                       terms="dense")
     assert [tp.executor for tp in attn.plan.patterns[0]] == ["dense"]
@@ -184,4 +186,42 @@ def test_non_finite_values_in_a_lone_dense_term(kind, dtype, monkeypatch):
     # float32/float64 run the direct path, which hands the call to the merge only where its
     # output is not finite; bfloat16 runs the fused kernel through the merge
     assert bool(merged) == (dtype == torch.bfloat16 or kind in (
-        "nan key", "nan value", "+inf score", "a whole class -inf"))
+        "nan key", "nan value", "+inf score", "a whole class -inf", "nan query"))
+
+
+# heads inside each token (q, k, v of a projection on the map) with a table run the fused
+# kernel and check only its log-sum-exp (a zero table here, so that the rule holds as it is)
+@pytest.mark.parametrize("spec, grid", [(pg.window(3, dilation=2), (6, 6)),
+                                        (pg.block(4), (8, 8))], ids=["9 keys", "16 keys"])
+@pytest.mark.parametrize("kind", KINDS + ["nan query"])
+def test_non_finite_values_with_heads_inside_each_token(kind, spec, grid):
+    q, k, v = _case(kind, grid)
+    want = _rule(*(_flat(t) for t in (q, k, v)), torch.as_tensor(pg.materialize(spec, grid)))
+    assert want.isnan().any() == (kind in ("nan key", "nan value", "+inf score", "nan query"))
+    attn = pg.compile(spec, grid, backend="auto", strategy="terms", terms="dense")
+    inside = [t.float().movedim(1, -2).contiguous().movedim(-2, 1) for t in (q, k, v)]
+    table = torch.zeros(1, *(2 * r + 1 for r in attn.reach))
+    with torch.no_grad():
+        for _ in range(2):  # the second through the kept signature
+            got = attn(*inside, rel_bias=table)
+            torch.testing.assert_close(_flat(got).double(), want, atol=2e-5, rtol=2e-5,
+                                       equal_nan=True)
+    if kind in ("nan value", "-inf score"):  # a finite log-sum-exp: that path's output
+        assert got.movedim(1, -2).is_contiguous()
+
+
+@pytest.mark.parametrize("kind", ["nan query", "nan key"])
+def test_non_finite_values_in_ordered_inference_of_few_keys(kind):
+    # 9 keys a problem and no table: without a mask the CPU kernel drops a NaN from a row's
+    # maximum over fewer keys than a vector (16 float32), so it runs with a zero mask
+    grid, spec = (6, 6), pg.block(3)
+    q, k, v = _case(kind, grid)
+    want = _rule(*(_flat(t) for t in (q, k, v)), torch.as_tensor(pg.materialize(spec, grid)))
+    attn = pg.compile(spec, grid, backend="auto")
+    order = attn.token_order
+    with torch.no_grad():
+        got = order.on_grid(attn(*(order.in_order(_flat(t).float()) for t in (q, k, v)),
+                                 ordered=True))
+    assert want.isnan().any()
+    torch.testing.assert_close(got.reshape(want.shape).double(), want, atol=2e-5, rtol=2e-5,
+                               equal_nan=True)

@@ -305,3 +305,44 @@ def test_a_lone_dense_term_s_repeated_calls_with_and_without_gradients(dtype):
                             torch.autograd.grad(want, exact, dout)):
                 torch.testing.assert_close(a.double(), b, **tol, msg=name)
     assert [tp.executor for tp in attn.plan.patterns[0]] == ["dense"]
+
+
+HEADS_INSIDE = [(pg.block(4), (8, 12)), (pg.window(3, dilation=(4, 2)), (12, 6)),
+                (pg.block(3), (9,)), (pg.block(2), (4, 4, 6)), (pg.axis(0), (5, 7))]
+
+
+@pytest.mark.parametrize("spec, grid", HEADS_INSIDE, ids=[repr(s) for s, _ in HEADS_INSIDE])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_heads_inside_each_token_give_the_output_in_that_layout(spec, grid, dtype):
+    # q, k, v as a projection on the map gives them ((b, *grid, 3, h, d) split in three, or
+    # three tensors (b, *grid, h, d)), gridded or flat, without a table or with a shared or
+    # per-head one: inference equals the oracle, and with a table its output has the heads
+    # inside each token too, so that the output projection reads it without a copy;
+    # training equals it as well
+    attn = pg.compile(spec, grid, backend="auto", dtype=str(dtype)[6:], **DENSE)
+    gen = torch.Generator().manual_seed(11)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    b, h, d, axes = 2, 3, 8, len(grid)
+    qkv = torch.randn(b, *grid, 3, h, d, generator=gen, dtype=torch.float64)
+    apart = [torch.randn(b, *grid, h, d, generator=gen, dtype=torch.float64) for _ in range(3)]
+    tables = [None] + [torch.randn(n, *(2 * r + 1 for r in attn.reach), generator=gen,
+                                   dtype=torch.float64) for n in (1, h)]
+    for inputs in (qkv.movedim(-3, 0).unbind(0), apart):
+        inputs = [t.movedim(-2, 1) for t in inputs]  # (b, h, *grid, d), heads inside tokens
+        for table, flat in ((t, f) for t in tables for f in (False, True)):
+            args = [t.to(dtype) for t in inputs]
+            args = [t.flatten(2, 1 + axes) for t in args] if flat else args
+            want = reference(spec, grid, *inputs, rel_bias=table).to(dtype)
+            for _ in range(2):  # the second through the kept signature
+                with torch.no_grad():
+                    out = attn(*args, rel_bias=None if table is None else table.to(dtype))
+                assert out.shape == args[0].shape
+                assert out.movedim(1, -2).is_contiguous() == (table is not None)
+                torch.testing.assert_close(out.reshape(want.shape), want, **tol)
+    leaves = [t.movedim(-2, 1).detach().requires_grad_() for t in apart]
+    out = attn(*leaves, rel_bias=tables[2])
+    assert_gradients_equal(out, reference(spec, grid, *leaves, rel_bias=tables[2]),
+                           leaves, gen, names=["q", "k", "v"])
+    contiguous = [t.movedim(-2, 1).contiguous() for t in apart]
+    with torch.no_grad():  # heads outside tokens: the layout kept
+        assert attn(*contiguous, rel_bias=tables[2]).is_contiguous()

@@ -372,8 +372,11 @@ class DenseTerm:
 
     def applied_forward(self, q, k, v, scale, table=None, shape=None):
         """:meth:`autograd_forward` for inputs that :meth:`autograd_applies` to (a caller
-        that checked a kind of call once)."""
+        that checked a kind of call once); inference with a table on inputs whose heads lie
+        inside each token runs :meth:`_token_major_forward`."""
         b, h = q.shape[:2]
+        if self._heads_inside(q, k, v, table):
+            return self._token_major_forward(q, k, v, scale, table, shape)
         if table is None and k.shape[1] == h:
             # as a model's partitioned attention writes it and no more: each torch call, a
             # view included, costs about 1 us of a 0.2 ms call (14x14, batch 2), more with
@@ -408,6 +411,72 @@ class DenseTerm:
         gradient, else the matmul path's (holes where few)."""
         return (self._additive_mask(q.dtype, q.device, group, True) if grad
                 else self._matmul_mask(q.dtype, q.device, group, True))
+
+    def _heads_inside(self, q, k, v, table) -> bool:
+        """Whether a call runs :meth:`_token_major_forward`: inference on CPU with a bias
+        table the same in every problem, q's heads inside each token (q a ``(b, h, *grid,
+        d)`` view of a projection's ``(b, *grid, [3,] h, d)`` output), a term of aligned
+        tiles or whole axes without a mask, queries and keys viewed alike. (Without a table
+        the matmul path and its copies measured as fast, MaxViT's 4 heads, 14x14 to 56x56.)"""
+        if table is None or not q.stride(1) < q.stride(-2):  # the common cases first
+            return False
+        key = ("heads inside",)
+        if key not in self._cache:
+            rq, rk = self._recipe("q"), self._recipe("k")
+            self._cache[key] = (self.mask is None and not self.rolled and not rq.cuts
+                                and rq == rk and self._offsets("cpu").shape[0] == 1)
+        return (self._cache[key] and 1 < q.shape[1] == k.shape[1] and q.device.type == "cpu"
+                and not (torch.is_grad_enabled() and any(
+                    x.requires_grad for x in (q, k, v, table))))
+
+    def _token_major_forward(self, q, k, v, scale, table, shape):
+        """Inference with a bias ``table`` on inputs whose heads lie inside each token, in
+        the fused kernel on ``(b * problems, h, rows, d)`` problems, the bias ``(1, h, rows,
+        keys)`` broadcast over them (Swin's SDPA call): one copy into problems when q, k, v
+        are views of one projection's output (:func:`_stacked`), reading whole tokens, and
+        the output returned in the inputs' layout, ``(b, h, *grid, d)`` over memory ``(b,
+        *grid, h, d)``, so that the output projection reads it without a copy. ``None``
+        where the log-sum-exp is not finite: every row attends all keys of its problem, so a
+        non-finite value of an attended key already gives the rule's output, and the rest (a
+        NaN or infinite score, a row whose scores are all ``-inf``) shows in the
+        log-sum-exp."""
+        b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+        split, ordered, there, back = self._token_recipe()
+        stacked = _stacked(q, k, v)
+        parts = (stacked,) if stacked is not None else (q[None], k[None], v[None])
+        n = self.shape.queries
+        # each problem's rows contiguous per head: the fused kernel reads them in 0.9x the
+        # time of rows a token's width apart, more than the copy's scattered writes add
+        rows = [t.reshape(len(t), b, h, *split, d).permute(there).reshape(
+            len(t), b * self.problems, h, n, d) for t in parts]
+        qkv = [r[i] for r in rows for i in range(len(r))]
+        out, lse = dense.fused_forward(*qkv, self._tile(table).transpose(0, 1).to(q.dtype),
+                                       scale)
+        del rows, qkv  # freed before the output's copy, which may take their memory
+        if not math.isfinite(float(lse.sum())):
+            return None
+        out = out.transpose(1, 2).reshape(b, *ordered, h, d).permute(back).contiguous()
+        out = out.view(b, -1, h, d) if shape is None or len(shape) == 4 else out.view(
+            b, *self.grid, h, d)
+        return out.movedim(-2, 1)
+
+    def _token_recipe(self):
+        """For :meth:`_token_major_forward`: the split of the grid's axes, the split sizes
+        in the problems' order, the permutation of ``(3, b, h, *split, d)`` into ``(3, b,
+        *problems' dims, h, rows' dims, d)``, and the one of the output ``(b, *problems'
+        dims, rows' dims, h, d)`` back to ``(b, *split, h, d)``."""
+        key = ("token recipe",)
+        if key not in self._cache:
+            r = self._recipe("q")
+            inner = [i + 1 for i in r.order[2:-1]]  # the split's dims in (3, b, h, *split, d)
+            # the problems' dims lead (sizes above 1: the first prefix whose product is theirs)
+            cut = next(i for i in range(len(inner) + 1)
+                       if math.prod(r.ordered[:i]) == self.problems)
+            there = (0, 1, *inner[:cut], 2, *inner[cut:], len(r.order))
+            back = (0, *(int(i) + 1 for i in np.argsort(inner)), len(inner) + 1,
+                    len(inner) + 2)
+            self._cache[key] = (r.split, r.ordered, there, back)
+        return self._cache[key]
 
     def autograd_applies(self, q) -> bool:
         """Whether :meth:`autograd_forward` may run for queries like ``q``."""
@@ -506,7 +575,7 @@ class DenseTerm:
         if any(r is None for r in rows):
             return None
         b, h, d = q.shape[0], q.shape[1], q.shape[-1]
-        joint = _joint(rows)
+        joint = _joint(q, k, v)
         if joint is not None:
             t = self.in_order(joint[:, None]).view(b, -1, 3, h, d)
             ins = [t[:, :, i].transpose(1, 2) for i in range(3)]
@@ -797,24 +866,32 @@ def _token_rows(x):
     return t.transpose(1, 2).reshape(b, -1, h * d)
 
 
-def _joint(rows):
-    """``(B, tokens, 3 * width)``, the rows of :func:`_token_rows` of q, k and v side by
-    side, a contiguous view where they are views of one ``(B, tokens, 3, H, d)`` projection
-    output, else ``None``."""
-    first = rows[0]
-    b, n, width = first.shape
-    step = width * first.element_size()
-    if (any(r.shape != first.shape or r.stride() != first.stride() for r in rows)
-            or rows[1].data_ptr() - first.data_ptr() != step
-            or rows[2].data_ptr() - rows[1].data_ptr() != step
-            or first.stride(1) != 3 * width or b > 1 and first.stride(0) != n * 3 * width):
+def _joint(q, k, v):
+    """``(B, tokens, 3 * H * d)``: the rows of :func:`_token_rows` of q, k and v side by side,
+    a view where they are views of one ``(B, tokens, 3, H, d)`` projection output
+    (:func:`_stacked`, each ``H * d`` elements after the last), else ``None``."""
+    s = _stacked(q, k, v)
+    if s is None or s.stride(0) != q.shape[1] * q.shape[-1]:
         return None
-    return first.as_strided((b, n, 3 * width), (n * 3 * width, 3 * width, 1))
+    return _token_rows(s.transpose(0, 1).flatten(1, 2))
 
 
 def _batched(x):
     """``(..., rows, cols)`` as a bmm's operand ``(batch, rows, cols)`` (a view)."""
     return x if x.dim() == 3 else x.flatten(0, -3)
+
+
+def _stacked(q, k, v):
+    """``(3, *q.shape)``: q, k and v as one view where they are equally strided views of one
+    storage at equal distances (a ``qkv`` projection's output split in three), else
+    ``None``."""
+    step = k.storage_offset() - q.storage_offset()
+    if (step <= 0 or v.storage_offset() - k.storage_offset() != step
+            or not q.shape == k.shape == v.shape or not q.stride() == k.stride() == v.stride()
+            or not q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+            == v.untyped_storage().data_ptr()):
+        return None
+    return q.as_strided((3, *q.shape), (step, *q.stride()))
 
 
 def _problems_view(x, problems: int):
