@@ -884,8 +884,16 @@ def _solve_blockmask(table, best) -> None:
 
 #: the kept path's problems whose scores outgrow the caches (:func:`_solve_spill`):
 #: ``(rows, keys, head_dim, problems within, problems beyond)``, 4 and 16 MiB of float32
-#: scores around ``call.CACHE_BYTES``; head_dim 16 keeps the GEMMs' share of the time small
+#: scores around ``call.CACHE_BYTES`` (twice the problems for 2-byte scores,
+#: :func:`spill_problems`); head_dim 16 keeps the GEMMs' share of the time small
 SPILL_CASE = (64, 64, 16, 256, 1024)
+
+
+def spill_problems(itemsize: int) -> tuple:
+    """:data:`SPILL_CASE`'s problems within and beyond the caches for scores of ``itemsize``
+    bytes: as many bytes of scores as float32's, at least (bfloat16's 1024 problems would
+    fill the caches and spill nothing)."""
+    return tuple(p * max(1, 4 // itemsize) for p in SPILL_CASE[3:])
 
 #: the spill's backward factor, fixed: whole calls' backward added 1.4-1.7x the forward's
 #: time beyond the prediction (MaxViT's grid, 56x56 batch 8, one and two threads, priced
@@ -901,7 +909,8 @@ def _spill_benches(device, dt) -> list:
     problems, on CPU (the matmul paths run there only)."""
     if device != "cpu":
         return []
-    m, n, d, *counts = SPILL_CASE
+    m, n, d = SPILL_CASE[:3]
+    counts = spill_problems(dt.itemsize)
     return [_Bench(name, _kept_bench(*_problems(p, m, n, d, device, dt))[0], lambda: None,
                    p * m * n * d) for name, p in zip(("spill#within", "spill#beyond"), counts)]
 
@@ -909,9 +918,11 @@ def _spill_benches(device, dt) -> list:
 def _solve_spill(table, best, dtype: str) -> None:
     """``spill``: ns per byte of scores beyond the caches, the forward time of the more
     problems less the fewer ones' scaled to their count."""
-    m, n, _, few, many = SPILL_CASE
+    m, n = SPILL_CASE[:2]
+    itemsize = ITEMSIZE.get(dtype, 4)
+    few, many = spill_problems(itemsize)
     within = [t * many / few for t in best["spill#within"]]
-    rate = _difference(within, best["spill#beyond"], spilled(many, m, n, ITEMSIZE.get(dtype, 4)))
+    rate = _difference(within, best["spill#beyond"], spilled(many, m, n, itemsize))
     table["spill"] = Rate(0.0, rate.pair_ns, SPILL_BACKWARD)
 
 

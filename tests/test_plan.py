@@ -984,10 +984,12 @@ def test_the_spill_counts_the_bytes_of_scores_beyond_the_caches(strategy, monkey
     assert "Op(spill" not in str(plan)
 
 
-def test_the_spill_rate_is_the_forward_time_the_larger_scores_add(monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_spill_rate_is_the_forward_time_the_larger_scores_add(monkeypatch, dtype):
     # a clock that gives each kept forward 1 us per problem, and the problems beyond the
-    # caches 0.5 ms more: the rate is those 0.5 ms over the bytes beyond the caches
-    from patterngen.call import spilled
+    # caches 0.5 ms more: the rate is those 0.5 ms over the bytes beyond the caches (2-byte
+    # scores on twice the problems: on float32's they spilled nothing, a division by zero)
+    from patterngen.call import ITEMSIZE, spilled
 
     seen, score_matrix = [], dense.score_matrix
 
@@ -1003,10 +1005,12 @@ def test_the_spill_rate_is_the_forward_time_the_larger_scores_add(monkeypatch):
     monkeypatch.setattr(dense, "score_matrix", recording)
     monkeypatch.setattr(calibrate, "_best_ms", clock)
     monkeypatch.setattr(calibrate, "PASSES", 1)
-    rows, keys, _, few, many = calibrate.SPILL_CASE
-    assert spilled(few, rows, keys, 4) == 0 < spilled(many, rows, keys, 4)
-    spill = calibrate.measure("cpu", "float32", only=("spill",)).executors["spill"]
-    assert spill.pair_ns == pytest.approx(0.5e6 / spilled(many, rows, keys, 4))
+    rows, keys = calibrate.SPILL_CASE[:2]
+    size = ITEMSIZE[dtype]
+    few, many = calibrate.spill_problems(size)
+    assert spilled(few, rows, keys, size) == 0 < spilled(many, rows, keys, size)
+    spill = calibrate.measure("cpu", dtype, only=("spill",)).executors["spill"]
+    assert spill.pair_ns == pytest.approx(0.5e6 / spilled(many, rows, keys, size))
     assert spill.backward_factor == calibrate.SPILL_BACKWARD
 
 
