@@ -477,9 +477,11 @@ class FlexBackend(Backend):
             kf, vf = (torch.cat([t, t.new_zeros(*t.shape[:2], pad, t.shape[3]), e,
                                  t.new_zeros(*t.shape[:2], tail, t.shape[3])], 2)
                       for t, e in zip((kf, vf), extra))
-        if self.compile:
+        if self.compile and not (device.type == "cpu" and non_finite(qf)):
             fn = _compiled_flex()
         else:
+            # the compiled CPU kernel gives a query holding a NaN a finite output (torch
+            # 2.13), where its scores, all NaN, give SDPA's NaN: eager FlexAttention does
             from torch.nn.attention.flex_attention import flex_attention as fn
         score_mod = self.score_mod(table, device)
         # masked pairs exist only in partial blocks: without any, every key is attended

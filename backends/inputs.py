@@ -89,9 +89,10 @@ def _flatten_cross(q, k, v, shape: tuple, key_shape: tuple, backend: str):
     return q, k, v, (lambda out: out.reshape(out_shape))
 
 
-def non_finite(k, v) -> bool:
-    """Whether ``k`` or ``v`` holds a NaN or an infinity (one pass over each; not checked
-    inside ``torch.compile``, where a data-dependent branch would break the graph)."""
+def non_finite(*tensors) -> bool:
+    """Whether one of ``tensors`` (k and v) holds a NaN or an infinity (one pass over each;
+    not checked inside ``torch.compile``, where a data-dependent branch would break the
+    graph)."""
     import torch
 
     if torch.compiler.is_compiling():
@@ -99,7 +100,7 @@ def non_finite(k, v) -> bool:
     # one reduction each, into nothing new: the extremes are NaN or infinite exactly where a
     # value is (torch.isfinite runs four elementwise passes on CPU, measured 10x the time;
     # (x * 0).sum() 2-4x, its product a new tensor whose pages faulted on every call)
-    extremes = [e for t in (k, v) if t.numel() for e in torch.aminmax(t)]
+    extremes = [e for t in tensors if t.numel() for e in torch.aminmax(t)]
     return bool(extremes) and not bool(torch.isfinite(sum(extremes)))
 
 

@@ -74,7 +74,7 @@ BACKENDS = [
 
 CASES = [pytest.param(backend, options, dtype, kind,
                       id=f"{backend}-{str(dtype)[6:]}-{options}-{kind}")
-         for backend, options, dtype in BACKENDS for kind in KINDS]
+         for backend, options, dtype in BACKENDS for kind in KINDS + ["nan query"]]
 
 
 def _flat(t):
@@ -90,7 +90,7 @@ def test_non_finite_values_follow_sdpa_per_query(backend, options, dtype, kind):
     with torch.no_grad():
         got = _flat(attn(*(t.to(dtype) for t in (q, k, v)))).double()
     poisoned = want.isnan().any(-1)
-    assert poisoned.any() == (kind in ("nan key", "nan value", "+inf score"))
+    assert poisoned.any() == (kind in ("nan key", "nan value", "+inf score", "nan query"))
     assert not poisoned.all()
     tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
