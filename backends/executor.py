@@ -390,10 +390,11 @@ class SdpaExecutor(Executor):
                                   * call.itemsize))
                     if kernel == "kept":  # and copied into the scores, which the GEMM adds to
                         ops.append(Op("mask", c.count * work * calls.bq * keys, kernel=kernel))
-                    if fused_backward:
+                    if fused_backward and call.bias_grad:
                         # the table's gradient: the scores and their gradient rebuilt from
                         # the log-sum-exp, two batched matmuls and a softmax's elementwise
-                        # work, the matmul path's forward (dense.FlashBias)
+                        # work, the matmul path's forward (dense.FlashBias); a table that
+                        # needs none is a plain mask to the fused kernel
                         ops.append(Op("rebuild", c.count * work, (calls.bq, keys, d), "matmul"))
                 if c.mask is not None and c.mask.shape[1] > 1:
                     # a mask per query block, read by the kernel for every (batch, head); one

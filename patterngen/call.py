@@ -50,6 +50,8 @@ class Call:
         batch, heads, head_dim: q's sizes; ``kv_heads``: k's and v's heads (default q's).
         backward: gradients are needed (forward + backward).
         bias: a relative position bias table is passed.
+        bias_grad: the table needs a gradient (default: ``bias and backward``, a table that
+            trains); a backward without it skips the table's gradient.
         softcap: a softcap is set.
         extra_keys: tokens outside the grid every query attends (0: none).
         contiguous: q, k and v are contiguous.
@@ -66,6 +68,7 @@ class Call:
     softcap: bool = False
     extra_keys: int = 0
     contiguous: bool = True
+    bias_grad: bool | None = None
 
     def __post_init__(self):
         for name in ("batch", "heads", "head_dim"):
@@ -74,6 +77,9 @@ class Call:
                 raise PatternError(f"plan: {name}={value!r}; expected a positive int.")
         if not self.kv_heads:
             object.__setattr__(self, "kv_heads", self.heads)
+        trains = self.bias and self.backward
+        object.__setattr__(self, "bias_grad", trains if self.bias_grad is None
+                           else trains and bool(self.bias_grad))
 
     @property
     def itemsize(self) -> int:

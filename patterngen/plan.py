@@ -581,7 +581,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
          device: str = "cpu", dtype="float32", backward: bool = False, rates=None,
          executors=None, terms: str | None = None, contiguous: bool = True,
          kv_heads: int | None = None, bias: bool = False, softcap: bool = False,
-         extra_keys: int = 0, key_grid=None) -> Plan:
+         extra_keys: int = 0, key_grid=None, bias_grad: bool | None = None) -> Plan:
     """Choose how ``pattern`` runs on ``grid``: term by term or whole, by predicted time.
 
     Every executor is asked through the registry (:func:`patterngen.backends.executors`)
@@ -607,6 +607,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         bias, softcap, extra_keys: the call passes a bias table, has a softcap, attends so
             many extra keys: only executors that take them can run it.
         key_grid: the keys' grid when it is another (docs/cross.md): every term gathers.
+        bias_grad: whether the bias table needs a gradient (default: with ``backward``).
 
     Returns:
         A :class:`Plan`; ``print(plan)`` explains it.
@@ -640,7 +641,7 @@ def plan(pattern, grid=None, head_dim: int = 32, heads: int = 4, batch: int = 1,
         raise PatternError(f"plan: terms={terms!r}; expected None (by cost), 'dense' or "
                            f"'gather'.")
     call = Call(device_type, dtype, batch, heads, head_dim, kv_heads or 0, bool(backward),
-                bool(bias), bool(softcap), int(extra_keys), bool(contiguous))
+                bool(bias), bool(softcap), int(extra_keys), bool(contiguous), bias_grad)
     rates = rates if rates is not None else calibrate.rates(device_type, dtype)
 
     options, whole, work = {}, {}, {}

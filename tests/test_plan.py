@@ -1065,6 +1065,24 @@ def test_flash_bias_rebuilds_the_table_gradient_at_the_matmul_forward_rate():
     assert rebuild == (attend[0], attend[1], 1.0)
     inference = pg.plan(pattern, grid, head_dim=16, heads=2, bias=True, executors=("sdpa",))
     assert not any(line.startswith("Op(rebuild") for line in inference.work["sdpa"])
+    # a table that needs no gradient is a plain mask to the fused kernel, both ways
+    table.requires_grad_(False)
+    assert "FlashBiasBackward" not in _autograd_nodes(attn(q, k, v, rel_bias=table))
+    frozen = pg.plan(pattern, grid, head_dim=16, heads=2, backward=True, bias=True,
+                     bias_grad=False, executors=("sdpa",))
+    assert not any(line.startswith("Op(rebuild") for line in frozen.work["sdpa"])
+
+
+def test_a_call_plans_for_whether_its_bias_table_needs_a_gradient():
+    pattern, grid = pg.block(7), (14, 14)
+    attn = pg.compile(pattern, grid, backend="auto", head_dim=16, heads=2, strategy="sdpa")
+    q, k, v = (torch.randn(1, 2, *grid, 16, requires_grad=True) for _ in range(3))
+    table = torch.randn(2, 13, 13)
+    attn(q, k, v, rel_bias=table).sum().backward()
+    assert attn.plan.call.bias and not attn.plan.call.bias_grad
+    attn(q, k, v, rel_bias=table.requires_grad_()).sum().backward()
+    assert attn.plan.call.bias_grad and table.grad is not None
+    assert attn.plan.predicted_ms > attn.plans[-2].predicted_ms  # the table's gradient
 
 
 def test_sdpa_backward_buffers_beyond_the_resident_bytes_are_priced_as_new_pages():

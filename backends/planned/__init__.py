@@ -116,22 +116,24 @@ class PlannedBackend(Backend):
                                            batch, backward)]
 
     def _plan(self, device, dtype, head_dim, heads, batch, backward, strategy=None,
-              bias=False, contiguous=True, kv_heads=None, extra_keys=0):
+              bias=False, contiguous=True, kv_heads=None, extra_keys=0, bias_grad=None):
         """The key of the plan for these inputs, planned (for the first ``batch`` seen: the
         costs scale with it alike) and built on first use; ``strategy`` (a name or a tuple
         of names) restricts the strategies beyond the constructor's. The call's softcap,
-        ``bias``, extra keys and layout go to the planner, whose executors say whether they
-        take them and what they cost."""
+        ``bias`` (and whether it needs a gradient, ``bias_grad``), extra keys and layout go
+        to the planner, whose executors say whether they take them and what they cost."""
         strategy = strategy or self._strategy
+        bias_grad = bool(bias and backward and bias_grad is not False)
         key = (device, dtype, head_dim, heads, backward, strategy, bias, contiguous,
-               kv_heads or heads, extra_keys)
+               kv_heads or heads, extra_keys, bias_grad)
         if key not in self._plans:
             allowed = (strategy,) if isinstance(strategy, str) else strategy
             chosen = plan(self.ir, None, executors=allowed, terms=self._terms,
                           head_dim=head_dim, heads=heads, batch=batch, device=device,
                           dtype=dtype, backward=backward, rates=self._rates,
                           contiguous=contiguous, kv_heads=kv_heads, bias=bias,
-                          softcap=self.softcap is not None, extra_keys=extra_keys)
+                          softcap=self.softcap is not None, extra_keys=extra_keys,
+                          bias_grad=bias_grad)
             self._runs[key] = self._build(chosen)
             self._plans[key] = chosen
         return key
@@ -146,10 +148,10 @@ class PlannedBackend(Backend):
 
         device = torch.device(device)
         dtype = str(dtype or self.plan.dtype).rsplit(".", 1)[-1]
-        for grad, bias, contiguous in itertools.product((False, True), repeat=3):
+        for grad, bias, contiguous, bias_grad in itertools.product((False, True), repeat=4):
             key = self._plan(device.type, dtype, head_dim or self.plan.head_dim,
                              heads or self.plan.heads, self.plan.batch, grad, bias=bias,
-                             contiguous=contiguous)
+                             contiguous=contiguous, bias_grad=bias_grad)
             self._runs[key].prepare(device, dtype, head_dim, heads)
 
     @property
@@ -297,7 +299,7 @@ class PlannedBackend(Backend):
         seen = None
         if (additional_keys is None and additional_values is None
                 and not torch.compiler.is_compiling()):
-            seen = _signature(q, k, v, grad, rel_bias is not None)
+            seen = _signature(q, k, v, grad, _bias_state(rel_bias))
             hit = self._checked.get(seen)
             if hit is not None:  # these shapes, strides, dtypes and devices passed the checks
                 flat_q, flat_kv, key, alone = hit
@@ -320,7 +322,7 @@ class PlannedBackend(Backend):
                                       kf.shape[1])
         wanted = (qf.device.type, str(qf.dtype).rsplit(".", 1)[-1], qf.shape[-1], qf.shape[1],
                   qf.shape[0], grad)
-        sizes = dict(bias=rel_bias is not None,
+        sizes = dict(bias=rel_bias is not None, bias_grad=_bias_state(rel_bias) is True,
                      contiguous=all(t.is_contiguous() for t in (qf, kf, vf)),
                      kv_heads=kf.shape[1], extra_keys=0 if extra is None else extra[0].shape[2])
         key = self._plan(*wanted, **sizes)
@@ -398,6 +400,12 @@ class PlannedBackend(Backend):
                 return restore(out)
         return restore(planned_fwd(qf, kf, vf, ak, av, rel_bias, run.op_key, scale,
                                     grad)[0])
+
+
+def _bias_state(table):
+    """``None`` without a bias table, else whether it needs a gradient (a backward then
+    computes the table's)."""
+    return None if table is None else bool(getattr(table, "requires_grad", False))
 
 
 def _signature(q, k, v, grad, bias):
