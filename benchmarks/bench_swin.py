@@ -269,7 +269,8 @@ def run(size, batch, shift, backward, rounds, clock=time.perf_counter) -> dict:
     plan = ours.attn.plans[-1]
     shape = plan.strategy if plan.strategy != "terms" else "+".join(
         repr(tp.dense) if tp.dense is not None else tp.executor for tp in plan.patterns[0])
-    return dict(ms, plan=shape)
+    # a dense shape's axes are joined by "|", a column break in the Markdown table
+    return dict(ms, plan=shape.replace("|", "\\|"))
 
 
 def storage(size, shift, batch, rounds, clock=time.perf_counter) -> dict:
