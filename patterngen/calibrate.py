@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 11
+VERSION = 12
 
 
 @dataclass(frozen=True)
@@ -449,6 +449,27 @@ def _best_ms(fn, repeats: int = 7) -> float:
 #: units (pairs x head_dim) of one attention micro-benchmark: about a millisecond
 _ATTEND_UNITS = 1 << 20
 
+#: score elements, at least, of a matmul-path benchmark's call: torch's CPU elementwise ops
+#: and reductions over the scores (the row maxima, the log-sum-exp's) split their work in
+#: grains of 32768 elements (ATen's ``GRAIN_SIZE``), so a call with fewer runs them on one
+#: thread. At head_dim 64, 2^20 units are 4 problems of 64 x 64 (16384 scores): two threads
+#: ran them 1.04x faster than one (a quiet calibration's rates: 0.129 and 0.134 ns), 32
+#: problems 1.7x, as the planned calls of hundreds of problems run
+MATMUL_SCORES = 1 << 16
+
+
+def attend_problems(kernel: str, rows: int, keys: int, head_dim: int) -> int:
+    """Problems in the benchmark of an attention shape class: about ``_ATTEND_UNITS`` units
+    (a problem of one row counted as four), on the matmul path at least
+    :data:`MATMUL_SCORES` score elements where a row has several keys (a global key token's
+    rows of one key hold few scores in the calls too; 4x their problems measured 1.8-2x
+    dearer per unit at two threads, q and the output outgrowing the caches)."""
+    problems = max(1, _ATTEND_UNITS // (max(rows, 4) * keys * head_dim))
+    if kernel == "matmul" and keys > 1:
+        problems = max(problems, -(-MATMUL_SCORES // (rows * keys)))
+    return problems
+
+
 #: runs of each micro-benchmark after its warm-up, forward and forward+backward; the least
 #: disturbed one is kept
 _REPEATS = 3
@@ -514,7 +535,7 @@ def _attend_benches(device, dt) -> list:
                     # of the problems keeps its benchmark near the others' time (the rate
                     # the same within 10%; rows of one key, measured so, came out 1.3-1.5x
                     # dearer per unit, their fixed cost per call no longer small beside them)
-                    p = max(1, _ATTEND_UNITS // (max(m, 4) * n * d))
+                    p = attend_problems(kernel, m, n, d)
                     q, k, v, dout = _problems(p, m, n, d, device, dt)
                     if kernel == "kept":
                         fwd, both = _kept_bench(q, k, v, dout)

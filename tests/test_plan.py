@@ -955,6 +955,30 @@ def test_the_block_mask_rate_is_measured_on_a_mask_per_problem(fixed_clock, monk
     assert mask.pair_ns >= 0 and mask.backward_factor >= 1.0
 
 
+def test_a_matmul_benchmark_holds_scores_for_every_thread():
+    # torch's CPU elementwise ops and reductions split their work in grains of 32768
+    # elements (ATen's GRAIN_SIZE): each matmul-path class is measured on at least two grains of
+    # scores, as the planned calls are (rows of one key hold few in the calls too); the
+    # others keep about 2^20 units a benchmark
+    grain = 32768
+    assert calibrate.MATMUL_SCORES >= 2 * grain
+    for kernel, keys in calibrate.ATTEND_KEYS.items():
+        for rows in calibrate.ATTEND_ROWS[kernel]:
+            for n in keys:
+                for d in calibrate.ATTEND_DIMS:
+                    p = calibrate.attend_problems(kernel, rows, n, d)
+                    units = max(1, (1 << 20) // (max(rows, 4) * n * d))
+                    if kernel == "matmul" and n > 1:
+                        assert p * rows * n >= calibrate.MATMUL_SCORES
+                        assert p == max(units, -(-calibrate.MATMUL_SCORES // (rows * n)))
+                    else:
+                        assert p == units
+    # head_dim 64's class of 64 x 64: 16 problems where 2^20 units are 4 (16384 scores)
+    assert calibrate.attend_problems("matmul", 64, 64, 64) == 16
+    assert calibrate.attend_problems("kept", 64, 64, 64) == 4
+    assert calibrate.attend_problems("matmul", 64, 1, 64) == 256
+
+
 @pytest.mark.parametrize("strategy", ["terms", "sdpa"])
 def test_the_spill_counts_the_bytes_of_scores_beyond_the_caches(strategy, monkeypatch):
     # every softmax the call runs is over one kernel call's scores: what each holds beyond
