@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from patterngen.backends.inputs import unit_stride
+from patterngen.backends.inputs import non_finite, unit_stride
 from patterngen.backends.merge import acc_dtype
 
 __all__ = ["MATMUL_KEYS", "matmul_is_faster", "Holes", "ScoreMod", "cap", "cap_", "cap_grad_",
@@ -244,7 +244,12 @@ def fused_forward(q, k, v, mask, scale):
     On CPU, problems of fewer than :data:`SHORT_ROWS` keys get a zero mask when they have
     none: without one, the kernel's row maximum over fewer keys than a vector drops a NaN,
     so a query with a NaN gave zeros and a finite log-sum-exp (with a mask it gives NaN, as
-    SDPA on its keys does)."""
+    SDPA on its keys does). Half-precision queries holding an infinity run in float32
+    (:func:`_half_inf_query`)."""
+    if _half_inf_query(q):
+        out, lse = fused_forward(q.float(), k.float(), v.float(),
+                                 None if mask is None else mask.float(), scale)
+        return out.to(q.dtype), lse
     q, k, v = unit_stride(q, k, v)
     if mask is None and q.device.type == "cpu" and k.shape[-2] < SHORT_ROWS:
         mask = q.new_zeros(1, 1, 1, k.shape[-2])
@@ -277,10 +282,23 @@ def fused_backward(q, k, v, out, lse, dout, mask, scale):
 
 
 def attention(q, k, v, scale, softcap=None, add=None):
-    """Attention with an optional softcap and additive mask/bias ``add``."""
+    """Attention with an optional softcap and additive mask/bias ``add`` (half-precision
+    queries holding an infinity in float32, :func:`_half_inf_query`)."""
     if softcap is not None:
         return softcapped_attention(q, k, v, scale, softcap, add)
+    if _half_inf_query(q):
+        return attention(q.float(), k.float(), v.float(), scale, None,
+                         None if add is None else add.float()).to(q.dtype)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
+
+
+def _half_inf_query(q) -> bool:
+    """Whether a CPU half-precision ``q`` holds an infinity (or a NaN), which the fused
+    bfloat16 kernel turns into a row of zeros where SDPA's rule on its keys gives NaN
+    (torch 2.13; float32 gives the rule's NaN): one pass over q, on half-precision CPU calls
+    only."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and non_finite(q))
 
 
 def _autograd_scores(q, k, scale, softcap):
