@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import PatternError
 
-__all__ = ["Call", "Op", "ITEMSIZE", "CACHE_BYTES", "spilled"]
+__all__ = ["Call", "Op", "ITEMSIZE", "CACHE_BYTES", "spilled", "bias_trains"]
 
 #: bytes per element of each dtype the executors take
 ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -38,6 +38,12 @@ def spilled(problems: int, rows: int, keys: int, itemsize: int, calls: int = 1) 
     the problems split evenly over ``calls`` kernel calls."""
     scores = problems * rows * keys * itemsize
     return calls * max(0, -(-scores // calls) - CACHE_BYTES)
+
+
+def bias_trains(bias: bool, backward: bool, bias_grad: bool | None) -> bool:
+    """Whether a call's bias table gets a gradient: it has one, the call has a backward, and
+    ``bias_grad`` (``None``: a table that trains) does not say otherwise."""
+    return bool(bias and backward and bias_grad is not False)
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,8 @@ class Call:
                 raise PatternError(f"plan: {name}={value!r}; expected a positive int.")
         if not self.kv_heads:
             object.__setattr__(self, "kv_heads", self.heads)
-        trains = self.bias and self.backward
-        object.__setattr__(self, "bias_grad", trains if self.bias_grad is None
-                           else trains and bool(self.bias_grad))
+        object.__setattr__(self, "bias_grad",
+                           bias_trains(self.bias, self.backward, self.bias_grad))
 
     @property
     def itemsize(self) -> int:

@@ -43,6 +43,7 @@ import torch
 from patterngen.backends import Backend, get_backend, register_backend
 from patterngen.backends.inputs import flatten_qkv
 from patterngen.bias import check_softcap
+from patterngen.call import bias_trains
 from patterngen.errors import PatternError
 from patterngen.plan import dense_form, plan
 
@@ -123,7 +124,7 @@ class PlannedBackend(Backend):
         ``bias`` (and whether it needs a gradient, ``bias_grad``), extra keys and layout go
         to the planner, whose executors say whether they take them and what they cost."""
         strategy = strategy or self._strategy
-        bias_grad = bool(bias and backward and bias_grad is not False)
+        bias_grad = bias_trains(bias, backward, bias_grad)
         key = (device, dtype, head_dim, heads, backward, strategy, bias, contiguous,
                kv_heads or heads, extra_keys, bias_grad)
         if key not in self._plans:
