@@ -408,7 +408,11 @@ class SdpaExecutor(Executor):
                         ops.append(Op("recopy", kv_grads))
                 elif c.nk > 1 and call.backward:  # a view; its backward is unfold_backward
                     ops.append(Op("band", 2 * c.count * keys * kv * per))
-                if len(calls.calls) > 1 or calls.zero_row is not None:
+                if len(calls.calls) > 1 or calls.zero_row is not None or len(runs) > 1:
+                    # the group's output, or each chunk's, copied into its rows
+                    ops.append(Op("copy", rows * work * per))
+                if c.empty is not None and call.backward and not call.extra_keys:
+                    # its queries without keys zeroed in a copy: the kernel's output is saved
                     ops.append(Op("copy", rows * work * per))
                 if call.backward:
                     # each view's backward fills a gradient of the whole q, k or v with zeros,

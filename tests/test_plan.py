@@ -860,7 +860,8 @@ def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, g
     # row-major layouts: every index_select of the forward (query and key blocks, the output
     # rows back into token order) is a gather op, byte for byte; every flash call with a mask
     # per block (not one shared by the blocks) reads it once per (batch, head): the mask ops;
-    # each flash call is a kernel launch (a gathered group in chunks: one per chunk)
+    # each flash call is a kernel launch (a gathered group in chunks: one per chunk); every
+    # output copied into its rows (two groups, or a group in chunks) is a copy op
     from torch.profiler import profile
 
     from patterngen.backends.sdpa import calls as sdpa_calls
@@ -875,17 +876,21 @@ def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, g
     q, k, v = (torch.randn(1, heads, *grid, d) for _ in range(3))
     with torch.no_grad(), profile(record_shapes=True) as prof:
         attn(q, k, v)
-    gathered = masks = flash = 0
+    gathered = masks = flash = copied = 0
     for e in prof.events():
         shapes = e.input_shapes
         if e.name == "aten::index_select":  # (batch * heads, tokens, d) by an index
             gathered += shapes[0][0] * shapes[2][0] * shapes[0][2] * 4
+        elif e.name == "aten::copy_" and shapes[0] and shapes[0][-1] == d:  # not a mask
+            copied += int(np.prod(shapes[0])) * 4
         elif e.name == "aten::_scaled_dot_product_flash_attention_for_cpu":
             flash += 1
             if shapes[5] and shapes[5][1] > 1:
                 masks += shapes[0][0] * int(np.prod(shapes[5]))
     ops = _sdpa_ops(pattern, grid, Call(heads=heads, head_dim=d))
     assert gathered == sum(op.count for op in ops if op.kind == "gather") > 0
+    assert copied == sum(op.count for op in ops if op.kind == "copy")
+    assert copied > 0 or (chunk is None and len(attn.groups[0]) == 1)
     if chunk is None:  # a chunk of one block reads its slice of the mask: shaped as shared
         assert masks == sum(op.count for op in ops if op.kind == "blockmask") > 0
     launches = sum(op.count for op in ops if op.kind == "launch" and op.kernel == "kernel")

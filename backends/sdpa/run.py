@@ -86,7 +86,9 @@ def run_calls(calls, out_index, q, k, v, scale, torch, scores=None, extra=None,
             else:
                 res = dense.attention(qg, kg, vg, scale, softcap, part)
             if call.empty is not None and extra is None:
-                res = res.masked_fill(call.empty[first:stop], 0.0)
+                # in place where no graph holds the kernel's output for its backward
+                fill = res.masked_fill if graph else res.masked_fill_
+                res = fill(call.empty[first:stop], 0.0)
             if single:
                 out = res.reshape(b, h, g * bq, d)
                 if need_lse:
