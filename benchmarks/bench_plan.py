@@ -16,7 +16,10 @@ with ``--recalibrate``). Timings on shared cores are noisy: compare within one r
 of a shared machine also drifts over minutes, and a prediction made from rates measured in a
 fast minute reads every row of a slow one high: ``--drift`` measures the dense-attention rates
 again after the run (about 12 s) and prints the median of their ratios to the rates the
-predictions used.
+predictions used, and so for the copies and gathers. The attention benchmarks' data fit in a
+core's L2 cache; the copies' and gathers' (2-15 MiB) and the calls' do not, and live in the
+L3 cache other tenants of the machine share, so a slowdown the first line does not show can
+show in the second.
 
 Run:
     python benchmarks/bench_plan.py                       # fixed suite + 20 random workloads
@@ -220,8 +223,9 @@ def main(argv=None) -> int:
                              "strategy, term-wise plans with a gather group); no auto verdicts")
     parser.add_argument("--recalibrate", action="store_true", help="measure the rates again")
     parser.add_argument("--drift", action="store_true",
-                        help="after the run, measure the dense-attention rates again and print "
-                             "them over the rates the predictions used")
+                        help="after the run, measure the dense-attention rates and the copies' "
+                             "and gathers' again and print them over the rates the "
+                             "predictions used")
     parser.add_argument("--autotune", action="store_true",
                         help="auto times the strategies predicted close (patterngen.autotune)")
     parser.add_argument("--threads", type=int, default=THREADS,
@@ -288,15 +292,24 @@ def main(argv=None) -> int:
     return 0
 
 
+#: what ``--drift`` measures again: the dense-attention rates (in a core's L2 cache) and the
+#: copies and gathers (beyond it)
+DRIFT = (("attend/", "dense-attention"), (("copy", "roll", "gather", "fill"), "copy and gather"))
+
+
 def drift(rates) -> str:
-    """The dense-attention rates (``attend/...``) measured now over ``rates``: above 1, the
-    machine runs slower now than when ``rates`` were measured."""
-    now = calibrate.measure("cpu", "float32", only=("attend/",)).executors
-    got = sorted(now[n].pair_ns / r.pair_ns for n, r in rates.executors.items()
-                 if n.startswith("attend/") and r.pair_ns > 0 and now[n].pair_ns > 0)
-    return (f"drift: the {len(got)} dense-attention rates measured again after the run are "
-            f"{statistics.median(got):.2f}x (median; quartiles {got[len(got) // 4]:.2f} .. "
-            f"{got[3 * len(got) // 4]:.2f}) those the predictions used")
+    """Each group of :data:`DRIFT`'s rates measured now over ``rates``: above 1, the machine
+    runs slower now than when ``rates`` were measured."""
+    lines = []
+    for names, what in DRIFT:
+        now = calibrate.measure("cpu", "float32", only=names).executors
+        got = sorted(now[n].pair_ns / r.pair_ns for n, r in rates.executors.items()
+                     if n.startswith(names) and r.pair_ns > 0 and now[n].pair_ns > 0)
+        lines.append(f"drift: the {len(got)} {what} rates measured again after the run are "
+                     f"{statistics.median(got):.2f}x (median; quartiles "
+                     f"{got[len(got) // 4]:.2f} .. {got[3 * len(got) // 4]:.2f}) those the "
+                     f"predictions used")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
