@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 12
+VERSION = 13
 
 
 @dataclass(frozen=True)
@@ -246,11 +246,12 @@ def _default_cuda(name: str) -> Rate:
 #: three quiet calibrations at one thread, those of tiles spanning rows (``span``) each the
 #: median of three at one thread with another job on the other core (loose keys: the
 #: one-query kernels'); ``fault`` the least disturbed of 24 runs of its benchmark at one
-#: thread under a load of 3.6; ``copy`` scaled by rows of head_dim against a
-#: transpose of single elements, measured side by side, 0.070 / 0.256 ns per byte; ``kept``
+#: thread under a load of 3.6; ``copy``, ``roll``, ``gather`` and ``scan`` the least of two
+#: one-thread calibrations with another job on the other core, their sources out of cache
+#: (:data:`COLD_BYTES`: 0.126-0.202, 0.137-0.142, 0.060-0.074 and 0.68-0.69 ns); ``kept``
 #: measured beside ``matmul`` in one calibration and scaled by the two ``matmul`` figures,
-#: shape by shape; ``launch/part`` and ``scan`` from two one-thread calibrations of the same
-#: machine under load, 0.091-0.098 ms and 0.23-0.24 ns; the matmul path's rows of one key and
+#: shape by shape; ``launch/part`` from two one-thread calibrations of the same machine
+#: under load, 0.091-0.098 ms; the matmul path's rows of one key and
 #: the fused kernel's problems of one row from two one-thread calibrations under load, each
 #: scaled by the measured ratio to its neighbouring class of 16, the least of the two; the
 #: numba kernels' plain rows 0.35x their run rows, from interleaved one-thread runs of
@@ -309,9 +310,9 @@ _CPU_NUMBA = {("numba", "one", 16): (0.0522, 10.2), ("numba", "one", 32): (0.085
 _CPU_OTHER = {"launch/numba": (0.14, 0.0, 2.75), "launch/sdpa": (0.09, 0.0, 2.6),
               "launch/terms": (0.09, 0.0, 2.8), "launch/kernel": (0.011, 0.0, 2.4),
               "launch/part": (0.1, 0.0, 2.4),
-              "copy": (0.0, 0.074, 2.0), "roll": (0.0, 0.096, 2.0), "gather": (0.0, 0.061, 4.8),
+              "copy": (0.0, 0.126, 2.0), "roll": (0.0, 0.137, 2.0), "gather": (0.0, 0.06, 4.4),
               "band": (0.0, 0.61, 1.0),
-              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.23, 1.0), "merge": (0.0, 0.97, 2.4),
+              "fill": (0.0, 0.075, 1.0), "scan": (0.0, 0.68, 1.0), "merge": (0.0, 0.97, 2.4),
               "fault": (0.0, 0.42, 1.0), "mask": (0.0, 0.1, 2.0),
               "blockmask": (0.0, 0.3, 2.2), "spill": (0.0, 0.25, 1.5)}
 
@@ -741,6 +742,32 @@ def _solve_parts(table, best) -> None:
     table["launch/part"] = Rate(fwd, 0.0, max(both / fwd, 1.0) if fwd else 1.0)
 
 
+#: bytes the sources of the copies, gathers and scans the calibration times rotate through
+#: (:class:`_Sources`): each run reads data the others have pushed out of the caches, as a
+#: call reads q, k and v after its own traffic. W4's token-order copies, timed inside its
+#: sdpa inference at one thread, ran at 0.13-0.24 ns per byte; the same copy of a source just
+#: read at 0.10-0.11, of one of 16 sources of 8 MiB in turn at 0.17-0.20
+COLD_BYTES = 64 << 20
+
+
+class _Sources:
+    """Tensors of a given shape, each a view into the next part of one random buffer of
+    :data:`COLD_BYTES`, in turn: what one run reads, the runs after it do not."""
+
+    def __init__(self, device, dt):
+        import torch
+
+        self.pool = torch.randn(COLD_BYTES // dt.itemsize, device=device, dtype=dt)
+        self.at = 0
+
+    def __call__(self, shape):
+        n = math.prod(shape)
+        if self.at + n > self.pool.numel():
+            self.at = 0
+        self.at += n
+        return self.pool[self.at - n:self.at].view(shape)
+
+
 def _overhead_benches(device, dtype, dt) -> list:
     """The fixed cost of a call of each path, on a grid so small that nothing else counts;
     one kernel launch; a copy's rate per byte and the merge's per element."""
@@ -773,39 +800,41 @@ def _overhead_benches(device, dtype, dt) -> list:
         attn = compile_pattern(pattern, (4, 4), device=device, dtype=dtype, backend="auto",
                                strategy="terms", terms="dense", rates=Rates.default(device))
         out.append(_pattern_bench(f"launch/part#{parts}", attn, (4, 4), 16, device, dt))
-    x = torch.randn(16, 256, 256, device=device, dtype=dt)
+    source = _Sources(device, dt)
     # what the executors copy: rows of head_dim elements moved whole (a dense term's view of
     # Swin's windows here), 3-4x faster per byte than a transpose of single elements
-    windows = torch.randn(8, 4, 8, 7, 8, 7, 32, device=device, dtype=dt)
-    copy = _Bench("copy", lambda: windows.permute(0, 1, 2, 4, 3, 5, 6).contiguous(),
-                  lambda: None, windows.numel() * windows.element_size())
+    windows = (8, 4, 8, 7, 8, 7, 32)
+    copy = _Bench("copy", lambda: source(windows).permute(0, 1, 2, 4, 3, 5, 6).contiguous(),
+                  lambda: None, math.prod(windows) * dt.itemsize)
     # a rolled dense term's view (DenseTerm._gathered): each row of (heads, tokens,
     # head_dim) gathered once, by the index of Swin's shifted windows on 56x56 (torch runs
     # it on one thread; nothing is read twice from cache, as sdpa's overlapping windows
     # are: 0.096 ns per byte at one thread, the gather's 0.053)
     shift = (torch.arange(56, device=device) + 3) % 56
     rolled = (shift[:, None] * 56 + shift).view(8, 7, 8, 7).transpose(1, 2).reshape(-1)
-    tokens = torch.randn(4, 56 * 56, 32, device=device, dtype=dt)
-    roll = _Bench("roll", lambda: tokens.index_select(1, rolled), lambda: None,
-                  tokens.numel() * tokens.element_size())
+    tokens = (4, 56 * 56, 32)
+    roll = _Bench("roll", lambda: source(tokens).index_select(1, rolled), lambda: None,
+                  math.prod(tokens) * dt.itemsize)
     # sdpa's gathers: rows of a (heads, tokens, head_dim) tensor by token index, overlapping
     # windows of them; their backward adds the rows back
-    rows = torch.randn(4, 4096, 32, device=device, dtype=dt, requires_grad=True)
+    rows = (4, 4096, 32)
     index = (torch.arange(64, device=device)[:, None] * 64
              + torch.arange(448, device=device)).clamp(max=4095).reshape(-1)
 
-    def gathered():
-        return rows.index_select(1, index)
+    def gathered(src=None):
+        return (source(rows) if src is None else src).index_select(1, index)
 
     def gathered_both():
         with torch.enable_grad():
-            gathered().sum().backward()
+            gathered(source(rows).requires_grad_()).sum().backward()
 
     gather = _Bench("gather", gathered, gathered_both,
-                    4 * index.numel() * 32 * rows.element_size())
-    scan = _Bench("scan", lambda: non_finite(x[:4], x[:4]), lambda: None, 2 * x[:4].numel())
+                    4 * index.numel() * 32 * dt.itemsize)
+    # k and v, checked for non-finite values
+    scan = _Bench("scan", lambda: non_finite(source(rows), source(rows)), lambda: None,
+                  2 * math.prod(rows))
     # a dense term's mask added to its scores on the matmul paths: one pass over them
-    scores = torch.zeros_like(x)
+    scores = torch.zeros(16, 256, 256, device=device, dtype=dt)
     holes = torch.zeros(1, 256, 256, device=device, dtype=dt)
     holes[..., ::17] = -math.inf
     mask = _Bench("mask", lambda: scores.add_(holes), lambda: None, scores.numel())

@@ -408,6 +408,37 @@ def fixed_clock(monkeypatch) -> list:
     return runs
 
 
+def test_the_calibration_copies_and_scans_data_out_of_cache(monkeypatch):
+    # a call reads q, k and v after its own traffic has pushed them out of the caches: each
+    # run of the scan's benchmark (k and v, 2 MiB each) reads sources none of the runs
+    # before it in the last COLD_BYTES read
+    from patterngen.backends import inputs
+
+    seen, scan = [], inputs.non_finite
+
+    def recording(*tensors):
+        seen.append([t.data_ptr() for t in tensors])
+        return scan(*tensors)
+
+    def clock(fn, repeats=7):
+        fn()
+        if seen:  # the scan's benchmark: run it on
+            while len(seen) < 40:
+                fn()
+        return 1.0
+
+    monkeypatch.setattr(inputs, "non_finite", recording)
+    monkeypatch.setattr(calibrate, "_best_ms", clock)
+    monkeypatch.setattr(calibrate, "PASSES", 1)
+    calibrate.measure("cpu", "float32", only=("scan",))
+    ptrs = [p for run in seen for p in run]
+    assert len(ptrs) == 80
+    window = calibrate.COLD_BYTES // (4 * 4096 * 32 * 4)  # sources that fit in COLD_BYTES
+    assert window >= 16
+    for i in range(len(ptrs) - window):
+        assert len(set(ptrs[i:i + window])) == window
+
+
 def test_calibration_measures_inside_no_grad(fixed_clock):
     # pg.profile compiles under no_grad: measuring the rates there must still run a backward
     runs = fixed_clock
