@@ -1317,6 +1317,37 @@ def test_a_mask_is_priced_on_the_scores_it_is_added_to(pattern, grid, masked):
     assert scores == (int(priced[0].split(" x ")[1].split(")")[0]) if masked else 0)
 
 
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.block(7), (14, 14)),          # W3-bias's windows
+    (pg.block(4, offset=1), (8, 7)),  # rolled and padded: the mask added after the table
+])
+@pytest.mark.parametrize("trains", [False, True])
+def test_a_lone_terms_table_in_training_is_priced_on_the_scores_it_is_added_to(
+        pattern, grid, trains, monkeypatch):
+    # the kept path adds the table to the scores (dense.BiasAdd), then the mask: a pass over
+    # them each, the plan's mask op; its backward sums the table's gradient only where the
+    # table trains
+    from torch.profiler import profile
+
+    sums, real = [], dense.bias_grad
+    monkeypatch.setattr(dense, "bias_grad", lambda *a: sums.append(a) or real(*a))
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
+    q, k, v = (torch.randn(2, 3, *grid, 16, requires_grad=True) for _ in range(3))
+    reach = pg.bias.reach(pg.lower(pattern, grid))
+    table = torch.randn(3, *(2 * r + 1 for r in reach), requires_grad=trains)
+    with profile(record_shapes=True) as prof:
+        out = attn(q, k, v, rel_bias=table)
+    scores = sum(math.prod(e.input_shapes[0]) for e in prof.events()
+                 if e.name in ("aten::add", "aten::add_")
+                 and e.input_shapes[1] != e.input_shapes[0])
+    lines = [line for tps in attn.plan.patterns for tp in tps for line in tp.work]
+    assert any(line.startswith("Op(attend/kept") for line in lines)
+    [priced] = [line for line in lines if line.startswith("Op(mask")]
+    assert scores == int(priced.split(" x ")[1].split(")")[0]) > 0
+    out.sum().backward()
+    assert len(sums) == trains and (table.grad is not None) == trains
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "projection"])
 def test_a_lone_biased_rolled_inference_is_priced_on_what_its_kernel_reads(layout):
     # without gradients a lone rolled term with a table runs the fused kernel with bias plus
