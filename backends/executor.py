@@ -272,10 +272,13 @@ def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
         ops.append(Op("scan", 2 * tokens * call.batch * call.kv_heads * call.head_dim))
     if lone_fused and masked:
         ops.append(Op("blockmask", problems * rows * shape.keys))
-    if masked and kernel in ("matmul", "kept"):
+    # the lone term's bias table in training is one more pass over its scores, before its
+    # mask (dense.BiasAdd)
+    adds = masked + (alone and kernel == "kept" and call.bias)
+    if adds and kernel in ("matmul", "kept"):
         # added to the scores after the GEMM (the fused kernel takes it inside); a few holes
         # are filled in instead, measured no cheaper per problem (48 x 48, 3 of 48 keys)
-        ops.append(Op("mask", problems * rows * shape.keys, kernel=kernel))
+        ops.append(Op("mask", adds * problems * rows * shape.keys, kernel=kernel))
     if shape.copied:
         per = call.batch * call.kv_heads * call.head_dim * call.itemsize
         elements = shape.batch * (rows + 2 * shape.keys) + tokens * group

@@ -770,6 +770,23 @@ def test_a_lone_dense_term_is_priced_on_the_path_it_runs(pattern, grid, options,
     assert not any("recopy" in line for line in forward)
 
 
+def _lone_term_call(pattern, grid, gen, bias: bool, kv_heads: int = 2):
+    """``(attn, (q, k, v), options, out)``: ``pattern`` as one dense term (float64, 2 query
+    heads, head_dim 8, a bias table with a gradient where ``bias``), called once through
+    torch's autograd."""
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
+    qkv = tuple(torch.randn(1, h, *grid, 8, generator=gen, dtype=torch.float64,
+                            requires_grad=True) for h in (2, kv_heads, kv_heads))
+    more = {}
+    if bias:
+        r = pg.bias.reach(pg.lower(pattern, grid))
+        more["rel_bias"] = torch.randn(2, *(2 * x + 1 for x in r), generator=gen,
+                                       dtype=torch.float64, requires_grad=True)
+    out = attn(*qkv, **more)
+    assert "SoftmaxBackward0" in _autograd_nodes(out)
+    return attn, qkv, more, out
+
+
 @pytest.mark.parametrize("pattern, grid", [
     (pg.block(4, offset=1), (8, 7)),         # rolled on both axes, padded on the second
     (pg.block(3, offset=2), (7,)),           # rolled and padded
@@ -780,21 +797,41 @@ def test_a_padded_term_alone_runs_through_autograd_exactly(pattern, grid, bias):
     # padded queries' rows have a key in torch's softmax (their output is dropped), so the
     # lone term's autograd path runs instead of falling back to the merge after the work
     gen = torch.Generator().manual_seed(0)
-    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
-    q, k, v = (torch.randn(1, 2, *grid, 8, generator=gen, dtype=torch.float64,
-                           requires_grad=True) for _ in range(3))
-    more = {}
-    if bias:
-        r = pg.bias.reach(pg.lower(pattern, grid))
-        more["rel_bias"] = torch.randn(2, *(2 * x + 1 for x in r), generator=gen,
-                                       dtype=torch.float64, requires_grad=True)
-    out = attn(q, k, v, **more)
-    assert "SoftmaxBackward0" in _autograd_nodes(out)
+    attn, (q, k, v), more, out = _lone_term_call(pattern, grid, gen, bias)
     want = reference(pattern, grid, q, k, v, **more)
     torch.testing.assert_close(out, want)
     assert_gradients_equal(out, want, (q, k, v, *more.values()), gen, "q k v table".split())
     with torch.no_grad():
         torch.testing.assert_close(attn(q, k, v, **more), want.detach())
+
+
+@pytest.mark.parametrize("pattern, grid, kv_heads, bias", [
+    (pg.window(3, dilation=2), (6, 6), 2, False),  # MaxViT's grid: bmm, softmax, bmm
+    (pg.block(3), (6, 6), 1, False),               # grouped key/value heads: problems_forward
+    (pg.block(3), (6, 6), 2, True),                # a table with a gradient: problems_forward
+])
+def test_a_lone_dense_term_takes_a_broadcast_gradient_contiguous(pattern, grid, kv_heads, bias):
+    # out.sum()'s gradient is stride 0, and a view of it through the unview would send torch's
+    # CPU bmm backward problem by problem on one thread: every bmm's backward gets a contiguous
+    # gradient (the one copy the planner prices), and the gradients stay exact
+    _, (q, k, v), more, out = _lone_term_call(pattern, grid, torch.Generator().manual_seed(0),
+                                              bias, kv_heads)
+    seen, stack, done = [], [out.grad_fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in done:
+            continue
+        done.add(f)
+        if type(f).__name__ == "BmmBackward0":
+            f.register_prehook(lambda grads: seen.append(grads[0].is_contiguous()
+                                                         and 0 not in grads[0].stride()))
+        stack += [g for g, _ in f.next_functions]
+    inputs = (q, k, v, *more.values())
+    got = torch.autograd.grad(out.sum(), inputs)
+    assert len(seen) == 2 and all(seen)  # the scores' GEMM and the output's
+    want = torch.autograd.grad(reference(pattern, grid, q, k, v, **more).sum(), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 @pytest.mark.parametrize("pattern, grid, parts", [
@@ -1314,6 +1351,37 @@ def test_a_mask_is_priced_on_the_scores_it_is_added_to(pattern, grid, masked):
               if line.startswith("Op(mask")]
     assert bool(priced) == masked
     assert scores == (int(priced[0].split(" x ")[1].split(")")[0]) if masked else 0)
+
+
+@pytest.mark.parametrize("pattern, grid", [
+    (pg.block(7), (14, 14)),          # W3-bias's windows
+    (pg.block(4, offset=1), (8, 7)),  # rolled and padded: the mask added after the table
+])
+@pytest.mark.parametrize("trains", [False, True])
+def test_a_lone_terms_table_in_training_is_priced_on_the_scores_it_is_added_to(
+        pattern, grid, trains, monkeypatch):
+    # the kept path adds the table to the scores (dense.BiasAdd), then the mask: a pass over
+    # them each, the plan's mask op; its backward sums the table's gradient only where the
+    # table trains
+    from torch.profiler import profile
+
+    sums, real = [], dense.bias_grad
+    monkeypatch.setattr(dense, "bias_grad", lambda *a: sums.append(a) or real(*a))
+    attn = pg.compile(pattern, grid, backend="auto", strategy="terms", terms="dense")
+    q, k, v = (torch.randn(2, 3, *grid, 16, requires_grad=True) for _ in range(3))
+    reach = pg.bias.reach(pg.lower(pattern, grid))
+    table = torch.randn(3, *(2 * r + 1 for r in reach), requires_grad=trains)
+    with profile(record_shapes=True) as prof:
+        out = attn(q, k, v, rel_bias=table)
+    scores = sum(math.prod(e.input_shapes[0]) for e in prof.events()
+                 if e.name in ("aten::add", "aten::add_")
+                 and e.input_shapes[1] != e.input_shapes[0])
+    lines = [line for tps in attn.plan.patterns for tp in tps for line in tp.work]
+    assert any(line.startswith("Op(attend/kept") for line in lines)
+    [priced] = [line for line in lines if line.startswith("Op(mask")]
+    assert scores == int(priced.split(" x ")[1].split(")")[0]) > 0
+    out.sum().backward()
+    assert len(sums) == trains and (table.grad is not None) == trains
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "projection"])
