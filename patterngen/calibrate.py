@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 13
+VERSION = 14
 
 
 @dataclass(frozen=True)
@@ -455,18 +455,21 @@ _ATTEND_UNITS = 1 << 20
 #: grains of 32768 elements (ATen's ``GRAIN_SIZE``), so a call with fewer runs them on one
 #: thread. At head_dim 64, 2^20 units are 4 problems of 64 x 64 (16384 scores): two threads
 #: ran them 1.04x faster than one (a quiet calibration's rates: 0.129 and 0.134 ns), 32
-#: problems 1.7x, as the planned calls of hundreds of problems run
+#: problems 1.7x, as the planned calls of hundreds of problems run; so on the kept path,
+#: whose softmax and its backward split the same way (a lone dense term's training, W3 and
+#: MaxViT's windows of 49 x 49, measured 0.61-0.78 of its price at two threads on classes of
+#: 16384 scores)
 MATMUL_SCORES = 1 << 16
 
 
 def attend_problems(kernel: str, rows: int, keys: int, head_dim: int) -> int:
     """Problems in the benchmark of an attention shape class: about ``_ATTEND_UNITS`` units
-    (a problem of one row counted as four), on the matmul path at least
+    (a problem of one row counted as four), on the matmul and kept paths at least
     :data:`MATMUL_SCORES` score elements where a row has several keys (a global key token's
     rows of one key hold few scores in the calls too; 4x their problems measured 1.8-2x
     dearer per unit at two threads, q and the output outgrowing the caches)."""
     problems = max(1, _ATTEND_UNITS // (max(rows, 4) * keys * head_dim))
-    if kernel == "matmul" and keys > 1:
+    if kernel in ("matmul", "kept") and keys > 1:
         problems = max(problems, -(-MATMUL_SCORES // (rows * keys)))
     return problems
 

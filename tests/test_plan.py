@@ -1041,14 +1041,14 @@ def test_a_matmul_benchmark_holds_scores_for_every_thread():
                 for d in calibrate.ATTEND_DIMS:
                     p = calibrate.attend_problems(kernel, rows, n, d)
                     units = max(1, (1 << 20) // (max(rows, 4) * n * d))
-                    if kernel == "matmul" and n > 1:
+                    if kernel in ("matmul", "kept") and n > 1:
                         assert p * rows * n >= calibrate.MATMUL_SCORES
                         assert p == max(units, -(-calibrate.MATMUL_SCORES // (rows * n)))
                     else:
                         assert p == units
     # head_dim 64's class of 64 x 64: 16 problems where 2^20 units are 4 (16384 scores)
     assert calibrate.attend_problems("matmul", 64, 64, 64) == 16
-    assert calibrate.attend_problems("kept", 64, 64, 64) == 4
+    assert calibrate.attend_problems("kept", 64, 64, 64) == 16
     assert calibrate.attend_problems("matmul", 64, 1, 64) == 256
 
 
@@ -1137,7 +1137,7 @@ def test_the_kept_backward_factors_leave_out_the_fixed_cost_of_a_backward(monkey
         * len(calibrate.ATTEND_DIMS)
     for name in names:
         (m, n), d = map(int, name.split("/")[2].split("x")), int(name.split("/d")[1])
-        units = max(1, (1 << 20) // (max(m, 4) * n * d)) * m * n * d  # the bench's problems
+        units = calibrate.attend_problems("kept", m, n, d) * m * n * d  # the bench's
         rate = rates[name]
         assert rate.pair_ns * units == pytest.approx(1e6 * (1e-6 * units + 0.01), rel=1e-9)
         assert rate.backward_factor == pytest.approx(
