@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 14
+VERSION = 15
 
 
 @dataclass(frozen=True)
@@ -525,9 +525,27 @@ def _problems(p: int, m: int, n: int, d: int, device, dt) -> tuple:
     return tuple(torch.randn(1, p, rows, d, device=device, dtype=dt) for rows in (m, n, n, m))
 
 
-def _attend_benches(device, dt) -> list:
+def _fused_bench(p: int, m: int, n: int, d: int, device, dt) -> tuple:
+    """``(forward, both)`` of the fused kernel on ``p`` problems of ``m`` rows, ``n`` keys."""
     from .backends import dense
 
+    q, k, v, dout = _problems(p, m, n, d, device, dt)
+
+    def fwd():
+        return dense.fused_forward(q, k, v, None, 0.1)
+
+    def both():
+        out, lse = fwd()
+        dense.fused_backward(q, k, v, out, lse, dout, None, 0.1)
+    return fwd, both
+
+
+def _attend_benches(device, dt) -> list:
+    import torch
+
+    from .backends import dense
+
+    threads = torch.get_num_threads() if device == "cpu" else 1
     out = []
     for kernel, keys in ATTEND_KEYS.items():
         if kernel != "fused" and device != "cpu":
@@ -540,7 +558,8 @@ def _attend_benches(device, dt) -> list:
                     # the same within 10%; rows of one key, measured so, came out 1.3-1.5x
                     # dearer per unit, their fixed cost per call no longer small beside them)
                     p = attend_problems(kernel, m, n, d)
-                    q, k, v, dout = _problems(p, m, n, d, device, dt)
+                    if kernel != "fused":
+                        q, k, v, dout = _problems(p, m, n, d, device, dt)
                     if kernel == "kept":
                         fwd, both = _kept_bench(q, k, v, dout)
                     elif kernel == "matmul":
@@ -550,12 +569,13 @@ def _attend_benches(device, dt) -> list:
                         def both(q=q, k=k, v=v, dout=dout, fwd=fwd):
                             dense.matmul_backward(q, k, v, *fwd(), dout, None, 0.1)
                     else:
-                        def fwd(q=q, k=k, v=v):
-                            return dense.fused_forward(q, k, v, None, 0.1)
-
-                        def both(q=q, k=k, v=v, dout=dout, fwd=fwd):
-                            out, lse = fwd()
-                            dense.fused_backward(q, k, v, out, lse, dout, None, 0.1)
+                        fwd, both = _fused_bench(p, m, n, d, device, dt)
+                        if p < threads:
+                            # its backward factor where the backward, which splits its work
+                            # by problem alone, has a problem for every thread
+                            out.append(_Bench(f"{attend_name(kernel, m, n, d)}#threads",
+                                              *_fused_bench(threads, m, n, d, device, dt),
+                                              threads * m * n * d))
                     out.append(_Bench(attend_name(kernel, m, n, d), fwd, both, p * m * n * d))
     if device == "cpu":  # kept's fixed cost of a call (:func:`_solve_kept`)
         out.append(_Bench("attend/kept#call", *_kept_bench(*_problems(1, 1, 1, 1, device, dt)),
@@ -928,6 +948,19 @@ def _solve_kept(table, best) -> None:
                                max(1.0, (both - (both0 - fwd0)) / fwd))
 
 
+def _solve_fused_backward(table, best) -> None:
+    """The backward factor of each fused class benchmarked on fewer problems than threads,
+    from its benchmark with one problem a thread: torch's CPU fused kernel splits its forward
+    by problem and block of 32-256 query rows, its backward by problem alone, so a class of
+    one problem ran its backward on one of two threads (area4's 16 problems of 400 x 400
+    measured 0.61-0.77 of their forward+backward's price at two threads). The forward rate
+    stays the class's own."""
+    for name, (fwd, both) in best.items():
+        base, _, point = name.partition("#")
+        if point == "threads" and base in table:
+            table[base] = Rate(0.0, table[base].pair_ns, max(both / fwd, 1.0))
+
+
 def _solve_blockmask(table, best) -> None:
     """``blockmask``: ns per mask element the fused kernel reads (per problem and head), the
     masked benchmark's time less the plain one's, forward and both ways."""
@@ -1046,6 +1079,7 @@ def measure(device: str = "cpu", dtype: str = "float32", only: tuple = ()) -> Ra
         _solve_parts(table, best)
     if "attend/kept#call" in best:
         _solve_kept(table, best)
+    _solve_fused_backward(table, best)
     if "blockmask#masked" in best:
         _solve_blockmask(table, best)
     if "spill#beyond" in best:

@@ -1028,6 +1028,47 @@ def test_the_block_mask_rate_is_measured_on_a_mask_per_problem(fixed_clock, monk
     assert mask.pair_ns >= 0 and mask.backward_factor >= 1.0
 
 
+def test_a_fused_class_of_fewer_problems_than_threads_takes_its_backward_from_more(
+        monkeypatch):
+    # the fused kernel's backward splits its work by problem alone: a class benchmarked on
+    # fewer problems than threads takes its backward factor from one problem a thread (here
+    # a backward that runs 1.5x slower on too few problems); its forward rate stays its own
+    seen, backward = [], []
+    fused, fused_backward = dense.fused_forward, dense.fused_backward
+
+    def recording(q, *args, **kwargs):
+        seen.append(q.shape[1])
+        return fused(q, *args, **kwargs)
+
+    def recording_backward(*args, **kwargs):
+        backward.append(True)
+        return fused_backward(*args, **kwargs)
+
+    def clock(fn, repeats=7):
+        seen.clear(), backward.clear()
+        fn()
+        if not seen:
+            return 1.0
+        return (3.0 if seen[0] < 4 else 2.0) if backward else 1.0
+
+    monkeypatch.setattr(dense, "fused_forward", recording)
+    monkeypatch.setattr(dense, "fused_backward", recording_backward)
+    monkeypatch.setattr(calibrate, "_best_ms", clock)
+    monkeypatch.setattr(calibrate, "PASSES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    rates = calibrate.measure("cpu", "float32", only=("attend/",)).executors
+    few = 0
+    for name, rate in rates.items():
+        if name.startswith("attend/fused/"):
+            (m, n), d = map(int, name.split("/")[2].split("x")), int(name.split("/d")[1])
+            p = calibrate.attend_problems("fused", m, n, d)
+            few += p < 4
+            assert rate.pair_ns * p * m * n * d == pytest.approx(1e6)  # its own 1 ms forward
+            assert rate.backward_factor == pytest.approx(2.0)
+    assert few >= 4  # e.g. 256 x 1024 at head_dim 64: one problem
+
+
 def test_a_matmul_benchmark_holds_scores_for_every_thread():
     # torch's CPU elementwise ops and reductions split their work in grains of 32768
     # elements (ATen's GRAIN_SIZE): each matmul-path class is measured on at least two grains of
