@@ -830,9 +830,9 @@ def _overhead_benches(device, dtype, dt) -> list:
     copy = _Bench("copy", lambda: source(windows).permute(0, 1, 2, 4, 3, 5, 6).contiguous(),
                   lambda: None, math.prod(windows) * dt.itemsize)
     # a rolled dense term's view (DenseTerm._gathered): each row of (heads, tokens,
-    # head_dim) gathered once, by the index of Swin's shifted windows on 56x56 (torch runs
-    # it on one thread; nothing is read twice from cache, as sdpa's overlapping windows
-    # are: 0.096 ns per byte at one thread, the gather's 0.053)
+    # head_dim) gathered once, by the index of Swin's shifted windows on 56x56 (nothing is
+    # read twice from cache, as sdpa's overlapping windows are: 0.137-0.142 ns per byte at
+    # one thread, the gather's 0.060-0.074)
     shift = (torch.arange(56, device=device) + 3) % 56
     rolled = (shift[:, None] * 56 + shift).view(8, 7, 8, 7).transpose(1, 2).reshape(-1)
     tokens = (4, 56 * 56, 32)
