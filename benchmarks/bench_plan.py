@@ -294,7 +294,8 @@ def main(argv=None) -> int:
 
 #: what ``--drift`` measures again: the dense-attention rates (in a core's L2 cache) and the
 #: copies and gathers (beyond it)
-DRIFT = (("attend/", "dense-attention"), (("copy", "roll", "gather", "fill"), "copy and gather"))
+DRIFT = ((("attend/",), "dense-attention"),
+         (("copy", "roll", "gather", "fill"), "copy and gather"))
 
 
 def drift(rates) -> str:
