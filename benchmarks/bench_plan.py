@@ -15,7 +15,7 @@ The rates are this machine's (``patterngen.calibrate``: measured once and cached
 with ``--recalibrate``). Timings on shared cores are noisy: compare within one run. The speed
 of a shared machine also drifts over minutes, and a prediction made from rates measured in a
 fast minute reads every row of a slow one high: ``--drift`` measures the dense-attention rates
-again after the run (about 12 s) and prints the median of their ratios to the rates the
+again after the run (a few seconds) and prints the median of their ratios to the rates the
 predictions used, and so for the copies and gathers. The attention benchmarks' data fit in a
 core's L2 cache; the copies' and gathers' (2-15 MiB) and the calls' do not, and live in the
 L3 cache other tenants of the machine share, so a slowdown the first line does not show can
