@@ -525,18 +525,17 @@ def _problems(p: int, m: int, n: int, d: int, device, dt) -> tuple:
     return tuple(torch.randn(1, p, rows, d, device=device, dtype=dt) for rows in (m, n, n, m))
 
 
-def _fused_bench(p: int, m: int, n: int, d: int, device, dt) -> tuple:
-    """``(forward, both)`` of the fused kernel on ``p`` problems of ``m`` rows, ``n`` keys."""
+def _fused_bench(q, k, v, dout, mask=None) -> tuple:
+    """``(forward, both)`` of the fused kernel on q, k, v (:func:`_problems`), with an
+    additive ``mask`` or none."""
     from .backends import dense
 
-    q, k, v, dout = _problems(p, m, n, d, device, dt)
-
     def fwd():
-        return dense.fused_forward(q, k, v, None, 0.1)
+        return dense.fused_forward(q, k, v, mask, 0.1)
 
     def both():
         out, lse = fwd()
-        dense.fused_backward(q, k, v, out, lse, dout, None, 0.1)
+        dense.fused_backward(q, k, v, out, lse, dout, mask, 0.1)
     return fwd, both
 
 
@@ -569,13 +568,14 @@ def _attend_benches(device, dt) -> list:
                         def both(q=q, k=k, v=v, dout=dout, fwd=fwd):
                             dense.matmul_backward(q, k, v, *fwd(), dout, None, 0.1)
                     else:
-                        fwd, both = _fused_bench(p, m, n, d, device, dt)
+                        fwd, both = _fused_bench(*_problems(p, m, n, d, device, dt))
                         if p < threads:
                             # its backward factor where the backward, which splits its work
                             # by problem alone, has a problem for every thread
-                            out.append(_Bench(f"{attend_name(kernel, m, n, d)}#threads",
-                                              *_fused_bench(threads, m, n, d, device, dt),
-                                              threads * m * n * d))
+                            out.append(_Bench(
+                                f"{attend_name(kernel, m, n, d)}#threads",
+                                *_fused_bench(*_problems(threads, m, n, d, device, dt)),
+                                threads * m * n * d))
                     out.append(_Bench(attend_name(kernel, m, n, d), fwd, both, p * m * n * d))
     if device == "cpu":  # kept's fixed cost of a call (:func:`_solve_kept`)
         out.append(_Bench("attend/kept#call", *_kept_bench(*_problems(1, 1, 1, 1, device, dt)),
@@ -910,22 +910,12 @@ def _blockmask_benches(device, dt) -> list:
     (a quarter of each row's keys masked out), forward and backward."""
     import torch
 
-    from .backends import dense
-
     p, m, n, d = BLOCKMASK_CASE
-    q, k, v, dout = _problems(p, m, n, d, device, dt)
+    inputs = _problems(p, m, n, d, device, dt)
     mask = torch.zeros(1, p, m, n, device=device, dtype=dt)
     mask[..., : n // 4] = float("-inf")
-    out = []
-    for name, add in (("blockmask#plain", None), ("blockmask#masked", mask)):
-        def fwd(add=add):
-            return dense.fused_forward(q, k, v, add, 0.1)
-
-        def both(add=add, fwd=fwd):
-            dense.fused_backward(q, k, v, *fwd(), dout, add, 0.1)
-
-        out.append(_Bench(name, fwd, both, p * m * n))
-    return out
+    return [_Bench(name, *_fused_bench(*inputs, add), p * m * n)
+            for name, add in (("blockmask#plain", None), ("blockmask#masked", mask))]
 
 
 def _difference(base, more, units: int) -> Rate:
