@@ -30,7 +30,7 @@ from patterngen.backends.inputs import non_finite, unit_stride
 from patterngen.backends.merge import acc_dtype
 
 __all__ = ["MATMUL_KEYS", "matmul_is_faster", "Holes", "ScoreMod", "cap", "cap_", "cap_grad_",
-           "bias_grad", "BiasAdd", "score_matrix", "softmax_attention", "matmul_backward",
+           "bias_grad", "score_matrix", "KeptAttention", "softmax_attention", "matmul_backward",
            "fused_forward", "fused_backward", "attention", "masked_attention", "matmul_attention",
            "flash_bias_grad_ok", "FlashBias", "softcapped_attention"]
 
@@ -111,35 +111,13 @@ def bias_grad(grad, shape):
     return grad.sum(0).sum_to_size(shape)
 
 
-class BiasAdd(torch.autograd.Function):
-    """``scores + bias`` (broadcast over batch, and problems where the bias has one), then an
-    additive ``mask`` (no gradient) in place; its backward sums the bias's gradient with
-    :func:`bias_grad`. Out of place on purpose: an in-place add on a view of the scores made
-    autograd copy the whole score tensor back (``CopySlices``) in the backward."""
-
-    @staticmethod
-    def forward(ctx, scores, bias, mask):
-        ctx.shape = bias.shape
-        out = scores + bias
-        return out.add_(mask) if mask is not None else out
-
-    @staticmethod
-    def backward(ctx, grad):
-        # a table that does not train asks for no sum (a transposed copy of the score
-        # gradient and a GEMV over it: 0.9 ms of W3-bias's 11 ms training step, one thread)
-        return grad, bias_grad(grad, ctx.shape) if ctx.needs_input_grad[1] else None, None
-
-
-def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False,
-                 autograd: bool = False):
+def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False):
     """``scale * q k^T`` (``(..., rows, keys)``, a problem per leading index), modified by
     ``mod`` (a :class:`ScoreMod`), with ``mask`` added: an additive tensor, a :class:`Holes`,
     or ``None``. With ``keep_tanh``, returns ``(scores, tanh)``.
 
-    With ``autograd`` (no softcap, no holes), the GEMM is a bmm scaled in place (measured
-    faster through autograd than baddbmm's alpha or a scaled q, whose backwards copy the
-    problems one by one) and the bias and mask are added by :class:`BiasAdd`; without, the
-    scale is the GEMM's alpha, no pass of its own, and the rest is in place."""
+    The scale is the GEMM's alpha, no pass of its own, and the rest is in place (no
+    autograd: :class:`KeptAttention` records the whole as one node)."""
     *lead, n, d = q.shape  # (batch, problems) or more leading dimensions
     keys = k.shape[-2]
     # a bmm's operands already: no reshape and no view back (each torch call, a view
@@ -147,13 +125,6 @@ def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False,
     flat = q.dim() == k.dim() == 3
     q3 = q if flat else q.reshape(-1, n, d)
     k3 = (k if flat else k.reshape(-1, keys, d)).transpose(1, 2)
-    if autograd:
-        scores = torch.bmm(q3, k3).mul_(scale)
-        scores = scores if flat else scores.view(*lead, n, keys)
-        if mod is not None and mod.bias is not None:
-            return BiasAdd.apply(scores.view(-1, mod.heads, *scores.shape[1:]),
-                                 mod.bias.to(scores.dtype), mask).view(scores.shape)
-        return scores if mask is None else scores + mask
     scores = torch.empty(math.prod(lead), n, keys, dtype=q.dtype, device=q.device)
     scores.baddbmm_(q3, k3, beta=0, alpha=scale)
     scores = scores if flat else scores.view(*lead, n, keys)
@@ -164,6 +135,53 @@ def score_matrix(q, k, mask, scale, mod=None, keep_tanh: bool = False,
     elif mask is not None:
         scores.add_(mask)
     return (scores, tanh) if keep_tanh else scores
+
+
+class KeptAttention(torch.autograd.Function):
+    """``softmax(scale q k^T + bias + mask) v`` with its probabilities kept for the backward,
+    as one autograd node: a lone dense term's training (Swin's and MaxViT's windows, where
+    keeping 49 x 49 probabilities took 0.67-0.93x the time of recomputing them from the
+    log-sum-exp, docs/swin.md). Recorded op by op, the scale was a pass over the scores and
+    one over their gradient; here it is the GEMMs' alpha both ways.
+
+    ``q`` ``(..., rows, d)``, ``k`` and ``v`` ``(..., keys, d)`` with the same leading
+    dimensions (contiguous: a bmm's operands); ``bias`` ``(heads, 1 or problems, rows,
+    keys)`` over ``(batch, heads, problems)`` leading dimensions (see :class:`ScoreMod`),
+    its gradient summed by :func:`bias_grad`; ``mask`` additive, without a gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, scale, heads):
+        *lead, n, d = q.shape
+        keys = k.shape[-2]
+        mod = None if bias is None else ScoreMod(None, bias, heads)
+        p = torch.softmax(score_matrix(q, k, mask, scale, mod), -1).view(-1, n, keys)
+        q3, k3, v3 = q.reshape(-1, n, d), k.reshape(-1, keys, d), v.reshape(-1, keys, d)
+        ctx.save_for_backward(q3, k3, v3, p)
+        ctx.scale, ctx.heads, ctx.lead = scale, heads, lead
+        ctx.bias_shape = None if bias is None else bias.shape
+        return torch.bmm(p, v3).view(*lead, n, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, p = ctx.saved_tensors
+        # a loss's broadcast gradient (out.sum()'s, stride 0) made contiguous: torch's CPU
+        # bmm runs a gradient it cannot hand to one batched GEMM one problem at a time,
+        # copying each operand, on one thread (MaxViT's grid, 128 problems of 49 x 49: the
+        # backward 1.8x the time of a contiguous gradient's at two threads)
+        dout = dout.contiguous().view(p.shape[0], p.shape[1], -1)
+        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
+        dv = torch.bmm(p.transpose(1, 2), dout) if need_v else None
+        ds = torch._softmax_backward_data(torch.bmm(dout, v.transpose(1, 2)), p, -1, p.dtype)
+        dbias = None
+        if need_bias:
+            dbias = bias_grad(ds.view(-1, ctx.heads, *ctx.lead[1:], *ds.shape[1:]),
+                              ctx.bias_shape)
+        dq = _scaled_bmm(ds, k, ctx.scale) if need_q else None
+        dk = _scaled_bmm(ds.transpose(1, 2), q, ctx.scale) if need_k else None
+        lead = ctx.lead
+        return (None if dq is None else dq.view(*lead, *dq.shape[1:]),
+                None if dk is None else dk.view(*lead, *dk.shape[1:]),
+                None if dv is None else dv.view(*lead, *dv.shape[1:]), dbias, None, None, None)
 
 
 #: rows shorter than this take :func:`softmax_attention`'s own softmax on CPU (float32, float64)

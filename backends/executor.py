@@ -273,7 +273,7 @@ def dense_work(shape: DenseShape, tokens: int, call: Call, alone: bool = False,
     if lone_fused and masked:
         ops.append(Op("blockmask", problems * rows * shape.keys))
     # the lone term's bias table in training is one more pass over its scores, before its
-    # mask (dense.BiasAdd)
+    # mask (dense.KeptAttention)
     adds = masked + (alone and kernel == "kept" and call.bias)
     if adds and kernel in ("matmul", "kept"):
         # added to the scores after the GEMM (the fused kernel takes it inside); a few holes

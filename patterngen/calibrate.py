@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 15
+VERSION = 16
 
 
 @dataclass(frozen=True)
@@ -585,7 +585,7 @@ def _attend_benches(device, dt) -> list:
 
 def _kept_bench(q, k, v, dout):
     """A dense term alone through torch's autograd (``DenseTerm.autograd_forward``): without
-    gradients, scores, softmax and a bmm; with them, the same recorded and its backward."""
+    gradients, scores, softmax and a bmm; with them, :class:`KeptAttention` and its backward."""
     import torch
 
     from .backends import dense
@@ -593,16 +593,13 @@ def _kept_bench(q, k, v, dout):
     grads = [t.clone().requires_grad_() for t in (q, k, v)]
     p, m, n, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
 
-    def attend(q, k, v, autograd):
-        scores = dense.score_matrix(q, k, None, 0.1, autograd=autograd).view(p, m, n)
-        return torch.softmax(scores, dim=-1) @ v.reshape(p, n, d)
-
     def fwd():
-        return attend(q, k, v, False)
+        scores = dense.score_matrix(q, k, None, 0.1).view(p, m, n)
+        return torch.softmax(scores, dim=-1) @ v.reshape(p, n, d)
 
     def both():
         with torch.enable_grad():
-            attend(*grads, True).backward(dout.view(p, m, d))
+            dense.KeptAttention.apply(*grads, None, None, 0.1, 1).backward(dout)
 
     return fwd, both
 

@@ -392,12 +392,17 @@ class DenseTerm:
             # allocator keeps for the next call rather than handing back to the system (with
             # every buffer alive, the rolled W3-shift forward faulted 4.6 MB a call: 1.6x
             # the time)
-            out = torch.bmm(_batched(torch.softmax(dense.score_matrix(
-                self._view(q, "q", flat), self._view(k, "k", flat), mask, scale,
-                autograd=grad), -1)), _batched(self._view(v, "k", flat)))
+            if grad:
+                out = dense.KeptAttention.apply(self._view(q, "q", flat),
+                                                self._view(k, "k", flat),
+                                                self._view(v, "k", flat), None, mask, scale, 1)
+            else:
+                out = torch.bmm(_batched(torch.softmax(dense.score_matrix(
+                    self._view(q, "q", flat), self._view(k, "k", flat), mask, scale), -1)),
+                    _batched(self._view(v, "k", flat)))
             if not _finite(out.detach() if grad else out):
                 return None
-            return self._unview(_dense_grad(out) if grad else out, b, h, 0.0, shape=shape)
+            return self._unview(out, b, h, 0.0, shape=shape)
         if self.rolled and table is not None:
             out = self._fused_in_order(q, k, v, scale, table)
             if out is not None:
@@ -496,12 +501,16 @@ class DenseTerm:
                                         self._additive_mask(qp.dtype, qp.device, group, True))
         else:
             mask = self._lone_mask(qp, grad, group)
-            scores = dense.score_matrix(qp, kp, mask, scale, self._mod(table, heads, group),
-                                        autograd=grad).view(bp * p, n, -1)
-            out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
+            mod = self._mod(table, heads, group)
+            if grad:
+                out = dense.KeptAttention.apply(qp, kp, vp, None if mod is None else mod.bias,
+                                                mask, scale, heads // group)
+            else:
+                scores = dense.score_matrix(qp, kp, mask, scale, mod).view(bp * p, n, -1)
+                out = torch.softmax(scores, dim=-1) @ vp.reshape(bp * p, -1, d)
         if not _finite(out.detach() if grad else out):
             return None
-        return _unfold((_dense_grad(out) if grad else out).view(bp, p, n, d), group)
+        return _unfold(out.view(bp, p, n, d), group)
 
     def ordered_fused(self, q, k, v, scale, table):
         """Inference on q, k, v ``(B, H, positions, d)`` in the token order, with or without
@@ -830,18 +839,6 @@ def _finite(out) -> bool:
     non-finite (a sum that merely overflows only sends the call to the merge, which is exact
     for any input)."""
     return math.isfinite(float(out.sum()))
-
-
-def _dense_grad(out):
-    """``out``, a batched matmul's output, with its gradient made contiguous before that
-    matmul's backward takes it: a loss's broadcast gradient (``out.sum()``'s, stride 0) stays
-    a view through the unview's permute, and torch's CPU bmm runs a gradient it cannot hand to
-    one batched GEMM one problem at a time, copying each operand, on one thread (MaxViT's
-    grid, 128 problems of 49 x 49: the backward 1.8x the time of a contiguous gradient's at
-    two threads, 1.2x at one). One copy either way: a contiguous gradient's unview already
-    copies it."""
-    out.register_hook(torch.Tensor.contiguous)
-    return out
 
 
 def _moved(x, there, back):
