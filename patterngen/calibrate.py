@@ -826,15 +826,16 @@ def _overhead_benches(device, dtype, dt) -> list:
     windows = (8, 4, 8, 7, 8, 7, 32)
     copy = _Bench("copy", lambda: source(windows).permute(0, 1, 2, 4, 3, 5, 6).contiguous(),
                   lambda: None, math.prod(windows) * dt.itemsize)
-    # a rolled dense term's view (DenseTerm._gathered): each row of (heads, tokens,
-    # head_dim) gathered once, by the index of Swin's shifted windows on 56x56 (nothing is
-    # read twice from cache, as sdpa's overlapping windows are: 0.137-0.142 ns per byte at
-    # one thread, the gather's 0.060-0.074)
+    # a rolled dense term's view (DenseTerm._select): each row of (heads, tokens,
+    # head_dim) gathered once, by the index of Swin's shifted windows on 56x56 into all the
+    # heads' rows at once (nothing is read twice from cache, as sdpa's overlapping windows
+    # are: 0.137-0.142 ns per byte at one thread, the gather's 0.060-0.074)
     shift = (torch.arange(56, device=device) + 3) % 56
     rolled = (shift[:, None] * 56 + shift).view(8, 7, 8, 7).transpose(1, 2).reshape(-1)
     tokens = (4, 56 * 56, 32)
-    roll = _Bench("roll", lambda: source(tokens).index_select(1, rolled), lambda: None,
-                  math.prod(tokens) * dt.itemsize)
+    rolled = (torch.arange(4, device=device)[:, None] * 56 * 56 + rolled).view(-1)
+    roll = _Bench("roll", lambda: source(tokens).view(-1, 32).index_select(0, rolled),
+                  lambda: None, math.prod(tokens) * dt.itemsize)
     # sdpa's gathers: rows of a (heads, tokens, head_dim) tensor by token index, overlapping
     # windows of them; their backward adds the rows back
     rows = (4, 4096, 32)

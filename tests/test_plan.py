@@ -1357,14 +1357,15 @@ def test_a_dense_term_is_charged_the_copies_its_views_make(pattern, grid):
     (pg.block(3, offset=1), (7, 5)),     # rolled on the first axis, padded on the second
 ])
 def test_a_rolled_view_is_priced_as_the_gathers_it_runs(pattern, grid):
-    # the views of a rolled term are index_selects (one thread in torch): the plan's copy/roll
-    # bytes are those the forward's index_selects write, at the roll's rate (each row
-    # gathered once), and again by the adjoint in the backward
+    # the views of a rolled term are index_selects (of rows of (batch * heads * tokens, d)):
+    # the plan's copy/roll bytes are those the forward's index_selects write, at the roll's
+    # rate (each row gathered once), and again by the adjoint in the backward
     from patterngen.call import Op
 
     attn, events = _profiled_forward(pattern, grid)
-    written = sum(e.input_shapes[0][0] * e.input_shapes[2][0] * e.input_shapes[0][2] * 4
-                  for e in events if e.name == "aten::index_select")
+    selects = [e.input_shapes for e in events if e.name == "aten::index_select"]
+    assert selects and all(len(src) == 2 and dim == [] for src, dim, _ in selects)
+    written = sum(index[0] * src[1] * 4 for src, _, index in selects)
     [[term]] = attn.plan.patterns
     assert term.dense.rolled
     [priced] = [line for line in term.work if line.startswith("Op(copy")]

@@ -433,3 +433,29 @@ def test_rolled_inference_on_a_projection_output(monkeypatch, joint, table_heads
     with torch.no_grad():
         out = attn(q, k, v, rel_bias=table)
     torch.testing.assert_close(out, want, atol=1e-10, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided rows"])
+def test_a_rolled_view_gathers_rows_of_any_layout(layout, monkeypatch):
+    # a view's gather takes one index into every (batch, head)'s rows where they lie
+    # contiguously (2-D), kept per block count, and along the tokens where they do not
+    # (head_dim a slice of wider rows, 3-D): both exact, forward and backward
+    grid, pattern = (9, 8), pg.block(4, offset=(1, 2))
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64", **DENSE)
+    gen = torch.Generator().manual_seed(3)
+    wide = 8 if layout == "contiguous" else 11
+    q, k, v = (torch.randn(2, 3, *grid, wide, generator=gen, dtype=torch.float64)[..., :8]
+               .requires_grad_() for _ in range(3))
+    selects, real = [], torch.Tensor.index_select
+    for _ in range(2):  # the second call finds its row index kept
+        monkeypatch.setattr(torch.Tensor, "index_select",
+                            lambda t, dim, index: selects.append(t.dim()) or real(t, dim, index))
+        out = attn(q, k, v)  # the forward's views of q, k and v
+        monkeypatch.setattr(torch.Tensor, "index_select", real)
+        want = reference(pattern, grid, q, k, v)
+        torch.testing.assert_close(out, want)
+        got = torch.autograd.grad(out.sum(), (q, k, v))
+        for g, w in zip(got, torch.autograd.grad(want.sum(), (q, k, v))):
+            torch.testing.assert_close(g, w)
+    # strided rows: q's, k's and v's views in each call (the output's comes from the kernel)
+    assert selects and selects.count(3) == (0 if layout == "contiguous" else 6)
