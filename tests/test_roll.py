@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import patterngen as pg
 from patterngen.backends import planned
+from patterngen.backends.planned import dense_term
 from patterngen.bias import reach
 from patterngen.plan import dense_shape
 from oracle import reference
@@ -459,3 +460,22 @@ def test_a_rolled_view_gathers_rows_of_any_layout(layout, monkeypatch):
             torch.testing.assert_close(g, w)
     # strided rows: q's, k's and v's views in each call (the output's comes from the kernel)
     assert selects and selects.count(3) == (0 if layout == "contiguous" else 6)
+
+
+def test_a_rolled_term_keeps_few_row_indexes():
+    # one row index per side, direction and count of blocks (batch x heads): a model's
+    # varying batch sizes do not grow the kept indexes past ROW_INDEXES, and each gather
+    # stays exact after the others were dropped
+    grid, pattern = (9, 8), pg.block(4, offset=(1, 2))
+    lowered = pg.lower(pattern, grid)
+    [term] = lowered.terms
+    shape = dense_shape(term, grid, "roll")
+    part = planned.DenseTerm(term, shape, [], grid, lowered.key_counts() > 0)
+    index, padding, _, _ = part._gather("q", "cpu")
+    for blocks in range(1, 2 * dense_term.ROW_INDEXES + 2):
+        x = torch.randn(blocks, 1, 72, 3)
+        want = x[:, 0, index]
+        want[:, padding] = 0.0  # padding positions (the tiles do not divide 9)
+        torch.testing.assert_close(part._gathered(x, "q").reshape(blocks, -1, 3), want)
+        kept = [k for k in part._cache if k[0] == "rows"]
+        assert 1 <= len(kept) <= dense_term.ROW_INDEXES
