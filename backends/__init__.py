@@ -73,6 +73,11 @@ class Backend:
         each axis."""
         return bias.reach(self.ir)
 
+    @functools.cached_property
+    def _table_offsets(self) -> tuple[int, ...]:
+        """A ``rel_bias`` table's shape after its heads: ``2 * reach + 1`` per axis."""
+        return bias.table_shape(self.reach)[1:]
+
     def check_rel_bias(self, rel_bias, q):
         """Check a ``rel_bias`` table against the reach, the heads, device and dtype of the
         flattened ``q`` ``(batch, heads, tokens, dim)``; ``None`` passes.
@@ -87,16 +92,18 @@ class Backend:
         import torch
 
         heads = q.shape[1]
-        want = bias.table_shape(self.reach, f"{heads} or 1")
-        want = "(" + ", ".join(map(str, want)) + ")"
+
+        def want():  # spelled out for an error only: formatted on every call, a few us each
+            return "(" + ", ".join(map(str, bias.table_shape(self.reach, f"{heads} or 1"))) + ")"
+
         if not isinstance(rel_bias, torch.Tensor):
-            raise PatternError(f"{self.name}: rel_bias must be a torch.Tensor of shape {want}, "
-                               f"got {type(rel_bias).__name__}.")
-        if (tuple(rel_bias.shape[1:]) != bias.table_shape(self.reach)[1:]
-                or rel_bias.dim() != 1 + len(self.reach) or rel_bias.shape[0] not in (1, heads)):
+            raise PatternError(f"{self.name}: rel_bias must be a torch.Tensor of shape "
+                               f"{want()}, got {type(rel_bias).__name__}.")
+        if (rel_bias.shape[1:] != self._table_offsets or rel_bias.dim() != 1 + len(self.reach)
+                or rel_bias.shape[0] not in (1, heads)):
             raise PatternError(
                 f"{self.name}: rel_bias has shape {tuple(rel_bias.shape)}; the pattern's reach "
-                f"is {self.reach} and q has {heads} heads, so expected rel_bias of shape {want} "
+                f"is {self.reach} and q has {heads} heads, so expected rel_bias of shape {want()} "
                 f"(heads or 1 shared, then 2 * reach + 1 offsets per axis, key minus query).")
         if rel_bias.device != q.device:
             raise PatternError(f"{self.name}: rel_bias is on device={str(rel_bias.device)!r} "
