@@ -346,3 +346,37 @@ def test_heads_inside_each_token_give_the_output_in_that_layout(spec, grid, dtyp
     contiguous = [t.movedim(-2, 1).contiguous() for t in apart]
     with torch.no_grad():  # heads outside tokens: the layout kept
         assert attn(*contiguous, rel_bias=tables[2]).is_contiguous()
+
+
+@pytest.mark.parametrize("spec, grid", [
+    (pg.window(3, dilation=(4, 3)), (12, 9)),  # MaxViT's grid: views by fixed shapes
+    (pg.block(3), (7, 8)),                     # padded tiles: cuts, and a mask
+    (pg.block(3, offset=1), (6, 6)),           # rolled: gathers, and the wrap's mask
+])
+def test_a_lone_terms_inference_is_kept_per_kind_of_call(spec, grid):
+    # without gradients or a table a repeated kind of call runs the term's function for its
+    # shapes, built by its first call, and the output stays exact, gridded or flat, in each
+    # dtype; a NaN in q makes the kept function hand the call to the exact path
+    attn = pg.compile(spec, grid, backend="auto", **DENSE)
+    gen = torch.Generator().manual_seed(5)
+
+    def functions():
+        terms = {hit[3] for hit in attn._checked.values() if hit is not None}
+        return {(id(t), key): f for t in terms - {None} for key, f in t._views.items()
+                if key[0] == "inference"}
+
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        q, k, v = (torch.randn(2, 3, *grid, 4, generator=gen, dtype=dtype) for _ in range(3))
+        flat = [t.flatten(2, 3) for t in (q, k, v)]
+        for call in range(3):
+            torch.testing.assert_close(attn(q, k, v), reference(spec, grid, q, k, v))
+            torch.testing.assert_close(attn(*flat).view(q.shape),
+                                       reference(spec, grid, q, k, v))
+            if call == 0:
+                first = functions()
+                assert any(key[1][4] == dtype for key in first)
+        assert functions() == first  # nothing built again
+    q[0, 1, 2, 3, 0] = float("nan")  # tests/test_nonfinite.py's rule: that query's output NaN
+    want = reference(spec, grid, q, k, v)
+    want[0, 1, 2, 3] = float("nan")
+    torch.testing.assert_close(attn(q, k, v), want, equal_nan=True)

@@ -303,14 +303,17 @@ class PlannedBackend(Backend):
             seen = _signature(q, k, v, grad, _bias_state(rel_bias))
             hit = self._checked.get(seen)
             if hit is not None:  # these shapes, strides, dtypes and devices passed the checks
-                flat_q, flat_kv, key, alone = hit
+                flat_q, flat_kv, key, alone, inference = hit
                 out_shape = q.shape
                 if alone is not None:
                     # the lone dense term views the caller's tensors itself: no flattening,
-                    # no layer between (a third of the Python of a 0.3 ms call)
+                    # no layer between (a third of the Python of a 0.3 ms call); without
+                    # gradients or a table its function for these shapes
                     self.plan = self._plans[key]
-                    out = alone.applied_forward(q, k, v, self._scale(scale, q),
-                                                self.check_rel_bias(rel_bias, q), out_shape)
+                    out = (inference(q, k, v, self._scale(scale, q)) if inference is not None
+                           else alone.applied_forward(q, k, v, self._scale(scale, q),
+                                                      self.check_rel_bias(rel_bias, q),
+                                                      out_shape))
                     if out is not None:
                         return out
                 return self._run(key, q, k, v, q.reshape(flat_q), k.reshape(flat_kv),
@@ -331,8 +334,10 @@ class PlannedBackend(Backend):
             # the lone dense term where its direct path applies to these inputs (their dtype
             # and device are in the signature; a call under torch.compile keeps no signature)
             alone = self._runs[key].alone if self._plans[key].strategy == "terms" else None
-            self._remember(seen, (qf.shape, kf.shape, key, alone if alone is not None
-                                  and alone.autograd_applies(qf) else None))
+            alone = alone if alone is not None and alone.autograd_applies(qf) else None
+            inference = (alone.inference(q, k, q.shape) if alone is not None and not grad
+                         and rel_bias is None and k.shape[1] == q.shape[1] else None)
+            self._remember(seen, (qf.shape, kf.shape, key, alone, inference))
         if self._autotune and self._strategy is None and not torch.compiler.is_compiling():
             key = self._tune(key, wanted, sizes, grad, (q, k, v, scale, additional_keys,
                                                          additional_values, rel_bias))

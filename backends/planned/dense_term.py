@@ -23,7 +23,7 @@ from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, open_padding
 
 __all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES", "ORDERED_ADD_BYTES",
-           "ORDERED_TABLES", "ROW_INDEXES"]
+           "ORDERED_TABLES", "ROW_INDEXES", "VIEW_SHAPES"]
 
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
@@ -42,6 +42,10 @@ ORDERED_TABLES = 8
 #: most row indexes a rolled term keeps, one per side, direction and count of ``(tokens, d)``
 #: blocks (:meth:`DenseTerm._select`), so that a model's varying batch sizes keep few
 ROW_INDEXES = 8
+
+#: most kinds of inference call (shapes of q, k and the output) a term keeps a function for
+#: (:meth:`DenseTerm.inference`)
+VIEW_SHAPES = 16
 
 
 class _ViewRecipe(NamedTuple):
@@ -93,6 +97,7 @@ class DenseTerm:
         #: are one gather each (:meth:`_gather`)
         self.rolled = any(ax.roll for ax in shape.axes)
         self._cache = {}
+        self._views = {}
 
     def _recipe(self, side: str) -> "_ViewRecipe":
         """How :meth:`_view` and :meth:`_unview` reshape for ``side`` ``"q"`` or ``"k"``,
@@ -214,9 +219,9 @@ class DenseTerm:
             x = x.reshape(b, h, -1, x.shape[-1])
             return _moved(x, lambda t: self._gathered(t, side),
                           lambda g: self._scattered(g, b, h, 0.0, side))
-        recipe = self._recipe(side)
-        cuts, split, order, rows = recipe.cuts, recipe.split, recipe.order, recipe.rows
+        cuts = self._recipe(side).cuts
         b, h, d = x.shape[0], x.shape[1], x.shape[-1]
+        split, order, problems = self._view_shapes(side, b, h, d, flat)
         # the split refines the grid's row-major axes: without cuts, one reshape does both
         t = x.reshape(b, h, *self.grid, d) if cuts else x
         for dim, start, length, pad in cuts:
@@ -224,8 +229,18 @@ class DenseTerm:
                 t = t.narrow(dim, start, length)
             else:
                 t = F.pad(t, [0, 0] * (t.dim() - 1 - dim) + list(pad))
-        t = t.reshape(b, h, *split, d).permute(order)
-        return t.reshape(-1, rows, d) if flat else t.reshape(b * h, self.problems, rows, d)
+        return t.reshape(split).permute(order).reshape(problems)
+
+    def _view_shapes(self, side: str, b: int, h: int, d: int, flat: bool) -> tuple:
+        """:meth:`_view`'s reshape, permutation and problems' shape (after any cuts)."""
+        r = self._recipe(side)
+        return ((b, h, *r.split, d), r.order,
+                (-1, r.rows, d) if flat else (b * h, self.problems, r.rows, d))
+
+    def _unview_shapes(self, b: int, h: int, e: int, side: str = "q") -> tuple:
+        """:meth:`_unview`'s reshape and permutation (before any cuts)."""
+        r = self._recipe(side)
+        return (b, h, *r.ordered, e), r.inverse
 
     def _unview(self, y, b: int, h: int, fill: float, side: str = "q", shape=None):
         """Inverse of :meth:`_view`: ``(B * H, problems, rows, e)`` (or flat) -> ``(B, H,
@@ -240,9 +255,9 @@ class DenseTerm:
             return t if shape is None else t.reshape(shape)
         shape = shape or (b, h, math.prod(self.grid), e)
         recipe = self._recipe(side)
-        cuts, inverse, ordered, whole = (recipe.cuts, recipe.inverse, recipe.ordered,
-                                         recipe.whole)
-        t = y.reshape(b, h, *ordered, e).permute(inverse)
+        cuts, whole = recipe.cuts, recipe.whole
+        split, inverse = self._unview_shapes(b, h, e, side)
+        t = y.reshape(split).permute(inverse)
         if not cuts:
             return t.reshape(shape)
         t = t.reshape(b, h, *whole, e)
@@ -409,24 +424,14 @@ class DenseTerm:
             # autograd recording it
             grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                 or v.requires_grad)
+            if not grad:
+                return self.inference(q, k, shape)(q, k, v, scale)
             mask = self._lone_mask(q, grad)
             # a mask is added per problem: (B * H, problems, rows, keys) scores then
             flat = mask is None and not self.rolled
-            # one nested call, no name holding a buffer: each is freed once read (q's and k's
-            # copies after the scores, the scores after softmax, v's copy made then), so the
-            # peak is two score-sized buffers and not every copy at once, memory the C
-            # allocator keeps for the next call rather than handing back to the system (with
-            # every buffer alive, the rolled W3-shift forward faulted 4.6 MB a call: 1.6x
-            # the time)
-            if grad:
-                out = dense.KeptAttention.apply(self._view(q, "q", flat),
-                                                self._view(k, "k", flat),
-                                                self._view(v, "k", flat), None, mask, scale, 1)
-            else:
-                out = torch.bmm(_batched(torch.softmax(dense.score_matrix(
-                    self._view(q, "q", flat), self._view(k, "k", flat), mask, scale), -1)),
-                    _batched(self._view(v, "k", flat)))
-            if not _finite(out.detach() if grad else out):
+            out = dense.KeptAttention.apply(self._view(q, "q", flat), self._view(k, "k", flat),
+                                            self._view(v, "k", flat), None, mask, scale, 1)
+            if not _finite(out.detach()):
                 return None
             return self._unview(out, b, h, 0.0, shape=shape)
         if self.rolled and table is not None:
@@ -436,6 +441,62 @@ class DenseTerm:
         out = self.problems_forward(self._view(q, "q"), self._view(k, "k"), self._view(v, "k"),
                                     h, scale, table)
         return None if out is None else self._unview(out, b, h, 0.0, shape=shape)
+
+    def inference(self, q, k, shape=None):
+        """:meth:`applied_forward` without gradients or a table, for q and k shaped like these
+        (the output ``shape``, default ``(B, H, N, d)``), as a function ``(q, k, v, scale)``
+        that returns the output, or ``None`` where it is not finite. Kept per shape: its views'
+        shapes are worked out once, and a repeated call runs as a model's partitioned
+        attention writes it and no more (the Python between the torch calls had cost 30 us of
+        a 0.27 ms call, MaxViT's 14x14 grid attention at batch 2, two threads)."""
+        key = ("inference", q.shape, k.shape, shape, q.dtype, q.device)  # the mask's too
+        run = self._views.get(key)
+        if run is not None:
+            return run
+        b, h, d = q.shape[0], q.shape[1], q.shape[-1]
+        mask = self._lone_mask(q, False)
+        # a mask is added per problem: (B * H, problems, rows, keys) scores then
+        flat = mask is None and not self.rolled
+        recipes = self._recipe("q"), self._recipe("k")
+        if self.rolled or any(r.cuts for r in recipes):
+            def view_q(x):
+                return self._view(x, "q", flat)
+
+            def view_k(x):
+                return self._view(x, "k", flat)
+
+            def unview(y):
+                return self._unview(y, b, h, 0.0, shape=shape)
+        else:
+            views = [self._view_shapes(side, b, h, d, flat) for side in ("q", "k")]
+            (sq, oq, pq), (sk, ok, pk) = views
+            so, io = self._unview_shapes(b, h, d)
+            out = shape or (b, h, math.prod(self.grid), d)
+
+            def view_q(x):
+                return x.reshape(sq).permute(oq).reshape(pq)
+
+            def view_k(x):
+                return x.reshape(sk).permute(ok).reshape(pk)
+
+            def unview(y):
+                return y.reshape(so).permute(io).reshape(out)
+
+        def run(q, k, v, scale):
+            # one nested call, no name holding a buffer: each is freed once read (q's and k's
+            # copies after the scores, the scores after softmax, v's copy made then), so the
+            # peak is two score-sized buffers and not every copy at once, memory the C
+            # allocator keeps for the next call rather than handing back to the system (with
+            # every buffer alive, the rolled W3-shift forward faulted 4.6 MB a call: 1.6x
+            # the time)
+            y = torch.bmm(_batched(torch.softmax(dense.score_matrix(
+                view_q(q), view_k(k), mask, scale), -1)), _batched(view_k(v)))
+            return unview(y) if _finite(y) else None
+
+        if len(self._views) >= VIEW_SHAPES:
+            self._views.clear()
+        self._views[key] = run
+        return run
 
     def _lone_mask(self, q, grad: bool, group: int = 1):
         """The mask of a lone term's forward (padded query rows open): additive with a
