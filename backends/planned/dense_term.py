@@ -23,7 +23,7 @@ from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, open_padding
 
 __all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES", "ORDERED_ADD_BYTES",
-           "ORDERED_TABLES", "ROW_INDEXES", "VIEW_SHAPES"]
+           "ORDERED_TABLES", "ROW_INDEXES", "INFERENCE_KINDS"]
 
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
@@ -43,9 +43,9 @@ ORDERED_TABLES = 8
 #: blocks (:meth:`DenseTerm._select`), so that a model's varying batch sizes keep few
 ROW_INDEXES = 8
 
-#: most kinds of inference call (shapes of q, k and the output) a term keeps a function for
-#: (:meth:`DenseTerm.inference`)
-VIEW_SHAPES = 16
+#: most kinds of inference call (shapes of q, k and the output, dtype, device) a term keeps a
+#: function for (:meth:`DenseTerm.inference`)
+INFERENCE_KINDS = 16
 
 
 class _ViewRecipe(NamedTuple):
@@ -97,7 +97,7 @@ class DenseTerm:
         #: are one gather each (:meth:`_gather`)
         self.rolled = any(ax.roll for ax in shape.axes)
         self._cache = {}
-        self._views = {}
+        self._inference = {}
 
     def _recipe(self, side: str) -> "_ViewRecipe":
         """How :meth:`_view` and :meth:`_unview` reshape for ``side`` ``"q"`` or ``"k"``,
@@ -449,8 +449,8 @@ class DenseTerm:
         shapes are worked out once, and a repeated call runs as a model's partitioned
         attention writes it and no more (the Python between the torch calls had cost 30 us of
         a 0.27 ms call, MaxViT's 14x14 grid attention at batch 2, two threads)."""
-        key = ("inference", q.shape, k.shape, shape, q.dtype, q.device)  # the mask's too
-        run = self._views.get(key)
+        key = (q.shape, k.shape, shape, q.dtype, q.device)  # its mask is built for the last two
+        run = self._inference.get(key)
         if run is not None:
             return run
         b, h, d = q.shape[0], q.shape[1], q.shape[-1]
@@ -493,9 +493,9 @@ class DenseTerm:
                 view_q(q), view_k(k), mask, scale), -1)), _batched(view_k(v)))
             return unview(y) if _finite(y) else None
 
-        if len(self._views) >= VIEW_SHAPES:
-            self._views.clear()
-        self._views[key] = run
+        if len(self._inference) >= INFERENCE_KINDS:
+            self._inference.clear()
+        self._inference[key] = run
         return run
 
     def _lone_mask(self, q, grad: bool, group: int = 1):
