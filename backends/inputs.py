@@ -134,3 +134,15 @@ def kv_heads_of(p: int, npat: int, heads: int, kv_heads: int):
 def take_heads(t, sel):
     """``t[:, sel]`` for a slice or an index tensor."""
     return t[:, sel] if isinstance(sel, slice) else t.index_select(1, sel.to(t.device))
+
+
+def flat_rows(index, blocks: int, n: int):
+    """``index`` (positions among ``n`` rows) in each of ``blocks`` blocks of ``n`` rows, as
+    one index into all ``blocks * n`` rows: what ``index_select`` along dim 0 of ``(blocks *
+    n, d)`` takes, which torch's CPU runs on every thread (along dim 1 of ``(blocks, n, d)``
+    on one; ``DenseTerm._select``)."""
+    import numpy as np
+    import torch
+
+    return torch.as_tensor((np.arange(blocks)[:, None] * n + index.cpu().numpy()).reshape(-1),
+                           device=index.device)

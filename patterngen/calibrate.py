@@ -795,7 +795,7 @@ def _overhead_benches(device, dtype, dt) -> list:
 
     from . import spec
     from .backends import dense
-    from .backends.inputs import non_finite
+    from .backends.inputs import flat_rows, non_finite
     from .backends.merge import merge
     from .compile import compile as compile_pattern
 
@@ -833,8 +833,8 @@ def _overhead_benches(device, dtype, dt) -> list:
     shift = (torch.arange(56, device=device) + 3) % 56
     rolled = (shift[:, None] * 56 + shift).view(8, 7, 8, 7).transpose(1, 2).reshape(-1)
     tokens = (4, 56 * 56, 32)
-    rolled = (torch.arange(4, device=device)[:, None] * 56 * 56 + rolled).view(-1)
-    roll = _Bench("roll", lambda: source(tokens).view(-1, 32).index_select(0, rolled),
+    rows_of = flat_rows(rolled, 4, 56 * 56)
+    roll = _Bench("roll", lambda: source(tokens).view(-1, 32).index_select(0, rows_of),
                   lambda: None, math.prod(tokens) * dt.itemsize)
     # sdpa's gathers: rows of a (heads, tokens, head_dim) tensor by token index, overlapping
     # windows of them; their backward adds the rows back

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from patterngen.backends import dense
 from patterngen.backends.dense import Holes, ScoreMod
-from patterngen.backends.inputs import non_finite
+from patterngen.backends.inputs import flat_rows, non_finite
 from patterngen.backends.merge import acc_dtype
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, open_padding
@@ -205,9 +205,7 @@ class DenseTerm:
             if len(kept) >= ROW_INDEXES:
                 for k in kept:
                     del self._cache[k]
-            flat = self._cache[key] = torch.as_tensor(
-                (np.arange(blocks)[:, None] * n + index.cpu().numpy()).reshape(-1),
-                device=x3.device)
+            flat = self._cache[key] = flat_rows(index, blocks, n)
         return x3.view(blocks * n, d).index_select(0, flat).view(blocks, -1, d)
 
     def _view(self, x, side: str, flat: bool = False):
