@@ -273,6 +273,49 @@ def test_ordered_inference_follows_the_table_and_fully_masked_rows(shift):
     torch.testing.assert_close(got.reshape(q.shape), want)
 
 
+@pytest.mark.parametrize("shift", [0, 3])
+def test_ordered_inference_is_kept_per_kind_of_call(monkeypatch, shift):
+    # a projection's output in order (SwinBlock's layout): the first call of a kind builds
+    # the fused kernel's function, repeated calls run it and stay exact as the table is
+    # written in place or all -inf (zeros, the rule); a table of another shape is still
+    # refused; to_order and from_order keep theirs per shape and still refuse other shapes
+    grid, pattern, heads, d = (14, 14), pg.block(7, offset=shift), 2, 8
+    attn = pg.compile(pattern, grid, backend="auto", dtype="float64")
+    order = attn.token_order
+    built = []
+    keep = planned.DenseTerm.ordered_inference
+    monkeypatch.setattr(planned.DenseTerm, "ordered_inference",
+                        lambda *a: built.append(1) or keep(*a))
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, *grid, 3 * heads * d, generator=gen, dtype=torch.float64)
+    t = order.to_order(x)
+    assert torch.equal(t, torch.nn.functional.pad(x.flatten(1, 2), (0, 0, 0, 1))[:, order.index])
+    q, k, v = t.view(2, order.positions, 3, heads, d).permute(2, 0, 3, 1, 4)
+    on_grid = [order.on_grid(z).view(2, heads, *grid, d) for z in (q, k, v)]
+    table = torch.randn(heads, *(2 * r + 1 for r in attn.reach), generator=gen,
+                        dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        for change in (lambda: None, lambda: None, lambda: table.mul_(-2.0),
+                       lambda: table.fill_(float("-inf"))):
+            change()
+            got = order.on_grid(attn(q, k, v, rel_bias=table, ordered=True))
+            want = reference(pattern, grid, *on_grid, rel_bias=table)
+            assert not got.isnan().any()
+            torch.testing.assert_close(got.view(want.shape), want)
+        assert built == [1] and any(callable(f) for f in attn._checked.values())
+        with pytest.raises(pg.PatternError, match="rel_bias has shape"):
+            attn(q, k, v, rel_bias=table[:, 1:], ordered=True)
+    y = torch.randn(2, order.positions, 5, generator=gen, dtype=torch.float64)
+    for _ in range(2):
+        torch.testing.assert_close(order.to_order(order.from_order(y)), y)
+        torch.testing.assert_close(order.from_order(t), x)
+    assert len(order._runs) == 4  # each way, C of 48 and of 5
+    with pytest.raises(pg.PatternError, match=r"to_order: x has shape \(2, 13, 14, 48\)"):
+        order.to_order(x[:, 1:])
+    with pytest.raises(pg.PatternError, match=r"from_order: y has shape \(2, 195, 5\)"):
+        order.from_order(y[:, 1:])
+
+
 @pytest.mark.parametrize("tables_kept", [8, 2])
 def test_ordered_inference_with_tables_in_turn(monkeypatch, tables_kept):
     # the blocks of a stage share one compiled pattern and call it in turn with their own

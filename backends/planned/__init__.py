@@ -234,23 +234,41 @@ class PlannedBackend(Backend):
         :meth:`DenseTerm.autograd_forward` applies and nothing is padding (in the fused
         kernel where :meth:`DenseTerm.ordered_fused` applies), else the tokens put back on
         the grid, the call as planned, and its output put in order (exact, one copy each
-        way). A repeated kind of call skips the shape checks, as :meth:`__call__` does."""
+        way). A repeated kind of call skips the shape checks, as :meth:`__call__` does, and
+        runs the fused kernel's function kept for it (:meth:`DenseTerm.ordered_inference`)
+        where there is one."""
         order = self.token_order
         term = order.term
-        seen = _signature(q, k, v, None, "ordered")
-        if seen is None or seen not in self._checked:
+        grad = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, rel_bias))
+        alone = additional_keys is None and additional_values is None
+        seen = None if torch.compiler.is_compiling() or not (
+            rel_bias is None or isinstance(rel_bias, torch.Tensor)) else _signature(
+            q, k, v, grad, ("ordered", alone, _table_kind(rel_bias)))
+        fused = self._checked.get(seen, _UNSEEN) if seen is not None else _UNSEEN
+        if fused is _UNSEEN:
             for name, t in (("q", q), ("k", k), ("v", v)):
                 order.check(t, name, "auto (ordered=True)",
                             "(batch, heads, {positions}, head_dim)")
             flatten_qkv(q, k, v, (order.positions,), "auto (ordered=True)")
+            fused = None
+            # a table of q's dtype passes its checks the same way for every call of this
+            # kind (its shape, dtype and device are in the signature; autocast casts others)
+            if (alone and not grad and not order.padded and term.autograd_applies(q)
+                    and (rel_bias is None or isinstance(rel_bias, torch.Tensor)
+                         and rel_bias.dtype == q.dtype)):
+                fused = term.ordered_inference(q, k, v, self.check_rel_bias(rel_bias, q))
             if seen is not None:
-                self._remember(seen, None)
-        if (additional_keys is None and additional_values is None and not order.padded
-                and term.autograd_applies(q)):
+                self._remember(seen, fused)
+        if fused is not None:
+            out = fused(q, k, v, self._scale(scale, q), rel_bias)
+            if out is not None:
+                return out
+        if alone and not order.padded and term.autograd_applies(q):
             table = self.check_rel_bias(rel_bias, q)
             scale = self._scale(scale, q)
             b, h, t, d = q.shape
-            out = term.ordered_fused(q, k, v, scale, table)
+            out = None if fused is not None else term.ordered_fused(q, k, v, scale, table)
             if out is not None:
                 return out
             out = term.problems_forward(*(x.reshape(x.shape[0] * x.shape[1], term.problems,
@@ -412,6 +430,16 @@ def _bias_state(table):
     """``None`` without a bias table, else whether it needs a gradient (a backward then
     computes the table's)."""
     return None if table is None else bool(getattr(table, "requires_grad", False))
+
+
+def _table_kind(table):
+    """What an ordered call's signature reads of a ``rel_bias`` table: its shape, dtype and
+    device (``None`` without one)."""
+    return None if table is None else (table.shape, table.dtype, table.device)
+
+
+#: what :class:`PlannedBackend`'s kept signatures hold for a kind of call not seen yet
+_UNSEEN = object()
 
 
 def _signature(q, k, v, grad, bias):
