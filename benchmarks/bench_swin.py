@@ -249,10 +249,16 @@ def check(size, dim, heads, shift, batch=2, tol=1e-9):
     return worst
 
 
-def run(size, batch, shift, backward, rounds, clock=time.perf_counter) -> dict:
+def run(size, batch, shifts, backward, rounds, clock=time.perf_counter) -> dict:
+    """``{shift: row}`` for the shifts of one stage, batch and pass, every step of every shift
+    in one interleaving: a row's candidates and the shifted step over the unshifted one are
+    each timed in the same rounds (timed as separate rows, the ratio of two rows carried each
+    row's own drift: ``pg ordered``'s forward read 1.02-1.37 in three runs where the same
+    steps interleaved by ``--steps`` read 1.04-1.07, two threads). A row: each candidate's
+    median ms, and ``plan``, ``pg``'s plan."""
     dim, heads = STAGES[size]
     threads = torch.get_num_threads()
-    ours, swin, _ = make_steps(size, dim, heads, shift, batch, backward)
+    made = {shift: make_steps(size, dim, heads, shift, batch, backward) for shift in shifts}
     torch.set_num_threads(threads)  # a first calibration for this thread count resets it
     x = torch.randn(batch, size, size, dim, requires_grad=backward)
 
@@ -264,13 +270,19 @@ def run(size, batch, shift, backward, rounds, clock=time.perf_counter) -> dict:
                     out.sum().backward()
         return step
 
-    ms = interleaved({"pg": step_of(ours), **{n: step_of(f) for n, f in swin.items()}},
-                     rounds, clock)
-    plan = ours.attn.plans[-1]
-    shape = plan.strategy if plan.strategy != "terms" else "+".join(
-        repr(tp.dense) if tp.dense is not None else tp.executor for tp in plan.patterns[0])
-    # a dense shape's axes are joined by "|", a column break in the Markdown table
-    return dict(ms, plan=shape.replace("|", "\\|"))
+    steps = {(shift, name): step_of(fn) for shift, (ours, swin, _) in made.items()
+             for name, fn in {"pg": ours, **swin}.items()}
+    ms = interleaved(steps, rounds, clock)
+    rows = {}
+    for shift, (ours, _, _) in made.items():
+        plan = ours.attn.plans[-1]
+        shape = plan.strategy if plan.strategy != "terms" else "+".join(
+            repr(tp.dense) if tp.dense is not None else tp.executor
+            for tp in plan.patterns[0])
+        # a dense shape's axes are joined by "|", a column break in the Markdown table
+        rows[shift] = {name: t for (s, name), t in ms.items() if s == shift}
+        rows[shift]["plan"] = shape.replace("|", "\\|")
+    return rows
 
 
 def storage(size, shift, batch, rounds, clock=time.perf_counter) -> dict:
@@ -401,10 +413,9 @@ def main(argv=None) -> int:
         for batch in map(int, args.batches.split(",")):
             for backward in passes:
                 got = {}
-                for shift in shifts:
-                    if shift and size <= WINDOW:
-                        continue
-                    r = run(size, batch, shift, backward, args.rounds, clock)
+                rows = run(size, batch, [s for s in shifts if not s or size > WINDOW],
+                           backward, args.rounds, clock)
+                for shift, r in rows.items():
                     best = min(r["swin-matmul"], r["swin-sdpa"])
                     got[shift] = (r["pg"], best, r["pg-ordered"])
                     dim, heads = STAGES[size]
