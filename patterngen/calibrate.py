@@ -38,7 +38,7 @@ __all__ = ["Rates", "rates", "measure", "calibration_path", "run_times"]
 log = logging.getLogger(__name__)
 
 #: bump when the meaning of a stored rate changes, so old files are measured again
-VERSION = 16
+VERSION = 17
 
 
 @dataclass(frozen=True)
@@ -795,7 +795,7 @@ def _overhead_benches(device, dtype, dt) -> list:
 
     from . import spec
     from .backends import dense
-    from .backends.inputs import flat_rows, non_finite
+    from .backends.inputs import flat_rows, non_finite, select_rows
     from .backends.merge import merge
     from .compile import compile as compile_pattern
 
@@ -834,7 +834,7 @@ def _overhead_benches(device, dtype, dt) -> list:
     rolled = (shift[:, None] * 56 + shift).view(8, 7, 8, 7).transpose(1, 2).reshape(-1)
     tokens = (4, 56 * 56, 32)
     rows_of = flat_rows(rolled, 4, 56 * 56)
-    roll = _Bench("roll", lambda: source(tokens).view(-1, 32).index_select(0, rows_of),
+    roll = _Bench("roll", lambda: select_rows(source(tokens), rolled, flat=rows_of),
                   lambda: None, math.prod(tokens) * dt.itemsize)
     # sdpa's gathers: rows of a (heads, tokens, head_dim) tensor by token index, overlapping
     # windows of them; their backward adds the rows back
@@ -843,7 +843,7 @@ def _overhead_benches(device, dtype, dt) -> list:
              + torch.arange(448, device=device)).clamp(max=4095).reshape(-1)
 
     def gathered(src=None):
-        return (source(rows) if src is None else src).index_select(1, index)
+        return select_rows(source(rows) if src is None else src, index)
 
     def gathered_both():
         with torch.enable_grad():

@@ -948,8 +948,10 @@ def test_sdpa_prices_every_gather_and_per_block_mask_its_forward_runs(pattern, g
     gathered = masks = flash = copied = 0
     for e in prof.events():
         shapes = e.input_shapes
-        if e.name == "aten::index_select":  # (batch * heads, tokens, d) by an index
-            gathered += shapes[0][0] * shapes[2][0] * shapes[0][2] * 4
+        if e.name == "aten::index_select":  # (batch * heads, tokens, d) by an index, or
+            # its (batch * heads * tokens, d) rows by one into all (inputs.select_rows)
+            rows, index = shapes[0], shapes[2]
+            gathered += (rows[0] if len(rows) == 3 else 1) * index[0] * rows[-1] * 4
         elif e.name == "aten::copy_" and shapes[0] and shapes[0][-1] == d:  # not a mask
             copied += int(np.prod(shapes[0])) * 4
         elif e.name == "aten::_scaled_dot_product_flash_attention_for_cpu":

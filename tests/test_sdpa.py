@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 import patterngen as pg
 from oracle import check_against_oracle, reference
-from patterngen.backends.sdpa import SdpaBackend
+from patterngen.backends.inputs import select_rows
+from patterngen.backends.sdpa import SdpaBackend, permute
 from strategies import cases
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -330,3 +331,36 @@ def test_chunked_groups_keep_bias_softcap_extra_keys_and_kv_heads(options, call,
     seen = torch.as_tensor(pg.materialize(pattern, grid))
     want = torch.logsumexp(scores.masked_fill(~seen, float("-inf")), -1)
     torch.testing.assert_close(lse, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_rows_gathered_along_any_dim_are_the_same(monkeypatch, threads, layout):
+    # select_rows gathers a contiguous input by one index into all its rows (dim 0, which
+    # torch runs on every thread) with several threads, and along the rows with one or on
+    # strided rows: the same values, written into a buffer too, and the same gradient
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(0)
+    wide = 8 if layout == "contiguous" else 11
+    x = torch.randn(6, 50, wide, generator=gen, dtype=torch.float64)[..., :8].requires_grad_()
+    index = torch.randint(0, 50, (70,), generator=gen)  # rows repeated and left out
+    dims, real = [], torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda t, dim, i: dims.append(dim) or real(t, dim, i))
+    got = select_rows(x, index)
+    monkeypatch.setattr(torch.Tensor, "index_select", real)
+    assert dims == [0 if threads > 1 and layout == "contiguous" else 1]
+    want = x.detach()[:, index]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    out = torch.empty(6 * 70 * 8, dtype=torch.float64)
+    select_rows(x.detach(), index, out=out)
+    torch.testing.assert_close(out.view(6, 70, 8), want, rtol=0, atol=0)
+    dout = torch.randn(6, 70, 8, generator=gen, dtype=torch.float64)
+    added = torch.zeros(6, 50, 8, dtype=torch.float64).index_add_(1, index, dout)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dout)[0], added)
+    # the sdpa backend's gather of (batch, heads, tokens, d) rows, into a buffer too
+    x4 = x.detach().view(2, 3, 50, 8) if layout == "contiguous" else x.detach()[None]
+    torch.testing.assert_close(permute.gather(x4, index), x4[:, :, index], rtol=0, atol=0)
+    permute.gather(x4, index, out)
+    torch.testing.assert_close(out.view(x4.shape[:2] + (70, 8)), x4[:, :, index], rtol=0,
+                               atol=0)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from patterngen.backends import dense
 from patterngen.backends.dense import Holes, ScoreMod
-from patterngen.backends.inputs import flat_rows, non_finite
+from patterngen.backends.inputs import flat_gather, flat_rows, non_finite, select_rows
 from patterngen.backends.merge import acc_dtype
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, open_padding
@@ -189,24 +189,23 @@ class DenseTerm:
 
     def _select(self, x3, side: str, which: int):
         """``x3`` ``(blocks, n, d)`` gathered along ``n`` by :meth:`_gather`'s ``index``
-        (``which`` 0) or ``inverse`` (2), rows copied whole. A contiguous ``x3`` is gathered
-        as ``(blocks * n, d)`` by one index into all its rows (kept per block count): torch's
-        CPU ``index_select`` along dim 0 runs on every thread, along dim 1 on one (Swin's
-        roll and partition of 56x56, 96 channels, batch 2: 0.13 ms against 0.23 at two
-        threads, the same at one)."""
+        (``which`` 0) or ``inverse`` (2), rows copied whole, by
+        :func:`~patterngen.backends.inputs.select_rows`: along dim 0 of ``(blocks * n, d)``
+        where it runs on every thread, by one index into all its rows, kept per block count
+        (Swin's roll and partition of 56x56, 96 channels, batch 2: 0.13 ms against 0.23 at
+        two threads)."""
         index = self._gather(side, x3.device)[which]
-        blocks, n, d = x3.shape
-        if not x3.is_contiguous():
-            return x3.index_select(1, index)
-        key = ("rows", side, which, str(x3.device), blocks)
-        flat = self._cache.get(key)
-        if flat is None:
-            kept = [k for k in self._cache if k[0] == "rows"]
-            if len(kept) >= ROW_INDEXES:
-                for k in kept:
-                    del self._cache[k]
-            flat = self._cache[key] = flat_rows(index, blocks, n)
-        return x3.view(blocks * n, d).index_select(0, flat).view(blocks, -1, d)
+        flat = None
+        if flat_gather(x3):
+            key = ("rows", side, which, str(x3.device), x3.shape[0])
+            flat = self._cache.get(key)
+            if flat is None:
+                kept = [k for k in self._cache if k[0] == "rows"]
+                if len(kept) >= ROW_INDEXES:
+                    for k in kept:
+                        del self._cache[k]
+                flat = self._cache[key] = flat_rows(index, x3.shape[0], x3.shape[1])
+        return select_rows(x3, index, flat=flat)
 
     def _view(self, x, side: str, flat: bool = False):
         """``(B, H, N, d)`` or ``(B, H, *grid, d)`` -> ``(B * H, problems, rows, d)`` in the
