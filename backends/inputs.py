@@ -143,10 +143,10 @@ def select_rows(x3, index, out=None, flat=None):
     torch's CPU ``index_select`` runs along dim 1 on one thread and along dim 0 on every
     thread: where :func:`flat_gather` holds, ``x3`` is gathered as ``(blocks * n, d)`` by one
     index into all its rows (``flat``, the caller's kept :func:`flat_rows`, else built here by
-    an arange and an add). At two threads that took 0.55-0.87x the time along dim 1 (the
-    build included; 4-24 blocks of 784-4096 rows, 1024-16384 rows gathered, head_dim 32 and
+    an arange and an add). At two threads that took 0.54-0.89x the time along dim 1 (the
+    build included; 4-24 blocks of 256-4096 rows, 1024-16384 rows gathered, head_dim 32 and
     64; 1.1x for 2 blocks of 784), 0.73-0.76x forward and backward; at one thread 1.0-1.6x,
-    so there it stays along dim 1."""
+    so there it stays along dim 1 (AVX512)."""
     import torch
 
     blocks, n, d = x3.shape
