@@ -21,10 +21,10 @@ and no part keeps probabilities.
 - :class:`GatherGroup` runs a pattern's gather terms (windows) by the numba kernels, which
   already return the log-sum-exp and take it back in their backward.
 
-The package: :mod:`.dense_term` (the dense problems: :class:`DenseTerm`, its
-:class:`TokenOrder`, :class:`ExtraKeys`), :mod:`.termwise` (the gather group, the merge and the
-operators), and here :class:`PlannedBackend`, ``backend="auto"``: plans per kind of call and
-runs the plan.
+The package: :mod:`.dense_term` (the dense problems: :class:`DenseTerm`, :class:`ExtraKeys`),
+:mod:`.token_order` (a lone term's :class:`TokenOrder`), :mod:`.termwise` (the gather group,
+the merge and the operators), and here :class:`PlannedBackend`, ``backend="auto"``: plans per
+kind of call and runs the plan.
 
 Example:
     >>> import torch, patterngen as pg
@@ -47,8 +47,9 @@ from patterngen.call import bias_trains
 from patterngen.errors import PatternError
 from patterngen.plan import dense_form, plan
 
-from .dense_term import HOLES, DenseTerm, ExtraKeys, TokenOrder
+from .dense_term import HOLES, DenseTerm, ExtraKeys
 from .termwise import GatherGroup, TermsPart, TermWise, covered, planned_fwd, register_runner
+from .token_order import TokenOrder
 
 __all__ = ["PlannedBackend", "DenseTerm", "GatherGroup", "ExtraKeys", "TermsPart", "TokenOrder",
            "covered", "HOLES"]

@@ -1,6 +1,6 @@
 """Dense problems of a term-wise plan: one term as a batch of dense problems after a view
-(:class:`DenseTerm`), its token order for callers that partition their tokens once
-(:class:`TokenOrder`), and the keys outside the grid (:class:`ExtraKeys`).
+(:class:`DenseTerm`; its token order, for callers that partition their tokens once, is
+:class:`.token_order.TokenOrder`), and the keys outside the grid (:class:`ExtraKeys`).
 
 Each returns ``(out, lse)`` over the whole grid and takes the merged ``out`` and ``lse`` back
 in its backward (:mod:`.termwise` merges them).
@@ -22,8 +22,8 @@ from patterngen.backends.merge import acc_dtype
 from patterngen.errors import PatternError
 from patterngen.plan import dense_mask, open_padding
 
-__all__ = ["DenseTerm", "TokenOrder", "ExtraKeys", "HOLES", "ORDERED_ADD_BYTES",
-           "ORDERED_TABLES", "ROW_INDEXES", "INFERENCE_KINDS"]
+__all__ = ["DenseTerm", "ExtraKeys", "HOLES", "ORDERED_ADD_BYTES", "ORDERED_TABLES",
+           "ROW_INDEXES", "INFERENCE_KINDS"]
 
 
 #: largest share of excluded entries for which the matmul path fills them in after the GEMM
@@ -863,132 +863,6 @@ class DenseTerm:
                                               scale)
         return (self._unview(_unfold(dq, group), b, h, 0.0, "q"),
                 self._unview(dk, b, kv, 0.0, "k"), self._unview(dv, b, kv, 0.0, "k"), dtable)
-
-
-class TokenOrder:
-    """The order of a pattern's dense problems (one term, :class:`DenseTerm`): problem by
-    problem, each problem's rows in order, padding included. A caller that partitions its
-    tokens into this order once before the q, k, v projection (:meth:`to_order`, a linear
-    layer commutes with it) and calls ``attn(q, k, v, ordered=True)`` runs the attention on
-    its inputs as they are, and reverses the order once after the output projection
-    (:meth:`from_order`): Swin's ``window_partition`` (with its roll) and
-    ``window_reverse``, MaxViT's ``grid_partition``.
-
-    Attributes:
-        grid: the grid's sizes.
-        positions: length of the order (the grid's tokens, plus padding where tiles do not
-            divide an axis).
-        padded: whether some positions are padding (zero in :meth:`to_order`, dropped by
-            :meth:`from_order`).
-        index: ``(positions,)`` int64: the grid token (row-major) at each position, the
-            number of tokens for padding.
-    """
-
-    def __init__(self, term: DenseTerm):
-        self.term, self.grid = term, term.grid
-        index, padding, _, _ = term._gather("q", "cpu")
-        self.padded = padding is not None
-        self.index = index.clone()
-        if self.padded:
-            self.index[padding] = math.prod(self.grid)
-        self.positions = int(index.numel())
-        self._runs = {}
-
-    def __repr__(self):
-        return (f"TokenOrder({self.term.shape!r} on grid {self.grid}, {self.positions} "
-                f"positions)")
-
-    def to_order(self, x):
-        """``(batch, *grid, C)`` or ``(batch, tokens, C)`` -> ``(batch, positions, C)``.
-
-        Raises:
-            PatternError: for a tensor of another shape.
-        """
-        key = ("to", x.shape) if isinstance(x, torch.Tensor) else None
-        run = self._runs.get(key)
-        if run is not None:
-            return run(x)
-        tokens = math.prod(self.grid)
-        if not (key is not None and x.dim() >= 3 and (
-                tuple(x.shape[1:-1]) == self.grid or tuple(x.shape[1:-1]) == (tokens,))):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise PatternError(
-                f"to_order: x has shape {got}; the order is of grid {self.grid}, so expected "
-                f"(batch, {', '.join(map(str, self.grid))}, C) or (batch, {tokens}, C).")
-        b, c = x.shape[0], x.shape[-1]
-        term, out = self.term, (b, self.positions, c)
-        if self._plain():
-            split, order, _ = term._view_shapes("q", b, 1, c, False)
-
-            def run(x):
-                return x.reshape(split).permute(order).reshape(out)
-        else:
-            def run(x):
-                return self.in_order(x.reshape(b, 1, tokens, c)).reshape(out)
-        return self._keep(key, run)(x)
-
-    def from_order(self, y):
-        """``(batch, positions, C)`` -> ``(batch, *grid, C)`` (padding dropped).
-
-        Raises:
-            PatternError: for a tensor of another shape.
-        """
-        key = ("from", y.shape) if isinstance(y, torch.Tensor) else None
-        run = self._runs.get(key)
-        if run is not None:
-            return run(y)
-        self.check(y, "y", "from_order", "(batch, {positions}, C)")
-        b, c = y.shape[0], y.shape[-1]
-        out = (b, *self.grid, c)
-        if self._plain():
-            split, inverse = self.term._unview_shapes(b, 1, c)
-
-            def run(y):
-                return y.reshape(split).permute(inverse).reshape(out)
-        else:
-            def run(y):
-                return self.on_grid(y.reshape(b, 1, self.positions, c)).reshape(out)
-        return self._keep(key, run)(y)
-
-    def _plain(self) -> bool:
-        """Whether the order is one permutation of the grid's split axes (no roll, padding
-        or cut): :meth:`to_order` and :meth:`from_order` are then one permuting copy."""
-        return not self.term.rolled and not self.term._recipe("q").cuts
-
-    def _keep(self, key, run):
-        """Keep ``run``, :meth:`to_order`'s or :meth:`from_order`'s function for tensors of
-        one shape: a repeated call goes from the shape to its copy, where the checks and the
-        views' shapes worked out on every call cost 0.02-0.05 ms each way (Swin's 28x28
-        and 56x56 stages, batch 2, two threads, next to a linear layer)."""
-        if len(self._runs) >= INFERENCE_KINDS:
-            self._runs.clear()
-        self._runs[key] = run
-        return run
-
-    def direct(self, x) -> bool:
-        """Whether an ordered call with inputs of ``x``'s device and dtype runs the term on
-        them as they are (no padding, and :meth:`DenseTerm.autograd_forward` applies):
-        otherwise it puts the tokens back on the grid, and ordering gains nothing."""
-        return not self.padded and self.term.autograd_applies(x)
-
-    def check(self, t, name: str, where: str, layout: str) -> None:
-        """Raise unless ``t`` is a tensor with :attr:`positions` in its second last
-        dimension (``layout`` names the expected shape)."""
-        if not (isinstance(t, torch.Tensor) and t.dim() == layout.count(",") + 1
-                and t.shape[-2] == self.positions):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise PatternError(
-                f"{where}: {name} has shape {got}; the token order has {self.positions} "
-                f"positions (attn.token_order.positions), so expected "
-                f"{layout.format(positions=self.positions)}.")
-
-    def in_order(self, x):
-        """``(B, H, tokens, C)`` -> ``(B, H, positions, C)`` (:meth:`DenseTerm.in_order`)."""
-        return self.term.in_order(x)
-
-    def on_grid(self, y):
-        """Inverse of :meth:`in_order`: ``(B, H, positions, C)`` -> ``(B, H, tokens, C)``."""
-        return self.term.on_grid(y)
 
 
 def _current(hit, table) -> bool:
