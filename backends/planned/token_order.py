@@ -56,28 +56,22 @@ class TokenOrder:
         Raises:
             PatternError: for a tensor of another shape.
         """
-        key = ("to", x.shape) if isinstance(x, torch.Tensor) else None
-        run = self._runs.get(key)
-        if run is not None:
-            return run(x)
+        run = self._runs.get(("to", x.shape) if isinstance(x, torch.Tensor) else None)
+        return (run or self._to_order_function(x))(x)
+
+    def _to_order_function(self, x):
+        """:meth:`to_order`'s function for tensors shaped like ``x``, checked and kept."""
         tokens = math.prod(self.grid)
-        if not (key is not None and x.dim() >= 3 and (
+        if not (isinstance(x, torch.Tensor) and x.dim() >= 3 and (
                 tuple(x.shape[1:-1]) == self.grid or tuple(x.shape[1:-1]) == (tokens,))):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise PatternError(
                 f"to_order: x has shape {got}; the order is of grid {self.grid}, so expected "
                 f"(batch, {', '.join(map(str, self.grid))}, C) or (batch, {tokens}, C).")
         b, c = x.shape[0], x.shape[-1]
-        term, out = self.term, (b, self.positions, c)
-        if self._plain():
-            split, order, _ = term._view_shapes("q", b, 1, c, False)
-
-            def run(x):
-                return x.reshape(split).permute(order).reshape(out)
-        else:
-            def run(x):
-                return self.in_order(x.reshape(b, 1, tokens, c)).reshape(out)
-        return self._keep(key, run)(x)
+        return self._keep(("to", x.shape), (b, self.positions, c),
+                          lambda: self.term._view_shapes("q", b, 1, c, False)[:2],
+                          lambda x: self.in_order(x.reshape(b, 1, tokens, c)))
 
     def from_order(self, y):
         """``(batch, positions, C)`` -> ``(batch, *grid, C)`` (padding dropped).
@@ -85,33 +79,32 @@ class TokenOrder:
         Raises:
             PatternError: for a tensor of another shape.
         """
-        key = ("from", y.shape) if isinstance(y, torch.Tensor) else None
-        run = self._runs.get(key)
-        if run is not None:
-            return run(y)
+        run = self._runs.get(("from", y.shape) if isinstance(y, torch.Tensor) else None)
+        return (run or self._from_order_function(y))(y)
+
+    def _from_order_function(self, y):
+        """:meth:`from_order`'s function for tensors shaped like ``y``, checked and kept."""
         self.check(y, "y", "from_order", "(batch, {positions}, C)")
         b, c = y.shape[0], y.shape[-1]
-        out = (b, *self.grid, c)
-        if self._plain():
-            split, inverse = self.term._unview_shapes(b, 1, c)
+        return self._keep(("from", y.shape), (b, *self.grid, c),
+                          lambda: self.term._unview_shapes(b, 1, c),
+                          lambda y: self.on_grid(y.reshape(b, 1, self.positions, c)))
 
-            def run(y):
-                return y.reshape(split).permute(inverse).reshape(out)
+    def _keep(self, key, out, shapes, general):
+        """Keep, for tensors of one shape, :meth:`to_order`'s or :meth:`from_order`'s function
+        into shape ``out``: one permuting copy (``shapes()``: the split and the permutation)
+        where the order is one permutation of the grid's split axes (no roll, padding or
+        cut), else ``general``. A repeated call goes from the shape to its copy, where the
+        checks and the views' shapes worked out on every call cost 0.02-0.05 ms each way
+        (Swin's 28x28 and 56x56 stages, batch 2, two threads, next to a linear layer)."""
+        if not self.term.rolled and not self.term._recipe("q").cuts:
+            split, order = shapes()
+
+            def run(x):
+                return x.reshape(split).permute(order).reshape(out)
         else:
-            def run(y):
-                return self.on_grid(y.reshape(b, 1, self.positions, c)).reshape(out)
-        return self._keep(key, run)(y)
-
-    def _plain(self) -> bool:
-        """Whether the order is one permutation of the grid's split axes (no roll, padding
-        or cut): :meth:`to_order` and :meth:`from_order` are then one permuting copy."""
-        return not self.term.rolled and not self.term._recipe("q").cuts
-
-    def _keep(self, key, run):
-        """Keep ``run``, :meth:`to_order`'s or :meth:`from_order`'s function for tensors of
-        one shape: a repeated call goes from the shape to its copy, where the checks and the
-        views' shapes worked out on every call cost 0.02-0.05 ms each way (Swin's 28x28
-        and 56x56 stages, batch 2, two threads, next to a linear layer)."""
+            def run(x):
+                return general(x).reshape(out)
         if len(self._runs) >= INFERENCE_KINDS:
             self._runs.clear()
         self._runs[key] = run
