@@ -243,8 +243,8 @@ class PlannedBackend(Backend):
         grad = torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, rel_bias))
         alone = additional_keys is None and additional_values is None
-        seen = None if torch.compiler.is_compiling() or not (
-            rel_bias is None or isinstance(rel_bias, torch.Tensor)) else _signature(
+        tensor_table = rel_bias is None or isinstance(rel_bias, torch.Tensor)
+        seen = None if torch.compiler.is_compiling() or not tensor_table else _signature(
             q, k, v, grad, ("ordered", alone, _table_kind(rel_bias)))
         fused = self._checked.get(seen, _UNSEEN) if seen is not None else _UNSEEN
         if fused is _UNSEEN:
@@ -256,8 +256,7 @@ class PlannedBackend(Backend):
             # a table of q's dtype passes its checks the same way for every call of this
             # kind (its shape, dtype and device are in the signature; autocast casts others)
             if (alone and not grad and not order.padded and term.autograd_applies(q)
-                    and (rel_bias is None or isinstance(rel_bias, torch.Tensor)
-                         and rel_bias.dtype == q.dtype)):
+                    and tensor_table and (rel_bias is None or rel_bias.dtype == q.dtype)):
                 fused = term.ordered_inference(q, k, v, self.check_rel_bias(rel_bias, q))
             if seen is not None:
                 self._remember(seen, fused)
